@@ -119,6 +119,11 @@ class ProxyService(MultiService):
         if problems:
             for service in list(self):
                 service.disownServiceParent()
+                # Not running yet, so disowning did not stop it: close
+                # its socket.
+                service.stopService()
+            self.listeners.clear()
+            self.manhole = None
             for problem in problems:
                 log.error("{problem}", problem=problem)
             raise StartupError("\n".join(problems))
