@@ -32,10 +32,14 @@ def echoThrough(port, payload=b"ping"):
     return data
 
 
-def simpleMap(listenPort, targetPort, name="echo"):
-    return (
-        f"mappings:\n  - name: {name}\n    listen: 127.0.0.1:{listenPort}\n"
-        f"    target: 127.0.0.1:{targetPort}\n"
+def simpleMap(*pairs):
+    """
+    A map with one TCP mapping C{echoN} per C{(listenPort, targetPort)}.
+    """
+    return "mappings:\n" + "".join(
+        f"  - name: echo{n}\n    listen: 127.0.0.1:{listen}\n"
+        f"    target: 127.0.0.1:{target}\n"
+        for n, (listen, target) in enumerate(pairs)
     )
 
 
@@ -130,7 +134,7 @@ def test_daemonReloadsOnSighupAndStopsOnSigterm(tmp_path):
     with TCPEchoServer() as echo:
         first, second = freePort(), freePort()
         path = tmp_path / "map.yaml"
-        path.write_text(simpleMap(first, echo.port))
+        path.write_text(simpleMap((first, echo.port)))
         pidfile, logfile = tmp_path / "p.pid", tmp_path / "p.log"
         result = run(
             [sys.executable, "-m", "twisted", "--pidfile", str(pidfile), "--logfile",
@@ -141,7 +145,7 @@ def test_daemonReloadsOnSighupAndStopsOnSigterm(tmp_path):
         pid = int(pidfile.read_text())
         try:
             assert echoThrough(first) == b"ping"
-            path.write_text(simpleMap(first, echo.port) + simpleMap(second, echo.port, "more").split("\n", 1)[1])
+            path.write_text(simpleMap((first, echo.port), (second, echo.port)))
             os.kill(pid, signal.SIGHUP)
             deadline = time.monotonic() + 10
             while "reload of" not in logfile.read_text():
@@ -165,7 +169,7 @@ def test_tacFileServesTheMap(tmp_path):
     with TCPEchoServer() as echo:
         port = freePort()
         path = tmp_path / "map.yaml"
-        path.write_text(simpleMap(port, echo.port))
+        path.write_text(simpleMap((port, echo.port)))
         env = dict(proxyEnvironment(), PORTPROXY_CONFIG=str(path))
         logfile = tmp_path / "tac.log"
         with open(logfile, "wb") as log:
