@@ -403,9 +403,31 @@ pumpDirection(Engine *e, Flow *f, int d)
 
         /* fill: source -> channel, only while there is room */
         if (!dir->eof && f->readable[src] && !full) {
-            if (dir->mode == MODE_NONE && openChannel(e, dir) < 0) {
-                endFlow(e, f, "out of memory", 3);
-                return -1;
+            if (dir->mode == MODE_NONE) {
+                /* A pipe only for a direction that has something to carry:
+                 * an idle flow (or one just adopted) holds none. */
+                char probe;
+                ssize_t p = recv(f->fd[src], &probe, 1, MSG_PEEK | MSG_DONTWAIT);
+                if (p == 0) {
+                    dir->eof = 1;
+                    if (f->finishedFirst == NULL)
+                        f->finishedFirst = src == CLIENT ? "client closed" : "target closed";
+                    continue;
+                }
+                if (p < 0) {
+                    if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                        f->readable[src] = 0;
+                        continue;
+                    }
+                    if (errno == EINTR)
+                        continue;
+                    endFlow(e, f, resetBy(src), 1 << dst);
+                    return -1;
+                }
+                if (openChannel(e, dir) < 0) {
+                    endFlow(e, f, "out of memory", 3);
+                    return -1;
+                }
             }
             ssize_t n = -1;
             int room = 0;

@@ -146,25 +146,51 @@ class FastRelay:
             return False
         if not (canHandOff(clientTransport) and canHandOff(targetTransport)):
             return False
-        clientFd = os.dup(clientTransport.fileno())
+        try:
+            clientFd = os.dup(clientTransport.fileno())
+        except OSError:
+            return False
         try:
             targetFd = os.dup(targetTransport.fileno())
         except OSError:
             os.close(clientFd)
             return False
+        if not self.adoptDescriptors(clientFd, targetFd, flowId, idleTimeout, onEnd):
+            os.close(clientFd)
+            os.close(targetFd)
+            return False
+        releaseTransport(clientTransport)
+        releaseTransport(targetTransport)
+        return True
+
+    def adoptDescriptors(
+        self,
+        clientFd: int,
+        targetFd: int,
+        flowId: int,
+        idleTimeout: float,
+        onEnd: EndCallback,
+    ) -> bool:
+        """
+        Hand two connected TCP socket descriptors to the engine, which
+        closes them when the flow ends.
+
+        @return: C{True} when the engine took them (C{onEnd} will be
+            called once, in the reactor thread); C{False} when it refused
+            them (stopped, out of threads or memory; logged), and the
+            caller still owns both descriptors.
+        """
+        if self._stopped:
+            return False
         try:
             self.engine.adopt(clientFd, targetFd, flowId, idleTimeout)
         except (OSError, RuntimeError, MemoryError) as e:
-            os.close(clientFd)
-            os.close(targetFd)
             log.warn("relay engine refused flow {flowId}: {error}", flowId=flowId, error=e)
             return False
         self._onEnd[flowId] = onEnd
         if not self._watching:
             self._watching = True
             self.reactor.addReader(self)
-        releaseTransport(clientTransport)
-        releaseTransport(targetTransport)
         return True
 
     # -- asking the engine ------------------------------------------------------
