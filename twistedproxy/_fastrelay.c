@@ -58,12 +58,14 @@
 #include <unistd.h>
 
 /* Default pipe size asked of F_SETPIPE_SZ (see bench/fastrelay_micro.py). */
-#define DEFAULT_PIPE_SIZE (256 * 1024)
+#define DEFAULT_PIPE_SIZE (1024 * 1024)
 /* Default userspace buffer size of a direction that has no pipe. */
 #define DEFAULT_BUFFER_SIZE (64 * 1024)
 /* The idle and pipe-release sweep runs this often (milliseconds). */
 #define SWEEP_MS 500
 #define MAX_EVENTS 256
+/* Empty pipes kept for reuse by the next flows (two descriptors each). */
+#define PIPE_POOL 32
 
 enum { CLIENT = 0, TARGET = 1 };
 enum { MODE_NONE = 0, MODE_PIPE = 1, MODE_BUFFER = 2 };
@@ -103,6 +105,11 @@ typedef struct Command {
     Flow *flow;
 } Command;
 
+typedef struct PooledPipe {
+    int pipeRead, pipeWrite;
+    uint32_t capacity;
+} PooledPipe;
+
 typedef struct Ended {
     uint64_t id, bytesIn, bytesOut;
     const char *reason;
@@ -134,6 +141,8 @@ typedef struct {
     Flow *graveyard;  /* ended in this batch; freed after it */
     double now;
     double nextSweep;
+    PooledPipe pool[PIPE_POOL];
+    int poolCount;
     int endedSinceWake;
 } Engine;
 
@@ -235,12 +244,25 @@ tableRemove(Engine *e, Flow *f)
 
 /* -- per-direction resources ---------------------------------------------- */
 
+/*
+ * Give back a direction's pipe or buffer.  An empty pipe goes to the
+ * engine's small pool, so that short connections do not pay pipe2 and
+ * F_SETPIPE_SZ each; a pipe with bytes left in it (a flow cut short) is
+ * closed.
+ */
 static void
-releaseChannel(Direction *d)
+releaseChannel(Engine *e, Direction *d)
 {
     if (d->pipeRead >= 0) {
-        close(d->pipeRead);
-        close(d->pipeWrite);
+        if (d->pending == 0 && e->poolCount < PIPE_POOL) {
+            PooledPipe *p = &e->pool[e->poolCount++];
+            p->pipeRead = d->pipeRead;
+            p->pipeWrite = d->pipeWrite;
+            p->capacity = d->capacity;
+        } else {
+            close(d->pipeRead);
+            close(d->pipeWrite);
+        }
         d->pipeRead = d->pipeWrite = -1;
     }
     free(d->buf);
@@ -259,13 +281,24 @@ static int
 openChannel(Engine *e, Direction *d)
 {
     if (e->pipeSize > 0 && !d->spliceFails) {
+        if (e->poolCount > 0) {
+            PooledPipe *p = &e->pool[--e->poolCount];
+            d->pipeRead = p->pipeRead;
+            d->pipeWrite = p->pipeWrite;
+            d->capacity = p->capacity;
+            d->pending = 0;
+            d->mode = MODE_PIPE;
+            return 0;
+        }
         int p[2];
         if (pipe2(p, O_NONBLOCK | O_CLOEXEC) == 0) {
+            /* Refused (EPERM: an unprivileged user over
+             * /proc/sys/fs/pipe-user-pages-soft), the pipe keeps its size. */
             int size = fcntl(p[1], F_SETPIPE_SZ, (int)e->pipeSize);
             if (size < 0)
                 size = fcntl(p[1], F_GETPIPE_SZ);
             if (size <= 0)
-                size = 65536;
+                size = 4096;
             d->pipeRead = p[0];
             d->pipeWrite = p[1];
             d->capacity = (uint32_t)size;
@@ -329,7 +362,7 @@ endFlow(Engine *e, Flow *f, const char *reason, int resetMask)
             resetOnClose(f->fd[s]);
         close(f->fd[s]);
         f->fd[s] = -1;
-        releaseChannel(&f->dir[s]);
+        releaseChannel(e, &f->dir[s]);
     }
     pthread_mutex_lock(&e->lock);
     tableRemove(e, f);
@@ -441,7 +474,7 @@ pumpDirection(Engine *e, Flow *f, int d)
                 else if (n < 0 && errno == EINVAL && dir->pending == 0) {
                     /* This socket cannot be spliced: a buffer from now on. */
                     dir->spliceFails = 1;
-                    releaseChannel(dir);
+                    releaseChannel(e, dir);
                     if (openChannel(e, dir) < 0) {
                         endFlow(e, f, "out of memory", 3);
                         return -1;
@@ -494,7 +527,7 @@ pumpDirection(Engine *e, Flow *f, int d)
                   : dir->mode == MODE_BUFFER ? dir->end == dir->start : 1;
         if (empty) {
             dir->shut = 1;
-            releaseChannel(dir);
+            releaseChannel(e, dir);
             /* ENOTCONN after a reset shows up as an error on the next
              * read or write of that socket. */
             shutdown(f->fd[dst], SHUT_WR);
@@ -593,7 +626,7 @@ sweep(Engine *e)
                 Direction *dir = &f->dir[d];
                 if ((dir->mode == MODE_PIPE && dir->pending == 0) ||
                     (dir->mode == MODE_BUFFER && dir->end == dir->start))
-                    releaseChannel(dir);
+                    releaseChannel(e, dir);
             }
         }
         f = next;
@@ -670,6 +703,11 @@ engineMain(void *arg)
         c = next;
     }
     buryDead(e);
+    while (e->poolCount > 0) {
+        PooledPipe *p = &e->pool[--e->poolCount];
+        close(p->pipeRead);
+        close(p->pipeWrite);
+    }
     signalFd(e->endedFd);
     return NULL;
 }
@@ -1109,7 +1147,7 @@ static PyMethodDef Engine_methods[] = {
 };
 
 PyDoc_STRVAR(Engine_doc,
-"Engine(pipeSize=262144, bufferSize=65536)\n\n"
+"Engine(pipeSize=1048576, bufferSize=65536)\n\n"
 "A relay thread for established TCP connections.  pipeSize is asked of\n"
 "F_SETPIPE_SZ for each direction's pipe (0: never splice, relay through\n"
 "a bufferSize userspace buffer instead); bufferSize is also used where a\n"
