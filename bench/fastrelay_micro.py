@@ -26,6 +26,7 @@ Run from the project root (the extension built: python setup.py build_ext
     python bench/fastrelay_micro.py -r 5 -t 5 --pipe-size 1048576
     python bench/fastrelay_micro.py -w tcp_bulk --proxies engine,docker-proxy
     python bench/fastrelay_micro.py --idle 0           # skip the idle test
+    python bench/fastrelay_micro.py --proxies docker-proxy,engine@0,engine@30
 
 Needs iperf3, sockperf, and for http_keepalive wrk and nginx; docker-proxy
 from ~/.cache/portproxy-peers (PEERS_DIR), see ../shared/bench/install-peers.
@@ -70,7 +71,7 @@ BACKEND_OF = {
 # -- the front end under test (runs in its own process) --------------------------
 
 
-def runFront(listenPort: int, targetPort: int, mode: str, pipeSize: int) -> None:
+def runFront(listenPort: int, targetPort: int, mode: str, pipeSize: int, busyPoll: int) -> None:
     """
     Accept on 127.0.0.1:listenPort, connect each client to
     127.0.0.1:targetPort, and relay: through the engine (mode "engine") or
@@ -82,7 +83,9 @@ def runFront(listenPort: int, targetPort: int, mode: str, pipeSize: int) -> None
 
     from twistedproxy.fastrelay import Engine, FastRelay, HandedOff
 
-    relay = FastRelay(reactor, Engine(pipeSize=pipeSize)) if mode == "engine" else None
+    relay = None
+    if mode.startswith("engine"):
+        relay = FastRelay(reactor, Engine(pipeSize=pipeSize, busyPoll=busyPoll))
     flowIds = iter(range(1, 1 << 62))
 
     class TargetSide(Protocol):
@@ -218,10 +221,10 @@ def startDockerProxy(procs, listen, target):
     return p
 
 
-def startFront(procs, listen, target, mode, pipeSize):
+def startFront(procs, listen, target, mode, pipeSize, busyPoll):
     p = procs.start(
         [sys.executable, os.path.abspath(__file__), "--front", str(listen), str(target),
-         mode, str(pipeSize)],
+         mode, str(pipeSize), str(busyPoll)],
         stdout=subprocess.PIPE,
         stderr=None,
     )
@@ -230,10 +233,12 @@ def startFront(procs, listen, target, mode, pipeSize):
     return p
 
 
-def startProxy(procs, name, listen, target, pipeSize):
+def startProxy(procs, name, listen, target, pipeSize, busyPoll):
     if name == "docker-proxy":
         return startDockerProxy(procs, listen, target)
-    return startFront(procs, listen, target, name, pipeSize)
+    if name.startswith("engine@"):
+        busyPoll = int(name.split("@")[1])
+    return startFront(procs, listen, target, name, pipeSize, busyPoll)
 
 
 def run(argv, timeout):
@@ -291,14 +296,14 @@ http {{ access_log off; keepalive_requests 1000000;
     return port
 
 
-def benchWorkloads(procs, tmp, names, workloads, rounds, seconds, pipeSize):
+def benchWorkloads(procs, tmp, names, workloads, rounds, seconds, pipeSize, busyPoll):
     backends = startBackends(procs, tmp, workloads)
     fronts = {"direct": dict(backends)}
     for name in names:
         fronts[name] = {}
         for key, target in backends.items():
             listen = freePort()
-            startProxy(procs, name, listen, target, pipeSize)
+            startProxy(procs, name, listen, target, pipeSize, busyPoll)
             fronts[name][key] = listen
     order = ["direct"] + names
     results = {w: {name: [] for name in order} for w in workloads}
@@ -322,7 +327,7 @@ def benchWorkloads(procs, tmp, names, workloads, rounds, seconds, pipeSize):
     return results
 
 
-def idleTest(procs, names, n, pipeSize):
+def idleTest(procs, names, n, pipeSize, busyPoll):
     """
     RSS growth per idle connection held open through each proxy.
     """
@@ -346,7 +351,7 @@ def idleTest(procs, names, n, pipeSize):
     out = {}
     for name in names:
         front = freePort()
-        p = startProxy(procs, name, front, hold.getsockname()[1], pipeSize)
+        p = startProxy(procs, name, front, hold.getsockname()[1], pipeSize, busyPoll)
         time.sleep(0.5)
         before = rssKiB(p.pid)
         conns = []
@@ -372,17 +377,20 @@ def idleTest(procs, names, n, pipeSize):
 
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--front":
-        listen, target, mode, pipeSize = sys.argv[2:6]
-        runFront(int(listen), int(target), mode, int(pipeSize))
+        listen, target, mode, pipeSize, busyPoll = sys.argv[2:7]
+        runFront(int(listen), int(target), mode, int(pipeSize), int(busyPoll))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-w", "--workloads", default=",".join(WORKLOADS))
     ap.add_argument("-r", "--rounds", type=int, default=3)
     ap.add_argument("-t", "--seconds", type=int, default=3)
     ap.add_argument("--proxies", default="docker-proxy,engine,twisted",
-                    help="comma list of docker-proxy, engine, twisted")
+                    help="comma list of docker-proxy, engine, twisted; engine@N is the "
+                         "engine with N microseconds of busy-poll")
     ap.add_argument("--pipe-size", type=int, default=0,
                     help="engine pipe size in bytes (0: the engine's default)")
+    ap.add_argument("--busy-poll", type=int, default=-1,
+                    help="engine busy-poll after traffic, microseconds (-1: the engine's default)")
     ap.add_argument("--idle", type=int, default=2000,
                     help="idle connections for the memory test; 0 skips it")
     ap.add_argument("--json", help="also write the results here")
@@ -391,18 +399,20 @@ def main():
     from twistedproxy import _fastrelay
 
     pipeSize = a.pipe_size or _fastrelay.DEFAULT_PIPE_SIZE
+    busyPoll = _fastrelay.DEFAULT_BUSY_POLL_US if a.busy_poll < 0 else a.busy_poll
     names = a.proxies.split(",")
     workloads = [w for w in a.workloads.split(",") if w]
     if "http_keepalive" in workloads and not (shutil.which("wrk") and shutil.which("nginx")):
         workloads.remove("http_keepalive")
     procs = Processes()
-    report = {"pipe_size": pipeSize, "rounds": a.rounds, "seconds": a.seconds}
+    report = {"pipe_size": pipeSize, "busy_poll_us": busyPoll, "rounds": a.rounds, "seconds": a.seconds}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            results = benchWorkloads(procs, tmp, names, workloads, a.rounds, a.seconds, pipeSize)
+            results = benchWorkloads(procs, tmp, names, workloads, a.rounds, a.seconds, pipeSize, busyPoll)
             procs.stopAll()
             report["workloads"] = {}
-            print(f"\nengine pipe size {pipeSize}, {a.rounds} rounds of {a.seconds} s, medians\n")
+            print(f"\nengine pipe size {pipeSize}, busy-poll {busyPoll} us, "
+                  f"{a.rounds} rounds of {a.seconds} s, medians\n")
             others = [n for n in names if n != "docker-proxy"]
             header = ["workload", "unit", "direct"] + names
             header += [f"{n} / docker-proxy" for n in others if "docker-proxy" in names]
@@ -425,7 +435,7 @@ def main():
                 report["workloads"][w] = {"raw": row, "median": med, "ratio_vs_docker_proxy": ratios,
                                           "higher_is_better": higher}
             if a.idle:
-                idle = idleTest(procs, names, a.idle, pipeSize)
+                idle = idleTest(procs, names, a.idle, pipeSize, busyPoll)
                 report["idle_kib_per_connection"] = idle
                 line = ", ".join(f"{k} {v} KiB" for k, v in idle.items())
                 if idle.get("docker-proxy"):

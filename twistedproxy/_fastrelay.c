@@ -49,6 +49,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -61,6 +62,10 @@
 #define DEFAULT_PIPE_SIZE (1024 * 1024)
 /* Default userspace buffer size of a direction that has no pipe. */
 #define DEFAULT_BUFFER_SIZE (64 * 1024)
+/* Default busy-poll after traffic, microseconds (0: sleep at once). */
+#define DEFAULT_BUSY_POLL_US 0
+/* No busy-poll after a batch that moved this much: that is bulk traffic. */
+#define SPIN_MAX_BATCH (64 * 1024)
 /* The idle and pipe-release sweep runs this often (milliseconds). */
 #define SWEEP_MS 500
 #define MAX_EVENTS 256
@@ -123,6 +128,7 @@ typedef struct {
     int endedFd;    /* eventfd: ended flows are waiting for Python */
     uint32_t pipeSize;
     uint32_t bufferSize;
+    double busyPollSeconds;
     /* reactor thread only */
     int started;
     int joined;
@@ -141,6 +147,7 @@ typedef struct {
     Flow *graveyard;  /* ended in this batch; freed after it */
     double now;
     double nextSweep;
+    uint64_t batchBytes;  /* moved in the current event batch */
     PooledPipe pool[PIPE_POOL];
     int poolCount;
     int endedSinceWake;
@@ -151,6 +158,14 @@ monotonicNow(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static double
+preciseNow(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
@@ -410,6 +425,7 @@ pumpDirection(Engine *e, Flow *f, int d)
                                dir->pending, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
             if (n > 0) {
                 dir->pending -= (uint32_t)n;
+                e->batchBytes += (uint64_t)n;
                 progress = 1;
                 full = 0;
             } else if (n < 0 && errno == EAGAIN) {
@@ -423,6 +439,7 @@ pumpDirection(Engine *e, Flow *f, int d)
                              MSG_NOSIGNAL | MSG_DONTWAIT);
             if (n > 0) {
                 dir->start += (uint32_t)n;
+                e->batchBytes += (uint64_t)n;
                 if (dir->start == dir->end)
                     dir->start = dir->end = 0;
                 progress = 1;
@@ -651,14 +668,30 @@ engineMain(void *arg)
     Engine *e = (Engine *)arg;
     struct epoll_event events[MAX_EVENTS];
     int stop = 0;
+    double spinUntil = 0;
     e->now = monotonicNow();
     e->nextSweep = e->now + SWEEP_MS / 1000.0;
     while (!stop) {
         int timeout = (int)((e->nextSweep - e->now) * 1000.0) + 1;
         if (timeout < 0)
             timeout = 0;
-        int n = epoll_wait(e->epfd, events, MAX_EVENTS, timeout);
+        int n;
+        if (spinUntil > 0) {
+            /* Right after traffic, poll for a short while before sleeping:
+             * the answer to what was just relayed often comes within
+             * microseconds, and a sleeping thread takes longer to wake. */
+            n = epoll_wait(e->epfd, events, MAX_EVENTS, 0);
+            if (n == 0 && preciseNow() < spinUntil)
+                continue;
+            if (n == 0) {
+                spinUntil = 0;
+                n = epoll_wait(e->epfd, events, MAX_EVENTS, timeout);
+            }
+        } else {
+            n = epoll_wait(e->epfd, events, MAX_EVENTS, timeout);
+        }
         e->now = monotonicNow();
+        e->batchBytes = 0;
         for (int i = 0; i < n; i++) {
             uint64_t data = events[i].data.u64;
             if (data == 0) {
@@ -676,6 +709,13 @@ engineMain(void *arg)
                 f->writable[side] = 1;
             pumpFlow(e, f);
         }
+        /* Busy-poll only after small batches (request/response traffic);
+         * after bulk batches the thread sleeps, leaving the CPU to the
+         * peers that produce and consume the stream. */
+        if (n > 0 && e->busyPollSeconds > 0 && e->batchBytes < SPIN_MAX_BATCH)
+            spinUntil = preciseNow() + e->busyPollSeconds;
+        else if (n > 0)
+            spinUntil = 0;
         if (e->now >= e->nextSweep) {
             sweep(e);
             e->nextSweep = e->now + SWEEP_MS / 1000.0;
@@ -736,12 +776,18 @@ queueCommand(Engine *e, int kind, uint64_t id, Flow *f)
 static int
 Engine_init(Engine *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"pipeSize", "bufferSize", NULL};
+    static char *kwlist[] = {"pipeSize", "bufferSize", "busyPoll", NULL};
     long pipeSize = DEFAULT_PIPE_SIZE;
     long bufferSize = DEFAULT_BUFFER_SIZE;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|ll:Engine", kwlist,
-                                     &pipeSize, &bufferSize))
+    long busyPoll = DEFAULT_BUSY_POLL_US;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|lll:Engine", kwlist,
+                                     &pipeSize, &bufferSize, &busyPoll))
         return -1;
+    if (busyPoll < 0 || busyPoll > 1000000) {
+        PyErr_SetString(PyExc_ValueError, "busyPoll must be between 0 and 1000000 microseconds");
+        return -1;
+    }
+    self->busyPollSeconds = busyPoll / 1e6;
     if (self->epfd >= 0) {
         PyErr_SetString(PyExc_RuntimeError, "Engine already initialised");
         return -1;
@@ -906,7 +952,14 @@ Engine_adopt(Engine *self, PyObject *args)
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setstacksize(&attr, 256 * 1024);
+        /* The thread starts with every signal blocked: signals (SIGHUP for
+         * reload, SIGCHLD, SIGINT) go to the reactor's thread, and a
+         * SIGPIPE from a splice to a reset socket is never delivered. */
+        sigset_t all, previous;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &previous);
         int rc = pthread_create(&self->thread, &attr, engineMain, self);
+        pthread_sigmask(SIG_SETMASK, &previous, NULL);
         pthread_attr_destroy(&attr);
         if (rc != 0) {
             free(f);
@@ -1188,5 +1241,6 @@ PyInit__fastrelay(void)
     }
     PyModule_AddIntConstant(m, "DEFAULT_PIPE_SIZE", DEFAULT_PIPE_SIZE);
     PyModule_AddIntConstant(m, "DEFAULT_BUFFER_SIZE", DEFAULT_BUFFER_SIZE);
+    PyModule_AddIntConstant(m, "DEFAULT_BUSY_POLL_US", DEFAULT_BUSY_POLL_US);
     return m;
 }
