@@ -339,6 +339,33 @@ def test_resetByTarget(engines):
 
 
 @needsEngine
+def test_writeToClosedTarget(engines):
+    """
+    A client that keeps sending after the target closed gets a reset, the
+    flow ends as "reset by target", and the SIGPIPE of the failed splice
+    (default action: kill the process) never reaches this process.
+    """
+    import signal
+
+    previous = signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    try:
+        engine = engines()
+        flow = Flow(engine, 8)
+        flow.target.close()
+        assert recvAll(flow.client) == b""
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            for _ in range(200):
+                flow.client.sendall(b"x" * 65536, socket.MSG_NOSIGNAL)
+                time.sleep(0.01)
+        [(flowId, bytesIn, bytesOut, reason)] = waitEnded(engine)
+        assert (flowId, bytesOut, reason) == (8, 0, "reset by target")
+        assert bytesIn > 0
+    finally:
+        signal.signal(signal.SIGPIPE, previous)
+    flow.client.close()
+
+
+@needsEngine
 def test_idleTimeout(engines):
     """
     A flow where neither side sends for its idle timeout ends as "idle
