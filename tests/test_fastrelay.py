@@ -41,14 +41,14 @@ MODES = [
 MIB = 1024 * 1024
 
 
-def connectedPair(listener=None):
+def connectedPair(host="127.0.0.1"):
     """
     Two ends of one loopback TCP connection: (connecting end, accepted end).
     """
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
+    server = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    server.bind((host, 0))
     server.listen(16)
-    a = socket.create_connection(server.getsockname())
+    a = socket.create_connection(server.getsockname()[:2])
     b, _ = server.accept()
     server.close()
     return a, b
@@ -60,9 +60,13 @@ class Flow:
     proxy's two ends given to the engine.
     """
 
-    def __init__(self, engine, flowId, idleTimeout=0.0):
-        self.client, proxyClient = connectedPair()
-        proxyTarget, self.target = connectedPair()
+    def __init__(self, engine, flowId, idleTimeout=0.0, clientHost="127.0.0.1",
+                 targetHost="127.0.0.1", early=b""):
+        self.client, proxyClient = connectedPair(clientHost)
+        proxyTarget, self.target = connectedPair(targetHost)
+        # sent before the engine has the sockets, as a client may while
+        # Twisted dials the target
+        self.client.sendall(early)
         for s in (self.client, self.target):
             s.settimeout(10)
         self.id = flowId
@@ -178,6 +182,29 @@ def test_echoBothWays(engines, options):
     assert engine.counters(1) == (4, 5)
     assert engine.snapshot() == [(1, 4, 5)]
     assert engine.flowCount() == 1
+    flow.close()
+
+
+def ipv6Loopback():
+    try:
+        socket.socket(socket.AF_INET6).bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@needsEngine
+@pytest.mark.skipif(not ipv6Loopback(), reason="no IPv6 loopback")
+def test_mixedFamiliesAndEarlyBytes(engines):
+    """
+    An IPv6 client relayed to an IPv4 target, and bytes the client sent
+    before the engine had its socket, go through.
+    """
+    engine = engines()
+    flow = Flow(engine, 9, clientHost="::1", early=b"early bird")
+    assert recvExactly(flow.target, 10) == b"early bird"
+    flow.target.sendall(b"v4 to v6")
+    assert recvExactly(flow.client, 8) == b"v4 to v6"
     flow.close()
 
 
