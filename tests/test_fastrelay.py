@@ -559,7 +559,7 @@ class HandOffFront:
     as soon as the target answers hands both to a L{fastrelay.FastRelay}.
     """
 
-    def __init__(self, reactor, targetPort, relay, buffered=b""):
+    def __init__(self, reactor, targetPort, relay, buffered=b"", asFlow=None):
         from twisted.internet.protocol import ClientFactory, Factory, Protocol
 
         front = self
@@ -572,9 +572,14 @@ class HandOffFront:
                 client = front.clientSide.transport
                 if buffered:
                     client.write(buffered)
-                front.adopted = relay.adopt(
-                    client, self.transport, 1, 0, lambda *a: front.ends.append(a)
-                )
+                if asFlow is not None:
+                    front.adopted = relay.adoptFlow(
+                        asFlow, client, self.transport, 0, lambda *a: front.ends.append(a)
+                    )
+                else:
+                    front.adopted = relay.adopt(
+                        client, self.transport, 1, 0, lambda *a: front.ends.append(a)
+                    )
 
             def connectionLost(self, reason):
                 front.lost.append(("target", reason))
@@ -702,3 +707,55 @@ def test_fastRelayCloseAndStop(reactor):
     for client, target in flows:
         client.close()
         target.close()
+
+
+class PythonFlow:
+    """
+    The few attributes of a Python relay that L{fastrelay.EngineFlow}
+    takes over.
+    """
+
+    id = 77
+    listener = object()
+    client = "127.0.0.1:5555"
+    started = 12.5
+    bytesIn = 100
+    bytesOut = 40
+
+
+@needsEngine
+def test_engineFlowStandsInForTheRelay(reactor):
+    """
+    adoptFlow returns an IFlow with the relay's identity whose counters add
+    the engine's bytes to those relayed before the hand-off, and whose
+    close(reason) ends the flow with that reason in the report.
+    """
+    from zope.interface.verify import verifyObject
+
+    from twistedproxy.listener import IFlow
+
+    targetListener = socket.socket()
+    targetListener.bind(("127.0.0.1", 0))
+    targetListener.listen(1)
+    relay = fastrelay.FastRelay(reactor)
+    front = HandOffFront(reactor, targetListener.getsockname()[1], relay, asFlow=PythonFlow())
+    client = socket.create_connection(("127.0.0.1", front.port.getHost().port))
+    client.settimeout(10)
+    spin(reactor, lambda: front.adopted is not None)
+    flow = front.adopted
+    assert verifyObject(IFlow, flow)
+    assert (flow.id, flow.client, flow.started) == (77, "127.0.0.1:5555", 12.5)
+    target, _ = targetListener.accept()
+    client.sendall(b"12345")
+    assert recvExactly(target, 5) == b"12345"
+    assert (flow.bytesIn, flow.bytesOut) == (105, 40)
+    flow.close("killed from the manhole")
+    spin(reactor, lambda: front.ends)
+    assert front.ends == [(flow, "killed from the manhole")]
+    assert (flow.bytesIn, flow.bytesOut) == (105, 40)
+    assertReset(client)
+    relay.stop()
+    client.close()
+    target.close()
+    targetListener.close()
+    front.port.stopListening()

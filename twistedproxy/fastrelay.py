@@ -26,6 +26,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twistedproxy.listener import IFlow
+
 try:
     from twistedproxy._fastrelay import Engine
 except ImportError:
@@ -36,6 +38,63 @@ log = Logger(namespace="portproxy")
 #: What C{onEnd} receives: bytes client to target, bytes target to client,
 #: and why the flow ended.
 EndCallback = Callable[[int, int, str], None]
+
+
+@implementer(IFlow)
+class EngineFlow:
+    """
+    A flow the engine relays, as the manhole and the access log see it:
+    it stands in for the Python relay that handed its sockets over, which
+    can then be dropped, so an established connection costs the reactor
+    this small object and nothing else.
+
+    @ivar reason: why the flow was closed from this side (L{close}), which
+        the access line prefers to the engine's generic C{"killed"}.
+    """
+
+    __slots__ = (
+        "id", "listener", "client", "started", "reason",
+        "_relay", "_baseIn", "_baseOut", "_final", "_onEnded",
+    )
+
+    def __init__(self, relay: FastRelay, flow, onEnded: Callable[[EngineFlow, str], None]) -> None:
+        self.id = flow.id
+        self.listener = flow.listener
+        self.client = flow.client
+        self.started = flow.started
+        self.reason: str | None = None
+        self._relay = relay
+        # bytes the Python relay moved before the hand-off
+        self._baseIn = flow.bytesIn
+        self._baseOut = flow.bytesOut
+        self._final: tuple[int, int] | None = None
+        self._onEnded = onEnded
+
+    def _counters(self) -> tuple[int, int]:
+        if self._final is not None:
+            return self._final
+        return self._relay.counters(self.id) or (0, 0)
+
+    @property
+    def bytesIn(self) -> int:
+        return self._baseIn + self._counters()[0]
+
+    @property
+    def bytesOut(self) -> int:
+        return self._baseOut + self._counters()[1]
+
+    def close(self, reason: str) -> None:
+        """
+        End the flow now (both sockets reset); the access line gives
+        C{reason}.
+        """
+        if self.reason is None:
+            self.reason = reason
+        self._relay.close(self.id)
+
+    def _ended(self, bytesIn: int, bytesOut: int, reason: str) -> None:
+        self._final = (bytesIn, bytesOut)
+        self._onEnded(self, self.reason or reason)
 
 
 def available() -> bool:
@@ -192,6 +251,28 @@ class FastRelay:
             self._watching = True
             self.reactor.addReader(self)
         return True
+
+    def adoptFlow(
+        self,
+        flow,
+        clientTransport,
+        targetTransport,
+        idleTimeout: float,
+        onEnded: Callable[[EngineFlow, str], None],
+    ) -> EngineFlow | None:
+        """
+        L{adopt} for a relay that is an L{IFlow}: the engine takes its two
+        transports, and the returned L{EngineFlow} (same id, listener,
+        client, start time, bytes so far) stands in for it from now on.
+        C{onEnded(engineFlow, reason)} is called once when it ends.
+
+        @return: L{None} when the pair cannot be handed off (nothing
+            changed; the caller keeps relaying in Python).
+        """
+        engineFlow = EngineFlow(self, flow, onEnded)
+        if self.adopt(clientTransport, targetTransport, flow.id, idleTimeout, engineFlow._ended):
+            return engineFlow
+        return None
 
     # -- asking the engine ------------------------------------------------------
 
