@@ -466,7 +466,7 @@ def test_adoptRefusals(engines):
 @needsEngine
 def test_stopClosesEveryFlow(engines):
     """
-    stop() ends every live flow as "stopped", resets their peers, joins the
+    stop() ends every live flow as "proxy stopped", resets their peers, joins the
     thread, and the reports are there afterwards.
     """
     engine = engines()
@@ -475,7 +475,7 @@ def test_stopClosesEveryFlow(engines):
     recvExactly(flows[0].target, 2)
     engine.stop()
     reports = sorted(engine.ended())
-    assert reports == [(30, 2, 0, "stopped")] + [(i, 0, 0, "stopped") for i in range(31, 35)]
+    assert reports == [(30, 2, 0, "proxy stopped")] + [(i, 0, 0, "proxy stopped") for i in range(31, 35)]
     assert engine.flowCount() == 0
     for flow in flows:
         assertReset(flow.client)
@@ -702,7 +702,7 @@ def test_fastRelayCloseAndStop(reactor):
     assert relay.close(1) is True
     spin(reactor, lambda: 1 in ends)
     relay.stop()
-    assert ends == {1: ["killed"], 2: ["stopped"]}
+    assert ends == {1: ["killed"], 2: ["proxy stopped"]}
     assert relay not in reactor.getReaders()
     for client, target in flows:
         client.close()

@@ -729,7 +729,7 @@ engineMain(void *arg)
     /* Stopping: every flow still open ends with a reset on both sides, so
      * no peer takes the cut for a complete stream. */
     while (e->live != NULL)
-        endFlow(e, e->live, "stopped", 3);
+        endFlow(e, e->live, "proxy stopped", 3);
     /* Adopts queued after the stop command never started. */
     pthread_mutex_lock(&e->lock);
     Command *c = e->commandHead;
@@ -738,7 +738,7 @@ engineMain(void *arg)
     while (c != NULL) {
         Command *next = c->next;
         if (c->kind == CMD_ADOPT)
-            endFlow(e, c->flow, "stopped", 3);
+            endFlow(e, c->flow, "proxy stopped", 3);
         free(c);
         c = next;
     }
@@ -1098,7 +1098,7 @@ PyDoc_STRVAR(ended_doc,
 "readiness of fileno().  reason is one of 'client closed', 'target\n"
 "closed' (the side that finished sending first, both directions having\n"
 "ended cleanly), 'reset by client', 'reset by target', 'idle timeout',\n"
-"'killed', 'stopped', 'out of memory'.");
+"'killed', 'proxy stopped', 'out of memory'.");
 
 static PyObject *
 Engine_ended(Engine *self, PyObject *unused)
@@ -1146,7 +1146,7 @@ Engine_fileno(Engine *self, PyObject *unused)
 
 PyDoc_STRVAR(stop_doc,
 "stop() -> None\n\n"
-"End every flow (reason 'stopped', both sockets reset) and join the\n"
+"End every flow (reason 'proxy stopped', both sockets reset) and join the\n"
 "engine thread; ended() then returns their reports.  Later adopts raise\n"
 "RuntimeError.  Safe to call more than once.");
 

@@ -295,7 +295,7 @@ class FastRelay:
 
     def stop(self) -> None:
         """
-        End every flow (reason C{"stopped"}), join the engine thread and
+        End every flow (reason C{"proxy stopped"}), join the engine thread and
         call the flows' C{onEnd}; later adopts return C{False}.
         """
         if self._stopped:
