@@ -62,8 +62,9 @@
 #define DEFAULT_PIPE_SIZE (1024 * 1024)
 /* Default userspace buffer size of a direction that has no pipe. */
 #define DEFAULT_BUFFER_SIZE (64 * 1024)
-/* Default busy-poll after traffic, microseconds (0: sleep at once). */
-#define DEFAULT_BUSY_POLL_US 0
+/* Default busy-poll after small traffic, microseconds (0: sleep at once);
+ * see bench/fastrelay_micro.py and docs/fastrelay.md. */
+#define DEFAULT_BUSY_POLL_US 10
 /* No busy-poll after a batch that moved this much: that is bulk traffic. */
 #define SPIN_MAX_BATCH (64 * 1024)
 /* The idle and pipe-release sweep runs this often (milliseconds). */
@@ -1200,11 +1201,13 @@ static PyMethodDef Engine_methods[] = {
 };
 
 PyDoc_STRVAR(Engine_doc,
-"Engine(pipeSize=1048576, bufferSize=65536)\n\n"
+"Engine(pipeSize=1048576, bufferSize=65536, busyPoll=10)\n\n"
 "A relay thread for established TCP connections.  pipeSize is asked of\n"
 "F_SETPIPE_SZ for each direction's pipe (0: never splice, relay through\n"
 "a bufferSize userspace buffer instead); bufferSize is also used where a\n"
-"pipe cannot be had.");
+"pipe cannot be had.  busyPoll: microseconds the thread keeps polling\n"
+"after a batch of small traffic before it sleeps (0: sleep at once),\n"
+"which shortens request/response latency for a little CPU.");
 
 static PyTypeObject EngineType = {
     PyVarObject_HEAD_INIT(NULL, 0)
