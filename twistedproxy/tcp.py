@@ -105,8 +105,11 @@ def connectFailureText(reason: Failure) -> str:
     Twisted's long sentence around it.
     """
     error = reason.value
-    if isinstance(error, ConnectError) and isinstance(error.string, str) and error.string:
-        return error.string[0].lower() + error.string[1:]
+    if isinstance(error, ConnectError):
+        # Built from an OSError as (errno, strerror).
+        words = error.args[0] if error.args else ""
+        if isinstance(words, str) and words:
+            return words[0].lower() + words[1:]
     return reason.getErrorMessage()
 
 
