@@ -13,6 +13,7 @@ import pytest
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import (
     CannotListenError,
+    ConnectBindError,
     ConnectionAborted,
     ConnectionDone,
     ConnectionLost,
@@ -374,6 +375,23 @@ def test_connectRefused():
     assert h.service.flows == {}
 
 
+def test_connectFailureWithoutDescriptors():
+    """
+    A connect that cannot even get a socket (out of file descriptors) fails
+    the flow with the OS's words.
+    """
+    h = Harness()
+    relay, client = h.accept()
+    h.lastDial()[2].clientConnectionFailed(
+        h.reactor.connectors[-1],
+        Failure(ConnectBindError(errno.EMFILE, "Too many open files")),
+    )
+    assert client.aborted
+    with capturedLogs() as events:
+        relay.connectionLost(Failure(ConnectionAborted()))
+    assert accessLines(events)[0].endswith("connect failed: too many open files")
+
+
 def test_connectTimeout():
     """
     A target that does not answer within connect_timeout: the attempt is
@@ -644,6 +662,18 @@ def test_disableRefusesQueuedConnects():
                 waiting.recv(1)
     finally:
         service.stopService()
+
+
+def test_stopWhileDisabledFreesThePort():
+    """
+    Stopping a disabled listener closes its socket, so the port can be
+    bound again.
+    """
+    service = boundListener()
+    service.disable()
+    service.stopService()
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", service.listener.port))
 
 
 def test_disabledBeforeBindStaysDisabled():
