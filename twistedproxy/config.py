@@ -133,6 +133,8 @@ def _yamlErrorLine(e: yaml.MarkedYAMLError) -> int:
 
 
 def _yamlErrorMessage(e: yaml.MarkedYAMLError) -> str:
+    if e.problem and "'\\t'" in e.problem:
+        return "not valid YAML: a tab where YAML expects spaces (indent with spaces only)"
     if e.problem and e.context and e.problem.startswith("but "):
         # "expected a single document in the stream" / "but found another document"
         return f"not valid YAML: {e.context}, {e.problem}"
