@@ -714,7 +714,24 @@ def test_overlapEachEarlierMapping() -> None:
         (
             "mappings:\n  - listen: 80\n    tagret: db:80\n",
             [
+                "map.yaml:3: mappings[0]: unknown key 'tagret' (expected one of: name,"
+                " proto, listen, target, connect_timeout, idle_timeout, udp_timeout,"
+                " max_connections)",
+            ],
+        ),
+        (
+            "mappings:\n  - listen: 80\n    port: 80\n",
+            [
                 "map.yaml:2: mappings[0]: missing key 'target'",
+                "map.yaml:3: mappings[0]: unknown key 'port' (expected one of: name,"
+                " proto, listen, target, connect_timeout, idle_timeout, udp_timeout,"
+                " max_connections)",
+            ],
+        ),
+        (
+            "mappings:\n  - name: x\n    tagret: db:80\n",
+            [
+                "map.yaml:2: mappings[0]: missing key 'listen'",
                 "map.yaml:3: mappings[0]: unknown key 'tagret' (expected one of: name,"
                 " proto, listen, target, connect_timeout, idle_timeout, udp_timeout,"
                 " max_connections)",
@@ -794,8 +811,8 @@ def test_duplicateKeys(text: str, expected: list[str]) -> None:
 
 def test_fiveMistakesFiveLines() -> None:
     """
-    Every mistake of a map is reported in one pass, one line each, in the
-    order of the file.
+    Every mistake of a map is reported in one pass, one line each (a
+    misspelt key is not also reported missing), in the order of the file.
     """
     text = """\
         defaults:
@@ -818,7 +835,6 @@ def test_fiveMistakesFiveLines() -> None:
     assert errorsOf(text) == [
         f"map.yaml:2: defaults.connect_timeout: 'soon' is not a duration ({_FORMS})",
         "map.yaml:8: listen: port 70000 is out of range (1-65535)",
-        "map.yaml:10: mappings[2]: missing key 'target'",
         "map.yaml:11: proto: 'sctp' is not a protocol (expected tcp or udp)",
         "map.yaml:13: mappings[2]: unknown key 'tagret' (expected one of: name, proto,"
         " listen, target, connect_timeout, idle_timeout, udp_timeout, max_connections)",
@@ -968,6 +984,11 @@ def test_manholeEmpty() -> None:
         (
             "  listen: 2222\n  authorized_keys: /k\n",
             "map.yaml:2: manhole: missing key 'host_key'",
+        ),
+        (
+            "  listen: 2222\n  authorized_key: /k\n  host_key: /h\n",
+            "map.yaml:3: manhole: unknown key 'authorized_key' (expected one of: listen,"
+            " authorized_keys, host_key, allow_remote)",
         ),
         (
             "  listen: 2222\n  authorized_keys: ''\n  host_key: /h\n",

@@ -11,6 +11,7 @@ keys that C{safe_load} silently folds into one.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import os
@@ -314,15 +315,22 @@ class _MapReader:
                     pending.append(valueNode)
 
     def entries(
-        self, node: MappingNode, where: str, allowed: tuple[str, ...]
+        self,
+        node: MappingNode,
+        where: str,
+        allowed: tuple[str, ...],
+        required: tuple[str, ...] = (),
     ) -> dict[str, tuple[Node, Node]]:
         """
         The keys of a mapping node the map allows, to their key and value
-        nodes; unknown keys are errors, and of a duplicate only the first
-        counts (L{findDuplicateKeys} has reported it).
+        nodes.  Unknown keys are errors, and so are missing C{required}
+        ones, except one that an unknown key is a misspelling of: the user
+        made one mistake and gets one line.  Of a duplicate key only the
+        first counts (L{findDuplicateKeys} has reported it).
         """
         prefix = f"{where}: " if where else ""
         result: dict[str, tuple[Node, Node]] = {}
+        unknown: list[str] = []
         for keyNode, valueNode in node.value:
             if keyNode.tag == _MERGE:
                 self.error(
@@ -338,10 +346,14 @@ class _MapReader:
                     continue
             else:
                 name = keyNode.value if isinstance(keyNode, ScalarNode) else _describe(keyNode)
+            unknown.append(name)
             self.error(
                 _line(keyNode),
                 f"{prefix}unknown key '{name}' (expected one of: {', '.join(allowed)})",
             )
+        for key in required:
+            if key not in result and not difflib.get_close_matches(key, unknown, n=1):
+                self.error(_line(node), f"{prefix}missing key '{key}'")
         return result
 
     def text(self, node: Node, key: str, expected: str, tags=(_STR,)) -> Optional[str]:
@@ -465,10 +477,7 @@ class _MapReader:
             return None
         entry = _Entry(index=index, line=_line(node))
         errorsBefore = len(self.errors)
-        keys = self.entries(node, where, MAPPING_KEYS)
-        for required in ("listen", "target"):
-            if required not in keys:
-                self.error(entry.line, f"{where}: missing key '{required}'")
+        keys = self.entries(node, where, MAPPING_KEYS, ("listen", "target"))
 
         protos: Optional[list[str]] = [TCP]
         if "proto" in keys:
@@ -788,10 +797,7 @@ class _MapReader:
             )
             return None
         errorsBefore = len(self.errors)
-        keys = self.entries(node, "manhole", MANHOLE_KEYS)
-        for required in ("listen", "authorized_keys", "host_key"):
-            if required not in keys:
-                self.error(_line(node), f"manhole: missing key '{required}'")
+        keys = self.entries(node, "manhole", MANHOLE_KEYS, ("listen", "authorized_keys", "host_key"))
 
         allowRemote = False
         if "allow_remote" in keys:
