@@ -125,6 +125,9 @@ def parseMap(text: str, path: str) -> ProxyMap:
         raise ConfigError(
             [f"{path}:{line}: not valid YAML: character #x{e.character:04x} is not allowed"]
         ) from None
+    except RecursionError:
+        # PyYAML's composer recurses once per level of nesting.
+        raise ConfigError([f"{path}:1: not valid YAML: nested too deeply"]) from None
     return _MapReader(path).read(root)
 
 
@@ -202,7 +205,7 @@ class _Ports:
         return self.last - self.first + 1
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Settings:
     """
     The settings C{defaults} gives and a mapping may override.
@@ -224,7 +227,10 @@ class _Entry:
     name: Optional[str] = None
     listenLine: int = 0
     keys: list[ListenerKey] = field(default_factory=list)
-    mapping: Optional[Mapping] = None
+    ports: Optional[_Ports] = None
+    target: Optional[str] = None
+    targetPorts: Optional[_Ports] = None
+    settings: _Settings = _Settings()
 
     def describe(self) -> str:
         if self.name is not None:
@@ -271,7 +277,7 @@ class _MapReader:
         self.raiseErrors()
         return ProxyMap(
             path=self.path,
-            mappings=tuple(entry.mapping for entry in entries),
+            mappings=tuple(_buildMapping(entry) for entry in entries),
             manhole=manhole,
         )
 
@@ -476,7 +482,6 @@ class _MapReader:
             )
             return None
         entry = _Entry(index=index, line=_line(node))
-        errorsBefore = len(self.errors)
         keys = self.entries(node, where, MAPPING_KEYS, ("listen", "target"))
 
         protos: Optional[list[str]] = [TCP]
@@ -533,8 +538,8 @@ class _MapReader:
                 for port in range(ports.first, ports.last + 1)
                 for h in hosts
             ]
-        if len(self.errors) == errorsBefore:
-            entry.mapping = self.buildMapping(entry, target, targetPorts, ports, settings)
+        entry.ports, entry.target, entry.targetPorts = ports, target, targetPorts
+        entry.settings = settings
         return entry
 
     def readProtos(self, node: Node) -> Optional[list[str]]:
@@ -612,31 +617,6 @@ class _MapReader:
         else:
             names[name] = entry.line
         return name
-
-    def buildMapping(
-        self,
-        entry: _Entry,
-        target: str,
-        targetPorts: _Ports,
-        ports: _Ports,
-        settings: _Settings,
-    ) -> Mapping:
-        listeners = []
-        for key in entry.keys:
-            offset = key.port - ports.first if len(targetPorts) > 1 else 0
-            listeners.append(
-                Listener(
-                    mapping=entry.name,
-                    proto=key.proto,
-                    host=key.host,
-                    port=key.port,
-                    target=Target(target, targetPorts.first + offset),
-                    timeouts=settings.timeouts,
-                    maxConnections=settings.maxConnections,
-                    line=entry.line,
-                )
-            )
-        return Mapping(name=entry.name, listeners=tuple(listeners), line=entry.line)
 
     # addresses
 
@@ -867,6 +847,35 @@ class _MapReader:
             allowRemote=allowRemote,
             line=_line(keyNode),
         )
+
+
+def _buildMapping(entry: _Entry) -> Mapping:
+    """
+    The L{Mapping} of an entry of a map without errors.
+    """
+    ports, targetPorts = entry.ports, entry.targetPorts
+    # A single target port takes every listen port; a range pairs up port
+    # by port (the reader checked that the lengths agree).
+    offset = targetPorts.first - ports.first
+    targets = {
+        port: Target(entry.target, targetPorts.first if len(targetPorts) == 1 else port + offset)
+        for port in range(ports.first, ports.last + 1)
+    }
+    timeouts, maxConnections = entry.settings.timeouts, entry.settings.maxConnections
+    listeners = tuple(
+        Listener(
+            entry.name,
+            proto,
+            host,
+            port,
+            targets[port],
+            timeouts,
+            maxConnections,
+            entry.line,
+        )
+        for proto, host, port in entry.keys
+    )
+    return Mapping(name=entry.name, listeners=listeners, line=entry.line)
 
 
 def _ipLiteral(host: str, bracketed: bool) -> Optional[str]:
