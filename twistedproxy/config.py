@@ -238,6 +238,10 @@ class _Entry:
         return f"the mapping on line {self.line}"
 
 
+#: Listening hosts and their mappings by protocol and port, for overlaps.
+_Bound = dict[tuple[str, int], list[tuple[str, _Entry]]]
+
+
 class _MapReader:
     """
     One pass over a composed map, collecting every error with its line.
@@ -262,18 +266,18 @@ class _MapReader:
                 f" got {_describe(root)}",
             )
             self.raiseErrors()
-        sections = self.entries(root, "", TOP_KEYS)
+        sections = self.keysOf(root, "", TOP_KEYS)
         defaults = _Settings()
         if "defaults" in sections:
             defaults = self.readDefaults(sections["defaults"][1])
         entries: list[_Entry] = []
         if "mappings" in sections:
             entries = self.readMappings(sections["mappings"][1], defaults)
-        self.checkOverlaps(entries)
+        bound = self.checkOverlaps(entries)
         manhole = None
         if "manhole" in sections:
             keyNode, valueNode = sections["manhole"]
-            manhole = self.readManhole(keyNode, valueNode, entries)
+            manhole = self.readManhole(keyNode, valueNode, bound)
         self.raiseErrors()
         return ProxyMap(
             path=self.path,
@@ -320,7 +324,7 @@ class _MapReader:
                             first[ident] = _line(keyNode)
                     pending.append(valueNode)
 
-    def entries(
+    def keysOf(
         self,
         node: MappingNode,
         where: str,
@@ -385,29 +389,29 @@ class _MapReader:
             )
             return _Settings()
         return self.readSettings(
-            self.entries(node, "defaults", SETTING_KEYS), "defaults.", _Settings()
+            self.keysOf(node, "defaults", SETTING_KEYS), "defaults.", _Settings()
         )
 
     def readSettings(
-        self, entries: dict[str, tuple[Node, Node]], prefix: str, base: _Settings
+        self, keys: dict[str, tuple[Node, Node]], prefix: str, base: _Settings
     ) -> _Settings:
         """
-        Override C{base} with the settings in C{entries}; a bad value is
-        reported and leaves the inherited one.
+        Override C{base} with the settings among C{keys} (from L{keysOf});
+        a bad value is reported and leaves the inherited one.
         """
         connect, idle, udp = base.timeouts.connect, base.timeouts.idle, base.timeouts.udp
         maxConnections = base.maxConnections
-        if "connect_timeout" in entries:
-            value = self.duration(entries["connect_timeout"][1], prefix + "connect_timeout", True)
+        if "connect_timeout" in keys:
+            value = self.duration(keys["connect_timeout"][1], prefix + "connect_timeout", True)
             connect = connect if value is None else value
-        if "idle_timeout" in entries:
-            value = self.duration(entries["idle_timeout"][1], prefix + "idle_timeout", False)
+        if "idle_timeout" in keys:
+            value = self.duration(keys["idle_timeout"][1], prefix + "idle_timeout", False)
             idle = idle if value is None else value
-        if "udp_timeout" in entries:
-            value = self.duration(entries["udp_timeout"][1], prefix + "udp_timeout", True)
+        if "udp_timeout" in keys:
+            value = self.duration(keys["udp_timeout"][1], prefix + "udp_timeout", True)
             udp = udp if value is None else value
-        if "max_connections" in entries:
-            value = self.count(entries["max_connections"][1], prefix + "max_connections")
+        if "max_connections" in keys:
+            value = self.count(keys["max_connections"][1], prefix + "max_connections")
             maxConnections = maxConnections if value is None else value
         return _Settings(Timeouts(connect=connect, idle=idle, udp=udp), maxConnections)
 
@@ -482,7 +486,7 @@ class _MapReader:
             )
             return None
         entry = _Entry(index=index, line=_line(node))
-        keys = self.entries(node, where, MAPPING_KEYS, ("listen", "target"))
+        keys = self.keysOf(node, where, MAPPING_KEYS, ("listen", "target"))
 
         protos: Optional[list[str]] = [TCP]
         if "proto" in keys:
@@ -738,12 +742,14 @@ class _MapReader:
 
     # overlaps and the manhole
 
-    def checkOverlaps(self, entries: list[_Entry]) -> None:
+    def checkOverlaps(self, entries: list[_Entry]) -> _Bound:
         """
         Report each mapping whose listeners collide with an earlier
         mapping's, once per pair, on the later mapping's C{listen} line.
+
+        @return: every listener's host and mapping by protocol and port.
         """
-        bound: dict[tuple[str, int], list[tuple[str, _Entry]]] = {}
+        bound: _Bound = {}
         for entry in entries:
             clashes: dict[int, tuple[_Entry, ListenerKey, int]] = {}
             for key in entry.keys:
@@ -764,10 +770,13 @@ class _MapReader:
                 self.error(entry.listenLine, f"listen: {what} {earlier.describe()}")
             for key in entry.keys:
                 bound.setdefault((key.proto, key.port), []).append((key.host, entry))
+        return bound
 
-    def readManhole(
-        self, keyNode: Node, node: Node, entries: list[_Entry]
-    ) -> Optional[Manhole]:
+    def readManhole(self, keyNode: Node, node: Node, bound: _Bound) -> Optional[Manhole]:
+        """
+        The manhole section, which may not collide with the TCP listeners
+        in C{bound}; L{None} when the section is empty or has errors.
+        """
         if isinstance(node, ScalarNode) and node.tag == _NULL:
             return None
         if not isinstance(node, MappingNode):
@@ -777,7 +786,7 @@ class _MapReader:
             )
             return None
         errorsBefore = len(self.errors)
-        keys = self.entries(node, "manhole", MANHOLE_KEYS, ("listen", "authorized_keys", "host_key"))
+        keys = self.keysOf(node, "manhole", MANHOLE_KEYS, ("listen", "authorized_keys", "host_key"))
 
         allowRemote = False
         if "allow_remote" in keys:
@@ -807,23 +816,17 @@ class _MapReader:
                             f"manhole.listen: {host} is not a loopback address;"
                             " add allow_remote: true to let other hosts log in",
                         )
-                    for entry in entries:
-                        clash = next(
-                            (
-                                key
-                                for key in entry.keys
-                                if key.proto == TCP
-                                and key.port == port
-                                and _overlaps(key.host, host)
-                            ),
-                            None,
+                    clashes = {
+                        id(entry): entry
+                        for other, entry in bound.get((TCP, port), ())
+                        if _overlaps(other, host)
+                    }
+                    for entry in clashes.values():
+                        self.error(
+                            _line(listenNode),
+                            f"manhole.listen: tcp {formatHostPort(host, port)} overlaps"
+                            f" {entry.describe()}",
                         )
-                        if clash is not None:
-                            self.error(
-                                _line(listenNode),
-                                f"manhole.listen: tcp {formatHostPort(host, port)} overlaps"
-                                f" {entry.describe()}",
-                            )
 
         paths = {}
         for key in ("authorized_keys", "host_key"):
