@@ -1035,16 +1035,24 @@ def test_manholeMissingEverything() -> None:
 
 
 @pytest.mark.parametrize(
-    "listen, proto, expected",
+    "listen, proto, manhole, expected",
     [
-        ("127.0.0.1:2222", "tcp", ["manhole.listen: tcp 127.0.0.1:2222 overlaps mapping 'a' (line 2)"]),
-        ("2222", "tcp", ["manhole.listen: tcp 127.0.0.1:2222 overlaps mapping 'a' (line 2)"]),
-        ("127.0.0.2:2222", "tcp", []),
-        ("2222", "udp", []),
-        ("127.0.0.1:2223", "tcp", []),
+        ("127.0.0.1:2222", "tcp", "2222", "tcp 127.0.0.1:2222 overlaps mapping 'a' (line 2)"),
+        ("2222", "tcp", "2222", "tcp 127.0.0.1:2222 overlaps mapping 'a' (line 2)"),
+        (
+            "127.0.0.9:2222",
+            "tcp",
+            "0.0.0.0:2222",
+            "tcp 0.0.0.0:2222 overlaps mapping 'a' (line 2)",
+        ),
+        ("[::]:2222", "tcp", "[::1]:2222", "tcp [::1]:2222 overlaps mapping 'a' (line 2)"),
+        ("127.0.0.2:2222", "tcp", "2222", None),
+        ("[::]:2222", "tcp", "2222", None),
+        ("2222", "udp", "2222", None),
+        ("127.0.0.1:2223", "tcp", "2222", None),
     ],
 )
-def test_manholeOverlap(listen: str, proto: str, expected: list[str]) -> None:
+def test_manholeOverlap(listen: str, proto: str, manhole: str, expected) -> None:
     """
     The manhole port may not collide with a TCP listener; UDP listeners and
     other addresses are no conflict.
@@ -1053,12 +1061,13 @@ def test_manholeOverlap(listen: str, proto: str, expected: list[str]) -> None:
         mappings:
           - {{name: a, proto: {proto}, listen: "{listen}", target: "db:22"}}
         manhole:
-          listen: 2222
+          listen: "{manhole}"
+          allow_remote: true
           authorized_keys: /k
           host_key: /h
         """
     if expected:
-        assert errorsOf(text) == [f"map.yaml:4: {line}" for line in expected]
+        assert errorsOf(text) == [f"map.yaml:4: manhole.listen: {expected}"]
     else:
         assert parseMap(dedent(text), "map.yaml").manhole.port == 2222
 
