@@ -363,6 +363,11 @@ def test_name(lines: list[str], expected: str) -> None:
             "name: expected a name of letters, digits, '.', '_' and '-', got an"
             " integer (put it in quotes to use it as a name)",
         ),
+        (
+            "no",
+            "name: expected a name of letters, digits, '.', '_' and '-', got a"
+            " boolean (put it in quotes to use it as a name)",
+        ),
         ("[a]", "name: expected a name of letters, digits, '.', '_' and '-', got a list"),
         ("", "name: expected a name of letters, digits, '.', '_' and '-', got no value"),
     ],

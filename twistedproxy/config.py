@@ -587,7 +587,8 @@ class _MapReader:
             nameNode = keys["name"][1]
             line = _line(nameNode)
             expected = "a name of letters, digits, '.', '_' and '-'"
-            if isinstance(nameNode, ScalarNode) and nameNode.tag in (_INT, _FLOAT):
+            # YAML reads 80 as a number and yes/no/on/off as booleans.
+            if isinstance(nameNode, ScalarNode) and nameNode.tag in (_INT, _FLOAT, _BOOL):
                 self.error(
                     line,
                     f"name: expected {expected}, got {_describe(nameNode)}"
