@@ -45,6 +45,9 @@ def oneMapping(*lines: str) -> str:
 
 
 def keys(text: str) -> list[ListenerKey]:
+    """
+    The keys of the listeners of the valid map in C{text}, in order.
+    """
     return [listener.key for listener in parseMap(dedent(text), "map.yaml").listeners()]
 
 
