@@ -150,7 +150,7 @@ class Console:
             )
 
     def connections(self, name: Optional[str] = None) -> None:
-        """Print the open connections and sessions (of one mapping)."""
+        """Print open connections and sessions (of one mapping)."""
         flows = [
             flow
             for service in self.proxy.allListeners()
@@ -218,7 +218,7 @@ class Console:
             print(f"{name}: enabled")
 
     def reload(self) -> None:
-        """Re-read the map file, as SIGHUP does; print the summary."""
+        """Re-read the map file like SIGHUP; print the summary."""
         # A reload that finishes while this line runs is printed here; one
         # that has to wait is written above the prompt when it finishes.
         write = [print]
