@@ -7,6 +7,7 @@ import re
 
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
 
 from twistedproxy.admin import (
@@ -195,13 +196,15 @@ def test_formatAgeShowsTwoUnitsAtMost():
 
 def test_formatTableAlignsColumns():
     """
-    Text columns are left-aligned and the numeric ones right-aligned under
-    their headers, with no trailing spaces.
+    Text columns are left-aligned two spaces apart and the numeric ones
+    right-aligned one space apart, with no trailing spaces.
     """
-    text = formatTable(("A", "LONGER", "N"), [("xx", "y", "5"), ("x", "yyyyyyyy", "123")], 1)
+    text = formatTable(
+        ("A", "LONGER", "N", "M"), [("xx", "y", "5", "1 B"), ("x", "yyyyyyyy", "123", "")], 2
+    )
     assert text.splitlines() == [
-        "A   LONGER      N",
-        "xx  y           5",
+        "A   LONGER      N   M",
+        "xx  y           5 1 B",
         "x   yyyyyyyy  123",
     ]
 
@@ -361,6 +364,21 @@ def test_disableOfAnUnknownMapping(console, capsys):
     assert capsys.readouterr().out == "no mapping named 'wbe' (mappings: ssh, web, dns)\n"
     console.enable("wbe")
     assert capsys.readouterr().out == "no mapping named 'wbe' (mappings: ssh, web, dns)\n"
+
+
+def test_enableThatCannotListenAgain(console, proxy, capsys):
+    """
+    enable() says so when a listener cannot take its port back, instead
+    of a traceback.
+    """
+
+    def enable(name):
+        raise CannotListenError("127.0.0.1", 8000, OSError(98, "Address already in use"))
+
+    proxy.enable = enable
+    console.enable("web")
+    out = capsys.readouterr().out
+    assert out.startswith("web: cannot accept again: Couldn't listen on 127.0.0.1:8000")
 
 
 def test_reloadThatFinishesAtOncePrintsItsSummary(console, proxy, later, capsys):

@@ -81,7 +81,7 @@ class ManholeSession:
         )
         self.raw = b""
         self.marks = 0
-        self.read(rb"help\(\) lists the helpers")
+        self.read(r"help\(\) lists the helpers")
 
     @property
     def text(self):
@@ -92,20 +92,20 @@ class ManholeSession:
         Read output until C{pattern} matches its plain text from where the
         last read stopped; return that text.
         """
-        start = len(_CONTROL.sub(b"", self.raw))
+        start = len(self.text)
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         out = self.process.stdout
-        while not regex.search(_CONTROL.sub(b"", self.raw)[start:]):
+        while not regex.search(self.text, start):
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or self.process.poll() is not None and not select.select([out], [], [], 0)[0]:
+            if remaining <= 0:
                 raise AssertionError(f"{pattern!r} not seen; the session said:\n{self.text}")
             if select.select([out], [], [], remaining)[0]:
                 chunk = os.read(out.fileno(), 65536)
                 if not chunk:
                     raise AssertionError(f"session ended before {pattern!r}:\n{self.text}")
                 self.raw += chunk
-        return _CONTROL.sub(b"", self.raw)[start:].decode("utf-8", "replace")
+        return self.text[start:]
 
     def run(self, line, timeout=5.0):
         """

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import inspect
 import pydoc
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Sequence
+
+from twisted.internet.error import CannotListenError
 
 #: Why a flow ended, as its access log line says, when the operator killed it.
 KILLED = "killed from the manhole"
@@ -61,19 +63,23 @@ def formatTable(
     headers: Sequence[str], rows: Iterable[Sequence[str]], numeric: int
 ) -> str:
     """
-    Align C{rows} under C{headers}, two spaces between columns; the last
-    C{numeric} columns are right-aligned.  No trailing spaces.
+    Align C{rows} under C{headers}.  The last C{numeric} columns are
+    right-aligned and one space apart (their headers keep them legible);
+    the others are left-aligned and two spaces apart.  No trailing spaces.
     """
     table = [list(headers)] + [list(row) for row in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
     firstNumeric = len(headers) - numeric
     lines = []
     for row in table:
-        cells = [
-            cell.rjust(width) if i >= firstNumeric else cell.ljust(width)
-            for i, (cell, width) in enumerate(zip(row, widths))
-        ]
-        lines.append("  ".join(cells).rstrip())
+        text = "  ".join(
+            cell.ljust(width) for cell, width in zip(row[:firstNumeric], widths)
+        )
+        numbers = " ".join(
+            cell.rjust(width)
+            for cell, width in zip(row[firstNumeric:], widths[firstNumeric:])
+        )
+        lines.append(f"{text}  {numbers}".rstrip())
     return "\n".join(lines)
 
 
@@ -107,7 +113,7 @@ class Console:
         known = ", ".join(self._mappingNames()) or "none"
         print(f"no mapping named {name!r} (mappings: {known})")
 
-    def status(self) -> None:
+    def status(self):
         """Print each listener with its counters and traffic."""
         order = {listener.key: i for i, listener in enumerate(self.proxy.map.listeners())}
         live = sorted(
@@ -149,7 +155,7 @@ class Console:
                 f"{service.active} still open"
             )
 
-    def connections(self, name: Optional[str] = None) -> None:
+    def connections(self, name=None):
         """Print open connections and sessions (of one mapping)."""
         flows = [
             flow
@@ -187,7 +193,7 @@ class Console:
             )
         )
 
-    def kill(self, id: int) -> None:
+    def kill(self, id):
         """Close the connection or session with this id."""
         flow = self.proxy.findFlow(id)
         if flow is None:
@@ -199,7 +205,7 @@ class Console:
             f"{flow.client} -> {flow.listener.target}"
         )
 
-    def disable(self, name: str) -> None:
+    def disable(self, name):
         """Stop accepting on a mapping; its sockets stay open."""
         try:
             self.proxy.disable(name)
@@ -208,16 +214,19 @@ class Console:
         else:
             print(f"{name}: disabled, not accepting new connections or sessions")
 
-    def enable(self, name: str) -> None:
+    def enable(self, name):
         """Accept again on a mapping after disable(name)."""
         try:
             self.proxy.enable(name)
         except KeyError:
             self._unknownMapping(name)
+        except CannotListenError as e:
+            # Another process took the port while it was disabled.
+            print(f"{name}: cannot accept again: {e}")
         else:
             print(f"{name}: enabled")
 
-    def reload(self) -> None:
+    def reload(self):
         """Re-read the map file like SIGHUP; print the summary."""
         # A reload that finishes while this line runs is printed here; one
         # that has to wait is written above the prompt when it finishes.
@@ -237,7 +246,7 @@ class Console:
             # proxy; the operator sees it here.
             write(f"reload failed: {result.getErrorMessage()}")
 
-    def help(self, thing=None) -> None:
+    def help(self, thing=None):
         """List the helpers, or print the documentation of one thing."""
         if thing is not None:
             print(pydoc.render_doc(thing, title="%s", renderer=pydoc.plaintext))
