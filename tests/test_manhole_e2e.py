@@ -337,3 +337,30 @@ def test_hostKeyIsKeptAcrossRestarts(proxy, tmp_path, keys, session):
         input=b"exit()\n", capture_output=True, timeout=10,
     )
     assert b"help() lists the helpers" in pinned.stdout, pinned.stderr
+
+
+def test_reloadRemovesAndAddsTheManhole(proxy, tmp_path, keys, session):
+    """
+    A reload without the manhole section closes open sessions and the
+    port; a reload with it again serves the same host key, and picks up a
+    key newly added to authorized_keys.
+    """
+    manholePort = freePort()
+    withManhole = proxyMap(tmp_path, manholePort)
+    proxy.start(withManhole)
+    shell = session(manholePort)
+    summary = proxy.reload("mappings: []\n")
+    assert "failed 0" in summary
+    shell.process.wait(5)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", manholePort), timeout=5)
+
+    operator, stranger = keys
+    with open(tmp_path / "authorized_keys", "ab") as authorized:
+        authorized.write((tmp_path / "keys" / "stranger.pub").read_bytes())
+    assert "failed 0" in proxy.reload(withManhole)
+    pinned = subprocess.run(
+        sshCommand(tmp_path, stranger, manholePort, "-tt", "-o", "StrictHostKeyChecking=yes"),
+        input=b"exit()\n", capture_output=True, timeout=10,
+    )
+    assert b"help() lists the helpers" in pinned.stdout, pinned.stderr
