@@ -14,10 +14,12 @@ from twisted.conch.ssh.common import NS
 from twisted.conch.ssh.transport import MSG_EXT_INFO
 from twisted.cred.credentials import ISSHPrivateKey, SSHPrivateKey
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.error import CannotListenError
+from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs, formatEvent
+from twisted.python.failure import Failure
 
 from test_admin import FakeProxy, exampleMap
 from twistedproxy.manhole import (
@@ -438,8 +440,6 @@ def test_reloadSummaryArrivesAboveThePrompt(shell):
     A reload that finishes after the line returned writes its summary to
     the terminal and draws the prompt again.
     """
-    from twisted.internet.defer import Deferred
-
     terminal, wire = shell
     d = Deferred()
     terminal.proxy.reloads.append(d)
@@ -476,3 +476,18 @@ def test_sessionFollowsTheWindowAndEndsAtEOF():
     assert sizes == [(132, 50)]
     session.eofReceived()
     assert session.terminal.closed
+
+
+def test_reloadSummaryAfterTheOperatorLeftIsDropped(shell):
+    """
+    A reload that finishes after its session closed writes nothing and
+    raises nothing.
+    """
+    terminal, wire = shell
+    d = Deferred()
+    terminal.proxy.reloads.append(d)
+    typed(terminal, wire, "reload()")
+    terminal.connectionLost(Failure(ConnectionDone()))
+    wire.clear()
+    d.callback("reload of map.yaml: added 0, removed 0, changed 0, unchanged 5, failed 0")
+    assert wire.value() == b""

@@ -301,11 +301,14 @@ class ProxyManhole(ColoredManhole):
     and C{exit()} / C{quit()} ending the session (not the proxy).
     """
 
+    connected = False
+
     def __init__(self, proxy) -> None:
         ColoredManhole.__init__(self)
         self.proxy = proxy
 
     def connectionMade(self) -> None:
+        self.connected = True
         console = admin.Console(self.proxy, self.writeLater)
         self.namespace = console.namespace()
         self.namespace["exit"] = self.namespace["quit"] = self.endSession
@@ -325,9 +328,14 @@ class ProxyManhole(ColoredManhole):
     def writeLater(self, text: str) -> None:
         """
         Show C{text} above the prompt, after the line that asked for it has
-        finished.
+        finished; drop it when the operator has left meanwhile.
         """
-        self.addOutput(text + "\n", isAsync=True)
+        if self.connected:
+            self.addOutput(text + "\n", isAsync=True)
+
+    def connectionLost(self, reason) -> None:
+        self.connected = False
+        ColoredManhole.connectionLost(self, reason)
 
     def endSession(self, status=None) -> None:
         """End this manhole session; the proxy keeps running."""
