@@ -7,7 +7,7 @@ import os
 import stat
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from twisted.conch.insults.insults import ServerProtocol
 from twisted.conch.ssh import keys
 from twisted.conch.ssh.common import NS
@@ -106,6 +106,28 @@ def test_checkerRefusesABadSignature(keyFile):
     forged = signedCredentials(newKey())
     forged.blob = listed.public().blob()
     assert outcome(ManholeKeyChecker(authorized).requestAvatarId(forged)).check(UnauthorizedLogin)
+
+
+def test_checkerRefusesSHA1Signatures(keyFile):
+    """
+    A listed RSA key is let in with an rsa-sha2-256 signature and refused
+    with an ssh-rsa (SHA-1) one.
+    """
+    listed = keys.Key(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    keyFile.write_bytes(publicLine(listed))
+    authorized = AuthorizedKeys(str(keyFile))
+    authorized.read()
+    checker = ManholeKeyChecker(authorized)
+
+    def signedWith(algorithm):
+        sigData = b"session id and request"
+        return SSHPrivateKey(
+            b"operator", algorithm, listed.public().blob(), sigData,
+            listed.sign(sigData, signatureType=algorithm),
+        )
+
+    assert outcome(checker.requestAvatarId(signedWith(b"rsa-sha2-256"))) == b"operator"
+    assert outcome(checker.requestAvatarId(signedWith(b"ssh-rsa"))).check(UnauthorizedLogin)
 
 
 def test_onlyPublicKeyAuthenticationIsOffered(tmp_path, keyFile):

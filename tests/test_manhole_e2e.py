@@ -19,9 +19,9 @@ from support import TCPEchoServer, UDPEchoServer, freePort
 _CONTROL = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[A-Za-z]|\r")
 
 
-def sshKeygen(path):
+def sshKeygen(path, *keyType):
     subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path)],
+        ["ssh-keygen", "-q", *(keyType or ("-t", "ed25519")), "-N", "", "-C", path.name, "-f", str(path)],
         check=True,
     )
     return path
@@ -306,6 +306,24 @@ def test_strangersAndPasswordsAreRefused(proxy, tmp_path, keys):
     assert password.returncode == 255
     assert b"Permission denied (publickey)" in password.stderr
     assert "manhole: refused key" in proxy.output()
+
+
+def test_rsaKeysLogIn(proxy, tmp_path, keys):
+    """
+    An RSA operator key logs in with OpenSSH's defaults (rsa-sha2
+    signatures, which the server announces in server-sig-algs).
+    """
+    manholePort = freePort()
+    proxy.start(proxyMap(tmp_path, manholePort))
+    rsaKey = sshKeygen(tmp_path / "keys" / "rsa", "-t", "rsa", "-b", "2048")
+    with open(tmp_path / "authorized_keys", "ab") as authorized:
+        authorized.write((tmp_path / "keys" / "rsa.pub").read_bytes())
+    assert "failed 0" in proxy.reload()
+    logged = subprocess.run(
+        sshCommand(tmp_path, rsaKey, manholePort, "-tt"),
+        input=b"exit()\n", capture_output=True, timeout=10,
+    )
+    assert b"help() lists the helpers" in logged.stdout, logged.stderr
 
 
 def test_hostKeyIsKeptAcrossRestarts(proxy, tmp_path, keys, session):

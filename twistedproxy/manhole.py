@@ -17,7 +17,8 @@ Safety rules, because this is a shell running as the proxy's user:
     (C{from=}, C{command=}...) are refused line by line rather than ignored,
     since ignoring a C{from=} would let in more than the operator wrote.
   - Only current algorithms are offered: curve25519 / ECDH key exchange,
-    AES-CTR with HMAC-SHA2.
+    AES-CTR with HMAC-SHA2; user keys must sign with SHA-2 (no ssh-rsa
+    SHA-1 signatures, no DSA).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from twisted.conch.ssh.transport import (
 )
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
+from twisted.internet.defer import fail
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -51,10 +53,10 @@ from twistedproxy.model import Manhole
 
 log = Logger(namespace="portproxy")
 
-#: Key exchanges, ciphers and MACs offered, strongest first.  Twisted also
-#: implements SHA-1 and CBC variants; a root shell has no client old enough
-#: to need them.  Each list is intersected with what this Twisted and
-#: cryptography support.
+#: Key exchanges, ciphers and MACs offered (in Twisted's order of
+#: preference).  Twisted also implements SHA-1 and CBC variants; a root
+#: shell has no client old enough to need them.  Each list is intersected
+#: with what this Twisted and cryptography support.
 KEY_EXCHANGES = (
     b"mlkem768x25519-sha256",
     b"curve25519-sha256",
@@ -69,6 +71,10 @@ MACS = (b"hmac-sha2-512", b"hmac-sha2-256")
 #: How the key types of an authorized_keys line begin; anything else first
 #: on a line is a key option or garbage.
 KEY_TYPE_PREFIXES = (b"ssh-", b"ecdsa-", b"sk-")
+
+#: User key signatures refused, as OpenSSH 8.8 and later refuse them: RSA
+#: with SHA-1, and DSA.
+SHA1_SIGNATURES = (b"ssh-rsa", b"ssh-dss")
 
 #: Seconds a client has to authenticate, as sshd's C{LoginGraceTime}.
 LOGIN_GRACE = 120
@@ -252,7 +258,10 @@ class ManholeKeyChecker(SSHPublicKeyChecker):
         self.authorizedKeys = authorizedKeys
 
     def requestAvatarId(self, credentials):
-        d = SSHPublicKeyChecker.requestAvatarId(self, credentials)
+        if credentials.algName in SHA1_SIGNATURES:
+            d = fail(UnauthorizedLogin(f"{credentials.algName!r} signatures are refused"))
+        else:
+            d = SSHPublicKeyChecker.requestAvatarId(self, credentials)
 
         def accepted(avatarId):
             log.info(
@@ -377,6 +386,13 @@ class ManholeSession(TerminalSession):
             self.terminal.loseConnection()
 
 
+#: The signature algorithms a user key may use, announced as RFC 8308's
+#: server-sig-algs: what Twisted verifies, less the SHA-1 ones.
+USER_KEY_ALGORITHMS = [
+    a for a in SSHServerTransport.supportedPublicKeys if a not in SHA1_SIGNATURES
+]
+
+
 class ManholeTransport(SSHServerTransport):
     """
     The server side of one SSH connection to the manhole.
@@ -409,12 +425,6 @@ class ManholeTransport(SSHServerTransport):
         SSHServerTransport.connectionLost(self, reason)
         self.factory.sessions.discard(self)
 
-
-#: The signature algorithms a user key may use, per RFC 8308's
-#: server-sig-algs.
-USER_KEY_ALGORITHMS = [
-    a for a in SSHServerTransport.supportedPublicKeys if a not in (b"ssh-dss", b"ssh-rsa")
-]
 
 
 class ManholeFactory(SSHFactory):
