@@ -249,6 +249,8 @@ class UDPEchoServer:
                 data, source = self.socket.recvfrom(65535)
             except OSError:
                 return
+            if source is None:  # shut down by close()
+                return
             self.sources.append(source)
             try:
                 self.socket.sendto(data, source)
