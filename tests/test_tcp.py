@@ -29,7 +29,6 @@ from twistedproxy.listener import IFlow
 from twistedproxy.model import Listener, Target, Timeouts
 from twistedproxy.tcp import (
     DEFAULT_BACKLOG,
-    IDLE_CHECKS,
     Relay,
     TCPListener,
     listenBacklog,

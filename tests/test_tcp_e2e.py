@@ -15,7 +15,6 @@ import socket
 import threading
 import time
 
-import pytest
 
 from support import TCPEchoServer, freePort, rssKiB
 

@@ -33,7 +33,6 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.main import CONNECTION_DONE
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -46,7 +45,6 @@ from twistedproxy.listener import (
 )
 from twistedproxy.model import TCP, Listener
 
-log = Logger(namespace="portproxy")
 
 #: Used when C{/proc/sys/net/core/somaxconn} cannot be read.
 DEFAULT_BACKLOG = 4096
@@ -257,7 +255,7 @@ class _TargetAddresses:
             self.hosts.append(address.host)
 
     def resolutionComplete(self) -> None:
-        self.relay._resolved(self.hosts)
+        self.relay.resolved(self.hosts)
 
 
 class _TargetConnector(ClientFactory):
@@ -274,7 +272,7 @@ class _TargetConnector(ClientFactory):
         return TargetSide(self.relay)
 
     def clientConnectionFailed(self, connector, reason: Failure) -> None:
-        self.relay._connectFailed(reason)
+        self.relay.connectFailed(reason)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -288,7 +286,7 @@ class TargetSide(Protocol):
         self.relay = relay
 
     def connectionMade(self) -> None:
-        self.relay._targetConnected(self.transport)
+        self.relay.targetConnected(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         relay = self.relay
@@ -296,7 +294,7 @@ class TargetSide(Protocol):
         relay.transport.write(data)
 
     def readConnectionLost(self) -> None:
-        self.relay._targetFinished()
+        self.relay.targetFinished()
 
     def writeConnectionLost(self) -> None:
         pass
@@ -304,8 +302,8 @@ class TargetSide(Protocol):
     def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
         # A connection that completed after its relay had given up was
         # never the relay's target.
-        if self.relay._target is self.transport:
-            self.relay._targetLost(reason)
+        if self.relay.targetTransport is self.transport:
+            self.relay.targetLost(reason)
 
 
 @implementer(IFlow, IHalfCloseableProtocol)
@@ -319,6 +317,7 @@ class Relay(Protocol):
 
     @ivar listener: the settings of the listener when the client came;
         a reload changes them for later clients only.
+    @ivar targetTransport: the connection to the target, once it answered.
     @ivar reason: why the flow ended or is ending (a reset, a timeout, a
         kill, a failed connect); L{None} while nothing went wrong, and then
         the side that finished sending first gives the access line's
@@ -337,7 +336,7 @@ class Relay(Protocol):
         self.bytesOut = 0
         self.reason: str | None = None
         self._finishedFirst: str | None = None
-        self._target = None
+        self.targetTransport = None
         self._clientOpen = False
         self._targetOpen = False
         self._clientDone = False
@@ -354,7 +353,7 @@ class Relay(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.bytesIn += len(data)
-        self._target.write(data)
+        self.targetTransport.write(data)
 
     # -- the client ---------------------------------------------------------
 
@@ -385,7 +384,7 @@ class Relay(Protocol):
         self._clientDone = True
         if self._finishedFirst is None:
             self._finishedFirst = "client closed"
-        target = self._target
+        target = self.targetTransport
         # The client will send no more: the target must not resume reading
         # a finished socket when its buffer drains.
         target.unregisterProducer()
@@ -404,9 +403,9 @@ class Relay(Protocol):
         if not reason.check(ConnectionDone, ConnectionAborted):
             self._because("reset by client")
             if self._targetOpen:
-                resetConnection(self._target)
+                resetConnection(self.targetTransport)
         elif self._targetOpen:
-            flushAndClose(self._target)
+            flushAndClose(self.targetTransport)
         self._stopDialing()
         self._maybeEnded()
 
@@ -416,14 +415,18 @@ class Relay(Protocol):
         target = self.listener.target
         self._dialing = True
         if isIPAddress(target.host) or isIPv6Address(target.host):
-            self._resolved([target.host])
+            self.resolved([target.host])
         else:
             # Resolved per connection, so that a target that moved is found.
             self.reactor.nameResolver.resolveHostName(
                 _TargetAddresses(self), target.host, target.port
             )
 
-    def _resolved(self, hosts: list[str]) -> None:
+    def resolved(self, hosts: list[str]) -> None:
+        """
+        The target's name resolved to C{hosts} (IP literals); dial them in
+        turn.
+        """
         if not self._dialing:
             # Given up while the name was being looked up.
             return
@@ -439,7 +442,10 @@ class Relay(Protocol):
             host, self.listener.target.port, _TargetConnector(self), timeout=None
         )
 
-    def _connectFailed(self, reason: Failure) -> None:
+    def connectFailed(self, reason: Failure) -> None:
+        """
+        A connect to one target address failed.
+        """
         self._connector = None
         if not self._dialing:
             # Given up already; whoever gave up ends the flow.
@@ -469,14 +475,17 @@ class Relay(Protocol):
 
     # -- the target ---------------------------------------------------------
 
-    def _targetConnected(self, transport) -> None:
+    def targetConnected(self, transport) -> None:
+        """
+        The target answered on C{transport}: start relaying.
+        """
         self._connector = None
         if not self._dialing:
             transport.abortConnection()
             return
         self._dialing = False
         self._cancelTimer()
-        self._target = transport
+        self.targetTransport = transport
         self._targetOpen = True
         client = self.transport
         for side in (client, transport):
@@ -489,7 +498,10 @@ class Relay(Protocol):
         if idle > 0:
             self._timer = self.reactor.callLater(idle / IDLE_CHECKS, self._checkIdle)
 
-    def _targetFinished(self) -> None:
+    def targetFinished(self) -> None:
+        """
+        The target will send no more (FIN): finish sending to the client.
+        """
         if self._targetDone:
             return
         self._targetDone = True
@@ -501,7 +513,10 @@ class Relay(Protocol):
         if self._clientDone:
             self._closeBoth()
 
-    def _targetLost(self, reason: Failure) -> None:
+    def targetLost(self, reason: Failure) -> None:
+        """
+        The target connection is closed.
+        """
         self._targetOpen = False
         if not reason.check(ConnectionDone, ConnectionAborted):
             self._because("reset by target")
@@ -517,7 +532,7 @@ class Relay(Protocol):
         # Both directions have finished; each socket closes once its buffer
         # has gone out.
         self.transport.loseConnection()
-        self._target.loseConnection()
+        self.targetTransport.loseConnection()
 
     def _checkIdle(self) -> None:
         seen = self.bytesIn + self.bytesOut
@@ -557,6 +572,6 @@ class Relay(Protocol):
         self._because(reason)
         self._stopDialing()
         if self._targetOpen:
-            self._target.abortConnection()
+            self.targetTransport.abortConnection()
         if self._clientOpen:
             self.transport.abortConnection()
