@@ -45,7 +45,6 @@ from twistedproxy.listener import (
 )
 from twistedproxy.model import TCP, Listener
 
-
 #: Used when C{/proc/sys/net/core/somaxconn} cannot be read.
 DEFAULT_BACKLOG = 4096
 
