@@ -113,6 +113,7 @@ class Harness:
 
     def __init__(self, **kwargs):
         self.reactor = MemoryReactorClock()
+        self.reactor.running = True
         self.service = TCPListener(makeListener(**kwargs), self.reactor, backlog=16)
 
     def accept(self, peer=CLIENT) -> tuple[Relay, RelayTransport]:
@@ -519,6 +520,39 @@ def test_killWhileConnecting():
     assert h.reactor.getDelayedCalls() == []
 
 
+def test_proxyStoppingEndsFlowAtFirstLoss():
+    """
+    When the reactor is stopping, the first side reported lost ends the
+    flow with "proxy stopped", without waiting for the other side.
+    """
+    h = Harness()
+    relay, client, side, target = h.connected()
+    h.reactor.running = False
+    with capturedLogs() as events:
+        side.connectionLost(Failure(ConnectionLost()))
+    assert h.service.flows == {}
+    assert accessLines(events)[0].endswith("proxy stopped")
+    assert not client.aborted
+    relay.connectionLost(Failure(ConnectionLost()))
+    assert len(accessLines(events)) == 1
+
+
+def test_proxyStoppingWhileConnecting():
+    """
+    A connect attempt cut by the reactor stopping ends the flow instead of
+    trying the next address.
+    """
+    h = Harness(target=Target("backend.test", 80))
+    h.reactor.nameResolver = FakeResolver(
+        [IPv6Address("TCP", "::1", 80), IPv4Address("TCP", "127.0.0.1", 80)]
+    )
+    relay, client = h.accept()
+    h.reactor.running = False
+    h.refuse()
+    assert len(h.reactor.tcpClients) == 1
+    assert h.service.flows == {}
+
+
 def test_drainedAfterLastFlow():
     """
     whenDrained fires once the last open flow has ended.
@@ -559,9 +593,9 @@ def canConnect(host, port) -> bool:
 
 
 def boundListener(host="127.0.0.1") -> TCPListener:
-    service = TCPListener(
-        makeListener(host=host, port=freePort(host=host)), MemoryReactorClock(), backlog=8
-    )
+    reactor = MemoryReactorClock()
+    reactor.running = True
+    service = TCPListener(makeListener(host=host, port=freePort(host=host)), reactor, backlog=8)
     service.privilegedStartService()
     service.startService()
     return service

@@ -421,3 +421,19 @@ def test_runningOutOfFileDescriptors(proxy):
             time.sleep(0.05)
         for i in range(5):
             assert exchange(port, b"after %d" % i) == b"after %d" % i
+
+
+def test_stoppingTheProxyLogsOpenConnections(proxy):
+    """
+    Connections open when the proxy stops still get their access line,
+    saying the proxy stopped.
+    """
+    with TCPEchoServer() as echo:
+        port = freePort()
+        proxy.start(proxyMap(mapping("open", f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}")))
+        with connect(port) as conn:
+            conn.sendall(b"hello")
+            assert conn.recv(5) == b"hello"
+            proxy.stop()
+        assert "tcp open 127.0.0.1:" in proxy.output()
+        assert "in=5 out=5 proxy stopped" in proxy.output()

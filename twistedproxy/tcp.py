@@ -398,6 +398,8 @@ class Relay(Protocol):
         if not self._clientOpen:
             # A rejected client: it never was a flow.
             return
+        if self._proxyStopping():
+            return
         self._clientOpen = False
         if not reason.check(ConnectionDone, ConnectionAborted):
             self._because("reset by client")
@@ -448,6 +450,8 @@ class Relay(Protocol):
         self._connector = None
         if not self._dialing:
             # Given up already; whoever gave up ends the flow.
+            return
+        if self._proxyStopping():
             return
         if self._hosts:
             # A name with several addresses: try the next one (localhost is
@@ -516,6 +520,8 @@ class Relay(Protocol):
         """
         The target connection is closed.
         """
+        if self._proxyStopping():
+            return
         self._targetOpen = False
         if not reason.check(ConnectionDone, ConnectionAborted):
             self._because("reset by target")
@@ -552,6 +558,24 @@ class Relay(Protocol):
         timer, self._timer = self._timer, None
         if timer is not None and timer.active():
             timer.cancel()
+
+    def _proxyStopping(self) -> bool:
+        """
+        Whether the process is stopping; if so, end the flow at once.
+
+        The reactor then drops every socket it watches without reporting
+        the rest (a paused side, an abort still pending) closing, so the
+        first loss reported is the only chance to write the access line.
+        """
+        if self.reactor.running:
+            return False
+        self._because("proxy stopped")
+        self._dialing = False
+        self._hosts = []
+        self._connector = None
+        self._clientOpen = self._targetOpen = False
+        self._maybeEnded()
+        return True
 
     def _because(self, reason: str) -> None:
         if self.reason is None:
