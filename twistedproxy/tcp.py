@@ -384,8 +384,9 @@ class Relay(Protocol):
         if self._finishedFirst is None:
             self._finishedFirst = "client closed"
         target = self.targetTransport
-        # The client will send no more: the target must not resume reading
-        # a finished socket when its buffer drains.
+        # The client will send no more; unregistered, it is not resumed
+        # when the target's buffer drains (Twisted would read the end of
+        # stream a second time).
         target.unregisterProducer()
         target.loseWriteConnection()
         if self._targetDone:
