@@ -12,6 +12,7 @@ import os
 import resource
 import select
 import socket
+import struct
 import threading
 import time
 
@@ -437,3 +438,32 @@ def test_stoppingTheProxyLogsOpenConnections(proxy):
             proxy.stop()
         assert "tcp open 127.0.0.1:" in proxy.output()
         assert "in=5 out=5 proxy stopped" in proxy.output()
+
+
+def test_misbehavingClientsAffectOnlyThemselves(proxy):
+    """
+    A client that never reads its answers and a client that resets leave
+    other connections through the same listener working; the reset is
+    logged as such.
+    """
+    with TCPEchoServer() as echo:
+        port = freePort()
+        proxy.start(proxyMap(mapping("shared", f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}")))
+        stuck = connect(port)
+        stuck.setblocking(False)
+        pushed = 0
+        chunk = os.urandom(MiB)
+        while select.select([], [stuck], [], 0.5)[1]:
+            try:
+                pushed += stuck.send(chunk)
+            except BlockingIOError:
+                pass
+        resetter = connect(port)
+        resetter.sendall(b"half a request")
+        resetter.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        resetter.close()
+        try:
+            assert exchange(port, b"unaffected") == b"unaffected"
+            proxy.waitFor(r"tcp shared .* reset by client")
+        finally:
+            stuck.close()
