@@ -366,6 +366,27 @@ def test_resetByTarget(engines):
 
 
 @needsEngine
+def test_resetAfterHalfClose(engines):
+    """
+    A client that half-closed and then resets ends the flow as "reset by
+    client" at once, though the target never sends again.
+    """
+    engine = engines()
+    flow = Flow(engine, 14)
+    flow.client.shutdown(socket.SHUT_WR)
+    assert recvAll(flow.target) == b""
+    sendReset(flow.client)
+    assert waitEnded(engine, timeout=2) == [(14, 0, 0, "reset by client")]
+    # The target already had its FIN, after which reads say EOF only: the
+    # reset shows when it writes.
+    with pytest.raises((ConnectionResetError, BrokenPipeError)):
+        for _ in range(100):
+            flow.target.send(b"x", socket.MSG_NOSIGNAL)
+            time.sleep(0.01)
+    flow.target.close()
+
+
+@needsEngine
 def test_writeToClosedTarget(engines):
     """
     A client that keeps sending after the target closed gets a reset, the

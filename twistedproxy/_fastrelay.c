@@ -64,7 +64,7 @@
 #define DEFAULT_BUFFER_SIZE (64 * 1024)
 /* Default busy-poll after small traffic, microseconds (0: sleep at once);
  * see bench/fastrelay_micro.py and docs/fastrelay.md. */
-#define DEFAULT_BUSY_POLL_US 10
+#define DEFAULT_BUSY_POLL_US 30
 /* No busy-poll after a batch that moved this much: that is bulk traffic. */
 #define SPIN_MAX_BATCH (64 * 1024)
 /* The idle and pipe-release sweep runs this often (milliseconds). */
@@ -568,6 +568,14 @@ pumpFlow(Engine *e, Flow *f)
     pumpDirection(e, f, 1);
 }
 
+static int
+socketFailed(int fd)
+{
+    int error = 0;
+    socklen_t len = sizeof(error);
+    return getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &len) == 0 && error != 0;
+}
+
 /* -- commands and the sweep (engine thread) ------------------------------- */
 
 static void
@@ -704,6 +712,13 @@ engineMain(void *arg)
             if (f->dead)
                 continue;
             uint32_t ev = events[i].events;
+            if ((ev & EPOLLERR) && f->dir[side == CLIENT ? 0 : 1].eof &&
+                socketFailed(f->fd[side])) {
+                /* A reset on a side that has finished sending: no read
+                 * would ever see it, and nothing can be written to it. */
+                endFlow(e, f, resetBy(side), 1 << (1 - side));
+                continue;
+            }
             if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
                 f->readable[side] = 1;
             if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR))
@@ -1201,7 +1216,7 @@ static PyMethodDef Engine_methods[] = {
 };
 
 PyDoc_STRVAR(Engine_doc,
-"Engine(pipeSize=1048576, bufferSize=65536, busyPoll=10)\n\n"
+"Engine(pipeSize=1048576, bufferSize=65536, busyPoll=30)\n\n"
 "A relay thread for established TCP connections.  pipeSize is asked of\n"
 "F_SETPIPE_SZ for each direction's pipe (0: never splice, relay through\n"
 "a bufferSize userspace buffer instead); bufferSize is also used where a\n"
