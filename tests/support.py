@@ -1,0 +1,267 @@
+"""
+Helpers for end-to-end tests: free loopback ports, a real twistd running
+portproxy on a map, and echo backends.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: Generous: CI machines are slow and shared.
+START_TIMEOUT = 30.0
+
+
+def freePort(proto: str = "tcp", host: str = "127.0.0.1") -> int:
+    """
+    A port that is free on C{host} for C{proto} (C{"tcp"}, C{"udp"} or
+    C{"both"}).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    kinds = {
+        "tcp": [socket.SOCK_STREAM],
+        "udp": [socket.SOCK_DGRAM],
+        "both": [socket.SOCK_STREAM, socket.SOCK_DGRAM],
+    }[proto]
+    for _ in range(100):
+        with socket.socket(family, kinds[0]) as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+        try:
+            for kind in kinds:
+                with socket.socket(family, kind) as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no free {proto} port on {host}")
+
+
+def proxyEnvironment() -> dict:
+    """
+    The environment for a twistd subprocess: this checkout first on the
+    path, so the code under test is the code in the tree.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in [str(REPO), env.get("PYTHONPATH", "")] if p
+    )
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class ProxyProcess:
+    """
+    C{twistd -n portproxy -c map.yaml} in a work directory of its own.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = Path(workdir)
+        self.mapPath = self.workdir / "map.yaml"
+        self.logPath = self.workdir / "proxy.log"
+        self.process: Optional[subprocess.Popen] = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def writeMap(self, mapText: str) -> None:
+        # Write then rename, so a reload never reads half a file.
+        partial = self.mapPath.with_suffix(".partial")
+        partial.write_text(mapText)
+        partial.replace(self.mapPath)
+
+    def spawn(self, mapText: str, *extraArgs: str) -> subprocess.Popen:
+        """
+        Start twistd on C{mapText} without waiting for it.
+        """
+        self.writeMap(mapText)
+        self._log = open(self.logPath, "wb")
+        argv = [sys.executable, "-m", "twisted", "-n", "--pidfile=", *extraArgs]
+        argv += ["portproxy", "-c", str(self.mapPath)]
+        self.process = subprocess.Popen(
+            argv,
+            cwd=self.workdir,
+            env=proxyEnvironment(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        return self.process
+
+    def start(self, mapText: str, *extraArgs: str) -> "ProxyProcess":
+        """
+        Start twistd on C{mapText} and wait until it has started every
+        listener.
+        """
+        self.spawn(mapText, *extraArgs)
+        self.waitFor(r"portproxy started", timeout=START_TIMEOUT)
+        return self
+
+    def output(self) -> str:
+        try:
+            return self.logPath.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def waitFor(self, pattern: str, timeout: float = 10.0, since: int = 0) -> re.Match:
+        """
+        Wait until the log, from offset C{since}, matches C{pattern}.
+        """
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            match = regex.search(self.output(), since)
+            if match:
+                return match
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(
+                    f"twistd exited ({self.process.returncode}) before "
+                    f"{pattern!r}:\n{self.output()}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{pattern!r} not logged in {timeout}s:\n{self.output()}"
+                )
+            time.sleep(0.02)
+
+    def reload(self, mapText: Optional[str] = None, timeout: float = 20.0) -> str:
+        """
+        Write C{mapText} (when given), send SIGHUP and return the reload's
+        summary line.
+        """
+        if mapText is not None:
+            self.writeMap(mapText)
+        since = len(self.output())
+        os.kill(self.pid, signal.SIGHUP)
+        match = self.waitFor(r"reload of [^\n]*", timeout=timeout, since=since)
+        return match.group(0)
+
+    def stop(self) -> Optional[int]:
+        """
+        SIGTERM, and the exit status.
+        """
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+def rssKiB(pid: int) -> int:
+    """
+    Resident memory of process C{pid}, in KiB.
+    """
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+class TCPEchoServer:
+    """
+    A threaded TCP echo server on loopback, for a target.  C{accepted}
+    counts connections.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((host, port))
+        self.socket.listen(512)
+        self.port = self.socket.getsockname()[1]
+        self.accepted = 0
+        self._stopped = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stopped:
+            try:
+                conn, _ = self.socket.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._stopped = True
+        try:
+            self.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.socket.close()
+
+    def __enter__(self) -> "TCPEchoServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class UDPEchoServer:
+    """
+    A threaded UDP echo server on loopback, for a target.  C{sources}
+    records the source address of every datagram.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_DGRAM)
+        self.socket.bind((host, port))
+        self.port = self.socket.getsockname()[1]
+        self.sources: list = []
+        self._stopped = False
+        threading.Thread(target=self._echo, daemon=True).start()
+
+    def _echo(self) -> None:
+        while not self._stopped:
+            try:
+                data, source = self.socket.recvfrom(65535)
+            except OSError:
+                return
+            self.sources.append(source)
+            try:
+                self.socket.sendto(data, source)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._stopped = True
+        try:
+            self.socket.shutdown(socket.SHUT_RDWR)  # wakes the blocked recvfrom
+        except OSError:
+            pass
+        self.socket.close()
+
+    def __enter__(self) -> "UDPEchoServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,75 @@
+"""
+Tests for L{twistedproxy.plan.diff}: how a reload sorts listeners.
+"""
+
+from twistedproxy.model import (
+    TCP,
+    UDP,
+    Listener,
+    Manhole,
+    Mapping,
+    ProxyMap,
+    Target,
+    Timeouts,
+)
+from twistedproxy.plan import diff
+
+
+def listener(port, target=80, proto=TCP, host="127.0.0.1", name="web", **kw):
+    return Listener(name, proto, host, port, Target("127.0.0.2", target), **kw)
+
+
+def proxyMap(*listeners, manhole=None):
+    return ProxyMap("map.yaml", tuple(Mapping(l.mapping, (l,)) for l in listeners), manhole)
+
+
+def test_sortsListenersByKey():
+    """
+    Listeners are added, removed, changed or kept by protocol, address and
+    port, whatever their mapping's name.
+    """
+    old = proxyMap(listener(1), listener(2), listener(3), listener(4, proto=UDP))
+    new = proxyMap(
+        listener(1),
+        listener(2, target=81),
+        listener(4, proto=TCP),
+        listener(5),
+    )
+    plan = diff(old, new)
+    assert [l.port for l in plan.kept] == [1]
+    assert [(l.port, l.target.port) for l in plan.changed] == [(2, 81)]
+    assert [(l.proto, l.port) for l in plan.added] == [(TCP, 4), (TCP, 5)]
+    assert [(l.proto, l.port) for l in plan.removed] == [(TCP, 3), (UDP, 4)]
+
+
+def test_timeoutsLimitAndNameAreChanges():
+    """
+    New timeouts, a new connection limit or a new mapping name make a
+    listener changed, not kept; the map line it was read from does not.
+    """
+    old = proxyMap(listener(1), listener(2), listener(3), listener(4, line=3))
+    new = proxyMap(
+        listener(1, timeouts=Timeouts(connect=1)),
+        listener(2, maxConnections=5),
+        listener(3, name="other"),
+        listener(4, line=9),
+    )
+    plan = diff(old, new)
+    assert [l.port for l in plan.changed] == [1, 2, 3]
+    assert [l.port for l in plan.kept] == [4]
+
+
+def test_manholeActions():
+    """
+    The manhole is added, removed, moved (new socket) or changed (same
+    socket, other key files) by a reload.
+    """
+    a = Manhole("127.0.0.1", 2222, "keys", "host")
+    assert diff(proxyMap(), proxyMap()).manholeAction is None
+    assert diff(proxyMap(), proxyMap(manhole=a)).manholeAction == "added"
+    assert diff(proxyMap(manhole=a), proxyMap()).manholeAction == "removed"
+    moved = Manhole("127.0.0.1", 2223, "keys", "host")
+    assert diff(proxyMap(manhole=a), proxyMap(manhole=moved)).manholeAction == "moved"
+    changed = Manhole("127.0.0.1", 2222, "other-keys", "host")
+    assert diff(proxyMap(manhole=a), proxyMap(manhole=changed)).manholeAction == "changed"
+    assert diff(proxyMap(manhole=a), proxyMap(manhole=a)).manholeAction == "kept"

@@ -1,0 +1,353 @@
+"""
+Tests for L{twistedproxy.service.ProxyService}: start-up, reload and
+mapping control, with fake listeners and a memory reactor.
+"""
+
+import errno
+import signal
+
+import pytest
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import globalLogPublisher
+
+from twistedproxy.config import ConfigError
+from twistedproxy.listener import ListenerService
+from twistedproxy.model import (
+    ANY_IPV4,
+    ANY_IPV6,
+    TCP,
+    UDP,
+    Listener,
+    Manhole,
+    Mapping,
+    ProxyMap,
+    Target,
+)
+from twistedproxy.service import ProxyService, StartupError
+
+
+class FakeListener(ListenerService):
+    """
+    A listener service that binds nothing: ports in C{busy} fail to bind,
+    and C{stopping} (when set) is the Deferred its stop returns.
+    """
+
+    busy: set = set()
+    stopping = None
+
+    def __init__(self, listener, reactor):
+        ListenerService.__init__(self, listener, reactor)
+        self._bound = False
+
+    @property
+    def bound(self):
+        return self._bound
+
+    def bind(self):
+        if self.listener.port in self.busy:
+            raise CannotListenError(
+                self.listener.host,
+                self.listener.port,
+                OSError(errno.EADDRINUSE, "Address already in use"),
+            )
+        self._bound = True
+
+    def stopService(self):
+        Service.stopService(self)
+        self._bound = False
+        return self.stopping or succeed(None)
+
+    def disable(self):
+        self.enabled = False
+
+    def enable(self):
+        self.enabled = True
+
+
+class FakeFlow:
+    def __init__(self, service, flowId):
+        self.id = flowId
+        self.listener = service.listener
+        self.client = "127.0.0.1:5000"
+        self.started = 0.0
+        self.bytesIn = self.bytesOut = 0
+
+
+class FakeManhole(Service):
+    name = "manhole"
+
+    def __init__(self, settings, proxy, reactor):
+        self.settings = settings
+        self.reconfigured = []
+
+    def bind(self):
+        pass
+
+    def reconfigure(self, settings):
+        self.reconfigured.append(settings)
+
+
+def listener(port, name="web", proto=TCP, host="127.0.0.1", target=80):
+    return Listener(name, proto, host, port, Target("127.0.0.2", target), line=port)
+
+
+def proxyMap(*listeners, manhole=None):
+    mappings = {}
+    for l in listeners:
+        mappings.setdefault(l.mapping, []).append(l)
+    return ProxyMap(
+        "map.yaml", tuple(Mapping(n, tuple(ls)) for n, ls in mappings.items()), manhole
+    )
+
+
+class Maps:
+    """
+    What the fake map file holds: a map, or errors.
+    """
+
+    def __init__(self):
+        self.next = None
+        self.loads = 0
+
+    def load(self, path):
+        self.loads += 1
+        if isinstance(self.next, ConfigError):
+            raise self.next
+        return self.next
+
+
+@pytest.fixture(autouse=True)
+def cleanFakes():
+    FakeListener.busy = set()
+    FakeListener.stopping = None
+
+
+def makeProxy(initial, ipv6=True):
+    maps = Maps()
+    proxy = ProxyService(
+        "map.yaml",
+        initial,
+        reactor=MemoryReactorClock(),
+        load=maps.load,
+        listenerTypes={TCP: FakeListener, UDP: FakeListener},
+        manholeType=FakeManhole,
+        ipv6Available=lambda: ipv6,
+    )
+    return proxy, maps
+
+
+def started(initial, **kw):
+    proxy, maps = makeProxy(initial, **kw)
+    proxy.privilegedStartService()
+    proxy.startService()
+    return proxy, maps
+
+
+def reload(proxy):
+    results = []
+    proxy.reload().addCallback(results.append)
+    assert results, "reload did not finish"
+    return results[0]
+
+
+@pytest.fixture
+def logged():
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def test_startBindsEveryListener():
+    """
+    Starting the service binds and starts one child service per listener.
+    """
+    proxy, _ = started(proxyMap(listener(1), listener(2, proto=UDP)))
+    try:
+        assert set(proxy.listeners) == {(TCP, "127.0.0.1", 1), (UDP, "127.0.0.1", 2)}
+        assert all(s.bound and s.running for s in proxy.listeners.values())
+    finally:
+        proxy.stopService()
+
+
+def test_startFailureNamesTheMapping():
+    """
+    A listener that cannot bind stops the start-up with a message giving
+    the map line, the listener and the mapping, and leaves nothing bound.
+    """
+    FakeListener.busy = {2}
+    proxy, _ = makeProxy(proxyMap(listener(1), listener(2, name="db")))
+    with pytest.raises(StartupError) as raised:
+        proxy.privilegedStartService()
+    assert str(raised.value) == (
+        "map.yaml:2: cannot listen on tcp 127.0.0.1:2 for mapping 'db': "
+        "address already in use"
+    )
+    assert proxy.listeners == {}
+    assert list(proxy) == []
+
+
+def test_noIPv6SkipsWildcardWithWarning(logged):
+    """
+    On a host without IPv6, the IPv6 half of a no-host listen is skipped
+    with a warning and the IPv4 half starts.
+    """
+    proxy, _ = started(
+        proxyMap(listener(1, host=ANY_IPV4), listener(1, host=ANY_IPV6)), ipv6=False
+    )
+    try:
+        assert list(proxy.listeners) == [(TCP, ANY_IPV4, 1)]
+        assert any("no IPv6" in e.get("log_format", "") for e in logged)
+    finally:
+        proxy.stopService()
+
+
+def test_sighupHandlerInstalledAndRestored():
+    """
+    The SIGHUP handler is installed when the service starts and the
+    previous one is restored when it stops.
+    """
+    before = signal.getsignal(signal.SIGHUP)
+    proxy, _ = started(proxyMap(listener(1)))
+    assert signal.getsignal(signal.SIGHUP) == proxy._sighup
+    proxy.stopService()
+    assert signal.getsignal(signal.SIGHUP) == before
+
+
+def test_reloadAppliesThePlan():
+    """
+    A reload keeps unchanged listeners' services, reconfigures changed
+    ones, stops removed ones, starts added ones, and says so in one line.
+    """
+    proxy, maps = started(proxyMap(listener(1), listener(2), listener(3)))
+    kept, changedService = proxy.listeners[(TCP, "127.0.0.1", 1)], proxy.listeners[(TCP, "127.0.0.1", 2)]
+    removed = proxy.listeners[(TCP, "127.0.0.1", 3)]
+    maps.next = proxyMap(listener(1), listener(2, target=81), listener(4))
+    summary = reload(proxy)
+    assert summary == (
+        "reload of map.yaml: added 1, removed 1, changed 1, unchanged 1, failed 0"
+    )
+    assert proxy.listeners[(TCP, "127.0.0.1", 1)] is kept
+    assert proxy.listeners[(TCP, "127.0.0.1", 2)] is changedService
+    assert changedService.listener.target.port == 81
+    assert not removed.running and not removed.bound
+    assert proxy.listeners[(TCP, "127.0.0.1", 4)].running
+    assert proxy.map is maps.next
+
+
+def test_invalidMapChangesNothing(logged):
+    """
+    A reload of an invalid file logs every error and changes nothing.
+    """
+    initial = proxyMap(listener(1))
+    proxy, maps = started(initial)
+    service = proxy.listeners[(TCP, "127.0.0.1", 1)]
+    maps.next = ConfigError(["map.yaml:3: bad one", "map.yaml:5: bad two"])
+    assert reload(proxy) == "reload of map.yaml: invalid, nothing changed (2 errors)"
+    assert proxy.map is initial
+    assert proxy.listeners == {(TCP, "127.0.0.1", 1): service}
+    messages = [e.get("error") for e in logged]
+    assert "map.yaml:3: bad one" in messages and "map.yaml:5: bad two" in messages
+
+
+def test_failedAddIsSkippedAndRetried():
+    """
+    An added listener that cannot bind is reported and skipped while the
+    rest of the reload applies; the next reload tries it again.
+    """
+    proxy, maps = started(proxyMap(listener(1)))
+    FakeListener.busy = {3}
+    maps.next = proxyMap(listener(2), listener(3))
+    summary = reload(proxy)
+    assert summary == (
+        "reload of map.yaml: added 1, removed 1, changed 0, unchanged 0, failed 1 "
+        "(map.yaml:3: cannot listen on tcp 127.0.0.1:3 for mapping 'web': "
+        "address already in use)"
+    )
+    assert set(proxy.listeners) == {(TCP, "127.0.0.1", 2)}
+    FakeListener.busy = set()
+    summary = reload(proxy)
+    assert summary == (
+        "reload of map.yaml: added 1, removed 0, changed 0, unchanged 1, failed 0"
+    )
+    assert set(proxy.listeners) == {(TCP, "127.0.0.1", 2), (TCP, "127.0.0.1", 3)}
+
+
+def test_reloadsDuringAReloadAreMerged():
+    """
+    Reload requests made while a reload runs are merged into exactly one
+    more reload after it, and every request gets a summary.
+    """
+    proxy, maps = started(proxyMap(listener(1)))
+    FakeListener.stopping = Deferred()
+    maps.next = proxyMap(listener(2))
+    results = []
+    for _ in range(5):
+        proxy.reload().addCallback(results.append)
+    assert maps.loads == 1 and results == []
+    FakeListener.stopping.callback(None)
+    assert maps.loads == 2
+    assert len(results) == 5
+    assert results[0].startswith("reload of map.yaml: added 1, removed 1")
+    assert results[1:] == ["reload of map.yaml: added 0, removed 0, changed 0, unchanged 1, failed 0"] * 4
+
+
+def test_removedListenerDrains():
+    """
+    A removed listener with open connections stays visible in draining
+    until its last connection ends.
+    """
+    proxy, maps = started(proxyMap(listener(1)))
+    service = proxy.listeners[(TCP, "127.0.0.1", 1)]
+    flow = FakeFlow(service, 77)
+    service.flowStarted(flow)
+    maps.next = proxyMap()
+    reload(proxy)
+    assert proxy.listeners == {}
+    assert proxy.draining == [service]
+    assert proxy.findFlow(77) is flow
+    service.flowEnded(flow, "client closed")
+    assert proxy.draining == []
+    assert proxy.findFlow(77) is None
+
+
+def test_disableEnableByMappingName():
+    """
+    disable and enable act on every listener of the named mapping, and an
+    unknown name is a KeyError.
+    """
+    proxy, _ = started(
+        proxyMap(listener(1, name="a"), listener(2, name="a", proto=UDP), listener(3, name="b"))
+    )
+    proxy.disable("a")
+    assert [s.enabled for s in proxy.listeners.values()] == [False, False, True]
+    proxy.enable("a")
+    assert all(s.enabled for s in proxy.listeners.values())
+    with pytest.raises(KeyError):
+        proxy.disable("nope")
+
+
+def test_manholeFollowsReload():
+    """
+    A reload adds, re-reads, moves and removes the manhole as the map says.
+    """
+    keys = Manhole("127.0.0.1", 2222, "keys", "host")
+    proxy, maps = started(proxyMap(listener(1)))
+    assert proxy.manhole is None
+    maps.next = proxyMap(listener(1), manhole=keys)
+    reload(proxy)
+    first = proxy.manhole
+    assert first.settings == keys and first.running
+    reload(proxy)
+    assert proxy.manhole is first and first.reconfigured == [keys]
+    moved = Manhole("127.0.0.1", 2223, "keys", "host")
+    maps.next = proxyMap(listener(1), manhole=moved)
+    reload(proxy)
+    assert proxy.manhole is not first and not first.running
+    assert proxy.manhole.settings == moved
+    maps.next = proxyMap(listener(1))
+    reload(proxy)
+    assert proxy.manhole is None

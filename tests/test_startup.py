@@ -1,0 +1,190 @@
+"""
+End-to-end tests of how portproxy starts and stops: the installed plugin,
+start-up failures, daemon mode with SIGHUP and SIGTERM, and the .tac file.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from support import REPO, START_TIMEOUT, TCPEchoServer, freePort, proxyEnvironment
+
+
+def run(argv, cwd, env=None, timeout=60):
+    return subprocess.run(
+        argv, cwd=cwd, env=env or proxyEnvironment(), capture_output=True,
+        text=True, timeout=timeout,
+    )
+
+
+def echoThrough(port, payload=b"ping"):
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        c.sendall(payload)
+        c.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := c.recv(65536):
+            data += chunk
+    return data
+
+
+def simpleMap(*pairs):
+    """
+    A map with one TCP mapping C{echoN} per C{(listenPort, targetPort)}.
+    """
+    return "mappings:\n" + "".join(
+        f"  - name: echo{n}\n    listen: 127.0.0.1:{listen}\n"
+        f"    target: 127.0.0.1:{target}\n"
+        for n, (listen, target) in enumerate(pairs)
+    )
+
+
+def test_nonEditableInstallShipsThePlugin(tmp_path):
+    """
+    A plain, non-editable install of the package ships the dropin, so
+    twistd lists portproxy and shows its options.
+    """
+    site = tmp_path / "site"
+    install = run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+         "--no-build-isolation", "--target", str(site), str(REPO)],
+        cwd=tmp_path, timeout=300,
+    )
+    assert install.returncode == 0, install.stderr
+    assert (site / "twisted" / "plugins" / "portproxy.py").exists()
+    assert not (site / "twisted" / "plugins" / "__init__.py").exists()
+    env = dict(os.environ, PYTHONPATH=str(site))
+    listing = run([sys.executable, "-m", "twisted", "--help"], cwd=tmp_path, env=env)
+    assert listing.returncode == 0
+    assert "portproxy" in listing.stdout
+    options = run([sys.executable, "-m", "twisted", "portproxy", "--help"], cwd=tmp_path, env=env)
+    assert "--config=" in options.stdout
+
+
+def test_configIsRequired(tmp_path):
+    """
+    twistd portproxy without -c exits non-zero and says the option is
+    required.
+    """
+    result = run([sys.executable, "-m", "twisted", "-n", "portproxy"], cwd=tmp_path)
+    assert result.returncode != 0
+    assert "-c/--config MAP.yaml is required" in result.stdout + result.stderr
+
+
+def test_invalidMapFailsBeforeListening(tmp_path):
+    """
+    An invalid map makes twistd exit 1 with FILE:LINE lines, and nothing
+    is listening.
+    """
+    port = freePort()
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "mappings:\n"
+        f"  - listen: 127.0.0.1:{port}\n"
+        "    target: 127.0.0.1:70000\n"
+        "    tagret: x\n"
+    )
+    result = run(
+        [sys.executable, "-m", "twisted", "-n", "--pidfile=", "portproxy", "-c", str(path)],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2, result.stderr
+    assert lines[0].startswith(f"{path}:3: ") and lines[1].startswith(f"{path}:4: ")
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_portInUseFailsStartNamingTheMapping(proxy):
+    """
+    A listener that cannot bind (port in use) makes twistd exit non-zero
+    with a message naming the mapping, and the other listeners do not stay
+    bound.
+    """
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        free = freePort()
+        process = proxy.spawn(
+            "mappings:\n"
+            f"  - name: ok\n    listen: 127.0.0.1:{free}\n    target: 127.0.0.1:9\n"
+            f"  - name: taken\n    listen: 127.0.0.1:{busy}\n    target: 127.0.0.1:9\n"
+        )
+        assert process.wait(START_TIMEOUT) != 0
+    output = proxy.output()
+    assert (
+        f"cannot listen on tcp 127.0.0.1:{busy} for mapping 'taken': address already in use"
+        in output
+    )
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", free), timeout=1).close()
+
+
+def test_daemonReloadsOnSighupAndStopsOnSigterm(tmp_path):
+    """
+    Run as a daemon with a pid file: SIGHUP reloads the map (a new mapping
+    starts forwarding) and SIGTERM stops the process.
+    """
+    with TCPEchoServer() as echo:
+        first, second = freePort(), freePort()
+        path = tmp_path / "map.yaml"
+        path.write_text(simpleMap((first, echo.port)))
+        pidfile, logfile = tmp_path / "p.pid", tmp_path / "p.log"
+        result = run(
+            [sys.executable, "-m", "twisted", "--pidfile", str(pidfile), "--logfile",
+             str(logfile), "portproxy", "-c", str(path)],
+            cwd=tmp_path,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        pid = int(pidfile.read_text())
+        try:
+            assert echoThrough(first) == b"ping"
+            path.write_text(simpleMap((first, echo.port), (second, echo.port)))
+            os.kill(pid, signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while "reload of" not in logfile.read_text():
+                assert time.monotonic() < deadline, logfile.read_text()
+                time.sleep(0.05)
+            assert "added 1, removed 0, changed 0, unchanged 1, failed 0" in logfile.read_text()
+            assert echoThrough(second) == b"ping"
+        finally:
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while pidfile.exists():
+            assert time.monotonic() < deadline, "daemon did not stop"
+            time.sleep(0.05)
+
+
+def test_tacFileServesTheMap(tmp_path):
+    """
+    PORTPROXY_CONFIG=map.yaml twistd -ny tac/portproxy.tac serves the same
+    map as the plugin.
+    """
+    with TCPEchoServer() as echo:
+        port = freePort()
+        path = tmp_path / "map.yaml"
+        path.write_text(simpleMap((port, echo.port)))
+        env = dict(proxyEnvironment(), PORTPROXY_CONFIG=str(path))
+        logfile = tmp_path / "tac.log"
+        with open(logfile, "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "twisted", "-n", "--pidfile=", "-y",
+                 str(REPO / "tac" / "portproxy.tac")],
+                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        try:
+            deadline = time.monotonic() + START_TIMEOUT
+            while "portproxy started" not in logfile.read_text():
+                assert process.poll() is None, logfile.read_text()
+                assert time.monotonic() < deadline, logfile.read_text()
+                time.sleep(0.05)
+            assert echoThrough(port) == b"ping"
+        finally:
+            process.terminate()
+            process.wait(10)

@@ -1,0 +1,359 @@
+"""
+The root service: one child service per listener of the map (and the
+manhole), started from the map at start-up and brought in line with the
+file again by every reload.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+from typing import Callable, Iterator, Optional
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+
+from twistedproxy.config import ConfigError, loadMap
+from twistedproxy.listener import IFlow, ListenerService
+from twistedproxy.model import ANY_IPV6, TCP, UDP, Listener, ListenerKey, ProxyMap
+from twistedproxy.plan import diff
+
+log = Logger(namespace="portproxy")
+
+
+class StartupError(Exception):
+    """
+    A listener of the map could not be started; the message names it.
+    """
+
+
+def _ipv6Available() -> bool:
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).close()
+    except OSError:
+        return False
+    return True
+
+
+def _listenerTypes() -> dict:
+    from twistedproxy.tcp import TCPListener
+    from twistedproxy.udp import UDPListener
+
+    return {TCP: TCPListener, UDP: UDPListener}
+
+
+def _bindProblem(error: CannotListenError) -> str:
+    """
+    The operating system's words for a failed bind, without Twisted's
+    wrapping.
+    """
+    cause = error.socketError
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror.lower()
+    return str(cause)
+
+
+class ProxyService(MultiService):
+    """
+    Every listener of one map file, and the manhole.
+
+    @ivar map: the map being served.
+    @ivar listeners: the live listener services by key.
+    @ivar draining: removed TCP listeners whose connections are still open;
+        each leaves the list when its last connection ends.
+    @ivar manhole: the manhole service, or L{None}.
+    """
+
+    def __init__(
+        self,
+        configPath: str,
+        proxyMap: ProxyMap,
+        reactor=None,
+        load: Callable[[str], ProxyMap] = loadMap,
+        listenerTypes: Optional[dict] = None,
+        manholeType=None,
+        ipv6Available: Callable[[], bool] = _ipv6Available,
+    ) -> None:
+        MultiService.__init__(self)
+        if reactor is None:
+            from twisted.internet import reactor
+        self.configPath = configPath
+        self.map = proxyMap
+        self.reactor = reactor
+        self._load = load
+        self._listenerTypes = listenerTypes
+        self._manholeType = manholeType
+        self._ipv6Available = ipv6Available
+        self.listeners: dict[ListenerKey, ListenerService] = {}
+        self.draining: list[ListenerService] = []
+        self.manhole = None
+        self._reloading = False
+        self._queued: list[Deferred] = []
+        self._previousHandler = None
+
+    # -- start and stop ------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        """
+        Bind every listener (and the manhole) before twistd drops
+        privileges; any failure stops the start-up with a message naming
+        the mapping.
+        """
+        problems = []
+        for listener in self.map.listeners():
+            service, problem = self._bindListener(listener)
+            if problem:
+                problems.append(problem)
+            elif service is not None:
+                self._attach(service)
+        if self.map.manhole is not None:
+            try:
+                self._attachManhole(self.map.manhole)
+            except CannotListenError as e:
+                problems.append(
+                    f"{self.configPath}:{self.map.manhole.line}: cannot listen on "
+                    f"{self.map.manhole.listen} for the manhole: {_bindProblem(e)}"
+                )
+        if problems:
+            for service in list(self):
+                service.disownServiceParent()
+                # Not running yet, so disowning did not stop it: close
+                # its socket.
+                service.stopService()
+            self.listeners.clear()
+            self.manhole = None
+            for problem in problems:
+                log.error("{problem}", problem=problem)
+            raise StartupError("\n".join(problems))
+        MultiService.privilegedStartService(self)
+
+    def startService(self) -> None:
+        MultiService.startService(self)
+        self._previousHandler = signal.signal(signal.SIGHUP, self._sighup)
+        for listener in self.map.listeners():
+            if listener.key in self.listeners:
+                log.info("{listener}", listener=listener)
+        log.info(
+            "portproxy started: {count} listeners from {path}",
+            count=len(self.listeners),
+            path=self.configPath,
+        )
+
+    def stopService(self):
+        if self._previousHandler is not None:
+            signal.signal(signal.SIGHUP, self._previousHandler)
+            self._previousHandler = None
+        return MultiService.stopService(self)
+
+    def _sighup(self, signum, frame) -> None:
+        # Only schedule: the reload runs on the reactor, never inside the
+        # signal handler.
+        self.reactor.callFromThread(self.reload)
+
+    # -- listeners -----------------------------------------------------
+
+    def _bindListener(
+        self, listener: Listener
+    ) -> tuple[Optional[ListenerService], Optional[str]]:
+        """
+        A bound listener service, or a message saying why there is none.
+        A wildcard IPv6 listener on a host without IPv6 is skipped with a
+        warning and no message.
+        """
+        if listener.host == ANY_IPV6 and not self._ipv6Available():
+            log.warn(
+                "no IPv6 on this host: skipping {key} [{mapping}]",
+                key=listener.key,
+                mapping=listener.mapping,
+            )
+            return None, None
+        types = self._listenerTypes or _listenerTypes()
+        service = types[listener.proto](listener, self.reactor)
+        try:
+            service.bind()
+        except CannotListenError as e:
+            return None, (
+                f"{self.configPath}:{listener.line}: cannot listen on {listener.key} "
+                f"for mapping '{listener.mapping}': {_bindProblem(e)}"
+            )
+        return service, None
+
+    def _attach(self, service: ListenerService) -> None:
+        self.listeners[service.listener.key] = service
+        service.setServiceParent(self)
+
+    def _detach(self, service: ListenerService) -> Deferred:
+        """
+        Stop a listener: it accepts nothing more at once; TCP connections
+        it still has are kept in L{draining} until they end.
+        """
+        del self.listeners[service.listener.key]
+        stopped = service.disownServiceParent()
+        if service.flows:
+            self.draining.append(service)
+            service.whenDrained().addCallback(lambda _: self.draining.remove(service))
+        return stopped
+
+    def allListeners(self) -> Iterator[ListenerService]:
+        """
+        Live listeners, then draining ones.
+        """
+        yield from self.listeners.values()
+        yield from self.draining
+
+    def findFlow(self, flowId: int) -> Optional[IFlow]:
+        for service in self.allListeners():
+            flow = service.flows.get(flowId)
+            if flow is not None:
+                return flow
+        return None
+
+    def _mappingListeners(self, name: str) -> list[ListenerService]:
+        self.map.mapping(name)  # KeyError for a name the map does not have
+        return [s for s in self.listeners.values() if s.listener.mapping == name]
+
+    def disable(self, name: str) -> None:
+        """
+        Stop accepting on mapping C{name}'s listeners, keeping the sockets.
+        """
+        for service in self._mappingListeners(name):
+            service.disable()
+
+    def enable(self, name: str) -> None:
+        """
+        Accept again on mapping C{name}'s listeners.
+        """
+        for service in self._mappingListeners(name):
+            service.enable()
+
+    # -- manhole -------------------------------------------------------
+
+    def _attachManhole(self, settings) -> None:
+        manholeType = self._manholeType
+        if manholeType is None:
+            from twistedproxy.manhole import ManholeService as manholeType
+        manhole = manholeType(settings, self, self.reactor)
+        manhole.bind()
+        self.manhole = manhole
+        manhole.setServiceParent(self)
+
+    def _detachManhole(self) -> Deferred:
+        manhole, self.manhole = self.manhole, None
+        return manhole.disownServiceParent()
+
+    # -- reload --------------------------------------------------------
+
+    def reload(self) -> Deferred:
+        """
+        Read the map file again and apply it.  Requests made while a
+        reload runs are merged into one more reload after it.
+
+        @return: a L{Deferred} firing with the summary line.
+        """
+        d: Deferred = Deferred()
+        if self._reloading:
+            self._queued.append(d)
+        else:
+            self._reloadUntilDone([d])
+        return d
+
+    @inlineCallbacks
+    def _reloadUntilDone(self, waiting: list[Deferred]):
+        self._reloading = True
+        try:
+            while waiting:
+                try:
+                    summary = yield self._reloadOnce()
+                except Exception:
+                    log.failure("reload of {path} failed", path=self.configPath)
+                    summary = f"reload of {self.configPath}: failed, see the log"
+                for d in waiting:
+                    d.callback(summary)
+                waiting, self._queued = self._queued, []
+        finally:
+            self._reloading = False
+
+    @inlineCallbacks
+    def _reloadOnce(self):
+        log.info("reloading {path}", path=self.configPath)
+        try:
+            newMap = self._load(self.configPath)
+        except ConfigError as e:
+            for error in e.errors:
+                log.error("{error}", error=error)
+            summary = (
+                f"reload of {self.configPath}: invalid, nothing changed "
+                f"({len(e.errors)} error{'s' if len(e.errors) != 1 else ''})"
+            )
+            log.error("{summary}", summary=summary)
+            return summary
+
+        plan = diff(self.map, newMap)
+        # Removed listeners first, so that their ports are free for added
+        # ones (127.0.0.1:80 replaced by 0.0.0.0:80, say).
+        stopping = [
+            self._detach(self.listeners[listener.key])
+            for listener in plan.removed
+            if listener.key in self.listeners
+        ]
+        manholeStopping = None
+        if plan.manholeAction in ("removed", "moved") and self.manhole is not None:
+            manholeStopping = self._detachManhole()
+        for d in stopping:
+            yield d
+        if manholeStopping is not None:
+            yield manholeStopping
+        for listener in plan.removed:
+            log.info("{listener} (removed)", listener=listener)
+
+        # A kept or changed listener without a service failed to bind
+        # before: try it again, as if added.
+        retry = [l for l in plan.kept + plan.changed if l.key not in self.listeners]
+        changed = 0
+        for listener in plan.changed:
+            service = self.listeners.get(listener.key)
+            if service is not None:
+                service.reconfigure(listener)
+                changed += 1
+                log.info("{listener} (changed)", listener=listener)
+        added, failed = 0, []
+        for listener in plan.added + tuple(retry):
+            service, problem = self._bindListener(listener)
+            if problem:
+                failed.append(problem)
+                log.error("{problem}", problem=problem)
+            elif service is not None:
+                self._attach(service)
+                added += 1
+                log.info("{listener} (added)", listener=listener)
+
+        if plan.manholeAction in ("added", "moved") or (
+            plan.manhole is not None and self.manhole is None
+        ):
+            try:
+                self._attachManhole(plan.manhole)
+                log.info("manhole on {listen}", listen=plan.manhole.listen)
+            except CannotListenError as e:
+                problem = (
+                    f"{self.configPath}:{plan.manhole.line}: cannot listen on "
+                    f"{plan.manhole.listen} for the manhole: {_bindProblem(e)}"
+                )
+                failed.append(problem)
+                log.error("{problem}", problem=problem)
+        elif self.manhole is not None and plan.manhole is not None:
+            # Re-read authorized_keys on every reload, changed or not.
+            self.manhole.reconfigure(plan.manhole)
+
+        self.map = newMap
+        summary = (
+            f"reload of {self.configPath}: added {added}, "
+            f"removed {len(plan.removed)}, changed {changed}, "
+            f"unchanged {len(plan.kept) - sum(1 for l in retry if l in plan.kept)}, "
+            f"failed {len(failed)}"
+        )
+        if failed:
+            summary += " (" + "; ".join(failed) + ")"
+        log.info("{summary}", summary=summary)
+        return summary

@@ -1,0 +1,48 @@
+"""
+The twistd plugin's options and service: C{twistd portproxy -c map.yaml}.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.python import usage
+
+from twistedproxy.config import ConfigError, loadMap
+from twistedproxy.service import ProxyService
+
+
+class Options(usage.Options):
+    synopsis = "-c MAP.yaml"
+    longdesc = (
+        "Forward host TCP and UDP ports to backend ip:port endpoints as the "
+        "YAML map says. SIGHUP re-reads the map and applies it without "
+        "dropping connections. Check a map without running it with "
+        "'python -m twistedproxy check MAP.yaml'."
+    )
+    optParameters = [
+        ["config", "c", None, "The YAML map to serve (required)."],
+    ]
+
+    def postOptions(self) -> None:
+        if not self["config"]:
+            raise usage.UsageError("-c/--config MAP.yaml is required")
+
+
+def serviceForMap(path: str, reactor=None) -> ProxyService:
+    """
+    The root service for the map at C{path}.  An invalid map prints every
+    error, one C{FILE:LINE: message} a line, and exits with status 1 before
+    anything listens.
+    """
+    try:
+        proxyMap = loadMap(path)
+    except ConfigError as e:
+        for error in e.errors:
+            print(error, file=sys.stderr)
+        raise SystemExit(1)
+    return ProxyService(path, proxyMap, reactor=reactor)
+
+
+def makeService(options: Options) -> ProxyService:
+    return serviceForMap(options["config"])
