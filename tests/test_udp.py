@@ -680,3 +680,39 @@ def test_realStaleRefusalRetried(sockets):
     assert service.active == 1
     session.port.doRead()
     service.stopService()
+
+
+def test_icmpErrorKeepsSessionReading(sockets):
+    """
+    Under a real epoll reactor (not the global one), the ICMP error a
+    session's socket gets while nothing listens at the target leaves the
+    socket registered, and the reply sent once the target listens arrives.
+    """
+    from twisted.internet.epollreactor import EPollReactor
+
+    reactor = EPollReactor()
+    try:
+        target = udpSocket()
+        address = target.getsockname()
+        target.close()
+        received = Receiver()
+        session = connectDatagrams(reactor, socket.AF_INET, address, received)
+        sockets.append(session)
+        session.write(b"nobody there")
+        time.sleep(0.05)
+        reactor.doIteration(0.5)
+        assert session in reactor.getReaders()
+        target = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        target.bind(address)
+        target.settimeout(5)
+        sockets.append(target)
+        session.write(b"hello")
+        data, source = target.recvfrom(100)
+        target.sendto(b"welcome", source)
+        deadline = time.monotonic() + 5
+        while not received.replies and time.monotonic() < deadline:
+            reactor.doIteration(0.1)
+        assert received.replies == [b"welcome"]
+    finally:
+        reactor.removeAll()
+        reactor._poller.close()

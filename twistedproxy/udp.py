@@ -27,7 +27,11 @@ from typing import Optional
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IReadDescriptor, IResolutionReceiver
+from twisted.internet.interfaces import (
+    IHalfCloseableDescriptor,
+    IReadDescriptor,
+    IResolutionReceiver,
+)
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -74,7 +78,7 @@ _IN6_PKTINFO_SIZE = 20
 _NO_INTERFACE = bytes(4)
 
 
-@implementer(IReadDescriptor)
+@implementer(IReadDescriptor, IHalfCloseableDescriptor)
 class DatagramSocket:
     """
     A non-blocking datagram socket read by the reactor.
@@ -102,6 +106,19 @@ class DatagramSocket:
     def close(self) -> None:
         self.reactor.removeReader(self)
         self.socket.close()
+
+    def readConnectionLost(self, reason) -> None:
+        """
+        The reactor saw an error condition and no data, and stopped reading.
+        On a UDP socket that is an ICMP error for an earlier datagram (the
+        target not listening yet), not an end: reading consumes the error,
+        and reading goes on.
+        """
+        self.doRead()
+        self.startReading()
+
+    def writeConnectionLost(self, reason) -> None:
+        pass
 
     def connectionLost(self, reason) -> None:
         # Only a bug in doRead gets here; the socket is useless afterwards.
