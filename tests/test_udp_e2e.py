@@ -203,3 +203,35 @@ def test_floodDoesNotStarveOthers(proxy):
             stop.set()
             flooder.join()
         assert answered == 5
+
+
+def test_outOfFileDescriptors(proxy):
+    """
+    When the proxy runs out of file descriptors, a new client's datagram
+    is dropped and logged while open sessions keep working; once sessions
+    expire, new clients are served again.
+    """
+    import os
+    import resource
+
+    port = freePort("udp")
+    with UDPEchoServer() as target:
+        proxy.start(udpMap(f"127.0.0.1:{port}", f"127.0.0.1:{target.port}", "1s"))
+        # Room for exactly three session sockets.
+        opened = len(os.listdir(f"/proc/{proxy.pid}/fd"))
+        resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (opened + 3, opened + 3))
+        clients = [client(timeout=0.5) for _ in range(4)]
+        try:
+            for c in clients[:3]:
+                assert exchange(c, b"first", ("127.0.0.1", port))[0] == b"first"
+            clients[3].sendto(b"no room", ("127.0.0.1", port))
+            proxy.waitFor(r"dropped a datagram from 127\.0\.0\.1:\d+: cannot open a socket "
+                          r"to 127\.0\.0\.1:\d+: out of file descriptors")
+            with pytest.raises(socket.timeout):
+                clients[3].recv(100)
+            assert exchange(clients[0], b"still", ("127.0.0.1", port))[0] == b"still"
+            proxy.waitFor(r"no datagram for 1s(.|\n)*no datagram for 1s(.|\n)*no datagram for 1s")
+            assert exchange(clients[3], b"room now", ("127.0.0.1", port))[0] == b"room now"
+        finally:
+            for c in clients:
+                c.close()
