@@ -21,6 +21,9 @@ REPO = Path(__file__).resolve().parent.parent
 #: Generous: CI machines are slow and shared.
 START_TIMEOUT = 30.0
 
+#: twistd, as this interpreter runs it ('python -m twisted' is 'twist').
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
 
 def freePort(proto: str = "tcp", host: str = "127.0.0.1") -> int:
     """
@@ -88,7 +91,7 @@ class ProxyProcess:
         """
         self.writeMap(mapText)
         self._log = open(self.logPath, "wb")
-        argv = [sys.executable, "-m", "twisted", "-n", "--pidfile=", *extraArgs]
+        argv = [*TWISTD, "-n", "--pidfile=", *extraArgs]
         argv += ["portproxy", "-c", str(self.mapPath)]
         self.process = subprocess.Popen(
             argv,
@@ -245,6 +248,8 @@ class UDPEchoServer:
             try:
                 data, source = self.socket.recvfrom(65535)
             except OSError:
+                return
+            if source is None:  # shut down by close()
                 return
             self.sources.append(source)
             try:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from support import REPO, START_TIMEOUT, TCPEchoServer, freePort, proxyEnvironment
+from support import REPO, START_TIMEOUT, TWISTD, TCPEchoServer, freePort, proxyEnvironment
 
 
 def run(argv, cwd, env=None, timeout=60):
@@ -51,17 +51,17 @@ def test_nonEditableInstallShipsThePlugin(tmp_path):
     site = tmp_path / "site"
     install = run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-         "--no-build-isolation", "--target", str(site), str(REPO)],
+         "--target", str(site), str(REPO)],
         cwd=tmp_path, timeout=300,
     )
     assert install.returncode == 0, install.stderr
     assert (site / "twisted" / "plugins" / "portproxy.py").exists()
     assert not (site / "twisted" / "plugins" / "__init__.py").exists()
     env = dict(os.environ, PYTHONPATH=str(site))
-    listing = run([sys.executable, "-m", "twisted", "--help"], cwd=tmp_path, env=env)
+    listing = run([*TWISTD, "--help"], cwd=tmp_path, env=env)
     assert listing.returncode == 0
     assert "portproxy" in listing.stdout
-    options = run([sys.executable, "-m", "twisted", "portproxy", "--help"], cwd=tmp_path, env=env)
+    options = run([*TWISTD, "portproxy", "--help"], cwd=tmp_path, env=env)
     assert "--config=" in options.stdout
 
 
@@ -70,7 +70,7 @@ def test_configIsRequired(tmp_path):
     twistd portproxy without -c exits non-zero and says the option is
     required.
     """
-    result = run([sys.executable, "-m", "twisted", "-n", "portproxy"], cwd=tmp_path)
+    result = run([*TWISTD, "-n", "portproxy"], cwd=tmp_path)
     assert result.returncode != 0
     assert "-c/--config MAP.yaml is required" in result.stdout + result.stderr
 
@@ -89,7 +89,7 @@ def test_invalidMapFailsBeforeListening(tmp_path):
         "    tagret: x\n"
     )
     result = run(
-        [sys.executable, "-m", "twisted", "-n", "--pidfile=", "portproxy", "-c", str(path)],
+        [*TWISTD, "-n", "--pidfile=", "portproxy", "-c", str(path)],
         cwd=tmp_path,
     )
     assert result.returncode == 1
@@ -137,7 +137,7 @@ def test_daemonReloadsOnSighupAndStopsOnSigterm(tmp_path):
         path.write_text(simpleMap((first, echo.port)))
         pidfile, logfile = tmp_path / "p.pid", tmp_path / "p.log"
         result = run(
-            [sys.executable, "-m", "twisted", "--pidfile", str(pidfile), "--logfile",
+            [*TWISTD, "--pidfile", str(pidfile), "--logfile",
              str(logfile), "portproxy", "-c", str(path)],
             cwd=tmp_path,
         )
@@ -174,7 +174,7 @@ def test_tacFileServesTheMap(tmp_path):
         logfile = tmp_path / "tac.log"
         with open(logfile, "wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "twisted", "-n", "--pidfile=", "-y",
+                [*TWISTD, "-n", "--pidfile=", "-y",
                  str(REPO / "tac" / "portproxy.tac")],
                 cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
             )

@@ -1,0 +1,175 @@
+"""
+Tests for C{python -m twistedproxy check}, run as a user runs it: a
+subprocess, its exit status and its output.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from textwrap import dedent
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def check(*arguments: str, cwd: str) -> subprocess.CompletedProcess:
+    """
+    Run C{python -m twistedproxy} with C{arguments} in C{cwd}.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [REPO] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "twistedproxy", *arguments],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+VALID = """\
+    mappings:
+      - name: web
+        listen: 127.0.0.1:8000-8009
+        target: 172.17.0.3:80-89
+      - name: dns
+        proto: [tcp, udp]
+        listen: 53
+        target: 172.17.0.4:53
+    manhole:
+      listen: 2222
+      authorized_keys: keys
+      host_key: host_key
+    """
+
+INVALID = """\
+    mappings:
+      - name: web
+        listen: 127.0.0.1:8080
+        target: 172.17.0.3:80
+      - name: api
+        listen: 70000
+        tagret: 172.17.0.4:80
+      - name: again
+        listen: 8080
+        target: 172.17.0.5:80
+    """
+
+
+def test_validMap(tmp_path) -> None:
+    """
+    A valid map exits 0 with one summary line on standard output.
+    """
+    (tmp_path / "map.yaml").write_text(dedent(VALID))
+    result = check("check", "map.yaml", cwd=str(tmp_path))
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0,
+        "map.yaml: OK, 2 mappings, 14 listeners (12 tcp, 2 udp), manhole on 127.0.0.1:2222\n",
+        "",
+    )
+
+
+def test_invalidMap(tmp_path) -> None:
+    """
+    An invalid map exits 1 with every problem on standard error, one
+    FILE:LINE: message per line, and nothing on standard output.
+    """
+    (tmp_path / "map.yaml").write_text(dedent(INVALID))
+    result = check("check", "map.yaml", cwd=str(tmp_path))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "map.yaml:6: listen: port 70000 is out of range (1-65535)",
+        "map.yaml:7: mappings[1]: unknown key 'tagret' (expected one of: name, proto,"
+        " listen, target, connect_timeout, idle_timeout, udp_timeout, max_connections)",
+        "map.yaml:9: listen: tcp 0.0.0.0:8080 overlaps mapping 'web' (line 2)",
+    ]
+
+
+def test_missingFile(tmp_path) -> None:
+    """
+    A map that does not exist exits 1 with one line and no traceback.
+    """
+    result = check("check", "nowhere.yaml", cwd=str(tmp_path))
+    assert (result.returncode, result.stdout, result.stderr) == (
+        1,
+        "",
+        "nowhere.yaml: cannot read: No such file or directory\n",
+    )
+
+
+def test_notYAML(tmp_path) -> None:
+    """
+    A file that is not YAML exits 1 with one line and no traceback.
+    """
+    (tmp_path / "map.yaml").write_text("mappings: [\n")
+    result = check("check", "map.yaml", cwd=str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "map.yaml:2: not valid YAML: expected the node content, but found"
+        " '<stream end>' (while parsing a flow node on line 2)"
+    ]
+
+
+def test_severalMaps(tmp_path) -> None:
+    """
+    Several maps are checked in turn; one invalid map makes the exit
+    status 1 while the valid ones still get their summary.
+    """
+    (tmp_path / "good.yaml").write_text(dedent(VALID))
+    (tmp_path / "bad.yaml").write_text(dedent(INVALID))
+    result = check("check", "good.yaml", "bad.yaml", "good.yaml", cwd=str(tmp_path))
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [
+        "good.yaml: OK, 2 mappings, 14 listeners (12 tcp, 2 udp), manhole on 127.0.0.1:2222"
+    ] * 2
+    assert len(result.stderr.splitlines()) == 3
+
+
+def test_examples() -> None:
+    """
+    The example maps in config/ pass the check, as the README promises.
+    """
+    result = check("check", "config/example.yaml", "config/docker.yaml", cwd=REPO)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.splitlines() == [
+        "config/example.yaml: OK, 2 mappings, 2 listeners (1 tcp, 1 udp), no manhole",
+        "config/docker.yaml: OK, 6 mappings, 13 listeners (9 tcp, 4 udp),"
+        " manhole on 127.0.0.1:2222",
+    ]
+
+
+def test_singular(tmp_path) -> None:
+    """
+    The summary says "1 mapping" and "1 listener", not "1 mappings".
+    """
+    (tmp_path / "map.yaml").write_text(
+        "mappings:\n  - {listen: '127.0.0.1:80', target: 'db:80', proto: udp}\n"
+    )
+    result = check("check", "map.yaml", cwd=str(tmp_path))
+    assert result.stdout == "map.yaml: OK, 1 mapping, 1 listener (0 tcp, 1 udp), no manhole\n"
+
+
+def test_usage(tmp_path) -> None:
+    """
+    A command line without a command, with an unknown command, or without
+    a map exits 2 with a usage message on standard error.
+    """
+    for arguments in [(), ("frob", "map.yaml"), ("check",)]:
+        result = check(*arguments, cwd=str(tmp_path))
+        assert result.returncode == 2, arguments
+        assert result.stdout == ""
+        assert result.stderr.startswith("usage: python -m twistedproxy"), arguments
+
+
+def test_help(tmp_path) -> None:
+    """
+    C{check --help} explains the command and exits 0.
+    """
+    result = check("check", "--help", cwd=str(tmp_path))
+    assert result.returncode == 0
+    assert "usage: python -m twistedproxy check [-h] MAP [MAP ...]" in result.stdout

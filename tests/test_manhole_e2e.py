@@ -1,0 +1,384 @@
+"""
+End-to-end tests of the SSH manhole (SPEC section 5): the real OpenSSH
+client, with keys made by ssh-keygen, against a real twistd.
+"""
+
+import os
+import re
+import select
+import socket
+import stat
+import subprocess
+import time
+
+import pytest
+
+from support import TCPEchoServer, UDPEchoServer, freePort
+
+#: Terminal control sequences the manhole draws its line editing with.
+_CONTROL = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[A-Za-z]|\r")
+
+
+def sshKeygen(path, *keyType):
+    subprocess.run(
+        ["ssh-keygen", "-q", *(keyType or ("-t", "ed25519")), "-N", "", "-C", path.name, "-f", str(path)],
+        check=True,
+    )
+    return path
+
+
+@pytest.fixture
+def keys(tmp_path):
+    """
+    An operator key listed in authorized_keys and a stranger's key that is
+    not.
+    """
+    directory = tmp_path / "keys"
+    directory.mkdir()
+    operator = sshKeygen(directory / "operator")
+    stranger = sshKeygen(directory / "stranger")
+    authorized = tmp_path / "authorized_keys"
+    authorized.write_bytes((directory / "operator.pub").read_bytes())
+    authorized.chmod(0o644)
+    return operator, stranger
+
+
+def proxyMap(tmp_path, manholePort, *mappings):
+    text = "mappings:\n"
+    for name, proto, listen, target in mappings:
+        text += f"  - name: {name}\n    proto: {proto}\n    listen: {listen}\n    target: {target}\n"
+    text += (
+        f"manhole:\n  listen: 127.0.0.1:{manholePort}\n"
+        f"  authorized_keys: {tmp_path / 'authorized_keys'}\n"
+        f"  host_key: {tmp_path / 'ssh_host_key'}\n"
+    )
+    return text
+
+
+def sshCommand(tmp_path, key, port, *options):
+    """
+    OpenSSH client arguments that use only C{key}, no agent and no user
+    configuration, and keep host keys in the test's own known_hosts.
+    """
+    return [
+        "ssh", "-F", "/dev/null", "-p", str(port), "-i", str(key),
+        "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
+        "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
+        "-o", f"UserKnownHostsFile={tmp_path / 'known_hosts'}",
+        "-o", "StrictHostKeyChecking=accept-new",
+        *options, "operator@127.0.0.1",
+    ]
+
+
+class ManholeSession:
+    """
+    An interactive C{ssh -tt} session driven through its stdin.
+    """
+
+    def __init__(self, argv):
+        self.process = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        self.raw = b""
+        self.marks = 0
+        self.read(r"help\(\) lists the helpers")
+
+    @property
+    def text(self):
+        return _CONTROL.sub(b"", self.raw).decode("utf-8", "replace")
+
+    def read(self, pattern, timeout=5.0):
+        """
+        Read output until C{pattern} matches its plain text from where the
+        last read stopped; return that text.
+        """
+        start = len(self.text)
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        out = self.process.stdout
+        while not regex.search(self.text, start):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"{pattern!r} not seen; the session said:\n{self.text}")
+            if select.select([out], [], [], remaining)[0]:
+                chunk = os.read(out.fileno(), 65536)
+                if not chunk:
+                    raise AssertionError(f"session ended before {pattern!r}:\n{self.text}")
+                self.raw += chunk
+        return self.text[start:]
+
+    def run(self, line, timeout=5.0):
+        """
+        Type C{line}, then a marker line, and return what was shown up to
+        the marker's output.
+        """
+        self.marks += 1
+        mark = 1000 + self.marks
+        self.process.stdin.write(f"{line}\nprint('end', 1000 + {self.marks})\n".encode())
+        self.process.stdin.flush()
+        return self.read(rf"end {mark}\n", timeout)
+
+    def close(self):
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.write(b"exit()\n")
+                self.process.stdin.flush()
+                self.process.wait(5)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait()
+        self.process.stdin.close()
+        self.process.stdout.close()
+
+
+@pytest.fixture
+def session(tmp_path, keys):
+    """
+    Opens manhole sessions with the operator's key; closes them after the
+    test.
+    """
+    sessions = []
+
+    def open(port):
+        s = ManholeSession(sshCommand(tmp_path, keys[0], port, "-tt"))
+        sessions.append(s)
+        return s
+
+    yield open
+    for s in sessions:
+        s.close()
+
+
+def roundTrip(conn, payload):
+    conn.sendall(payload)
+    data = b""
+    while len(data) < len(payload):
+        chunk = conn.recv(65536)
+        assert chunk, "connection closed"
+        data += chunk
+    return data
+
+
+def tableRow(text, first):
+    """
+    The table row of C{text} whose first column is C{first}, split.
+    """
+    for line in text.splitlines():
+        cells = line.split()
+        if cells and cells[0] == first:
+            return cells
+    raise AssertionError(f"no row {first!r} in:\n{text}")
+
+
+def test_statusListsEveryMappingWithLiveCounters(proxy, tmp_path, keys, session):
+    """
+    status() lists every mapping's listeners with their listen addresses,
+    targets and live counters; the host key was created with mode 0600.
+    """
+    with TCPEchoServer() as tcpEcho, UDPEchoServer() as udpEcho:
+        manholePort, tcpPort, udpPort = freePort(), freePort(), freePort("udp")
+        proxy.start(
+            proxyMap(
+                tmp_path,
+                manholePort,
+                ("echo", "tcp", f"127.0.0.1:{tcpPort}", f"127.0.0.1:{tcpEcho.port}"),
+                ("dns", "udp", f"127.0.0.1:{udpPort}", f"127.0.0.1:{udpEcho.port}"),
+            )
+        )
+        hostKey = tmp_path / "ssh_host_key"
+        assert stat.S_IMODE(hostKey.stat().st_mode) == 0o600
+        shell = session(manholePort)
+        with socket.create_connection(("127.0.0.1", tcpPort), timeout=5) as conn:
+            assert roundTrip(conn, b"hello") == b"hello"
+            out = shell.run("status()")
+        assert tableRow(out, "NAME") == [
+            "NAME", "PROTO", "LISTEN", "TARGET", "OPEN", "TOTAL", "REJ", "IN", "OUT",
+        ]
+        assert tableRow(out, "echo") == [
+            "echo", "tcp", f"127.0.0.1:{tcpPort}", f"127.0.0.1:{tcpEcho.port}",
+            "1", "1", "0", "5", "B", "5", "B",
+        ]
+        assert tableRow(out, "dns")[:7] == [
+            "dns", "udp", f"127.0.0.1:{udpPort}", f"127.0.0.1:{udpEcho.port}", "0", "0", "0",
+        ]
+
+
+def test_connectionsShowsAConnectionThatKillCloses(proxy, tmp_path, keys, session):
+    """
+    connections() shows an open TCP connection with its client address,
+    and kill(id) closes it.
+    """
+    with TCPEchoServer() as echo:
+        manholePort, tcpPort = freePort(), freePort()
+        proxy.start(
+            proxyMap(tmp_path, manholePort, ("echo", "tcp", f"127.0.0.1:{tcpPort}", f"127.0.0.1:{echo.port}"))
+        )
+        shell = session(manholePort)
+        with socket.create_connection(("127.0.0.1", tcpPort), timeout=5) as conn:
+            assert roundTrip(conn, b"ping") == b"ping"
+            client = "127.0.0.1:%d" % conn.getsockname()[1]
+            out = shell.run("connections()")
+            row = next(line.split() for line in out.splitlines() if client in line)
+            flowId, mapping, proto, shownClient, target = row[:5]
+            assert (mapping, proto, shownClient, target) == ("echo", "tcp", client, f"127.0.0.1:{echo.port}")
+            assert row[6:] == ["4", "B", "4", "B"]
+
+            out = shell.run(f"kill({flowId})")
+            assert f"closed {flowId}: tcp echo {client} -> 127.0.0.1:{echo.port}" in out
+            try:
+                assert conn.recv(100) == b""
+            except ConnectionResetError:
+                pass
+            out = shell.run("connections()")
+            assert "no open connections or sessions" in out
+            assert "killed from the manhole" in proxy.waitFor(r"[^\n]*killed from the manhole").group(0)
+
+
+def test_disableAndEnable(proxy, tmp_path, keys, session):
+    """
+    disable(name) makes new connections to the mapping fail while the
+    proxy keeps its socket, and enable(name) makes them work again.
+    """
+    with TCPEchoServer() as echo:
+        manholePort, tcpPort = freePort(), freePort()
+        proxy.start(
+            proxyMap(tmp_path, manholePort, ("echo", "tcp", f"127.0.0.1:{tcpPort}", f"127.0.0.1:{echo.port}"))
+        )
+        shell = session(manholePort)
+        assert "echo: disabled" in shell.run("disable('echo')")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", tcpPort), timeout=5)
+        # The socket stays the proxy's: nobody else can take the port.
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind(("127.0.0.1", tcpPort))
+        assert "disabled (not accepting): echo" in shell.run("status()")
+        assert "echo: enabled" in shell.run("enable('echo')")
+        with socket.create_connection(("127.0.0.1", tcpPort), timeout=5) as conn:
+            assert roundTrip(conn, b"again") == b"again"
+        assert "no mapping named 'ech' (mappings: echo)" in shell.run("disable('ech')")
+
+
+def test_reloadPrintsItsSummary(proxy, tmp_path, keys, session):
+    """
+    reload() applies the edited map file and prints the same summary line
+    that SIGHUP logs; an exception typed in the shell leaves the proxy
+    serving.
+    """
+    with TCPEchoServer() as echo:
+        manholePort, firstPort, addedPort = freePort(), freePort(), freePort()
+        first = ("echo", "tcp", f"127.0.0.1:{firstPort}", f"127.0.0.1:{echo.port}")
+        proxy.start(proxyMap(tmp_path, manholePort, first))
+        shell = session(manholePort)
+        assert "ZeroDivisionError" in shell.run("1/0")
+        proxy.writeMap(
+            proxyMap(tmp_path, manholePort, first, ("added", "tcp", f"127.0.0.1:{addedPort}", f"127.0.0.1:{echo.port}"))
+        )
+        shell.process.stdin.write(b"reload()\n")
+        shell.process.stdin.flush()
+        summary = f"reload of {proxy.mapPath}: added 1, removed 0, changed 0, unchanged 1, failed 0"
+        shell.read(re.escape(summary))
+        assert summary in proxy.output()
+        with socket.create_connection(("127.0.0.1", addedPort), timeout=5) as conn:
+            assert roundTrip(conn, b"new") == b"new"
+
+
+def test_strangersAndPasswordsAreRefused(proxy, tmp_path, keys):
+    """
+    A key not in authorized_keys is refused, and so is a password (the
+    server offers public keys only).
+    """
+    manholePort = freePort()
+    proxy.start(proxyMap(tmp_path, manholePort))
+    operator, stranger = keys
+    stray = subprocess.run(
+        sshCommand(tmp_path, stranger, manholePort, "-T"),
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=10,
+    )
+    assert stray.returncode == 255
+    assert b"Permission denied (publickey)" in stray.stderr
+    password = subprocess.run(
+        sshCommand(
+            tmp_path, operator, manholePort, "-T",
+            "-o", "PreferredAuthentications=password,keyboard-interactive",
+        ),
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=10,
+    )
+    assert password.returncode == 255
+    assert b"Permission denied (publickey)" in password.stderr
+    assert "manhole: refused key" in proxy.output()
+
+
+def test_rsaKeysLogIn(proxy, tmp_path, keys):
+    """
+    An RSA operator key logs in with OpenSSH's defaults (rsa-sha2
+    signatures, which the server announces in server-sig-algs).
+    """
+    manholePort = freePort()
+    proxy.start(proxyMap(tmp_path, manholePort))
+    rsaKey = sshKeygen(tmp_path / "keys" / "rsa", "-t", "rsa", "-b", "2048")
+    with open(tmp_path / "authorized_keys", "ab") as authorized:
+        authorized.write((tmp_path / "keys" / "rsa.pub").read_bytes())
+    assert "failed 0" in proxy.reload()
+    logged = subprocess.run(
+        sshCommand(tmp_path, rsaKey, manholePort, "-tt"),
+        input=b"exit()\n", capture_output=True, timeout=10,
+    )
+    assert b"help() lists the helpers" in logged.stdout, logged.stderr
+
+
+def test_hostKeyIsKeptAcrossRestarts(proxy, tmp_path, keys, session):
+    """
+    The host key file exists after the first start and keeps its
+    fingerprint after a restart, so a client that pinned it connects with
+    strict host key checking.
+    """
+    manholePort = freePort()
+    mapText = proxyMap(tmp_path, manholePort)
+    proxy.start(mapText)
+    hostKey = tmp_path / "ssh_host_key"
+
+    def fingerprint():
+        listed = subprocess.run(
+            ["ssh-keygen", "-l", "-f", str(hostKey)], capture_output=True, check=True
+        )
+        return listed.stdout.split()[1]
+
+    first = fingerprint()
+    session(manholePort).close()
+    assert (tmp_path / "known_hosts").read_text().strip()
+    assert proxy.stop() is not None
+
+    proxy.start(mapText)
+    assert fingerprint() == first
+    pinned = subprocess.run(
+        sshCommand(tmp_path, keys[0], manholePort, "-tt", "-o", "StrictHostKeyChecking=yes"),
+        input=b"exit()\n", capture_output=True, timeout=10,
+    )
+    assert b"help() lists the helpers" in pinned.stdout, pinned.stderr
+
+
+def test_reloadRemovesAndAddsTheManhole(proxy, tmp_path, keys, session):
+    """
+    A reload without the manhole section closes open sessions and the
+    port; a reload with it again serves the same host key, and picks up a
+    key newly added to authorized_keys.
+    """
+    manholePort = freePort()
+    withManhole = proxyMap(tmp_path, manholePort)
+    proxy.start(withManhole)
+    shell = session(manholePort)
+    summary = proxy.reload("mappings: []\n")
+    assert "failed 0" in summary
+    shell.process.wait(5)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", manholePort), timeout=5)
+
+    operator, stranger = keys
+    with open(tmp_path / "authorized_keys", "ab") as authorized:
+        authorized.write((tmp_path / "keys" / "stranger.pub").read_bytes())
+    assert "failed 0" in proxy.reload(withManhole)
+    pinned = subprocess.run(
+        sshCommand(tmp_path, stranger, manholePort, "-tt", "-o", "StrictHostKeyChecking=yes"),
+        input=b"exit()\n", capture_output=True, timeout=10,
+    )
+    assert b"help() lists the helpers" in pinned.stdout, pinned.stderr

@@ -1,0 +1,276 @@
+"""
+The names an operator finds in the manhole: C{status()}, C{connections()},
+C{kill(id)}, C{disable(name)}, C{enable(name)}, C{reload()}, C{help()} and
+C{proxy}.
+
+They read the root service (L{twistedproxy.service.ProxyService}) and its
+listener services, and print tables sized for an 80-column terminal.  They
+print to C{sys.stdout}, which the manhole points at the operator's terminal
+while a typed line runs; output that arrives later (a reload finishing)
+goes through the C{writeLater} callable the manhole gives L{Console}.
+"""
+
+from __future__ import annotations
+
+import inspect
+import pydoc
+from typing import Callable, Iterable, Sequence
+
+from twisted.internet.error import CannotListenError
+
+#: Why a flow ended, as its access log line says, when the operator killed it.
+KILLED = "killed from the manhole"
+
+
+def formatBytes(count: int) -> str:
+    """
+    A byte count for people: C{"980 B"}, C{"1.2 KiB"}, C{"34 MiB"}; never
+    wider than seven characters.
+    """
+    if count < 1000:
+        return f"{count} B"
+    value = float(count)
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        value /= 1024
+        # Switching units at 1000 rather than 1024 keeps "1010 KiB" (eight
+        # characters) out of the table.
+        if value < 999.5 or unit == "PiB":
+            break
+    if value < 9.95:
+        return f"{value:.1f} {unit}"
+    return f"{value:.0f} {unit}"
+
+
+def formatAge(seconds: float) -> str:
+    """
+    A duration for people, two units at most: C{"42s"}, C{"3m12s"},
+    C{"1h05m"}, C{"2d03h"}.
+    """
+    whole = max(0, int(seconds))
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def formatTable(
+    headers: Sequence[str], rows: Iterable[Sequence[str]], numeric: int
+) -> str:
+    """
+    Align C{rows} under C{headers}.  The last C{numeric} columns are
+    right-aligned and one space apart (their headers keep them legible);
+    the others are left-aligned and two spaces apart.  No trailing spaces.
+    """
+    table = [list(headers)] + [list(row) for row in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
+    firstNumeric = len(headers) - numeric
+    lines = []
+    for row in table:
+        text = "  ".join(
+            cell.ljust(width) for cell, width in zip(row[:firstNumeric], widths)
+        )
+        numbers = " ".join(
+            cell.rjust(width)
+            for cell, width in zip(row[firstNumeric:], widths[firstNumeric:])
+        )
+        lines.append(f"{text}  {numbers}".rstrip())
+    return "\n".join(lines)
+
+
+class Console:
+    """
+    The manhole's helpers, bound to one running proxy.
+
+    @ivar proxy: the root L{twistedproxy.service.ProxyService}.
+    @ivar writeLater: called with a line of text that is ready only after
+        the helper returned (the summary of a reload that had to wait); the
+        manhole writes it above the prompt.
+    """
+
+    def __init__(self, proxy, writeLater: Callable[[str], None]) -> None:
+        self.proxy = proxy
+        self.writeLater = writeLater
+
+    def namespace(self) -> dict:
+        """
+        The names the operator's shell starts with.
+        """
+        names = {name: getattr(self, name) for name in HELPERS}
+        names["help"] = self.help
+        names["proxy"] = self.proxy
+        return names
+
+    def _mappingNames(self) -> list[str]:
+        return [mapping.name for mapping in self.proxy.map.mappings]
+
+    def _unknownMapping(self, name: str) -> None:
+        known = ", ".join(self._mappingNames()) or "none"
+        print(f"no mapping named {name!r} (mappings: {known})")
+
+    def status(self):
+        """Print each listener with its counters and traffic."""
+        order = {listener.key: i for i, listener in enumerate(self.proxy.map.listeners())}
+        live = sorted(
+            self.proxy.listeners.values(),
+            key=lambda service: (
+                order.get(service.listener.key, len(order)),
+                str(service.listener.key),
+            ),
+        )
+        if not live:
+            print("no listeners")
+        else:
+            print(
+                formatTable(
+                    ("NAME", "PROTO", "LISTEN", "TARGET", "OPEN", "TOTAL", "REJ", "IN", "OUT"),
+                    (
+                        (
+                            s.listener.mapping,
+                            s.listener.proto,
+                            s.listener.listen,
+                            str(s.listener.target),
+                            str(s.active),
+                            str(s.counters.total),
+                            str(s.counters.rejected),
+                            formatBytes(s.bytesIn),
+                            formatBytes(s.bytesOut),
+                        )
+                        for s in live
+                    ),
+                    numeric=5,
+                )
+            )
+        disabled = sorted({s.listener.mapping for s in live if not s.enabled})
+        if disabled:
+            print("disabled (not accepting): " + ", ".join(disabled))
+        for service in self.proxy.draining:
+            print(
+                f"removed, draining: {service.listener}, "
+                f"{service.active} still open"
+            )
+
+    def connections(self, name=None):
+        """Print open connections and sessions (of one mapping)."""
+        flows = [
+            flow
+            for service in self.proxy.allListeners()
+            for flow in service.flows.values()
+            if name is None or flow.listener.mapping == name
+        ]
+        if not flows:
+            if name is not None and name not in self._mappingNames():
+                self._unknownMapping(name)
+            elif name is None:
+                print("no open connections or sessions")
+            else:
+                print(f"no open connections or sessions on {name}")
+            return
+        flows.sort(key=lambda flow: flow.id)
+        now = self.proxy.reactor.seconds()
+        print(
+            formatTable(
+                ("ID", "MAPPING", "PROTO", "CLIENT", "TARGET", "AGE", "IN", "OUT"),
+                (
+                    (
+                        str(flow.id),
+                        flow.listener.mapping,
+                        flow.listener.proto,
+                        flow.client,
+                        str(flow.listener.target),
+                        formatAge(now - flow.started),
+                        formatBytes(flow.bytesIn),
+                        formatBytes(flow.bytesOut),
+                    )
+                    for flow in flows
+                ),
+                numeric=3,
+            )
+        )
+
+    def kill(self, id):
+        """Close the connection or session with this id."""
+        flow = self.proxy.findFlow(id)
+        if flow is None:
+            print(f"no open connection or session with id {id!r}")
+            return
+        flow.close(KILLED)
+        print(
+            f"closed {flow.id}: {flow.listener.proto} {flow.listener.mapping} "
+            f"{flow.client} -> {flow.listener.target}"
+        )
+
+    def disable(self, name):
+        """Stop accepting on a mapping; its sockets stay open."""
+        try:
+            self.proxy.disable(name)
+        except KeyError:
+            self._unknownMapping(name)
+        else:
+            print(f"{name}: disabled, not accepting new connections or sessions")
+
+    def enable(self, name):
+        """Accept again on a mapping after disable(name)."""
+        try:
+            self.proxy.enable(name)
+        except KeyError:
+            self._unknownMapping(name)
+        except CannotListenError as e:
+            # Another process took the port while it was disabled.
+            print(f"{name}: cannot accept again: {e}")
+        else:
+            print(f"{name}: enabled")
+
+    def reload(self):
+        """Re-read the map file like SIGHUP; print the summary."""
+        # A reload that finishes while this line runs is printed here; one
+        # that has to wait is written above the prompt when it finishes.
+        write = [print]
+        d = self.proxy.reload()
+        d.addBoth(lambda result: self._reported(result, write[0]))
+        if not d.called:
+            print("reloading...")
+        write[0] = self.writeLater
+
+    @staticmethod
+    def _reported(result, write: Callable[[str], None]) -> None:
+        if isinstance(result, str):
+            write(result)
+        else:
+            # A reload that fails rather than reporting is a bug in the
+            # proxy; the operator sees it here.
+            write(f"reload failed: {result.getErrorMessage()}")
+
+    def help(self, thing=None):
+        """List the helpers, or print the documentation of one thing."""
+        if thing is not None:
+            print(pydoc.render_doc(thing, title="%s", renderer=pydoc.plaintext))
+            return
+        print("portproxy manhole: a Python shell inside the running proxy.")
+        for name in HELPERS:
+            helper = getattr(self, name)
+            print(f"  {_signature(name, helper):<24}{_summary(helper)}")
+        print(f"  {'proxy':<24}the running root service, for anything else")
+        print("help(status) shows one helper's documentation; Ctrl-D leaves.")
+
+
+#: The helpers, in the order help() lists them.
+HELPERS = ("status", "connections", "kill", "disable", "enable", "reload")
+
+
+def _signature(name: str, helper) -> str:
+    parameters = inspect.signature(helper).parameters.values()
+    shown = ", ".join(
+        p.name if p.default is p.empty else f"{p.name}={p.default!r}"
+        for p in parameters
+    )
+    return f"{name}({shown})"
+
+
+def _summary(helper) -> str:
+    return (helper.__doc__ or "").strip().splitlines()[0]
