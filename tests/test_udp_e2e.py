@@ -235,3 +235,22 @@ def test_outOfFileDescriptors(proxy):
         finally:
             for c in clients:
                 c.close()
+
+
+def test_reloadChangesNewSessionsOnly(proxy):
+    """
+    A reload that changes a UDP listener's target sends new clients to the
+    new target while an open session stays on the old one; a reload that
+    removes the listener closes its sessions.
+    """
+    port = freePort("udp")
+    with UDPEchoServer() as old, UDPEchoServer() as new:
+        proxy.start(udpMap(f"127.0.0.1:{port}", f"127.0.0.1:{old.port}"))
+        with client() as a, client() as b:
+            exchange(a, b"a1", ("127.0.0.1", port))
+            assert "changed 1" in proxy.reload(udpMap(f"127.0.0.1:{port}", f"127.0.0.1:{new.port}"))
+            exchange(a, b"a2", ("127.0.0.1", port))
+            exchange(b, b"b1", ("127.0.0.1", port))
+            assert (len(old.sources), len(new.sources)) == (2, 1)
+            assert "removed 1" in proxy.reload("mappings: []\n")
+            proxy.waitFor(r"(udp echo [^\n]* listener closed(.|\n)*){2}")
