@@ -62,8 +62,9 @@ LISTENING_BUFFER = 4 * 1024 * 1024
 #: later ones are dropped, as a full network queue would.
 RESOLVING_QUEUE = 8
 
-#: A session is never swept more often than this (seconds), nor later than
-#: this fraction of its timeout after it expired.
+#: Two sweeps of a listener are at least the shorter of SWEEP_GAP seconds
+#: and SWEEP_FRACTION of the shortest session timeout apart: the most a
+#: session outlives its timeout.
 SWEEP_GAP = 1.0
 SWEEP_FRACTION = 0.1
 
