@@ -1,0 +1,739 @@
+"""
+Unit tests for L{twistedproxy.tcp}: the relay's logic with fake transports
+and a memory reactor, and the listening socket's disable/enable with a real
+loopback socket driven by a memory reactor.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import pytest
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import (
+    CannotListenError,
+    ConnectBindError,
+    ConnectionAborted,
+    ConnectionDone,
+    ConnectionLost,
+)
+from twisted.internet.error import ConnectionRefusedError as TargetRefused
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
+from zope.interface import implementer
+from twisted.internet.interfaces import IHostnameResolver
+
+from twistedproxy.listener import IFlow
+from twistedproxy.model import Listener, Target, Timeouts
+from twistedproxy.tcp import (
+    DEFAULT_BACKLOG,
+    Relay,
+    TCPListener,
+    listenBacklog,
+)
+
+from support import freePort
+
+CLIENT = IPv4Address("TCP", "192.0.2.7", 40000)
+
+
+class FakeSocket:
+    """
+    Records socket options set on it.
+    """
+
+    def __init__(self):
+        self.options = {}
+
+    def setsockopt(self, level, name, value):
+        self.options[(level, name)] = value
+
+
+class RelayTransport(StringTransport):
+    """
+    A L{StringTransport} with the TCP bits the relay uses: half-close,
+    socket options, and an abort that is recorded.
+    """
+
+    writeClosed = False
+    aborted = False
+    noDelay = False
+    keepAlive = False
+
+    def __init__(self, peer=CLIENT):
+        StringTransport.__init__(self, peerAddress=peer)
+        self.handle = FakeSocket()
+
+    def loseWriteConnection(self):
+        self.writeClosed = True
+
+    def abortConnection(self):
+        self.aborted = True
+        StringTransport.abortConnection(self)
+
+    def unregisterProducer(self):
+        # Twisted's transports allow this without a producer.
+        self.producer = None
+
+    def setTcpNoDelay(self, enabled):
+        self.noDelay = enabled
+
+    def setTcpKeepAlive(self, enabled):
+        self.keepAlive = enabled
+
+    def getHandle(self):
+        return self.handle
+
+    @property
+    def reset(self):
+        return self.aborted and (socket.SOL_SOCKET, socket.SO_LINGER) in self.handle.options
+
+
+def makeListener(**kwargs) -> Listener:
+    values = dict(
+        mapping="web",
+        proto="tcp",
+        host="127.0.0.1",
+        port=8080,
+        target=Target("10.0.0.2", 80),
+        timeouts=Timeouts(connect=5, idle=0),
+        maxConnections=0,
+    )
+    values.update(kwargs)
+    return Listener(**values)
+
+
+class Harness:
+    """
+    A L{TCPListener} on a memory reactor, with helpers to accept clients
+    and answer their connects.
+    """
+
+    def __init__(self, **kwargs):
+        self.reactor = MemoryReactorClock()
+        self.reactor.running = True
+        self.service = TCPListener(makeListener(**kwargs), self.reactor, backlog=16)
+
+    def accept(self, peer=CLIENT) -> tuple[Relay, RelayTransport]:
+        relay = Relay(self.service, peer)
+        transport = RelayTransport(peer)
+        relay.makeConnection(transport)
+        return relay, transport
+
+    def lastDial(self):
+        host, port, factory, timeout, bindAddress = self.reactor.tcpClients[-1]
+        return host, port, factory, timeout
+
+    def answer(self):
+        """
+        Complete the most recent target connect; the target's transport.
+        """
+        host, port, factory, timeout = self.lastDial()
+        side = factory.buildProtocol(IPv4Address("TCP", host, port))
+        transport = RelayTransport(IPv4Address("TCP", host, port))
+        side.makeConnection(transport)
+        return side, transport
+
+    def refuse(self):
+        host, port, factory, timeout = self.lastDial()
+        factory.clientConnectionFailed(
+            self.reactor.connectors[-1],
+            Failure(TargetRefused(errno.ECONNREFUSED, "Connection refused")),
+        )
+
+    def connected(self):
+        relay, client = self.accept()
+        side, target = self.answer()
+        return relay, client, side, target
+
+
+def tick(reactor, seconds: float, step: float = 1.0) -> None:
+    """
+    Advance C{reactor} second by second, as time passes in a real one.
+    """
+    for _ in range(int(seconds / step)):
+        reactor.advance(step)
+
+
+def accessLines(events) -> list[str]:
+    from twisted.logger import formatEvent
+
+    return [formatEvent(e) for e in events if e.get("log_namespace") == "portproxy"]
+
+
+def test_connectsOnlyAfterTargetAnswers():
+    """
+    The client is paused from accept until the target connection is made,
+    and the target connect uses the listener's target with no second timer.
+    """
+    h = Harness()
+    relay, client = h.accept()
+    assert client.producerState == "paused"
+    assert h.lastDial()[:2] == ("10.0.0.2", 80)
+    assert h.lastDial()[3] is None
+    assert list(h.service.flows) == [relay.id]
+    side, target = h.answer()
+    assert client.producerState == "producing"
+    assert client.noDelay and target.noDelay and client.keepAlive and target.keepAlive
+
+
+def test_flowControlBothWays():
+    """
+    Each side's transport is the other side's streaming producer, so a full
+    buffer on one side pauses reading on the other.
+    """
+    h = Harness()
+    relay, client, side, target = h.connected()
+    assert target.producer is client and target.streaming
+    assert client.producer is target and client.streaming
+
+
+def test_relaysAndCounts():
+    """
+    Bytes go through unchanged both ways and are counted per flow and in
+    the listener's totals, also after the flow ended.
+    """
+    h = Harness()
+    relay, client, side, target = h.connected()
+    relay.dataReceived(b"hello")
+    side.dataReceived(b"answer!")
+    assert target.value() == b"hello"
+    assert client.value() == b"answer!"
+    assert (relay.bytesIn, relay.bytesOut) == (5, 7)
+    assert (h.service.bytesIn, h.service.bytesOut) == (5, 7)
+    relay.close("killed")
+    relay.connectionLost(Failure(ConnectionAborted()))
+    side.connectionLost(Failure(ConnectionAborted()))
+    assert h.service.flows == {}
+    assert (h.service.bytesIn, h.service.bytesOut) == (5, 7)
+    assert h.service.counters.total == 1
+
+
+def test_flowProvidesIFlow():
+    """
+    A relay is an L{IFlow} with the client's address and a process-unique
+    id.
+    """
+    h = Harness()
+    first, _ = h.accept()
+    second, _ = h.accept()
+    assert IFlow.providedBy(first)
+    assert first.client == "192.0.2.7:40000"
+    assert second.id > first.id
+    assert first.listener is h.service.listener
+
+
+def test_halfCloseFromClient():
+    """
+    The client's end of stream half-closes the target and the answer still
+    flows back; the flow ends when both sockets are closed, as "client
+    closed".
+    """
+    h = Harness()
+    relay, client, side, target = h.connected()
+    relay.dataReceived(b"request")
+    relay.readConnectionLost()
+    assert target.writeClosed
+    assert target.producer is None
+    assert not client.disconnecting
+    side.dataReceived(b"response")
+    assert client.value() == b"response"
+    side.readConnectionLost()
+    assert client.writeClosed
+    assert client.disconnecting and target.disconnecting
+    with capturedLogs() as events:
+        side.connectionLost(Failure(ConnectionDone()))
+        assert h.service.flows
+        relay.connectionLost(Failure(ConnectionDone()))
+    assert h.service.flows == {}
+    [line] = accessLines(events)
+    assert line.startswith("tcp web 192.0.2.7:40000 -> 10.0.0.2:80 ")
+    assert line.endswith("in=7 out=8 client closed")
+
+
+def test_halfCloseFromTarget():
+    """
+    The target's end of stream half-closes the client while the client may
+    go on sending; the access line says "target closed".
+    """
+    h = Harness()
+    relay, client, side, target = h.connected()
+    side.readConnectionLost()
+    assert client.writeClosed and not target.writeClosed
+    relay.dataReceived(b"more")
+    assert target.value() == b"more"
+    relay.readConnectionLost()
+    with capturedLogs() as events:
+        relay.connectionLost(Failure(ConnectionDone()))
+        side.connectionLost(Failure(ConnectionDone()))
+    assert accessLines(events)[0].endswith("target closed")
+
+
+def test_resetByClientResetsTarget():
+    """
+    A client that resets makes the proxy reset the target (not close it
+    cleanly), and the access line says so.
+    """
+    h = Harness()
+    relay, client, side, target = h.connected()
+    with capturedLogs() as events:
+        relay.connectionLost(Failure(ConnectionLost()))
+        assert target.reset
+        side.connectionLost(Failure(ConnectionAborted()))
+    assert accessLines(events)[0].endswith("reset by client")
+
+
+def test_resetByTargetResetsClient():
+    """
+    A target that resets makes the proxy reset the client.
+    """
+    h = Harness()
+    relay, client, side, target = h.connected()
+    with capturedLogs() as events:
+        side.connectionLost(Failure(ConnectionLost()))
+        assert client.reset
+        relay.connectionLost(Failure(ConnectionAborted()))
+    assert accessLines(events)[0].endswith("reset by target")
+
+
+def test_idleTimeout():
+    """
+    A connection with nothing sent either way for idle_timeout is closed,
+    no earlier than the timeout after its last byte and no later than a
+    quarter timeout after that.
+    """
+    h = Harness(timeouts=Timeouts(connect=5, idle=100))
+    relay, client, side, target = h.connected()
+    tick(h.reactor, 60)
+    relay.dataReceived(b"x")
+    tick(h.reactor, 99)
+    assert not client.aborted
+    tick(h.reactor, 26)
+    assert client.aborted and target.aborted
+    with capturedLogs() as events:
+        relay.connectionLost(Failure(ConnectionAborted()))
+        side.connectionLost(Failure(ConnectionAborted()))
+    assert accessLines(events)[0].endswith("idle timeout")
+    assert h.reactor.getDelayedCalls() == []
+
+
+def test_idleTimeoutCountsBothDirections():
+    """
+    Traffic from the target alone keeps a connection from going idle.
+    """
+    h = Harness(timeouts=Timeouts(connect=5, idle=100))
+    relay, client, side, target = h.connected()
+    for _ in range(10):
+        tick(h.reactor, 50)
+        side.dataReceived(b"tick")
+    assert not client.aborted
+
+
+def test_noIdleTimer():
+    """
+    With idle_timeout 0 a connected flow has no timer at all.
+    """
+    h = Harness()
+    h.connected()
+    assert h.reactor.getDelayedCalls() == []
+
+
+def test_maxConnectionsRejects():
+    """
+    A client over max_connections is closed at once, never dials, and is
+    counted and logged as rejected.
+    """
+    h = Harness(maxConnections=1)
+    h.connected()
+    with capturedLogs() as events:
+        relay, client = h.accept(IPv4Address("TCP", "192.0.2.8", 1234))
+    assert client.aborted
+    assert len(h.reactor.tcpClients) == 1
+    assert h.service.counters.rejected == 1
+    assert h.service.active == 1
+    assert "rejected 192.0.2.8:1234: max_connections 1 reached" in accessLines(events)[0]
+    relay.connectionLost(Failure(ConnectionAborted()))
+    assert h.service.active == 1
+
+
+def test_connectRefused():
+    """
+    A refused connect closes the client and writes an access line with the
+    mapping, client, target and reason.
+    """
+    h = Harness()
+    relay, client = h.accept()
+    h.refuse()
+    assert client.aborted
+    with capturedLogs() as events:
+        relay.connectionLost(Failure(ConnectionAborted()))
+    [line] = accessLines(events)
+    assert line.startswith("tcp web 192.0.2.7:40000 -> 10.0.0.2:80 ")
+    assert line.endswith("connect failed: connection refused")
+    assert h.service.flows == {}
+
+
+def test_connectFailureWithoutDescriptors():
+    """
+    A connect that cannot even get a socket (out of file descriptors) fails
+    the flow with the OS's words.
+    """
+    h = Harness()
+    relay, client = h.accept()
+    h.lastDial()[2].clientConnectionFailed(
+        h.reactor.connectors[-1],
+        Failure(ConnectBindError(errno.EMFILE, "Too many open files")),
+    )
+    assert client.aborted
+    with capturedLogs() as events:
+        relay.connectionLost(Failure(ConnectionAborted()))
+    assert accessLines(events)[0].endswith("connect failed: too many open files")
+
+
+def test_connectTimeout():
+    """
+    A target that does not answer within connect_timeout: the attempt is
+    stopped and the client closed with a timeout reason.
+    """
+    h = Harness(timeouts=Timeouts(connect=2.5))
+    relay, client = h.accept()
+    tick(h.reactor, 2.4, 0.1)
+    assert not client.aborted
+    tick(h.reactor, 0.2, 0.1)
+    assert h.reactor.connectors[-1].stoppedConnecting
+    assert client.aborted
+    with capturedLogs() as events:
+        relay.connectionLost(Failure(ConnectionAborted()))
+    assert accessLines(events)[0].endswith("connect failed: timed out after 2.5s")
+    assert h.reactor.getDelayedCalls() == []
+
+
+def test_lateTargetIsDropped():
+    """
+    A target connection completing after the relay gave up is closed and
+    does not touch the ended flow.
+    """
+    h = Harness()
+    relay, client = h.accept()
+    h.reactor.advance(5)
+    relay.connectionLost(Failure(ConnectionAborted()))
+    side, target = h.answer()
+    assert target.aborted
+    side.connectionLost(Failure(ConnectionAborted()))
+    assert h.service.flows == {}
+
+
+@implementer(IHostnameResolver)
+class FakeResolver:
+    """
+    Resolves every name to C{addresses}, synchronously.
+    """
+
+    def __init__(self, addresses):
+        self.addresses = addresses
+        self.names = []
+
+    def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None,
+                        transportSemantics="TCP"):
+        self.names.append(hostName)
+        receiver.resolutionBegan(None)
+        for address in self.addresses:
+            receiver.addressResolved(address)
+        receiver.resolutionComplete()
+
+
+def test_hostNameTriesEachAddress():
+    """
+    A target host name is resolved per connection and each address is
+    tried in turn until one answers.
+    """
+    h = Harness(target=Target("backend.test", 80))
+    h.reactor.nameResolver = FakeResolver(
+        [IPv6Address("TCP", "::1", 80), IPv4Address("TCP", "127.0.0.1", 80)]
+    )
+    relay, client = h.accept()
+    assert h.lastDial()[:2] == ("::1", 80)
+    h.refuse()
+    assert h.lastDial()[:2] == ("127.0.0.1", 80)
+    assert not client.aborted
+    h.answer()
+    assert client.producerState == "producing"
+    h.accept()
+    assert h.reactor.nameResolver.names == ["backend.test", "backend.test"]
+
+
+def test_hostNameWithoutAddress():
+    """
+    A name that resolves to nothing fails the connect with a clear reason.
+    """
+    h = Harness(target=Target("nothing.test", 80))
+    h.reactor.nameResolver = FakeResolver([])
+    relay, client = h.accept()
+    assert client.aborted
+    with capturedLogs() as events:
+        relay.connectionLost(Failure(ConnectionAborted()))
+    assert accessLines(events)[0].endswith("connect failed: no address for nothing.test")
+
+
+def test_reconfigureAffectsOnlyNewConnections():
+    """
+    After reconfigure, new clients dial the new target while an open flow
+    keeps its old listener and target.
+    """
+    h = Harness()
+    old, *_ = h.connected()
+    h.service.reconfigure(makeListener(target=Target("10.0.0.9", 81)))
+    new, _ = h.accept()
+    assert h.lastDial()[:2] == ("10.0.0.9", 81)
+    assert old.listener.target == Target("10.0.0.2", 80)
+    assert new.listener.target == Target("10.0.0.9", 81)
+
+
+def test_kill():
+    """
+    close() aborts both sides and the access line gives the reason passed.
+    """
+    h = Harness()
+    relay, client, side, target = h.connected()
+    relay.readConnectionLost()
+    relay.close("killed")
+    assert client.aborted and target.aborted
+    with capturedLogs() as events:
+        relay.connectionLost(Failure(ConnectionAborted()))
+        side.connectionLost(Failure(ConnectionAborted()))
+    assert accessLines(events)[0].endswith("killed")
+
+
+def test_killWhileConnecting():
+    """
+    close() during the connect stops the attempt and ends the flow.
+    """
+    h = Harness()
+    relay, client = h.accept()
+    relay.close("killed")
+    assert h.reactor.connectors[-1].stoppedConnecting
+    assert client.aborted
+    relay.connectionLost(Failure(ConnectionAborted()))
+    assert h.service.flows == {}
+    assert h.reactor.getDelayedCalls() == []
+
+
+def test_proxyStoppingEndsFlowAtFirstLoss():
+    """
+    When the reactor is stopping, the first side reported lost ends the
+    flow with "proxy stopped", without waiting for the other side.
+    """
+    h = Harness()
+    relay, client, side, target = h.connected()
+    h.reactor.running = False
+    with capturedLogs() as events:
+        side.connectionLost(Failure(ConnectionLost()))
+    assert h.service.flows == {}
+    assert accessLines(events)[0].endswith("proxy stopped")
+    assert not client.aborted
+    relay.connectionLost(Failure(ConnectionLost()))
+    assert len(accessLines(events)) == 1
+
+
+def test_proxyStoppingWhileConnecting():
+    """
+    A connect attempt cut by the reactor stopping ends the flow instead of
+    trying the next address.
+    """
+    h = Harness(target=Target("backend.test", 80))
+    h.reactor.nameResolver = FakeResolver(
+        [IPv6Address("TCP", "::1", 80), IPv4Address("TCP", "127.0.0.1", 80)]
+    )
+    relay, client = h.accept()
+    h.reactor.running = False
+    h.refuse()
+    assert len(h.reactor.tcpClients) == 1
+    assert h.service.flows == {}
+
+
+def test_drainedAfterLastFlow():
+    """
+    whenDrained fires once the last open flow has ended.
+    """
+    h = Harness()
+    relay, client, side, target = h.connected()
+    drained = h.service.whenDrained()
+    assert not drained.called
+    relay.close("killed")
+    relay.connectionLost(Failure(ConnectionAborted()))
+    side.connectionLost(Failure(ConnectionAborted()))
+    assert drained.called
+
+
+def test_backlogFromSomaxconn(tmp_path):
+    """
+    The listen backlog is the kernel's somaxconn, or 4096 when that cannot
+    be read.
+    """
+    path = tmp_path / "somaxconn"
+    path.write_text("8192\n")
+    assert listenBacklog(str(path)) == 8192
+    assert listenBacklog(str(tmp_path / "missing")) == DEFAULT_BACKLOG
+
+
+# -- the listening socket, real but driven by a memory reactor ----------------
+
+
+def canConnect(host, port) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.settimeout(2)
+        try:
+            s.connect((host, port))
+        except ConnectionRefusedError:
+            return False
+    return True
+
+
+def boundListener(host="127.0.0.1") -> TCPListener:
+    reactor = MemoryReactorClock()
+    reactor.running = True
+    service = TCPListener(makeListener(host=host, port=freePort(host=host)), reactor, backlog=8)
+    service.privilegedStartService()
+    service.startService()
+    return service
+
+
+def test_bindListens():
+    """
+    bind() opens a listening socket with SO_REUSEADDR and the given
+    backlog, watched by the reactor.
+    """
+    service = boundListener()
+    try:
+        assert service.bound
+        skt = service.port.socket
+        assert skt.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
+        assert service.port.backlog == 8
+        assert service.port in service.reactor.readers
+        assert canConnect("127.0.0.1", service.listener.port)
+    finally:
+        service.stopService()
+
+
+def test_bindFailure():
+    """
+    A port in use makes bind() raise CannotListenError.
+    """
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        service = TCPListener(
+            makeListener(port=busy.getsockname()[1]), MemoryReactorClock()
+        )
+        with pytest.raises(CannotListenError):
+            service.bind()
+        assert not service.bound
+
+
+def test_ipv6IsV6OnlySoBothWildcardsBind():
+    """
+    An IPv6 listener is IPv6-only, so C{::} and C{0.0.0.0} bind the same
+    port side by side.
+    """
+    port = freePort(host="::")
+    reactor = MemoryReactorClock()
+    six = TCPListener(makeListener(host="::", port=port), reactor)
+    four = TCPListener(makeListener(host="0.0.0.0", port=port), reactor)
+    six.bind()
+    try:
+        four.bind()
+        four.stopService()
+        assert six.port.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+    finally:
+        six.stopService()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_disableRefusesEnableResumes(host):
+    """
+    A disabled listener refuses connects (rather than leaving them in the
+    backlog) while keeping its port; enable() accepts again on the same
+    socket.
+    """
+    service = boundListener(host)
+    port = service.listener.port
+    try:
+        skt = service.port.socket
+        service.disable()
+        assert not service.enabled
+        assert service.port not in service.reactor.readers
+        assert not canConnect(host, port)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family) as other:
+            with pytest.raises(OSError):
+                other.bind((host, port))
+        service.enable()
+        assert service.enabled
+        assert service.port.socket is skt
+        assert service.port in service.reactor.readers
+        assert canConnect(host, port)
+    finally:
+        service.stopService()
+
+
+def test_disableRefusesQueuedConnects():
+    """
+    Connects waiting in the accept queue when the listener is disabled are
+    reset rather than left hanging.
+    """
+    service = boundListener()
+    try:
+        waiting = socket.create_connection(("127.0.0.1", service.listener.port))
+        service.disable()
+        with waiting:
+            waiting.settimeout(2)
+            with pytest.raises(ConnectionResetError):
+                waiting.send(b"x")
+                waiting.recv(1)
+    finally:
+        service.stopService()
+
+
+def test_stopWhileDisabledFreesThePort():
+    """
+    Stopping a disabled listener closes its socket, so the port can be
+    bound again.
+    """
+    service = boundListener()
+    service.disable()
+    service.stopService()
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", service.listener.port))
+
+
+def test_disabledBeforeBindStaysDisabled():
+    """
+    A listener disabled before it binds binds without accepting.
+    """
+    service = TCPListener(makeListener(port=freePort()), MemoryReactorClock())
+    service.disable()
+    service.bind()
+    try:
+        assert not canConnect("127.0.0.1", service.listener.port)
+    finally:
+        service.stopService()
+
+
+def test_stopClosesSocketAtOnceFlowsRunOn():
+    """
+    stopService closes the listening socket in the same turn (the port can
+    be bound again at once) while open flows run on.
+    """
+    service = boundListener()
+    relay = Relay(service, CLIENT)
+    relay.makeConnection(RelayTransport())
+    port = service.listener.port
+    service.stopService()
+    assert not service.bound
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))
+    assert service.active == 1
+    assert not service.whenDrained().called

@@ -1,0 +1,601 @@
+"""
+TCP forwarding: the listening socket of a TCP listener, and the relay that
+copies bytes between each accepted client and its own connection to the
+target.
+
+A listener is a L{TCPListener} service holding one L{ListeningPort}.  Each
+accepted client becomes a L{Relay} (the client-side protocol, and the
+L{IFlow} the manhole and the access log see), which dials the target and
+hands the target connection to a L{TargetSide} protocol.  The two
+protocols do nothing on the hot path but count and write; flow control is
+Twisted's own: each transport is the other's streaming producer, so a
+side that cannot keep up stops the reading of the other, and memory per
+connection stays at about two transport write buffers.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from twisted.application.service import Service
+from twisted.internet import tcp
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.error import (
+    CannotListenError,
+    ConnectError,
+    ConnectionAborted,
+    ConnectionDone,
+)
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IResolutionReceiver,
+)
+from twisted.internet.main import CONNECTION_DONE
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twistedproxy.listener import (
+    IFlow,
+    ListenerService,
+    clientAddress,
+    listeningSocketOptions,
+    nextFlowId,
+)
+from twistedproxy.model import TCP, Listener
+
+#: Used when C{/proc/sys/net/core/somaxconn} cannot be read.
+DEFAULT_BACKLOG = 4096
+
+#: The idle check runs this many times per C{idle_timeout}, so a quiet
+#: connection is closed between 1 and 1 + 1/IDLE_CHECKS timeouts after
+#: its last byte, at the cost of a few timer calls per timeout and no
+#: work at all per relayed chunk.
+IDLE_CHECKS = 4
+
+#: C{SO_LINGER} on, zero seconds: closing then sends a TCP reset.
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def listenBacklog(path: str = "/proc/sys/net/core/somaxconn") -> int:
+    """
+    The accept queue length to ask for: the kernel's ceiling, so that a
+    burst of connects is queued rather than dropped.
+    """
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return DEFAULT_BACKLOG
+
+
+def resetConnection(transport) -> None:
+    """
+    Close C{transport} with a TCP reset rather than a FIN, so that its peer
+    learns that the other side failed instead of taking a clean end of
+    stream for a complete one.
+    """
+    try:
+        transport.getHandle().setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET
+        )
+    except OSError:
+        # The socket is already gone; abortConnection closes what is left.
+        pass
+    transport.abortConnection()
+
+
+def flushAndClose(transport) -> None:
+    """
+    Close C{transport} once what is buffered for it has gone out.
+    """
+    # With a paused producer still registered, a drained transport would
+    # resume that producer instead of closing.
+    transport.unregisterProducer()
+    transport.loseConnection()
+
+
+def connectFailureText(reason: Failure) -> str:
+    """
+    The short OS message of a failed connect (C{connection refused}), not
+    Twisted's long sentence around it.
+    """
+    error = reason.value
+    if isinstance(error, ConnectError):
+        # Built from an OSError as (errno, strerror).
+        words = error.args[0] if error.args else ""
+        if isinstance(words, str) and words:
+            return words[0].lower() + words[1:]
+    return reason.getErrorMessage()
+
+
+class ListeningPort(tcp.Port):
+    """
+    A Twisted TCP port with portproxy's socket options that can stop
+    accepting while it keeps its address.
+
+    On Linux, C{shutdown(SHUT_RD)} on a listening socket takes it out of
+    the listening state (queued and new connects are refused) while the
+    socket stays bound to its explicit port, and C{listen()} resumes it.
+    """
+
+    def createInternetSocket(self) -> socket.socket:
+        skt = tcp.Port.createInternetSocket(self)
+        listeningSocketOptions(skt, self.interface)
+        return skt
+
+    def pauseAccepting(self) -> None:
+        """
+        Refuse new connections, keeping the socket bound.
+        """
+        # Out of the reactor first: an un-listened socket polls readable
+        # and accept() on it fails.
+        self.stopReading()
+        self.socket.shutdown(socket.SHUT_RD)
+
+    def resumeAccepting(self) -> None:
+        """
+        Listen again after L{pauseAccepting}; L{CannotListenError} when
+        another socket took the address meanwhile.
+        """
+        try:
+            self.socket.listen(self.backlog)
+        except OSError as e:
+            raise CannotListenError(self.interface, self.port, e) from e
+        self.startReading()
+
+    def closeNow(self) -> None:
+        """
+        Close the socket in this reactor turn (C{stopListening} waits for
+        the next one), so that a listener bound right after this one is
+        stopped finds the address free.
+        """
+        self.disconnecting = True
+        self.stopReading()
+        if self.connected:
+            self.connectionLost(Failure(CONNECTION_DONE))
+
+
+class RelayFactory(Factory):
+    """
+    Makes a L{Relay} for each client a L{TCPListener} accepts.
+    """
+
+    noisy = False
+
+    def __init__(self, service: TCPListener) -> None:
+        self.service = service
+
+    def buildProtocol(self, addr) -> Relay:
+        return Relay(self.service, addr)
+
+
+class TCPListener(ListenerService):
+    """
+    A TCP listening socket forwarding each client to the listener's target.
+
+    @ivar backlog: the accept queue length asked of the kernel.
+    """
+
+    proto = TCP
+
+    def __init__(self, listener: Listener, reactor, backlog: int | None = None) -> None:
+        ListenerService.__init__(self, listener, reactor)
+        self.backlog = listenBacklog() if backlog is None else backlog
+        self._port: ListeningPort | None = None
+
+    @property
+    def bound(self) -> bool:
+        return self._port is not None
+
+    @property
+    def port(self) -> ListeningPort | None:
+        """
+        The listening port while bound.
+        """
+        return self._port
+
+    def bind(self) -> None:
+        port = ListeningPort(
+            self.listener.port,
+            RelayFactory(self),
+            self.backlog,
+            self.listener.host,
+            self.reactor,
+        )
+        port.startListening()
+        self._port = port
+        if not self.enabled:
+            port.pauseAccepting()
+
+    def stopService(self) -> None:
+        """
+        Close the listening socket now; open connections run on until they
+        end (L{whenDrained} says when).
+        """
+        Service.stopService(self)
+        port, self._port = self._port, None
+        if port is not None:
+            port.closeNow()
+
+    def disable(self) -> None:
+        """
+        Refuse new connections, keeping the socket bound; connections in
+        the accept queue are refused too.
+        """
+        if self.enabled:
+            self.enabled = False
+            if self._port is not None:
+                self._port.pauseAccepting()
+
+    def enable(self) -> None:
+        if not self.enabled:
+            if self._port is not None:
+                self._port.resumeAccepting()
+            self.enabled = True
+
+
+@implementer(IResolutionReceiver)
+class _TargetAddresses:
+    """
+    Collects the addresses a target host name resolves to for one L{Relay}.
+    """
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.hosts: list[str] = []
+
+    def resolutionBegan(self, resolution) -> None:
+        pass
+
+    def addressResolved(self, address) -> None:
+        if address.host not in self.hosts:
+            self.hosts.append(address.host)
+
+    def resolutionComplete(self) -> None:
+        self.relay.resolved(self.hosts)
+
+
+class _TargetConnector(ClientFactory):
+    """
+    Dials one target address for a L{Relay}.
+    """
+
+    noisy = False
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    def buildProtocol(self, addr) -> TargetSide:
+        return TargetSide(self.relay)
+
+    def clientConnectionFailed(self, connector, reason: Failure) -> None:
+        self.relay.connectFailed(reason)
+
+
+@implementer(IHalfCloseableProtocol)
+class TargetSide(Protocol):
+    """
+    The target end of a L{Relay}: whatever the target sends goes to the
+    client.
+    """
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    def connectionMade(self) -> None:
+        self.relay.targetConnected(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        relay = self.relay
+        relay.bytesOut += len(data)
+        relay.transport.write(data)
+
+    def readConnectionLost(self) -> None:
+        self.relay.targetFinished()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
+        # A connection that completed after its relay had given up was
+        # never the relay's target.
+        if self.relay.targetTransport is self.transport:
+            self.relay.targetLost(reason)
+
+
+@implementer(IFlow, IHalfCloseableProtocol)
+class Relay(Protocol):
+    """
+    One accepted client and its connection to the target.
+
+    The client is not read until the target has answered.  Each side's end
+    of stream half-closes the other side, and the flow ends, with one access
+    line, when both sockets are closed.
+
+    @ivar listener: the settings of the listener when the client came;
+        a reload changes them for later clients only.
+    @ivar targetTransport: the connection to the target, once it answered.
+    @ivar reason: why the flow ended or is ending (a reset, a timeout, a
+        kill, a failed connect); L{None} while nothing went wrong, and then
+        the side that finished sending first gives the access line's
+        reason.
+    """
+
+    id: int = 0
+    started: float = 0.0
+
+    def __init__(self, service: TCPListener, address) -> None:
+        self.service = service
+        self.reactor = service.reactor
+        self.listener = service.listener
+        self.client = clientAddress(address)
+        self.bytesIn = 0
+        self.bytesOut = 0
+        self.reason: str | None = None
+        self._finishedFirst: str | None = None
+        self.targetTransport = None
+        self._clientOpen = False
+        self._targetOpen = False
+        self._clientDone = False
+        self._targetDone = False
+        self._dialing = False
+        self._connector = None
+        self._hosts: list[str] = []
+        self._timer = None
+        self._seen = 0
+        self._quietChecks = 0
+        self._ended = False
+
+    # -- the hot path ------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self.bytesIn += len(data)
+        self.targetTransport.write(data)
+
+    # -- the client ---------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        service = self.service
+        if service.full():
+            self.transport.abortConnection()
+            service.rejected(
+                self.client,
+                f"max_connections {self.listener.maxConnections} reached",
+            )
+            return
+        self._clientOpen = True
+        # Read nothing until the target answers: an unreachable target must
+        # not make the proxy buffer what the client sends.
+        self.transport.pauseProducing()
+        self.id = nextFlowId()
+        self.started = self.reactor.seconds()
+        service.flowStarted(self)
+        self._timer = self.reactor.callLater(
+            self.listener.timeouts.connect, self._connectTimedOut
+        )
+        self._dial()
+
+    def readConnectionLost(self) -> None:
+        if self._clientDone:
+            return
+        self._clientDone = True
+        if self._finishedFirst is None:
+            self._finishedFirst = "client closed"
+        target = self.targetTransport
+        # The client will send no more; unregistered, it is not resumed
+        # when the target's buffer drains (Twisted would read the end of
+        # stream a second time).
+        target.unregisterProducer()
+        target.loseWriteConnection()
+        if self._targetDone:
+            self._closeBoth()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
+        if not self._clientOpen:
+            # A rejected client: it never was a flow.
+            return
+        if self._proxyStopping():
+            return
+        self._clientOpen = False
+        if not reason.check(ConnectionDone, ConnectionAborted):
+            self._because("reset by client")
+            if self._targetOpen:
+                resetConnection(self.targetTransport)
+        elif self._targetOpen:
+            flushAndClose(self.targetTransport)
+        self._stopDialing()
+        self._maybeEnded()
+
+    # -- dialing the target -------------------------------------------------
+
+    def _dial(self) -> None:
+        target = self.listener.target
+        self._dialing = True
+        if isIPAddress(target.host) or isIPv6Address(target.host):
+            self.resolved([target.host])
+        else:
+            # Resolved per connection, so that a target that moved is found.
+            self.reactor.nameResolver.resolveHostName(
+                _TargetAddresses(self), target.host, target.port
+            )
+
+    def resolved(self, hosts: list[str]) -> None:
+        """
+        The target's name resolved to C{hosts} (IP literals); dial them in
+        turn.
+        """
+        if not self._dialing:
+            # Given up while the name was being looked up.
+            return
+        if not hosts:
+            self._connectGaveUp(f"no address for {self.listener.target.host}")
+            return
+        self._hosts = hosts
+        self._dialNext()
+
+    def _dialNext(self) -> None:
+        host = self._hosts.pop(0)
+        self._connector = self.reactor.connectTCP(
+            host, self.listener.target.port, _TargetConnector(self), timeout=None
+        )
+
+    def connectFailed(self, reason: Failure) -> None:
+        """
+        A connect to one target address failed.
+        """
+        self._connector = None
+        if not self._dialing:
+            # Given up already; whoever gave up ends the flow.
+            return
+        if self._proxyStopping():
+            return
+        if self._hosts:
+            # A name with several addresses: try the next one (localhost is
+            # often ::1 first, with the target on 127.0.0.1 only).
+            self._dialNext()
+            return
+        self._connectGaveUp(connectFailureText(reason))
+
+    def _connectTimedOut(self) -> None:
+        self._timer = None
+        self._connectGaveUp(f"timed out after {self.listener.timeouts.connect:g}s")
+
+    def _connectGaveUp(self, why: str) -> None:
+        self._because(f"connect failed: {why}")
+        self._stopDialing()
+        self.transport.abortConnection()
+
+    def _stopDialing(self) -> None:
+        self._dialing = False
+        self._hosts = []
+        connector, self._connector = self._connector, None
+        if connector is not None:
+            connector.stopConnecting()
+
+    # -- the target ---------------------------------------------------------
+
+    def targetConnected(self, transport) -> None:
+        """
+        The target answered on C{transport}: start relaying.
+        """
+        self._connector = None
+        if not self._dialing:
+            transport.abortConnection()
+            return
+        self._dialing = False
+        self._cancelTimer()
+        self.targetTransport = transport
+        self._targetOpen = True
+        client = self.transport
+        for side in (client, transport):
+            side.setTcpNoDelay(True)
+            side.setTcpKeepAlive(True)
+        transport.registerProducer(client, True)
+        client.registerProducer(transport, True)
+        client.resumeProducing()
+        idle = self.listener.timeouts.idle
+        if idle > 0:
+            self._timer = self.reactor.callLater(idle / IDLE_CHECKS, self._checkIdle)
+
+    def targetFinished(self) -> None:
+        """
+        The target will send no more (FIN): finish sending to the client.
+        """
+        if self._targetDone:
+            return
+        self._targetDone = True
+        if self._finishedFirst is None:
+            self._finishedFirst = "target closed"
+        client = self.transport
+        client.unregisterProducer()
+        client.loseWriteConnection()
+        if self._clientDone:
+            self._closeBoth()
+
+    def targetLost(self, reason: Failure) -> None:
+        """
+        The target connection is closed.
+        """
+        if self._proxyStopping():
+            return
+        self._targetOpen = False
+        if not reason.check(ConnectionDone, ConnectionAborted):
+            self._because("reset by target")
+            if self._clientOpen:
+                resetConnection(self.transport)
+        elif self._clientOpen:
+            flushAndClose(self.transport)
+        self._maybeEnded()
+
+    # -- ending -------------------------------------------------------------
+
+    def _closeBoth(self) -> None:
+        # Both directions have finished; each socket closes once its buffer
+        # has gone out.
+        self.transport.loseConnection()
+        self.targetTransport.loseConnection()
+
+    def _checkIdle(self) -> None:
+        seen = self.bytesIn + self.bytesOut
+        if seen != self._seen:
+            self._seen = seen
+            self._quietChecks = 0
+        else:
+            self._quietChecks += 1
+            if self._quietChecks >= IDLE_CHECKS:
+                self._timer = None
+                self.close("idle timeout")
+                return
+        self._timer = self.reactor.callLater(
+            self.listener.timeouts.idle / IDLE_CHECKS, self._checkIdle
+        )
+
+    def _cancelTimer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _proxyStopping(self) -> bool:
+        """
+        Whether the process is stopping; if so, end the flow at once.
+
+        The reactor then drops every socket it watches without reporting
+        the rest (a paused side, an abort still pending) closing, so the
+        first loss reported is the only chance to write the access line.
+        """
+        if self.reactor.running:
+            return False
+        self._because("proxy stopped")
+        self._dialing = False
+        self._hosts = []
+        self._connector = None
+        self._clientOpen = self._targetOpen = False
+        self._maybeEnded()
+        return True
+
+    def _because(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+
+    def _maybeEnded(self) -> None:
+        if self._ended or self._clientOpen or self._targetOpen:
+            return
+        self._ended = True
+        self._cancelTimer()
+        self.service.flowEnded(self, self.reason or self._finishedFirst or "closed")
+
+    def close(self, reason: str) -> None:
+        """
+        End the flow now, dropping whatever is still buffered either way.
+        """
+        self._because(reason)
+        self._stopDialing()
+        if self._targetOpen:
+            self.targetTransport.abortConnection()
+        if self._clientOpen:
+            self.transport.abortConnection()
