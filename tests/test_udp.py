@@ -21,7 +21,6 @@ from twistedproxy.model import Listener, Target, Timeouts
 from twistedproxy.udp import (
     DRAIN,
     RESOLVING_QUEUE,
-    Session,
     UDPListener,
     connectDatagrams,
     listenDatagrams,
