@@ -1,0 +1,696 @@
+"""
+UDP forwarding: one listening socket per UDP listener, and a session per
+client with a socket of its own connected to the target.
+
+A client's first datagram opens its L{Session}.  The session's socket is
+connected to the target, so the target sees one stable source port per
+client, and a reply arriving on that socket belongs to that client without
+any lookup.  Replies leave through the listening socket, from the address
+and port the client sent to: a listener bound to a wildcard address learns
+that address from C{IP_PKTINFO} / C{IPV6_PKTINFO} on every datagram and
+gives it back to C{sendmsg}.
+
+Sockets never block and are read by the injected reactor (an
+L{IReactorFDSet}).  Each readiness event drains at most L{DRAIN} datagrams
+from one socket, so a client that floods the proxy leaves every other
+socket its turn.  Sessions end after C{udp_timeout} without a datagram
+either way; one sweep per listener, scheduled for the earliest moment a
+session could have expired, finds them, so nothing is scheduled per
+datagram.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Optional
+
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import (
+    IHalfCloseableDescriptor,
+    IReadDescriptor,
+    IResolutionReceiver,
+)
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from twistedproxy.listener import (
+    IFlow,
+    ListenerService,
+    clientAddress,
+    listeningSocketOptions,
+    nextFlowId,
+)
+from twistedproxy.model import ANY_IPV4, ANY_IPV6, Listener
+
+log = Logger(namespace="portproxy")
+
+#: Read size of every socket: the largest datagram the kernel can hand over,
+#: so nothing is ever truncated (Twisted's C{listenUDP} default is 8192).
+MAX_DATAGRAM = 65535
+
+#: Datagrams read from one socket per readiness event.
+DRAIN = 64
+
+#: Requested receive and send buffer of a listening socket, which carries
+#: every client of the listener; the kernel caps it at C{net.core.rmem_max}
+#: / C{wmem_max}.  Session sockets keep the system default.
+LISTENING_BUFFER = 4 * 1024 * 1024
+
+#: Datagrams a session holds while its target's host name is resolved;
+#: later ones are dropped, as a full network queue would.
+RESOLVING_QUEUE = 8
+
+#: Two sweeps of a listener are at least the shorter of SWEEP_GAP seconds
+#: and SWEEP_FRACTION of the shortest session timeout apart: the most a
+#: session outlives its timeout.
+SWEEP_GAP = 1.0
+SWEEP_FRACTION = 0.1
+
+#: Messages that a flood could repeat (rejections, failed sessions) are
+#: logged at most once per this many seconds per listener.
+NOTICE_INTERVAL = 1.0
+
+# Python 3.11 does not export it; the value is Linux's.
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+_IN_PKTINFO_SIZE = 12
+_IN6_PKTINFO_SIZE = 20
+_NO_INTERFACE = bytes(4)
+
+
+@implementer(IReadDescriptor, IHalfCloseableDescriptor)
+class DatagramSocket:
+    """
+    A non-blocking datagram socket read by the reactor.
+
+    @ivar receiver: what the datagrams read are given to.
+    """
+
+    def __init__(self, reactor, skt: socket.socket, receiver) -> None:
+        self.reactor = reactor
+        self.socket = skt
+        self.receiver = receiver
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def logPrefix(self) -> str:
+        return type(self).__name__
+
+    def startReading(self) -> None:
+        self.reactor.addReader(self)
+
+    def stopReading(self) -> None:
+        self.reactor.removeReader(self)
+
+    def close(self) -> None:
+        self.reactor.removeReader(self)
+        self.socket.close()
+
+    def readConnectionLost(self, reason) -> None:
+        """
+        The reactor saw an error condition and no data, and stopped reading.
+        On a UDP socket that is an ICMP error for an earlier datagram (the
+        target not listening yet), not an end: reading consumes the error,
+        and reading goes on.
+        """
+        self.doRead()
+        self.startReading()
+
+    def writeConnectionLost(self, reason) -> None:
+        pass
+
+    def connectionLost(self, reason) -> None:
+        # Only a bug in doRead gets here; the socket is useless afterwards.
+        log.failure("UDP socket lost", reason)
+        self.socket.close()
+
+
+class ListeningPort(DatagramSocket):
+    """
+    The listening socket of a listener bound to one address: datagrams are
+    given to C{receiver.datagramReceived(data, client, None)}.
+    """
+
+    def doRead(self) -> None:
+        recvfrom = self.socket.recvfrom
+        received = self.receiver.datagramReceived
+        for _ in range(DRAIN):
+            try:
+                data, client = recvfrom(MAX_DATAGRAM)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                log.warn("UDP receive failed: {error}", error=e)
+                return
+            try:
+                received(data, client, None)
+            except Exception:
+                log.failure("UDP datagram from {client}", client=client)
+
+    def replyRoute(self, local) -> None:
+        """
+        What L{write} needs to answer from C{local}: nothing, the socket's
+        own address is the one the client sent to.
+        """
+        return None
+
+    def write(self, data: bytes, client, route) -> None:
+        self.socket.sendto(data, client)
+
+
+class PacketInfoPort(ListeningPort):
+    """
+    The listening socket of a wildcard listener: every datagram comes with
+    the local address it was sent to (C{IP_PKTINFO} / C{IPV6_PKTINFO}),
+    given to C{receiver.datagramReceived(data, client, local)} as bytes,
+    and a reply goes out from that address.
+    """
+
+    def __init__(self, reactor, skt: socket.socket, receiver) -> None:
+        DatagramSocket.__init__(self, reactor, skt, receiver)
+        if skt.family == socket.AF_INET6:
+            self._level, self._type = socket.IPPROTO_IPV6, socket.IPV6_PKTINFO
+            self._ancillarySize = socket.CMSG_SPACE(_IN6_PKTINFO_SIZE)
+        else:
+            self._level, self._type = socket.IPPROTO_IP, IP_PKTINFO
+            self._ancillarySize = socket.CMSG_SPACE(_IN_PKTINFO_SIZE)
+
+    def doRead(self) -> None:
+        recvmsg = self.socket.recvmsg
+        received = self.receiver.datagramReceived
+        ancillarySize = self._ancillarySize
+        ipv6 = self._level == socket.IPPROTO_IPV6
+        for _ in range(DRAIN):
+            try:
+                data, ancillary, flags, client = recvmsg(MAX_DATAGRAM, ancillarySize)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                log.warn("UDP receive failed: {error}", error=e)
+                return
+            local = None
+            for level, kind, info in ancillary:
+                if ipv6:
+                    # in6_pktinfo: the destination address and the interface,
+                    # which a link-local address needs to be usable.
+                    local = info
+                else:
+                    # in_pktinfo: ifindex, spec_dst, addr.  spec_dst is the
+                    # local address to answer from (the destination itself,
+                    # or the interface's address for a broadcast).
+                    local = info[4:8]
+            try:
+                received(data, client, local)
+            except Exception:
+                log.failure("UDP datagram from {client}", client=client)
+
+    def replyRoute(self, local: Optional[bytes]):
+        """
+        The ancillary data that makes C{sendmsg} answer from C{local}.
+        """
+        if local is None:
+            return None
+        if self._level == socket.IPPROTO_IP:
+            # No interface: let routing pick it, only the source is fixed.
+            local = _NO_INTERFACE + local + _NO_INTERFACE
+        return [(self._level, self._type, local)]
+
+    def write(self, data: bytes, client, route) -> None:
+        if route is None:
+            self.socket.sendto(data, client)
+        else:
+            self.socket.sendmsg([data], route, 0, client)
+
+
+class SessionPort(DatagramSocket):
+    """
+    A session's socket, connected to the target: replies are given to
+    C{receiver.replyReceived(data)}; L{write} is the socket's C{send}, and
+    raises what it raises.
+    """
+
+    def __init__(self, reactor, skt: socket.socket, receiver) -> None:
+        DatagramSocket.__init__(self, reactor, skt, receiver)
+        self.write = skt.send
+
+    def doRead(self) -> None:
+        recv = self.socket.recv
+        received = self.receiver.replyReceived
+        for _ in range(DRAIN):
+            try:
+                data = recv(MAX_DATAGRAM)
+            except BlockingIOError:
+                return
+            except OSError:
+                # An ICMP error for an earlier datagram (nothing listening
+                # at the target yet, host unreachable): reading consumed it,
+                # and the session goes on.
+                continue
+            try:
+                received(data)
+            except Exception:
+                log.failure("UDP reply")
+
+
+def listenDatagrams(reactor, host: str, port: int, receiver) -> ListeningPort:
+    """
+    Bind a listening UDP socket on C{host:port} and start reading it.
+
+    @raise CannotListenError: when the socket cannot be bound.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    wildcard = host in (ANY_IPV4, ANY_IPV6)
+    try:
+        skt = socket.socket(family, socket.SOCK_DGRAM)
+    except OSError as e:
+        raise CannotListenError(host, port, e)
+    try:
+        skt.setblocking(False)
+        listeningSocketOptions(skt, host)
+        skt.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTENING_BUFFER)
+        skt.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LISTENING_BUFFER)
+        if wildcard and family == socket.AF_INET6:
+            skt.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+        elif wildcard:
+            skt.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        skt.bind((host, port))
+    except OSError as e:
+        skt.close()
+        raise CannotListenError(host, port, e)
+    kind = PacketInfoPort if wildcard else ListeningPort
+    return kind(reactor, skt, receiver)
+
+
+def connectDatagrams(reactor, family: int, address: tuple, receiver) -> SessionPort:
+    """
+    Open a UDP socket connected to C{address} and start reading it.
+
+    @raise OSError: when no socket can be opened (out of file descriptors)
+        or the target is unreachable.
+    """
+    skt = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        skt.setblocking(False)
+        skt.connect(address)
+    except BaseException:
+        skt.close()
+        raise
+    port = SessionPort(reactor, skt, receiver)
+    port.startReading()
+    return port
+
+
+@implementer(IFlow)
+class Session:
+    """
+    One client of a UDP listener and its socket connected to the target.
+
+    @ivar listener: the L{Listener} settings it opened under; a reconfigured
+        listener leaves them alone.
+    @ivar key: its key in L{UDPListener.sessions}.
+    @ivar lastActive: reactor seconds of the last datagram either way.
+    @ivar port: the socket connected to the target; L{None} while the
+        target's host name is being resolved.
+    """
+
+    __slots__ = (
+        "id",
+        "listener",
+        "client",
+        "started",
+        "bytesIn",
+        "bytesOut",
+        "key",
+        "clientAddress",
+        "lastActive",
+        "timeout",
+        "port",
+        "pending",
+        "closed",
+        "_owner",
+        "_reply",
+        "_route",
+        "_seconds",
+    )
+
+    def __init__(self, owner: UDPListener, key, client, route) -> None:
+        self.id = nextFlowId()
+        self.listener = owner.listener
+        self.client = clientAddress(client)
+        self._seconds = owner.reactor.seconds
+        self.started = self.lastActive = self._seconds()
+        self.bytesIn = 0
+        self.bytesOut = 0
+        self.key = key
+        self.clientAddress = client
+        self.timeout = self.listener.timeouts.udp
+        self.port = None
+        self.pending: list[bytes] = []
+        self.closed = False
+        self._owner = owner
+        self._reply = owner.port.write
+        self._route = route
+
+    def send(self, data: bytes) -> None:
+        """
+        Forward a datagram from the client to the target.
+        """
+        self.lastActive = self._seconds()
+        self.bytesIn += len(data)
+        port = self.port
+        if port is None:
+            if len(self.pending) < RESOLVING_QUEUE:
+                self.pending.append(data)
+            return
+        try:
+            port.write(data)
+        except ConnectionRefusedError:
+            # A stale ICMP error from an earlier datagram (the target was
+            # not listening then) failed this send, which never left: try
+            # once more, so that the first datagram after the target starts
+            # listening gets through.
+            try:
+                port.write(data)
+            except OSError:
+                pass
+        except OSError:
+            # Send buffer full or the target unreachable: the datagram is
+            # lost, as it could be on any network; the session goes on.
+            pass
+
+    def replyReceived(self, data: bytes) -> None:
+        """
+        Forward a datagram from the target to the client, from the address
+        the client sent to.
+        """
+        self.lastActive = self._seconds()
+        self.bytesOut += len(data)
+        try:
+            self._reply(data, self.clientAddress, self._route)
+        except OSError:
+            pass
+
+    def connected(self, port: SessionPort) -> None:
+        """
+        The target's host name is resolved and C{port} connected to it:
+        forward what the client sent meanwhile.
+        """
+        self.port = port
+        pending, self.pending = self.pending, []
+        for data in pending:
+            # Counted when it arrived.
+            self.bytesIn -= len(data)
+            self.send(data)
+
+    def close(self, reason: str) -> None:
+        """
+        End the session: close its socket and write its access line.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        if self.port is not None:
+            self.port.close()
+        self._owner.sessionEnded(self, reason)
+
+
+@implementer(IResolutionReceiver)
+class _TargetResolution:
+    """
+    Connects a session once its target's host name resolves.
+    """
+
+    def __init__(self, owner: UDPListener, session: Session) -> None:
+        self.owner = owner
+        self.session = session
+        self.address = None
+
+    def resolutionBegan(self, resolution) -> None:
+        pass
+
+    def addressResolved(self, address) -> None:
+        if self.address is None:
+            self.address = address
+
+    def resolutionComplete(self) -> None:
+        self.owner.targetResolved(self.session, self.address)
+
+
+class UDPListener(ListenerService):
+    """
+    A UDP listening socket and its sessions, one per client.
+
+    @ivar sessions: open sessions by client key: the client's address, and
+        for a wildcard listener also the local address it sent to.
+    @ivar port: the listening socket, L{None} until L{bind}.
+    """
+
+    proto = "udp"
+
+    def __init__(self, listener: Listener, reactor) -> None:
+        ListenerService.__init__(self, listener, reactor)
+        self.sessions: dict = {}
+        self.port = None
+        self._sweep = None
+        self._noticed: dict[str, float] = {}
+        self._unnoticed: dict[str, int] = {}
+        self._readTarget()
+
+    # -- sockets: the two places that touch the network ------------------
+
+    def openListeningPort(self):
+        """
+        Bind the listening socket; its datagrams come to
+        L{datagramReceived}.
+        """
+        return listenDatagrams(self.reactor, self.listener.host, self.listener.port, self)
+
+    def openSessionPort(self, session: Session, family: int, address: tuple):
+        """
+        Open C{session}'s socket connected to the target at C{address}; its
+        datagrams come to L{Session.replyReceived}.
+
+        @raise OSError: when that fails.
+        """
+        return connectDatagrams(self.reactor, family, address, session)
+
+    # -- lifecycle -----------------------------------------------------
+
+    @property
+    def bound(self) -> bool:
+        return self.port is not None
+
+    def bind(self) -> None:
+        self.port = self.openListeningPort()
+
+    def startService(self) -> None:
+        ListenerService.startService(self)
+        if not self.bound:
+            self.bind()
+        self.port.startReading()
+
+    def stopService(self) -> None:
+        """
+        Close the listening socket and every session.
+        """
+        ListenerService.stopService(self)
+        if self.port is not None:
+            self.port.close()
+            self.port = None
+        for session in list(self.sessions.values()):
+            session.close("listener closed")
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = None
+
+    def reconfigure(self, listener: Listener) -> None:
+        ListenerService.reconfigure(self, listener)
+        self._readTarget()
+
+    def disable(self) -> None:
+        """
+        Drop datagrams from new clients; open sessions go on.
+        """
+        self.enabled = False
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def _readTarget(self) -> None:
+        target = self.listener.target
+        if isIPAddress(target.host):
+            self._targetAddress = (socket.AF_INET, (target.host, target.port))
+        elif isIPv6Address(target.host):
+            self._targetAddress = (socket.AF_INET6, (target.host, target.port))
+        else:
+            self._targetAddress = None
+
+    # -- datagrams -----------------------------------------------------
+
+    def datagramReceived(self, data: bytes, client, local) -> None:
+        """
+        A datagram from C{client}, sent to C{local} (L{None} when the
+        listener is bound to one address): forward it in the client's
+        session, opening one when there is none.
+        """
+        key = client if local is None else (client, local)
+        session = self.sessions.get(key)
+        if session is None:
+            session = self.openSession(key, client, local)
+            if session is None:
+                return
+        session.send(data)
+
+    def openSession(self, key, client, local) -> Optional[Session]:
+        """
+        Open a session for C{client}, or say why not and return L{None}.
+        """
+        if not self.enabled:
+            self.rejected(clientAddress(client), "listener disabled")
+            return None
+        if self.full():
+            self.rejected(
+                clientAddress(client),
+                f"max_connections ({self.listener.maxConnections}) reached",
+            )
+            return None
+        session = Session(self, key, client, self.port.replyRoute(local))
+        if self._targetAddress is not None:
+            family, address = self._targetAddress
+            try:
+                session.port = self.openSessionPort(session, family, address)
+            except OSError as e:
+                self._sessionFailed(session, e)
+                return None
+        else:
+            self.reactor.nameResolver.resolveHostName(
+                _TargetResolution(self, session),
+                session.listener.target.host,
+                session.listener.target.port,
+                transportSemantics="UDP",
+            )
+        self.sessions[key] = session
+        self.flowStarted(session)
+        self._sweepBy(session.lastActive + session.timeout)
+        return session
+
+    def targetResolved(self, session: Session, address) -> None:
+        """
+        C{session}'s target host name resolved to C{address} (L{None} when
+        it did not resolve).
+        """
+        if session.closed:
+            return
+        target = session.listener.target
+        if address is None:
+            session.close(f"cannot resolve {target.host}")
+            return
+        if isIPv6Address(address.host):
+            family = socket.AF_INET6
+            where = (address.host, target.port, address.flowInfo, address.scopeID)
+        else:
+            family = socket.AF_INET
+            where = (address.host, target.port)
+        try:
+            port = self.openSessionPort(session, family, where)
+        except OSError as e:
+            session.close(f"cannot open a socket to {target}: {e.strerror}")
+            return
+        session.connected(port)
+
+    def sessionEnded(self, session: Session, reason: str) -> None:
+        """
+        Forget a closed session and write its access line.
+        """
+        if self.sessions.get(session.key) is session:
+            del self.sessions[session.key]
+        self.flowEnded(session, reason)
+
+    def _sessionFailed(self, session: Session, error: OSError) -> None:
+        if error.errno in (errno.EMFILE, errno.ENFILE):
+            why = "out of file descriptors"
+        else:
+            why = error.strerror or str(error)
+        self.notice(
+            "session",
+            "udp {mapping} dropped a datagram from {client}: cannot open a "
+            "socket to {target}: {why}",
+            mapping=self.listener.mapping,
+            client=session.client,
+            target=self.listener.target,
+            why=why,
+        )
+
+    def rejected(self, client: str, reason: str) -> None:
+        """
+        Count a datagram dropped because it would open a session that may
+        not open; a flood of them is logged once a second, not once each.
+        """
+        self.counters.rejected += 1
+        self.notice(
+            "rejected",
+            "udp {mapping} rejected {client}: {reason}",
+            mapping=self.listener.mapping,
+            client=client,
+            reason=reason,
+        )
+
+    def notice(self, kind: str, format: str, **kw) -> None:
+        """
+        Log C{format} unless a message of the same C{kind} was logged less
+        than L{NOTICE_INTERVAL} ago; the next one logged says how many were
+        left out meanwhile.
+        """
+        now = self.reactor.seconds()
+        if now < self._noticed.get(kind, float("-inf")) + NOTICE_INTERVAL:
+            self._unnoticed[kind] = self._unnoticed.get(kind, 0) + 1
+            return
+        self._noticed[kind] = now
+        unnoticed = self._unnoticed.pop(kind, 0)
+        if unnoticed:
+            format += " (and {unnoticed} more not logged)"
+        log.info(format, unnoticed=unnoticed, **kw)
+
+    # -- expiry --------------------------------------------------------
+
+    def _sweepBy(self, when: float) -> None:
+        """
+        Make sure a sweep runs at C{when} or earlier.
+        """
+        sweep = self._sweep
+        if sweep is not None and sweep.active():
+            if sweep.getTime() <= when:
+                return
+            sweep.cancel()
+        self._sweep = self.reactor.callLater(
+            max(0.0, when - self.reactor.seconds()), self._expire
+        )
+
+    def _expire(self) -> None:
+        """
+        End the sessions that were quiet for their timeout, and schedule
+        the next sweep for when the next one could expire.
+        """
+        self._sweep = None
+        now = self.reactor.seconds()
+        quiet = []
+        due = None
+        gap = SWEEP_GAP
+        for session in self.sessions.values():
+            expires = session.lastActive + session.timeout
+            if expires <= now:
+                quiet.append(session)
+            else:
+                if due is None or expires < due:
+                    due = expires
+                gap = min(gap, session.timeout * SWEEP_FRACTION)
+        for session in quiet:
+            session.close(f"no datagram for {_seconds(session.timeout)}")
+        if due is not None:
+            self._sweepBy(max(due, now + gap))
+
+
+def _seconds(duration: float) -> str:
+    return f"{duration:g}s"
