@@ -100,6 +100,7 @@ typedef struct Flow {
     uint8_t readable[2], writable[2];
     uint8_t dead;
     uint8_t registered;              /* in the engine's epoll set */
+    uint8_t lastRead;                /* direction of the last bytes read, 2: none yet */
     const char *finishedFirst;       /* "client closed" / "target closed" */
     Direction dir[2];                /* 0: client->target, 1: target->client */
 } Flow;
@@ -149,6 +150,7 @@ typedef struct {
     double now;
     double nextSweep;
     uint64_t batchBytes;  /* moved in the current event batch */
+    int batchTurns;       /* a flow in this batch turned direction */
     PooledPipe pool[PIPE_POOL];
     int poolCount;
     int endedSinceWake;
@@ -510,6 +512,13 @@ pumpDirection(Engine *e, Flow *f, int d)
                 if (n > 0) {
                     __atomic_store_n(&dir->bytes, dir->bytes + (uint64_t)n, __ATOMIC_RELAXED);
                     f->lastActive = e->now;
+                    if (f->lastRead != d) {
+                        /* An answer to what went the other way: this flow
+                         * is request/response traffic. */
+                        if (f->lastRead != 2)
+                            e->batchTurns = 1;
+                        f->lastRead = (uint8_t)d;
+                    }
                     progress = 1;
                 } else if (n == 0) {
                     dir->eof = 1;
@@ -701,6 +710,7 @@ engineMain(void *arg)
         }
         e->now = monotonicNow();
         e->batchBytes = 0;
+        e->batchTurns = 0;
         for (int i = 0; i < n; i++) {
             uint64_t data = events[i].data.u64;
             if (data == 0) {
@@ -725,10 +735,13 @@ engineMain(void *arg)
                 f->writable[side] = 1;
             pumpFlow(e, f);
         }
-        /* Busy-poll only after small batches (request/response traffic);
-         * after bulk batches the thread sleeps, leaving the CPU to the
-         * peers that produce and consume the stream. */
-        if (n > 0 && e->busyPollSeconds > 0 && e->batchBytes < SPIN_MAX_BATCH)
+        /* Busy-poll only after a small batch in which a flow turned
+         * direction (request/response traffic, whose next turn is likely
+         * microseconds away).  A one-way stream never turns: the thread
+         * sleeps between its batches and leaves the CPU to the peers that
+         * produce and consume it, even when a starved sender makes its
+         * batches small. */
+        if (n > 0 && e->busyPollSeconds > 0 && e->batchTurns && e->batchBytes < SPIN_MAX_BATCH)
             spinUntil = preciseNow() + e->busyPollSeconds;
         else if (n > 0)
             spinUntil = 0;
@@ -959,6 +972,7 @@ Engine_adopt(Engine *self, PyObject *args)
     f->fd[CLIENT] = clientFd;
     f->fd[TARGET] = targetFd;
     f->idleTimeout = idleTimeout;
+    f->lastRead = 2;
     for (int d = 0; d < 2; d++)
         f->dir[d].pipeRead = f->dir[d].pipeWrite = -1;
 
