@@ -521,6 +521,33 @@ def test_stopClosesEveryFlow(engines):
 
 
 @needsEngine
+def test_quietEngineKeepsNoSpareDescriptors(engines):
+    """
+    The pipes of ended flows, kept for reuse, are closed once the engine
+    has been quiet for a sweep period: the process is back to its own
+    descriptors.
+    """
+    engine = engines()
+    warm = Flow(engine, 100)
+    warm.close()
+    waitEnded(engine)
+    before = len(os.listdir("/proc/self/fd"))
+    flows = [Flow(engine, i) for i in range(101, 121)]
+    for flow in flows:
+        flow.client.sendall(b"ping")
+        flow.target.sendall(b"pong")
+    for flow in flows:
+        assert recvExactly(flow.target, 4) == b"ping"
+        assert recvExactly(flow.client, 4) == b"pong"
+        flow.close()
+    waitEnded(engine, count=20)
+    deadline = time.monotonic() + 5
+    while len(os.listdir("/proc/self/fd")) > before:
+        assert time.monotonic() < deadline, "spare pipes kept"
+        time.sleep(0.1)
+
+
+@needsEngine
 def test_idleFlowsMemory(engines):
     """
     2000 idle flows that each carried a byte both ways cost the process

@@ -41,7 +41,8 @@
  * periodic sweep once empty and quiet for a sweep period, so an idle
  * connection costs one Flow (a couple of hundred bytes) and its two
  * sockets, no pipe.  Up to PIPE_POOL empty pipes are kept for the next
- * flows, so short connections do not pay pipe2() and F_SETPIPE_SZ each.
+ * flows, so short connections do not pay pipe2() and F_SETPIPE_SZ each;
+ * the sweep closes those unused for a sweep period.
  *
  * After a small batch in which a flow turned direction (an answer to a
  * request), the thread polls epoll for busyPoll microseconds before it
@@ -121,6 +122,7 @@ typedef struct Command {
 typedef struct PooledPipe {
     int pipeRead, pipeWrite;
     uint32_t capacity;
+    double pooledAt;  /* engine clock when it was given back */
 } PooledPipe;
 
 typedef struct Ended {
@@ -283,6 +285,7 @@ releaseChannel(Engine *e, Direction *d)
             p->pipeRead = d->pipeRead;
             p->pipeWrite = d->pipeWrite;
             p->capacity = d->capacity;
+            p->pooledAt = e->now;
         } else {
             close(d->pipeRead);
             close(d->pipeWrite);
@@ -654,6 +657,21 @@ runCommands(Engine *e)
 static void
 sweep(Engine *e)
 {
+    /* Pooled pipes unused for a sweep period are closed: the pool serves
+     * bursts of short connections, and a quiet proxy keeps no spare
+     * descriptors.  The oldest are at the bottom of the stack. */
+    int kept = 0;
+    for (int i = 0; i < e->poolCount; i++) {
+        PooledPipe *p = &e->pool[i];
+        if ((e->now - p->pooledAt) * 1000.0 >= SWEEP_MS) {
+            close(p->pipeRead);
+            close(p->pipeWrite);
+        } else {
+            e->pool[kept++] = *p;
+        }
+    }
+    e->poolCount = kept;
+
     Flow *f = e->live;
     while (f != NULL) {
         Flow *next = f->next;
