@@ -711,7 +711,7 @@ def test_handOffSendsNothing(reactor):
     assert recvAll(client) == b""
     spin(reactor, lambda: front.ends)
     assert front.ends == [(18, 8, "client closed")]
-    assert len(relay) == 0
+    assert relay.flowCount() == 0
     relay.stop()
     client.close()
     targetListener.close()

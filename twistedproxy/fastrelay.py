@@ -290,7 +290,10 @@ class FastRelay:
         """
         return self.engine.close(flowId)
 
-    def __len__(self) -> int:
+    def flowCount(self) -> int:
+        """
+        Flows handed to the engine whose C{onEnd} has not run yet.
+        """
         return len(self._onEnd)
 
     def stop(self) -> None:
