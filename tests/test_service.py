@@ -135,6 +135,7 @@ def makeProxy(initial, ipv6=True):
         listenerTypes={TCP: FakeListener, UDP: FakeListener},
         manholeType=FakeManhole,
         ipv6Available=lambda: ipv6,
+        relayEngine=lambda reactor: None,
     )
     return proxy, maps
 

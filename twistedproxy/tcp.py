@@ -15,6 +15,8 @@ connection stays at about two transport write buffers.
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import struct
 
@@ -30,17 +32,20 @@ from twisted.internet.error import (
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IResolutionReceiver,
+    IWriteDescriptor,
 )
 from twisted.internet.main import CONNECTION_DONE
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twistedproxy.fastrelay import EngineFlow, HandedOff
 from twistedproxy.listener import (
     IFlow,
     ListenerService,
     clientAddress,
     listeningSocketOptions,
+    log,
     nextFlowId,
 )
 from twistedproxy.model import TCP, Listener
@@ -56,6 +61,9 @@ IDLE_CHECKS = 4
 
 #: C{SO_LINGER} on, zero seconds: closing then sends a TCP reset.
 _LINGER_RESET = struct.pack("ii", 1, 0)
+
+#: accept() errors that concern one client only: take the next.
+_ACCEPT_AGAIN = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR)
 
 
 def listenBacklog(path: str = "/proc/sys/net/core/somaxconn") -> int:
@@ -125,6 +133,38 @@ class ListeningPort(tcp.Port):
         listeningSocketOptions(skt, self.interface)
         return skt
 
+    def doRead(self) -> None:
+        """
+        Accept clients.  While the relay engine is there and the target is
+        an address, a client goes straight to a L{Dial} and then to the
+        engine, with no Twisted transport or protocol built for it;
+        otherwise Twisted's own accept builds a L{Relay}.
+        """
+        service = self.factory.service
+        if service.fastRelay is None or not service.targetIsAddress:
+            tcp.Port.doRead(self)
+            return
+        accepted = 0
+        while accepted < self.numberAccepts:
+            try:
+                skt, address = self.socket.accept()
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno in _ACCEPT_AGAIN:
+                    continue
+                # Out of descriptors or memory, or worse: Twisted's accept
+                # knows how to shed the client and log it.
+                tcp.Port.doRead(self)
+                return
+            accepted += 1
+            service.dial(skt, address)
+        # Scaled as Twisted's own accept loop does.
+        if accepted == self.numberAccepts:
+            self.numberAccepts += 20
+        else:
+            self.numberAccepts = max(1, accepted)
+
     def pauseAccepting(self) -> None:
         """
         Refuse new connections, keeping the socket bound.
@@ -180,10 +220,51 @@ class TCPListener(ListenerService):
 
     proto = TCP
 
+    #: The relay engine (L{twistedproxy.fastrelay.FastRelay}) that takes
+    #: established connections, or L{None} to relay them in Python; the
+    #: root service sets it.
+    fastRelay = None
+
     def __init__(self, listener: Listener, reactor, backlog: int | None = None) -> None:
         ListenerService.__init__(self, listener, reactor)
         self.backlog = listenBacklog() if backlog is None else backlog
         self._port: ListeningPort | None = None
+        self.targetIsAddress = _isAddress(listener.target.host)
+
+    def reconfigure(self, listener: Listener) -> None:
+        ListenerService.reconfigure(self, listener)
+        self.targetIsAddress = _isAddress(listener.target.host)
+
+    def dial(self, skt: socket.socket, address) -> None:
+        """
+        A client accepted for the relay engine: connect to the target
+        (an address), and hand both sockets to the engine when it answers.
+        """
+        if self.full():
+            skt.close()
+            self.rejected(
+                clientAddress(address),
+                f"max_connections {self.listener.maxConnections} reached",
+            )
+            return
+        Dial(self, skt, address).start()
+
+    def handOff(self, flow: IFlow, clientFd: int, targetFd: int) -> bool:
+        """
+        Give a flow's two connected socket descriptors to the relay engine;
+        an L{EngineFlow} takes C{flow}'s place from then on.
+
+        @return: whether the engine took them (else the caller still owns
+            the descriptors).
+        """
+        relay = self.fastRelay
+        engineFlow = EngineFlow(relay, flow, self.flowEnded)
+        if not relay.adoptDescriptors(
+            clientFd, targetFd, flow.id, flow.listener.timeouts.idle, engineFlow._ended
+        ):
+            return False
+        self.flows[flow.id] = engineFlow
+        return True
 
     @property
     def bound(self) -> bool:
@@ -234,6 +315,10 @@ class TCPListener(ListenerService):
             if self._port is not None:
                 self._port.resumeAccepting()
             self.enabled = True
+
+
+def _isAddress(host: str) -> bool:
+    return isIPAddress(host) or isIPv6Address(host)
 
 
 @implementer(IResolutionReceiver)
@@ -396,8 +481,9 @@ class Relay(Protocol):
         pass
 
     def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
-        if not self._clientOpen:
-            # A rejected client: it never was a flow.
+        if not self._clientOpen or reason.check(HandedOff):
+            # A rejected client (it never was a flow), or one the relay
+            # engine took over.
             return
         if self._proxyStopping():
             return
@@ -495,6 +581,8 @@ class Relay(Protocol):
         for side in (client, transport):
             side.setTcpNoDelay(True)
             side.setTcpKeepAlive(True)
+        if self._handOff():
+            return
         transport.registerProducer(client, True)
         client.registerProducer(transport, True)
         client.resumeProducing()
@@ -521,7 +609,7 @@ class Relay(Protocol):
         """
         The target connection is closed.
         """
-        if self._proxyStopping():
+        if reason.check(HandedOff) or self._proxyStopping():
             return
         self._targetOpen = False
         if not reason.check(ConnectionDone, ConnectionAborted):
@@ -531,6 +619,25 @@ class Relay(Protocol):
         elif self._clientOpen:
             flushAndClose(self.transport)
         self._maybeEnded()
+
+    def _handOff(self) -> bool:
+        """
+        Give both connections to the relay engine, when there is one and
+        nothing is buffered: an L{EngineFlow} then stands for this flow,
+        and this relay is done.
+        """
+        relay = self.service.fastRelay
+        if relay is None:
+            return False
+        engineFlow = relay.adoptFlow(
+            self, self.transport, self.targetTransport,
+            self.listener.timeouts.idle, self.service.flowEnded,
+        )
+        if engineFlow is None:
+            return False
+        self._ended = True
+        self.service.flows[self.id] = engineFlow
+        return True
 
     # -- ending -------------------------------------------------------------
 
@@ -599,3 +706,125 @@ class Relay(Protocol):
             self.targetTransport.abortConnection()
         if self._clientOpen:
             self.transport.abortConnection()
+
+
+@implementer(IFlow, IWriteDescriptor)
+class Dial:
+    """
+    A client accepted for the relay engine while the proxy connects to its
+    target: two plain sockets and a non-blocking connect the reactor
+    watches.  Nothing is read from the client meanwhile.  When the target
+    answers, both sockets go to the engine and an L{EngineFlow} takes this
+    flow's place; when it does not, the client is closed and the access
+    line says why.
+    """
+
+    __slots__ = (
+        "id", "listener", "client", "started", "bytesIn", "bytesOut",
+        "service", "_client", "_target", "_timer",
+    )
+
+    def __init__(self, service: TCPListener, skt: socket.socket, address) -> None:
+        self.service = service
+        self.listener = service.listener
+        self.client = clientAddress(address)
+        self.bytesIn = self.bytesOut = 0
+        self.id = nextFlowId()
+        self.started = service.reactor.seconds()
+        self._client = skt
+        self._target: socket.socket | None = None
+        self._timer = None
+
+    def start(self) -> None:
+        target = self.listener.target
+        family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
+        self.service.flowStarted(self)
+        try:
+            self._target = socket.socket(family, socket.SOCK_STREAM)
+            self._target.setblocking(False)
+            status = self._target.connect_ex((target.host, target.port))
+        except OSError as e:
+            self._fail((e.strerror or str(e)).lower())
+            return
+        if status not in (0, errno.EINPROGRESS):
+            self._fail(os.strerror(status).lower())
+            return
+        reactor = self.service.reactor
+        self._timer = reactor.callLater(self.listener.timeouts.connect, self._timedOut)
+        reactor.addWriter(self)
+
+    # -- IWriteDescriptor -----------------------------------------------------
+
+    def fileno(self) -> int:
+        return self._target.fileno() if self._target is not None else -1
+
+    def logPrefix(self) -> str:
+        return "portproxy"
+
+    def doWrite(self) -> None:
+        """
+        The connect finished, one way or the other.
+        """
+        self.service.reactor.removeWriter(self)
+        status = self._target.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if status:
+            self._fail(os.strerror(status).lower())
+            return
+        self._cancelTimer()
+        client, target = self._client, self._target
+        for side in (client, target):
+            side.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            side.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        clientFd, targetFd = client.detach(), target.detach()
+        self._client = self._target = None
+        if not self.service.handOff(self, clientFd, targetFd):
+            os.close(clientFd)
+            os.close(targetFd)
+            self.service.flowEnded(self, "relay engine refused the connection")
+
+    def connectionLost(self, reason: Failure) -> None:
+        """
+        The reactor dropped the connect: it failed (epoll reports a
+        refused connect as a hang-up, not as writable) or the proxy is
+        stopping.
+        """
+        if self._target is None:
+            return
+        status = self._target.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if status:
+            self._fail(os.strerror(status).lower())
+        elif not self.service.running:
+            self._end("proxy stopped")
+        else:
+            self._fail(reason.getErrorMessage())
+
+    # -- ending ---------------------------------------------------------------
+
+    def _timedOut(self) -> None:
+        self._timer = None
+        self._fail(f"timed out after {self.listener.timeouts.connect:g}s")
+
+    def _fail(self, why: str) -> None:
+        self._end(f"connect failed: {why}")
+
+    def close(self, reason: str) -> None:
+        """
+        End the flow now (from the manhole), before the target answered.
+        """
+        self._end(reason)
+
+    def _end(self, reason: str) -> None:
+        self._cancelTimer()
+        if self._target is not None:
+            self.service.reactor.removeWriter(self)
+            self._target.close()
+            self._target = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        self.service.flowEnded(self, reason)
+
+    def _cancelTimer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
