@@ -131,6 +131,10 @@ class ListeningPort(tcp.Port):
     def createInternetSocket(self) -> socket.socket:
         skt = tcp.Port.createInternetSocket(self)
         listeningSocketOptions(skt, self.interface)
+        # Accepted sockets inherit these from the listening socket (Linux),
+        # so a client costs no system call for them.
+        skt.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        skt.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         return skt
 
     def doRead(self) -> None:
@@ -145,9 +149,12 @@ class ListeningPort(tcp.Port):
             tcp.Port.doRead(self)
             return
         accepted = 0
+        # socket._accept gives the bare descriptor: the client's socket goes
+        # to the engine without a Python socket object ever being built.
+        accept = self.socket._accept
         while accepted < self.numberAccepts:
             try:
-                skt, address = self.socket.accept()
+                clientFd, address = accept()
             except BlockingIOError:
                 break
             except OSError as e:
@@ -158,7 +165,7 @@ class ListeningPort(tcp.Port):
                 tcp.Port.doRead(self)
                 return
             accepted += 1
-            service.dial(skt, address)
+            service.dial(clientFd, address)
         # Scaled as Twisted's own accept loop does.
         if accepted == self.numberAccepts:
             self.numberAccepts += 20
@@ -235,19 +242,20 @@ class TCPListener(ListenerService):
         ListenerService.reconfigure(self, listener)
         self.targetIsAddress = _isAddress(listener.target.host)
 
-    def dial(self, skt: socket.socket, address) -> None:
+    def dial(self, clientFd: int, address) -> None:
         """
-        A client accepted for the relay engine: connect to the target
-        (an address), and hand both sockets to the engine when it answers.
+        A client accepted for the relay engine (its bare descriptor):
+        connect to the target, an address, and hand both sockets to the
+        engine when it answers.
         """
         if self.full():
-            skt.close()
+            os.close(clientFd)
             self.rejected(
                 clientAddress(address),
                 f"max_connections {self.listener.maxConnections} reached",
             )
             return
-        Dial(self, skt, address).start()
+        Dial(self, clientFd, address).start()
 
     def handOff(self, flow: IFlow, clientFd: int, targetFd: int) -> bool:
         """
@@ -712,26 +720,27 @@ class Relay(Protocol):
 class Dial:
     """
     A client accepted for the relay engine while the proxy connects to its
-    target: two plain sockets and a non-blocking connect the reactor
-    watches.  Nothing is read from the client meanwhile.  When the target
-    answers, both sockets go to the engine and an L{EngineFlow} takes this
-    flow's place; when it does not, the client is closed and the access
-    line says why.
+    target: the client's bare descriptor, a non-blocking socket to the
+    target and, unless the connect completed at once (as on loopback), the
+    reactor watching it.  Nothing is read from the client meanwhile.  When
+    the target answers, both descriptors go to the engine and an
+    L{EngineFlow} takes this flow's place; when it does not, the client is
+    closed and the access line says why.
     """
 
     __slots__ = (
         "id", "listener", "client", "started", "bytesIn", "bytesOut",
-        "service", "_client", "_target", "_timer",
+        "service", "_clientFd", "_target", "_timer",
     )
 
-    def __init__(self, service: TCPListener, skt: socket.socket, address) -> None:
+    def __init__(self, service: TCPListener, clientFd: int, address) -> None:
         self.service = service
         self.listener = service.listener
         self.client = clientAddress(address)
         self.bytesIn = self.bytesOut = 0
         self.id = nextFlowId()
         self.started = service.reactor.seconds()
-        self._client = skt
+        self._clientFd = clientFd
         self._target: socket.socket | None = None
         self._timer = None
 
@@ -740,18 +749,37 @@ class Dial:
         family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
         self.service.flowStarted(self)
         try:
-            self._target = socket.socket(family, socket.SOCK_STREAM)
-            self._target.setblocking(False)
-            status = self._target.connect_ex((target.host, target.port))
+            self._target = skt = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            status = skt.connect_ex((target.host, target.port))
+            if status == errno.EINPROGRESS:
+                # On loopback the handshake is done inside connect(): then
+                # there is nothing to wait for.
+                status = skt.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if status == 0 and not _isConnected(skt):
+                    status = errno.EINPROGRESS
         except OSError as e:
             self._fail((e.strerror or str(e)).lower())
             return
-        if status not in (0, errno.EINPROGRESS):
+        if status == 0:
+            self._connected()
+        elif status == errno.EINPROGRESS:
+            reactor = self.service.reactor
+            self._timer = reactor.callLater(self.listener.timeouts.connect, self._timedOut)
+            reactor.addWriter(self)
+        else:
             self._fail(os.strerror(status).lower())
-            return
-        reactor = self.service.reactor
-        self._timer = reactor.callLater(self.listener.timeouts.connect, self._timedOut)
-        reactor.addWriter(self)
+
+    def _connected(self) -> None:
+        self._cancelTimer()
+        target, self._target = self._target, None
+        target.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        target.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        targetFd = target.detach()
+        clientFd, self._clientFd = self._clientFd, -1
+        if not self.service.handOff(self, clientFd, targetFd):
+            os.close(clientFd)
+            os.close(targetFd)
+            self.service.flowEnded(self, "relay engine refused the connection")
 
     # -- IWriteDescriptor -----------------------------------------------------
 
@@ -769,18 +797,8 @@ class Dial:
         status = self._target.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if status:
             self._fail(os.strerror(status).lower())
-            return
-        self._cancelTimer()
-        client, target = self._client, self._target
-        for side in (client, target):
-            side.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            side.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        clientFd, targetFd = client.detach(), target.detach()
-        self._client = self._target = None
-        if not self.service.handOff(self, clientFd, targetFd):
-            os.close(clientFd)
-            os.close(targetFd)
-            self.service.flowEnded(self, "relay engine refused the connection")
+        else:
+            self._connected()
 
     def connectionLost(self, reason: Failure) -> None:
         """
@@ -819,12 +837,21 @@ class Dial:
             self.service.reactor.removeWriter(self)
             self._target.close()
             self._target = None
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        if self._clientFd >= 0:
+            os.close(self._clientFd)
+            self._clientFd = -1
         self.service.flowEnded(self, reason)
 
     def _cancelTimer(self) -> None:
         timer, self._timer = self._timer, None
         if timer is not None and timer.active():
             timer.cancel()
+
+
+def _isConnected(skt: socket.socket) -> bool:
+    try:
+        skt.getpeername()
+    except OSError:
+        return False
+    return True
+
