@@ -255,10 +255,19 @@ class ProxyService(MultiService):
 
     def enable(self, name: str) -> None:
         """
-        Accept again on mapping C{name}'s listeners.
+        Accept again on mapping C{name}'s listeners.  Every listener is
+        tried; if some cannot listen again (another socket took the
+        address meanwhile), the first such error is raised after the rest
+        are enabled.
         """
+        failures = []
         for service in self._mappingListeners(name):
-            service.enable()
+            try:
+                service.enable()
+            except CannotListenError as e:
+                failures.append(e)
+        if failures:
+            raise failures[0]
 
     # -- manhole -------------------------------------------------------
 
