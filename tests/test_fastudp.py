@@ -332,13 +332,13 @@ def test_activityDelaysExpiry(bench):
     b = bench()
     c = b.client()
     c.sendto(b"ping", b.address)
-    flowId = b.openSession(nextEvents(b.engine)[0], timeout=0.4)
+    flowId = b.openSession(nextEvents(b.engine)[0], timeout=0.6)
     _, source = b.target.recvfrom(100)
-    for _ in range(6):
+    for _ in range(10):
         b.target.sendto(b"pong", source)
         assert c.recv(100) == b"pong"
         time.sleep(0.15)
-    assert b.engine.counters(flowId) == (4, 24)
+    assert b.engine.counters(flowId) == (4, 40)
     assert b.engine.events() == []
 
 

@@ -522,11 +522,9 @@ readSession(Engine *self, Session *s, int64_t now)
             if (errno == EAGAIN || errno == EWOULDBLOCK)
                 return;
             /* An ICMP error for an earlier datagram (nothing listening at
-             * the target yet): reading consumed it, the session goes on. */
-            if (errno == ECONNREFUSED || errno == EHOSTUNREACH ||
-                errno == ENETUNREACH || errno == EINTR)
-                continue;
-            return;
+             * the target yet, host unreachable): reading consumed it, and
+             * the session goes on. */
+            continue;
         }
         s->last = now;
         s->bytesOut += (size_t)n;

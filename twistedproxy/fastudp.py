@@ -101,6 +101,9 @@ class UDPEngine:
                         owner.sessionExpired(flowId, bytesIn, bytesOut)
             except Exception:
                 log.failure("UDP engine event {event!r}", event=event[:2])
+                if event[0] == "new":
+                    # the client must not stay held for ever
+                    self.engine.dropPending(event[2])
 
     def connectionLost(self, reason) -> None:
         # Only a closed eventfd gets here, which only stop() does.
@@ -133,8 +136,10 @@ class UDPEngine:
 
         @return: the counters of the sessions ended, by flow id.
         """
-        self.doRead()
+        # Forgotten first, so that its new clients reported meanwhile are
+        # dropped rather than given sessions.
         self._listeners.pop(listenerId, None)
+        self.doRead()
         ended = {}
         for flowId, bytesIn, bytesOut in self.engine.removeListener(listenerId):
             self._flows.pop(flowId, None)

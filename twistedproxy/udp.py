@@ -551,7 +551,7 @@ class UDPListener(ListenerService):
         self._engineId = None
         self._readTarget()
 
-    # -- sockets: the two places that touch the network ------------------
+    # -- sockets: the places that touch the network ----------------------
 
     def openListeningPort(self):
         """
