@@ -554,9 +554,11 @@ class Resolver:
 
 
 @pytest.fixture
-def reactor():
+def reactor(monkeypatch):
     from twisted.internet.epollreactor import EPollReactor
 
+    # whatever the environment running the tests says
+    monkeypatch.setenv("PORTPROXY_FASTPATH", "1")
     reactor = EPollReactor()
     yield reactor
     engine = fastudp._engines.pop(id(reactor), None)
