@@ -153,10 +153,11 @@ nowMs(void)
 static uint64_t
 hashKey(const Key *k)
 {
-    const uint64_t *w = (const uint64_t *)k;
     uint64_t h = 0x9e3779b97f4a7c15ULL;
     for (size_t i = 0; i < sizeof(Key) / 8; i++) {
-        h ^= w[i];
+        uint64_t w;
+        memcpy(&w, (const char *)k + 8 * i, 8);
+        h ^= w;
         h *= 0xff51afd7ed558ccdULL;
         h ^= h >> 33;
     }
