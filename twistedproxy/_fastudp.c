@@ -394,6 +394,28 @@ sendToTarget(Session *s, const char *data, size_t len)
     }
 }
 
+/* Send msgs[0..count) on the session's socket with as few system calls as
+ * the kernel allows, each datagram refused by a stale ICMP error retried
+ * once as in sendToTarget. */
+static void
+sendRunToTarget(Session *s, struct mmsghdr *msgs, int count)
+{
+    int i = 0, retried = -1;
+    while (i < count) {
+        int sent = sendmmsg(s->fd, msgs + i, count - i, MSG_DONTWAIT);
+        if (sent > 0) {
+            i += sent;
+            continue;
+        }
+        if (sent < 0 && errno == ECONNREFUSED && retried != i) {
+            retried = i;
+            continue;
+        }
+        /* this datagram is lost, as on any network; the next ones go on */
+        i++;
+    }
+}
+
 static void
 holdDatagram(Engine *self, Listener *l, const Peer *peer, const char *data, size_t len)
 {
@@ -448,24 +470,41 @@ readListener(Engine *self, Listener *l, int64_t now)
     int n = recvmmsg(l->fd, msgs, DRAIN, MSG_DONTWAIT, NULL);
     if (n <= 0)
         return;
+    /* Consecutive datagrams of one session (a bulk sender) leave in one
+     * sendmmsg: msgs[runStart..i) are reused as the outgoing messages. */
     Session *last = NULL;
+    int runStart = 0;
     Peer peer;
     for (int i = 0; i < n; i++) {
         const char *data = iovs[i].iov_base;
         size_t len = msgs[i].msg_len;
         peerFromMessage(&peer, l, &msgs[i].msg_hdr);
         Session *s = last;
-        if (s == NULL || memcmp(&s->peer.key, &peer.key, sizeof peer.key) != 0)
+        if (s == NULL || memcmp(&s->peer.key, &peer.key, sizeof peer.key) != 0) {
+            if (last != NULL)
+                sendRunToTarget(last, msgs + runStart, i - runStart);
+            last = NULL;
             s = findSession(self, &peer.key);
+        }
         if (s == NULL) {
             holdDatagram(self, l, &peer, data, len);
             continue;
         }
+        if (last == NULL)
+            runStart = i;
         last = s;
         s->last = now;
         s->bytesIn += len;
-        sendToTarget(s, data, len);
+        /* the outgoing message: this datagram, to the connected target */
+        iovs[i].iov_len = len;
+        msgs[i].msg_hdr.msg_name = NULL;
+        msgs[i].msg_hdr.msg_namelen = 0;
+        msgs[i].msg_hdr.msg_control = NULL;
+        msgs[i].msg_hdr.msg_controllen = 0;
+        msgs[i].msg_hdr.msg_flags = 0;
     }
+    if (last != NULL)
+        sendRunToTarget(last, msgs + runStart, n - runStart);
 }
 
 static void
