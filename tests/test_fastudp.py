@@ -20,9 +20,11 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IHostnameResolver
 from twisted.logger import formatEvent, globalLogPublisher
 from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from support import proxyEnvironment
 from twistedproxy import fastudp
+from twistedproxy.listener import IFlow
 from twistedproxy.model import Listener, Target, Timeouts
 from twistedproxy.udp import EngineSession, UDPListener
 
@@ -648,6 +650,8 @@ def test_listenerSessionThroughEngine(reactor, service, logged):
     assert c.recv(100) == b"hi there"
     [flow] = svc.flows.values()
     assert isinstance(flow, EngineSession)
+    assert verifyObject(IFlow, flow)
+    assert svc.engine.listenerCounters(svc._engineId) == (1, 0)
     spin(reactor, lambda: (flow.bytesIn, flow.bytesOut) == (5, 8))
     assert (svc.bytesIn, svc.bytesOut) == (5, 8)
     flow.close("killed from the manhole")
@@ -753,6 +757,22 @@ def test_unresolvableTargetThroughEngine(reactor, service, logged):
     assert "in=3 out=0 cannot resolve nowhere.test" in lines(logged)
     c.sendto(b"again", s.address)
     spin(reactor, lambda: len(resolver.waiting) == 1)
+
+
+@needsEngine
+def test_stoppedEngineLeavesListenerToPython(reactor, service, logged):
+    """
+    A listener whose engine cannot take it (here: stopped) forwards its
+    datagrams itself, and says so.
+    """
+    fastudp.engineFor(reactor).stop()
+    s = service()
+    assert s.service.engine is None
+    assert "forwarding in Python" in lines(logged)
+    c = s.client()
+    c.sendto(b"py", s.address)
+    spin(reactor, lambda: s.service.active == 1)
+    assert s.target.recv(100) == b"py"
 
 
 @needsEngine

@@ -182,6 +182,13 @@ class UDPEngine:
         """
         return self.engine.counters(flowId)
 
+    def listenerCounters(self, listenerId: int) -> Optional[tuple[int, int]]:
+        """
+        A listener's open sessions in the engine, and the datagrams of new
+        clients it dropped because too many were held already.
+        """
+        return self.engine.listenerCounters(listenerId)
+
     def stop(self) -> None:
         """
         Join the engine's thread and close what it still holds.

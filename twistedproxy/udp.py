@@ -598,12 +598,23 @@ class UDPListener(ListenerService):
         ListenerService.startService(self)
         if not self.bound:
             self.bind()
+        if self.engine is not None and self._engineId is None:
+            try:
+                self._engineId = self.engine.addListener(
+                    self.port.socket, isinstance(self.port, PacketInfoPort), self
+                )
+            except (OSError, RuntimeError) as e:
+                # No thread could be started (or the engine is stopped):
+                # this listener forwards its datagrams itself.
+                log.warn(
+                    "udp {mapping}: the compiled engine cannot take the "
+                    "listener ({error}); forwarding in Python",
+                    mapping=self.listener.mapping,
+                    error=e,
+                )
+                self.engine = None
         if self.engine is None:
             self.port.startReading()
-        elif self._engineId is None:
-            self._engineId = self.engine.addListener(
-                self.port.socket, isinstance(self.port, PacketInfoPort), self
-            )
 
     def stopService(self) -> None:
         """
