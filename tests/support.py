@@ -16,7 +16,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import twistedproxy
+
 REPO = Path(__file__).resolve().parent.parent
+
+#: Where the code under test was imported from: the checkout, or the
+#: installed package (whose compiled extensions a checkout may lack).
+CODE = Path(twistedproxy.__file__).resolve().parent.parent
 
 #: Generous: CI machines are slow and shared.
 START_TIMEOUT = 30.0
@@ -50,26 +56,31 @@ def freePort(proto: str = "tcp", host: str = "127.0.0.1") -> int:
     raise RuntimeError(f"no free {proto} port on {host}")
 
 
-def proxyEnvironment() -> dict:
+def proxyEnvironment(fastPath: bool = True) -> dict:
     """
-    The environment for a twistd subprocess: this checkout first on the
-    path, so the code under test is the code in the tree.
+    The environment for a twistd subprocess: the code the tests imported
+    first on the path, so that the proxy runs exactly that code, with or
+    without its compiled fast paths.
     """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
-        p for p in [str(REPO), env.get("PYTHONPATH", "")] if p
+        p for p in [str(CODE), env.get("PYTHONPATH", "")] if p
     )
     env["PYTHONUNBUFFERED"] = "1"
+    env["PORTPROXY_FASTPATH"] = "1" if fastPath else "0"
     return env
 
 
 class ProxyProcess:
     """
     C{twistd -n portproxy -c map.yaml} in a work directory of its own.
+
+    @ivar fastPath: whether the proxy may use its compiled fast paths.
     """
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, fastPath: bool = True) -> None:
         self.workdir = Path(workdir)
+        self.fastPath = fastPath
         self.mapPath = self.workdir / "map.yaml"
         self.logPath = self.workdir / "proxy.log"
         self.process: Optional[subprocess.Popen] = None
@@ -96,7 +107,7 @@ class ProxyProcess:
         self.process = subprocess.Popen(
             argv,
             cwd=self.workdir,
-            env=proxyEnvironment(),
+            env=proxyEnvironment(self.fastPath),
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )

@@ -64,6 +64,12 @@ class FakeListener(ListenerService):
         self.enabled = False
 
     def enable(self):
+        if self.listener.port in self.busy:
+            raise CannotListenError(
+                self.listener.host,
+                self.listener.port,
+                OSError(errno.EADDRINUSE, "Address already in use"),
+            )
         self.enabled = True
 
 
@@ -135,6 +141,7 @@ def makeProxy(initial, ipv6=True):
         listenerTypes={TCP: FakeListener, UDP: FakeListener},
         manholeType=FakeManhole,
         ipv6Available=lambda: ipv6,
+        relayEngine=lambda reactor: None,
     )
     return proxy, maps
 
@@ -351,3 +358,16 @@ def test_manholeFollowsReload():
     maps.next = proxyMap(listener(1))
     reload(proxy)
     assert proxy.manhole is None
+
+
+def test_enableTriesEveryListener():
+    """
+    When one of a mapping's listeners cannot listen again, the others are
+    still enabled and the error is raised.
+    """
+    proxy, _ = started(proxyMap(listener(1, name="a"), listener(2, name="a"), listener(3, name="a")))
+    proxy.disable("a")
+    FakeListener.busy = {2}
+    with pytest.raises(CannotListenError):
+        proxy.enable("a")
+    assert [s.enabled for s in proxy.listeners.values()] == [True, False, True]

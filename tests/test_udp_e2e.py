@@ -6,48 +6,28 @@ sockets for the clients and the targets.
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-from support import UDPEchoServer, freePort, proxyEnvironment
+from support import UDPEchoServer, freePort
+from twistedproxy import fastudp
 
 ENGINE_LINE = "forwarded by the compiled engine"
 
 
-def engineBuiltForProxy() -> bool:
+@pytest.fixture(autouse=True)
+def forwarding(proxy):
     """
-    Whether the twistd that the tests start can import the compiled UDP
-    engine (it imports this checkout, so an in-place build is needed).
+    The C{proxy} fixture runs every test with the compiled fast paths and
+    without them (C{PORTPROXY_FASTPATH=0}); afterwards the proxy's log must
+    say that UDP used the compiled engine exactly when it should have.
     """
-    return subprocess.run(
-        [sys.executable, "-c", "import twistedproxy._fastudp"],
-        env=proxyEnvironment(),
-        cwd="/",
-        capture_output=True,
-    ).returncode == 0
-
-
-@pytest.fixture(autouse=True, params=["engine", "python"])
-def forwarding(request, monkeypatch, proxy):
-    """
-    Every test runs twice: with datagrams forwarded by the compiled engine
-    of L{twistedproxy.fastudp}, and by L{twistedproxy.udp} itself
-    (C{PORTPROXY_FASTPATH=0}); afterwards the proxy's log must say the
-    engine was used exactly when it should have been.
-    """
-    if request.param == "engine":
-        if not engineBuiltForProxy():
-            pytest.skip("twistedproxy._fastudp is not built in this checkout")
-        monkeypatch.setenv("PORTPROXY_FASTPATH", "1")
-    else:
-        monkeypatch.setenv("PORTPROXY_FASTPATH", "0")
-    yield request.param
+    yield
     if proxy.process is not None:
-        assert (ENGINE_LINE in proxy.output()) == (request.param == "engine")
+        expected = proxy.fastPath and fastudp.available()
+        assert (ENGINE_LINE in proxy.output()) == expected
 
 
 def udpMap(listen: str, target: str, udpTimeout: str = "90s") -> str:

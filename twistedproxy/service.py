@@ -6,6 +6,7 @@ file again by every reload.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 from typing import Callable, Iterator, Optional
@@ -35,6 +36,26 @@ def _ipv6Available() -> bool:
     except OSError:
         return False
     return True
+
+
+def fastPathWanted() -> bool:
+    """
+    Whether the compiled fast paths may be used: C{PORTPROXY_FASTPATH=0}
+    in the environment turns them off (to compare, or to rule them out).
+    """
+    return os.environ.get("PORTPROXY_FASTPATH", "1") != "0"
+
+
+def _relayEngine(reactor):
+    """
+    The relay engine for established TCP connections, or L{None} when it
+    is not built or not wanted.
+    """
+    from twistedproxy import fastrelay
+
+    if not (fastrelay.available() and fastPathWanted()):
+        return None
+    return fastrelay.FastRelay(reactor)
 
 
 def _listenerTypes() -> dict:
@@ -75,6 +96,7 @@ class ProxyService(MultiService):
         listenerTypes: Optional[dict] = None,
         manholeType=None,
         ipv6Available: Callable[[], bool] = _ipv6Available,
+        relayEngine=_relayEngine,
     ) -> None:
         MultiService.__init__(self)
         if reactor is None:
@@ -86,6 +108,8 @@ class ProxyService(MultiService):
         self._listenerTypes = listenerTypes
         self._manholeType = manholeType
         self._ipv6Available = ipv6Available
+        #: Relays established TCP connections in its own thread, or None.
+        self.fastRelay = relayEngine(reactor)
         self.listeners: dict[ListenerKey, ListenerService] = {}
         self.draining: list[ListenerService] = []
         self.manhole = None
@@ -136,16 +160,22 @@ class ProxyService(MultiService):
             if listener.key in self.listeners:
                 log.info("{listener}", listener=listener)
         log.info(
-            "portproxy started: {count} listeners from {path}",
+            "portproxy started: {count} listeners from {path}{engine}",
             count=len(self.listeners),
             path=self.configPath,
+            engine="" if self.fastRelay is None else ", TCP relay engine on",
         )
 
     def stopService(self):
         if self._previousHandler is not None:
             signal.signal(signal.SIGHUP, self._previousHandler)
             self._previousHandler = None
-        return MultiService.stopService(self)
+        stopped = MultiService.stopService(self)
+        if self.fastRelay is not None:
+            # Every connection the engine relays ends now, each with its
+            # access line.
+            self.fastRelay.stop()
+        return stopped
 
     def _sighup(self, signum, frame) -> None:
         # Only schedule: the reload runs on the reactor, never inside the
@@ -171,6 +201,8 @@ class ProxyService(MultiService):
             return None, None
         types = self._listenerTypes or _listenerTypes()
         service = types[listener.proto](listener, self.reactor)
+        if listener.proto == TCP:
+            service.fastRelay = self.fastRelay
         try:
             service.bind()
         except CannotListenError as e:
@@ -223,10 +255,19 @@ class ProxyService(MultiService):
 
     def enable(self, name: str) -> None:
         """
-        Accept again on mapping C{name}'s listeners.
+        Accept again on mapping C{name}'s listeners.  Every listener is
+        tried; if some cannot listen again (another socket took the
+        address meanwhile), the first such error is raised after the rest
+        are enabled.
         """
+        failures = []
         for service in self._mappingListeners(name):
-            service.enable()
+            try:
+                service.enable()
+            except CannotListenError as e:
+                failures.append(e)
+        if failures:
+            raise failures[0]
 
     # -- manhole -------------------------------------------------------
 

@@ -15,6 +15,8 @@ connection stays at about two transport write buffers.
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import struct
 
@@ -30,17 +32,20 @@ from twisted.internet.error import (
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IResolutionReceiver,
+    IWriteDescriptor,
 )
 from twisted.internet.main import CONNECTION_DONE
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twistedproxy.fastrelay import EngineFlow, HandedOff
 from twistedproxy.listener import (
     IFlow,
     ListenerService,
     clientAddress,
     listeningSocketOptions,
+    log,
     nextFlowId,
 )
 from twistedproxy.model import TCP, Listener
@@ -56,6 +61,9 @@ IDLE_CHECKS = 4
 
 #: C{SO_LINGER} on, zero seconds: closing then sends a TCP reset.
 _LINGER_RESET = struct.pack("ii", 1, 0)
+
+#: accept() errors that concern one client only: take the next.
+_ACCEPT_AGAIN = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR)
 
 
 def listenBacklog(path: str = "/proc/sys/net/core/somaxconn") -> int:
@@ -123,7 +131,46 @@ class ListeningPort(tcp.Port):
     def createInternetSocket(self) -> socket.socket:
         skt = tcp.Port.createInternetSocket(self)
         listeningSocketOptions(skt, self.interface)
+        # Accepted sockets inherit these from the listening socket (Linux),
+        # so a client costs no system call for them.
+        skt.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        skt.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         return skt
+
+    def doRead(self) -> None:
+        """
+        Accept clients.  While the relay engine is there and the target is
+        an address, a client goes straight to a L{Dial} and then to the
+        engine, with no Twisted transport or protocol built for it;
+        otherwise Twisted's own accept builds a L{Relay}.
+        """
+        service = self.factory.service
+        if service.fastRelay is None or not service.targetIsAddress:
+            tcp.Port.doRead(self)
+            return
+        accepted = 0
+        # socket._accept gives the bare descriptor: the client's socket goes
+        # to the engine without a Python socket object ever being built.
+        accept = self.socket._accept
+        while accepted < self.numberAccepts:
+            try:
+                clientFd, address = accept()
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno in _ACCEPT_AGAIN:
+                    continue
+                # Out of descriptors or memory, or worse: Twisted's accept
+                # knows how to shed the client and log it.
+                tcp.Port.doRead(self)
+                return
+            accepted += 1
+            service.dial(clientFd, address)
+        # Scaled as Twisted's own accept loop does.
+        if accepted == self.numberAccepts:
+            self.numberAccepts += 20
+        else:
+            self.numberAccepts = max(1, accepted)
 
     def pauseAccepting(self) -> None:
         """
@@ -180,10 +227,52 @@ class TCPListener(ListenerService):
 
     proto = TCP
 
+    #: The relay engine (L{twistedproxy.fastrelay.FastRelay}) that takes
+    #: established connections, or L{None} to relay them in Python; the
+    #: root service sets it.
+    fastRelay = None
+
     def __init__(self, listener: Listener, reactor, backlog: int | None = None) -> None:
         ListenerService.__init__(self, listener, reactor)
         self.backlog = listenBacklog() if backlog is None else backlog
         self._port: ListeningPort | None = None
+        self.targetIsAddress = _isAddress(listener.target.host)
+
+    def reconfigure(self, listener: Listener) -> None:
+        ListenerService.reconfigure(self, listener)
+        self.targetIsAddress = _isAddress(listener.target.host)
+
+    def dial(self, clientFd: int, address) -> None:
+        """
+        A client accepted for the relay engine (its bare descriptor):
+        connect to the target, an address, and hand both sockets to the
+        engine when it answers.
+        """
+        if self.full():
+            os.close(clientFd)
+            self.rejected(
+                clientAddress(address),
+                f"max_connections {self.listener.maxConnections} reached",
+            )
+            return
+        Dial(self, clientFd, address).start()
+
+    def handOff(self, flow: IFlow, clientFd: int, targetFd: int) -> bool:
+        """
+        Give a flow's two connected socket descriptors to the relay engine;
+        an L{EngineFlow} takes C{flow}'s place from then on.
+
+        @return: whether the engine took them (else the caller still owns
+            the descriptors).
+        """
+        relay = self.fastRelay
+        engineFlow = EngineFlow(relay, flow, self.flowEnded)
+        if not relay.adoptDescriptors(
+            clientFd, targetFd, flow.id, flow.listener.timeouts.idle, engineFlow._ended
+        ):
+            return False
+        self.flows[flow.id] = engineFlow
+        return True
 
     @property
     def bound(self) -> bool:
@@ -234,6 +323,10 @@ class TCPListener(ListenerService):
             if self._port is not None:
                 self._port.resumeAccepting()
             self.enabled = True
+
+
+def _isAddress(host: str) -> bool:
+    return isIPAddress(host) or isIPv6Address(host)
 
 
 @implementer(IResolutionReceiver)
@@ -396,8 +489,9 @@ class Relay(Protocol):
         pass
 
     def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
-        if not self._clientOpen:
-            # A rejected client: it never was a flow.
+        if not self._clientOpen or reason.check(HandedOff):
+            # A rejected client (it never was a flow), or one the relay
+            # engine took over.
             return
         if self._proxyStopping():
             return
@@ -495,6 +589,8 @@ class Relay(Protocol):
         for side in (client, transport):
             side.setTcpNoDelay(True)
             side.setTcpKeepAlive(True)
+        if self._handOff():
+            return
         transport.registerProducer(client, True)
         client.registerProducer(transport, True)
         client.resumeProducing()
@@ -521,7 +617,7 @@ class Relay(Protocol):
         """
         The target connection is closed.
         """
-        if self._proxyStopping():
+        if reason.check(HandedOff) or self._proxyStopping():
             return
         self._targetOpen = False
         if not reason.check(ConnectionDone, ConnectionAborted):
@@ -531,6 +627,25 @@ class Relay(Protocol):
         elif self._clientOpen:
             flushAndClose(self.transport)
         self._maybeEnded()
+
+    def _handOff(self) -> bool:
+        """
+        Give both connections to the relay engine, when there is one and
+        nothing is buffered: an L{EngineFlow} then stands for this flow,
+        and this relay is done.
+        """
+        relay = self.service.fastRelay
+        if relay is None:
+            return False
+        engineFlow = relay.adoptFlow(
+            self, self.transport, self.targetTransport,
+            self.listener.timeouts.idle, self.service.flowEnded,
+        )
+        if engineFlow is None:
+            return False
+        self._ended = True
+        self.service.flows[self.id] = engineFlow
+        return True
 
     # -- ending -------------------------------------------------------------
 
@@ -599,3 +714,144 @@ class Relay(Protocol):
             self.targetTransport.abortConnection()
         if self._clientOpen:
             self.transport.abortConnection()
+
+
+@implementer(IFlow, IWriteDescriptor)
+class Dial:
+    """
+    A client accepted for the relay engine while the proxy connects to its
+    target: the client's bare descriptor, a non-blocking socket to the
+    target and, unless the connect completed at once (as on loopback), the
+    reactor watching it.  Nothing is read from the client meanwhile.  When
+    the target answers, both descriptors go to the engine and an
+    L{EngineFlow} takes this flow's place; when it does not, the client is
+    closed and the access line says why.
+    """
+
+    __slots__ = (
+        "id", "listener", "client", "started", "bytesIn", "bytesOut",
+        "service", "_clientFd", "_target", "_timer",
+    )
+
+    def __init__(self, service: TCPListener, clientFd: int, address) -> None:
+        self.service = service
+        self.listener = service.listener
+        self.client = clientAddress(address)
+        self.bytesIn = self.bytesOut = 0
+        self.id = nextFlowId()
+        self.started = service.reactor.seconds()
+        self._clientFd = clientFd
+        self._target: socket.socket | None = None
+        self._timer = None
+
+    def start(self) -> None:
+        target = self.listener.target
+        family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
+        self.service.flowStarted(self)
+        try:
+            self._target = skt = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            status = skt.connect_ex((target.host, target.port))
+            if status == errno.EINPROGRESS:
+                # On loopback the handshake is done inside connect(): then
+                # there is nothing to wait for.
+                status = skt.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if status == 0 and not _isConnected(skt):
+                    status = errno.EINPROGRESS
+        except OSError as e:
+            self._fail((e.strerror or str(e)).lower())
+            return
+        if status == 0:
+            self._connected()
+        elif status == errno.EINPROGRESS:
+            reactor = self.service.reactor
+            self._timer = reactor.callLater(self.listener.timeouts.connect, self._timedOut)
+            reactor.addWriter(self)
+        else:
+            self._fail(os.strerror(status).lower())
+
+    def _connected(self) -> None:
+        self._cancelTimer()
+        target, self._target = self._target, None
+        target.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        target.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        targetFd = target.detach()
+        clientFd, self._clientFd = self._clientFd, -1
+        if not self.service.handOff(self, clientFd, targetFd):
+            os.close(clientFd)
+            os.close(targetFd)
+            self.service.flowEnded(self, "relay engine refused the connection")
+
+    # -- IWriteDescriptor -----------------------------------------------------
+
+    def fileno(self) -> int:
+        return self._target.fileno() if self._target is not None else -1
+
+    def logPrefix(self) -> str:
+        return "portproxy"
+
+    def doWrite(self) -> None:
+        """
+        The connect finished, one way or the other.
+        """
+        self.service.reactor.removeWriter(self)
+        status = self._target.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if status:
+            self._fail(os.strerror(status).lower())
+        else:
+            self._connected()
+
+    def connectionLost(self, reason: Failure) -> None:
+        """
+        The reactor dropped the connect: it failed (epoll reports a
+        refused connect as a hang-up, not as writable) or the proxy is
+        stopping.
+        """
+        if self._target is None:
+            return
+        status = self._target.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if status:
+            self._fail(os.strerror(status).lower())
+        elif not self.service.running:
+            self._end("proxy stopped")
+        else:
+            self._fail(reason.getErrorMessage())
+
+    # -- ending ---------------------------------------------------------------
+
+    def _timedOut(self) -> None:
+        self._timer = None
+        self._fail(f"timed out after {self.listener.timeouts.connect:g}s")
+
+    def _fail(self, why: str) -> None:
+        self._end(f"connect failed: {why}")
+
+    def close(self, reason: str) -> None:
+        """
+        End the flow now (from the manhole), before the target answered.
+        """
+        self._end(reason)
+
+    def _end(self, reason: str) -> None:
+        self._cancelTimer()
+        if self._target is not None:
+            self.service.reactor.removeWriter(self)
+            self._target.close()
+            self._target = None
+        if self._clientFd >= 0:
+            os.close(self._clientFd)
+            self._clientFd = -1
+        self.service.flowEnded(self, reason)
+
+    def _cancelTimer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+
+def _isConnected(skt: socket.socket) -> bool:
+    try:
+        skt.getpeername()
+    except OSError:
+        return False
+    return True
+

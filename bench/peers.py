@@ -1,0 +1,293 @@
+#!/usr/bin/env python3
+"""
+portproxy side by side with the other port proxies installed here.
+
+    python bench/peers.py                       # every workload, 3 rounds of 3 s
+    python bench/peers.py -w tcp_bulk,udp_pingpong -r 5
+    PORTPROXY_FASTPATH=0 python bench/peers.py  # portproxy without its compiled paths
+
+It starts, on loopback only, the backends (iperf3, sockperf, and nginx as
+an HTTP server), then one forwarder per peer for each backend — portproxy
+(one twistd for everything), docker-proxy (one process per port and
+protocol, as Docker runs it), socat, HAProxy and nginx `stream`, whichever
+are installed — and runs each workload through each of them in turn,
+round after round, so that machine drift hits all alike.  It prints one
+table: medians, and portproxy's ratio to docker-proxy (the median of the
+per-round ratios).  Run it from the project's venv, so that `twistd` is
+this checkout's.  `../shared/bench/install-peers` (root) installs the load
+tools and the peers; docker-proxy is looked for in $PEERS_DIR (default
+~/.cache/portproxy-peers) and on PATH.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+# workload: (unit, higher is better, backend, protocol through the proxy)
+WORKLOADS = {
+    "tcp_bulk": ("Gbit/s", True, "iperf", "tcp"),
+    "udp_bulk": ("Gbit/s", True, "iperf", "udp"),
+    "http_keepalive": ("req/s", True, "http", "tcp"),
+    "http_close": ("conn/s", True, "http", "tcp"),
+    "tcp_pingpong": ("us p50", False, "sockperf_tcp", "tcp"),
+    "udp_pingpong": ("us p50", False, "sockperf_udp", "udp"),
+}
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+class Ports:
+    """
+    Hands out distinct loopback ports, each free for TCP and UDP when
+    handed out (a fresh bind to port 0 can return the same port twice).
+    """
+
+    def __init__(self):
+        self.next = 20000 + int.from_bytes(os.urandom(2), "big") % 30000
+
+    def take(self):
+        while True:
+            port, self.next = self.next, self.next + 1
+            if self.next > 64000:
+                self.next = 20000
+            try:
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    with socket.socket(socket.AF_INET, kind) as s:
+                        s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
+class Processes:
+    """
+    What this run started, each in its own session; stopped by pid.
+    """
+
+    def __init__(self):
+        self.started = []
+
+    def start(self, argv, **kw):
+        kw.setdefault("stdout", subprocess.DEVNULL)
+        kw.setdefault("stderr", subprocess.DEVNULL)
+        process = subprocess.Popen(argv, start_new_session=True, **kw)
+        self.started.append(process)
+        return process
+
+    def stopAll(self):
+        for process in reversed(self.started):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(5)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+
+
+def waitTCP(port, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
+
+
+def dockerProxyPath():
+    peers = os.environ.get("PEERS_DIR", os.path.expanduser("~/.cache/portproxy-peers"))
+    candidate = os.path.join(peers, "docker-proxy")
+    return candidate if os.access(candidate, os.X_OK) else shutil.which("docker-proxy")
+
+
+def nginxStreamModule():
+    path = "/usr/lib/nginx/modules/ngx_stream_module.so"
+    return path if os.path.exists(path) else None
+
+
+def startBackends(procs, ports, tmp):
+    port = {}
+    if shutil.which("iperf3"):
+        port["iperf"] = ports.take()
+        procs.start(["iperf3", "-s", "-p", str(port["iperf"])])
+    if shutil.which("sockperf"):
+        port["sockperf_tcp"], port["sockperf_udp"] = ports.take(), ports.take()
+        procs.start(["sockperf", "server", "--tcp", "-i", "127.0.0.1", "-p", str(port["sockperf_tcp"])])
+        procs.start(["sockperf", "server", "-i", "127.0.0.1", "-p", str(port["sockperf_udp"])])
+    if shutil.which("nginx"):
+        port["http"] = ports.take()
+        conf = os.path.join(tmp, "http.conf")
+        with open(conf, "w") as f:
+            f.write(
+                f"worker_processes 1; daemon off; pid {tmp}/http.pid; error_log {tmp}/http.err;\n"
+                "events { worker_connections 20000; }\n"
+                "http { access_log off; keepalive_requests 1000000;\n"
+                f"  server {{ listen 127.0.0.1:{port['http']}; location / {{ return 200 \"hello\\n\"; }} }} }}\n"
+            )
+        procs.start(["nginx", "-c", conf])
+    for key in ("iperf", "sockperf_tcp", "http"):
+        if key in port:
+            waitTCP(port[key])
+    return port
+
+
+def startPeers(procs, ports, tmp, backend, wanted):
+    """
+    Every installed peer that was asked for, and portproxy: peer name ->
+    {backend: front port}.
+    """
+    front = {"direct": dict(backend)}
+    protos = {key: {WORKLOADS[w][3] for w in WORKLOADS if WORKLOADS[w][2] == key} for key in backend}
+    dockerProxy = dockerProxyPath()
+    if "docker-proxy" in wanted and dockerProxy:
+        front["docker-proxy"] = {}
+        for key, target in backend.items():
+            front["docker-proxy"][key] = port = ports.take()
+            for proto in sorted(protos[key]):
+                # docker-proxy says it is ready by writing "0\n" to fd 3.
+                p = procs.start(["sh", "-c", 'exec "$0" "$@" 3>&1', dockerProxy, "-proto", proto,
+                                 "-host-ip", "127.0.0.1", "-host-port", str(port),
+                                 "-container-ip", "127.0.0.1", "-container-port", str(target)],
+                                stdout=subprocess.PIPE)
+                if p.stdout.read(2) != b"0\n":
+                    raise SystemExit("docker-proxy did not start")
+    if "socat" in wanted and shutil.which("socat"):
+        front["socat"] = {}
+        for key, target in backend.items():
+            front["socat"][key] = port = ports.take()
+            for proto in protos[key]:
+                if proto == "tcp":
+                    argv = [f"TCP4-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=1024", f"TCP4:127.0.0.1:{target}"]
+                else:
+                    argv = [f"UDP4-RECVFROM:{port},bind=127.0.0.1,reuseaddr,fork", f"UDP4:127.0.0.1:{target}"]
+                procs.start(["socat", *argv])
+    if "haproxy" in wanted and shutil.which("haproxy"):
+        front["haproxy"] = {k: ports.take() for k in backend if "tcp" in protos[k]}
+        conf = os.path.join(tmp, "haproxy.cfg")
+        with open(conf, "w") as f:
+            f.write("global\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n"
+                    "  timeout client 300s\n  timeout server 300s\n")
+            for key, port in front["haproxy"].items():
+                f.write(f"listen {key}\n  bind 127.0.0.1:{port}\n  server s 127.0.0.1:{backend[key]}\n")
+        procs.start(["haproxy", "-f", conf, "-db"])
+    if "nginx" in wanted and shutil.which("nginx") and nginxStreamModule():
+        front["nginx"] = {k: ports.take() for k in backend}
+        conf = os.path.join(tmp, "stream.conf")
+        with open(conf, "w") as f:
+            f.write(f"load_module {nginxStreamModule()};\nworker_processes 1; daemon off;\n"
+                    f"pid {tmp}/stream.pid; error_log {tmp}/stream.err;\n"
+                    "events { worker_connections 20000; }\nstream {\n")
+            for key, port in front["nginx"].items():
+                for proto in protos[key]:
+                    udp = " udp" if proto == "udp" else ""
+                    f.write(f"  server {{ listen 127.0.0.1:{port}{udp}; proxy_pass 127.0.0.1:{backend[key]}; }}\n")
+            f.write("}\n")
+        procs.start(["nginx", "-c", conf])
+    front["portproxy"] = {k: ports.take() for k in backend}
+    mapPath = os.path.join(tmp, "portproxy.yaml")
+    with open(mapPath, "w") as f:
+        f.write("mappings:\n")
+        for key, port in front["portproxy"].items():
+            proto = "[" + ", ".join(sorted(protos[key])) + "]"
+            f.write(f"  - name: {key}\n    proto: {proto}\n    listen: 127.0.0.1:{port}\n"
+                    f"    target: 127.0.0.1:{backend[key]}\n")
+    log = open(os.path.join(tmp, "portproxy.log"), "w")
+    procs.start([*TWISTD, "-n", "--pidfile=", "portproxy", "-c", mapPath], stdout=log, stderr=subprocess.STDOUT)
+    for name, fronts in front.items():
+        for key, port in fronts.items():
+            if "tcp" in protos[key]:
+                waitTCP(port)
+    return front
+
+
+def run(argv, seconds):
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30).stdout
+    except subprocess.TimeoutExpired:
+        return ""
+
+
+def measure(workload, port, seconds):
+    """
+    One figure for C{workload} through 127.0.0.1:C{port}, or None.
+    """
+    if workload in ("tcp_bulk", "udp_bulk"):
+        udp = ["-u", "-b", "0", "-l", "1400"] if workload == "udp_bulk" else []
+        out = run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), *udp], seconds)
+        # The receiver's line is the last rate iperf3 prints.
+        rates = re.findall(r"([\d.]+) ([KMG])bits/sec.*receiver", out)
+        if not rates:
+            return None
+        value, scale = rates[-1]
+        return float(value) * {"K": 1e-6, "M": 1e-3, "G": 1.0}[scale]
+    if workload.startswith("http_"):
+        header = ["-H", "Connection: close"] if workload == "http_close" else []
+        out = run(["wrk", *header, "-t1", "-c32", f"-d{seconds}", f"http://127.0.0.1:{port}/"], seconds)
+        found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+        return float(found.group(1)) if found else None
+    tcp = ["--tcp"] if workload == "tcp_pingpong" else []
+    out = run(["sockperf", "ping-pong", *tcp, "-i", "127.0.0.1", "-p", str(port),
+               "-t", str(seconds), "-m", "64"], seconds)
+    found = re.search(r"percentile 50.000 =\s+([\d.]+)", out)
+    return float(found.group(1)) if found else None
+
+
+def needs(workload):
+    tool = {"iperf": "iperf3", "http": "wrk", "sockperf_tcp": "sockperf", "sockperf_udp": "sockperf"}
+    return tool[WORKLOADS[workload][2]]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-w", "--workloads", default=",".join(WORKLOADS), help="comma list of " + ", ".join(WORKLOADS))
+    ap.add_argument("-r", "--rounds", type=int, default=3)
+    ap.add_argument("-s", "--seconds", type=int, default=3)
+    ap.add_argument("--peers", default="docker-proxy,socat,haproxy,nginx")
+    a = ap.parse_args()
+    workloads = [w for w in a.workloads.split(",") if w]
+    for w in workloads:
+        if w not in WORKLOADS:
+            raise SystemExit(f"unknown workload {w}")
+    missing = sorted({needs(w) for w in workloads if not shutil.which(needs(w))})
+    if missing:
+        raise SystemExit(f"missing load tools: {', '.join(missing)} (../shared/bench/install-peers installs them)")
+    procs, ports = Processes(), Ports()
+    tmp = tempfile.mkdtemp(prefix="portproxy-peers-")
+    try:
+        backend = startBackends(procs, ports, tmp)
+        front = startPeers(procs, ports, tmp, backend, a.peers.split(","))
+        names = list(front)
+        results = {w: {n: [] for n in names} for w in workloads}
+        for r in range(a.rounds):
+            for w in workloads:
+                for name in names:
+                    port = front[name].get(WORKLOADS[w][2])
+                    value = measure(w, port, a.seconds) if port else None
+                    results[w][name].append(value)
+                    print(f"round {r + 1} {w:15s} {name:13s} {value}", file=sys.stderr)
+    finally:
+        procs.stopAll()
+    print(f"\n{a.rounds} rounds of {a.seconds} s; medians; last column: median of per-round ratios\n")
+    print("| workload | unit | " + " | ".join(names) + " | portproxy / docker-proxy |")
+    print("|---" * (len(names) + 3) + "|")
+    for w in workloads:
+        row = [w, WORKLOADS[w][0]]
+        for name in names:
+            values = [v for v in results[w][name] if v is not None]
+            row.append(f"{statistics.median(values):.2f}" if values else "-")
+        pairs = [p / d for p, d in zip(results[w]["portproxy"], results[w].get("docker-proxy", [])) if p and d]
+        row.append(f"{statistics.median(pairs):.2f}" if pairs else "-")
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()

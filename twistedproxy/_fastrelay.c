@@ -1,0 +1,1264 @@
+/*
+ * twistedproxy._fastrelay: the compiled relay engine for established TCP
+ * connections (Linux only: epoll, splice, eventfd).
+ *
+ * Twisted accepts the client, connects to the target and then hands both
+ * connected sockets to an Engine.  The engine owns one background thread
+ * with its own epoll instance; that thread never touches a Python object
+ * and never takes the GIL.  It relays each flow both ways with splice(2)
+ * through a pipe per direction (zero copy), or through a small userspace
+ * buffer where a pipe cannot be had, and reports ended flows back to the
+ * reactor thread through an eventfd.
+ *
+ * Threads and what they share:
+ *
+ *   - the reactor thread calls the Python methods below; the engine thread
+ *     runs engineMain().  They share the flow table (flowId -> Flow), the
+ *     command queue and the list of ended flows, all under one mutex that
+ *     either thread holds only for a few instructions; the engine thread
+ *     never holds it while it moves bytes.
+ *   - per-flow byte counters are written by the engine thread alone with
+ *     relaxed atomic stores and read by the reactor thread with relaxed
+ *     atomic loads (plain aligned 64-bit moves on x86_64 and aarch64), so a
+ *     read is never torn; it may lag the engine by one splice.
+ *   - a Flow is freed only by the engine thread, after it has left the
+ *     table under the mutex, so a reader holding the mutex never sees a
+ *     freed Flow.
+ *
+ * Relay, per direction (client->target "in", target->client "out"):
+ *
+ *   source socket --splice--> pipe --splice--> destination socket
+ *
+ * epoll is edge-triggered; each socket is registered once for
+ * IN|OUT|RDHUP and the engine keeps a "readable" and a "writable" flag per
+ * socket, set by events and cleared only on EAGAIN.  A direction reads its
+ * source only while its pipe has room, so a destination that does not read
+ * leaves the data in the source socket's receive queue and TCP flow
+ * control reaches the sender: per connection the engine holds at most one
+ * pipe (or buffer) per direction, whatever the peers do.
+ *
+ * Pipes are created on a direction's first data and released by the
+ * periodic sweep once empty and quiet for a sweep period, so an idle
+ * connection costs one Flow (a couple of hundred bytes) and its two
+ * sockets, no pipe.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+/* Default pipe size asked of F_SETPIPE_SZ (see bench/fastrelay_micro.py). */
+#define DEFAULT_PIPE_SIZE (1024 * 1024)
+/* Default userspace buffer size of a direction that has no pipe. */
+#define DEFAULT_BUFFER_SIZE (64 * 1024)
+/* Default busy-poll after small traffic, microseconds (0: sleep at once);
+ * see bench/fastrelay_micro.py and docs/fastrelay.md. */
+#define DEFAULT_BUSY_POLL_US 30
+/* No busy-poll after a batch that moved this much: that is bulk traffic. */
+#define SPIN_MAX_BATCH (64 * 1024)
+/* The idle and pipe-release sweep runs this often (milliseconds). */
+#define SWEEP_MS 500
+#define MAX_EVENTS 256
+/* Empty pipes kept for reuse by the next flows (two descriptors each). */
+#define PIPE_POOL 32
+
+enum { CLIENT = 0, TARGET = 1 };
+enum { MODE_NONE = 0, MODE_PIPE = 1, MODE_BUFFER = 2 };
+enum { CMD_ADOPT = 1, CMD_CLOSE = 2, CMD_STOP = 3 };
+
+typedef struct Direction {
+    uint64_t bytes;      /* relaxed-atomic counter, engine writes, readers load */
+    char *buf;           /* MODE_BUFFER: the bytes in flight */
+    uint32_t start, end; /* MODE_BUFFER: buf[start:end] is pending */
+    uint32_t pending;    /* MODE_PIPE: bytes in the pipe */
+    uint32_t capacity;   /* MODE_PIPE: the pipe's size */
+    int pipeRead, pipeWrite;
+    uint8_t mode;
+    uint8_t eof;         /* the source sent its FIN */
+    uint8_t shut;        /* shutdown(destination, SHUT_WR) done */
+    uint8_t spliceFails; /* splice refused (EINVAL): use the buffer */
+} Direction;
+
+typedef struct Flow {
+    uint64_t id;
+    struct Flow *tableNext;          /* chain in the flow table */
+    struct Flow *prev, *next;        /* engine thread's list of live flows */
+    double idleTimeout;              /* seconds; 0 = never */
+    double lastActive;               /* engine clock of the last byte read */
+    int fd[2];                       /* CLIENT, TARGET */
+    uint8_t readable[2], writable[2];
+    uint8_t dead;
+    uint8_t registered;              /* in the engine's epoll set */
+    const char *finishedFirst;       /* "client closed" / "target closed" */
+    Direction dir[2];                /* 0: client->target, 1: target->client */
+} Flow;
+
+typedef struct Command {
+    struct Command *next;
+    int kind;
+    uint64_t id;
+    Flow *flow;
+} Command;
+
+typedef struct PooledPipe {
+    int pipeRead, pipeWrite;
+    uint32_t capacity;
+} PooledPipe;
+
+typedef struct Ended {
+    uint64_t id, bytesIn, bytesOut;
+    const char *reason;
+} Ended;
+
+typedef struct {
+    PyObject_HEAD
+    /* set at construction, read-only afterwards */
+    int epfd;
+    int commandFd;  /* eventfd: commands are waiting for the engine */
+    int endedFd;    /* eventfd: ended flows are waiting for Python */
+    uint32_t pipeSize;
+    uint32_t bufferSize;
+    double busyPollSeconds;
+    /* reactor thread only */
+    int started;
+    int joined;
+    pthread_t thread;
+    /* shared, under lock */
+    pthread_mutex_t lock;
+    Flow **table;
+    size_t tableMask;
+    size_t flowCount;
+    Command *commandHead, *commandTail;
+    Ended *ended;
+    size_t endedCount, endedCapacity;
+    int stopping;
+    /* engine thread only */
+    Flow *live;
+    Flow *graveyard;  /* ended in this batch; freed after it */
+    double now;
+    double nextSweep;
+    uint64_t batchBytes;  /* moved in the current event batch */
+    PooledPipe pool[PIPE_POOL];
+    int poolCount;
+    int endedSinceWake;
+} Engine;
+
+static double
+monotonicNow(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static double
+preciseNow(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void
+signalFd(int fd)
+{
+    uint64_t one = 1;
+    ssize_t r;
+    do {
+        r = write(fd, &one, sizeof(one));
+    } while (r < 0 && errno == EINTR);
+    /* EAGAIN: the counter is already non-zero, the reader wakes anyway. */
+}
+
+static void
+drainFd(int fd)
+{
+    uint64_t value;
+    ssize_t r;
+    do {
+        r = read(fd, &value, sizeof(value));
+    } while (r < 0 && errno == EINTR);
+}
+
+/* -- the flow table (caller holds the lock) ------------------------------- */
+
+static size_t
+slotOf(Engine *e, uint64_t id)
+{
+    uint64_t h = id * 0x9E3779B97F4A7C15ULL;
+    return (size_t)(h >> 32) & e->tableMask;
+}
+
+static Flow *
+tableFind(Engine *e, uint64_t id)
+{
+    Flow *f = e->table[slotOf(e, id)];
+    while (f != NULL && f->id != id)
+        f = f->tableNext;
+    return f;
+}
+
+static int
+tableGrow(Engine *e)
+{
+    size_t size = (e->tableMask + 1) * 2;
+    Flow **table = calloc(size, sizeof(Flow *));
+    if (table == NULL)
+        return -1;
+    Flow **old = e->table;
+    size_t oldSize = e->tableMask + 1;
+    e->table = table;
+    e->tableMask = size - 1;
+    for (size_t i = 0; i < oldSize; i++) {
+        Flow *f = old[i];
+        while (f != NULL) {
+            Flow *next = f->tableNext;
+            size_t s = slotOf(e, f->id);
+            f->tableNext = table[s];
+            table[s] = f;
+            f = next;
+        }
+    }
+    free(old);
+    return 0;
+}
+
+static int
+tableInsert(Engine *e, Flow *f)
+{
+    if (e->flowCount + 1 > e->tableMask + 1 && tableGrow(e) < 0)
+        return -1;
+    size_t s = slotOf(e, f->id);
+    f->tableNext = e->table[s];
+    e->table[s] = f;
+    e->flowCount++;
+    return 0;
+}
+
+static void
+tableRemove(Engine *e, Flow *f)
+{
+    Flow **p = &e->table[slotOf(e, f->id)];
+    while (*p != NULL && *p != f)
+        p = &(*p)->tableNext;
+    if (*p == f) {
+        *p = f->tableNext;
+        e->flowCount--;
+    }
+}
+
+/* -- per-direction resources ---------------------------------------------- */
+
+/*
+ * Give back a direction's pipe or buffer.  An empty pipe goes to the
+ * engine's small pool, so that short connections do not pay pipe2 and
+ * F_SETPIPE_SZ each; a pipe with bytes left in it (a flow cut short) is
+ * closed.
+ */
+static void
+releaseChannel(Engine *e, Direction *d)
+{
+    if (d->pipeRead >= 0) {
+        if (d->pending == 0 && e->poolCount < PIPE_POOL) {
+            PooledPipe *p = &e->pool[e->poolCount++];
+            p->pipeRead = d->pipeRead;
+            p->pipeWrite = d->pipeWrite;
+            p->capacity = d->capacity;
+        } else {
+            close(d->pipeRead);
+            close(d->pipeWrite);
+        }
+        d->pipeRead = d->pipeWrite = -1;
+    }
+    free(d->buf);
+    d->buf = NULL;
+    d->start = d->end = d->pending = 0;
+    d->mode = MODE_NONE;
+}
+
+/*
+ * Give a direction somewhere to hold bytes: a pipe, or when pipes are
+ * refused (EMFILE, ENFILE, ENOMEM, or an engine built with pipeSize 0, or a
+ * socket splice does not support) a malloc'd buffer.  0 on success, -1 when
+ * not even the buffer could be had (the flow then ends).
+ */
+static int
+openChannel(Engine *e, Direction *d)
+{
+    if (e->pipeSize > 0 && !d->spliceFails) {
+        if (e->poolCount > 0) {
+            PooledPipe *p = &e->pool[--e->poolCount];
+            d->pipeRead = p->pipeRead;
+            d->pipeWrite = p->pipeWrite;
+            d->capacity = p->capacity;
+            d->pending = 0;
+            d->mode = MODE_PIPE;
+            return 0;
+        }
+        int p[2];
+        if (pipe2(p, O_NONBLOCK | O_CLOEXEC) == 0) {
+            /* Refused (EPERM: an unprivileged user over
+             * /proc/sys/fs/pipe-user-pages-soft), the pipe keeps its size. */
+            int size = fcntl(p[1], F_SETPIPE_SZ, (int)e->pipeSize);
+            if (size < 0)
+                size = fcntl(p[1], F_GETPIPE_SZ);
+            if (size <= 0)
+                size = 4096;
+            d->pipeRead = p[0];
+            d->pipeWrite = p[1];
+            d->capacity = (uint32_t)size;
+            d->pending = 0;
+            d->mode = MODE_PIPE;
+            return 0;
+        }
+    }
+    d->buf = malloc(e->bufferSize);
+    if (d->buf == NULL)
+        return -1;
+    d->start = d->end = 0;
+    d->mode = MODE_BUFFER;
+    return 0;
+}
+
+/* -- ending flows (engine thread) ----------------------------------------- */
+
+static void
+resetOnClose(int fd)
+{
+    struct linger l = {1, 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof(l));
+}
+
+static void
+pushEnded(Engine *e, uint64_t id, uint64_t in, uint64_t out, const char *reason)
+{
+    /* caller holds the lock */
+    if (e->endedCount == e->endedCapacity) {
+        size_t capacity = e->endedCapacity ? e->endedCapacity * 2 : 64;
+        Ended *grown = realloc(e->ended, capacity * sizeof(Ended));
+        if (grown == NULL)
+            return; /* the flow ends unreported rather than the engine */
+        e->ended = grown;
+        e->endedCapacity = capacity;
+    }
+    Ended *x = &e->ended[e->endedCount++];
+    x->id = id;
+    x->bytesIn = in;
+    x->bytesOut = out;
+    x->reason = reason;
+}
+
+/*
+ * End a flow: close both sockets (with a reset on the sides named by
+ * resetMask: bit CLIENT, bit TARGET), release its pipes, take it out of
+ * the table, queue its report.  The Flow itself is freed after the current
+ * event batch, whose later events may still point at it.
+ */
+static void
+endFlow(Engine *e, Flow *f, const char *reason, int resetMask)
+{
+    if (f->dead)
+        return;
+    f->dead = 1;
+    for (int s = 0; s < 2; s++) {
+        if (f->registered)
+            epoll_ctl(e->epfd, EPOLL_CTL_DEL, f->fd[s], NULL);
+        if (resetMask & (1 << s))
+            resetOnClose(f->fd[s]);
+        close(f->fd[s]);
+        f->fd[s] = -1;
+        releaseChannel(e, &f->dir[s]);
+    }
+    pthread_mutex_lock(&e->lock);
+    tableRemove(e, f);
+    pushEnded(e, f->id, f->dir[0].bytes, f->dir[1].bytes, reason);
+    pthread_mutex_unlock(&e->lock);
+    e->endedSinceWake = 1;
+    if (f->prev != NULL)
+        f->prev->next = f->next;
+    else if (e->live == f)
+        e->live = f->next;
+    if (f->next != NULL)
+        f->next->prev = f->prev;
+    f->prev = NULL;
+    f->next = e->graveyard;
+    e->graveyard = f;
+}
+
+static const char *
+resetBy(int side)
+{
+    return side == CLIENT ? "reset by client" : "reset by target";
+}
+
+/* -- the relay (engine thread) -------------------------------------------- */
+
+/*
+ * Move what can be moved in direction d of flow f without blocking.
+ * Returns 1 if bytes moved, 0 if nothing could, -1 if the flow ended.
+ */
+static int
+pumpDirection(Engine *e, Flow *f, int d)
+{
+    Direction *dir = &f->dir[d];
+    int src = d == 0 ? CLIENT : TARGET;
+    int dst = 1 - src;
+    int moved = 0;
+    int full = 0; /* the pipe refused more (EAGAIN with bytes in it) */
+
+    for (;;) {
+        int progress = 0;
+
+        /* drain: channel -> destination */
+        if (dir->mode == MODE_PIPE && dir->pending > 0 && f->writable[dst]) {
+            ssize_t n = splice(dir->pipeRead, NULL, f->fd[dst], NULL,
+                               dir->pending, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+            if (n > 0) {
+                dir->pending -= (uint32_t)n;
+                e->batchBytes += (uint64_t)n;
+                progress = 1;
+                full = 0;
+            } else if (n < 0 && errno == EAGAIN) {
+                f->writable[dst] = 0;
+            } else if (n < 0 && errno != EINTR) {
+                endFlow(e, f, resetBy(dst), 1 << src);
+                return -1;
+            }
+        } else if (dir->mode == MODE_BUFFER && dir->end > dir->start && f->writable[dst]) {
+            ssize_t n = send(f->fd[dst], dir->buf + dir->start, dir->end - dir->start,
+                             MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (n > 0) {
+                dir->start += (uint32_t)n;
+                e->batchBytes += (uint64_t)n;
+                if (dir->start == dir->end)
+                    dir->start = dir->end = 0;
+                progress = 1;
+            } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+                f->writable[dst] = 0;
+            } else if (n < 0 && errno != EINTR) {
+                endFlow(e, f, resetBy(dst), 1 << src);
+                return -1;
+            }
+        }
+
+        /* fill: source -> channel, only while there is room */
+        if (!dir->eof && f->readable[src] && !full) {
+            if (dir->mode == MODE_NONE) {
+                /* A pipe only for a direction that has something to carry:
+                 * an idle flow (or one just adopted) holds none. */
+                char probe;
+                ssize_t p = recv(f->fd[src], &probe, 1, MSG_PEEK | MSG_DONTWAIT);
+                if (p == 0) {
+                    dir->eof = 1;
+                    if (f->finishedFirst == NULL)
+                        f->finishedFirst = src == CLIENT ? "client closed" : "target closed";
+                    continue;
+                }
+                if (p < 0) {
+                    if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                        f->readable[src] = 0;
+                        continue;
+                    }
+                    if (errno == EINTR)
+                        continue;
+                    endFlow(e, f, resetBy(src), 1 << dst);
+                    return -1;
+                }
+                if (openChannel(e, dir) < 0) {
+                    endFlow(e, f, "out of memory", 3);
+                    return -1;
+                }
+            }
+            ssize_t n = -1;
+            int room = 0;
+            if (dir->mode == MODE_PIPE && dir->pending < dir->capacity) {
+                room = 1;
+                n = splice(f->fd[src], NULL, dir->pipeWrite, NULL,
+                           dir->capacity - dir->pending,
+                           SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+                if (n > 0)
+                    dir->pending += (uint32_t)n;
+                else if (n < 0 && errno == EINVAL && dir->pending == 0) {
+                    /* This socket cannot be spliced: a buffer from now on. */
+                    dir->spliceFails = 1;
+                    releaseChannel(e, dir);
+                    if (openChannel(e, dir) < 0) {
+                        endFlow(e, f, "out of memory", 3);
+                        return -1;
+                    }
+                    continue;
+                }
+            } else if (dir->mode == MODE_BUFFER && dir->end < e->bufferSize) {
+                room = 1;
+                n = recv(f->fd[src], dir->buf + dir->end, e->bufferSize - dir->end,
+                         MSG_DONTWAIT);
+                if (n > 0)
+                    dir->end += (uint32_t)n;
+            }
+            if (room) {
+                if (n > 0) {
+                    __atomic_store_n(&dir->bytes, dir->bytes + (uint64_t)n, __ATOMIC_RELAXED);
+                    f->lastActive = e->now;
+                    progress = 1;
+                } else if (n == 0) {
+                    dir->eof = 1;
+                    if (f->finishedFirst == NULL)
+                        f->finishedFirst = src == CLIENT ? "client closed" : "target closed";
+                } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                    /*
+                     * With bytes in the pipe, EAGAIN may mean the pipe ran
+                     * out of slots rather than the socket out of data: keep
+                     * the readable flag and retry once the pipe drains.
+                     * An empty pipe cannot be full, so then it was the
+                     * socket.
+                     */
+                    if (dir->mode == MODE_PIPE && dir->pending > 0)
+                        full = 1;
+                    else
+                        f->readable[src] = 0;
+                } else if (errno != EINTR) {
+                    endFlow(e, f, resetBy(src), 1 << dst);
+                    return -1;
+                }
+            }
+        }
+
+        if (!progress)
+            break;
+        moved = 1;
+    }
+
+    /* half-close: the source finished and everything it sent went out */
+    if (dir->eof && !dir->shut) {
+        int empty = dir->mode == MODE_PIPE ? dir->pending == 0
+                  : dir->mode == MODE_BUFFER ? dir->end == dir->start : 1;
+        if (empty) {
+            dir->shut = 1;
+            releaseChannel(e, dir);
+            /* ENOTCONN after a reset shows up as an error on the next
+             * read or write of that socket. */
+            shutdown(f->fd[dst], SHUT_WR);
+            if (f->dir[1 - d].shut) {
+                endFlow(e, f, f->finishedFirst, 0);
+                return -1;
+            }
+        }
+    }
+    return moved;
+}
+
+static void
+pumpFlow(Engine *e, Flow *f)
+{
+    /* Each direction can unblock the other only through the peers, which
+     * shows up as a new event: one pass of each suffices. */
+    if (pumpDirection(e, f, 0) < 0)
+        return;
+    pumpDirection(e, f, 1);
+}
+
+static int
+socketFailed(int fd)
+{
+    int error = 0;
+    socklen_t len = sizeof(error);
+    return getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &len) == 0 && error != 0;
+}
+
+/* -- commands and the sweep (engine thread) ------------------------------- */
+
+static void
+startFlow(Engine *e, Flow *f)
+{
+    struct epoll_event ev;
+    for (int s = 0; s < 2; s++) {
+        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+        ev.data.u64 = (uint64_t)(uintptr_t)f | (uint64_t)s;
+        if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, f->fd[s], &ev) < 0) {
+            if (s == 1)
+                epoll_ctl(e->epfd, EPOLL_CTL_DEL, f->fd[0], NULL);
+            f->registered = 0;
+            endFlow(e, f, "engine could not watch the sockets", 3);
+            return;
+        }
+    }
+    f->registered = 1;
+    f->lastActive = e->now;
+    f->next = e->live;
+    if (e->live != NULL)
+        e->live->prev = f;
+    e->live = f;
+    /* Edge-triggered: bytes that arrived before the registration gave no
+     * edge, so start as if both sockets were ready. */
+    f->readable[0] = f->readable[1] = 1;
+    f->writable[0] = f->writable[1] = 1;
+    pumpFlow(e, f);
+}
+
+/* Run queued commands; returns 1 when the engine must stop. */
+static int
+runCommands(Engine *e)
+{
+    drainFd(e->commandFd);
+    pthread_mutex_lock(&e->lock);
+    Command *c = e->commandHead;
+    e->commandHead = e->commandTail = NULL;
+    pthread_mutex_unlock(&e->lock);
+    int stop = 0;
+    while (c != NULL) {
+        Command *next = c->next;
+        if (c->kind == CMD_ADOPT) {
+            startFlow(e, c->flow);
+        } else if (c->kind == CMD_CLOSE) {
+            pthread_mutex_lock(&e->lock);
+            Flow *f = tableFind(e, c->id);
+            pthread_mutex_unlock(&e->lock);
+            /* Only this thread removes flows, so f stays valid. */
+            if (f != NULL)
+                endFlow(e, f, "killed", 3);
+        } else if (c->kind == CMD_STOP) {
+            stop = 1;
+        }
+        free(c);
+        c = next;
+    }
+    return stop;
+}
+
+static void
+sweep(Engine *e)
+{
+    Flow *f = e->live;
+    while (f != NULL) {
+        Flow *next = f->next;
+        double quiet = e->now - f->lastActive;
+        if (f->idleTimeout > 0 && quiet >= f->idleTimeout) {
+            endFlow(e, f, "idle timeout", 3);
+        } else if (quiet * 1000.0 >= SWEEP_MS) {
+            /* Quiet for a whole sweep period: give back empty pipes and
+             * buffers; the next byte opens a fresh one. */
+            for (int d = 0; d < 2; d++) {
+                Direction *dir = &f->dir[d];
+                if ((dir->mode == MODE_PIPE && dir->pending == 0) ||
+                    (dir->mode == MODE_BUFFER && dir->end == dir->start))
+                    releaseChannel(e, dir);
+            }
+        }
+        f = next;
+    }
+}
+
+static void
+buryDead(Engine *e)
+{
+    Flow *f = e->graveyard;
+    e->graveyard = NULL;
+    while (f != NULL) {
+        Flow *next = f->next;
+        free(f);
+        f = next;
+    }
+}
+
+static void *
+engineMain(void *arg)
+{
+    Engine *e = (Engine *)arg;
+    struct epoll_event events[MAX_EVENTS];
+    int stop = 0;
+    double spinUntil = 0;
+    e->now = monotonicNow();
+    e->nextSweep = e->now + SWEEP_MS / 1000.0;
+    while (!stop) {
+        int timeout = (int)((e->nextSweep - e->now) * 1000.0) + 1;
+        if (timeout < 0)
+            timeout = 0;
+        int n;
+        if (spinUntil > 0) {
+            /* Right after traffic, poll for a short while before sleeping:
+             * the answer to what was just relayed often comes within
+             * microseconds, and a sleeping thread takes longer to wake. */
+            n = epoll_wait(e->epfd, events, MAX_EVENTS, 0);
+            if (n == 0 && preciseNow() < spinUntil)
+                continue;
+            if (n == 0) {
+                spinUntil = 0;
+                n = epoll_wait(e->epfd, events, MAX_EVENTS, timeout);
+            }
+        } else {
+            n = epoll_wait(e->epfd, events, MAX_EVENTS, timeout);
+        }
+        e->now = monotonicNow();
+        e->batchBytes = 0;
+        for (int i = 0; i < n; i++) {
+            uint64_t data = events[i].data.u64;
+            if (data == 0) {
+                stop = runCommands(e);
+                continue;
+            }
+            Flow *f = (Flow *)(uintptr_t)(data & ~(uint64_t)1);
+            int side = (int)(data & 1);
+            if (f->dead)
+                continue;
+            uint32_t ev = events[i].events;
+            if ((ev & EPOLLERR) && f->dir[side == CLIENT ? 0 : 1].eof &&
+                socketFailed(f->fd[side])) {
+                /* A reset on a side that has finished sending: no read
+                 * would ever see it, and nothing can be written to it. */
+                endFlow(e, f, resetBy(side), 1 << (1 - side));
+                continue;
+            }
+            if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+                f->readable[side] = 1;
+            if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR))
+                f->writable[side] = 1;
+            pumpFlow(e, f);
+        }
+        /* Busy-poll only after small batches (request/response traffic);
+         * after bulk batches the thread sleeps, leaving the CPU to the
+         * peers that produce and consume the stream. */
+        if (n > 0 && e->busyPollSeconds > 0 && e->batchBytes < SPIN_MAX_BATCH)
+            spinUntil = preciseNow() + e->busyPollSeconds;
+        else if (n > 0)
+            spinUntil = 0;
+        if (e->now >= e->nextSweep) {
+            sweep(e);
+            e->nextSweep = e->now + SWEEP_MS / 1000.0;
+        }
+        buryDead(e);
+        if (e->endedSinceWake) {
+            e->endedSinceWake = 0;
+            signalFd(e->endedFd);
+        }
+    }
+    /* Stopping: every flow still open ends with a reset on both sides, so
+     * no peer takes the cut for a complete stream. */
+    while (e->live != NULL)
+        endFlow(e, e->live, "proxy stopped", 3);
+    /* Adopts queued after the stop command never started. */
+    pthread_mutex_lock(&e->lock);
+    Command *c = e->commandHead;
+    e->commandHead = e->commandTail = NULL;
+    pthread_mutex_unlock(&e->lock);
+    while (c != NULL) {
+        Command *next = c->next;
+        if (c->kind == CMD_ADOPT)
+            endFlow(e, c->flow, "proxy stopped", 3);
+        free(c);
+        c = next;
+    }
+    buryDead(e);
+    while (e->poolCount > 0) {
+        PooledPipe *p = &e->pool[--e->poolCount];
+        close(p->pipeRead);
+        close(p->pipeWrite);
+    }
+    signalFd(e->endedFd);
+    return NULL;
+}
+
+/* -- the Python type ------------------------------------------------------ */
+
+static int
+queueCommand(Engine *e, int kind, uint64_t id, Flow *f)
+{
+    /* caller holds the lock */
+    Command *c = malloc(sizeof(Command));
+    if (c == NULL)
+        return -1;
+    c->next = NULL;
+    c->kind = kind;
+    c->id = id;
+    c->flow = f;
+    if (e->commandTail != NULL)
+        e->commandTail->next = c;
+    else
+        e->commandHead = c;
+    e->commandTail = c;
+    return 0;
+}
+
+static int
+Engine_init(Engine *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"pipeSize", "bufferSize", "busyPoll", NULL};
+    long pipeSize = DEFAULT_PIPE_SIZE;
+    long bufferSize = DEFAULT_BUFFER_SIZE;
+    long busyPoll = DEFAULT_BUSY_POLL_US;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|lll:Engine", kwlist,
+                                     &pipeSize, &bufferSize, &busyPoll))
+        return -1;
+    if (busyPoll < 0 || busyPoll > 1000000) {
+        PyErr_SetString(PyExc_ValueError, "busyPoll must be between 0 and 1000000 microseconds");
+        return -1;
+    }
+    self->busyPollSeconds = busyPoll / 1e6;
+    if (self->epfd >= 0) {
+        PyErr_SetString(PyExc_RuntimeError, "Engine already initialised");
+        return -1;
+    }
+    if (pipeSize < 0 || pipeSize > (1L << 30)) {
+        PyErr_SetString(PyExc_ValueError, "pipeSize must be 0 (no pipes) or up to 1 GiB");
+        return -1;
+    }
+    if (bufferSize < 4096 || bufferSize > (1L << 30)) {
+        PyErr_SetString(PyExc_ValueError, "bufferSize must be between 4 KiB and 1 GiB");
+        return -1;
+    }
+    self->pipeSize = (uint32_t)pipeSize;
+    self->bufferSize = (uint32_t)bufferSize;
+    self->table = calloc(1024, sizeof(Flow *));
+    if (self->table == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->tableMask = 1023;
+    self->epfd = epoll_create1(EPOLL_CLOEXEC);
+    self->commandFd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    self->endedFd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (self->epfd < 0 || self->commandFd < 0 || self->endedFd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    struct epoll_event ev;
+    ev.events = EPOLLIN;
+    ev.data.u64 = 0;
+    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->commandFd, &ev) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    Engine *self = (Engine *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->epfd = self->commandFd = self->endedFd = -1;
+    pthread_mutex_init(&self->lock, NULL);
+    return (PyObject *)self;
+}
+
+static void
+Engine_dealloc(Engine *self)
+{
+    /* A started engine holds a reference to itself until stop() joins its
+     * thread, so here the thread is either joined or was never started. */
+    Flow **table = self->table;
+    if (table != NULL) {
+        for (size_t i = 0; i <= self->tableMask; i++) {
+            Flow *f = table[i];
+            while (f != NULL) {
+                Flow *next = f->tableNext;
+                /* adopted but never started: the engine owns the fds */
+                close(f->fd[0]);
+                close(f->fd[1]);
+                free(f);
+                f = next;
+            }
+        }
+        free(table);
+    }
+    Command *c = self->commandHead;
+    while (c != NULL) {
+        Command *next = c->next;
+        free(c);
+        c = next;
+    }
+    free(self->ended);
+    if (self->epfd >= 0)
+        close(self->epfd);
+    if (self->commandFd >= 0)
+        close(self->commandFd);
+    if (self->endedFd >= 0)
+        close(self->endedFd);
+    pthread_mutex_destroy(&self->lock);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+checkReady(Engine *self)
+{
+    if (self->epfd < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "Engine not initialised");
+        return -1;
+    }
+    return 0;
+}
+
+static int
+isStreamSocket(int fd)
+{
+    int type = 0;
+    socklen_t len = sizeof(type);
+    return getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) == 0 && type == SOCK_STREAM;
+}
+
+static int
+makeNonBlocking(int fd)
+{
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0)
+        return -1;
+    if (flags & O_NONBLOCK)
+        return 0;
+    return fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+}
+
+PyDoc_STRVAR(adopt_doc,
+"adopt(clientFd, targetFd, flowId, idleTimeout) -> None\n\n"
+"Relay between two connected stream sockets until both directions end.\n"
+"On success the engine owns both fds and closes them when the flow ends;\n"
+"on an exception the caller still owns them.  flowId is a non-negative\n"
+"integer unique among this engine's live flows; idleTimeout is in seconds,\n"
+"0 for never.  Raises ValueError (bad fd, duplicate id), RuntimeError\n"
+"(engine stopped) or OSError (the thread could not start).");
+
+static PyObject *
+Engine_adopt(Engine *self, PyObject *args)
+{
+    int clientFd, targetFd;
+    unsigned long long id;
+    double idleTimeout;
+    if (!PyArg_ParseTuple(args, "iiKd:adopt", &clientFd, &targetFd, &id, &idleTimeout))
+        return NULL;
+    if (checkReady(self) < 0)
+        return NULL;
+    if (clientFd < 0 || targetFd < 0 || clientFd == targetFd) {
+        PyErr_SetString(PyExc_ValueError, "adopt needs two distinct open fds");
+        return NULL;
+    }
+    if (!(idleTimeout >= 0)) {
+        PyErr_SetString(PyExc_ValueError, "idleTimeout must be >= 0");
+        return NULL;
+    }
+    if (!isStreamSocket(clientFd) || !isStreamSocket(targetFd)) {
+        PyErr_SetString(PyExc_ValueError, "adopt needs two stream sockets");
+        return NULL;
+    }
+    if (makeNonBlocking(clientFd) < 0 || makeNonBlocking(targetFd) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+
+    Flow *f = calloc(1, sizeof(Flow));
+    if (f == NULL)
+        return PyErr_NoMemory();
+    f->id = id;
+    f->fd[CLIENT] = clientFd;
+    f->fd[TARGET] = targetFd;
+    f->idleTimeout = idleTimeout;
+    for (int d = 0; d < 2; d++)
+        f->dir[d].pipeRead = f->dir[d].pipeWrite = -1;
+
+    if (!self->started) {
+        /* The thread starts with the first flow, so a process that forks
+         * (twistd daemonising) before any connection forks single-threaded. */
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setstacksize(&attr, 256 * 1024);
+        /* The thread starts with every signal blocked: signals (SIGHUP for
+         * reload, SIGCHLD, SIGINT) go to the reactor's thread, and a
+         * SIGPIPE from a splice to a reset socket is never delivered. */
+        sigset_t all, previous;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &previous);
+        int rc = pthread_create(&self->thread, &attr, engineMain, self);
+        pthread_sigmask(SIG_SETMASK, &previous, NULL);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) {
+            free(f);
+            errno = rc;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        self->started = 1;
+        /* The thread uses this object until stop() joins it. */
+        Py_INCREF(self);
+    }
+
+    const char *problem = NULL;
+    pthread_mutex_lock(&self->lock);
+    if (self->stopping)
+        problem = "engine stopped";
+    else if (tableFind(self, id) != NULL)
+        problem = "duplicate flowId";
+    else if (tableInsert(self, f) < 0 || queueCommand(self, CMD_ADOPT, id, f) < 0) {
+        tableRemove(self, f);
+        problem = "out of memory";
+    }
+    pthread_mutex_unlock(&self->lock);
+    if (problem != NULL) {
+        free(f);
+        if (strcmp(problem, "engine stopped") == 0)
+            PyErr_SetString(PyExc_RuntimeError, problem);
+        else if (strcmp(problem, "out of memory") == 0)
+            PyErr_NoMemory();
+        else
+            PyErr_Format(PyExc_ValueError, "%s %llu", problem, id);
+        return NULL;
+    }
+    signalFd(self->commandFd);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(close_doc,
+"close(flowId) -> bool\n\n"
+"Ask the engine to end a flow now, resetting both sockets; its report\n"
+"says 'killed'.  False when no such flow is live.");
+
+static PyObject *
+Engine_close(Engine *self, PyObject *arg)
+{
+    unsigned long long id = PyLong_AsUnsignedLongLong(arg);
+    if (id == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (checkReady(self) < 0)
+        return NULL;
+    int known = 0, queued = 0;
+    pthread_mutex_lock(&self->lock);
+    if (!self->stopping && tableFind(self, id) != NULL) {
+        known = 1;
+        queued = queueCommand(self, CMD_CLOSE, id, NULL) == 0;
+    }
+    pthread_mutex_unlock(&self->lock);
+    if (known && !queued)
+        return PyErr_NoMemory();
+    if (queued)
+        signalFd(self->commandFd);
+    return PyBool_FromLong(known);
+}
+
+PyDoc_STRVAR(counters_doc,
+"counters(flowId) -> (bytesIn, bytesOut) or None\n\n"
+"Bytes read from the client (for the target) and from the target (for the\n"
+"client) so far; None when no such flow is live.");
+
+static PyObject *
+Engine_counters(Engine *self, PyObject *arg)
+{
+    unsigned long long id = PyLong_AsUnsignedLongLong(arg);
+    if (id == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (checkReady(self) < 0)
+        return NULL;
+    uint64_t in = 0, out = 0;
+    pthread_mutex_lock(&self->lock);
+    Flow *f = tableFind(self, id);
+    if (f != NULL) {
+        in = __atomic_load_n(&f->dir[0].bytes, __ATOMIC_RELAXED);
+        out = __atomic_load_n(&f->dir[1].bytes, __ATOMIC_RELAXED);
+    }
+    pthread_mutex_unlock(&self->lock);
+    if (f == NULL)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(KK)", (unsigned long long)in, (unsigned long long)out);
+}
+
+PyDoc_STRVAR(snapshot_doc,
+"snapshot() -> list of (flowId, bytesIn, bytesOut)\n\n"
+"The counters of every live flow.");
+
+static PyObject *
+Engine_snapshot(Engine *self, PyObject *unused)
+{
+    if (checkReady(self) < 0)
+        return NULL;
+    /* Copy under the lock, build Python objects after it. */
+    pthread_mutex_lock(&self->lock);
+    size_t count = self->flowCount;
+    uint64_t *rows = malloc((count ? count : 1) * 3 * sizeof(uint64_t));
+    size_t k = 0;
+    if (rows != NULL) {
+        for (size_t i = 0; i <= self->tableMask; i++) {
+            for (Flow *f = self->table[i]; f != NULL; f = f->tableNext) {
+                rows[k++] = f->id;
+                rows[k++] = __atomic_load_n(&f->dir[0].bytes, __ATOMIC_RELAXED);
+                rows[k++] = __atomic_load_n(&f->dir[1].bytes, __ATOMIC_RELAXED);
+            }
+        }
+    }
+    pthread_mutex_unlock(&self->lock);
+    if (rows == NULL)
+        return PyErr_NoMemory();
+    PyObject *list = PyList_New((Py_ssize_t)(k / 3));
+    if (list != NULL) {
+        for (size_t j = 0; j < k / 3; j++) {
+            PyObject *row = Py_BuildValue("(KKK)", (unsigned long long)rows[3 * j],
+                                          (unsigned long long)rows[3 * j + 1],
+                                          (unsigned long long)rows[3 * j + 2]);
+            if (row == NULL) {
+                Py_CLEAR(list);
+                break;
+            }
+            PyList_SET_ITEM(list, (Py_ssize_t)j, row);
+        }
+    }
+    free(rows);
+    return list;
+}
+
+PyDoc_STRVAR(ended_doc,
+"ended() -> list of (flowId, bytesIn, bytesOut, reason)\n\n"
+"Flows that ended since the last call, oldest first, and clears the\n"
+"readiness of fileno().  reason is one of 'client closed', 'target\n"
+"closed' (the side that finished sending first, both directions having\n"
+"ended cleanly), 'reset by client', 'reset by target', 'idle timeout',\n"
+"'killed', 'proxy stopped', 'out of memory'.");
+
+static PyObject *
+Engine_ended(Engine *self, PyObject *unused)
+{
+    if (checkReady(self) < 0)
+        return NULL;
+    /* Clear the eventfd before taking the list: a flow that ends after
+     * this read signals it again, so none is left unreported. */
+    drainFd(self->endedFd);
+    pthread_mutex_lock(&self->lock);
+    Ended *items = self->ended;
+    size_t count = self->endedCount;
+    self->ended = NULL;
+    self->endedCount = self->endedCapacity = 0;
+    pthread_mutex_unlock(&self->lock);
+    PyObject *list = PyList_New((Py_ssize_t)count);
+    if (list != NULL) {
+        for (size_t i = 0; i < count; i++) {
+            PyObject *row = Py_BuildValue("(KKKs)", (unsigned long long)items[i].id,
+                                          (unsigned long long)items[i].bytesIn,
+                                          (unsigned long long)items[i].bytesOut,
+                                          items[i].reason);
+            if (row == NULL) {
+                Py_CLEAR(list);
+                break;
+            }
+            PyList_SET_ITEM(list, (Py_ssize_t)i, row);
+        }
+    }
+    free(items);
+    return list;
+}
+
+PyDoc_STRVAR(fileno_doc,
+"fileno() -> int\n\n"
+"An eventfd that becomes readable when ended() has something to return.");
+
+static PyObject *
+Engine_fileno(Engine *self, PyObject *unused)
+{
+    if (checkReady(self) < 0)
+        return NULL;
+    return PyLong_FromLong(self->endedFd);
+}
+
+PyDoc_STRVAR(stop_doc,
+"stop() -> None\n\n"
+"End every flow (reason 'proxy stopped', both sockets reset) and join the\n"
+"engine thread; ended() then returns their reports.  Later adopts raise\n"
+"RuntimeError.  Safe to call more than once.");
+
+static PyObject *
+Engine_stop(Engine *self, PyObject *unused)
+{
+    if (checkReady(self) < 0)
+        return NULL;
+    pthread_mutex_lock(&self->lock);
+    int already = self->stopping;
+    self->stopping = 1;
+    int queued = already || queueCommand(self, CMD_STOP, 0, NULL) == 0;
+    pthread_mutex_unlock(&self->lock);
+    if (!queued) {
+        pthread_mutex_lock(&self->lock);
+        self->stopping = 0;
+        pthread_mutex_unlock(&self->lock);
+        return PyErr_NoMemory();
+    }
+    if (self->started && !self->joined) {
+        signalFd(self->commandFd);
+        Py_BEGIN_ALLOW_THREADS
+        pthread_join(self->thread, NULL);
+        Py_END_ALLOW_THREADS
+        self->joined = 1;
+        Py_DECREF(self);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Engine_len(Engine *self, PyObject *unused)
+{
+    pthread_mutex_lock(&self->lock);
+    size_t n = self->flowCount;
+    pthread_mutex_unlock(&self->lock);
+    return PyLong_FromSize_t(n);
+}
+
+static PyMethodDef Engine_methods[] = {
+    {"adopt", (PyCFunction)Engine_adopt, METH_VARARGS, adopt_doc},
+    {"close", (PyCFunction)Engine_close, METH_O, close_doc},
+    {"counters", (PyCFunction)Engine_counters, METH_O, counters_doc},
+    {"snapshot", (PyCFunction)Engine_snapshot, METH_NOARGS, snapshot_doc},
+    {"ended", (PyCFunction)Engine_ended, METH_NOARGS, ended_doc},
+    {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, fileno_doc},
+    {"stop", (PyCFunction)Engine_stop, METH_NOARGS, stop_doc},
+    {"flowCount", (PyCFunction)Engine_len, METH_NOARGS,
+     "flowCount() -> int\n\nLive flows (adopted and not yet ended)."},
+    {NULL, NULL, 0, NULL},
+};
+
+PyDoc_STRVAR(Engine_doc,
+"Engine(pipeSize=1048576, bufferSize=65536, busyPoll=30)\n\n"
+"A relay thread for established TCP connections.  pipeSize is asked of\n"
+"F_SETPIPE_SZ for each direction's pipe (0: never splice, relay through\n"
+"a bufferSize userspace buffer instead); bufferSize is also used where a\n"
+"pipe cannot be had.  busyPoll: microseconds the thread keeps polling\n"
+"after a batch of small traffic before it sleeps (0: sleep at once),\n"
+"which shortens request/response latency for a little CPU.");
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "twistedproxy._fastrelay.Engine",
+    .tp_basicsize = sizeof(Engine),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = Engine_doc,
+    .tp_new = Engine_new,
+    .tp_init = (initproc)Engine_init,
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_methods = Engine_methods,
+};
+
+static struct PyModuleDef fastrelayModule = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "twistedproxy._fastrelay",
+    .m_doc = "The compiled relay engine for established TCP connections (Linux).",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC
+PyInit__fastrelay(void)
+{
+    if (PyType_Ready(&EngineType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&fastrelayModule);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&EngineType);
+    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
+        Py_DECREF(&EngineType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyModule_AddIntConstant(m, "DEFAULT_PIPE_SIZE", DEFAULT_PIPE_SIZE);
+    PyModule_AddIntConstant(m, "DEFAULT_BUFFER_SIZE", DEFAULT_BUFFER_SIZE);
+    PyModule_AddIntConstant(m, "DEFAULT_BUSY_POLL_US", DEFAULT_BUSY_POLL_US);
+    return m;
+}
