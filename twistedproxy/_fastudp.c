@@ -34,6 +34,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -150,10 +151,14 @@ nowMs(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+/* Random per process, so that clients cannot choose addresses and ports
+ * that all land in one bucket. */
+static uint64_t hashSeed = 0x9e3779b97f4a7c15ULL;
+
 static uint64_t
 hashKey(const Key *k)
 {
-    uint64_t h = 0x9e3779b97f4a7c15ULL;
+    uint64_t h = hashSeed;
     for (size_t i = 0; i < sizeof(Key) / 8; i++) {
         uint64_t w;
         memcpy(&w, (const char *)k + 8 * i, 8);
@@ -1260,6 +1265,9 @@ PyInit__fastudp(void)
 {
     if (PyType_Ready(&EngineType) < 0)
         return NULL;
+    uint64_t seed;
+    if (getrandom(&seed, sizeof seed, GRND_NONBLOCK) == (ssize_t)sizeof seed)
+        hashSeed ^= seed | 1;
     PyObject *m = PyModule_Create(&fastudpModule);
     if (m == NULL)
         return NULL;
