@@ -178,6 +178,40 @@ class ProxyProcess:
         return self.process.returncode
 
 
+def readAll(conn: socket.socket) -> bytes:
+    """
+    Everything C{conn} receives until end of stream.
+    """
+    chunks = []
+    while chunk := conn.recv(1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def exchange(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:
+    """
+    Connect, send C{payload}, half-close, and read everything until end of
+    stream.
+    """
+    with socket.create_connection((host, port), timeout=10.0) as conn:
+        conn.sendall(payload)
+        conn.shutdown(socket.SHUT_WR)
+        return readAll(conn)
+
+
+def roundTrip(conn: socket.socket, payload: bytes) -> bytes:
+    """
+    Send C{payload} on C{conn} and read as many bytes back.
+    """
+    conn.sendall(payload)
+    data = b""
+    while len(data) < len(payload):
+        chunk = conn.recv(65536)
+        assert chunk, "connection closed"
+        data += chunk
+    return data
+
+
 def rssKiB(pid: int) -> int:
     """
     Resident memory of process C{pid}, in KiB.

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from support import TCPEchoServer, UDPEchoServer, freePort
+from support import TCPEchoServer, UDPEchoServer, freePort, roundTrip
 
 #: Terminal control sequences the manhole draws its line editing with.
 _CONTROL = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[A-Za-z]|\r")
@@ -149,14 +149,6 @@ def session(tmp_path, keys):
         s.close()
 
 
-def roundTrip(conn, payload):
-    conn.sendall(payload)
-    data = b""
-    while len(data) < len(payload):
-        chunk = conn.recv(65536)
-        assert chunk, "connection closed"
-        data += chunk
-    return data
 
 
 def tableRow(text, first):

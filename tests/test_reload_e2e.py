@@ -9,9 +9,7 @@ import socket
 import threading
 import time
 
-import pytest
-
-from support import TCPEchoServer, UDPEchoServer, freePort
+from support import TCPEchoServer, UDPEchoServer, freePort, roundTrip
 
 
 def mapping(name, listen, target, proto="tcp", extra=""):
@@ -25,14 +23,6 @@ def proxyMap(*mappings):
     return "mappings:\n" + "".join(mappings)
 
 
-def roundTrip(conn, payload):
-    conn.sendall(payload)
-    data = b""
-    while len(data) < len(payload):
-        chunk = conn.recv(65536)
-        assert chunk, "connection closed"
-        data += chunk
-    return data
 
 
 def udpRoundTrip(sock, payload, port):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from support import REPO, START_TIMEOUT, TWISTD, TCPEchoServer, freePort, proxyEnvironment
+from support import REPO, START_TIMEOUT, TWISTD, TCPEchoServer, exchange, freePort, proxyEnvironment
 
 
 def run(argv, cwd, env=None, timeout=60):
@@ -22,14 +22,6 @@ def run(argv, cwd, env=None, timeout=60):
     )
 
 
-def echoThrough(port, payload=b"ping"):
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
-        c.sendall(payload)
-        c.shutdown(socket.SHUT_WR)
-        data = b""
-        while chunk := c.recv(65536):
-            data += chunk
-    return data
 
 
 def simpleMap(*pairs):
@@ -144,7 +136,7 @@ def test_daemonReloadsOnSighupAndStopsOnSigterm(tmp_path):
         assert result.returncode == 0, result.stdout + result.stderr
         pid = int(pidfile.read_text())
         try:
-            assert echoThrough(first) == b"ping"
+            assert exchange(first, b"ping") == b"ping"
             path.write_text(simpleMap((first, echo.port), (second, echo.port)))
             os.kill(pid, signal.SIGHUP)
             deadline = time.monotonic() + 10
@@ -152,7 +144,7 @@ def test_daemonReloadsOnSighupAndStopsOnSigterm(tmp_path):
                 assert time.monotonic() < deadline, logfile.read_text()
                 time.sleep(0.05)
             assert "added 1, removed 0, changed 0, unchanged 1, failed 0" in logfile.read_text()
-            assert echoThrough(second) == b"ping"
+            assert exchange(second, b"ping") == b"ping"
         finally:
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
@@ -184,7 +176,7 @@ def test_tacFileServesTheMap(tmp_path):
                 assert process.poll() is None, logfile.read_text()
                 assert time.monotonic() < deadline, logfile.read_text()
                 time.sleep(0.05)
-            assert echoThrough(port) == b"ping"
+            assert exchange(port, b"ping") == b"ping"
         finally:
             process.terminate()
             process.wait(10)

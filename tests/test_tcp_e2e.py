@@ -17,7 +17,7 @@ import threading
 import time
 
 
-from support import TCPEchoServer, freePort, rssKiB
+from support import TCPEchoServer, exchange, freePort, readAll, rssKiB
 
 MiB = 1 << 20
 
@@ -35,21 +35,8 @@ def connect(port, host="127.0.0.1", timeout=10.0) -> socket.socket:
     return socket.create_connection((host, port), timeout=timeout)
 
 
-def exchange(port, payload, host="127.0.0.1") -> bytes:
-    """
-    Send C{payload}, half-close, and read everything until end of stream.
-    """
-    with connect(port, host) as conn:
-        conn.sendall(payload)
-        conn.shutdown(socket.SHUT_WR)
-        return readAll(conn)
 
 
-def readAll(conn) -> bytes:
-    chunks = []
-    while chunk := conn.recv(MiB):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def closedWithin(conn, seconds) -> bool:

@@ -40,7 +40,14 @@
  * Pipes are created on a direction's first data and released by the
  * periodic sweep once empty and quiet for a sweep period, so an idle
  * connection costs one Flow (a couple of hundred bytes) and its two
- * sockets, no pipe.
+ * sockets, no pipe.  Up to PIPE_POOL empty pipes are kept for the next
+ * flows, so short connections do not pay pipe2() and F_SETPIPE_SZ each;
+ * the sweep closes those unused for a sweep period.
+ *
+ * After a small batch in which a flow turned direction (an answer to a
+ * request), the thread polls epoll for busyPoll microseconds before it
+ * sleeps: the next turn usually comes sooner than a sleeping thread
+ * wakes.  One-way streams never turn, so bulk traffic never spins.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -100,6 +107,7 @@ typedef struct Flow {
     uint8_t readable[2], writable[2];
     uint8_t dead;
     uint8_t registered;              /* in the engine's epoll set */
+    uint8_t lastRead;                /* direction of the last bytes read, 2: none yet */
     const char *finishedFirst;       /* "client closed" / "target closed" */
     Direction dir[2];                /* 0: client->target, 1: target->client */
 } Flow;
@@ -114,6 +122,7 @@ typedef struct Command {
 typedef struct PooledPipe {
     int pipeRead, pipeWrite;
     uint32_t capacity;
+    double pooledAt;  /* engine clock when it was given back */
 } PooledPipe;
 
 typedef struct Ended {
@@ -149,6 +158,7 @@ typedef struct {
     double now;
     double nextSweep;
     uint64_t batchBytes;  /* moved in the current event batch */
+    int batchTurns;       /* a flow in this batch turned direction */
     PooledPipe pool[PIPE_POOL];
     int poolCount;
     int endedSinceWake;
@@ -275,6 +285,7 @@ releaseChannel(Engine *e, Direction *d)
             p->pipeRead = d->pipeRead;
             p->pipeWrite = d->pipeWrite;
             p->capacity = d->capacity;
+            p->pooledAt = e->now;
         } else {
             close(d->pipeRead);
             close(d->pipeWrite);
@@ -510,6 +521,13 @@ pumpDirection(Engine *e, Flow *f, int d)
                 if (n > 0) {
                     __atomic_store_n(&dir->bytes, dir->bytes + (uint64_t)n, __ATOMIC_RELAXED);
                     f->lastActive = e->now;
+                    if (f->lastRead != d) {
+                        /* An answer to what went the other way: this flow
+                         * is request/response traffic. */
+                        if (f->lastRead != 2)
+                            e->batchTurns = 1;
+                        f->lastRead = (uint8_t)d;
+                    }
                     progress = 1;
                 } else if (n == 0) {
                     dir->eof = 1;
@@ -639,6 +657,21 @@ runCommands(Engine *e)
 static void
 sweep(Engine *e)
 {
+    /* Pooled pipes unused for a sweep period are closed: the pool serves
+     * bursts of short connections, and a quiet proxy keeps no spare
+     * descriptors.  The oldest are at the bottom of the stack. */
+    int kept = 0;
+    for (int i = 0; i < e->poolCount; i++) {
+        PooledPipe *p = &e->pool[i];
+        if ((e->now - p->pooledAt) * 1000.0 >= SWEEP_MS) {
+            close(p->pipeRead);
+            close(p->pipeWrite);
+        } else {
+            e->pool[kept++] = *p;
+        }
+    }
+    e->poolCount = kept;
+
     Flow *f = e->live;
     while (f != NULL) {
         Flow *next = f->next;
@@ -701,6 +734,7 @@ engineMain(void *arg)
         }
         e->now = monotonicNow();
         e->batchBytes = 0;
+        e->batchTurns = 0;
         for (int i = 0; i < n; i++) {
             uint64_t data = events[i].data.u64;
             if (data == 0) {
@@ -725,10 +759,13 @@ engineMain(void *arg)
                 f->writable[side] = 1;
             pumpFlow(e, f);
         }
-        /* Busy-poll only after small batches (request/response traffic);
-         * after bulk batches the thread sleeps, leaving the CPU to the
-         * peers that produce and consume the stream. */
-        if (n > 0 && e->busyPollSeconds > 0 && e->batchBytes < SPIN_MAX_BATCH)
+        /* Busy-poll only after a small batch in which a flow turned
+         * direction (request/response traffic, whose next turn is likely
+         * microseconds away).  A one-way stream never turns: the thread
+         * sleeps between its batches and leaves the CPU to the peers that
+         * produce and consume it, even when a starved sender makes its
+         * batches small. */
+        if (n > 0 && e->busyPollSeconds > 0 && e->batchTurns && e->batchBytes < SPIN_MAX_BATCH)
             spinUntil = preciseNow() + e->busyPollSeconds;
         else if (n > 0)
             spinUntil = 0;
@@ -959,6 +996,7 @@ Engine_adopt(Engine *self, PyObject *args)
     f->fd[CLIENT] = clientFd;
     f->fd[TARGET] = targetFd;
     f->idleTimeout = idleTimeout;
+    f->lastRead = 2;
     for (int d = 0; d < 2; d++)
         f->dir[d].pipeRead = f->dir[d].pipeWrite = -1;
 

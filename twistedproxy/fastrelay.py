@@ -54,7 +54,7 @@ class EngineFlow:
 
     __slots__ = (
         "id", "listener", "client", "started", "reason",
-        "_relay", "_baseIn", "_baseOut", "_final", "_onEnded",
+        "_relay", "_baseIn", "_baseOut", "_seen", "_final", "_onEnded",
     )
 
     def __init__(self, relay: FastRelay, flow, onEnded: Callable[[EngineFlow, str], None]) -> None:
@@ -67,13 +67,19 @@ class EngineFlow:
         # bytes the Python relay moved before the hand-off
         self._baseIn = flow.bytesIn
         self._baseOut = flow.bytesOut
+        self._seen = (0, 0)
         self._final: tuple[int, int] | None = None
         self._onEnded = onEnded
 
     def _counters(self) -> tuple[int, int]:
         if self._final is not None:
             return self._final
-        return self._relay.counters(self.id) or (0, 0)
+        counters = self._relay.counters(self.id)
+        # None between the engine's end of the flow and its report in the
+        # reactor: the last figures seen, so totals never go backwards.
+        if counters is not None:
+            self._seen = counters
+        return self._seen
 
     @property
     def bytesIn(self) -> int:
@@ -290,7 +296,10 @@ class FastRelay:
         """
         return self.engine.close(flowId)
 
-    def __len__(self) -> int:
+    def flowCount(self) -> int:
+        """
+        Flows handed to the engine whose C{onEnd} has not run yet.
+        """
         return len(self._onEnd)
 
     def stop(self) -> None:

@@ -45,7 +45,6 @@ from twistedproxy.listener import (
     ListenerService,
     clientAddress,
     listeningSocketOptions,
-    log,
     nextFlowId,
 )
 from twistedproxy.model import TCP, Listener
