@@ -1,12 +1,14 @@
 """
-Build hook for the optional compiled relay engine.
+Build hook for the optional compiled engines.
 
 All metadata lives in pyproject.toml; this file only declares the C
-extension C{twistedproxy._fastrelay} (Linux: splice, epoll, eventfd).  It
-is optional: where there is no C compiler, or on another platform, C{pip
-install .} installs portproxy without it and the pure-Python relay is used.
+extensions C{twistedproxy._fastrelay} (TCP relays; Linux: splice, epoll,
+eventfd) and C{twistedproxy._fastudp} (UDP sessions; Linux: epoll,
+eventfd, recvmmsg/sendmmsg, IP_PKTINFO).  They are optional: where there is
+no C compiler, or on another platform, C{pip install .} installs portproxy
+without them and the pure-Python relays are used.
 
-For development, build it next to the sources with::
+For development, build them next to the sources with::
 
     python setup.py build_ext --inplace
 """
@@ -15,15 +17,25 @@ import sys
 
 from setuptools import Extension, setup
 
+COMPILE_ARGS = [
+    "-O2",
+    "-std=gnu11",
+    "-Wall",
+    "-Wextra",
+    "-Wno-unused-parameter",
+    "-Wno-missing-field-initializers",
+]
+
 extensions = []
 if sys.platform.startswith("linux"):
-    extensions.append(
-        Extension(
-            "twistedproxy._fastrelay",
-            ["twistedproxy/_fastrelay.c"],
-            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
-            optional=True,
+    for name in ("_fastrelay", "_fastudp"):
+        extensions.append(
+            Extension(
+                f"twistedproxy.{name}",
+                [f"twistedproxy/{name}.c"],
+                extra_compile_args=COMPILE_ARGS,
+                optional=True,
+            )
         )
-    )
 
 setup(ext_modules=extensions)

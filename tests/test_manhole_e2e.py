@@ -374,3 +374,44 @@ def test_reloadRemovesAndAddsTheManhole(proxy, tmp_path, keys, session):
         input=b"exit()\n", capture_output=True, timeout=10,
     )
     assert b"help() lists the helpers" in pinned.stdout, pinned.stderr
+
+
+def test_udpSessionsShownDisabledAndKilled(proxy, tmp_path, keys, session):
+    """
+    A UDP session shows in connections() with its byte counts; while the
+    mapping is disabled a new client is rejected and counted and the open
+    session still forwards; kill(id) ends the session with its access line.
+    """
+    with UDPEchoServer() as echo:
+        manholePort, udpPort = freePort(), freePort("udp")
+        proxy.start(
+            proxyMap(tmp_path, manholePort, ("dns", "udp", f"127.0.0.1:{udpPort}", f"127.0.0.1:{echo.port}"))
+        )
+        shell = session(manholePort)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as old, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as new:
+            for c in (old, new):
+                c.bind(("127.0.0.1", 0))
+                c.settimeout(0.5)
+            old.sendto(b"hello", ("127.0.0.1", udpPort))
+            assert old.recv(100) == b"hello"
+            client = "127.0.0.1:%d" % old.getsockname()[1]
+            out = shell.run("connections()")
+            row = next(line.split() for line in out.splitlines() if client in line)
+            flowId = row[0]
+            assert row[1:5] == ["dns", "udp", client, f"127.0.0.1:{echo.port}"]
+            assert row[6:] == ["5", "B", "5", "B"]
+
+            assert "dns: disabled" in shell.run("disable('dns')")
+            new.sendto(b"turned away", ("127.0.0.1", udpPort))
+            with pytest.raises(socket.timeout):
+                new.recv(100)
+            old.sendto(b"still", ("127.0.0.1", udpPort))
+            assert old.recv(100) == b"still"
+            assert tableRow(shell.run("status()"), "dns")[4:7] == ["1", "1", "1"]
+            assert "dns: enabled" in shell.run("enable('dns')")
+
+            out = shell.run(f"kill({flowId})")
+            assert f"closed {flowId}: udp dns {client} -> 127.0.0.1:{echo.port}" in out
+            line = proxy.waitFor(r"udp dns [^\n]*killed from the manhole").group(0)
+            assert "in=10 out=10" in line

@@ -12,6 +12,22 @@ import time
 import pytest
 
 from support import UDPEchoServer, freePort
+from twistedproxy import fastudp
+
+ENGINE_LINE = "forwarded by the compiled engine"
+
+
+@pytest.fixture(autouse=True)
+def forwarding(proxy):
+    """
+    The C{proxy} fixture runs every test with the compiled fast paths and
+    without them (C{PORTPROXY_FASTPATH=0}); afterwards the proxy's log must
+    say that UDP used the compiled engine exactly when it should have.
+    """
+    yield
+    if proxy.process is not None:
+        expected = proxy.fastPath and fastudp.available()
+        assert (ENGINE_LINE in proxy.output()) == expected
 
 
 def udpMap(listen: str, target: str, udpTimeout: str = "90s") -> str:

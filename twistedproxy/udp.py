@@ -17,6 +17,14 @@ socket its turn.  Sessions end after C{udp_timeout} without a datagram
 either way; one sweep per listener, scheduled for the earliest moment a
 session could have expired, finds them, so nothing is scheduled per
 datagram.
+
+Where the compiled engine of L{twistedproxy.fastudp} is built (and not
+turned off with C{PORTPROXY_FASTPATH=0}), a listener hands its bound socket
+to it instead of reading it: the engine forwards the datagrams of open
+sessions and their expiry in its own thread, and asks the listener about
+every new client (L{UDPListener.clientArrived}), which decides exactly as
+above and gives the engine the session's connected socket.  The sessions
+are then L{EngineSession}s.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from twistedproxy import fastudp
 from twistedproxy.listener import (
     IFlow,
     ListenerService,
@@ -416,6 +425,86 @@ class Session:
         self._owner.sessionEnded(self, reason)
 
 
+@implementer(IFlow)
+class EngineSession:
+    """
+    A session whose datagrams the compiled engine forwards: what the
+    manhole and the access log see of it.  Its byte counters are read from
+    the engine.
+
+    @ivar resolving: the target's host name is being resolved, and the
+        engine holds the client's datagrams meanwhile.
+    """
+
+    __slots__ = (
+        "id",
+        "listener",
+        "client",
+        "started",
+        "key",
+        "timeout",
+        "resolving",
+        "closed",
+        "_owner",
+        "_final",
+    )
+
+    def __init__(self, owner: UDPListener, key: bytes, client) -> None:
+        self.id = nextFlowId()
+        self.listener = owner.listener
+        self.client = clientAddress(client)
+        self.started = owner.reactor.seconds()
+        self.key = key
+        self.timeout = self.listener.timeouts.udp
+        self.resolving = False
+        self.closed = False
+        self._owner = owner
+        self._final = (0, 0)
+
+    def _counters(self) -> tuple[int, int]:
+        if not self.closed and not self.resolving:
+            counters = self._owner.engine.counters(self.id)
+            if counters is not None:
+                return counters
+        return self._final
+
+    @property
+    def bytesIn(self) -> int:
+        return self._counters()[0]
+
+    @property
+    def bytesOut(self) -> int:
+        return self._counters()[1]
+
+    def ended(self, bytesIn: int, bytesOut: int, reason: str) -> None:
+        """
+        The engine no longer has the session: keep its last counters and
+        write its access line.
+        """
+        if self.closed:
+            return
+        self._final = (bytesIn, bytesOut)
+        self.closed = True
+        self._owner.sessionEnded(self, reason)
+
+    def close(self, reason: str) -> None:
+        """
+        End the session now: the engine closes its socket.
+        """
+        if self.closed:
+            return
+        engine = self._owner.engine
+        if self.resolving:
+            counters = (engine.dropPending(self.key)[1], 0)
+        else:
+            counters = engine.closeSession(self.id)
+            if counters is None:
+                # The engine ended it a moment ago; its report, waiting on
+                # the engine's eventfd, writes the access line.
+                return
+        self.ended(counters[0], counters[1], reason)
+
+
 @implementer(IResolutionReceiver)
 class _TargetResolution:
     """
@@ -445,6 +534,8 @@ class UDPListener(ListenerService):
     @ivar sessions: open sessions by client key: the client's address, and
         for a wildcard listener also the local address it sent to.
     @ivar port: the listening socket, L{None} until L{bind}.
+    @ivar engine: the L{fastudp.UDPEngine} that forwards the datagrams, or
+        L{None} when this listener forwards them itself.
     """
 
     proto = "udp"
@@ -456,9 +547,11 @@ class UDPListener(ListenerService):
         self._sweep = None
         self._noticed: dict[str, float] = {}
         self._unnoticed: dict[str, int] = {}
+        self.engine = fastudp.engineFor(reactor)
+        self._engineId = None
         self._readTarget()
 
-    # -- sockets: the two places that touch the network ------------------
+    # -- sockets: the places that touch the network ----------------------
 
     def openListeningPort(self):
         """
@@ -476,6 +569,22 @@ class UDPListener(ListenerService):
         """
         return connectDatagrams(self.reactor, family, address, session)
 
+    def openSessionSocket(self, family: int, address: tuple) -> socket.socket:
+        """
+        Open a non-blocking socket connected to the target at C{address},
+        for the engine to read and write.
+
+        @raise OSError: when that fails.
+        """
+        skt = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            skt.setblocking(False)
+            skt.connect(address)
+        except BaseException:
+            skt.close()
+            raise
+        return skt
+
     # -- lifecycle -----------------------------------------------------
 
     @property
@@ -489,18 +598,41 @@ class UDPListener(ListenerService):
         ListenerService.startService(self)
         if not self.bound:
             self.bind()
-        self.port.startReading()
+        if self.engine is not None and self._engineId is None:
+            try:
+                self._engineId = self.engine.addListener(
+                    self.port.socket, isinstance(self.port, PacketInfoPort), self
+                )
+            except (OSError, RuntimeError) as e:
+                # No thread could be started (or the engine is stopped):
+                # this listener forwards its datagrams itself.
+                log.warn(
+                    "udp {mapping}: the compiled engine cannot take the "
+                    "listener ({error}); forwarding in Python",
+                    mapping=self.listener.mapping,
+                    error=e,
+                )
+                self.engine = None
+        if self.engine is None:
+            self.port.startReading()
 
     def stopService(self) -> None:
         """
         Close the listening socket and every session.
         """
         ListenerService.stopService(self)
+        ended = {}
+        if self._engineId is not None:
+            ended = self.engine.removeListener(self._engineId)
+            self._engineId = None
         if self.port is not None:
             self.port.close()
             self.port = None
         for session in list(self.sessions.values()):
-            session.close("listener closed")
+            if session.id in ended:
+                session.ended(*ended[session.id], "listener closed")
+            else:
+                session.close("listener closed")
         if self._sweep is not None and self._sweep.active():
             self._sweep.cancel()
         self._sweep = None
@@ -576,6 +708,60 @@ class UDPListener(ListenerService):
         self._sweepBy(session.lastActive + session.timeout)
         return session
 
+    def clientArrived(self, key: bytes, client: tuple) -> None:
+        """
+        The engine holds a datagram from C{client}, which has no session
+        under the engine's C{key}: open one as L{openSession} would, or
+        have the engine drop what it holds.
+        """
+        engine = self.engine
+        why = None
+        if not self.enabled:
+            why = "listener disabled"
+        elif self.full():
+            why = f"max_connections ({self.listener.maxConnections}) reached"
+        if why is not None:
+            datagrams, _ = engine.dropPending(key)
+            # every datagram the client sent meanwhile counts, as each
+            # would without the engine
+            self.counters.rejected += max(datagrams, 1) - 1
+            self.rejected(clientAddress(client), why)
+            return
+        session = EngineSession(self, key, client)
+        if self._targetAddress is not None:
+            family, address = self._targetAddress
+            try:
+                skt = self.openSessionSocket(family, address)
+            except OSError as e:
+                engine.dropPending(key)
+                self._sessionFailed(session, e)
+                return
+            try:
+                engine.addSession(self, key, skt, session.id, session.timeout)
+            except ValueError:
+                # the listener stopped meanwhile
+                skt.close()
+                engine.dropPending(key)
+                return
+        else:
+            session.resolving = True
+            self.reactor.nameResolver.resolveHostName(
+                _TargetResolution(self, session),
+                session.listener.target.host,
+                session.listener.target.port,
+                transportSemantics="UDP",
+            )
+        self.sessions[key] = session
+        self.flowStarted(session)
+
+    def sessionExpired(self, flowId: int, bytesIn: int, bytesOut: int) -> None:
+        """
+        The engine ended a session quiet for its timeout.
+        """
+        session = self.flows.get(flowId)
+        if isinstance(session, EngineSession):
+            session.ended(bytesIn, bytesOut, f"no datagram for {_seconds(session.timeout)}")
+
     def targetResolved(self, session: Session, address) -> None:
         """
         C{session}'s target host name resolved to C{address} (L{None} when
@@ -593,12 +779,29 @@ class UDPListener(ListenerService):
         else:
             family = socket.AF_INET
             where = (address.host, target.port)
+        if isinstance(session, EngineSession):
+            self._engineTargetResolved(session, family, where)
+            return
         try:
             port = self.openSessionPort(session, family, where)
         except OSError as e:
             session.close(f"cannot open a socket to {target}: {e.strerror}")
             return
         session.connected(port)
+
+    def _engineTargetResolved(self, session: EngineSession, family: int, where: tuple) -> None:
+        try:
+            skt = self.openSessionSocket(family, where)
+        except OSError as e:
+            session.close(f"cannot open a socket to {session.listener.target}: {e.strerror}")
+            return
+        try:
+            self.engine.addSession(self, session.key, skt, session.id, session.timeout)
+        except ValueError:
+            skt.close()
+            session.close("listener closed")
+            return
+        session.resolving = False
 
     def sessionEnded(self, session: Session, reason: str) -> None:
         """

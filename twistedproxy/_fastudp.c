@@ -1,0 +1,1286 @@
+/*
+ * twistedproxy._fastudp: the compiled engine for established UDP sessions
+ * (Linux only: epoll, eventfd, recvmmsg, IP_PKTINFO / IPV6_PKTINFO).
+ *
+ * One Engine owns one background thread that never takes the GIL.  Python
+ * (twistedproxy.udp) binds each listening socket and hands its descriptor
+ * over with addListener(); the thread reads every datagram.  A datagram
+ * from a client with a session is sent on the session's socket, which is
+ * connected to the target; a reply read from that socket is sent to the
+ * client from the listening socket, from the address the client sent to.
+ *
+ * A datagram from a client without a session is held (a few per client,
+ * a bounded number of clients and bytes) and Python is told through an
+ * eventfd; it decides whether the client may have a session and answers
+ * with addSession() (a connected socket it opened: the held datagrams are
+ * sent on it) or dropPending().  Sessions quiet for their timeout are
+ * ended by the thread and reported through the same eventfd.
+ *
+ * Locking: one mutex guards every table.  The thread holds it while it
+ * handles one epoll batch, Python while it runs one method.  An object
+ * removed from epoll may still have an event in the batch being handled;
+ * it is marked closed and freed only at the end of the batch, so a stale
+ * event never touches freed memory.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+/* Datagrams read from one socket per readiness event, so that a flood on
+ * one socket leaves every other socket its turn. */
+#define DRAIN 64
+/* The largest datagram the kernel hands over: nothing is truncated. */
+#define MAX_DATAGRAM 65535
+/* Clients without a session yet, datagrams held for each, and bytes held
+ * for all of them: what a flood of new clients can cost. */
+#define PENDING_CLIENTS 1024
+#define PENDING_DATAGRAMS 8
+#define PENDING_BYTES (4 * 1024 * 1024)
+/* Longest gap between two sweeps for expired sessions, in milliseconds;
+ * shorter when a session's timeout is under ten times this. */
+#define SWEEP_GAP_MS 1000
+
+enum { KIND_WAKE = 0, KIND_LISTENER = 1, KIND_SESSION = 2 };
+enum { EVENT_NEW = 1, EVENT_ENDED = 2 };
+
+/* What tells one client of one listener from another: the listener, the
+ * client's address and the local address it sent to (zero when the
+ * listener is bound to one address).  Always built zeroed, so it can be
+ * hashed and compared as bytes. */
+typedef struct {
+    uint32_t listenerId;
+    uint16_t family;
+    uint16_t port;
+    uint32_t scope;
+    uint32_t unused;            /* keeps the size a multiple of 8 */
+    uint8_t addr[16];
+    uint8_t local[16];
+} Key;
+
+/* A key with what a reply to that client needs; it is what Python gets in
+ * a "new" event and gives back to addSession() or dropPending(). */
+typedef struct {
+    Key key;
+    struct sockaddr_storage client;
+    socklen_t clientLen;
+    uint32_t ifindex;   /* IPv6: the interface the datagram came in on */
+    int32_t haveLocal;
+} Peer;
+
+typedef struct Listener {
+    int kind;
+    int closed;
+    int fd;
+    int pktinfo;
+    int family;
+    uint32_t id;
+    uint64_t dropped;           /* new clients' datagrams over the bounds */
+    uint64_t sessions;
+    struct Listener *next;
+    struct Listener *nextDead;
+} Listener;
+
+typedef struct Session {
+    int kind;
+    int closed;
+    int fd;
+    Peer peer;
+    Listener *listener;
+    uint64_t flowId;
+    int64_t last;               /* ms, coarse monotonic clock */
+    int64_t timeout;            /* ms */
+    uint64_t bytesIn, bytesOut;
+    struct Session *nextByKey, *nextById, *nextDead;
+} Session;
+
+typedef struct Pending {
+    Peer peer;
+    int count;
+    uint64_t datagrams, bytes;  /* every datagram, held or dropped */
+    size_t lens[PENDING_DATAGRAMS];
+    char *data[PENDING_DATAGRAMS];
+    struct Pending *next;
+} Pending;
+
+typedef struct Event {
+    int type;
+    uint64_t flowId, bytesIn, bytesOut;
+    Peer peer;
+    struct Event *next;
+} Event;
+
+typedef struct {
+    PyObject_HEAD
+    pthread_mutex_t lock;
+    pthread_t thread;
+    int started, stopping, joined;
+    int epfd, wakeFd, notifyFd;
+    int wakeKind;               /* epoll data for wakeFd points here */
+    Listener *listeners;
+    Listener *deadListeners;
+    Session **byKey, **byId;
+    size_t mask, sessionCount;
+    Session *deadSessions;
+    Pending **pending;          /* PENDING_CLIENTS buckets */
+    size_t pendingCount, pendingBytes;
+    Event *events, *lastEvent;
+    int64_t tick, nextSweep, sweepGap;
+    char *buffers;              /* DRAIN x MAX_DATAGRAM */
+} Engine;
+
+/* -- helpers ----------------------------------------------------------- */
+
+static int64_t
+nowMs(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Random per process, so that clients cannot choose addresses and ports
+ * that all land in one bucket. */
+static uint64_t hashSeed = 0x9e3779b97f4a7c15ULL;
+
+static uint64_t
+hashKey(const Key *k)
+{
+    uint64_t h = hashSeed;
+    for (size_t i = 0; i < sizeof(Key) / 8; i++) {
+        uint64_t w;
+        memcpy(&w, (const char *)k + 8 * i, 8);
+        h ^= w;
+        h *= 0xff51afd7ed558ccdULL;
+        h ^= h >> 33;
+    }
+    return h;
+}
+
+static uint64_t
+hashId(uint64_t id)
+{
+    id *= 0x9e3779b97f4a7c15ULL;
+    return id ^ (id >> 29);
+}
+
+static void
+signalFd(int fd)
+{
+    uint64_t one = 1;
+    ssize_t r = write(fd, &one, sizeof one);
+    (void)r;
+}
+
+static void
+drainFd(int fd)
+{
+    uint64_t n;
+    ssize_t r = read(fd, &n, sizeof n);
+    (void)r;
+}
+
+/* Take the lock; wait for it without the GIL when the thread has it. */
+static void
+lockFromPython(Engine *self)
+{
+    if (pthread_mutex_trylock(&self->lock) != 0) {
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(&self->lock);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+static void
+peerFromMessage(Peer *p, Listener *l, struct msghdr *msg)
+{
+    memset(p, 0, sizeof *p);
+    p->key.listenerId = l->id;
+    memcpy(&p->client, msg->msg_name, msg->msg_namelen);
+    p->clientLen = msg->msg_namelen;
+    struct sockaddr *sa = msg->msg_name;
+    if (sa->sa_family == AF_INET6) {
+        struct sockaddr_in6 *s6 = msg->msg_name;
+        p->key.family = AF_INET6;
+        p->key.port = s6->sin6_port;
+        p->key.scope = s6->sin6_scope_id;
+        memcpy(p->key.addr, &s6->sin6_addr, 16);
+    } else {
+        struct sockaddr_in *s4 = msg->msg_name;
+        p->key.family = AF_INET;
+        p->key.port = s4->sin_port;
+        memcpy(p->key.addr, &s4->sin_addr, 4);
+    }
+    if (!l->pktinfo)
+        return;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c != NULL; c = CMSG_NXTHDR(msg, c)) {
+        if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO) {
+            struct in_pktinfo info;
+            memcpy(&info, CMSG_DATA(c), sizeof info);
+            /* spec_dst: the local address to answer from (the
+             * destination itself, or the interface's for a broadcast) */
+            memcpy(p->key.local, &info.ipi_spec_dst, 4);
+            p->haveLocal = 1;
+        } else if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO) {
+            struct in6_pktinfo info;
+            memcpy(&info, CMSG_DATA(c), sizeof info);
+            memcpy(p->key.local, &info.ipi6_addr, 16);
+            /* a link-local address is usable only with its interface */
+            p->ifindex = info.ipi6_ifindex;
+            p->haveLocal = 1;
+        }
+    }
+}
+
+static Session *
+findSession(Engine *self, const Key *k)
+{
+    Session *s = self->byKey[hashKey(k) & self->mask];
+    while (s != NULL && memcmp(&s->peer.key, k, sizeof *k) != 0)
+        s = s->nextByKey;
+    return s;
+}
+
+static Session *
+findFlow(Engine *self, uint64_t flowId)
+{
+    Session *s = self->byId[hashId(flowId) & self->mask];
+    while (s != NULL && s->flowId != flowId)
+        s = s->nextById;
+    return s;
+}
+
+static Pending **
+findPending(Engine *self, const Key *k)
+{
+    Pending **pp = &self->pending[hashKey(k) % PENDING_CLIENTS];
+    while (*pp != NULL && memcmp(&(*pp)->peer.key, k, sizeof *k) != 0)
+        pp = &(*pp)->next;
+    return pp;
+}
+
+static Listener *
+findListener(Engine *self, uint32_t id)
+{
+    for (Listener *l = self->listeners; l != NULL; l = l->next)
+        if (l->id == id)
+            return l;
+    return NULL;
+}
+
+static void
+freePending(Engine *self, Pending *p)
+{
+    for (int i = 0; i < p->count; i++) {
+        self->pendingBytes -= p->lens[i];
+        free(p->data[i]);
+    }
+    self->pendingCount--;
+    free(p);
+}
+
+static int
+queueEvent(Engine *self, int type, Session *s, const Peer *peer)
+{
+    Event *e = calloc(1, sizeof *e);
+    if (e == NULL)
+        return -1;
+    e->type = type;
+    if (s != NULL) {
+        e->flowId = s->flowId;
+        e->bytesIn = s->bytesIn;
+        e->bytesOut = s->bytesOut;
+    }
+    if (peer != NULL)
+        e->peer = *peer;
+    if (self->lastEvent != NULL)
+        self->lastEvent->next = e;
+    else
+        self->events = e;
+    self->lastEvent = e;
+    return 0;
+}
+
+static int
+growTables(Engine *self)
+{
+    size_t size = (self->mask + 1) * 2;
+    Session **byKey = calloc(size, sizeof *byKey);
+    Session **byId = calloc(size, sizeof *byId);
+    if (byKey == NULL || byId == NULL) {
+        free(byKey);
+        free(byId);
+        return -1;
+    }
+    for (size_t i = 0; i <= self->mask; i++) {
+        for (Session *s = self->byKey[i], *next; s != NULL; s = next) {
+            next = s->nextByKey;
+            size_t b = hashKey(&s->peer.key) & (size - 1);
+            s->nextByKey = byKey[b];
+            byKey[b] = s;
+        }
+        for (Session *s = self->byId[i], *next; s != NULL; s = next) {
+            next = s->nextById;
+            size_t b = hashId(s->flowId) & (size - 1);
+            s->nextById = byId[b];
+            byId[b] = s;
+        }
+    }
+    free(self->byKey);
+    free(self->byId);
+    self->byKey = byKey;
+    self->byId = byId;
+    self->mask = size - 1;
+    return 0;
+}
+
+/* Remove a session from the tables and epoll, close its socket; it is
+ * freed at the end of the current batch. */
+static void
+endSession(Engine *self, Session *s)
+{
+    Session **pp = &self->byKey[hashKey(&s->peer.key) & self->mask];
+    while (*pp != s)
+        pp = &(*pp)->nextByKey;
+    *pp = s->nextByKey;
+    pp = &self->byId[hashId(s->flowId) & self->mask];
+    while (*pp != s)
+        pp = &(*pp)->nextById;
+    *pp = s->nextById;
+    epoll_ctl(self->epfd, EPOLL_CTL_DEL, s->fd, NULL);
+    close(s->fd);
+    s->fd = -1;
+    s->closed = 1;
+    s->listener->sessions--;
+    self->sessionCount--;
+    s->nextDead = self->deadSessions;
+    self->deadSessions = s;
+}
+
+static void
+freeDead(Engine *self)
+{
+    while (self->deadSessions != NULL) {
+        Session *s = self->deadSessions;
+        self->deadSessions = s->nextDead;
+        free(s);
+    }
+    while (self->deadListeners != NULL) {
+        Listener *l = self->deadListeners;
+        self->deadListeners = l->nextDead;
+        free(l);
+    }
+}
+
+/* -- the engine thread ------------------------------------------------- */
+
+static void
+sendToTarget(Session *s, const char *data, size_t len)
+{
+    if (send(s->fd, data, len, MSG_DONTWAIT) < 0 && errno == ECONNREFUSED) {
+        /* A stale ICMP port-unreachable from an earlier datagram (the
+         * target was not listening then) failed this send, which never
+         * left: once more, so the first datagram after the target starts
+         * listening gets through.  Any other failure loses the datagram,
+         * as any network may. */
+        (void)send(s->fd, data, len, MSG_DONTWAIT);
+    }
+}
+
+/* Send msgs[0..count) on the session's socket with as few system calls as
+ * the kernel allows, each datagram refused by a stale ICMP error retried
+ * once as in sendToTarget. */
+static void
+sendRunToTarget(Session *s, struct mmsghdr *msgs, int count)
+{
+    int i = 0, retried = -1;
+    while (i < count) {
+        int sent = sendmmsg(s->fd, msgs + i, count - i, MSG_DONTWAIT);
+        if (sent > 0) {
+            i += sent;
+            continue;
+        }
+        if (sent < 0 && errno == ECONNREFUSED && retried != i) {
+            retried = i;
+            continue;
+        }
+        /* this datagram is lost, as on any network; the next ones go on */
+        i++;
+    }
+}
+
+static void
+holdDatagram(Engine *self, Listener *l, const Peer *peer, const char *data, size_t len)
+{
+    Pending **pp = findPending(self, &peer->key);
+    Pending *p = *pp;
+    if (p == NULL) {
+        if (self->pendingCount >= PENDING_CLIENTS || (p = calloc(1, sizeof *p)) == NULL) {
+            l->dropped++;
+            return;
+        }
+        if (queueEvent(self, EVENT_NEW, NULL, peer) < 0) {
+            free(p);
+            l->dropped++;
+            return;
+        }
+        p->peer = *peer;
+        *pp = p;
+        self->pendingCount++;
+        signalFd(self->notifyFd);
+    }
+    p->datagrams++;
+    p->bytes += len;
+    if (p->count < PENDING_DATAGRAMS && self->pendingBytes + len <= PENDING_BYTES) {
+        char *copy = malloc(len ? len : 1);
+        if (copy != NULL) {
+            memcpy(copy, data, len);
+            p->data[p->count] = copy;
+            p->lens[p->count++] = len;
+            self->pendingBytes += len;
+        }
+    }
+}
+
+static void
+readListener(Engine *self, Listener *l, int64_t now)
+{
+    struct mmsghdr msgs[DRAIN];
+    struct iovec iovs[DRAIN];
+    struct sockaddr_storage names[DRAIN];
+    char controls[DRAIN][CMSG_SPACE(sizeof(struct in6_pktinfo)) + CMSG_SPACE(sizeof(struct in_pktinfo))];
+    for (int i = 0; i < DRAIN; i++) {
+        iovs[i].iov_base = self->buffers + (size_t)i * MAX_DATAGRAM;
+        iovs[i].iov_len = MAX_DATAGRAM;
+        msgs[i].msg_hdr.msg_name = &names[i];
+        msgs[i].msg_hdr.msg_namelen = sizeof names[i];
+        msgs[i].msg_hdr.msg_iov = &iovs[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+        msgs[i].msg_hdr.msg_control = l->pktinfo ? controls[i] : NULL;
+        msgs[i].msg_hdr.msg_controllen = l->pktinfo ? sizeof controls[i] : 0;
+        msgs[i].msg_hdr.msg_flags = 0;
+    }
+    int n = recvmmsg(l->fd, msgs, DRAIN, MSG_DONTWAIT, NULL);
+    if (n <= 0)
+        return;
+    /* Consecutive datagrams of one session (a bulk sender) leave in one
+     * sendmmsg: msgs[runStart..i) are reused as the outgoing messages. */
+    Session *last = NULL;
+    int runStart = 0;
+    Peer peer;
+    for (int i = 0; i < n; i++) {
+        const char *data = iovs[i].iov_base;
+        size_t len = msgs[i].msg_len;
+        peerFromMessage(&peer, l, &msgs[i].msg_hdr);
+        Session *s = last;
+        if (s == NULL || memcmp(&s->peer.key, &peer.key, sizeof peer.key) != 0) {
+            if (last != NULL)
+                sendRunToTarget(last, msgs + runStart, i - runStart);
+            last = NULL;
+            s = findSession(self, &peer.key);
+        }
+        if (s == NULL) {
+            holdDatagram(self, l, &peer, data, len);
+            continue;
+        }
+        if (last == NULL)
+            runStart = i;
+        last = s;
+        s->last = now;
+        s->bytesIn += len;
+        /* the outgoing message: this datagram, to the connected target */
+        iovs[i].iov_len = len;
+        msgs[i].msg_hdr.msg_name = NULL;
+        msgs[i].msg_hdr.msg_namelen = 0;
+        msgs[i].msg_hdr.msg_control = NULL;
+        msgs[i].msg_hdr.msg_controllen = 0;
+        msgs[i].msg_hdr.msg_flags = 0;
+    }
+    if (last != NULL)
+        sendRunToTarget(last, msgs + runStart, n - runStart);
+}
+
+static void
+replyToClient(Session *s, const char *data, size_t len)
+{
+    Listener *l = s->listener;
+    struct iovec iov = {(void *)data, len};
+    struct msghdr msg;
+    char control[CMSG_SPACE(sizeof(struct in6_pktinfo))];
+    memset(&msg, 0, sizeof msg);
+    msg.msg_name = &s->peer.client;
+    msg.msg_namelen = s->peer.clientLen;
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    if (s->peer.haveLocal) {
+        /* answer from the address the client sent to */
+        memset(control, 0, sizeof control);
+        msg.msg_control = control;
+        struct cmsghdr *c;
+        if (s->peer.key.family == AF_INET6) {
+            msg.msg_controllen = CMSG_SPACE(sizeof(struct in6_pktinfo));
+            c = CMSG_FIRSTHDR(&msg);
+            c->cmsg_level = IPPROTO_IPV6;
+            c->cmsg_type = IPV6_PKTINFO;
+            c->cmsg_len = CMSG_LEN(sizeof(struct in6_pktinfo));
+            struct in6_pktinfo info;
+            memset(&info, 0, sizeof info);
+            memcpy(&info.ipi6_addr, s->peer.key.local, 16);
+            info.ipi6_ifindex = s->peer.ifindex;
+            memcpy(CMSG_DATA(c), &info, sizeof info);
+        } else {
+            msg.msg_controllen = CMSG_SPACE(sizeof(struct in_pktinfo));
+            c = CMSG_FIRSTHDR(&msg);
+            c->cmsg_level = IPPROTO_IP;
+            c->cmsg_type = IP_PKTINFO;
+            c->cmsg_len = CMSG_LEN(sizeof(struct in_pktinfo));
+            /* no interface: routing picks it, only the source is fixed */
+            struct in_pktinfo info;
+            memset(&info, 0, sizeof info);
+            memcpy(&info.ipi_spec_dst, s->peer.key.local, 4);
+            memcpy(CMSG_DATA(c), &info, sizeof info);
+        }
+    }
+    /* A full send buffer loses the reply, as any network may. */
+    (void)sendmsg(l->fd, &msg, MSG_DONTWAIT);
+}
+
+static void
+readSession(Engine *self, Session *s, int64_t now)
+{
+    char *buffer = self->buffers;
+    for (int i = 0; i < DRAIN; i++) {
+        ssize_t n = recv(s->fd, buffer, MAX_DATAGRAM, MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return;
+            /* An ICMP error for an earlier datagram (nothing listening at
+             * the target yet, host unreachable): reading consumed it, and
+             * the session goes on. */
+            continue;
+        }
+        s->last = now;
+        s->bytesOut += (size_t)n;
+        replyToClient(s, buffer, (size_t)n);
+    }
+}
+
+static void
+sweep(Engine *self, int64_t now)
+{
+    int64_t gap = SWEEP_GAP_MS;
+    int ended = 0;
+    for (size_t i = 0; i <= self->mask; i++) {
+        Session *s = self->byKey[i];
+        while (s != NULL) {
+            Session *next = s->nextByKey;
+            /* the coarse clock may lag by a tick: never end a session early */
+            if (now - s->last >= s->timeout + self->tick) {
+                if (queueEvent(self, EVENT_ENDED, s, NULL) == 0) {
+                    endSession(self, s);
+                    ended = 1;
+                }
+            } else if (s->timeout / 10 < gap) {
+                gap = s->timeout / 10;
+            }
+            s = next;
+        }
+    }
+    if (gap < 1)
+        gap = 1;
+    self->sweepGap = gap;
+    self->nextSweep = now + gap;
+    if (ended)
+        signalFd(self->notifyFd);
+}
+
+static void *
+run(void *arg)
+{
+    Engine *self = arg;
+    struct epoll_event events[64];
+    pthread_mutex_lock(&self->lock);
+    for (;;) {
+        int wait = -1;
+        int64_t now = nowMs();
+        if (self->sessionCount > 0) {
+            wait = (int)(self->nextSweep - now);
+            if (wait < 0)
+                wait = 0;
+        }
+        if (self->stopping)
+            break;
+        pthread_mutex_unlock(&self->lock);
+        int n = epoll_wait(self->epfd, events, 64, wait);
+        pthread_mutex_lock(&self->lock);
+        now = nowMs();
+        for (int i = 0; i < n; i++) {
+            int *kind = events[i].data.ptr;
+            if (*kind == KIND_WAKE) {
+                drainFd(self->wakeFd);
+            } else if (*kind == KIND_LISTENER) {
+                Listener *l = (Listener *)kind;
+                if (!l->closed)
+                    readListener(self, l, now);
+            } else {
+                Session *s = (Session *)kind;
+                if (!s->closed)
+                    readSession(self, s, now);
+            }
+        }
+        if (self->sessionCount > 0 && now >= self->nextSweep)
+            sweep(self, now);
+        freeDead(self);
+    }
+    pthread_mutex_unlock(&self->lock);
+    return NULL;
+}
+
+/* -- Python methods ---------------------------------------------------- */
+
+static int
+checkOpen(Engine *self)
+{
+    if (self->epfd < 0 || self->stopping) {
+        PyErr_SetString(PyExc_RuntimeError, "the UDP engine is stopped");
+        return -1;
+    }
+    return 0;
+}
+
+static int
+startThread(Engine *self)
+{
+    if (self->started)
+        return 0;
+    int err = pthread_create(&self->thread, NULL, run, self);
+    if (err != 0) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    self->started = 1;
+    /* the thread uses the engine until stop() joins it */
+    Py_INCREF(self);
+    return 0;
+}
+
+PyDoc_STRVAR(addListener_doc,
+"addListener(fd, listenerId, pktinfo) -> None\n\n"
+"Read the bound, non-blocking UDP socket fd for listener listenerId (an\n"
+"int unique in the engine).  pktinfo: the socket delivers IP_PKTINFO /\n"
+"IPV6_PKTINFO (a wildcard listener), so sessions are kept per local\n"
+"address too and replies leave from it.  The caller keeps the socket and\n"
+"closes it after removeListener().");
+
+static PyObject *
+Engine_addListener(Engine *self, PyObject *args)
+{
+    int fd, pktinfo;
+    unsigned int id;
+    if (!PyArg_ParseTuple(args, "iIp", &fd, &id, &pktinfo))
+        return NULL;
+    if (checkOpen(self) < 0)
+        return NULL;
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    if (getsockname(fd, (struct sockaddr *)&ss, &len) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Listener *l = calloc(1, sizeof *l);
+    if (l == NULL)
+        return PyErr_NoMemory();
+    l->kind = KIND_LISTENER;
+    l->fd = fd;
+    l->id = id;
+    l->pktinfo = pktinfo;
+    l->family = ss.ss_family;
+    lockFromPython(self);
+    if (findListener(self, id) != NULL) {
+        pthread_mutex_unlock(&self->lock);
+        free(l);
+        PyErr_Format(PyExc_ValueError, "listener %u is already read", id);
+        return NULL;
+    }
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = l};
+    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        pthread_mutex_unlock(&self->lock);
+        free(l);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    l->next = self->listeners;
+    self->listeners = l;
+    int started = startThread(self);
+    pthread_mutex_unlock(&self->lock);
+    if (started < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+endedTuple(Session *s)
+{
+    return Py_BuildValue("KKK", (unsigned long long)s->flowId,
+                         (unsigned long long)s->bytesIn,
+                         (unsigned long long)s->bytesOut);
+}
+
+PyDoc_STRVAR(removeListener_doc,
+"removeListener(listenerId) -> [(flowId, bytesIn, bytesOut), ...]\n\n"
+"Stop reading the listener's socket, end its sessions (their sockets are\n"
+"closed) and drop its held datagrams; returns the sessions ended.  The\n"
+"caller closes the listening socket afterwards.");
+
+static PyObject *
+Engine_removeListener(Engine *self, PyObject *arg)
+{
+    unsigned long id = PyLong_AsUnsignedLong(arg);
+    if (id == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    PyObject *result = PyList_New(0);
+    if (result == NULL)
+        return NULL;
+    lockFromPython(self);
+    Listener **lp = &self->listeners;
+    while (*lp != NULL && (*lp)->id != id)
+        lp = &(*lp)->next;
+    Listener *l = *lp;
+    if (l == NULL) {
+        pthread_mutex_unlock(&self->lock);
+        return result;
+    }
+    *lp = l->next;
+    epoll_ctl(self->epfd, EPOLL_CTL_DEL, l->fd, NULL);
+    l->closed = 1;
+    l->nextDead = self->deadListeners;
+    self->deadListeners = l;
+    int failed = 0;
+    for (size_t i = 0; i <= self->mask; i++) {
+        Session *s = self->byKey[i];
+        while (s != NULL) {
+            Session *next = s->nextByKey;
+            if (s->listener == l) {
+                PyObject *t = endedTuple(s);
+                if (t == NULL || PyList_Append(result, t) < 0)
+                    failed = 1;
+                Py_XDECREF(t);
+                endSession(self, s);
+            }
+            s = next;
+        }
+    }
+    for (size_t b = 0; b < PENDING_CLIENTS; b++) {
+        Pending **pp = &self->pending[b];
+        while (*pp != NULL) {
+            Pending *p = *pp;
+            if (p->peer.key.listenerId == id) {
+                *pp = p->next;
+                freePending(self, p);
+            } else {
+                pp = &p->next;
+            }
+        }
+    }
+    if (!self->started)
+        freeDead(self);
+    pthread_mutex_unlock(&self->lock);
+    if (failed) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    return result;
+}
+
+static int
+parsePeer(PyObject *arg, Peer *peer)
+{
+    char *data;
+    Py_ssize_t len;
+    if (PyBytes_AsStringAndSize(arg, &data, &len) < 0)
+        return -1;
+    if (len != (Py_ssize_t)sizeof *peer) {
+        PyErr_SetString(PyExc_ValueError, "not a client key of this engine");
+        return -1;
+    }
+    memcpy(peer, data, sizeof *peer);
+    return 0;
+}
+
+PyDoc_STRVAR(addSession_doc,
+"addSession(key, fd, flowId, timeout) -> None\n\n"
+"Open a session for the client of key (from a 'new' event): fd is a\n"
+"non-blocking UDP socket connected to the target, which the engine now\n"
+"owns and closes when the session ends.  The datagrams held for the\n"
+"client are sent on it at once and counted in bytesIn.  flowId: an int\n"
+"unique in the engine; timeout: seconds without a datagram either way\n"
+"after which the engine ends the session and reports it.  On an error\n"
+"the caller keeps fd.");
+
+static PyObject *
+Engine_addSession(Engine *self, PyObject *args)
+{
+    PyObject *keyObject;
+    int fd;
+    unsigned long long flowId;
+    double timeout;
+    if (!PyArg_ParseTuple(args, "OiKd", &keyObject, &fd, &flowId, &timeout))
+        return NULL;
+    Peer peer;
+    if (parsePeer(keyObject, &peer) < 0 || checkOpen(self) < 0)
+        return NULL;
+    if (!(timeout > 0)) {
+        PyErr_SetString(PyExc_ValueError, "timeout must be positive");
+        return NULL;
+    }
+    Session *s = calloc(1, sizeof *s);
+    if (s == NULL)
+        return PyErr_NoMemory();
+    s->kind = KIND_SESSION;
+    s->fd = fd;
+    s->peer = peer;
+    s->flowId = flowId;
+    s->timeout = timeout * 1000 > 1e15 ? (int64_t)1e15 : (int64_t)(timeout * 1000);
+    if (s->timeout < 1)
+        s->timeout = 1;
+    s->last = nowMs();
+    lockFromPython(self);
+    const char *problem = NULL;
+    Listener *l = findListener(self, peer.key.listenerId);
+    if (l == NULL)
+        problem = "the listener is not read by the engine";
+    else if (findSession(self, &peer.key) != NULL)
+        problem = "the client has a session already";
+    else if (findFlow(self, flowId) != NULL)
+        problem = "the flow id is in use";
+    if (problem != NULL) {
+        pthread_mutex_unlock(&self->lock);
+        free(s);
+        PyErr_SetString(PyExc_ValueError, problem);
+        return NULL;
+    }
+    if (self->sessionCount + 1 > self->mask + 1 && growTables(self) < 0) {
+        pthread_mutex_unlock(&self->lock);
+        free(s);
+        return PyErr_NoMemory();
+    }
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = s};
+    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        pthread_mutex_unlock(&self->lock);
+        free(s);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    s->listener = l;
+    l->sessions++;
+    size_t b = hashKey(&peer.key) & self->mask;
+    s->nextByKey = self->byKey[b];
+    self->byKey[b] = s;
+    b = hashId(flowId) & self->mask;
+    s->nextById = self->byId[b];
+    self->byId[b] = s;
+    self->sessionCount++;
+    Pending **pp = findPending(self, &peer.key);
+    Pending *p = *pp;
+    if (p != NULL) {
+        *pp = p->next;
+        s->bytesIn = p->bytes;
+        for (int i = 0; i < p->count; i++)
+            sendToTarget(s, p->data[i], p->lens[i]);
+        freePending(self, p);
+    }
+    int64_t gap = s->timeout / 10 < SWEEP_GAP_MS ? s->timeout / 10 : SWEEP_GAP_MS;
+    if (gap < 1)
+        gap = 1;
+    int wake = 0;
+    if (self->sessionCount == 1 || s->last + gap < self->nextSweep) {
+        self->nextSweep = s->last + gap;
+        wake = 1;
+    }
+    pthread_mutex_unlock(&self->lock);
+    if (wake)
+        signalFd(self->wakeFd);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(dropPending_doc,
+"dropPending(key) -> (datagrams, bytes)\n\n"
+"Drop what is held for the client of key (from a 'new' event) and say how\n"
+"much it sent meanwhile, held or not; (0, 0) when nothing is held.");
+
+static PyObject *
+Engine_dropPending(Engine *self, PyObject *arg)
+{
+    Peer peer;
+    if (parsePeer(arg, &peer) < 0)
+        return NULL;
+    unsigned long long datagrams = 0, bytes = 0;
+    lockFromPython(self);
+    Pending **pp = findPending(self, &peer.key);
+    Pending *p = *pp;
+    if (p != NULL) {
+        *pp = p->next;
+        datagrams = p->datagrams;
+        bytes = p->bytes;
+        freePending(self, p);
+    }
+    pthread_mutex_unlock(&self->lock);
+    return Py_BuildValue("KK", datagrams, bytes);
+}
+
+PyDoc_STRVAR(closeSession_doc,
+"closeSession(flowId) -> (bytesIn, bytesOut) or None\n\n"
+"End a session now (its socket is closed) and return its counters; None\n"
+"when the engine has no such session (it ended already, and its 'ended'\n"
+"event is waiting).");
+
+static PyObject *
+Engine_closeSession(Engine *self, PyObject *arg)
+{
+    unsigned long long flowId = PyLong_AsUnsignedLongLong(arg);
+    if (flowId == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    lockFromPython(self);
+    Session *s = findFlow(self, flowId);
+    if (s == NULL) {
+        pthread_mutex_unlock(&self->lock);
+        Py_RETURN_NONE;
+    }
+    unsigned long long in = s->bytesIn, out = s->bytesOut;
+    endSession(self, s);
+    if (!self->started)
+        freeDead(self);
+    pthread_mutex_unlock(&self->lock);
+    return Py_BuildValue("KK", in, out);
+}
+
+PyDoc_STRVAR(counters_doc,
+"counters(flowId) -> (bytesIn, bytesOut) or None\n\n"
+"Bytes from the client and to the client of a session so far.");
+
+static PyObject *
+Engine_counters(Engine *self, PyObject *arg)
+{
+    unsigned long long flowId = PyLong_AsUnsignedLongLong(arg);
+    if (flowId == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    lockFromPython(self);
+    Session *s = findFlow(self, flowId);
+    unsigned long long in = s ? s->bytesIn : 0, out = s ? s->bytesOut : 0;
+    pthread_mutex_unlock(&self->lock);
+    if (s == NULL)
+        Py_RETURN_NONE;
+    return Py_BuildValue("KK", in, out);
+}
+
+PyDoc_STRVAR(listenerCounters_doc,
+"listenerCounters(listenerId) -> (sessions, dropped) or None\n\n"
+"Open sessions of a listener, and datagrams from new clients it dropped\n"
+"because too many clients (1024) or bytes (4 MiB) were held already.");
+
+static PyObject *
+Engine_listenerCounters(Engine *self, PyObject *arg)
+{
+    unsigned long id = PyLong_AsUnsignedLong(arg);
+    if (id == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    lockFromPython(self);
+    Listener *l = findListener(self, id);
+    unsigned long long sessions = l ? l->sessions : 0, dropped = l ? l->dropped : 0;
+    pthread_mutex_unlock(&self->lock);
+    if (l == NULL)
+        Py_RETURN_NONE;
+    return Py_BuildValue("KK", sessions, dropped);
+}
+
+static PyObject *
+clientTuple(const Peer *p)
+{
+    char host[INET6_ADDRSTRLEN];
+    int port;
+    if (p->client.ss_family == AF_INET6) {
+        const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)&p->client;
+        inet_ntop(AF_INET6, &s6->sin6_addr, host, sizeof host);
+        port = ntohs(s6->sin6_port);
+    } else {
+        const struct sockaddr_in *s4 = (const struct sockaddr_in *)&p->client;
+        inet_ntop(AF_INET, &s4->sin_addr, host, sizeof host);
+        port = ntohs(s4->sin_port);
+    }
+    return Py_BuildValue("(si)", host, port);
+}
+
+PyDoc_STRVAR(events_doc,
+"events() -> list\n\n"
+"What happened since the last call, oldest first, and clear the eventfd\n"
+"of fileno():\n"
+"  ('new', listenerId, key, (host, port)): a client without a session sent\n"
+"      a datagram, which is held; answer with addSession or dropPending.\n"
+"  ('ended', flowId, bytesIn, bytesOut): a session was quiet for its\n"
+"      timeout and the engine ended it.");
+
+static PyObject *
+Engine_events(Engine *self, PyObject *unused)
+{
+    if (self->notifyFd >= 0)
+        drainFd(self->notifyFd);
+    lockFromPython(self);
+    Event *e = self->events;
+    self->events = self->lastEvent = NULL;
+    pthread_mutex_unlock(&self->lock);
+    PyObject *result = PyList_New(0);
+    int failed = result == NULL;
+    while (e != NULL) {
+        Event *next = e->next;
+        if (!failed) {
+            PyObject *t;
+            if (e->type == EVENT_NEW) {
+                PyObject *client = clientTuple(&e->peer);
+                t = client == NULL ? NULL : Py_BuildValue(
+                    "(sIy#N)", "new", e->peer.key.listenerId,
+                    (const char *)&e->peer, (Py_ssize_t)sizeof e->peer, client);
+            } else {
+                t = Py_BuildValue("(sKKK)", "ended", (unsigned long long)e->flowId,
+                                  (unsigned long long)e->bytesIn,
+                                  (unsigned long long)e->bytesOut);
+            }
+            if (t == NULL || PyList_Append(result, t) < 0)
+                failed = 1;
+            Py_XDECREF(t);
+        }
+        free(e);
+        e = next;
+    }
+    if (failed) {
+        Py_XDECREF(result);
+        return NULL;
+    }
+    return result;
+}
+
+static PyObject *
+Engine_fileno(Engine *self, PyObject *unused)
+{
+    return PyLong_FromLong(self->notifyFd);
+}
+
+static PyObject *
+Engine_sessionCount(Engine *self, PyObject *unused)
+{
+    lockFromPython(self);
+    size_t n = self->sessionCount;
+    pthread_mutex_unlock(&self->lock);
+    return PyLong_FromSize_t(n);
+}
+
+PyDoc_STRVAR(stop_doc,
+"stop() -> [(flowId, bytesIn, bytesOut), ...]\n\n"
+"Join the engine thread, end every session (their sockets are closed)\n"
+"and return them; listening sockets stay open for their owners.  The\n"
+"engine cannot be used afterwards.  Safe to call more than once.");
+
+static PyObject *
+Engine_stop(Engine *self, PyObject *unused)
+{
+    PyObject *result = PyList_New(0);
+    if (result == NULL || self->epfd < 0)
+        return result;
+    lockFromPython(self);
+    self->stopping = 1;
+    pthread_mutex_unlock(&self->lock);
+    if (self->started && !self->joined) {
+        signalFd(self->wakeFd);
+        Py_BEGIN_ALLOW_THREADS
+        pthread_join(self->thread, NULL);
+        Py_END_ALLOW_THREADS
+        self->joined = 1;
+    }
+    /* the thread is gone: nothing else touches the tables */
+    for (size_t i = 0; i <= self->mask; i++) {
+        Session *s = self->byKey[i];
+        while (s != NULL) {
+            Session *next = s->nextByKey;
+            PyObject *t = endedTuple(s);
+            if (t != NULL)
+                PyList_Append(result, t);
+            Py_XDECREF(t);
+            endSession(self, s);
+            s = next;
+        }
+    }
+    while (self->listeners != NULL) {
+        Listener *l = self->listeners;
+        self->listeners = l->next;
+        l->nextDead = self->deadListeners;
+        self->deadListeners = l;
+    }
+    for (size_t b = 0; b < PENDING_CLIENTS; b++) {
+        while (self->pending[b] != NULL) {
+            Pending *p = self->pending[b];
+            self->pending[b] = p->next;
+            freePending(self, p);
+        }
+    }
+    while (self->events != NULL) {
+        Event *e = self->events;
+        self->events = e->next;
+        free(e);
+    }
+    self->lastEvent = NULL;
+    freeDead(self);
+    close(self->epfd);
+    close(self->wakeFd);
+    close(self->notifyFd);
+    self->epfd = self->wakeFd = self->notifyFd = -1;
+    if (self->started) {
+        self->started = 0;
+        Py_DECREF(self);
+    }
+    if (PyErr_Occurred()) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    return result;
+}
+
+static int
+Engine_init(Engine *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "", kwlist))
+        return -1;
+    if (self->epfd >= 0) {
+        PyErr_SetString(PyExc_RuntimeError, "Engine already initialised");
+        return -1;
+    }
+    self->mask = 255;
+    self->byKey = calloc(self->mask + 1, sizeof(Session *));
+    self->byId = calloc(self->mask + 1, sizeof(Session *));
+    self->pending = calloc(PENDING_CLIENTS, sizeof(Pending *));
+    self->buffers = malloc((size_t)DRAIN * MAX_DATAGRAM);
+    if (!self->byKey || !self->byId || !self->pending || !self->buffers) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    struct timespec res;
+    clock_getres(CLOCK_MONOTONIC_COARSE, &res);
+    self->tick = res.tv_sec * 1000 + (res.tv_nsec + 999999) / 1000000;
+    self->wakeKind = KIND_WAKE;
+    self->epfd = epoll_create1(EPOLL_CLOEXEC);
+    self->wakeFd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    self->notifyFd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (self->epfd < 0 || self->wakeFd < 0 || self->notifyFd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &self->wakeKind};
+    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->wakeFd, &ev) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    Engine *self = (Engine *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->epfd = self->wakeFd = self->notifyFd = -1;
+    pthread_mutex_init(&self->lock, NULL);
+    return (PyObject *)self;
+}
+
+static void
+Engine_dealloc(Engine *self)
+{
+    /* A started engine holds a reference to itself until stop(), so here
+     * the thread was never started or is joined. */
+    if (self->epfd >= 0) {
+        PyObject *r = Engine_stop(self, NULL);
+        Py_XDECREF(r);
+        PyErr_Clear();
+    }
+    free(self->byKey);
+    free(self->byId);
+    free(self->pending);
+    free(self->buffers);
+    pthread_mutex_destroy(&self->lock);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Engine_methods[] = {
+    {"addListener", (PyCFunction)Engine_addListener, METH_VARARGS, addListener_doc},
+    {"removeListener", (PyCFunction)Engine_removeListener, METH_O, removeListener_doc},
+    {"addSession", (PyCFunction)Engine_addSession, METH_VARARGS, addSession_doc},
+    {"dropPending", (PyCFunction)Engine_dropPending, METH_O, dropPending_doc},
+    {"closeSession", (PyCFunction)Engine_closeSession, METH_O, closeSession_doc},
+    {"counters", (PyCFunction)Engine_counters, METH_O, counters_doc},
+    {"listenerCounters", (PyCFunction)Engine_listenerCounters, METH_O, listenerCounters_doc},
+    {"events", (PyCFunction)Engine_events, METH_NOARGS, events_doc},
+    {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS,
+     "fileno() -> int\n\nAn eventfd readable when events() has something."},
+    {"sessionCount", (PyCFunction)Engine_sessionCount, METH_NOARGS,
+     "sessionCount() -> int\n\nOpen sessions of every listener."},
+    {"stop", (PyCFunction)Engine_stop, METH_NOARGS, stop_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+PyDoc_STRVAR(Engine_doc,
+"Engine()\n\n"
+"A thread that forwards the datagrams of established UDP sessions for\n"
+"every listener handed to it; its thread starts with the first listener.");
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "twistedproxy._fastudp.Engine",
+    .tp_basicsize = sizeof(Engine),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = Engine_doc,
+    .tp_new = Engine_new,
+    .tp_init = (initproc)Engine_init,
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_methods = Engine_methods,
+};
+
+static struct PyModuleDef fastudpModule = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "twistedproxy._fastudp",
+    .m_doc = "The compiled engine for established UDP sessions (Linux).",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC
+PyInit__fastudp(void)
+{
+    if (PyType_Ready(&EngineType) < 0)
+        return NULL;
+    uint64_t seed;
+    if (getrandom(&seed, sizeof seed, GRND_NONBLOCK) == (ssize_t)sizeof seed)
+        hashSeed ^= seed | 1;
+    PyObject *m = PyModule_Create(&fastudpModule);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&EngineType);
+    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
+        Py_DECREF(&EngineType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyModule_AddIntConstant(m, "DRAIN", DRAIN);
+    PyModule_AddIntConstant(m, "MAX_DATAGRAM", MAX_DATAGRAM);
+    PyModule_AddIntConstant(m, "PENDING_CLIENTS", PENDING_CLIENTS);
+    PyModule_AddIntConstant(m, "PENDING_DATAGRAMS", PENDING_DATAGRAMS);
+    PyModule_AddIntConstant(m, "PENDING_BYTES", PENDING_BYTES);
+    return m;
+}

@@ -1,0 +1,229 @@
+"""
+The compiled fast path for UDP sessions, seen from Twisted.
+
+L{twistedproxy._fastudp} is a small C extension (Linux) whose engine runs
+one background thread with its own epoll and never takes the GIL.  A
+L{twistedproxy.udp.UDPListener} binds its listening socket as always and
+hands the descriptor to the engine, which from then on reads every
+datagram: datagrams of clients with a session go to the target and back
+without Python.  What needs a decision is reported through an eventfd
+that L{UDPEngine} watches as an L{IReadDescriptor}: a client without a
+session (the listener answers with L{UDPEngine.addSession} or
+L{UDPEngine.dropPending}), and a session the engine ended after its
+timeout.
+
+The extension is optional (built by C{pip install} where a C compiler
+exists): L{engineFor} gives the process's engine when it is here and not
+turned off with C{PORTPROXY_FASTPATH=0}, and L{None} otherwise, in which
+case the listener forwards datagrams itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+from typing import Optional
+
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.posixbase import PosixReactorBase
+from twisted.logger import Logger
+from zope.interface import implementer
+
+try:
+    from twistedproxy._fastudp import Engine
+except ImportError:
+    Engine = None
+
+log = Logger(namespace="portproxy")
+
+#: Environment variable that turns the fast path off when set to C{0}.
+SWITCH = "PORTPROXY_FASTPATH"
+
+
+def available() -> bool:
+    """
+    Whether the compiled engine is built and importable here.
+    """
+    return Engine is not None
+
+
+def wanted() -> bool:
+    """
+    Whether UDP listeners should use the engine: it is built and
+    C{PORTPROXY_FASTPATH} does not say C{0}.
+    """
+    return available() and os.environ.get(SWITCH, "1").strip() != "0"
+
+
+@implementer(IReadDescriptor)
+class UDPEngine:
+    """
+    The compiled engine of one reactor, shared by all its UDP listeners.
+
+    @ivar engine: the L{twistedproxy._fastudp.Engine}.
+    """
+
+    def __init__(self, reactor, engine=None) -> None:
+        self.reactor = reactor
+        self.engine = Engine() if engine is None else engine
+        self._listeners: dict[int, object] = {}
+        self._flows: dict[int, object] = {}
+        self._ids = itertools.count(1)
+        self._reading = False
+
+    # -- IReadDescriptor -------------------------------------------------
+
+    def fileno(self) -> int:
+        return self.engine.fileno()
+
+    def logPrefix(self) -> str:
+        return "UDPEngine"
+
+    def doRead(self) -> None:
+        """
+        Hand what the engine reported to the listeners it concerns.
+        """
+        for event in self.engine.events():
+            try:
+                if event[0] == "new":
+                    _, listenerId, key, client = event
+                    owner = self._listeners.get(listenerId)
+                    if owner is None:
+                        # the listener was removed after the datagram came
+                        self.engine.dropPending(key)
+                    else:
+                        owner.clientArrived(key, client)
+                else:
+                    _, flowId, bytesIn, bytesOut = event
+                    owner = self._flows.pop(flowId, None)
+                    if owner is not None:
+                        owner.sessionExpired(flowId, bytesIn, bytesOut)
+            except Exception:
+                log.failure("UDP engine event {event!r}", event=event[:2])
+                if event[0] == "new":
+                    # the client must not stay held for ever
+                    self.engine.dropPending(event[2])
+
+    def connectionLost(self, reason) -> None:
+        # Only a closed eventfd gets here, which only stop() does.
+        pass
+
+    # -- what the listeners use ------------------------------------------
+
+    def addListener(self, skt: socket.socket, pktinfo: bool, owner) -> int:
+        """
+        Have the engine read the bound socket C{skt} of C{owner} (a
+        L{twistedproxy.udp.UDPListener}); its new clients come to
+        C{owner.clientArrived(key, client)}, its expired sessions to
+        C{owner.sessionExpired(flowId, bytesIn, bytesOut)}.
+
+        @return: the listener's id in the engine.
+        """
+        listenerId = next(self._ids)
+        self.engine.addListener(skt.fileno(), listenerId, pktinfo)
+        self._listeners[listenerId] = owner
+        if not self._reading:
+            self._reading = True
+            self.reactor.addReader(self)
+        return listenerId
+
+    def removeListener(self, listenerId: int) -> dict[int, tuple[int, int]]:
+        """
+        Stop reading a listener's socket (its owner closes it) and end its
+        sessions.  Ended sessions the engine had not reported yet are
+        reported first.
+
+        @return: the counters of the sessions ended, by flow id.
+        """
+        # Forgotten first, so that its new clients reported meanwhile are
+        # dropped rather than given sessions.
+        self._listeners.pop(listenerId, None)
+        self.doRead()
+        ended = {}
+        for flowId, bytesIn, bytesOut in self.engine.removeListener(listenerId):
+            self._flows.pop(flowId, None)
+            ended[flowId] = (bytesIn, bytesOut)
+        return ended
+
+    def addSession(self, owner, key: bytes, skt: socket.socket, flowId: int, timeout: float) -> None:
+        """
+        Give the connected socket C{skt} of a new session to the engine,
+        which sends the client's held datagrams on it at once and closes it
+        when the session ends.
+
+        @raise ValueError: the engine has no such listener any more (the
+            socket is then still the caller's).
+        """
+        self.engine.addSession(key, skt.fileno(), flowId, timeout)
+        skt.detach()
+        self._flows[flowId] = owner
+
+    def dropPending(self, key: bytes) -> tuple[int, int]:
+        """
+        Drop what the engine holds for a client; how many datagrams and
+        bytes it sent meanwhile.
+        """
+        return self.engine.dropPending(key)
+
+    def closeSession(self, flowId: int) -> Optional[tuple[int, int]]:
+        """
+        End a session now; its counters, or L{None} when the engine ended
+        it already (its expiry is reported by L{doRead}).
+        """
+        counters = self.engine.closeSession(flowId)
+        if counters is not None:
+            self._flows.pop(flowId, None)
+        return counters
+
+    def counters(self, flowId: int) -> Optional[tuple[int, int]]:
+        """
+        Bytes from and to the client of an open session.
+        """
+        return self.engine.counters(flowId)
+
+    def listenerCounters(self, listenerId: int) -> Optional[tuple[int, int]]:
+        """
+        A listener's open sessions in the engine, and the datagrams of new
+        clients it dropped because too many were held already.
+        """
+        return self.engine.listenerCounters(listenerId)
+
+    def stop(self) -> None:
+        """
+        Join the engine's thread and close what it still holds.
+        """
+        if self._reading:
+            self._reading = False
+            self.reactor.removeReader(self)
+        self.engine.stop()
+
+
+_engines: dict[int, UDPEngine] = {}
+
+
+def engineFor(reactor) -> Optional[UDPEngine]:
+    """
+    The engine of C{reactor}, started on first use and stopped when the
+    reactor shuts down; L{None} when UDP listeners should forward datagrams
+    themselves: the extension is not built, C{PORTPROXY_FASTPATH=0}, or
+    C{reactor} does not watch real file descriptors (a test's fake).
+    """
+    if not wanted() or not isinstance(reactor, PosixReactorBase):
+        return None
+    engine = _engines.get(id(reactor))
+    if engine is None:
+        engine = _engines[id(reactor)] = UDPEngine(reactor)
+        log.info(
+            "udp datagrams of open sessions are forwarded by the compiled "
+            "engine ({switch}=0 turns it off)",
+            switch=SWITCH,
+        )
+
+        def stop() -> None:
+            if _engines.get(id(reactor)) is engine:
+                del _engines[id(reactor)]
+            engine.stop()
+
+        reactor.addSystemEventTrigger("after", "shutdown", stop)
+    return engine
