@@ -21,7 +21,6 @@ case the listener forwards datagrams itself.
 from __future__ import annotations
 
 import itertools
-import os
 import socket
 from typing import Optional
 
@@ -30,6 +29,8 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from twistedproxy.listener import fastPathWanted
+
 try:
     from twistedproxy._fastudp import Engine
 except ImportError:
@@ -37,7 +38,7 @@ except ImportError:
 
 log = Logger(namespace="portproxy")
 
-#: Environment variable that turns the fast path off when set to C{0}.
+#: The environment variable L{fastPathWanted} reads.
 SWITCH = "PORTPROXY_FASTPATH"
 
 
@@ -53,7 +54,7 @@ def wanted() -> bool:
     Whether UDP listeners should use the engine: it is built and
     C{PORTPROXY_FASTPATH} does not say C{0}.
     """
-    return available() and os.environ.get(SWITCH, "1").strip() != "0"
+    return available() and fastPathWanted()
 
 
 @implementer(IReadDescriptor)

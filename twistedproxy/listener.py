@@ -12,6 +12,7 @@ the map, keyed by L{twistedproxy.model.ListenerKey}.
 from __future__ import annotations
 
 import itertools
+import os
 import socket
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -202,6 +203,15 @@ class ListenerService(Service):
             waiting, self._drained = self._drained, []
             for d in waiting:
                 d.callback(None)
+
+
+def fastPathWanted() -> bool:
+    """
+    Whether listeners may use the compiled fast paths where they are built:
+    C{PORTPROXY_FASTPATH=0} in the environment turns them off, to compare
+    or to rule them out.
+    """
+    return os.environ.get("PORTPROXY_FASTPATH", "1").strip() != "0"
 
 
 def listeningSocketOptions(skt: socket.socket, host: str) -> None:

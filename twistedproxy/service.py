@@ -6,7 +6,6 @@ file again by every reload.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 from typing import Callable, Iterator, Optional
@@ -17,7 +16,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from twistedproxy.config import ConfigError, loadMap
-from twistedproxy.listener import IFlow, ListenerService
+from twistedproxy.listener import IFlow, ListenerService, fastPathWanted
 from twistedproxy.model import ANY_IPV6, TCP, UDP, Listener, ListenerKey, ProxyMap
 from twistedproxy.plan import diff
 
@@ -36,14 +35,6 @@ def _ipv6Available() -> bool:
     except OSError:
         return False
     return True
-
-
-def fastPathWanted() -> bool:
-    """
-    Whether the compiled fast paths may be used: C{PORTPROXY_FASTPATH=0}
-    in the environment turns them off (to compare, or to rule them out).
-    """
-    return os.environ.get("PORTPROXY_FASTPATH", "1") != "0"
 
 
 def _relayEngine(reactor):
