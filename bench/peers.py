@@ -13,7 +13,11 @@ protocol, as Docker runs it), socat, HAProxy and nginx `stream`, whichever
 are installed — and runs each workload through each of them in turn,
 round after round, so that machine drift hits all alike.  It prints one
 table: medians, and portproxy's ratio to docker-proxy (the median of the
-per-round ratios).  Run it from the project's venv, so that `twistd` is
+per-round ratios).  Then the footprint against docker-proxy: resident
+memory per idle TCP connection (--idle N connections held open), and the
+memory and start-up time of N TCP + N UDP listeners (--scale N: one
+portproxy against two docker-proxy processes a port, 100 ports measured
+and the rest scaled).  Run it from the project's venv, so that `twistd` is
 this checkout's.  `../shared/bench/install-peers` (root) installs the load
 tools and the peers; docker-proxy is looked for in $PEERS_DIR (default
 ~/.cache/portproxy-peers) and on PATH.
@@ -29,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 # workload: (unit, higher is better, backend, protocol through the proxy)
@@ -241,6 +246,142 @@ def measure(workload, port, seconds):
     return float(found.group(1)) if found else None
 
 
+def rssKiB(pid):
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+class HoldingServer:
+    """
+    A loopback TCP server that accepts connections and holds them open.
+    """
+
+    def __init__(self):
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen(4096)
+        self.port = self.socket.getsockname()[1]
+        self.held = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.held.append(self.socket.accept()[0])
+            except OSError:
+                return
+
+    def close(self):
+        self.socket.close()
+        for conn in self.held:
+            conn.close()
+
+
+def startPortproxy(procs, tmp, name, mapText):
+    mapPath = os.path.join(tmp, f"{name}.yaml")
+    with open(mapPath, "w") as f:
+        f.write(mapText)
+    return procs.start([*TWISTD, "-n", "--pidfile=", "portproxy", "-c", mapPath])
+
+
+def startDockerProxy(procs, proto, port, target):
+    p = procs.start(["sh", "-c", 'exec "$0" "$@" 3>&1', dockerProxyPath(), "-proto", proto,
+                     "-host-ip", "127.0.0.1", "-host-port", str(port),
+                     "-container-ip", "127.0.0.1", "-container-port", str(target)],
+                    stdout=subprocess.PIPE)
+    if p.stdout.read(2) != b"0\n":
+        raise SystemExit("docker-proxy did not start")
+    return p
+
+
+def idleMemory(ports, tmp, count):
+    """
+    RSS growth per idle TCP connection held open through portproxy and
+    through docker-proxy: name -> KiB per connection.
+    """
+    result = {}
+    target = HoldingServer()
+    try:
+        for name in ("docker-proxy", "portproxy"):
+            if name == "docker-proxy" and not dockerProxyPath():
+                continue
+            procs, port = Processes(), ports.take()
+            try:
+                if name == "portproxy":
+                    pid = startPortproxy(procs, tmp, "idle", f"mappings:\n  - name: idle\n    listen: 127.0.0.1:{port}\n"
+                                                        f"    target: 127.0.0.1:{target.port}\n").pid
+                else:
+                    pid = startDockerProxy(procs, "tcp", port, target.port).pid
+                waitTCP(port)
+                time.sleep(0.5)
+                before = rssKiB(pid)
+                conns = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(count)]
+                time.sleep(2)
+                result[name] = (rssKiB(pid) - before) / count
+                for conn in conns:
+                    conn.close()
+            finally:
+                procs.stopAll()
+    finally:
+        target.close()
+    return result
+
+
+def manyListeners(ports, tmp, count):
+    """
+    Start-up time and RSS of C{count} TCP + C{count} UDP listeners: one
+    portproxy, against docker-proxy's two processes a port (100 ports
+    started and measured, the rest scaled).
+    """
+    base = None
+    for _ in range(200):
+        candidate = 20000 + int.from_bytes(os.urandom(2), "big") % 40000
+        if candidate + count < 64000 and all(_free(p) for p in range(candidate, candidate + count)):
+            base = candidate
+            break
+    if base is None:
+        raise SystemExit("no free port range")
+    target = ports.take()
+    result = {}
+    procs = Processes()
+    try:
+        started = time.monotonic()
+        pid = startPortproxy(procs, tmp, "scale", f"mappings:\n  - name: scale\n    proto: [tcp, udp]\n"
+                                                  f"    listen: 127.0.0.1:{base}-{base + count - 1}\n"
+                                                  f"    target: 127.0.0.1:{target}\n").pid
+        waitTCP(base + count - 1, timeout=120)
+        result["portproxy"] = (time.monotonic() - started, rssKiB(pid) / 1024)
+    finally:
+        procs.stopAll()
+    if dockerProxyPath():
+        sample = min(count, 100)
+        procs = Processes()
+        try:
+            started = time.monotonic()
+            pids = [startDockerProxy(procs, proto, base + i, target).pid
+                    for i in range(sample) for proto in ("tcp", "udp")]
+            elapsed = time.monotonic() - started
+            time.sleep(1)
+            perProcess = sum(rssKiB(p) for p in pids) / len(pids)
+            result["docker-proxy"] = (elapsed * count / sample, perProcess * 2 * count / 1024)
+        finally:
+            procs.stopAll()
+    return result
+
+
+def _free(port):
+    try:
+        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            with socket.socket(socket.AF_INET, kind) as s:
+                s.bind(("127.0.0.1", port))
+    except OSError:
+        return False
+    return True
+
+
 def needs(workload):
     tool = {"iperf": "iperf3", "http": "wrk", "sockperf_tcp": "sockperf", "sockperf_udp": "sockperf"}
     return tool[WORKLOADS[workload][2]]
@@ -252,6 +393,8 @@ def main():
     ap.add_argument("-r", "--rounds", type=int, default=3)
     ap.add_argument("-s", "--seconds", type=int, default=3)
     ap.add_argument("--peers", default="docker-proxy,socat,haproxy,nginx")
+    ap.add_argument("--idle", type=int, default=2000, help="idle connections for the memory figure; 0 skips it")
+    ap.add_argument("--scale", type=int, default=1000, help="listeners per protocol for the start-up figure; 0 skips it")
     a = ap.parse_args()
     workloads = [w for w in a.workloads.split(",") if w]
     for w in workloads:
@@ -287,6 +430,21 @@ def main():
         pairs = [p / d for p, d in zip(results[w]["portproxy"], results[w].get("docker-proxy", [])) if p and d]
         row.append(f"{statistics.median(pairs):.2f}" if pairs else "-")
         print("| " + " | ".join(row) + " |")
+    footprint = []
+    if a.idle:
+        idle = idleMemory(ports, tmp, a.idle)
+        footprint.append((f"RSS per idle TCP connection ({a.idle} open), KiB",
+                          idle.get("docker-proxy"), idle.get("portproxy")))
+    if a.scale:
+        scale = manyListeners(ports, tmp, a.scale)
+        docker = scale.get("docker-proxy", (None, None))
+        footprint.append((f"RSS of {a.scale} TCP + {a.scale} UDP listeners, MiB", docker[1], scale["portproxy"][1]))
+        footprint.append(("start-up of those listeners, s", docker[0], scale["portproxy"][0]))
+    if footprint:
+        print("\n| footprint | docker-proxy | portproxy | portproxy / docker-proxy |\n|---|---|---|---|")
+        for label, docker, ours in footprint:
+            ratio = f"{ours / docker:.3f}" if docker else "-"
+            print(f"| {label} | {'-' if docker is None else f'{docker:.2f}'} | {ours:.2f} | {ratio} |")
 
 
 if __name__ == "__main__":
