@@ -11,7 +11,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 
 from twistedproxy.config import ConfigError
 from twistedproxy.listener import ListenerService
@@ -371,3 +371,23 @@ def test_enableTriesEveryListener():
     with pytest.raises(CannotListenError):
         proxy.enable("a")
     assert [s.enabled for s in proxy.listeners.values()] == [True, False, True]
+
+
+def test_reloadLogsEveryListener(logged):
+    """
+    A reload logs one line per listener of either map, saying whether it
+    was added, changed, removed or left unchanged.
+    """
+    proxy, maps = started(proxyMap(listener(1), listener(2), listener(3)))
+    maps.next = proxyMap(listener(1), listener(2, target=81), listener(4))
+    del logged[:]
+    reload(proxy)
+    lines = sorted(
+        formatEvent(e) for e in logged if e.get("log_format", "").startswith("{listener}")
+    )
+    assert lines == [
+        "tcp 127.0.0.1:1 -> 127.0.0.2:80 [web] (unchanged)",
+        "tcp 127.0.0.1:2 -> 127.0.0.2:81 [web] (changed)",
+        "tcp 127.0.0.1:3 -> 127.0.0.2:80 [web] (removed)",
+        "tcp 127.0.0.1:4 -> 127.0.0.2:80 [web] (added)",
+    ]

@@ -350,6 +350,9 @@ class ProxyService(MultiService):
                 service.reconfigure(listener)
                 changed += 1
                 log.info("{listener} (changed)", listener=listener)
+        for listener in plan.kept:
+            if listener.key in self.listeners:
+                log.info("{listener} (unchanged)", listener=listener)
         added, failed = 0, []
         for listener in plan.added + tuple(retry):
             service, problem = self._bindListener(listener)
