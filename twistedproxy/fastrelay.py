@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twistedproxy.listener import IFlow
+from twistedproxy.listener import IFlow, accessLog
 
 try:
     from twistedproxy._fastrelay import Engine
@@ -326,14 +326,15 @@ class FastRelay:
         The engine has ended flows: call their C{onEnd}.
         """
         onEnd = self._onEnd
-        for flowId, bytesIn, bytesOut, reason in self.engine.ended():
-            callback = onEnd.pop(flowId, None)
-            if callback is None:
-                continue
-            try:
-                callback(bytesIn, bytesOut, reason)
-            except Exception:
-                log.failure("while reporting the end of flow {flowId}", flowId=flowId)
+        with accessLog.together():
+            for flowId, bytesIn, bytesOut, reason in self.engine.ended():
+                callback = onEnd.pop(flowId, None)
+                if callback is None:
+                    continue
+                try:
+                    callback(bytesIn, bytesOut, reason)
+                except Exception:
+                    log.failure("while reporting the end of flow {flowId}", flowId=flowId)
 
     def connectionLost(self, reason: Failure) -> None:
         self._watching = False

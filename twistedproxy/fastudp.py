@@ -29,7 +29,7 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twistedproxy.listener import fastPathWanted
+from twistedproxy.listener import accessLog, fastPathWanted
 
 try:
     from twistedproxy._fastudp import Engine
@@ -85,26 +85,33 @@ class UDPEngine:
         """
         Hand what the engine reported to the listeners it concerns.
         """
-        for event in self.engine.events():
-            try:
-                if event[0] == "new":
-                    _, listenerId, key, client = event
-                    owner = self._listeners.get(listenerId)
-                    if owner is None:
-                        # the listener was removed after the datagram came
-                        self.engine.dropPending(key)
-                    else:
-                        owner.clientArrived(key, client)
+        with accessLog.together():
+            for event in self.engine.events():
+                self._handle(event)
+
+    def _handle(self, event) -> None:
+        """
+        Act on one event of the engine: a new client, or a session it ended.
+        """
+        try:
+            if event[0] == "new":
+                _, listenerId, key, client = event
+                owner = self._listeners.get(listenerId)
+                if owner is None:
+                    # the listener was removed after the datagram came
+                    self.engine.dropPending(key)
                 else:
-                    _, flowId, bytesIn, bytesOut = event
-                    owner = self._flows.pop(flowId, None)
-                    if owner is not None:
-                        owner.sessionExpired(flowId, bytesIn, bytesOut)
-            except Exception:
-                log.failure("UDP engine event {event!r}", event=event[:2])
-                if event[0] == "new":
-                    # the client must not stay held for ever
-                    self.engine.dropPending(event[2])
+                    owner.clientArrived(key, client)
+            else:
+                _, flowId, bytesIn, bytesOut = event
+                owner = self._flows.pop(flowId, None)
+                if owner is not None:
+                    owner.sessionExpired(flowId, bytesIn, bytesOut)
+        except Exception:
+            log.failure("UDP engine event {event!r}", event=event[:2])
+            if event[0] == "new":
+                # the client must not stay held for ever
+                self.engine.dropPending(event[2])
 
     def connectionLost(self, reason) -> None:
         # Only a closed eventfd gets here, which only stop() does.

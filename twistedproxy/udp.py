@@ -47,6 +47,7 @@ from twistedproxy import fastudp
 from twistedproxy.listener import (
     IFlow,
     ListenerService,
+    accessLog,
     clientAddress,
     listeningSocketOptions,
     nextFlowId,
@@ -889,8 +890,9 @@ class UDPListener(ListenerService):
                 if due is None or expires < due:
                     due = expires
                 gap = min(gap, session.timeout * SWEEP_FRACTION)
-        for session in quiet:
-            session.close(f"no datagram for {_seconds(session.timeout)}")
+        with accessLog.together():
+            for session in quiet:
+                session.close(f"no datagram for {_seconds(session.timeout)}")
         if due is not None:
             self._sweepBy(max(due, now + gap))
 
