@@ -698,16 +698,23 @@ class UDPListener(ListenerService):
                 self._sessionFailed(session, e)
                 return None
         else:
-            self.reactor.nameResolver.resolveHostName(
-                _TargetResolution(self, session),
-                session.listener.target.host,
-                session.listener.target.port,
-                transportSemantics="UDP",
-            )
+            self._resolveTarget(session)
         self.sessions[key] = session
         self.flowStarted(session)
         self._sweepBy(session.lastActive + session.timeout)
         return session
+
+    def _resolveTarget(self, session) -> None:
+        """
+        Look the target's host name up for C{session}, without blocking;
+        L{targetResolved} follows.
+        """
+        self.reactor.nameResolver.resolveHostName(
+            _TargetResolution(self, session),
+            session.listener.target.host,
+            session.listener.target.port,
+            transportSemantics="UDP",
+        )
 
     def clientArrived(self, key: bytes, client: tuple) -> None:
         """
@@ -746,12 +753,7 @@ class UDPListener(ListenerService):
                 return
         else:
             session.resolving = True
-            self.reactor.nameResolver.resolveHostName(
-                _TargetResolution(self, session),
-                session.listener.target.host,
-                session.listener.target.port,
-                transportSemantics="UDP",
-            )
+            self._resolveTarget(session)
         self.sessions[key] = session
         self.flowStarted(session)
 
