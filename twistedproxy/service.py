@@ -127,10 +127,7 @@ class ProxyService(MultiService):
             try:
                 self._attachManhole(self.map.manhole)
             except CannotListenError as e:
-                problems.append(
-                    f"{self.configPath}:{self.map.manhole.line}: cannot listen on "
-                    f"{self.map.manhole.listen} for the manhole: {_bindProblem(e)}"
-                )
+                problems.append(self._manholeProblem(self.map.manhole, e))
         if problems:
             for service in list(self):
                 service.disownServiceParent()
@@ -271,6 +268,12 @@ class ProxyService(MultiService):
         self.manhole = manhole
         manhole.setServiceParent(self)
 
+    def _manholeProblem(self, settings, error: CannotListenError) -> str:
+        return (
+            f"{self.configPath}:{settings.line}: cannot listen on "
+            f"{settings.listen} for the manhole: {_bindProblem(error)}"
+        )
+
     def _detachManhole(self) -> Deferred:
         manhole, self.manhole = self.manhole, None
         return manhole.disownServiceParent()
@@ -371,10 +374,7 @@ class ProxyService(MultiService):
                 self._attachManhole(plan.manhole)
                 log.info("manhole on {listen}", listen=plan.manhole.listen)
             except CannotListenError as e:
-                problem = (
-                    f"{self.configPath}:{plan.manhole.line}: cannot listen on "
-                    f"{plan.manhole.listen} for the manhole: {_bindProblem(e)}"
-                )
+                problem = self._manholeProblem(plan.manhole, e)
                 failed.append(problem)
                 log.error("{problem}", problem=problem)
         elif self.manhole is not None and plan.manhole is not None:
