@@ -293,9 +293,9 @@ def listenDatagrams(reactor, host: str, port: int, receiver) -> ListeningPort:
     return kind(reactor, skt, receiver)
 
 
-def connectDatagrams(reactor, family: int, address: tuple, receiver) -> SessionPort:
+def connectedDatagramSocket(family: int, address: tuple) -> socket.socket:
     """
-    Open a UDP socket connected to C{address} and start reading it.
+    A non-blocking UDP socket connected to C{address}.
 
     @raise OSError: when no socket can be opened (out of file descriptors)
         or the target is unreachable.
@@ -307,7 +307,17 @@ def connectDatagrams(reactor, family: int, address: tuple, receiver) -> SessionP
     except BaseException:
         skt.close()
         raise
-    port = SessionPort(reactor, skt, receiver)
+    return skt
+
+
+def connectDatagrams(reactor, family: int, address: tuple, receiver) -> SessionPort:
+    """
+    Open a UDP socket connected to C{address} and start reading it.
+
+    @raise OSError: when no socket can be opened (out of file descriptors)
+        or the target is unreachable.
+    """
+    port = SessionPort(reactor, connectedDatagramSocket(family, address), receiver)
     port.startReading()
     return port
 
@@ -577,14 +587,7 @@ class UDPListener(ListenerService):
 
         @raise OSError: when that fails.
         """
-        skt = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            skt.setblocking(False)
-            skt.connect(address)
-        except BaseException:
-            skt.close()
-            raise
-        return skt
+        return connectedDatagramSocket(family, address)
 
     # -- lifecycle -----------------------------------------------------
 
