@@ -13,3 +13,16 @@ def proxy(request, tmp_path):
     process = ProxyProcess(tmp_path, fastPath=request.param == "fastpath")
     yield process
     process.stop()
+
+
+@pytest.fixture(autouse=True)
+def accessLinesAtOnce(monkeypatch):
+    """
+    In-process tests drive fake reactors whose clocks the process's access
+    log does not share: there it writes every line at once (its window is
+    tested in test_listener.py, and by the twistd processes of the
+    end-to-end tests).
+    """
+    from twistedproxy.listener import accessLog
+
+    monkeypatch.setattr(accessLog, "window", 0)

@@ -61,16 +61,27 @@ class Flow:
     """
 
     def __init__(self, engine, flowId, idleTimeout=0.0, clientHost="127.0.0.1",
-                 targetHost="127.0.0.1", early=b""):
+                 targetHost="127.0.0.1", early=b"", exclusive=False, targetBuffer=None):
         self.client, proxyClient = connectedPair(clientHost)
         proxyTarget, self.target = connectedPair(targetHost)
+        if targetBuffer is not None:
+            # small buffers towards the target, so it fills up soon
+            proxyTarget.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, targetBuffer)
+            proxyTarget.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.target.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, targetBuffer)
         # sent before the engine has the sockets, as a client may while
         # Twisted dials the target
         self.client.sendall(early)
         for s in (self.client, self.target):
             s.settimeout(10)
         self.id = flowId
-        engine.adopt(proxyClient.detach(), proxyTarget.detach(), flowId, idleTimeout)
+        if exclusive:
+            # what adopt(exclusive=True) asks of its caller
+            proxyClient.setblocking(False)
+            proxyTarget.setblocking(False)
+            engine.adopt(proxyClient.detach(), proxyTarget.detach(), flowId, idleTimeout, True)
+        else:
+            engine.adopt(proxyClient.detach(), proxyTarget.detach(), flowId, idleTimeout)
 
     def close(self):
         self.client.close()
@@ -822,3 +833,104 @@ def test_engineFlowStandsInForTheRelay(reactor):
     target.close()
     targetListener.close()
     front.port.stopListening()
+
+
+@needsEngine
+@pytest.mark.parametrize("options", MODES)
+def test_exclusiveAdopt(engines, options):
+    """
+    Sockets adopted with exclusive=True (non-blocking, no other descriptor)
+    are relayed both ways, half-close included, and the flow ends and is
+    reported as any other.
+    """
+    engine = engines(**options)
+    flow = Flow(engine, 11, exclusive=True)
+    flow.client.sendall(b"GET /")
+    assert recvExactly(flow.target, 5) == b"GET /"
+    flow.target.sendall(b"200 OK")
+    flow.target.shutdown(socket.SHUT_WR)
+    assert recvAll(flow.client) == b"200 OK"
+    flow.client.shutdown(socket.SHUT_WR)
+    assert recvAll(flow.target) == b""
+    assert waitEnded(engine) == [(11, 5, 6, "target closed")]
+    assert engine.flowCount() == 0
+    flow.close()
+
+
+@needsEngine
+@pytest.mark.parametrize("options", MODES)
+def test_smallMessagesToAFullTarget(engines, options):
+    """
+    Small messages (each read whole and sent straight on) towards a target
+    that reads nothing: once its buffers are full the engine stops reading
+    (what it holds is one bounded stash), and when the target reads, every
+    message arrives once, in order.
+    """
+    engine = engines(**options)
+    flow = Flow(engine, 12, targetBuffer=16384)
+    messages = [f"message {n:06d};".encode() * 20 for n in range(5000)]
+    stream = b"".join(messages)
+    for n, message in enumerate(messages):
+        flow.client.sendall(message)
+        if n % 200 == 0:
+            # let the engine read: many small reads, not one big one
+            time.sleep(0.001)
+    time.sleep(0.2)
+    held = engine.counters(12)[0]
+    assert held < 512 * 1024, f"the engine read {held} bytes nobody took"
+    received = bytearray()
+    while len(received) < len(stream):
+        chunk = flow.target.recv(MIB)
+        assert chunk
+        received.extend(chunk)
+    assert bytes(received) == stream
+    assert engine.counters(12) == (len(stream), 0)
+    flow.close()
+
+
+@needsEngine
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_acceptGivesNonBlockingDescriptorAndAddress(host):
+    """
+    The module's accept() returns None while nobody waits, then the
+    client's descriptor (non-blocking, close-on-exec) and its address
+    written as the access line writes it.
+    """
+    if host == "::1" and not ipv6Loopback():
+        pytest.skip("no IPv6 loopback")
+    server = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    server.bind((host, 0))
+    server.listen(4)
+    server.setblocking(False)
+    try:
+        assert fastrelay.acceptClient(server.fileno()) is None
+        client = socket.create_connection(server.getsockname()[:2])
+        fd, address = fastrelay.acceptClient(server.fileno())
+        try:
+            port = client.getsockname()[1]
+            assert address == (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+            assert os.get_blocking(fd) is False
+            assert os.get_inheritable(fd) is False
+            client.sendall(b"hi")
+            time.sleep(0.05)
+            assert os.read(fd, 10) == b"hi"
+        finally:
+            os.close(fd)
+            client.close()
+    finally:
+        server.close()
+
+
+@needsEngine
+def test_acceptFailureRaises():
+    """
+    accept() on a descriptor that is not a listening socket raises
+    OSError rather than returning anything.
+    """
+    r, w = os.pipe()
+    try:
+        with pytest.raises(OSError):
+            fastrelay.acceptClient(r)
+    finally:
+        os.close(r)
+        os.close(w)

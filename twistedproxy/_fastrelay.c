@@ -58,10 +58,13 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -95,6 +98,7 @@ typedef struct Direction {
     uint8_t eof;         /* the source sent its FIN */
     uint8_t shut;        /* shutdown(destination, SHUT_WR) done */
     uint8_t spliceFails; /* splice refused (EINVAL): use the buffer */
+    uint8_t stash;       /* MODE_BUFFER holding what a direct send left over */
 } Direction;
 
 typedef struct Flow {
@@ -105,8 +109,10 @@ typedef struct Flow {
     double lastActive;               /* engine clock of the last byte read */
     int fd[2];                       /* CLIENT, TARGET */
     uint8_t readable[2], writable[2];
+    uint8_t hup[2];                  /* the side reported its FIN, a hang-up or an error */
     uint8_t dead;
     uint8_t registered;              /* in the engine's epoll set */
+    uint8_t exclusive;               /* no other descriptor shares the sockets */
     uint8_t lastRead;                /* direction of the last bytes read, 2: none yet */
     const char *finishedFirst;       /* "client closed" / "target closed" */
     Direction dir[2];                /* 0: client->target, 1: target->client */
@@ -161,6 +167,7 @@ typedef struct {
     int batchTurns;       /* a flow in this batch turned direction */
     PooledPipe pool[PIPE_POOL];
     int poolCount;
+    char *scratch;        /* bufferSize bytes: a direction's first bytes pass here */
     int endedSinceWake;
 } Engine;
 
@@ -296,6 +303,7 @@ releaseChannel(Engine *e, Direction *d)
     d->buf = NULL;
     d->start = d->end = d->pending = 0;
     d->mode = MODE_NONE;
+    d->stash = 0;
 }
 
 /*
@@ -383,7 +391,10 @@ endFlow(Engine *e, Flow *f, const char *reason, int resetMask)
         return;
     f->dead = 1;
     for (int s = 0; s < 2; s++) {
-        if (f->registered)
+        /* close() takes a socket out of the epoll set when it was the
+         * last descriptor of it; otherwise the set would go on reporting
+         * events of a freed Flow. */
+        if (f->registered && !f->exclusive)
             epoll_ctl(e->epfd, EPOLL_CTL_DEL, f->fd[s], NULL);
         if (resetMask & (1 << s))
             resetOnClose(f->fd[s]);
@@ -414,6 +425,102 @@ resetBy(int side)
 }
 
 /* -- the relay (engine thread) -------------------------------------------- */
+
+/* Account for n bytes read in direction d of flow f. */
+static void
+noteRead(Engine *e, Flow *f, int d, ssize_t n)
+{
+    Direction *dir = &f->dir[d];
+    __atomic_store_n(&dir->bytes, dir->bytes + (uint64_t)n, __ATOMIC_RELAXED);
+    f->lastActive = e->now;
+    if (f->lastRead != d) {
+        /* An answer to what went the other way: this flow is
+         * request/response traffic. */
+        if (f->lastRead != 2)
+            e->batchTurns = 1;
+        f->lastRead = (uint8_t)d;
+    }
+}
+
+static void
+noteEof(Flow *f, int src)
+{
+    f->dir[src == CLIENT ? 0 : 1].eof = 1;
+    if (f->finishedFirst == NULL)
+        f->finishedFirst = src == CLIENT ? "client closed" : "target closed";
+}
+
+/*
+ * Direction d of flow f holds no channel and its destination is writable:
+ * read what the source has into the engine's scratch buffer and send it
+ * straight on.  A short message (a request, an answer) then costs one
+ * recv and one send, and no pipe.  What the destination does not take at
+ * once is stashed in a buffer (the direction reads no more until it has
+ * gone); a read that fills the scratch buffer means a stream has begun,
+ * and the direction takes a channel, so that the rest is spliced.
+ * Returns -1 if the flow ended, 1 if bytes were read, 0 if not (the source
+ * had nothing, or its end).
+ */
+static int
+relayDirect(Engine *e, Flow *f, int d)
+{
+    Direction *dir = &f->dir[d];
+    int src = d == 0 ? CLIENT : TARGET;
+    int dst = 1 - src;
+    ssize_t n = recv(f->fd[src], e->scratch, e->bufferSize, MSG_DONTWAIT);
+    if (n == 0) {
+        noteEof(f, src);
+        return 0;
+    }
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            f->readable[src] = 0;
+            return 0;
+        }
+        if (errno == EINTR)
+            return 0;
+        endFlow(e, f, resetBy(src), 1 << dst);
+        return -1;
+    }
+    noteRead(e, f, d, n);
+    ssize_t sent = send(f->fd[dst], e->scratch, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (sent < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            f->writable[dst] = 0;
+        } else if (errno != EINTR) {
+            endFlow(e, f, resetBy(dst), 1 << src);
+            return -1;
+        }
+        sent = 0;
+    }
+    e->batchBytes += (uint64_t)sent;
+    size_t rest = (size_t)(n - sent);
+    if (rest == 0 && (size_t)n < e->bufferSize) {
+        /* A short read emptied the socket: with edge-triggered epoll, the
+         * next bytes come with a new event.  A FIN or an error reported
+         * by the event that woke the thread gives no new one, so then the
+         * source is read on until it says so. */
+        if (!f->hup[src])
+            f->readable[src] = 0;
+        return 1;
+    }
+    if (rest > 0) {
+        dir->buf = malloc(e->bufferSize);
+        if (dir->buf == NULL) {
+            endFlow(e, f, "out of memory", 3);
+            return -1;
+        }
+        memcpy(dir->buf, e->scratch + sent, rest);
+        dir->start = 0;
+        dir->end = (uint32_t)rest;
+        dir->mode = MODE_BUFFER;
+        dir->stash = 1;
+    } else if (openChannel(e, dir) < 0) {
+        endFlow(e, f, "out of memory", 3);
+        return -1;
+    }
+    return 1;
+}
 
 /*
  * Move what can be moved in direction d of flow f without blocking.
@@ -452,8 +559,12 @@ pumpDirection(Engine *e, Flow *f, int d)
             if (n > 0) {
                 dir->start += (uint32_t)n;
                 e->batchBytes += (uint64_t)n;
-                if (dir->start == dir->end)
+                if (dir->start == dir->end) {
                     dir->start = dir->end = 0;
+                    /* A stash has gone: back to direct sends. */
+                    if (dir->stash)
+                        releaseChannel(e, dir);
+                }
                 progress = 1;
             } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
                 f->writable[dst] = 0;
@@ -465,15 +576,22 @@ pumpDirection(Engine *e, Flow *f, int d)
 
         /* fill: source -> channel, only while there is room */
         if (!dir->eof && f->readable[src] && !full) {
+            if (dir->mode == MODE_NONE && f->writable[dst]) {
+                int r = relayDirect(e, f, d);
+                if (r < 0)
+                    return -1;
+                if (r == 0)
+                    continue;
+                moved = 1;
+                continue;
+            }
             if (dir->mode == MODE_NONE) {
                 /* A pipe only for a direction that has something to carry:
                  * an idle flow (or one just adopted) holds none. */
                 char probe;
                 ssize_t p = recv(f->fd[src], &probe, 1, MSG_PEEK | MSG_DONTWAIT);
                 if (p == 0) {
-                    dir->eof = 1;
-                    if (f->finishedFirst == NULL)
-                        f->finishedFirst = src == CLIENT ? "client closed" : "target closed";
+                    noteEof(f, src);
                     continue;
                 }
                 if (p < 0) {
@@ -510,7 +628,7 @@ pumpDirection(Engine *e, Flow *f, int d)
                     }
                     continue;
                 }
-            } else if (dir->mode == MODE_BUFFER && dir->end < e->bufferSize) {
+            } else if (dir->mode == MODE_BUFFER && !dir->stash && dir->end < e->bufferSize) {
                 room = 1;
                 n = recv(f->fd[src], dir->buf + dir->end, e->bufferSize - dir->end,
                          MSG_DONTWAIT);
@@ -519,20 +637,10 @@ pumpDirection(Engine *e, Flow *f, int d)
             }
             if (room) {
                 if (n > 0) {
-                    __atomic_store_n(&dir->bytes, dir->bytes + (uint64_t)n, __ATOMIC_RELAXED);
-                    f->lastActive = e->now;
-                    if (f->lastRead != d) {
-                        /* An answer to what went the other way: this flow
-                         * is request/response traffic. */
-                        if (f->lastRead != 2)
-                            e->batchTurns = 1;
-                        f->lastRead = (uint8_t)d;
-                    }
+                    noteRead(e, f, d, n);
                     progress = 1;
                 } else if (n == 0) {
-                    dir->eof = 1;
-                    if (f->finishedFirst == NULL)
-                        f->finishedFirst = src == CLIENT ? "client closed" : "target closed";
+                    noteEof(f, src);
                 } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
                     /*
                      * With bytes in the pipe, EAGAIN may mean the pipe ran
@@ -564,13 +672,15 @@ pumpDirection(Engine *e, Flow *f, int d)
         if (empty) {
             dir->shut = 1;
             releaseChannel(e, dir);
-            /* ENOTCONN after a reset shows up as an error on the next
-             * read or write of that socket. */
-            shutdown(f->fd[dst], SHUT_WR);
             if (f->dir[1 - d].shut) {
+                /* Both ways done: close() sends the last FIN, as the
+                 * destination has nothing unread left. */
                 endFlow(e, f, f->finishedFirst, 0);
                 return -1;
             }
+            /* ENOTCONN after a reset shows up as an error on the next
+             * read or write of that socket. */
+            shutdown(f->fd[dst], SHUT_WR);
         }
     }
     return moved;
@@ -755,6 +865,8 @@ engineMain(void *arg)
             }
             if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
                 f->readable[side] = 1;
+            if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+                f->hup[side] = 1;
             if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR))
                 f->writable[side] = 1;
             pumpFlow(e, f);
@@ -861,6 +973,11 @@ Engine_init(Engine *self, PyObject *args, PyObject *kwds)
         return -1;
     }
     self->tableMask = 1023;
+    self->scratch = malloc(self->bufferSize);
+    if (self->scratch == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
     self->epfd = epoll_create1(EPOLL_CLOEXEC);
     self->commandFd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     self->endedFd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -916,6 +1033,7 @@ Engine_dealloc(Engine *self)
         c = next;
     }
     free(self->ended);
+    free(self->scratch);
     if (self->epfd >= 0)
         close(self->epfd);
     if (self->commandFd >= 0)
@@ -956,13 +1074,16 @@ makeNonBlocking(int fd)
 }
 
 PyDoc_STRVAR(adopt_doc,
-"adopt(clientFd, targetFd, flowId, idleTimeout) -> None\n\n"
+"adopt(clientFd, targetFd, flowId, idleTimeout, exclusive=False) -> None\n\n"
 "Relay between two connected stream sockets until both directions end.\n"
 "On success the engine owns both fds and closes them when the flow ends;\n"
 "on an exception the caller still owns them.  flowId is a non-negative\n"
 "integer unique among this engine's live flows; idleTimeout is in seconds,\n"
-"0 for never.  Raises ValueError (bad fd, duplicate id), RuntimeError\n"
-"(engine stopped) or OSError (the thread could not start).");
+"0 for never.  exclusive: the caller vouches that both are non-blocking\n"
+"stream sockets that no other descriptor refers to (as accept() and a\n"
+"detached socket give), so the engine checks nothing and needs no\n"
+"system call to take them.  Raises ValueError (bad fd, duplicate id),\n"
+"RuntimeError (engine stopped) or OSError (the thread could not start).");
 
 static PyObject *
 Engine_adopt(Engine *self, PyObject *args)
@@ -970,7 +1091,9 @@ Engine_adopt(Engine *self, PyObject *args)
     int clientFd, targetFd;
     unsigned long long id;
     double idleTimeout;
-    if (!PyArg_ParseTuple(args, "iiKd:adopt", &clientFd, &targetFd, &id, &idleTimeout))
+    int exclusive = 0;
+    if (!PyArg_ParseTuple(args, "iiKd|p:adopt", &clientFd, &targetFd, &id, &idleTimeout,
+                          &exclusive))
         return NULL;
     if (checkReady(self) < 0)
         return NULL;
@@ -982,12 +1105,14 @@ Engine_adopt(Engine *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "idleTimeout must be >= 0");
         return NULL;
     }
-    if (!isStreamSocket(clientFd) || !isStreamSocket(targetFd)) {
-        PyErr_SetString(PyExc_ValueError, "adopt needs two stream sockets");
-        return NULL;
+    if (!exclusive) {
+        if (!isStreamSocket(clientFd) || !isStreamSocket(targetFd)) {
+            PyErr_SetString(PyExc_ValueError, "adopt needs two stream sockets");
+            return NULL;
+        }
+        if (makeNonBlocking(clientFd) < 0 || makeNonBlocking(targetFd) < 0)
+            return PyErr_SetFromErrno(PyExc_OSError);
     }
-    if (makeNonBlocking(clientFd) < 0 || makeNonBlocking(targetFd) < 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
 
     Flow *f = calloc(1, sizeof(Flow));
     if (f == NULL)
@@ -996,6 +1121,7 @@ Engine_adopt(Engine *self, PyObject *args)
     f->fd[CLIENT] = clientFd;
     f->fd[TARGET] = targetFd;
     f->idleTimeout = idleTimeout;
+    f->exclusive = (uint8_t)exclusive;
     f->lastRead = 2;
     for (int d = 0; d < 2; d++)
         f->dir[d].pipeRead = f->dir[d].pipeWrite = -1;
@@ -1026,7 +1152,11 @@ Engine_adopt(Engine *self, PyObject *args)
     }
 
     const char *problem = NULL;
+    int wake = 0;
     pthread_mutex_lock(&self->lock);
+    /* The engine takes the whole queue after it read the eventfd: an
+     * adopt queued behind another one needs no wake-up of its own. */
+    wake = self->commandHead == NULL;
     if (self->stopping)
         problem = "engine stopped";
     else if (tableFind(self, id) != NULL)
@@ -1046,7 +1176,8 @@ Engine_adopt(Engine *self, PyObject *args)
             PyErr_Format(PyExc_ValueError, "%s %llu", problem, id);
         return NULL;
     }
-    signalFd(self->commandFd);
+    if (wake)
+        signalFd(self->commandFd);
     Py_RETURN_NONE;
 }
 
@@ -1274,11 +1405,66 @@ static PyTypeObject EngineType = {
     .tp_methods = Engine_methods,
 };
 
+/* -- accepting ------------------------------------------------------------ */
+
+PyDoc_STRVAR(accept_doc,
+"accept(listeningFd) -> (fd, 'host:port') or None\n\n"
+"One accept4() on a non-blocking listening socket: the client's descriptor,\n"
+"non-blocking and close-on-exec (what adopt(exclusive=True) wants), and\n"
+"its address as the access log writes it ('[::1]:5000' for IPv6).  None\n"
+"when no client is waiting; OSError for any other failure.");
+
+static PyObject *
+fastrelay_accept(PyObject *module, PyObject *arg)
+{
+    int fd = _PyLong_AsInt(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    struct sockaddr_storage address;
+    socklen_t length = sizeof(address);
+    int client = accept4(fd, (struct sockaddr *)&address, &length, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (client < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            Py_RETURN_NONE;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    char host[INET6_ADDRSTRLEN];
+    const char *format;
+    unsigned port;
+    if (address.ss_family == AF_INET6) {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)&address;
+        inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host));
+        port = ntohs(a->sin6_port);
+        format = "[%s]:%u";
+    } else if (address.ss_family == AF_INET) {
+        struct sockaddr_in *a = (struct sockaddr_in *)&address;
+        inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host));
+        port = ntohs(a->sin_port);
+        format = "%s:%u";
+    } else {
+        strcpy(host, "?");
+        port = 0;
+        format = "%s:%u";
+    }
+    char text[INET6_ADDRSTRLEN + 16];
+    snprintf(text, sizeof(text), format, host, port);
+    PyObject *result = Py_BuildValue("(is)", client, text);
+    if (result == NULL)
+        close(client);
+    return result;
+}
+
+static PyMethodDef fastrelayFunctions[] = {
+    {"accept", (PyCFunction)fastrelay_accept, METH_O, accept_doc},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef fastrelayModule = {
     PyModuleDef_HEAD_INIT,
     .m_name = "twistedproxy._fastrelay",
     .m_doc = "The compiled relay engine for established TCP connections (Linux).",
     .m_size = -1,
+    .m_methods = fastrelayFunctions,
 };
 
 PyMODINIT_FUNC

@@ -26,12 +26,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twistedproxy.listener import IFlow, accessLog
+from twistedproxy.listener import IFlow
 
 try:
     from twistedproxy._fastrelay import Engine
+    from twistedproxy._fastrelay import accept as acceptClient
 except ImportError:
-    Engine = None
+    Engine = acceptClient = None
 
 log = Logger(namespace="portproxy")
 
@@ -235,10 +236,13 @@ class FastRelay:
         flowId: int,
         idleTimeout: float,
         onEnd: EndCallback,
+        exclusive: bool = False,
     ) -> bool:
         """
         Hand two connected TCP socket descriptors to the engine, which
-        closes them when the flow ends.
+        closes them when the flow ends.  C{exclusive}: the caller vouches
+        that both are non-blocking and that no other descriptor refers to
+        either socket (see C{Engine.adopt}).
 
         @return: C{True} when the engine took them (C{onEnd} will be
             called once, in the reactor thread); C{False} when it refused
@@ -248,7 +252,7 @@ class FastRelay:
         if self._stopped:
             return False
         try:
-            self.engine.adopt(clientFd, targetFd, flowId, idleTimeout)
+            self.engine.adopt(clientFd, targetFd, flowId, idleTimeout, exclusive)
         except (OSError, RuntimeError, MemoryError) as e:
             log.warn("relay engine refused flow {flowId}: {error}", flowId=flowId, error=e)
             return False
@@ -326,15 +330,14 @@ class FastRelay:
         The engine has ended flows: call their C{onEnd}.
         """
         onEnd = self._onEnd
-        with accessLog.together():
-            for flowId, bytesIn, bytesOut, reason in self.engine.ended():
-                callback = onEnd.pop(flowId, None)
-                if callback is None:
-                    continue
-                try:
-                    callback(bytesIn, bytesOut, reason)
-                except Exception:
-                    log.failure("while reporting the end of flow {flowId}", flowId=flowId)
+        for flowId, bytesIn, bytesOut, reason in self.engine.ended():
+            callback = onEnd.pop(flowId, None)
+            if callback is None:
+                continue
+            try:
+                callback(bytesIn, bytesOut, reason)
+            except Exception:
+                log.failure("while reporting the end of flow {flowId}", flowId=flowId)
 
     def connectionLost(self, reason: Failure) -> None:
         self._watching = False

@@ -29,7 +29,7 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twistedproxy.listener import accessLog, fastPathWanted
+from twistedproxy.listener import fastPathWanted
 
 try:
     from twistedproxy._fastudp import Engine
@@ -85,9 +85,8 @@ class UDPEngine:
         """
         Hand what the engine reported to the listeners it concerns.
         """
-        with accessLog.together():
-            for event in self.engine.events():
-                self._handle(event)
+        for event in self.engine.events():
+            self._handle(event)
 
     def _handle(self, event) -> None:
         """

@@ -39,7 +39,7 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twistedproxy.fastrelay import EngineFlow, HandedOff
+from twistedproxy.fastrelay import EngineFlow, HandedOff, acceptClient
 from twistedproxy.listener import (
     IFlow,
     ListenerService,
@@ -60,6 +60,10 @@ IDLE_CHECKS = 4
 
 #: C{SO_LINGER} on, zero seconds: closing then sends a TCP reset.
 _LINGER_RESET = struct.pack("ii", 1, 0)
+
+#: TCP states (C{tcpi_state}, the first byte of C{TCP_INFO}; Linux).
+_TCP_ESTABLISHED = 1
+_TCP_SYN_SENT = 2
 
 #: accept() errors that concern one client only: take the next.
 _ACCEPT_AGAIN = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR)
@@ -148,14 +152,13 @@ class ListeningPort(tcp.Port):
             tcp.Port.doRead(self)
             return
         accepted = 0
-        # socket._accept gives the bare descriptor: the client's socket goes
-        # to the engine without a Python socket object ever being built.
-        accept = self.socket._accept
+        # A bare descriptor, already non-blocking, and the client's address
+        # already written as the access line wants it: the client's socket
+        # goes to the engine without a Python socket object ever being built.
+        listeningFd = self.socket.fileno()
         while accepted < self.numberAccepts:
             try:
-                clientFd, address = accept()
-            except BlockingIOError:
-                break
+                client = acceptClient(listeningFd)
             except OSError as e:
                 if e.errno in _ACCEPT_AGAIN:
                     continue
@@ -163,8 +166,10 @@ class ListeningPort(tcp.Port):
                 # knows how to shed the client and log it.
                 tcp.Port.doRead(self)
                 return
+            if client is None:
+                break
             accepted += 1
-            service.dial(clientFd, address)
+            service.dial(*client)
         # Scaled as Twisted's own accept loop does.
         if accepted == self.numberAccepts:
             self.numberAccepts += 20
@@ -241,20 +246,17 @@ class TCPListener(ListenerService):
         ListenerService.reconfigure(self, listener)
         self.targetIsAddress = _isAddress(listener.target.host)
 
-    def dial(self, clientFd: int, address) -> None:
+    def dial(self, clientFd: int, client: str) -> None:
         """
-        A client accepted for the relay engine (its bare descriptor):
-        connect to the target, an address, and hand both sockets to the
-        engine when it answers.
+        A client accepted for the relay engine (its bare non-blocking
+        descriptor, and its C{host:port}): connect to the target, an
+        address, and hand both sockets to the engine when it answers.
         """
         if self.full():
             os.close(clientFd)
-            self.rejected(
-                clientAddress(address),
-                f"max_connections {self.listener.maxConnections} reached",
-            )
+            self.rejected(client, f"max_connections {self.listener.maxConnections} reached")
             return
-        Dial(self, clientFd, address).start()
+        Dial(self, clientFd, client).start()
 
     def handOff(self, flow: IFlow, clientFd: int, targetFd: int) -> bool:
         """
@@ -267,7 +269,8 @@ class TCPListener(ListenerService):
         relay = self.fastRelay
         engineFlow = EngineFlow(relay, flow, self.flowEnded)
         if not relay.adoptDescriptors(
-            clientFd, targetFd, flow.id, flow.listener.timeouts.idle, engineFlow._ended
+            clientFd, targetFd, flow.id, flow.listener.timeouts.idle, engineFlow._ended,
+            exclusive=True,
         ):
             return False
         self.flows[flow.id] = engineFlow
@@ -732,10 +735,10 @@ class Dial:
         "service", "_clientFd", "_target", "_timer",
     )
 
-    def __init__(self, service: TCPListener, clientFd: int, address) -> None:
+    def __init__(self, service: TCPListener, clientFd: int, client: str) -> None:
         self.service = service
         self.listener = service.listener
-        self.client = clientAddress(address)
+        self.client = client
         self.bytesIn = self.bytesOut = 0
         self.id = nextFlowId()
         self.started = service.reactor.seconds()
@@ -752,10 +755,13 @@ class Dial:
             status = skt.connect_ex((target.host, target.port))
             if status == errno.EINPROGRESS:
                 # On loopback the handshake is done inside connect(): then
-                # there is nothing to wait for.
-                status = skt.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if status == 0 and not _isConnected(skt):
-                    status = errno.EINPROGRESS
+                # there is nothing to wait for.  One byte of TCP_INFO is the
+                # connection's state.
+                state = skt.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+                if state == _TCP_ESTABLISHED:
+                    status = 0
+                elif state != _TCP_SYN_SENT:
+                    status = skt.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNREFUSED
         except OSError as e:
             self._fail((e.strerror or str(e)).lower())
             return
@@ -846,11 +852,4 @@ class Dial:
         if timer is not None and timer.active():
             timer.cancel()
 
-
-def _isConnected(skt: socket.socket) -> bool:
-    try:
-        skt.getpeername()
-    except OSError:
-        return False
-    return True
 

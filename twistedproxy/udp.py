@@ -47,7 +47,6 @@ from twistedproxy import fastudp
 from twistedproxy.listener import (
     IFlow,
     ListenerService,
-    accessLog,
     clientAddress,
     listeningSocketOptions,
     nextFlowId,
@@ -895,9 +894,8 @@ class UDPListener(ListenerService):
                 if due is None or expires < due:
                     due = expires
                 gap = min(gap, session.timeout * SWEEP_FRACTION)
-        with accessLog.together():
-            for session in quiet:
-                session.close(f"no datagram for {_seconds(session.timeout)}")
+        for session in quiet:
+            session.close(f"no datagram for {_seconds(session.timeout)}")
         if due is not None:
             self._sweepBy(max(due, now + gap))
 
