@@ -58,16 +58,26 @@ class EngineFlow:
         "_relay", "_baseIn", "_baseOut", "_seen", "_final", "_onEnded",
     )
 
-    def __init__(self, relay: FastRelay, flow, onEnded: Callable[[EngineFlow, str], None]) -> None:
-        self.id = flow.id
-        self.listener = flow.listener
-        self.client = flow.client
-        self.started = flow.started
+    def __init__(
+        self,
+        relay: FastRelay,
+        flowId: int,
+        listener,
+        client: str,
+        started: float,
+        onEnded: Callable[[EngineFlow, str], None],
+        bytesIn: int = 0,
+        bytesOut: int = 0,
+    ) -> None:
+        self.id = flowId
+        self.listener = listener
+        self.client = client
+        self.started = started
         self.reason: str | None = None
         self._relay = relay
         # bytes the Python relay moved before the hand-off
-        self._baseIn = flow.bytesIn
-        self._baseOut = flow.bytesOut
+        self._baseIn = bytesIn
+        self._baseOut = bytesOut
         self._seen = (0, 0)
         self._final: tuple[int, int] | None = None
         self._onEnded = onEnded
@@ -279,7 +289,10 @@ class FastRelay:
         @return: L{None} when the pair cannot be handed off (nothing
             changed; the caller keeps relaying in Python).
         """
-        engineFlow = EngineFlow(self, flow, onEnded)
+        engineFlow = EngineFlow(
+            self, flow.id, flow.listener, flow.client, flow.started, onEnded,
+            flow.bytesIn, flow.bytesOut,
+        )
         if self.adopt(clientTransport, targetTransport, flow.id, idleTimeout, engineFlow._ended):
             return engineFlow
         return None

@@ -246,15 +246,17 @@ class ListenerService(Service):
         """
         if self.flows.pop(flow.id, None) is None:
             return
-        self.counters.bytesIn += flow.bytesIn
-        self.counters.bytesOut += flow.bytesOut
-        listener = flow.listener
+        bytesIn = flow.bytesIn
+        bytesOut = flow.bytesOut
+        counters = self.counters
+        counters.bytesIn += bytesIn
+        counters.bytesOut += bytesOut
+        head, arrow = flow.listener.accessLineParts
         # Formatted here, once: twisted.logger's own formatting of nine
         # fields would cost more than the rest of a short connection.
         accessLog.write(
-            f"{listener.proto} {listener.mapping} {flow.client} -> "
-            f"{listener.target} {self.reactor.seconds() - flow.started:.3f}s "
-            f"in={flow.bytesIn} out={flow.bytesOut} {reason}",
+            f"{head}{flow.client}{arrow}{self.reactor.seconds() - flow.started:.3f}s "
+            f"in={bytesIn} out={bytesOut} {reason}",
             flow.id,
             reason,
         )

@@ -10,6 +10,7 @@ a complete new map beside the running one and compare the two.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Iterator, NamedTuple, Optional
 
 TCP = "tcp"
@@ -108,6 +109,14 @@ class Listener:
 
     def __str__(self) -> str:
         return f"{self.key} -> {self.target} [{self.mapping}]"
+
+    @cached_property
+    def accessLineParts(self) -> tuple[str, str]:
+        """
+        What an access line of this listener has around the client's
+        address: C{("tcp web ", " -> 10.0.0.2:80 ")}.
+        """
+        return f"{self.proto} {self.mapping} ", f" -> {self.target} "
 
 
 @dataclass(frozen=True)

@@ -258,24 +258,6 @@ class TCPListener(ListenerService):
             return
         Dial(self, clientFd, client).start()
 
-    def handOff(self, flow: IFlow, clientFd: int, targetFd: int) -> bool:
-        """
-        Give a flow's two connected socket descriptors to the relay engine;
-        an L{EngineFlow} takes C{flow}'s place from then on.
-
-        @return: whether the engine took them (else the caller still owns
-            the descriptors).
-        """
-        relay = self.fastRelay
-        engineFlow = EngineFlow(relay, flow, self.flowEnded)
-        if not relay.adoptDescriptors(
-            clientFd, targetFd, flow.id, flow.listener.timeouts.idle, engineFlow._ended,
-            exclusive=True,
-        ):
-            return False
-        self.flows[flow.id] = engineFlow
-        return True
-
     @property
     def bound(self) -> bool:
         return self._port is not None
@@ -718,30 +700,27 @@ class Relay(Protocol):
             self.transport.abortConnection()
 
 
-@implementer(IFlow, IWriteDescriptor)
-class Dial:
+@implementer(IWriteDescriptor)
+class Dial(EngineFlow):
     """
-    A client accepted for the relay engine while the proxy connects to its
-    target: the client's bare descriptor, a non-blocking socket to the
-    target and, unless the connect completed at once (as on loopback), the
-    reactor watching it.  Nothing is read from the client meanwhile.  When
-    the target answers, both descriptors go to the engine and an
-    L{EngineFlow} takes this flow's place; when it does not, the client is
-    closed and the access line says why.
+    A client accepted for the relay engine, from its accept to its access
+    line.  First the proxy connects to the target: the client's bare
+    descriptor, a non-blocking socket to the target and, unless the
+    connect completed at once (as on loopback), the reactor watching it;
+    nothing is read from the client meanwhile.  When the target answers,
+    both descriptors go to the engine and this object goes on as the
+    L{EngineFlow} the manhole and the access log see; when it does not,
+    the client is closed and the access line says why.
     """
 
-    __slots__ = (
-        "id", "listener", "client", "started", "bytesIn", "bytesOut",
-        "service", "_clientFd", "_target", "_timer",
-    )
+    __slots__ = ("service", "_clientFd", "_target", "_timer")
 
     def __init__(self, service: TCPListener, clientFd: int, client: str) -> None:
+        EngineFlow.__init__(
+            self, service.fastRelay, nextFlowId(), service.listener, client,
+            service.reactor.seconds(), service.flowEnded,
+        )
         self.service = service
-        self.listener = service.listener
-        self.client = client
-        self.bytesIn = self.bytesOut = 0
-        self.id = nextFlowId()
-        self.started = service.reactor.seconds()
         self._clientFd = clientFd
         self._target: socket.socket | None = None
         self._timer = None
@@ -781,7 +760,10 @@ class Dial:
         target.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         targetFd = target.detach()
         clientFd, self._clientFd = self._clientFd, -1
-        if not self.service.handOff(self, clientFd, targetFd):
+        if not self._relay.adoptDescriptors(
+            clientFd, targetFd, self.id, self.listener.timeouts.idle, self._ended,
+            exclusive=True,
+        ):
             os.close(clientFd)
             os.close(targetFd)
             self.service.flowEnded(self, "relay engine refused the connection")
@@ -832,9 +814,13 @@ class Dial:
 
     def close(self, reason: str) -> None:
         """
-        End the flow now (from the manhole), before the target answered.
+        End the flow now (from the manhole): the dial, or the engine's
+        relay once the target answered.
         """
-        self._end(reason)
+        if self._clientFd >= 0:
+            self._end(reason)
+        else:
+            EngineFlow.close(self, reason)
 
     def _end(self, reason: str) -> None:
         self._cancelTimer()
