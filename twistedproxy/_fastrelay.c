@@ -55,6 +55,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
@@ -1417,37 +1418,35 @@ PyDoc_STRVAR(accept_doc,
 static PyObject *
 fastrelay_accept(PyObject *module, PyObject *arg)
 {
-    int fd = _PyLong_AsInt(arg);
+    long fd = PyLong_AsLong(arg);
     if (fd == -1 && PyErr_Occurred())
         return NULL;
+    if (fd < 0 || fd > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "accept needs a file descriptor");
+        return NULL;
+    }
     struct sockaddr_storage address;
     socklen_t length = sizeof(address);
-    int client = accept4(fd, (struct sockaddr *)&address, &length, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    int client = accept4((int)fd, (struct sockaddr *)&address, &length,
+                         SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (client < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK)
             Py_RETURN_NONE;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    char host[INET6_ADDRSTRLEN];
-    const char *format;
-    unsigned port;
+    char host[INET6_ADDRSTRLEN] = "?";
+    char text[INET6_ADDRSTRLEN + 16];
     if (address.ss_family == AF_INET6) {
         struct sockaddr_in6 *a = (struct sockaddr_in6 *)&address;
         inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host));
-        port = ntohs(a->sin6_port);
-        format = "[%s]:%u";
+        snprintf(text, sizeof(text), "[%s]:%u", host, (unsigned)ntohs(a->sin6_port));
     } else if (address.ss_family == AF_INET) {
         struct sockaddr_in *a = (struct sockaddr_in *)&address;
         inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host));
-        port = ntohs(a->sin_port);
-        format = "%s:%u";
+        snprintf(text, sizeof(text), "%s:%u", host, (unsigned)ntohs(a->sin_port));
     } else {
-        strcpy(host, "?");
-        port = 0;
-        format = "%s:%u";
+        snprintf(text, sizeof(text), "%s:0", host);
     }
-    char text[INET6_ADDRSTRLEN + 16];
-    snprintf(text, sizeof(text), format, host, port);
     PyObject *result = Py_BuildValue("(is)", client, text);
     if (result == NULL)
         close(client);
