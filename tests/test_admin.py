@@ -43,6 +43,16 @@ class FakeListener(ListenerService):
         self.enabled = True
 
 
+class FakeUDPListener(FakeListener):
+    """
+    A UDP listener service with no socket: it also counts the datagrams of
+    new clients it dropped.
+    """
+
+    proto = "udp"
+    dropped = 0
+
+
 class FakeFlow:
     """
     An open flow that remembers being closed.
@@ -76,7 +86,8 @@ class FakeProxy:
         self.draining = []
         self.reloads = []
         for listener in proxyMap.listeners():
-            self.listeners[listener.key] = FakeListener(listener, reactor)
+            kind = FakeUDPListener if listener.proto == "udp" else FakeListener
+            self.listeners[listener.key] = kind(listener, reactor)
 
     def allListeners(self):
         yield from self.listeners.values()
@@ -212,8 +223,8 @@ def test_formatTableAlignsColumns():
 def test_statusListsEveryListenerWithItsCounters(console, proxy, capsys):
     """
     status() prints one row per listener, in map order, with its name,
-    protocol, listen address, target, open, total and rejected counts and
-    the bytes each way, open flows included.
+    protocol, listen address, target, open, total, rejected and (UDP only)
+    dropped counts and the bytes each way, open flows included.
     """
     ssh = service(proxy, "tcp", "127.0.0.1", 22222)
     ssh.counters.total = 41
@@ -221,10 +232,11 @@ def test_statusListsEveryListenerWithItsCounters(console, proxy, capsys):
     ssh.counters.bytesIn = 1000
     ssh.counters.bytesOut = 3 * 1024**2
     FakeFlow(ssh, 7, "127.0.0.1:50000", 0.0, bytesIn=24, bytesOut=0)
+    service(proxy, "udp", "::1", 5353).dropped = 17
     console.status()
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == [
-        "NAME", "PROTO", "LISTEN", "TARGET", "OPEN", "TOTAL", "REJ", "IN", "OUT",
+        "NAME", "PROTO", "LISTEN", "TARGET", "OPEN", "TOTAL", "REJ", "DRP", "IN", "OUT",
     ]
     assert [line.split()[:4] for line in lines[1:]] == [
         ["ssh", "tcp", "127.0.0.1:22222", "172.17.0.2:22"],
@@ -233,18 +245,22 @@ def test_statusListsEveryListenerWithItsCounters(console, proxy, capsys):
         ["dns", "tcp", "[::1]:5353", "172.17.0.4:53"],
         ["dns", "udp", "[::1]:5353", "172.17.0.4:53"],
     ]
-    assert lines[1].split()[4:] == ["1", "42", "2", "1.0", "KiB", "3.0", "MiB"]
-    assert lines[2].split()[4:] == ["0", "0", "0", "0", "B", "0", "B"]
+    assert lines[1].split()[4:] == ["1", "42", "2", "-", "1.0", "KiB", "3.0", "MiB"]
+    assert lines[2].split()[4:] == ["0", "0", "0", "-", "0", "B", "0", "B"]
+    assert lines[5].split()[4:] == ["0", "0", "0", "17", "0", "B", "0", "B"]
 
 
 def test_statusFitsEightyColumnsAndAligns(console, proxy, capsys):
     """
-    status() of the SPEC's example map fits an 80-column terminal, and
-    every row's columns line up with the header's.
+    status() of the SPEC's example map fits an 80-column terminal with
+    six-digit counts and seven-character byte counts both ways, and every
+    row's columns line up with the header's.
     """
     for s in proxy.listeners.values():
         s.counters.total = 123456
         s.counters.bytesIn = 987654321
+        s.counters.bytesOut = 1258291
+    service(proxy, "udp", "::1", 5353).dropped = 999
     console.status()
     lines = capsys.readouterr().out.splitlines()
     assert max(len(line) for line in lines) <= 80

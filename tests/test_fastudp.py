@@ -6,6 +6,7 @@ reactor (not the global one).
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import shutil
@@ -268,7 +269,8 @@ def test_wildcardIPv6AnswersFromAddressUsed(bench):
 def test_heldDatagramsBounded(bench):
     """
     At most 8 datagrams of a client are held before its session opens;
-    all of them count in its bytes, and dropPending says how many came.
+    all of them count in its bytes, and those not held in the listener's
+    dropped datagrams when the session opens.
     """
     from twistedproxy._fastudp import PENDING_DATAGRAMS
 
@@ -288,13 +290,15 @@ def test_heldDatagramsBounded(bench):
         pass
     assert got == [b"%02d" % i for i in range(PENDING_DATAGRAMS)]
     assert b.engine.counters(flowId) == (2 * (PENDING_DATAGRAMS + 4), 0)
+    assert b.engine.listenerCounters(1) == (1, 4)
 
 
 @needsEngine
 def test_dropPendingForgetsClient(bench):
     """
-    Dropping a client's held datagrams says how many there were; its next
-    datagram is reported as new again.
+    Dropping a client's held datagrams says how many there were (the
+    listener counts them as it decides, not the engine); its next datagram
+    is reported as new again.
     """
     b = bench()
     c = b.client()
@@ -304,6 +308,7 @@ def test_dropPendingForgetsClient(bench):
     time.sleep(0.05)
     assert b.engine.dropPending(event[2]) == (2, 3)
     assert b.engine.dropPending(event[2]) == (0, 0)
+    assert b.engine.listenerCounters(1) == (0, 0)
     c.sendto(b"c", b.address)
     assert nextEvents(b.engine)[0][2] == event[2]
 
@@ -713,6 +718,56 @@ def test_maxConnectionsThroughEngine(reactor, service, logged):
     spin(reactor, lambda: svc.counters.rejected >= 1)
     assert svc.active == 1
     assert "max_connections (1) reached" in lines(logged)
+
+
+@needsEngine
+def test_datagramsNotHeldCountAsDroppedThroughEngine(reactor, service):
+    """
+    The datagrams of a new client that the engine did not hold while the
+    listener opened its session count in the listener's dropped datagrams.
+    """
+    from twistedproxy._fastudp import PENDING_DATAGRAMS
+
+    s = service()
+    svc = s.service
+    c = s.client()
+    for i in range(PENDING_DATAGRAMS + 4):
+        c.sendto(b"%02d" % i, s.address)
+    time.sleep(0.1)
+    spin(reactor, lambda: svc.active == 1)
+    assert [s.target.recv(100) for _ in range(PENDING_DATAGRAMS)] == [
+        b"%02d" % i for i in range(PENDING_DATAGRAMS)
+    ]
+    assert (svc.dropped, svc.counters.rejected) == (4, 0)
+
+
+@needsEngine
+def test_noSocketCountsDroppedThroughEngine(reactor, service, logged):
+    """
+    Every datagram the engine held for a client that no socket could be
+    opened for counts as dropped, not rejected; the client's next datagram
+    tries again.
+    """
+    s = service()
+    svc = s.service
+    opened = svc.openSessionSocket
+
+    def outOfDescriptors(family, address):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    svc.openSessionSocket = outOfDescriptors
+    c = s.client()
+    c.sendto(b"a", s.address)
+    c.sendto(b"b", s.address)
+    time.sleep(0.05)
+    spin(reactor, lambda: svc.dropped == 2)
+    assert svc.active == 0 and svc.counters.rejected == 0
+    assert "cannot open a socket" in lines(logged) and "out of file descriptors" in lines(logged)
+    svc.openSessionSocket = opened
+    c.sendto(b"c", s.address)
+    spin(reactor, lambda: svc.active == 1)
+    assert s.target.recv(100) == b"c"
+    assert svc.dropped == 2
 
 
 @needsEngine

@@ -5,6 +5,7 @@ client, with keys made by ssh-keygen, against a real twistd.
 
 import os
 import re
+import resource
 import select
 import socket
 import stat
@@ -184,14 +185,14 @@ def test_statusListsEveryMappingWithLiveCounters(proxy, tmp_path, keys, session)
             assert roundTrip(conn, b"hello") == b"hello"
             out = shell.run("status()")
         assert tableRow(out, "NAME") == [
-            "NAME", "PROTO", "LISTEN", "TARGET", "OPEN", "TOTAL", "REJ", "IN", "OUT",
+            "NAME", "PROTO", "LISTEN", "TARGET", "OPEN", "TOTAL", "REJ", "DRP", "IN", "OUT",
         ]
         assert tableRow(out, "echo") == [
             "echo", "tcp", f"127.0.0.1:{tcpPort}", f"127.0.0.1:{tcpEcho.port}",
-            "1", "1", "0", "5", "B", "5", "B",
+            "1", "1", "0", "-", "5", "B", "5", "B",
         ]
-        assert tableRow(out, "dns")[:7] == [
-            "dns", "udp", f"127.0.0.1:{udpPort}", f"127.0.0.1:{udpEcho.port}", "0", "0", "0",
+        assert tableRow(out, "dns")[:8] == [
+            "dns", "udp", f"127.0.0.1:{udpPort}", f"127.0.0.1:{udpEcho.port}", "0", "0", "0", "0",
         ]
 
 
@@ -380,7 +381,8 @@ def test_udpSessionsShownDisabledAndKilled(proxy, tmp_path, keys, session):
     """
     A UDP session shows in connections() with its byte counts; while the
     mapping is disabled a new client is rejected and counted and the open
-    session still forwards; kill(id) ends the session with its access line.
+    session still forwards; a new client's datagram that gets no socket is
+    counted as dropped; kill(id) ends the session with its access line.
     """
     with UDPEchoServer() as echo:
         manholePort, udpPort = freePort(), freePort("udp")
@@ -408,8 +410,18 @@ def test_udpSessionsShownDisabledAndKilled(proxy, tmp_path, keys, session):
                 new.recv(100)
             old.sendto(b"still", ("127.0.0.1", udpPort))
             assert old.recv(100) == b"still"
-            assert tableRow(shell.run("status()"), "dns")[4:7] == ["1", "1", "1"]
+            assert tableRow(shell.run("status()"), "dns")[4:8] == ["1", "1", "1", "0"]
             assert "dns: enabled" in shell.run("enable('dns')")
+
+            # No descriptor to spare for a session socket for a while.
+            soft, hard = resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE)
+            resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (0, hard))
+            try:
+                new.sendto(b"no room", ("127.0.0.1", udpPort))
+                proxy.waitFor(r"udp dns dropped a datagram from [^\n]*out of file descriptors")
+            finally:
+                resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (soft, hard))
+            assert tableRow(shell.run("status()"), "dns")[4:8] == ["1", "1", "1", "1"]
 
             out = shell.run(f"kill({flowId})")
             assert f"closed {flowId}: udp dns {client} -> 127.0.0.1:{echo.port}" in out

@@ -391,3 +391,28 @@ def test_reloadLogsEveryListener(logged):
         "tcp 127.0.0.1:3 -> 127.0.0.2:80 [web] (removed)",
         "tcp 127.0.0.1:4 -> 127.0.0.2:80 [web] (added)",
     ]
+
+
+def test_onlyPortproxyLogsItsListeningPorts(logged):
+    """
+    Real TCP and UDP listeners, started and stopped, log portproxy's one
+    line each and none of Twisted's per-port lines ("... starting on
+    PORT", "(TCP Port PORT Closed)").
+    """
+    proxy = ProxyService(
+        "map.yaml",
+        proxyMap(listener(0, name="web"), listener(0, name="dns", proto=UDP)),
+        reactor=MemoryReactorClock(),
+        ipv6Available=lambda: True,
+        relayEngine=lambda reactor: None,
+    )
+    proxy.privilegedStartService()
+    proxy.startService()
+    ports = [service.port.socket.getsockname()[1] for service in proxy.listeners.values()]
+    proxy.stopService()
+    lines = [formatEvent(e) for e in logged]
+    assert "tcp 127.0.0.1:0 -> 127.0.0.2:80 [web]" in lines
+    assert "udp 127.0.0.1:0 -> 127.0.0.2:80 [dns]" in lines
+    for port in ports:
+        assert not [line for line in lines if f"starting on {port}" in line]
+        assert not [line for line in lines if f"Port {port} Closed" in line]

@@ -121,7 +121,8 @@ def test_portInUseFailsStartNamingTheMapping(proxy):
 def test_daemonReloadsOnSighupAndStopsOnSigterm(tmp_path):
     """
     Run as a daemon with a pid file: SIGHUP reloads the map (a new mapping
-    starts forwarding) and SIGTERM stops the process.
+    starts forwarding) and SIGTERM stops the process.  The log has
+    portproxy's line per listener, and not Twisted's per-port lines.
     """
     with TCPEchoServer() as echo:
         first, second = freePort(), freePort()
@@ -151,6 +152,9 @@ def test_daemonReloadsOnSighupAndStopsOnSigterm(tmp_path):
         while pidfile.exists():
             assert time.monotonic() < deadline, "daemon did not stop"
             time.sleep(0.05)
+        log = logfile.read_text()
+        assert f"tcp 127.0.0.1:{first} -> 127.0.0.1:{echo.port} [echo0]" in log
+        assert "starting on" not in log and " Closed)" not in log, log
 
 
 def test_tacFileServesTheMap(tmp_path):

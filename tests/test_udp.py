@@ -382,15 +382,16 @@ def test_kill(reactor, logged):
 def test_outOfFileDescriptors(reactor, logged):
     """
     When no socket can be opened for a new session, that datagram is
-    dropped and logged, nothing else changes, and the next one succeeds
-    once descriptors are free.
+    dropped, counted as dropped (not rejected) and logged, nothing else
+    changes, and the next one succeeds once descriptors are free.
     """
     service = started(makeListener(), reactor)
     service.datagramReceived(b"a", A, None)
     service.socketError = OSError(errno.EMFILE, "Too many open files")
     service.datagramReceived(b"b", B, None)
+    service.datagramReceived(b"b", B, None)
     service.datagramReceived(b"a", A, None)
-    assert (service.active, service.counters.rejected) == (1, 0)
+    assert (service.active, service.counters.rejected, service.dropped) == (1, 0, 2)
     assert any("out of file descriptors" in m and "10.0.0.2:2222" in m for m in messages(logged))
     service.socketError = None
     service.datagramReceived(b"b", B, None)
@@ -456,6 +457,28 @@ def test_hostNameResolvedWhenSessionOpens(reactor):
     assert sessionPort.written == [b"%d" % i for i in range(RESOLVING_QUEUE)]
     service.datagramReceived(b"later", A, None)
     assert sessionPort.written[-1] == b"later"
+
+
+def test_datagramsNotHeldWhileResolvingCountAsDropped(reactor):
+    """
+    The datagrams a client sends while its target's name resolves, beyond
+    those held, count as dropped when its session opens; a session whose
+    name does not resolve drops nothing more than its access line says.
+    """
+    from twisted.internet.address import IPv4Address
+
+    resolver = ManualResolver()
+    reactor.installNameResolver(resolver)
+    service = started(makeListener(target=Target("backend.example", 53)), reactor)
+    for i in range(RESOLVING_QUEUE + 3):
+        service.datagramReceived(b"a", A, None)
+        service.datagramReceived(b"b", B, None)
+    assert service.dropped == 0
+    resolver.answer(0, IPv4Address("UDP", "127.0.0.1", 53))
+    assert service.dropped == 3
+    resolver.answer(1)
+    assert service.active == 1
+    assert service.dropped == 3
 
 
 def test_unresolvableTargetEndsSession(reactor, logged):

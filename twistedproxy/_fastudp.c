@@ -822,7 +822,8 @@ PyDoc_STRVAR(addSession_doc,
 "Open a session for the client of key (from a 'new' event): fd is a\n"
 "non-blocking UDP socket connected to the target, which the engine now\n"
 "owns and closes when the session ends.  The datagrams held for the\n"
-"client are sent on it at once and counted in bytesIn.  flowId: an int\n"
+"client are sent on it at once; bytesIn counts every datagram the client\n"
+"sent, and those not held count in the listener's dropped.  flowId: an int\n"
 "unique in the engine; timeout: seconds without a datagram either way\n"
 "after which the engine ends the session and reports it.  On an error\n"
 "the caller keeps fd.");
@@ -894,6 +895,10 @@ Engine_addSession(Engine *self, PyObject *args)
     if (p != NULL) {
         *pp = p->next;
         s->bytesIn = p->bytes;
+        /* Those not held are lost now.  Counted here, not when they came:
+         * a client that Python rejects instead has every datagram counted
+         * as rejected, as without the engine. */
+        l->dropped += p->datagrams - (uint64_t)p->count;
         for (int i = 0; i < p->count; i++)
             sendToTarget(s, p->data[i], p->lens[i]);
         freePending(self, p);
@@ -985,7 +990,9 @@ Engine_counters(Engine *self, PyObject *arg)
 PyDoc_STRVAR(listenerCounters_doc,
 "listenerCounters(listenerId) -> (sessions, dropped) or None\n\n"
 "Open sessions of a listener, and datagrams from new clients it dropped\n"
-"because too many clients (1024) or bytes (4 MiB) were held already.");
+"because too many clients (1024) were held already, or, once their\n"
+"session opened, that it had not held (over 8 for the client, or 4 MiB\n"
+"for all).");
 
 static PyObject *
 Engine_listenerCounters(Engine *self, PyObject *arg)

@@ -18,6 +18,8 @@ from typing import Callable, Iterable, Sequence
 
 from twisted.internet.error import CannotListenError
 
+from twistedproxy.model import UDP
+
 #: Why a flow ended, as its access log line says, when the operator killed it.
 KILLED = "killed from the manhole"
 
@@ -128,7 +130,12 @@ class Console:
         else:
             print(
                 formatTable(
-                    ("NAME", "PROTO", "LISTEN", "TARGET", "OPEN", "TOTAL", "REJ", "IN", "OUT"),
+                    (
+                        "NAME", "PROTO", "LISTEN", "TARGET",
+                        # DRP as in netstat's RX-DRP: four letters would
+                        # push the table past 80 columns.
+                        "OPEN", "TOTAL", "REJ", "DRP", "IN", "OUT",
+                    ),
                     (
                         (
                             s.listener.mapping,
@@ -138,12 +145,13 @@ class Console:
                             str(s.active),
                             str(s.counters.total),
                             str(s.counters.rejected),
+                            _dropped(s),
                             formatBytes(s.bytesIn),
                             formatBytes(s.bytesOut),
                         )
                         for s in live
                     ),
-                    numeric=5,
+                    numeric=6,
                 )
             )
         disabled = sorted({s.listener.mapping for s in live if not s.enabled})
@@ -261,6 +269,14 @@ class Console:
 
 #: The helpers, in the order help() lists them.
 HELPERS = ("status", "connections", "kill", "disable", "enable", "reload")
+
+
+def _dropped(service) -> str:
+    """
+    A listener's DRP cell: the datagrams of new clients a UDP listener
+    dropped; TCP has no such count.
+    """
+    return str(service.dropped) if service.proto == UDP else "-"
 
 
 def _signature(name: str, helper) -> str:

@@ -192,7 +192,9 @@ class UDPEngine:
     def listenerCounters(self, listenerId: int) -> Optional[tuple[int, int]]:
         """
         A listener's open sessions in the engine, and the datagrams of new
-        clients it dropped because too many were held already.
+        clients it dropped: those of clients over the bound of held
+        clients, and, when a client's session opened, those it had not
+        held (over its bound of datagrams per client or bytes in all).
         """
         return self.engine.listenerCounters(listenerId)
 

@@ -129,7 +129,43 @@ class ListeningPort(tcp.Port):
     On Linux, C{shutdown(SHUT_RD)} on a listening socket takes it out of
     the listening state (queued and new connects are refused) while the
     socket stays bound to its explicit port, and C{listen()} resumes it.
+
+    Twisted's own C{"RelayFactory starting on PORT"} and C{"(TCP Port PORT
+    Closed)"} log lines are not written: portproxy logs one line per
+    listener itself, and a range of 1000 ports would log 2000 more.
     """
+
+    def startListening(self) -> None:
+        """
+        Bind and listen as C{tcp.Port.startListening} does, without its log
+        line, which it writes unconditionally (Twisted has no hook for it).
+        """
+        # Keeps a descriptor in reserve for Twisted's accept to shed a
+        # client with when the process runs out of them.
+        tcp._reservedFD.reserve()
+        skt = None
+        try:
+            skt = self.createInternetSocket()
+            # The map refuses IPv6 zone indexes, so a plain (host, port)
+            # binds IPv6 addresses too.
+            skt.bind((self.interface, self.port))
+            skt.listen(self.backlog)
+        except OSError as e:
+            if skt is not None:
+                skt.close()
+            raise CannotListenError(self.interface, self.port, e) from e
+        self._realPortNumber = skt.getsockname()[1]
+        self.factory.doStart()
+        self.connected = True
+        self.socket = skt
+        self.fileno = skt.fileno
+        self.numberAccepts = 100
+        self.startReading()
+
+    def _logConnectionLostMsg(self) -> None:
+        """
+        Log nothing when the port closes (Twisted's hook for its line).
+        """
 
     def createInternetSocket(self) -> socket.socket:
         skt = tcp.Port.createInternetSocket(self)

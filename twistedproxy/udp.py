@@ -68,7 +68,8 @@ DRAIN = 64
 LISTENING_BUFFER = 4 * 1024 * 1024
 
 #: Datagrams a session holds while its target's host name is resolved;
-#: later ones are dropped, as a full network queue would.
+#: later ones are dropped, as a full network queue would, and counted in
+#: L{UDPListener.dropped} once the session opens.
 RESOLVING_QUEUE = 8
 
 #: Two sweeps of a listener are at least the shorter of SWEEP_GAP seconds
@@ -332,6 +333,8 @@ class Session:
     @ivar lastActive: reactor seconds of the last datagram either way.
     @ivar port: the socket connected to the target; L{None} while the
         target's host name is being resolved.
+    @ivar unheld: datagrams that came while resolving, beyond the
+        L{RESOLVING_QUEUE} held.
     """
 
     __slots__ = (
@@ -347,6 +350,7 @@ class Session:
         "timeout",
         "port",
         "pending",
+        "unheld",
         "closed",
         "_owner",
         "_reply",
@@ -367,6 +371,7 @@ class Session:
         self.timeout = self.listener.timeouts.udp
         self.port = None
         self.pending: list[bytes] = []
+        self.unheld = 0
         self.closed = False
         self._owner = owner
         self._reply = owner.port.write
@@ -382,6 +387,8 @@ class Session:
         if port is None:
             if len(self.pending) < RESOLVING_QUEUE:
                 self.pending.append(data)
+            else:
+                self.unheld += 1
             return
         try:
             port.write(data)
@@ -417,6 +424,10 @@ class Session:
         forward what the client sent meanwhile.
         """
         self.port = port
+        # Counted as dropped only now, as the engine counts those it could
+        # not hold when the session opens: a session that never opens
+        # accounts for them in its access line alone, on both paths.
+        self._owner._dropped += self.unheld
         pending, self.pending = self.pending, []
         for data in pending:
             # Counted when it arrived.
@@ -557,6 +568,7 @@ class UDPListener(ListenerService):
         self._sweep = None
         self._noticed: dict[str, float] = {}
         self._unnoticed: dict[str, int] = {}
+        self._dropped = 0
         self.engine = fastudp.engineFor(reactor)
         self._engineId = None
         self._readTarget()
@@ -643,6 +655,23 @@ class UDPListener(ListenerService):
     def reconfigure(self, listener: Listener) -> None:
         ListenerService.reconfigure(self, listener)
         self._readTarget()
+
+    @property
+    def dropped(self) -> int:
+        """
+        Datagrams of clients whose session was not open yet that were lost
+        for want of room or of a socket: those beyond what is held while a
+        session opens (L{RESOLVING_QUEUE}; the engine's own bounds of held
+        clients, datagrams and bytes), and every datagram of a client no
+        socket could be opened for.  Rejected clients are counted in
+        C{counters.rejected} instead.
+        """
+        dropped = self._dropped
+        if self._engineId is not None:
+            counters = self.engine.listenerCounters(self._engineId)
+            if counters is not None:
+                dropped += counters[1]
+        return dropped
 
     def disable(self) -> None:
         """
@@ -743,8 +772,8 @@ class UDPListener(ListenerService):
             try:
                 skt = self.openSessionSocket(family, address)
             except OSError as e:
-                engine.dropPending(key)
-                self._sessionFailed(session, e)
+                datagrams, _ = engine.dropPending(key)
+                self._sessionFailed(session, e, max(datagrams, 1))
                 return
             try:
                 engine.addSession(self, key, skt, session.id, session.timeout)
@@ -816,7 +845,13 @@ class UDPListener(ListenerService):
             del self.sessions[session.key]
         self.flowEnded(session, reason)
 
-    def _sessionFailed(self, session: Session, error: OSError) -> None:
+    def _sessionFailed(self, session: Session, error: OSError, datagrams: int = 1) -> None:
+        """
+        No socket could be opened for C{session}, which never opened: its
+        C{datagrams} are dropped, counted, and logged (once a second at
+        most).
+        """
+        self._dropped += datagrams
         if error.errno in (errno.EMFILE, errno.ENFILE):
             why = "out of file descriptors"
         else:
