@@ -11,6 +11,7 @@ import os
 import select
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import sysconfig
@@ -139,10 +140,10 @@ class Bench:
     An engine with one listener, a target and cleanup.
     """
 
-    def __init__(self, host="127.0.0.1", pktinfo=False, listenHost=None) -> None:
+    def __init__(self, host="127.0.0.1", pktinfo=False, listenHost=None, gso=True) -> None:
         from twistedproxy._fastudp import Engine
 
-        self.engine = Engine()
+        self.engine = Engine(gso=gso)
         self.listening = listeningSocket(listenHost or host, pktinfo)
         self.target = udpSocket(host)
         self.engine.addListener(self.listening.fileno(), 1, pktinfo)
@@ -520,6 +521,191 @@ def test_stopEndsEverything(bench):
     assert b.engine.stop() == []
     with pytest.raises(RuntimeError):
         b.engine.addListener(b.listening.fileno(), 2, False)
+
+
+# -- runs of one session sent with UDP GSO -----------------------------------
+
+UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
+SO_NO_CHECK = getattr(socket, "SO_NO_CHECK", 11)
+
+
+def kernelHasGso() -> bool:
+    """
+    Whether the kernel knows UDP_SEGMENT, which the bursts below are sent
+    with (an older kernel would send each burst as one datagram).
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as skt:
+        try:
+            skt.setsockopt(socket.SOL_UDP, UDP_SEGMENT, 1024)
+        except OSError:
+            return False
+    return True
+
+
+needsGso = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not kernelHasGso(),
+    reason="the kernel has no UDP GSO (Linux >= 4.18)",
+)
+
+
+def sendBurst(client, address, burst) -> None:
+    """
+    Send the datagrams of burst (one size, the last may be shorter) so that
+    they reach the listener together: in one UDP GSO send, which the
+    kernel cuts back into those datagrams and queues at once.
+    """
+    if len(burst) == 1:
+        client.sendto(burst[0], address)
+        return
+    size = struct.pack("=H", len(burst[0]))
+    client.sendmsg(burst, [(socket.SOL_UDP, UDP_SEGMENT, size)], 0, address)
+
+
+def receive(target, count) -> list:
+    """
+    The next count datagrams at target, checking that no more follow.
+    """
+    got = [target.recv(70000) for _ in range(count)]
+    target.settimeout(0.05)
+    try:
+        extra = target.recv(70000)
+    except socket.timeout:
+        extra = None
+    finally:
+        target.settimeout(5)
+    assert extra is None, f"a datagram of {len(extra)} bytes more than sent"
+    return got
+
+
+def openedSession(b, client, sessionSocket=None) -> int:
+    """
+    Open the session of client (on sessionSocket, or a new socket
+    connected to the target) and return its flow id, once its first
+    datagram has arrived.  The listening and target sockets get receive
+    buffers for bursts of 128 datagrams.
+    """
+    for skt in (b.listening, b.target):
+        skt.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    client.sendto(b"hello", b.address)
+    key = nextEvents(b.engine)[0][2]
+    if sessionSocket is None:
+        sessionSocket = connected(b.target.getsockname()[:2])
+    flowId = next(b.flowIds)
+    b.engine.addSession(key, sessionSocket.detach(), flowId, 30.0)
+    assert b.target.recv(100) == b"hello"
+    return flowId
+
+
+def equalBursts(b, client) -> int:
+    """
+    Send bursts of equal-size datagrams through client's session: more than
+    64 at once, two back to back of more bytes together than one send may
+    carry (65507), and tiny ones; check that the target gets each burst
+    exactly; return the bytes sent.
+    """
+    sent = 0
+    for size, count, sends in ((1400, 46, 1), (1100, 59, 2), (500, 100, 1), (1, 128, 1)):
+        for _ in range(4):
+            bursts = [[os.urandom(size) for _ in range(count)] for _ in range(sends)]
+            for burst in bursts:
+                sendBurst(client, b.address, burst)
+            assert receive(b.target, count * sends) == sum(bursts, [])
+            sent += size * count * sends
+    return sent
+
+
+@needsEngine
+@needsGso
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_equalDatagramsCrossWholeWithGso(bench, host):
+    """
+    Bursts of equal-size datagrams from one client reach the target as the
+    same datagrams, same sizes, same order, none merged or split, and are
+    counted exactly, while the engine sends them with UDP GSO within the
+    kernel's limits (so it never has to give GSO up for the session).
+    """
+    b = bench(host=host)
+    c = b.client()
+    flowId = openedSession(b, c)
+    sent = equalBursts(b, c)
+    assert b.engine.counters(flowId) == (len(b"hello") + sent, 0)
+    before = b.engine.gsoSends()
+    assert before > 0
+    # no send the engine made was refused: the session still uses GSO
+    sendBurst(c, b.address, [b"x" * 1000] * 10)
+    assert receive(b.target, 10) == [b"x" * 1000] * 10
+    assert b.engine.gsoSends() > before
+
+
+@needsEngine
+@needsGso
+def test_mixedSizesCrossWhole(bench):
+    """
+    Runs whose datagrams change size, whose last datagram is shorter, that
+    hold empty datagrams, or datagrams too big to share a send, reach the
+    target as the same datagrams in the same order, counted exactly.
+    """
+    b = bench()
+    c = b.client()
+    flowId = openedSession(b, c)
+    # each round fits the sockets' default buffers, sent back to back
+    rounds = [
+        [[1000] * 30 + [333], [700] * 10, [1400] * 10, [700] * 5 + [10]],
+        [[0], [64] * 5, [0], [0], [64] * 20 + [63], [2], [3]],
+        [[1200] * 46 + [1199]],
+        [[33000], [33000], [2], [65000]],
+    ]
+    sent = len(b"hello")
+    for sizes in rounds * 5:
+        bursts = [[os.urandom(size) for size in burst] for burst in sizes]
+        for burst in bursts:
+            sendBurst(c, b.address, burst)
+        expected = [datagram for burst in bursts for datagram in burst]
+        assert receive(b.target, len(expected)) == expected
+        sent += sum(map(len, expected))
+    assert b.engine.counters(flowId) == (sent, 0)
+    assert b.engine.gsoSends() > 0
+
+
+@needsEngine
+@needsGso
+def test_withoutGsoSameDatagrams(bench):
+    """
+    An engine told not to use UDP GSO (gso=False, as on a kernel without
+    it) forwards the same bursts exactly, one datagram per message.
+    """
+    b = bench(gso=False)
+    c = b.client()
+    flowId = openedSession(b, c)
+    sent = equalBursts(b, c)
+    assert b.engine.counters(flowId) == (len(b"hello") + sent, 0)
+    assert b.engine.gsoSends() == 0
+
+
+@needsEngine
+@needsGso
+def test_refusedGsoFallsBackForThatSession(bench):
+    """
+    A session whose socket refuses UDP GSO (SO_NO_CHECK: the kernel answers
+    EINVAL) still delivers every datagram of its runs exactly, sent again
+    one by one, and stops trying; another session of the same engine goes
+    on with GSO.
+    """
+    b = bench()
+    refusing, other = b.client(), b.client()
+    sessionSocket = connected(b.target.getsockname()[:2])
+    sessionSocket.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
+    refusingFlow = openedSession(b, refusing, sessionSocket)
+    otherFlow = openedSession(b, other)
+    sent = equalBursts(b, other)
+    assert b.engine.counters(otherFlow) == (len(b"hello") + sent, 0)
+    before = b.engine.gsoSends()
+    assert before > 0
+    sent = equalBursts(b, refusing)
+    assert b.engine.counters(refusingFlow) == (len(b"hello") + sent, 0)
+    assert b.engine.gsoSends() == before
+    equalBursts(b, other)
+    assert b.engine.gsoSends() > before
 
 
 # -- a UDPListener on the engine, under a real epoll reactor ----------------

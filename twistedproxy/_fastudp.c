@@ -1,6 +1,7 @@
 /*
  * twistedproxy._fastudp: the compiled engine for established UDP sessions
- * (Linux only: epoll, eventfd, recvmmsg, IP_PKTINFO / IPV6_PKTINFO).
+ * (Linux only: epoll, eventfd, recvmmsg, IP_PKTINFO / IPV6_PKTINFO, and
+ * UDP GSO where the kernel has it).
  *
  * One Engine owns one background thread that never takes the GIL.  Python
  * (twistedproxy.udp) binds each listening socket and hands its descriptor
@@ -29,6 +30,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/udp.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
@@ -44,6 +46,15 @@
 #define DRAIN 64
 /* The largest datagram the kernel hands over: nothing is truncated. */
 #define MAX_DATAGRAM 65535
+/* One UDP GSO send (Linux >= 4.18) carries at most this many datagrams
+ * (the kernel's cap, 64 until 6.x raised it to 128) and this much payload
+ * (it is built as one UDP datagram of one IPv4 packet, 65535 - 20 - 8
+ * bytes, before the kernel cuts it). */
+#define GSO_SEGMENTS 64
+#define GSO_BYTES 65507
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
 /* Clients without a session yet, datagrams held for each, and bytes held
  * for all of them: what a flood of new clients can cost. */
 #define PENDING_CLIENTS 1024
@@ -103,6 +114,7 @@ typedef struct Session {
     int64_t last;               /* ms, coarse monotonic clock */
     int64_t timeout;            /* ms */
     uint64_t bytesIn, bytesOut;
+    int gso;                    /* runs may leave with UDP GSO */
     struct Session *nextByKey, *nextById, *nextDead;
 } Session;
 
@@ -139,6 +151,8 @@ typedef struct {
     Event *events, *lastEvent;
     int64_t tick, nextSweep, sweepGap;
     char *buffers;              /* DRAIN x MAX_DATAGRAM */
+    int gso;                    /* new sessions may use UDP GSO */
+    uint64_t gsoSends;          /* sends that carried several datagrams */
 } Engine;
 
 /* -- helpers ----------------------------------------------------------- */
@@ -421,6 +435,98 @@ sendRunToTarget(Session *s, struct mmsghdr *msgs, int count)
     }
 }
 
+/* How many of msgs[0..count) can leave in one GSO send: the kernel cuts
+ * its payload into segments of the first datagram's size, so all must
+ * have that size but the last, which may be shorter (not empty: an empty
+ * segment would vanish). */
+static int
+gsoSegments(const struct mmsghdr *msgs, int count)
+{
+    size_t size = msgs[0].msg_hdr.msg_iov->iov_len, total = size;
+    int n = 1;
+    if (size == 0)
+        return 1;
+    while (n < count && n < GSO_SEGMENTS) {
+        size_t len = msgs[n].msg_hdr.msg_iov->iov_len;
+        if (len == 0 || len > size || total + len > GSO_BYTES)
+            break;
+        total += len;
+        n++;
+        if (len < size)
+            break;
+    }
+    return n;
+}
+
+/* Send msgs[0..count), one iovec each (consecutive in memory, as
+ * readListener lays them out), in one sendmsg that the kernel cuts back
+ * into the same datagrams.  A stale ICMP error is retried once, as in
+ * sendToTarget.  Returns 1 when sent, 0 when lost as on any network, -1
+ * when the kernel refuses GSO on this socket and nothing left. */
+static int
+sendSegments(Session *s, const struct mmsghdr *msgs, int count)
+{
+    char control[CMSG_SPACE(sizeof(uint16_t))];
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    memset(control, 0, sizeof control);
+    msg.msg_iov = msgs[0].msg_hdr.msg_iov;
+    msg.msg_iovlen = (size_t)count;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_UDP;
+    c->cmsg_type = UDP_SEGMENT;
+    c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+    uint16_t size = (uint16_t)msgs[0].msg_hdr.msg_iov->iov_len;
+    memcpy(CMSG_DATA(c), &size, sizeof size);
+    ssize_t sent = sendmsg(s->fd, &msg, MSG_DONTWAIT);
+    if (sent < 0 && errno == ECONNREFUSED)
+        sent = sendmsg(s->fd, &msg, MSG_DONTWAIT);
+    if (sent >= 0)
+        return 1;
+    switch (errno) {
+    case EINVAL:        /* SO_NO_CHECK; over an older kernel's segment cap */
+    case EMSGSIZE:      /* a segment over the path MTU to the target */
+    case EIO:           /* an IPsec route; no checksum offload (old kernels) */
+    case ENOPROTOOPT:
+    case EOPNOTSUPP:
+        return -1;
+    }
+    return 0;
+}
+
+/* Send a run of one session's datagrams: each stretch that qualifies in
+ * one GSO send, the others together with sendmmsg.  When the kernel
+ * refuses GSO, the session stops trying and those datagrams, like the rest
+ * of the run, go with sendmmsg: the refusal depends on the socket and its
+ * route (SO_NO_CHECK, path MTU, IPsec), so other sessions keep GSO. */
+static void
+sendRun(Engine *self, Session *s, struct mmsghdr *msgs, int count)
+{
+    int plain = 0, i = 0;       /* msgs[plain..i) wait for sendmmsg */
+    while (s->gso && i < count) {
+        int n = gsoSegments(msgs + i, count - i);
+        if (n < 2) {
+            i++;
+            continue;
+        }
+        if (i > plain)
+            sendRunToTarget(s, msgs + plain, i - plain);
+        plain = i;
+        int sent = sendSegments(s, msgs + i, n);
+        if (sent < 0) {
+            s->gso = 0;
+            break;
+        }
+        self->gsoSends += (uint64_t)sent;
+        i += n;
+        plain = i;
+    }
+    if (count > plain)
+        sendRunToTarget(s, msgs + plain, count - plain);
+}
+
 static void
 holdDatagram(Engine *self, Listener *l, const Peer *peer, const char *data, size_t len)
 {
@@ -475,8 +581,8 @@ readListener(Engine *self, Listener *l, int64_t now)
     int n = recvmmsg(l->fd, msgs, DRAIN, MSG_DONTWAIT, NULL);
     if (n <= 0)
         return;
-    /* Consecutive datagrams of one session (a bulk sender) leave in one
-     * sendmmsg: msgs[runStart..i) are reused as the outgoing messages. */
+    /* Consecutive datagrams of one session (a bulk sender) leave together
+     * (sendRun): msgs[runStart..i) are reused as the outgoing messages. */
     Session *last = NULL;
     int runStart = 0;
     Peer peer;
@@ -487,7 +593,7 @@ readListener(Engine *self, Listener *l, int64_t now)
         Session *s = last;
         if (s == NULL || memcmp(&s->peer.key, &peer.key, sizeof peer.key) != 0) {
             if (last != NULL)
-                sendRunToTarget(last, msgs + runStart, i - runStart);
+                sendRun(self, last, msgs + runStart, i - runStart);
             last = NULL;
             s = findSession(self, &peer.key);
         }
@@ -509,7 +615,7 @@ readListener(Engine *self, Listener *l, int64_t now)
         msgs[i].msg_hdr.msg_flags = 0;
     }
     if (last != NULL)
-        sendRunToTarget(last, msgs + runStart, n - runStart);
+        sendRun(self, last, msgs + runStart, n - runStart);
 }
 
 static void
@@ -851,6 +957,7 @@ Engine_addSession(Engine *self, PyObject *args)
     s->fd = fd;
     s->peer = peer;
     s->flowId = flowId;
+    s->gso = self->gso;
     s->timeout = timeout * 1000 > 1e15 ? (int64_t)1e15 : (int64_t)(timeout * 1000);
     if (s->timeout < 1)
         s->timeout = 1;
@@ -1089,6 +1196,21 @@ Engine_sessionCount(Engine *self, PyObject *unused)
     return PyLong_FromSize_t(n);
 }
 
+PyDoc_STRVAR(gsoSends_doc,
+"gsoSends() -> int\n\n"
+"Sends so far that carried several datagrams of a session at once with\n"
+"UDP GSO; 0 with Engine(gso=False), on a kernel without it, and for\n"
+"sessions whose socket refused it (they send each datagram).");
+
+static PyObject *
+Engine_gsoSends(Engine *self, PyObject *unused)
+{
+    lockFromPython(self);
+    unsigned long long n = self->gsoSends;
+    pthread_mutex_unlock(&self->lock);
+    return PyLong_FromUnsignedLongLong(n);
+}
+
 PyDoc_STRVAR(stop_doc,
 "stop() -> [(flowId, bytesIn, bytesOut), ...]\n\n"
 "Join the engine thread, end every session (their sockets are closed)\n"
@@ -1160,10 +1282,23 @@ Engine_stop(Engine *self, PyObject *unused)
 }
 
 static int
+gsoAvailable(void)
+{
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return 0;
+    int size = 1024;
+    int ok = setsockopt(fd, SOL_UDP, UDP_SEGMENT, &size, sizeof size) == 0;
+    close(fd);
+    return ok;
+}
+
+static int
 Engine_init(Engine *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "", kwlist))
+    static char *kwlist[] = {"gso", NULL};
+    int gso = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|p", kwlist, &gso))
         return -1;
     if (self->epfd >= 0) {
         PyErr_SetString(PyExc_RuntimeError, "Engine already initialised");
@@ -1178,6 +1313,9 @@ Engine_init(Engine *self, PyObject *args, PyObject *kwds)
         PyErr_NoMemory();
         return -1;
     }
+    /* A kernel without UDP GSO (before 4.18) would ignore the cmsg and
+     * send a run as one datagram: use it only where the option exists. */
+    self->gso = gso && gsoAvailable();
     struct timespec res;
     clock_getres(CLOCK_MONOTONIC_COARSE, &res);
     self->tick = res.tv_sec * 1000 + (res.tv_nsec + 999999) / 1000000;
@@ -1239,14 +1377,17 @@ static PyMethodDef Engine_methods[] = {
      "fileno() -> int\n\nAn eventfd readable when events() has something."},
     {"sessionCount", (PyCFunction)Engine_sessionCount, METH_NOARGS,
      "sessionCount() -> int\n\nOpen sessions of every listener."},
+    {"gsoSends", (PyCFunction)Engine_gsoSends, METH_NOARGS, gsoSends_doc},
     {"stop", (PyCFunction)Engine_stop, METH_NOARGS, stop_doc},
     {NULL, NULL, 0, NULL},
 };
 
 PyDoc_STRVAR(Engine_doc,
-"Engine()\n\n"
+"Engine(gso=True)\n\n"
 "A thread that forwards the datagrams of established UDP sessions for\n"
-"every listener handed to it; its thread starts with the first listener.");
+"every listener handed to it; its thread starts with the first listener.\n"
+"gso: send consecutive datagrams of a session that have one size in one\n"
+"system call with UDP GSO, where the kernel has it (Linux >= 4.18).");
 
 static PyTypeObject EngineType = {
     PyVarObject_HEAD_INIT(NULL, 0)
