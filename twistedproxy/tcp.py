@@ -62,8 +62,8 @@ IDLE_CHECKS = 4
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 #: TCP states (C{tcpi_state}, the first byte of C{TCP_INFO}; Linux).
-_TCP_ESTABLISHED = 1
 _TCP_SYN_SENT = 2
+_TCP_CLOSE = 7
 
 #: accept() errors that concern one client only: take the next.
 _ACCEPT_AGAIN = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR)
@@ -771,12 +771,14 @@ class Dial(EngineFlow):
             if status == errno.EINPROGRESS:
                 # On loopback the handshake is done inside connect(): then
                 # there is nothing to wait for.  One byte of TCP_INFO is the
-                # connection's state.
+                # connection's state: still sending its SYN, failed
+                # (closed), or connected (established, or already closed
+                # by the target, which the engine then relays).
                 state = skt.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-                if state == _TCP_ESTABLISHED:
-                    status = 0
-                elif state != _TCP_SYN_SENT:
+                if state == _TCP_CLOSE:
                     status = skt.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNREFUSED
+                elif state != _TCP_SYN_SENT:
+                    status = 0
         except OSError as e:
             self._fail((e.strerror or str(e)).lower())
             return
