@@ -4,7 +4,8 @@ Build hook for the optional compiled engines.
 All metadata lives in pyproject.toml; this file only declares the C
 extensions C{twistedproxy._fastrelay} (TCP relays; Linux: splice, epoll,
 eventfd) and C{twistedproxy._fastudp} (UDP sessions; Linux: epoll,
-eventfd, recvmmsg/sendmmsg, IP_PKTINFO).  They are optional: where there is
+eventfd, recvmmsg/sendmmsg, IP_PKTINFO), which share C{_engine.h}.  They
+are optional: where there is
 no C compiler, or on another platform, C{pip install .} installs portproxy
 without them and the pure-Python relays are used.
 
@@ -33,6 +34,7 @@ if sys.platform.startswith("linux"):
             Extension(
                 f"twistedproxy.{name}",
                 [f"twistedproxy/{name}.c"],
+                depends=["twistedproxy/_engine.h"],
                 extra_compile_args=COMPILE_ARGS,
                 optional=True,
             )

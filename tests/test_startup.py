@@ -57,6 +57,28 @@ def test_nonEditableInstallShipsThePlugin(tmp_path):
     assert "--config=" in options.stdout
 
 
+def test_sourceDistributionShipsTheEnginesHeaders():
+    """
+    Every header the C extensions include from the package is listed in
+    MANIFEST.in, so a source distribution builds them too: without it,
+    pip install from an sdist would quietly install no compiled paths
+    (the extensions are optional).
+    """
+    package = os.path.join(REPO, "twistedproxy")
+    included = set()
+    for name in os.listdir(package):
+        if name.endswith(".c"):
+            with open(os.path.join(package, name)) as f:
+                for line in f:
+                    if line.startswith('#include "'):
+                        included.add(line.split('"')[1])
+    assert included, "the extensions include no header of their own"
+    with open(os.path.join(REPO, "MANIFEST.in")) as f:
+        manifest = f.read().split()
+    for header in sorted(included):
+        assert f"twistedproxy/{header}" in manifest
+
+
 def test_configIsRequired(tmp_path):
     """
     twistd portproxy without -c exits non-zero and says the option is

@@ -53,6 +53,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "_engine.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -186,27 +188,6 @@ preciseNow(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-static void
-signalFd(int fd)
-{
-    uint64_t one = 1;
-    ssize_t r;
-    do {
-        r = write(fd, &one, sizeof(one));
-    } while (r < 0 && errno == EINTR);
-    /* EAGAIN: the counter is already non-zero, the reader wakes anyway. */
-}
-
-static void
-drainFd(int fd)
-{
-    uint64_t value;
-    ssize_t r;
-    do {
-        r = read(fd, &value, sizeof(value));
-    } while (r < 0 && errno == EINTR);
 }
 
 /* -- the flow table (caller holds the lock) ------------------------------- */
@@ -979,21 +960,9 @@ Engine_init(Engine *self, PyObject *args, PyObject *kwds)
         PyErr_NoMemory();
         return -1;
     }
-    self->epfd = epoll_create1(EPOLL_CLOEXEC);
-    self->commandFd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    self->endedFd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (self->epfd < 0 || self->commandFd < 0 || self->endedFd < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
-    }
-    struct epoll_event ev;
-    ev.events = EPOLLIN;
-    ev.data.u64 = 0;
-    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->commandFd, &ev) < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
-    }
-    return 0;
+    /* Events of the command eventfd carry 0; a flow's, its Flow. */
+    return openEngineDescriptors(&self->epfd, &self->commandFd, &self->endedFd,
+                                 (epoll_data_t){.u64 = 0});
 }
 
 static PyObject *

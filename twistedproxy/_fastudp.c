@@ -27,6 +27,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "_engine.h"
+
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
@@ -188,22 +190,6 @@ hashId(uint64_t id)
 {
     id *= 0x9e3779b97f4a7c15ULL;
     return id ^ (id >> 29);
-}
-
-static void
-signalFd(int fd)
-{
-    uint64_t one = 1;
-    ssize_t r = write(fd, &one, sizeof one);
-    (void)r;
-}
-
-static void
-drainFd(int fd)
-{
-    uint64_t n;
-    ssize_t r = read(fd, &n, sizeof n);
-    (void)r;
 }
 
 /* Take the lock; wait for it without the GIL when the thread has it. */
@@ -1320,19 +1306,8 @@ Engine_init(Engine *self, PyObject *args, PyObject *kwds)
     clock_getres(CLOCK_MONOTONIC_COARSE, &res);
     self->tick = res.tv_sec * 1000 + (res.tv_nsec + 999999) / 1000000;
     self->wakeKind = KIND_WAKE;
-    self->epfd = epoll_create1(EPOLL_CLOEXEC);
-    self->wakeFd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    self->notifyFd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (self->epfd < 0 || self->wakeFd < 0 || self->notifyFd < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
-    }
-    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &self->wakeKind};
-    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->wakeFd, &ev) < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
-    }
-    return 0;
+    return openEngineDescriptors(&self->epfd, &self->wakeFd, &self->notifyFd,
+                                 (epoll_data_t){.ptr = &self->wakeKind});
 }
 
 static PyObject *
