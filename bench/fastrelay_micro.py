@@ -40,7 +40,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -48,6 +47,8 @@ import sys
 import tempfile
 import threading
 import time
+
+from processes import Processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS_DIR = os.environ.get("PEERS_DIR", os.path.expanduser("~/.cache/portproxy-peers"))
@@ -175,36 +176,6 @@ def rssKiB(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
-
-
-class Processes:
-    """
-    What this run started; stopped by pid at exit.
-    """
-
-    def __init__(self):
-        self.started = []
-
-    def start(self, argv, **kw):
-        kw.setdefault("stdout", subprocess.DEVNULL)
-        kw.setdefault("stderr", subprocess.DEVNULL)
-        p = subprocess.Popen(argv, start_new_session=True, **kw)
-        self.started.append(p)
-        return p
-
-    def stop(self, p):
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-
-    def stopAll(self):
-        for p in reversed(self.started):
-            self.stop(p)
-        self.started = []
 
 
 def startDockerProxy(procs, listen, target):

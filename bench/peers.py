@@ -27,7 +27,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -35,6 +34,8 @@ import sys
 import tempfile
 import threading
 import time
+
+from processes import Processes
 
 # workload: (unit, higher is better, backend, protocol through the proxy)
 WORKLOADS = {
@@ -69,32 +70,6 @@ class Ports:
             except OSError:
                 continue
             return port
-
-
-class Processes:
-    """
-    What this run started, each in its own session; stopped by pid.
-    """
-
-    def __init__(self):
-        self.started = []
-
-    def start(self, argv, **kw):
-        kw.setdefault("stdout", subprocess.DEVNULL)
-        kw.setdefault("stderr", subprocess.DEVNULL)
-        process = subprocess.Popen(argv, start_new_session=True, **kw)
-        self.started.append(process)
-        return process
-
-    def stopAll(self):
-        for process in reversed(self.started):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(5)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
 
 
 def waitTCP(port, timeout=20.0):
