@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twistedproxy.compat import transportIdle
 from twistedproxy.listener import IFlow
 
 try:
@@ -138,18 +139,7 @@ def canHandOff(transport) -> bool:
     the reactor without losing a byte: open both ways, nothing buffered to
     write, not closing, not TLS.
     """
-    return (
-        getattr(transport, "connected", False)
-        and hasattr(transport, "socket")
-        and hasattr(transport, "dataBuffer")
-        and not transport.disconnecting
-        and not getattr(transport, "_writeDisconnecting", False)
-        and not getattr(transport, "_writeDisconnected", False)
-        and not getattr(transport, "_aborting", False)
-        and not getattr(transport, "TLS", False)
-        and not transport.dataBuffer
-        and not getattr(transport, "_tempDataBuffer", None)
-    )
+    return transportIdle(transport) and not getattr(transport, "TLS", False)
 
 
 def releaseTransport(transport) -> None:

@@ -39,6 +39,7 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twistedproxy.compat import reserveDescriptor
 from twistedproxy.fastrelay import EngineFlow, HandedOff, acceptClient
 from twistedproxy.listener import (
     IFlow,
@@ -142,7 +143,7 @@ class ListeningPort(tcp.Port):
         """
         # Keeps a descriptor in reserve for Twisted's accept to shed a
         # client with when the process runs out of them.
-        tcp._reservedFD.reserve()
+        reserveDescriptor()
         skt = None
         try:
             skt = self.createInternetSocket()
