@@ -934,3 +934,25 @@ def test_acceptFailureRaises():
     finally:
         os.close(r)
         os.close(w)
+
+
+@needsEngine
+def test_everyEndReportedAcrossManyEnds(engines):
+    """
+    More flows end between two calls of ended() than the report list has
+    ever held, interleaved with new adopts, and every one is reported
+    exactly once: each flow's report slot is reserved when it is adopted,
+    so an end never needs memory.
+    """
+    engine = engines()
+    reported = []
+    nextId = 1
+    for _round in range(3):
+        flows = [Flow(engine, nextId + i) for i in range(150)]
+        nextId += len(flows)
+        for flow in flows:
+            flow.close()
+        reported.extend(waitEnded(engine, len(flows)))
+    ids = sorted(report[0] for report in reported)
+    assert ids == list(range(1, nextId))
+    assert engine.flowCount() == 0

@@ -341,18 +341,33 @@ resetOnClose(int fd)
     setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof(l));
 }
 
+/*
+ * Make sure the ended list has room for the report of one more flow.  The
+ * list always has a slot for every live flow (flowCount + endedCount <=
+ * endedCapacity), so reporting an end in the engine thread never needs
+ * memory and cannot fail.  Caller holds the lock.
+ */
+static int
+reserveReport(Engine *e)
+{
+    size_t need = e->flowCount + e->endedCount + 1;
+    if (need <= e->endedCapacity)
+        return 0;
+    size_t capacity = e->endedCapacity ? e->endedCapacity : 64;
+    while (capacity < need)
+        capacity *= 2;
+    Ended *grown = realloc(e->ended, capacity * sizeof(Ended));
+    if (grown == NULL)
+        return -1;
+    e->ended = grown;
+    e->endedCapacity = capacity;
+    return 0;
+}
+
 static void
 pushEnded(Engine *e, uint64_t id, uint64_t in, uint64_t out, const char *reason)
 {
-    /* caller holds the lock */
-    if (e->endedCount == e->endedCapacity) {
-        size_t capacity = e->endedCapacity ? e->endedCapacity * 2 : 64;
-        Ended *grown = realloc(e->ended, capacity * sizeof(Ended));
-        if (grown == NULL)
-            return; /* the flow ends unreported rather than the engine */
-        e->ended = grown;
-        e->endedCapacity = capacity;
-    }
+    /* caller holds the lock; adopt reserved this flow's slot */
     Ended *x = &e->ended[e->endedCount++];
     x->id = id;
     x->bytesIn = in;
@@ -1121,29 +1136,31 @@ Engine_adopt(Engine *self, PyObject *args)
         Py_INCREF(self);
     }
 
-    const char *problem = NULL;
+    enum { ADOPTED, STOPPED, DUPLICATE, NO_MEMORY } outcome = ADOPTED;
     int wake = 0;
     pthread_mutex_lock(&self->lock);
     /* The engine takes the whole queue after it read the eventfd: an
      * adopt queued behind another one needs no wake-up of its own. */
     wake = self->commandHead == NULL;
     if (self->stopping)
-        problem = "engine stopped";
+        outcome = STOPPED;
     else if (tableFind(self, id) != NULL)
-        problem = "duplicate flowId";
+        outcome = DUPLICATE;
+    else if (reserveReport(self) < 0)
+        outcome = NO_MEMORY;
     else if (tableInsert(self, f) < 0 || queueCommand(self, CMD_ADOPT, id, f) < 0) {
         tableRemove(self, f);
-        problem = "out of memory";
+        outcome = NO_MEMORY;
     }
     pthread_mutex_unlock(&self->lock);
-    if (problem != NULL) {
+    if (outcome != ADOPTED) {
         free(f);
-        if (strcmp(problem, "engine stopped") == 0)
-            PyErr_SetString(PyExc_RuntimeError, problem);
-        else if (strcmp(problem, "out of memory") == 0)
+        if (outcome == STOPPED)
+            PyErr_SetString(PyExc_RuntimeError, "engine stopped");
+        else if (outcome == NO_MEMORY)
             PyErr_NoMemory();
         else
-            PyErr_Format(PyExc_ValueError, "%s %llu", problem, id);
+            PyErr_Format(PyExc_ValueError, "duplicate flowId %llu", id);
         return NULL;
     }
     if (wake)
@@ -1260,14 +1277,23 @@ Engine_ended(Engine *self, PyObject *unused)
 {
     if (checkReady(self) < 0)
         return NULL;
+    /* The list is swapped for an empty one of the same capacity, so that
+     * every live flow keeps its reserved slot.  Only this thread grows the
+     * capacity (in adopt), so it cannot change between here and the swap. */
+    pthread_mutex_lock(&self->lock);
+    size_t capacity = self->endedCapacity;
+    pthread_mutex_unlock(&self->lock);
+    Ended *fresh = NULL;
+    if (capacity > 0 && (fresh = malloc(capacity * sizeof(Ended))) == NULL)
+        return PyErr_NoMemory(); /* the reports stay queued, signalled */
     /* Clear the eventfd before taking the list: a flow that ends after
      * this read signals it again, so none is left unreported. */
     drainFd(self->endedFd);
     pthread_mutex_lock(&self->lock);
     Ended *items = self->ended;
     size_t count = self->endedCount;
-    self->ended = NULL;
-    self->endedCount = self->endedCapacity = 0;
+    self->ended = fresh;
+    self->endedCount = 0;
     pthread_mutex_unlock(&self->lock);
     PyObject *list = PyList_New((Py_ssize_t)count);
     if (list != NULL) {
@@ -1282,6 +1308,20 @@ Engine_ended(Engine *self, PyObject *unused)
             }
             PyList_SET_ITEM(list, (Py_ssize_t)i, row);
         }
+    }
+    if (list == NULL) {
+        /* Out of memory: put the reports back in front of any that came
+         * meanwhile (both fit: together they are at most one slot per flow
+         * adopted), and signal again so that the next call has them. */
+        pthread_mutex_lock(&self->lock);
+        if (self->endedCount > 0)
+            memcpy(items + count, self->ended, self->endedCount * sizeof(Ended));
+        free(self->ended);
+        self->ended = items;
+        self->endedCount += count;
+        pthread_mutex_unlock(&self->lock);
+        signalFd(self->endedFd);
+        return NULL;
     }
     free(items);
     return list;
