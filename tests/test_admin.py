@@ -21,57 +21,7 @@ from twistedproxy.admin import (
 from twistedproxy.listener import ListenerService
 from twistedproxy.model import Listener, Mapping, ProxyMap, Target
 
-
-class FakeListener(ListenerService):
-    """
-    A listener service with no socket: counters and flows only.
-    """
-
-    proto = "tcp"
-
-    @property
-    def bound(self):
-        return True
-
-    def bind(self):
-        pass
-
-    def disable(self):
-        self.enabled = False
-
-    def enable(self):
-        self.enabled = True
-
-
-class FakeUDPListener(FakeListener):
-    """
-    A UDP listener service with no socket: it also counts the datagrams of
-    new clients it dropped.
-    """
-
-    proto = "udp"
-    dropped = 0
-
-
-class FakeFlow:
-    """
-    An open flow that remembers being closed.
-    """
-
-    def __init__(self, service, flowId, client, started, bytesIn=0, bytesOut=0):
-        self.id = flowId
-        self.listener = service.listener
-        self.client = client
-        self.started = started
-        self.bytesIn = bytesIn
-        self.bytesOut = bytesOut
-        self.closedWith = None
-        self.service = service
-        service.flowStarted(self)
-
-    def close(self, reason):
-        self.closedWith = reason
-        self.service.flowEnded(self, reason)
+from fakes import FakeFlow, FakeListener, FakeUDPListener
 
 
 class FakeProxy:
@@ -87,7 +37,8 @@ class FakeProxy:
         self.reloads = []
         for listener in proxyMap.listeners():
             kind = FakeUDPListener if listener.proto == "udp" else FakeListener
-            self.listeners[listener.key] = kind(listener, reactor)
+            self.listeners[listener.key] = service = kind(listener, reactor)
+            service.bind()
 
     def allListeners(self):
         yield from self.listeners.values()

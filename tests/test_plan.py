@@ -14,13 +14,7 @@ from twistedproxy.model import (
 )
 from twistedproxy.plan import diff
 
-
-def listener(port, target=80, proto=TCP, host="127.0.0.1", name="web", **kw):
-    return Listener(name, proto, host, port, Target("127.0.0.2", target), **kw)
-
-
-def proxyMap(*listeners, manhole=None):
-    return ProxyMap("map.yaml", tuple(Mapping(l.mapping, (l,)) for l in listeners), manhole)
+from fakes import listener, proxyMap
 
 
 def test_sortsListenersByKey():

@@ -28,58 +28,7 @@ from twistedproxy.model import (
 )
 from twistedproxy.service import ProxyService, StartupError
 
-
-class FakeListener(ListenerService):
-    """
-    A listener service that binds nothing: ports in C{busy} fail to bind,
-    and C{stopping} (when set) is the Deferred its stop returns.
-    """
-
-    busy: set = set()
-    stopping = None
-
-    def __init__(self, listener, reactor):
-        ListenerService.__init__(self, listener, reactor)
-        self._bound = False
-
-    @property
-    def bound(self):
-        return self._bound
-
-    def bind(self):
-        if self.listener.port in self.busy:
-            raise CannotListenError(
-                self.listener.host,
-                self.listener.port,
-                OSError(errno.EADDRINUSE, "Address already in use"),
-            )
-        self._bound = True
-
-    def stopService(self):
-        Service.stopService(self)
-        self._bound = False
-        return self.stopping or succeed(None)
-
-    def disable(self):
-        self.enabled = False
-
-    def enable(self):
-        if self.listener.port in self.busy:
-            raise CannotListenError(
-                self.listener.host,
-                self.listener.port,
-                OSError(errno.EADDRINUSE, "Address already in use"),
-            )
-        self.enabled = True
-
-
-class FakeFlow:
-    def __init__(self, service, flowId):
-        self.id = flowId
-        self.listener = service.listener
-        self.client = "127.0.0.1:5000"
-        self.started = 0.0
-        self.bytesIn = self.bytesOut = 0
+from fakes import FakeFlow, FakeListener, listener, proxyMap
 
 
 class FakeManhole(Service):
@@ -94,19 +43,6 @@ class FakeManhole(Service):
 
     def reconfigure(self, settings):
         self.reconfigured.append(settings)
-
-
-def listener(port, name="web", proto=TCP, host="127.0.0.1", target=80):
-    return Listener(name, proto, host, port, Target("127.0.0.2", target), line=port)
-
-
-def proxyMap(*listeners, manhole=None):
-    mappings = {}
-    for l in listeners:
-        mappings.setdefault(l.mapping, []).append(l)
-    return ProxyMap(
-        "map.yaml", tuple(Mapping(n, tuple(ls)) for n, ls in mappings.items()), manhole
-    )
 
 
 class Maps:
@@ -310,7 +246,6 @@ def test_removedListenerDrains():
     proxy, maps = started(proxyMap(listener(1)))
     service = proxy.listeners[(TCP, "127.0.0.1", 1)]
     flow = FakeFlow(service, 77)
-    service.flowStarted(flow)
     maps.next = proxyMap()
     reload(proxy)
     assert proxy.listeners == {}
