@@ -20,6 +20,7 @@ from __future__ import annotations
 from twisted import version as twistedVersion
 from twisted.internet import abstract, tcp
 from twisted.logger import globalLogPublisher
+from twisted.scripts._twistd_unix import UnixAppLogger
 
 
 class TwistedChanged(ImportError):
@@ -52,6 +53,7 @@ def _check() -> None:
         "to see that a transport is idle",
     )
     _require(globalLogPublisher, "_observers", "to find twistd's log file for log_format")
+    _require(UnixAppLogger, "_getLogObserver", "to write twistd's log file as JSON lines")
 
 
 _check()
@@ -89,3 +91,11 @@ def logObservers() -> list:
     public way to list them.
     """
     return list(globalLogPublisher._observers)
+
+
+def twistdLogObserver(twistdOptions):
+    """
+    The log observer twistd makes from its options (C{--logfile}, C{-n},
+    C{--syslog}), made the way twistd makes it, log rotation included.
+    """
+    return UnixAppLogger(twistdOptions)._getLogObserver()

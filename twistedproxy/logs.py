@@ -8,10 +8,15 @@ changes only how twistd's file observer formats each event: portproxy
 gives every file observer of the global log publisher (L{FileLogObserver},
 which is what twistd installs for C{--logfile} and C{-n}) the
 L{jsonLines} formatter, and gives the text one back when a reload says
-C{text}.  The switch happens when the service starts, so the two or three
-lines twistd writes before that (C{twistd ... starting up}, the reactor
-class) stay text; every line from the map's first listener line on is
-JSON.  A custom C{--logger} or C{--syslog} is left alone.
+C{text}.
+
+So that the log is JSON from its first line (C{twistd ... starting up}
+included) when the map says C{json} at start-up, the twistd plugin makes
+twistd's file observer itself, from twistd's own options and the way twistd
+does (L{twistdJSONObserver}), and gives it to twistd as the application's
+C{ILogObserver}, which twistd then uses in place of making one.  Under a
+C{.tac} file the switch happens when the service starts, after twistd's
+first two lines.  A custom C{--logger} or C{--syslog} is left alone.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Optional
 
 from twisted.logger import FileLogObserver, formatEvent
 
-from twistedproxy.compat import logObservers
+from twistedproxy.compat import logObservers, twistdLogObserver
 from twistedproxy.model import Listener
 
 #: Event keys that are twisted.logger's or the legacy log's own machinery,
@@ -51,6 +56,22 @@ def useLogFormat(name: str) -> None:
         elif name == "text" and text is not None:
             observer.formatEvent = text
             delattr(observer, _TEXT)
+
+
+def twistdJSONObserver(twistdOptions) -> Optional[FileLogObserver]:
+    """
+    The file observer twistd would make from C{twistdOptions}, writing JSON
+    lines; L{None} when twistd was told to log elsewhere (C{--logger},
+    C{--syslog}).
+    """
+    if twistdOptions.get("logger") or twistdOptions.get("syslog"):
+        return None
+    observer = twistdLogObserver(twistdOptions)
+    if not isinstance(observer, FileLogObserver):
+        return None
+    setattr(observer, _TEXT, observer.formatEvent)
+    observer.formatEvent = jsonLines
+    return observer
 
 
 def jsonLines(event: dict) -> Optional[str]:

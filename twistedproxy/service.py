@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Optional
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import CannotListenError
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 
 from twistedproxy.config import ConfigError, loadMap
 from twistedproxy.listener import IFlow, ListenerService, fastPathWanted
@@ -126,7 +126,20 @@ class ProxyService(MultiService):
         self._queued: list[Deferred] = []
         self._previousHandler = None
 
+    #: The observer twistd should log through (an C{ILogObserver}), set
+    #: before twistd attaches this service to its application.
+    logObserver = None
+
     # -- start and stop ------------------------------------------------
+
+    def setServiceParent(self, parent) -> None:
+        """
+        Attach to C{parent}; when that is twistd's application and
+        L{logObserver} is set, twistd logs through it from its first line.
+        """
+        if self.logObserver is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.logObserver)
+        MultiService.setServiceParent(self, parent)
 
     def privilegedStartService(self) -> None:
         """

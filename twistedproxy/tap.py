@@ -9,6 +9,7 @@ import sys
 from twisted.python import usage
 
 from twistedproxy.config import ConfigError, loadMap
+from twistedproxy.logs import twistdJSONObserver
 from twistedproxy.service import ProxyService
 from twistedproxy.systemd import InheritedSockets, Notifier
 
@@ -58,4 +59,7 @@ def serviceForMap(path: str, reactor=None) -> ProxyService:
 
 
 def makeService(options: Options) -> ProxyService:
-    return serviceForMap(options["config"])
+    service = serviceForMap(options["config"])
+    if service.map.logFormat == "json" and options.parent is not None:
+        service.logObserver = twistdJSONObserver(options.parent)
+    return service
