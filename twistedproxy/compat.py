@@ -54,6 +54,7 @@ def _check() -> None:
     )
     _require(globalLogPublisher, "_observers", "to find twistd's log file for log_format")
     _require(UnixAppLogger, "_getLogObserver", "to write twistd's log file as JSON lines")
+    _require(tcp.Port, "_shouldShutdown", "to keep a socket from systemd listening")
 
 
 _check()
@@ -99,3 +100,12 @@ def twistdLogObserver(twistdOptions):
     C{--syslog}), made the way twistd makes it, log rotation included.
     """
     return UnixAppLogger(twistdOptions)._getLogObserver()
+
+
+def closeWithoutShutdown(port) -> None:
+    """
+    Make a Twisted TCP port close its socket without C{shutdown()} first,
+    as Twisted's C{adoptStreamPort} does: the listening socket is shared
+    (systemd's), and a shutdown would stop it listening for every holder.
+    """
+    port._shouldShutdown = False

@@ -39,7 +39,7 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twistedproxy.compat import reserveDescriptor
+from twistedproxy.compat import closeWithoutShutdown, reserveDescriptor
 from twistedproxy.fastrelay import EngineFlow, HandedOff, acceptClient
 from twistedproxy.listener import (
     IFlow,
@@ -152,6 +152,7 @@ class ListeningPort(tcp.Port):
         try:
             if self.inherited is not None:
                 skt = self.inherited
+                closeWithoutShutdown(self)
                 skt.setblocking(False)
                 self.acceptedSocketOptions(skt)
             else:
