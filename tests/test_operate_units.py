@@ -42,7 +42,6 @@ def errorsOf(text: str) -> list[str]:
 @pytest.mark.parametrize(
     "section, expected",
     [
-        ("http:\n", Http("127.0.0.1", 9180)),
         ("http: {}\n", Http("127.0.0.1", 9180)),
         ("http:\n  listen: 9999\n", Http("127.0.0.1", 9999)),
         ('http:\n  listen: "[::1]:9999"\n', Http("::1", 9999)),
@@ -59,11 +58,13 @@ def test_httpSection(section: str, expected: Http) -> None:
 
 def test_noHttpSection() -> None:
     """
-    Without an C{http} section there is no HTTP endpoint, and the log is
+    Without an C{http} section, or with one whose keys are all commented
+    out (as any section of the map), there is no HTTP endpoint; the log is
     text.
     """
     proxyMap = parseMap(MAPPINGS, "map.yaml")
     assert (proxyMap.http, proxyMap.logFormat) == (None, "text")
+    assert parseMap(MAPPINGS + "http:\n#  listen: 9180\n", "map.yaml").http is None
 
 
 @pytest.mark.parametrize(
@@ -103,6 +104,17 @@ def test_httpAndLogFormatInvalid(section: str, expected: str) -> None:
     assert errorsOf(MAPPINGS + section) == [expected]
 
 
+def test_checkSummaryNamesHttp() -> None:
+    """
+    C{check}'s summary line says where the HTTP endpoint listens.
+    """
+    from twistedproxy.__main__ import summarize
+
+    assert summarize(parseMap(MAPPINGS + "http: {}\n", "map.yaml")) == (
+        "map.yaml: OK, 1 mapping, 1 listener (1 tcp, 0 udp), no manhole, http on 127.0.0.1:9180"
+    )
+
+
 def test_logFormat() -> None:
     """
     C{log_format: json} is read as such.
@@ -116,7 +128,7 @@ def test_httpPlan() -> None:
     section says.
     """
     none = parseMap(MAPPINGS, "map.yaml")
-    default = parseMap(MAPPINGS + "http:\n", "map.yaml")
+    default = parseMap(MAPPINGS + "http: {}\n", "map.yaml")
     moved = parseMap(MAPPINGS + "http:\n  listen: 9999\n", "map.yaml")
     assert diff(none, default).httpAction == "added"
     assert diff(default, moved).httpAction == "moved"

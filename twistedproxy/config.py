@@ -884,13 +884,14 @@ class _MapReader:
         self, keyNode: Node, node: Node, bound: _Bound, manhole: Optional[Manhole]
     ) -> Optional[Http]:
         """
-        The C{http} section (an empty one listens on L{HTTP_LISTEN}); it may
+        The C{http} section (C{http: {}} listens on L{HTTP_LISTEN}); it may
         not collide with the TCP listeners in C{bound} nor the manhole.
-        L{None} after errors.
+        L{None} when the section is empty (every key commented out, as any
+        section) or has errors.
         """
         if isinstance(node, ScalarNode) and node.tag == _NULL:
-            keys: dict[str, tuple[Node, Node]] = {}
-        elif isinstance(node, MappingNode):
+            return None
+        if isinstance(node, MappingNode):
             keys = self.keysOf(node, "http", HTTP_KEYS)
         else:
             self.error(
