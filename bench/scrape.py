@@ -64,6 +64,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-r", "--rounds", type=int, default=6)
     ap.add_argument("-s", "--seconds", type=int, default=5)
+    ap.add_argument(
+        "--control", action="store_true",
+        help="run no scraper in the 'with' runs either: how far apart two identical runs come out",
+    )
+    ap.add_argument("--scrapes", type=int, default=300, help="scrapes in a row to time one")
     ap.add_argument("-w", "--workload", default="http_close", choices=["http_close", "http_keepalive"])
     args = ap.parse_args()
     procs = Processes()
@@ -87,7 +92,7 @@ def main():
             order = ["without", "with"] if round % 2 == 0 else ["with", "without"]
             for kind in order:
                 scraper = None
-                if kind == "with":
+                if kind == "with" and not args.control:
                     scraper = Scraper(f"http://127.0.0.1:{http}/metrics")
                     scraper.start()
                 before = cpuSeconds(proxy.pid)
@@ -98,6 +103,8 @@ def main():
                     scraper.stopped.set()
                     scraper.join()
                     scrapes = scraper.scrapes
+                elif kind == "with":
+                    scrapes = 0
             without.append(figures["without"])
             withScraper.append(figures["with"])
             ratios.append(figures["with"] / figures["without"])
@@ -115,6 +122,17 @@ def main():
             f" with a scraper every second {statistics.median(withScraper):.0f}/s;"
             f" median ratio {statistics.median(ratios):.3f}; proxy CPU per connection: median ratio"
             f" {statistics.median(cpuRatios):.3f}"
+        )
+        # What one scrape costs the proxy, with nothing else running: CPU
+        # seconds over a run of scrapes in a row.
+        before = cpuSeconds(proxy.pid)
+        for _ in range(args.scrapes):
+            with urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=10) as response:
+                response.read()
+        perScrape = (cpuSeconds(proxy.pid) - before) / args.scrapes
+        print(
+            f"one scrape of /metrics: {perScrape * 1e3:.2f} ms of the proxy's CPU"
+            f" (mean of {args.scrapes}), {perScrape * 100:.2f}% of a core at one scrape a second"
         )
     finally:
         procs.stopAll()
