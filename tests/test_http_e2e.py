@@ -55,6 +55,18 @@ def waitForMetric(port: int, key: tuple, value: float, timeout: float = 10.0) ->
         time.sleep(0.05)
 
 
+def turnedAway(port: int) -> None:
+    """
+    Connect to C{port} and wait until the proxy closes the connection (with
+    a FIN or a reset, which can come before connect() even returns).
+    """
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            assert conn.recv(10) == b""
+    except ConnectionResetError:
+        pass
+
+
 def labels(mapping: str, proto: str = "tcp", **extra) -> tuple:
     return tuple(sorted({"mapping": mapping, "proto": proto, **extra}.items()))
 
@@ -102,11 +114,7 @@ mappings:
         assert scraped[("portproxy_flow_duration_seconds_bucket", labels("web", le="+Inf"))] == 3
         assert scraped[("portproxy_open", labels("web"))] == 0
 
-        with socket.create_connection(("127.0.0.1", refused), timeout=10) as conn:
-            try:
-                assert conn.recv(10) == b""
-            except ConnectionResetError:
-                pass
+        turnedAway(refused)
         waitForMetric(
             http,
             ("portproxy_connect_failures_total", labels("refused", reason="connection refused")),
@@ -120,11 +128,7 @@ mappings:
         # on the fast path.
         scraped = waitForMetric(http, ("portproxy_received_bytes_total", labels("limited")), 1234)
         assert scraped[("portproxy_open", labels("limited"))] == 1
-        with socket.create_connection(("127.0.0.1", limited), timeout=10) as extra:
-            try:
-                extra.recv(10)
-            except ConnectionResetError:
-                pass
+        turnedAway(limited)
         waitForMetric(http, ("portproxy_rejected_total", labels("limited", reason="limit")), 1)
         held.close()
 
