@@ -6,6 +6,16 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 
 from twistedproxy.listener import AccessLog
+from twistedproxy.model import Listener, Target
+
+WEB = Listener("web", "tcp", "127.0.0.1", 8080, Target("127.0.0.1", 80))
+
+
+def row(flowId, reason):
+    """
+    An access row of flow C{flowId} of listener C{WEB}.
+    """
+    return (flowId, WEB, "127.0.0.1:5000", 1.0, 1, 2, reason)
 
 
 class ShutdownClock(Clock):
@@ -35,9 +45,9 @@ def test_lineOfAQuietLogIsWrittenAtOnce():
     clock = ShutdownClock()
     access = AccessLog(clock, window=0.02)
     with capturedLogs() as events:
-        access.write("tcp web a -> b 1.000s in=1 out=2 client closed", 7, "client closed")
+        access.write("tcp web a -> b 1.000s in=1 out=2 client closed", row(7, "client closed"))
         clock.advance(0.05)
-        access.write("tcp web c -> b 2.000s in=3 out=4 target closed", 8, "target closed")
+        access.write("tcp web c -> b 2.000s in=3 out=4 target closed", row(8, "target closed"))
     assert [formatEvent(e) for e in events] == [
         "tcp web a -> b 1.000s in=1 out=2 client closed",
         "tcp web c -> b 2.000s in=3 out=4 target closed",
@@ -54,16 +64,17 @@ def test_linesWithinAWindowAreOneEvent():
     clock = ShutdownClock()
     access = AccessLog(clock, window=0.02)
     with capturedLogs() as events:
-        access.write("line one", 1, "client closed")
+        access.write("line one", row(1, "client closed"))
         clock.advance(0.005)
-        access.write("line two", 2, "killed")
-        access.write("line three", 3, "target closed")
+        access.write("line two", row(2, "killed"))
+        access.write("line three", row(3, "target closed"))
         assert [formatEvent(e) for e in events] == ["line one"]
         clock.advance(0.014)
         assert len(events) == 1
         clock.advance(0.001)
     assert [formatEvent(e) for e in events] == ["line one", "line two\nline three"]
     assert events[1]["flows"] == 2
+    assert [r[0] for r in events[1]["accessRows"]] == [2, 3]
     assert clock.getDelayedCalls() == []
 
 
@@ -76,9 +87,9 @@ def test_heldLinesAreWrittenAtShutdown():
     clock = ShutdownClock()
     access = AccessLog(clock, window=10)
     with capturedLogs() as events:
-        access.write("first", 1, "client closed")
-        access.write("second", 2, "proxy stopped")
-        access.write("third", 3, "proxy stopped")
+        access.write("first", row(1, "client closed"))
+        access.write("second", row(2, "proxy stopped"))
+        access.write("third", row(3, "proxy stopped"))
         clock.shutDown()
     assert [formatEvent(e) for e in events] == ["first", "second\nthird"]
     assert clock.getDelayedCalls() == []
@@ -93,6 +104,6 @@ def test_noWindowWritesEveryLine():
     access = AccessLog(clock, window=0)
     with capturedLogs() as events:
         for n in range(3):
-            access.write(f"line {n}", n, "client closed")
+            access.write(f"line {n}", row(n, "client closed"))
     assert [formatEvent(e) for e in events] == ["line 0", "line 1", "line 2"]
     assert clock.getDelayedCalls() == []

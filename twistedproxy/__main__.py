@@ -25,7 +25,8 @@ def _plural(count: int, noun: str) -> str:
 def summarize(proxyMap: ProxyMap) -> str:
     """
     One line saying what a valid map holds, such as C{map.yaml: OK,
-    3 mappings, 12 listeners (10 tcp, 2 udp), manhole on 127.0.0.1:2222}.
+    3 mappings, 12 listeners (10 tcp, 2 udp), manhole on 127.0.0.1:2222},
+    and C{, http on 127.0.0.1:9180} when the map has an http section.
     """
     byProto = {proto: 0 for proto in PROTOCOLS}
     for listener in proxyMap.listeners():
@@ -34,9 +35,10 @@ def summarize(proxyMap: ProxyMap) -> str:
     manhole = (
         f"manhole on {proxyMap.manhole.listen}" if proxyMap.manhole is not None else "no manhole"
     )
+    http = f", http on {proxyMap.http.listen}" if proxyMap.http is not None else ""
     return (
         f"{proxyMap.path}: OK, {_plural(len(proxyMap.mappings), 'mapping')},"
-        f" {_plural(sum(byProto.values()), 'listener')} ({protos}), {manhole}"
+        f" {_plural(sum(byProto.values()), 'listener')} ({protos}), {manhole}{http}"
     )
 
 

@@ -4,7 +4,8 @@ Every private name of Twisted that portproxy relies on, in one place.
 Handing a connection from a Twisted transport to the relay engine is only
 safe when nothing is buffered in the transport, and Twisted keeps its write
 buffers in private attributes; the TCP listener skips Twisted's per-port
-log lines through a private hook.  A Twisted release that renamed one of
+log lines through a private hook; C{log_format: json} finds twistd's log
+observer among the global publisher's.  A Twisted release that renamed one of
 these would otherwise go unnoticed: a hand-off would then move a socket
 with bytes still buffered in Python, silently losing them.  So this module
 checks, when it is imported, that every name is still there, and refuses to
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 from twisted import version as twistedVersion
 from twisted.internet import abstract, tcp
+from twisted.logger import globalLogPublisher
+from twisted.scripts._twistd_unix import UnixAppLogger
 
 
 class TwistedChanged(ImportError):
@@ -49,6 +52,9 @@ def _check() -> None:
         "_tempDataBuffer",
         "to see that a transport is idle",
     )
+    _require(globalLogPublisher, "_observers", "to find twistd's log file for log_format")
+    _require(UnixAppLogger, "_getLogObserver", "to write twistd's log file as JSON lines")
+    _require(tcp.Port, "_shouldShutdown", "to keep a socket from systemd listening")
 
 
 _check()
@@ -77,3 +83,29 @@ def transportIdle(transport) -> bool:
         and not transport.dataBuffer
         and not transport._tempDataBuffer
     )
+
+
+def logObservers() -> list:
+    """
+    The observers of the global log publisher: twistd's own (its
+    C{--logfile} or standard output) among them.  C{twisted.logger} has no
+    public way to list them.
+    """
+    return list(globalLogPublisher._observers)
+
+
+def twistdLogObserver(twistdOptions):
+    """
+    The log observer twistd makes from its options (C{--logfile}, C{-n},
+    C{--syslog}), made the way twistd makes it, log rotation included.
+    """
+    return UnixAppLogger(twistdOptions)._getLogObserver()
+
+
+def closeWithoutShutdown(port) -> None:
+    """
+    Make a Twisted TCP port close its socket without C{shutdown()} first,
+    as Twisted's C{adoptStreamPort} does: the listening socket is shared
+    (systemd's), and a shutdown would stop it listening for every holder.
+    """
+    port._shouldShutdown = False

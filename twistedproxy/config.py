@@ -30,6 +30,8 @@ from twistedproxy.model import (
     TCP,
     Listener,
     ListenerKey,
+    LOG_FORMATS,
+    Http,
     Manhole,
     Mapping,
     ProxyMap,
@@ -38,10 +40,14 @@ from twistedproxy.model import (
     formatHostPort,
 )
 
-TOP_KEYS = ("defaults", "mappings", "manhole")
+TOP_KEYS = ("defaults", "mappings", "manhole", "http", "log_format")
 SETTING_KEYS = ("connect_timeout", "idle_timeout", "udp_timeout", "max_connections")
 MAPPING_KEYS = ("name", "proto", "listen", "target") + SETTING_KEYS
 MANHOLE_KEYS = ("listen", "authorized_keys", "host_key", "allow_remote")
+HTTP_KEYS = ("listen", "allow_remote")
+
+#: Where the HTTP endpoint listens when the section gives no C{listen}.
+HTTP_LISTEN = "127.0.0.1:9180"
 
 #: Where the manhole listens when its C{listen} gives only a port.
 MANHOLE_HOST = "127.0.0.1"
@@ -278,11 +284,19 @@ class _MapReader:
         if "manhole" in sections:
             keyNode, valueNode = sections["manhole"]
             manhole = self.readManhole(keyNode, valueNode, bound)
+        http = None
+        if "http" in sections:
+            http = self.readHttp(*sections["http"], bound, manhole)
+        logFormat = "text"
+        if "log_format" in sections:
+            logFormat = self.readLogFormat(sections["log_format"][1]) or logFormat
         self.raiseErrors()
         return ProxyMap(
             path=self.path,
             mappings=tuple(_buildMapping(entry) for entry in entries),
             manhole=manhole,
+            http=http,
+            logFormat=logFormat,
         )
 
     def raiseErrors(self) -> None:
@@ -789,45 +803,7 @@ class _MapReader:
         errorsBefore = len(self.errors)
         keys = self.keysOf(node, "manhole", MANHOLE_KEYS, ("listen", "authorized_keys", "host_key"))
 
-        allowRemote = False
-        if "allow_remote" in keys:
-            remoteNode = keys["allow_remote"][1]
-            if self.text(remoteNode, "manhole.allow_remote", "true or false", (_BOOL,)) is not None:
-                allowRemote = _scalars.construct_yaml_bool(remoteNode)
-
-        host = port = None
-        if "listen" in keys:
-            listenNode = keys["listen"][1]
-            text = self.text(listenNode, "manhole.listen", "[HOST:]PORT", (_STR, _INT))
-            parsed = None
-            if text is not None:
-                parsed = self.listenAddress(text, listenNode, "manhole.listen", "[HOST:]PORT")
-            if parsed is not None:
-                host, ports = parsed
-                host = MANHOLE_HOST if host is None else host
-                if "-" in ports.text:
-                    self.error(
-                        _line(listenNode), f"manhole.listen: expected one port, got {ports.text}"
-                    )
-                else:
-                    port = ports.first
-                    if not allowRemote and not _isLoopback(host):
-                        self.error(
-                            _line(listenNode),
-                            f"manhole.listen: {host} is not a loopback address;"
-                            " add allow_remote: true to let other hosts log in",
-                        )
-                    clashes = {
-                        id(entry): entry
-                        for other, entry in bound.get((TCP, port), ())
-                        if _overlaps(other, host)
-                    }
-                    for entry in clashes.values():
-                        self.error(
-                            _line(listenNode),
-                            f"manhole.listen: tcp {formatHostPort(host, port)} overlaps"
-                            f" {entry.describe()}",
-                        )
+        host, port, allowRemote = self.serviceListen(keys, "manhole", bound)
 
         paths = {}
         for key in ("authorized_keys", "host_key"):
@@ -851,6 +827,112 @@ class _MapReader:
             allowRemote=allowRemote,
             line=_line(keyNode),
         )
+
+    def serviceListen(
+        self, keys: dict[str, tuple[Node, Node]], section: str, bound: _Bound,
+        default: Optional[tuple[str, int]] = None,
+    ) -> tuple[Optional[str], Optional[int], bool]:
+        """
+        The C{listen} and C{allow_remote} of a section that serves one TCP
+        port of its own (the manhole, the HTTP endpoint): one port, on
+        loopback unless C{allow_remote} is true, overlapping no listener in
+        C{bound}.  A missing C{listen} is C{default}.
+
+        @return: host, port (L{None} after an error) and C{allow_remote}.
+        """
+        allowRemote = False
+        if "allow_remote" in keys:
+            remoteNode = keys["allow_remote"][1]
+            if self.text(remoteNode, f"{section}.allow_remote", "true or false", (_BOOL,)) is not None:
+                allowRemote = _scalars.construct_yaml_bool(remoteNode)
+        if "listen" not in keys:
+            host, port = default if default is not None else (None, None)
+            return host, port, allowRemote
+        listenNode = keys["listen"][1]
+        where = f"{section}.listen"
+        text = self.text(listenNode, where, "[HOST:]PORT", (_STR, _INT))
+        parsed = None
+        if text is not None:
+            parsed = self.listenAddress(text, listenNode, where, "[HOST:]PORT")
+        if parsed is None:
+            return None, None, allowRemote
+        host, ports = parsed
+        host = MANHOLE_HOST if host is None else host
+        if "-" in ports.text:
+            self.error(_line(listenNode), f"{where}: expected one port, got {ports.text}")
+            return None, None, allowRemote
+        port = ports.first
+        if not allowRemote and not _isLoopback(host):
+            self.error(
+                _line(listenNode),
+                f"{where}: {host} is not a loopback address;"
+                f" add allow_remote: true to let other hosts {_REMOTE_USE[section]}",
+            )
+        clashes = {
+            id(entry): entry
+            for other, entry in bound.get((TCP, port), ())
+            if _overlaps(other, host)
+        }
+        for entry in clashes.values():
+            self.error(
+                _line(listenNode),
+                f"{where}: tcp {formatHostPort(host, port)} overlaps {entry.describe()}",
+            )
+        return host, port, allowRemote
+
+    def readHttp(
+        self, keyNode: Node, node: Node, bound: _Bound, manhole: Optional[Manhole]
+    ) -> Optional[Http]:
+        """
+        The C{http} section (C{http: {}} listens on L{HTTP_LISTEN}); it may
+        not collide with the TCP listeners in C{bound} nor the manhole.
+        L{None} when the section is empty (every key commented out, as any
+        section) or has errors.
+        """
+        if isinstance(node, ScalarNode) and node.tag == _NULL:
+            return None
+        if isinstance(node, MappingNode):
+            keys = self.keysOf(node, "http", HTTP_KEYS)
+        else:
+            self.error(
+                _line(node),
+                f"http: expected a mapping of {', '.join(HTTP_KEYS)}, got {_describe(node)}",
+            )
+            return None
+        errorsBefore = len(self.errors)
+        defaultHost, defaultPort = HTTP_LISTEN.rsplit(":", 1)
+        host, port, allowRemote = self.serviceListen(
+            keys, "http", bound, (defaultHost, int(defaultPort))
+        )
+        if (
+            host is not None
+            and manhole is not None
+            and manhole.port == port
+            and _overlaps(manhole.host, host)
+        ):
+            line = _line(keys["listen"][1]) if "listen" in keys else _line(keyNode)
+            self.error(
+                line,
+                f"http.listen: tcp {formatHostPort(host, port)} overlaps the manhole"
+                f" (line {manhole.line})",
+            )
+        if len(self.errors) != errorsBefore or host is None or port is None:
+            return None
+        return Http(host=host, port=port, allowRemote=allowRemote, line=_line(keyNode))
+
+    def readLogFormat(self, node: Node) -> Optional[str]:
+        value = self.text(node, "log_format", " or ".join(LOG_FORMATS))
+        if value is not None and value not in LOG_FORMATS:
+            self.error(
+                _line(node),
+                f"log_format: expected {' or '.join(LOG_FORMATS)}, got '{value}'",
+            )
+            return None
+        return value
+
+
+#: What C{allow_remote} lets other hosts do, in its error message.
+_REMOTE_USE = {"manhole": "log in", "http": "connect"}
 
 
 def _buildMapping(entry: _Entry) -> Mapping:

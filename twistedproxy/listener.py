@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
+from twistedproxy.metrics import Durations
 from twistedproxy.model import Listener, formatHostPort
 
 log = Logger(namespace="portproxy")
@@ -43,6 +44,10 @@ class AccessLog:
     second, about a twentieth of the proxy's time, for lines at most
     C{window} late.  Held lines are written when the reactor shuts down.
 
+    Every event also carries its flows as C{accessRows}, one L{ACCESS_ROW}
+    tuple per line, so that a structured observer (C{log_format: json})
+    writes one record per flow, batched or not.
+
     @ivar window: seconds; 0 writes every line at once.
     """
 
@@ -50,6 +55,7 @@ class AccessLog:
         self._reactor = reactor
         self.window = window
         self._pending: list[str] = []
+        self._pendingRows: list[tuple] = []
         self._lastWrite = float("-inf")
         self._flushCall = None
         self._atShutdown = False
@@ -62,16 +68,22 @@ class AccessLog:
             self._reactor = reactor
         return self._reactor
 
-    def write(self, line: str, flowId: int, reason: str) -> None:
+    def write(self, line: str, row: tuple) -> None:
+        """
+        Write the access line C{line} of the flow described by C{row} (an
+        L{ACCESS_ROW} tuple).
+        """
         if self._pending:
             self._pending.append(line)
+            self._pendingRows.append(row)
             return
         now = self.reactor.seconds()
         if now - self._lastWrite >= self.window:
             self._lastWrite = now
-            log.info("{access}", access=line, flow=flowId, reason=reason)
+            log.info("{access}", access=line, flow=row[0], reason=row[-1], accessRows=(row,))
             return
         self._pending.append(line)
+        self._pendingRows.append(row)
         self._flushCall = self.reactor.callLater(self._lastWrite + self.window - now, self.flush)
         if not self._atShutdown:
             self._atShutdown = True
@@ -85,9 +97,16 @@ class AccessLog:
         if call is not None and call.active():
             call.cancel()
         lines, self._pending = self._pending, []
+        rows, self._pendingRows = self._pendingRows, []
         if lines:
             self._lastWrite = self.reactor.seconds()
-            log.info("{access}", access="\n".join(lines), flows=len(lines))
+            log.info("{access}", access="\n".join(lines), flows=len(lines), accessRows=rows)
+
+
+#: What an access row holds, in order: the flow's id, its L{Listener}
+#: (mapping, protocol, target), the client's C{host:port}, the duration in
+#: seconds, bytes from and to the client, and why it ended.
+ACCESS_ROW = ("flow", "listener", "client", "duration", "bytes_in", "bytes_out", "reason")
 
 
 #: The process's access log.
@@ -120,13 +139,17 @@ class Counters:
     relay hot path adds to one integer per chunk and no more.
     """
 
-    __slots__ = ("total", "rejected", "bytesIn", "bytesOut")
+    __slots__ = ("total", "rejected", "bytesIn", "bytesOut", "rejectedBy", "connectFailed")
 
     def __init__(self) -> None:
         self.total = 0
         self.rejected = 0
         self.bytesIn = 0
         self.bytesOut = 0
+        #: C{rejected} by kind (C{"limit"}, C{"disabled"}, ...).
+        self.rejectedBy: dict[str, int] = {}
+        #: Flows whose target connect failed, by the failure's kind.
+        self.connectFailed: dict[str, int] = {}
 
 
 class ListenerService(Service):
@@ -144,11 +167,17 @@ class ListenerService(Service):
 
     proto: str
 
+    #: A listening socket systemd passed in for this listener (socket
+    #: activation), which L{bind} uses instead of binding one; the root
+    #: service sets it.
+    inheritedSocket: socket.socket | None = None
+
     def __init__(self, listener: Listener, reactor) -> None:
         self.listener = listener
         self.name = str(listener.key)
         self.reactor = reactor
         self.counters = Counters()
+        self.durations = Durations()
         self.flows: dict[int, IFlow] = {}
         self.enabled = True
         self._drained: list[Deferred] = []
@@ -221,12 +250,12 @@ class ListenerService(Service):
         limit = self.listener.maxConnections
         return limit > 0 and len(self.flows) >= limit
 
-    def rejected(self, client: str, reason: str) -> None:
+    def rejected(self, client: str, reason: str, kind: str) -> None:
         """
-        Count a client turned away (over the limit, or the listener
-        disabled).
+        Count a client turned away, by C{kind}: C{"limit"} (over
+        C{max_connections}), C{"disabled"}.
         """
-        self.counters.rejected += 1
+        self.countRejected(kind)
         log.info(
             "{proto} {mapping} rejected {client}: {reason}",
             proto=self.listener.proto,
@@ -234,6 +263,11 @@ class ListenerService(Service):
             client=client,
             reason=reason,
         )
+
+    def countRejected(self, kind: str, count: int = 1) -> None:
+        counters = self.counters
+        counters.rejected += count
+        counters.rejectedBy[kind] = counters.rejectedBy.get(kind, 0) + count
 
     def flowStarted(self, flow: IFlow) -> None:
         self.flows[flow.id] = flow
@@ -251,19 +285,42 @@ class ListenerService(Service):
         counters = self.counters
         counters.bytesIn += bytesIn
         counters.bytesOut += bytesOut
-        head, arrow = flow.listener.accessLineParts
+        duration = self.reactor.seconds() - flow.started
+        self.durations.observe(duration)
+        if reason.startswith(CONNECT_FAILED):
+            kind = connectFailureKind(reason)
+            counters.connectFailed[kind] = counters.connectFailed.get(kind, 0) + 1
+        listener = flow.listener
+        head, arrow = listener.accessLineParts
         # Formatted here, once: twisted.logger's own formatting of nine
         # fields would cost more than the rest of a short connection.
         accessLog.write(
-            f"{head}{flow.client}{arrow}{self.reactor.seconds() - flow.started:.3f}s "
-            f"in={bytesIn} out={bytesOut} {reason}",
-            flow.id,
-            reason,
+            f"{head}{flow.client}{arrow}{duration:.3f}s in={bytesIn} out={bytesOut} {reason}",
+            (flow.id, listener, flow.client, duration, bytesIn, bytesOut, reason),
         )
         if not self.flows:
             waiting, self._drained = self._drained, []
             for d in waiting:
                 d.callback(None)
+
+
+#: How the access line's reason of a flow whose target never answered starts.
+CONNECT_FAILED = "connect failed: "
+
+
+def connectFailureKind(reason: str) -> str:
+    """
+    The kind of a failed connect for counting, from its access line reason
+    (C{"connect failed: connection refused"} is C{"connection refused"}):
+    a timeout is C{"timeout"} whatever its length, a name that did not
+    resolve is C{"no address"}.
+    """
+    why = reason[len(CONNECT_FAILED):]
+    if why.startswith("timed out"):
+        return "timeout"
+    if why.startswith("no address for"):
+        return "no address"
+    return why
 
 
 def fastPathWanted() -> bool:

@@ -150,6 +150,27 @@ class Manhole:
 
 
 @dataclass(frozen=True)
+class Http:
+    """
+    The HTTP endpoint's settings: C{/metrics}, C{/healthz} and the status
+    page.
+    """
+
+    host: str
+    port: int
+    allowRemote: bool = False
+    line: int = field(default=0, compare=False)
+
+    @property
+    def listen(self) -> str:
+        return formatHostPort(self.host, self.port)
+
+
+#: The values of the map's C{log_format}.
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
 class ProxyMap:
     """
     A whole, valid map file.
@@ -158,6 +179,8 @@ class ProxyMap:
     path: str
     mappings: tuple[Mapping, ...] = ()
     manhole: Optional[Manhole] = None
+    http: Optional[Http] = None
+    logFormat: str = "text"
 
     def listeners(self) -> Iterator[Listener]:
         for mapping in self.mappings:

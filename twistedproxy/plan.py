@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from twistedproxy.model import Listener, Manhole, ProxyMap
+from twistedproxy.model import Http, Listener, Manhole, ProxyMap
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,8 @@ class Plan:
     @ivar manholeAction: C{"added"}, C{"removed"}, C{"moved"} (a new
         address, so a new socket), C{"changed"} (same socket, other keys
         or host key) or C{"kept"}; L{None} when neither map has a manhole.
+    @ivar http: the HTTP endpoint's new settings, or L{None}.
+    @ivar httpAction: as C{manholeAction}, for the HTTP endpoint.
     """
 
     added: tuple[Listener, ...]
@@ -34,6 +36,8 @@ class Plan:
     kept: tuple[Listener, ...]
     manhole: Optional[Manhole] = None
     manholeAction: Optional[str] = None
+    http: Optional[Http] = None
+    httpAction: Optional[str] = None
 
 
 def diff(old: ProxyMap, new: ProxyMap) -> Plan:
@@ -58,11 +62,17 @@ def diff(old: ProxyMap, new: ProxyMap) -> Plan:
         changed=tuple(changed),
         kept=tuple(kept),
         manhole=new.manhole,
-        manholeAction=_manholeAction(old.manhole, new.manhole),
+        manholeAction=_sectionAction(old.manhole, new.manhole),
+        http=new.http,
+        httpAction=_sectionAction(old.http, new.http),
     )
 
 
-def _manholeAction(old: Optional[Manhole], new: Optional[Manhole]) -> Optional[str]:
+def _sectionAction(old, new) -> Optional[str]:
+    """
+    What a reload does to a section with a socket of its own (the manhole,
+    the HTTP endpoint): see L{Plan.manholeAction}.
+    """
     if old is None:
         return None if new is None else "added"
     if new is None:

@@ -13,12 +13,15 @@ from typing import Callable, Iterator, Optional
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import CannotListenError
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 
 from twistedproxy.config import ConfigError, loadMap
 from twistedproxy.listener import IFlow, ListenerService, fastPathWanted
+from twistedproxy.logs import useLogFormat
+from twistedproxy.metrics import ReloadCounts
 from twistedproxy.model import ANY_IPV6, TCP, UDP, Listener, ListenerKey, ProxyMap
 from twistedproxy.plan import diff
+from twistedproxy.systemd import InheritedSockets
 
 log = Logger(namespace="portproxy")
 
@@ -76,6 +79,13 @@ class ProxyService(MultiService):
     @ivar draining: removed TCP listeners whose connections are still open;
         each leaves the list when its last connection ends.
     @ivar manhole: the manhole service, or L{None}.
+    @ivar http: the HTTP endpoint's service (L{twistedproxy.web}), or
+        L{None}.
+    @ivar reloadCounts: what the reloads came to, for C{/metrics}.
+    @ivar watchers: objects told of the service's life: C{started(proxy)}
+        once every listener is bound and started, C{reloading(proxy)} and
+        C{reloaded(proxy, summary)} around each reload, C{stopping(proxy)}
+        (L{twistedproxy.systemd.Notifier} is one).
     """
 
     def __init__(
@@ -86,8 +96,10 @@ class ProxyService(MultiService):
         load: Callable[[str], ProxyMap] = loadMap,
         listenerTypes: Optional[dict] = None,
         manholeType=None,
+        httpType=None,
         ipv6Available: Callable[[], bool] = _ipv6Available,
         relayEngine=_relayEngine,
+        inherited: Optional[InheritedSockets] = None,
     ) -> None:
         MultiService.__init__(self)
         if reactor is None:
@@ -98,17 +110,36 @@ class ProxyService(MultiService):
         self._load = load
         self._listenerTypes = listenerTypes
         self._manholeType = manholeType
+        self._httpType = httpType
         self._ipv6Available = ipv6Available
         #: Relays established TCP connections in its own thread, or None.
         self.fastRelay = relayEngine(reactor)
+        #: Listening sockets systemd passed in (socket activation).
+        self.inheritedSockets = InheritedSockets([]) if inherited is None else inherited
         self.listeners: dict[ListenerKey, ListenerService] = {}
         self.draining: list[ListenerService] = []
         self.manhole = None
+        self.http = None
+        self.reloadCounts = ReloadCounts()
+        self.watchers: list = []
         self._reloading = False
         self._queued: list[Deferred] = []
         self._previousHandler = None
 
+    #: The observer twistd should log through (an C{ILogObserver}), set
+    #: before twistd attaches this service to its application.
+    logObserver = None
+
     # -- start and stop ------------------------------------------------
+
+    def setServiceParent(self, parent) -> None:
+        """
+        Attach to C{parent}; when that is twistd's application and
+        L{logObserver} is set, twistd logs through it from its first line.
+        """
+        if self.logObserver is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.logObserver)
+        MultiService.setServiceParent(self, parent)
 
     def privilegedStartService(self) -> None:
         """
@@ -116,6 +147,7 @@ class ProxyService(MultiService):
         privileges; any failure stops the start-up with a message naming
         the mapping.
         """
+        useLogFormat(self.map.logFormat)
         problems = []
         for listener in self.map.listeners():
             service, problem = self._bindListener(listener)
@@ -123,11 +155,13 @@ class ProxyService(MultiService):
                 problems.append(problem)
             elif service is not None:
                 self._attach(service)
-        if self.map.manhole is not None:
-            try:
-                self._attachManhole(self.map.manhole)
-            except CannotListenError as e:
-                problems.append(self._manholeProblem(self.map.manhole, e))
+        for section in ("manhole", "http"):
+            settings = getattr(self.map, section)
+            if settings is not None:
+                try:
+                    self._attachSection(section, settings)
+                except CannotListenError as e:
+                    problems.append(self._sectionProblem(section, settings, e))
         if problems:
             for service in list(self):
                 service.disownServiceParent()
@@ -135,10 +169,15 @@ class ProxyService(MultiService):
                 # its socket.
                 service.stopService()
             self.listeners.clear()
-            self.manhole = None
+            self.manhole = self.http = None
             for problem in problems:
                 log.error("{problem}", problem=problem)
             raise StartupError("\n".join(problems))
+        for inherited in self.inheritedSockets.untaken():
+            log.warn(
+                "socket {socket} from systemd matches no listener of the map; kept open, unused",
+                socket=str(inherited),
+            )
         MultiService.privilegedStartService(self)
 
     def startService(self) -> None:
@@ -153,8 +192,12 @@ class ProxyService(MultiService):
             path=self.configPath,
             engine="" if self.fastRelay is None else ", TCP relay engine on",
         )
+        if self.http is not None:
+            log.info("http on {listen}", listen=self.http.settings.listen)
+        self._tell("started")
 
     def stopService(self):
+        self._tell("stopping")
         if self._previousHandler is not None:
             signal.signal(signal.SIGHUP, self._previousHandler)
             self._previousHandler = None
@@ -164,6 +207,13 @@ class ProxyService(MultiService):
             # access line.
             self.fastRelay.stop()
         return stopped
+
+    def _tell(self, event: str, *args) -> None:
+        """
+        Call C{event} of every watcher with this service and C{args}.
+        """
+        for watcher in self.watchers:
+            getattr(watcher, event)(self, *args)
 
     def _sighup(self, signum, frame) -> None:
         # Only schedule: the reload runs on the reactor, never inside the
@@ -191,6 +241,9 @@ class ProxyService(MultiService):
         service = types[listener.proto](listener, self.reactor)
         if listener.proto == TCP:
             service.fastRelay = self.fastRelay
+        service.inheritedSocket = self.inheritedSockets.take(
+            listener, frozenset(m.name for m in self.map.mappings)
+        )
         try:
             service.bind()
         except CannotListenError as e:
@@ -222,6 +275,25 @@ class ProxyService(MultiService):
         """
         yield from self.listeners.values()
         yield from self.draining
+
+    def unboundListeners(self) -> list[Listener]:
+        """
+        Listeners of the map without a bound socket: they failed to bind
+        (a wildcard IPv6 listener skipped on a host without IPv6 is not
+        one of them).
+        """
+        ipv6 = None
+        unbound = []
+        for listener in self.map.listeners():
+            if listener.key in self.listeners:
+                continue
+            if listener.host == ANY_IPV6:
+                if ipv6 is None:
+                    ipv6 = self._ipv6Available()
+                if not ipv6:
+                    continue
+            unbound.append(listener)
+        return unbound
 
     def findFlow(self, flowId: int) -> Optional[IFlow]:
         for service in self.allListeners():
@@ -257,26 +329,55 @@ class ProxyService(MultiService):
         if failures:
             raise failures[0]
 
-    # -- manhole -------------------------------------------------------
+    # -- the manhole and the HTTP endpoint -------------------------------
 
-    def _attachManhole(self, settings) -> None:
-        manholeType = self._manholeType
-        if manholeType is None:
-            from twistedproxy.manhole import ManholeService as manholeType
-        manhole = manholeType(settings, self, self.reactor)
-        manhole.bind()
-        self.manhole = manhole
-        manhole.setServiceParent(self)
+    def _sectionType(self, section: str):
+        if section == "manhole":
+            if self._manholeType is not None:
+                return self._manholeType
+            from twistedproxy.manhole import ManholeService
 
-    def _manholeProblem(self, settings, error: CannotListenError) -> str:
+            return ManholeService
+        if self._httpType is not None:
+            return self._httpType
+        from twistedproxy.web import HttpService
+
+        return HttpService
+
+    def _attachSection(self, section: str, settings) -> None:
+        """
+        Bind and start the service of the map's C{section} (C{"manhole"}
+        or C{"http"}), a socket of its own, and keep it in the attribute of
+        that name; L{CannotListenError} when it cannot bind.
+        """
+        service = self._sectionType(section)(settings, self, self.reactor)
+        service.bind()
+        setattr(self, section, service)
+        service.setServiceParent(self)
+
+    def _sectionProblem(self, section: str, settings, error: CannotListenError) -> str:
+        what = "the manhole" if section == "manhole" else section
         return (
             f"{self.configPath}:{settings.line}: cannot listen on "
-            f"{settings.listen} for the manhole: {_bindProblem(error)}"
+            f"{settings.listen} for {what}: {_bindProblem(error)}"
         )
 
-    def _detachManhole(self) -> Deferred:
-        manhole, self.manhole = self.manhole, None
-        return manhole.disownServiceParent()
+    def _reattachSection(self, section: str, settings, failed: list[str]) -> None:
+        """
+        Start C{section} at a reload; a failure to bind joins C{failed}.
+        """
+        try:
+            self._attachSection(section, settings)
+            log.info("{section} on {listen}", section=section, listen=settings.listen)
+        except CannotListenError as e:
+            problem = self._sectionProblem(section, settings, e)
+            failed.append(problem)
+            log.error("{problem}", problem=problem)
+
+    def _detachSection(self, section: str) -> Deferred:
+        service = getattr(self, section)
+        setattr(self, section, None)
+        return service.disownServiceParent()
 
     # -- reload --------------------------------------------------------
 
@@ -299,11 +400,14 @@ class ProxyService(MultiService):
         self._reloading = True
         try:
             while waiting:
+                self._tell("reloading")
                 try:
                     summary = yield self._reloadOnce()
                 except Exception:
                     log.failure("reload of {path} failed", path=self.configPath)
                     summary = f"reload of {self.configPath}: failed, see the log"
+                    self.reloadCounts.reloaded(False)
+                self._tell("reloaded", summary)
                 for d in waiting:
                     d.callback(summary)
                 waiting, self._queued = self._queued, []
@@ -322,7 +426,8 @@ class ProxyService(MultiService):
                 f"reload of {self.configPath}: invalid, nothing changed "
                 f"({len(e.errors)} error{'s' if len(e.errors) != 1 else ''})"
             )
-            log.error("{summary}", summary=summary)
+            log.error("{summary}", summary=summary, errors=len(e.errors))
+            self.reloadCounts.reloaded(False)
             return summary
 
         plan = diff(self.map, newMap)
@@ -335,9 +440,11 @@ class ProxyService(MultiService):
         ]
         manholeStopping = None
         if plan.manholeAction in ("removed", "moved") and self.manhole is not None:
-            manholeStopping = self._detachManhole()
+            manholeStopping = self._detachSection("manhole")
         for d in stopping:
             yield d
+        if plan.httpAction in ("removed", "moved") and self.http is not None:
+            yield self._detachSection("http")
         if manholeStopping is not None:
             yield manholeStopping
         for listener in plan.removed:
@@ -370,25 +477,28 @@ class ProxyService(MultiService):
         if plan.manholeAction in ("added", "moved") or (
             plan.manhole is not None and self.manhole is None
         ):
-            try:
-                self._attachManhole(plan.manhole)
-                log.info("manhole on {listen}", listen=plan.manhole.listen)
-            except CannotListenError as e:
-                problem = self._manholeProblem(plan.manhole, e)
-                failed.append(problem)
-                log.error("{problem}", problem=problem)
+            self._reattachSection("manhole", plan.manhole, failed)
         elif self.manhole is not None and plan.manhole is not None:
             # Re-read authorized_keys on every reload, changed or not.
             self.manhole.reconfigure(plan.manhole)
 
+        if plan.http is not None and self.http is None:
+            self._reattachSection("http", plan.http, failed)
+        useLogFormat(newMap.logFormat)
+
         self.map = newMap
+        unchanged = len(plan.kept) - sum(1 for l in retry if l in plan.kept)
         summary = (
             f"reload of {self.configPath}: added {added}, "
             f"removed {len(plan.removed)}, changed {changed}, "
-            f"unchanged {len(plan.kept) - sum(1 for l in retry if l in plan.kept)}, "
+            f"unchanged {unchanged}, "
             f"failed {len(failed)}"
         )
         if failed:
             summary += " (" + "; ".join(failed) + ")"
-        log.info("{summary}", summary=summary)
+        log.info(
+            "{summary}", summary=summary, added=added, removed=len(plan.removed),
+            changed=changed, unchanged=unchanged, failed=len(failed),
+        )
+        self.reloadCounts.reloaded(True)
         return summary

@@ -9,7 +9,9 @@ import sys
 from twisted.python import usage
 
 from twistedproxy.config import ConfigError, loadMap
+from twistedproxy.logs import twistdJSONObserver
 from twistedproxy.service import ProxyService
+from twistedproxy.systemd import InheritedSockets, Notifier
 
 
 class Options(usage.Options):
@@ -34,6 +36,10 @@ def serviceForMap(path: str, reactor=None) -> ProxyService:
     The root service for the map at C{path}.  An invalid map prints every
     error, one C{FILE:LINE: message} a line, and exits with status 1 before
     anything listens.
+
+    Under systemd, the service takes the listening sockets passed in
+    (C{$LISTEN_FDS}, read here, before twistd forks into a daemon) and
+    tells C{$NOTIFY_SOCKET} when it is ready, reloading and stopping.
     """
     try:
         proxyMap = loadMap(path)
@@ -41,8 +47,19 @@ def serviceForMap(path: str, reactor=None) -> ProxyService:
         for error in e.errors:
             print(error, file=sys.stderr)
         raise SystemExit(1)
-    return ProxyService(path, proxyMap, reactor=reactor)
+    if reactor is None:
+        from twisted.internet import reactor
+    service = ProxyService(
+        path, proxyMap, reactor=reactor, inherited=InheritedSockets.fromEnvironment()
+    )
+    notifier = Notifier.fromEnvironment(reactor)
+    if notifier is not None:
+        service.watchers.append(notifier)
+    return service
 
 
 def makeService(options: Options) -> ProxyService:
-    return serviceForMap(options["config"])
+    service = serviceForMap(options["config"])
+    if service.map.logFormat == "json" and options.parent is not None:
+        service.logObserver = twistdJSONObserver(options.parent)
+    return service

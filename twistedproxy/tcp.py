@@ -39,7 +39,7 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twistedproxy.compat import reserveDescriptor
+from twistedproxy.compat import closeWithoutShutdown, reserveDescriptor
 from twistedproxy.fastrelay import EngineFlow, HandedOff, acceptClient
 from twistedproxy.listener import (
     IFlow,
@@ -136,6 +136,10 @@ class ListeningPort(tcp.Port):
     listener itself, and a range of 1000 ports would log 2000 more.
     """
 
+    #: A bound socket to listen on instead of binding one (socket
+    #: activation).
+    inherited: socket.socket | None = None
+
     def startListening(self) -> None:
         """
         Bind and listen as C{tcp.Port.startListening} does, without its log
@@ -146,10 +150,16 @@ class ListeningPort(tcp.Port):
         reserveDescriptor()
         skt = None
         try:
-            skt = self.createInternetSocket()
-            # The map refuses IPv6 zone indexes, so a plain (host, port)
-            # binds IPv6 addresses too.
-            skt.bind((self.interface, self.port))
+            if self.inherited is not None:
+                skt = self.inherited
+                closeWithoutShutdown(self)
+                skt.setblocking(False)
+                self.acceptedSocketOptions(skt)
+            else:
+                skt = self.createInternetSocket()
+                # The map refuses IPv6 zone indexes, so a plain (host, port)
+                # binds IPv6 addresses too.
+                skt.bind((self.interface, self.port))
             skt.listen(self.backlog)
         except OSError as e:
             if skt is not None:
@@ -171,11 +181,15 @@ class ListeningPort(tcp.Port):
     def createInternetSocket(self) -> socket.socket:
         skt = tcp.Port.createInternetSocket(self)
         listeningSocketOptions(skt, self.interface)
+        self.acceptedSocketOptions(skt)
+        return skt
+
+    @staticmethod
+    def acceptedSocketOptions(skt: socket.socket) -> None:
         # Accepted sockets inherit these from the listening socket (Linux),
         # so a client costs no system call for them.
         skt.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         skt.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        return skt
 
     def doRead(self) -> None:
         """
@@ -291,7 +305,7 @@ class TCPListener(ListenerService):
         """
         if self.full():
             os.close(clientFd)
-            self.rejected(client, f"max_connections {self.listener.maxConnections} reached")
+            self.rejected(client, f"max_connections {self.listener.maxConnections} reached", "limit")
             return
         Dial(self, clientFd, client).start()
 
@@ -314,6 +328,7 @@ class TCPListener(ListenerService):
             self.listener.host,
             self.reactor,
         )
+        port.inherited = self.inheritedSocket
         port.startListening()
         self._port = port
         if not self.enabled:
@@ -477,6 +492,7 @@ class Relay(Protocol):
             service.rejected(
                 self.client,
                 f"max_connections {self.listener.maxConnections} reached",
+                "limit",
             )
             return
         self._clientOpen = True

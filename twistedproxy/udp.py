@@ -264,28 +264,33 @@ class SessionPort(DatagramSocket):
                 log.failure("UDP reply")
 
 
-def listenDatagrams(reactor, host: str, port: int, receiver) -> ListeningPort:
+def listenDatagrams(
+    reactor, host: str, port: int, receiver, inherited: Optional[socket.socket] = None
+) -> ListeningPort:
     """
-    Bind a listening UDP socket on C{host:port} and start reading it.
+    Bind a listening UDP socket on C{host:port}, or use C{inherited}, a
+    socket bound there already (socket activation), and start reading it.
 
     @raise CannotListenError: when the socket cannot be bound.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     wildcard = host in (ANY_IPV4, ANY_IPV6)
     try:
-        skt = socket.socket(family, socket.SOCK_DGRAM)
+        skt = socket.socket(family, socket.SOCK_DGRAM) if inherited is None else inherited
     except OSError as e:
         raise CannotListenError(host, port, e)
     try:
         skt.setblocking(False)
-        listeningSocketOptions(skt, host)
+        if inherited is None:
+            listeningSocketOptions(skt, host)
         skt.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTENING_BUFFER)
         skt.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LISTENING_BUFFER)
         if wildcard and family == socket.AF_INET6:
             skt.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
         elif wildcard:
             skt.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-        skt.bind((host, port))
+        if inherited is None:
+            skt.bind((host, port))
     except OSError as e:
         skt.close()
         raise CannotListenError(host, port, e)
@@ -580,7 +585,9 @@ class UDPListener(ListenerService):
         Bind the listening socket; its datagrams come to
         L{datagramReceived}.
         """
-        return listenDatagrams(self.reactor, self.listener.host, self.listener.port, self)
+        return listenDatagrams(
+            self.reactor, self.listener.host, self.listener.port, self, self.inheritedSocket
+        )
 
     def openSessionPort(self, session: Session, family: int, address: tuple):
         """
@@ -712,12 +719,13 @@ class UDPListener(ListenerService):
         Open a session for C{client}, or say why not and return L{None}.
         """
         if not self.enabled:
-            self.rejected(clientAddress(client), "listener disabled")
+            self.rejected(clientAddress(client), "listener disabled", "disabled")
             return None
         if self.full():
             self.rejected(
                 clientAddress(client),
                 f"max_connections ({self.listener.maxConnections}) reached",
+                "limit",
             )
             return None
         session = Session(self, key, client, self.port.replyRoute(local))
@@ -754,17 +762,18 @@ class UDPListener(ListenerService):
         have the engine drop what it holds.
         """
         engine = self.engine
-        why = None
+        why = kind = None
         if not self.enabled:
-            why = "listener disabled"
+            why, kind = "listener disabled", "disabled"
         elif self.full():
             why = f"max_connections ({self.listener.maxConnections}) reached"
+            kind = "limit"
         if why is not None:
             datagrams, _ = engine.dropPending(key)
             # every datagram the client sent meanwhile counts, as each
             # would without the engine
-            self.counters.rejected += max(datagrams, 1) - 1
-            self.rejected(clientAddress(client), why)
+            self.countRejected(kind, max(datagrams, 1) - 1)
+            self.rejected(clientAddress(client), why, kind)
             return
         session = EngineSession(self, key, client)
         if self._targetAddress is not None:
@@ -866,12 +875,12 @@ class UDPListener(ListenerService):
             why=why,
         )
 
-    def rejected(self, client: str, reason: str) -> None:
+    def rejected(self, client: str, reason: str, kind: str) -> None:
         """
         Count a datagram dropped because it would open a session that may
         not open; a flood of them is logged once a second, not once each.
         """
-        self.counters.rejected += 1
+        self.countRejected(kind)
         self.notice(
             "rejected",
             "udp {mapping} rejected {client}: {reason}",
