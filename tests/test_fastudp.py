@@ -938,7 +938,7 @@ def test_noSocketCountsDroppedThroughEngine(reactor, service, logged):
     svc = s.service
     opened = svc.openSessionSocket
 
-    def outOfDescriptors(family, address):
+    def outOfDescriptors(family, address, source=None):
         raise OSError(errno.EMFILE, "Too many open files")
 
     svc.openSessionSocket = outOfDescriptors

@@ -65,6 +65,9 @@
 /* Longest gap between two sweeps for expired sessions, in milliseconds;
  * shorter when a session's timeout is under ten times this. */
 #define SWEEP_GAP_MS 1000
+/* The longest prefix a session may put before each datagram to its target:
+ * a PROXY protocol v2 header for IPv6, 16 + 36 bytes, with room to spare. */
+#define PREFIX_MAX 64
 
 enum { KIND_WAKE = 0, KIND_LISTENER = 1, KIND_SESSION = 2 };
 enum { EVENT_NEW = 1, EVENT_ENDED = 2 };
@@ -117,6 +120,8 @@ typedef struct Session {
     int64_t timeout;            /* ms */
     uint64_t bytesIn, bytesOut;
     int gso;                    /* runs may leave with UDP GSO */
+    size_t prefixLen;           /* bytes of prefix sent before each datagram */
+    uint8_t prefix[PREFIX_MAX]; /* the client's PROXY v2 header, constant */
     struct Session *nextByKey, *nextById, *nextDead;
 } Session;
 
@@ -389,14 +394,30 @@ freeDead(Engine *self)
 static void
 sendToTarget(Session *s, const char *data, size_t len)
 {
-    if (send(s->fd, data, len, MSG_DONTWAIT) < 0 && errno == ECONNREFUSED) {
+    struct iovec iov[2] = {{s->prefix, s->prefixLen}, {(void *)data, len}};
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    /* without a prefix, the datagram alone */
+    msg.msg_iov = s->prefixLen ? iov : iov + 1;
+    msg.msg_iovlen = s->prefixLen ? 2 : 1;
+    if (sendmsg(s->fd, &msg, MSG_DONTWAIT) < 0 && errno == ECONNREFUSED) {
         /* A stale ICMP port-unreachable from an earlier datagram (the
          * target was not listening then) failed this send, which never
          * left: once more, so the first datagram after the target starts
          * listening gets through.  Any other failure loses the datagram,
          * as any network may. */
-        (void)send(s->fd, data, len, MSG_DONTWAIT);
+        (void)sendmsg(s->fd, &msg, MSG_DONTWAIT);
     }
+}
+
+/* The bytes a message carries: the datagram, and a session's prefix. */
+static size_t
+messageLength(const struct msghdr *msg)
+{
+    size_t len = 0;
+    for (size_t i = 0; i < msg->msg_iovlen; i++)
+        len += msg->msg_iov[i].iov_len;
+    return len;
 }
 
 /* Send msgs[0..count) on the session's socket with as few system calls as
@@ -424,16 +445,17 @@ sendRunToTarget(Session *s, struct mmsghdr *msgs, int count)
 /* How many of msgs[0..count) can leave in one GSO send: the kernel cuts
  * its payload into segments of the first datagram's size, so all must
  * have that size but the last, which may be shorter (not empty: an empty
- * segment would vanish). */
+ * segment would vanish).  A session's prefix is part of every segment;
+ * being the same before each datagram, it keeps equal sizes equal. */
 static int
 gsoSegments(const struct mmsghdr *msgs, int count)
 {
-    size_t size = msgs[0].msg_hdr.msg_iov->iov_len, total = size;
+    size_t size = messageLength(&msgs[0].msg_hdr), total = size;
     int n = 1;
     if (size == 0)
         return 1;
     while (n < count && n < GSO_SEGMENTS) {
-        size_t len = msgs[n].msg_hdr.msg_iov->iov_len;
+        size_t len = messageLength(&msgs[n].msg_hdr);
         if (len == 0 || len > size || total + len > GSO_BYTES)
             break;
         total += len;
@@ -444,9 +466,9 @@ gsoSegments(const struct mmsghdr *msgs, int count)
     return n;
 }
 
-/* Send msgs[0..count), one iovec each (consecutive in memory, as
- * readListener lays them out), in one sendmsg that the kernel cuts back
- * into the same datagrams.  A stale ICMP error is retried once, as in
+/* Send msgs[0..count), one iovec each, or two with the session's prefix
+ * (consecutive in memory, as readListener lays them out), in one sendmsg
+ * that the kernel cuts back into the same datagrams.  A stale ICMP error is retried once, as in
  * sendToTarget.  Returns 1 when sent, 0 when lost as on any network, -1
  * when the kernel refuses GSO on this socket and nothing left. */
 static int
@@ -457,14 +479,14 @@ sendSegments(Session *s, const struct mmsghdr *msgs, int count)
     memset(&msg, 0, sizeof msg);
     memset(control, 0, sizeof control);
     msg.msg_iov = msgs[0].msg_hdr.msg_iov;
-    msg.msg_iovlen = (size_t)count;
+    msg.msg_iovlen = (size_t)count * msgs[0].msg_hdr.msg_iovlen;
     msg.msg_control = control;
     msg.msg_controllen = sizeof control;
     struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
     c->cmsg_level = SOL_UDP;
     c->cmsg_type = UDP_SEGMENT;
     c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
-    uint16_t size = (uint16_t)msgs[0].msg_hdr.msg_iov->iov_len;
+    uint16_t size = (uint16_t)messageLength(&msgs[0].msg_hdr);
     memcpy(CMSG_DATA(c), &size, sizeof size);
     ssize_t sent = sendmsg(s->fd, &msg, MSG_DONTWAIT);
     if (sent < 0 && errno == ECONNREFUSED)
@@ -551,6 +573,10 @@ readListener(Engine *self, Listener *l, int64_t now)
 {
     struct mmsghdr msgs[DRAIN];
     struct iovec iovs[DRAIN];
+    /* a session's prefix and the datagram, for sessions with a prefix:
+     * msgs[i] then sends prefixed[2i..2i+1], so that a run's iovecs are
+     * consecutive as sendSegments wants them */
+    struct iovec prefixed[2 * DRAIN];
     struct sockaddr_storage names[DRAIN];
     char controls[DRAIN][CMSG_SPACE(sizeof(struct in6_pktinfo)) + CMSG_SPACE(sizeof(struct in_pktinfo))];
     for (int i = 0; i < DRAIN; i++) {
@@ -594,6 +620,13 @@ readListener(Engine *self, Listener *l, int64_t now)
         s->bytesIn += len;
         /* the outgoing message: this datagram, to the connected target */
         iovs[i].iov_len = len;
+        if (s->prefixLen) {
+            prefixed[2 * i].iov_base = s->prefix;
+            prefixed[2 * i].iov_len = s->prefixLen;
+            prefixed[2 * i + 1] = iovs[i];
+            msgs[i].msg_hdr.msg_iov = &prefixed[2 * i];
+            msgs[i].msg_hdr.msg_iovlen = 2;
+        }
         msgs[i].msg_hdr.msg_name = NULL;
         msgs[i].msg_hdr.msg_namelen = 0;
         msgs[i].msg_hdr.msg_control = NULL;
@@ -910,15 +943,16 @@ parsePeer(PyObject *arg, Peer *peer)
 }
 
 PyDoc_STRVAR(addSession_doc,
-"addSession(key, fd, flowId, timeout) -> None\n\n"
+"addSession(key, fd, flowId, timeout, prefix=b'') -> None\n\n"
 "Open a session for the client of key (from a 'new' event): fd is a\n"
 "non-blocking UDP socket connected to the target, which the engine now\n"
 "owns and closes when the session ends.  The datagrams held for the\n"
 "client are sent on it at once; bytesIn counts every datagram the client\n"
 "sent, and those not held count in the listener's dropped.  flowId: an int\n"
 "unique in the engine; timeout: seconds without a datagram either way\n"
-"after which the engine ends the session and reports it.  On an error\n"
-"the caller keeps fd.");
+"after which the engine ends the session and reports it.  prefix: bytes\n"
+"sent before every datagram to the target (a PROXY v2 header; at most\n"
+"64), replies are not changed.  On an error the caller keeps fd.");
 
 static PyObject *
 Engine_addSession(Engine *self, PyObject *args)
@@ -927,8 +961,20 @@ Engine_addSession(Engine *self, PyObject *args)
     int fd;
     unsigned long long flowId;
     double timeout;
-    if (!PyArg_ParseTuple(args, "OiKd", &keyObject, &fd, &flowId, &timeout))
+    Py_buffer prefix = {0};
+    if (!PyArg_ParseTuple(args, "OiKd|y*", &keyObject, &fd, &flowId, &timeout, &prefix))
         return NULL;
+    size_t prefixLen = prefix.buf != NULL ? (size_t)prefix.len : 0;
+    uint8_t prefixBytes[PREFIX_MAX];
+    if (prefixLen > PREFIX_MAX) {
+        PyBuffer_Release(&prefix);
+        PyErr_SetString(PyExc_ValueError, "prefix longer than 64 bytes");
+        return NULL;
+    }
+    if (prefixLen)
+        memcpy(prefixBytes, prefix.buf, prefixLen);
+    if (prefix.buf != NULL)
+        PyBuffer_Release(&prefix);
     Peer peer;
     if (parsePeer(keyObject, &peer) < 0 || checkOpen(self) < 0)
         return NULL;
@@ -944,6 +990,9 @@ Engine_addSession(Engine *self, PyObject *args)
     s->peer = peer;
     s->flowId = flowId;
     s->gso = self->gso;
+    s->prefixLen = prefixLen;
+    if (prefixLen)
+        memcpy(s->prefix, prefixBytes, prefixLen);
     s->timeout = timeout * 1000 > 1e15 ? (int64_t)1e15 : (int64_t)(timeout * 1000);
     if (s->timeout < 1)
         s->timeout = 1;

@@ -43,7 +43,7 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twistedproxy import fastudp
+from twistedproxy import fastudp, proxyprotocol
 from twistedproxy.listener import (
     IFlow,
     ListenerService,
@@ -52,6 +52,8 @@ from twistedproxy.listener import (
     nextFlowId,
 )
 from twistedproxy.model import ANY_IPV4, ANY_IPV6, Listener
+from twistedproxy.proxyprotocol import Addresses
+from twistedproxy.transparency import transparentSocket
 
 log = Logger(namespace="portproxy")
 
@@ -233,13 +235,19 @@ class PacketInfoPort(ListeningPort):
 class SessionPort(DatagramSocket):
     """
     A session's socket, connected to the target: replies are given to
-    C{receiver.replyReceived(data)}; L{write} is the socket's C{send}, and
-    raises what it raises.
+    C{receiver.replyReceived(data)}; L{write} is the socket's C{send}
+    (after C{prefix}, a PROXY header, when there is one), and raises what
+    it raises.
     """
 
-    def __init__(self, reactor, skt: socket.socket, receiver) -> None:
+    def __init__(self, reactor, skt: socket.socket, receiver, prefix: bytes = b"") -> None:
         DatagramSocket.__init__(self, reactor, skt, receiver)
-        self.write = skt.send
+        if prefix:
+            sendmsg = skt.sendmsg
+            # Two buffers, one datagram: the payload is not copied.
+            self.write = lambda data: sendmsg([prefix, data])
+        else:
+            self.write = skt.send
 
     def doRead(self) -> None:
         recv = self.socket.recv
@@ -289,14 +297,20 @@ def listenDatagrams(reactor, host: str, port: int, receiver) -> ListeningPort:
     return kind(reactor, skt, receiver)
 
 
-def connectedDatagramSocket(family: int, address: tuple) -> socket.socket:
+def connectedDatagramSocket(
+    family: int, address: tuple, source: Optional[tuple] = None
+) -> socket.socket:
     """
-    A non-blocking UDP socket connected to C{address}.
+    A non-blocking UDP socket connected to C{address}; sending from the
+    client's C{source} address (C{client_address: transparent}) when given.
 
-    @raise OSError: when no socket can be opened (out of file descriptors)
-        or the target is unreachable.
+    @raise OSError: when no socket can be opened (out of file descriptors,
+        the client's address not usable), or the target is unreachable.
     """
-    skt = socket.socket(family, socket.SOCK_DGRAM)
+    if source is not None:
+        skt = transparentSocket(family, socket.SOCK_DGRAM, source)
+    else:
+        skt = socket.socket(family, socket.SOCK_DGRAM)
     try:
         skt.setblocking(False)
         skt.connect(address)
@@ -306,14 +320,21 @@ def connectedDatagramSocket(family: int, address: tuple) -> socket.socket:
     return skt
 
 
-def connectDatagrams(reactor, family: int, address: tuple, receiver) -> SessionPort:
+def connectDatagrams(
+    reactor, family: int, address: tuple, receiver,
+    source: Optional[tuple] = None, prefix: bytes = b"",
+) -> SessionPort:
     """
-    Open a UDP socket connected to C{address} and start reading it.
+    Open a UDP socket connected to C{address} (from C{source}, see
+    L{connectedDatagramSocket}) and start reading it; C{prefix} goes
+    before every datagram sent.
 
     @raise OSError: when no socket can be opened (out of file descriptors)
         or the target is unreachable.
     """
-    port = SessionPort(reactor, connectedDatagramSocket(family, address), receiver)
+    port = SessionPort(
+        reactor, connectedDatagramSocket(family, address, source), receiver, prefix
+    )
     port.startReading()
     return port
 
@@ -348,13 +369,15 @@ class Session:
         "pending",
         "unheld",
         "closed",
+        "source",
+        "prefix",
         "_owner",
         "_reply",
         "_route",
         "_seconds",
     )
 
-    def __init__(self, owner: UDPListener, key, client, route) -> None:
+    def __init__(self, owner: UDPListener, key, client, route, local=None) -> None:
         self.id = nextFlowId()
         self.listener = owner.listener
         self.client = clientAddress(client)
@@ -369,6 +392,7 @@ class Session:
         self.pending: list[bytes] = []
         self.unheld = 0
         self.closed = False
+        self.source, self.prefix = owner.sessionIdentity(client, local)
         self._owner = owner
         self._reply = owner.port.write
         self._route = route
@@ -462,6 +486,8 @@ class EngineSession:
         "timeout",
         "resolving",
         "closed",
+        "source",
+        "prefix",
         "_owner",
         "_final",
     )
@@ -475,6 +501,7 @@ class EngineSession:
         self.timeout = self.listener.timeouts.udp
         self.resolving = False
         self.closed = False
+        self.source, self.prefix = owner.sessionIdentity(client, fastudp.localAddress(key, client))
         self._owner = owner
         self._final = (0, 0)
 
@@ -583,16 +610,44 @@ class UDPListener(ListenerService):
 
         @raise OSError: when that fails.
         """
-        return connectDatagrams(self.reactor, family, address, session)
+        return connectDatagrams(
+            self.reactor, family, address, session, session.source, session.prefix
+        )
 
-    def openSessionSocket(self, family: int, address: tuple) -> socket.socket:
+    def openSessionSocket(
+        self, family: int, address: tuple, source: Optional[tuple] = None
+    ) -> socket.socket:
         """
-        Open a non-blocking socket connected to the target at C{address},
-        for the engine to read and write.
+        Open a non-blocking socket connected to the target at C{address}
+        (from the client's C{source} address when given), for the engine
+        to read and write.
 
         @raise OSError: when that fails.
         """
-        return connectedDatagramSocket(family, address)
+        return connectedDatagramSocket(family, address, source)
+
+    def sessionIdentity(self, client: tuple, local: Optional[bytes]) -> tuple[Optional[tuple], bytes]:
+        """
+        What a new session of C{client} (which sent to the local address
+        C{local}, packed, or to the listener's own address when L{None})
+        sends the target as the client: the address to send from
+        (C{client_address: transparent}) or L{None}, and the PROXY header
+        before each datagram (C{proxy_protocol_v2}) or C{b""}.
+        """
+        identity = self.listener.identity
+        if not identity:
+            return None, b""
+        source = (client[0], client[1])
+        if identity.transparent:
+            return source, b""
+        if local is None:
+            destination = (self.listener.host, self.listener.port)
+        else:
+            # in6_pktinfo starts with the address; in_pktinfo's is 4 bytes
+            family = socket.AF_INET6 if len(local) > 4 else socket.AF_INET
+            packed = local[:16] if family == socket.AF_INET6 else local
+            destination = (socket.inet_ntop(family, packed), self.listener.port)
+        return None, proxyprotocol.encode(2, Addresses(source, destination), datagram=True)
 
     # -- lifecycle -----------------------------------------------------
 
@@ -714,7 +769,7 @@ class UDPListener(ListenerService):
                 f"max_connections ({self.listener.maxConnections}) reached",
             )
             return None
-        session = Session(self, key, client, self.port.replyRoute(local))
+        session = Session(self, key, client, self.port.replyRoute(local), local)
         if self._targetAddress is not None:
             family, address = self._targetAddress
             try:
@@ -764,13 +819,13 @@ class UDPListener(ListenerService):
         if self._targetAddress is not None:
             family, address = self._targetAddress
             try:
-                skt = self.openSessionSocket(family, address)
+                skt = self.openSessionSocket(family, address, session.source)
             except OSError as e:
                 datagrams, _ = engine.dropPending(key)
                 self._sessionFailed(session, e, max(datagrams, 1))
                 return
             try:
-                engine.addSession(self, key, skt, session.id, session.timeout)
+                engine.addSession(self, key, skt, session.id, session.timeout, session.prefix)
             except ValueError:
                 # the listener stopped meanwhile
                 skt.close()
@@ -819,12 +874,14 @@ class UDPListener(ListenerService):
 
     def _engineTargetResolved(self, session: EngineSession, family: int, where: tuple) -> None:
         try:
-            skt = self.openSessionSocket(family, where)
+            skt = self.openSessionSocket(family, where, session.source)
         except OSError as e:
             session.close(f"cannot open a socket to {session.listener.target}: {e.strerror}")
             return
         try:
-            self.engine.addSession(self, session.key, skt, session.id, session.timeout)
+            self.engine.addSession(
+                self, session.key, skt, session.id, session.timeout, session.prefix
+            )
         except ValueError:
             skt.close()
             session.close("listener closed")
