@@ -69,6 +69,14 @@
  * a PROXY protocol v2 header for IPv6, 16 + 36 bytes, with room to spare. */
 #define PREFIX_MAX 64
 
+/* What a session does with PROXY v2 headers at the start of the client's
+ * datagrams (accept_proxy_protocol): nothing, take them off (a listed
+ * source; a malformed one drops the datagram), or drop datagrams that
+ * carry one (any other source). */
+enum { HEADERS_NONE = 0, HEADERS_TAKE = 1, HEADERS_REFUSE = 2 };
+static const uint8_t PP2_SIGNATURE[12] = {
+    0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A};
+
 enum { KIND_WAKE = 0, KIND_LISTENER = 1, KIND_SESSION = 2 };
 enum { EVENT_NEW = 1, EVENT_ENDED = 2 };
 
@@ -120,6 +128,7 @@ typedef struct Session {
     int64_t timeout;            /* ms */
     uint64_t bytesIn, bytesOut;
     int gso;                    /* runs may leave with UDP GSO */
+    int headers;                /* HEADERS_*: PROXY headers from the client */
     size_t prefixLen;           /* bytes of prefix sent before each datagram */
     uint8_t prefix[PREFIX_MAX]; /* the client's PROXY v2 header, constant */
     struct Session *nextByKey, *nextById, *nextDead;
@@ -410,6 +419,29 @@ sendToTarget(Session *s, const char *data, size_t len)
     }
 }
 
+/* How many bytes at the start of a client's datagram are a PROXY v2
+ * header to take off, for a session's HEADERS_* mode; -1 when the
+ * datagram must be dropped: a malformed header from a listed source, any
+ * header from another.  The checks are proxyprotocol.parse's for v2. */
+static long
+headerLength(int mode, const uint8_t *data, size_t len)
+{
+    if (mode == HEADERS_NONE || len < 12 || memcmp(data, PP2_SIGNATURE, 12) != 0)
+        return 0;
+    if (mode == HEADERS_REFUSE || len < 16)
+        return -1;
+    uint8_t command = data[12], family = data[13] >> 4, transport = data[13] & 0xF;
+    if ((command != 0x20 && command != 0x21) || family > 3 || transport > 2)
+        return -1;
+    size_t total = 16 + ((size_t)data[14] << 8 | data[15]);
+    if (total > len)
+        return -1;
+    static const size_t needed[4] = {0, 12, 36, 216};
+    if (command == 0x21 && family != 0 && transport != 0 && total - 16 < needed[family])
+        return -1;
+    return (long)total;
+}
+
 /* The bytes a message carries: the datagram, and a session's prefix. */
 static size_t
 messageLength(const struct msghdr *msg)
@@ -612,6 +644,20 @@ readListener(Engine *self, Listener *l, int64_t now)
         if (s == NULL) {
             holdDatagram(self, l, &peer, data, len);
             continue;
+        }
+        if (s->headers != HEADERS_NONE) {
+            long skip = headerLength(s->headers, (const uint8_t *)data, len);
+            if (skip < 0) {
+                /* dropped: the run so far leaves, the next starts after */
+                if (last != NULL)
+                    sendRun(self, last, msgs + runStart, i - runStart);
+                last = NULL;
+                l->dropped++;
+                continue;
+            }
+            data += skip;
+            len -= (size_t)skip;
+            iovs[i].iov_base = (char *)data;
         }
         if (last == NULL)
             runStart = i;
@@ -943,7 +989,7 @@ parsePeer(PyObject *arg, Peer *peer)
 }
 
 PyDoc_STRVAR(addSession_doc,
-"addSession(key, fd, flowId, timeout, prefix=b'') -> None\n\n"
+"addSession(key, fd, flowId, timeout, prefix=b'', headers=0) -> None\n\n"
 "Open a session for the client of key (from a 'new' event): fd is a\n"
 "non-blocking UDP socket connected to the target, which the engine now\n"
 "owns and closes when the session ends.  The datagrams held for the\n"
@@ -952,7 +998,11 @@ PyDoc_STRVAR(addSession_doc,
 "unique in the engine; timeout: seconds without a datagram either way\n"
 "after which the engine ends the session and reports it.  prefix: bytes\n"
 "sent before every datagram to the target (a PROXY v2 header; at most\n"
-"64), replies are not changed.  On an error the caller keeps fd.");
+"64), replies are not changed.  headers: what to do with a PROXY v2\n"
+"header at the start of the client's datagrams: 0 nothing, 1 take it off\n"
+"(dropping the datagram when it is malformed), 2 drop datagrams with one;\n"
+"dropped ones count in the listener's dropped.  On an error the caller\n"
+"keeps fd.");
 
 static PyObject *
 Engine_addSession(Engine *self, PyObject *args)
@@ -962,8 +1012,15 @@ Engine_addSession(Engine *self, PyObject *args)
     unsigned long long flowId;
     double timeout;
     Py_buffer prefix = {0};
-    if (!PyArg_ParseTuple(args, "OiKd|y*", &keyObject, &fd, &flowId, &timeout, &prefix))
+    int headers = HEADERS_NONE;
+    if (!PyArg_ParseTuple(args, "OiKd|y*i", &keyObject, &fd, &flowId, &timeout, &prefix, &headers))
         return NULL;
+    if (headers < HEADERS_NONE || headers > HEADERS_REFUSE) {
+        if (prefix.buf != NULL)
+            PyBuffer_Release(&prefix);
+        PyErr_SetString(PyExc_ValueError, "headers must be 0, 1 or 2");
+        return NULL;
+    }
     size_t prefixLen = prefix.buf != NULL ? (size_t)prefix.len : 0;
     uint8_t prefixBytes[PREFIX_MAX];
     if (prefixLen > PREFIX_MAX) {
@@ -990,6 +1047,7 @@ Engine_addSession(Engine *self, PyObject *args)
     s->peer = peer;
     s->flowId = flowId;
     s->gso = self->gso;
+    s->headers = headers;
     s->prefixLen = prefixLen;
     if (prefixLen)
         memcpy(s->prefix, prefixBytes, prefixLen);
@@ -1041,8 +1099,16 @@ Engine_addSession(Engine *self, PyObject *args)
          * a client that Python rejects instead has every datagram counted
          * as rejected, as without the engine. */
         l->dropped += p->datagrams - (uint64_t)p->count;
-        for (int i = 0; i < p->count; i++)
-            sendToTarget(s, p->data[i], p->lens[i]);
+        for (int i = 0; i < p->count; i++) {
+            long skip = headerLength(s->headers, (const uint8_t *)p->data[i], p->lens[i]);
+            if (skip < 0) {
+                l->dropped++;
+                s->bytesIn -= p->lens[i];
+                continue;
+            }
+            s->bytesIn -= (uint64_t)skip;
+            sendToTarget(s, p->data[i] + skip, p->lens[i] - (size_t)skip);
+        }
         freePending(self, p);
     }
     int64_t gap = s->timeout / 10 < SWEEP_GAP_MS ? s->timeout / 10 : SWEEP_GAP_MS;
@@ -1063,6 +1129,42 @@ PyDoc_STRVAR(dropPending_doc,
 "dropPending(key) -> (datagrams, bytes)\n\n"
 "Drop what is held for the client of key (from a 'new' event) and say how\n"
 "much it sent meanwhile, held or not; (0, 0) when nothing is held.");
+
+PyDoc_STRVAR(firstPending_doc,
+"firstPending(key) -> bytes or None\n\n"
+"The first datagram held for the client of key (from a 'new' event), or\n"
+"None when none is held: what a listener with accept_proxy_protocol reads\n"
+"the client's PROXY header from before it opens the session.");
+
+static PyObject *
+Engine_firstPending(Engine *self, PyObject *arg)
+{
+    Peer peer;
+    if (parsePeer(arg, &peer) < 0)
+        return NULL;
+    char *copy = NULL;
+    size_t len = 0;
+    int found = 0;
+    lockFromPython(self);
+    Pending *p = *findPending(self, &peer.key);
+    if (p != NULL && p->count > 0) {
+        len = p->lens[0];
+        copy = malloc(len ? len : 1);
+        if (copy != NULL) {
+            memcpy(copy, p->data[0], len);
+            found = 1;
+        }
+    }
+    pthread_mutex_unlock(&self->lock);
+    if (!found) {
+        if (p != NULL && p->count > 0)
+            return PyErr_NoMemory();
+        Py_RETURN_NONE;
+    }
+    PyObject *result = PyBytes_FromStringAndSize(copy, (Py_ssize_t)len);
+    free(copy);
+    return result;
+}
 
 static PyObject *
 Engine_dropPending(Engine *self, PyObject *arg)
@@ -1393,6 +1495,7 @@ static PyMethodDef Engine_methods[] = {
     {"removeListener", (PyCFunction)Engine_removeListener, METH_O, removeListener_doc},
     {"addSession", (PyCFunction)Engine_addSession, METH_VARARGS, addSession_doc},
     {"dropPending", (PyCFunction)Engine_dropPending, METH_O, dropPending_doc},
+    {"firstPending", (PyCFunction)Engine_firstPending, METH_O, firstPending_doc},
     {"closeSession", (PyCFunction)Engine_closeSession, METH_O, closeSession_doc},
     {"counters", (PyCFunction)Engine_counters, METH_O, counters_doc},
     {"listenerCounters", (PyCFunction)Engine_listenerCounters, METH_O, listenerCounters_doc},

@@ -495,12 +495,6 @@ class _MapReader:
         where = f"client_address: {identity.clientAddress}"
         if identity.clientAddress == PROXY_PROTOCOL_V1 and UDP in protos:
             self.error(line, f"{where} has no UDP form; use proxy_protocol_v2 for UDP")
-        if identity.acceptProxyProtocol and UDP in protos:
-            self.error(
-                entry.line,
-                "accept_proxy_protocol: not supported for UDP (PROXY headers are"
-                " taken on TCP only)",
-            )
         if not identity.transparent:
             return
         if entry.target is not None and _isAddressLiteral(entry.target) and _isLoopback(entry.target):

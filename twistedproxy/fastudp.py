@@ -155,21 +155,30 @@ class UDPEngine:
 
     def addSession(
         self, owner, key: bytes, skt: socket.socket, flowId: int, timeout: float,
-        prefix: bytes = b"",
+        prefix: bytes = b"", headers: int = 0,
     ) -> None:
         """
         Give the connected socket C{skt} of a new session to the engine,
         which sends the client's held datagrams on it at once and closes it
         when the session ends.  C{prefix} (a PROXY v2 header) goes before
         every datagram to the target, as a buffer of its own: nothing is
-        copied.
+        copied.  C{headers}: what the engine does with PROXY v2 headers at
+        the start of the client's datagrams (L{proxyprotocol.HEADERS_NONE},
+        C{HEADERS_TAKE}, C{HEADERS_REFUSE}).
 
         @raise ValueError: the engine has no such listener any more (the
             socket is then still the caller's).
         """
-        self.engine.addSession(key, skt.fileno(), flowId, timeout, prefix)
+        self.engine.addSession(key, skt.fileno(), flowId, timeout, prefix, headers)
         skt.detach()
         self._flows[flowId] = owner
+
+    def firstPending(self, key: bytes) -> Optional[bytes]:
+        """
+        The first datagram the engine holds for a client without a
+        session, or L{None}.
+        """
+        return self.engine.firstPending(key)
 
     def dropPending(self, key: bytes) -> tuple[int, int]:
         """

@@ -204,6 +204,32 @@ def _v1Port(word: bytes) -> int:
     return int(word)
 
 
+#: What a UDP session does with PROXY v2 headers at the start of its
+#: client's datagrams (C{_fastudp.c}'s C{HEADERS_*}): nothing, take them
+#: off (a source in C{accept_proxy_protocol}), or refuse datagrams that
+#: carry one (any other source).
+HEADERS_NONE, HEADERS_TAKE, HEADERS_REFUSE = 0, 1, 2
+
+
+def datagramHeader(mode: int, data: bytes) -> tuple[int, Optional[Addresses]]:
+    """
+    The PROXY v2 header at the start of a client's datagram, for a
+    session's C{mode}: its length (0 when there is none, or the mode takes
+    none) and its addresses (L{None} when it carries none to use).
+
+    @raise HeaderError: the datagram must be dropped: a malformed or
+        truncated header, or any header when C{mode} refuses them.
+    """
+    if mode == HEADERS_NONE or data[:12] != SIGNATURE:
+        return NO_HEADER
+    if mode == HEADERS_REFUSE:
+        raise HeaderError("PROXY header from a source not in accept_proxy_protocol")
+    parsed = parse(data)
+    if parsed is NEED_MORE:
+        raise HeaderError("truncated PROXY v2 header")
+    return parsed
+
+
 #: What a L{HeaderReader} reports: the addresses of the header, L{None}
 #: when the client keeps its own (no header, or one without addresses),
 #: or a L{HeaderError} when it must be closed.

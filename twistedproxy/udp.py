@@ -52,7 +52,14 @@ from twistedproxy.listener import (
     nextFlowId,
 )
 from twistedproxy.model import ANY_IPV4, ANY_IPV6, Listener
-from twistedproxy.proxyprotocol import Addresses
+from twistedproxy.proxyprotocol import (
+    HEADERS_NONE,
+    HEADERS_TAKE,
+    HEADERS_REFUSE,
+    Addresses,
+    HeaderError,
+    datagramHeader,
+)
 from twistedproxy.transparency import transparentSocket
 
 log = Logger(namespace="portproxy")
@@ -371,16 +378,20 @@ class Session:
         "closed",
         "source",
         "prefix",
+        "headers",
         "_owner",
         "_reply",
         "_route",
         "_seconds",
     )
 
-    def __init__(self, owner: UDPListener, key, client, route, local=None) -> None:
+    def __init__(
+        self, owner: UDPListener, key, client, route, local=None,
+        addresses: Optional[Addresses] = None, headers: int = HEADERS_NONE,
+    ) -> None:
         self.id = nextFlowId()
         self.listener = owner.listener
-        self.client = clientAddress(client)
+        self.client = clientAddress(client if addresses is None else addresses.source)
         self._seconds = owner.reactor.seconds
         self.started = self.lastActive = self._seconds()
         self.bytesIn = 0
@@ -392,7 +403,8 @@ class Session:
         self.pending: list[bytes] = []
         self.unheld = 0
         self.closed = False
-        self.source, self.prefix = owner.sessionIdentity(client, local)
+        self.source, self.prefix = owner.sessionIdentity(client, local, addresses)
+        self.headers = headers
         self._owner = owner
         self._reply = owner.port.write
         self._route = route
@@ -488,20 +500,27 @@ class EngineSession:
         "closed",
         "source",
         "prefix",
+        "headers",
         "_owner",
         "_final",
     )
 
-    def __init__(self, owner: UDPListener, key: bytes, client) -> None:
+    def __init__(
+        self, owner: UDPListener, key: bytes, client,
+        addresses: Optional[Addresses] = None, headers: int = HEADERS_NONE,
+    ) -> None:
         self.id = nextFlowId()
         self.listener = owner.listener
-        self.client = clientAddress(client)
+        self.client = clientAddress(client if addresses is None else addresses.source)
         self.started = owner.reactor.seconds()
         self.key = key
         self.timeout = self.listener.timeouts.udp
         self.resolving = False
         self.closed = False
-        self.source, self.prefix = owner.sessionIdentity(client, fastudp.localAddress(key, client))
+        self.source, self.prefix = owner.sessionIdentity(
+            client, fastudp.localAddress(key, client), addresses
+        )
+        self.headers = headers
         self._owner = owner
         self._final = (0, 0)
 
@@ -626,17 +645,24 @@ class UDPListener(ListenerService):
         """
         return connectedDatagramSocket(family, address, source)
 
-    def sessionIdentity(self, client: tuple, local: Optional[bytes]) -> tuple[Optional[tuple], bytes]:
+    def sessionIdentity(
+        self, client: tuple, local: Optional[bytes], addresses: Optional[Addresses] = None
+    ) -> tuple[Optional[tuple], bytes]:
         """
         What a new session of C{client} (which sent to the local address
-        C{local}, packed, or to the listener's own address when L{None})
+        C{local}, packed, or to the listener's own address when L{None};
+        or the client and destination of its PROXY header, C{addresses})
         sends the target as the client: the address to send from
         (C{client_address: transparent}) or L{None}, and the PROXY header
         before each datagram (C{proxy_protocol_v2}) or C{b""}.
         """
         identity = self.listener.identity
-        if not identity:
+        if not identity.clientAddress:
             return None, b""
+        if addresses is not None:
+            if identity.transparent:
+                return addresses.source, b""
+            return None, proxyprotocol.encode(2, addresses, datagram=True)
         source = (client[0], client[1])
         if identity.transparent:
             return source, b""
@@ -751,25 +777,53 @@ class UDPListener(ListenerService):
         key = client if local is None else (client, local)
         session = self.sessions.get(key)
         if session is None:
-            session = self.openSession(key, client, local)
+            session = self.openSession(key, client, local, data)
             if session is None:
                 return
+        if session.headers:
+            try:
+                length, _ = datagramHeader(session.headers, data)
+            except HeaderError:
+                # lost, as a datagram can be; counted with those
+                self._dropped += 1
+                return
+            if length:
+                data = memoryview(data)[length:]
         session.send(data)
 
-    def openSession(self, key, client, local) -> Optional[Session]:
+    def headerMode(self, client: tuple) -> int:
         """
-        Open a session for C{client}, or say why not and return L{None}.
+        What C{client}'s session does with PROXY headers
+        (L{proxyprotocol.HEADERS_NONE} on a listener without
+        C{accept_proxy_protocol}).
         """
+        identity = self.listener.identity
+        if not identity.acceptProxyProtocol:
+            return HEADERS_NONE
+        return HEADERS_TAKE if identity.trusts(client[0]) else HEADERS_REFUSE
+
+    def openSession(self, key, client, local, first: bytes = b"") -> Optional[Session]:
+        """
+        Open a session for C{client}, whose C{first} datagram opens it, or
+        say why not and return L{None}.
+        """
+        headers = self.headerMode(client)
+        try:
+            _, addresses = datagramHeader(headers, first)
+        except HeaderError as e:
+            self.rejected(clientAddress(client), str(e))
+            return None
+        # The real client is known here: admission.
+        who = clientAddress(client if addresses is None else addresses.source)
         if not self.enabled:
-            self.rejected(clientAddress(client), "listener disabled")
+            self.rejected(who, "listener disabled")
             return None
         if self.full():
-            self.rejected(
-                clientAddress(client),
-                f"max_connections ({self.listener.maxConnections}) reached",
-            )
+            self.rejected(who, f"max_connections ({self.listener.maxConnections}) reached")
             return None
-        session = Session(self, key, client, self.port.replyRoute(local), local)
+        session = Session(
+            self, key, client, self.port.replyRoute(local), local, addresses, headers
+        )
         if self._targetAddress is not None:
             family, address = self._targetAddress
             try:
@@ -803,8 +857,17 @@ class UDPListener(ListenerService):
         have the engine drop what it holds.
         """
         engine = self.engine
-        why = None
-        if not self.enabled:
+        why = addresses = None
+        headers = self.headerMode(client)
+        if headers:
+            try:
+                _, addresses = datagramHeader(headers, engine.firstPending(key) or b"")
+            except HeaderError as e:
+                why = str(e)
+        # The real client is known here: admission.
+        if why is not None:
+            pass
+        elif not self.enabled:
             why = "listener disabled"
         elif self.full():
             why = f"max_connections ({self.listener.maxConnections}) reached"
@@ -813,9 +876,9 @@ class UDPListener(ListenerService):
             # every datagram the client sent meanwhile counts, as each
             # would without the engine
             self.counters.rejected += max(datagrams, 1) - 1
-            self.rejected(clientAddress(client), why)
+            self.rejected(clientAddress(client if addresses is None else addresses.source), why)
             return
-        session = EngineSession(self, key, client)
+        session = EngineSession(self, key, client, addresses, headers)
         if self._targetAddress is not None:
             family, address = self._targetAddress
             try:
@@ -825,7 +888,10 @@ class UDPListener(ListenerService):
                 self._sessionFailed(session, e, max(datagrams, 1))
                 return
             try:
-                engine.addSession(self, key, skt, session.id, session.timeout, session.prefix)
+                engine.addSession(
+                    self, key, skt, session.id, session.timeout, session.prefix,
+                    session.headers,
+                )
             except ValueError:
                 # the listener stopped meanwhile
                 skt.close()
@@ -880,7 +946,8 @@ class UDPListener(ListenerService):
             return
         try:
             self.engine.addSession(
-                self, session.key, skt, session.id, session.timeout, session.prefix
+                self, session.key, skt, session.id, session.timeout, session.prefix,
+                session.headers,
             )
         except ValueError:
             skt.close()
