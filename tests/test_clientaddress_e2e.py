@@ -233,3 +233,51 @@ def test_udpSendsV2WildcardIPv6(proxy):
             header = encode(2, Addresses(c.getsockname()[:2], ("::1", port)), datagram=True)
             assert header[13] == 0x22
             assert udpExchange(c, b"q", ("::1", port)) == header + b"q"
+
+
+def test_udpAcceptsHeaderPerDatagram(proxy):
+    """
+    On UDP, a listed source's v2 header is taken off every datagram, its
+    client names the session (access line, and the header sent on), a
+    datagram without one passes as it is, and one with a malformed header
+    is dropped.
+    """
+    with UDPEchoServer() as echo:
+        port = freePort("udp")
+        proxy.start(tcpMap(f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}",
+                           "    client_address: proxy_protocol_v2\n"
+                           "    accept_proxy_protocol: [127.0.0.0/8]\n"
+                           "    udp_timeout: 1s\n", proto="udp"))
+        lb = Addresses(("203.0.113.9", 5353), ("198.51.100.2", 53))
+        incoming = encode(2, lb, datagram=True)
+        outgoing = encode(2, lb, datagram=True)
+        address = ("127.0.0.1", port)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+            c.bind(("127.0.0.1", 0))
+            c.settimeout(2.0)
+            assert udpExchange(c, incoming + b"one", address) == outgoing + b"one"
+            assert udpExchange(c, incoming + b"two", address) == outgoing + b"two"
+            assert udpExchange(c, b"bare", address) == outgoing + b"bare"
+            c.sendto(incoming[:14] + b"\xff\xff" + b"bad", address)
+            assert udpExchange(c, incoming + b"three", address) == outgoing + b"three"
+        # the malformed datagram's 3 bytes never counted nor came back
+        proxy.waitFor(r"udp pp 203\.0\.113\.9:5353 -> 127\.0\.0\.1:\d+ [\d.]+s"
+                      r" in=15 out=127 ", timeout=15)
+
+
+def test_udpRefusesUnlistedHeader(proxy):
+    """
+    On UDP, a first datagram with a PROXY header from a source not listed
+    opens no session and is counted as rejected; nothing reaches the
+    target.
+    """
+    with UDPEchoServer() as echo:
+        port = freePort("udp")
+        proxy.start(tcpMap(f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}",
+                           "    accept_proxy_protocol: [10.0.0.0/8]\n", proto="udp"))
+        header = encode(2, Addresses(("203.0.113.9", 1), ("198.51.100.2", 2)), datagram=True)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+            c.sendto(header + b"x", ("127.0.0.1", port))
+        proxy.waitFor(r"udp pp rejected 127\.0\.0\.1:\d+: PROXY header from a source"
+                      r" not in accept_proxy_protocol")
+        assert echo.sources == []
