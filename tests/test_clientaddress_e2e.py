@@ -7,7 +7,13 @@ target is an echo server, so what it received comes back to the client.
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import subprocess
+import time
+
+import pytest
 
 from support import TCPEchoServer, UDPEchoServer, freePort, readAll
 from twistedproxy.proxyprotocol import Addresses, encode
@@ -281,3 +287,56 @@ def test_udpRefusesUnlistedHeader(proxy):
         proxy.waitFor(r"udp pp rejected 127\.0\.0\.1:\d+: PROXY header from a source"
                       r" not in accept_proxy_protocol")
         assert echo.sources == []
+
+
+@pytest.fixture
+def nginxProxyProtocol(tmp_path):
+    """
+    nginx on loopback as a real PROXY protocol receiver: a server
+    `listen ... proxy_protocol` that answers with the client address and
+    port it read from the header.
+    """
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if nginx is None:
+        pytest.skip("nginx is not installed (.ci/run installs it)")
+    port = freePort()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(
+        f"worker_processes 1; daemon off; pid {tmp_path}/nginx.pid;"
+        f" error_log {tmp_path}/nginx.err;\n"
+        "events { worker_connections 64; }\n"
+        f"http {{ access_log off; client_body_temp_path {tmp_path}; proxy_temp_path {tmp_path};"
+        f" fastcgi_temp_path {tmp_path}; uwsgi_temp_path {tmp_path}; scgi_temp_path {tmp_path};\n"
+        f"  server {{ listen 127.0.0.1:{port} proxy_protocol;"
+        " location / { return 200 \"$proxy_protocol_addr $proxy_protocol_port"
+        " $proxy_protocol_server_addr $proxy_protocol_server_port\"; } } }\n"
+    )
+    process = subprocess.Popen([nginx, "-c", str(conf)], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield port
+    process.terminate()
+    process.wait(10)
+
+
+@pytest.mark.parametrize("version", ["proxy_protocol_v1", "proxy_protocol_v2"])
+def test_nginxReadsHeader(proxy, nginxProxyProtocol, version):
+    """
+    A real receiver, nginx with `listen ... proxy_protocol`, reads the
+    header portproxy sends (v1 and v2) and sees the client's address and
+    port and the listen address.
+    """
+    port = freePort()
+    proxy.start(tcpMap(f"127.0.0.1:{port}", f"127.0.0.1:{nginxProxyProtocol}",
+                       f"    client_address: {version}\n"))
+    with socket.create_connection(("127.0.0.1", port), timeout=10.0) as conn:
+        cport = conn.getsockname()[1]
+        conn.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        answer = readAll(conn)
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert answer.endswith(f"127.0.0.1 {cport} 127.0.0.1 {port}".encode())

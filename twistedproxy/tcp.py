@@ -295,8 +295,15 @@ class TCPListener(ListenerService):
         descriptor, and its C{host:port}): connect to the target, an
         address, and hand both sockets to the engine when it answers.
         """
-        if self.listener.identity:
-            self._identifyDescriptor(clientFd, client)
+        listener = self.listener
+        if listener.identity:
+            if listener.identity.acceptProxyProtocol or listener.host in (ANY_IPV4, ANY_IPV6):
+                self._identifyDescriptor(clientFd, client)
+                return
+            # Both ends are known without asking the socket.
+            host, _, port = client.rpartition(":")
+            addresses = Addresses((host.strip("[]"), int(port)), (listener.host, listener.port))
+            self.admit(clientFd, client, addresses)
             return
         self.admit(clientFd, client, None)
 
