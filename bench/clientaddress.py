@@ -21,6 +21,7 @@ drift cancels out.  Run it from the project's venv; needs nginx and wrk
 
 import argparse
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -56,9 +57,17 @@ def portproxy(procs, tmp, name, mappings, code=os.path.dirname(HERE)):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([code, env.get("PYTHONPATH", "")])
     log = open(os.path.join(tmp, f"{name}.log"), "wb")
-    procs.start([*TWISTD, "-n", "--pidfile=", "portproxy", "-c", path], env=env, cwd=tmp,
-                stdout=log, stderr=subprocess.STDOUT)
-    return log.name
+    return procs.start([*TWISTD, "-n", "--pidfile=", "portproxy", "-c", path], env=env, cwd=tmp,
+                       stdout=log, stderr=subprocess.STDOUT).pid
+
+
+def cpuSeconds(pid):
+    """
+    User and system CPU time of process C{pid} so far, all its threads.
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def mapping(name, listen, target, extra=""):
@@ -80,13 +89,14 @@ def main():
             plainBackend, proxiedBackend = ports.take(), ports.take()
             nginx(procs, tmp, plainBackend, proxiedBackend)
             through = {}
+            pids = {}
             if args.baseline:
                 through["baseline plain"] = ports.take()
-                portproxy(procs, tmp, "baseline", [
+                pids["baseline plain"] = portproxy(procs, tmp, "baseline", [
                     mapping("plain", through["baseline plain"], plainBackend)
                 ], code=os.path.abspath(args.baseline))
             through["plain"], through["v1"], through["v2"] = ports.take(), ports.take(), ports.take()
-            portproxy(procs, tmp, "this", [
+            pids["plain"] = pids["v1"] = pids["v2"] = portproxy(procs, tmp, "this", [
                 mapping("plain", through["plain"], plainBackend),
                 mapping("v1", through["v1"], proxiedBackend, ", client_address: proxy_protocol_v1"),
                 mapping("v2", through["v2"], proxiedBackend, ", client_address: proxy_protocol_v2"),
@@ -102,11 +112,24 @@ def main():
             time.sleep(1)
             reference = "baseline plain" if args.baseline else "plain"
             figures = {(w, k): [] for w in workloads for k in through}
+            # the proxy's CPU time per request, in microseconds: what the
+            # proxy itself spends, which a busy machine blurs far less
+            # than the rates
+            costs = {(w, k): [] for w in workloads for k in through}
             for _ in range(args.rounds):
                 for w in workloads:
-                    for k, port in through.items():
-                        figures[(w, k)].append(measure(w, port, args.seconds))
-            print(f"{'workload':16} {'through':16} {'median':>10} {'ratio to ' + reference:>24}")
+                    # a new order every round: nothing always runs first
+                    order = list(through.items())
+                    random.shuffle(order)
+                    for k, port in order:
+                        before = cpuSeconds(pids[k])
+                        rate = measure(w, port, args.seconds)
+                        spent = cpuSeconds(pids[k]) - before
+                        figures[(w, k)].append(rate)
+                        if rate:
+                            costs[(w, k)].append(spent * 1e6 / (rate * args.seconds))
+            print(f"{'workload':16} {'through':16} {'median':>10} {'ratio to ' + reference:>24}"
+                  f" {'proxy CPU us/req':>17} {'ratio':>7}")
             for w in workloads:
                 for k in through:
                     values = [v for v in figures[(w, k)] if v is not None]
@@ -116,7 +139,10 @@ def main():
                     ]
                     median = f"{statistics.median(values):10.0f}" if values else f"{'-':>10}"
                     ratio = f"{statistics.median(ratios):24.3f}" if ratios else f"{'-':>24}"
-                    print(f"{w:16} {k:16} {median} {ratio}")
+                    cost = statistics.median(costs[(w, k)]) if costs[(w, k)] else None
+                    base = statistics.median(costs[(w, reference)]) if costs[(w, reference)] else None
+                    costText = f"{cost:17.1f} {cost / base:7.3f}" if cost and base else f"{'-':>17} {'-':>7}"
+                    print(f"{w:16} {k:16} {median} {ratio} {costText}")
     finally:
         procs.stopAll()
 

@@ -352,11 +352,15 @@ class TCPListener(ListenerService):
         closed.
         """
         identity = self.listener.identity
-        peer = skt.getpeername()[:2]
-        if self.listener.host in (ANY_IPV4, ANY_IPV6):
-            local = skt.getsockname()[:2]
-        else:
-            local = (self.listener.host, self.listener.port)
+        try:
+            peer = skt.getpeername()[:2]
+            if self.listener.host in (ANY_IPV4, ANY_IPV6):
+                local = skt.getsockname()[:2]
+            else:
+                local = (self.listener.host, self.listener.port)
+        except OSError as e:
+            identified(None, f"client gone: {(e.strerror or str(e)).lower()}")
+            return None
         own = Addresses(peer, local)
         if not identity.acceptProxyProtocol:
             identified(own, None)
@@ -615,7 +619,6 @@ class Relay(Protocol):
         self._seen = 0
         self._quietChecks = 0
         self._ended = False
-        self._reader: HeaderReader | None = None
         #: the client's and its destination's addresses, when the
         #: listener's identity settings needed them
         self.addresses: Addresses | None = None
@@ -633,7 +636,7 @@ class Relay(Protocol):
             # Nothing is read by Twisted until the target answers; the
             # header, if any, is read from the socket itself.
             self.transport.pauseProducing()
-            self._reader = self.service.identify(self.transport.socket, self._identified)
+            self.service.identify(self.transport.socket, self._identified)
             return
         self._admit()
 
@@ -642,7 +645,6 @@ class Relay(Protocol):
         The client's real address is known (L{TCPListener.identify}), or
         it is closed for C{problem}.
         """
-        self._reader = None
         if problem is not None:
             self.transport.loseConnection()
             self.service.refusedHeader(self.client, problem)
