@@ -263,3 +263,17 @@ def test_readerOversizeV1():
     bench.reader.doRead()
     assert len(bench.results) == 1 and isinstance(bench.results[0], HeaderError)
     bench.close()
+
+
+def test_readerPrefixThatIsNoHeaderCloses():
+    """
+    Bytes that began like a header, consumed while waiting for the rest,
+    and then turn out not to be one close the client: they cannot be
+    relayed any more.
+    """
+    bench = ReaderBench()
+    bench.feed(b"PROX")
+    assert bench.results == []
+    bench.feed(b"IMA")
+    assert len(bench.results) == 1 and isinstance(bench.results[0], HeaderError)
+    bench.close()

@@ -302,7 +302,12 @@ class HeaderReader:
             return
         length, addresses = parsed
         if length == 0:
-            self._finish(None)
+            if read:
+                # What was consumed cannot be put back: the client's
+                # stream would miss its first bytes.
+                self._finish(HeaderError("first bytes began like a PROXY header and were not one"))
+            else:
+                self._finish(None)
             return
         if not self.trusted:
             self._finish(HeaderError("PROXY header from a source not in accept_proxy_protocol"))
