@@ -28,24 +28,14 @@ import sys
 import tempfile
 import time
 
-from peers import TWISTD, Ports, measure, waitTCP
+from peers import TWISTD, Ports, measure, startHTTP, waitTCP
 from processes import Processes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def nginx(procs, tmp, plain, proxied):
-    conf = os.path.join(tmp, "http.conf")
-    with open(conf, "w") as f:
-        f.write(
-            f"worker_processes 1; daemon off; pid {tmp}/http.pid; error_log {tmp}/http.err;\n"
-            "events { worker_connections 20000; }\n"
-            "http { access_log off; keepalive_requests 1000000;\n"
-            f"  server {{ listen 127.0.0.1:{plain}; location / {{ return 200 \"hello\\n\"; }} }}\n"
-            f"  server {{ listen 127.0.0.1:{proxied} proxy_protocol;"
-            " location / { return 200 \"hello\\n\"; } } }\n"
-        )
-    procs.start(["nginx", "-c", conf])
+    startHTTP(procs, tmp, [f"127.0.0.1:{plain}", f"127.0.0.1:{proxied} proxy_protocol"])
     waitTCP(plain)
     waitTCP(proxied)
 
