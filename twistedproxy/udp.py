@@ -462,9 +462,9 @@ class Session:
         self._owner._dropped += self.unheld
         pending, self.pending = self.pending, []
         for data in pending:
-            # Counted when it arrived.
+            # Counted when it arrived, and made ready to forward then.
             self.bytesIn -= len(data)
-            self.send(data)
+            Session.send(self, data)
 
     def close(self, reason: str) -> None:
         """
@@ -476,6 +476,26 @@ class Session:
         if self.port is not None:
             self.port.close()
         self._owner.sessionEnded(self, reason)
+
+
+class HeaderSession(Session):
+    """
+    A session of a listener with C{accept_proxy_protocol}: each of the
+    client's datagrams loses its PROXY v2 header (from a listed source) or
+    is dropped for having one (from any other), before it is forwarded.
+    Other sessions pay nothing for this.
+    """
+
+    __slots__ = ()
+
+    def send(self, data: bytes) -> None:
+        try:
+            length, _ = datagramHeader(self.headers, data)
+        except HeaderError:
+            # lost, as a datagram can be; counted with those
+            self._owner._dropped += 1
+            return
+        Session.send(self, memoryview(data)[length:] if length else data)
 
 
 @implementer(IFlow)
@@ -780,15 +800,6 @@ class UDPListener(ListenerService):
             session = self.openSession(key, client, local, data)
             if session is None:
                 return
-        if session.headers:
-            try:
-                length, _ = datagramHeader(session.headers, data)
-            except HeaderError:
-                # lost, as a datagram can be; counted with those
-                self._dropped += 1
-                return
-            if length:
-                data = memoryview(data)[length:]
         session.send(data)
 
     def headerMode(self, client: tuple) -> int:
@@ -821,7 +832,8 @@ class UDPListener(ListenerService):
         if self.full():
             self.rejected(who, f"max_connections ({self.listener.maxConnections}) reached")
             return None
-        session = Session(
+        kind = HeaderSession if headers else Session
+        session = kind(
             self, key, client, self.port.replyRoute(local), local, addresses, headers
         )
         if self._targetAddress is not None:
