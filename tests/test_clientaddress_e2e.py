@@ -329,3 +329,23 @@ def test_nginxReadsHeader(proxy, nginxProxyProtocol, version):
         answer = readAll(conn)
     assert answer.startswith(b"HTTP/1.1 200")
     assert answer.endswith(f"127.0.0.1 {cport} 127.0.0.1 {port}".encode())
+
+
+def test_reloadChangesWhatIsSent(proxy):
+    """
+    A reload that changes client_address applies to new connections, on
+    the same listening socket.
+    """
+    with TCPEchoServer() as echo:
+        port = freePort()
+        proxy.start(tcpMap(f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}",
+                           "    client_address: proxy_protocol_v1\n"))
+        got, own = send(port, b"a")
+        assert got.startswith(b"PROXY TCP4 ")
+        summary = proxy.reload(tcpMap(f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}",
+                                      "    client_address: proxy_protocol_v2\n"))
+        assert "changed 1" in summary
+        got, own = send(port, b"b")
+        assert got == encode(2, Addresses(own, ("127.0.0.1", port))) + b"b"
+        proxy.reload(tcpMap(f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}"))
+        assert send(port, b"c")[0] == b"c"
