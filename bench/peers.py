@@ -105,19 +105,30 @@ def startBackends(procs, ports, tmp):
         procs.start(["sockperf", "server", "-i", "127.0.0.1", "-p", str(port["sockperf_udp"])])
     if shutil.which("nginx"):
         port["http"] = ports.take()
-        conf = os.path.join(tmp, "http.conf")
-        with open(conf, "w") as f:
-            f.write(
-                f"worker_processes 1; daemon off; pid {tmp}/http.pid; error_log {tmp}/http.err;\n"
-                "events { worker_connections 20000; }\n"
-                "http { access_log off; keepalive_requests 1000000;\n"
-                f"  server {{ listen 127.0.0.1:{port['http']}; location / {{ return 200 \"hello\\n\"; }} }} }}\n"
-            )
-        procs.start(["nginx", "-c", conf])
+        startHTTP(procs, tmp, [f"127.0.0.1:{port['http']}"])
     for key in ("iperf", "sockperf_tcp", "http"):
         if key in port:
             waitTCP(port[key])
     return port
+
+
+def startHTTP(procs, tmp, listens):
+    """
+    nginx answering C{hello} on each of C{listens} (what follows
+    C{listen}: C{"127.0.0.1:8080"}, C{"127.0.0.1:8081 proxy_protocol"}).
+    """
+    conf = os.path.join(tmp, "http.conf")
+    servers = "".join(
+        f"  server {{ listen {listen}; location / {{ return 200 \"hello\\n\"; }} }}\n"
+        for listen in listens
+    )
+    with open(conf, "w") as f:
+        f.write(
+            f"worker_processes 1; daemon off; pid {tmp}/http.pid; error_log {tmp}/http.err;\n"
+            "events { worker_connections 20000; }\n"
+            "http { access_log off; keepalive_requests 1000000;\n" + servers + "}\n"
+        )
+    procs.start(["nginx", "-c", conf])
 
 
 def startPeers(procs, ports, tmp, backend, wanted):

@@ -78,9 +78,11 @@ class ProxyProcess:
     @ivar fastPath: whether the proxy may use its compiled fast paths.
     """
 
-    def __init__(self, workdir: Path, fastPath: bool = True) -> None:
+    def __init__(self, workdir: Path, fastPath: bool = True, prefix: tuple = ()) -> None:
         self.workdir = Path(workdir)
         self.fastPath = fastPath
+        #: what twistd runs under (C{ip netns exec NS}), if anything
+        self.prefix = tuple(prefix)
         self.mapPath = self.workdir / "map.yaml"
         self.logPath = self.workdir / "proxy.log"
         self.process: Optional[subprocess.Popen] = None
@@ -102,7 +104,7 @@ class ProxyProcess:
         """
         self.writeMap(mapText)
         self._log = open(self.logPath, "wb")
-        argv = [*TWISTD, "-n", "--pidfile=", *extraArgs]
+        argv = [*self.prefix, *TWISTD, "-n", "--pidfile=", *extraArgs]
         argv += ["portproxy", "-c", str(self.mapPath)]
         self.process = subprocess.Popen(
             argv,

@@ -85,7 +85,8 @@ def test_invalidMap(tmp_path) -> None:
     assert result.stderr.splitlines() == [
         "map.yaml:6: listen: port 70000 is out of range (1-65535)",
         "map.yaml:7: mappings[1]: unknown key 'tagret' (expected one of: name, proto,"
-        " listen, target, connect_timeout, idle_timeout, udp_timeout, max_connections)",
+        " listen, target, connect_timeout, idle_timeout, udp_timeout, max_connections,"
+        " client_address, accept_proxy_protocol)",
         "map.yaml:9: listen: tcp 0.0.0.0:8080 overlaps mapping 'web' (line 2)",
     ]
 
@@ -173,3 +174,57 @@ def test_help(tmp_path) -> None:
     result = check("check", "--help", cwd=str(tmp_path))
     assert result.returncode == 0
     assert "usage: python -m twistedproxy check [-h] MAP [MAP ...]" in result.stdout
+
+
+def test_clientIdentityErrors(tmp_path):
+    """
+    An unknown client_address, a bad CIDR in accept_proxy_protocol, v1 for
+    UDP and transparent towards loopback are FILE:LINE: message errors, and
+    nothing else in that map is.
+    """
+    (tmp_path / "map.yaml").write_text(dedent("""\
+        defaults:
+          accept_proxy_protocol: [10.0.0.0/33]
+        mappings:
+          - name: a
+            listen: 8000
+            target: 10.0.0.2:80
+            client_address: proxy_protocol_v3
+          - name: b
+            proto: udp
+            listen: 8001
+            target: 10.0.0.2:80
+            client_address: proxy_protocol_v1
+            accept_proxy_protocol: [10.0.0.0/8]
+          - name: c
+            listen: 8002
+            target: 127.0.0.1:80
+            client_address: transparent
+        """))
+    result = check("check", "map.yaml", cwd=str(tmp_path))
+    assert result.returncode == 1
+    lines = result.stdout.splitlines() + result.stderr.splitlines()
+    assert "map.yaml:2: defaults.accept_proxy_protocol: '10.0.0.0/33' is not a network" \
+        " (such as 10.0.0.0/8 or fd00::/8)" in lines
+    assert "map.yaml:7: client_address: unknown value 'proxy_protocol_v3' (expected" \
+        " proxy_protocol_v1 | proxy_protocol_v2 | transparent)" in lines
+    assert "map.yaml:12: client_address: proxy_protocol_v1 has no UDP form;" \
+        " use proxy_protocol_v2 for UDP" in lines
+    assert "map.yaml:17: client_address: transparent cannot reach a target on loopback" \
+        " (127.0.0.1): its replies to the client's address would never come back" in lines
+    assert len(lines) == 4, lines
+
+
+def test_transparentNeedsNetAdmin(tmp_path):
+    """
+    Without CAP_NET_ADMIN, transparent is refused with the reason.
+    """
+    from twistedproxy import transparency
+
+    status = tmp_path / "status"
+    status.write_text("Name:\tx\nCapEff:\t0000000000000000\n")
+    assert "needs CAP_NET_ADMIN" in transparency.problem(str(status))
+    status.write_text("Name:\tx\nCapEff:\t0000000000001000\n")
+    assert transparency.problem(str(status)) is None
+    status.write_text("Name:\tx\n")
+    assert "cannot read" in transparency.problem(str(status))

@@ -938,7 +938,7 @@ def test_noSocketCountsDroppedThroughEngine(reactor, service, logged):
     svc = s.service
     opened = svc.openSessionSocket
 
-    def outOfDescriptors(family, address):
+    def outOfDescriptors(family, address, source=None):
         raise OSError(errno.EMFILE, "Too many open files")
 
     svc.openSessionSocket = outOfDescriptors
@@ -1031,3 +1031,62 @@ def test_stopServiceClosesSessionsThroughEngine(reactor, service, logged):
     assert s.service.active == 0
     assert "in=3 out=0 listener closed" in lines(logged)
     assert port.socket.fileno() == -1
+
+
+def _headerCases():
+    from twistedproxy.proxyprotocol import SIGNATURE, Addresses, encode
+
+    good = encode(2, Addresses(("192.0.2.1", 1), ("192.0.2.2", 2)), datagram=True)
+    return [
+        good + b"payload",
+        SIGNATURE + b"\x20\x00\x00\x00" + b"local",
+        SIGNATURE + b"\x21\x00\x00\x02ab" + b"unspec",
+        good[:14] + b"\x00\x11" + bytes(17) + b"tlv",
+        SIGNATURE + b"\x11\x12\x00\x0c" + bytes(12) + b"badversion",
+        SIGNATURE + b"\x23\x12\x00\x0c" + bytes(12) + b"badcommand",
+        SIGNATURE + b"\x21\x42\x00\x0c" + bytes(12) + b"badfamily",
+        SIGNATURE + b"\x21\x13\x00\x0c" + bytes(12) + b"badtransport",
+        SIGNATURE + b"\x21\x22\x00\x0c" + bytes(12) + b"short6",
+        SIGNATURE + b"\x21\x12\xff\xff" + b"truncated",
+        SIGNATURE + b"\x21",
+        b"no header at all",
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\nv1 is payload",
+    ]
+
+
+@needsEngine
+@pytest.mark.parametrize("mode", [1, 2])
+def test_headersAgreeWithPython(bench, mode):
+    """
+    In a session that takes (1) or refuses (2) PROXY headers, the engine
+    forwards, strips and drops exactly what proxyprotocol.datagramHeader
+    says, in open sessions and among the datagrams held before one opens.
+    """
+    from twistedproxy.proxyprotocol import HeaderError, datagramHeader
+
+    cases = _headerCases()
+    expected = []
+    for data in cases:
+        try:
+            length, _ = datagramHeader(mode, data)
+        except HeaderError:
+            continue
+        expected.append(data[length:])
+    b = bench(gso=False)
+    c = b.client()
+    c.sendto(cases[0], b.address)
+    [event] = nextEvents(b.engine)
+    flowId = next(b.flowIds)
+    skt = connected(b.target.getsockname()[:2])
+    b.engine.addSession(event[2], skt.detach(), flowId, 30.0, b"", mode)
+    for data in cases[1:]:
+        c.sendto(data, b.address)
+    b.target.settimeout(2.0)
+    got = []
+    try:
+        while len(got) < len(expected):
+            got.append(b.target.recv(65535))
+    except socket.timeout:
+        pass
+    assert got == expected
+    assert b.engine.listenerCounters(1)[1] == len(cases) - len(expected)

@@ -429,3 +429,24 @@ def test_udpSessionsShownDisabledAndKilled(proxy, tmp_path, keys, session):
             assert f"closed {flowId}: udp dns {client} -> 127.0.0.1:{echo.port}" in out
             line = proxy.waitFor(r"udp dns [^\n]*killed from the manhole").group(0)
             assert "in=10 out=10" in line
+
+
+def test_connectionsShowsTheProxyHeadersClient(proxy, tmp_path, keys, session):
+    """
+    Behind a load balancer (accept_proxy_protocol), connections() shows
+    the client named by the PROXY header, not the balancer.
+    """
+    from twistedproxy.proxyprotocol import Addresses, encode
+
+    with TCPEchoServer() as echo:
+        manholePort, tcpPort = freePort(), freePort()
+        text = proxyMap(tmp_path, manholePort, ("lb", "tcp", f"127.0.0.1:{tcpPort}", f"127.0.0.1:{echo.port}"))
+        text = text.replace("manhole:", "    accept_proxy_protocol: [127.0.0.0/8]\nmanhole:")
+        proxy.start(text)
+        shell = session(manholePort)
+        with socket.create_connection(("127.0.0.1", tcpPort), timeout=5) as conn:
+            conn.sendall(encode(1, Addresses(("203.0.113.50", 40000), ("198.51.100.1", 443))))
+            assert roundTrip(conn, b"ping") == b"ping"
+            out = shell.run("connections()")
+            row = next(line.split() for line in out.splitlines() if " lb " in line)
+            assert row[1:5] == ["lb", "tcp", "203.0.113.50:40000", f"127.0.0.1:{echo.port}"]

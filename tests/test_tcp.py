@@ -737,3 +737,52 @@ def test_stopClosesSocketAtOnceFlowsRunOn():
         again.bind(("127.0.0.1", port))
     assert service.active == 1
     assert not service.whenDrained().called
+
+
+class _ShortSender:
+    """
+    A socket whose send takes only part of what it is given, or fails.
+    """
+
+    def __init__(self, takes=None, error=None):
+        self.takes = takes
+        self.error = error
+
+    def send(self, data):
+        if self.error is not None:
+            raise self.error
+        return self.takes
+
+
+def test_sendHeaderPartialIsAFailure():
+    """
+    A PROXY header that is not sent whole in one call, or whose send
+    fails, is a failure with a reason; a whole one is not.
+    """
+    from twistedproxy.tcp import sendHeader
+
+    assert sendHeader(_ShortSender(takes=5), b"x" * 5) is None
+    assert sendHeader(_ShortSender(takes=3), b"x" * 5) == (
+        "cannot send the PROXY header: 3 of 5 bytes sent"
+    )
+    assert sendHeader(_ShortSender(error=BrokenPipeError(32, "Broken pipe")), b"x") == (
+        "cannot send the PROXY header: broken pipe"
+    )
+
+
+def test_proxyHeaderFollowsTheListener():
+    """
+    The header a flow sends is the listener's client_address version of
+    the flow's addresses, and nothing without one.
+    """
+    from twistedproxy.model import ClientIdentity
+    from twistedproxy.proxyprotocol import Addresses
+    from twistedproxy.tcp import proxyHeader
+
+    addresses = Addresses(("192.0.2.1", 1000), ("192.0.2.2", 80))
+    v1 = makeListener(identity=ClientIdentity("proxy_protocol_v1"))
+    assert proxyHeader(v1, addresses) == b"PROXY TCP4 192.0.2.1 192.0.2.2 1000 80\r\n"
+    v2 = makeListener(identity=ClientIdentity("proxy_protocol_v2"))
+    assert proxyHeader(v2, addresses)[12:14] == b"\x21\x11"
+    assert proxyHeader(makeListener(), None) == b""
+    assert proxyHeader(makeListener(identity=ClientIdentity("transparent")), addresses) == b""

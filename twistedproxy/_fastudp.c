@@ -65,6 +65,17 @@
 /* Longest gap between two sweeps for expired sessions, in milliseconds;
  * shorter when a session's timeout is under ten times this. */
 #define SWEEP_GAP_MS 1000
+/* The longest prefix a session may put before each datagram to its target:
+ * a PROXY protocol v2 header for IPv6, 16 + 36 bytes, with room to spare. */
+#define PREFIX_MAX 64
+
+/* What a session does with PROXY v2 headers at the start of the client's
+ * datagrams (accept_proxy_protocol): nothing, take them off (a listed
+ * source; a malformed one drops the datagram), or drop datagrams that
+ * carry one (any other source). */
+enum { HEADERS_NONE = 0, HEADERS_TAKE = 1, HEADERS_REFUSE = 2 };
+static const uint8_t PP2_SIGNATURE[12] = {
+    0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A};
 
 enum { KIND_WAKE = 0, KIND_LISTENER = 1, KIND_SESSION = 2 };
 enum { EVENT_NEW = 1, EVENT_ENDED = 2 };
@@ -117,6 +128,9 @@ typedef struct Session {
     int64_t timeout;            /* ms */
     uint64_t bytesIn, bytesOut;
     int gso;                    /* runs may leave with UDP GSO */
+    int headers;                /* HEADERS_*: PROXY headers from the client */
+    size_t prefixLen;           /* bytes of prefix sent before each datagram */
+    uint8_t prefix[PREFIX_MAX]; /* the client's PROXY v2 header, constant */
     struct Session *nextByKey, *nextById, *nextDead;
 } Session;
 
@@ -389,14 +403,53 @@ freeDead(Engine *self)
 static void
 sendToTarget(Session *s, const char *data, size_t len)
 {
-    if (send(s->fd, data, len, MSG_DONTWAIT) < 0 && errno == ECONNREFUSED) {
+    struct iovec iov[2] = {{s->prefix, s->prefixLen}, {(void *)data, len}};
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    /* without a prefix, the datagram alone */
+    msg.msg_iov = s->prefixLen ? iov : iov + 1;
+    msg.msg_iovlen = s->prefixLen ? 2 : 1;
+    if (sendmsg(s->fd, &msg, MSG_DONTWAIT) < 0 && errno == ECONNREFUSED) {
         /* A stale ICMP port-unreachable from an earlier datagram (the
          * target was not listening then) failed this send, which never
          * left: once more, so the first datagram after the target starts
          * listening gets through.  Any other failure loses the datagram,
          * as any network may. */
-        (void)send(s->fd, data, len, MSG_DONTWAIT);
+        (void)sendmsg(s->fd, &msg, MSG_DONTWAIT);
     }
+}
+
+/* How many bytes at the start of a client's datagram are a PROXY v2
+ * header to take off, for a session's HEADERS_* mode; -1 when the
+ * datagram must be dropped: a malformed header from a listed source, any
+ * header from another.  The checks are proxyprotocol.parse's for v2. */
+static long
+headerLength(int mode, const uint8_t *data, size_t len)
+{
+    if (mode == HEADERS_NONE || len < 12 || memcmp(data, PP2_SIGNATURE, 12) != 0)
+        return 0;
+    if (mode == HEADERS_REFUSE || len < 16)
+        return -1;
+    uint8_t command = data[12], family = data[13] >> 4, transport = data[13] & 0xF;
+    if ((command != 0x20 && command != 0x21) || family > 3 || transport > 2)
+        return -1;
+    size_t total = 16 + ((size_t)data[14] << 8 | data[15]);
+    if (total > len)
+        return -1;
+    static const size_t needed[4] = {0, 12, 36, 216};
+    if (command == 0x21 && family != 0 && transport != 0 && total - 16 < needed[family])
+        return -1;
+    return (long)total;
+}
+
+/* The bytes a message carries: the datagram, and a session's prefix. */
+static size_t
+messageLength(const struct msghdr *msg)
+{
+    size_t len = 0;
+    for (size_t i = 0; i < msg->msg_iovlen; i++)
+        len += msg->msg_iov[i].iov_len;
+    return len;
 }
 
 /* Send msgs[0..count) on the session's socket with as few system calls as
@@ -424,16 +477,17 @@ sendRunToTarget(Session *s, struct mmsghdr *msgs, int count)
 /* How many of msgs[0..count) can leave in one GSO send: the kernel cuts
  * its payload into segments of the first datagram's size, so all must
  * have that size but the last, which may be shorter (not empty: an empty
- * segment would vanish). */
+ * segment would vanish).  A session's prefix is part of every segment;
+ * being the same before each datagram, it keeps equal sizes equal. */
 static int
 gsoSegments(const struct mmsghdr *msgs, int count)
 {
-    size_t size = msgs[0].msg_hdr.msg_iov->iov_len, total = size;
+    size_t size = messageLength(&msgs[0].msg_hdr), total = size;
     int n = 1;
     if (size == 0)
         return 1;
     while (n < count && n < GSO_SEGMENTS) {
-        size_t len = msgs[n].msg_hdr.msg_iov->iov_len;
+        size_t len = messageLength(&msgs[n].msg_hdr);
         if (len == 0 || len > size || total + len > GSO_BYTES)
             break;
         total += len;
@@ -444,9 +498,9 @@ gsoSegments(const struct mmsghdr *msgs, int count)
     return n;
 }
 
-/* Send msgs[0..count), one iovec each (consecutive in memory, as
- * readListener lays them out), in one sendmsg that the kernel cuts back
- * into the same datagrams.  A stale ICMP error is retried once, as in
+/* Send msgs[0..count), one iovec each, or two with the session's prefix
+ * (consecutive in memory, as readListener lays them out), in one sendmsg
+ * that the kernel cuts back into the same datagrams.  A stale ICMP error is retried once, as in
  * sendToTarget.  Returns 1 when sent, 0 when lost as on any network, -1
  * when the kernel refuses GSO on this socket and nothing left. */
 static int
@@ -457,14 +511,14 @@ sendSegments(Session *s, const struct mmsghdr *msgs, int count)
     memset(&msg, 0, sizeof msg);
     memset(control, 0, sizeof control);
     msg.msg_iov = msgs[0].msg_hdr.msg_iov;
-    msg.msg_iovlen = (size_t)count;
+    msg.msg_iovlen = (size_t)count * msgs[0].msg_hdr.msg_iovlen;
     msg.msg_control = control;
     msg.msg_controllen = sizeof control;
     struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
     c->cmsg_level = SOL_UDP;
     c->cmsg_type = UDP_SEGMENT;
     c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
-    uint16_t size = (uint16_t)msgs[0].msg_hdr.msg_iov->iov_len;
+    uint16_t size = (uint16_t)messageLength(&msgs[0].msg_hdr);
     memcpy(CMSG_DATA(c), &size, sizeof size);
     ssize_t sent = sendmsg(s->fd, &msg, MSG_DONTWAIT);
     if (sent < 0 && errno == ECONNREFUSED)
@@ -551,6 +605,10 @@ readListener(Engine *self, Listener *l, int64_t now)
 {
     struct mmsghdr msgs[DRAIN];
     struct iovec iovs[DRAIN];
+    /* a session's prefix and the datagram, for sessions with a prefix:
+     * msgs[i] then sends prefixed[2i..2i+1], so that a run's iovecs are
+     * consecutive as sendSegments wants them */
+    struct iovec prefixed[2 * DRAIN];
     struct sockaddr_storage names[DRAIN];
     char controls[DRAIN][CMSG_SPACE(sizeof(struct in6_pktinfo)) + CMSG_SPACE(sizeof(struct in_pktinfo))];
     for (int i = 0; i < DRAIN; i++) {
@@ -587,6 +645,20 @@ readListener(Engine *self, Listener *l, int64_t now)
             holdDatagram(self, l, &peer, data, len);
             continue;
         }
+        if (s->headers != HEADERS_NONE) {
+            long skip = headerLength(s->headers, (const uint8_t *)data, len);
+            if (skip < 0) {
+                /* dropped: the run so far leaves, the next starts after */
+                if (last != NULL)
+                    sendRun(self, last, msgs + runStart, i - runStart);
+                last = NULL;
+                l->dropped++;
+                continue;
+            }
+            data += skip;
+            len -= (size_t)skip;
+            iovs[i].iov_base = (char *)data;
+        }
         if (last == NULL)
             runStart = i;
         last = s;
@@ -594,6 +666,13 @@ readListener(Engine *self, Listener *l, int64_t now)
         s->bytesIn += len;
         /* the outgoing message: this datagram, to the connected target */
         iovs[i].iov_len = len;
+        if (s->prefixLen) {
+            prefixed[2 * i].iov_base = s->prefix;
+            prefixed[2 * i].iov_len = s->prefixLen;
+            prefixed[2 * i + 1] = iovs[i];
+            msgs[i].msg_hdr.msg_iov = &prefixed[2 * i];
+            msgs[i].msg_hdr.msg_iovlen = 2;
+        }
         msgs[i].msg_hdr.msg_name = NULL;
         msgs[i].msg_hdr.msg_namelen = 0;
         msgs[i].msg_hdr.msg_control = NULL;
@@ -910,15 +989,20 @@ parsePeer(PyObject *arg, Peer *peer)
 }
 
 PyDoc_STRVAR(addSession_doc,
-"addSession(key, fd, flowId, timeout) -> None\n\n"
+"addSession(key, fd, flowId, timeout, prefix=b'', headers=0) -> None\n\n"
 "Open a session for the client of key (from a 'new' event): fd is a\n"
 "non-blocking UDP socket connected to the target, which the engine now\n"
 "owns and closes when the session ends.  The datagrams held for the\n"
 "client are sent on it at once; bytesIn counts every datagram the client\n"
 "sent, and those not held count in the listener's dropped.  flowId: an int\n"
 "unique in the engine; timeout: seconds without a datagram either way\n"
-"after which the engine ends the session and reports it.  On an error\n"
-"the caller keeps fd.");
+"after which the engine ends the session and reports it.  prefix: bytes\n"
+"sent before every datagram to the target (a PROXY v2 header; at most\n"
+"64), replies are not changed.  headers: what to do with a PROXY v2\n"
+"header at the start of the client's datagrams: 0 nothing, 1 take it off\n"
+"(dropping the datagram when it is malformed), 2 drop datagrams with one;\n"
+"dropped ones count in the listener's dropped.  On an error the caller\n"
+"keeps fd.");
 
 static PyObject *
 Engine_addSession(Engine *self, PyObject *args)
@@ -927,8 +1011,27 @@ Engine_addSession(Engine *self, PyObject *args)
     int fd;
     unsigned long long flowId;
     double timeout;
-    if (!PyArg_ParseTuple(args, "OiKd", &keyObject, &fd, &flowId, &timeout))
+    Py_buffer prefix = {0};
+    int headers = HEADERS_NONE;
+    if (!PyArg_ParseTuple(args, "OiKd|y*i", &keyObject, &fd, &flowId, &timeout, &prefix, &headers))
         return NULL;
+    if (headers < HEADERS_NONE || headers > HEADERS_REFUSE) {
+        if (prefix.buf != NULL)
+            PyBuffer_Release(&prefix);
+        PyErr_SetString(PyExc_ValueError, "headers must be 0, 1 or 2");
+        return NULL;
+    }
+    size_t prefixLen = prefix.buf != NULL ? (size_t)prefix.len : 0;
+    uint8_t prefixBytes[PREFIX_MAX];
+    if (prefixLen > PREFIX_MAX) {
+        PyBuffer_Release(&prefix);
+        PyErr_SetString(PyExc_ValueError, "prefix longer than 64 bytes");
+        return NULL;
+    }
+    if (prefixLen)
+        memcpy(prefixBytes, prefix.buf, prefixLen);
+    if (prefix.buf != NULL)
+        PyBuffer_Release(&prefix);
     Peer peer;
     if (parsePeer(keyObject, &peer) < 0 || checkOpen(self) < 0)
         return NULL;
@@ -944,6 +1047,10 @@ Engine_addSession(Engine *self, PyObject *args)
     s->peer = peer;
     s->flowId = flowId;
     s->gso = self->gso;
+    s->headers = headers;
+    s->prefixLen = prefixLen;
+    if (prefixLen)
+        memcpy(s->prefix, prefixBytes, prefixLen);
     s->timeout = timeout * 1000 > 1e15 ? (int64_t)1e15 : (int64_t)(timeout * 1000);
     if (s->timeout < 1)
         s->timeout = 1;
@@ -992,8 +1099,16 @@ Engine_addSession(Engine *self, PyObject *args)
          * a client that Python rejects instead has every datagram counted
          * as rejected, as without the engine. */
         l->dropped += p->datagrams - (uint64_t)p->count;
-        for (int i = 0; i < p->count; i++)
-            sendToTarget(s, p->data[i], p->lens[i]);
+        for (int i = 0; i < p->count; i++) {
+            long skip = headerLength(s->headers, (const uint8_t *)p->data[i], p->lens[i]);
+            if (skip < 0) {
+                l->dropped++;
+                s->bytesIn -= p->lens[i];
+                continue;
+            }
+            s->bytesIn -= (uint64_t)skip;
+            sendToTarget(s, p->data[i] + skip, p->lens[i] - (size_t)skip);
+        }
         freePending(self, p);
     }
     int64_t gap = s->timeout / 10 < SWEEP_GAP_MS ? s->timeout / 10 : SWEEP_GAP_MS;
@@ -1014,6 +1129,42 @@ PyDoc_STRVAR(dropPending_doc,
 "dropPending(key) -> (datagrams, bytes)\n\n"
 "Drop what is held for the client of key (from a 'new' event) and say how\n"
 "much it sent meanwhile, held or not; (0, 0) when nothing is held.");
+
+PyDoc_STRVAR(firstPending_doc,
+"firstPending(key) -> bytes or None\n\n"
+"The first datagram held for the client of key (from a 'new' event), or\n"
+"None when none is held: what a listener with accept_proxy_protocol reads\n"
+"the client's PROXY header from before it opens the session.");
+
+static PyObject *
+Engine_firstPending(Engine *self, PyObject *arg)
+{
+    Peer peer;
+    if (parsePeer(arg, &peer) < 0)
+        return NULL;
+    char *copy = NULL;
+    size_t len = 0;
+    int found = 0;
+    lockFromPython(self);
+    Pending *p = *findPending(self, &peer.key);
+    if (p != NULL && p->count > 0) {
+        len = p->lens[0];
+        copy = malloc(len ? len : 1);
+        if (copy != NULL) {
+            memcpy(copy, p->data[0], len);
+            found = 1;
+        }
+    }
+    pthread_mutex_unlock(&self->lock);
+    if (!found) {
+        if (p != NULL && p->count > 0)
+            return PyErr_NoMemory();
+        Py_RETURN_NONE;
+    }
+    PyObject *result = PyBytes_FromStringAndSize(copy, (Py_ssize_t)len);
+    free(copy);
+    return result;
+}
 
 static PyObject *
 Engine_dropPending(Engine *self, PyObject *arg)
@@ -1344,6 +1495,7 @@ static PyMethodDef Engine_methods[] = {
     {"removeListener", (PyCFunction)Engine_removeListener, METH_O, removeListener_doc},
     {"addSession", (PyCFunction)Engine_addSession, METH_VARARGS, addSession_doc},
     {"dropPending", (PyCFunction)Engine_dropPending, METH_O, dropPending_doc},
+    {"firstPending", (PyCFunction)Engine_firstPending, METH_O, firstPending_doc},
     {"closeSession", (PyCFunction)Engine_closeSession, METH_O, closeSession_doc},
     {"counters", (PyCFunction)Engine_counters, METH_O, counters_doc},
     {"listenerCounters", (PyCFunction)Engine_listenerCounters, METH_O, listenerCounters_doc},

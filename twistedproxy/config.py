@@ -23,11 +23,16 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from twistedproxy import transparency
 from twistedproxy.model import (
     ANY_IPV4,
     ANY_IPV6,
+    CLIENT_ADDRESS_MODES,
     PROTOCOLS,
+    PROXY_PROTOCOL_V1,
     TCP,
+    UDP,
+    ClientIdentity,
     Listener,
     ListenerKey,
     LOG_FORMATS,
@@ -42,6 +47,9 @@ from twistedproxy.model import (
 
 TOP_KEYS = ("defaults", "mappings", "manhole", "http", "log_format")
 SETTING_KEYS = ("connect_timeout", "idle_timeout", "udp_timeout", "max_connections")
+#: Who the client is and how the target learns it (model.ClientIdentity).
+IDENTITY_KEYS = ("client_address", "accept_proxy_protocol")
+SETTING_KEYS += IDENTITY_KEYS
 MAPPING_KEYS = ("name", "proto", "listen", "target") + SETTING_KEYS
 MANHOLE_KEYS = ("listen", "authorized_keys", "host_key", "allow_remote")
 HTTP_KEYS = ("listen", "allow_remote")
@@ -181,6 +189,14 @@ def _isLoopback(host: str) -> bool:
     return ipaddress.ip_address(host).is_loopback
 
 
+def _isAddressLiteral(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _overlaps(a: str, b: str) -> bool:
     """
     Whether sockets bound to hosts C{a} and C{b} (normalized IP literals)
@@ -219,6 +235,9 @@ class _Settings:
 
     timeouts: Timeouts = Timeouts()
     maxConnections: int = 0
+    identity: ClientIdentity = ClientIdentity()
+    #: where client_address was given, for the errors of its value
+    clientAddressLine: int = field(default=0, compare=False)
 
 
 @dataclass
@@ -427,7 +446,80 @@ class _MapReader:
         if "max_connections" in keys:
             value = self.count(keys["max_connections"][1], prefix + "max_connections")
             maxConnections = maxConnections if value is None else value
-        return _Settings(Timeouts(connect=connect, idle=idle, udp=udp), maxConnections)
+        identity, clientAddressLine = self.readIdentity(keys, prefix, base)
+        return _Settings(
+            Timeouts(connect=connect, idle=idle, udp=udp),
+            maxConnections,
+            identity,
+            clientAddressLine,
+        )
+
+    def readIdentity(
+        self, keys: dict[str, tuple[Node, Node]], prefix: str, base: _Settings
+    ) -> tuple[ClientIdentity, int]:
+        """
+        C{client_address} and C{accept_proxy_protocol} among C{keys},
+        over C{base}'s; and the line C{client_address} was given on.
+        """
+        clientAddress = base.identity.clientAddress
+        line = base.clientAddressLine
+        accepted = base.identity.acceptProxyProtocol
+        if "client_address" in keys:
+            keyNode, node = keys["client_address"]
+            key = prefix + "client_address"
+            modes = " | ".join(CLIENT_ADDRESS_MODES)
+            text = self.text(node, key, modes)
+            if text is not None and text not in CLIENT_ADDRESS_MODES:
+                self.error(_line(node), f"{key}: unknown value '{text}' (expected {modes})")
+            elif text is not None:
+                clientAddress, line = text, _line(node)
+        if "accept_proxy_protocol" in keys:
+            node = keys["accept_proxy_protocol"][1]
+            key = prefix + "accept_proxy_protocol"
+            if isinstance(node, SequenceNode):
+                networks = []
+                for item in node.value:
+                    cidr = self.text(item, key, "a network such as 10.0.0.0/8 or fd00::/8")
+                    if cidr is None:
+                        continue
+                    try:
+                        networks.append(str(ipaddress.ip_network(cidr, strict=False)))
+                    except ValueError:
+                        self.error(
+                            _line(item),
+                            f"{key}: '{cidr}' is not a network (such as 10.0.0.0/8 or fd00::/8)",
+                        )
+                accepted = tuple(networks)
+            else:
+                self.error(
+                    _line(node),
+                    f"{key}: expected a list of networks (such as [10.0.0.0/8]),"
+                    f" got {_describe(node)}",
+                )
+        return ClientIdentity(clientAddress, accepted), line
+
+    def checkIdentity(self, entry: _Entry, protos: list[str]) -> None:
+        """
+        Report a C{client_address} that cannot work for C{entry}: version 1
+        of the PROXY protocol for UDP, and C{transparent} towards a target
+        on loopback or in a process that may not use it.
+        """
+        identity = entry.settings.identity
+        line = entry.settings.clientAddressLine or entry.line
+        where = f"client_address: {identity.clientAddress}"
+        if identity.clientAddress == PROXY_PROTOCOL_V1 and UDP in protos:
+            self.error(line, f"{where} has no UDP form; use proxy_protocol_v2 for UDP")
+        if not identity.transparent:
+            return
+        if entry.target is not None and _isAddressLiteral(entry.target) and _isLoopback(entry.target):
+            self.error(
+                line,
+                f"{where} cannot reach a target on loopback ({entry.target}):"
+                " its replies to the client's address would never come back",
+            )
+        problem = transparency.problem()
+        if problem is not None:
+            self.error(line, f"{where}: {problem}")
 
     def duration(self, node: Node, key: str, positive: bool) -> Optional[float]:
         """
@@ -558,6 +650,8 @@ class _MapReader:
             ]
         entry.ports, entry.target, entry.targetPorts = ports, target, targetPorts
         entry.settings = settings
+        if protos is not None:
+            self.checkIdentity(entry, protos)
         return entry
 
     def readProtos(self, node: Node) -> Optional[list[str]]:
@@ -947,7 +1041,7 @@ def _buildMapping(entry: _Entry) -> Mapping:
         port: Target(entry.target, targetPorts.first if len(targetPorts) == 1 else port + offset)
         for port in range(ports.first, ports.last + 1)
     }
-    timeouts, maxConnections = entry.settings.timeouts, entry.settings.maxConnections
+    settings = entry.settings
     listeners = tuple(
         Listener(
             entry.name,
@@ -955,8 +1049,9 @@ def _buildMapping(entry: _Entry) -> Mapping:
             host,
             port,
             targets[port],
-            timeouts,
-            maxConnections,
+            settings.timeouts,
+            settings.maxConnections,
+            settings.identity,
             entry.line,
         )
         for proto, host, port in entry.keys

@@ -153,18 +153,32 @@ class UDPEngine:
             ended[flowId] = (bytesIn, bytesOut)
         return ended
 
-    def addSession(self, owner, key: bytes, skt: socket.socket, flowId: int, timeout: float) -> None:
+    def addSession(
+        self, owner, key: bytes, skt: socket.socket, flowId: int, timeout: float,
+        prefix: bytes = b"", headers: int = 0,
+    ) -> None:
         """
         Give the connected socket C{skt} of a new session to the engine,
         which sends the client's held datagrams on it at once and closes it
-        when the session ends.
+        when the session ends.  C{prefix} (a PROXY v2 header) goes before
+        every datagram to the target, as a buffer of its own: nothing is
+        copied.  C{headers}: what the engine does with PROXY v2 headers at
+        the start of the client's datagrams (L{proxyprotocol.HEADERS_NONE},
+        C{HEADERS_TAKE}, C{HEADERS_REFUSE}).
 
         @raise ValueError: the engine has no such listener any more (the
             socket is then still the caller's).
         """
-        self.engine.addSession(key, skt.fileno(), flowId, timeout)
+        self.engine.addSession(key, skt.fileno(), flowId, timeout, prefix, headers)
         skt.detach()
         self._flows[flowId] = owner
+
+    def firstPending(self, key: bytes) -> Optional[bytes]:
+        """
+        The first datagram the engine holds for a client without a
+        session, or L{None}.
+        """
+        return self.engine.firstPending(key)
 
     def dropPending(self, key: bytes) -> tuple[int, int]:
         """
@@ -206,6 +220,23 @@ class UDPEngine:
             self._reading = False
             self.reactor.removeReader(self)
         self.engine.stop()
+
+
+#: Where the local address a client sent to starts in an engine's client
+#: key (C{Key.local} of C{_fastudp.c}: id, family, port, scope, padding,
+#: the client's address, then it); zero when the listener is bound to one
+#: address.
+_KEY_LOCAL = 32
+
+
+def localAddress(key: bytes, client: tuple) -> Optional[bytes]:
+    """
+    The local address, packed, that the client of an engine's C{key} sent
+    to, or L{None} when the listener is bound to one address.
+    """
+    size = 16 if ":" in client[0] else 4
+    local = key[_KEY_LOCAL : _KEY_LOCAL + size]
+    return None if local == bytes(size) else local
 
 
 _engines: dict[int, UDPEngine] = {}

@@ -33,6 +33,12 @@ def nextFlowId() -> int:
     return next(_flowIds)
 
 
+#: Messages that a flood could repeat (rejections, failed sessions, bad
+#: PROXY headers) are logged at most once per this many seconds per
+#: listener.
+NOTICE_INTERVAL = 1.0
+
+
 class AccessLog:
     """
     Where access lines go.  A line is written as its own log event when
@@ -181,6 +187,8 @@ class ListenerService(Service):
         self.flows: dict[int, IFlow] = {}
         self.enabled = True
         self._drained: list[Deferred] = []
+        self._noticed: dict[str, float] = {}
+        self._unnoticed: dict[str, int] = {}
 
     # -- lifecycle -----------------------------------------------------
 
@@ -268,6 +276,22 @@ class ListenerService(Service):
         counters = self.counters
         counters.rejected += count
         counters.rejectedBy[kind] = counters.rejectedBy.get(kind, 0) + count
+
+    def notice(self, kind: str, format: str, **kw) -> None:
+        """
+        Log C{format} unless a message of the same C{kind} was logged less
+        than L{NOTICE_INTERVAL} ago; the next one logged says how many were
+        left out meanwhile.
+        """
+        now = self.reactor.seconds()
+        if now < self._noticed.get(kind, float("-inf")) + NOTICE_INTERVAL:
+            self._unnoticed[kind] = self._unnoticed.get(kind, 0) + 1
+            return
+        self._noticed[kind] = now
+        unnoticed = self._unnoticed.pop(kind, 0)
+        if unnoticed:
+            format += " (and {unnoticed} more not logged)"
+        log.info(format, unnoticed=unnoticed, **kw)
 
     def flowStarted(self, flow: IFlow) -> None:
         self.flows[flow.id] = flow

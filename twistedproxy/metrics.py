@@ -189,7 +189,7 @@ class ProxyCollector:
             values = [mapping, proto]
             opened.add_metric(values, totals["open"])
             total.add_metric(values, totals["total"])
-            for reason in ("limit", "disabled", "denied"):
+            for reason in ("limit", "disabled", "denied", "header"):
                 totals["rejectedBy"].setdefault(reason, 0)
             for reason, count in sorted(totals["rejectedBy"].items()):
                 rejected.add_metric(values + [reason], count)

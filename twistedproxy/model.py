@@ -9,6 +9,7 @@ a complete new map beside the running one and compare the two.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Iterator, NamedTuple, Optional
@@ -75,6 +76,59 @@ class Timeouts:
     udp: float = 90.0
 
 
+#: The values of C{client_address}.
+PROXY_PROTOCOL_V1 = "proxy_protocol_v1"
+PROXY_PROTOCOL_V2 = "proxy_protocol_v2"
+TRANSPARENT = "transparent"
+CLIENT_ADDRESS_MODES = (PROXY_PROTOCOL_V1, PROXY_PROTOCOL_V2, TRANSPARENT)
+
+
+@dataclass(frozen=True)
+class ClientIdentity:
+    """
+    Who a listener takes the client to be, and how the target learns it.
+
+    @ivar clientAddress: C{client_address}: how the target learns the
+        client's address (L{PROXY_PROTOCOL_V1}, L{PROXY_PROTOCOL_V2},
+        L{TRANSPARENT}), or C{""}: it does not, it sees the proxy.
+    @ivar acceptProxyProtocol: C{accept_proxy_protocol}: the networks
+        (CIDR text, normalised) whose PROXY headers are taken as the
+        client's address.
+    """
+
+    clientAddress: str = ""
+    acceptProxyProtocol: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.clientAddress or self.acceptProxyProtocol)
+
+    @cached_property
+    def _networks(self) -> tuple:
+        return tuple(ipaddress.ip_network(text) for text in self.acceptProxyProtocol)
+
+    def trusts(self, host: str) -> bool:
+        """
+        Whether C{host} (an IP literal) may send PROXY headers.
+        """
+        address = ipaddress.ip_address(host.partition("%")[0])
+        return any(address in network for network in self._networks)
+
+    @property
+    def proxyProtocolVersion(self) -> int:
+        """
+        The PROXY protocol version to send: 1, 2, or 0 for none.
+        """
+        if self.clientAddress == PROXY_PROTOCOL_V1:
+            return 1
+        if self.clientAddress == PROXY_PROTOCOL_V2:
+            return 2
+        return 0
+
+    @property
+    def transparent(self) -> bool:
+        return self.clientAddress == TRANSPARENT
+
+
 @dataclass(frozen=True)
 class Listener:
     """
@@ -83,6 +137,7 @@ class Listener:
     @ivar mapping: the name of the mapping this listener belongs to.
     @ivar maxConnections: TCP connections or UDP sessions at once; 0 is
         unlimited.
+    @ivar identity: who the client is and how the target learns it.
     @ivar line: the map line the mapping starts on, for messages; not part
         of the value.
     """
@@ -94,6 +149,7 @@ class Listener:
     target: Target
     timeouts: Timeouts = Timeouts()
     maxConnections: int = 0
+    identity: ClientIdentity = ClientIdentity()
     line: int = field(default=0, compare=False)
 
     @property

@@ -39,6 +39,7 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twistedproxy import proxyprotocol
 from twistedproxy.compat import closeWithoutShutdown, reserveDescriptor
 from twistedproxy.fastrelay import EngineFlow, HandedOff, acceptClient
 from twistedproxy.listener import (
@@ -48,7 +49,9 @@ from twistedproxy.listener import (
     listeningSocketOptions,
     nextFlowId,
 )
-from twistedproxy.model import TCP, Listener
+from twistedproxy.model import ANY_IPV4, ANY_IPV6, TCP, Listener, formatHostPort
+from twistedproxy.proxyprotocol import Addresses, HeaderError, HeaderReader
+from twistedproxy.transparency import bindTransparent, transparentSocket
 
 #: Used when C{/proc/sys/net/core/somaxconn} cannot be read.
 DEFAULT_BACKLOG = 4096
@@ -68,6 +71,10 @@ _TCP_CLOSE = 7
 
 #: accept() errors that concern one client only: take the next.
 _ACCEPT_AGAIN = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR)
+
+#: Seconds a client of a listener with C{accept_proxy_protocol} has to
+#: send its PROXY header (or, from an unlisted source, its first bytes).
+HEADER_TIMEOUT = 3.0
 
 
 def listenBacklog(path: str = "/proc/sys/net/core/somaxconn") -> int:
@@ -303,11 +310,102 @@ class TCPListener(ListenerService):
         descriptor, and its C{host:port}): connect to the target, an
         address, and hand both sockets to the engine when it answers.
         """
+        listener = self.listener
+        if listener.identity:
+            if listener.identity.acceptProxyProtocol or listener.host in (ANY_IPV4, ANY_IPV6):
+                self._identifyDescriptor(clientFd, client)
+                return
+            # Both ends are known without asking the socket.
+            host, _, port = client.rpartition(":")
+            addresses = Addresses((host.strip("[]"), int(port)), (listener.host, listener.port))
+            self.admit(clientFd, client, addresses)
+            return
+        self.admit(clientFd, client, None)
+
+    def admit(self, clientFd: int, client: str, addresses: Addresses | None) -> None:
+        """
+        Dial for a client of the relay engine whose real address is known:
+        C{client} (C{host:port}), and C{addresses} when the listener's
+        C{client_address} or C{accept_proxy_protocol} needed them.
+        """
+        # Admission, with the real client.
         if self.full():
             os.close(clientFd)
             self.rejected(client, f"max_connections {self.listener.maxConnections} reached", "limit")
             return
-        Dial(self, clientFd, client).start()
+        Dial(self, clientFd, client, addresses).start()
+
+    def _identifyDescriptor(self, clientFd: int, client: str) -> None:
+        """
+        L{identify} a client of the relay engine, then L{admit} it.
+        """
+        try:
+            skt = socket.socket(fileno=clientFd)
+        except OSError as e:
+            os.close(clientFd)
+            self.refusedHeader(client, f"cannot read the client's socket: {e.strerror}")
+            return
+
+        def identified(addresses: Addresses | None, problem: str | None) -> None:
+            fd = skt.detach()
+            if problem is not None:
+                # A FIN: a client that misbehaved is not owed a reset.
+                os.close(fd)
+                self.refusedHeader(client, problem)
+                return
+            self.admit(fd, formatHostPort(*addresses.source), addresses)
+
+        self.identify(skt, identified)
+
+    def identify(self, skt: socket.socket, identified) -> HeaderReader | None:
+        """
+        Learn who the client on C{skt} is, for both paths: from its PROXY
+        header when the listener has C{accept_proxy_protocol} (the
+        returned L{HeaderReader} is reading it), else from the socket.
+        C{identified(addresses, problem)} follows: the client's
+        L{Addresses} and L{None}, or L{None} and why the client must be
+        closed.
+        """
+        identity = self.listener.identity
+        try:
+            peer = skt.getpeername()[:2]
+            if self.listener.host in (ANY_IPV4, ANY_IPV6):
+                local = skt.getsockname()[:2]
+            else:
+                local = (self.listener.host, self.listener.port)
+        except OSError as e:
+            identified(None, f"client gone: {(e.strerror or str(e)).lower()}")
+            return None
+        own = Addresses(peer, local)
+        if not identity.acceptProxyProtocol:
+            identified(own, None)
+            return None
+
+        def read(result: proxyprotocol.HeaderResult) -> None:
+            if isinstance(result, HeaderError):
+                identified(None, str(result))
+            else:
+                identified(result or own, None)
+
+        reader = HeaderReader(
+            self.reactor, skt, identity.trusts(peer[0]), HEADER_TIMEOUT, read
+        )
+        reader.start()
+        return reader
+
+    def refusedHeader(self, client: str, reason: str) -> None:
+        """
+        Count a client closed for its PROXY header (or the lack of one);
+        a flood of them is logged once a second.
+        """
+        self.countRejected("header")
+        self.notice(
+            "header",
+            "tcp {mapping} closed {client}: {reason}",
+            mapping=self.listener.mapping,
+            client=client,
+            reason=reason,
+        )
 
     @property
     def bound(self) -> bool:
@@ -363,6 +461,67 @@ class TCPListener(ListenerService):
 
 def _isAddress(host: str) -> bool:
     return isIPAddress(host) or isIPv6Address(host)
+
+
+def proxyHeader(listener: Listener, addresses: Addresses | None) -> bytes:
+    """
+    The PROXY header a flow of C{listener} sends the target first, or
+    C{b""}: for both paths.
+    """
+    version = listener.identity.proxyProtocolVersion
+    if not version:
+        return b""
+    return proxyprotocol.encode(version, addresses)
+
+
+def sendHeader(skt: socket.socket, header: bytes) -> str | None:
+    """
+    Send C{header} on the just connected C{skt}, whose send buffer is
+    empty, in one call; what went wrong, or L{None}.
+    """
+    try:
+        sent = skt.send(header)
+    except OSError as e:
+        return f"cannot send the PROXY header: {(e.strerror or str(e)).lower()}"
+    if sent != len(header):
+        return f"cannot send the PROXY header: {sent} of {len(header)} bytes sent"
+    return None
+
+
+class _TransparentClient(tcp.Client):
+    """
+    A Twisted TCP client whose socket is transparent: bound to the
+    client's C{source} address, which need not be this host's.
+    """
+
+    def __init__(self, host, port, source: tuple[str, int], connector, reactor) -> None:
+        self._source = source
+        tcp.Client.__init__(self, host, port, None, connector, reactor)
+
+    def createInternetSocket(self) -> socket.socket:
+        skt = tcp.Client.createInternetSocket(self)
+        try:
+            bindTransparent(skt, self._source)
+        except OSError:
+            skt.close()
+            raise
+        return skt
+
+
+class TransparentConnector(tcp.Connector):
+    """
+    Connects to a target from the client's own address (C{client_address:
+    transparent}) on the pure-Python path: C{reactor.connectTCP} can only
+    bind after its socket exists, and the option must come before the
+    bind.
+    """
+
+    def __init__(self, host, port, factory, source: tuple[str, int], reactor) -> None:
+        tcp.Connector.__init__(self, host, port, factory, None, None, reactor)
+        self.source = source
+
+    def _makeTransport(self) -> tcp.Client:
+        return _TransparentClient(self.host, self.port, self.source, self, self.reactor)
 
 
 @implementer(IResolutionReceiver)
@@ -476,6 +635,9 @@ class Relay(Protocol):
         self._seen = 0
         self._quietChecks = 0
         self._ended = False
+        #: the client's and its destination's addresses, when the
+        #: listener's identity settings needed them
+        self.addresses: Addresses | None = None
 
     # -- the hot path ------------------------------------------------------
 
@@ -486,7 +648,30 @@ class Relay(Protocol):
     # -- the client ---------------------------------------------------------
 
     def connectionMade(self) -> None:
+        if self.listener.identity:
+            # Nothing is read by Twisted until the target answers; the
+            # header, if any, is read from the socket itself.
+            self.transport.pauseProducing()
+            self.service.identify(self.transport.socket, self._identified)
+            return
+        self._admit()
+
+    def _identified(self, addresses: Addresses | None, problem: str | None) -> None:
+        """
+        The client's real address is known (L{TCPListener.identify}), or
+        it is closed for C{problem}.
+        """
+        if problem is not None:
+            self.transport.loseConnection()
+            self.service.refusedHeader(self.client, problem)
+            return
+        self.addresses = addresses
+        self.client = formatHostPort(*addresses.source)
+        self._admit()
+
+    def _admit(self) -> None:
         service = self.service
+        # Admission, with the real client.
         if service.full():
             self.transport.abortConnection()
             service.rejected(
@@ -571,8 +756,16 @@ class Relay(Protocol):
 
     def _dialNext(self) -> None:
         host = self._hosts.pop(0)
+        port = self.listener.target.port
+        if self.listener.identity.transparent:
+            connector = TransparentConnector(
+                host, port, _TargetConnector(self), self.addresses.source, self.reactor
+            )
+            connector.connect()
+            self._connector = connector
+            return
         self._connector = self.reactor.connectTCP(
-            host, self.listener.target.port, _TargetConnector(self), timeout=None
+            host, port, _TargetConnector(self), timeout=None
         )
 
     def connectFailed(self, reason: Failure) -> None:
@@ -623,6 +816,14 @@ class Relay(Protocol):
         self.targetTransport = transport
         self._targetOpen = True
         client = self.transport
+        header = proxyHeader(self.listener, self.addresses)
+        if header:
+            problem = sendHeader(transport.socket, header)
+            if problem is not None:
+                self._because(f"connect failed: {problem}")
+                transport.abortConnection()
+                client.abortConnection()
+                return
         for side in (client, transport):
             side.setTcpNoDelay(True)
             side.setTcpKeepAlive(True)
@@ -766,14 +967,19 @@ class Dial(EngineFlow):
     the client is closed and the access line says why.
     """
 
-    __slots__ = ("service", "_clientFd", "_target", "_timer")
+    __slots__ = ("service", "addresses", "_clientFd", "_target", "_timer")
 
-    def __init__(self, service: TCPListener, clientFd: int, client: str) -> None:
+    def __init__(
+        self, service: TCPListener, clientFd: int, client: str,
+        addresses: Addresses | None = None,
+    ) -> None:
         EngineFlow.__init__(
             self, service.fastRelay, nextFlowId(), service.listener, client,
             service.reactor.seconds(), service.flowEnded,
         )
         self.service = service
+        #: the client's and its destination's, when identity settings need them
+        self.addresses = addresses
         self._clientFd = clientFd
         self._target: socket.socket | None = None
         self._timer = None
@@ -783,7 +989,11 @@ class Dial(EngineFlow):
         family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
         self.service.flowStarted(self)
         try:
-            self._target = skt = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            if self.listener.identity.transparent:
+                skt = transparentSocket(family, socket.SOCK_STREAM, self.addresses.source)
+            else:
+                skt = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            self._target = skt
             status = skt.connect_ex((target.host, target.port))
             if status == errno.EINPROGRESS:
                 # On loopback the handshake is done inside connect(): then
@@ -810,6 +1020,12 @@ class Dial(EngineFlow):
 
     def _connected(self) -> None:
         self._cancelTimer()
+        header = proxyHeader(self.listener, self.addresses)
+        if header:
+            problem = sendHeader(self._target, header)
+            if problem is not None:
+                self._fail(problem)
+                return
         target, self._target = self._target, None
         target.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         target.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)

@@ -43,7 +43,7 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twistedproxy import fastudp
+from twistedproxy import fastudp, proxyprotocol
 from twistedproxy.listener import (
     IFlow,
     ListenerService,
@@ -52,6 +52,15 @@ from twistedproxy.listener import (
     nextFlowId,
 )
 from twistedproxy.model import ANY_IPV4, ANY_IPV6, Listener
+from twistedproxy.proxyprotocol import (
+    HEADERS_NONE,
+    HEADERS_TAKE,
+    HEADERS_REFUSE,
+    Addresses,
+    HeaderError,
+    datagramHeader,
+)
+from twistedproxy.transparency import transparentSocket
 
 log = Logger(namespace="portproxy")
 
@@ -77,10 +86,6 @@ RESOLVING_QUEUE = 8
 #: session outlives its timeout.
 SWEEP_GAP = 1.0
 SWEEP_FRACTION = 0.1
-
-#: Messages that a flood could repeat (rejections, failed sessions) are
-#: logged at most once per this many seconds per listener.
-NOTICE_INTERVAL = 1.0
 
 # Python 3.11 does not export it; the value is Linux's.
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
@@ -237,13 +242,19 @@ class PacketInfoPort(ListeningPort):
 class SessionPort(DatagramSocket):
     """
     A session's socket, connected to the target: replies are given to
-    C{receiver.replyReceived(data)}; L{write} is the socket's C{send}, and
-    raises what it raises.
+    C{receiver.replyReceived(data)}; L{write} is the socket's C{send}
+    (after C{prefix}, a PROXY header, when there is one), and raises what
+    it raises.
     """
 
-    def __init__(self, reactor, skt: socket.socket, receiver) -> None:
+    def __init__(self, reactor, skt: socket.socket, receiver, prefix: bytes = b"") -> None:
         DatagramSocket.__init__(self, reactor, skt, receiver)
-        self.write = skt.send
+        if prefix:
+            sendmsg = skt.sendmsg
+            # Two buffers, one datagram: the payload is not copied.
+            self.write = lambda data: sendmsg([prefix, data])
+        else:
+            self.write = skt.send
 
     def doRead(self) -> None:
         recv = self.socket.recv
@@ -298,14 +309,20 @@ def listenDatagrams(
     return kind(reactor, skt, receiver)
 
 
-def connectedDatagramSocket(family: int, address: tuple) -> socket.socket:
+def connectedDatagramSocket(
+    family: int, address: tuple, source: Optional[tuple] = None
+) -> socket.socket:
     """
-    A non-blocking UDP socket connected to C{address}.
+    A non-blocking UDP socket connected to C{address}; sending from the
+    client's C{source} address (C{client_address: transparent}) when given.
 
-    @raise OSError: when no socket can be opened (out of file descriptors)
-        or the target is unreachable.
+    @raise OSError: when no socket can be opened (out of file descriptors,
+        the client's address not usable), or the target is unreachable.
     """
-    skt = socket.socket(family, socket.SOCK_DGRAM)
+    if source is not None:
+        skt = transparentSocket(family, socket.SOCK_DGRAM, source)
+    else:
+        skt = socket.socket(family, socket.SOCK_DGRAM)
     try:
         skt.setblocking(False)
         skt.connect(address)
@@ -315,14 +332,21 @@ def connectedDatagramSocket(family: int, address: tuple) -> socket.socket:
     return skt
 
 
-def connectDatagrams(reactor, family: int, address: tuple, receiver) -> SessionPort:
+def connectDatagrams(
+    reactor, family: int, address: tuple, receiver,
+    source: Optional[tuple] = None, prefix: bytes = b"",
+) -> SessionPort:
     """
-    Open a UDP socket connected to C{address} and start reading it.
+    Open a UDP socket connected to C{address} (from C{source}, see
+    L{connectedDatagramSocket}) and start reading it; C{prefix} goes
+    before every datagram sent.
 
     @raise OSError: when no socket can be opened (out of file descriptors)
         or the target is unreachable.
     """
-    port = SessionPort(reactor, connectedDatagramSocket(family, address), receiver)
+    port = SessionPort(
+        reactor, connectedDatagramSocket(family, address, source), receiver, prefix
+    )
     port.startReading()
     return port
 
@@ -357,16 +381,22 @@ class Session:
         "pending",
         "unheld",
         "closed",
+        "source",
+        "prefix",
+        "headers",
         "_owner",
         "_reply",
         "_route",
         "_seconds",
     )
 
-    def __init__(self, owner: UDPListener, key, client, route) -> None:
+    def __init__(
+        self, owner: UDPListener, key, client, route, local=None,
+        addresses: Optional[Addresses] = None, headers: int = HEADERS_NONE,
+    ) -> None:
         self.id = nextFlowId()
         self.listener = owner.listener
-        self.client = clientAddress(client)
+        self.client = clientAddress(client if addresses is None else addresses.source)
         self._seconds = owner.reactor.seconds
         self.started = self.lastActive = self._seconds()
         self.bytesIn = 0
@@ -378,6 +408,8 @@ class Session:
         self.pending: list[bytes] = []
         self.unheld = 0
         self.closed = False
+        self.source, self.prefix = owner.sessionIdentity(client, local, addresses)
+        self.headers = headers
         self._owner = owner
         self._reply = owner.port.write
         self._route = route
@@ -435,9 +467,9 @@ class Session:
         self._owner._dropped += self.unheld
         pending, self.pending = self.pending, []
         for data in pending:
-            # Counted when it arrived.
+            # Counted when it arrived, and made ready to forward then.
             self.bytesIn -= len(data)
-            self.send(data)
+            Session.send(self, data)
 
     def close(self, reason: str) -> None:
         """
@@ -449,6 +481,26 @@ class Session:
         if self.port is not None:
             self.port.close()
         self._owner.sessionEnded(self, reason)
+
+
+class HeaderSession(Session):
+    """
+    A session of a listener with C{accept_proxy_protocol}: each of the
+    client's datagrams loses its PROXY v2 header (from a listed source) or
+    is dropped for having one (from any other), before it is forwarded.
+    Other sessions pay nothing for this.
+    """
+
+    __slots__ = ()
+
+    def send(self, data: bytes) -> None:
+        try:
+            length, _ = datagramHeader(self.headers, data)
+        except HeaderError:
+            # lost, as a datagram can be; counted with those
+            self._owner._dropped += 1
+            return
+        Session.send(self, memoryview(data)[length:] if length else data)
 
 
 @implementer(IFlow)
@@ -471,19 +523,29 @@ class EngineSession:
         "timeout",
         "resolving",
         "closed",
+        "source",
+        "prefix",
+        "headers",
         "_owner",
         "_final",
     )
 
-    def __init__(self, owner: UDPListener, key: bytes, client) -> None:
+    def __init__(
+        self, owner: UDPListener, key: bytes, client,
+        addresses: Optional[Addresses] = None, headers: int = HEADERS_NONE,
+    ) -> None:
         self.id = nextFlowId()
         self.listener = owner.listener
-        self.client = clientAddress(client)
+        self.client = clientAddress(client if addresses is None else addresses.source)
         self.started = owner.reactor.seconds()
         self.key = key
         self.timeout = self.listener.timeouts.udp
         self.resolving = False
         self.closed = False
+        self.source, self.prefix = owner.sessionIdentity(
+            client, fastudp.localAddress(key, client), addresses
+        )
+        self.headers = headers
         self._owner = owner
         self._final = (0, 0)
 
@@ -571,8 +633,6 @@ class UDPListener(ListenerService):
         self.sessions: dict = {}
         self.port = None
         self._sweep = None
-        self._noticed: dict[str, float] = {}
-        self._unnoticed: dict[str, int] = {}
         self._dropped = 0
         self.engine = fastudp.engineFor(reactor)
         self._engineId = None
@@ -596,16 +656,51 @@ class UDPListener(ListenerService):
 
         @raise OSError: when that fails.
         """
-        return connectDatagrams(self.reactor, family, address, session)
+        return connectDatagrams(
+            self.reactor, family, address, session, session.source, session.prefix
+        )
 
-    def openSessionSocket(self, family: int, address: tuple) -> socket.socket:
+    def openSessionSocket(
+        self, family: int, address: tuple, source: Optional[tuple] = None
+    ) -> socket.socket:
         """
-        Open a non-blocking socket connected to the target at C{address},
-        for the engine to read and write.
+        Open a non-blocking socket connected to the target at C{address}
+        (from the client's C{source} address when given), for the engine
+        to read and write.
 
         @raise OSError: when that fails.
         """
-        return connectedDatagramSocket(family, address)
+        return connectedDatagramSocket(family, address, source)
+
+    def sessionIdentity(
+        self, client: tuple, local: Optional[bytes], addresses: Optional[Addresses] = None
+    ) -> tuple[Optional[tuple], bytes]:
+        """
+        What a new session of C{client} (which sent to the local address
+        C{local}, packed, or to the listener's own address when L{None};
+        or the client and destination of its PROXY header, C{addresses})
+        sends the target as the client: the address to send from
+        (C{client_address: transparent}) or L{None}, and the PROXY header
+        before each datagram (C{proxy_protocol_v2}) or C{b""}.
+        """
+        identity = self.listener.identity
+        if not identity.clientAddress:
+            return None, b""
+        if addresses is not None:
+            if identity.transparent:
+                return addresses.source, b""
+            return None, proxyprotocol.encode(2, addresses, datagram=True)
+        source = (client[0], client[1])
+        if identity.transparent:
+            return source, b""
+        if local is None:
+            destination = (self.listener.host, self.listener.port)
+        else:
+            # in6_pktinfo starts with the address; in_pktinfo's is 4 bytes
+            family = socket.AF_INET6 if len(local) > 4 else socket.AF_INET
+            packed = local[:16] if family == socket.AF_INET6 else local
+            destination = (socket.inet_ntop(family, packed), self.listener.port)
+        return None, proxyprotocol.encode(2, Addresses(source, destination), datagram=True)
 
     # -- lifecycle -----------------------------------------------------
 
@@ -709,26 +804,47 @@ class UDPListener(ListenerService):
         key = client if local is None else (client, local)
         session = self.sessions.get(key)
         if session is None:
-            session = self.openSession(key, client, local)
+            session = self.openSession(key, client, local, data)
             if session is None:
                 return
         session.send(data)
 
-    def openSession(self, key, client, local) -> Optional[Session]:
+    def headerMode(self, client: tuple) -> int:
         """
-        Open a session for C{client}, or say why not and return L{None}.
+        What C{client}'s session does with PROXY headers
+        (L{proxyprotocol.HEADERS_NONE} on a listener without
+        C{accept_proxy_protocol}).
         """
+        identity = self.listener.identity
+        if not identity.acceptProxyProtocol:
+            return HEADERS_NONE
+        return HEADERS_TAKE if identity.trusts(client[0]) else HEADERS_REFUSE
+
+    def openSession(self, key, client, local, first: bytes = b"") -> Optional[Session]:
+        """
+        Open a session for C{client}, whose C{first} datagram opens it, or
+        say why not and return L{None}.
+        """
+        headers = self.headerMode(client)
+        try:
+            _, addresses = datagramHeader(headers, first)
+        except HeaderError as e:
+            self.rejected(clientAddress(client), str(e), "header")
+            return None
+        # The real client is known here: admission.
+        who = clientAddress(client if addresses is None else addresses.source)
         if not self.enabled:
-            self.rejected(clientAddress(client), "listener disabled", "disabled")
+            self.rejected(who, "listener disabled", "disabled")
             return None
         if self.full():
             self.rejected(
-                clientAddress(client),
-                f"max_connections ({self.listener.maxConnections}) reached",
-                "limit",
+                who, f"max_connections ({self.listener.maxConnections}) reached", "limit"
             )
             return None
-        session = Session(self, key, client, self.port.replyRoute(local))
+        kind = HeaderSession if headers else Session
+        session = kind(
+            self, key, client, self.port.replyRoute(local), local, addresses, headers
+        )
         if self._targetAddress is not None:
             family, address = self._targetAddress
             try:
@@ -762,8 +878,17 @@ class UDPListener(ListenerService):
         have the engine drop what it holds.
         """
         engine = self.engine
-        why = kind = None
-        if not self.enabled:
+        why = kind = addresses = None
+        headers = self.headerMode(client)
+        if headers:
+            try:
+                _, addresses = datagramHeader(headers, engine.firstPending(key) or b"")
+            except HeaderError as e:
+                why, kind = str(e), "header"
+        # The real client is known here: admission.
+        if why is not None:
+            pass
+        elif not self.enabled:
             why, kind = "listener disabled", "disabled"
         elif self.full():
             why = f"max_connections ({self.listener.maxConnections}) reached"
@@ -773,19 +898,24 @@ class UDPListener(ListenerService):
             # every datagram the client sent meanwhile counts, as each
             # would without the engine
             self.countRejected(kind, max(datagrams, 1) - 1)
-            self.rejected(clientAddress(client), why, kind)
+            self.rejected(
+                clientAddress(client if addresses is None else addresses.source), why, kind
+            )
             return
-        session = EngineSession(self, key, client)
+        session = EngineSession(self, key, client, addresses, headers)
         if self._targetAddress is not None:
             family, address = self._targetAddress
             try:
-                skt = self.openSessionSocket(family, address)
+                skt = self.openSessionSocket(family, address, session.source)
             except OSError as e:
                 datagrams, _ = engine.dropPending(key)
                 self._sessionFailed(session, e, max(datagrams, 1))
                 return
             try:
-                engine.addSession(self, key, skt, session.id, session.timeout)
+                engine.addSession(
+                    self, key, skt, session.id, session.timeout, session.prefix,
+                    session.headers,
+                )
             except ValueError:
                 # the listener stopped meanwhile
                 skt.close()
@@ -834,12 +964,15 @@ class UDPListener(ListenerService):
 
     def _engineTargetResolved(self, session: EngineSession, family: int, where: tuple) -> None:
         try:
-            skt = self.openSessionSocket(family, where)
+            skt = self.openSessionSocket(family, where, session.source)
         except OSError as e:
             session.close(f"cannot open a socket to {session.listener.target}: {e.strerror}")
             return
         try:
-            self.engine.addSession(self, session.key, skt, session.id, session.timeout)
+            self.engine.addSession(
+                self, session.key, skt, session.id, session.timeout, session.prefix,
+                session.headers,
+            )
         except ValueError:
             skt.close()
             session.close("listener closed")
@@ -888,22 +1021,6 @@ class UDPListener(ListenerService):
             client=client,
             reason=reason,
         )
-
-    def notice(self, kind: str, format: str, **kw) -> None:
-        """
-        Log C{format} unless a message of the same C{kind} was logged less
-        than L{NOTICE_INTERVAL} ago; the next one logged says how many were
-        left out meanwhile.
-        """
-        now = self.reactor.seconds()
-        if now < self._noticed.get(kind, float("-inf")) + NOTICE_INTERVAL:
-            self._unnoticed[kind] = self._unnoticed.get(kind, 0) + 1
-            return
-        self._noticed[kind] = now
-        unnoticed = self._unnoticed.pop(kind, 0)
-        if unnoticed:
-            format += " (and {unnoticed} more not logged)"
-        log.info(format, unnoticed=unnoticed, **kw)
 
     # -- expiry --------------------------------------------------------
 
