@@ -724,7 +724,7 @@ def test_overlapEachEarlierMapping() -> None:
             [
                 "map.yaml:3: mappings[0]: unknown key 'tagret' (expected one of: name,"
                 " proto, listen, target, connect_timeout, idle_timeout, udp_timeout,"
-                " max_connections)",
+                " max_connections, tls, target_tls, sni_routes)",
             ],
         ),
         (
@@ -733,7 +733,7 @@ def test_overlapEachEarlierMapping() -> None:
                 "map.yaml:2: mappings[0]: missing key 'target'",
                 "map.yaml:3: mappings[0]: unknown key 'port' (expected one of: name,"
                 " proto, listen, target, connect_timeout, idle_timeout, udp_timeout,"
-                " max_connections)",
+                " max_connections, tls, target_tls, sni_routes)",
             ],
         ),
         (
@@ -742,7 +742,7 @@ def test_overlapEachEarlierMapping() -> None:
                 "map.yaml:2: mappings[0]: missing key 'listen'",
                 "map.yaml:3: mappings[0]: unknown key 'tagret' (expected one of: name,"
                 " proto, listen, target, connect_timeout, idle_timeout, udp_timeout,"
-                " max_connections)",
+                " max_connections, tls, target_tls, sni_routes)",
             ],
         ),
         (
@@ -750,7 +750,7 @@ def test_overlapEachEarlierMapping() -> None:
             [
                 "map.yaml:4: mappings[0]: unknown key '80' (expected one of: name,"
                 " proto, listen, target, connect_timeout, idle_timeout, udp_timeout,"
-                " max_connections)",
+                " max_connections, tls, target_tls, sni_routes)",
             ],
         ),
         (
@@ -845,7 +845,8 @@ def test_fiveMistakesFiveLines() -> None:
         "map.yaml:8: listen: port 70000 is out of range (1-65535)",
         "map.yaml:11: proto: 'sctp' is not a protocol (expected tcp or udp)",
         "map.yaml:13: mappings[2]: unknown key 'tagret' (expected one of: name, proto,"
-        " listen, target, connect_timeout, idle_timeout, udp_timeout, max_connections)",
+        " listen, target, connect_timeout, idle_timeout, udp_timeout, max_connections,"
+        " tls, target_tls, sni_routes)",
         "map.yaml:15: listen: tcp 0.0.0.0:8080 overlaps mapping 'web' (line 4)",
     ]
 

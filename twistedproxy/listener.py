@@ -97,7 +97,9 @@ accessLog = AccessLog()
 class IFlow(Interface):
     """
     One TCP connection or UDP session, as the manhole and the access log
-    see it.
+    see it.  A flow whose client sent a TLS certificate has a C{peer}
+    attribute too: the certificate's subject (not part of the interface:
+    most flows have none).
     """
 
     id = Attribute("int, unique in the process")
@@ -252,11 +254,13 @@ class ListenerService(Service):
         counters.bytesIn += bytesIn
         counters.bytesOut += bytesOut
         head, arrow = flow.listener.accessLineParts
+        # A TLS client's certificate subject, when it sent one.
+        peer = getattr(flow, "peer", None)
         # Formatted here, once: twisted.logger's own formatting of nine
         # fields would cost more than the rest of a short connection.
         accessLog.write(
             f"{head}{flow.client}{arrow}{self.reactor.seconds() - flow.started:.3f}s "
-            f"in={bytesIn} out={bytesOut} {reason}",
+            f"in={bytesIn} out={bytesOut} {f'peer={peer!r} ' if peer else ''}{reason}",
             flow.id,
             reason,
         )
