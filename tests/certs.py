@@ -1,7 +1,8 @@
 """
-Certificates the TLS tests make for themselves: ECDSA P-256 CAs, server
-certificates with subject alternative names, and client certificates,
-written as PEM files.
+What the TLS tests need: certificates they make for themselves (ECDSA
+P-256 CAs, server certificates with subject alternative names, client
+certificates, written as PEM files), a TLS echo target, and a Python
+C{ssl} client.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import socket
+import ssl
+import threading
 from pathlib import Path
 
 from cryptography import x509
@@ -115,3 +119,83 @@ class Authority:
         )
         os.chmod(keyPath, 0o600)
         return certPath, keyPath
+
+
+class TLSEchoServer:
+    """
+    A threaded TLS echo server on loopback, for a target: it presents
+    C{certPath}, asks for a client certificate when C{clientCA} is given,
+    and records the subject of each client certificate in C{clients}.
+    """
+
+    def __init__(self, certPath, keyPath, clientCA=None, host: str = "127.0.0.1") -> None:
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(str(certPath), str(keyPath))
+        if clientCA is not None:
+            self.context.load_verify_locations(str(clientCA))
+            self.context.verify_mode = ssl.CERT_REQUIRED
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.bind((host, 0))
+        self.socket.listen(128)
+        self.port = self.socket.getsockname()[1]
+        self.accepted = 0
+        self.clients: list = []
+        self.errors: list[str] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.socket.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        try:
+            with self.context.wrap_socket(conn, server_side=True) as tlsConn:
+                peer = tlsConn.getpeercert()
+                if peer:
+                    self.clients.append(dict(item[0] for item in peer["subject"]))
+                while data := tlsConn.recv(65536):
+                    tlsConn.sendall(data)
+        except (OSError, ssl.SSLError) as e:
+            self.errors.append(str(e))
+
+    def close(self) -> None:
+        try:
+            self.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.socket.close()
+
+    def __enter__(self) -> "TLSEchoServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def tlsConnect(port: int, serverName: str, caPath, client=None, host: str = "127.0.0.1") -> ssl.SSLSocket:
+    """
+    A TLS connection to C{host:port} with Python's C{ssl}, checking the
+    server's certificate against C{caPath} for C{serverName}; C{client}
+    is a C{(cert, key)} pair to present.
+    """
+    context = ssl.create_default_context(cafile=str(caPath))
+    if client is not None:
+        context.load_cert_chain(str(client[0]), str(client[1]))
+    conn = socket.create_connection((host, port), timeout=10.0)
+    try:
+        return context.wrap_socket(conn, server_hostname=serverName)
+    except BaseException:
+        conn.close()
+        raise
+
+
+def peerCommonName(conn: ssl.SSLSocket) -> str:
+    """
+    The common name of the certificate the server of C{conn} presented.
+    """
+    return dict(item[0] for item in conn.getpeercert()["subject"])["commonName"]

@@ -207,6 +207,10 @@ def _trustRoot(pem: bytes):
     )
 
 
+def _noApplicationProtocol(connection: SSL.Connection, offered) -> object:
+    return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
 class ServerContexts:
     """
     The OpenSSL contexts of one C{tls:} setting: one per certificate, the
@@ -231,7 +235,13 @@ class ServerContexts:
         options = ssl.CertificateOptions(
             raiseMinimumTo=VERSIONS[settings.minVersion], **_privateCertificate(pair), **extra
         )
-        return options.getContext()
+        context = options.getContext()
+        # The proxy cannot know which application protocols the target
+        # speaks, so it selects none (Twisted's own callback would answer a
+        # client's ALPN offer with an empty choice, a fatal alert); a
+        # client then speaks its default, HTTP/1.1 for HTTP.
+        context.set_alpn_select_callback(_noApplicationProtocol)
+        return context
 
     def _serverName(self, connection: SSL.Connection) -> None:
         name = connection.get_servername()
