@@ -12,13 +12,13 @@ import ipaddress
 import os
 import socket
 import ssl
-import threading
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from support import TCPEchoServer
 
 
 def _name(commonName: str) -> x509.Name:
@@ -121,7 +121,7 @@ class Authority:
         return certPath, keyPath
 
 
-class TLSEchoServer:
+class TLSEchoServer(TCPEchoServer):
     """
     A threaded TLS echo server on loopback, for a target: it presents
     C{certPath}, asks for a client certificate when C{clientCA} is given,
@@ -134,23 +134,9 @@ class TLSEchoServer:
         if clientCA is not None:
             self.context.load_verify_locations(str(clientCA))
             self.context.verify_mode = ssl.CERT_REQUIRED
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.socket.bind((host, 0))
-        self.socket.listen(128)
-        self.port = self.socket.getsockname()[1]
-        self.accepted = 0
         self.clients: list = []
         self.errors: list[str] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.socket.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+        TCPEchoServer.__init__(self, host)
 
     def _echo(self, conn: socket.socket) -> None:
         try:
@@ -162,19 +148,6 @@ class TLSEchoServer:
                     tlsConn.sendall(data)
         except (OSError, ssl.SSLError) as e:
             self.errors.append(str(e))
-
-    def close(self) -> None:
-        try:
-            self.socket.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.socket.close()
-
-    def __enter__(self) -> "TLSEchoServer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def tlsConnect(port: int, serverName: str, caPath, client=None, host: str = "127.0.0.1") -> ssl.SSLSocket:
