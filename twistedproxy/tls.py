@@ -46,7 +46,7 @@ from twisted.internet.interfaces import (
     IReadDescriptor,
 )
 from twisted.internet.main import CONNECTION_DONE
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -272,7 +272,7 @@ class ServerConnections:
         return SSL.Connection(serverContexts(self.service.listener.tls.terminate).default, None)
 
 
-class TLSTransport(BufferingTLSTransport):
+class TLSTransport(TLSMemoryBIOProtocol):
     """
     Twisted's TLS transport as the relay needs it: never handed to the
     relay engine, and with a half-close.
@@ -288,7 +288,7 @@ class TLSTransport(BufferingTLSTransport):
 
     def connectionLost(self, reason: Failure = Failure(CONNECTION_DONE)) -> None:
         self.closedCleanly = reason.check(ConnectionDone) is not None
-        BufferingTLSTransport.connectionLost(self, reason)
+        TLSMemoryBIOProtocol.connectionLost(self, reason)
 
     def loseWriteConnection(self) -> None:
         """
