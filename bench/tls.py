@@ -35,7 +35,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 from peers import TWISTD, Ports, nginxStreamModule, waitTCP
 from processes import Processes

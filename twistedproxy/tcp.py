@@ -804,7 +804,9 @@ class TerminatingRelay(Relay):
 
     peer: str | None = None
     _handshaken = False
-    _early: list[bytes] = []
+    #: What the client sent before the target answered; set when the
+    #: handshake starts.
+    _early: list[bytes]
 
     def _dial(self) -> None:
         if self._handshaken:

@@ -45,7 +45,6 @@ from twisted.internet.interfaces import (
     IOpenSSLServerConnectionCreator,
     IReadDescriptor,
 )
-from twisted.internet.main import CONNECTION_DONE
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -286,7 +285,7 @@ class TLSTransport(TLSMemoryBIOProtocol):
     #: reset), known once it is lost.
     closedCleanly = False
 
-    def connectionLost(self, reason: Failure = Failure(CONNECTION_DONE)) -> None:
+    def connectionLost(self, reason: Failure) -> None:
         self.closedCleanly = reason.check(ConnectionDone) is not None
         TLSMemoryBIOProtocol.connectionLost(self, reason)
 
