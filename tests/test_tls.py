@@ -1,16 +1,22 @@
 """
 Tests for L{twistedproxy.tls} and the TLS keys of the map: the ClientHello
-reader, server-name matching, the certificate checks of C{config}, and
-what TLS changes for the relay engine, the access line and the manhole.
+reader, server-name matching, the certificate checks of C{config}, what
+TLS changes for the relay engine, the access line and the manhole, and the
+three TLS relay kinds of L{twistedproxy.tcp} with fake transports and a
+memory reactor (test_tcp's harness).
 """
 
 from __future__ import annotations
 
+import socket
 import ssl
 
 import pytest
 from certs import Authority
 from fakes import FakeFlow, FakeListener, listener
+from OpenSSL import SSL, crypto
+from test_tcp import CLIENT, Harness, RelayTransport, accessLines
+from twisted.internet.error import ConnectionAborted
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
@@ -19,7 +25,21 @@ from twistedproxy import tls
 from twistedproxy.admin import _clientText
 from twistedproxy.config import ConfigError, parseMap
 from twistedproxy.fastrelay import canHandOff
-from twistedproxy.model import Target
+from twistedproxy.model import Target, TLSSettings
+from twistedproxy.tcp import RoutingRelay, TerminatingRelay, TLSTargetSide
+
+
+class CertificateTransport(RelayTransport):
+    """
+    A client transport whose peer sent the certificate in C{path}.
+    """
+
+    def __init__(self, path) -> None:
+        RelayTransport.__init__(self)
+        self.certificate = crypto.load_certificate(crypto.FILETYPE_PEM, open(path, "rb").read())
+
+    def getPeerCertificate(self):
+        return self.certificate
 
 
 def clientHello(serverName: str | None) -> bytes:
@@ -120,8 +140,6 @@ def test_sniRouterKeepsOneListenerPerTarget() -> None:
     the same object for every client of that route; unmatched names get
     the mapping's own.
     """
-    from twistedproxy.model import TLSSettings
-
     base = listener(443, tls=TLSSettings(sniRoutes=(
         ("a.example", Target("127.0.0.3", 443)),
         ("*.b.example", Target("127.0.0.3", 443)),
@@ -326,3 +344,141 @@ def test_failureText() -> None:
     failure = Failure(VerificationError(errors=[DNSMismatch(mismatched_id=DNS_ID("db.internal"))]))
     assert tls.isTLSFailure(failure)
     assert tls.failureText(failure) == "the target's certificate is not valid for db.internal"
+
+
+# -- the relay kinds, with fake transports and a memory reactor ---------------------
+
+
+def test_terminatingRelayDialsAfterTheHandshake(pki) -> None:
+    """
+    A TLS client is read (its handshake) but the target is dialed only once
+    the handshake completed; what came with the handshake's end reaches
+    the target first, and the client certificate's subject is the peer.
+    """
+    h = Harness()
+    relay = TerminatingRelay(h.service, CLIENT)
+    client = CertificateTransport(pki.server[0])
+    relay.makeConnection(client)
+    assert client.producerState == "producing"
+    assert h.reactor.tcpClients == []
+    relay.dataReceived(b"early ")
+    relay.handshakeCompleted()
+    assert client.producerState == "paused"
+    assert relay.peer == "CN=localhost,O=portproxy tests"
+    relay.dataReceived(b"bytes")
+    side, target = h.answer()
+    assert target.value() == b"early bytes"
+    assert client.producerState == "producing"
+    assert relay.bytesIn == len(b"early bytes")
+
+
+def test_terminatingRelayHandshakeFailure() -> None:
+    """
+    A failed handshake ends the flow with OpenSSL's reason, and the target
+    is never dialed.
+    """
+    h = Harness()
+    relay = TerminatingRelay(h.service, CLIENT)
+    relay.makeConnection(RelayTransport())
+    with capturedLogs() as events:
+        relay.connectionLost(Failure(SSL.Error([("SSL routines", "", "peer did not return a certificate")])))
+    assert h.reactor.tcpClients == []
+    assert accessLines(events)[-1].endswith("in=0 out=0 tls: peer did not return a certificate")
+
+
+def test_targetHandshakeFailureIsAFailedConnect() -> None:
+    """
+    A TLS target whose certificate does not verify fails the dial: the
+    client is closed and the access line gives the mismatch; until its
+    handshake ends, giving up the dial aborts the target connection.
+    """
+    from service_identity import VerificationError
+    from service_identity.hazmat import DNS_ID, DNSMismatch
+
+    h = Harness()
+    relay, client = h.accept()
+    side = TLSTargetSide(relay)
+    target = RelayTransport()
+    side.makeConnection(target)
+    assert relay.targetTransport is None and client.producerState == "paused"
+    with capturedLogs() as events:
+        side.connectionLost(Failure(VerificationError(errors=[DNSMismatch(mismatched_id=DNS_ID("db.internal"))])))
+        assert client.aborted
+        relay.connectionLost(Failure(ConnectionAborted()))
+    assert accessLines(events)[-1].endswith(
+        "connect failed: tls: the target's certificate is not valid for db.internal"
+    )
+
+    relay, client = h.accept()
+    side = TLSTargetSide(relay)
+    target = RelayTransport()
+    side.makeConnection(target)
+    relay.close("killed")
+    assert target.aborted
+
+
+def test_targetHandshakeDoneStartsTheRelay() -> None:
+    """
+    The relay with a TLS target starts when the target's handshake
+    completes, not when its TCP connection does.
+    """
+    h = Harness()
+    relay, client = h.accept()
+    side = TLSTargetSide(relay)
+    target = RelayTransport()
+    side.makeConnection(target)
+    assert client.producerState == "paused"
+    side.handshakeCompleted()
+    assert relay.targetTransport is target
+    assert client.producerState == "producing"
+
+
+def routingHarness():
+    h = Harness(
+        tls=TLSSettings(sniRoutes=(("app.example", Target("10.0.0.3", 443)),)),
+        target=Target("10.0.0.9", 443),
+    )
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    relay = RoutingRelay(h.service, CLIENT)
+    client = RelayTransport()
+    client.handle = ours
+    relay.makeConnection(client)
+    return h, relay, client, theirs
+
+
+def test_routingRelayPeeksThenDials() -> None:
+    """
+    The route is chosen from the ClientHello's server name, which stays on
+    the socket for the relay that follows; a partial ClientHello is peeked
+    at again a little later.
+    """
+    h, relay, client, theirs = routingHarness()
+    assert h.reactor.tcpClients == []
+    (peek,) = h.reactor.readers
+    hello = clientHello("app.example")
+    theirs.sendall(hello[:50])
+    peek.doRead()
+    assert h.reactor.readers == set() and h.reactor.tcpClients == []
+    h.reactor.advance(tls.PEEK_AGAIN)
+    theirs.sendall(hello[50:])
+    peek.doRead()
+    assert h.lastDial()[:2] == ("10.0.0.3", 443)
+    assert relay.listener.target == Target("10.0.0.3", 443) and relay.serverName == "app.example"
+    assert client.handle.recv(65536, socket.MSG_PEEK) == hello
+    assert h.reactor.readers == set()
+
+
+def test_routingRelayRefusesWhatIsNotTLS() -> None:
+    """
+    A client whose first bytes are not a TLS handshake is closed with the
+    reason, and nothing is dialed.
+    """
+    h, relay, client, theirs = routingHarness()
+    (peek,) = h.reactor.readers
+    theirs.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    with capturedLogs() as events:
+        peek.doRead()
+        relay.connectionLost(Failure(ConnectionAborted()))
+    assert client.aborted and h.reactor.tcpClients == []
+    assert accessLines(events)[-1].endswith("sni_routes: not a TLS handshake")
