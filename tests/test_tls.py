@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import socket
 import ssl
+from dataclasses import replace
 
 import pytest
 from certs import Authority
 from fakes import FakeFlow, FakeListener, listener
 from OpenSSL import SSL, crypto
+from support import freePort
 from test_tcp import CLIENT, Harness, RelayTransport, accessLines
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.task import Clock
@@ -482,3 +484,29 @@ def test_routingRelayRefusesWhatIsNotTLS() -> None:
         relay.connectionLost(Failure(ConnectionAborted()))
     assert client.aborted and h.reactor.tcpClients == []
     assert accessLines(events)[-1].endswith("sni_routes: not a TLS handshake")
+
+
+def test_reloadTurnsTerminationOnAndOff() -> None:
+    """
+    A reload that adds or removes tls: on a bound listener changes the
+    factory of its port, so clients accepted from then on get TLS or not.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+    from twistedproxy.model import KeyPair, ServerTLS
+    from twistedproxy.tcp import RelayFactory, TCPListener
+
+    from test_tcp import makeListener
+
+    plain = makeListener(port=freePort())
+    terminating = replace(plain, tls=TLSSettings(terminate=ServerTLS(KeyPair("c.pem", "k.pem"))))
+    service = TCPListener(plain, MemoryReactorClock())
+    service.bind()
+    try:
+        assert isinstance(service.port.factory, RelayFactory)
+        service.reconfigure(terminating)
+        assert tls.isTLSTransport(service.port.factory.buildProtocol(CLIENT))
+        assert service.port.factory.service is service
+        service.reconfigure(plain)
+        assert isinstance(service.port.factory, RelayFactory)
+    finally:
+        service.stopService()
