@@ -260,16 +260,14 @@ class RelayFactory(Factory):
 
     def __init__(self, service: TCPListener) -> None:
         self.service = service
-        self.wrapsTLS = False
 
     def buildProtocol(self, addr) -> Relay:
         settings = self.service.listener.tls
-        if settings is None:
-            return Relay(self.service, addr)
-        if settings.terminate is not None:
-            return TerminatingRelay(self.service, addr)
-        if settings.sniRoutes:
-            return RoutingRelay(self.service, addr)
+        if settings is not None:
+            if settings.terminate is not None:
+                return TerminatingRelay(self.service, addr)
+            if settings.sniRoutes:
+                return RoutingRelay(self.service, addr)
         return Relay(self.service, addr)
 
 
@@ -296,10 +294,11 @@ class TCPListener(ListenerService):
     def reconfigure(self, listener: Listener) -> None:
         ListenerService.reconfigure(self, listener)
         self.targetIsAddress = _isAddress(listener.target.host)
-        if self._port is not None and _terminates(listener) != _terminates(self._port.factory):
+        port = self._port
+        if port is not None and _terminates(listener) != isinstance(port.factory, tls.TLSMemoryBIOFactory):
             # TLS termination turned on or off: clients accepted from now
             # on get the other factory.
-            self._port.factory = self._relayFactory()
+            port.factory = self._relayFactory()
 
     def dial(self, clientFd: int, client: str) -> None:
         """
@@ -380,13 +379,8 @@ def _isAddress(host: str) -> bool:
     return isIPAddress(host) or isIPv6Address(host)
 
 
-def _terminates(what) -> bool:
-    """
-    Whether a listener's settings, or a port's factory, terminate TLS.
-    """
-    if isinstance(what, Listener):
-        return what.tls is not None and what.tls.terminate is not None
-    return isinstance(what, tls.TLSMemoryBIOFactory)
+def _terminates(listener: Listener) -> bool:
+    return listener.tls is not None and listener.tls.terminate is not None
 
 
 @implementer(IResolutionReceiver)
