@@ -803,10 +803,8 @@ class TerminatingRelay(Relay):
     _early: list[bytes]
 
     def _dial(self) -> None:
-        if self._handshaken:
-            Relay._dial(self)
-            return
-        # connectionMade paused the client; read its handshake.
+        # From connectionMade, which paused the client: read its handshake
+        # first; handshakeCompleted dials.
         self._early = []
         self.transport.resumeProducing()
 
@@ -865,9 +863,8 @@ class RoutingRelay(Relay):
     _routed = False
 
     def _dial(self) -> None:
-        if self._routed:
-            Relay._dial(self)
-            return
+        # From connectionMade, which paused the client: peek at its
+        # ClientHello first; _helloRead dials.
         self._peek = tls.ClientHelloPeek(self.reactor, self.transport.getHandle(), self._helloRead)
         self._peek.start()
 
