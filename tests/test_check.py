@@ -86,7 +86,7 @@ def test_invalidMap(tmp_path) -> None:
         "map.yaml:6: listen: port 70000 is out of range (1-65535)",
         "map.yaml:7: mappings[1]: unknown key 'tagret' (expected one of: name, proto,"
         " listen, target, connect_timeout, idle_timeout, udp_timeout, max_connections,"
-        " client_address, accept_proxy_protocol)",
+        " client_address, accept_proxy_protocol, tls, target_tls, sni_routes)",
         "map.yaml:9: listen: tcp 0.0.0.0:8080 overlaps mapping 'web' (line 2)",
     ]
 

@@ -727,7 +727,7 @@ def test_overlapEachEarlierMapping() -> None:
             [
                 "map.yaml:3: mappings[0]: unknown key 'tagret' (expected one of: name,"
                 " proto, listen, target, connect_timeout, idle_timeout, udp_timeout,"
-                " max_connections, client_address, accept_proxy_protocol)",
+                " max_connections, client_address, accept_proxy_protocol, tls, target_tls, sni_routes)",
             ],
         ),
         (
@@ -736,7 +736,7 @@ def test_overlapEachEarlierMapping() -> None:
                 "map.yaml:2: mappings[0]: missing key 'target'",
                 "map.yaml:3: mappings[0]: unknown key 'port' (expected one of: name,"
                 " proto, listen, target, connect_timeout, idle_timeout, udp_timeout,"
-                " max_connections, client_address, accept_proxy_protocol)",
+                " max_connections, client_address, accept_proxy_protocol, tls, target_tls, sni_routes)",
             ],
         ),
         (
@@ -745,7 +745,7 @@ def test_overlapEachEarlierMapping() -> None:
                 "map.yaml:2: mappings[0]: missing key 'listen'",
                 "map.yaml:3: mappings[0]: unknown key 'tagret' (expected one of: name,"
                 " proto, listen, target, connect_timeout, idle_timeout, udp_timeout,"
-                " max_connections, client_address, accept_proxy_protocol)",
+                " max_connections, client_address, accept_proxy_protocol, tls, target_tls, sni_routes)",
             ],
         ),
         (
@@ -753,7 +753,7 @@ def test_overlapEachEarlierMapping() -> None:
             [
                 "map.yaml:4: mappings[0]: unknown key '80' (expected one of: name,"
                 " proto, listen, target, connect_timeout, idle_timeout, udp_timeout,"
-                " max_connections, client_address, accept_proxy_protocol)",
+                " max_connections, client_address, accept_proxy_protocol, tls, target_tls, sni_routes)",
             ],
         ),
         (
@@ -849,7 +849,7 @@ def test_fiveMistakesFiveLines() -> None:
         "map.yaml:11: proto: 'sctp' is not a protocol (expected tcp or udp)",
         "map.yaml:13: mappings[2]: unknown key 'tagret' (expected one of: name, proto,"
         " listen, target, connect_timeout, idle_timeout, udp_timeout, max_connections,"
-        " client_address, accept_proxy_protocol)",
+        " client_address, accept_proxy_protocol, tls, target_tls, sni_routes)",
         "map.yaml:15: listen: tcp 0.0.0.0:8080 overlaps mapping 'web' (line 4)",
     ]
 

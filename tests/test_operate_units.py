@@ -255,11 +255,11 @@ WEB = Listener("web", "tcp", "127.0.0.1", 8080, Target("10.0.0.2", 80))
 def test_accessEventIsOneObjectPerRow() -> None:
     """
     A batched access event becomes one JSON object per flow, with the
-    access line's fields.
+    access line's fields (and a mutual TLS client's C{peer}).
     """
     rows = [
-        (1, WEB, "127.0.0.1:5000", 0.25, 10, 20, "client closed"),
-        (2, WEB, "127.0.0.1:5001", 1.5, 30, 40, "connect failed: connection refused"),
+        (1, WEB, "127.0.0.1:5000", 0.25, 10, 20, "CN=alice", "client closed"),
+        (2, WEB, "127.0.0.1:5001", 1.5, 30, 40, None, "connect failed: connection refused"),
     ]
     event = {
         "log_format": "{access}", "access": "a\nb", "flows": 2, "accessRows": rows,
@@ -275,6 +275,8 @@ def test_accessEventIsOneObjectPerRow() -> None:
         "reason": "connect failed: connection refused",
     }
     assert [r["flow"] for r in records] == [1, 2]
+    # A TLS client's certificate subject, only where there was one.
+    assert records[0]["peer"] == "CN=alice"
 
 
 def test_otherEventsCarryTheirFields() -> None:

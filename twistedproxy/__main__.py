@@ -2,7 +2,8 @@
 C{python -m twistedproxy check MAP...}: validate map files without running
 the proxy.
 
-For each valid map one summary line goes to standard output; for each
+For each valid map one summary line goes to standard output (and its
+warnings, C{FILE:LINE: warning: message}, to standard error); for each
 invalid one every problem goes to standard error, one C{FILE:LINE: message}
 per line.  The exit status is 0 when every map is valid, 1 when any is not,
 and 2 for a command line that cannot be understood.
@@ -55,6 +56,8 @@ def check(paths: Sequence[str], out: TextIO, err: TextIO) -> int:
                 print(line, file=err)
             status = 1
         else:
+            for warning in proxyMap.warnings:
+                print(warning, file=err)
             print(summarize(proxyMap), file=out)
     return status
 

@@ -189,7 +189,7 @@ class Console:
                         str(flow.id),
                         flow.listener.mapping,
                         flow.listener.proto,
-                        flow.client,
+                        _clientText(flow),
                         str(flow.listener.target),
                         formatAge(now - flow.started),
                         formatBytes(flow.bytesIn),
@@ -269,6 +269,15 @@ class Console:
 
 #: The helpers, in the order help() lists them.
 HELPERS = ("status", "connections", "kill", "disable", "enable", "reload")
+
+
+def _clientText(flow) -> str:
+    """
+    A flow's client address, with the subject of its TLS client
+    certificate when it sent one.
+    """
+    peer = getattr(flow, "peer", None)
+    return f"{flow.client} ({peer})" if peer else flow.client
 
 
 def _dropped(service) -> str:

@@ -24,6 +24,7 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from twistedproxy import transparency
+from twistedproxy import tls
 from twistedproxy.model import (
     ANY_IPV4,
     ANY_IPV6,
@@ -33,6 +34,7 @@ from twistedproxy.model import (
     TCP,
     UDP,
     ClientIdentity,
+    KeyPair,
     Listener,
     ListenerKey,
     LOG_FORMATS,
@@ -40,8 +42,11 @@ from twistedproxy.model import (
     Manhole,
     Mapping,
     ProxyMap,
+    ServerTLS,
     Target,
+    TargetTLS,
     Timeouts,
+    TLSSettings,
     formatHostPort,
 )
 
@@ -50,7 +55,10 @@ SETTING_KEYS = ("connect_timeout", "idle_timeout", "udp_timeout", "max_connectio
 #: Who the client is and how the target learns it (model.ClientIdentity).
 IDENTITY_KEYS = ("client_address", "accept_proxy_protocol")
 SETTING_KEYS += IDENTITY_KEYS
-MAPPING_KEYS = ("name", "proto", "listen", "target") + SETTING_KEYS
+TLS_MAPPING_KEYS = ("tls", "target_tls", "sni_routes")
+MAPPING_KEYS = ("name", "proto", "listen", "target") + SETTING_KEYS + TLS_MAPPING_KEYS
+TLS_KEYS = ("cert", "key", "sni", "client_ca", "min_version")
+TARGET_TLS_KEYS = ("ca", "server_name", "verify", "cert", "key", "min_version")
 MANHOLE_KEYS = ("listen", "authorized_keys", "host_key", "allow_remote")
 HTTP_KEYS = ("listen", "allow_remote")
 
@@ -256,6 +264,7 @@ class _Entry:
     target: Optional[str] = None
     targetPorts: Optional[_Ports] = None
     settings: _Settings = _Settings()
+    tls: Optional[TLSSettings] = None
 
     def describe(self) -> str:
         if self.name is not None:
@@ -275,6 +284,10 @@ class _MapReader:
     def __init__(self, path: str) -> None:
         self.path = path
         self.errors: list[tuple[int, str]] = []
+        self.warnings: list[tuple[int, str]] = []
+
+    def warning(self, line: int, message: str) -> None:
+        self.warnings.append((line, message))
 
     def error(self, line: int, message: str) -> None:
         self.errors.append((line, message))
@@ -316,6 +329,10 @@ class _MapReader:
             manhole=manhole,
             http=http,
             logFormat=logFormat,
+            warnings=tuple(
+                f"{self.path}:{line}: warning: {message}"
+                for line, message in sorted(self.warnings, key=lambda w: w[0])
+            ),
         )
 
     def raiseErrors(self) -> None:
@@ -639,6 +656,7 @@ class _MapReader:
         entry.name = self.readName(entry, keys, protos, listenText, names)
 
         settings = self.readSettings(keys, "", defaults)
+        entry.tls = self.readTLS(keys, protos, entry.name)
 
         if protos is not None and ports is not None:
             hosts = [host] if host is not None else [ANY_IPV4, ANY_IPV6]
@@ -849,6 +867,219 @@ class _MapReader:
             return None
         return host, ports
 
+    def filePath(self, node: Node, key: str) -> Optional[str]:
+        """
+        A file path, absolute, a relative one taken from the map's
+        directory; L{None} after reporting a bad value.
+        """
+        value = self.text(node, key, "a file path")
+        if value == "":
+            self.error(_line(node), f"{key}: the path is empty")
+            return None
+        if value is None:
+            return None
+        return os.path.abspath(os.path.join(os.path.dirname(self.path), value))
+
+    # TLS (docs/tls.md)
+
+    def readTLS(
+        self, keys: dict[str, tuple[Node, Node]], protos: Optional[list[str]], name: Optional[str]
+    ) -> Optional[TLSSettings]:
+        """
+        A mapping's C{tls}, C{target_tls} and C{sni_routes}; certificate
+        and key files are read and checked now, so that C{check} and a
+        reload see a missing or mismatched one.
+        """
+        given = [key for key in TLS_MAPPING_KEYS if key in keys]
+        if not given:
+            return None
+        errorsBefore = len(self.errors)
+        where = f" (mapping '{name}')" if name else ""
+        if protos is not None and UDP in protos:
+            for key in given:
+                self.error(_line(keys[key][0]), f"{key}: TLS is for TCP only, and this mapping has proto udp")
+        if "sni_routes" in keys and ("tls" in keys or "target_tls" in keys):
+            self.error(
+                _line(keys["sni_routes"][0]),
+                "sni_routes: passes TLS through unchanged, so it cannot be combined"
+                " with tls or target_tls",
+            )
+        terminate = originate = None
+        routes: tuple = ()
+        if "tls" in keys:
+            terminate = self.readServerTLS(keys["tls"][1], where)
+        if "target_tls" in keys:
+            originate = self.readTargetTLS(keys["target_tls"][1], where)
+        if "sni_routes" in keys:
+            routes = self.readSNIRoutes(keys["sni_routes"][1])
+        if len(self.errors) != errorsBefore:
+            return None
+        if terminate is None and originate is None and not routes:
+            return None
+        return TLSSettings(terminate, originate, routes)
+
+    def readServerTLS(self, node: Node, where: str) -> Optional[ServerTLS]:
+        if not isinstance(node, MappingNode):
+            self.error(
+                _line(node), f"tls: expected a mapping of {', '.join(TLS_KEYS)}, got {_describe(node)}"
+            )
+            return None
+        keys = self.keysOf(node, "tls", TLS_KEYS, ("cert", "key"))
+        default = self.readKeyPair(keys, "tls", where)
+        byName = []
+        if "sni" in keys:
+            sniNode = keys["sni"][1]
+            if not isinstance(sniNode, MappingNode) or not sniNode.value:
+                self.error(
+                    _line(sniNode),
+                    "tls.sni: expected a mapping of server names (NAME or *.SUFFIX)"
+                    f" to {{cert, key}}, got {_describe(sniNode)}",
+                )
+            else:
+                for keyNode, valueNode in sniNode.value:
+                    serverName = self.serverName(keyNode, "tls.sni")
+                    if not isinstance(valueNode, MappingNode):
+                        self.error(
+                            _line(valueNode),
+                            f"tls.sni.{keyNode.value}: expected a mapping of cert and key,"
+                            f" got {_describe(valueNode)}",
+                        )
+                        continue
+                    prefix = f"tls.sni.{keyNode.value}"
+                    pair = self.readKeyPair(
+                        self.keysOf(valueNode, prefix, ("cert", "key"), ("cert", "key")),
+                        prefix,
+                        where,
+                    )
+                    if serverName is not None and pair is not None:
+                        byName.append((serverName, pair))
+        clientCA = clientCAPem = None
+        if "client_ca" in keys:
+            clientCA, clientCAPem = self.readAuthorities(keys["client_ca"][1], "tls.client_ca", where)
+        minVersion = self.tlsVersion(keys, "tls")
+        if default is None or minVersion is None:
+            return None
+        return ServerTLS(default, tuple(byName), clientCA, clientCAPem, minVersion)
+
+    def readTargetTLS(self, node: Node, where: str) -> Optional[TargetTLS]:
+        if isinstance(node, ScalarNode) and node.tag == _BOOL:
+            if not _scalars.construct_yaml_bool(node):
+                self.error(_line(node), "target_tls: leave it out to speak plain TCP to the target")
+                return None
+            return TargetTLS()
+        if not isinstance(node, MappingNode):
+            self.error(
+                _line(node),
+                f"target_tls: expected true or a mapping of {', '.join(TARGET_TLS_KEYS)},"
+                f" got {_describe(node)}",
+            )
+            return None
+        keys = self.keysOf(node, "target_tls", TARGET_TLS_KEYS)
+        ca = caPem = serverName = client = None
+        verify = True
+        if "ca" in keys:
+            ca, caPem = self.readAuthorities(keys["ca"][1], "target_tls.ca", where)
+        if "server_name" in keys:
+            serverName = self.serverName(keys["server_name"][1], "target_tls.server_name", False)
+        if "verify" in keys:
+            verifyNode = keys["verify"][1]
+            if self.text(verifyNode, "target_tls.verify", "true or false", (_BOOL,)) is not None:
+                verify = _scalars.construct_yaml_bool(verifyNode)
+                if not verify:
+                    self.warning(
+                        _line(verifyNode),
+                        "target_tls.verify is false: the target's certificate is not checked,"
+                        f" so anyone between the proxy and the target can read and change the traffic{where}",
+                    )
+        if ("cert" in keys) != ("key" in keys):
+            missing = "key" if "cert" in keys else "cert"
+            self.error(_line(node), f"target_tls: a client certificate needs both cert and key (missing {missing})")
+        elif "cert" in keys:
+            client = self.readKeyPair(keys, "target_tls", where)
+        minVersion = self.tlsVersion(keys, "target_tls")
+        if minVersion is None:
+            return None
+        return TargetTLS(ca, caPem, serverName, verify, client, minVersion)
+
+    def readSNIRoutes(self, node: Node) -> tuple[tuple[str, Target], ...]:
+        expected = "a mapping of server names (NAME or *.SUFFIX) to HOST:PORT targets"
+        if not isinstance(node, MappingNode) or not node.value:
+            self.error(_line(node), f"sni_routes: expected {expected}, got {_describe(node)}")
+            return ()
+        routes = []
+        for keyNode, valueNode in node.value:
+            serverName = self.serverName(keyNode, "sni_routes")
+            key = f"sni_routes.{keyNode.value}"
+            text = self.text(valueNode, key, "HOST:PORT", (_STR,))
+            if text is None:
+                continue
+            parsed = self.targetAddress(text, valueNode)
+            if parsed is None:
+                continue
+            host, ports = parsed
+            if len(ports) != 1:
+                self.error(_line(valueNode), f"{key}: expected one port, got {ports.text}")
+                continue
+            if serverName is not None:
+                routes.append((serverName, Target(host, ports.first)))
+        return tuple(routes)
+
+    def serverName(self, node: Node, key: str, wildcard: bool = True) -> Optional[str]:
+        """
+        A TLS server name: a host name, or (when C{wildcard}) C{*.SUFFIX};
+        lower case.
+        """
+        text = self.text(node, key, "a server name", (_STR,))
+        if text is None:
+            return None
+        name = text[2:] if wildcard and text.startswith("*.") else text
+        if not _isHostName(name):
+            form = "a host name or *.SUFFIX" if wildcard else "a host name"
+            self.error(_line(node), f"{key}: '{text}' is not {form}")
+            return None
+        return text.lower()
+
+    def readKeyPair(
+        self, keys: dict[str, tuple[Node, Node]], prefix: str, where: str
+    ) -> Optional[KeyPair]:
+        if "cert" not in keys or "key" not in keys:
+            return None
+        certPath = self.filePath(keys["cert"][1], f"{prefix}.cert")
+        keyPath = self.filePath(keys["key"][1], f"{prefix}.key")
+        if certPath is None or keyPath is None:
+            return None
+        try:
+            pair = tls.readKeyPair(certPath, keyPath)
+        except tls.TLSFileError as e:
+            self.error(_line(keys["key"][1]), f"{prefix}: {e}{where}")
+            return None
+        problem = tls.keyFileWarning(keyPath)
+        if problem is not None:
+            self.warning(_line(keys["key"][1]), f"{prefix}.key: {problem}{where}")
+        return pair
+
+    def readAuthorities(self, node: Node, key: str, where: str) -> tuple[Optional[str], Optional[bytes]]:
+        path = self.filePath(node, key)
+        if path is None:
+            return None, None
+        try:
+            return path, tls.readAuthorities(path)
+        except tls.TLSFileError as e:
+            self.error(_line(node), f"{key}: {e}{where}")
+            return None, None
+
+    def tlsVersion(self, keys: dict[str, tuple[Node, Node]], prefix: str) -> Optional[str]:
+        if "min_version" not in keys:
+            return "1.2"
+        node = keys["min_version"][1]
+        text = self.text(node, f"{prefix}.min_version", "1.2 or 1.3", (_STR, _FLOAT))
+        if text is None:
+            return None
+        if text not in tls.VERSIONS:
+            self.error(_line(node), f"{prefix}.min_version: expected 1.2 or 1.3, got {text}")
+            return None
+        return text
+
     # overlaps and the manhole
 
     def checkOverlaps(self, entries: list[_Entry]) -> _Bound:
@@ -902,14 +1133,9 @@ class _MapReader:
         paths = {}
         for key in ("authorized_keys", "host_key"):
             if key in keys:
-                pathNode = keys[key][1]
-                value = self.text(pathNode, f"manhole.{key}", "a file path")
-                if value == "":
-                    self.error(_line(pathNode), f"manhole.{key}: the path is empty")
-                elif value is not None:
-                    paths[key] = os.path.abspath(
-                        os.path.join(os.path.dirname(self.path), value)
-                    )
+                path = self.filePath(keys[key][1], f"manhole.{key}")
+                if path is not None:
+                    paths[key] = path
 
         if len(self.errors) != errorsBefore:
             return None
@@ -1053,6 +1279,7 @@ def _buildMapping(entry: _Entry) -> Mapping:
             settings.maxConnections,
             settings.identity,
             entry.line,
+            entry.tls,
         )
         for proto, host, port in entry.keys
     )

@@ -111,8 +111,11 @@ class AccessLog:
 
 #: What an access row holds, in order: the flow's id, its L{Listener}
 #: (mapping, protocol, target), the client's C{host:port}, the duration in
-#: seconds, bytes from and to the client, and why it ended.
-ACCESS_ROW = ("flow", "listener", "client", "duration", "bytes_in", "bytes_out", "reason")
+#: seconds, bytes from and to the client, the subject of a TLS client's
+#: certificate (or L{None}), and why it ended.
+ACCESS_ROW = (
+    "flow", "listener", "client", "duration", "bytes_in", "bytes_out", "peer", "reason",
+)
 
 
 #: The process's access log.
@@ -122,7 +125,9 @@ accessLog = AccessLog()
 class IFlow(Interface):
     """
     One TCP connection or UDP session, as the manhole and the access log
-    see it.
+    see it.  A flow whose client sent a TLS certificate has a C{peer}
+    attribute too: the certificate's subject (not part of the interface:
+    most flows have none).
     """
 
     id = Attribute("int, unique in the process")
@@ -316,11 +321,14 @@ class ListenerService(Service):
             counters.connectFailed[kind] = counters.connectFailed.get(kind, 0) + 1
         listener = flow.listener
         head, arrow = listener.accessLineParts
+        # A TLS client's certificate subject, when it sent one.
+        peer = getattr(flow, "peer", None)
         # Formatted here, once: twisted.logger's own formatting of nine
         # fields would cost more than the rest of a short connection.
         accessLog.write(
-            f"{head}{flow.client}{arrow}{duration:.3f}s in={bytesIn} out={bytesOut} {reason}",
-            (flow.id, listener, flow.client, duration, bytesIn, bytesOut, reason),
+            f"{head}{flow.client}{arrow}{duration:.3f}s in={bytesIn} out={bytesOut} "
+            f"{f'peer={peer!r} ' if peer else ''}{reason}",
+            (flow.id, listener, flow.client, duration, bytesIn, bytesOut, peer, reason),
         )
         if not self.flows:
             waiting, self._drained = self._drained, []

@@ -106,7 +106,7 @@ def accessRecord(base: dict, row: tuple) -> dict:
     """
     The JSON object of one access row (L{twistedproxy.listener.ACCESS_ROW}).
     """
-    flowId, listener, client, duration, bytesIn, bytesOut, reason = row
+    flowId, listener, client, duration, bytesIn, bytesOut, peer, reason = row
     record = dict(base)
     record.update(
         event="access",
@@ -121,6 +121,8 @@ def accessRecord(base: dict, row: tuple) -> dict:
         bytes_out=bytesOut,
         reason=reason,
     )
+    if peer:
+        record["peer"] = peer
     return record
 
 

@@ -130,6 +130,76 @@ class ClientIdentity:
 
 
 @dataclass(frozen=True)
+class KeyPair:
+    """
+    A certificate (PEM, the leaf first, then its chain) and its private key,
+    as read from their files when the map was loaded: a reload that finds
+    other bytes in the files makes a different value, so the listener is
+    reconfigured and new connections use the new pair.
+    """
+
+    cert: str
+    key: str
+    certPem: bytes = field(default=b"", repr=False)
+    keyPem: bytes = field(default=b"", repr=False)
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """
+    C{tls:}: the proxy terminates TLS from its clients.
+
+    @ivar default: the certificate for clients whose server name (SNI)
+        matches none of C{byName}, or who send none.
+    @ivar byName: C{(name, pair)} in map order; a name is exact or
+        C{*.suffix} (see L{twistedproxy.tls.matchName}).
+    @ivar clientCA: PEM of the CAs client certificates must chain to;
+        L{None}: clients are not asked for one.
+    @ivar minVersion: C{"1.2"} or C{"1.3"}.
+    """
+
+    default: KeyPair
+    byName: tuple[tuple[str, KeyPair], ...] = ()
+    clientCA: Optional[str] = None
+    clientCAPem: Optional[bytes] = field(default=None, repr=False)
+    minVersion: str = "1.2"
+
+
+@dataclass(frozen=True)
+class TargetTLS:
+    """
+    C{target_tls:}: the proxy speaks TLS to the target.
+
+    @ivar ca: PEM of the CAs the target's certificate must chain to;
+        L{None}: the system's trust store.
+    @ivar serverName: the name sent (SNI) and checked against the
+        target's certificate; L{None}: the target's host as written.
+    @ivar verify: C{False} accepts any certificate (C{check} warns).
+    @ivar client: the proxy's own certificate for targets that ask for one.
+    """
+
+    ca: Optional[str] = None
+    caPem: Optional[bytes] = field(default=None, repr=False)
+    serverName: Optional[str] = None
+    verify: bool = True
+    client: Optional[KeyPair] = None
+    minVersion: str = "1.2"
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """
+    Everything TLS of one listener: what it terminates, what it
+    originates, and its SNI passthrough routes (C{(name, target)} in map
+    order; the listener's own target is the default route).
+    """
+
+    terminate: Optional[ServerTLS] = None
+    originate: Optional[TargetTLS] = None
+    sniRoutes: tuple[tuple[str, Target], ...] = ()
+
+
+@dataclass(frozen=True)
 class Listener:
     """
     One listening socket and where it forwards to.
@@ -140,6 +210,8 @@ class Listener:
     @ivar identity: who the client is and how the target learns it.
     @ivar line: the map line the mapping starts on, for messages; not part
         of the value.
+    @ivar tls: TLS termination, origination or SNI routing; L{None} for
+        plain TCP (and always for UDP).
     """
 
     mapping: str
@@ -151,6 +223,7 @@ class Listener:
     maxConnections: int = 0
     identity: ClientIdentity = ClientIdentity()
     line: int = field(default=0, compare=False)
+    tls: Optional[TLSSettings] = None
 
     @property
     def key(self) -> ListenerKey:
@@ -237,6 +310,10 @@ class ProxyMap:
     manhole: Optional[Manhole] = None
     http: Optional[Http] = None
     logFormat: str = "text"
+    #: C{FILE:LINE: warning: ...} lines about a valid map (a TLS check
+    #: turned off, a key file others can read); C{check} prints them and
+    #: the proxy logs them.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def listeners(self) -> Iterator[Listener]:
         for mapping in self.mappings:

@@ -70,6 +70,11 @@ def _bindProblem(error: CannotListenError) -> str:
     return str(cause)
 
 
+def _logWarnings(proxyMap: ProxyMap) -> None:
+    for warning in proxyMap.warnings:
+        log.warn("{warning}", warning=warning)
+
+
 class ProxyService(MultiService):
     """
     Every listener of one map file, and the manhole.
@@ -183,6 +188,7 @@ class ProxyService(MultiService):
     def startService(self) -> None:
         MultiService.startService(self)
         self._previousHandler = signal.signal(signal.SIGHUP, self._sighup)
+        _logWarnings(self.map)
         for listener in self.map.listeners():
             if listener.key in self.listeners:
                 log.info("{listener}", listener=listener)
@@ -430,6 +436,7 @@ class ProxyService(MultiService):
             self.reloadCounts.reloaded(False)
             return summary
 
+        _logWarnings(newMap)
         plan = diff(self.map, newMap)
         # Removed listeners first, so that their ports are free for added
         # ones (127.0.0.1:80 replaced by 0.0.0.0:80, say).

@@ -31,6 +31,7 @@ from twisted.internet.error import (
 )
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
+    IHandshakeListener,
     IResolutionReceiver,
     IWriteDescriptor,
 )
@@ -39,7 +40,7 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twistedproxy import proxyprotocol
+from twistedproxy import proxyprotocol, tls
 from twistedproxy.compat import closeWithoutShutdown, reserveDescriptor
 from twistedproxy.fastrelay import EngineFlow, HandedOff, acceptClient
 from twistedproxy.listener import (
@@ -95,8 +96,11 @@ def resetConnection(transport) -> None:
     learns that the other side failed instead of taking a clean end of
     stream for a complete one.
     """
+    # A TLS transport's handle is its OpenSSL connection; the socket is
+    # its transport's.
+    tcpTransport = transport.transport if tls.isTLSTransport(transport) else transport
     try:
-        transport.getHandle().setsockopt(
+        tcpTransport.getHandle().setsockopt(
             socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET
         )
     except OSError:
@@ -203,10 +207,11 @@ class ListeningPort(tcp.Port):
         Accept clients.  While the relay engine is there and the target is
         an address, a client goes straight to a L{Dial} and then to the
         engine, with no Twisted transport or protocol built for it;
-        otherwise Twisted's own accept builds a L{Relay}.
+        otherwise (and always for TLS or SNI routing, whose client speaks
+        first) Twisted's own accept builds a L{Relay}.
         """
         service = self.factory.service
-        if service.fastRelay is None or not service.targetIsAddress:
+        if service.fastRelay is None or not service.targetIsAddress or service.listener.tls:
             tcp.Port.doRead(self)
             return
         accepted = 0
@@ -277,6 +282,12 @@ class RelayFactory(Factory):
         self.service = service
 
     def buildProtocol(self, addr) -> Relay:
+        settings = self.service.listener.tls
+        if settings is not None:
+            if settings.terminate is not None:
+                return TerminatingRelay(self.service, addr)
+            if settings.sniRoutes:
+                return RoutingRelay(self.service, addr)
         return Relay(self.service, addr)
 
 
@@ -303,6 +314,11 @@ class TCPListener(ListenerService):
     def reconfigure(self, listener: Listener) -> None:
         ListenerService.reconfigure(self, listener)
         self.targetIsAddress = _isAddress(listener.target.host)
+        port = self._port
+        if port is not None and _terminates(listener) != isinstance(port.factory, tls.TLSMemoryBIOFactory):
+            # TLS termination turned on or off: clients accepted from now
+            # on get the other factory.
+            port.factory = self._relayFactory()
 
     def dial(self, clientFd: int, client: str) -> None:
         """
@@ -418,10 +434,22 @@ class TCPListener(ListenerService):
         """
         return self._port
 
+    def _relayFactory(self):
+        """
+        The factory of this listener's relays: wrapped in TLS when the
+        listener terminates it.
+        """
+        factory = RelayFactory(self)
+        if _terminates(self.listener):
+            factory = tls.serverFactory(self, factory)
+            # The port finds its listener through its factory.
+            factory.service = self
+        return factory
+
     def bind(self) -> None:
         port = ListeningPort(
             self.listener.port,
-            RelayFactory(self),
+            self._relayFactory(),
             self.backlog,
             self.listener.host,
             self.reactor,
@@ -524,6 +552,10 @@ class TransparentConnector(tcp.Connector):
         return _TransparentClient(self.host, self.port, self.source, self, self.reactor)
 
 
+def _terminates(listener: Listener) -> bool:
+    return listener.tls is not None and listener.tls.terminate is not None
+
+
 @implementer(IResolutionReceiver)
 class _TargetAddresses:
     """
@@ -552,11 +584,12 @@ class _TargetConnector(ClientFactory):
 
     noisy = False
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, side: type[TargetSide]) -> None:
         self.relay = relay
+        self.side = side
 
     def buildProtocol(self, addr) -> TargetSide:
-        return TargetSide(self.relay)
+        return self.side(self.relay)
 
     def clientConnectionFailed(self, connector, reason: Failure) -> None:
         self.relay.connectFailed(reason)
@@ -756,17 +789,22 @@ class Relay(Protocol):
 
     def _dialNext(self) -> None:
         host = self._hosts.pop(0)
-        port = self.listener.target.port
+        target = self.listener.target
+        originate = self.listener.tls.originate if self.listener.tls is not None else None
+        if originate is None:
+            factory = _TargetConnector(self, TargetSide)
+        else:
+            factory = tls.targetFactory(
+                originate, target.host, _TargetConnector(self, TLSTargetSide), self.reactor
+            )
         if self.listener.identity.transparent:
             connector = TransparentConnector(
-                host, port, _TargetConnector(self), self.addresses.source, self.reactor
+                host, target.port, factory, self.addresses.source, self.reactor
             )
             connector.connect()
             self._connector = connector
             return
-        self._connector = self.reactor.connectTCP(
-            host, port, _TargetConnector(self), timeout=None
-        )
+        self._connector = self.reactor.connectTCP(host, target.port, factory, timeout=None)
 
     def connectFailed(self, reason: Failure) -> None:
         """
@@ -873,7 +911,10 @@ class Relay(Protocol):
         and this relay is done.
         """
         relay = self.service.fastRelay
-        if relay is None:
+        if relay is None or tls.isTLSTransport(self.transport) or tls.isTLSTransport(
+            self.targetTransport
+        ):
+            # A TLS side's bytes on the socket are not the bytes relayed.
             return False
         engineFlow = relay.adoptFlow(
             self, self.transport, self.targetTransport,
@@ -952,6 +993,161 @@ class Relay(Protocol):
             self.targetTransport.abortConnection()
         if self._clientOpen:
             self.transport.abortConnection()
+
+
+# -- TLS (twistedproxy.tls has the certificates and the ClientHello) --------------
+
+
+@implementer(IHandshakeListener)
+class TerminatingRelay(Relay):
+    """
+    A relay whose client speaks TLS to the proxy (C{tls:}).  The handshake
+    comes first: only a client that completed it (with a valid certificate
+    under C{client_ca}) makes the proxy dial.  Relayed in Python: the
+    bytes on the client's socket are not the bytes relayed, so the relay
+    engine never takes it.
+
+    @ivar peer: the subject of the client's certificate, when it sent one
+        (the access line and the manhole show it).
+    """
+
+    peer: str | None = None
+    _handshaken = False
+    #: What the client sent before the target answered; set when the
+    #: handshake starts.
+    _early: list[bytes]
+
+    def _dial(self) -> None:
+        # From connectionMade, which paused the client: read its handshake
+        # first; handshakeCompleted dials.
+        self._early = []
+        self.transport.resumeProducing()
+
+    def handshakeCompleted(self) -> None:
+        self._handshaken = True
+        # Nothing more from the client until the target answers, but what
+        # came with the end of the handshake (one read at most) is kept.
+        self.transport.pauseProducing()
+        self.peer = tls.peerSubject(self.transport)
+        Relay._dial(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.targetTransport is None:
+            self._early.append(data)
+            return
+        Relay.dataReceived(self, data)
+
+    def targetConnected(self, transport) -> None:
+        early, self._early = self._early, []
+        Relay.targetConnected(self, transport)
+        if self.targetTransport is transport:
+            for data in early:
+                Relay.dataReceived(self, data)
+
+    def _connectTimedOut(self) -> None:
+        if not self._handshaken:
+            self._because(
+                f"tls: no handshake in {self.listener.timeouts.connect:g}s"
+            )
+        Relay._connectTimedOut(self)
+
+    def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
+        if tls.isTLSFailure(reason):
+            self._because(f"tls: {tls.failureText(reason)}")
+        reason = tls.endReason(self.transport, reason)
+        if reason.check(ConnectionDone) and self._finishedFirst is None:
+            # TLS has no half-close the relay sees: the end of the client's
+            # stream is the end of its connection.
+            self._finishedFirst = "client closed"
+        Relay.connectionLost(self, reason)
+
+
+class RoutingRelay(Relay):
+    """
+    A relay of TLS passthrough (C{sni_routes:}): before dialing, it reads
+    the server name of the client's ClientHello without taking it off the
+    socket, and takes the target of the matching route (the listener's
+    own target when none matches).  The ClientHello and all that follows
+    are then relayed unchanged, by the relay engine when there is one.
+
+    @ivar serverName: the server name the client sent, if any.
+    """
+
+    serverName: str | None = None
+    _peek: tls.ClientHelloPeek | None = None
+    _routed = False
+
+    def _dial(self) -> None:
+        # From connectionMade, which paused the client: peek at its
+        # ClientHello first; _helloRead dials.
+        self._peek = tls.ClientHelloPeek(self.reactor, self.transport.getHandle(), self._helloRead)
+        self._peek.start()
+
+    def _helloRead(self, serverName: str | None, problem: str | None) -> None:
+        self._peek = None
+        if problem is not None:
+            self.close(problem)
+            return
+        self.serverName = serverName
+        # This flow's settings from now on: the access line and the
+        # manhole show the route's target.
+        self.listener = tls.sniRouter(self.listener).route(serverName)
+        self._routed = True
+        Relay._dial(self)
+
+    def _connectTimedOut(self) -> None:
+        if not self._routed:
+            self._because(f"no ClientHello in {self.listener.timeouts.connect:g}s")
+        Relay._connectTimedOut(self)
+
+    def _stopDialing(self) -> None:
+        peek, self._peek = self._peek, None
+        if peek is not None:
+            peek.stop()
+        Relay._stopDialing(self)
+
+
+class _TargetHandshake:
+    """
+    Stands for the connector of a relay whose TLS target has answered and
+    is in its handshake: giving up the dial aborts the connection.
+    """
+
+    def __init__(self, transport) -> None:
+        self.transport = transport
+
+    def stopConnecting(self) -> None:
+        self.transport.abortConnection()
+
+
+@implementer(IHandshakeListener)
+class TLSTargetSide(TargetSide):
+    """
+    The target end of a relay that speaks TLS to its target
+    (C{target_tls:}): the relay starts once the handshake has verified
+    the target, and a failed handshake is a failed connect, whose reason
+    (a certificate for another name, an unknown CA) the access line gives.
+    """
+
+    def connectionMade(self) -> None:
+        self.relay._connector = _TargetHandshake(self.transport)
+
+    def handshakeCompleted(self) -> None:
+        self.relay.targetConnected(self.transport)
+
+    def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
+        relay = self.relay
+        if relay.targetTransport is self.transport:
+            reason = tls.endReason(self.transport, reason)
+            if reason.check(ConnectionDone) and relay._finishedFirst is None:
+                relay._finishedFirst = "target closed"
+            relay.targetLost(reason)
+            return
+        if tls.isTLSFailure(reason):
+            reason = Failure(tls.HandshakeFailed(f"tls: {tls.failureText(reason)}"))
+        elif reason.check(ConnectionDone):
+            reason = Failure(tls.HandshakeFailed("tls: the target closed during the handshake"))
+        self.relay.connectFailed(reason)
 
 
 @implementer(IWriteDescriptor)
