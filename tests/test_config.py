@@ -1186,3 +1186,21 @@ def test_exampleIsSafeToRun() -> None:
         assert listener.host.startswith("127.")
         assert listener.target.host.startswith("127.")
         assert listener.port >= 1024
+
+
+def test_clientIdentityWithTLSIsRefused():
+    """
+    A mapping that originates (or terminates) TLS cannot also send or take
+    the client's address: check says so on the client_address line.
+    """
+    assert errorsOf(
+        oneMapping(
+            "listen: 127.0.0.1:8443",
+            "target: 127.0.0.1:443",
+            "target_tls: true",
+            "client_address: proxy_protocol_v2",
+        )
+    ) == [
+        "map.yaml:6: client_address and accept_proxy_protocol cannot be combined with"
+        " tls or target_tls (sni_routes can)"
+    ]

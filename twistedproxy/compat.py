@@ -43,6 +43,10 @@ def _check() -> None:
     _require(tcp._reservedFD, "reserve", "to shed clients when descriptors run out")
     _require(tcp.Port, "_logConnectionLostMsg", "to leave out Twisted's per-port log line")
     _require(tcp.Connection, "_aborting", "to see that a transport is being aborted")
+    _require(
+        tcp.Connector, "_makeTransport",
+        "to dial a transparent target from a socket it prepares itself",
+    )
     for name in ("_writeDisconnecting", "_writeDisconnected", "dataBuffer"):
         _require(abstract.FileDescriptor, name, "to see that a transport is idle")
     # An instance attribute: look at a fresh, unconnected descriptor (the

@@ -523,6 +523,15 @@ class _MapReader:
         """
         identity = entry.settings.identity
         line = entry.settings.clientAddressLine or entry.line
+        tls = entry.tls
+        if identity and tls is not None and (tls.terminate or tls.originate):
+            # The header and the transparent socket belong to the TCP
+            # connections themselves, under any TLS: not built yet.
+            self.error(
+                line,
+                "client_address and accept_proxy_protocol cannot be combined with"
+                " tls or target_tls (sni_routes can)",
+            )
         where = f"client_address: {identity.clientAddress}"
         if identity.clientAddress == PROXY_PROTOCOL_V1 and UDP in protos:
             self.error(line, f"{where} has no UDP form; use proxy_protocol_v2 for UDP")
