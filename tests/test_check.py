@@ -85,7 +85,8 @@ def test_invalidMap(tmp_path) -> None:
     assert result.stderr.splitlines() == [
         "map.yaml:6: listen: port 70000 is out of range (1-65535)",
         "map.yaml:7: mappings[1]: unknown key 'tagret' (expected one of: name, proto,"
-        " listen, target, connect_timeout, idle_timeout, udp_timeout, max_connections)",
+        " listen, target, connect_timeout, idle_timeout, udp_timeout, max_connections"
+            ", allow, deny, max_connections_per_client, new_connections_per_client, datagrams_per_client)",
         "map.yaml:9: listen: tcp 0.0.0.0:8080 overlaps mapping 'web' (line 2)",
     ]
 

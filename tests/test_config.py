@@ -561,12 +561,14 @@ def test_defaultsInheritedAndOverridden() -> None:
         (
             "defaults:\n  udp_timout: 3",
             "map.yaml:2: defaults: unknown key 'udp_timout' (expected one of:"
-            " connect_timeout, idle_timeout, udp_timeout, max_connections)",
+            " connect_timeout, idle_timeout, udp_timeout, max_connections"
+            ", allow, deny, max_connections_per_client, new_connections_per_client, datagrams_per_client)",
         ),
         (
             "defaults:\n  name: x",
             "map.yaml:2: defaults: unknown key 'name' (expected one of:"
-            " connect_timeout, idle_timeout, udp_timeout, max_connections)",
+            " connect_timeout, idle_timeout, udp_timeout, max_connections"
+            ", allow, deny, max_connections_per_client, new_connections_per_client, datagrams_per_client)",
         ),
         (
             "defaults:\n  connect_timeout: 0",
@@ -575,7 +577,8 @@ def test_defaultsInheritedAndOverridden() -> None:
         (
             "defaults: [1]",
             "map.yaml:1: defaults: expected a mapping of connect_timeout,"
-            " idle_timeout, udp_timeout, max_connections, got a list",
+            " idle_timeout, udp_timeout, max_connections, allow, deny, max_connections_per_client,"
+            " new_connections_per_client, datagrams_per_client, got a list",
         ),
     ],
 )
@@ -724,7 +727,9 @@ def test_overlapEachEarlierMapping() -> None:
             [
                 "map.yaml:3: mappings[0]: unknown key 'tagret' (expected one of: name,"
                 " proto, listen, target, connect_timeout, idle_timeout, udp_timeout,"
-                " max_connections)",
+                " max_connections, allow, deny,"
+                " max_connections_per_client, new_connections_per_client,"
+                " datagrams_per_client)",
             ],
         ),
         (
@@ -733,7 +738,9 @@ def test_overlapEachEarlierMapping() -> None:
                 "map.yaml:2: mappings[0]: missing key 'target'",
                 "map.yaml:3: mappings[0]: unknown key 'port' (expected one of: name,"
                 " proto, listen, target, connect_timeout, idle_timeout, udp_timeout,"
-                " max_connections)",
+                " max_connections, allow, deny,"
+                " max_connections_per_client, new_connections_per_client,"
+                " datagrams_per_client)",
             ],
         ),
         (
@@ -742,7 +749,9 @@ def test_overlapEachEarlierMapping() -> None:
                 "map.yaml:2: mappings[0]: missing key 'listen'",
                 "map.yaml:3: mappings[0]: unknown key 'tagret' (expected one of: name,"
                 " proto, listen, target, connect_timeout, idle_timeout, udp_timeout,"
-                " max_connections)",
+                " max_connections, allow, deny,"
+                " max_connections_per_client, new_connections_per_client,"
+                " datagrams_per_client)",
             ],
         ),
         (
@@ -750,7 +759,9 @@ def test_overlapEachEarlierMapping() -> None:
             [
                 "map.yaml:4: mappings[0]: unknown key '80' (expected one of: name,"
                 " proto, listen, target, connect_timeout, idle_timeout, udp_timeout,"
-                " max_connections)",
+                " max_connections, allow, deny,"
+                " max_connections_per_client, new_connections_per_client,"
+                " datagrams_per_client)",
             ],
         ),
         (
@@ -845,7 +856,8 @@ def test_fiveMistakesFiveLines() -> None:
         "map.yaml:8: listen: port 70000 is out of range (1-65535)",
         "map.yaml:11: proto: 'sctp' is not a protocol (expected tcp or udp)",
         "map.yaml:13: mappings[2]: unknown key 'tagret' (expected one of: name, proto,"
-        " listen, target, connect_timeout, idle_timeout, udp_timeout, max_connections)",
+        " listen, target, connect_timeout, idle_timeout, udp_timeout, max_connections"
+            ", allow, deny, max_connections_per_client, new_connections_per_client, datagrams_per_client)",
         "map.yaml:15: listen: tcp 0.0.0.0:8080 overlaps mapping 'web' (line 4)",
     ]
 

@@ -101,6 +101,7 @@ typedef struct Listener {
     int family;
     uint32_t id;
     uint64_t dropped;           /* new clients' datagrams over the bounds */
+    uint64_t limited;           /* datagrams over a session's rate */
     uint64_t sessions;
     struct Listener *next;
     struct Listener *nextDead;
@@ -117,6 +118,10 @@ typedef struct Session {
     int64_t timeout;            /* ms */
     uint64_t bytesIn, bytesOut;
     int gso;                    /* runs may leave with UDP GSO */
+    /* The token bucket of the client's datagrams (datagrams_per_client):
+     * rate in tokens per ms, 0 for no limit. */
+    double rate, burst, tokens;
+    int64_t stamp;
     struct Session *nextByKey, *nextById, *nextDead;
 } Session;
 
@@ -386,6 +391,27 @@ freeDead(Engine *self)
 
 /* -- the engine thread ------------------------------------------------- */
 
+/* Take a token of the session's datagram bucket; 0 when it is empty: the
+ * datagram is then dropped, and counted in the listener's limited. */
+static int
+takeToken(Session *s, int64_t now)
+{
+    double tokens = s->tokens;
+    if (now > s->stamp) {
+        tokens += (double)(now - s->stamp) * s->rate;
+        s->stamp = now;
+        if (tokens > s->burst)
+            tokens = s->burst;
+    }
+    if (tokens >= 1.0) {
+        s->tokens = tokens - 1.0;
+        return 1;
+    }
+    s->tokens = tokens;
+    s->listener->limited++;
+    return 0;
+}
+
 static void
 sendToTarget(Session *s, const char *data, size_t len)
 {
@@ -587,10 +613,16 @@ readListener(Engine *self, Listener *l, int64_t now)
             holdDatagram(self, l, &peer, data, len);
             continue;
         }
+        s->last = now;
+        if (s->rate > 0 && !takeToken(s, now)) {
+            if (last != NULL)
+                sendRun(self, last, msgs + runStart, i - runStart);
+            last = NULL;
+            continue;
+        }
         if (last == NULL)
             runStart = i;
         last = s;
-        s->last = now;
         s->bytesIn += len;
         /* the outgoing message: this datagram, to the connected target */
         iovs[i].iov_len = len;
@@ -910,15 +942,17 @@ parsePeer(PyObject *arg, Peer *peer)
 }
 
 PyDoc_STRVAR(addSession_doc,
-"addSession(key, fd, flowId, timeout) -> None\n\n"
+"addSession(key, fd, flowId, timeout, rate=0.0, burst=0) -> None\n\n"
 "Open a session for the client of key (from a 'new' event): fd is a\n"
 "non-blocking UDP socket connected to the target, which the engine now\n"
 "owns and closes when the session ends.  The datagrams held for the\n"
 "client are sent on it at once; bytesIn counts every datagram the client\n"
 "sent, and those not held count in the listener's dropped.  flowId: an int\n"
 "unique in the engine; timeout: seconds without a datagram either way\n"
-"after which the engine ends the session and reports it.  On an error\n"
-"the caller keeps fd.");
+"after which the engine ends the session and reports it.  rate: datagrams\n"
+"per second from the client that go on to the target, burst at once (a\n"
+"token bucket, full at first); those over it are dropped and counted in\n"
+"the listener's limited.  0 is no limit.  On an error the caller keeps fd.");
 
 static PyObject *
 Engine_addSession(Engine *self, PyObject *args)
@@ -926,14 +960,19 @@ Engine_addSession(Engine *self, PyObject *args)
     PyObject *keyObject;
     int fd;
     unsigned long long flowId;
-    double timeout;
-    if (!PyArg_ParseTuple(args, "OiKd", &keyObject, &fd, &flowId, &timeout))
+    double timeout, rate = 0.0;
+    unsigned int burst = 0;
+    if (!PyArg_ParseTuple(args, "OiKd|dI", &keyObject, &fd, &flowId, &timeout, &rate, &burst))
         return NULL;
     Peer peer;
     if (parsePeer(keyObject, &peer) < 0 || checkOpen(self) < 0)
         return NULL;
     if (!(timeout > 0)) {
         PyErr_SetString(PyExc_ValueError, "timeout must be positive");
+        return NULL;
+    }
+    if (!(rate >= 0) || (rate > 0 && burst < 1)) {
+        PyErr_SetString(PyExc_ValueError, "rate must not be negative, and a rate needs a burst of 1 or more");
         return NULL;
     }
     Session *s = calloc(1, sizeof *s);
@@ -948,6 +987,9 @@ Engine_addSession(Engine *self, PyObject *args)
     if (s->timeout < 1)
         s->timeout = 1;
     s->last = nowMs();
+    s->rate = rate / 1000.0;
+    s->burst = s->tokens = (double)burst;
+    s->stamp = s->last;
     lockFromPython(self);
     const char *problem = NULL;
     Listener *l = findListener(self, peer.key.listenerId);
@@ -993,7 +1035,8 @@ Engine_addSession(Engine *self, PyObject *args)
          * as rejected, as without the engine. */
         l->dropped += p->datagrams - (uint64_t)p->count;
         for (int i = 0; i < p->count; i++)
-            sendToTarget(s, p->data[i], p->lens[i]);
+            if (s->rate == 0 || takeToken(s, s->last))
+                sendToTarget(s, p->data[i], p->lens[i]);
         freePending(self, p);
     }
     int64_t gap = s->timeout / 10 < SWEEP_GAP_MS ? s->timeout / 10 : SWEEP_GAP_MS;
@@ -1081,11 +1124,11 @@ Engine_counters(Engine *self, PyObject *arg)
 }
 
 PyDoc_STRVAR(listenerCounters_doc,
-"listenerCounters(listenerId) -> (sessions, dropped) or None\n\n"
-"Open sessions of a listener, and datagrams from new clients it dropped\n"
+"listenerCounters(listenerId) -> (sessions, dropped, limited) or None\n\n"
+"Open sessions of a listener; datagrams from new clients it dropped\n"
 "because too many clients (1024) were held already, or, once their\n"
 "session opened, that it had not held (over 8 for the client, or 4 MiB\n"
-"for all).");
+"for all); and datagrams of sessions dropped over their rate.");
 
 static PyObject *
 Engine_listenerCounters(Engine *self, PyObject *arg)
@@ -1096,10 +1139,11 @@ Engine_listenerCounters(Engine *self, PyObject *arg)
     lockFromPython(self);
     Listener *l = findListener(self, id);
     unsigned long long sessions = l ? l->sessions : 0, dropped = l ? l->dropped : 0;
+    unsigned long long limited = l ? l->limited : 0;
     pthread_mutex_unlock(&self->lock);
     if (l == NULL)
         Py_RETURN_NONE;
-    return Py_BuildValue("KK", sessions, dropped);
+    return Py_BuildValue("KKK", sessions, dropped, limited);
 }
 
 static PyObject *

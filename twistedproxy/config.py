@@ -16,23 +16,27 @@ import ipaddress
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from twistedproxy.access import parseNetwork
 from twistedproxy.model import (
     ANY_IPV4,
     ANY_IPV6,
+    OPEN,
     PROTOCOLS,
     TCP,
+    AccessPolicy,
     Listener,
     ListenerKey,
     Manhole,
     Mapping,
     ProxyMap,
+    Rate,
     Target,
     Timeouts,
     formatHostPort,
@@ -40,6 +44,16 @@ from twistedproxy.model import (
 
 TOP_KEYS = ("defaults", "mappings", "manhole")
 SETTING_KEYS = ("connect_timeout", "idle_timeout", "udp_timeout", "max_connections")
+#: Who may connect (twistedproxy.access); settings like the others.
+ACCESS_KEYS = (
+    "allow",
+    "deny",
+    "max_connections_per_client",
+    "new_connections_per_client",
+    "datagrams_per_client",
+)
+PER_CLIENT_KEYS = ACCESS_KEYS[2:]
+SETTING_KEYS += ACCESS_KEYS
 MAPPING_KEYS = ("name", "proto", "listen", "target") + SETTING_KEYS
 MANHOLE_KEYS = ("listen", "authorized_keys", "host_key", "allow_remote")
 
@@ -64,6 +78,11 @@ _LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
 _LISTEN_FORM = "[HOST:]PORT or [HOST:]FIRST-LAST"
 _DURATION_FORMS = "seconds as a number, or a number with ms, s, m or h: 250ms, 5s, 2m, 1h"
+_RATE = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)/s")
+_RATE_FORMS = "N/s, as in 20/s, or {rate: N/s, burst: B}"
+
+#: What a rate of 0 (no limit) reads as, told apart from a bad value.
+_UNLIMITED = object()
 
 # Only its scalar constructors are used; they keep no state between calls.
 _scalars = SafeConstructor()
@@ -213,6 +232,7 @@ class _Settings:
 
     timeouts: Timeouts = Timeouts()
     maxConnections: int = 0
+    access: AccessPolicy = OPEN
 
 
 @dataclass
@@ -393,11 +413,13 @@ class _MapReader:
         )
 
     def readSettings(
-        self, keys: dict[str, tuple[Node, Node]], prefix: str, base: _Settings
+        self, keys: dict[str, tuple[Node, Node]], prefix: str, base: _Settings, scope: str = ""
     ) -> _Settings:
         """
         Override C{base} with the settings among C{keys} (from L{keysOf});
-        a bad value is reported and leaves the inherited one.
+        a bad value is reported and leaves the inherited one.  C{scope}
+        names the mapping, whose per-client limits count its own clients
+        once it sets one of them.
         """
         connect, idle, udp = base.timeouts.connect, base.timeouts.idle, base.timeouts.udp
         maxConnections = base.maxConnections
@@ -413,7 +435,101 @@ class _MapReader:
         if "max_connections" in keys:
             value = self.count(keys["max_connections"][1], prefix + "max_connections")
             maxConnections = maxConnections if value is None else value
-        return _Settings(Timeouts(connect=connect, idle=idle, udp=udp), maxConnections)
+        return _Settings(
+            Timeouts(connect=connect, idle=idle, udp=udp),
+            maxConnections,
+            self.readAccess(keys, prefix, base.access, scope),
+        )
+
+    # who may connect
+
+    def readAccess(
+        self, keys: dict[str, tuple[Node, Node]], prefix: str, base: AccessPolicy, scope: str
+    ) -> AccessPolicy:
+        """
+        Override C{base} with the access settings among C{keys}: a list
+        given replaces the inherited one, and a mapping that sets any
+        per-client limit counts its clients in a scope of its own.
+        """
+        values = {}
+        for key, name in (("allow", "allow"), ("deny", "deny")):
+            if key in keys:
+                cidrs = self.cidrs(keys[key][1], prefix + key)
+                if cidrs is not None:
+                    values[name] = cidrs
+        if "max_connections_per_client" in keys:
+            key = "max_connections_per_client"
+            value = self.count(keys[key][1], prefix + key)
+            if value is not None:
+                values["maxPerClient"] = value
+        for key, name in (
+            ("new_connections_per_client", "newPerClient"),
+            ("datagrams_per_client", "datagramsPerClient"),
+        ):
+            if key in keys:
+                rate = self.rate(keys[key][1], prefix + key)
+                if rate is not None:
+                    values[name] = None if rate is _UNLIMITED else rate
+        if any(key in keys for key in PER_CLIENT_KEYS):
+            values["scope"] = scope
+        return replace(base, **values) if values else base
+
+    def cidrs(self, node: Node, key: str) -> Optional[tuple[str, ...]]:
+        """
+        A list of CIDRs as normalized text (C{10.0.0.0/8}); L{None} after
+        reporting every bad entry.
+        """
+        expected = "a list of CIDRs, as in [10.0.0.0/8, 2001:db8::/32]"
+        if not isinstance(node, SequenceNode):
+            self.error(_line(node), f"{key}: expected {expected}, got {_describe(node)}")
+            return None
+        cidrs: list[str] = []
+        good = True
+        for item in node.value:
+            text = self.text(item, key, "a CIDR such as 10.0.0.0/8")
+            if text is None:
+                good = False
+                continue
+            try:
+                cidrs.append(str(parseNetwork(text)))
+            except ValueError as e:
+                self.error(_line(item), f"{key}: {e}")
+                good = False
+        return tuple(cidrs) if good else None
+
+    def rate(self, node: Node, key: str):
+        """
+        A L{Rate} from C{N/s} (burst N, at least 1) or C{{rate: N/s,
+        burst: B}}; C{0} is L{_UNLIMITED}; L{None} after reporting.
+        """
+        burst = None
+        if isinstance(node, MappingNode):
+            parts = self.keysOf(node, key, ("rate", "burst"), ("rate",))
+            if "rate" not in parts:
+                return None
+            if "burst" in parts:
+                burst = self.count(parts["burst"][1], key + ".burst")
+                if burst is None:
+                    return None
+                if burst < 1:
+                    self.error(_line(parts["burst"][1]), f"{key}.burst: must be at least 1, got 0")
+                    return None
+            node = parts["rate"][1]
+        if isinstance(node, ScalarNode) and node.tag == _INT and node.value == "0":
+            return _UNLIMITED
+        text = self.text(node, key, _RATE_FORMS, (_STR,))
+        if text is None:
+            return None
+        match = _RATE.fullmatch(text.replace(" ", ""))
+        if match is None:
+            self.error(_line(node), f"{key}: '{text}' is not a rate (expected {_RATE_FORMS})")
+            return None
+        perSecond = float(match.group(1))
+        if perSecond == 0:
+            return _UNLIMITED
+        if burst is None:
+            burst = max(1, math.ceil(perSecond))
+        return Rate(perSecond, burst)
 
     def duration(self, node: Node, key: str, positive: bool) -> Optional[float]:
         """
@@ -532,7 +648,7 @@ class _MapReader:
 
         entry.name = self.readName(entry, keys, protos, listenText, names)
 
-        settings = self.readSettings(keys, "", defaults)
+        settings = self.readSettings(keys, "", defaults, entry.name or "")
 
         if protos is not None and ports is not None:
             hosts = [host] if host is not None else [ANY_IPV4, ANY_IPV6]
@@ -865,7 +981,7 @@ def _buildMapping(entry: _Entry) -> Mapping:
         port: Target(entry.target, targetPorts.first if len(targetPorts) == 1 else port + offset)
         for port in range(ports.first, ports.last + 1)
     }
-    timeouts, maxConnections = entry.settings.timeouts, entry.settings.maxConnections
+    settings = entry.settings
     listeners = tuple(
         Listener(
             entry.name,
@@ -873,9 +989,10 @@ def _buildMapping(entry: _Entry) -> Mapping:
             host,
             port,
             targets[port],
-            timeouts,
-            maxConnections,
-            entry.line,
+            settings.timeouts,
+            settings.maxConnections,
+            access=settings.access,
+            line=entry.line,
         )
         for proto, host, port in entry.keys
     )

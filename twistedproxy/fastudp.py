@@ -153,16 +153,22 @@ class UDPEngine:
             ended[flowId] = (bytesIn, bytesOut)
         return ended
 
-    def addSession(self, owner, key: bytes, skt: socket.socket, flowId: int, timeout: float) -> None:
+    def addSession(
+        self, owner, key: bytes, skt: socket.socket, flowId: int, timeout: float, rate=None
+    ) -> None:
         """
         Give the connected socket C{skt} of a new session to the engine,
         which sends the client's held datagrams on it at once and closes it
-        when the session ends.
+        when the session ends.  C{rate}, a L{twistedproxy.model.Rate}, bounds
+        the client's datagrams of the session (L{None}: no bound).
 
         @raise ValueError: the engine has no such listener any more (the
             socket is then still the caller's).
         """
-        self.engine.addSession(key, skt.fileno(), flowId, timeout)
+        if rate is None:
+            self.engine.addSession(key, skt.fileno(), flowId, timeout)
+        else:
+            self.engine.addSession(key, skt.fileno(), flowId, timeout, rate.perSecond, rate.burst)
         skt.detach()
         self._flows[flowId] = owner
 
@@ -189,12 +195,13 @@ class UDPEngine:
         """
         return self.engine.counters(flowId)
 
-    def listenerCounters(self, listenerId: int) -> Optional[tuple[int, int]]:
+    def listenerCounters(self, listenerId: int) -> Optional[tuple[int, int, int]]:
         """
-        A listener's open sessions in the engine, and the datagrams of new
+        A listener's open sessions in the engine; the datagrams of new
         clients it dropped: those of clients over the bound of held
         clients, and, when a client's session opened, those it had not
-        held (over its bound of datagrams per client or bytes in all).
+        held (over its bound of datagrams per client or bytes in all); and
+        the datagrams of sessions dropped over C{datagrams_per_client}.
         """
         return self.engine.listenerCounters(listenerId)
 

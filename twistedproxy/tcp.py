@@ -39,6 +39,7 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twistedproxy.access import hostOf
 from twistedproxy.fastrelay import EngineFlow, HandedOff, acceptClient
 from twistedproxy.listener import (
     IFlow,
@@ -95,6 +96,19 @@ def resetConnection(transport) -> None:
         # The socket is already gone; abortConnection closes what is left.
         pass
     transport.abortConnection()
+
+
+def resetDescriptor(fd: int) -> None:
+    """
+    Close the bare socket descriptor C{fd} with a TCP reset: a refused
+    client learns at once that it may not connect.
+    """
+    skt = socket.socket(fileno=fd)
+    try:
+        skt.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+    skt.close()
 
 
 def flushAndClose(transport) -> None:
@@ -288,9 +302,10 @@ class TCPListener(ListenerService):
         descriptor, and its C{host:port}): connect to the target, an
         address, and hand both sockets to the engine when it answers.
         """
-        if self.full():
-            os.close(clientFd)
-            self.rejected(client, f"max_connections {self.listener.maxConnections} reached")
+        refusal = self.admit(hostOf(client))
+        if refusal is not None:
+            resetDescriptor(clientFd)
+            self.rejected(client, refusal)
             return
         Dial(self, clientFd, client).start()
 
@@ -471,12 +486,10 @@ class Relay(Protocol):
 
     def connectionMade(self) -> None:
         service = self.service
-        if service.full():
-            self.transport.abortConnection()
-            service.rejected(
-                self.client,
-                f"max_connections {self.listener.maxConnections} reached",
-            )
+        refusal = service.admit(self.transport.getPeer().host)
+        if refusal is not None:
+            resetConnection(self.transport)
+            service.rejected(self.client, refusal)
             return
         self._clientOpen = True
         # Read nothing until the target answers: an unreachable target must

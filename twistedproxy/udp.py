@@ -44,6 +44,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twistedproxy import fastudp
+from twistedproxy.access import TokenBucket
 from twistedproxy.listener import (
     IFlow,
     ListenerService,
@@ -352,6 +353,7 @@ class Session:
         "pending",
         "unheld",
         "closed",
+        "bucket",
         "_owner",
         "_reply",
         "_route",
@@ -376,12 +378,18 @@ class Session:
         self._owner = owner
         self._reply = owner.port.write
         self._route = route
+        rate = self.listener.access.datagramsPerClient
+        self.bucket = None if rate is None else TokenBucket(rate, self.started)
 
     def send(self, data: bytes) -> None:
         """
-        Forward a datagram from the client to the target.
+        Forward a datagram from the client to the target, unless it is
+        over the session's C{datagrams_per_client}.
         """
-        self.lastActive = self._seconds()
+        self.lastActive = now = self._seconds()
+        if self.bucket is not None and not self.bucket.take(now):
+            self._owner.limited += 1
+            return
         self.bytesIn += len(data)
         port = self.port
         if port is None:
@@ -569,6 +577,8 @@ class UDPListener(ListenerService):
         self._noticed: dict[str, float] = {}
         self._unnoticed: dict[str, int] = {}
         self._dropped = 0
+        #: Datagrams over C{datagrams_per_client} dropped in Python.
+        self.limited = 0
         self.engine = fastudp.engineFor(reactor)
         self._engineId = None
         self._readTarget()
@@ -673,6 +683,19 @@ class UDPListener(ListenerService):
                 dropped += counters[1]
         return dropped
 
+    @property
+    def refused(self) -> int:
+        """
+        Clients refused a session, and datagrams dropped over
+        C{datagrams_per_client}, by Python or by the engine.
+        """
+        refused = self.counters.rejected + self.limited
+        if self._engineId is not None:
+            counters = self.engine.listenerCounters(self._engineId)
+            if counters is not None:
+                refused += counters[2]
+        return refused
+
     def disable(self) -> None:
         """
         Drop datagrams from new clients; open sessions go on.
@@ -711,14 +734,9 @@ class UDPListener(ListenerService):
         """
         Open a session for C{client}, or say why not and return L{None}.
         """
-        if not self.enabled:
-            self.rejected(clientAddress(client), "listener disabled")
-            return None
-        if self.full():
-            self.rejected(
-                clientAddress(client),
-                f"max_connections ({self.listener.maxConnections}) reached",
-            )
+        refusal = self.admit(client[0])
+        if refusal is not None:
+            self.rejected(clientAddress(client), refusal)
             return None
         session = Session(self, key, client, self.port.replyRoute(local))
         if self._targetAddress is not None:
@@ -754,17 +772,12 @@ class UDPListener(ListenerService):
         have the engine drop what it holds.
         """
         engine = self.engine
-        why = None
-        if not self.enabled:
-            why = "listener disabled"
-        elif self.full():
-            why = f"max_connections ({self.listener.maxConnections}) reached"
-        if why is not None:
+        refusal = self.admit(client[0])
+        if refusal is not None:
             datagrams, _ = engine.dropPending(key)
             # every datagram the client sent meanwhile counts, as each
             # would without the engine
-            self.counters.rejected += max(datagrams, 1) - 1
-            self.rejected(clientAddress(client), why)
+            self.rejected(clientAddress(client), refusal, max(datagrams, 1))
             return
         session = EngineSession(self, key, client)
         if self._targetAddress is not None:
@@ -776,7 +789,10 @@ class UDPListener(ListenerService):
                 self._sessionFailed(session, e, max(datagrams, 1))
                 return
             try:
-                engine.addSession(self, key, skt, session.id, session.timeout)
+                engine.addSession(
+                    self, key, skt, session.id, session.timeout,
+                    session.listener.access.datagramsPerClient,
+                )
             except ValueError:
                 # the listener stopped meanwhile
                 skt.close()
@@ -830,7 +846,10 @@ class UDPListener(ListenerService):
             session.close(f"cannot open a socket to {session.listener.target}: {e.strerror}")
             return
         try:
-            self.engine.addSession(self, session.key, skt, session.id, session.timeout)
+            self.engine.addSession(
+                self, session.key, skt, session.id, session.timeout,
+                session.listener.access.datagramsPerClient,
+            )
         except ValueError:
             skt.close()
             session.close("listener closed")
@@ -864,20 +883,6 @@ class UDPListener(ListenerService):
             client=session.client,
             target=self.listener.target,
             why=why,
-        )
-
-    def rejected(self, client: str, reason: str) -> None:
-        """
-        Count a datagram dropped because it would open a session that may
-        not open; a flood of them is logged once a second, not once each.
-        """
-        self.counters.rejected += 1
-        self.notice(
-            "rejected",
-            "udp {mapping} rejected {client}: {reason}",
-            mapping=self.listener.mapping,
-            client=client,
-            reason=reason,
         )
 
     def notice(self, kind: str, format: str, **kw) -> None:
