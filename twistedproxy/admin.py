@@ -237,7 +237,7 @@ class Console:
             print(f"{name}: enabled")
 
     def block(self, cidr, kill=False):
-        """Refuse a CIDR's new clients (kill=True: open ones too)."""
+        """Refuse a CIDR's new clients; kill=True: open ones too."""
         try:
             network = parseNetwork(str(cidr))
         except ValueError as e:
