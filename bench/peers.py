@@ -5,6 +5,7 @@ portproxy side by side with the other port proxies installed here.
     python bench/peers.py                       # every workload, 3 rounds of 3 s
     python bench/peers.py -w tcp_bulk,udp_pingpong -r 5
     PORTPROXY_FASTPATH=0 python bench/peers.py  # portproxy without its compiled paths
+    python bench/peers.py -w http_close,http_keepalive --peers none --access
 
 It starts, on loopback only, the backends (iperf3, sockperf, and nginx as
 an HTTP server), then one forwarder per peer for each backend — portproxy
@@ -17,7 +18,10 @@ per-round ratios).  Then the footprint against docker-proxy: resident
 memory per idle TCP connection (--idle N connections held open), and the
 memory and start-up time of N TCP + N UDP listeners (--scale N: one
 portproxy against two docker-proxy processes a port, 100 ports measured
-and the rest scaled).  Run it from the project's venv, so that `twistd` is
+and the rest scaled).  --access adds a second portproxy, "portproxy+access",
+with a 1,000-entry deny list and every per-client limit on (none of which
+refuses the benchmark's own 127.0.0.1 clients), run in the same rounds, and
+a column of its ratio to the plain portproxy.  Run it from the project's venv, so that `twistd` is
 this checkout's.  `../shared/bench/install-peers` (root) installs the load
 tools and the peers; docker-proxy is looked for in $PEERS_DIR (default
 ~/.cache/portproxy-peers) and on PATH.
@@ -120,7 +124,41 @@ def startBackends(procs, ports, tmp):
     return port
 
 
-def startPeers(procs, ports, tmp, backend, wanted):
+def accessDefaults(entries=1000):
+    """
+    The map's C{defaults} of the --access run: C{entries} deny CIDRs, none
+    of them loopback, and per-client limits far above what the load
+    tools open, so that every check runs and none refuses.
+    """
+    cidrs = [f"10.{i // 256}.{i % 256}.0/24" for i in range(entries - entries // 4)]
+    cidrs += [f"2001:db8:{i:x}::/48" for i in range(entries // 4)]
+    return (
+        "defaults:\n"
+        "  deny: [" + ", ".join(cidrs) + "]\n"
+        "  max_connections_per_client: 100000\n"
+        "  new_connections_per_client: {rate: 1000000/s, burst: 1000000}\n"
+        "  datagrams_per_client: 100000000/s\n"
+    )
+
+
+def startPortproxyPeer(procs, ports, tmp, backend, protos, name, head=""):
+    """
+    One twistd serving every backend: {backend: front port}.
+    """
+    fronts = {k: ports.take() for k in backend}
+    mapPath = os.path.join(tmp, f"{name}.yaml")
+    with open(mapPath, "w") as f:
+        f.write(head + "mappings:\n")
+        for key, port in fronts.items():
+            proto = "[" + ", ".join(sorted(protos[key])) + "]"
+            f.write(f"  - name: {key}\n    proto: {proto}\n    listen: 127.0.0.1:{port}\n"
+                    f"    target: 127.0.0.1:{backend[key]}\n")
+    log = open(os.path.join(tmp, f"{name}.log"), "w")
+    procs.start([*TWISTD, "-n", "--pidfile=", "portproxy", "-c", mapPath], stdout=log, stderr=subprocess.STDOUT)
+    return fronts
+
+
+def startPeers(procs, ports, tmp, backend, wanted, access=False):
     """
     Every installed peer that was asked for, and portproxy: peer name ->
     {backend: front port}.
@@ -172,16 +210,11 @@ def startPeers(procs, ports, tmp, backend, wanted):
                     f.write(f"  server {{ listen 127.0.0.1:{port}{udp}; proxy_pass 127.0.0.1:{backend[key]}; }}\n")
             f.write("}\n")
         procs.start(["nginx", "-c", conf])
-    front["portproxy"] = {k: ports.take() for k in backend}
-    mapPath = os.path.join(tmp, "portproxy.yaml")
-    with open(mapPath, "w") as f:
-        f.write("mappings:\n")
-        for key, port in front["portproxy"].items():
-            proto = "[" + ", ".join(sorted(protos[key])) + "]"
-            f.write(f"  - name: {key}\n    proto: {proto}\n    listen: 127.0.0.1:{port}\n"
-                    f"    target: 127.0.0.1:{backend[key]}\n")
-    log = open(os.path.join(tmp, "portproxy.log"), "w")
-    procs.start([*TWISTD, "-n", "--pidfile=", "portproxy", "-c", mapPath], stdout=log, stderr=subprocess.STDOUT)
+    front["portproxy"] = startPortproxyPeer(procs, ports, tmp, backend, protos, "portproxy")
+    if access:
+        front["portproxy+access"] = startPortproxyPeer(
+            procs, ports, tmp, backend, protos, "portproxy-access", accessDefaults()
+        )
     for name, fronts in front.items():
         for key, port in fronts.items():
             if "tcp" in protos[key]:
@@ -368,6 +401,8 @@ def main():
     ap.add_argument("-r", "--rounds", type=int, default=3)
     ap.add_argument("-s", "--seconds", type=int, default=3)
     ap.add_argument("--peers", default="docker-proxy,socat,haproxy,nginx")
+    ap.add_argument("--access", action="store_true",
+                    help="also portproxy with a 1,000-entry deny list and per-client limits")
     ap.add_argument("--idle", type=int, default=2000, help="idle connections for the memory figure; 0 skips it")
     ap.add_argument("--scale", type=int, default=1000, help="listeners per protocol for the start-up figure; 0 skips it")
     a = ap.parse_args()
@@ -382,7 +417,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="portproxy-peers-")
     try:
         backend = startBackends(procs, ports, tmp)
-        front = startPeers(procs, ports, tmp, backend, a.peers.split(","))
+        front = startPeers(procs, ports, tmp, backend, a.peers.split(","), a.access)
         names = list(front)
         results = {w: {n: [] for n in names} for w in workloads}
         for r in range(a.rounds):
@@ -395,8 +430,9 @@ def main():
     finally:
         procs.stopAll()
     print(f"\n{a.rounds} rounds of {a.seconds} s; medians; last column: median of per-round ratios\n")
-    print("| workload | unit | " + " | ".join(names) + " | portproxy / docker-proxy |")
-    print("|---" * (len(names) + 3) + "|")
+    extra = " portproxy+access / portproxy |" if a.access else ""
+    print("| workload | unit | " + " | ".join(names) + " | portproxy / docker-proxy |" + extra)
+    print("|---" * (len(names) + 3 + a.access) + "|")
     for w in workloads:
         row = [w, WORKLOADS[w][0]]
         for name in names:
@@ -404,6 +440,9 @@ def main():
             row.append(f"{statistics.median(values):.2f}" if values else "-")
         pairs = [p / d for p, d in zip(results[w]["portproxy"], results[w].get("docker-proxy", [])) if p and d]
         row.append(f"{statistics.median(pairs):.2f}" if pairs else "-")
+        if a.access:
+            pairs = [q / p for q, p in zip(results[w]["portproxy+access"], results[w]["portproxy"]) if p and q]
+            row.append(f"{statistics.median(pairs):.3f}" if pairs else "-")
         print("| " + " | ".join(row) + " |")
     footprint = []
     if a.idle:
