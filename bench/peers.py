@@ -12,7 +12,8 @@ an HTTP server), then one forwarder per peer for each backend — portproxy
 (one twistd for everything), docker-proxy (one process per port and
 protocol, as Docker runs it), socat, HAProxy and nginx `stream`, whichever
 are installed — and runs each workload through each of them in turn,
-round after round, so that machine drift hits all alike.  It prints one
+round after round (every other round in reverse order), so that machine
+drift, and the TIME_WAIT sockets a run leaves behind, hit all alike.  It prints one
 table: medians, and portproxy's ratio to docker-proxy (the median of the
 per-round ratios).  Then the footprint against docker-proxy: resident
 memory per idle TCP connection (--idle N connections held open), and the
@@ -422,7 +423,10 @@ def main():
         results = {w: {n: [] for n in names} for w in workloads}
         for r in range(a.rounds):
             for w in workloads:
-                for name in names:
+                # Every other round in reverse: a run leaves thousands of
+                # TIME_WAIT sockets on loopback that slow the next run's
+                # connects, and no peer should always come after another.
+                for name in names if r % 2 == 0 else names[::-1]:
                     port = front[name].get(WORKLOADS[w][2])
                     value = measure(w, port, a.seconds) if port else None
                     results[w][name].append(value)

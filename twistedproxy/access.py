@@ -19,6 +19,7 @@ import ipaddress
 import socket
 from bisect import bisect_right
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Iterable
 
 from twisted.logger import Logger
@@ -33,10 +34,12 @@ _V4_MAPPED = bytes(10) + b"\xff\xff"
 _V4_MAPPED_NET = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
+@lru_cache(maxsize=4096)
 def clientKey(host: str) -> int:
     """
     The integer of a client's IP literal (as a socket gives it), as
-    L{AddressSet} and L{ClientTable} key it.
+    L{AddressSet} and L{ClientTable} key it.  Cached: the clients of the
+    last moments come back, and each flow asks twice (admitted, counted).
 
     @raise OSError: when C{host} is not an IP literal.
     """
@@ -144,7 +147,7 @@ class ClientTable:
         """
         Take a token from C{key}'s bucket; C{False} when it is empty.
         """
-        if now - self._swept >= max(1.0, rate.burst / rate.perSecond):
+        if now - self._swept >= rate.refill:
             self._sweep(rate, now)
         bucket = self.buckets.get(key)
         if bucket is None:

@@ -89,6 +89,14 @@ class Rate:
     perSecond: float
     burst: int
 
+    @cached_property
+    def refill(self) -> float:
+        """
+        Seconds an empty bucket takes to fill, and at least one: how often
+        a table of buckets forgets the full ones.
+        """
+        return max(1.0, self.burst / self.perSecond)
+
     def __str__(self) -> str:
         return f"{self.perSecond:g}/s (burst {self.burst})"
 
