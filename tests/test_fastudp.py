@@ -156,12 +156,12 @@ class Bench:
         self.opened.append(skt)
         return skt
 
-    def openSession(self, event, timeout=30.0, target=None) -> int:
+    def openSession(self, event, timeout=30.0, target=None, rate=()) -> int:
         kind, listenerId, key, client = event
         assert (kind, listenerId) == ("new", 1)
         flowId = next(self.flowIds)
         skt = connected(target or self.target.getsockname()[:2])
-        self.engine.addSession(key, skt.detach(), flowId, timeout)
+        self.engine.addSession(key, skt.detach(), flowId, timeout, *rate)
         return flowId
 
     def close(self) -> None:
@@ -208,6 +208,40 @@ def test_newClientHeldUntilSessionOpens(bench):
     assert b.target.recv(100) == b"four"
     assert b.engine.counters(flowId) == (15, 5)
     assert b.engine.listenerCounters(1) == (1, 0, 0)
+
+
+@needsEngine
+def test_sessionDatagramRate(bench):
+    """
+    A session with a rate forwards its burst (held datagrams included) and
+    drops the rest, counted in the listener's limited; after a while the
+    bucket has refilled; another session is not limited.
+    """
+    b = bench()
+    c, other = b.client(), b.client()
+    for data in (b"h1", b"h2"):
+        c.sendto(data, b.address)
+    [event] = nextEvents(b.engine)
+    b.openSession(event, rate=(1.0, 4))
+    for i in range(10):
+        c.sendto(b"d%d" % i, b.address)
+    other.sendto(b"o", b.address)
+    [event] = nextEvents(b.engine)
+    b.openSession(event)
+    b.target.settimeout(0.5)
+    received = []
+    try:
+        while True:
+            received.append(b.target.recv(100))
+    except socket.timeout:
+        pass
+    assert sorted(received) == [b"d0", b"d1", b"h1", b"h2", b"o"]
+    assert b.engine.listenerCounters(1) == (2, 0, 8)
+    time.sleep(0.6)
+    c.sendto(b"later", b.address)
+    assert b.target.recv(100) == b"later"
+    with pytest.raises(ValueError):
+        b.engine.addSession(event[2], 0, 99, 30.0, 5.0, 0)
 
 
 @needsEngine
