@@ -174,3 +174,30 @@ def test_help(tmp_path) -> None:
     result = check("check", "--help", cwd=str(tmp_path))
     assert result.returncode == 0
     assert "usage: python -m twistedproxy check [-h] MAP [MAP ...]" in result.stdout
+
+
+def test_badAccessValues(tmp_path):
+    """
+    A CIDR with a prefix past 32 and a rate per minute are reported by
+    check as FILE:LINE: message, every one, with exit status 1.
+    """
+    (tmp_path / "map.yaml").write_text(
+        dedent(
+            """\
+            defaults:
+              deny: [192.0.2.0/24, 10.0.0.0/33]
+            mappings:
+              - name: web
+                listen: 8000
+                target: 172.17.0.3:80
+                new_connections_per_client: 5/minute
+            """
+        )
+    )
+    result = check("check", "map.yaml", cwd=str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "map.yaml:2: defaults.deny: '10.0.0.0/33': the prefix length must be 0-32 for IPv4",
+        "map.yaml:7: new_connections_per_client: '5/minute' is not a rate"
+        " (expected N/s, as in 20/s, or {rate: N/s, burst: B})",
+    ]
