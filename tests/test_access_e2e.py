@@ -8,11 +8,30 @@ refusals.  Loopback is 127.0.0.0/8 on Linux, so a client bound to
 
 from __future__ import annotations
 
+import random
 import re
 import socket
 import time
 
 from support import TCPEchoServer, UDPEchoServer, freePort, roundTrip
+
+
+def freeRange(count) -> int:
+    """
+    The first of C{count} consecutive ports free on 127.0.0.1, below the
+    ephemeral range (32768 and up) that outgoing connections take from.
+    """
+    rng = random.Random()
+    for _ in range(100):
+        first = rng.randrange(10000, 32768 - count)
+        try:
+            for p in range(first, first + count):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError(f"no {count} free ports in a row")
 
 
 def tcpMap(port, target, extra="", proto="tcp"):
@@ -205,15 +224,7 @@ def test_portScanLogsBoundedLines(proxy):
     writes a bounded number of refusal lines, then how many more there
     were.
     """
-    first = freePort()
-    while True:
-        try:
-            for p in range(first, first + 300):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", p))
-            break
-        except OSError:
-            first = freePort()
+    first = freeRange(300)
     proxy.start(
         "defaults:\n  deny: [127.0.0.2/32]\n"
         f"mappings:\n  - name: scanned\n    listen: 127.0.0.1:{first}-{first + 299}\n"
