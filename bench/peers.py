@@ -155,8 +155,23 @@ def startPortproxyPeer(procs, ports, tmp, backend, protos, name, head=""):
             f.write(f"  - name: {key}\n    proto: {proto}\n    listen: 127.0.0.1:{port}\n"
                     f"    target: 127.0.0.1:{backend[key]}\n")
     log = open(os.path.join(tmp, f"{name}.log"), "w")
-    procs.start([*TWISTD, "-n", "--pidfile=", "portproxy", "-c", mapPath], stdout=log, stderr=subprocess.STDOUT)
+    process = procs.start([*TWISTD, "-n", "--pidfile=", "portproxy", "-c", mapPath],
+                          stdout=log, stderr=subprocess.STDOUT)
+    PIDS[name] = process.pid
     return fronts
+
+
+#: The pid of each portproxy peer, by its name in the table.
+PIDS = {}
+
+
+def cpuSeconds(pid):
+    """
+    User plus system CPU time of process C{pid} so far, all threads.
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def startPeers(procs, ports, tmp, backend, wanted, access=False):
@@ -214,7 +229,7 @@ def startPeers(procs, ports, tmp, backend, wanted, access=False):
     front["portproxy"] = startPortproxyPeer(procs, ports, tmp, backend, protos, "portproxy")
     if access:
         front["portproxy+access"] = startPortproxyPeer(
-            procs, ports, tmp, backend, protos, "portproxy-access", accessDefaults()
+            procs, ports, tmp, backend, protos, "portproxy+access", accessDefaults()
         )
     for name, fronts in front.items():
         for key, port in fronts.items():
@@ -421,6 +436,9 @@ def main():
         front = startPeers(procs, ports, tmp, backend, a.peers.split(","), a.access)
         names = list(front)
         results = {w: {n: [] for n in names} for w in workloads}
+        # CPU seconds of a portproxy per request (or connection), for --access:
+        # unlike a rate, hardly moved by what else the machine runs.
+        cpu = {w: {n: [] for n in PIDS} for w in workloads}
         for r in range(a.rounds):
             for w in workloads:
                 # Every other round in reverse: a run leaves thousands of
@@ -428,8 +446,11 @@ def main():
                 # connects, and no peer should always come after another.
                 for name in names if r % 2 == 0 else names[::-1]:
                     port = front[name].get(WORKLOADS[w][2])
+                    before = cpuSeconds(PIDS[name]) if name in PIDS and port else None
                     value = measure(w, port, a.seconds) if port else None
                     results[w][name].append(value)
+                    if before is not None and value and WORKLOADS[w][2] == "http":
+                        cpu[w][name].append((cpuSeconds(PIDS[name]) - before) / (value * a.seconds))
                     print(f"round {r + 1} {w:15s} {name:13s} {value}", file=sys.stderr)
     finally:
         procs.stopAll()
@@ -448,6 +469,16 @@ def main():
             pairs = [q / p for q, p in zip(results[w]["portproxy+access"], results[w]["portproxy"]) if p and q]
             row.append(f"{statistics.median(pairs):.3f}" if pairs else "-")
         print("| " + " | ".join(row) + " |")
+    if a.access:
+        print("\nportproxy CPU time per request (user + system, all threads), medians;"
+              " last column: median of per-round ratios\n")
+        print("| workload | portproxy, us | portproxy+access, us | portproxy+access / portproxy |\n|---|---|---|---|")
+        for w in workloads:
+            plain, checked = cpu[w]["portproxy"], cpu[w]["portproxy+access"]
+            if plain and checked:
+                ratios = [c / p for c, p in zip(checked, plain) if p]
+                print(f"| {w} | {statistics.median(plain) * 1e6:.1f} | {statistics.median(checked) * 1e6:.1f}"
+                      f" | {statistics.median(ratios):.3f} |")
     footprint = []
     if a.idle:
         idle = idleMemory(ports, tmp, a.idle)

@@ -55,8 +55,9 @@ def hostOf(client: str) -> str:
     """
     The host of a C{host:port} or C{[host]:port} client string.
     """
-    host = client.rpartition(":")[0]
-    return host[1:-1] if host.startswith("[") else host
+    if client[0] == "[":
+        return client[1 : client.rindex("]")]
+    return client[: client.rindex(":")]
 
 
 def networkRange(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[int, int]:
@@ -152,8 +153,10 @@ class ClientTable:
         bucket = self.buckets.get(key)
         if bucket is None:
             self.buckets[key] = [rate.burst - 1.0, now]
-            return rate.burst >= 1
-        tokens = min(rate.burst, bucket[0] + (now - bucket[1]) * rate.perSecond)
+            return True
+        tokens = bucket[0] + (now - bucket[1]) * rate.perSecond
+        if tokens > rate.burst:
+            tokens = rate.burst
         bucket[1] = now
         if tokens >= 1.0:
             bucket[0] = tokens - 1.0
@@ -222,10 +225,11 @@ class Blocklist:
     It is not part of the map, so a reload leaves it alone.
 
     @ivar networks: the blocked networks, in the order they were blocked.
+    @ivar addresses: them as an L{AddressSet}; L{None} when there are none.
     """
 
     networks: list = field(default_factory=list)
-    addresses: AddressSet = field(default_factory=lambda: AddressSet(()))
+    addresses: AddressSet | None = None
 
     def block(self, network) -> bool:
         """
@@ -244,7 +248,7 @@ class Blocklist:
         if network not in self.networks:
             return False
         self.networks.remove(network)
-        self.addresses = AddressSet(self.networks)
+        self.addresses = AddressSet(self.networks) if self.networks else None
         return True
 
 

@@ -155,9 +155,9 @@ class ListenerService(Service):
         self.counters = Counters()
         self.flows: dict[int, IFlow] = {}
         self.enabled = True
-        self.clients = _access.clientTables.get(listener.access.scope)
         #: The open flows counted per client: their table and client key.
         self._counted: dict[int, tuple] = {}
+        self._readAccess()
         self._drained: list[Deferred] = []
 
     # -- lifecycle -----------------------------------------------------
@@ -184,7 +184,19 @@ class ListenerService(Service):
         """
         assert listener.key == self.listener.key, (listener, self.listener)
         self.listener = listener
-        self.clients = _access.clientTables.get(listener.access.scope)
+        self._readAccess()
+
+    def _readAccess(self) -> None:
+        """
+        Take the listener's access settings in the form L{admit} reads
+        fastest.
+        """
+        access = self.listener.access
+        self.clients = _access.clientTables.get(access.scope)
+        self._denied = access.denied
+        self._allowed = access.allowed
+        self._perClient = access.perClient
+        self._checked = self._denied is not None or self._allowed is not None or self._perClient
 
     def disable(self) -> None:
         """
@@ -249,24 +261,23 @@ class ListenerService(Service):
         """
         if not self.enabled:
             return "listener disabled"
-        access = self.listener.access
         blocks = _access.blocklist.addresses
-        if access.allow or access.deny or blocks or access.perClient:
+        if self._checked or blocks is not None:
             try:
                 key = clientKey(host)
             except OSError:
                 return f"allow list cannot match {host!r}, not an IP address"
-            if blocks and key in blocks:
+            if blocks is not None and key in blocks:
                 return "blocked from the manhole"
-            denied = access.denied
+            denied, allowed = self._denied, self._allowed
             if denied is not None and key in denied:
                 return "deny list"
-            allowed = access.allowed
             if allowed is not None and key not in allowed:
                 return "allow list does not include it"
         if self.full():
             return f"max_connections {self.listener.maxConnections} reached"
-        if access.perClient:
+        if self._perClient:
+            access = self.listener.access
             clients = self.clients
             limit = access.maxPerClient
             if limit and clients.open.get(key, 0) >= limit:
@@ -290,7 +301,7 @@ class ListenerService(Service):
     def flowStarted(self, flow: IFlow) -> None:
         self.flows[flow.id] = flow
         self.counters.total += 1
-        if self.listener.access.perClient:
+        if self._perClient:
             self._countClient(flow)
 
     def _countClient(self, flow: IFlow) -> None:
