@@ -174,7 +174,7 @@ def cpuSeconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def startPeers(procs, ports, tmp, backend, wanted, access=False):
+def startPeers(procs, ports, tmp, backend, wanted, access=False, control=False):
     """
     Every installed peer that was asked for, and portproxy: peer name ->
     {backend: front port}.
@@ -229,7 +229,7 @@ def startPeers(procs, ports, tmp, backend, wanted, access=False):
     front["portproxy"] = startPortproxyPeer(procs, ports, tmp, backend, protos, "portproxy")
     if access:
         front["portproxy+access"] = startPortproxyPeer(
-            procs, ports, tmp, backend, protos, "portproxy+access", accessDefaults()
+            procs, ports, tmp, backend, protos, "portproxy+access", "" if control else accessDefaults()
         )
     for name, fronts in front.items():
         for key, port in fronts.items():
@@ -419,6 +419,8 @@ def main():
     ap.add_argument("--peers", default="docker-proxy,socat,haproxy,nginx")
     ap.add_argument("--access", action="store_true",
                     help="also portproxy with a 1,000-entry deny list and per-client limits")
+    ap.add_argument("--control", action="store_true",
+                    help="with --access: the second portproxy without them (an A/A run: the noise)")
     ap.add_argument("--idle", type=int, default=2000, help="idle connections for the memory figure; 0 skips it")
     ap.add_argument("--scale", type=int, default=1000, help="listeners per protocol for the start-up figure; 0 skips it")
     a = ap.parse_args()
@@ -433,7 +435,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="portproxy-peers-")
     try:
         backend = startBackends(procs, ports, tmp)
-        front = startPeers(procs, ports, tmp, backend, a.peers.split(","), a.access)
+        front = startPeers(procs, ports, tmp, backend, a.peers.split(","), a.access, a.control)
         names = list(front)
         results = {w: {n: [] for n in names} for w in workloads}
         # CPU seconds of a portproxy per request (or connection), for --access:
