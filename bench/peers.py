@@ -5,19 +5,24 @@ portproxy side by side with the other port proxies installed here.
     python bench/peers.py                       # every workload, 3 rounds of 3 s
     python bench/peers.py -w tcp_bulk,udp_pingpong -r 5
     PORTPROXY_FASTPATH=0 python bench/peers.py  # portproxy without its compiled paths
+    python bench/peers.py -w http_close,http_keepalive --peers none --access
 
 It starts, on loopback only, the backends (iperf3, sockperf, and nginx as
 an HTTP server), then one forwarder per peer for each backend — portproxy
 (one twistd for everything), docker-proxy (one process per port and
 protocol, as Docker runs it), socat, HAProxy and nginx `stream`, whichever
 are installed — and runs each workload through each of them in turn,
-round after round, so that machine drift hits all alike.  It prints one
+round after round (every other round in reverse order), so that machine
+drift, and the TIME_WAIT sockets a run leaves behind, hit all alike.  It prints one
 table: medians, and portproxy's ratio to docker-proxy (the median of the
 per-round ratios).  Then the footprint against docker-proxy: resident
 memory per idle TCP connection (--idle N connections held open), and the
 memory and start-up time of N TCP + N UDP listeners (--scale N: one
 portproxy against two docker-proxy processes a port, 100 ports measured
-and the rest scaled).  Run it from the project's venv, so that `twistd` is
+and the rest scaled).  --access adds a second portproxy, "portproxy+access",
+with a 1,000-entry deny list and every per-client limit on (none of which
+refuses the benchmark's own 127.0.0.1 clients), run in the same rounds, and
+a column of its ratio to the plain portproxy.  Run it from the project's venv, so that `twistd` is
 this checkout's.  `../shared/bench/install-peers` (root) installs the load
 tools and the peers; docker-proxy is looked for in $PEERS_DIR (default
 ~/.cache/portproxy-peers) and on PATH.
@@ -131,7 +136,56 @@ def startHTTP(procs, tmp, listens):
     procs.start(["nginx", "-c", conf])
 
 
-def startPeers(procs, ports, tmp, backend, wanted):
+def accessDefaults(entries=1000):
+    """
+    The map's C{defaults} of the --access run: C{entries} deny CIDRs, none
+    of them loopback, and per-client limits far above what the load
+    tools open, so that every check runs and none refuses.
+    """
+    cidrs = [f"10.{i // 256}.{i % 256}.0/24" for i in range(entries - entries // 4)]
+    cidrs += [f"2001:db8:{i:x}::/48" for i in range(entries // 4)]
+    return (
+        "defaults:\n"
+        "  deny: [" + ", ".join(cidrs) + "]\n"
+        "  max_connections_per_client: 100000\n"
+        "  new_connections_per_client: {rate: 1000000/s, burst: 1000000}\n"
+        "  datagrams_per_client: 100000000/s\n"
+    )
+
+
+def startPortproxyPeer(procs, ports, tmp, backend, protos, name, head=""):
+    """
+    One twistd serving every backend: {backend: front port}.
+    """
+    fronts = {k: ports.take() for k in backend}
+    mapPath = os.path.join(tmp, f"{name}.yaml")
+    with open(mapPath, "w") as f:
+        f.write(head + "mappings:\n")
+        for key, port in fronts.items():
+            proto = "[" + ", ".join(sorted(protos[key])) + "]"
+            f.write(f"  - name: {key}\n    proto: {proto}\n    listen: 127.0.0.1:{port}\n"
+                    f"    target: 127.0.0.1:{backend[key]}\n")
+    log = open(os.path.join(tmp, f"{name}.log"), "w")
+    process = procs.start([*TWISTD, "-n", "--pidfile=", "portproxy", "-c", mapPath],
+                          stdout=log, stderr=subprocess.STDOUT)
+    PIDS[name] = process.pid
+    return fronts
+
+
+#: The pid of each portproxy peer, by its name in the table.
+PIDS = {}
+
+
+def cpuSeconds(pid):
+    """
+    User plus system CPU time of process C{pid} so far, all threads.
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def startPeers(procs, ports, tmp, backend, wanted, access=False, control=False):
     """
     Every installed peer that was asked for, and portproxy: peer name ->
     {backend: front port}.
@@ -183,16 +237,11 @@ def startPeers(procs, ports, tmp, backend, wanted):
                     f.write(f"  server {{ listen 127.0.0.1:{port}{udp}; proxy_pass 127.0.0.1:{backend[key]}; }}\n")
             f.write("}\n")
         procs.start(["nginx", "-c", conf])
-    front["portproxy"] = {k: ports.take() for k in backend}
-    mapPath = os.path.join(tmp, "portproxy.yaml")
-    with open(mapPath, "w") as f:
-        f.write("mappings:\n")
-        for key, port in front["portproxy"].items():
-            proto = "[" + ", ".join(sorted(protos[key])) + "]"
-            f.write(f"  - name: {key}\n    proto: {proto}\n    listen: 127.0.0.1:{port}\n"
-                    f"    target: 127.0.0.1:{backend[key]}\n")
-    log = open(os.path.join(tmp, "portproxy.log"), "w")
-    procs.start([*TWISTD, "-n", "--pidfile=", "portproxy", "-c", mapPath], stdout=log, stderr=subprocess.STDOUT)
+    front["portproxy"] = startPortproxyPeer(procs, ports, tmp, backend, protos, "portproxy")
+    if access:
+        front["portproxy+access"] = startPortproxyPeer(
+            procs, ports, tmp, backend, protos, "portproxy+access", "" if control else accessDefaults()
+        )
     for name, fronts in front.items():
         for key, port in fronts.items():
             if "tcp" in protos[key]:
@@ -379,6 +428,10 @@ def main():
     ap.add_argument("-r", "--rounds", type=int, default=3)
     ap.add_argument("-s", "--seconds", type=int, default=3)
     ap.add_argument("--peers", default="docker-proxy,socat,haproxy,nginx")
+    ap.add_argument("--access", action="store_true",
+                    help="also portproxy with a 1,000-entry deny list and per-client limits")
+    ap.add_argument("--control", action="store_true",
+                    help="with --access: the second portproxy without them (an A/A run: the noise)")
     ap.add_argument("--idle", type=int, default=2000, help="idle connections for the memory figure; 0 skips it")
     ap.add_argument("--scale", type=int, default=1000, help="listeners per protocol for the start-up figure; 0 skips it")
     a = ap.parse_args()
@@ -393,21 +446,31 @@ def main():
     tmp = tempfile.mkdtemp(prefix="portproxy-peers-")
     try:
         backend = startBackends(procs, ports, tmp)
-        front = startPeers(procs, ports, tmp, backend, a.peers.split(","))
+        front = startPeers(procs, ports, tmp, backend, a.peers.split(","), a.access, a.control)
         names = list(front)
         results = {w: {n: [] for n in names} for w in workloads}
+        # CPU seconds of a portproxy per request (or connection), for --access:
+        # unlike a rate, hardly moved by what else the machine runs.
+        cpu = {w: {n: [] for n in PIDS} for w in workloads}
         for r in range(a.rounds):
             for w in workloads:
-                for name in names:
+                # Every other round in reverse: a run leaves thousands of
+                # TIME_WAIT sockets on loopback that slow the next run's
+                # connects, and no peer should always come after another.
+                for name in names if r % 2 == 0 else names[::-1]:
                     port = front[name].get(WORKLOADS[w][2])
+                    before = cpuSeconds(PIDS[name]) if name in PIDS and port else None
                     value = measure(w, port, a.seconds) if port else None
                     results[w][name].append(value)
+                    if before is not None and value and WORKLOADS[w][2] == "http":
+                        cpu[w][name].append((cpuSeconds(PIDS[name]) - before) / (value * a.seconds))
                     print(f"round {r + 1} {w:15s} {name:13s} {value}", file=sys.stderr)
     finally:
         procs.stopAll()
     print(f"\n{a.rounds} rounds of {a.seconds} s; medians; last column: median of per-round ratios\n")
-    print("| workload | unit | " + " | ".join(names) + " | portproxy / docker-proxy |")
-    print("|---" * (len(names) + 3) + "|")
+    extra = " portproxy+access / portproxy |" if a.access else ""
+    print("| workload | unit | " + " | ".join(names) + " | portproxy / docker-proxy |" + extra)
+    print("|---" * (len(names) + 3 + a.access) + "|")
     for w in workloads:
         row = [w, WORKLOADS[w][0]]
         for name in names:
@@ -415,7 +478,20 @@ def main():
             row.append(f"{statistics.median(values):.2f}" if values else "-")
         pairs = [p / d for p, d in zip(results[w]["portproxy"], results[w].get("docker-proxy", [])) if p and d]
         row.append(f"{statistics.median(pairs):.2f}" if pairs else "-")
+        if a.access:
+            pairs = [q / p for q, p in zip(results[w]["portproxy+access"], results[w]["portproxy"]) if p and q]
+            row.append(f"{statistics.median(pairs):.3f}" if pairs else "-")
         print("| " + " | ".join(row) + " |")
+    if a.access:
+        print("\nportproxy CPU time per request (user + system, all threads), medians;"
+              " last column: median of per-round ratios\n")
+        print("| workload | portproxy, us | portproxy+access, us | portproxy+access / portproxy |\n|---|---|---|---|")
+        for w in workloads:
+            plain, checked = cpu[w]["portproxy"], cpu[w]["portproxy+access"]
+            if plain and checked:
+                ratios = [c / p for c, p in zip(checked, plain) if p]
+                print(f"| {w} | {statistics.median(plain) * 1e6:.1f} | {statistics.median(checked) * 1e6:.1f}"
+                      f" | {statistics.median(ratios):.3f} |")
     footprint = []
     if a.idle:
         idle = idleMemory(ports, tmp, a.idle)

@@ -26,3 +26,16 @@ def accessLinesAtOnce(monkeypatch):
     from twistedproxy.listener import accessLog
 
     monkeypatch.setattr(accessLog, "window", 0)
+
+
+@pytest.fixture(autouse=True)
+def freshAccessState(monkeypatch):
+    """
+    Every test starts with no run-time blocks, no per-client counts and an
+    empty refusal log, as a new process does.
+    """
+    from twistedproxy import access
+
+    monkeypatch.setattr(access, "blocklist", access.Blocklist())
+    monkeypatch.setattr(access, "clientTables", access.ClientTables())
+    monkeypatch.setattr(access, "refusalLog", access.RefusalLog())

@@ -86,7 +86,7 @@ def test_invalidMap(tmp_path) -> None:
         "map.yaml:6: listen: port 70000 is out of range (1-65535)",
         "map.yaml:7: mappings[1]: unknown key 'tagret' (expected one of: name, proto,"
         " listen, target, connect_timeout, idle_timeout, udp_timeout, max_connections,"
-        " client_address, accept_proxy_protocol, tls, target_tls, sni_routes)",
+        " client_address, accept_proxy_protocol, allow, deny, max_connections_per_client, new_connections_per_client, datagrams_per_client, tls, target_tls, sni_routes)",
         "map.yaml:9: listen: tcp 0.0.0.0:8080 overlaps mapping 'web' (line 2)",
     ]
 
@@ -228,3 +228,28 @@ def test_transparentNeedsNetAdmin(tmp_path):
     assert transparency.problem(str(status)) is None
     status.write_text("Name:\tx\n")
     assert "cannot read" in transparency.problem(str(status))
+def test_badAccessValues(tmp_path):
+    """
+    A CIDR with a prefix past 32 and a rate per minute are reported by
+    check as FILE:LINE: message, every one, with exit status 1.
+    """
+    (tmp_path / "map.yaml").write_text(
+        dedent(
+            """\
+            defaults:
+              deny: [192.0.2.0/24, 10.0.0.0/33]
+            mappings:
+              - name: web
+                listen: 8000
+                target: 172.17.0.3:80
+                new_connections_per_client: 5/minute
+            """
+        )
+    )
+    result = check("check", "map.yaml", cwd=str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "map.yaml:2: defaults.deny: '10.0.0.0/33': the prefix length must be 0-32 for IPv4",
+        "map.yaml:7: new_connections_per_client: '5/minute' is not a rate"
+        " (expected N/s, as in 20/s, or {rate: N/s, burst: B})",
+    ]

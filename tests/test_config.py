@@ -562,13 +562,15 @@ def test_defaultsInheritedAndOverridden() -> None:
             "defaults:\n  udp_timout: 3",
             "map.yaml:2: defaults: unknown key 'udp_timout' (expected one of:"
             " connect_timeout, idle_timeout, udp_timeout, max_connections,"
-        " client_address, accept_proxy_protocol)",
+        " client_address, accept_proxy_protocol, allow, deny, max_connections_per_client,"
+            " new_connections_per_client, datagrams_per_client)",
         ),
         (
             "defaults:\n  name: x",
             "map.yaml:2: defaults: unknown key 'name' (expected one of:"
             " connect_timeout, idle_timeout, udp_timeout, max_connections,"
-        " client_address, accept_proxy_protocol)",
+        " client_address, accept_proxy_protocol, allow, deny, max_connections_per_client,"
+            " new_connections_per_client, datagrams_per_client)",
         ),
         (
             "defaults:\n  connect_timeout: 0",
@@ -578,7 +580,8 @@ def test_defaultsInheritedAndOverridden() -> None:
             "defaults: [1]",
             "map.yaml:1: defaults: expected a mapping of connect_timeout,"
             " idle_timeout, udp_timeout, max_connections,"
-            " client_address, accept_proxy_protocol, got a list",
+            " client_address, accept_proxy_protocol, allow, deny, max_connections_per_client,"
+            " new_connections_per_client, datagrams_per_client, got a list",
         ),
     ],
 )
@@ -727,7 +730,7 @@ def test_overlapEachEarlierMapping() -> None:
             [
                 "map.yaml:3: mappings[0]: unknown key 'tagret' (expected one of: name,"
                 " proto, listen, target, connect_timeout, idle_timeout, udp_timeout,"
-                " max_connections, client_address, accept_proxy_protocol, tls, target_tls, sni_routes)",
+                " max_connections, client_address, accept_proxy_protocol, allow, deny, max_connections_per_client, new_connections_per_client, datagrams_per_client, tls, target_tls, sni_routes)",
             ],
         ),
         (
@@ -736,7 +739,7 @@ def test_overlapEachEarlierMapping() -> None:
                 "map.yaml:2: mappings[0]: missing key 'target'",
                 "map.yaml:3: mappings[0]: unknown key 'port' (expected one of: name,"
                 " proto, listen, target, connect_timeout, idle_timeout, udp_timeout,"
-                " max_connections, client_address, accept_proxy_protocol, tls, target_tls, sni_routes)",
+                " max_connections, client_address, accept_proxy_protocol, allow, deny, max_connections_per_client, new_connections_per_client, datagrams_per_client, tls, target_tls, sni_routes)",
             ],
         ),
         (
@@ -745,7 +748,7 @@ def test_overlapEachEarlierMapping() -> None:
                 "map.yaml:2: mappings[0]: missing key 'listen'",
                 "map.yaml:3: mappings[0]: unknown key 'tagret' (expected one of: name,"
                 " proto, listen, target, connect_timeout, idle_timeout, udp_timeout,"
-                " max_connections, client_address, accept_proxy_protocol, tls, target_tls, sni_routes)",
+                " max_connections, client_address, accept_proxy_protocol, allow, deny, max_connections_per_client, new_connections_per_client, datagrams_per_client, tls, target_tls, sni_routes)",
             ],
         ),
         (
@@ -753,7 +756,7 @@ def test_overlapEachEarlierMapping() -> None:
             [
                 "map.yaml:4: mappings[0]: unknown key '80' (expected one of: name,"
                 " proto, listen, target, connect_timeout, idle_timeout, udp_timeout,"
-                " max_connections, client_address, accept_proxy_protocol, tls, target_tls, sni_routes)",
+                " max_connections, client_address, accept_proxy_protocol, allow, deny, max_connections_per_client, new_connections_per_client, datagrams_per_client, tls, target_tls, sni_routes)",
             ],
         ),
         (
@@ -849,7 +852,7 @@ def test_fiveMistakesFiveLines() -> None:
         "map.yaml:11: proto: 'sctp' is not a protocol (expected tcp or udp)",
         "map.yaml:13: mappings[2]: unknown key 'tagret' (expected one of: name, proto,"
         " listen, target, connect_timeout, idle_timeout, udp_timeout, max_connections,"
-        " client_address, accept_proxy_protocol, tls, target_tls, sni_routes)",
+        " client_address, accept_proxy_protocol, allow, deny, max_connections_per_client, new_connections_per_client, datagrams_per_client, tls, target_tls, sni_routes)",
         "map.yaml:15: listen: tcp 0.0.0.0:8080 overlaps mapping 'web' (line 4)",
     ]
 

@@ -450,3 +450,59 @@ def test_connectionsShowsTheProxyHeadersClient(proxy, tmp_path, keys, session):
             out = shell.run("connections()")
             row = next(line.split() for line in out.splitlines() if " lb " in line)
             assert row[1:5] == ["lb", "tcp", "203.0.113.50:40000", f"127.0.0.1:{echo.port}"]
+def test_blockUnblockAndBlocked(proxy, tmp_path, keys, session):
+    """
+    block(cidr) resets new TCP connections and drops UDP datagrams from the
+    network at once, leaving open connections until kill=True; blocked()
+    lists the block and the refusals, the blocks survive a reload, and
+    unblock(cidr) lets the network in again.
+    """
+    with TCPEchoServer() as tcpEcho, UDPEchoServer() as udpEcho:
+        manholePort, tcpPort, udpPort = freePort(), freePort(), freePort("udp")
+        text = proxyMap(
+            tmp_path,
+            manholePort,
+            ("echo", "tcp", f"127.0.0.1:{tcpPort}", f"127.0.0.1:{tcpEcho.port}"),
+            ("dns", "udp", f"127.0.0.1:{udpPort}", f"127.0.0.1:{udpEcho.port}"),
+        )
+        proxy.start(text)
+        shell = session(manholePort)
+
+        def client(source):
+            conn = socket.socket()
+            conn.settimeout(5)
+            conn.bind((source, 0))
+            conn.connect(("127.0.0.1", tcpPort))
+            return conn
+
+        with client("127.0.0.2") as open_:
+            assert roundTrip(open_, b"open") == b"open"
+            out = shell.run("block('127.0.0.2/31')")
+            assert "blocked 127.0.0.2/31 on every listener" in out
+            with client("127.0.0.3") as refused:
+                with pytest.raises(ConnectionResetError):
+                    refused.sendall(b"x")
+                    refused.recv(1)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                udp.bind(("127.0.0.2", 0))
+                udp.settimeout(0.5)
+                udp.sendto(b"dropped", ("127.0.0.1", udpPort))
+                with pytest.raises(socket.timeout):
+                    udp.recvfrom(100)
+            with client("127.0.0.4") as other:
+                assert roundTrip(other, b"other") == b"other"
+            assert roundTrip(open_, b"still") == b"still"
+            assert "changed 0" in shell.run("reload()")
+            out = shell.run("blocked()")
+            assert "blocked from the manhole: 127.0.0.2/31" in out
+            assert "refused since start: blocked 2" in out
+            assert tableRow(shell.run("status()"), "dns")[6] == "1"
+            out = shell.run("block('127.0.0.2/31', kill=True)")
+            assert "closed 1 open connections or sessions of 127.0.0.2/31" in out
+            try:
+                assert open_.recv(10) == b""
+            except ConnectionResetError:
+                pass
+        assert "unblocked 127.0.0.2/31" in shell.run("unblock('127.0.0.2/31')")
+        with client("127.0.0.3") as again:
+            assert roundTrip(again, b"again") == b"again"

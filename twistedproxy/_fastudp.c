@@ -112,6 +112,7 @@ typedef struct Listener {
     int family;
     uint32_t id;
     uint64_t dropped;           /* new clients' datagrams over the bounds */
+    uint64_t limited;           /* datagrams over a session's rate */
     uint64_t sessions;
     struct Listener *next;
     struct Listener *nextDead;
@@ -131,6 +132,10 @@ typedef struct Session {
     int headers;                /* HEADERS_*: PROXY headers from the client */
     size_t prefixLen;           /* bytes of prefix sent before each datagram */
     uint8_t prefix[PREFIX_MAX]; /* the client's PROXY v2 header, constant */
+    /* The token bucket of the client's datagrams (datagrams_per_client):
+     * rate in tokens per ms, 0 for no limit. */
+    double rate, burst, tokens;
+    int64_t stamp;
     struct Session *nextByKey, *nextById, *nextDead;
 } Session;
 
@@ -400,6 +405,27 @@ freeDead(Engine *self)
 
 /* -- the engine thread ------------------------------------------------- */
 
+/* Take a token of the session's datagram bucket; 0 when it is empty: the
+ * datagram is then dropped, and counted in the listener's limited. */
+static int
+takeToken(Session *s, int64_t now)
+{
+    double tokens = s->tokens;
+    if (now > s->stamp) {
+        tokens += (double)(now - s->stamp) * s->rate;
+        s->stamp = now;
+        if (tokens > s->burst)
+            tokens = s->burst;
+    }
+    if (tokens >= 1.0) {
+        s->tokens = tokens - 1.0;
+        return 1;
+    }
+    s->tokens = tokens;
+    s->listener->limited++;
+    return 0;
+}
+
 static void
 sendToTarget(Session *s, const char *data, size_t len)
 {
@@ -645,6 +671,13 @@ readListener(Engine *self, Listener *l, int64_t now)
             holdDatagram(self, l, &peer, data, len);
             continue;
         }
+        s->last = now;
+        if (s->rate > 0 && !takeToken(s, now)) {
+            if (last != NULL)
+                sendRun(self, last, msgs + runStart, i - runStart);
+            last = NULL;
+            continue;
+        }
         if (s->headers != HEADERS_NONE) {
             long skip = headerLength(s->headers, (const uint8_t *)data, len);
             if (skip < 0) {
@@ -662,7 +695,6 @@ readListener(Engine *self, Listener *l, int64_t now)
         if (last == NULL)
             runStart = i;
         last = s;
-        s->last = now;
         s->bytesIn += len;
         /* the outgoing message: this datagram, to the connected target */
         iovs[i].iov_len = len;
@@ -989,7 +1021,8 @@ parsePeer(PyObject *arg, Peer *peer)
 }
 
 PyDoc_STRVAR(addSession_doc,
-"addSession(key, fd, flowId, timeout, prefix=b'', headers=0) -> None\n\n"
+"addSession(key, fd, flowId, timeout, prefix=b'', headers=0, rate=0.0, burst=0)"
+" -> None\n\n"
 "Open a session for the client of key (from a 'new' event): fd is a\n"
 "non-blocking UDP socket connected to the target, which the engine now\n"
 "owns and closes when the session ends.  The datagrams held for the\n"
@@ -1001,8 +1034,10 @@ PyDoc_STRVAR(addSession_doc,
 "64), replies are not changed.  headers: what to do with a PROXY v2\n"
 "header at the start of the client's datagrams: 0 nothing, 1 take it off\n"
 "(dropping the datagram when it is malformed), 2 drop datagrams with one;\n"
-"dropped ones count in the listener's dropped.  On an error the caller\n"
-"keeps fd.");
+"dropped ones count in the listener's dropped.  rate: datagrams per\n"
+"second from the client that go on to the target, burst at once (a token\n"
+"bucket, full at first); those over it are dropped and counted in the\n"
+"listener's limited.  0 is no limit.  On an error the caller keeps fd.");
 
 static PyObject *
 Engine_addSession(Engine *self, PyObject *args)
@@ -1010,10 +1045,12 @@ Engine_addSession(Engine *self, PyObject *args)
     PyObject *keyObject;
     int fd;
     unsigned long long flowId;
-    double timeout;
+    double timeout, rate = 0.0;
     Py_buffer prefix = {0};
     int headers = HEADERS_NONE;
-    if (!PyArg_ParseTuple(args, "OiKd|y*i", &keyObject, &fd, &flowId, &timeout, &prefix, &headers))
+    unsigned int burst = 0;
+    if (!PyArg_ParseTuple(args, "OiKd|y*idI", &keyObject, &fd, &flowId, &timeout, &prefix,
+                          &headers, &rate, &burst))
         return NULL;
     if (headers < HEADERS_NONE || headers > HEADERS_REFUSE) {
         if (prefix.buf != NULL)
@@ -1039,6 +1076,10 @@ Engine_addSession(Engine *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "timeout must be positive");
         return NULL;
     }
+    if (!(rate >= 0) || (rate > 0 && burst < 1)) {
+        PyErr_SetString(PyExc_ValueError, "rate must not be negative, and a rate needs a burst of 1 or more");
+        return NULL;
+    }
     Session *s = calloc(1, sizeof *s);
     if (s == NULL)
         return PyErr_NoMemory();
@@ -1055,6 +1096,9 @@ Engine_addSession(Engine *self, PyObject *args)
     if (s->timeout < 1)
         s->timeout = 1;
     s->last = nowMs();
+    s->rate = rate / 1000.0;
+    s->burst = s->tokens = (double)burst;
+    s->stamp = s->last;
     lockFromPython(self);
     const char *problem = NULL;
     Listener *l = findListener(self, peer.key.listenerId);
@@ -1100,6 +1144,10 @@ Engine_addSession(Engine *self, PyObject *args)
          * as rejected, as without the engine. */
         l->dropped += p->datagrams - (uint64_t)p->count;
         for (int i = 0; i < p->count; i++) {
+            if (s->rate > 0 && !takeToken(s, s->last)) {
+                s->bytesIn -= p->lens[i];
+                continue;
+            }
             long skip = headerLength(s->headers, (const uint8_t *)p->data[i], p->lens[i]);
             if (skip < 0) {
                 l->dropped++;
@@ -1232,11 +1280,11 @@ Engine_counters(Engine *self, PyObject *arg)
 }
 
 PyDoc_STRVAR(listenerCounters_doc,
-"listenerCounters(listenerId) -> (sessions, dropped) or None\n\n"
-"Open sessions of a listener, and datagrams from new clients it dropped\n"
+"listenerCounters(listenerId) -> (sessions, dropped, limited) or None\n\n"
+"Open sessions of a listener; datagrams from new clients it dropped\n"
 "because too many clients (1024) were held already, or, once their\n"
 "session opened, that it had not held (over 8 for the client, or 4 MiB\n"
-"for all).");
+"for all); and datagrams of sessions dropped over their rate.");
 
 static PyObject *
 Engine_listenerCounters(Engine *self, PyObject *arg)
@@ -1247,10 +1295,11 @@ Engine_listenerCounters(Engine *self, PyObject *arg)
     lockFromPython(self);
     Listener *l = findListener(self, id);
     unsigned long long sessions = l ? l->sessions : 0, dropped = l ? l->dropped : 0;
+    unsigned long long limited = l ? l->limited : 0;
     pthread_mutex_unlock(&self->lock);
     if (l == NULL)
         Py_RETURN_NONE;
-    return Py_BuildValue("KK", sessions, dropped);
+    return Py_BuildValue("KKK", sessions, dropped, limited);
 }
 
 static PyObject *

@@ -18,6 +18,8 @@ from typing import Callable, Iterable, Sequence
 
 from twisted.internet.error import CannotListenError
 
+from twistedproxy import access
+from twistedproxy.access import parseNetwork
 from twistedproxy.model import UDP
 
 #: Why a flow ended, as its access log line says, when the operator killed it.
@@ -144,7 +146,7 @@ class Console:
                             str(s.listener.target),
                             str(s.active),
                             str(s.counters.total),
-                            str(s.counters.rejected),
+                            str(s.refused),
                             _dropped(s),
                             formatBytes(s.bytesIn),
                             formatBytes(s.bytesOut),
@@ -234,6 +236,65 @@ class Console:
         else:
             print(f"{name}: enabled")
 
+    def block(self, cidr, kill=False):
+        """Refuse a CIDR's new clients; kill=True: open ones too."""
+        try:
+            network = parseNetwork(str(cidr))
+        except ValueError as e:
+            print(f"cannot block: {e}")
+            return
+        if access.blocklist.block(network):
+            print(f"blocked {network} on every listener (until unblock or restart)")
+        else:
+            print(f"{network} is blocked already")
+        if kill:
+            closed = 0
+            for service in list(self.proxy.allListeners()):
+                for flow in list(service.flows.values()):
+                    if _clientIn(flow.client, network):
+                        flow.close(f"{KILLED} (block {network})")
+                        closed += 1
+            print(f"closed {closed} open connections or sessions of {network}")
+
+    def unblock(self, cidr):
+        """Accept a CIDR blocked with block(cidr) again."""
+        try:
+            network = parseNetwork(str(cidr))
+        except ValueError as e:
+            print(f"cannot unblock: {e}")
+            return
+        if access.blocklist.unblock(network):
+            print(f"unblocked {network}")
+        else:
+            blocked = ", ".join(str(n) for n in access.blocklist.networks) or "none"
+            print(f"{network} is not blocked (blocked: {blocked})")
+
+    def blocked(self):
+        """Print run-time blocks and refusals by reason."""
+        networks = access.blocklist.networks
+        if networks:
+            print("blocked from the manhole: " + ", ".join(str(n) for n in networks))
+        else:
+            print("nothing blocked from the manhole")
+        lists = sorted(
+            {
+                (s.listener.mapping, len(s.listener.access.deny), len(s.listener.access.allow))
+                for s in self.proxy.listeners.values()
+                if s.listener.access.deny or s.listener.access.allow
+            }
+        )
+        for mapping, deny, allow in lists:
+            print(f"map: {mapping}: deny {deny} CIDRs, allow {allow or 'everyone'}")
+        counts = dict(access.refusalLog.byReason)
+        limited = sum(s.refused - s.counters.rejected for s in self.proxy.allListeners())
+        if limited:
+            counts["datagrams_per_client"] = limited
+        if counts:
+            print(
+                "refused since start: "
+                + ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items()))
+            )
+
     def reload(self):
         """Re-read the map file like SIGHUP; print the summary."""
         # A reload that finishes while this line runs is printed here; one
@@ -268,7 +329,20 @@ class Console:
 
 
 #: The helpers, in the order help() lists them.
-HELPERS = ("status", "connections", "kill", "disable", "enable", "reload")
+HELPERS = (
+    "status", "connections", "kill", "disable", "enable", "block", "unblock", "blocked", "reload"
+)
+
+
+def _clientIn(client: str, network) -> bool:
+    """
+    Whether the client C{host:port} is in C{network}.
+    """
+    try:
+        key = access.clientKey(access.hostOf(client))
+    except OSError:
+        return False
+    return key in access.AddressSet([network])
 
 
 def _clientText(flow) -> str:

@@ -16,23 +16,25 @@ import ipaddress
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from twistedproxy import transparency
-from twistedproxy import tls
+from twistedproxy import tls, transparency
+from twistedproxy.access import parseNetwork
 from twistedproxy.model import (
     ANY_IPV4,
     ANY_IPV6,
     CLIENT_ADDRESS_MODES,
+    OPEN,
     PROTOCOLS,
     PROXY_PROTOCOL_V1,
     TCP,
     UDP,
+    AccessPolicy,
     ClientIdentity,
     KeyPair,
     Listener,
@@ -42,6 +44,7 @@ from twistedproxy.model import (
     Manhole,
     Mapping,
     ProxyMap,
+    Rate,
     ServerTLS,
     Target,
     TargetTLS,
@@ -54,7 +57,16 @@ TOP_KEYS = ("defaults", "mappings", "manhole", "http", "log_format")
 SETTING_KEYS = ("connect_timeout", "idle_timeout", "udp_timeout", "max_connections")
 #: Who the client is and how the target learns it (model.ClientIdentity).
 IDENTITY_KEYS = ("client_address", "accept_proxy_protocol")
-SETTING_KEYS += IDENTITY_KEYS
+#: Who may connect (twistedproxy.access); settings like the others.
+ACCESS_KEYS = (
+    "allow",
+    "deny",
+    "max_connections_per_client",
+    "new_connections_per_client",
+    "datagrams_per_client",
+)
+PER_CLIENT_KEYS = ACCESS_KEYS[2:]
+SETTING_KEYS += IDENTITY_KEYS + ACCESS_KEYS
 TLS_MAPPING_KEYS = ("tls", "target_tls", "sni_routes")
 MAPPING_KEYS = ("name", "proto", "listen", "target") + SETTING_KEYS + TLS_MAPPING_KEYS
 TLS_KEYS = ("cert", "key", "sni", "client_ca", "min_version")
@@ -86,6 +98,11 @@ _LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
 _LISTEN_FORM = "[HOST:]PORT or [HOST:]FIRST-LAST"
 _DURATION_FORMS = "seconds as a number, or a number with ms, s, m or h: 250ms, 5s, 2m, 1h"
+_RATE = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)/s")
+_RATE_FORMS = "N/s, as in 20/s, or {rate: N/s, burst: B}"
+
+#: What a rate of 0 (no limit) reads as, told apart from a bad value.
+_UNLIMITED = object()
 
 # Only its scalar constructors are used; they keep no state between calls.
 _scalars = SafeConstructor()
@@ -246,6 +263,7 @@ class _Settings:
     identity: ClientIdentity = ClientIdentity()
     #: where client_address was given, for the errors of its value
     clientAddressLine: int = field(default=0, compare=False)
+    access: AccessPolicy = OPEN
 
 
 @dataclass
@@ -443,11 +461,13 @@ class _MapReader:
         )
 
     def readSettings(
-        self, keys: dict[str, tuple[Node, Node]], prefix: str, base: _Settings
+        self, keys: dict[str, tuple[Node, Node]], prefix: str, base: _Settings, scope: str = ""
     ) -> _Settings:
         """
         Override C{base} with the settings among C{keys} (from L{keysOf});
-        a bad value is reported and leaves the inherited one.
+        a bad value is reported and leaves the inherited one.  C{scope}
+        names the mapping, whose per-client limits count its own clients
+        once it sets one of them.
         """
         connect, idle, udp = base.timeouts.connect, base.timeouts.idle, base.timeouts.udp
         maxConnections = base.maxConnections
@@ -469,6 +489,7 @@ class _MapReader:
             maxConnections,
             identity,
             clientAddressLine,
+            self.readAccess(keys, prefix, base.access, scope),
         )
 
     def readIdentity(
@@ -546,6 +567,96 @@ class _MapReader:
         problem = transparency.problem()
         if problem is not None:
             self.error(line, f"{where}: {problem}")
+
+    # who may connect
+
+    def readAccess(
+        self, keys: dict[str, tuple[Node, Node]], prefix: str, base: AccessPolicy, scope: str
+    ) -> AccessPolicy:
+        """
+        Override C{base} with the access settings among C{keys}: a list
+        given replaces the inherited one, and a mapping that sets any
+        per-client limit counts its clients in a scope of its own.
+        """
+        values = {}
+        for key, name in (("allow", "allow"), ("deny", "deny")):
+            if key in keys:
+                cidrs = self.cidrs(keys[key][1], prefix + key)
+                if cidrs is not None:
+                    values[name] = cidrs
+        if "max_connections_per_client" in keys:
+            key = "max_connections_per_client"
+            value = self.count(keys[key][1], prefix + key)
+            if value is not None:
+                values["maxPerClient"] = value
+        for key, name in (
+            ("new_connections_per_client", "newPerClient"),
+            ("datagrams_per_client", "datagramsPerClient"),
+        ):
+            if key in keys:
+                rate = self.rate(keys[key][1], prefix + key)
+                if rate is not None:
+                    values[name] = None if rate is _UNLIMITED else rate
+        if any(key in keys for key in PER_CLIENT_KEYS):
+            values["scope"] = scope
+        return replace(base, **values) if values else base
+
+    def cidrs(self, node: Node, key: str) -> Optional[tuple[str, ...]]:
+        """
+        A list of CIDRs as normalized text (C{10.0.0.0/8}); L{None} after
+        reporting every bad entry.
+        """
+        expected = "a list of CIDRs, as in [10.0.0.0/8, 2001:db8::/32]"
+        if not isinstance(node, SequenceNode):
+            self.error(_line(node), f"{key}: expected {expected}, got {_describe(node)}")
+            return None
+        cidrs: list[str] = []
+        good = True
+        for item in node.value:
+            text = self.text(item, key, "a CIDR such as 10.0.0.0/8")
+            if text is None:
+                good = False
+                continue
+            try:
+                cidrs.append(str(parseNetwork(text)))
+            except ValueError as e:
+                self.error(_line(item), f"{key}: {e}")
+                good = False
+        return tuple(cidrs) if good else None
+
+    def rate(self, node: Node, key: str):
+        """
+        A L{Rate} from C{N/s} (burst N, at least 1) or C{{rate: N/s,
+        burst: B}}; C{0} is L{_UNLIMITED}; L{None} after reporting.
+        """
+        burst = None
+        if isinstance(node, MappingNode):
+            parts = self.keysOf(node, key, ("rate", "burst"), ("rate",))
+            if "rate" not in parts:
+                return None
+            if "burst" in parts:
+                burst = self.count(parts["burst"][1], key + ".burst")
+                if burst is None:
+                    return None
+                if burst < 1:
+                    self.error(_line(parts["burst"][1]), f"{key}.burst: must be at least 1, got 0")
+                    return None
+            node = parts["rate"][1]
+        if isinstance(node, ScalarNode) and node.tag == _INT and node.value == "0":
+            return _UNLIMITED
+        text = self.text(node, key, _RATE_FORMS, (_STR,))
+        if text is None:
+            return None
+        match = _RATE.fullmatch(text.replace(" ", ""))
+        if match is None:
+            self.error(_line(node), f"{key}: '{text}' is not a rate (expected {_RATE_FORMS})")
+            return None
+        perSecond = float(match.group(1))
+        if perSecond == 0:
+            return _UNLIMITED
+        if burst is None:
+            burst = max(1, math.ceil(perSecond))
+        return Rate(perSecond, burst)
 
     def duration(self, node: Node, key: str, positive: bool) -> Optional[float]:
         """
@@ -664,7 +775,7 @@ class _MapReader:
 
         entry.name = self.readName(entry, keys, protos, listenText, names)
 
-        settings = self.readSettings(keys, "", defaults)
+        settings = self.readSettings(keys, "", defaults, entry.name or "")
         entry.tls = self.readTLS(keys, protos, entry.name)
 
         if protos is not None and ports is not None:
@@ -1287,6 +1398,7 @@ def _buildMapping(entry: _Entry) -> Mapping:
             settings.timeouts,
             settings.maxConnections,
             settings.identity,
+            settings.access,
             entry.line,
             entry.tls,
         )

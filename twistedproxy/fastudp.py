@@ -155,7 +155,7 @@ class UDPEngine:
 
     def addSession(
         self, owner, key: bytes, skt: socket.socket, flowId: int, timeout: float,
-        prefix: bytes = b"", headers: int = 0,
+        prefix: bytes = b"", headers: int = 0, rate=None,
     ) -> None:
         """
         Give the connected socket C{skt} of a new session to the engine,
@@ -164,12 +164,17 @@ class UDPEngine:
         every datagram to the target, as a buffer of its own: nothing is
         copied.  C{headers}: what the engine does with PROXY v2 headers at
         the start of the client's datagrams (L{proxyprotocol.HEADERS_NONE},
-        C{HEADERS_TAKE}, C{HEADERS_REFUSE}).
+        C{HEADERS_TAKE}, C{HEADERS_REFUSE}).  C{rate}, a
+        L{twistedproxy.model.Rate}, bounds the client's datagrams of the
+        session (L{None}: no bound).
 
         @raise ValueError: the engine has no such listener any more (the
             socket is then still the caller's).
         """
-        self.engine.addSession(key, skt.fileno(), flowId, timeout, prefix, headers)
+        perSecond, burst = (0.0, 0) if rate is None else (rate.perSecond, rate.burst)
+        self.engine.addSession(
+            key, skt.fileno(), flowId, timeout, prefix, headers, perSecond, burst
+        )
         skt.detach()
         self._flows[flowId] = owner
 
@@ -203,12 +208,13 @@ class UDPEngine:
         """
         return self.engine.counters(flowId)
 
-    def listenerCounters(self, listenerId: int) -> Optional[tuple[int, int]]:
+    def listenerCounters(self, listenerId: int) -> Optional[tuple[int, int, int]]:
         """
-        A listener's open sessions in the engine, and the datagrams of new
+        A listener's open sessions in the engine; the datagrams of new
         clients it dropped: those of clients over the bound of held
         clients, and, when a client's session opened, those it had not
-        held (over its bound of datagrams per client or bytes in all).
+        held (over its bound of datagrams per client or bytes in all); and
+        the datagrams of sessions dropped over C{datagrams_per_client}.
         """
         return self.engine.listenerCounters(listenerId)
 

@@ -20,6 +20,8 @@ from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
 from twistedproxy.metrics import Durations
+from twistedproxy import access as _access
+from twistedproxy.access import clientKey, hostOf
 from twistedproxy.model import Listener, formatHostPort
 
 log = Logger(namespace="portproxy")
@@ -174,6 +176,8 @@ class ListenerService(Service):
     @ivar listener: the current settings; L{reconfigure} replaces them, and
         only flows opened afterwards use the new ones.
     @ivar flows: open flows by id.
+    @ivar clients: the per-client state (L{twistedproxy.access.ClientTable})
+        that new flows are counted in.
     """
 
     proto: str
@@ -191,6 +195,9 @@ class ListenerService(Service):
         self.durations = Durations()
         self.flows: dict[int, IFlow] = {}
         self.enabled = True
+        #: The open flows counted per client: their table and client key.
+        self._counted: dict[int, tuple] = {}
+        self._readAccess()
         self._drained: list[Deferred] = []
         self._noticed: dict[str, float] = {}
         self._unnoticed: dict[str, int] = {}
@@ -219,6 +226,19 @@ class ListenerService(Service):
         """
         assert listener.key == self.listener.key, (listener, self.listener)
         self.listener = listener
+        self._readAccess()
+
+    def _readAccess(self) -> None:
+        """
+        Take the listener's access settings in the form L{admit} reads
+        fastest.
+        """
+        access = self.listener.access
+        self.clients = _access.clientTables.get(access.scope)
+        self._denied = access.denied
+        self._allowed = access.allowed
+        self._perClient = access.perClient
+        self._checked = self._denied is not None or self._allowed is not None or self._perClient
 
     def disable(self) -> None:
         """
@@ -256,6 +276,13 @@ class ListenerService(Service):
     def bytesOut(self) -> int:
         return self.counters.bytesOut + sum(f.bytesOut for f in self.flows.values())
 
+    @property
+    def refused(self) -> int:
+        """
+        Clients turned away (the manhole's REJ column).
+        """
+        return self.counters.rejected
+
     def full(self) -> bool:
         """
         Whether C{maxConnections} flows are open already.
@@ -263,18 +290,58 @@ class ListenerService(Service):
         limit = self.listener.maxConnections
         return limit > 0 and len(self.flows) >= limit
 
-    def rejected(self, client: str, reason: str, kind: str) -> None:
+    def admit(self, host: str) -> str | None:
         """
-        Count a client turned away, by C{kind}: C{"limit"} (over
-        C{max_connections}), C{"disabled"}.
+        Whether a new flow (TCP connection or UDP session) of the client
+        at C{host} (an IP literal) may open now: L{None} when it may, or
+        why not, a reason whose first word names the rule (C{deny},
+        C{allow}, C{blocked}, C{max_connections}, ...).
+
+        Every path asks this, once per new flow, with the real client's
+        address; an admitted client has taken a token of
+        C{new_connections_per_client}, and L{flowStarted} counts its flow.
         """
-        self.countRejected(kind)
-        log.info(
-            "{proto} {mapping} rejected {client}: {reason}",
-            proto=self.listener.proto,
-            mapping=self.listener.mapping,
-            client=client,
-            reason=reason,
+        if not self.enabled:
+            return "listener disabled"
+        blocks = _access.blocklist.addresses
+        if self._checked or blocks is not None:
+            try:
+                key = clientKey(host)
+            except OSError:
+                return f"allow list cannot match {host!r}, not an IP address"
+            if blocks is not None and key in blocks:
+                return "blocked from the manhole"
+            denied, allowed = self._denied, self._allowed
+            if denied is not None and key in denied:
+                return "deny list"
+            if allowed is not None and key not in allowed:
+                return "allow list does not include it"
+        if self.full():
+            return f"max_connections {self.listener.maxConnections} reached"
+        if self._perClient:
+            access = self.listener.access
+            clients = self.clients
+            limit = access.maxPerClient
+            if limit and clients.open.get(key, 0) >= limit:
+                return f"max_connections_per_client {limit} reached"
+            rate = access.newPerClient
+            if rate is not None and not clients.take(key, rate, self.reactor.seconds()):
+                return f"new_connections_per_client {rate} exceeded"
+        return None
+
+    def rejected(
+        self, client: str, reason: str, kind: str | None = None, count: int = 1
+    ) -> None:
+        """
+        Count C{count} refusals of C{client} (C{host:port}) for C{reason}
+        (from L{admit}, whose rule gives the C{kind} the metrics count it
+        under unless given: see L{refusalKind}), and log at a rate bounded
+        for the whole process.
+        """
+        self.countRejected(kind or refusalKind(reason), count)
+        listener = self.listener
+        _access.refusalLog.refused(
+            self.reactor, listener.proto, listener.mapping, client, reason, count
         )
 
     def countRejected(self, kind: str, count: int = 1) -> None:
@@ -301,6 +368,26 @@ class ListenerService(Service):
     def flowStarted(self, flow: IFlow) -> None:
         self.flows[flow.id] = flow
         self.counters.total += 1
+        if self._perClient:
+            self._countClient(flow)
+
+    def _countClient(self, flow: IFlow) -> None:
+        try:
+            key = clientKey(hostOf(flow.client))
+        except OSError:
+            return
+        self.clients.opened(key)
+        self._counted[flow.id] = (self.clients, key)
+
+    def clientChanged(self, flow: IFlow) -> None:
+        """
+        C{flow.client} now says who the client really is (a PROXY header
+        told): count the flow for that client from now on.
+        """
+        counted = self._counted.pop(flow.id, None)
+        if counted is not None:
+            counted[0].closed(counted[1])
+            self._countClient(flow)
 
     def flowEnded(self, flow: IFlow, reason: str) -> None:
         """
@@ -309,6 +396,10 @@ class ListenerService(Service):
         """
         if self.flows.pop(flow.id, None) is None:
             return
+        if self._counted:
+            counted = self._counted.pop(flow.id, None)
+            if counted is not None:
+                counted[0].closed(counted[1])
         bytesIn = flow.bytesIn
         bytesOut = flow.bytesOut
         counters = self.counters
@@ -353,6 +444,19 @@ def connectFailureKind(reason: str) -> str:
     if why.startswith("no address for"):
         return "no address"
     return why
+
+
+def refusalKind(reason: str) -> str:
+    """
+    The metrics' name for the rule behind a refusal reason of
+    L{ListenerService.admit}: C{"disabled"}, C{"denied"} (the manhole's
+    blocks, deny and allow lists) or C{"limit"} (every limit).
+    """
+    if reason.startswith("listener disabled"):
+        return "disabled"
+    if reason.startswith(("blocked", "deny", "allow")):
+        return "denied"
+    return "limit"
 
 
 def fastPathWanted() -> bool:

@@ -12,7 +12,10 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterator, NamedTuple, Optional
+from typing import TYPE_CHECKING, Iterator, NamedTuple, Optional
+
+if TYPE_CHECKING:
+    from twistedproxy.access import AddressSet
 
 TCP = "tcp"
 UDP = "udp"
@@ -200,6 +203,87 @@ class TLSSettings:
 
 
 @dataclass(frozen=True)
+class Rate:
+    """
+    A token bucket's settings: C{perSecond} tokens are added each second,
+    up to C{burst}.
+    """
+
+    perSecond: float
+    burst: int
+
+    @cached_property
+    def refill(self) -> float:
+        """
+        Seconds an empty bucket takes to fill, and at least one: how often
+        a table of buckets forgets the full ones.
+        """
+        return max(1.0, self.burst / self.perSecond)
+
+    def __str__(self) -> str:
+        return f"{self.perSecond:g}/s (burst {self.burst})"
+
+
+@dataclass(frozen=True)
+class AccessPolicy:
+    """
+    Who may connect to a listener, from the map.
+
+    @ivar allow: CIDRs (normalized text); when not empty, only clients in
+        one of them may connect.
+    @ivar deny: CIDRs whose clients may not connect; deny wins over allow.
+    @ivar maxPerClient: TCP connections plus UDP sessions one client
+        address may have open at once in C{scope}; 0 is unlimited.
+    @ivar newPerClient: new TCP connections plus UDP sessions of one client
+        address in C{scope}, or L{None} for unlimited.
+    @ivar datagramsPerClient: datagrams from the client of one UDP session
+        to its target, or L{None} for unlimited.
+    @ivar scope: whose per-client counts the limits use: C{""} for the
+        process-wide ones of C{defaults}, or the name of the mapping that
+        sets its own.
+    """
+
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    maxPerClient: int = 0
+    newPerClient: Optional[Rate] = None
+    datagramsPerClient: Optional[Rate] = None
+    scope: str = ""
+
+    @cached_property
+    def allowed(self) -> Optional[AddressSet]:
+        """
+        The C{allow} list as an L{AddressSet}; L{None} lets everyone in.
+        """
+        if not self.allow:
+            return None
+        return _addressSet(self.allow)
+
+    @cached_property
+    def denied(self) -> Optional[AddressSet]:
+        if not self.deny:
+            return None
+        return _addressSet(self.deny)
+
+    @property
+    def perClient(self) -> bool:
+        """
+        Whether a per-client limit on connections or sessions is set.
+        """
+        return self.maxPerClient > 0 or self.newPerClient is not None
+
+
+#: Nobody refused, nothing limited.
+OPEN = AccessPolicy()
+
+
+def _addressSet(cidrs: tuple[str, ...]):
+    from twistedproxy.access import AddressSet
+
+    return AddressSet(ipaddress.ip_network(c) for c in cidrs)
+
+
+@dataclass(frozen=True)
 class Listener:
     """
     One listening socket and where it forwards to.
@@ -208,6 +292,7 @@ class Listener:
     @ivar maxConnections: TCP connections or UDP sessions at once; 0 is
         unlimited.
     @ivar identity: who the client is and how the target learns it.
+    @ivar access: who may connect, and the per-client limits.
     @ivar line: the map line the mapping starts on, for messages; not part
         of the value.
     @ivar tls: TLS termination, origination or SNI routing; L{None} for
@@ -222,6 +307,7 @@ class Listener:
     timeouts: Timeouts = Timeouts()
     maxConnections: int = 0
     identity: ClientIdentity = ClientIdentity()
+    access: AccessPolicy = OPEN
     line: int = field(default=0, compare=False)
     tls: Optional[TLSSettings] = None
 

@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twistedproxy import proxyprotocol, tls
+from twistedproxy.access import hostOf
 from twistedproxy.compat import closeWithoutShutdown, reserveDescriptor
 from twistedproxy.fastrelay import EngineFlow, HandedOff, acceptClient
 from twistedproxy.listener import (
@@ -107,6 +108,19 @@ def resetConnection(transport) -> None:
         # The socket is already gone; abortConnection closes what is left.
         pass
     transport.abortConnection()
+
+
+def resetDescriptor(fd: int) -> None:
+    """
+    Close the bare socket descriptor C{fd} with a TCP reset: a refused
+    client learns at once that it may not connect.
+    """
+    skt = socket.socket(fileno=fd)
+    try:
+        skt.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+    skt.close()
 
 
 def flushAndClose(transport) -> None:
@@ -334,26 +348,27 @@ class TCPListener(ListenerService):
             # Both ends are known without asking the socket.
             host, _, port = client.rpartition(":")
             addresses = Addresses((host.strip("[]"), int(port)), (listener.host, listener.port))
-            self.admit(clientFd, client, addresses)
+            self.dialIdentified(clientFd, client, addresses)
             return
-        self.admit(clientFd, client, None)
+        self.dialIdentified(clientFd, client, None)
 
-    def admit(self, clientFd: int, client: str, addresses: Addresses | None) -> None:
+    def dialIdentified(self, clientFd: int, client: str, addresses: Addresses | None) -> None:
         """
-        Dial for a client of the relay engine whose real address is known:
-        C{client} (C{host:port}), and C{addresses} when the listener's
-        C{client_address} or C{accept_proxy_protocol} needed them.
+        Admit and dial for a client of the relay engine whose real address
+        is known: C{client} (C{host:port}), and C{addresses} when the
+        listener's C{client_address} or C{accept_proxy_protocol} needed
+        them.
         """
-        # Admission, with the real client.
-        if self.full():
-            os.close(clientFd)
-            self.rejected(client, f"max_connections {self.listener.maxConnections} reached", "limit")
+        refusal = self.admit(hostOf(client))
+        if refusal is not None:
+            resetDescriptor(clientFd)
+            self.rejected(client, refusal)
             return
         Dial(self, clientFd, client, addresses).start()
 
     def _identifyDescriptor(self, clientFd: int, client: str) -> None:
         """
-        L{identify} a client of the relay engine, then L{admit} it.
+        L{identify} a client of the relay engine, then L{dialIdentified} it.
         """
         try:
             skt = socket.socket(fileno=clientFd)
@@ -369,7 +384,7 @@ class TCPListener(ListenerService):
                 os.close(fd)
                 self.refusedHeader(client, problem)
                 return
-            self.admit(fd, formatHostPort(*addresses.source), addresses)
+            self.dialIdentified(fd, formatHostPort(*addresses.source), addresses)
 
         self.identify(skt, identified)
 
@@ -705,13 +720,10 @@ class Relay(Protocol):
     def _admit(self) -> None:
         service = self.service
         # Admission, with the real client.
-        if service.full():
-            self.transport.abortConnection()
-            service.rejected(
-                self.client,
-                f"max_connections {self.listener.maxConnections} reached",
-                "limit",
-            )
+        refusal = service.admit(hostOf(self.client))
+        if refusal is not None:
+            resetConnection(self.transport)
+            service.rejected(self.client, refusal)
             return
         self._clientOpen = True
         # Read nothing until the target answers: an unreachable target must

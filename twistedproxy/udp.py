@@ -44,6 +44,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twistedproxy import fastudp, proxyprotocol
+from twistedproxy import fastudp
+from twistedproxy.access import TokenBucket
 from twistedproxy.listener import (
     IFlow,
     ListenerService,
@@ -384,6 +386,7 @@ class Session:
         "source",
         "prefix",
         "headers",
+        "bucket",
         "_owner",
         "_reply",
         "_route",
@@ -413,12 +416,18 @@ class Session:
         self._owner = owner
         self._reply = owner.port.write
         self._route = route
+        rate = self.listener.access.datagramsPerClient
+        self.bucket = None if rate is None else TokenBucket(rate, self.started)
 
     def send(self, data: bytes) -> None:
         """
-        Forward a datagram from the client to the target.
+        Forward a datagram from the client to the target, unless it is
+        over the session's C{datagrams_per_client}.
         """
-        self.lastActive = self._seconds()
+        self.lastActive = now = self._seconds()
+        if self.bucket is not None and not self.bucket.take(now):
+            self._owner.limited += 1
+            return
         self.bytesIn += len(data)
         port = self.port
         if port is None:
@@ -634,6 +643,8 @@ class UDPListener(ListenerService):
         self.port = None
         self._sweep = None
         self._dropped = 0
+        #: Datagrams over C{datagrams_per_client} dropped in Python.
+        self.limited = 0
         self.engine = fastudp.engineFor(reactor)
         self._engineId = None
         self._readTarget()
@@ -775,6 +786,19 @@ class UDPListener(ListenerService):
                 dropped += counters[1]
         return dropped
 
+    @property
+    def refused(self) -> int:
+        """
+        Clients refused a session, and datagrams dropped over
+        C{datagrams_per_client}, by Python or by the engine.
+        """
+        refused = self.counters.rejected + self.limited
+        if self._engineId is not None:
+            counters = self.engine.listenerCounters(self._engineId)
+            if counters is not None:
+                refused += counters[2]
+        return refused
+
     def disable(self) -> None:
         """
         Drop datagrams from new clients; open sessions go on.
@@ -832,14 +856,10 @@ class UDPListener(ListenerService):
             self.rejected(clientAddress(client), str(e), "header")
             return None
         # The real client is known here: admission.
-        who = clientAddress(client if addresses is None else addresses.source)
-        if not self.enabled:
-            self.rejected(who, "listener disabled", "disabled")
-            return None
-        if self.full():
-            self.rejected(
-                who, f"max_connections ({self.listener.maxConnections}) reached", "limit"
-            )
+        real = client if addresses is None else addresses.source
+        refusal = self.admit(real[0])
+        if refusal is not None:
+            self.rejected(clientAddress(real), refusal)
             return None
         kind = HeaderSession if headers else Session
         session = kind(
@@ -885,22 +905,15 @@ class UDPListener(ListenerService):
                 _, addresses = datagramHeader(headers, engine.firstPending(key) or b"")
             except HeaderError as e:
                 why, kind = str(e), "header"
+        real = client if addresses is None else addresses.source
         # The real client is known here: admission.
-        if why is not None:
-            pass
-        elif not self.enabled:
-            why, kind = "listener disabled", "disabled"
-        elif self.full():
-            why = f"max_connections ({self.listener.maxConnections}) reached"
-            kind = "limit"
+        if why is None:
+            why = self.admit(real[0])
         if why is not None:
             datagrams, _ = engine.dropPending(key)
             # every datagram the client sent meanwhile counts, as each
             # would without the engine
-            self.countRejected(kind, max(datagrams, 1) - 1)
-            self.rejected(
-                clientAddress(client if addresses is None else addresses.source), why, kind
-            )
+            self.rejected(clientAddress(real), why, kind, max(datagrams, 1))
             return
         session = EngineSession(self, key, client, addresses, headers)
         if self._targetAddress is not None:
@@ -914,7 +927,7 @@ class UDPListener(ListenerService):
             try:
                 engine.addSession(
                     self, key, skt, session.id, session.timeout, session.prefix,
-                    session.headers,
+                    session.headers, session.listener.access.datagramsPerClient,
                 )
             except ValueError:
                 # the listener stopped meanwhile
@@ -971,7 +984,7 @@ class UDPListener(ListenerService):
         try:
             self.engine.addSession(
                 self, session.key, skt, session.id, session.timeout, session.prefix,
-                session.headers,
+                session.headers, session.listener.access.datagramsPerClient,
             )
         except ValueError:
             skt.close()
@@ -1006,20 +1019,6 @@ class UDPListener(ListenerService):
             client=session.client,
             target=self.listener.target,
             why=why,
-        )
-
-    def rejected(self, client: str, reason: str, kind: str) -> None:
-        """
-        Count a datagram dropped because it would open a session that may
-        not open; a flood of them is logged once a second, not once each.
-        """
-        self.countRejected(kind)
-        self.notice(
-            "rejected",
-            "udp {mapping} rejected {client}: {reason}",
-            mapping=self.listener.mapping,
-            client=client,
-            reason=reason,
         )
 
     # -- expiry --------------------------------------------------------
