@@ -687,7 +687,7 @@ def test_overlapEachEarlierMapping() -> None:
     [
         (
             "mapings: []\n",
-            ["map.yaml:1: unknown key 'mapings' (expected one of: defaults, mappings, manhole)"],
+            ["map.yaml:1: unknown key 'mapings' (expected one of: defaults, mappings, manhole, control)"],
         ),
         (
             "- listen: 80\n",
@@ -756,7 +756,7 @@ def test_overlapEachEarlierMapping() -> None:
         (
             "x: &x {listen: 80}\nmappings:\n  - <<: *x\n    target: db:80\n",
             [
-                "map.yaml:1: unknown key 'x' (expected one of: defaults, mappings, manhole)",
+                "map.yaml:1: unknown key 'x' (expected one of: defaults, mappings, manhole, control)",
                 "map.yaml:3: mappings[0]: YAML merge keys ('<<') are not supported;"
                 " put shared settings in defaults",
                 "map.yaml:3: mappings[0]: missing key 'listen'",

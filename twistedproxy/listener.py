@@ -140,9 +140,14 @@ class ListenerService(Service):
     @ivar listener: the current settings; L{reconfigure} replaces them, and
         only flows opened afterwards use the new ones.
     @ivar flows: open flows by id.
+    @ivar adopted: a socket already bound to the listener's address (one
+        that dockerd bound and a shim passed on), which L{bind} uses
+        instead of binding its own; L{None} for the usual case.
     """
 
     proto: str
+
+    adopted: socket.socket | None = None
 
     def __init__(self, listener: Listener, reactor) -> None:
         self.listener = listener

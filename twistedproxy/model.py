@@ -149,6 +149,26 @@ class Manhole:
         return formatHostPort(self.host, self.port)
 
 
+#: Where the control socket is when the map's C{control} section does not
+#: say, and where the docker-proxy shim looks for it.
+DEFAULT_CONTROL_SOCKET = "/run/portproxy/control.sock"
+
+
+@dataclass(frozen=True)
+class Control:
+    """
+    The unix control socket through which local programs (the Docker
+    shim) publish mappings at run time.
+
+    @ivar socket: its absolute path.
+    @ivar mode: the socket file's permission bits.
+    """
+
+    socket: str = DEFAULT_CONTROL_SOCKET
+    mode: int = 0o600
+    line: int = field(default=0, compare=False)
+
+
 @dataclass(frozen=True)
 class ProxyMap:
     """
@@ -158,6 +178,7 @@ class ProxyMap:
     path: str
     mappings: tuple[Mapping, ...] = ()
     manhole: Optional[Manhole] = None
+    control: Optional[Control] = None
 
     def listeners(self) -> Iterator[Listener]:
         for mapping in self.mappings:

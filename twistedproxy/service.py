@@ -11,11 +11,12 @@ import socket
 from typing import Callable, Iterator, Optional
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from twistedproxy.config import ConfigError, loadMap
+from twistedproxy.config import _overlaps as overlaps
 from twistedproxy.listener import IFlow, ListenerService, fastPathWanted
 from twistedproxy.model import ANY_IPV6, TCP, UDP, Listener, ListenerKey, ProxyMap
 from twistedproxy.plan import diff
@@ -26,6 +27,13 @@ log = Logger(namespace="portproxy")
 class StartupError(Exception):
     """
     A listener of the map could not be started; the message names it.
+    """
+
+
+class PublishRefused(Exception):
+    """
+    A listener asked for through the control socket cannot be started;
+    the message says why, for the one who asked.
     """
 
 
@@ -88,6 +96,7 @@ class ProxyService(MultiService):
         manholeType=None,
         ipv6Available: Callable[[], bool] = _ipv6Available,
         relayEngine=_relayEngine,
+        controlType=None,
     ) -> None:
         MultiService.__init__(self)
         if reactor is None:
@@ -104,6 +113,13 @@ class ProxyService(MultiService):
         self.listeners: dict[ListenerKey, ListenerService] = {}
         self.draining: list[ListenerService] = []
         self.manhole = None
+        #: Listeners published through the control socket, by key: the
+        #: lease (the control connection) that holds each.
+        self.published: dict[ListenerKey, object] = {}
+        self.control = None
+        self._controlType = controlType
+        self._mapIndex: tuple = (None, {})
+        self._publishedPorts: dict[tuple[str, int], list[ListenerKey]] = {}
         self._reloading = False
         self._queued: list[Deferred] = []
         self._previousHandler = None
@@ -128,6 +144,11 @@ class ProxyService(MultiService):
                 self._attachManhole(self.map.manhole)
             except CannotListenError as e:
                 problems.append(self._manholeProblem(self.map.manhole, e))
+        if self.map.control is not None and not problems:
+            try:
+                self._attachControl(self.map.control)
+            except CannotListenError as e:
+                problems.append(self._controlProblem(self.map.control, e))
         if problems:
             for service in list(self):
                 service.disownServiceParent()
@@ -136,6 +157,7 @@ class ProxyService(MultiService):
                 service.stopService()
             self.listeners.clear()
             self.manhole = None
+            self.control = None
             for problem in problems:
                 log.error("{problem}", problem=problem)
             raise StartupError("\n".join(problems))
@@ -147,6 +169,8 @@ class ProxyService(MultiService):
         for listener in self.map.listeners():
             if listener.key in self.listeners:
                 log.info("{listener}", listener=listener)
+        if self.control is not None:
+            log.info("control socket on {path}", path=self.control.settings.socket)
         log.info(
             "portproxy started: {count} listeners from {path}{engine}",
             count=len(self.listeners),
@@ -173,13 +197,30 @@ class ProxyService(MultiService):
     # -- listeners -----------------------------------------------------
 
     def _bindListener(
-        self, listener: Listener
+        self,
+        listener: Listener,
+        adopted: Optional[socket.socket] = None,
+        published: bool = False,
     ) -> tuple[Optional[ListenerService], Optional[str]]:
         """
         A bound listener service, or a message saying why there is none.
         A wildcard IPv6 listener on a host without IPv6 is skipped with a
-        warning and no message.
+        warning and no message.  A listener that overlaps one of the other
+        origin (the map's, or one published through the control socket)
+        is refused.
+
+        @param adopted: a socket bound to the listener's address already,
+            to use instead of binding one.
+        @param published: whether the listener comes from the control
+            socket rather than the map.
         """
+        place = "" if published else f"{self.configPath}:{listener.line}: "
+        clash = self._overlapping(listener, published)
+        if clash is not None:
+            return None, (
+                f"{place}cannot listen on {listener.key} for mapping "
+                f"'{listener.mapping}': it overlaps {clash}"
+            )
         if listener.host == ANY_IPV6 and not self._ipv6Available():
             log.warn(
                 "no IPv6 on this host: skipping {key} [{mapping}]",
@@ -191,14 +232,49 @@ class ProxyService(MultiService):
         service = types[listener.proto](listener, self.reactor)
         if listener.proto == TCP:
             service.fastRelay = self.fastRelay
+        service.adopted = adopted
         try:
             service.bind()
         except CannotListenError as e:
             return None, (
-                f"{self.configPath}:{listener.line}: cannot listen on {listener.key} "
+                f"{place}cannot listen on {listener.key} "
                 f"for mapping '{listener.mapping}': {_bindProblem(e)}"
             )
         return service, None
+
+    def _overlapping(self, listener: Listener, published: bool) -> Optional[str]:
+        """
+        What C{listener} would overlap, in words: a published listener
+        may overlap nothing of the map or of the other published ones; a
+        map listener nothing published (the map checked its own).
+        """
+        proto, host, port = listener.key
+        for key in self._publishedPorts.get((proto, port), ()):
+            if overlaps(key.host, host):
+                return (
+                    f"{key}, published through the control socket as "
+                    f"'{self.listeners[key].listener.mapping}'"
+                )
+        if published:
+            for other in self._mapListeners(proto, port):
+                if overlaps(other.host, host):
+                    return (
+                        f"{other.key} of mapping '{other.mapping}' "
+                        f"({self.configPath}:{other.line})"
+                    )
+        return None
+
+    def _mapListeners(self, proto: str, port: int) -> list[Listener]:
+        """
+        The map's listeners on C{proto} and C{port}, from an index built
+        once per map.
+        """
+        if self._mapIndex[0] is not self.map:
+            index: dict[tuple[str, int], list[Listener]] = {}
+            for listener in self.map.listeners():
+                index.setdefault((listener.proto, listener.port), []).append(listener)
+            self._mapIndex = (self.map, index)
+        return self._mapIndex[1].get((proto, port), [])
 
     def _attach(self, service: ListenerService) -> None:
         self.listeners[service.listener.key] = service
@@ -231,8 +307,10 @@ class ProxyService(MultiService):
         return None
 
     def _mappingListeners(self, name: str) -> list[ListenerService]:
-        self.map.mapping(name)  # KeyError for a name the map does not have
-        return [s for s in self.listeners.values() if s.listener.mapping == name]
+        found = [s for s in self.listeners.values() if s.listener.mapping == name]
+        if not found:
+            self.map.mapping(name)  # KeyError for a name the map does not have
+        return found
 
     def disable(self, name: str) -> None:
         """
@@ -256,6 +334,93 @@ class ProxyService(MultiService):
                 failures.append(e)
         if failures:
             raise failures[0]
+
+    # -- mappings published through the control socket -----------------
+
+    def publish(
+        self, listener: Listener, lease: object, adopted: Optional[socket.socket] = None
+    ) -> None:
+        """
+        Start a listener that the map does not have, held by C{lease} (a
+        control connection) until L{unpublish}; reloads leave it alone.
+
+        @param adopted: a socket bound to its address already (the one
+            dockerd passed the shim), to use instead of binding one.
+        @raise PublishRefused: it overlaps a listener already there, or
+            cannot bind; the message says which and why.
+        """
+        service, problem = self._bindListener(listener, adopted, published=True)
+        if service is None:
+            if adopted is not None:
+                adopted.close()
+            if problem is None:
+                problem = f"cannot listen on {listener.key}: no IPv6 on this host"
+            log.warn("control: refused {listener}: {problem}", listener=listener, problem=problem)
+            raise PublishRefused(problem)
+        self.published[listener.key] = lease
+        self._publishedPorts.setdefault((listener.proto, listener.port), []).append(
+            listener.key
+        )
+        self._attach(service)
+        log.info("{listener} (published)", listener=listener)
+
+    def unpublish(self, key: ListenerKey) -> Deferred:
+        """
+        Stop a listener L{publish} started, as a reload stops a removed
+        one: UDP sessions end, TCP connections run on until they close.
+        """
+        del self.published[key]
+        keys = self._publishedPorts[(key.proto, key.port)]
+        keys.remove(key)
+        if not keys:
+            del self._publishedPorts[(key.proto, key.port)]
+        service = self.listeners[key]
+        log.info("{listener} (unpublished)", listener=service.listener)
+        return maybeDeferred(self._detach, service)
+
+    def _attachControl(self, settings) -> None:
+        controlType = self._controlType
+        if controlType is None:
+            from twistedproxy.control import ControlService as controlType
+        control = controlType(settings, self, self.reactor)
+        control.bind()
+        self.control = control
+        control.setServiceParent(self)
+
+    def _controlProblem(self, settings, error: Exception) -> str:
+        return (
+            f"{self.configPath}:{settings.line}: cannot listen on the control "
+            f"socket {settings.socket}: {_bindProblem(error)}"
+        )
+
+    def _reloadControl(self, settings) -> list[str]:
+        """
+        Bring the control socket in line with the map's C{control}
+        section: a new path or mode is a new socket (connections on the
+        old one keep their mappings); no section closes the socket and
+        every connection, whose mappings then end.
+
+        @return: the problems, as the reload summary lists them.
+        """
+        old = self.control
+        if old is not None and old.settings == settings:
+            return []
+        if old is not None:
+            self.control = None
+            old.disownServiceParent()
+            if settings is None:
+                old.dropConnections()
+                log.info("control socket {path} closed", path=old.settings.socket)
+        if settings is None:
+            return []
+        try:
+            self._attachControl(settings)
+        except CannotListenError as e:
+            problem = self._controlProblem(settings, e)
+            log.error("{problem}", problem=problem)
+            return [problem]
+        log.info("control socket on {path}", path=settings.socket)
+        return []
 
     # -- manhole -------------------------------------------------------
 
@@ -380,6 +545,8 @@ class ProxyService(MultiService):
         elif self.manhole is not None and plan.manhole is not None:
             # Re-read authorized_keys on every reload, changed or not.
             self.manhole.reconfigure(plan.manhole)
+
+        failed += self._reloadControl(newMap.control)
 
         self.map = newMap
         summary = (

@@ -143,12 +143,15 @@ class ListeningPort(tcp.Port):
         # Keeps a descriptor in reserve for Twisted's accept to shed a
         # client with when the process runs out of them.
         tcp._reservedFD.reserve()
-        skt = None
+        skt = self.factory.service.adopted
         try:
-            skt = self.createInternetSocket()
-            # The map refuses IPv6 zone indexes, so a plain (host, port)
-            # binds IPv6 addresses too.
-            skt.bind((self.interface, self.port))
+            if skt is None:
+                skt = self.createInternetSocket()
+                # The map refuses IPv6 zone indexes, so a plain (host,
+                # port) binds IPv6 addresses too.
+                skt.bind((self.interface, self.port))
+            else:
+                _listeningOptions(skt)
             skt.listen(self.backlog)
         except OSError as e:
             if skt is not None:
@@ -170,10 +173,7 @@ class ListeningPort(tcp.Port):
     def createInternetSocket(self) -> socket.socket:
         skt = tcp.Port.createInternetSocket(self)
         listeningSocketOptions(skt, self.interface)
-        # Accepted sockets inherit these from the listening socket (Linux),
-        # so a client costs no system call for them.
-        skt.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        skt.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        _listeningOptions(skt)
         return skt
 
     def doRead(self) -> None:
@@ -242,6 +242,17 @@ class ListeningPort(tcp.Port):
         self.stopReading()
         if self.connected:
             self.connectionLost(Failure(CONNECTION_DONE))
+
+
+def _listeningOptions(skt: socket.socket) -> None:
+    """
+    Options a listening TCP socket gets, bound here or adopted.
+    """
+    skt.setblocking(False)
+    # Accepted sockets inherit these from the listening socket (Linux),
+    # so a client costs no system call for them.
+    skt.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    skt.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
 class RelayFactory(Factory):

@@ -264,28 +264,33 @@ class SessionPort(DatagramSocket):
                 log.failure("UDP reply")
 
 
-def listenDatagrams(reactor, host: str, port: int, receiver) -> ListeningPort:
+def listenDatagrams(
+    reactor, host: str, port: int, receiver, adopted: socket.socket | None = None
+) -> ListeningPort:
     """
-    Bind a listening UDP socket on C{host:port} and start reading it.
+    Bind a listening UDP socket on C{host:port} (or take C{adopted}, one
+    bound there already) and start reading it.
 
     @raise CannotListenError: when the socket cannot be bound.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     wildcard = host in (ANY_IPV4, ANY_IPV6)
     try:
-        skt = socket.socket(family, socket.SOCK_DGRAM)
+        skt = socket.socket(family, socket.SOCK_DGRAM) if adopted is None else adopted
     except OSError as e:
         raise CannotListenError(host, port, e)
     try:
         skt.setblocking(False)
-        listeningSocketOptions(skt, host)
+        if adopted is None:
+            listeningSocketOptions(skt, host)
         skt.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTENING_BUFFER)
         skt.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LISTENING_BUFFER)
         if wildcard and family == socket.AF_INET6:
             skt.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
         elif wildcard:
             skt.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-        skt.bind((host, port))
+        if adopted is None:
+            skt.bind((host, port))
     except OSError as e:
         skt.close()
         raise CannotListenError(host, port, e)
@@ -580,7 +585,9 @@ class UDPListener(ListenerService):
         Bind the listening socket; its datagrams come to
         L{datagramReceived}.
         """
-        return listenDatagrams(self.reactor, self.listener.host, self.listener.port, self)
+        return listenDatagrams(
+            self.reactor, self.listener.host, self.listener.port, self, self.adopted
+        )
 
     def openSessionPort(self, session: Session, family: int, address: tuple):
         """
