@@ -152,6 +152,9 @@ class ListeningPort(tcp.Port):
                 skt.bind((self.interface, self.port))
             else:
                 _listeningOptions(skt)
+                # Its owner (dockerd, the shim) keeps it listening after
+                # this port closes its copy: no shutdown() at close.
+                self._shouldShutdown = False
             skt.listen(self.backlog)
         except OSError as e:
             if skt is not None:
