@@ -1,0 +1,373 @@
+#!/usr/bin/env python3
+"""
+Docker's own docker-proxy against the portproxy shim, with a real dockerd.
+
+    python bench/docker.py                 # 1000-port range, 3 rounds of 3 s
+    python bench/docker.py --range 1000 -r 5 -s 5
+
+One run, two phases, one dockerd at a time (only one can own docker0):
+dockerd with userland-proxy-path = Debian's /usr/sbin/docker-proxy, then
+dockerd with userland-proxy-path = this checkout's shim and one portproxy
+daemon.  Each dockerd is the tests' sandbox (tests/test_docker_e2e.py):
+state in a temporary directory, bridge on 198.18.0.0/24, no iptables, no
+forwarding; traffic goes to 127.0.0.1 and that bridge only.  For each:
+
+- the wall time of `docker run -d -p 127.0.0.1:20000-20999:20000-20999`
+  (median of the rounds), and the resident memory of everything that
+  serves those ports: every docker-proxy process, or every shim plus the
+  portproxy daemon;
+- each proxy's own start-up: from exec to its "0\\n" on descriptor 3, run
+  by hand as dockerd runs it (median of 100);
+- tcp_bulk (iperf3) and http_keepalive (wrk -c32, nginx answering
+  "hello") through one published port of a container, and, in the
+  portproxy phase, interleaved round by round, through a hand-written map
+  entry of the same daemon to the same container port, and direct to the
+  container.
+
+Needs root, dockerd (docker.io), busybox-static, iperf3, wrk and nginx
+(../shared/bench/install-peers installs the last three).  Run it from the
+project's venv.  Prints the table docs/PERFORMANCE.md quotes.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from processes import Processes
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+from twistedproxy.control import shimPath  # noqa: E402
+
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+DOCKER = "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else shutil.which("docker")
+DOCKER_PROXY = "/usr/sbin/docker-proxy"
+IMAGE = "local/bench"
+NGINX_CONF = """user root; worker_processes 1; daemon off; pid /tmp/nginx.pid;
+error_log /tmp/nginx.err; events { worker_connections 20000; }
+http { access_log off; keepalive_requests 1000000;
+  client_body_temp_path /tmp; proxy_temp_path /tmp; fastcgi_temp_path /tmp;
+  uwsgi_temp_path /tmp; scgi_temp_path /tmp;
+  server { listen 80; location / { return 200 "hello\\n"; } } }
+"""
+
+
+def rssKiB(pid):
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def children(parent, exe):
+    """
+    Pids of the processes of C{exe} whose parent is C{parent}.
+    """
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid == parent and os.readlink(f"/proc/{entry}/exe") == exe:
+                found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+class Dockerd:
+    """
+    A sandboxed dockerd whose userland proxy is C{proxyPath}.
+    """
+
+    def __init__(self, root, proxyPath, control, processes):
+        self.root = root
+        self.sock = root / "docker.sock"
+        self.proxyPath = proxyPath
+        config = {
+            "bip": "198.18.0.1/24", "iptables": False, "ip6tables": False,
+            "ip-forward": False, "storage-driver": "vfs",
+            "data-root": str(root / "data"), "exec-root": str(root / "exec"),
+            "pidfile": str(root / "docker.pid"), "hosts": [f"unix://{self.sock}"],
+            "userland-proxy-path": proxyPath,
+        }
+        (root / "daemon.json").write_text(json.dumps(config))
+        env = dict(os.environ, PORTPROXY_CONTROL=control)
+        self.process = processes.start(
+            ["/usr/sbin/dockerd", "--config-file", str(root / "daemon.json")],
+            env=env, stdout=open(root / "dockerd.log", "ab"), stderr=subprocess.STDOUT,
+        )
+        self.processes = processes
+        deadline = time.monotonic() + 60
+        while self.run("version", check=False).returncode != 0:
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                sys.exit(f"dockerd did not start; see {root}/dockerd.log")
+            time.sleep(0.2)
+
+    def run(self, *args, check=True, input=None):
+        result = subprocess.run([DOCKER, "-H", f"unix://{self.sock}", *args], input=input,
+                                capture_output=True, timeout=600)
+        if check and result.returncode != 0:
+            sys.exit(f"docker {' '.join(args)}: {result.stderr.decode()}")
+        return result
+
+    def stop(self):
+        ids = self.run("ps", "-aq").stdout.split()
+        if ids:
+            self.run("rm", "-f", *[i.decode() for i in ids])
+        self.processes.stop(self.process)
+        if os.path.exists("/sys/class/net/docker0"):
+            subprocess.run(["ip", "link", "delete", "docker0"], check=False)
+
+
+def buildImage(docker, root):
+    """
+    C{local/bench}: busybox, iperf3 and nginx with the libraries they link.
+    """
+    image = root / "image"
+    for d in ("bin", "tmp", "etc", "var/log/nginx", "var/lib/nginx"):
+        (image / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy("/bin/busybox", image / "bin" / "busybox")
+    for name in ("sh", "sleep"):
+        os.symlink("busybox", image / "bin" / name)
+    for binary in ("/usr/bin/iperf3", "/usr/sbin/nginx"):
+        libs = re.findall(r"(/\S+\.so[\S]*)", subprocess.run(["ldd", binary], capture_output=True, text=True).stdout)
+        for path in [binary] + libs:
+            target = image / path.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(os.path.realpath(path), target)
+    (image / "etc" / "passwd").write_text("root:x:0:0:root:/:/bin/sh\n")
+    (image / "etc" / "group").write_text("root:x:0:\n")
+    (image / "nginx.conf").write_text(NGINX_CONF)
+    tar = subprocess.run(["tar", "-C", str(image), "-c", "."], capture_output=True, check=True)
+    docker.run("import", "-", IMAGE, input=tar.stdout)
+
+
+def waitTCP(port, timeout=15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"nothing answers on 127.0.0.1:{port}")
+
+
+def measure(workload, host, port, seconds):
+    if workload == "tcp_bulk":
+        out = subprocess.run(["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-J"],
+                             capture_output=True, text=True, timeout=seconds + 30).stdout
+        return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+    out = subprocess.run(["wrk", "-t1", "-c32", f"-d{seconds}", f"http://{host}:{port}/"],
+                         capture_output=True, text=True, timeout=seconds + 30).stdout
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+
+def proxyStartMs(processes, path, port, target, control, count):
+    """
+    Median ms from exec to "0\\n" on descriptor 3, for C{count} runs.
+    """
+    times = []
+    for _ in range(count):
+        readEnd, writeEnd = os.pipe()
+        started = time.perf_counter()
+        process = processes.start(
+            [path, "-proto", "tcp", "-host-ip", "127.0.0.1", "-host-port", str(port),
+             "-container-ip", target, "-container-port", "80"],
+            preexec_fn=lambda: os.dup2(writeEnd, 3), close_fds=False,
+            env=dict(os.environ, PORTPROXY_CONTROL=control),
+        )
+        os.close(writeEnd)
+        with os.fdopen(readEnd, "rb") as pipe:
+            report = pipe.read(2)
+        times.append((time.perf_counter() - started) * 1000)
+        processes.stop(process)
+        if report != b"0\n":
+            sys.exit(f"{path} reported {report!r}")
+    return statistics.median(times)
+
+
+def freeRange(first, count):
+    """
+    C{first}, or the next multiple of C{count} above it, whose C{count}
+    ports are all free on 127.0.0.1 now (other benchmarks may hold some).
+    """
+    while first + count < 60000:
+        try:
+            held = []
+            for port in range(first, first + count):
+                probe = socket.socket()
+                held.append(probe)
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            first += count
+        finally:
+            for probe in held:
+                probe.close()
+    sys.exit(f"no {count} free ports in a row")
+
+
+def rangePhase(docker, first, count, rounds, servers):
+    """
+    Median seconds of `docker run` with the range, and the RSS (KiB) and
+    count of the processes serving it, measured on the last round.
+    """
+    times, rss, serving = [], 0, 0
+    for r in range(rounds):
+        first = freeRange(first, count)
+        spec = f"127.0.0.1:{first}-{first + count - 1}:{first}-{first + count - 1}"
+        started = time.perf_counter()
+        docker.run("run", "-d", "--name", "range", "-p", spec, IMAGE, "sleep", "1000")
+        times.append(time.perf_counter() - started)
+        waitTCP(first + count - 1)
+        pids = servers()
+        serving = len(pids)
+        rss = sum(rssKiB(pid) for pid in pids)
+        docker.run("rm", "-f", "range")
+        print(f"  range round {r + 1}: {times[-1]:.2f} s, {serving} processes, {rss / 1024:.1f} MiB",
+              file=sys.stderr)
+    return statistics.median(times), rss, serving
+
+
+def throughput(paths, rounds, seconds):
+    """
+    Medians per workload and path; C{paths} maps a name to (host, port)
+    per workload.  Paths are interleaved in every round.
+    """
+    results = {w: {name: [] for name in paths} for w in ("tcp_bulk", "http_keepalive")}
+    for r in range(rounds):
+        for w in results:
+            for name, where in paths.items():
+                host, port = where[w]
+                value = measure(w, host, port, seconds)
+                results[w][name].append(value)
+                print(f"  round {r + 1} {w} {name}: {value:.2f}", file=sys.stderr)
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--range", type=int, default=1000, help="ports in the range (1000)")
+    parser.add_argument("--first", type=int, default=20000, help="its first port (20000)")
+    parser.add_argument("-r", "--rounds", type=int, default=3)
+    parser.add_argument("-s", "--seconds", type=int, default=3)
+    arguments = parser.parse_args()
+    shim = shimPath()
+    for need in (DOCKER_PROXY, shim, "/usr/sbin/dockerd", "/bin/busybox"):
+        if not os.path.exists(need):
+            sys.exit(f"missing {need}")
+    processes = Processes()
+    root = Path(tempfile.mkdtemp(prefix="ppbench-"))
+    control = str(root / "control.sock")
+    report = {}
+    try:
+        # -- docker-proxy -------------------------------------------------
+        print("docker-proxy phase", file=sys.stderr)
+        docker = Dockerd(root, DOCKER_PROXY, control, processes)
+        buildImage(docker, root)
+        dockerd = docker.process.pid
+        report["docker-proxy"] = rangePhase(
+            docker, arguments.first, arguments.range, arguments.rounds,
+            lambda: children(dockerd, DOCKER_PROXY),
+        )
+        freePort = freeRange(arguments.first + arguments.range + 10, 10)
+        startMs = {"docker-proxy": proxyStartMs(processes, DOCKER_PROXY, freePort, "198.18.0.99", control, 100)}
+        docker.run("run", "-d", "--name", "servers", "-p", f"127.0.0.1:{freePort + 1}:5201",
+                   "-p", f"127.0.0.1:{freePort + 2}:80", IMAGE, "sh", "-c",
+                   "iperf3 -s -D; exec nginx -c /nginx.conf")
+        waitTCP(freePort + 2)
+        ip = docker.run("inspect", "-f", "{{.NetworkSettings.IPAddress}}", "servers").stdout.decode().strip()
+        dockerProxy = throughput(
+            {"docker-proxy": {"tcp_bulk": ("127.0.0.1", freePort + 1),
+                              "http_keepalive": ("127.0.0.1", freePort + 2)}},
+            arguments.rounds, arguments.seconds,
+        )
+        docker.stop()
+
+        # -- the shim and one portproxy -------------------------------------
+        print("portproxy phase", file=sys.stderr)
+        mapPath = root / "map.yaml"
+        mapPath.write_text(f"mappings: []\ncontrol:\n  socket: {control}\n")
+        daemon = processes.start(TWISTD + ["-n", "--pidfile=", "portproxy", "-c", str(mapPath)],
+                                 stdout=open(root / "portproxy.log", "wb"), stderr=subprocess.STDOUT)
+        while not os.path.exists(control):
+            time.sleep(0.05)
+        docker = Dockerd(root, shim, control, processes)
+        dockerd = docker.process.pid
+        report["portproxy"] = rangePhase(
+            docker, arguments.first, arguments.range, arguments.rounds,
+            lambda: children(dockerd, shim) + [daemon.pid],
+        )
+        startMs["portproxy"] = proxyStartMs(processes, shim, freePort, "198.18.0.99", control, 100)
+        docker.run("run", "-d", "--name", "servers", "-p", f"127.0.0.1:{freePort + 1}:5201",
+                   "-p", f"127.0.0.1:{freePort + 2}:80", IMAGE, "sh", "-c",
+                   "iperf3 -s -D; exec nginx -c /nginx.conf")
+        waitTCP(freePort + 2)
+        ip = docker.run("inspect", "-f", "{{.NetworkSettings.IPAddress}}", "servers").stdout.decode().strip()
+        mapPath.write_text(
+            f"mappings:\n  - name: iperf\n    listen: 127.0.0.1:{freePort + 3}\n    target: {ip}:5201\n"
+            f"  - name: http\n    listen: 127.0.0.1:{freePort + 4}\n    target: {ip}:80\n"
+            f"control:\n  socket: {control}\n"
+        )
+        os.kill(daemon.pid, signal.SIGHUP)
+        waitTCP(freePort + 4)
+        shimPaths = throughput(
+            {
+                "direct": {"tcp_bulk": (ip, 5201), "http_keepalive": (ip, 80)},
+                "hand-written map": {"tcp_bulk": ("127.0.0.1", freePort + 3),
+                                     "http_keepalive": ("127.0.0.1", freePort + 4)},
+                "shim (published)": {"tcp_bulk": ("127.0.0.1", freePort + 1),
+                                     "http_keepalive": ("127.0.0.1", freePort + 2)},
+            },
+            arguments.rounds, arguments.seconds,
+        )
+        docker.stop()
+    finally:
+        processes.stopAll()
+        if os.path.exists("/sys/class/net/docker0"):
+            subprocess.run(["ip", "link", "delete", "docker0"], check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+    fastpath = os.environ.get("PORTPROXY_FASTPATH", "1") != "0"
+    print(f"\n{arguments.range}-port TCP range, {arguments.rounds} rounds"
+          f" (portproxy {'with' if fastpath else 'without'} its compiled paths)")
+    print(f"{'':30s} {'docker-proxy':>14s} {'shim+portproxy':>15s} {'ratio':>7s}")
+    dp, pp = report["docker-proxy"], report["portproxy"]
+    print(f"{'docker run returns (s)':30s} {dp[0]:14.2f} {pp[0]:15.2f} {pp[0] / dp[0]:7.2f}")
+    print(f"{'processes serving the range':30s} {dp[2]:14d} {pp[2]:15d}")
+    print(f"{'their RSS (MiB)':30s} {dp[1] / 1024:14.1f} {pp[1] / 1024:15.1f} {pp[1] / dp[1]:7.2f}")
+    print(f"{'RSS per port (KiB)':30s} {dp[1] / dp[2]:14.0f} {pp[1] / max(1, pp[2] - 1):15.0f}")
+    print(f"{'one proxy: exec to 0 (ms)':30s} {startMs['docker-proxy']:14.2f} {startMs['portproxy']:15.2f}"
+          f" {startMs['portproxy'] / startMs['docker-proxy']:7.2f}")
+    print("\nthrough one published port (median; ratio shim / hand-written map)")
+    for w, unit in (("tcp_bulk", "Gbit/s"), ("http_keepalive", "req/s")):
+        med = {name: statistics.median(v) for name, v in shimPaths[w].items()}
+        med["docker-proxy"] = statistics.median(dockerProxy[w]["docker-proxy"])
+        ratios = [s / h for s, h in zip(shimPaths[w]["shim (published)"], shimPaths[w]["hand-written map"])]
+        cells = "  ".join(f"{name} {value:.2f}" for name, value in med.items())
+        print(f"{w} ({unit}): {cells}  ratio {statistics.median(ratios):.2f}")
+
+
+if __name__ == "__main__":
+    main()
