@@ -75,6 +75,21 @@ def rssKiB(pid):
     return 0
 
 
+def pssKiB(pid):
+    """
+    Proportional set size: each shared page divided among the processes
+    that map it, so that a sum over processes is the memory they take.
+    """
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def children(parent, exe):
     """
     Pids of the processes of C{exe} whose parent is C{parent}.
@@ -230,10 +245,11 @@ def freeRange(first, count):
 
 def rangePhase(docker, first, count, rounds, servers):
     """
-    Median seconds of `docker run` with the range, and the RSS (KiB) and
-    count of the processes serving it, measured on the last round.
+    Median seconds of `docker run` with the range, and the RSS and PSS
+    (KiB) and count of the processes serving it, measured on the last
+    round.
     """
-    times, rss, serving = [], 0, 0
+    times, rss, pss, serving = [], 0, 0, 0
     for r in range(rounds):
         first = freeRange(first, count)
         spec = f"127.0.0.1:{first}-{first + count - 1}:{first}-{first + count - 1}"
@@ -244,10 +260,11 @@ def rangePhase(docker, first, count, rounds, servers):
         pids = servers()
         serving = len(pids)
         rss = sum(rssKiB(pid) for pid in pids)
+        pss = sum(pssKiB(pid) for pid in pids)
         docker.run("rm", "-f", "range")
-        print(f"  range round {r + 1}: {times[-1]:.2f} s, {serving} processes, {rss / 1024:.1f} MiB",
-              file=sys.stderr)
-    return statistics.median(times), rss, serving
+        print(f"  range round {r + 1}: {times[-1]:.2f} s, {serving} processes,"
+              f" RSS {rss / 1024:.1f} MiB, PSS {pss / 1024:.1f} MiB", file=sys.stderr)
+    return statistics.median(times), rss, serving, pss
 
 
 def throughput(paths, rounds, seconds):
@@ -319,6 +336,8 @@ def main():
             docker, arguments.first, arguments.range, arguments.rounds,
             lambda: children(dockerd, shim) + [daemon.pid],
         )
+        print(f"  portproxy daemon after the range: RSS {rssKiB(daemon.pid) / 1024:.1f} MiB",
+              file=sys.stderr)
         startMs["portproxy"] = proxyStartMs(processes, shim, freePort, "198.18.0.99", control, 100)
         docker.run("run", "-d", "--name", "servers", "-p", f"127.0.0.1:{freePort + 1}:5201",
                    "-p", f"127.0.0.1:{freePort + 2}:80", IMAGE, "sh", "-c",
@@ -357,6 +376,7 @@ def main():
     print(f"{'docker run returns (s)':30s} {dp[0]:14.2f} {pp[0]:15.2f} {pp[0] / dp[0]:7.2f}")
     print(f"{'processes serving the range':30s} {dp[2]:14d} {pp[2]:15d}")
     print(f"{'their RSS (MiB)':30s} {dp[1] / 1024:14.1f} {pp[1] / 1024:15.1f} {pp[1] / dp[1]:7.2f}")
+    print(f"{'their PSS (MiB)':30s} {dp[3] / 1024:14.1f} {pp[3] / 1024:15.1f} {pp[3] / dp[3]:7.2f}")
     print(f"{'RSS per port (KiB)':30s} {dp[1] / dp[2]:14.0f} {pp[1] / max(1, pp[2] - 1):15.0f}")
     print(f"{'one proxy: exec to 0 (ms)':30s} {startMs['docker-proxy']:14.2f} {startMs['portproxy']:15.2f}"
           f" {startMs['portproxy'] / startMs['docker-proxy']:7.2f}")
