@@ -5,24 +5,27 @@ Docker's own docker-proxy against the portproxy shim, with a real dockerd.
     python bench/docker.py                 # 1000-port range, 3 rounds of 3 s
     python bench/docker.py --range 1000 -r 5 -s 5
 
-One run, two phases, one dockerd at a time (only one can own docker0):
-dockerd with userland-proxy-path = Debian's /usr/sbin/docker-proxy, then
-dockerd with userland-proxy-path = this checkout's shim and one portproxy
-daemon.  Each dockerd is the tests' sandbox (tests/test_docker_e2e.py):
-state in a temporary directory, bridge on 198.18.0.0/24, no iptables, no
-forwarding; traffic goes to 127.0.0.1 and that bridge only.  For each:
+One run, one dockerd at a time (only one can own docker0): dockerd with
+userland-proxy-path = Debian's /usr/sbin/docker-proxy, and dockerd with
+userland-proxy-path = this checkout's shim and one portproxy daemon.
+Each dockerd is the tests' sandbox (tests/test_docker_e2e.py): state in a
+temporary directory, bridge on 198.18.0.0/24, no iptables, no forwarding;
+traffic goes to 127.0.0.1 and that bridge only.  Measured:
 
-- the wall time of `docker run -d -p 127.0.0.1:20000-20999:20000-20999`
-  (median of the rounds), and the resident memory of everything that
-  serves those ports: every docker-proxy process, or every shim plus the
-  portproxy daemon;
-- each proxy's own start-up: from exec to its "0\\n" on descriptor 3, run
-  by hand as dockerd runs it (median of 100);
+- each proxy's own start-up: from posix_spawn to its "0\\n" on
+  descriptor 3, spawned as dockerd spawns it (median of 100);
+- round by round, a dockerd of each kind in turn (and a third whose
+  "proxy" only reports 0 and waits: what dockerd itself costs): the wall
+  time of
+  `docker run -d -p 127.0.0.1:20000-20999:20000-20999` (the next free
+  block of ports if some are taken), and the resident memory (RSS, and
+  PSS, which divides shared pages among the processes sharing them) of
+  everything that serves those ports: every docker-proxy process, or
+  every shim plus the portproxy daemon;
 - tcp_bulk (iperf3) and http_keepalive (wrk -c32, nginx answering
-  "hello") through one published port of a container, and, in the
-  portproxy phase, interleaved round by round, through a hand-written map
-  entry of the same daemon to the same container port, and direct to the
-  container.
+  "hello") through one published port of a container: docker-proxy's,
+  then, interleaved round by round, the shim's, a hand-written map entry
+  of the same portproxy daemon to the same container port, and direct.
 
 Needs root, dockerd (docker.io), busybox-static, iperf3, wrk and nginx
 (../shared/bench/install-peers installs the last three).  Run it from the
@@ -55,6 +58,12 @@ TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 DOCKER = "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else shutil.which("docker")
 DOCKER_PROXY = "/usr/sbin/docker-proxy"
 IMAGE = "local/bench"
+#: A userland proxy that only reports success and waits: what dockerd
+#: itself costs to publish a range, without any proxy's own work.
+NULL_PROXY = r"""
+#include <unistd.h>
+int main(void) { if (write(3, "0\n", 2) == 2) close(3); pause(); return 0; }
+"""
 NGINX_CONF = """user root; worker_processes 1; daemon off; pid /tmp/nginx.pid;
 error_log /tmp/nginx.err; events { worker_connections 20000; }
 http { access_log off; keepalive_requests 1000000;
@@ -197,25 +206,26 @@ def measure(workload, host, port, seconds):
     return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 
 
-def proxyStartMs(processes, path, port, target, control, count):
+def proxyStartMs(path, port, target, control, count):
     """
-    Median ms from exec to "0\\n" on descriptor 3, for C{count} runs.
+    Median ms from spawning C{path} as dockerd does (posix_spawn, the
+    report pipe on descriptor 3) to its "0\\n", for C{count} runs; each
+    is stopped with SIGTERM before the next.
     """
     times = []
+    env = dict(os.environ, PORTPROXY_CONTROL=control)
+    argv = [path, "-proto", "tcp", "-host-ip", "127.0.0.1", "-host-port", str(port),
+            "-container-ip", target, "-container-port", "80"]
     for _ in range(count):
         readEnd, writeEnd = os.pipe()
         started = time.perf_counter()
-        process = processes.start(
-            [path, "-proto", "tcp", "-host-ip", "127.0.0.1", "-host-port", str(port),
-             "-container-ip", target, "-container-port", "80"],
-            preexec_fn=lambda: os.dup2(writeEnd, 3), close_fds=False,
-            env=dict(os.environ, PORTPROXY_CONTROL=control),
-        )
+        pid = os.posix_spawn(path, argv, env, file_actions=[(os.POSIX_SPAWN_DUP2, writeEnd, 3)])
         os.close(writeEnd)
         with os.fdopen(readEnd, "rb") as pipe:
             report = pipe.read(2)
         times.append((time.perf_counter() - started) * 1000)
-        processes.stop(process)
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
         if report != b"0\n":
             sys.exit(f"{path} reported {report!r}")
     return statistics.median(times)
@@ -243,28 +253,25 @@ def freeRange(first, count):
     sys.exit(f"no {count} free ports in a row")
 
 
-def rangePhase(docker, first, count, rounds, servers):
+def rangeRound(docker, first, count, servers):
     """
-    Median seconds of `docker run` with the range, and the RSS and PSS
-    (KiB) and count of the processes serving it, measured on the last
-    round.
+    One `docker run` with a range of C{count} ports from C{first} (or the
+    next free block): its seconds, and the RSS and PSS (KiB) and number of
+    the processes serving the range.
     """
-    times, rss, pss, serving = [], 0, 0, 0
-    for r in range(rounds):
-        first = freeRange(first, count)
-        spec = f"127.0.0.1:{first}-{first + count - 1}:{first}-{first + count - 1}"
-        started = time.perf_counter()
-        docker.run("run", "-d", "--name", "range", "-p", spec, IMAGE, "sleep", "1000")
-        times.append(time.perf_counter() - started)
-        waitTCP(first + count - 1)
-        pids = servers()
-        serving = len(pids)
-        rss = sum(rssKiB(pid) for pid in pids)
-        pss = sum(pssKiB(pid) for pid in pids)
-        docker.run("rm", "-f", "range")
-        print(f"  range round {r + 1}: {times[-1]:.2f} s, {serving} processes,"
-              f" RSS {rss / 1024:.1f} MiB, PSS {pss / 1024:.1f} MiB", file=sys.stderr)
-    return statistics.median(times), rss, serving, pss
+    first = freeRange(first, count)
+    spec = f"127.0.0.1:{first}-{first + count - 1}:{first}-{first + count - 1}"
+    started = time.perf_counter()
+    docker.run("run", "-d", "--name", "range", "-p", spec, IMAGE, "sleep", "1000")
+    seconds = time.perf_counter() - started
+    waitTCP(first + count - 1)
+    pids = servers()
+    rss = sum(rssKiB(pid) for pid in pids)
+    pss = sum(pssKiB(pid) for pid in pids)
+    docker.run("rm", "-f", "range")
+    print(f"  range: {seconds:.2f} s, {len(pids)} processes, RSS {rss / 1024:.1f} MiB,"
+          f" PSS {pss / 1024:.1f} MiB", file=sys.stderr)
+    return seconds, rss, pss, len(pids)
 
 
 def throughput(paths, rounds, seconds):
@@ -297,71 +304,78 @@ def main():
     processes = Processes()
     root = Path(tempfile.mkdtemp(prefix="ppbench-"))
     control = str(root / "control.sock")
-    report = {}
+    proxies = {"docker-proxy": DOCKER_PROXY, "portproxy": shim}
+    nullProxy = str(root / "null-proxy")
+    (root / "null-proxy.c").write_text(NULL_PROXY)
+    subprocess.run(["gcc", "-O2", "-static", "-o", nullProxy, str(root / "null-proxy.c")], check=True)
+    ranges = {name: [] for name in list(proxies) + ["null"]}
     try:
-        # -- docker-proxy -------------------------------------------------
-        print("docker-proxy phase", file=sys.stderr)
-        docker = Dockerd(root, DOCKER_PROXY, control, processes)
-        buildImage(docker, root)
-        dockerd = docker.process.pid
-        report["docker-proxy"] = rangePhase(
-            docker, arguments.first, arguments.range, arguments.rounds,
-            lambda: children(dockerd, DOCKER_PROXY),
-        )
-        freePort = freeRange(arguments.first + arguments.range + 10, 10)
-        startMs = {"docker-proxy": proxyStartMs(processes, DOCKER_PROXY, freePort, "198.18.0.99", control, 100)}
-        docker.run("run", "-d", "--name", "servers", "-p", f"127.0.0.1:{freePort + 1}:5201",
-                   "-p", f"127.0.0.1:{freePort + 2}:80", IMAGE, "sh", "-c",
-                   "iperf3 -s -D; exec nginx -c /nginx.conf")
-        waitTCP(freePort + 2)
-        ip = docker.run("inspect", "-f", "{{.NetworkSettings.IPAddress}}", "servers").stdout.decode().strip()
-        dockerProxy = throughput(
-            {"docker-proxy": {"tcp_bulk": ("127.0.0.1", freePort + 1),
-                              "http_keepalive": ("127.0.0.1", freePort + 2)}},
-            arguments.rounds, arguments.seconds,
-        )
-        docker.stop()
-
-        # -- the shim and one portproxy -------------------------------------
-        print("portproxy phase", file=sys.stderr)
         mapPath = root / "map.yaml"
         mapPath.write_text(f"mappings: []\ncontrol:\n  socket: {control}\n")
         daemon = processes.start(TWISTD + ["-n", "--pidfile=", "portproxy", "-c", str(mapPath)],
                                  stdout=open(root / "portproxy.log", "wb"), stderr=subprocess.STDOUT)
         while not os.path.exists(control):
             time.sleep(0.05)
-        docker = Dockerd(root, shim, control, processes)
-        dockerd = docker.process.pid
-        report["portproxy"] = rangePhase(
-            docker, arguments.first, arguments.range, arguments.rounds,
-            lambda: children(dockerd, shim) + [daemon.pid],
-        )
-        print(f"  portproxy daemon after the range: RSS {rssKiB(daemon.pid) / 1024:.1f} MiB",
-              file=sys.stderr)
-        startMs["portproxy"] = proxyStartMs(processes, shim, freePort, "198.18.0.99", control, 100)
-        docker.run("run", "-d", "--name", "servers", "-p", f"127.0.0.1:{freePort + 1}:5201",
-                   "-p", f"127.0.0.1:{freePort + 2}:80", IMAGE, "sh", "-c",
-                   "iperf3 -s -D; exec nginx -c /nginx.conf")
-        waitTCP(freePort + 2)
-        ip = docker.run("inspect", "-f", "{{.NetworkSettings.IPAddress}}", "servers").stdout.decode().strip()
-        mapPath.write_text(
-            f"mappings:\n  - name: iperf\n    listen: 127.0.0.1:{freePort + 3}\n    target: {ip}:5201\n"
-            f"  - name: http\n    listen: 127.0.0.1:{freePort + 4}\n    target: {ip}:80\n"
-            f"control:\n  socket: {control}\n"
-        )
-        os.kill(daemon.pid, signal.SIGHUP)
-        waitTCP(freePort + 4)
-        shimPaths = throughput(
-            {
-                "direct": {"tcp_bulk": (ip, 5201), "http_keepalive": (ip, 80)},
-                "hand-written map": {"tcp_bulk": ("127.0.0.1", freePort + 3),
-                                     "http_keepalive": ("127.0.0.1", freePort + 4)},
-                "shim (published)": {"tcp_bulk": ("127.0.0.1", freePort + 1),
-                                     "http_keepalive": ("127.0.0.1", freePort + 2)},
-            },
-            arguments.rounds, arguments.seconds,
-        )
-        docker.stop()
+        freePort = freeRange(arguments.first + arguments.range + 10, 10)
+        startMs = {
+            name: proxyStartMs(path, freePort, "198.18.0.99", control, 100)
+            for name, path in proxies.items()
+        }
+
+        # The range, round by round, a dockerd of each kind in turn (only
+        # one can own docker0), so that machine drift hits both alike.
+        servers = {
+            "docker-proxy": lambda pid: children(pid, DOCKER_PROXY),
+            "portproxy": lambda pid: children(pid, shim) + [daemon.pid],
+            "null": lambda pid: children(pid, nullProxy),
+        }
+        for r in range(arguments.rounds):
+            for name, path in list(proxies.items()) + [("null", nullProxy)]:
+                print(f"round {r + 1}, {name}", file=sys.stderr)
+                docker = Dockerd(root, path, control, processes)
+                if r == 0 and name == "docker-proxy":
+                    buildImage(docker, root)
+                pid = docker.process.pid
+                ranges[name].append(rangeRound(docker, arguments.first, arguments.range,
+                                               lambda: servers[name](pid)))
+                docker.stop()
+        daemonRSS = rssKiB(daemon.pid)
+
+        # Throughput: docker-proxy's published port, then the shim's and a
+        # hand-written map entry of the same daemon, interleaved.
+        measured = {}
+        for name, path in proxies.items():
+            docker = Dockerd(root, path, control, processes)
+            docker.run("run", "-d", "--name", "servers", "-p", f"127.0.0.1:{freePort + 1}:5201",
+                       "-p", f"127.0.0.1:{freePort + 2}:80", IMAGE, "sh", "-c",
+                       "iperf3 -s -D; exec nginx -c /nginx.conf")
+            waitTCP(freePort + 2)
+            ip = docker.run("inspect", "-f", "{{.NetworkSettings.IPAddress}}",
+                            "servers").stdout.decode().strip()
+            published = {"tcp_bulk": ("127.0.0.1", freePort + 1),
+                         "http_keepalive": ("127.0.0.1", freePort + 2)}
+            if name == "docker-proxy":
+                measured.update(throughput({"docker-proxy": published},
+                                           arguments.rounds, arguments.seconds))
+            else:
+                mapPath.write_text(
+                    f"mappings:\n  - name: iperf\n    listen: 127.0.0.1:{freePort + 3}\n"
+                    f"    target: {ip}:5201\n"
+                    f"  - name: http\n    listen: 127.0.0.1:{freePort + 4}\n    target: {ip}:80\n"
+                    f"control:\n  socket: {control}\n"
+                )
+                os.kill(daemon.pid, signal.SIGHUP)
+                waitTCP(freePort + 4)
+                shimPaths = throughput(
+                    {
+                        "direct": {"tcp_bulk": (ip, 5201), "http_keepalive": (ip, 80)},
+                        "hand-written map": {"tcp_bulk": ("127.0.0.1", freePort + 3),
+                                             "http_keepalive": ("127.0.0.1", freePort + 4)},
+                        "shim (published)": published,
+                    },
+                    arguments.rounds, arguments.seconds,
+                )
+            docker.stop()
     finally:
         processes.stopAll()
         if os.path.exists("/sys/class/net/docker0"):
@@ -369,21 +383,29 @@ def main():
         shutil.rmtree(root, ignore_errors=True)
 
     fastpath = os.environ.get("PORTPROXY_FASTPATH", "1") != "0"
-    print(f"\n{arguments.range}-port TCP range, {arguments.rounds} rounds"
-          f" (portproxy {'with' if fastpath else 'without'} its compiled paths)")
+    dp, pp = ranges["docker-proxy"], ranges["portproxy"]
+
+    def median(rows, i):
+        return statistics.median(row[i] for row in rows)
+
+    def ratio(i):
+        return statistics.median(b[i] / a[i] for a, b in zip(dp, pp))
+
+    print(f"\n{arguments.range}-port TCP range, {arguments.rounds} rounds, medians; ratio: median"
+          f" of the per-round ratios (portproxy {'with' if fastpath else 'without'} its compiled paths)")
     print(f"{'':30s} {'docker-proxy':>14s} {'shim+portproxy':>15s} {'ratio':>7s}")
-    dp, pp = report["docker-proxy"], report["portproxy"]
-    print(f"{'docker run returns (s)':30s} {dp[0]:14.2f} {pp[0]:15.2f} {pp[0] / dp[0]:7.2f}")
-    print(f"{'processes serving the range':30s} {dp[2]:14d} {pp[2]:15d}")
-    print(f"{'their RSS (MiB)':30s} {dp[1] / 1024:14.1f} {pp[1] / 1024:15.1f} {pp[1] / dp[1]:7.2f}")
-    print(f"{'their PSS (MiB)':30s} {dp[3] / 1024:14.1f} {pp[3] / 1024:15.1f} {pp[3] / dp[3]:7.2f}")
-    print(f"{'RSS per port (KiB)':30s} {dp[1] / dp[2]:14.0f} {pp[1] / max(1, pp[2] - 1):15.0f}")
+    print(f"{'docker run returns (s)':30s} {median(dp, 0):14.2f} {median(pp, 0):15.2f} {ratio(0):7.2f}")
+    print(f"{'processes serving the range':30s} {dp[-1][3]:14d} {pp[-1][3]:15d}")
+    print(f"{'their RSS (MiB)':30s} {median(dp, 1) / 1024:14.1f} {median(pp, 1) / 1024:15.1f} {ratio(1):7.2f}")
+    print(f"{'their PSS (MiB)':30s} {median(dp, 2) / 1024:14.1f} {median(pp, 2) / 1024:15.1f} {ratio(2):7.2f}")
+    print(f"{'  of which the daemon (RSS)':30s} {'':14s} {daemonRSS / 1024:15.1f}")
+    print(f"{'dockerd alone (null proxy)':30s} {median(ranges['null'], 0):14.2f} s")
     print(f"{'one proxy: exec to 0 (ms)':30s} {startMs['docker-proxy']:14.2f} {startMs['portproxy']:15.2f}"
           f" {startMs['portproxy'] / startMs['docker-proxy']:7.2f}")
     print("\nthrough one published port (median; ratio shim / hand-written map)")
     for w, unit in (("tcp_bulk", "Gbit/s"), ("http_keepalive", "req/s")):
         med = {name: statistics.median(v) for name, v in shimPaths[w].items()}
-        med["docker-proxy"] = statistics.median(dockerProxy[w]["docker-proxy"])
+        med["docker-proxy"] = statistics.median(measured[w]["docker-proxy"])
         ratios = [s / h for s, h in zip(shimPaths[w]["shim (published)"], shimPaths[w]["hand-written map"])]
         cells = "  ".join(f"{name} {value:.2f}" for name, value in med.items())
         print(f"{w} ({unit}): {cells}  ratio {statistics.median(ratios):.2f}")

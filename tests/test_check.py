@@ -210,3 +210,17 @@ def test_dockerSetupWithoutShim(monkeypatch) -> None:
     assert err.getvalue().startswith(
         "/nonexistent/portproxy-docker-proxy: the Docker shim is not built"
     )
+
+
+def test_summaryNamesTheControlSocket() -> None:
+    """
+    A map with a control section says where its socket is at the end of
+    the summary line.
+    """
+    from twistedproxy.__main__ import summarize
+    from twistedproxy.config import parseMap
+
+    assert summarize(parseMap("control: {}\n", "map.yaml")) == (
+        "map.yaml: OK, 0 mappings, 0 listeners (0 tcp, 0 udp), no manhole,"
+        " control socket /run/portproxy/control.sock"
+    )

@@ -1,7 +1,9 @@
 """
 The root service: one child service per listener of the map (and the
 manhole), started from the map at start-up and brought in line with the
-file again by every reload.
+file again by every reload; and the listeners published at run time
+through the control socket (L{twistedproxy.control}), which reloads leave
+alone.
 """
 
 from __future__ import annotations
