@@ -122,6 +122,9 @@ class Dockerd:
     A sandboxed dockerd whose userland proxy is C{proxyPath}.
     """
 
+    #: The last one started, stopped (with its containers) at exit.
+    current = None
+
     def __init__(self, root, proxyPath, control, processes):
         self.root = root
         self.sock = root / "docker.sock"
@@ -140,6 +143,7 @@ class Dockerd:
             env=env, stdout=open(root / "dockerd.log", "ab"), stderr=subprocess.STDOUT,
         )
         self.processes = processes
+        Dockerd.current = self
         deadline = time.monotonic() + 60
         while self.run("version", check=False).returncode != 0:
             if time.monotonic() > deadline or self.process.poll() is not None:
@@ -154,9 +158,11 @@ class Dockerd:
         return result
 
     def stop(self):
-        ids = self.run("ps", "-aq").stdout.split()
-        if ids:
-            self.run("rm", "-f", *[i.decode() for i in ids])
+        if self.process.poll() is None:
+            # Their containerd shims would outlive dockerd.
+            ids = self.run("ps", "-aq", check=False).stdout.split()
+            if ids:
+                self.run("rm", "-f", *[i.decode() for i in ids], check=False)
         self.processes.stop(self.process)
         if os.path.exists("/sys/class/net/docker0"):
             subprocess.run(["ip", "link", "delete", "docker0"], check=False)
@@ -378,6 +384,8 @@ def main():
                 )
             docker.stop()
     finally:
+        if Dockerd.current is not None:
+            Dockerd.current.stop()
         processes.stopAll()
         if os.path.exists("/sys/class/net/docker0"):
             subprocess.run(["ip", "link", "delete", "docker0"], check=False)

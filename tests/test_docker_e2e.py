@@ -161,9 +161,14 @@ class Docker:
 
     def stop(self) -> None:
         """
-        Stop dockerd by its pid and delete the bridge it created.
+        Remove every container (their containerd shims would outlive
+        dockerd), stop dockerd by its pid and delete the bridge it created.
         """
         if self.process is not None and self.process.poll() is None:
+            try:
+                self.removeContainers()
+            except (AssertionError, subprocess.TimeoutExpired):
+                pass
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(30)
