@@ -14,9 +14,16 @@ For development, build them next to the sources with::
     python setup.py build_ext --inplace
 """
 
+import os
 import sys
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+#: The Docker shim: an executable, not an extension module (see
+#: docs/docker.md), built next to the extensions.
+SHIM_SOURCE = "twistedproxy/_dockershim.c"
+SHIM_NAME = "portproxy-docker-proxy"
 
 COMPILE_ARGS = [
     "-O2",
@@ -40,4 +47,51 @@ if sys.platform.startswith("linux"):
             )
         )
 
-setup(ext_modules=extensions)
+
+
+class BuildWithShim(build_ext):
+    """
+    C{build_ext}, and then the Docker shim executable into the package
+    (the source tree with C{--inplace}).  Like the extensions it is
+    optional: without a C compiler it is left out with a warning, and
+    C{python -m twistedproxy docker-setup} says so.
+    """
+
+    def run(self):
+        build_ext.run(self)
+        if sys.platform.startswith("linux"):
+            self.buildShim()
+
+    def buildShim(self):
+        from distutils.errors import CCompilerError, DistutilsError
+
+        if self.inplace:
+            outputDir = self.get_finalized_command("build_py").get_package_dir("twistedproxy")
+        else:
+            outputDir = os.path.join(self.build_lib, "twistedproxy")
+        os.makedirs(outputDir, exist_ok=True)
+        version = self.distribution.get_version()
+        try:
+            objects = self.compiler.compile(
+                [SHIM_SOURCE],
+                output_dir=self.build_temp,
+                macros=[("PORTPROXY_VERSION", f'"{version}"')],
+                extra_postargs=COMPILE_ARGS,
+                depends=[SHIM_SOURCE],
+            )
+            # Static where the C library allows it: no shared libraries
+            # to map keeps each shim's memory at a few hundred KiB.
+            for linkArgs in (["-static"], []):
+                try:
+                    self.compiler.link_executable(
+                        objects, SHIM_NAME, output_dir=outputDir, extra_postargs=linkArgs
+                    )
+                    break
+                except (CCompilerError, DistutilsError):
+                    if not linkArgs:
+                        raise
+        except (CCompilerError, DistutilsError, OSError) as e:
+            self.warn(f"the Docker shim {SHIM_NAME} was not built: {e}")
+
+
+setup(ext_modules=extensions, cmdclass={"build_ext": BuildWithShim})

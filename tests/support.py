@@ -317,3 +317,94 @@ class UDPEchoServer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+#: The Docker shim of the code under test (built next to it by setup.py).
+SHIM = CODE / "twistedproxy" / "portproxy-docker-proxy"
+
+
+class Shim:
+    """
+    The Docker shim, started as dockerd starts its userland proxy: its
+    report pipe on descriptor 3 and, with C{listenSocket}, that socket on
+    descriptor 4 and C{-use-listen-fd}.
+
+    @ivar report: what the shim wrote on descriptor 3 (after L{wait}).
+    """
+
+    def __init__(
+        self,
+        control: str,
+        proto: str,
+        hostIP: str,
+        hostPort: int,
+        containerIP: str,
+        containerPort: int,
+        listenSocket: Optional[socket.socket] = None,
+    ) -> None:
+        argv = [
+            str(SHIM),
+            "-proto", proto,
+            "-host-ip", hostIP,
+            "-host-port", str(hostPort),
+            "-container-ip", containerIP,
+            "-container-port", str(containerPort),
+        ]
+        if listenSocket is not None:
+            argv.append("-use-listen-fd")
+        readEnd, writeEnd = os.pipe()
+        passed = [writeEnd] + ([listenSocket.fileno()] if listenSocket is not None else [])
+
+        def descriptors() -> None:
+            # Where dockerd puts them: 3 the pipe, 4 the socket.  The
+            # copies dup() makes close at exec; dup2's targets stay.
+            moved = [os.dup(fd) for fd in passed]
+            for target, fd in enumerate(moved, start=3):
+                os.dup2(fd, target)
+
+        env = dict(os.environ, PORTPROXY_CONTROL=control)
+        self.process = subprocess.Popen(
+            argv, env=env, preexec_fn=descriptors, close_fds=False, stderr=subprocess.DEVNULL
+        )
+        os.close(writeEnd)
+        with os.fdopen(readEnd, "rb") as pipe:
+            self.report = pipe.read().decode()
+
+    @property
+    def ok(self) -> bool:
+        return self.report == "0\n"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """
+        Send C{sig} and return the exit status.
+        """
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+
+def waitUntil(condition, timeout: float = 10.0, what: str = "condition") -> None:
+    """
+    Poll C{condition} until it is true, or fail after C{timeout} seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met in {timeout}s")
+        time.sleep(0.02)
+
+
+def portFree(port: int, proto: str = "tcp", host: str = "127.0.0.1") -> bool:
+    """
+    Whether C{port} can be bound on C{host} for C{proto} now.
+    """
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as probe:
+        if proto == "tcp":
+            # As servers bind: connections in TIME_WAIT do not count.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True

@@ -35,6 +35,7 @@ class FakeProxy:
         self.listeners = {}
         self.draining = []
         self.reloads = []
+        self.published = {}
         for listener in proxyMap.listeners():
             kind = FakeUDPListener if listener.proto == "udp" else FakeListener
             self.listeners[listener.key] = service = kind(listener, reactor)

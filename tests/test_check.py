@@ -253,3 +253,52 @@ def test_badAccessValues(tmp_path):
         "map.yaml:7: new_connections_per_client: '5/minute' is not a rate"
         " (expected N/s, as in 20/s, or {rate: N/s, burst: B})",
     ]
+def test_dockerSetupPrintsTheShimPath(tmp_path) -> None:
+    """
+    docker-setup prints the daemon.json fragment naming this install's
+    shim by absolute path, as JSON, from any directory.
+    """
+    import json
+
+    from twistedproxy.control import shimPath
+
+    result = check("docker-setup", cwd=str(tmp_path))
+    shim = os.path.join(REPO, "twistedproxy", "portproxy-docker-proxy")
+    if not os.path.exists(shimPath()):
+        assert result.returncode == 1
+        assert "the Docker shim is not built" in result.stderr
+        return
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"userland-proxy-path": shim}
+
+
+def test_dockerSetupWithoutShim(monkeypatch) -> None:
+    """
+    Without a built shim, docker-setup prints nothing on standard output,
+    says why on standard error, and returns 1.
+    """
+    import io
+
+    from twistedproxy import __main__, control
+
+    monkeypatch.setattr(control, "shimPath", lambda: "/nonexistent/portproxy-docker-proxy")
+    out, err = io.StringIO(), io.StringIO()
+    assert __main__.dockerSetup(out, err) == 1
+    assert out.getvalue() == ""
+    assert err.getvalue().startswith(
+        "/nonexistent/portproxy-docker-proxy: the Docker shim is not built"
+    )
+
+
+def test_summaryNamesTheControlSocket() -> None:
+    """
+    A map with a control section says where its socket is at the end of
+    the summary line.
+    """
+    from twistedproxy.__main__ import summarize
+    from twistedproxy.config import parseMap
+
+    assert summarize(parseMap("control: {}\n", "map.yaml")) == (
+        "map.yaml: OK, 0 mappings, 0 listeners (0 tcp, 0 udp), no manhole,"
+        " control socket /run/portproxy/control.sock"
+    )

@@ -15,6 +15,7 @@ from twistedproxy.config import ConfigError, loadMap, parseMap
 from twistedproxy.model import (
     ANY_IPV4,
     ANY_IPV6,
+    Control,
     Listener,
     ListenerKey,
     Manhole,
@@ -693,7 +694,7 @@ def test_overlapEachEarlierMapping() -> None:
     [
         (
             "mapings: []\n",
-            ["map.yaml:1: unknown key 'mapings' (expected one of: defaults, mappings, manhole, http, log_format)"],
+            ["map.yaml:1: unknown key 'mapings' (expected one of: defaults, mappings, manhole, http, log_format, control)"],
         ),
         (
             "- listen: 80\n",
@@ -762,7 +763,7 @@ def test_overlapEachEarlierMapping() -> None:
         (
             "x: &x {listen: 80}\nmappings:\n  - <<: *x\n    target: db:80\n",
             [
-                "map.yaml:1: unknown key 'x' (expected one of: defaults, mappings, manhole, http, log_format)",
+                "map.yaml:1: unknown key 'x' (expected one of: defaults, mappings, manhole, http, log_format, control)",
                 "map.yaml:3: mappings[0]: YAML merge keys ('<<') are not supported;"
                 " put shared settings in defaults",
                 "map.yaml:3: mappings[0]: missing key 'listen'",
@@ -1170,12 +1171,22 @@ def test_examplesPresent() -> None:
     The examples the documentation names are all there.
     """
     assert [os.path.basename(path) for path in EXAMPLES] == [
+        "docker-host.yaml",
         "docker.yaml",
         "dualstack.yaml",
         "example.yaml",
         "range.yaml",
         "udp.yaml",
     ]
+
+
+def test_dockerHostExampleHasTheDefaultControlSocket() -> None:
+    """
+    config/docker-host.yaml opens the control socket where the shim looks
+    by default, root only.
+    """
+    proxyMap = loadMap(os.path.join(REPO, "config", "docker-host.yaml"))
+    assert proxyMap.control == Control("/run/portproxy/control.sock", 0o600)
 
 
 def test_exampleIsSafeToRun() -> None:
@@ -1207,3 +1218,57 @@ def test_clientIdentityWithTLSIsRefused():
         "map.yaml:6: client_address and accept_proxy_protocol cannot be combined with"
         " tls or target_tls (sni_routes can)"
     ]
+
+
+def test_controlDefaults() -> None:
+    """
+    An empty control section mapping opens the socket at the default path
+    with mode 0600; a control section with no value is absent.
+    """
+    assert parseMap("control: {}\n", "map.yaml").control == Control(
+        "/run/portproxy/control.sock", 0o600
+    )
+    assert parseMap("control:\n", "map.yaml").control is None
+    assert parseMap("mappings: []\n", "map.yaml").control is None
+
+
+@pytest.mark.parametrize("mode", ["0660", "660", "0o660", '"0660"'])
+def test_controlModeIsOctal(mode: str) -> None:
+    """
+    control.mode is read as octal however it is written, and a relative
+    socket path is relative to the map's directory.
+    """
+    control = parseMap(f"control:\n  socket: run/ctl.sock\n  mode: {mode}\n", "/etc/pp/map.yaml").control
+    assert control == Control("/etc/pp/run/ctl.sock", 0o660)
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ("control: /run/x.sock\n", "map.yaml:1: control: expected a mapping of socket, mode, got a string"),
+        ("control:\n  socket: ''\n", "map.yaml:2: control.socket: the path is empty"),
+        ("control:\n  socket: 5\n", "map.yaml:2: control.socket: expected a file path, got an integer"),
+        (
+            "control:\n  mode: 0800\n",
+            "map.yaml:2: control.mode: '0800' is not a file mode (octal, 0000-0777, such as 0600 or 0660)",
+        ),
+        (
+            "control:\n  mode: 01777\n",
+            "map.yaml:2: control.mode: '01777' is not a file mode (octal, 0000-0777, such as 0600 or 0660)",
+        ),
+        ("control:\n  mode: true\n", "map.yaml:2: control.mode: expected a file mode such as 0600, got a boolean"),
+        (
+            "control:\n  sock: /x\n",
+            "map.yaml:2: control: unknown key 'sock' (expected one of: socket, mode)",
+        ),
+        (
+            f"control:\n  socket: /{'x' * 120}\n",
+            f"map.yaml:2: control.socket: /{'x' * 120} is 121 bytes long; a unix socket path has at most 107",
+        ),
+    ],
+)
+def test_controlInvalid(section: str, message: str) -> None:
+    """
+    A bad control section is reported with its line, like every section.
+    """
+    assert errorsOf(section) == [message]

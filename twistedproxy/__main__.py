@@ -1,6 +1,7 @@
 """
 C{python -m twistedproxy check MAP...}: validate map files without running
-the proxy.
+the proxy; C{python -m twistedproxy docker-setup}: print the daemon.json
+fragment that makes dockerd use portproxy.
 
 For each valid map one summary line goes to standard output (and its
 warnings, C{FILE:LINE: warning: message}, to standard error); for each
@@ -12,6 +13,8 @@ and 2 for a command line that cannot be understood.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from typing import Optional, Sequence, TextIO
 
@@ -37,9 +40,12 @@ def summarize(proxyMap: ProxyMap) -> str:
         f"manhole on {proxyMap.manhole.listen}" if proxyMap.manhole is not None else "no manhole"
     )
     http = f", http on {proxyMap.http.listen}" if proxyMap.http is not None else ""
+    control = ""
+    if proxyMap.control is not None:
+        control = f", control socket {proxyMap.control.socket}"
     return (
         f"{proxyMap.path}: OK, {_plural(len(proxyMap.mappings), 'mapping')},"
-        f" {_plural(sum(byProto.values()), 'listener')} ({protos}), {manhole}{http}"
+        f" {_plural(sum(byProto.values()), 'listener')} ({protos}), {manhole}{http}{control}"
     )
 
 
@@ -79,7 +85,36 @@ def parser() -> argparse.ArgumentParser:
         ),
     )
     checkCommand.add_argument("maps", nargs="+", metavar="MAP", help="a YAML map file")
+    subcommands.add_parser(
+        "docker-setup",
+        help="print the daemon.json setting that makes dockerd use portproxy",
+        description=(
+            "Print, as JSON, the daemon.json fragment that makes dockerd run this"
+            " installation's shim as its userland proxy. Exit status 1 when the"
+            " shim was not built (no C compiler at install time)."
+        ),
+    )
     return commands
+
+
+def dockerSetup(out: TextIO, err: TextIO) -> int:
+    """
+    Print C{{"userland-proxy-path": "/abs/path"}} for this installation's
+    Docker shim; return the exit status.
+    """
+    from twistedproxy.control import shimPath
+
+    path = shimPath()
+    if not os.access(path, os.X_OK):
+        print(
+            f"{path}: the Docker shim is not built (was a C compiler missing when"
+            " portproxy was installed?); install gcc and reinstall portproxy, or run"
+            " 'python setup.py build_ext --inplace' in a checkout",
+            file=err,
+        )
+        return 1
+    print(json.dumps({"userland-proxy-path": path}), file=out)
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -88,6 +123,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     exit status.  argparse exits with status 2 on a usage error.
     """
     arguments = parser().parse_args(argv)
+    if arguments.command == "docker-setup":
+        return dockerSetup(sys.stdout, sys.stderr)
     return check(arguments.maps, sys.stdout, sys.stderr)
 
 

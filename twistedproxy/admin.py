@@ -111,7 +111,8 @@ class Console:
         return names
 
     def _mappingNames(self) -> list[str]:
-        return [mapping.name for mapping in self.proxy.map.mappings]
+        published = [self.proxy.listeners[key].listener.mapping for key in self.proxy.published]
+        return [mapping.name for mapping in self.proxy.map.mappings] + published
 
     def _unknownMapping(self, name: str) -> None:
         known = ", ".join(self._mappingNames()) or "none"
@@ -156,6 +157,8 @@ class Console:
                     numeric=6,
                 )
             )
+        if self.proxy.published:
+            print(f"@name: published through the control socket ({len(self.proxy.published)})")
         disabled = sorted({s.listener.mapping for s in live if not s.enabled})
         if disabled:
             print("disabled (not accepting): " + ", ".join(disabled))

@@ -32,6 +32,7 @@ from twistedproxy.model import (
     OPEN,
     PROTOCOLS,
     PROXY_PROTOCOL_V1,
+    Control,
     TCP,
     UDP,
     AccessPolicy,
@@ -53,7 +54,7 @@ from twistedproxy.model import (
     formatHostPort,
 )
 
-TOP_KEYS = ("defaults", "mappings", "manhole", "http", "log_format")
+TOP_KEYS = ("defaults", "mappings", "manhole", "http", "log_format", "control")
 SETTING_KEYS = ("connect_timeout", "idle_timeout", "udp_timeout", "max_connections")
 #: Who the client is and how the target learns it (model.ClientIdentity).
 IDENTITY_KEYS = ("client_address", "accept_proxy_protocol")
@@ -76,6 +77,10 @@ HTTP_KEYS = ("listen", "allow_remote")
 
 #: Where the HTTP endpoint listens when the section gives no C{listen}.
 HTTP_LISTEN = "127.0.0.1:9180"
+CONTROL_KEYS = ("socket", "mode")
+
+#: The longest path a unix socket address holds (C{sun_path} less its NUL).
+UNIX_PATH_MAX = 107
 
 #: Where the manhole listens when its C{listen} gives only a port.
 MANHOLE_HOST = "127.0.0.1"
@@ -340,6 +345,9 @@ class _MapReader:
         logFormat = "text"
         if "log_format" in sections:
             logFormat = self.readLogFormat(sections["log_format"][1]) or logFormat
+        control = None
+        if "control" in sections:
+            control = self.readControl(*sections["control"])
         self.raiseErrors()
         return ProxyMap(
             path=self.path,
@@ -351,6 +359,7 @@ class _MapReader:
                 f"{self.path}:{line}: warning: {message}"
                 for line, message in sorted(self.warnings, key=lambda w: w[0])
             ),
+            control=control,
         )
 
     def raiseErrors(self) -> None:
@@ -1369,6 +1378,55 @@ class _MapReader:
             )
             return None
         return value
+
+
+    def readControl(self, keyNode: Node, node: Node) -> Optional[Control]:
+        """
+        The control socket section; L{None} when it is empty or has errors.
+        """
+        if isinstance(node, ScalarNode) and node.tag == _NULL:
+            return None
+        if not isinstance(node, MappingNode):
+            self.error(
+                _line(node),
+                f"control: expected a mapping of {', '.join(CONTROL_KEYS)}, got {_describe(node)}",
+            )
+            return None
+        errorsBefore = len(self.errors)
+        keys = self.keysOf(node, "control", CONTROL_KEYS)
+        control = Control(line=_line(keyNode))
+        path, mode = control.socket, control.mode
+        if "socket" in keys:
+            pathNode = keys["socket"][1]
+            value = self.text(pathNode, "control.socket", "a file path")
+            if value == "":
+                self.error(_line(pathNode), "control.socket: the path is empty")
+            elif value is not None:
+                path = os.path.abspath(os.path.join(os.path.dirname(self.path), value))
+                size = len(os.fsencode(path))
+                if size > UNIX_PATH_MAX:
+                    self.error(
+                        _line(pathNode),
+                        f"control.socket: {path} is {size} bytes long; a unix socket"
+                        f" path has at most {UNIX_PATH_MAX}",
+                    )
+        if "mode" in keys:
+            modeNode = keys["mode"][1]
+            # Written as octal, whether YAML reads 0600 as a number or not.
+            text = self.text(modeNode, "control.mode", "a file mode such as 0600", (_INT, _STR))
+            if text is not None:
+                digits = text[2:] if text[:2] in ("0o", "0O") else text
+                if re.fullmatch(r"[0-7]{1,4}", digits) is None or int(digits, 8) > 0o777:
+                    self.error(
+                        _line(modeNode),
+                        f"control.mode: '{text}' is not a file mode (octal, 0000-0777,"
+                        " such as 0600 or 0660)",
+                    )
+                else:
+                    mode = int(digits, 8)
+        if len(self.errors) != errorsBefore:
+            return None
+        return Control(socket=path, mode=mode, line=control.line)
 
 
 #: What C{allow_remote} lets other hosts do, in its error message.

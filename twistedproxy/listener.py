@@ -182,9 +182,10 @@ class ListenerService(Service):
 
     proto: str
 
-    #: A listening socket systemd passed in for this listener (socket
-    #: activation), which L{bind} uses instead of binding one; the root
-    #: service sets it.
+    #: A listening socket another process bound for this listener, which
+    #: L{bind} uses instead of binding one and closes without shutting it
+    #: down (its owner keeps it listening): systemd's (socket activation),
+    #: or dockerd's passed on by the shim.  The root service sets it.
     inheritedSocket: socket.socket | None = None
 
     def __init__(self, listener: Listener, reactor) -> None:

@@ -364,6 +364,26 @@ class Manhole:
         return formatHostPort(self.host, self.port)
 
 
+#: Where the control socket is when the map's C{control} section does not
+#: say, and where the docker-proxy shim looks for it.
+DEFAULT_CONTROL_SOCKET = "/run/portproxy/control.sock"
+
+
+@dataclass(frozen=True)
+class Control:
+    """
+    The unix control socket through which local programs (the Docker
+    shim) publish mappings at run time.
+
+    @ivar socket: its absolute path.
+    @ivar mode: the socket file's permission bits.
+    """
+
+    socket: str = DEFAULT_CONTROL_SOCKET
+    mode: int = 0o600
+    line: int = field(default=0, compare=False)
+
+
 @dataclass(frozen=True)
 class Http:
     """
@@ -400,6 +420,7 @@ class ProxyMap:
     #: turned off, a key file others can read); C{check} prints them and
     #: the proxy logs them.
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    control: Optional[Control] = None
 
     def listeners(self) -> Iterator[Listener]:
         for mapping in self.mappings:

@@ -1,7 +1,9 @@
 """
 The root service: one child service per listener of the map (and the
 manhole), started from the map at start-up and brought in line with the
-file again by every reload.
+file again by every reload; and the listeners published at run time
+through the control socket (L{twistedproxy.control}), which reloads leave
+alone.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ import socket
 from typing import Callable, Iterator, Optional
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, Logger
 
 from twistedproxy.config import ConfigError, loadMap
+from twistedproxy.config import _overlaps as overlaps
 from twistedproxy.listener import IFlow, ListenerService, fastPathWanted
 from twistedproxy.logs import useLogFormat
 from twistedproxy.metrics import ReloadCounts
@@ -29,6 +32,13 @@ log = Logger(namespace="portproxy")
 class StartupError(Exception):
     """
     A listener of the map could not be started; the message names it.
+    """
+
+
+class PublishRefused(Exception):
+    """
+    A listener asked for through the control socket cannot be started;
+    the message says why, for the one who asked.
     """
 
 
@@ -105,6 +115,7 @@ class ProxyService(MultiService):
         ipv6Available: Callable[[], bool] = _ipv6Available,
         relayEngine=_relayEngine,
         inherited: Optional[InheritedSockets] = None,
+        controlType=None,
     ) -> None:
         MultiService.__init__(self)
         if reactor is None:
@@ -127,6 +138,13 @@ class ProxyService(MultiService):
         self.http = None
         self.reloadCounts = ReloadCounts()
         self.watchers: list = []
+        #: Listeners published through the control socket, by key: the
+        #: lease (the control connection) that holds each.
+        self.published: dict[ListenerKey, object] = {}
+        self.control = None
+        self._controlType = controlType
+        self._mapIndex: tuple = (None, {})
+        self._publishedPorts: dict[tuple[str, int], list[ListenerKey]] = {}
         self._reloading = False
         self._queued: list[Deferred] = []
         self._previousHandler = None
@@ -167,6 +185,11 @@ class ProxyService(MultiService):
                     self._attachSection(section, settings)
                 except CannotListenError as e:
                     problems.append(self._sectionProblem(section, settings, e))
+        if self.map.control is not None and not problems:
+            try:
+                self._attachControl(self.map.control)
+            except CannotListenError as e:
+                problems.append(self._controlProblem(self.map.control, e))
         if problems:
             for service in list(self):
                 service.disownServiceParent()
@@ -175,6 +198,7 @@ class ProxyService(MultiService):
                 service.stopService()
             self.listeners.clear()
             self.manhole = self.http = None
+            self.control = None
             for problem in problems:
                 log.error("{problem}", problem=problem)
             raise StartupError("\n".join(problems))
@@ -192,6 +216,8 @@ class ProxyService(MultiService):
         for listener in self.map.listeners():
             if listener.key in self.listeners:
                 log.info("{listener}", listener=listener)
+        if self.control is not None:
+            log.info("control socket on {path}", path=self.control.settings.socket)
         log.info(
             "portproxy started: {count} listeners from {path}{engine}",
             count=len(self.listeners),
@@ -229,13 +255,30 @@ class ProxyService(MultiService):
     # -- listeners -----------------------------------------------------
 
     def _bindListener(
-        self, listener: Listener
+        self,
+        listener: Listener,
+        adopted: Optional[socket.socket] = None,
+        published: bool = False,
     ) -> tuple[Optional[ListenerService], Optional[str]]:
         """
         A bound listener service, or a message saying why there is none.
         A wildcard IPv6 listener on a host without IPv6 is skipped with a
-        warning and no message.
+        warning and no message.  A listener that overlaps one of the other
+        origin (the map's, or one published through the control socket)
+        is refused.
+
+        @param adopted: a socket bound to the listener's address already,
+            to use instead of binding one.
+        @param published: whether the listener comes from the control
+            socket rather than the map.
         """
+        place = "" if published else f"{self.configPath}:{listener.line}: "
+        clash = self._overlapping(listener, published)
+        if clash is not None:
+            return None, (
+                f"{place}cannot listen on {listener.key} for mapping "
+                f"'{listener.mapping}': it overlaps {clash}"
+            )
         if listener.host == ANY_IPV6 and not self._ipv6Available():
             log.warn(
                 "no IPv6 on this host: skipping {key} [{mapping}]",
@@ -247,17 +290,53 @@ class ProxyService(MultiService):
         service = types[listener.proto](listener, self.reactor)
         if listener.proto == TCP:
             service.fastRelay = self.fastRelay
-        service.inheritedSocket = self.inheritedSockets.take(
-            listener, frozenset(m.name for m in self.map.mappings)
-        )
+        if adopted is None:
+            adopted = self.inheritedSockets.take(
+                listener, frozenset(m.name for m in self.map.mappings)
+            )
+        service.inheritedSocket = adopted
         try:
             service.bind()
         except CannotListenError as e:
             return None, (
-                f"{self.configPath}:{listener.line}: cannot listen on {listener.key} "
+                f"{place}cannot listen on {listener.key} "
                 f"for mapping '{listener.mapping}': {_bindProblem(e)}"
             )
         return service, None
+
+    def _overlapping(self, listener: Listener, published: bool) -> Optional[str]:
+        """
+        What C{listener} would overlap, in words: a published listener
+        may overlap nothing of the map or of the other published ones; a
+        map listener nothing published (the map checked its own).
+        """
+        proto, host, port = listener.key
+        for key in self._publishedPorts.get((proto, port), ()):
+            if overlaps(key.host, host):
+                return (
+                    f"{key}, published through the control socket as "
+                    f"'{self.listeners[key].listener.mapping}'"
+                )
+        if published:
+            for other in self._mapListeners(proto, port):
+                if overlaps(other.host, host):
+                    return (
+                        f"{other.key} of mapping '{other.mapping}' "
+                        f"({self.configPath}:{other.line})"
+                    )
+        return None
+
+    def _mapListeners(self, proto: str, port: int) -> list[Listener]:
+        """
+        The map's listeners on C{proto} and C{port}, from an index built
+        once per map.
+        """
+        if self._mapIndex[0] is not self.map:
+            index: dict[tuple[str, int], list[Listener]] = {}
+            for listener in self.map.listeners():
+                index.setdefault((listener.proto, listener.port), []).append(listener)
+            self._mapIndex = (self.map, index)
+        return self._mapIndex[1].get((proto, port), [])
 
     def _attach(self, service: ListenerService) -> None:
         self.listeners[service.listener.key] = service
@@ -309,8 +388,10 @@ class ProxyService(MultiService):
         return None
 
     def _mappingListeners(self, name: str) -> list[ListenerService]:
-        self.map.mapping(name)  # KeyError for a name the map does not have
-        return [s for s in self.listeners.values() if s.listener.mapping == name]
+        found = [s for s in self.listeners.values() if s.listener.mapping == name]
+        if not found:
+            self.map.mapping(name)  # KeyError for a name the map does not have
+        return found
 
     def disable(self, name: str) -> None:
         """
@@ -334,6 +415,94 @@ class ProxyService(MultiService):
                 failures.append(e)
         if failures:
             raise failures[0]
+
+    # -- mappings published through the control socket -----------------
+
+    def publish(
+        self, listener: Listener, lease: object, adopted: Optional[socket.socket] = None
+    ) -> None:
+        """
+        Start a listener that the map does not have, held by C{lease} (a
+        control connection) until L{unpublish}; reloads leave it alone.
+
+        @param adopted: a socket bound to its address already (the one
+            dockerd passed the shim), to use instead of binding one.
+        @raise PublishRefused: it overlaps a listener already there, or
+            cannot bind; the message says which and why.
+        """
+        service, problem = self._bindListener(listener, adopted, published=True)
+        if service is None:
+            if adopted is not None:
+                adopted.close()
+            if problem is None:
+                problem = f"cannot listen on {listener.key}: no IPv6 on this host"
+            log.warn("control: refused {listener}: {problem}", listener=listener, problem=problem)
+            raise PublishRefused(problem)
+        self.published[listener.key] = lease
+        self._publishedPorts.setdefault((listener.proto, listener.port), []).append(
+            listener.key
+        )
+        self._attach(service)
+        log.info("{listener} (published)", listener=listener)
+
+    def unpublish(self, key: ListenerKey) -> Deferred:
+        """
+        Stop a listener L{publish} started, as a reload stops a removed
+        one: UDP sessions end, TCP connections run on until they close.
+        """
+        del self.published[key]
+        keys = self._publishedPorts[(key.proto, key.port)]
+        keys.remove(key)
+        if not keys:
+            del self._publishedPorts[(key.proto, key.port)]
+        service = self.listeners[key]
+        log.info("{listener} (unpublished)", listener=service.listener)
+        return maybeDeferred(self._detach, service)
+
+    def _attachControl(self, settings) -> None:
+        controlType = self._controlType
+        if controlType is None:
+            from twistedproxy.control import ControlService as controlType
+        control = controlType(settings, self, self.reactor)
+        control.bind()
+        self.control = control
+        control.setServiceParent(self)
+
+    def _controlProblem(self, settings, error: Exception) -> str:
+        return (
+            f"{self.configPath}:{settings.line}: cannot listen on the control "
+            f"socket {settings.socket}: {_bindProblem(error)}"
+        )
+
+    def _reloadControl(self, settings) -> list[str]:
+        """
+        Bring the control socket in line with the map's C{control}
+        section: a new path or mode is a new socket (connections on the
+        old one keep their mappings); no section closes the socket and
+        every connection, whose mappings then end.
+
+        @return: the problems, as the reload summary lists them.
+        """
+        old = self.control
+        if old is not None and old.settings == settings:
+            return []
+        if old is not None:
+            self.control = None
+            old.disownServiceParent()
+            if settings is None:
+                old.dropConnections()
+                log.info("control socket {path} closed", path=old.settings.socket)
+        if settings is None:
+            return []
+        try:
+            self._attachControl(settings)
+        except CannotListenError as e:
+            problem = self._controlProblem(settings, e)
+            log.error("{problem}", problem=problem)
+            return [problem]
+        log.info("control socket on {path}", path=settings.socket)
+        return []
+
 
     # -- the manhole and the HTTP endpoint -------------------------------
 
@@ -492,6 +661,7 @@ class ProxyService(MultiService):
         if plan.http is not None and self.http is None:
             self._reattachSection("http", plan.http, failed)
         useLogFormat(newMap.logFormat)
+        failed += self._reloadControl(newMap.control)
 
         self.map = newMap
         unchanged = len(plan.kept) - sum(1 for l in retry if l in plan.kept)
