@@ -16,6 +16,7 @@ import struct
 import threading
 import time
 
+import pytest
 
 from support import TCPEchoServer, exchange, freePort, readAll, rssKiB
 
@@ -245,6 +246,28 @@ def test_targetDown(proxy):
             r"connect failed: connection refused"
         )
         assert exchange(up, b"still here") == b"still here"
+
+
+@pytest.mark.parametrize("targetHost", ["127.0.0.1", "localhost"])
+@pytest.mark.parametrize("request_", [b"", b"GET / HTTP/1.0\r\n\r\n" * 100])
+def test_refusedTargetEndsClientWithFin(proxy, targetHost, request_):
+    """
+    A refused target ends the client's connection with a clean end of
+    stream (a FIN, as docker-proxy), never a reset: for an address and a
+    host-name target, whether or not the client sent data first.
+    """
+    port, deadPort = freePort(), freePort()
+    proxy.start(proxyMap(mapping("down", f"127.0.0.1:{port}", f"{targetHost}:{deadPort}")))
+    for _ in range(5):
+        with connect(port) as conn:
+            if request_:
+                conn.sendall(request_)
+            assert conn.recv(100) == b""
+            # The client finishes after reading the end of stream, as
+            # redis-cli and curl do; no reset comes then either.
+            conn.shutdown(socket.SHUT_WR)
+            assert conn.recv(100) == b""
+    proxy.waitFor(r"connect failed: connection refused")
 
 
 def test_connectTimeout(proxy):

@@ -31,6 +31,7 @@ from twisted.internet.error import (
 )
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
+    IReadDescriptor,
     IResolutionReceiver,
     IWriteDescriptor,
 )
@@ -39,7 +40,7 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twistedproxy.fastrelay import EngineFlow, HandedOff, acceptClient
+from twistedproxy.fastrelay import EngineFlow, HandedOff, acceptClient, releaseTransport
 from twistedproxy.listener import (
     IFlow,
     ListenerService,
@@ -64,6 +65,13 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 #: TCP states (C{tcpi_state}, the first byte of C{TCP_INFO}; Linux).
 _TCP_SYN_SENT = 2
 _TCP_CLOSE = 7
+
+#: A client whose target cannot be reached gets a FIN at once; what it
+#: sends then is read and dropped until it closes too, for at most this
+#: many seconds and bytes, because closing a socket with unread data makes
+#: Linux send a reset instead of (or right after) the FIN.
+FAREWELL_SECONDS = 2.0
+FAREWELL_BYTES = 1 << 20
 
 #: accept() errors that concern one client only: take the next.
 _ACCEPT_AGAIN = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR)
@@ -119,6 +127,93 @@ def connectFailureText(reason: Failure) -> str:
         if isinstance(words, str) and words:
             return words[0].lower() + words[1:]
     return reason.getErrorMessage()
+
+
+@implementer(IReadDescriptor)
+class ClosingClient:
+    """
+    A client the proxy could not serve (its target refused, timed out or
+    has no address), ended the same way on every path: a FIN at once
+    (C{shutdown(SHUT_WR)}, so the client reads a clean end of stream, as
+    from docker-proxy), then whatever the client sent or still sends read
+    and dropped until it closes its end, L{FAREWELL_SECONDS} pass or
+    L{FAREWELL_BYTES} were dropped, and the socket closed.
+    """
+
+    def __init__(self, fd: int, reactor) -> None:
+        self._socket = socket.socket(fileno=fd)
+        self._socket.setblocking(False)
+        self.reactor = reactor
+        self._left = FAREWELL_BYTES
+        self._timer = None
+
+    @classmethod
+    def takeOver(cls, transport, reactor) -> None:
+        """
+        End the client of a Twisted TCP C{transport} this way; its protocol
+        sees L{HandedOff}.  Without a descriptor to spare the transport is
+        closed as it is.
+        """
+        try:
+            fd = os.dup(transport.fileno())
+        except OSError:
+            transport.loseConnection()
+            return
+        releaseTransport(transport)
+        cls(fd, reactor).start()
+
+    def start(self) -> None:
+        try:
+            self._socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close()
+            return
+        if self._dropInput():
+            self._close()
+            return
+        self.reactor.addReader(self)
+        self._timer = self.reactor.callLater(FAREWELL_SECONDS, self._close)
+
+    def _dropInput(self) -> bool:
+        """
+        Read and drop what the client sent; C{True} once it is done
+        (closed, failed, or sent too much).
+        """
+        while True:
+            try:
+                data = self._socket.recv(65536)
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
+            if not data:
+                return True
+            self._left -= len(data)
+            if self._left <= 0:
+                return True
+
+    def _close(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if self._socket.fileno() >= 0:
+            self.reactor.removeReader(self)
+            self._socket.close()
+
+    # -- IReadDescriptor ------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self._socket.fileno()
+
+    def doRead(self) -> None:
+        if self._dropInput():
+            self._close()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._close()
+
+    def logPrefix(self) -> str:
+        return "portproxy"
 
 
 class ListeningPort(tcp.Port):
@@ -582,7 +677,9 @@ class Relay(Protocol):
     def _connectGaveUp(self, why: str) -> None:
         self._because(f"connect failed: {why}")
         self._stopDialing()
-        self.transport.abortConnection()
+        self._clientOpen = False
+        ClosingClient.takeOver(self.transport, self.reactor)
+        self._maybeEnded()
 
     def _stopDialing(self) -> None:
         self._dialing = False
@@ -848,7 +945,10 @@ class Dial(EngineFlow):
         self._fail(f"timed out after {self.listener.timeouts.connect:g}s")
 
     def _fail(self, why: str) -> None:
+        clientFd, self._clientFd = self._clientFd, -1
         self._end(f"connect failed: {why}")
+        if clientFd >= 0:
+            ClosingClient(clientFd, self.service.reactor).start()
 
     def close(self, reason: str) -> None:
         """
