@@ -315,3 +315,18 @@ class UDPEchoServer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+#: Where tests keep manhole key files: the manhole trusts a key file only
+#: when no directory above it is writable by others (so not under /tmp).
+TRUSTED_BASE = "/run"
+
+
+def trustedDirectory() -> Path:
+    """
+    A new empty directory, mode 0700, that the manhole's strict key-file
+    checks trust: root-owned parents, none writable by group or others.
+    """
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="portproxy-test-", dir=TRUSTED_BASE))

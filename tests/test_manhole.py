@@ -4,6 +4,7 @@ key, the service's socket, and the shell, with Twisted's fakes.
 """
 
 import os
+import pwd
 import stat
 
 import pytest
@@ -21,6 +22,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
+from support import trustedDirectory
 from test_admin import FakeProxy, exampleMap
 from twistedproxy.manhole import (
     AuthorizedKeys,
@@ -36,6 +38,19 @@ from twistedproxy.manhole import (
     manholePortal,
 )
 from twistedproxy.model import Manhole
+
+
+@pytest.fixture
+def tmp_path():
+    """
+    This module's files live where the manhole trusts key files (pytest's
+    own tmp_path is under the world-writable /tmp, which it refuses).
+    """
+    import shutil
+
+    path = trustedDirectory()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def newKey():
@@ -179,8 +194,97 @@ def test_authorizedKeysWritableByOthersLetsNoKeyIn(keyFile, mode):
         authorized.read()
     assert authorized.getAuthorizedKeys(b"root") == []
     assert any(
-        f"lets other users add keys; run chmod go-w {keyFile}" in m for m in messages(events)
+        f"authorized keys {keyFile}: the file has mode {mode:04o} (writable by group "
+        "or others)" in m and "no key can log in" in m
+        for m in messages(events)
     )
+
+
+NOBODY = pwd.getpwnam("nobody").pw_uid
+
+
+def test_authorizedKeysOwnedByAnotherUserLetsNoKeyIn(keyFile):
+    """
+    An authorized_keys owned by another user (nobody), even mode 0644, is
+    refused, and the log names the file and its owner.
+    """
+    keyFile.write_bytes(publicLine(newKey()))
+    os.chown(keyFile, NOBODY, -1)
+    authorized = AuthorizedKeys(str(keyFile))
+    with capturedLogs() as events:
+        authorized.read()
+    assert authorized.getAuthorizedKeys(b"root") == []
+    assert any(
+        f"authorized keys {keyFile}: the file is owned by nobody (uid {NOBODY})" in m
+        for m in messages(events)
+    )
+
+
+@pytest.mark.parametrize(
+    "mode, owner",
+    [(0o777, 0), (0o1777, 0), (0o775, 0), (0o755, NOBODY)],
+    ids=["world-writable", "sticky-world-writable", "group-writable", "owned-by-nobody"],
+)
+def test_authorizedKeysInAnUntrustedDirectoryLetsNoKeyIn(tmp_path, mode, owner):
+    """
+    An authorized_keys whose directory, or any directory above it, another
+    user could write to or owns is refused as sshd's StrictModes refuses
+    it, a sticky world-writable directory included; the log names the
+    directory, its mode or owner.
+    """
+    outer = tmp_path / "outer"
+    inner = outer / "inner"
+    inner.mkdir(parents=True)
+    path = inner / "authorized_keys"
+    path.write_bytes(publicLine(newKey()))
+    path.chmod(0o600)
+    outer.chmod(mode)
+    os.chown(outer, owner, -1)
+    authorized = AuthorizedKeys(str(path))
+    with capturedLogs() as events:
+        authorized.read()
+    assert authorized.getAuthorizedKeys(b"root") == []
+    problem = f"has mode {mode:04o}" if owner == 0 else f"is owned by nobody (uid {NOBODY})"
+    assert any(f"directory {outer} {problem}" in m for m in messages(events)), messages(events)
+
+
+def test_authorizedKeysFixedThenReadAgainLetsKeysIn(tmp_path):
+    """
+    Fixing the directory's mode and reading the file again (as a reload
+    does) lets the keys in; a symbolic link is judged by its real path.
+    """
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    path = shared / "authorized_keys"
+    path.write_bytes(publicLine(newKey()))
+    link = tmp_path / "keys-link"
+    link.symlink_to(path)
+    authorized = AuthorizedKeys(str(link))
+    authorized.read()
+    assert authorized.getAuthorizedKeys(b"root") == []
+    shared.chmod(0o755)
+    authorized.read()
+    assert len(authorized.getAuthorizedKeys(b"root")) == 1
+
+
+def test_hostKeyOwnedByAnotherUserOrInAnUntrustedDirectoryIsRefused(tmp_path):
+    """
+    The host key is refused when another user owns it or could write to
+    a directory above it, and is not created in such a directory.
+    """
+    path = tmp_path / "ssh_host_key"
+    loadHostKey(str(path))
+    os.chown(path, NOBODY, -1)
+    with pytest.raises(HostKeyError, match=r"the file is owned by nobody"):
+        loadHostKey(str(path))
+    os.chown(path, 0, -1)
+    tmp_path.chmod(0o1777)
+    with pytest.raises(HostKeyError, match=rf"directory {tmp_path} has mode 1777"):
+        loadHostKey(str(path))
+    with pytest.raises(HostKeyError, match=rf"directory {tmp_path} has mode 1777"):
+        loadHostKey(str(tmp_path / "new_host_key"))
+    assert not (tmp_path / "new_host_key").exists()
 
 
 def test_authorizedKeysLinesThatAreNotPlainKeys(keyFile):

@@ -11,9 +11,14 @@ Safety rules, because this is a shell running as the proxy's user:
   - The host key file is created with mode 0600 and refused when other
     users may read or write it (like sshd does), so nobody else can pose as
     the manhole.
-  - The C{authorized_keys} file is refused (no key is let in) when other
-    users may write to it, when it is missing or unreadable; the reason is
-    logged and fixing the file then reloading recovers.  Key options
+  - Both files are trusted only as sshd's C{StrictModes} trusts a user's
+    C{authorized_keys} (L{checkTrusted}): the file and every directory
+    above it up to C{/} owned by root or the proxy's effective user and not
+    writable by group or others, with no exception for sticky directories
+    such as C{/tmp}.
+  - The C{authorized_keys} file is refused (no key is let in) when it is
+    not trusted so, missing or unreadable; the reason is logged and fixing
+    the file then reloading recovers.  Key options
     (C{from=}, C{command=}...) are refused line by line rather than ignored,
     since ignoring a C{from=} would let in more than the operator wrote.
   - Only current algorithms are offered: curve25519 / ECDH key exchange,
@@ -24,6 +29,7 @@ Safety rules, because this is a shell running as the proxy's user:
 from __future__ import annotations
 
 import os
+import pwd
 import stat
 from functools import partial
 
@@ -80,6 +86,81 @@ SHA1_SIGNATURES = (b"ssh-rsa", b"ssh-dss")
 LOGIN_GRACE = 120
 
 
+class UntrustedFile(Exception):
+    """
+    A key file that other users could have written; the message says which
+    file or directory, its owner and its mode.
+    """
+
+
+def _ownerName(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _untrustedBy(st: os.stat_result, uid: int) -> str | None:
+    """
+    What makes C{st} untrusted for a process of effective user C{uid}, or
+    L{None}.
+    """
+    if st.st_uid not in (0, uid):
+        return f"is owned by {_ownerName(st.st_uid)}"
+    if st.st_mode & 0o022:
+        return f"has mode {stat.S_IMODE(st.st_mode):04o} (writable by group or others)"
+    return None
+
+
+def checkTrusted(what: str, path: str, fileStat: os.stat_result | None = None) -> None:
+    """
+    Refuse a key file that someone other than root and this process's
+    effective user could have written, as sshd's C{StrictModes} does
+    (OpenSSH's C{safe_path()}): the file must be a regular file, and it and
+    every directory of its real path up to C{/} owned by root or the
+    effective user and not writable by group or others.  Unlike sshd
+    (which stops at the user's home directory) the walk always goes to
+    C{/}; like sshd, a sticky world-writable directory (C{/tmp}) is refused
+    too: anyone may create the name there first.
+
+    @param what: how messages name the file (C{"authorized keys"}).
+    @param fileStat: the file's C{fstat}, when it is open already (so the
+        file checked is the file read); otherwise it is C{stat}ed.
+    @raise UntrustedFile: the first thing that is not trusted.
+    """
+    uid = os.geteuid()
+    st = os.stat(os.path.realpath(path)) if fileStat is None else fileStat
+    if not stat.S_ISREG(st.st_mode):
+        raise UntrustedFile(f"{what} {path}: not a regular file")
+    problem = _untrustedBy(st, uid)
+    if problem:
+        raise UntrustedFile(
+            f"{what} {path}: the file {problem}; it must be owned by root or "
+            f"{_ownerName(uid)} and not writable by group or others"
+        )
+    checkDirectories(what, path)
+
+
+def checkDirectories(what: str, path: str) -> None:
+    """
+    The directory half of L{checkTrusted}: every directory above C{path}'s
+    real path, up to C{/}.
+
+    @raise UntrustedFile: the first directory that is not trusted.
+    """
+    uid = os.geteuid()
+    directory = os.path.realpath(path)
+    while directory != "/":
+        directory = os.path.dirname(directory)
+        problem = _untrustedBy(os.stat(directory), uid)
+        if problem:
+            raise UntrustedFile(
+                f"{what} {path}: directory {directory} {problem}; every "
+                f"directory above the file must be owned by root or "
+                f"{_ownerName(uid)} and not writable by group or others"
+            )
+
+
 class HostKeyError(Exception):
     """
     The host key file cannot be used; the message says why and where.
@@ -110,7 +191,12 @@ def loadHostKey(path: str) -> keys.Key:
     except OSError as e:
         raise HostKeyError(f"host key {path}: {e.strerror}") from None
     with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(f.fileno()).st_mode
+        fileStat = os.fstat(f.fileno())
+        try:
+            checkTrusted("host key", path, fileStat)
+        except (UntrustedFile, OSError) as e:
+            raise HostKeyError(str(e)) from None
+        mode = fileStat.st_mode
         if mode & 0o077:
             raise HostKeyError(
                 f"host key {path}: mode {stat.S_IMODE(mode):04o} lets other "
@@ -138,6 +224,10 @@ def _createHostKey(path: str) -> keys.Key:
             f"host key {path}: directory {directory} does not exist; "
             "create it so the key can be kept there"
         )
+    try:
+        checkDirectories("host key", path)
+    except UntrustedFile as e:
+        raise HostKeyError(str(e)) from None
     key = keys.Key(ed25519.Ed25519PrivateKey.generate())
     try:
         # O_EXCL: never write through a file or link someone put there since.
@@ -173,7 +263,8 @@ class AuthorizedKeys:
     def read(self) -> None:
         """
         Read the file again.  A file that is missing, unreadable or
-        writable by other users lets no key in; a line that is not a plain
+        that other users could have written (L{checkTrusted}) lets no key
+        in; a line that is not a plain
         public key is skipped.  Either is logged with its place.
         """
         try:
@@ -186,7 +277,7 @@ class AuthorizedKeys:
                 reason=e.strerror,
             )
             found = ()
-        except _UnsafeFile as e:
+        except UntrustedFile as e:
             log.error("manhole: {reason}; no key can log in", reason=str(e))
             found = ()
         self.keys = found
@@ -198,13 +289,7 @@ class AuthorizedKeys:
 
     def _parse(self):
         with open(self.path, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            if mode & 0o022:
-                raise _UnsafeFile(
-                    f"authorized keys {self.path}: mode "
-                    f"{stat.S_IMODE(mode):04o} lets other users add keys; "
-                    f"run chmod go-w {self.path}"
-                )
+            checkTrusted("authorized keys", self.path, os.fstat(f.fileno()))
             lines = f.read().splitlines()
         for number, line in enumerate(lines, 1):
             line = line.strip()
@@ -241,10 +326,6 @@ class AuthorizedKeys:
             if listed == key and comment:
                 return f"{fingerprint(key)} ({comment})"
         return fingerprint(key)
-
-
-class _UnsafeFile(Exception):
-    pass
 
 
 class ManholeKeyChecker(SSHPublicKeyChecker):
