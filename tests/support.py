@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import pytest
+
 import twistedproxy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -330,3 +332,17 @@ def trustedDirectory() -> Path:
     import tempfile
 
     return Path(tempfile.mkdtemp(prefix="portproxy-test-", dir=TRUSTED_BASE))
+
+
+@pytest.fixture(name="tmp_path")
+def trustedTmpPath():
+    """
+    Imported by a test module, its C{tmp_path}: a L{trustedDirectory}
+    (pytest's own is under the world-writable /tmp, which the manhole
+    refuses), removed after the test.
+    """
+    import shutil
+
+    path = trustedDirectory()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -22,7 +22,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
-from support import trustedDirectory
+from support import trustedTmpPath  # noqa: F401 (this module's tmp_path)
 from test_admin import FakeProxy, exampleMap
 from twistedproxy.manhole import (
     AuthorizedKeys,
@@ -39,18 +39,6 @@ from twistedproxy.manhole import (
 )
 from twistedproxy.model import Manhole
 
-
-@pytest.fixture
-def tmp_path():
-    """
-    This module's files live where the manhole trusts key files (pytest's
-    own tmp_path is under the world-writable /tmp, which it refuses).
-    """
-    import shutil
-
-    path = trustedDirectory()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def newKey():

@@ -14,23 +14,11 @@ import time
 
 import pytest
 
-from support import TCPEchoServer, UDPEchoServer, freePort, roundTrip, trustedDirectory
+from support import TCPEchoServer, UDPEchoServer, freePort, roundTrip, trustedTmpPath  # noqa: F401 (this module's tmp_path)
 
 #: Terminal control sequences the manhole draws its line editing with.
 _CONTROL = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[A-Za-z]|\r")
 
-
-@pytest.fixture
-def tmp_path():
-    """
-    This module's files live where the manhole trusts key files (pytest's
-    own tmp_path is under the world-writable /tmp, which it refuses).
-    """
-    import shutil
-
-    path = trustedDirectory()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def sshKeygen(path, *keyType):
