@@ -12,7 +12,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from twisted.conch.insults.insults import ServerProtocol
 from twisted.conch.ssh import keys
 from twisted.conch.ssh.common import NS
+from twisted.conch.ssh.service import SSHService
 from twisted.conch.ssh.transport import MSG_EXT_INFO
+from twisted.internet.address import IPv4Address
 from twisted.cred.credentials import ISSHPrivateKey, SSHPrivateKey
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
@@ -37,6 +39,7 @@ from twistedproxy.manhole import (
     loadHostKey,
     manholePortal,
 )
+from twistedproxy.listener import Notices
 from twistedproxy.model import Manhole
 
 
@@ -143,15 +146,105 @@ def test_onlyPublicKeyAuthenticationIsOffered(tmp_path, keyFile):
     portal = manholePortal(object(), authorized)
     assert portal.listCredentialsInterfaces() == [ISSHPrivateKey]
     clock = Clock()
-    factory = ManholeFactory(portal, newKey(), clock)
+    factory = ManholeFactory(portal, newKey(), clock, noticesOn(clock))
     transport = factory.buildProtocol(None)
     transport.isEncrypted = lambda direction: True
     server = factory.getService(transport, b"ssh-userauth")()
     server.transport = transport
     server.serviceStarted()
     assert server.supportedAuthentications == [b"publickey"]
-    assert [call.getTime() for call in clock.getDelayedCalls()] == [120]
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [30]
     server.serviceStopped()
+
+
+def noticesOn(clock) -> Notices:
+    notices = Notices()
+    notices.reactor = clock
+    return notices
+
+
+def limitedFactory(clock, grace=30.0, startups=10) -> ManholeFactory:
+    factory = ManholeFactory(
+        manholePortal(object(), AuthorizedKeys("x")), newKey(), clock, noticesOn(clock)
+    )
+    factory.useLimits(Manhole("127.0.0.1", 2222, "k", "h", False, grace, startups))
+    return factory
+
+
+def accepted(factory, port=50000):
+    """
+    A manhole connection accepted from 127.0.0.1:C{port}, or L{None} when
+    the factory refused it; and its transport.
+    """
+    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
+    if protocol is None:
+        return None, None
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+class ConnectionService(SSHService):
+    name = b"ssh-connection"
+
+
+def test_connectionNotAuthenticatedInTimeIsClosed():
+    """
+    A connection that has not authenticated login_grace_time after its
+    accept is closed, whether or not it sent anything, and that is logged.
+    """
+    clock = Clock()
+    factory = limitedFactory(clock, grace=5)
+    protocol, transport = accepted(factory)
+    clock.advance(4.9)
+    assert not transport.disconnecting
+    with capturedLogs() as events:
+        clock.advance(0.1)
+    assert transport.disconnecting
+    assert any(
+        "manhole: closed a connection from 127.0.0.1: not authenticated within "
+        "login_grace_time 5s" in m
+        for m in messages(events)
+    )
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert factory.unauthenticated == set() and clock.getDelayedCalls() == []
+
+
+def test_authenticatedConnectionOutlivesTheGraceTime():
+    """
+    Once a connection has authenticated (its ssh-connection service
+    starts) the grace timer is gone and it no longer counts against
+    max_startups.
+    """
+    clock = Clock()
+    factory = limitedFactory(clock, grace=5, startups=1)
+    protocol, transport = accepted(factory)
+    protocol.setService(ConnectionService())
+    clock.advance(60)
+    assert not transport.disconnecting
+    assert factory.unauthenticated == set()
+    assert accepted(factory, 50001)[0] is not None
+
+
+def test_maxStartupsClosesFurtherConnectionsAtOnce():
+    """
+    While max_startups connections have not authenticated, further ones are
+    refused at accept, counted, and logged at most once a second with the
+    number left out; a closed one makes room again.
+    """
+    clock = Clock()
+    factory = limitedFactory(clock, startups=3)
+    first = [accepted(factory, 50000 + i)[0] for i in range(3)]
+    with capturedLogs() as events:
+        refused = [accepted(factory, 51000 + i)[0] for i in range(20)]
+        clock.advance(1)
+        accepted(factory, 52000)
+    assert refused == [None] * 20 and factory.refusedStartups == 21
+    lines = [m for m in messages(events) if "max_startups" in m]
+    assert len(lines) == 2, lines
+    assert lines[1].endswith("(and 19 more not logged)")
+    first[0].connectionLost(Failure(ConnectionDone()))
+    assert accepted(factory, 53000)[0] is not None
 
 
 def test_missingAuthorizedKeysLetsNoKeyIn(tmp_path):
@@ -479,7 +572,10 @@ def test_serverSigAlgsListsRSASHA2():
     so OpenSSH offers RSA and Ed25519 user keys, even with an Ed25519 host
     key.
     """
-    factory = ManholeFactory(manholePortal(object(), AuthorizedKeys("x")), newKey(), Clock())
+    clock = Clock()
+    factory = ManholeFactory(
+        manholePortal(object(), AuthorizedKeys("x")), newKey(), clock, noticesOn(clock)
+    )
     transport = factory.buildProtocol(None)
     assert transport.supportedPublicKeys == [b"ssh-ed25519"]
     sent = []

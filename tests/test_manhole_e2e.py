@@ -428,3 +428,38 @@ def test_udpSessionsShownDisabledAndKilled(proxy, tmp_path, keys, session):
             assert f"closed {flowId}: udp dns {client} -> 127.0.0.1:{echo.port}" in out
             line = proxy.waitFor(r"udp dns [^\n]*killed from the manhole").group(0)
             assert "in=10 out=10" in line
+
+
+def test_preAuthenticationLimits(proxy, tmp_path, keys, session):
+    """
+    Raw TCP connections that never authenticate are closed after
+    login_grace_time (silent ones and ones that sent their SSH version
+    alike); while max_startups of them are open a further one is closed at
+    once; an operator who logs in is not cut by the grace time.
+    """
+    manholePort = freePort()
+    proxy.start(
+        proxyMap(tmp_path, manholePort)
+        + "  login_grace_time: 2s\n  max_startups: 3\n"
+    )
+    shell = session(manholePort)
+    waiting = [socket.create_connection(("127.0.0.1", manholePort), timeout=10) for _ in range(3)]
+    waiting[0].sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+    try:
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", manholePort), timeout=10) as extra:
+            assert extra.recv(100) == b""
+        assert time.monotonic() - started < 1
+        proxy.waitFor(r"closed a connection from 127\.0\.0\.1: 3 connections have not authenticated")
+        for conn in waiting:
+            data = b""
+            while chunk := conn.recv(4096):
+                data += chunk
+            # Only the server's version line (and key exchange) came.
+            assert data == b"" or data.startswith(b"SSH-2.0-")
+        assert 1.5 < time.monotonic() - started < 6
+        proxy.waitFor(r"not authenticated within login_grace_time 2s")
+    finally:
+        for conn in waiting:
+            conn.close()
+    assert "\n2\n" in shell.run("1+1")

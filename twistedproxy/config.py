@@ -41,7 +41,9 @@ from twistedproxy.model import (
 TOP_KEYS = ("defaults", "mappings", "manhole")
 SETTING_KEYS = ("connect_timeout", "idle_timeout", "udp_timeout", "max_connections")
 MAPPING_KEYS = ("name", "proto", "listen", "target") + SETTING_KEYS
-MANHOLE_KEYS = ("listen", "authorized_keys", "host_key", "allow_remote")
+MANHOLE_KEYS = (
+    "listen", "authorized_keys", "host_key", "allow_remote", "login_grace_time", "max_startups",
+)
 
 #: Where the manhole listens when its C{listen} gives only a port.
 MANHOLE_HOST = "127.0.0.1"
@@ -841,6 +843,14 @@ class _MapReader:
                         os.path.join(os.path.dirname(self.path), value)
                     )
 
+        limits = {}
+        if "login_grace_time" in keys:
+            limits["loginGraceTime"] = self.duration(
+                keys["login_grace_time"][1], "manhole.login_grace_time", True
+            )
+        if "max_startups" in keys:
+            limits["maxStartups"] = self.count(keys["max_startups"][1], "manhole.max_startups")
+
         if len(self.errors) != errorsBefore:
             return None
         return Manhole(
@@ -850,6 +860,7 @@ class _MapReader:
             hostKey=paths["host_key"],
             allowRemote=allowRemote,
             line=_line(keyNode),
+            **limits,
         )
 
 

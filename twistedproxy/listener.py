@@ -129,7 +129,43 @@ class Counters:
         self.bytesOut = 0
 
 
-class ListenerService(Service):
+#: Messages that a flood could repeat (rejections, failed sessions, a
+#: full descriptor table) are logged at most once per this many seconds
+#: per listener.
+NOTICE_INTERVAL = 1.0
+
+
+class Notices:
+    """
+    Rate-limited log lines, for messages that a flood could repeat: one
+    per C{kind} per L{NOTICE_INTERVAL}.  The class using it has a
+    C{reactor}.
+    """
+
+    reactor: object
+
+    def __init__(self) -> None:
+        self._noticed: dict[str, float] = {}
+        self._unnoticed: dict[str, int] = {}
+
+    def notice(self, kind: str, format: str, **kw) -> None:
+        """
+        Log C{format} unless a message of the same C{kind} was logged less
+        than L{NOTICE_INTERVAL} ago; the next one logged says how many were
+        left out meanwhile.
+        """
+        now = self.reactor.seconds()
+        if now < self._noticed.get(kind, float("-inf")) + NOTICE_INTERVAL:
+            self._unnoticed[kind] = self._unnoticed.get(kind, 0) + 1
+            return
+        self._noticed[kind] = now
+        unnoticed = self._unnoticed.pop(kind, 0)
+        if unnoticed:
+            format += " (and {unnoticed} more not logged)"
+        log.info(format, unnoticed=unnoticed, **kw)
+
+
+class ListenerService(Service, Notices):
     """
     One listening socket of the map, as a named child service of the root.
 
@@ -145,6 +181,7 @@ class ListenerService(Service):
     proto: str
 
     def __init__(self, listener: Listener, reactor) -> None:
+        Notices.__init__(self)
         self.listener = listener
         self.name = str(listener.key)
         self.reactor = reactor

@@ -55,6 +55,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twistedproxy import admin
+from twistedproxy.listener import Notices
 from twistedproxy.model import Manhole
 
 log = Logger(namespace="portproxy")
@@ -81,9 +82,6 @@ KEY_TYPE_PREFIXES = (b"ssh-", b"ecdsa-", b"sk-")
 #: User key signatures refused, as OpenSSH 8.8 and later refuse them: RSA
 #: with SHA-1, and DSA.
 SHA1_SIGNATURES = (b"ssh-rsa", b"ssh-dss")
-
-#: Seconds a client has to authenticate, as sshd's C{LoginGraceTime}.
-LOGIN_GRACE = 120
 
 
 class UntrustedFile(Exception):
@@ -502,30 +500,78 @@ class ManholeTransport(SSHServerTransport):
             return
         SSHServerTransport.receiveError(self, reasonCode, description)
 
+    #: Closes the connection when it has not authenticated in time.
+    _graceTimer = None
+
+    def connectionMade(self) -> None:
+        SSHServerTransport.connectionMade(self)
+        self._graceTimer = self.factory.reactor.callLater(
+            self.factory.loginGraceTime, self._graceExpired
+        )
+
+    def setService(self, service) -> None:
+        SSHServerTransport.setService(self, service)
+        # ssh-connection is only started once the user has authenticated.
+        if service.name == b"ssh-connection":
+            self._cancelGrace()
+            self.factory.authenticated(self)
+
+    def _graceExpired(self) -> None:
+        self._graceTimer = None
+        self.factory.graceExpired(self)
+        self.transport.loseConnection()
+
+    def _cancelGrace(self) -> None:
+        timer, self._graceTimer = self._graceTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
     def connectionLost(self, reason) -> None:
+        self._cancelGrace()
         SSHServerTransport.connectionLost(self, reason)
         self.factory.sessions.discard(self)
+        self.factory.unauthenticated.discard(self)
 
 
 
 class ManholeFactory(SSHFactory):
     """
     Builds L{ManholeTransport}s with one host key, and keeps them so the
-    manhole can close them when it stops.
+    manhole can close them when it stops; applies the pre-authentication
+    limits, as sshd's C{LoginGraceTime} and C{MaxStartups} (without the
+    random early drop): a connection that has not authenticated
+    L{loginGraceTime} seconds after its accept is closed, and while
+    L{maxStartups} connections are unauthenticated a new one is closed at
+    accept (counted in L{refusedStartups}, logged at a bounded rate).
 
     @ivar sessions: the open SSH connections.
+    @ivar unauthenticated: the connections that have not authenticated yet.
     """
+
+    loginGraceTime = 30.0
+    maxStartups = 10
 
     # The offered key exchanges use no Diffie-Hellman group file.
     primes = None
     # ManholeService logs the one line that matters.
     noisy = False
 
-    def __init__(self, portal: Portal, hostKey: keys.Key, reactor) -> None:
+    def __init__(self, portal: Portal, hostKey: keys.Key, reactor, notices) -> None:
         self.portal = portal
         self.reactor = reactor
+        self.notices = notices
         self.sessions: set[ManholeTransport] = set()
+        self.unauthenticated: set[ManholeTransport] = set()
+        self.refusedStartups = 0
         self.useHostKey(hostKey)
+
+    def useLimits(self, settings: Manhole) -> None:
+        """
+        Apply C{settings}' pre-authentication limits to connections
+        accepted from now on.
+        """
+        self.loginGraceTime = settings.loginGraceTime
+        self.maxStartups = settings.maxStartups
 
     def useHostKey(self, hostKey: keys.Key) -> None:
         """
@@ -535,12 +581,37 @@ class ManholeFactory(SSHFactory):
         self.privateKeys = {hostKey.sshType(): hostKey}
         self.publicKeys = {hostKey.sshType(): hostKey.public()}
 
-    def buildProtocol(self, addr) -> ManholeTransport:
+    def buildProtocol(self, addr) -> ManholeTransport | None:
+        if self.maxStartups and len(self.unauthenticated) >= self.maxStartups:
+            # None: Twisted closes the accepted socket at once.
+            self.refusedStartups += 1
+            self.notices.notice(
+                "startups",
+                "manhole: closed a connection from {client}: {count} connections "
+                "have not authenticated yet (max_startups); {refused} closed so far",
+                client=addr.host,
+                count=len(self.unauthenticated),
+                refused=self.refusedStartups,
+            )
+            return None
         transport = ManholeTransport()
         transport.factory = self
         transport.supportedPublicKeys = self.hostKey.supportedSignatureAlgorithms()
         self.sessions.add(transport)
+        self.unauthenticated.add(transport)
         return transport
+
+    def authenticated(self, transport: ManholeTransport) -> None:
+        self.unauthenticated.discard(transport)
+
+    def graceExpired(self, transport: ManholeTransport) -> None:
+        self.notices.notice(
+            "grace",
+            "manhole: closed a connection from {client}: not authenticated within "
+            "login_grace_time {grace:g}s",
+            client=transport.transport.getPeer().host,
+            grace=self.loginGraceTime,
+        )
 
     def getService(self, transport, service):
         serviceClass = SSHFactory.getService(self, transport, service)
@@ -551,7 +622,8 @@ class ManholeFactory(SSHFactory):
     def _userAuth(self) -> userauth.SSHUserAuthServer:
         server = userauth.SSHUserAuthServer()
         server.clock = self.reactor
-        server.loginTimeout = LOGIN_GRACE
+        # The grace timer from accept ends the connection first.
+        server.loginTimeout = self.loginGraceTime
         return server
 
     def dropSessions(self) -> None:
@@ -573,7 +645,7 @@ def manholePortal(proxy, authorizedKeys: AuthorizedKeys) -> Portal:
     return Portal(realm, [ManholeKeyChecker(authorizedKeys)])
 
 
-class ManholeService(Service):
+class ManholeService(Service, Notices):
     """
     The manhole's listening socket, as the root service's child named
     C{"manhole"}.
@@ -584,6 +656,7 @@ class ManholeService(Service):
     name = "manhole"
 
     def __init__(self, settings: Manhole, proxy, reactor) -> None:
+        Notices.__init__(self)
         self.settings = settings
         self.proxy = proxy
         self.reactor = reactor
@@ -610,8 +683,9 @@ class ManholeService(Service):
         self._hostKeyPath = self.settings.hostKey
         self.authorizedKeys.read()
         self.factory = ManholeFactory(
-            manholePortal(self.proxy, self.authorizedKeys), hostKey, self.reactor
+            manholePortal(self.proxy, self.authorizedKeys), hostKey, self.reactor, self
         )
+        self.factory.useLimits(self.settings)
         self._port = self.reactor.listenTCP(
             self.settings.port, self.factory, interface=self.settings.host
         )
@@ -647,6 +721,8 @@ class ManholeService(Service):
         self.settings = settings
         self.authorizedKeys.path = settings.authorizedKeys
         self.authorizedKeys.read()
+        if self.factory is not None:
+            self.factory.useLimits(settings)
         if self.factory is None or settings.hostKey == self._hostKeyPath:
             return
         try:

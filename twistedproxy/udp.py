@@ -78,10 +78,6 @@ RESOLVING_QUEUE = 8
 SWEEP_GAP = 1.0
 SWEEP_FRACTION = 0.1
 
-#: Messages that a flood could repeat (rejections, failed sessions) are
-#: logged at most once per this many seconds per listener.
-NOTICE_INTERVAL = 1.0
-
 # Python 3.11 does not export it; the value is Linux's.
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 _IN_PKTINFO_SIZE = 12
@@ -566,8 +562,6 @@ class UDPListener(ListenerService):
         self.sessions: dict = {}
         self.port = None
         self._sweep = None
-        self._noticed: dict[str, float] = {}
-        self._unnoticed: dict[str, int] = {}
         self._dropped = 0
         self.engine = fastudp.engineFor(reactor)
         self._engineId = None
@@ -879,22 +873,6 @@ class UDPListener(ListenerService):
             client=client,
             reason=reason,
         )
-
-    def notice(self, kind: str, format: str, **kw) -> None:
-        """
-        Log C{format} unless a message of the same C{kind} was logged less
-        than L{NOTICE_INTERVAL} ago; the next one logged says how many were
-        left out meanwhile.
-        """
-        now = self.reactor.seconds()
-        if now < self._noticed.get(kind, float("-inf")) + NOTICE_INTERVAL:
-            self._unnoticed[kind] = self._unnoticed.get(kind, 0) + 1
-            return
-        self._noticed[kind] = now
-        unnoticed = self._unnoticed.pop(kind, 0)
-        if unnoticed:
-            format += " (and {unnoticed} more not logged)"
-        log.info(format, unnoticed=unnoticed, **kw)
 
     # -- expiry --------------------------------------------------------
 
