@@ -188,6 +188,11 @@ class ConnectionService(SSHService):
     name = b"ssh-connection"
 
 
+class UserAuthenticated(SSHService):
+    name = b"ssh-userauth"
+    user = b"alice"
+
+
 def test_connectionNotAuthenticatedInTimeIsClosed():
     """
     A connection that has not authenticated login_grace_time after its
@@ -219,11 +224,18 @@ def test_authenticatedConnectionOutlivesTheGraceTime():
     clock = Clock()
     factory = limitedFactory(clock, grace=5, startups=1)
     protocol, transport = accepted(factory)
+    protocol.service = UserAuthenticated()
+    protocol.keyBlob = newKey().public().blob()
     protocol.setService(ConnectionService())
     clock.advance(60)
     assert not transport.disconnecting
     assert factory.unauthenticated == set()
     assert accepted(factory, 50001)[0] is not None
+    with capturedLogs() as events:
+        protocol.connectionLost(Failure(ConnectionDone()))
+    assert [m for m in messages(events) if "logged out" in m] == [
+        f"manhole: user alice logged out (key {fingerprint(keys.Key.fromString(protocol.keyBlob))})"
+    ]
 
 
 def test_maxStartupsClosesFurtherConnectionsAtOnce():

@@ -463,3 +463,26 @@ def test_preAuthenticationLimits(proxy, tmp_path, keys, session):
         for conn in waiting:
             conn.close()
     assert "\n2\n" in shell.run("1+1")
+
+
+def test_loginLogsOnlyPortproxyLines(proxy, tmp_path, keys):
+    """
+    A manhole login, even without a terminal (ssh -T), writes one line when
+    the operator logs in and one when they log out, each with the key's
+    fingerprint, and none of Twisted's key-exchange or channel chatter.
+    """
+    manholePort = freePort()
+    proxy.start(proxyMap(tmp_path, manholePort))
+    since = len(proxy.output())
+    operator, stranger = keys
+    result = subprocess.run(
+        sshCommand(tmp_path, operator, manholePort, "-T"),
+        input=b"print(6 * 7)\n", capture_output=True, timeout=20,
+    )
+    assert b"42" in result.stdout, result
+    proxy.waitFor(r"logged out", since=since)
+    lines = proxy.output()[since:].splitlines()
+    assert all("[portproxy#" in line for line in lines), lines
+    assert len(lines) == 2, lines
+    assert "manhole: user operator logged in with key SHA256:" in lines[0]
+    assert "manhole: user operator logged out (key SHA256:" in lines[1]

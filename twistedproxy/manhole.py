@@ -40,8 +40,9 @@ from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker
 from twisted.conch.insults.insults import ServerProtocol
 from twisted.conch.interfaces import IConchUser
 from twisted.conch.manhole import ColoredManhole, ManholeInterpreter
-from twisted.conch.manhole_ssh import TerminalRealm, TerminalSession
-from twisted.conch.ssh import keys, userauth
+from twisted.conch.manhole_ssh import TerminalRealm, TerminalSession, TerminalUser
+from twisted.conch.ssh import connection, keys, session, userauth
+from twisted.conch.ssh.common import getNS
 from twisted.conch.ssh.factory import SSHFactory
 from twisted.conch.ssh.transport import (
     DISCONNECT_BY_APPLICATION,
@@ -59,6 +60,13 @@ from twistedproxy.listener import Notices
 from twistedproxy.model import Manhole
 
 log = Logger(namespace="portproxy")
+
+#: What the manhole's conch objects log through instead of their own
+#: loggers: nothing.  Twisted logs every connection's key exchange,
+#: services, channel and loss ("kex alg=...", "NEW KEYS", "starting
+#: service", "channel open", "connection lost"), some at info level; the
+#: manhole writes its own line per login and logout instead.
+_conchLog = Logger(observer=lambda event: None)
 
 #: Key exchanges, ciphers and MACs offered (in Twisted's order of
 #: preference).  Twisted also implements SHA-1 and CBC variants; a root
@@ -438,6 +446,9 @@ class ManholeSession(TerminalSession):
     """
 
     terminal = None
+    # Without a pty request (ssh -T) the shell still needs a size.
+    width = 80
+    height = 24
 
     def getPty(self, term, windowSize, attrs) -> None:
         # A client without a terminal of its own (ssh -tt < file) reports
@@ -475,7 +486,14 @@ USER_KEY_ALGORITHMS = [
 class ManholeTransport(SSHServerTransport):
     """
     The server side of one SSH connection to the manhole.
+
+    @ivar user: the user name once authenticated, else L{None}.
+    @ivar keyBlob: the public key the client last offered.
     """
+
+    _log = _conchLog
+    user: str | None = None
+    keyBlob: bytes | None = None
 
     supportedKeyExchanges = [
         k for k in SSHServerTransport.supportedKeyExchanges if k in KEY_EXCHANGES
@@ -510,11 +528,13 @@ class ManholeTransport(SSHServerTransport):
         )
 
     def setService(self, service) -> None:
-        SSHServerTransport.setService(self, service)
-        # ssh-connection is only started once the user has authenticated.
+        # ssh-connection is only started once the user has authenticated,
+        # by the user authentication service, which knows the user.
         if service.name == b"ssh-connection":
             self._cancelGrace()
+            self.user = self.service.user.decode("utf-8", "replace")
             self.factory.authenticated(self)
+        SSHServerTransport.setService(self, service)
 
     def _graceExpired(self) -> None:
         self._graceTimer = None
@@ -528,10 +548,63 @@ class ManholeTransport(SSHServerTransport):
 
     def connectionLost(self, reason) -> None:
         self._cancelGrace()
+        if self.user is not None:
+            log.info(
+                "manhole: user {user} logged out (key {key})",
+                user=self.user,
+                key=fingerprint(keys.Key.fromString(self.keyBlob)),
+            )
         SSHServerTransport.connectionLost(self, reason)
         self.factory.sessions.discard(self)
         self.factory.unauthenticated.discard(self)
 
+
+
+class ManholeUserAuth(userauth.SSHUserAuthServer):
+    """
+    Twisted's user authentication service, quiet, remembering the key a
+    client offers for the logout line.
+    """
+
+    _log = _conchLog
+
+    def auth_publickey(self, packet: bytes):
+        # hasSig (one byte), algorithm name, key blob, ...
+        self.transport.keyBlob = getNS(packet[1:], 2)[1]
+        return userauth.SSHUserAuthServer.auth_publickey(self, packet)
+
+
+class ManholeConnection(connection.SSHConnection):
+    """
+    Twisted's connection service, quiet.
+    """
+
+    _log = _conchLog
+
+
+class ManholeChannel(session.SSHSession):
+    """
+    Twisted's session channel, quiet (it logs "channel open" and
+    "requesting shell" per session).
+    """
+
+    _log = _conchLog
+
+    def request_shell(self, data: bytes) -> int:
+        # Twisted's own logs the request, then does this.
+        return self._shellOrCommand(
+            prepare=lambda: True, complete=lambda pp, ignored: self._session.openShell(pp)
+        )
+
+
+class ManholeUser(TerminalUser):
+    """
+    The avatar of a logged-in operator: sessions are L{ManholeChannel}s.
+    """
+
+    def __init__(self, original, avatarId) -> None:
+        TerminalUser.__init__(self, original, avatarId)
+        self.channelLookup[b"session"] = ManholeChannel
 
 
 class ManholeFactory(SSHFactory):
@@ -617,10 +690,12 @@ class ManholeFactory(SSHFactory):
         serviceClass = SSHFactory.getService(self, transport, service)
         if serviceClass is userauth.SSHUserAuthServer:
             return self._userAuth
+        if serviceClass is connection.SSHConnection:
+            return ManholeConnection
         return serviceClass
 
     def _userAuth(self) -> userauth.SSHUserAuthServer:
-        server = userauth.SSHUserAuthServer()
+        server = ManholeUserAuth()
         server.clock = self.reactor
         # The grace timer from accept ends the connection first.
         server.loginTimeout = self.loginGraceTime
@@ -640,6 +715,7 @@ def manholePortal(proxy, authorizedKeys: AuthorizedKeys) -> Portal:
     to a shell on C{proxy}.
     """
     realm = TerminalRealm()
+    realm.userFactory = ManholeUser
     realm.sessionFactory = ManholeSession
     realm.chainedProtocolFactory = partial(ServerProtocol, ProxyManhole, proxy)
     return Portal(realm, [ManholeKeyChecker(authorizedKeys)])
