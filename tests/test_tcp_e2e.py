@@ -434,7 +434,7 @@ def test_runningOutOfFileDescriptors(proxy):
                 except (ConnectionResetError, BrokenPipeError, socket.timeout):
                     pass
             assert 0 < served < 30
-            proxy.waitFor(r"EMFILE|too many open files")
+            proxy.waitFor(r"out of file descriptors|too many open files")
         finally:
             for conn in conns:
                 conn.close()
@@ -444,6 +444,40 @@ def test_runningOutOfFileDescriptors(proxy):
             time.sleep(0.05)
         for i in range(5):
             assert exchange(port, b"after %d" % i) == b"after %d" % i
+
+
+def test_outOfDescriptorsLogsAtABoundedRate(proxy):
+    """
+    With the proxy out of file descriptors, a flood of clients that it
+    sheds at accept logs at most one line per second for the listener,
+    saying how many more were shed, instead of Twisted's three lines per
+    client.
+    """
+    with TCPEchoServer() as echo:
+        port = freePort()
+        proxy.start(proxyMap(mapping("fds", f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}")))
+        inUse = len(os.listdir(f"/proc/{proxy.pid}/fd"))
+        resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (inUse + 10, inUse + 10))
+        since = len(proxy.output())
+        started = time.monotonic()
+        conns = []
+        try:
+            for _ in range(300):
+                conns.append(connect(port))
+            proxy.waitFor(r"out of file descriptors; closed client", since=since)
+            time.sleep(1.1)
+            # The next shed client's line counts those left out meanwhile.
+            for _ in range(5):
+                conns.append(connect(port))
+            proxy.waitFor(r"closed client \S+ at once \(and \d+ more not logged\)", since=since)
+            elapsed = time.monotonic() - started
+            log = proxy.output()[since:]
+        finally:
+            for conn in conns:
+                conn.close()
+    assert "EMFILE" not in log, log
+    notices = [line for line in log.splitlines() if "out of file descriptors" in line]
+    assert 2 <= len(notices) <= elapsed + 1, notices
 
 
 def test_stoppingTheProxyLogsOpenConnections(proxy):

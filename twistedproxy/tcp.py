@@ -37,6 +37,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.main import CONNECTION_DONE
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -250,12 +251,44 @@ class ListeningPort(tcp.Port):
                 skt.close()
             raise CannotListenError(self.interface, self.port, e) from e
         self._realPortNumber = skt.getsockname()[1]
+        self._logger = Logger(namespace="portproxy", observer=self._acceptLogged)
         self.factory.doStart()
         self.connected = True
         self.socket = skt
         self.fileno = skt.fileno
         self.numberAccepts = 100
         self.startReading()
+
+    def _acceptLogged(self, event: dict) -> None:
+        """
+        Where Twisted's accept loop logs (C{tcp.Port._logger}).  Out of
+        descriptors, it sheds each client with its reserved descriptor and
+        logs three lines per client; a flood of clients would flood the
+        log.  Instead, one rate-limited notice per shed client (or failed
+        accept), at most one line a second per listener, saying how many
+        more there were.
+        """
+        service = self.factory.service
+        listener = service.listener
+        if "address" in event:
+            service.notice(
+                "emfile",
+                "{proto} {mapping} {listen}: out of file descriptors; closed "
+                "client {client} at once",
+                proto=listener.proto,
+                mapping=listener.mapping,
+                listen=listener.listen,
+                client=clientAddress(event["address"]),
+            )
+        elif "acceptError" in event:
+            service.notice(
+                "accept",
+                "{proto} {mapping} {listen}: could not accept a client ({error})",
+                proto=listener.proto,
+                mapping=listener.mapping,
+                listen=listener.listen,
+                error=event["acceptError"],
+            )
 
     def _logConnectionLostMsg(self) -> None:
         """
