@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import pytest
+
 import twistedproxy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -408,3 +410,30 @@ def portFree(port: int, proto: str = "tcp", host: str = "127.0.0.1") -> bool:
         except OSError:
             return False
     return True
+#: Where tests keep manhole key files: the manhole trusts a key file only
+#: when no directory above it is writable by others (so not under /tmp).
+TRUSTED_BASE = "/run"
+
+
+def trustedDirectory() -> Path:
+    """
+    A new empty directory, mode 0700, that the manhole's strict key-file
+    checks trust: root-owned parents, none writable by group or others.
+    """
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="portproxy-test-", dir=TRUSTED_BASE))
+
+
+@pytest.fixture(name="tmp_path")
+def trustedTmpPath():
+    """
+    Imported by a test module, its C{tmp_path}: a L{trustedDirectory}
+    (pytest's own is under the world-writable /tmp, which the manhole
+    refuses), removed after the test.
+    """
+    import shutil
+
+    path = trustedDirectory()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

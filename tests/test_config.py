@@ -1004,7 +1004,7 @@ def test_manholeEmpty() -> None:
         (
             "  listen: 2222\n  authorized_key: /k\n  host_key: /h\n",
             "map.yaml:3: manhole: unknown key 'authorized_key' (expected one of: listen,"
-            " authorized_keys, host_key, allow_remote)",
+            " authorized_keys, host_key, allow_remote, login_grace_time, max_startups)",
         ),
         (
             "  listen: 2222\n  authorized_keys: ''\n  host_key: /h\n",
@@ -1017,7 +1017,7 @@ def test_manholeEmpty() -> None:
         (
             "  listen: 2222\n  password: x\n  " + _MANHOLE_KEYS,
             "map.yaml:3: manhole: unknown key 'password' (expected one of: listen,"
-            " authorized_keys, host_key, allow_remote)",
+            " authorized_keys, host_key, allow_remote, login_grace_time, max_startups)",
         ),
     ],
 )
@@ -1035,7 +1035,7 @@ def test_manholeNotAMapping() -> None:
     """
     assert errorsOf("manhole: 2222\n") == [
         "map.yaml:1: manhole: expected a mapping of listen, authorized_keys,"
-        " host_key, allow_remote, got an integer"
+        " host_key, allow_remote, login_grace_time, max_startups, got an integer"
     ]
 
 
@@ -1272,3 +1272,35 @@ def test_controlInvalid(section: str, message: str) -> None:
     A bad control section is reported with its line, like every section.
     """
     assert errorsOf(section) == [message]
+
+
+def test_manholePreAuthenticationLimits() -> None:
+    """
+    login_grace_time and max_startups set the manhole's pre-authentication
+    limits, and default to 30 seconds and 10 connections.
+    """
+    text = "manhole:\n  listen: 2222\n  " + _MANHOLE_KEYS
+    manhole = parseMap(text, "map.yaml").manhole
+    assert (manhole.loginGraceTime, manhole.maxStartups) == (30.0, 10)
+    text += "\n  login_grace_time: 2m\n  max_startups: 3\n"
+    manhole = parseMap(text, "map.yaml").manhole
+    assert (manhole.loginGraceTime, manhole.maxStartups) == (120.0, 3)
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("login_grace_time: 0", "map.yaml:5: manhole.login_grace_time: must be more than 0, got 0"),
+        ("login_grace_time: soon", "map.yaml:5: manhole.login_grace_time: 'soon' is not a duration"),
+        ("max_startups: -1", "map.yaml:5: manhole.max_startups: must not be negative, got -1"),
+        ("max_startups: many", "map.yaml:5: manhole.max_startups: expected a whole number"),
+    ],
+)
+def test_manholePreAuthenticationLimitErrors(line: str, expected: str) -> None:
+    """
+    Bad pre-authentication limits are reported with their line.
+    """
+    text = "manhole:\n  listen: 2222\n  " + _MANHOLE_KEYS + f"  {line}\n"
+    with pytest.raises(ConfigError) as e:
+        parseMap(text, "map.yaml")
+    assert any(error.startswith(expected) for error in e.value.errors), e.value.errors

@@ -4,6 +4,7 @@ key, the service's socket, and the shell, with Twisted's fakes.
 """
 
 import os
+import pwd
 import stat
 
 import pytest
@@ -11,7 +12,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from twisted.conch.insults.insults import ServerProtocol
 from twisted.conch.ssh import keys
 from twisted.conch.ssh.common import NS
+from twisted.conch.ssh.service import SSHService
 from twisted.conch.ssh.transport import MSG_EXT_INFO
+from twisted.internet.address import IPv4Address
 from twisted.cred.credentials import ISSHPrivateKey, SSHPrivateKey
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
@@ -21,6 +24,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
+from support import trustedTmpPath  # noqa: F401 (this module's tmp_path)
 from test_admin import FakeProxy, exampleMap
 from twistedproxy.manhole import (
     AuthorizedKeys,
@@ -35,7 +39,9 @@ from twistedproxy.manhole import (
     loadHostKey,
     manholePortal,
 )
+from twistedproxy.listener import Notices
 from twistedproxy.model import Manhole
+
 
 
 def newKey():
@@ -140,15 +146,117 @@ def test_onlyPublicKeyAuthenticationIsOffered(tmp_path, keyFile):
     portal = manholePortal(object(), authorized)
     assert portal.listCredentialsInterfaces() == [ISSHPrivateKey]
     clock = Clock()
-    factory = ManholeFactory(portal, newKey(), clock)
+    factory = ManholeFactory(portal, newKey(), clock, noticesOn(clock))
     transport = factory.buildProtocol(None)
     transport.isEncrypted = lambda direction: True
     server = factory.getService(transport, b"ssh-userauth")()
     server.transport = transport
     server.serviceStarted()
     assert server.supportedAuthentications == [b"publickey"]
-    assert [call.getTime() for call in clock.getDelayedCalls()] == [120]
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [30]
     server.serviceStopped()
+
+
+def noticesOn(clock) -> Notices:
+    notices = Notices()
+    notices.reactor = clock
+    return notices
+
+
+def limitedFactory(clock, grace=30.0, startups=10) -> ManholeFactory:
+    factory = ManholeFactory(
+        manholePortal(object(), AuthorizedKeys("x")), newKey(), clock, noticesOn(clock)
+    )
+    factory.useLimits(Manhole("127.0.0.1", 2222, "k", "h", False, grace, startups))
+    return factory
+
+
+def accepted(factory, port=50000):
+    """
+    A manhole connection accepted from 127.0.0.1:C{port}, or L{None} when
+    the factory refused it; and its transport.
+    """
+    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
+    if protocol is None:
+        return None, None
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+class ConnectionService(SSHService):
+    name = b"ssh-connection"
+
+
+class UserAuthenticated(SSHService):
+    name = b"ssh-userauth"
+    user = b"alice"
+
+
+def test_connectionNotAuthenticatedInTimeIsClosed():
+    """
+    A connection that has not authenticated login_grace_time after its
+    accept is closed, whether or not it sent anything, and that is logged.
+    """
+    clock = Clock()
+    factory = limitedFactory(clock, grace=5)
+    protocol, transport = accepted(factory)
+    clock.advance(4.9)
+    assert not transport.disconnecting
+    with capturedLogs() as events:
+        clock.advance(0.1)
+    assert transport.disconnecting
+    assert any(
+        "manhole: closed a connection from 127.0.0.1: not authenticated within "
+        "login_grace_time 5s" in m
+        for m in messages(events)
+    )
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert factory.unauthenticated == set() and clock.getDelayedCalls() == []
+
+
+def test_authenticatedConnectionOutlivesTheGraceTime():
+    """
+    Once a connection has authenticated (its ssh-connection service
+    starts) the grace timer is gone and it no longer counts against
+    max_startups.
+    """
+    clock = Clock()
+    factory = limitedFactory(clock, grace=5, startups=1)
+    protocol, transport = accepted(factory)
+    protocol.service = UserAuthenticated()
+    protocol.keyBlob = newKey().public().blob()
+    protocol.setService(ConnectionService())
+    clock.advance(60)
+    assert not transport.disconnecting
+    assert factory.unauthenticated == set()
+    assert accepted(factory, 50001)[0] is not None
+    with capturedLogs() as events:
+        protocol.connectionLost(Failure(ConnectionDone()))
+    assert [m for m in messages(events) if "logged out" in m] == [
+        f"manhole: user alice logged out (key {fingerprint(keys.Key.fromString(protocol.keyBlob))})"
+    ]
+
+
+def test_maxStartupsClosesFurtherConnectionsAtOnce():
+    """
+    While max_startups connections have not authenticated, further ones are
+    refused at accept, counted, and logged at most once a second with the
+    number left out; a closed one makes room again.
+    """
+    clock = Clock()
+    factory = limitedFactory(clock, startups=3)
+    first = [accepted(factory, 50000 + i)[0] for i in range(3)]
+    with capturedLogs() as events:
+        refused = [accepted(factory, 51000 + i)[0] for i in range(20)]
+        clock.advance(1)
+        accepted(factory, 52000)
+    assert refused == [None] * 20 and factory.refusedStartups == 21
+    lines = [m for m in messages(events) if "max_startups" in m]
+    assert len(lines) == 2, lines
+    assert lines[1].endswith("(and 19 more not logged)")
+    first[0].connectionLost(Failure(ConnectionDone()))
+    assert accepted(factory, 53000)[0] is not None
 
 
 def test_missingAuthorizedKeysLetsNoKeyIn(tmp_path):
@@ -179,8 +287,97 @@ def test_authorizedKeysWritableByOthersLetsNoKeyIn(keyFile, mode):
         authorized.read()
     assert authorized.getAuthorizedKeys(b"root") == []
     assert any(
-        f"lets other users add keys; run chmod go-w {keyFile}" in m for m in messages(events)
+        f"authorized keys {keyFile}: the file has mode {mode:04o} (writable by group "
+        "or others)" in m and "no key can log in" in m
+        for m in messages(events)
     )
+
+
+NOBODY = pwd.getpwnam("nobody").pw_uid
+
+
+def test_authorizedKeysOwnedByAnotherUserLetsNoKeyIn(keyFile):
+    """
+    An authorized_keys owned by another user (nobody), even mode 0644, is
+    refused, and the log names the file and its owner.
+    """
+    keyFile.write_bytes(publicLine(newKey()))
+    os.chown(keyFile, NOBODY, -1)
+    authorized = AuthorizedKeys(str(keyFile))
+    with capturedLogs() as events:
+        authorized.read()
+    assert authorized.getAuthorizedKeys(b"root") == []
+    assert any(
+        f"authorized keys {keyFile}: the file is owned by nobody (uid {NOBODY})" in m
+        for m in messages(events)
+    )
+
+
+@pytest.mark.parametrize(
+    "mode, owner",
+    [(0o777, 0), (0o1777, 0), (0o775, 0), (0o755, NOBODY)],
+    ids=["world-writable", "sticky-world-writable", "group-writable", "owned-by-nobody"],
+)
+def test_authorizedKeysInAnUntrustedDirectoryLetsNoKeyIn(tmp_path, mode, owner):
+    """
+    An authorized_keys whose directory, or any directory above it, another
+    user could write to or owns is refused as sshd's StrictModes refuses
+    it, a sticky world-writable directory included; the log names the
+    directory, its mode or owner.
+    """
+    outer = tmp_path / "outer"
+    inner = outer / "inner"
+    inner.mkdir(parents=True)
+    path = inner / "authorized_keys"
+    path.write_bytes(publicLine(newKey()))
+    path.chmod(0o600)
+    outer.chmod(mode)
+    os.chown(outer, owner, -1)
+    authorized = AuthorizedKeys(str(path))
+    with capturedLogs() as events:
+        authorized.read()
+    assert authorized.getAuthorizedKeys(b"root") == []
+    problem = f"has mode {mode:04o}" if owner == 0 else f"is owned by nobody (uid {NOBODY})"
+    assert any(f"directory {outer} {problem}" in m for m in messages(events)), messages(events)
+
+
+def test_authorizedKeysFixedThenReadAgainLetsKeysIn(tmp_path):
+    """
+    Fixing the directory's mode and reading the file again (as a reload
+    does) lets the keys in; a symbolic link is judged by its real path.
+    """
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    path = shared / "authorized_keys"
+    path.write_bytes(publicLine(newKey()))
+    link = tmp_path / "keys-link"
+    link.symlink_to(path)
+    authorized = AuthorizedKeys(str(link))
+    authorized.read()
+    assert authorized.getAuthorizedKeys(b"root") == []
+    shared.chmod(0o755)
+    authorized.read()
+    assert len(authorized.getAuthorizedKeys(b"root")) == 1
+
+
+def test_hostKeyOwnedByAnotherUserOrInAnUntrustedDirectoryIsRefused(tmp_path):
+    """
+    The host key is refused when another user owns it or could write to
+    a directory above it, and is not created in such a directory.
+    """
+    path = tmp_path / "ssh_host_key"
+    loadHostKey(str(path))
+    os.chown(path, NOBODY, -1)
+    with pytest.raises(HostKeyError, match=r"the file is owned by nobody"):
+        loadHostKey(str(path))
+    os.chown(path, 0, -1)
+    tmp_path.chmod(0o1777)
+    with pytest.raises(HostKeyError, match=rf"directory {tmp_path} has mode 1777"):
+        loadHostKey(str(path))
+    with pytest.raises(HostKeyError, match=rf"directory {tmp_path} has mode 1777"):
+        loadHostKey(str(tmp_path / "new_host_key"))
+    assert not (tmp_path / "new_host_key").exists()
 
 
 def test_authorizedKeysLinesThatAreNotPlainKeys(keyFile):
@@ -387,7 +584,10 @@ def test_serverSigAlgsListsRSASHA2():
     so OpenSSH offers RSA and Ed25519 user keys, even with an Ed25519 host
     key.
     """
-    factory = ManholeFactory(manholePortal(object(), AuthorizedKeys("x")), newKey(), Clock())
+    clock = Clock()
+    factory = ManholeFactory(
+        manholePortal(object(), AuthorizedKeys("x")), newKey(), clock, noticesOn(clock)
+    )
     transport = factory.buildProtocol(None)
     assert transport.supportedPublicKeys == [b"ssh-ed25519"]
     sent = []

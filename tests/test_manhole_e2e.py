@@ -14,10 +14,11 @@ import time
 
 import pytest
 
-from support import TCPEchoServer, UDPEchoServer, freePort, roundTrip
+from support import TCPEchoServer, UDPEchoServer, freePort, roundTrip, trustedTmpPath  # noqa: F401 (this module's tmp_path)
 
 #: Terminal control sequences the manhole draws its line editing with.
 _CONTROL = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[A-Za-z]|\r")
+
 
 
 def sshKeygen(path, *keyType):
@@ -506,3 +507,61 @@ def test_blockUnblockAndBlocked(proxy, tmp_path, keys, session):
         assert "unblocked 127.0.0.2/31" in shell.run("unblock('127.0.0.2/31')")
         with client("127.0.0.3") as again:
             assert roundTrip(again, b"again") == b"again"
+
+
+def test_preAuthenticationLimits(proxy, tmp_path, keys, session):
+    """
+    Raw TCP connections that never authenticate are closed after
+    login_grace_time (silent ones and ones that sent their SSH version
+    alike); while max_startups of them are open a further one is closed at
+    once; an operator who logs in is not cut by the grace time.
+    """
+    manholePort = freePort()
+    proxy.start(
+        proxyMap(tmp_path, manholePort)
+        + "  login_grace_time: 2s\n  max_startups: 3\n"
+    )
+    shell = session(manholePort)
+    waiting = [socket.create_connection(("127.0.0.1", manholePort), timeout=10) for _ in range(3)]
+    waiting[0].sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+    try:
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", manholePort), timeout=10) as extra:
+            assert extra.recv(100) == b""
+        assert time.monotonic() - started < 1
+        proxy.waitFor(r"closed a connection from 127\.0\.0\.1: 3 connections have not authenticated")
+        for conn in waiting:
+            data = b""
+            while chunk := conn.recv(4096):
+                data += chunk
+            # Only the server's version line (and key exchange) came.
+            assert data == b"" or data.startswith(b"SSH-2.0-")
+        assert 1.5 < time.monotonic() - started < 6
+        proxy.waitFor(r"not authenticated within login_grace_time 2s")
+    finally:
+        for conn in waiting:
+            conn.close()
+    assert "\n2\n" in shell.run("1+1")
+
+
+def test_loginLogsOnlyPortproxyLines(proxy, tmp_path, keys):
+    """
+    A manhole login, even without a terminal (ssh -T), writes one line when
+    the operator logs in and one when they log out, each with the key's
+    fingerprint, and none of Twisted's key-exchange or channel chatter.
+    """
+    manholePort = freePort()
+    proxy.start(proxyMap(tmp_path, manholePort))
+    since = len(proxy.output())
+    operator, stranger = keys
+    result = subprocess.run(
+        sshCommand(tmp_path, operator, manholePort, "-T"),
+        input=b"print(6 * 7)\n", capture_output=True, timeout=20,
+    )
+    assert b"42" in result.stdout, result
+    proxy.waitFor(r"logged out", since=since)
+    lines = proxy.output()[since:].splitlines()
+    assert all("[portproxy#" in line for line in lines), lines
+    assert len(lines) == 2, lines
+    assert "manhole: user operator logged in with key SHA256:" in lines[0]
+    assert "manhole: user operator logged out (key SHA256:" in lines[1]

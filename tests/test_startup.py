@@ -136,6 +136,9 @@ def test_portInUseFailsStartNamingTheMapping(proxy):
         f"cannot listen on tcp 127.0.0.1:{busy} for mapping 'taken': address already in use"
         in output
     )
+    # That line only: no traceback of twistd's start-up after it.
+    assert "Traceback" not in output and "StartupError" not in output, output
+    assert output.count("cannot listen") == 1, output
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", free), timeout=1).close()
 
@@ -206,3 +209,16 @@ def test_tacFileServesTheMap(tmp_path):
         finally:
             process.terminate()
             process.wait(10)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stopSignalEndsTheProcessByThatSignal(proxy, signum):
+    """
+    SIGTERM or SIGINT stops the proxy, which then ends killed by that same
+    signal (a shell shows 143 or 130), the status systemd counts as a
+    clean stop; the log says it stopped.
+    """
+    proxy.start("mappings:\n  - name: a\n    listen: 127.0.0.1:%d\n    target: 127.0.0.1:9\n" % freePort())
+    proxy.process.send_signal(signum)
+    assert proxy.process.wait(10) == -signum
+    assert "Main loop terminated" in proxy.output()

@@ -29,6 +29,8 @@ from twistedproxy.listener import IFlow
 from twistedproxy.model import Listener, Target, Timeouts
 from twistedproxy.tcp import (
     DEFAULT_BACKLOG,
+    FAREWELL_SECONDS,
+    ClosingClient,
     Relay,
     TCPListener,
     listenBacklog,
@@ -59,6 +61,8 @@ class RelayTransport(StringTransport):
 
     writeClosed = False
     aborted = False
+    #: Given to L{ClosingClient} (a FIN, then its input dropped).
+    finished = False
     noDelay = False
     keepAlive = False
 
@@ -89,6 +93,19 @@ class RelayTransport(StringTransport):
     @property
     def reset(self):
         return self.aborted and (socket.SOL_SOCKET, socket.SO_LINGER) in self.handle.options
+
+
+@pytest.fixture(autouse=True)
+def recordFarewells(monkeypatch):
+    """
+    Relays end clients they cannot serve through L{ClosingClient}, which
+    needs a real socket: here it only marks the fake transport.
+    """
+
+    def takeOver(transport, reactor):
+        transport.finished = True
+
+    monkeypatch.setattr(ClosingClient, "takeOver", staticmethod(takeOver))
 
 
 def makeListener(**kwargs) -> Listener:
@@ -360,15 +377,15 @@ def test_maxConnectionsRejects():
 
 def test_connectRefused():
     """
-    A refused connect closes the client and writes an access line with the
-    mapping, client, target and reason.
+    A refused connect ends the client through L{ClosingClient} (a FIN, not
+    a reset) and writes an access line with the mapping, client, target
+    and reason.
     """
     h = Harness()
     relay, client = h.accept()
-    h.refuse()
-    assert client.aborted
     with capturedLogs() as events:
-        relay.connectionLost(Failure(ConnectionAborted()))
+        h.refuse()
+    assert client.finished and not client.aborted
     [line] = accessLines(events)
     assert line.startswith("tcp web 192.0.2.7:40000 -> 10.0.0.2:80 ")
     assert line.endswith("connect failed: connection refused")
@@ -382,13 +399,12 @@ def test_connectFailureWithoutDescriptors():
     """
     h = Harness()
     relay, client = h.accept()
-    h.lastDial()[2].clientConnectionFailed(
-        h.reactor.connectors[-1],
-        Failure(ConnectBindError(errno.EMFILE, "Too many open files")),
-    )
-    assert client.aborted
     with capturedLogs() as events:
-        relay.connectionLost(Failure(ConnectionAborted()))
+        h.lastDial()[2].clientConnectionFailed(
+            h.reactor.connectors[-1],
+            Failure(ConnectBindError(errno.EMFILE, "Too many open files")),
+        )
+    assert client.finished
     assert accessLines(events)[0].endswith("connect failed: too many open files")
 
 
@@ -400,14 +416,47 @@ def test_connectTimeout():
     h = Harness(timeouts=Timeouts(connect=2.5))
     relay, client = h.accept()
     tick(h.reactor, 2.4, 0.1)
-    assert not client.aborted
-    tick(h.reactor, 0.2, 0.1)
-    assert h.reactor.connectors[-1].stoppedConnecting
-    assert client.aborted
+    assert not client.finished
     with capturedLogs() as events:
-        relay.connectionLost(Failure(ConnectionAborted()))
+        tick(h.reactor, 0.2, 0.1)
+    assert h.reactor.connectors[-1].stoppedConnecting
+    assert client.finished and not client.aborted
     assert accessLines(events)[0].endswith("connect failed: timed out after 2.5s")
     assert h.reactor.getDelayedCalls() == []
+
+
+def test_closingClientSendsFinThenDropsInput():
+    """
+    L{ClosingClient} shuts down writing at once (the client reads end of
+    stream), drops what the client sent so that closing sends no reset,
+    and closes when the client closes its end.
+    """
+    reactor = MemoryReactorClock()
+    proxySide, clientSide = socket.socketpair()
+    with clientSide:
+        clientSide.sendall(b"sent before the target failed")
+        ClosingClient(proxySide.detach(), reactor).start()
+        assert clientSide.recv(100) == b""
+        [closing] = reactor.getReaders()
+        clientSide.sendall(b"more")
+        clientSide.shutdown(socket.SHUT_WR)
+        closing.doRead()
+        assert reactor.getReaders() == [] and reactor.getDelayedCalls() == []
+        assert closing.fileno() == -1
+
+
+def test_closingClientGivesUpAfterItsTime():
+    """
+    A client that neither closes nor stops sending is closed after
+    L{FAREWELL_SECONDS}.
+    """
+    reactor = MemoryReactorClock()
+    proxySide, clientSide = socket.socketpair()
+    with clientSide:
+        closing = ClosingClient(proxySide.detach(), reactor)
+        closing.start()
+        reactor.advance(FAREWELL_SECONDS)
+        assert reactor.getReaders() == [] and closing.fileno() == -1
 
 
 def test_lateTargetIsDropped():
@@ -457,7 +506,7 @@ def test_hostNameTriesEachAddress():
     assert h.lastDial()[:2] == ("::1", 80)
     h.refuse()
     assert h.lastDial()[:2] == ("127.0.0.1", 80)
-    assert not client.aborted
+    assert not client.finished
     h.answer()
     assert client.producerState == "producing"
     h.accept()
@@ -470,10 +519,9 @@ def test_hostNameWithoutAddress():
     """
     h = Harness(target=Target("nothing.test", 80))
     h.reactor.nameResolver = FakeResolver([])
-    relay, client = h.accept()
-    assert client.aborted
     with capturedLogs() as events:
-        relay.connectionLost(Failure(ConnectionAborted()))
+        relay, client = h.accept()
+    assert client.finished and not client.aborted
     assert accessLines(events)[0].endswith("connect failed: no address for nothing.test")
 
 

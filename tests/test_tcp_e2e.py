@@ -16,6 +16,7 @@ import struct
 import threading
 import time
 
+import pytest
 
 from support import TCPEchoServer, exchange, freePort, readAll, rssKiB
 
@@ -247,6 +248,28 @@ def test_targetDown(proxy):
         assert exchange(up, b"still here") == b"still here"
 
 
+@pytest.mark.parametrize("targetHost", ["127.0.0.1", "localhost"])
+@pytest.mark.parametrize("request_", [b"", b"GET / HTTP/1.0\r\n\r\n" * 100])
+def test_refusedTargetEndsClientWithFin(proxy, targetHost, request_):
+    """
+    A refused target ends the client's connection with a clean end of
+    stream (a FIN, as docker-proxy), never a reset: for an address and a
+    host-name target, whether or not the client sent data first.
+    """
+    port, deadPort = freePort(), freePort()
+    proxy.start(proxyMap(mapping("down", f"127.0.0.1:{port}", f"{targetHost}:{deadPort}")))
+    for _ in range(5):
+        with connect(port) as conn:
+            if request_:
+                conn.sendall(request_)
+            assert conn.recv(100) == b""
+            # The client finishes after reading the end of stream, as
+            # redis-cli and curl do; no reset comes then either.
+            conn.shutdown(socket.SHUT_WR)
+            assert conn.recv(100) == b""
+    proxy.waitFor(r"connect failed: connection refused")
+
+
 def test_connectTimeout(proxy):
     """
     A target whose accept queue is full never completes the handshake; the
@@ -411,7 +434,7 @@ def test_runningOutOfFileDescriptors(proxy):
                 except (ConnectionResetError, BrokenPipeError, socket.timeout):
                     pass
             assert 0 < served < 30
-            proxy.waitFor(r"EMFILE|too many open files")
+            proxy.waitFor(r"out of file descriptors|too many open files")
         finally:
             for conn in conns:
                 conn.close()
@@ -421,6 +444,40 @@ def test_runningOutOfFileDescriptors(proxy):
             time.sleep(0.05)
         for i in range(5):
             assert exchange(port, b"after %d" % i) == b"after %d" % i
+
+
+def test_outOfDescriptorsLogsAtABoundedRate(proxy):
+    """
+    With the proxy out of file descriptors, a flood of clients that it
+    sheds at accept logs at most one line per second for the listener,
+    saying how many more were shed, instead of Twisted's three lines per
+    client.
+    """
+    with TCPEchoServer() as echo:
+        port = freePort()
+        proxy.start(proxyMap(mapping("fds", f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}")))
+        inUse = len(os.listdir(f"/proc/{proxy.pid}/fd"))
+        resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (inUse + 10, inUse + 10))
+        since = len(proxy.output())
+        started = time.monotonic()
+        conns = []
+        try:
+            for _ in range(300):
+                conns.append(connect(port))
+            proxy.waitFor(r"out of file descriptors; closed client", since=since)
+            time.sleep(1.1)
+            # The next shed client's line counts those left out meanwhile.
+            for _ in range(5):
+                conns.append(connect(port))
+            proxy.waitFor(r"closed client \S+ at once \(and \d+ more not logged\)", since=since)
+            elapsed = time.monotonic() - started
+            log = proxy.output()[since:]
+        finally:
+            for conn in conns:
+                conn.close()
+    assert "EMFILE" not in log, log
+    notices = [line for line in log.splitlines() if "out of file descriptors" in line]
+    assert 2 <= len(notices) <= elapsed + 1, notices
 
 
 def test_stoppingTheProxyLogsOpenConnections(proxy):

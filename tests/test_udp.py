@@ -21,6 +21,8 @@ from twistedproxy.model import Listener, Target, Timeouts
 from twistedproxy.udp import (
     DRAIN,
     RESOLVING_QUEUE,
+    SESSION_BUFFER,
+    connectedDatagramSocket,
     UDPListener,
     connectDatagrams,
     listenDatagrams,
@@ -735,3 +737,16 @@ def test_icmpErrorKeepsSessionReading(sockets):
     finally:
         reactor.removeAll()
         reactor._poller.close()
+
+
+def test_sessionSocketHasTheListeningSocketsBuffers():
+    """
+    A session's socket gets SESSION_BUFFER receive and send buffers (the
+    kernel reports twice the size), beyond rmem_max as the tests run as
+    root, not the system default.
+    """
+    skt = connectedDatagramSocket(socket.AF_INET, ("127.0.0.1", 9))
+    with skt:
+        assert skt.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * SESSION_BUFFER
+        assert skt.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * SESSION_BUFFER
+    assert SESSION_BUFFER >= 4 * 1024 * 1024

@@ -270,3 +270,68 @@ def test_reloadChangesNewSessionsOnly(proxy):
             assert (len(old.sources), len(new.sources)) == (2, 1)
             assert "removed 1" in proxy.reload("mappings: []\n")
             proxy.waitFor(r"(udp echo [^\n]* listener closed(.|\n)*){2}")
+
+
+def rcvbufErrors() -> int:
+    """
+    The system's UDP RcvbufErrors counter (datagrams dropped because a
+    socket's receive buffer was full).
+    """
+    with open("/proc/net/snmp") as f:
+        names, values = [line.split() for line in f if line.startswith("Udp:")]
+    return int(values[names.index("RcvbufErrors")])
+
+
+class BurstTarget:
+    """
+    A UDP target that answers each datagram with C{count} numbered replies
+    of C{size} bytes, sent as fast as it can.
+    """
+
+    def __init__(self, count: int, size: int) -> None:
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+        self.socket.bind(("127.0.0.1", 0))
+        self.port = self.socket.getsockname()[1]
+        self.replies = [b"%06d" % i + b"r" * (size - 6) for i in range(count)]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                _, source = self.socket.recvfrom(100)
+            except OSError:
+                return
+            for reply in self.replies:
+                self.socket.sendto(reply, source)
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+def test_replyBurstArrivesWhole(proxy):
+    """
+    A target answering one datagram with 2000 replies at once gets all of
+    them to the client: the session's socket has a receive buffer sized
+    like the listening socket's, where the system default overflowed
+    (RcvbufErrors).
+    """
+    target = BurstTarget(2000, 1000)
+    port = freePort("udp")
+    proxy.start(udpMap(f"127.0.0.1:{port}", f"127.0.0.1:{target.port}"))
+    receiver = client(timeout=1.0)
+    receiver.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), 16 << 20)
+    try:
+        errorsBefore = rcvbufErrors()
+        receiver.sendto(b"go", ("127.0.0.1", port))
+        seen = set()
+        try:
+            while len(seen) < 2000:
+                seen.add(receiver.recv(2000)[:6])
+        except socket.timeout:
+            pass
+        errors = rcvbufErrors() - errorsBefore
+    finally:
+        receiver.close()
+        target.close()
+    assert len(seen) == 2000, f"{len(seen)} of 2000 replies; RcvbufErrors +{errors}"

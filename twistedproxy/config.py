@@ -72,7 +72,9 @@ TLS_MAPPING_KEYS = ("tls", "target_tls", "sni_routes")
 MAPPING_KEYS = ("name", "proto", "listen", "target") + SETTING_KEYS + TLS_MAPPING_KEYS
 TLS_KEYS = ("cert", "key", "sni", "client_ca", "min_version")
 TARGET_TLS_KEYS = ("ca", "server_name", "verify", "cert", "key", "min_version")
-MANHOLE_KEYS = ("listen", "authorized_keys", "host_key", "allow_remote")
+MANHOLE_KEYS = (
+    "listen", "authorized_keys", "host_key", "allow_remote", "login_grace_time", "max_startups",
+)
 HTTP_KEYS = ("listen", "allow_remote")
 
 #: Where the HTTP endpoint listens when the section gives no C{listen}.
@@ -1266,6 +1268,14 @@ class _MapReader:
                 if path is not None:
                     paths[key] = path
 
+        limits = {}
+        if "login_grace_time" in keys:
+            limits["loginGraceTime"] = self.duration(
+                keys["login_grace_time"][1], "manhole.login_grace_time", True
+            )
+        if "max_startups" in keys:
+            limits["maxStartups"] = self.count(keys["max_startups"][1], "manhole.max_startups")
+
         if len(self.errors) != errorsBefore:
             return None
         return Manhole(
@@ -1275,6 +1285,7 @@ class _MapReader:
             hostKey=paths["host_key"],
             allowRemote=allowRemote,
             line=_line(keyNode),
+            **limits,
         )
 
     def serviceListen(

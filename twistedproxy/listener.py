@@ -165,7 +165,43 @@ class Counters:
         self.connectFailed: dict[str, int] = {}
 
 
-class ListenerService(Service):
+#: Messages that a flood could repeat (rejections, failed sessions, a
+#: full descriptor table) are logged at most once per this many seconds
+#: per listener.
+NOTICE_INTERVAL = 1.0
+
+
+class Notices:
+    """
+    Rate-limited log lines, for messages that a flood could repeat: one
+    per C{kind} per L{NOTICE_INTERVAL}.  The class using it has a
+    C{reactor}.
+    """
+
+    reactor: object
+
+    def __init__(self) -> None:
+        self._noticed: dict[str, float] = {}
+        self._unnoticed: dict[str, int] = {}
+
+    def notice(self, kind: str, format: str, **kw) -> None:
+        """
+        Log C{format} unless a message of the same C{kind} was logged less
+        than L{NOTICE_INTERVAL} ago; the next one logged says how many were
+        left out meanwhile.
+        """
+        now = self.reactor.seconds()
+        if now < self._noticed.get(kind, float("-inf")) + NOTICE_INTERVAL:
+            self._unnoticed[kind] = self._unnoticed.get(kind, 0) + 1
+            return
+        self._noticed[kind] = now
+        unnoticed = self._unnoticed.pop(kind, 0)
+        if unnoticed:
+            format += " (and {unnoticed} more not logged)"
+        log.info(format, unnoticed=unnoticed, **kw)
+
+
+class ListenerService(Service, Notices):
     """
     One listening socket of the map, as a named child service of the root.
 
@@ -189,6 +225,7 @@ class ListenerService(Service):
     inheritedSocket: socket.socket | None = None
 
     def __init__(self, listener: Listener, reactor) -> None:
+        Notices.__init__(self)
         self.listener = listener
         self.name = str(listener.key)
         self.reactor = reactor
@@ -200,8 +237,6 @@ class ListenerService(Service):
         self._counted: dict[int, tuple] = {}
         self._readAccess()
         self._drained: list[Deferred] = []
-        self._noticed: dict[str, float] = {}
-        self._unnoticed: dict[str, int] = {}
 
     # -- lifecycle -----------------------------------------------------
 
@@ -349,22 +384,6 @@ class ListenerService(Service):
         counters = self.counters
         counters.rejected += count
         counters.rejectedBy[kind] = counters.rejectedBy.get(kind, 0) + count
-
-    def notice(self, kind: str, format: str, **kw) -> None:
-        """
-        Log C{format} unless a message of the same C{kind} was logged less
-        than L{NOTICE_INTERVAL} ago; the next one logged says how many were
-        left out meanwhile.
-        """
-        now = self.reactor.seconds()
-        if now < self._noticed.get(kind, float("-inf")) + NOTICE_INTERVAL:
-            self._unnoticed[kind] = self._unnoticed.get(kind, 0) + 1
-            return
-        self._noticed[kind] = now
-        unnoticed = self._unnoticed.pop(kind, 0)
-        if unnoticed:
-            format += " (and {unnoticed} more not logged)"
-        log.info(format, unnoticed=unnoticed, **kw)
 
     def flowStarted(self, flow: IFlow) -> None:
         self.flows[flow.id] = flow

@@ -11,9 +11,14 @@ Safety rules, because this is a shell running as the proxy's user:
   - The host key file is created with mode 0600 and refused when other
     users may read or write it (like sshd does), so nobody else can pose as
     the manhole.
-  - The C{authorized_keys} file is refused (no key is let in) when other
-    users may write to it, when it is missing or unreadable; the reason is
-    logged and fixing the file then reloading recovers.  Key options
+  - Both files are trusted only as sshd's C{StrictModes} trusts a user's
+    C{authorized_keys} (L{checkTrusted}): the file and every directory
+    above it up to C{/} owned by root or the proxy's effective user and not
+    writable by group or others, with no exception for sticky directories
+    such as C{/tmp}.
+  - The C{authorized_keys} file is refused (no key is let in) when it is
+    not trusted so, missing or unreadable; the reason is logged and fixing
+    the file then reloading recovers.  Key options
     (C{from=}, C{command=}...) are refused line by line rather than ignored,
     since ignoring a C{from=} would let in more than the operator wrote.
   - Only current algorithms are offered: curve25519 / ECDH key exchange,
@@ -24,6 +29,7 @@ Safety rules, because this is a shell running as the proxy's user:
 from __future__ import annotations
 
 import os
+import pwd
 import stat
 from functools import partial
 
@@ -34,8 +40,9 @@ from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker
 from twisted.conch.insults.insults import ServerProtocol
 from twisted.conch.interfaces import IConchUser
 from twisted.conch.manhole import ColoredManhole, ManholeInterpreter
-from twisted.conch.manhole_ssh import TerminalRealm, TerminalSession
-from twisted.conch.ssh import keys, userauth
+from twisted.conch.manhole_ssh import TerminalRealm, TerminalSession, TerminalUser
+from twisted.conch.ssh import connection, keys, session, userauth
+from twisted.conch.ssh.common import getNS
 from twisted.conch.ssh.factory import SSHFactory
 from twisted.conch.ssh.transport import (
     DISCONNECT_BY_APPLICATION,
@@ -49,9 +56,17 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twistedproxy import admin
+from twistedproxy.listener import Notices
 from twistedproxy.model import Manhole
 
 log = Logger(namespace="portproxy")
+
+#: What the manhole's conch objects log through instead of their own
+#: loggers: nothing.  Twisted logs every connection's key exchange,
+#: services, channel and loss ("kex alg=...", "NEW KEYS", "starting
+#: service", "channel open", "connection lost"), some at info level; the
+#: manhole writes its own line per login and logout instead.
+_conchLog = Logger(observer=lambda event: None)
 
 #: Key exchanges, ciphers and MACs offered (in Twisted's order of
 #: preference).  Twisted also implements SHA-1 and CBC variants; a root
@@ -76,8 +91,80 @@ KEY_TYPE_PREFIXES = (b"ssh-", b"ecdsa-", b"sk-")
 #: with SHA-1, and DSA.
 SHA1_SIGNATURES = (b"ssh-rsa", b"ssh-dss")
 
-#: Seconds a client has to authenticate, as sshd's C{LoginGraceTime}.
-LOGIN_GRACE = 120
+
+class UntrustedFile(Exception):
+    """
+    A key file that other users could have written; the message says which
+    file or directory, its owner and its mode.
+    """
+
+
+def _ownerName(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _untrustedBy(st: os.stat_result, uid: int) -> str | None:
+    """
+    What makes C{st} untrusted for a process of effective user C{uid}, or
+    L{None}.
+    """
+    if st.st_uid not in (0, uid):
+        return f"is owned by {_ownerName(st.st_uid)}"
+    if st.st_mode & 0o022:
+        return f"has mode {stat.S_IMODE(st.st_mode):04o} (writable by group or others)"
+    return None
+
+
+def checkTrusted(what: str, path: str, fileStat: os.stat_result | None = None) -> None:
+    """
+    Refuse a key file that someone other than root and this process's
+    effective user could have written, as sshd's C{StrictModes} does
+    (OpenSSH's C{safe_path()}): the file must be a regular file, and it and
+    every directory of its real path up to C{/} owned by root or the
+    effective user and not writable by group or others.  Unlike sshd
+    (which stops at the user's home directory) the walk always goes to
+    C{/}; like sshd, a sticky world-writable directory (C{/tmp}) is refused
+    too: anyone may create the name there first.
+
+    @param what: how messages name the file (C{"authorized keys"}).
+    @param fileStat: the file's C{fstat}, when it is open already (so the
+        file checked is the file read); otherwise it is C{stat}ed.
+    @raise UntrustedFile: the first thing that is not trusted.
+    """
+    uid = os.geteuid()
+    st = os.stat(os.path.realpath(path)) if fileStat is None else fileStat
+    if not stat.S_ISREG(st.st_mode):
+        raise UntrustedFile(f"{what} {path}: not a regular file")
+    problem = _untrustedBy(st, uid)
+    if problem:
+        raise UntrustedFile(
+            f"{what} {path}: the file {problem}; it must be owned by root or "
+            f"{_ownerName(uid)} and not writable by group or others"
+        )
+    checkDirectories(what, path)
+
+
+def checkDirectories(what: str, path: str) -> None:
+    """
+    The directory half of L{checkTrusted}: every directory above C{path}'s
+    real path, up to C{/}.
+
+    @raise UntrustedFile: the first directory that is not trusted.
+    """
+    uid = os.geteuid()
+    directory = os.path.realpath(path)
+    while directory != "/":
+        directory = os.path.dirname(directory)
+        problem = _untrustedBy(os.stat(directory), uid)
+        if problem:
+            raise UntrustedFile(
+                f"{what} {path}: directory {directory} {problem}; every "
+                f"directory above the file must be owned by root or "
+                f"{_ownerName(uid)} and not writable by group or others"
+            )
 
 
 class HostKeyError(Exception):
@@ -110,7 +197,12 @@ def loadHostKey(path: str) -> keys.Key:
     except OSError as e:
         raise HostKeyError(f"host key {path}: {e.strerror}") from None
     with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(f.fileno()).st_mode
+        fileStat = os.fstat(f.fileno())
+        try:
+            checkTrusted("host key", path, fileStat)
+        except (UntrustedFile, OSError) as e:
+            raise HostKeyError(str(e)) from None
+        mode = fileStat.st_mode
         if mode & 0o077:
             raise HostKeyError(
                 f"host key {path}: mode {stat.S_IMODE(mode):04o} lets other "
@@ -138,6 +230,10 @@ def _createHostKey(path: str) -> keys.Key:
             f"host key {path}: directory {directory} does not exist; "
             "create it so the key can be kept there"
         )
+    try:
+        checkDirectories("host key", path)
+    except UntrustedFile as e:
+        raise HostKeyError(str(e)) from None
     key = keys.Key(ed25519.Ed25519PrivateKey.generate())
     try:
         # O_EXCL: never write through a file or link someone put there since.
@@ -173,7 +269,8 @@ class AuthorizedKeys:
     def read(self) -> None:
         """
         Read the file again.  A file that is missing, unreadable or
-        writable by other users lets no key in; a line that is not a plain
+        that other users could have written (L{checkTrusted}) lets no key
+        in; a line that is not a plain
         public key is skipped.  Either is logged with its place.
         """
         try:
@@ -186,7 +283,7 @@ class AuthorizedKeys:
                 reason=e.strerror,
             )
             found = ()
-        except _UnsafeFile as e:
+        except UntrustedFile as e:
             log.error("manhole: {reason}; no key can log in", reason=str(e))
             found = ()
         self.keys = found
@@ -198,13 +295,7 @@ class AuthorizedKeys:
 
     def _parse(self):
         with open(self.path, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            if mode & 0o022:
-                raise _UnsafeFile(
-                    f"authorized keys {self.path}: mode "
-                    f"{stat.S_IMODE(mode):04o} lets other users add keys; "
-                    f"run chmod go-w {self.path}"
-                )
+            checkTrusted("authorized keys", self.path, os.fstat(f.fileno()))
             lines = f.read().splitlines()
         for number, line in enumerate(lines, 1):
             line = line.strip()
@@ -241,10 +332,6 @@ class AuthorizedKeys:
             if listed == key and comment:
                 return f"{fingerprint(key)} ({comment})"
         return fingerprint(key)
-
-
-class _UnsafeFile(Exception):
-    pass
 
 
 class ManholeKeyChecker(SSHPublicKeyChecker):
@@ -359,6 +446,9 @@ class ManholeSession(TerminalSession):
     """
 
     terminal = None
+    # Without a pty request (ssh -T) the shell still needs a size.
+    width = 80
+    height = 24
 
     def getPty(self, term, windowSize, attrs) -> None:
         # A client without a terminal of its own (ssh -tt < file) reports
@@ -396,7 +486,14 @@ USER_KEY_ALGORITHMS = [
 class ManholeTransport(SSHServerTransport):
     """
     The server side of one SSH connection to the manhole.
+
+    @ivar user: the user name once authenticated, else L{None}.
+    @ivar keyBlob: the public key the client last offered.
     """
+
+    _log = _conchLog
+    user: str | None = None
+    keyBlob: bytes | None = None
 
     supportedKeyExchanges = [
         k for k in SSHServerTransport.supportedKeyExchanges if k in KEY_EXCHANGES
@@ -421,30 +518,133 @@ class ManholeTransport(SSHServerTransport):
             return
         SSHServerTransport.receiveError(self, reasonCode, description)
 
+    #: Closes the connection when it has not authenticated in time.
+    _graceTimer = None
+
+    def connectionMade(self) -> None:
+        SSHServerTransport.connectionMade(self)
+        self._graceTimer = self.factory.reactor.callLater(
+            self.factory.loginGraceTime, self._graceExpired
+        )
+
+    def setService(self, service) -> None:
+        # ssh-connection is only started once the user has authenticated,
+        # by the user authentication service, which knows the user.
+        if service.name == b"ssh-connection":
+            self._cancelGrace()
+            self.user = self.service.user.decode("utf-8", "replace")
+            self.factory.authenticated(self)
+        SSHServerTransport.setService(self, service)
+
+    def _graceExpired(self) -> None:
+        self._graceTimer = None
+        self.factory.graceExpired(self)
+        self.transport.loseConnection()
+
+    def _cancelGrace(self) -> None:
+        timer, self._graceTimer = self._graceTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
     def connectionLost(self, reason) -> None:
+        self._cancelGrace()
+        if self.user is not None:
+            log.info(
+                "manhole: user {user} logged out (key {key})",
+                user=self.user,
+                key=fingerprint(keys.Key.fromString(self.keyBlob)),
+            )
         SSHServerTransport.connectionLost(self, reason)
         self.factory.sessions.discard(self)
+        self.factory.unauthenticated.discard(self)
 
+
+
+class ManholeUserAuth(userauth.SSHUserAuthServer):
+    """
+    Twisted's user authentication service, quiet, remembering the key a
+    client offers for the logout line.
+    """
+
+    _log = _conchLog
+
+    def auth_publickey(self, packet: bytes):
+        # hasSig (one byte), algorithm name, key blob, ...
+        self.transport.keyBlob = getNS(packet[1:], 2)[1]
+        return userauth.SSHUserAuthServer.auth_publickey(self, packet)
+
+
+class ManholeConnection(connection.SSHConnection):
+    """
+    Twisted's connection service, quiet.
+    """
+
+    _log = _conchLog
+
+
+class ManholeChannel(session.SSHSession):
+    """
+    Twisted's session channel, quiet (it logs "channel open" and
+    "requesting shell" per session).
+    """
+
+    _log = _conchLog
+
+    def request_shell(self, data: bytes) -> int:
+        # Twisted's own logs the request, then does this.
+        return self._shellOrCommand(
+            prepare=lambda: True, complete=lambda pp, ignored: self._session.openShell(pp)
+        )
+
+
+class ManholeUser(TerminalUser):
+    """
+    The avatar of a logged-in operator: sessions are L{ManholeChannel}s.
+    """
+
+    def __init__(self, original, avatarId) -> None:
+        TerminalUser.__init__(self, original, avatarId)
+        self.channelLookup[b"session"] = ManholeChannel
 
 
 class ManholeFactory(SSHFactory):
     """
     Builds L{ManholeTransport}s with one host key, and keeps them so the
-    manhole can close them when it stops.
+    manhole can close them when it stops; applies the pre-authentication
+    limits, as sshd's C{LoginGraceTime} and C{MaxStartups} (without the
+    random early drop): a connection that has not authenticated
+    L{loginGraceTime} seconds after its accept is closed, and while
+    L{maxStartups} connections are unauthenticated a new one is closed at
+    accept (counted in L{refusedStartups}, logged at a bounded rate).
 
     @ivar sessions: the open SSH connections.
+    @ivar unauthenticated: the connections that have not authenticated yet.
     """
+
+    loginGraceTime = 30.0
+    maxStartups = 10
 
     # The offered key exchanges use no Diffie-Hellman group file.
     primes = None
     # ManholeService logs the one line that matters.
     noisy = False
 
-    def __init__(self, portal: Portal, hostKey: keys.Key, reactor) -> None:
+    def __init__(self, portal: Portal, hostKey: keys.Key, reactor, notices) -> None:
         self.portal = portal
         self.reactor = reactor
+        self.notices = notices
         self.sessions: set[ManholeTransport] = set()
+        self.unauthenticated: set[ManholeTransport] = set()
+        self.refusedStartups = 0
         self.useHostKey(hostKey)
+
+    def useLimits(self, settings: Manhole) -> None:
+        """
+        Apply C{settings}' pre-authentication limits to connections
+        accepted from now on.
+        """
+        self.loginGraceTime = settings.loginGraceTime
+        self.maxStartups = settings.maxStartups
 
     def useHostKey(self, hostKey: keys.Key) -> None:
         """
@@ -454,23 +654,51 @@ class ManholeFactory(SSHFactory):
         self.privateKeys = {hostKey.sshType(): hostKey}
         self.publicKeys = {hostKey.sshType(): hostKey.public()}
 
-    def buildProtocol(self, addr) -> ManholeTransport:
+    def buildProtocol(self, addr) -> ManholeTransport | None:
+        if self.maxStartups and len(self.unauthenticated) >= self.maxStartups:
+            # None: Twisted closes the accepted socket at once.
+            self.refusedStartups += 1
+            self.notices.notice(
+                "startups",
+                "manhole: closed a connection from {client}: {count} connections "
+                "have not authenticated yet (max_startups); {refused} closed so far",
+                client=addr.host,
+                count=len(self.unauthenticated),
+                refused=self.refusedStartups,
+            )
+            return None
         transport = ManholeTransport()
         transport.factory = self
         transport.supportedPublicKeys = self.hostKey.supportedSignatureAlgorithms()
         self.sessions.add(transport)
+        self.unauthenticated.add(transport)
         return transport
+
+    def authenticated(self, transport: ManholeTransport) -> None:
+        self.unauthenticated.discard(transport)
+
+    def graceExpired(self, transport: ManholeTransport) -> None:
+        self.notices.notice(
+            "grace",
+            "manhole: closed a connection from {client}: not authenticated within "
+            "login_grace_time {grace:g}s",
+            client=transport.transport.getPeer().host,
+            grace=self.loginGraceTime,
+        )
 
     def getService(self, transport, service):
         serviceClass = SSHFactory.getService(self, transport, service)
         if serviceClass is userauth.SSHUserAuthServer:
             return self._userAuth
+        if serviceClass is connection.SSHConnection:
+            return ManholeConnection
         return serviceClass
 
     def _userAuth(self) -> userauth.SSHUserAuthServer:
-        server = userauth.SSHUserAuthServer()
+        server = ManholeUserAuth()
         server.clock = self.reactor
-        server.loginTimeout = LOGIN_GRACE
+        # The grace timer from accept ends the connection first.
+        server.loginTimeout = self.loginGraceTime
         return server
 
     def dropSessions(self) -> None:
@@ -487,12 +715,13 @@ def manholePortal(proxy, authorizedKeys: AuthorizedKeys) -> Portal:
     to a shell on C{proxy}.
     """
     realm = TerminalRealm()
+    realm.userFactory = ManholeUser
     realm.sessionFactory = ManholeSession
     realm.chainedProtocolFactory = partial(ServerProtocol, ProxyManhole, proxy)
     return Portal(realm, [ManholeKeyChecker(authorizedKeys)])
 
 
-class ManholeService(Service):
+class ManholeService(Service, Notices):
     """
     The manhole's listening socket, as the root service's child named
     C{"manhole"}.
@@ -503,6 +732,7 @@ class ManholeService(Service):
     name = "manhole"
 
     def __init__(self, settings: Manhole, proxy, reactor) -> None:
+        Notices.__init__(self)
         self.settings = settings
         self.proxy = proxy
         self.reactor = reactor
@@ -529,8 +759,9 @@ class ManholeService(Service):
         self._hostKeyPath = self.settings.hostKey
         self.authorizedKeys.read()
         self.factory = ManholeFactory(
-            manholePortal(self.proxy, self.authorizedKeys), hostKey, self.reactor
+            manholePortal(self.proxy, self.authorizedKeys), hostKey, self.reactor, self
         )
+        self.factory.useLimits(self.settings)
         self._port = self.reactor.listenTCP(
             self.settings.port, self.factory, interface=self.settings.host
         )
@@ -566,6 +797,8 @@ class ManholeService(Service):
         self.settings = settings
         self.authorizedKeys.path = settings.authorizedKeys
         self.authorizedKeys.read()
+        if self.factory is not None:
+            self.factory.useLimits(settings)
         if self.factory is None or settings.hostKey == self._hostKeyPath:
             return
         try:

@@ -350,6 +350,11 @@ class Mapping:
 class Manhole:
     """
     The SSH admin shell's settings.
+
+    @ivar loginGraceTime: seconds from accept a connection has to
+        authenticate, as sshd's C{LoginGraceTime}.
+    @ivar maxStartups: connections not yet authenticated at once; more are
+        closed at accept (sshd's C{MaxStartups}); 0 is unlimited.
     """
 
     host: str
@@ -357,6 +362,8 @@ class Manhole:
     authorizedKeys: str
     hostKey: str
     allowRemote: bool = False
+    loginGraceTime: float = 30.0
+    maxStartups: int = 10
     line: int = field(default=0, compare=False)
 
     @property

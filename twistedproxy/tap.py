@@ -10,7 +10,7 @@ from twisted.python import usage
 
 from twistedproxy.config import ConfigError, loadMap
 from twistedproxy.logs import twistdJSONObserver
-from twistedproxy.service import ProxyService
+from twistedproxy.service import ProxyService, StartupError
 from twistedproxy.systemd import InheritedSockets, Notifier
 
 
@@ -35,12 +35,15 @@ def serviceForMap(path: str, reactor=None) -> ProxyService:
     """
     The root service for the map at C{path}.  An invalid map prints every
     error, one C{FILE:LINE: message} a line, and exits with status 1 before
-    anything listens.
+    anything listens.  A listener that cannot bind later stops twistd
+    with its one logged line and no traceback (L{quietStartupErrors}).
 
     Under systemd, the service takes the listening sockets passed in
     (C{$LISTEN_FDS}, read here, before twistd forks into a daemon) and
     tells C{$NOTIFY_SOCKET} when it is ready, reloading and stopping.
     """
+    if not isinstance(sys.excepthook, _QuietHook):
+        sys.excepthook = quietStartupErrors()
     try:
         proxyMap = loadMap(path)
     except ConfigError as e:
@@ -56,6 +59,33 @@ def serviceForMap(path: str, reactor=None) -> ProxyService:
     if notifier is not None:
         service.watchers.append(notifier)
     return service
+
+
+def quietStartupErrors(hook=None):
+    """
+    An exception hook (for C{sys.excepthook}) that prints nothing for a
+    L{StartupError} and passes any other exception to C{hook}.
+
+    A listener that cannot bind fails twistd's C{privilegedStartService},
+    and twistd lets that exception out of C{run()}: Python would print a
+    traceback of twistd's start-up (some 24 lines) after the one line that
+    matters, which L{ProxyService} has logged already.  The process still
+    exits with status 1; in daemon mode twistd's parent process prints the
+    start of the message, as it does for any start-up error.
+    """
+    if hook is None:
+        hook = sys.excepthook
+
+    return _QuietHook(hook)
+
+
+class _QuietHook:
+    def __init__(self, hook) -> None:
+        self.hook = hook
+
+    def __call__(self, kind, value, tb) -> None:
+        if not issubclass(kind, StartupError):
+            self.hook(kind, value, tb)
 
 
 def makeService(options: Options) -> ProxyService:

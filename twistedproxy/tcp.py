@@ -32,18 +32,20 @@ from twisted.internet.error import (
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IHandshakeListener,
+    IReadDescriptor,
     IResolutionReceiver,
     IWriteDescriptor,
 )
 from twisted.internet.main import CONNECTION_DONE
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twistedproxy import proxyprotocol, tls
 from twistedproxy.access import hostOf
 from twistedproxy.compat import closeWithoutShutdown, reserveDescriptor
-from twistedproxy.fastrelay import EngineFlow, HandedOff, acceptClient
+from twistedproxy.fastrelay import EngineFlow, HandedOff, acceptClient, releaseTransport
 from twistedproxy.listener import (
     IFlow,
     ListenerService,
@@ -70,6 +72,13 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 #: TCP states (C{tcpi_state}, the first byte of C{TCP_INFO}; Linux).
 _TCP_SYN_SENT = 2
 _TCP_CLOSE = 7
+
+#: A client whose target cannot be reached gets a FIN at once; what it
+#: sends then is read and dropped until it closes too, for at most this
+#: many seconds and bytes, because closing a socket with unread data makes
+#: Linux send a reset instead of (or right after) the FIN.
+FAREWELL_SECONDS = 2.0
+FAREWELL_BYTES = 1 << 20
 
 #: accept() errors that concern one client only: take the next.
 _ACCEPT_AGAIN = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR)
@@ -147,6 +156,93 @@ def connectFailureText(reason: Failure) -> str:
     return reason.getErrorMessage()
 
 
+@implementer(IReadDescriptor)
+class ClosingClient:
+    """
+    A client the proxy could not serve (its target refused, timed out or
+    has no address), ended the same way on every path: a FIN at once
+    (C{shutdown(SHUT_WR)}, so the client reads a clean end of stream, as
+    from docker-proxy), then whatever the client sent or still sends read
+    and dropped until it closes its end, L{FAREWELL_SECONDS} pass or
+    L{FAREWELL_BYTES} were dropped, and the socket closed.
+    """
+
+    def __init__(self, fd: int, reactor) -> None:
+        self._socket = socket.socket(fileno=fd)
+        self._socket.setblocking(False)
+        self.reactor = reactor
+        self._left = FAREWELL_BYTES
+        self._timer = None
+
+    @classmethod
+    def takeOver(cls, transport, reactor) -> None:
+        """
+        End the client of a Twisted TCP C{transport} this way; its protocol
+        sees L{HandedOff}.  Without a descriptor to spare the transport is
+        closed as it is.
+        """
+        try:
+            fd = os.dup(transport.fileno())
+        except OSError:
+            transport.loseConnection()
+            return
+        releaseTransport(transport)
+        cls(fd, reactor).start()
+
+    def start(self) -> None:
+        try:
+            self._socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close()
+            return
+        if self._dropInput():
+            self._close()
+            return
+        self.reactor.addReader(self)
+        self._timer = self.reactor.callLater(FAREWELL_SECONDS, self._close)
+
+    def _dropInput(self) -> bool:
+        """
+        Read and drop what the client sent; C{True} once it is done
+        (closed, failed, or sent too much).
+        """
+        while True:
+            try:
+                data = self._socket.recv(65536)
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
+            if not data:
+                return True
+            self._left -= len(data)
+            if self._left <= 0:
+                return True
+
+    def _close(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if self._socket.fileno() >= 0:
+            self.reactor.removeReader(self)
+            self._socket.close()
+
+    # -- IReadDescriptor ------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self._socket.fileno()
+
+    def doRead(self) -> None:
+        if self._dropInput():
+            self._close()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._close()
+
+    def logPrefix(self) -> str:
+        return "portproxy"
+
+
 class ListeningPort(tcp.Port):
     """
     A Twisted TCP port with portproxy's socket options that can stop
@@ -191,12 +287,44 @@ class ListeningPort(tcp.Port):
                 skt.close()
             raise CannotListenError(self.interface, self.port, e) from e
         self._realPortNumber = skt.getsockname()[1]
+        self._logger = Logger(namespace="portproxy", observer=self._acceptLogged)
         self.factory.doStart()
         self.connected = True
         self.socket = skt
         self.fileno = skt.fileno
         self.numberAccepts = 100
         self.startReading()
+
+    def _acceptLogged(self, event: dict) -> None:
+        """
+        Where Twisted's accept loop logs (C{tcp.Port._logger}).  Out of
+        descriptors, it sheds each client with its reserved descriptor and
+        logs three lines per client; a flood of clients would flood the
+        log.  Instead, one rate-limited notice per shed client (or failed
+        accept), at most one line a second per listener, saying how many
+        more there were.
+        """
+        service = self.factory.service
+        listener = service.listener
+        if "address" in event:
+            service.notice(
+                "emfile",
+                "{proto} {mapping} {listen}: out of file descriptors; closed "
+                "client {client} at once",
+                proto=listener.proto,
+                mapping=listener.mapping,
+                listen=listener.listen,
+                client=clientAddress(event["address"]),
+            )
+        elif "acceptError" in event:
+            service.notice(
+                "accept",
+                "{proto} {mapping} {listen}: could not accept a client ({error})",
+                proto=listener.proto,
+                mapping=listener.mapping,
+                listen=listener.listen,
+                error=event["acceptError"],
+            )
 
     def _logConnectionLostMsg(self) -> None:
         """
@@ -842,7 +970,9 @@ class Relay(Protocol):
     def _connectGaveUp(self, why: str) -> None:
         self._because(f"connect failed: {why}")
         self._stopDialing()
-        self.transport.abortConnection()
+        self._clientOpen = False
+        ClosingClient.takeOver(self.transport, self.reactor)
+        self._maybeEnded()
 
     def _stopDialing(self) -> None:
         self._dialing = False
@@ -1289,7 +1419,10 @@ class Dial(EngineFlow):
         self._fail(f"timed out after {self.listener.timeouts.connect:g}s")
 
     def _fail(self, why: str) -> None:
+        clientFd, self._clientFd = self._clientFd, -1
         self._end(f"connect failed: {why}")
+        if clientFd >= 0:
+            ClosingClient(clientFd, self.service.reactor).start()
 
     def close(self, reason: str) -> None:
         """

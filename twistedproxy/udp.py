@@ -74,9 +74,17 @@ MAX_DATAGRAM = 65535
 DRAIN = 64
 
 #: Requested receive and send buffer of a listening socket, which carries
-#: every client of the listener; the kernel caps it at C{net.core.rmem_max}
-#: / C{wmem_max}.  Session sockets keep the system default.
+#: every client of the listener (see L{setBuffers}).
 LISTENING_BUFFER = 4 * 1024 * 1024
+
+#: Requested receive and send buffer of a session's socket: the same, so
+#: that a target answering one datagram with a burst of replies does not
+#: overflow the system default (about 208 KiB, a few hundred small
+#: datagrams).  A buffer costs memory only while datagrams wait in it; the
+#: worst case, a session whose replies come faster than the proxy reads
+#: them, is twice this (the kernel counts its overhead against a doubled
+#: value), and all UDP sockets together are bounded by C{net.ipv4.udp_mem}.
+SESSION_BUFFER = LISTENING_BUFFER
 
 #: Datagrams a session holds while its target's host name is resolved;
 #: later ones are dropped, as a full network queue would, and counted in
@@ -296,8 +304,7 @@ def listenDatagrams(
         skt.setblocking(False)
         if inherited is None:
             listeningSocketOptions(skt, host)
-        skt.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTENING_BUFFER)
-        skt.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LISTENING_BUFFER)
+        setBuffers(skt, LISTENING_BUFFER)
         if wildcard and family == socket.AF_INET6:
             skt.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
         elif wildcard:
@@ -311,12 +318,35 @@ def listenDatagrams(
     return kind(reactor, skt, receiver)
 
 
+#: Linux's options that set a buffer size beyond C{net.core.rmem_max} /
+#: C{wmem_max}, for a process with C{CAP_NET_ADMIN}.
+_FORCE = {
+    socket.SO_RCVBUF: getattr(socket, "SO_RCVBUFFORCE", 33),
+    socket.SO_SNDBUF: getattr(socket, "SO_SNDBUFFORCE", 32),
+}
+
+
+def setBuffers(skt: socket.socket, size: int) -> None:
+    """
+    Ask for C{size} bytes of receive and send buffer on C{skt}: beyond the
+    system's C{rmem_max} / C{wmem_max} when the process may (root, or
+    C{CAP_NET_ADMIN}; their defaults, about 208 KiB, are far below what a
+    burst needs), else as much as they allow.
+    """
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            skt.setsockopt(socket.SOL_SOCKET, _FORCE[option], size)
+        except PermissionError:
+            skt.setsockopt(socket.SOL_SOCKET, option, size)
+
+
 def connectedDatagramSocket(
     family: int, address: tuple, source: Optional[tuple] = None
 ) -> socket.socket:
     """
-    A non-blocking UDP socket connected to C{address}; sending from the
-    client's C{source} address (C{client_address: transparent}) when given.
+    A non-blocking UDP socket connected to C{address}, with
+    L{SESSION_BUFFER} buffers; sending from the client's C{source} address
+    (C{client_address: transparent}) when given.
 
     @raise OSError: when no socket can be opened (out of file descriptors,
         the client's address not usable), or the target is unreachable.
@@ -327,6 +357,7 @@ def connectedDatagramSocket(
         skt = socket.socket(family, socket.SOCK_DGRAM)
     try:
         skt.setblocking(False)
+        setBuffers(skt, SESSION_BUFFER)
         skt.connect(address)
     except BaseException:
         skt.close()
