@@ -11,16 +11,20 @@ import socket
 from typing import Callable, Iterator, Optional
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.error import CannotListenError
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from twistedproxy.config import ConfigError, loadMap
 from twistedproxy.listener import IFlow, ListenerService, fastPathWanted
-from twistedproxy.model import ANY_IPV6, TCP, UDP, Listener, ListenerKey, ProxyMap
+from twistedproxy.model import ANY_IPV6, TCP, UDP, Listener, ListenerKey, Mapping, ProxyMap
 from twistedproxy.plan import diff
 
 log = Logger(namespace="portproxy")
+
+#: A reload's summary line names at most this many failures.
+_SUMMARY_FAILURES = 10
 
 
 class StartupError(Exception):
@@ -67,11 +71,24 @@ def _bindProblem(error: CannotListenError) -> str:
     return str(cause)
 
 
+def _inReactorThreadPool(reactor) -> Callable[..., Deferred]:
+    """
+    Run a function in the reactor's thread pool: a reload reads and checks
+    the map there, so that a big file does not stop the reactor accepting.
+    """
+
+    def inThread(f, *args) -> Deferred:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+    return inThread
+
+
 class ProxyService(MultiService):
     """
     Every listener of one map file, and the manhole.
 
-    @ivar map: the map being served.
+    @ivar map: the map being served: the last one applied, including
+        listeners that failed to bind (the next reload tries them again).
     @ivar listeners: the live listener services by key.
     @ivar draining: removed TCP listeners whose connections are still open;
         each leaves the list when its last connection ends.
@@ -88,7 +105,15 @@ class ProxyService(MultiService):
         manholeType=None,
         ipv6Available: Callable[[], bool] = _ipv6Available,
         relayEngine=_relayEngine,
+        inThread: Optional[Callable[..., Deferred]] = None,
     ) -> None:
+        """
+        @param load: reads and checks a map file; a pure function, run by
+            C{inThread}.
+        @param inThread: calls a function with arguments off the reactor
+            thread and returns a L{Deferred} of its result; by default the
+            reactor's thread pool.
+        """
         MultiService.__init__(self)
         if reactor is None:
             from twisted.internet import reactor
@@ -96,6 +121,7 @@ class ProxyService(MultiService):
         self.map = proxyMap
         self.reactor = reactor
         self._load = load
+        self._inThread = inThread or _inReactorThreadPool(reactor)
         self._listenerTypes = listenerTypes
         self._manholeType = manholeType
         self._ipv6Available = ipv6Available
@@ -188,17 +214,24 @@ class ProxyService(MultiService):
             )
             return None, None
         types = self._listenerTypes or _listenerTypes()
-        service = types[listener.proto](listener, self.reactor)
-        if listener.proto == TCP:
-            service.fastRelay = self.fastRelay
         try:
+            service = types[listener.proto](listener, self.reactor)
+            if listener.proto == TCP:
+                service.fastRelay = self.fastRelay
             service.bind()
         except CannotListenError as e:
-            return None, (
-                f"{self.configPath}:{listener.line}: cannot listen on {listener.key} "
-                f"for mapping '{listener.mapping}': {_bindProblem(e)}"
-            )
-        return service, None
+            problem = _bindProblem(e)
+        except Exception as e:
+            # Not a map's fault (the map was checked): a bug, or the
+            # system.  One listener fails; the others still start.
+            log.failure("binding {key}", key=listener.key)
+            problem = f"unexpected {type(e).__name__}: {e}"
+        else:
+            return service, None
+        return None, (
+            f"{self.configPath}:{listener.line}: cannot listen on {listener.key} "
+            f"for mapping '{listener.mapping}': {problem}"
+        )
 
     def _attach(self, service: ListenerService) -> None:
         self.listeners[service.listener.key] = service
@@ -310,54 +343,71 @@ class ProxyService(MultiService):
         finally:
             self._reloading = False
 
+    def _running(self) -> ProxyMap:
+        """
+        What runs now, as a map: the listeners that are bound and the
+        manhole if it is.  A reload is planned against this, not against
+        L{map}, so that listeners that failed to bind are simply added
+        again, and a reload always starts from the sockets that exist.
+        """
+        listeners = tuple(service.listener for service in self.listeners.values())
+        return ProxyMap(
+            path=self.configPath,
+            mappings=(Mapping("", listeners),) if listeners else (),
+            manhole=None if self.manhole is None else self.manhole.settings,
+        )
+
     @inlineCallbacks
     def _reloadOnce(self):
+        """
+        Load the map in a thread (reading, parsing and checking a big file
+        takes a while, and the reactor goes on accepting meanwhile), then
+        apply it on the reactor thread.  Everything that can be wrong with
+        a map is found by the load, before anything changes; what can still
+        fail when applying it (a bind, the manhole's key files) fails for
+        that listener alone, logged and counted as failed, and the rest
+        applies.
+        """
         log.info("reloading {path}", path=self.configPath)
         try:
-            newMap = self._load(self.configPath)
+            newMap = yield self._inThread(self._load, self.configPath)
         except ConfigError as e:
             for error in e.errors:
                 log.error("{error}", error=error)
             summary = (
                 f"reload of {self.configPath}: invalid, nothing changed "
-                f"({len(e.errors)} error{'s' if len(e.errors) != 1 else ''})"
+                f"({e.count} error{'s' if e.count != 1 else ''})"
             )
             log.error("{summary}", summary=summary)
             return summary
+        if not self.running:
+            return f"reload of {self.configPath}: not applied, the proxy is stopping"
 
-        plan = diff(self.map, newMap)
+        plan = diff(self._running(), newMap)
+        # From here on the new map is the one served, whatever happens.
+        self.map = newMap
+        failed: list[str] = []
+
         # Removed listeners first, so that their ports are free for added
         # ones (127.0.0.1:80 replaced by 0.0.0.0:80, say).
-        stopping = [
-            self._detach(self.listeners[listener.key])
-            for listener in plan.removed
-            if listener.key in self.listeners
-        ]
-        manholeStopping = None
+        stopping = [self._detach(self.listeners[listener.key]) for listener in plan.removed]
         if plan.manholeAction in ("removed", "moved") and self.manhole is not None:
-            manholeStopping = self._detachManhole()
-        for d in stopping:
-            yield d
-        if manholeStopping is not None:
-            yield manholeStopping
+            stopping.append(self._detachManhole())
+        # (A service that stops at once returns None, not a Deferred.)
+        stopping = [d for d in stopping if isinstance(d, Deferred)]
+        for ok, result in (yield DeferredList(stopping, consumeErrors=True)):
+            if not ok:
+                log.failure("stopping a listener", result)
         for listener in plan.removed:
             log.info("{listener} (removed)", listener=listener)
 
-        # A kept or changed listener without a service failed to bind
-        # before: try it again, as if added.
-        retry = [l for l in plan.kept + plan.changed if l.key not in self.listeners]
-        changed = 0
         for listener in plan.changed:
-            service = self.listeners.get(listener.key)
-            if service is not None:
-                service.reconfigure(listener)
-                changed += 1
-                log.info("{listener} (changed)", listener=listener)
+            self.listeners[listener.key].reconfigure(listener)
+            log.info("{listener} (changed)", listener=listener)
         for listener in plan.kept:
-            if listener.key in self.listeners:
-                log.info("{listener} (unchanged)", listener=listener)
-        added, failed = 0, []
-        for listener in plan.added + tuple(retry):
+            log.info("{listener} (unchanged)", listener=listener)
+        added = 0
+        for listener in plan.added:
             service, problem = self._bindListener(listener)
             if problem:
                 failed.append(problem)
@@ -367,28 +417,51 @@ class ProxyService(MultiService):
                 added += 1
                 log.info("{listener} (added)", listener=listener)
 
-        if plan.manholeAction in ("added", "moved") or (
-            plan.manhole is not None and self.manhole is None
-        ):
-            try:
-                self._attachManhole(plan.manhole)
-                log.info("manhole on {listen}", listen=plan.manhole.listen)
-            except CannotListenError as e:
-                problem = self._manholeProblem(plan.manhole, e)
+        if plan.manholeAction is not None and plan.manhole is not None:
+            problem = self._applyManhole(plan.manhole, plan.manholeAction)
+            if problem:
                 failed.append(problem)
                 log.error("{problem}", problem=problem)
-        elif self.manhole is not None and plan.manhole is not None:
-            # Re-read authorized_keys on every reload, changed or not.
-            self.manhole.reconfigure(plan.manhole)
 
-        self.map = newMap
         summary = (
             f"reload of {self.configPath}: added {added}, "
-            f"removed {len(plan.removed)}, changed {changed}, "
-            f"unchanged {len(plan.kept) - sum(1 for l in retry if l in plan.kept)}, "
-            f"failed {len(failed)}"
+            f"removed {len(plan.removed)}, changed {len(plan.changed)}, "
+            f"unchanged {len(plan.kept)}, failed {len(failed)}"
         )
         if failed:
-            summary += " (" + "; ".join(failed) + ")"
+            # Each failure has had its own line; the summary stays short.
+            shown = failed[:_SUMMARY_FAILURES]
+            if len(failed) > len(shown):
+                shown.append(f"and {len(failed) - len(shown)} more")
+            summary += " (" + "; ".join(shown) + ")"
         log.info("{summary}", summary=summary)
         return summary
+
+    def _applyManhole(self, settings, action: str) -> Optional[str]:
+        """
+        Start the manhole (C{action} C{"added"} or C{"moved"}) or let the
+        running one re-read its files; L{None}, or what failed.
+        """
+        if action in ("added", "moved"):
+            try:
+                self._attachManhole(settings)
+            except CannotListenError as e:
+                return self._manholeProblem(settings, e)
+            except Exception as e:
+                log.failure("starting the manhole")
+                return (
+                    f"{self.configPath}:{settings.line}: cannot start the manhole: "
+                    f"unexpected {type(e).__name__}: {e}"
+                )
+            log.info("manhole on {listen}", listen=settings.listen)
+            return None
+        # Re-read authorized_keys on every reload, changed or not.
+        try:
+            self.manhole.reconfigure(settings)
+        except Exception as e:
+            log.failure("reconfiguring the manhole")
+            return (
+                f"{self.configPath}:{settings.line}: manhole not reconfigured: "
+                f"unexpected {type(e).__name__}: {e}"
+            )
+        return None
