@@ -250,7 +250,16 @@ def parseMap(text: str, path: str) -> ProxyMap:
         the error lists every problem.
     """
     with _withoutCycleCollector():
-        return _MapReader(path).read(_compose(text, path))
+        root = _compose(text, path)
+        reader = _MapReader(path)
+        try:
+            return reader.read(root)
+        finally:
+            _dismantle(root)
+            # The same for what the reader learned of each mapping, which
+            # an error's traceback would otherwise free all at once.
+            while reader.entries:
+                reader.entries.pop()
 
 
 def _compose(text: str, path: str) -> Optional[Node]:
@@ -271,6 +280,27 @@ def _compose(text: str, path: str) -> Optional[Node]:
         # PyYAML's pure-Python composer recurses once per level of nesting
         # (libyaml stops at 1000 levels with a MarkedYAMLError).
         raise ConfigError([f"{path}:1: not valid YAML: nested too deeply"]) from None
+
+
+def _dismantle(root: Optional[Node]) -> None:
+    """
+    Free a node tree a few nodes at a time.  Dropped at once, a big tree
+    is freed in one call that holds the GIL for as long as it takes (0.6 s
+    for 50,000 mappings), and a reload in a thread would stop the reactor
+    that long; freed from a Python loop, other threads run between steps
+    (the interpreter switches threads every 5 ms).
+    """
+    pending = [root]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (MappingNode, SequenceNode)):
+            children = node.value
+            while children:
+                child = children.pop()
+                if isinstance(child, tuple):
+                    pending.extend(child)
+                else:
+                    pending.append(child)
 
 
 def _yamlErrorLine(e: yaml.MarkedYAMLError) -> int:
@@ -429,7 +459,7 @@ def _anyOverlap(entries: list[_Entry]) -> bool:
     return False
 
 
-class _WildcardClaims:
+class _PortBytes:
     """
     The ports of one protocol and family claimed so far by some set of
     runs, and the first entry to claim each: a byte per port, so counting
@@ -523,8 +553,8 @@ class _FamilyClaims:
     """
 
     def __init__(self) -> None:
-        self.wildcard = _WildcardClaims()
-        self.every = _WildcardClaims()
+        self.wildcard = _PortBytes()
+        self.every = _PortBytes()
         self.addresses: dict[str, _AddressClaims] = {}
 
     def collisions(self, host: str, first: int, last: int) -> tuple[int, int, int]:
@@ -604,6 +634,8 @@ class _MapReader:
     def __init__(self, path: str) -> None:
         self.path = path
         self.errors: list[tuple[int, str]] = []
+        #: What was read of each mapping, in map order.
+        self.entries: list[_Entry] = []
 
     def error(self, line: int, message: str) -> None:
         self.errors.append((line, message))
@@ -871,31 +903,27 @@ class _MapReader:
                 _line(node), f"mappings: expected a list of mappings, got {_describe(node)}"
             )
             return []
-        entries: list[_Entry] = []
+        entries = self.entries
         names: dict[str, int] = {}
         # An alias (- *web) repeats a mapping node: reported once per node
         # with a count, and not read again.
+        read: dict[int, int] = {}
         repeats: dict[int, list[int]] = {}
         for index, item in enumerate(node.value):
-            if isinstance(item, MappingNode):
-                if id(item) in repeats:
-                    repeats[id(item)].append(index)
-                    continue
-                repeats[id(item)] = [index]
+            if id(item) in read:
+                repeats.setdefault(read[id(item)], []).append(index)
+                continue
+            read[id(item)] = index
             entry = self.readMapping(index, item, defaults, names)
             if entry is not None:
                 entries.append(entry)
-        for item in node.value:
-            indexes = repeats.get(id(item), ())
-            if len(indexes) > 1:
-                others = len(indexes) - 2
-                self.error(
-                    _line(item),
-                    f"mappings[{indexes[0]}]: an alias repeats it as mappings[{indexes[1]}]"
-                    + (f" and {others} more" if others else "")
-                    + "; list each mapping once",
-                )
-                repeats[id(item)] = []
+        for first, indexes in repeats.items():
+            more = f" and {len(indexes) - 1} more" if len(indexes) > 1 else ""
+            self.error(
+                _line(node.value[first]),
+                f"mappings[{first}]: an alias repeats it as mappings[{indexes[0]}]{more};"
+                " list each mapping once",
+            )
         return entries
 
     def readMapping(
