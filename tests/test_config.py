@@ -1409,3 +1409,36 @@ def test_configErrorLinesPrintable() -> None:
     assert error.errors == ["map.yaml:1: a\\nb\\x1b\\ud800c", "map.yaml:2: plain"]
     assert str(error).encode("utf-8")
 
+
+
+def test_pureLoaderSameLines(monkeypatch) -> None:
+    """
+    libyaml's loader, used where PyYAML has it, and the pure-Python one
+    give the same errors on the same lines (and the libyaml one is in use
+    here, so the rest of these tests test it).
+    """
+    import yaml
+
+    from twistedproxy import config
+
+    assert config._Loader is yaml.CSafeLoader
+    text = dedent(
+        """\
+        # a comment
+        defaults: {connect_timeout: 017}
+        mappings:
+          - &m
+            name: "a\\tb"
+            listen: 127.0.0.1:80
+            target: "db:80"
+
+          - *m
+          - {name: c, listen: "127.0.0.1:80-81", target: "db:80",
+             max_connections: 1:30, udp_timeout: 5d}
+        manhole: {listen: 2222, authorized_keys: "k\\0", host_key: h}
+        """
+    )
+    first = errorsOf(text)
+    monkeypatch.setattr(config, "_Loader", yaml.SafeLoader)
+    assert errorsOf(text) == first
+    assert [line.split(":")[1] for line in first] == ["2", "4", "5", "10", "11", "11", "12"]

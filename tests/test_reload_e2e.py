@@ -275,7 +275,8 @@ def test_acceptsWhileABigReloadIsChecked(proxy):
         during = [latency for started, latency in latencies if hup <= started <= hup + took]
         print(
             f"reload refused after {took:.2f}s; {len(during)} connections meanwhile,"
-            f" longest {max(during) * 1000:.0f} ms (before the reload: {max(before) * 1000:.0f} ms)"
+            f" longest {max(during, default=0) * 1000:.0f} ms"
+            f" (before the reload: {max(before) * 1000:.0f} ms)"
         )
         assert summary.endswith("invalid, nothing changed (1 error)")
         assert took > 0.5 and len(during) >= 10  # the reload was long enough to measure

@@ -255,11 +255,13 @@ def parseMap(text: str, path: str) -> ProxyMap:
         try:
             return reader.read(root)
         finally:
-            _dismantle(root)
-            # The same for what the reader learned of each mapping, which
-            # an error's traceback would otherwise free all at once.
-            while reader.entries:
-                reader.entries.pop()
+            if threading.current_thread() is not threading.main_thread():
+                # Another thread (the reactor's) may be waiting for the GIL.
+                _dismantle(root)
+                # The same for what the reader learned of each mapping,
+                # which an error's traceback would free all at once.
+                while reader.entries:
+                    reader.entries.pop()
 
 
 def _compose(text: str, path: str) -> Optional[Node]:
@@ -288,7 +290,9 @@ def _dismantle(root: Optional[Node]) -> None:
     is freed in one call that holds the GIL for as long as it takes (0.6 s
     for 50,000 mappings), and a reload in a thread would stop the reactor
     that long; freed from a Python loop, other threads run between steps
-    (the interpreter switches threads every 5 ms).
+    (the interpreter switches threads every 5 ms).  On the main thread
+    (C{check}, start-up) nothing waits, and the tree is dropped at once,
+    which costs less.
     """
     pending = [root]
     while pending:
@@ -823,10 +827,7 @@ class _MapReader:
         if "max_connections" in keys:
             value = self.count(keys["max_connections"][1], prefix + "max_connections")
             maxConnections = maxConnections if value is None else value
-        timeouts = base.timeouts
-        if (connect, idle, udp) != (timeouts.connect, timeouts.idle, timeouts.udp):
-            timeouts = Timeouts(connect=connect, idle=idle, udp=udp)
-        return _Settings(timeouts, maxConnections)
+        return _Settings(Timeouts(connect=connect, idle=idle, udp=udp), maxConnections)
 
     def duration(self, node: Node, key: str, positive: bool) -> Optional[float]:
         """
