@@ -111,8 +111,8 @@ def test_notYAML(tmp_path) -> None:
     result = check("check", "map.yaml", cwd=str(tmp_path))
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
-        "map.yaml:2: not valid YAML: expected the node content, but found"
-        " '<stream end>' (while parsing a flow node on line 2)"
+        "map.yaml:2: not valid YAML: did not find expected node content"
+        " (while parsing a flow node on line 2)"
     ]
 
 

@@ -11,7 +11,7 @@ from textwrap import dedent
 
 import pytest
 
-from twistedproxy.config import ConfigError, loadMap, parseMap
+from twistedproxy.config import MAPPING_KEYS, ConfigError, loadMap, parseMap
 from twistedproxy.model import (
     ANY_IPV4,
     ANY_IPV6,
@@ -501,14 +501,92 @@ def test_settingInvalid(key: str, value: str, message: str) -> None:
     assert errorsOf(text) == [f"map.yaml:5: {message}"]
 
 
-@pytest.mark.parametrize("value, expected", [("0", 0), ("10", 10), ("0x10", 16)])
+@pytest.mark.parametrize(
+    "value, expected", [("0", 0), ("10", 10), ("9223372036854775807", 2**63 - 1)]
+)
 def test_maxConnectionsValid(value: str, expected: int) -> None:
     """
-    C{max_connections} is a YAML integer of 0 or more.
+    C{max_connections} is a whole number of 0 or more in decimal digits.
     """
     text = oneMapping("listen: 80", "target: db:80", f"max_connections: {value}")
     for listener in parseMap(text, "map.yaml").listeners():
         assert listener.maxConnections == expected
+
+
+_OCTAL = "(no leading zero: YAML 1.1 would read it as octal)"
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("max_connections", "1:30", "'1:30' is not a plain decimal number (YAML 1.1 would read it as base 60)"),
+        ("max_connections", "017", f"'017' is not a plain decimal number {_OCTAL}"),
+        ("max_connections", "00", f"'00' is not a plain decimal number {_OCTAL}"),
+        ("max_connections", "0x10", "'0x10' is not a plain decimal number (no hexadecimal)"),
+        ("max_connections", "0b101", "'0b101' is not a plain decimal number (no binary)"),
+        ("max_connections", "+5", "'+5' is not a plain decimal number (no '+' sign)"),
+        ("max_connections", "1_000", "'1_000' is not a plain decimal number (no '_' between digits)"),
+        ("max_connections", "-017", f"'-017' is not a plain decimal number {_OCTAL}"),
+        ("max_connections", "!!int 1.5", "'1.5' is not a plain decimal number"),
+        (
+            "max_connections",
+            "9223372036854775808",
+            "'9223372036854775808' is too large (at most 9223372036854775807)",
+        ),
+        (
+            "max_connections",
+            "9" * 5000,
+            f"'{'9' * 256}...' is too large (at most 9223372036854775807)",
+        ),
+        ("connect_timeout", "017", f"'017' is not a plain decimal number {_OCTAL}"),
+        ("connect_timeout", "017s", f"'017' is not a plain decimal number {_OCTAL}"),
+        ("connect_timeout", "1:30", "'1:30' is not a plain decimal number (YAML 1.1 would read it as base 60)"),
+        ("connect_timeout", "1:30.5", "'1:30.5' is not a plain decimal number (YAML 1.1 would read it as base 60)"),
+        ("idle_timeout", "0x10", "'0x10' is not a plain decimal number (no hexadecimal)"),
+        ("idle_timeout", "+5", "'+5' is not a plain decimal number (no '+' sign)"),
+        ("idle_timeout", "+5.5", "'+5.5' is not a plain decimal number (no '+' sign)"),
+        ("udp_timeout", "1_0.5", "'1_0.5' is not a plain decimal number (no '_' between digits)"),
+        ("udp_timeout", "1.5e+3", "'1.5e+3' is not a plain decimal number (no exponent)"),
+        ("udp_timeout", "9" * 400, f"'{'9' * 256}...' is too long a duration"),
+        ("udp_timeout", "9" * 400 + ".5", f"'{'9' * 256}...' is too long a duration"),
+        ("udp_timeout", "9" * 400 + "ms", f"'{'9' * 256}...' is too long a duration"),
+        ("idle_timeout", "-" + "9" * 5000, f"'-{'9' * 255}...' is too long a duration"),
+    ],
+)
+def test_numbersAreDecimal(key: str, value: str, message: str) -> None:
+    """
+    Integer and duration values are read as plain decimal digits, not as
+    YAML 1.1's base 60, octal, hexadecimal, binary, signed or '_' forms,
+    and huge numbers are an error line, never a traceback.
+    """
+    text = oneMapping("listen: 80", "target: db:80", f"{key}: {value}")
+    assert errorsOf(text) == [f"map.yaml:5: {key}: {message}"]
+
+
+@pytest.mark.parametrize(
+    "listen, target, message",
+    [
+        ("017", "db:80", f"listen: port '017' is not a plain decimal number {_OCTAL}"),
+        ("127.0.0.1:017", "db:80", f"listen: port '017' is not a plain decimal number {_OCTAL}"),
+        ("80-090", "db:80", f"listen: port '090' is not a plain decimal number {_OCTAL}"),
+        ("80", "db:017", f"target: port '017' is not a plain decimal number {_OCTAL}"),
+        ("80", "db:0x50", "target: '0x50' is not a port or a port range (expected PORT or FIRST-LAST)"),
+        ("+80", "db:80", "listen: '+80' is not a port or a port range (expected PORT or FIRST-LAST)"),
+        ("8_080", "db:80", "listen: '8_080' is not a port or a port range (expected PORT or FIRST-LAST)"),
+        ("1" * 5000, "db:80", f"listen: port {'1' * 256}... is out of range (1-65535)"),
+        ("80", "db:" + "1" * 5000, f"target: port {'1' * 256}... is out of range (1-65535)"),
+        ("80-" + "1" * 5000, "db:80", f"listen: port {'1' * 256}... is out of range (1-65535)"),
+    ],
+)
+def test_portsAreDecimal(listen: str, target: str, message: str) -> None:
+    """
+    Ports in C{listen} and C{target} follow the same rule as every other
+    number: decimal digits without a leading zero; a port of thousands of
+    digits is an error line, not a traceback.
+    """
+    assert errorsOf(oneMapping(f"listen: {listen}", f"target: {target}")) == [
+        f"map.yaml:{3 if 'listen' in message else 4}: {message}"
+    ]
 
 
 # defaults
@@ -619,12 +697,14 @@ def test_defaultsEmpty() -> None:
         (
             "80",
             "80",
-            "tcp 0.0.0.0:80 and 1 more listener overlap mapping 'a' (line 2)",
+            "tcp 0.0.0.0:80 overlaps mapping 'a' (line 2);"
+            " 1 more of its listeners overlaps an earlier mapping",
         ),
         (
             "127.0.0.1:8000-8009",
             "127.0.0.1:8005-8020",
-            "tcp 127.0.0.1:8005 and 4 more listeners overlap mapping 'a' (line 2)",
+            "tcp 127.0.0.1:8005 overlaps mapping 'a' (line 2);"
+            " 4 more of its listeners overlap earlier mappings",
         ),
     ],
 )
@@ -632,7 +712,8 @@ def test_overlap(first: str, second: str, message: str) -> None:
     """
     Listeners on one protocol and port collide when their addresses are
     equal or one is the wildcard of the other's family; the later mapping's
-    C{listen} line names the earlier mapping, once per pair of mappings.
+    C{listen} line names its first such listener, the earlier mapping, and
+    how many more of its listeners collide.
     """
     text = f"""\
         mappings:
@@ -670,19 +751,25 @@ def test_noOverlap(first: str, firstProto: str, second: str, secondProto: str) -
     assert len(parseMap(dedent(text), "map.yaml").mappings) == 2
 
 
-def test_overlapEachEarlierMapping() -> None:
+def test_overlapReportedOnceAgainstTheFirst() -> None:
     """
-    A mapping colliding with two earlier ones gets one error for each.
+    A mapping colliding with several earlier ones gets one error, naming
+    its first colliding listener in map order and the first mapping that
+    listener collides with, with the count of the others.
     """
     text = """\
         mappings:
-          - {name: a, listen: "127.0.0.1:80", target: "db:80"}
+          - {name: a, listen: "127.0.0.1:81", target: "db:80"}
           - {name: b, listen: "[::1]:80", target: "db:80"}
-          - {name: c, listen: 80, target: "db:80"}
+          - {name: c, listen: "127.0.0.2:80", target: "db:80"}
+          - {name: d, proto: [udp, tcp], listen: 80-81, target: "db:80"}
+          - {name: e, listen: "127.0.0.2:70-90", target: "db:80"}
         """
     assert errorsOf(text) == [
-        "map.yaml:4: listen: tcp 0.0.0.0:80 overlaps mapping 'a' (line 2)",
-        "map.yaml:4: listen: tcp [::]:80 overlaps mapping 'b' (line 3)",
+        "map.yaml:5: listen: tcp 0.0.0.0:80 overlaps mapping 'c' (line 4);"
+        " 2 more of its listeners overlap earlier mappings",
+        "map.yaml:6: listen: tcp 127.0.0.2:80 overlaps mapping 'c' (line 4);"
+        " 1 more of its listeners overlaps an earlier mapping",
     ]
 
 
@@ -1100,10 +1187,10 @@ def test_manholeOverlap(listen: str, proto: str, manhole: str, expected) -> None
         (b"42\n", "{path}:1: expected a mapping with the keys defaults, mappings and manhole, got an integer"),
         (
             b"mappings:\n  - listen: [80\n",
-            "{path}:3: not valid YAML: expected ',' or ']', but got '<stream end>'"
+            "{path}:3: not valid YAML: did not find expected ',' or ']'"
             " (while parsing a flow sequence on line 2)",
         ),
-        (b"a: b: c\n", "{path}:1: not valid YAML: mapping values are not allowed here"),
+        (b"a: b: c\n", "{path}:1: not valid YAML: mapping values are not allowed in this context"),
         (
             b"mappings:\n\t- listen: 80\n",
             "{path}:2: not valid YAML: a tab where YAML expects spaces (indent with spaces only)",
@@ -1115,7 +1202,11 @@ def test_manholeOverlap(listen: str, proto: str, manhole: str, expected) -> None
         ),
         (b"mappings: []\n\x07\n", "{path}:2: not valid YAML: character #x0007 is not allowed"),
         (b"mappings: []\n# caf\xe9\n", "{path}:2: not UTF-8 text (byte 0xe9)"),
-        (b"mappings: " + b"[" * 600 + b"]" * 600, "{path}:1: not valid YAML: nested too deeply"),
+        (b"mappings: " + b"[" * 2000 + b"]" * 2000, "{path}:1: not valid YAML: nested too deeply"),
+        (
+            b"mappings:\n" + b"".join(b" " * i + b"- \n" for i in range(1, 2000)),
+            "{path}:1000: not valid YAML: nested too deeply",
+        ),
     ],
 )
 def test_loadMapBadFile(tmp_path, content: bytes, expected: str) -> None:
@@ -1304,3 +1395,171 @@ def test_manholePreAuthenticationLimitErrors(line: str, expected: str) -> None:
     with pytest.raises(ConfigError) as e:
         parseMap(text, "map.yaml")
     assert any(error.startswith(expected) for error in e.value.errors), e.value.errors
+
+
+# message hygiene and limits
+
+
+@pytest.mark.parametrize(
+    "key, shown",
+    [
+        ('"a\\nb"', "'a\\\\nb'"),
+        ('"a\\tb"', "'a\\\\tb'"),
+        ('"a\\eb"', "'a\\\\x1bb'"),
+        ('"a\\0b"', "'a\\\\x00b'"),
+        ('"a\\u2028b"', "'a\\\\u2028b'"),
+        ('"a\\\\nb"', "'a\\\\\\\\nb'"),
+    ],
+)
+def test_controlCharactersEscaped(key: str, shown: str) -> None:
+    """
+    A key with a newline, tab, ESC, NUL, line separator or lone surrogate
+    is quoted into its message escaped as in a Python string literal (and
+    a backslash doubled), so the error is exactly one printable line.
+    """
+    errors = errorsOf(oneMapping("listen: 80", "target: db:80", f"{key}: 1"))
+    assert errors == [
+        f"map.yaml:5: mappings[0]: unknown key {shown.encode().decode('unicode_escape')}"
+        f" (expected one of: {', '.join(MAPPING_KEYS)})"
+    ]
+    assert errors[0].isprintable()
+    errors[0].encode("utf-8")
+
+
+def test_everyMessageOneLine() -> None:
+    """
+    Values with control characters in every quoted place (a duplicate key,
+    a protocol, a name, a port, a host) give one printable line each.
+    """
+    text = (
+        'mappings:\n'
+        '  - {name: "n\\x1b", proto: "t\\ncp", listen: "1\\r2", target: "h\\0st:80"}\n'
+        '  - {"k\\n": 1, "k\\n": 2, listen: 80, target: "db:80"}\n'
+    )
+    errors = errorsOf(text)
+    assert len(errors) == 6
+    for error in errors:
+        assert error.isprintable() and error.startswith("map.yaml:")
+
+
+def test_errorsCapped() -> None:
+    """
+    At most 100 errors are listed, sorted by line, then one line saying how
+    many more there are and from which line; the error counts them all.
+    """
+    text = "mappings:\n" + "".join(f"  - {{listen: {70000 + i}, target: db:80}}\n" for i in range(250))
+    with pytest.raises(ConfigError) as caught:
+        parseMap(text, "map.yaml")
+    errors = caught.value.errors
+    assert len(errors) == 101
+    assert errors[0] == "map.yaml:2: listen: port 70000 is out of range (1-65535)"
+    assert errors[99] == "map.yaml:101: listen: port 70099 is out of range (1-65535)"
+    assert errors[100] == "map.yaml:102: and 150 more errors, from this line on"
+    assert caught.value.count == 250
+
+
+def test_repeatedErrorOnce() -> None:
+    """
+    A bad value that aliases repeat in many mappings is reported once.
+    """
+    text = "defaults: {idle_timeout: &t soon}\nmappings:\n" + "".join(
+        f"  - {{listen: {8000 + i}, target: db:80, idle_timeout: *t}}\n" for i in range(500)
+    )
+    assert errorsOf(text) == [
+        f"map.yaml:1: {key}: 'soon' is not a duration ({_FORMS})"
+        for key in ("defaults.idle_timeout", "idle_timeout")
+    ]
+
+
+def test_aliasOfMappingReportedOnce() -> None:
+    """
+    A mapping repeated by aliases (- *m) is one error on its line, naming
+    the first repeat and counting the rest, and is read only once.
+    """
+    text = "mappings:\n  - &m {name: m, listen: 80, target: db:80}\n" + "  - *m\n" * 4000
+    text += "  - &n {name: n, listen: 81, target: db:80}\n  - *n\n"
+    assert errorsOf(text) == [
+        "map.yaml:2: mappings[0]: an alias repeats it as mappings[1] and 3999 more;"
+        " list each mapping once",
+        "map.yaml:4003: mappings[4001]: an alias repeats it as mappings[4002];"
+        " list each mapping once",
+    ]
+
+
+def test_protoListTooLong() -> None:
+    """
+    A protocol list longer than two is one error, however long, so an alias
+    repeating it costs nothing per item.
+    """
+    errors = errorsOf(oneMapping("proto: [tcp, udp, tcp, udp, tcp]", "listen: 80", "target: db:80"))
+    assert errors == ["map.yaml:3: proto: a list of 5 items (expected tcp, udp or both)"]
+
+
+@pytest.mark.parametrize("key", ["authorized_keys", "host_key"])
+@pytest.mark.parametrize(
+    "path, shown",
+    [
+        ('"/etc/k\\0x"', "'/etc/k\\x00x'"),
+        ('"/etc/k\\nx"', "'/etc/k\\nx'"),
+        ('"/etc/k\\ex"', "'/etc/k\\x1bx'"),
+        ('"/etc/k\\x7f"', "'/etc/k\\x7f'"),
+    ],
+)
+def test_manholePathUnusable(key: str, path: str, shown: str) -> None:
+    """
+    A manhole path with a NUL or another control character, or one the file
+    system cannot encode, is an error of the map (so C{check} finds it), not
+    a crash when the manhole starts.
+    """
+    paths = {"authorized_keys": "/etc/keys", "host_key": "/etc/host", key: path}
+    text = "manhole:\n  listen: 2222\n" + "".join(f"  {k}: {v}\n" for k, v in paths.items())
+    errors = errorsOf(text, "map.yaml")
+    line = 3 if key == "authorized_keys" else 4
+    assert errors == [
+        f"map.yaml:{line}: manhole.{key}: {shown} is not a usable path"
+        " (it has control characters or is not valid text)"
+    ]
+
+
+def test_configErrorLinesPrintable() -> None:
+    """
+    Whatever a ConfigError is given, its lines have no control characters
+    or lone surrogates (which could not even be printed as UTF-8).
+    """
+    error = ConfigError(["map.yaml:1: a\nb\x1b\ud800c", "map.yaml:2: plain"])
+    assert error.errors == ["map.yaml:1: a\\nb\\x1b\\ud800c", "map.yaml:2: plain"]
+    assert str(error).encode("utf-8")
+
+
+
+def test_pureLoaderSameLines(monkeypatch) -> None:
+    """
+    libyaml's loader, used where PyYAML has it, and the pure-Python one
+    give the same errors on the same lines (and the libyaml one is in use
+    here, so the rest of these tests test it).
+    """
+    import yaml
+
+    from twistedproxy import config
+
+    assert config._Loader is yaml.CSafeLoader
+    text = dedent(
+        """\
+        # a comment
+        defaults: {connect_timeout: 017}
+        mappings:
+          - &m
+            name: "a\\tb"
+            listen: 127.0.0.1:80
+            target: "db:80"
+
+          - *m
+          - {name: c, listen: "127.0.0.1:80-81", target: "db:80",
+             max_connections: 1:30, udp_timeout: 5d}
+        manhole: {listen: 2222, authorized_keys: "k\\0", host_key: h}
+        """
+    )
+    first = errorsOf(text)
+    monkeypatch.setattr(config, "_Loader", yaml.SafeLoader)
+    assert errorsOf(text) == first
+    assert [line.split(":")[1] for line in first] == ["2", "4", "5", "10", "11", "11", "12"]

@@ -216,3 +216,68 @@ def test_signalStormLosesNoEcho(proxy):
         assert proxy.process.poll() is None
         reloads = proxy.output()[since:].count("reload of ")
         assert 1 <= reloads <= 20
+
+
+def bigInvalidMap(base, count):
+    """
+    C{base} and C{count} valid mappings more, then one invalid one at the
+    end: all of it is parsed and checked before the reload is refused.
+    """
+    lines = ["mappings:", *(m.rstrip("\n") for m in base)]
+    for i in range(count):
+        host = f"127.{1 + i // 65536}.{(i // 256) % 256}.{i % 256}"
+        lines.append(f"  - {{name: big{i}, listen: '{host}:{1024 + i % 60000}', target: '10.0.0.1:80'}}")
+    lines.append("  - {name: bad, listen: 70000, target: '10.0.0.1:80'}")
+    return "\n".join(lines) + "\n"
+
+
+#: The longest a connect and echo may take while a reload is checked: the
+#: target is 100 ms; this bound holds on a loaded 2-core CI machine.  On a
+#: machine so busy that connections take long anyway, the bound is twice
+#: the longest one before the reload (a reload checked on the reactor
+#: thread pauses it for seconds, far beyond either).
+RELOAD_PAUSE_BOUND = 0.3
+
+
+def test_acceptsWhileABigReloadIsChecked(proxy):
+    """
+    While a reload of a 50,000-mapping map is read, parsed and checked
+    (in a thread), new connections are accepted and relayed without a
+    pause longer than RELOAD_PAUSE_BOUND; the invalid map is then refused.
+    """
+    with TCPEchoServer() as echo:
+        port = freePort()
+        base = [mapping("t", f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}")]
+        proxy.start(proxyMap(*base))
+        proxy.writeMap(bigInvalidMap(base, 50_000))
+        latencies = []
+        done = threading.Event()
+
+        def client():
+            while not done.is_set():
+                started = time.monotonic()
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                    assert roundTrip(conn, b"ping") == b"ping"
+                latencies.append((started, time.monotonic() - started))
+
+        thread = threading.Thread(target=client, daemon=True)
+        first = time.monotonic()
+        thread.start()
+        time.sleep(1.5)
+        since = len(proxy.output())
+        hup = time.monotonic()
+        os.kill(proxy.pid, signal.SIGHUP)
+        summary = proxy.waitFor(r"reload of [^\n]*", timeout=120, since=since).group(0)
+        took = time.monotonic() - hup
+        done.set()
+        thread.join(15)
+        before = [latency for started, latency in latencies if first + 0.5 <= started < hup]
+        during = [latency for started, latency in latencies if hup <= started <= hup + took]
+        print(
+            f"reload refused after {took:.2f}s; {len(during)} connections meanwhile,"
+            f" longest {max(during, default=0) * 1000:.0f} ms"
+            f" (before the reload: {max(before) * 1000:.0f} ms)"
+        )
+        assert summary.endswith("invalid, nothing changed (1 error)")
+        assert took > 0.5 and len(during) >= 10  # the reload was long enough to measure
+        assert max(during) < max(RELOAD_PAUSE_BOUND, 2 * max(before))

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
@@ -29,6 +29,7 @@ from twistedproxy.model import (
 from twistedproxy.service import ProxyService, StartupError
 
 from fakes import FakeFlow, FakeListener, listener, proxyMap
+from support import trustedTmpPath  # noqa: F401 (this module's tmp_path: the manhole trusts it)
 
 
 class FakeManhole(Service):
@@ -42,6 +43,7 @@ class FakeManhole(Service):
         pass
 
     def reconfigure(self, settings):
+        self.settings = settings
         self.reconfigured.append(settings)
 
 
@@ -78,6 +80,7 @@ def makeProxy(initial, ipv6=True):
         manholeType=FakeManhole,
         ipv6Available=lambda: ipv6,
         relayEngine=lambda reactor: None,
+        inThread=maybeDeferred,
     )
     return proxy, maps
 
@@ -351,3 +354,190 @@ def test_onlyPortproxyLogsItsListeningPorts(logged):
     for port in ports:
         assert not [line for line in lines if f"starting on {port}" in line]
         assert not [line for line in lines if f"Port {port} Closed" in line]
+
+
+def test_reloadLoadsOffTheReactorThread():
+    """
+    A reload reads and checks the map through C{inThread} (by default the
+    reactor's thread pool) and changes nothing until that load is done;
+    then it applies the map.
+    """
+    proxy, maps = started(proxyMap(listener(1)))
+    calls = []
+
+    def inThread(f, *args):
+        calls.append((f, args, Deferred()))
+        return calls[-1][2]
+
+    proxy._inThread = inThread
+    maps.next = proxyMap(listener(2))
+    results = []
+    proxy.reload().addCallback(results.append)
+    assert [(f, args) for f, args, d in calls] == [(maps.load, ("map.yaml",))]
+    assert maps.loads == 0 and results == []
+    assert set(proxy.listeners) == {(TCP, "127.0.0.1", 1)}
+    f, args, d = calls[0]
+    d.callback(f(*args))
+    assert results == ["reload of map.yaml: added 1, removed 1, changed 0, unchanged 0, failed 0"]
+    assert set(proxy.listeners) == {(TCP, "127.0.0.1", 2)}
+
+
+def test_defaultLoadUsesReactorThreadPool():
+    """
+    Without C{inThread}, the load runs in the reactor's thread pool and its
+    result comes back to the reactor thread.
+    """
+    from twisted.python.threadpool import ThreadPool
+
+    pools = []
+
+    class ThreadedReactor(MemoryReactorClock):
+        def getThreadPool(self):
+            pool = ThreadPool(1, 1)
+            pool.start()
+            pools.append(pool)
+            return pool
+
+        def callFromThread(self, f, *args, **kw):
+            self.fromThread = (f, args, kw)
+
+    fakeReactor = ThreadedReactor()
+    proxy = ProxyService(
+        "map.yaml",
+        proxyMap(),
+        reactor=fakeReactor,
+        load=lambda path: proxyMap(listener(5)),
+        listenerTypes={TCP: FakeListener, UDP: FakeListener},
+        relayEngine=lambda reactor: None,
+    )
+    proxy.startService()
+    try:
+        results = []
+        proxy.reload().addCallback(results.append)
+        pools[0].stop()  # waits for the load to finish in its thread
+        f, args, kw = fakeReactor.fromThread
+        f(*args, **kw)
+        assert results == ["reload of map.yaml: added 1, removed 0, changed 0, unchanged 0, failed 0"]
+    finally:
+        proxy.stopService()
+
+
+def test_invalidReloadSummaryCountsAllErrors(logged):
+    """
+    A refused reload logs the (capped) error lines and its summary counts
+    every error, also those beyond the cap.
+    """
+    proxy, maps = started(proxyMap(listener(1)))
+    lines = [f"map.yaml:{n}: bad" for n in range(1, 101)] + [
+        "map.yaml:101: and 3900 more errors, from this line on"
+    ]
+    maps.next = ConfigError(lines, count=4000)
+    assert reload(proxy) == "reload of map.yaml: invalid, nothing changed (4000 errors)"
+    assert [e["error"] for e in logged if "error" in e] == lines
+
+
+def test_unexpectedBindErrorFailsOneListener():
+    """
+    A listener whose start raises something unexpected fails alone, like a
+    bind that fails: the rest of the reload applies, the map is the new
+    one, and the next reload tries that listener again.
+    """
+
+    class Broken(FakeListener):
+        broken = True
+
+        def bind(self):
+            if Broken.broken and self.listener.port == 3:
+                raise RuntimeError("boom")
+            FakeListener.bind(self)
+
+    proxy, maps = makeProxy(proxyMap(listener(1)))
+    proxy._listenerTypes = {TCP: Broken, UDP: Broken}
+    proxy.privilegedStartService()
+    proxy.startService()
+    maps.next = proxyMap(listener(2), listener(3))
+    assert reload(proxy) == (
+        "reload of map.yaml: added 1, removed 1, changed 0, unchanged 0, failed 1 "
+        "(map.yaml:3: cannot listen on tcp 127.0.0.1:3 for mapping 'web': "
+        "unexpected RuntimeError: boom)"
+    )
+    assert proxy.map is maps.next
+    assert set(proxy.listeners) == {(TCP, "127.0.0.1", 2)}
+    Broken.broken = False
+    assert reload(proxy) == (
+        "reload of map.yaml: added 1, removed 0, changed 0, unchanged 1, failed 0"
+    )
+
+
+def test_manholeFailureDoesNotHalfApply():
+    """
+    When the running manhole cannot re-read its files, the listeners'
+    changes still apply, the map is the new one, and the summary counts
+    the manhole as failed.
+    """
+    keys = Manhole("127.0.0.1", 2222, "keys", "host")
+    proxy, maps = started(proxyMap(listener(1), manhole=keys))
+
+    def broken(settings):
+        raise ValueError("embedded null byte")
+
+    proxy.manhole.reconfigure = broken
+    maps.next = proxyMap(listener(2), manhole=keys)
+    assert reload(proxy) == (
+        "reload of map.yaml: added 1, removed 1, changed 0, unchanged 0, failed 1 "
+        "(map.yaml:0: manhole not reconfigured: unexpected ValueError: embedded null byte)"
+    )
+    assert proxy.map is maps.next
+    assert set(proxy.listeners) == {(TCP, "127.0.0.1", 2)}
+
+
+def test_reloadWithUnusablePathChangesNothing(tmp_path):
+    """
+    A reload of a map whose manhole host key path has a NUL byte is refused
+    by the map check: nothing changes (it used to swap the listeners, then
+    crash in the manhole and leave the old map in place).
+    """
+    from twistedproxy.config import loadMap
+
+    (tmp_path / "keys").write_text("")
+    (tmp_path / "keys").chmod(0o600)
+    path = tmp_path / "map.yaml"
+    manhole = "manhole: {listen: 2222, authorized_keys: keys, host_key: %s}\n"
+    path.write_text("mappings: [{listen: '127.0.0.1:1', target: 'db:80'}]\n" + manhole % "host")
+    initial = loadMap(str(path))
+    proxy = ProxyService(
+        str(path),
+        initial,
+        reactor=MemoryReactorClock(),
+        listenerTypes={TCP: FakeListener, UDP: FakeListener},
+        ipv6Available=lambda: True,
+        relayEngine=lambda reactor: None,
+        inThread=maybeDeferred,
+    )
+    proxy.privilegedStartService()
+    proxy.startService()
+    try:
+        before = dict(proxy.listeners)
+        path.write_text(
+            "mappings: [{listen: '127.0.0.1:2', target: 'db:80'}]\n" + manhole % '"ho\\0st"'
+        )
+        results = []
+        proxy.reload().addCallback(results.append)
+        assert results == [f"reload of {path}: invalid, nothing changed (1 error)"]
+        assert proxy.listeners == before and proxy.map is initial
+    finally:
+        proxy.stopService()
+
+
+def test_summaryNamesTenFailures():
+    """
+    A reload where many listeners fail names the first ten in its summary
+    and counts the rest (each has its own log line).
+    """
+    proxy, maps = started(proxyMap())
+    FakeListener.busy = set(range(1, 13))
+    maps.next = proxyMap(*[listener(port) for port in range(1, 13)])
+    summary = reload(proxy)
+    assert summary.startswith("reload of map.yaml: added 0, removed 0, changed 0, unchanged 0, failed 12 (")
+    assert summary.count("cannot listen") == 10
+    assert summary.endswith("; and 2 more)")

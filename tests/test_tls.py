@@ -391,7 +391,7 @@ def test_terminatingRelayHandshakeFailure() -> None:
 def test_targetHandshakeFailureIsAFailedConnect() -> None:
     """
     A TLS target whose certificate does not verify fails the dial: the
-    client is closed and the access line gives the mismatch; until its
+    client is closed (not reset) and the access line gives the mismatch; until its
     handshake ends, giving up the dial aborts the target connection.
     """
     from service_identity import VerificationError
@@ -405,7 +405,8 @@ def test_targetHandshakeFailureIsAFailedConnect() -> None:
     assert relay.targetTransport is None and client.producerState == "paused"
     with capturedLogs() as events:
         side.connectionLost(Failure(VerificationError(errors=[DNSMismatch(mismatched_id=DNS_ID("db.internal"))])))
-        assert client.aborted
+        # Closed, not reset: a failed connect ends the client with a FIN.
+        assert client.disconnecting and not client.aborted
         relay.connectionLost(Failure(ConnectionAborted()))
     assert accessLines(events)[-1].endswith(
         "connect failed: tls: the target's certificate is not valid for db.internal"

@@ -7,17 +7,29 @@ user fixes a map in one round and a reload applies either a whole valid map
 or nothing.  The YAML is read with C{yaml.compose}, not C{safe_load}: the
 node tree keeps the line of every key and value, and shows the duplicate
 keys that C{safe_load} silently folds into one.
+
+Checking costs time linear in the size of the file (up to a sort), whatever
+the file holds: ranges are checked as intervals, never port by port; an
+alias repeats a node, never the work on it; at most L{MAX_ERRORS} errors are
+shown.  A map is a pure function of the file, so L{loadMap} may run in any
+thread.
 """
 
 from __future__ import annotations
 
 import difflib
+import gc
 import ipaddress
 import math
 import os
 import re
+import threading
+from array import array
+from bisect import bisect_left, bisect_right
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from operator import itemgetter
+from typing import Iterator, Optional
 
 import yaml
 from yaml.constructor import SafeConstructor
@@ -102,6 +114,18 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 # because Docker's embedded DNS answers for container and Compose service
 # names such as "my_db".
 _LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+# An IPv4 address as ipaddress would print it: the common case, read
+# without ipaddress's much slower parser.
+_IPV4 = re.compile(r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
+                   r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])")
+_IPV4_PORT = re.compile(f"({_IPV4.pattern}):([1-9][0-9]{{0,4}})")
+
+# Numbers are read from the text as written, in decimal: YAML 1.1 would
+# also read 017 as octal 15, 1:30 as 90 (base 60), 0x10, +5 and 1_000.
+_WHOLE = re.compile(r"0|[1-9][0-9]*")
+_DECIMAL = re.compile(r"(?:0|[1-9][0-9]*)(?:\.[0-9]*)?|\.[0-9]+")
+#: The largest whole number a map may give (a signed 64-bit integer).
+MAX_WHOLE = 2**63 - 1
 
 _LISTEN_FORM = "[HOST:]PORT or [HOST:]FIRST-LAST"
 _DURATION_FORMS = "seconds as a number, or a number with ms, s, m or h: 250ms, 5s, 2m, 1h"
@@ -111,29 +135,139 @@ _RATE_FORMS = "N/s, as in 20/s, or {rate: N/s, burst: B}"
 #: What a rate of 0 (no limit) reads as, told apart from a bad value.
 _UNLIMITED = object()
 
+#: At most this many errors are listed, then one line says how many more.
+MAX_ERRORS = 100
+#: A value quoted into a message is cut to this many characters.
+_QUOTE_LENGTH = 256
+
 # Only its scalar constructors are used; they keep no state between calls.
 _scalars = SafeConstructor()
+
+# The libyaml-backed loader composes a big map about five times faster;
+# its marks (lines) are the same as the pure-Python loader's.
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class ConfigError(Exception):
     """
     A map file that cannot be used.
 
-    @ivar errors: every problem found, each a line C{FILE:LINE: message}
-        (or C{FILE: message} when the file cannot be read at all).
+    @ivar errors: the problems found, each one line C{FILE:LINE: message}
+        (or C{FILE: message} when the file cannot be read at all) without
+        control characters; at most L{MAX_ERRORS} of them and a last line
+        saying how many more there are.
+    @ivar count: how many problems there are in all.
     """
 
-    def __init__(self, errors: list[str]) -> None:
+    def __init__(self, errors: list[str], count: Optional[int] = None) -> None:
         super().__init__(errors)
-        self.errors = list(errors)
+        self.errors = [_printable(error) for error in errors]
+        self.count = len(self.errors) if count is None else count
 
     def __str__(self) -> str:
         return "\n".join(self.errors)
 
 
+def _escape(text: str, backslash: bool) -> str:
+    """
+    C{text} with every character that is not printable (control characters,
+    line and paragraph separators, lone surrogates...) written as Python
+    writes it in a string literal (C{\\n}, C{\\x1b}, C{\\ud800}), and, when
+    C{backslash}, each backslash doubled, so that the result is one line a
+    terminal shows as it is.
+    """
+    if text.isprintable() and not (backslash and "\\" in text):
+        return text
+    out = []
+    for char in text:
+        if char == "\\":
+            out.append("\\\\" if backslash else char)
+        elif char.isprintable():
+            out.append(char)
+        else:
+            out.append(repr(char)[1:-1])
+    return "".join(out)
+
+
+def _printable(line: str) -> str:
+    """
+    One message line with its non-printable characters escaped; the last
+    guard, for any value that was not quoted with L{_quote}.
+    """
+    return _escape(line, backslash=False)
+
+
+def _quote(value: str, quotes: bool = True) -> str:
+    """
+    C{value} for a message, in single quotes unless not C{quotes}: escaped
+    so that it is one line (see L{_escape}), and cut short when long.
+    """
+    if len(value) > _QUOTE_LENGTH:
+        value = value[:_QUOTE_LENGTH] + "..."
+    value = _escape(value, backslash=True)
+    return f"'{value}'" if quotes else value
+
+
+def _notDecimal(text: str, tag: str = _STR) -> str:
+    """
+    Say why C{text}, a number as written, is refused: the map takes plain
+    decimal numbers only, whatever else YAML 1.1 would read (C{tag} is the
+    YAML type of the value it was read from).
+    """
+    unsigned = text.lstrip("+-")
+    if text.startswith("+"):
+        why = " (no '+' sign)"
+    elif "_" in text:
+        why = " (no '_' between digits)"
+    elif ":" in text:
+        why = " (YAML 1.1 would read it as base 60)"
+    elif unsigned[:2].lower() in _BASES:
+        why = f" (no {_BASES[unsigned[:2].lower()]})"
+    elif re.match(r"0[0-9]", unsigned):
+        why = " (no leading zero: YAML 1.1 would read it as octal)"
+    elif tag == _FLOAT and "e" in unsigned.lower():
+        why = " (no exponent)"
+    else:
+        why = ""
+    return f"{_quote(text)} is not a plain decimal number{why}"
+
+
+_BASES = {"0x": "hexadecimal", "0o": "octal", "0b": "binary"}
+
+
+_gcLock = threading.Lock()
+_gcHolders = 0
+
+
+@contextmanager
+def _withoutCycleCollector() -> Iterator[None]:
+    """
+    Keep Python's cycle collector from running while a map is composed and
+    read: the node tree and the model are millions of objects that live
+    until the load ends, and the collector would walk them again and again
+    (it more than doubles the time of a big map).  Reference counting still
+    frees everything; the collector runs again afterwards.  A count makes
+    it safe for loads in several threads at once.
+    """
+    global _gcHolders
+    with _gcLock:
+        _gcHolders += 1
+        if _gcHolders == 1:
+            _withoutCycleCollector.wasEnabled = gc.isenabled()  # type: ignore[attr-defined]
+            gc.disable()
+    try:
+        yield
+    finally:
+        with _gcLock:
+            _gcHolders -= 1
+            if _gcHolders == 0 and _withoutCycleCollector.wasEnabled:  # type: ignore[attr-defined]
+                gc.enable()
+
+
 def loadMap(path: str) -> ProxyMap:
     """
-    Read and check the map file at C{path}.
+    Read and check the map file at C{path}.  It touches nothing but that
+    file, so it may run in a thread of its own.
 
     @raise ConfigError: the file cannot be read, is not YAML, or breaks a
         rule of the map; the error lists every problem.
@@ -161,10 +295,29 @@ def parseMap(text: str, path: str) -> ProxyMap:
     @raise ConfigError: the text is not YAML or breaks a rule of the map;
         the error lists every problem.
     """
+    with _withoutCycleCollector():
+        root = _compose(text, path)
+        reader = _MapReader(path)
+        try:
+            return reader.read(root)
+        finally:
+            if threading.current_thread() is not threading.main_thread():
+                # Another thread (the reactor's) may be waiting for the GIL.
+                _dismantle(root)
+                # The same for what the reader learned of each mapping,
+                # which an error's traceback would free all at once.
+                while reader.entries:
+                    reader.entries.pop()
+
+
+def _compose(text: str, path: str) -> Optional[Node]:
+    """
+    The YAML node tree of C{text}; L{None} when it holds no document.
+    """
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        return yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as e:
-        raise ConfigError([f"{path}:{_yamlErrorLine(e)}: {_yamlErrorMessage(e)}"]) from None
+        raise ConfigError([f"{path}:{_yamlErrorLine(e)}: {_yamlErrorMessage(e, text)}"]) from None
     except yaml.reader.ReaderError as e:
         # The reader rejects control characters before any mark exists.
         line = text.count("\n", 0, e.position) + 1
@@ -172,9 +325,32 @@ def parseMap(text: str, path: str) -> ProxyMap:
             [f"{path}:{line}: not valid YAML: character #x{e.character:04x} is not allowed"]
         ) from None
     except RecursionError:
-        # PyYAML's composer recurses once per level of nesting.
+        # PyYAML's pure-Python composer recurses once per level of nesting
+        # (libyaml stops at 1000 levels with a MarkedYAMLError).
         raise ConfigError([f"{path}:1: not valid YAML: nested too deeply"]) from None
-    return _MapReader(path).read(root)
+
+
+def _dismantle(root: Optional[Node]) -> None:
+    """
+    Free a node tree a few nodes at a time.  Dropped at once, a big tree
+    is freed in one call that holds the GIL for as long as it takes (0.6 s
+    for 50,000 mappings), and a reload in a thread would stop the reactor
+    that long; freed from a Python loop, other threads run between steps
+    (the interpreter switches threads every 5 ms).  On the main thread
+    (C{check}, start-up) nothing waits, and the tree is dropped at once,
+    which costs less.
+    """
+    pending = [root]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (MappingNode, SequenceNode)):
+            children = node.value
+            while children:
+                child = children.pop()
+                if isinstance(child, tuple):
+                    pending.extend(child)
+                else:
+                    pending.append(child)
 
 
 def _yamlErrorLine(e: yaml.MarkedYAMLError) -> int:
@@ -182,9 +358,12 @@ def _yamlErrorLine(e: yaml.MarkedYAMLError) -> int:
     return mark.line + 1 if mark is not None else 1
 
 
-def _yamlErrorMessage(e: yaml.MarkedYAMLError) -> str:
-    if e.problem and "'\\t'" in e.problem:
+def _yamlErrorMessage(e: yaml.MarkedYAMLError, text: str) -> str:
+    mark = e.problem_mark
+    if mark is not None and text[mark.index : mark.index + 1] == "\t":
         return "not valid YAML: a tab where YAML expects spaces (indent with spaces only)"
+    if e.problem == "exceeded maximum nesting depth":
+        return "not valid YAML: nested too deeply"
     if e.problem and e.context and e.problem.startswith("but "):
         # "expected a single document in the stream" / "but found another document"
         return f"not valid YAML: {e.context}, {e.problem}"
@@ -278,13 +457,16 @@ class _Entry:
     """
     What the reader learned of one mapping, even a broken one: enough to
     check overlaps with the mappings around it.
+
+    @ivar listens: the protocol and host of each run of listeners, in map
+        order; each run has the ports of C{ports}.
     """
 
     index: int
     line: int
     name: Optional[str] = None
     listenLine: int = 0
-    keys: list[ListenerKey] = field(default_factory=list)
+    listens: tuple[tuple[str, str], ...] = ()
     ports: Optional[_Ports] = None
     target: Optional[str] = None
     targetPorts: Optional[_Ports] = None
@@ -297,8 +479,214 @@ class _Entry:
         return f"the mapping on line {self.line}"
 
 
-#: Listening hosts and their mappings by protocol and port, for overlaps.
-_Bound = dict[tuple[str, int], list[tuple[str, _Entry]]]
+# Overlaps.  Listeners of different protocols or address families never
+# collide, so each (protocol, family) is checked alone.  Within one, the
+# listeners of a mapping are a few runs of ports on one host each.  A run
+# on an address collides with earlier runs on the same address and on the
+# family's wildcard; a run on the wildcard with every earlier run.  Runs
+# are checked in map order against what earlier mappings claimed, kept as
+# intervals: never one object or step per port of a range.
+
+
+def _anyOverlap(entries: list[_Entry]) -> bool:
+    """
+    Whether any two listeners of C{entries} collide: one sort and one
+    sweep over the runs of each protocol and family.  Most maps have no
+    overlap, and this is all they cost.
+    """
+    groups: dict[tuple[str, bool], list[tuple[int, int, Optional[str]]]] = {}
+    for entry in entries:
+        ports = entry.ports
+        for proto, host in entry.listens:
+            family = ":" in host
+            wildcard = host == ANY_IPV4 or host == ANY_IPV6
+            groups.setdefault((proto, family), []).append(
+                (ports.first, ports.last, None if wildcard else host)
+            )
+    for runs in groups.values():
+        runs.sort(key=itemgetter(0))
+        # The highest port reached so far by every run, by the wildcard's
+        # runs, and by each address's runs.
+        reachAll = reachWildcard = 0
+        reach: dict[str, int] = {}
+        for first, last, host in runs:
+            if host is None:
+                if reachAll >= first:
+                    return True
+                reachWildcard = max(reachWildcard, last)
+            else:
+                if reachWildcard >= first or reach.get(host, 0) >= first:
+                    return True
+                reach[host] = max(reach.get(host, 0), last)
+            reachAll = max(reachAll, last)
+    return False
+
+
+class _PortBytes:
+    """
+    The ports of one protocol and family claimed so far by some set of
+    runs, and the first entry to claim each: a byte per port, so counting
+    and finding claimed ports of a range is one C-speed scan.
+    """
+
+    def __init__(self) -> None:
+        self.claimed = bytearray(65536)
+        self.owners = array("i", bytes(4 * 65536))
+
+    def count(self, first: int, last: int) -> int:
+        return self.claimed.count(1, first, last + 1)
+
+    def lowest(self, first: int, last: int) -> int:
+        """
+        The lowest claimed port in C{first..last}, or -1.
+        """
+        return self.claimed.find(1, first, last + 1)
+
+    def claim(self, first: int, last: int, owner: int) -> None:
+        """
+        Claim the ports of C{first..last} no one claimed yet for C{owner};
+        each port is claimed once, so all claims together cost at most one
+        step per port of the family.
+        """
+        claimed, end = self.claimed, last + 1
+        start = claimed.find(0, first, end)
+        while start >= 0:
+            stop = claimed.find(1, start, end)
+            if stop < 0:
+                stop = end
+            claimed[start:stop] = b"\x01" * (stop - start)
+            self.owners[start:stop] = array("i", [owner]) * (stop - start)
+            start = claimed.find(0, stop, end)
+
+
+class _AddressClaims:
+    """
+    The ports one address has claimed so far and the first entry to claim
+    each, as sorted intervals: C{starts}/C{ends} their union (merged, so a
+    later range walks each interval once before it is merged into it), and
+    C{pieces}/C{pieceEnds}/C{owners} the same ports by first owner.
+    """
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.pieces: list[int] = []
+        self.pieceEnds: list[int] = []
+        self.owners: list[int] = []
+
+    def within(self, first: int, last: int) -> Iterator[tuple[int, int]]:
+        """
+        The claimed intervals within C{first..last}, in order.
+        """
+        starts, ends = self.starts, self.ends
+        i = bisect_left(ends, first)
+        while i < len(starts) and starts[i] <= last:
+            yield max(starts[i], first), min(ends[i], last)
+            i += 1
+
+    def owner(self, port: int) -> int:
+        """
+        The first owner of a claimed C{port}.
+        """
+        return self.owners[bisect_right(self.pieces, port) - 1]
+
+    def claim(self, first: int, last: int, owner: int) -> None:
+        gapStart = first
+        for start, end in list(self.within(first, last)) + [(last + 1, last + 1)]:
+            if gapStart < start:
+                at = bisect_left(self.pieces, gapStart)
+                self.pieces.insert(at, gapStart)
+                self.pieceEnds.insert(at, start - 1)
+                self.owners.insert(at, owner)
+            gapStart = end + 1
+        # Merge [first, last] with the intervals it overlaps or touches.
+        i = bisect_left(self.ends, first - 1)
+        j = bisect_right(self.starts, last + 1)
+        if i < j:
+            first = min(first, self.starts[i])
+            last = max(last, self.ends[j - 1])
+        self.starts[i:j] = [first]
+        self.ends[i:j] = [last]
+
+
+class _FamilyClaims:
+    """
+    What the runs of one protocol and family claimed so far: C{wildcard}
+    the wildcard's runs, C{every} all runs, and C{addresses} each address's.
+    """
+
+    def __init__(self) -> None:
+        self.wildcard = _PortBytes()
+        self.every = _PortBytes()
+        self.addresses: dict[str, _AddressClaims] = {}
+
+    def collisions(self, host: str, first: int, last: int) -> tuple[int, int, int]:
+        """
+        How many ports of the run C{host:first-last} collide with earlier
+        runs, the lowest of them, and the earliest entry it collides with;
+        C{(0, -1, -1)} when none does.
+        """
+        wildcard = self.wildcard
+        if host == ANY_IPV4 or host == ANY_IPV6:
+            count = self.every.count(first, last)
+            port = self.every.lowest(first, last)
+            return count, port, self.every.owners[port] if count else -1
+        count = wildcard.count(first, last)
+        port = wildcard.lowest(first, last)
+        owner = wildcard.owners[port] if count else -1
+        claims = self.addresses.get(host)
+        if claims is not None:
+            for start, end in claims.within(first, last):
+                count += end - start + 1 - wildcard.count(start, end)
+                if port < 0 or start <= port:
+                    candidate = claims.owner(start)
+                    if port < 0 or start < port or candidate < owner:
+                        owner = candidate
+                    port = start
+        return count, port, owner
+
+    def claim(self, host: str, first: int, last: int, owner: int) -> None:
+        if host == ANY_IPV4 or host == ANY_IPV6:
+            self.wildcard.claim(first, last, owner)
+        else:
+            claims = self.addresses.get(host)
+            if claims is None:
+                claims = self.addresses[host] = _AddressClaims()
+            claims.claim(first, last, owner)
+        self.every.claim(first, last, owner)
+
+
+def _findOverlaps(
+    entries: list[_Entry],
+) -> Iterator[tuple[_Entry, ListenerKey, _Entry, int]]:
+    """
+    Each entry with listeners that collide with earlier entries' (in map
+    order, a wildcard colliding with every address of its family): its
+    first such listener in map order, the first entry that listener
+    collides with, and how many of its listeners collide in all.
+    """
+    if not _anyOverlap(entries):
+        return
+    families: dict[tuple[str, bool], _FamilyClaims] = {}
+    for position, entry in enumerate(entries):
+        ports = entry.ports
+        protos = [proto for proto, host in entry.listens]
+        total = 0
+        first: Optional[tuple[tuple[int, int, int], ListenerKey, int]] = None
+        for order, (proto, host) in enumerate(entry.listens):
+            family = families.get((proto, ":" in host))
+            if family is None:
+                family = families[(proto, ":" in host)] = _FamilyClaims()
+            count, port, owner = family.collisions(host, ports.first, ports.last)
+            family.claim(host, ports.first, ports.last, position)
+            if count:
+                total += count
+                # Map order: protocols as written, then ports, then hosts.
+                rank = (protos.index(proto), port, order)
+                if first is None or rank < first[0]:
+                    first = (rank, ListenerKey(proto, host, port), owner)
+        if first is not None:
+            yield entry, first[1], entries[first[2]], total
 
 
 class _MapReader:
@@ -310,6 +698,8 @@ class _MapReader:
         self.path = path
         self.errors: list[tuple[int, str]] = []
         self.warnings: list[tuple[int, str]] = []
+        #: What was read of each mapping, in map order.
+        self.entries: list[_Entry] = []
 
     def warning(self, line: int, message: str) -> None:
         self.warnings.append((line, message))
@@ -336,14 +726,14 @@ class _MapReader:
         entries: list[_Entry] = []
         if "mappings" in sections:
             entries = self.readMappings(sections["mappings"][1], defaults)
-        bound = self.checkOverlaps(entries)
+        self.checkOverlaps(entries)
         manhole = None
         if "manhole" in sections:
             keyNode, valueNode = sections["manhole"]
-            manhole = self.readManhole(keyNode, valueNode, bound)
+            manhole = self.readManhole(keyNode, valueNode, entries)
         http = None
         if "http" in sections:
-            http = self.readHttp(*sections["http"], bound, manhole)
+            http = self.readHttp(*sections["http"], entries, manhole)
         logFormat = "text"
         if "log_format" in sections:
             logFormat = self.readLogFormat(sections["log_format"][1]) or logFormat
@@ -365,12 +755,24 @@ class _MapReader:
         )
 
     def raiseErrors(self) -> None:
-        if self.errors:
-            # A stable sort keeps the errors of one line in the order found.
-            self.errors.sort(key=lambda error: error[0])
-            raise ConfigError(
-                [f"{self.path}:{line}: {message}" for line, message in self.errors]
+        """
+        Raise the errors found, if any: sorted by line, each distinct one
+        once (an alias repeats a node and its errors), the first
+        L{MAX_ERRORS} and then how many more.
+        """
+        if not self.errors:
+            return
+        # dict: the first of equal errors, in the order found; a stable
+        # sort keeps the errors of one line in that order.
+        errors = sorted(dict.fromkeys(self.errors), key=itemgetter(0))
+        lines = [f"{self.path}:{line}: {message}" for line, message in errors[:MAX_ERRORS]]
+        if len(errors) > MAX_ERRORS:
+            more = len(errors) - MAX_ERRORS
+            lines.append(
+                f"{self.path}:{errors[MAX_ERRORS][0]}: and {more} more"
+                f" error{'s' if more != 1 else ''}, from this line on"
             )
+        raise ConfigError(lines, count=len(errors))
 
     # YAML structure
 
@@ -387,8 +789,20 @@ class _MapReader:
                 continue  # aliases may share, or even contain, a node
             seen.add(id(node))
             if isinstance(node, SequenceNode):
-                pending.extend(reversed(node.value))
+                pending.extend(item for item in reversed(node.value) if type(item) is not ScalarNode)
             elif isinstance(node, MappingNode):
+                pairs = node.value
+                try:
+                    # Keys of distinct text are distinct keys: the common
+                    # case, checked at once.
+                    unique = len({key.value for key, value in pairs}) == len(pairs)
+                except TypeError:  # a list or mapping as a key
+                    unique = False
+                if unique:
+                    for key, value in pairs:
+                        if type(value) is not ScalarNode:
+                            pending.append(value)
+                    continue
                 first: dict[tuple, int] = {}
                 for keyNode, valueNode in node.value:
                     if isinstance(keyNode, ScalarNode):
@@ -396,7 +810,7 @@ class _MapReader:
                         if ident in first:
                             self.error(
                                 _line(keyNode),
-                                f"duplicate key '{keyNode.value}'"
+                                f"duplicate key {_quote(keyNode.value)}"
                                 f" (first on line {first[ident]})",
                             )
                         else:
@@ -438,7 +852,7 @@ class _MapReader:
             unknown.append(name)
             self.error(
                 _line(keyNode),
-                f"{prefix}unknown key '{name}' (expected one of: {', '.join(allowed)})",
+                f"{prefix}unknown key {_quote(name)} (expected one of: {', '.join(allowed)})",
             )
         for key in required:
             if key not in result and not difflib.get_close_matches(key, unknown, n=1):
@@ -671,8 +1085,8 @@ class _MapReader:
 
     def duration(self, node: Node, key: str, positive: bool) -> Optional[float]:
         """
-        Seconds from a number or a string with a unit; L{None} after
-        reporting a bad value.
+        Seconds from a decimal number or a string of one with a unit;
+        L{None} after reporting a bad value.
         """
         expected = f"a duration ({_DURATION_FORMS})"
         text = self.text(node, key, expected, (_INT, _FLOAT, _STR))
@@ -682,22 +1096,30 @@ class _MapReader:
             match = _DURATION.fullmatch(text)
             if match is None:
                 self.error(
-                    _line(node), f"{key}: '{text}' is not a duration ({_DURATION_FORMS})"
+                    _line(node), f"{key}: {_quote(text)} is not a duration ({_DURATION_FORMS})"
                 )
                 return None
-            seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-        elif node.tag == _INT:
-            seconds = float(_scalars.construct_yaml_int(node))
+            number, unit = match.group(1), match.group(2)
         else:
-            seconds = _scalars.construct_yaml_float(node)
-        if not math.isfinite(seconds):
+            number, unit = text, "s"
+        if text.lower().lstrip("+-") in (".inf", ".nan"):
             self.error(_line(node), f"{key}: expected a finite duration, got {text}")
             return None
+        negative = number.startswith("-") and number != "-"
+        if _DECIMAL.fullmatch(number[negative:]) is None:
+            self.error(_line(node), f"{key}: {_notDecimal(number, node.tag)}")
+            return None
+        # float() of a decimal string is never an error; past 1.8e308 it
+        # is inf.
+        seconds = float(number) * _UNIT_SECONDS[unit]
+        if not math.isfinite(seconds):
+            self.error(_line(node), f"{key}: {_quote(text)} is too long a duration")
+            return None
         if positive and seconds <= 0:
-            self.error(_line(node), f"{key}: must be more than 0, got {text}")
+            self.error(_line(node), f"{key}: must be more than 0, got {_quote(text, quotes=False)}")
             return None
         if seconds < 0:
-            self.error(_line(node), f"{key}: must not be negative, got {text}")
+            self.error(_line(node), f"{key}: must not be negative, got {_quote(text, quotes=False)}")
             return None
         return seconds
 
@@ -705,11 +1127,26 @@ class _MapReader:
         text = self.text(node, key, "a whole number (0 is unlimited)", (_INT,))
         if text is None:
             return None
-        value = _scalars.construct_yaml_int(node)
-        if value < 0:
-            self.error(_line(node), f"{key}: must not be negative, got {text}")
+        value = self.wholeNumber(text, node, key)
+        if value is not None and value < 0:
+            self.error(_line(node), f"{key}: must not be negative, got {_quote(text, quotes=False)}")
             return None
         return value
+
+    def wholeNumber(self, text: str, node: Node, key: str) -> Optional[int]:
+        """
+        The value of a whole number written in decimal digits, optionally
+        negative, at most L{MAX_WHOLE}; L{None} after reporting anything
+        else.
+        """
+        digits = text[1:] if text.startswith("-") else text
+        if _WHOLE.fullmatch(digits) is None:
+            self.error(_line(node), f"{key}: {_notDecimal(text, node.tag)}")
+            return None
+        if len(digits) > len(str(MAX_WHOLE)) or int(digits) > MAX_WHOLE:
+            self.error(_line(node), f"{key}: {_quote(text)} is too large (at most {MAX_WHOLE})")
+            return None
+        return int(text)
 
     # mappings
 
@@ -721,12 +1158,27 @@ class _MapReader:
                 _line(node), f"mappings: expected a list of mappings, got {_describe(node)}"
             )
             return []
-        entries: list[_Entry] = []
+        entries = self.entries
         names: dict[str, int] = {}
+        # An alias (- *web) repeats a mapping node: reported once per node
+        # with a count, and not read again.
+        read: dict[int, int] = {}
+        repeats: dict[int, list[int]] = {}
         for index, item in enumerate(node.value):
+            if id(item) in read:
+                repeats.setdefault(read[id(item)], []).append(index)
+                continue
+            read[id(item)] = index
             entry = self.readMapping(index, item, defaults, names)
             if entry is not None:
                 entries.append(entry)
+        for first, indexes in repeats.items():
+            more = f" and {len(indexes) - 1} more" if len(indexes) > 1 else ""
+            self.error(
+                _line(node.value[first]),
+                f"mappings[{first}]: an alias repeats it as mappings[{indexes[0]}]{more};"
+                " list each mapping once",
+            )
         return entries
 
     def readMapping(
@@ -791,12 +1243,7 @@ class _MapReader:
 
         if protos is not None and ports is not None:
             hosts = [host] if host is not None else [ANY_IPV4, ANY_IPV6]
-            entry.keys = [
-                ListenerKey(proto, h, port)
-                for proto in protos
-                for port in range(ports.first, ports.last + 1)
-                for h in hosts
-            ]
+            entry.listens = tuple((proto, h) for proto in protos for h in hosts)
         entry.ports, entry.target, entry.targetPorts = ports, target, targetPorts
         entry.settings = settings
         if protos is not None:
@@ -810,6 +1257,14 @@ class _MapReader:
             if not items:
                 self.error(_line(node), "proto: the list is empty (expected tcp, udp or both)")
                 return None
+            if len(items) > len(PROTOCOLS):
+                # Not item by item: an alias may repeat a long list in
+                # every mapping.
+                self.error(
+                    _line(node),
+                    f"proto: a list of {len(items)} items (expected tcp, udp or both)",
+                )
+                return None
         else:
             items = [node]
         protos: list[str] = []
@@ -819,10 +1274,10 @@ class _MapReader:
             if proto is None:
                 good = False
             elif proto not in PROTOCOLS:
-                self.error(_line(item), f"proto: '{proto}' is not a protocol (expected tcp or udp)")
+                self.error(_line(item), f"proto: {_quote(proto)} is not a protocol (expected tcp or udp)")
                 good = False
             elif proto in protos:
-                self.error(_line(item), f"proto: '{proto}' is listed twice")
+                self.error(_line(item), f"proto: {_quote(proto)} is listed twice")
                 good = False
             else:
                 protos.append(proto)
@@ -857,7 +1312,7 @@ class _MapReader:
                 return None
             if _NAME.fullmatch(name) is None:
                 self.error(
-                    line, f"name: '{name}' may only contain letters, digits, '.', '_' and '-'"
+                    line, f"name: {_quote(name)} may only contain letters, digits, '.', '_' and '-'"
                 )
                 return None
             if name in names:
@@ -873,7 +1328,7 @@ class _MapReader:
         if name in names:
             self.error(
                 entry.line,
-                f"mappings[{entry.index}]: its default name '{name}' is already used"
+                f"mappings[{entry.index}]: its default name {_quote(name)} is already used"
                 f" by the mapping on line {names[name]}; give it a name",
             )
         else:
@@ -883,19 +1338,30 @@ class _MapReader:
     # addresses
 
     def ports(self, text: str, node: Node, key: str) -> Optional[_Ports]:
+        if len(text) < 5 and text.isascii() and text.isdigit() and text[0] != "0":
+            port = int(text)  # the common case, a single port below 10000
+            return _Ports(port, port, text)
         match = _PORTS.fullmatch(text)
         if match is None:
             self.error(
                 _line(node),
-                f"{key}: '{text}' is not a port or a port range (expected PORT or FIRST-LAST)",
+                f"{key}: {_quote(text)} is not a port or a port range (expected PORT or FIRST-LAST)",
             )
             return None
-        first = int(match.group(1))
-        last = first if match.group(2) is None else int(match.group(2))
-        for port in (first, last):
-            if not 1 <= port <= 65535:
-                self.error(_line(node), f"{key}: port {port} is out of range (1-65535)")
+        bounds = []
+        for digits in match.groups(match.group(1)):
+            if _WHOLE.fullmatch(digits) is None:
+                self.error(_line(node), f"{key}: port {_notDecimal(digits)}")
                 return None
+            # More than five digits is out of range whatever they are.
+            if len(digits) > 5 or not 1 <= int(digits) <= 65535:
+                self.error(
+                    _line(node),
+                    f"{key}: port {_quote(digits, quotes=False)} is out of range (1-65535)",
+                )
+                return None
+            bounds.append(int(digits))
+        first, last = bounds
         if first > last:
             self.error(
                 _line(node),
@@ -914,32 +1380,32 @@ class _MapReader:
         if text.startswith("["):
             close = text.find("]")
             if close < 0:
-                self.error(_line(node), f"{key}: '[' without a matching ']' in '{text}'")
+                self.error(_line(node), f"{key}: '[' without a matching ']' in {_quote(text)}")
                 return None
             rest = text[close + 1 :]
             if not rest:
-                self.error(_line(node), f"{key}: '{text}' has no port (expected {form})")
+                self.error(_line(node), f"{key}: {_quote(text)} has no port (expected {form})")
                 return None
             if not rest.startswith(":"):
                 self.error(
-                    _line(node), f"{key}: expected ':' after ']' in '{text}' (expected {form})"
+                    _line(node), f"{key}: expected ':' after ']' in {_quote(text)} (expected {form})"
                 )
                 return None
             return text[1:close], True, rest[1:]
         if text.count(":") > 1:
             self.error(
                 _line(node),
-                f"{key}: an IPv6 address must be in brackets, as in [::1]:8080 ('{text}')",
+                f"{key}: an IPv6 address must be in brackets, as in [::1]:8080 ({_quote(text)})",
             )
             return None
         if ":" not in text:
             if _PORTS.fullmatch(text) is None and _looksLikeHost(text):
-                self.error(_line(node), f"{key}: '{text}' has no port (expected {form})")
+                self.error(_line(node), f"{key}: {_quote(text)} has no port (expected {form})")
                 return None
             return None, False, text
         host, _, portText = text.rpartition(":")
         if not host:
-            self.error(_line(node), f"{key}: the host before ':' is empty in '{text}'")
+            self.error(_line(node), f"{key}: the host before ':' is empty in {_quote(text)}")
             return None
         return host, False, portText
 
@@ -950,6 +1416,9 @@ class _MapReader:
         A C{listen} value as a normalized host (L{None}: every interface)
         and its ports; L{None} after reporting a bad value.
         """
+        fast = _fastAddress(text)
+        if fast is not None:
+            return fast
         split = self.splitHostPort(text, node, key, form)
         if split is None:
             return None
@@ -971,13 +1440,16 @@ class _MapReader:
         A C{target} value as a host (normalized IP literal or a host name)
         and its ports; L{None} after reporting a bad value.
         """
+        fast = _fastAddress(text)
+        if fast is not None and fast[0] != ANY_IPV4:
+            return fast
         form = "HOST:PORT or HOST:FIRST-LAST"
         split = self.splitHostPort(text, node, "target", form)
         if split is None:
             return None
         rawHost, bracketed, portText = split
         if rawHost is None:
-            self.error(_line(node), f"target: '{text}' has no host (expected {form})")
+            self.error(_line(node), f"target: {_quote(text)} has no host (expected {form})")
             return None
         host = _ipLiteral(rawHost, bracketed)
         good = True
@@ -1008,6 +1480,13 @@ class _MapReader:
             self.error(_line(node), f"{key}: the path is empty")
             return None
         if value is None:
+            return None
+        if not _usablePath(value):
+            self.error(
+                _line(node),
+                f"{key}: {_quote(value)} is not a usable path"
+                " (it has control characters or is not valid text)",
+            )
             return None
         return os.path.abspath(os.path.join(os.path.dirname(self.path), value))
 
@@ -1213,40 +1692,26 @@ class _MapReader:
 
     # overlaps and the manhole
 
-    def checkOverlaps(self, entries: list[_Entry]) -> _Bound:
+    def checkOverlaps(self, entries: list[_Entry]) -> None:
         """
-        Report each mapping whose listeners collide with an earlier
-        mapping's, once per pair, on the later mapping's C{listen} line.
-
-        @return: every listener's host and mapping by protocol and port.
+        Report each mapping whose listeners collide with earlier mappings'
+        once, on its C{listen} line: its first such listener, the first
+        mapping that one collides with, and how many more collide.
         """
-        bound: _Bound = {}
-        for entry in entries:
-            clashes: dict[int, tuple[_Entry, ListenerKey, int]] = {}
-            for key in entry.keys:
-                for host, earlier in bound.get((key.proto, key.port), ()):
-                    if _overlaps(host, key.host):
-                        if id(earlier) in clashes:
-                            first = clashes[id(earlier)]
-                            clashes[id(earlier)] = (first[0], first[1], first[2] + 1)
-                        else:
-                            clashes[id(earlier)] = (earlier, key, 1)
-            for earlier, key, count in clashes.values():
-                if count == 1:
-                    what = f"{key} overlaps"
-                elif count == 2:
-                    what = f"{key} and 1 more listener overlap"
-                else:
-                    what = f"{key} and {count - 1} more listeners overlap"
-                self.error(entry.listenLine, f"listen: {what} {earlier.describe()}")
-            for key in entry.keys:
-                bound.setdefault((key.proto, key.port), []).append((key.host, entry))
-        return bound
+        for entry, key, earlier, count in _findOverlaps(entries):
+            message = f"listen: {key} overlaps {earlier.describe()}"
+            if count == 2:
+                message += "; 1 more of its listeners overlaps an earlier mapping"
+            elif count > 2:
+                message += f"; {count - 1} more of its listeners overlap earlier mappings"
+            self.error(entry.listenLine, message)
 
-    def readManhole(self, keyNode: Node, node: Node, bound: _Bound) -> Optional[Manhole]:
+    def readManhole(
+        self, keyNode: Node, node: Node, entries: list[_Entry]
+    ) -> Optional[Manhole]:
         """
         The manhole section, which may not collide with the TCP listeners
-        in C{bound}; L{None} when the section is empty or has errors.
+        of C{entries}; L{None} when the section is empty or has errors.
         """
         if isinstance(node, ScalarNode) and node.tag == _NULL:
             return None
@@ -1259,7 +1724,7 @@ class _MapReader:
         errorsBefore = len(self.errors)
         keys = self.keysOf(node, "manhole", MANHOLE_KEYS, ("listen", "authorized_keys", "host_key"))
 
-        host, port, allowRemote = self.serviceListen(keys, "manhole", bound)
+        host, port, allowRemote = self.serviceListen(keys, "manhole", entries)
 
         paths = {}
         for key in ("authorized_keys", "host_key"):
@@ -1289,14 +1754,14 @@ class _MapReader:
         )
 
     def serviceListen(
-        self, keys: dict[str, tuple[Node, Node]], section: str, bound: _Bound,
+        self, keys: dict[str, tuple[Node, Node]], section: str, entries: list[_Entry],
         default: Optional[tuple[str, int]] = None,
     ) -> tuple[Optional[str], Optional[int], bool]:
         """
         The C{listen} and C{allow_remote} of a section that serves one TCP
         port of its own (the manhole, the HTTP endpoint): one port, on
         loopback unless C{allow_remote} is true, overlapping no listener in
-        C{bound}.  A missing C{listen} is C{default}.
+        C{entries}.  A missing C{listen} is C{default}.
 
         @return: host, port (L{None} after an error) and C{allow_remote}.
         """
@@ -1328,24 +1793,29 @@ class _MapReader:
                 f"{where}: {host} is not a loopback address;"
                 f" add allow_remote: true to let other hosts {_REMOTE_USE[section]}",
             )
-        clashes = {
-            id(entry): entry
-            for other, entry in bound.get((TCP, port), ())
-            if _overlaps(other, host)
-        }
-        for entry in clashes.values():
+        clash = next(
+            (
+                entry
+                for entry in entries
+                if entry.ports is not None
+                and entry.ports.first <= port <= entry.ports.last
+                and any(proto == TCP and _overlaps(other, host) for proto, other in entry.listens)
+            ),
+            None,
+        )
+        if clash is not None:
             self.error(
                 _line(listenNode),
-                f"{where}: tcp {formatHostPort(host, port)} overlaps {entry.describe()}",
+                f"{where}: tcp {formatHostPort(host, port)} overlaps {clash.describe()}",
             )
         return host, port, allowRemote
 
     def readHttp(
-        self, keyNode: Node, node: Node, bound: _Bound, manhole: Optional[Manhole]
+        self, keyNode: Node, node: Node, entries: list[_Entry], manhole: Optional[Manhole]
     ) -> Optional[Http]:
         """
         The C{http} section (C{http: {}} listens on L{HTTP_LISTEN}); it may
-        not collide with the TCP listeners in C{bound} nor the manhole.
+        not collide with the TCP listeners of C{entries} nor the manhole.
         L{None} when the section is empty (every key commented out, as any
         section) or has errors.
         """
@@ -1362,7 +1832,7 @@ class _MapReader:
         errorsBefore = len(self.errors)
         defaultHost, defaultPort = HTTP_LISTEN.rsplit(":", 1)
         host, port, allowRemote = self.serviceListen(
-            keys, "http", bound, (defaultHost, int(defaultPort))
+            keys, "http", entries, (defaultHost, int(defaultPort))
         )
         if (
             host is not None
@@ -1446,34 +1916,65 @@ _REMOTE_USE = {"manhole": "log in", "http": "connect"}
 
 def _buildMapping(entry: _Entry) -> Mapping:
     """
-    The L{Mapping} of an entry of a map without errors.
+    The L{Mapping} of an entry of a map without errors.  A range becomes
+    one L{Listener} per port and protocol and host: 262,140 for
+    C{proto: [tcp, udp]} and C{listen: 1-65535}, a fraction of a second.
     """
     ports, targetPorts = entry.ports, entry.targetPorts
+    timeouts, maxConnections = entry.settings.timeouts, entry.settings.maxConnections
+    name, line, targetHost = entry.name, entry.line, entry.target
     # A single target port takes every listen port; a range pairs up port
     # by port (the reader checked that the lengths agree).
-    offset = targetPorts.first - ports.first
-    targets = {
-        port: Target(entry.target, targetPorts.first if len(targetPorts) == 1 else port + offset)
-        for port in range(ports.first, ports.last + 1)
-    }
+    if len(targetPorts) == 1:
+        single = Target(targetHost, targetPorts.first)
+        targets = [single] * len(ports)
+    else:
+        targets = [Target(targetHost, port) for port in range(targetPorts.first, targetPorts.last + 1)]
     settings = entry.settings
+    identity, access, tls = settings.identity, settings.access, entry.tls
+    byProto: dict[str, list[str]] = {}
+    for proto, host in entry.listens:
+        byProto.setdefault(proto, []).append(host)
     listeners = tuple(
         Listener(
-            entry.name,
-            proto,
-            host,
-            port,
-            targets[port],
-            settings.timeouts,
-            settings.maxConnections,
-            settings.identity,
-            settings.access,
-            entry.line,
-            entry.tls,
+            name, proto, host, port, target, timeouts, maxConnections, identity, access, line, tls
         )
-        for proto, host, port in entry.keys
+        for proto, hosts in byProto.items()
+        for port, target in zip(range(ports.first, ports.last + 1), targets)
+        for host in hosts
     )
-    return Mapping(name=entry.name, listeners=listeners, line=entry.line)
+    return Mapping(name=name, listeners=listeners, line=line)
+
+
+def _fastAddress(text: str) -> Optional[tuple[str, _Ports]]:
+    """
+    The host and port of C{IPV4:PORT} in the form ipaddress prints, the
+    common case, read with one regular expression; L{None} for anything
+    else, which the full parser then reads or explains.
+    """
+    match = _IPV4_PORT.fullmatch(text)
+    if match is None:
+        return None
+    host, portText = match.groups()
+    port = int(portText)
+    if port > 65535:
+        return None
+    return host, _Ports(port, port, portText)
+
+
+def _usablePath(path: str) -> bool:
+    """
+    Whether the system can open C{path}: no NUL (nor, as a path a person
+    means, any other control character), and text the file system can
+    encode (no lone surrogates).
+    """
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in path):
+        return False
+    try:
+        os.fsencode(path)
+    except UnicodeError:
+        return False
+    return True
 
 
 def _ipLiteral(host: str, bracketed: bool) -> Optional[str]:
@@ -1481,6 +1982,8 @@ def _ipLiteral(host: str, bracketed: bool) -> Optional[str]:
     The normalized text of an IP literal (IPv6 when C{bracketed}, IPv4
     otherwise), or L{None} when C{host} is not one.
     """
+    if not bracketed and _IPV4.fullmatch(host):
+        return host
     try:
         if bracketed:
             if "%" in host:
@@ -1523,13 +2026,13 @@ def _notAnAddress(host: str, bracketed: bool, nameAllowed: bool) -> str:
     """
     if bracketed:
         if "%" in host:
-            return f"'[{host}]': IPv6 zone indexes ('%') are not supported"
-        return f"'[{host}]' is not an IPv6 address (brackets are for IPv6 only)"
+            return f"{_quote(f'[{host}]')}: IPv6 zone indexes ('%') are not supported"
+        return f"{_quote(f'[{host}]')} is not an IPv6 address (brackets are for IPv6 only)"
     if re.fullmatch(r"[0-9.]+", host):
-        return f"'{host}' is not a valid IPv4 address"
+        return f"{_quote(host)} is not a valid IPv4 address"
     if nameAllowed:
-        return f"'{host}' is not an IP address or a host name"
+        return f"{_quote(host)} is not an IP address or a host name"
     return (
-        f"'{host}' is not an IP address (listen takes an IPv4 address"
+        f"{_quote(host)} is not an IP address (listen takes an IPv4 address"
         " or a bracketed IPv6 address such as [::1])"
     )

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import signal
 import socket
+import sys
 from typing import Callable, Iterator, Optional
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
 from twisted.internet.error import CannotListenError
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
 
 from twistedproxy.config import ConfigError, loadMap
@@ -22,11 +24,14 @@ from twistedproxy.config import _overlaps as overlaps
 from twistedproxy.listener import IFlow, ListenerService, fastPathWanted
 from twistedproxy.logs import useLogFormat
 from twistedproxy.metrics import ReloadCounts
-from twistedproxy.model import ANY_IPV6, TCP, UDP, Listener, ListenerKey, ProxyMap
+from twistedproxy.model import ANY_IPV6, TCP, UDP, Listener, ListenerKey, Mapping, ProxyMap
 from twistedproxy.plan import diff
 from twistedproxy.systemd import InheritedSockets
 
 log = Logger(namespace="portproxy")
+
+#: A reload's summary line names at most this many failures.
+_SUMMARY_FAILURES = 10
 
 
 class StartupError(Exception):
@@ -85,11 +90,38 @@ def _logWarnings(proxyMap: ProxyMap) -> None:
         log.warn("{warning}", warning=warning)
 
 
+def _yieldingOften(f, *args):
+    """
+    Call C{f} with the interpreter switching threads every millisecond
+    rather than every 5: the reactor thread, waiting for the GIL at each
+    step of a connection, then waits less while a long load runs.
+    """
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, 0.001))
+    try:
+        return f(*args)
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def _inReactorThreadPool(reactor) -> Callable[..., Deferred]:
+    """
+    Run a function in the reactor's thread pool: a reload reads and checks
+    the map there, so that a big file does not stop the reactor accepting.
+    """
+
+    def inThread(f, *args) -> Deferred:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), _yieldingOften, f, *args)
+
+    return inThread
+
+
 class ProxyService(MultiService):
     """
     Every listener of one map file, and the manhole.
 
-    @ivar map: the map being served.
+    @ivar map: the map being served: the last one applied, including
+        listeners that failed to bind (the next reload tries them again).
     @ivar listeners: the live listener services by key.
     @ivar draining: removed TCP listeners whose connections are still open;
         each leaves the list when its last connection ends.
@@ -116,7 +148,15 @@ class ProxyService(MultiService):
         relayEngine=_relayEngine,
         inherited: Optional[InheritedSockets] = None,
         controlType=None,
+        inThread: Optional[Callable[..., Deferred]] = None,
     ) -> None:
+        """
+        @param load: reads and checks a map file; a pure function, run by
+            C{inThread}.
+        @param inThread: calls a function with arguments off the reactor
+            thread and returns a L{Deferred} of its result; by default the
+            reactor's thread pool.
+        """
         MultiService.__init__(self)
         if reactor is None:
             from twisted.internet import reactor
@@ -124,6 +164,7 @@ class ProxyService(MultiService):
         self.map = proxyMap
         self.reactor = reactor
         self._load = load
+        self._inThread = inThread or _inReactorThreadPool(reactor)
         self._listenerTypes = listenerTypes
         self._manholeType = manholeType
         self._httpType = httpType
@@ -287,22 +328,29 @@ class ProxyService(MultiService):
             )
             return None, None
         types = self._listenerTypes or _listenerTypes()
-        service = types[listener.proto](listener, self.reactor)
-        if listener.proto == TCP:
-            service.fastRelay = self.fastRelay
-        if adopted is None:
-            adopted = self.inheritedSockets.take(
-                listener, frozenset(m.name for m in self.map.mappings)
-            )
-        service.inheritedSocket = adopted
         try:
+            service = types[listener.proto](listener, self.reactor)
+            if listener.proto == TCP:
+                service.fastRelay = self.fastRelay
+            if adopted is None:
+                adopted = self.inheritedSockets.take(
+                    listener, frozenset(m.name for m in self.map.mappings)
+                )
+            service.inheritedSocket = adopted
             service.bind()
         except CannotListenError as e:
-            return None, (
-                f"{place}cannot listen on {listener.key} "
-                f"for mapping '{listener.mapping}': {_bindProblem(e)}"
-            )
-        return service, None
+            problem = _bindProblem(e)
+        except Exception as e:
+            # Not a map's fault (the map was checked): a bug, or the
+            # system.  One listener fails; the others still start.
+            log.failure("binding {key}", key=listener.key)
+            problem = f"unexpected {type(e).__name__}: {e}"
+        else:
+            return service, None
+        return None, (
+            f"{place}cannot listen on {listener.key} "
+            f"for mapping '{listener.mapping}': {problem}"
+        )
 
     def _overlapping(self, listener: Listener, published: bool) -> Optional[str]:
         """
@@ -537,18 +585,6 @@ class ProxyService(MultiService):
             f"{settings.listen} for {what}: {_bindProblem(error)}"
         )
 
-    def _reattachSection(self, section: str, settings, failed: list[str]) -> None:
-        """
-        Start C{section} at a reload; a failure to bind joins C{failed}.
-        """
-        try:
-            self._attachSection(section, settings)
-            log.info("{section} on {listen}", section=section, listen=settings.listen)
-        except CannotListenError as e:
-            problem = self._sectionProblem(section, settings, e)
-            failed.append(problem)
-            log.error("{problem}", problem=problem)
-
     def _detachSection(self, section: str) -> Deferred:
         service = getattr(self, section)
         setattr(self, section, None)
@@ -589,58 +625,82 @@ class ProxyService(MultiService):
         finally:
             self._reloading = False
 
+    def _running(self) -> ProxyMap:
+        """
+        What of the map runs now, as a map: its listeners that are bound
+        (not those published through the control socket, which reloads
+        leave alone), and the manhole and HTTP endpoint if they are.  A
+        reload is planned against this, not against L{map}, so that
+        listeners that failed to bind are simply added again, and a reload
+        always starts from the sockets that exist.
+        """
+        listeners = tuple(
+            service.listener
+            for key, service in self.listeners.items()
+            if key not in self.published
+        )
+        return ProxyMap(
+            path=self.configPath,
+            mappings=(Mapping("", listeners),) if listeners else (),
+            manhole=None if self.manhole is None else self.manhole.settings,
+            http=None if self.http is None else self.http.settings,
+        )
+
     @inlineCallbacks
     def _reloadOnce(self):
+        """
+        Load the map in a thread (reading, parsing and checking a big file
+        takes a while, and the reactor goes on accepting meanwhile), then
+        apply it on the reactor thread.  Everything that can be wrong with
+        a map is found by the load, before anything changes; what can still
+        fail when applying it (a bind, the manhole's key files) fails for
+        that listener alone, logged and counted as failed, and the rest
+        applies.
+        """
         log.info("reloading {path}", path=self.configPath)
         try:
-            newMap = self._load(self.configPath)
+            newMap = yield self._inThread(self._load, self.configPath)
         except ConfigError as e:
             for error in e.errors:
                 log.error("{error}", error=error)
             summary = (
                 f"reload of {self.configPath}: invalid, nothing changed "
-                f"({len(e.errors)} error{'s' if len(e.errors) != 1 else ''})"
+                f"({e.count} error{'s' if e.count != 1 else ''})"
             )
-            log.error("{summary}", summary=summary, errors=len(e.errors))
+            log.error("{summary}", summary=summary, errors=e.count)
             self.reloadCounts.reloaded(False)
             return summary
+        if not self.running:
+            return f"reload of {self.configPath}: not applied, the proxy is stopping"
 
+        plan = diff(self._running(), newMap)
+        # From here on the new map is the one served, whatever happens.
+        self.map = newMap
+        failed: list[str] = []
         _logWarnings(newMap)
-        plan = diff(self.map, newMap)
+
         # Removed listeners first, so that their ports are free for added
         # ones (127.0.0.1:80 replaced by 0.0.0.0:80, say).
-        stopping = [
-            self._detach(self.listeners[listener.key])
-            for listener in plan.removed
-            if listener.key in self.listeners
-        ]
-        manholeStopping = None
-        if plan.manholeAction in ("removed", "moved") and self.manhole is not None:
-            manholeStopping = self._detachSection("manhole")
-        for d in stopping:
-            yield d
-        if plan.httpAction in ("removed", "moved") and self.http is not None:
-            yield self._detachSection("http")
-        if manholeStopping is not None:
-            yield manholeStopping
+        stopping = [self._detach(self.listeners[listener.key]) for listener in plan.removed]
+        for section in ("manhole", "http"):
+            action = getattr(plan, f"{section}Action")
+            if action in ("removed", "moved") and getattr(self, section) is not None:
+                stopping.append(self._detachSection(section))
+        # (A service that stops at once returns None, not a Deferred.)
+        stopping = [d for d in stopping if isinstance(d, Deferred)]
+        for ok, result in (yield DeferredList(stopping, consumeErrors=True)):
+            if not ok:
+                log.failure("stopping a listener", result)
         for listener in plan.removed:
             log.info("{listener} (removed)", listener=listener)
 
-        # A kept or changed listener without a service failed to bind
-        # before: try it again, as if added.
-        retry = [l for l in plan.kept + plan.changed if l.key not in self.listeners]
-        changed = 0
         for listener in plan.changed:
-            service = self.listeners.get(listener.key)
-            if service is not None:
-                service.reconfigure(listener)
-                changed += 1
-                log.info("{listener} (changed)", listener=listener)
+            self.listeners[listener.key].reconfigure(listener)
+            log.info("{listener} (changed)", listener=listener)
         for listener in plan.kept:
-            if listener.key in self.listeners:
-                log.info("{listener} (unchanged)", listener=listener)
-        added, failed = 0, []
-        for listener in plan.added + tuple(retry):
+            log.info("{listener} (unchanged)", listener=listener)
+        added = 0
+        for listener in plan.added:
             service, problem = self._bindListener(listener)
             if problem:
                 failed.append(problem)
@@ -650,32 +710,63 @@ class ProxyService(MultiService):
                 added += 1
                 log.info("{listener} (added)", listener=listener)
 
-        if plan.manholeAction in ("added", "moved") or (
-            plan.manhole is not None and self.manhole is None
-        ):
-            self._reattachSection("manhole", plan.manhole, failed)
-        elif self.manhole is not None and plan.manhole is not None:
-            # Re-read authorized_keys on every reload, changed or not.
-            self.manhole.reconfigure(plan.manhole)
-
-        if plan.http is not None and self.http is None:
-            self._reattachSection("http", plan.http, failed)
+        for section in ("manhole", "http"):
+            action, settings = getattr(plan, f"{section}Action"), getattr(plan, section)
+            if action is not None and settings is not None:
+                problem = self._applySection(section, settings, action)
+                if problem:
+                    failed.append(problem)
+                    log.error("{problem}", problem=problem)
         useLogFormat(newMap.logFormat)
         failed += self._reloadControl(newMap.control)
 
-        self.map = newMap
-        unchanged = len(plan.kept) - sum(1 for l in retry if l in plan.kept)
         summary = (
             f"reload of {self.configPath}: added {added}, "
-            f"removed {len(plan.removed)}, changed {changed}, "
-            f"unchanged {unchanged}, "
-            f"failed {len(failed)}"
+            f"removed {len(plan.removed)}, changed {len(plan.changed)}, "
+            f"unchanged {len(plan.kept)}, failed {len(failed)}"
         )
         if failed:
-            summary += " (" + "; ".join(failed) + ")"
+            # Each failure has had its own line; the summary stays short.
+            shown = failed[:_SUMMARY_FAILURES]
+            if len(failed) > len(shown):
+                shown.append(f"and {len(failed) - len(shown)} more")
+            summary += " (" + "; ".join(shown) + ")"
         log.info(
             "{summary}", summary=summary, added=added, removed=len(plan.removed),
-            changed=changed, unchanged=unchanged, failed=len(failed),
+            changed=len(plan.changed), unchanged=len(plan.kept), failed=len(failed),
         )
         self.reloadCounts.reloaded(True)
         return summary
+
+    def _applySection(self, section: str, settings, action: str) -> Optional[str]:
+        """
+        Start the manhole or the HTTP endpoint (C{action} C{"added"} or
+        C{"moved"}), or let the running manhole re-read its files;
+        L{None}, or what failed.
+        """
+        what = "the manhole" if section == "manhole" else section
+        if action in ("added", "moved"):
+            try:
+                self._attachSection(section, settings)
+            except CannotListenError as e:
+                return self._sectionProblem(section, settings, e)
+            except Exception as e:
+                log.failure("starting {what}", what=what)
+                return (
+                    f"{self.configPath}:{settings.line}: cannot start {what}: "
+                    f"unexpected {type(e).__name__}: {e}"
+                )
+            log.info("{section} on {listen}", section=section, listen=settings.listen)
+            return None
+        if section != "manhole":
+            return None
+        # Re-read authorized_keys on every reload, changed or not.
+        try:
+            self.manhole.reconfigure(settings)
+        except Exception as e:
+            log.failure("reconfiguring the manhole")
+            return (
+                f"{self.configPath}:{settings.line}: manhole not reconfigured: "
+                f"unexpected {type(e).__name__}: {e}"
+            )
+        return None

@@ -179,8 +179,12 @@ class ClosingClient:
         """
         End the client of a Twisted TCP C{transport} this way; its protocol
         sees L{HandedOff}.  Without a descriptor to spare the transport is
-        closed as it is.
+        closed as it is, and so is one that is not a plain TCP connection
+        (a TLS client: its TLS layer ends with close_notify, then a FIN).
         """
+        if not isinstance(transport, tcp.Connection):
+            transport.loseConnection()
+            return
         try:
             fd = os.dup(transport.fileno())
         except OSError:

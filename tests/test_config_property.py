@@ -1,0 +1,293 @@
+"""
+Property-based tests of the map loader (hypothesis): whatever the file
+holds, L{twistedproxy.config.parseMap} gives a L{ProxyMap} or only
+C{FILE:LINE: message} lines, never another exception, in bounded time; and
+the interval-based overlap check agrees with checking port by port.
+
+The examples are derandomized (the same ones every run, in CI too) and
+few, so the suite stays fast; C{HYPOTHESIS_PROFILE=thorough} runs many
+more, with a random seed, to look for new failures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from twistedproxy.config import ConfigError, parseMap
+from twistedproxy.model import ANY_IPV4, ANY_IPV6, ProxyMap
+
+settings.register_profile(
+    "ci",
+    max_examples=50,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "thorough",
+    max_examples=5000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+PROFILE = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+#: Seconds one map of these sizes may take, on a slow shared machine; they
+#: take milliseconds.
+BOUND = 5.0
+
+_LINE = re.compile(r"map\.yaml:[0-9]+: .+")
+
+
+def assertLoads(text: str) -> None:
+    """
+    C{text} gives a map, or at most 101 one-line printable errors each of
+    the form C{map.yaml:LINE: message}; within L{BOUND} seconds.
+    """
+    started = time.monotonic()
+    try:
+        result = parseMap(text, "map.yaml")
+    except ConfigError as e:
+        assert 1 <= len(e.errors) <= 101, e.errors
+        assert e.count >= len(e.errors)
+        for line in e.errors:
+            assert _LINE.fullmatch(line), line
+            assert line.isprintable(), line
+            line.encode("utf-8")
+    else:
+        assert isinstance(result, ProxyMap)
+    assert time.monotonic() - started < BOUND
+
+
+# Structured maps: keys and values drawn from what a map holds, what a
+# careless or hostile author writes instead, and aliases.
+
+_NUMBERS = [
+    "0", "1", "80", "65535", "65536", "70000", "017", "0x10", "0b11", "+5", "-1",
+    "1_000", "1:30", "1:30.5", "1.5", ".5", "5.", "1.5e+3", ".inf", "-.inf", ".nan",
+    "9" * 400, "1" * 5000, "9223372036854775808",
+]
+_DURATIONS = ["5s", "250ms", "2m", "1h", "0s", "017s", "1.5s", ".5s", "5 sec", "5d", "-5s"]
+_HOSTS = [
+    "", "127.0.0.1:", "0.0.0.0:", "[::1]:", "[::]:", "10.0.0.1:", "db:", "my_db.local:",
+    "[fe80::1%eth0]:", "256.1.1.1:", "localhost:", "[127.0.0.1]:", "::1:", "[::1",
+]
+_CHARS = ["\n", "\t", "\x1b", "\x00", "\x7f", "\u2028", "\x85", "\\", "'", '"', "\ufeff", "é", "😀"]
+_KEYS = [
+    "name", "proto", "listen", "target", "connect_timeout", "idle_timeout",
+    "udp_timeout", "max_connections", "tagret", "<<", "1", "",
+]
+
+
+def _quoted(text: str) -> str:
+    """
+    A YAML double-quoted scalar of C{text} (JSON's escapes are YAML's).
+    """
+    return json.dumps(text, ensure_ascii=True)
+
+
+@st.composite
+def scalars(draw) -> str:
+    """
+    One YAML scalar token: a port, range, address, number, duration,
+    protocol, name or odd text, plain or quoted.
+    """
+    kind = draw(st.sampled_from(["port", "range", "address", "number", "duration", "word", "odd"]))
+    if kind == "port":
+        text = str(draw(st.integers(0, 70000)))
+    elif kind == "range":
+        first = draw(st.integers(0, 66000))
+        text = f"{first}-{first + draw(st.integers(-3, 70000))}"
+    elif kind == "address":
+        port = draw(st.sampled_from(["80", "8000-8009", "1-65535", "017", "0", "x"]))
+        text = draw(st.sampled_from(_HOSTS)) + port
+    elif kind == "number":
+        text = draw(st.sampled_from(_NUMBERS))
+    elif kind == "duration":
+        text = draw(st.sampled_from(_DURATIONS))
+    elif kind == "word":
+        text = draw(st.sampled_from(["tcp", "udp", "sctp", "true", "no", "null", "~", "web", "a.b-c_d"]))
+    else:
+        text = draw(st.text(st.sampled_from(_CHARS + list("ab:-[]{},#&*!|>%@` ")), max_size=12))
+    if kind != "odd" and draw(st.booleans()):
+        return text if not text.startswith("[") else _quoted(text)
+    return _quoted(text)
+
+
+@st.composite
+def values(draw, anchors: list[str]) -> str:
+    """
+    A value in flow style: a scalar, a list of them, a small mapping, or an
+    alias to an anchor defined earlier.
+    """
+    kind = draw(st.sampled_from(["scalar", "scalar", "scalar", "list", "mapping", "alias"]))
+    if kind == "alias" and anchors:
+        return "*" + draw(st.sampled_from(anchors))
+    if kind == "list":
+        return "[" + ", ".join(draw(st.lists(scalars(), max_size=4))) + "]"
+    if kind == "mapping":
+        return "{" + ", ".join(f"{k}: {v}" for k, v in draw(st.lists(st.tuples(scalars(), scalars()), max_size=2))) + "}"
+    return draw(scalars())
+
+
+@st.composite
+def maps(draw) -> str:
+    """
+    The text of a map: optional defaults, mappings (some anchored, some
+    repeated by aliases, some with values aliased), optional manhole.
+    """
+    anchors: list[str] = []
+    lines = []
+    if draw(st.booleans()):
+        lines.append("defaults:")
+        for key in draw(st.lists(st.sampled_from(_KEYS[4:]), max_size=3)):
+            lines.append(f"  {key}: {draw(values(anchors))}")
+    lines.append("mappings:")
+    for index in range(draw(st.integers(0, 12))):
+        if anchors and draw(st.integers(0, 5)) == 0:
+            lines.append(f"  - *{draw(st.sampled_from(anchors))}")
+            continue
+        pairs = []
+        for key in draw(st.lists(st.sampled_from(_KEYS), min_size=1, max_size=6)):
+            value = draw(values(anchors))
+            if draw(st.integers(0, 4)) == 0 and not value.startswith("*"):
+                anchor = f"v{index}{key.isalpha() and key or 'k'}"
+                anchors.append(anchor)
+                value = f"&{anchor} {value}"
+            key = key if key.isidentifier() else _quoted(key)
+            pairs.append(f"{key}: {value}")
+        anchor = ""
+        if draw(st.booleans()):
+            anchor = f"&m{index} "
+            anchors.append(f"m{index}")
+        lines.append(f"  - {anchor}{{{', '.join(pairs)}}}")
+    if draw(st.booleans()):
+        lines.append("manhole:")
+        for key in draw(st.lists(st.sampled_from(["listen", "authorized_keys", "host_key", "allow_remote", "x"]), max_size=5)):
+            lines.append(f"  {key}: {draw(values(anchors))}")
+    return "\n".join(lines) + "\n"
+
+
+@PROFILE
+@given(maps())
+def test_structuredMapsLoadOrExplain(text: str) -> None:
+    """
+    A map of random keys, values, ranges, hosts, numbers, durations and
+    aliases loads, or gives only one-line C{FILE:LINE: message} errors, at
+    most 101, quickly.
+    """
+    assertLoads(text)
+
+
+@PROFILE
+@given(st.text(st.sampled_from(_CHARS + list("mapingslterd:-[]{},#&*!|>%@`'\"0123456789 \n.")), max_size=200))
+def test_rawTextLoadsOrExplains(text: str) -> None:
+    """
+    Any text at all, control characters and broken YAML included, loads
+    or gives only one-line C{FILE:LINE: message} errors.
+    """
+    assertLoads(text)
+
+
+@PROFILE
+@given(maps(), st.data())
+def test_mutatedMapsLoadOrExplain(text: str, data) -> None:
+    """
+    A map with random characters inserted or removed still loads or gives
+    only one-line C{FILE:LINE: message} errors.
+    """
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(text)))
+        if data.draw(st.booleans()):
+            text = text[:at] + data.draw(st.sampled_from(_CHARS + list(":-[]{}&*'\" "))) + text[at:]
+        else:
+            text = text[:at] + text[at + 1 :]
+    assertLoads(text)
+
+
+# Overlaps: the interval check against port by port.
+
+_LISTEN_HOSTS = [None, "127.0.0.1", "127.0.0.2", "0.0.0.0", "::1", "::"]
+
+
+def _collide(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    if ANY_IPV4 in (a, b):
+        return ":" not in a + b
+    if ANY_IPV6 in (a, b):
+        return ":" in a and ":" in b
+    return False
+
+
+def _expectedOverlaps(mappings) -> list[str]:
+    """
+    The overlap errors, found by expanding every listener and comparing it
+    with every earlier mapping's.
+    """
+    expanded = []
+    for protos, host, first, last in mappings:
+        hosts = [host] if host is not None else [ANY_IPV4, ANY_IPV6]
+        expanded.append([(p, h, port) for p in protos for port in range(first, last + 1) for h in hosts])
+    errors = []
+    for index, listeners in enumerate(expanded):
+        count, firstHit = 0, None
+        for proto, host, port in listeners:
+            earlier = [
+                e
+                for e in range(index)
+                if any(p == proto and q == port and _collide(h, host) for p, h, q in expanded[e])
+            ]
+            if earlier:
+                count += 1
+                if firstHit is None:
+                    firstHit = (proto, host, port, earlier[0])
+        if firstHit is not None:
+            proto, host, port, owner = firstHit
+            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            message = f"map.yaml:{index + 2}: listen: {proto} {shown} overlaps mapping 'm{owner}' (line {owner + 2})"
+            if count == 2:
+                message += "; 1 more of its listeners overlaps an earlier mapping"
+            elif count > 2:
+                message += f"; {count - 1} more of its listeners overlap earlier mappings"
+            errors.append(message)
+    return errors
+
+
+@PROFILE
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([["tcp"], ["udp"], ["tcp", "udp"], ["udp", "tcp"]]),
+            st.sampled_from(_LISTEN_HOSTS),
+            st.integers(1, 12),
+            st.integers(0, 6),
+        ).map(lambda t: (t[0], t[1], t[2], t[2] + t[3])),
+        max_size=10,
+    )
+)
+def test_overlapsAsIfPortByPort(mappings) -> None:
+    """
+    Overlaps found with intervals are those found by comparing every
+    listener with every earlier mapping's: each colliding mapping once, its
+    first colliding listener in map order, the first mapping that listener
+    collides with, and the count of its colliding listeners.
+    """
+    lines = ["mappings:"]
+    for index, (protos, host, first, last) in enumerate(mappings):
+        listen = f"{first}-{last}"
+        if host is not None:
+            listen = (f"[{host}]" if ":" in host else host) + ":" + listen
+        lines.append(f"  - {{name: m{index}, proto: [{', '.join(protos)}], listen: \"{listen}\", target: db:80}}")
+    expected = _expectedOverlaps(mappings)
+    try:
+        parseMap("\n".join(lines) + "\n", "map.yaml")
+        errors = []
+    except ConfigError as e:
+        errors = e.errors
+    assert errors == expected
