@@ -246,3 +246,25 @@ def test_portScanLogsBoundedLines(proxy):
     lines, total = counted()
     assert total == 300
     assert lines <= 10 * (int(elapsed) + 2)
+
+
+def test_defaultsLimitCountsAcrossMappings(proxy):
+    """
+    max_connections_per_client set in defaults counts one client over every
+    mapping that takes it, while a mapping that sets its own counts apart.
+    """
+    with TCPEchoServer() as echo:
+        a, b, own = freePort(), freePort(), freePort()
+        proxy.start(
+            "defaults:\n  max_connections_per_client: 1\nmappings:\n"
+            f"  - {{name: a, listen: '127.0.0.1:{a}', target: '127.0.0.1:{echo.port}'}}\n"
+            f"  - {{name: b, listen: '127.0.0.1:{b}', target: '127.0.0.1:{echo.port}'}}\n"
+            f"  - {{name: own, listen: '127.0.0.1:{own}', target: '127.0.0.1:{echo.port}',"
+            " max_connections_per_client: 1}\n"
+        )
+        with connectFrom("127.0.0.2", a) as held:
+            assert roundTrip(held, b"held") == b"held"
+            assert resetAtOnce("127.0.0.2", b)
+            proxy.waitFor(r"tcp b rejected 127\.0\.0\.2:\d+: max_connections_per_client 1")
+            assert served("127.0.0.2", own)
+            assert served("127.0.0.3", b)
