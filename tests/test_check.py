@@ -10,16 +10,21 @@ import subprocess
 import sys
 from textwrap import dedent
 
+from support import CODE
+
+#: The checkout, whose config/ examples are checked.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def check(*arguments: str, cwd: str) -> subprocess.CompletedProcess:
     """
-    Run C{python -m twistedproxy} with C{arguments} in C{cwd}.
+    Run C{python -m twistedproxy} with C{arguments} in C{cwd}, on the code
+    the tests imported (the checkout, or the installed package with what
+    pip built in it).
     """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
-        [REPO] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        [str(CODE)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     )
     return subprocess.run(
         [sys.executable, "-m", "twistedproxy", *arguments],
@@ -263,8 +268,8 @@ def test_dockerSetupPrintsTheShimPath(tmp_path) -> None:
     from twistedproxy.control import shimPath
 
     result = check("docker-setup", cwd=str(tmp_path))
-    shim = os.path.join(REPO, "twistedproxy", "portproxy-docker-proxy")
-    if not os.path.exists(shimPath()):
+    shim = shimPath()
+    if not os.path.exists(shim):
         assert result.returncode == 1
         assert "the Docker shim is not built" in result.stderr
         return
