@@ -61,9 +61,16 @@ class Flow:
     """
 
     def __init__(self, engine, flowId, idleTimeout=0.0, clientHost="127.0.0.1",
-                 targetHost="127.0.0.1", early=b"", exclusive=False, targetBuffer=None):
+                 targetHost="127.0.0.1", early=b"", exclusive=False, targetBuffer=None,
+                 clientBuffer=None):
         self.client, proxyClient = connectedPair(clientHost)
         proxyTarget, self.target = connectedPair(targetHost)
+        if clientBuffer is not None:
+            # fixed buffers from the client, so the kernel's autotuning
+            # (up to tcp_rmem's maximum, 32 MiB on recent kernels) does
+            # not decide how much is in flight
+            self.client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, clientBuffer)
+            proxyClient.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, clientBuffer)
         if targetBuffer is not None:
             # small buffers towards the target, so it fills up soon
             proxyTarget.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, targetBuffer)
@@ -323,7 +330,9 @@ def test_backpressure(engines, options):
     everything arrives intact.
     """
     engine = engines(**options)
-    flow = Flow(engine, 4)
+    # Buffers fixed at 1 MiB each way: what the sockets may hold is then
+    # known, whatever the kernel's autotuning allows.
+    flow = Flow(engine, 4, targetBuffer=MIB, clientBuffer=MIB)
     data = os.urandom(MIB) * 64
     before = rssKiB()
     flow.client.setblocking(False)
