@@ -277,3 +277,20 @@ def test_readerPrefixThatIsNoHeaderCloses():
     bench.feed(b"IMA")
     assert len(bench.results) == 1 and isinstance(bench.results[0], HeaderError)
     bench.close()
+
+
+def test_trustsMatchesAsTheAccessListsDo():
+    """
+    accept_proxy_protocol's networks match an IPv4-mapped IPv6 client (how
+    a dual-stack socket sees an IPv4 one) as its IPv4 address, as allow and
+    deny do, and nothing that is not an IP literal.
+    """
+    from twistedproxy.model import ClientIdentity
+
+    identity = ClientIdentity(acceptProxyProtocol=("10.0.0.0/8", "fd00::/8"))
+    assert identity.trusts("10.1.2.3")
+    assert identity.trusts("::ffff:10.1.2.3")
+    assert identity.trusts("fd00::1")
+    assert not identity.trusts("11.0.0.1")
+    assert not identity.trusts("::ffff:11.0.0.1")
+    assert not identity.trusts("db.internal")

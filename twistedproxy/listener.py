@@ -399,16 +399,6 @@ class ListenerService(Service, Notices):
         self.clients.opened(key)
         self._counted[flow.id] = (self.clients, key)
 
-    def clientChanged(self, flow: IFlow) -> None:
-        """
-        C{flow.client} now says who the client really is (a PROXY header
-        told): count the flow for that client from now on.
-        """
-        counted = self._counted.pop(flow.id, None)
-        if counted is not None:
-            counted[0].closed(counted[1])
-            self._countClient(flow)
-
     def flowEnded(self, flow: IFlow, reason: str) -> None:
         """
         Forget C{flow}, add its bytes to the totals and write its access

@@ -106,15 +106,21 @@ class ClientIdentity:
         return bool(self.clientAddress or self.acceptProxyProtocol)
 
     @cached_property
-    def _networks(self) -> tuple:
-        return tuple(ipaddress.ip_network(text) for text in self.acceptProxyProtocol)
+    def _networks(self) -> "AddressSet":
+        return _addressSet(self.acceptProxyProtocol)
 
     def trusts(self, host: str) -> bool:
         """
-        Whether C{host} (an IP literal) may send PROXY headers.
+        Whether C{host} (an IP literal) may send PROXY headers: matched as
+        the allow and deny lists match, so an IPv4-mapped IPv6 client
+        matches its IPv4 network.
         """
-        address = ipaddress.ip_address(host.partition("%")[0])
-        return any(address in network for network in self._networks)
+        from twistedproxy.access import clientKey
+
+        try:
+            return clientKey(host) in self._networks
+        except OSError:
+            return False
 
     @property
     def proxyProtocolVersion(self) -> int:
