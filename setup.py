@@ -48,7 +48,6 @@ if sys.platform.startswith("linux"):
         )
 
 
-
 class BuildWithShim(build_ext):
     """
     C{build_ext}, and then the Docker shim executable into the package
@@ -66,7 +65,9 @@ class BuildWithShim(build_ext):
         from distutils.errors import CCompilerError, DistutilsError
 
         if self.inplace:
-            outputDir = self.get_finalized_command("build_py").get_package_dir("twistedproxy")
+            outputDir = self.get_finalized_command("build_py").get_package_dir(
+                "twistedproxy"
+            )
         else:
             outputDir = os.path.join(self.build_lib, "twistedproxy")
         os.makedirs(outputDir, exist_ok=True)
@@ -84,7 +85,10 @@ class BuildWithShim(build_ext):
             for linkArgs in (["-static"], []):
                 try:
                     self.compiler.link_executable(
-                        objects, SHIM_NAME, output_dir=outputDir, extra_postargs=linkArgs
+                        objects,
+                        SHIM_NAME,
+                        output_dir=outputDir,
+                        extra_postargs=linkArgs,
                     )
                     break
                 except (CCompilerError, DistutilsError):

@@ -14,9 +14,9 @@ throughput run.
 import sys
 import time
 
+from peers import accessDefaults
 from twisted.internet.task import Clock
 
-from peers import accessDefaults
 from twistedproxy import listener
 from twistedproxy.access import hostOf
 from twistedproxy.config import parseMap
@@ -32,7 +32,7 @@ class Flow:
     The least a flow needs for the listener's bookkeeping.
     """
 
-    __slots__ = ("id", "client", "bytesIn", "bytesOut", "listener", "started")
+    __slots__ = ("bytesIn", "bytesOut", "client", "id", "listener", "started")
 
     def __init__(self, flowId, settings):
         self.id = flowId
@@ -54,11 +54,14 @@ def perConnection(service, flows):
 
 def main():
     proxyMap = parseMap(
-        accessDefaults() + "mappings:\n  - {name: web, listen: 127.0.0.1:8000, target: 127.0.0.1:80}\n",
+        accessDefaults()
+        + "mappings:\n  - {name: web, listen: 127.0.0.1:8000, target: 127.0.0.1:80}\n",
         "access.yaml",
     )
     checked = next(proxyMap.listeners())
-    plain = Listener(checked.mapping, checked.proto, checked.host, checked.port, checked.target)
+    plain = Listener(
+        checked.mapping, checked.proto, checked.host, checked.port, checked.target
+    )
     # The access lines are not what is measured.
     listener.accessLog.write = lambda *args: None
     best = {}
@@ -71,7 +74,9 @@ def main():
     extra = best["access"] - best["plain"]
     print(f"admit + flowStarted + flowEnded, best of {REPEATS} x {FLOWS}:")
     print(f"  without access settings: {best['plain'] * 1e6:.2f} us per connection")
-    print(f"  1,000-entry deny list and per-client limits: {best['access'] * 1e6:.2f} us per connection")
+    print(
+        f"  1,000-entry deny list and per-client limits: {best['access'] * 1e6:.2f} us per connection"
+    )
     print(f"  the checks add {extra * 1e6:.2f} us per connection")
     return 0
 

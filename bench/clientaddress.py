@@ -47,8 +47,13 @@ def portproxy(procs, tmp, name, mappings, code=os.path.dirname(HERE)):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([code, env.get("PYTHONPATH", "")])
     log = open(os.path.join(tmp, f"{name}.log"), "wb")
-    return procs.start([*TWISTD, "-n", "--pidfile=", "portproxy", "-c", path], env=env, cwd=tmp,
-                       stdout=log, stderr=subprocess.STDOUT).pid
+    return procs.start(
+        [*TWISTD, "-n", "--pidfile=", "portproxy", "-c", path],
+        env=env,
+        cwd=tmp,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    ).pid
 
 
 def cpuSeconds(pid):
@@ -65,11 +70,15 @@ def mapping(name, listen, target, extra=""):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("-w", "--workloads", default="http_close,http_keepalive")
     ap.add_argument("-r", "--rounds", type=int, default=3)
     ap.add_argument("-s", "--seconds", type=int, default=3)
-    ap.add_argument("--baseline", help="another checkout whose plain mapping is the reference")
+    ap.add_argument(
+        "--baseline", help="another checkout whose plain mapping is the reference"
+    )
     args = ap.parse_args()
     workloads = args.workloads.split(",")
     procs = Processes()
@@ -82,22 +91,48 @@ def main():
             pids = {}
             if args.baseline:
                 through["baseline plain"] = ports.take()
-                pids["baseline plain"] = portproxy(procs, tmp, "baseline", [
-                    mapping("plain", through["baseline plain"], plainBackend)
-                ], code=os.path.abspath(args.baseline))
-            through["plain"], through["v1"], through["v2"] = ports.take(), ports.take(), ports.take()
-            pids["plain"] = pids["v1"] = pids["v2"] = portproxy(procs, tmp, "this", [
-                mapping("plain", through["plain"], plainBackend),
-                mapping("v1", through["v1"], proxiedBackend, ", client_address: proxy_protocol_v1"),
-                mapping("v2", through["v2"], proxiedBackend, ", client_address: proxy_protocol_v2"),
-            ])
+                pids["baseline plain"] = portproxy(
+                    procs,
+                    tmp,
+                    "baseline",
+                    [mapping("plain", through["baseline plain"], plainBackend)],
+                    code=os.path.abspath(args.baseline),
+                )
+            through["plain"], through["v1"], through["v2"] = (
+                ports.take(),
+                ports.take(),
+                ports.take(),
+            )
+            pids["plain"] = pids["v1"] = pids["v2"] = portproxy(
+                procs,
+                tmp,
+                "this",
+                [
+                    mapping("plain", through["plain"], plainBackend),
+                    mapping(
+                        "v1",
+                        through["v1"],
+                        proxiedBackend,
+                        ", client_address: proxy_protocol_v1",
+                    ),
+                    mapping(
+                        "v2",
+                        through["v2"],
+                        proxiedBackend,
+                        ", client_address: proxy_protocol_v2",
+                    ),
+                ],
+            )
             try:
                 for port in through.values():
                     waitTCP(port)
             except SystemExit:
                 for name in os.listdir(tmp):
                     if name.endswith(".log"):
-                        print(open(os.path.join(tmp, name)).read()[-2000:], file=sys.stderr)
+                        print(
+                            open(os.path.join(tmp, name)).read()[-2000:],
+                            file=sys.stderr,
+                        )
                 raise
             time.sleep(1)
             reference = "baseline plain" if args.baseline else "plain"
@@ -118,20 +153,35 @@ def main():
                         figures[(w, k)].append(rate)
                         if rate:
                             costs[(w, k)].append(spent * 1e6 / (rate * args.seconds))
-            print(f"{'workload':16} {'through':16} {'median':>10} {'ratio to ' + reference:>24}"
-                  f" {'proxy CPU us/req':>17} {'ratio':>7}")
+            print(
+                f"{'workload':16} {'through':16} {'median':>10} {'ratio to ' + reference:>24}"
+                f" {'proxy CPU us/req':>17} {'ratio':>7}"
+            )
             for w in workloads:
                 for k in through:
                     values = [v for v in figures[(w, k)] if v is not None]
                     ratios = [
-                        v / r for v, r in zip(figures[(w, k)], figures[(w, reference)])
+                        v / r
+                        for v, r in zip(figures[(w, k)], figures[(w, reference)])
                         if v is not None and r
                     ]
-                    median = f"{statistics.median(values):10.0f}" if values else f"{'-':>10}"
-                    ratio = f"{statistics.median(ratios):24.3f}" if ratios else f"{'-':>24}"
+                    median = (
+                        f"{statistics.median(values):10.0f}" if values else f"{'-':>10}"
+                    )
+                    ratio = (
+                        f"{statistics.median(ratios):24.3f}" if ratios else f"{'-':>24}"
+                    )
                     cost = statistics.median(costs[(w, k)]) if costs[(w, k)] else None
-                    base = statistics.median(costs[(w, reference)]) if costs[(w, reference)] else None
-                    costText = f"{cost:17.1f} {cost / base:7.3f}" if cost and base else f"{'-':>17} {'-':>7}"
+                    base = (
+                        statistics.median(costs[(w, reference)])
+                        if costs[(w, reference)]
+                        else None
+                    )
+                    costText = (
+                        f"{cost:17.1f} {cost / base:7.3f}"
+                        if cost and base
+                        else f"{'-':>17} {'-':>7}"
+                    )
                     print(f"{w:16} {k:16} {median} {ratio} {costText}")
     finally:
         procs.stopAll()

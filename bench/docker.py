@@ -55,7 +55,9 @@ sys.path.insert(0, str(REPO))
 from twistedproxy.control import shimPath  # noqa: E402
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-DOCKER = "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else shutil.which("docker")
+DOCKER = (
+    "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else shutil.which("docker")
+)
 DOCKER_PROXY = "/usr/sbin/docker-proxy"
 IMAGE = "local/bench"
 #: A userland proxy that only reports success and waits: what dockerd
@@ -130,17 +132,24 @@ class Dockerd:
         self.sock = root / "docker.sock"
         self.proxyPath = proxyPath
         config = {
-            "bip": "198.18.0.1/24", "iptables": False, "ip6tables": False,
-            "ip-forward": False, "storage-driver": "vfs",
-            "data-root": str(root / "data"), "exec-root": str(root / "exec"),
-            "pidfile": str(root / "docker.pid"), "hosts": [f"unix://{self.sock}"],
+            "bip": "198.18.0.1/24",
+            "iptables": False,
+            "ip6tables": False,
+            "ip-forward": False,
+            "storage-driver": "vfs",
+            "data-root": str(root / "data"),
+            "exec-root": str(root / "exec"),
+            "pidfile": str(root / "docker.pid"),
+            "hosts": [f"unix://{self.sock}"],
             "userland-proxy-path": proxyPath,
         }
         (root / "daemon.json").write_text(json.dumps(config))
         env = dict(os.environ, PORTPROXY_CONTROL=control)
         self.process = processes.start(
             ["/usr/sbin/dockerd", "--config-file", str(root / "daemon.json")],
-            env=env, stdout=open(root / "dockerd.log", "ab"), stderr=subprocess.STDOUT,
+            env=env,
+            stdout=open(root / "dockerd.log", "ab"),
+            stderr=subprocess.STDOUT,
         )
         self.processes = processes
         Dockerd.current = self
@@ -151,8 +160,12 @@ class Dockerd:
             time.sleep(0.2)
 
     def run(self, *args, check=True, input=None):
-        result = subprocess.run([DOCKER, "-H", f"unix://{self.sock}", *args], input=input,
-                                capture_output=True, timeout=600)
+        result = subprocess.run(
+            [DOCKER, "-H", f"unix://{self.sock}", *args],
+            input=input,
+            capture_output=True,
+            timeout=600,
+        )
         if check and result.returncode != 0:
             sys.exit(f"docker {' '.join(args)}: {result.stderr.decode()}")
         return result
@@ -179,7 +192,10 @@ def buildImage(docker, root):
     for name in ("sh", "sleep"):
         os.symlink("busybox", image / "bin" / name)
     for binary in ("/usr/bin/iperf3", "/usr/sbin/nginx"):
-        libs = re.findall(r"(/\S+\.so[\S]*)", subprocess.run(["ldd", binary], capture_output=True, text=True).stdout)
+        libs = re.findall(
+            r"(/\S+\.so[\S]*)",
+            subprocess.run(["ldd", binary], capture_output=True, text=True).stdout,
+        )
         for path in [binary] + libs:
             target = image / path.lstrip("/")
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -187,7 +203,9 @@ def buildImage(docker, root):
     (image / "etc" / "passwd").write_text("root:x:0:0:root:/:/bin/sh\n")
     (image / "etc" / "group").write_text("root:x:0:\n")
     (image / "nginx.conf").write_text(NGINX_CONF)
-    tar = subprocess.run(["tar", "-C", str(image), "-c", "."], capture_output=True, check=True)
+    tar = subprocess.run(
+        ["tar", "-C", str(image), "-c", "."], capture_output=True, check=True
+    )
     docker.run("import", "-", IMAGE, input=tar.stdout)
 
 
@@ -204,11 +222,19 @@ def waitTCP(port, timeout=15):
 
 def measure(workload, host, port, seconds):
     if workload == "tcp_bulk":
-        out = subprocess.run(["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-J"],
-                             capture_output=True, text=True, timeout=seconds + 30).stdout
+        out = subprocess.run(
+            ["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-J"],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 30,
+        ).stdout
         return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
-    out = subprocess.run(["wrk", "-t1", "-c32", f"-d{seconds}", f"http://{host}:{port}/"],
-                         capture_output=True, text=True, timeout=seconds + 30).stdout
+    out = subprocess.run(
+        ["wrk", "-t1", "-c32", f"-d{seconds}", f"http://{host}:{port}/"],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+    ).stdout
     return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 
 
@@ -220,12 +246,25 @@ def proxyStartMs(path, port, target, control, count):
     """
     times = []
     env = dict(os.environ, PORTPROXY_CONTROL=control)
-    argv = [path, "-proto", "tcp", "-host-ip", "127.0.0.1", "-host-port", str(port),
-            "-container-ip", target, "-container-port", "80"]
+    argv = [
+        path,
+        "-proto",
+        "tcp",
+        "-host-ip",
+        "127.0.0.1",
+        "-host-port",
+        str(port),
+        "-container-ip",
+        target,
+        "-container-port",
+        "80",
+    ]
     for _ in range(count):
         readEnd, writeEnd = os.pipe()
         started = time.perf_counter()
-        pid = os.posix_spawn(path, argv, env, file_actions=[(os.POSIX_SPAWN_DUP2, writeEnd, 3)])
+        pid = os.posix_spawn(
+            path, argv, env, file_actions=[(os.POSIX_SPAWN_DUP2, writeEnd, 3)]
+        )
         os.close(writeEnd)
         with os.fdopen(readEnd, "rb") as pipe:
             report = pipe.read(2)
@@ -276,8 +315,11 @@ def rangeRound(docker, first, count, servers, listening=True):
     rss = sum(rssKiB(pid) for pid in pids)
     pss = sum(pssKiB(pid) for pid in pids)
     docker.run("rm", "-f", "range")
-    print(f"  range: {seconds:.2f} s, {len(pids)} processes, RSS {rss / 1024:.1f} MiB,"
-          f" PSS {pss / 1024:.1f} MiB", file=sys.stderr)
+    print(
+        f"  range: {seconds:.2f} s, {len(pids)} processes, RSS {rss / 1024:.1f} MiB,"
+        f" PSS {pss / 1024:.1f} MiB",
+        file=sys.stderr,
+    )
     return seconds, rss, pss, len(pids)
 
 
@@ -299,8 +341,12 @@ def throughput(paths, rounds, seconds):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--range", type=int, default=1000, help="ports in the range (1000)")
-    parser.add_argument("--first", type=int, default=20000, help="its first port (20000)")
+    parser.add_argument(
+        "--range", type=int, default=1000, help="ports in the range (1000)"
+    )
+    parser.add_argument(
+        "--first", type=int, default=20000, help="its first port (20000)"
+    )
     parser.add_argument("-r", "--rounds", type=int, default=3)
     parser.add_argument("-s", "--seconds", type=int, default=3)
     arguments = parser.parse_args()
@@ -314,13 +360,19 @@ def main():
     proxies = {"docker-proxy": DOCKER_PROXY, "portproxy": shim}
     nullProxy = str(root / "null-proxy")
     (root / "null-proxy.c").write_text(NULL_PROXY)
-    subprocess.run(["gcc", "-O2", "-static", "-o", nullProxy, str(root / "null-proxy.c")], check=True)
+    subprocess.run(
+        ["gcc", "-O2", "-static", "-o", nullProxy, str(root / "null-proxy.c")],
+        check=True,
+    )
     ranges = {name: [] for name in list(proxies) + ["null"]}
     try:
         mapPath = root / "map.yaml"
         mapPath.write_text(f"mappings: []\ncontrol:\n  socket: {control}\n")
-        daemon = processes.start(TWISTD + ["-n", "--pidfile=", "portproxy", "-c", str(mapPath)],
-                                 stdout=open(root / "portproxy.log", "wb"), stderr=subprocess.STDOUT)
+        daemon = processes.start(
+            TWISTD + ["-n", "--pidfile=", "portproxy", "-c", str(mapPath)],
+            stdout=open(root / "portproxy.log", "wb"),
+            stderr=subprocess.STDOUT,
+        )
         while not os.path.exists(control):
             time.sleep(0.05)
         freePort = freeRange(arguments.first + arguments.range + 10, 10)
@@ -343,8 +395,15 @@ def main():
                 if r == 0 and name == "docker-proxy":
                     buildImage(docker, root)
                 pid = docker.process.pid
-                ranges[name].append(rangeRound(docker, arguments.first, arguments.range,
-                                               lambda: servers[name](pid), name != "null"))
+                ranges[name].append(
+                    rangeRound(
+                        docker,
+                        arguments.first,
+                        arguments.range,
+                        lambda: servers[name](pid),
+                        name != "null",
+                    )
+                )
                 docker.stop()
         daemonRSS = rssKiB(daemon.pid)
 
@@ -353,17 +412,36 @@ def main():
         measured = {}
         for name, path in proxies.items():
             docker = Dockerd(root, path, control, processes)
-            docker.run("run", "-d", "--name", "servers", "-p", f"127.0.0.1:{freePort + 1}:5201",
-                       "-p", f"127.0.0.1:{freePort + 2}:80", IMAGE, "sh", "-c",
-                       "iperf3 -s -D; exec nginx -c /nginx.conf")
+            docker.run(
+                "run",
+                "-d",
+                "--name",
+                "servers",
+                "-p",
+                f"127.0.0.1:{freePort + 1}:5201",
+                "-p",
+                f"127.0.0.1:{freePort + 2}:80",
+                IMAGE,
+                "sh",
+                "-c",
+                "iperf3 -s -D; exec nginx -c /nginx.conf",
+            )
             waitTCP(freePort + 2)
-            ip = docker.run("inspect", "-f", "{{.NetworkSettings.IPAddress}}",
-                            "servers").stdout.decode().strip()
-            published = {"tcp_bulk": ("127.0.0.1", freePort + 1),
-                         "http_keepalive": ("127.0.0.1", freePort + 2)}
+            ip = (
+                docker.run("inspect", "-f", "{{.NetworkSettings.IPAddress}}", "servers")
+                .stdout.decode()
+                .strip()
+            )
+            published = {
+                "tcp_bulk": ("127.0.0.1", freePort + 1),
+                "http_keepalive": ("127.0.0.1", freePort + 2),
+            }
             if name == "docker-proxy":
-                measured.update(throughput({"docker-proxy": published},
-                                           arguments.rounds, arguments.seconds))
+                measured.update(
+                    throughput(
+                        {"docker-proxy": published}, arguments.rounds, arguments.seconds
+                    )
+                )
             else:
                 mapPath.write_text(
                     f"mappings:\n  - name: iperf\n    listen: 127.0.0.1:{freePort + 3}\n"
@@ -376,11 +454,14 @@ def main():
                 shimPaths = throughput(
                     {
                         "direct": {"tcp_bulk": (ip, 5201), "http_keepalive": (ip, 80)},
-                        "hand-written map": {"tcp_bulk": ("127.0.0.1", freePort + 3),
-                                             "http_keepalive": ("127.0.0.1", freePort + 4)},
+                        "hand-written map": {
+                            "tcp_bulk": ("127.0.0.1", freePort + 3),
+                            "http_keepalive": ("127.0.0.1", freePort + 4),
+                        },
                         "shim (published)": published,
                     },
-                    arguments.rounds, arguments.seconds,
+                    arguments.rounds,
+                    arguments.seconds,
                 )
             docker.stop()
     finally:
@@ -400,22 +481,37 @@ def main():
     def ratio(i):
         return statistics.median(b[i] / a[i] for a, b in zip(dp, pp))
 
-    print(f"\n{arguments.range}-port TCP range, {arguments.rounds} rounds, medians; ratio: median"
-          f" of the per-round ratios (portproxy {'with' if fastpath else 'without'} its compiled paths)")
+    print(
+        f"\n{arguments.range}-port TCP range, {arguments.rounds} rounds, medians; ratio: median"
+        f" of the per-round ratios (portproxy {'with' if fastpath else 'without'} its compiled paths)"
+    )
     print(f"{'':30s} {'docker-proxy':>14s} {'shim+portproxy':>15s} {'ratio':>7s}")
-    print(f"{'docker run returns (s)':30s} {median(dp, 0):14.2f} {median(pp, 0):15.2f} {ratio(0):7.2f}")
+    print(
+        f"{'docker run returns (s)':30s} {median(dp, 0):14.2f} {median(pp, 0):15.2f} {ratio(0):7.2f}"
+    )
     print(f"{'processes serving the range':30s} {dp[-1][3]:14d} {pp[-1][3]:15d}")
-    print(f"{'their RSS (MiB)':30s} {median(dp, 1) / 1024:14.1f} {median(pp, 1) / 1024:15.1f} {ratio(1):7.2f}")
-    print(f"{'their PSS (MiB)':30s} {median(dp, 2) / 1024:14.1f} {median(pp, 2) / 1024:15.1f} {ratio(2):7.2f}")
+    print(
+        f"{'their RSS (MiB)':30s} {median(dp, 1) / 1024:14.1f} {median(pp, 1) / 1024:15.1f} {ratio(1):7.2f}"
+    )
+    print(
+        f"{'their PSS (MiB)':30s} {median(dp, 2) / 1024:14.1f} {median(pp, 2) / 1024:15.1f} {ratio(2):7.2f}"
+    )
     print(f"{'  of which the daemon (RSS)':30s} {'':14s} {daemonRSS / 1024:15.1f}")
     print(f"{'dockerd alone (null proxy)':30s} {median(ranges['null'], 0):14.2f} s")
-    print(f"{'one proxy: exec to 0 (ms)':30s} {startMs['docker-proxy']:14.2f} {startMs['portproxy']:15.2f}"
-          f" {startMs['portproxy'] / startMs['docker-proxy']:7.2f}")
+    print(
+        f"{'one proxy: exec to 0 (ms)':30s} {startMs['docker-proxy']:14.2f} {startMs['portproxy']:15.2f}"
+        f" {startMs['portproxy'] / startMs['docker-proxy']:7.2f}"
+    )
     print("\nthrough one published port (median; ratio shim / hand-written map)")
     for w, unit in (("tcp_bulk", "Gbit/s"), ("http_keepalive", "req/s")):
         med = {name: statistics.median(v) for name, v in shimPaths[w].items()}
         med["docker-proxy"] = statistics.median(measured[w]["docker-proxy"])
-        ratios = [s / h for s, h in zip(shimPaths[w]["shim (published)"], shimPaths[w]["hand-written map"])]
+        ratios = [
+            s / h
+            for s, h in zip(
+                shimPaths[w]["shim (published)"], shimPaths[w]["hand-written map"]
+            )
+        ]
         cells = "  ".join(f"{name} {value:.2f}" for name, value in med.items())
         print(f"{w} ({unit}): {cells}  ratio {statistics.median(ratios):.2f}")
 

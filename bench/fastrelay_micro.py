@@ -72,7 +72,9 @@ BACKEND_OF = {
 # -- the front end under test (runs in its own process) --------------------------
 
 
-def runFront(listenPort: int, targetPort: int, mode: str, pipeSize: int, busyPoll: int) -> None:
+def runFront(
+    listenPort: int, targetPort: int, mode: str, pipeSize: int, busyPoll: int
+) -> None:
     """
     Accept on 127.0.0.1:listenPort, connect each client to
     127.0.0.1:targetPort, and relay: through the engine (mode "engine") or
@@ -125,7 +127,9 @@ def runFront(listenPort: int, targetPort: int, mode: str, pipeSize: int, busyPol
             self.transport.pauseProducing()
             factory = ClientFactory()
             factory.buildProtocol = lambda addr: TargetSide(self)
-            factory.clientConnectionFailed = lambda c, r: self.transport.loseConnection()
+            factory.clientConnectionFailed = lambda c, r: (
+                self.transport.loseConnection()
+            )
             reactor.connectTCP("127.0.0.1", targetPort, factory)
 
         def dataReceived(self, data):
@@ -182,9 +186,22 @@ def startDockerProxy(procs, listen, target):
     """
     docker-proxy signals readiness by writing "0\\n" to fd 3.
     """
-    argv = ["sh", "-c", 'exec "$0" "$@" 3>&1', DOCKER_PROXY, "-proto", "tcp",
-            "-host-ip", "127.0.0.1", "-host-port", str(listen),
-            "-container-ip", "127.0.0.1", "-container-port", str(target)]
+    argv = [
+        "sh",
+        "-c",
+        'exec "$0" "$@" 3>&1',
+        DOCKER_PROXY,
+        "-proto",
+        "tcp",
+        "-host-ip",
+        "127.0.0.1",
+        "-host-port",
+        str(listen),
+        "-container-ip",
+        "127.0.0.1",
+        "-container-port",
+        str(target),
+    ]
     p = procs.start(argv, stdout=subprocess.PIPE)
     status = p.stdout.read(2)
     if status != b"0\n":
@@ -194,8 +211,16 @@ def startDockerProxy(procs, listen, target):
 
 def startFront(procs, listen, target, mode, pipeSize, busyPoll):
     p = procs.start(
-        [sys.executable, os.path.abspath(__file__), "--front", str(listen), str(target),
-         mode, str(pipeSize), str(busyPoll)],
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--front",
+            str(listen),
+            str(target),
+            mode,
+            str(pipeSize),
+            str(busyPoll),
+        ],
         stdout=subprocess.PIPE,
         stderr=None,
     )
@@ -214,7 +239,9 @@ def startProxy(procs, name, listen, target, pipeSize, busyPoll):
 
 def run(argv, timeout):
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout).stdout
+        return subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout
+        ).stdout
     except subprocess.TimeoutExpired as e:
         out = e.stdout or ""
         return out.decode() if isinstance(out, bytes) else out
@@ -226,18 +253,47 @@ def measure(workload, port, seconds):
     """
     try:
         if workload == "tcp_bulk":
-            out = run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"],
-                      seconds + 20)
+            out = run(
+                [
+                    "iperf3",
+                    "-c",
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                    "-t",
+                    str(seconds),
+                    "-J",
+                ],
+                seconds + 20,
+            )
             return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
         if workload == "http_keepalive":
-            out = run(["wrk", "-t1", "-c32", f"-d{seconds}", f"http://127.0.0.1:{port}/"],
-                      seconds + 20)
+            out = run(
+                ["wrk", "-t1", "-c32", f"-d{seconds}", f"http://127.0.0.1:{port}/"],
+                seconds + 20,
+            )
             return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
         if workload == "tcp_pingpong":
-            out = run(["sockperf", "ping-pong", "--tcp", "-i", "127.0.0.1", "-p", str(port),
-                       "-t", str(seconds), "-m", "64"], seconds + 20)
-            return tuple(float(re.search(rf"percentile {pct} =\s+([\d.]+)", out).group(1))
-                         for pct in ("50.000", "99.000"))
+            out = run(
+                [
+                    "sockperf",
+                    "ping-pong",
+                    "--tcp",
+                    "-i",
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                    "-t",
+                    str(seconds),
+                    "-m",
+                    "64",
+                ],
+                seconds + 20,
+            )
+            return tuple(
+                float(re.search(rf"percentile {pct} =\s+([\d.]+)", out).group(1))
+                for pct in ("50.000", "99.000")
+            )
     except (AttributeError, KeyError, ValueError, json.JSONDecodeError, TypeError):
         return None
 
@@ -250,7 +306,17 @@ def startBackends(procs, tmp, workloads):
         procs.start(["iperf3", "-s", "-p", str(port["iperf"])])
     if "sockperf" in backends:
         port["sockperf"] = freePort()
-        procs.start(["sockperf", "server", "--tcp", "-i", "127.0.0.1", "-p", str(port["sockperf"])])
+        procs.start(
+            [
+                "sockperf",
+                "server",
+                "--tcp",
+                "-i",
+                "127.0.0.1",
+                "-p",
+                str(port["sockperf"]),
+            ]
+        )
     if "http" in backends:
         port["http"] = freePort()
         conf = os.path.join(tmp, "nginx.conf")
@@ -258,7 +324,7 @@ def startBackends(procs, tmp, workloads):
             f.write(f"""worker_processes 1; daemon off; pid {tmp}/nginx.pid;
 error_log {tmp}/nginx.err; events {{ worker_connections 20000; }}
 http {{ access_log off; keepalive_requests 1000000;
-  server {{ listen 127.0.0.1:{port['http']}; location / {{ return 200 "hello\\n"; }} }} }}
+  server {{ listen 127.0.0.1:{port["http"]}; location / {{ return 200 "hello\\n"; }} }} }}
 """)
         procs.start(["nginx", "-c", conf])
     for key, p in port.items():
@@ -334,7 +400,10 @@ def idleTest(procs, names, n, pipeSize, busyPoll):
         time.sleep(2)
         after = rssKiB(p.pid)
         out[name] = round((after - before) / max(1, len(conns)), 2)
-        print(f"  idle {name:13s} {len(conns)} connections, {out[name]} KiB each", file=sys.stderr)
+        print(
+            f"  idle {name:13s} {len(conns)} connections, {out[name]} KiB each",
+            file=sys.stderr,
+        )
         for c in conns:
             c.close()
         procs.stop(p)
@@ -355,15 +424,30 @@ def main():
     ap.add_argument("-w", "--workloads", default=",".join(WORKLOADS))
     ap.add_argument("-r", "--rounds", type=int, default=3)
     ap.add_argument("-t", "--seconds", type=int, default=3)
-    ap.add_argument("--proxies", default="docker-proxy,engine,twisted",
-                    help="comma list of docker-proxy, engine, twisted; engine@N is the "
-                         "engine with N microseconds of busy-poll")
-    ap.add_argument("--pipe-size", type=int, default=0,
-                    help="engine pipe size in bytes (0: the engine's default)")
-    ap.add_argument("--busy-poll", type=int, default=-1,
-                    help="engine busy-poll after traffic, microseconds (-1: the engine's default)")
-    ap.add_argument("--idle", type=int, default=2000,
-                    help="idle connections for the memory test; 0 skips it")
+    ap.add_argument(
+        "--proxies",
+        default="docker-proxy,engine,twisted",
+        help="comma list of docker-proxy, engine, twisted; engine@N is the "
+        "engine with N microseconds of busy-poll",
+    )
+    ap.add_argument(
+        "--pipe-size",
+        type=int,
+        default=0,
+        help="engine pipe size in bytes (0: the engine's default)",
+    )
+    ap.add_argument(
+        "--busy-poll",
+        type=int,
+        default=-1,
+        help="engine busy-poll after traffic, microseconds (-1: the engine's default)",
+    )
+    ap.add_argument(
+        "--idle",
+        type=int,
+        default=2000,
+        help="idle connections for the memory test; 0 skips it",
+    )
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
     sys.path.insert(0, ROOT)
@@ -373,17 +457,28 @@ def main():
     busyPoll = _fastrelay.DEFAULT_BUSY_POLL_US if a.busy_poll < 0 else a.busy_poll
     names = a.proxies.split(",")
     workloads = [w for w in a.workloads.split(",") if w]
-    if "http_keepalive" in workloads and not (shutil.which("wrk") and shutil.which("nginx")):
+    if "http_keepalive" in workloads and not (
+        shutil.which("wrk") and shutil.which("nginx")
+    ):
         workloads.remove("http_keepalive")
     procs = Processes()
-    report = {"pipe_size": pipeSize, "busy_poll_us": busyPoll, "rounds": a.rounds, "seconds": a.seconds}
+    report = {
+        "pipe_size": pipeSize,
+        "busy_poll_us": busyPoll,
+        "rounds": a.rounds,
+        "seconds": a.seconds,
+    }
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            results = benchWorkloads(procs, tmp, names, workloads, a.rounds, a.seconds, pipeSize, busyPoll)
+            results = benchWorkloads(
+                procs, tmp, names, workloads, a.rounds, a.seconds, pipeSize, busyPoll
+            )
             procs.stopAll()
             report["workloads"] = {}
-            print(f"\nengine pipe size {pipeSize}, busy-poll {busyPoll} us, "
-                  f"{a.rounds} rounds of {a.seconds} s, medians\n")
+            print(
+                f"\nengine pipe size {pipeSize}, busy-poll {busyPoll} us, "
+                f"{a.rounds} rounds of {a.seconds} s, medians\n"
+            )
             others = [n for n in names if n != "docker-proxy"]
             header = ["workload", "unit", "direct"] + names
             header += [f"{n} / docker-proxy" for n in others if "docker-proxy" in names]
@@ -392,19 +487,35 @@ def main():
             for w in workloads:
                 unit, higher = WORKLOADS[w]
                 row = results[w]
-                med = {k: (statistics.median([x for x in v if x is not None])
-                           if any(x is not None for x in v) else None) for k, v in row.items()}
+                med = {
+                    k: (
+                        statistics.median([x for x in v if x is not None])
+                        if any(x is not None for x in v)
+                        else None
+                    )
+                    for k, v in row.items()
+                }
                 ratios = {}
                 if "docker-proxy" in names:
                     for n in others:
-                        pairs = [p / d for p, d in zip(row[n], row["docker-proxy"]) if p and d]
+                        pairs = [
+                            p / d
+                            for p, d in zip(row[n], row["docker-proxy"])
+                            if p and d
+                        ]
                         ratios[n] = statistics.median(pairs) if pairs else None
-                cells = [w, unit] + [f"{med[k]:.4g}" if med[k] is not None else "-"
-                                     for k in ["direct"] + names]
+                cells = [w, unit] + [
+                    f"{med[k]:.4g}" if med[k] is not None else "-"
+                    for k in ["direct"] + names
+                ]
                 cells += [f"{ratios[n]:.2f}" if ratios.get(n) else "-" for n in ratios]
                 print("| " + " | ".join(cells) + " |")
-                report["workloads"][w] = {"raw": row, "median": med, "ratio_vs_docker_proxy": ratios,
-                                          "higher_is_better": higher}
+                report["workloads"][w] = {
+                    "raw": row,
+                    "median": med,
+                    "ratio_vs_docker_proxy": ratios,
+                    "higher_is_better": higher,
+                }
             if a.idle:
                 idle = idleTest(procs, names, a.idle, pipeSize, busyPoll)
                 report["idle_kib_per_connection"] = idle
@@ -412,7 +523,9 @@ def main():
                 if idle.get("docker-proxy"):
                     line += "; " + ", ".join(
                         f"{k}/docker-proxy {idle[k] / idle['docker-proxy']:.2f}"
-                        for k in others if k in idle)
+                        for k in others
+                        if k in idle
+                    )
                 print(f"\nidle RSS per connection ({a.idle} connections): {line}")
     finally:
         procs.stopAll()

@@ -106,8 +106,20 @@ def startBackends(procs, ports, tmp):
         procs.start(["iperf3", "-s", "-p", str(port["iperf"])])
     if shutil.which("sockperf"):
         port["sockperf_tcp"], port["sockperf_udp"] = ports.take(), ports.take()
-        procs.start(["sockperf", "server", "--tcp", "-i", "127.0.0.1", "-p", str(port["sockperf_tcp"])])
-        procs.start(["sockperf", "server", "-i", "127.0.0.1", "-p", str(port["sockperf_udp"])])
+        procs.start(
+            [
+                "sockperf",
+                "server",
+                "--tcp",
+                "-i",
+                "127.0.0.1",
+                "-p",
+                str(port["sockperf_tcp"]),
+            ]
+        )
+        procs.start(
+            ["sockperf", "server", "-i", "127.0.0.1", "-p", str(port["sockperf_udp"])]
+        )
     if shutil.which("nginx"):
         port["http"] = ports.take()
         startHTTP(procs, tmp, [f"127.0.0.1:{port['http']}"])
@@ -124,7 +136,7 @@ def startHTTP(procs, tmp, listens):
     """
     conf = os.path.join(tmp, "http.conf")
     servers = "".join(
-        f"  server {{ listen {listen}; location / {{ return 200 \"hello\\n\"; }} }}\n"
+        f'  server {{ listen {listen}; location / {{ return 200 "hello\\n"; }} }}\n'
         for listen in listens
     )
     with open(conf, "w") as f:
@@ -163,11 +175,16 @@ def startPortproxyPeer(procs, ports, tmp, backend, protos, name, head=""):
         f.write(head + "mappings:\n")
         for key, port in fronts.items():
             proto = "[" + ", ".join(sorted(protos[key])) + "]"
-            f.write(f"  - name: {key}\n    proto: {proto}\n    listen: 127.0.0.1:{port}\n"
-                    f"    target: 127.0.0.1:{backend[key]}\n")
+            f.write(
+                f"  - name: {key}\n    proto: {proto}\n    listen: 127.0.0.1:{port}\n"
+                f"    target: 127.0.0.1:{backend[key]}\n"
+            )
     log = open(os.path.join(tmp, f"{name}.log"), "w")
-    process = procs.start([*TWISTD, "-n", "--pidfile=", "portproxy", "-c", mapPath],
-                          stdout=log, stderr=subprocess.STDOUT)
+    process = procs.start(
+        [*TWISTD, "-n", "--pidfile=", "portproxy", "-c", mapPath],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     PIDS[name] = process.pid
     return fronts
 
@@ -191,7 +208,10 @@ def startPeers(procs, ports, tmp, backend, wanted, access=False, control=False):
     {backend: front port}.
     """
     front = {"direct": dict(backend)}
-    protos = {key: {WORKLOADS[w][3] for w in WORKLOADS if WORKLOADS[w][2] == key} for key in backend}
+    protos = {
+        key: {WORKLOADS[w][3] for w in WORKLOADS if WORKLOADS[w][2] == key}
+        for key in backend
+    }
     dockerProxy = dockerProxyPath()
     if "docker-proxy" in wanted and dockerProxy:
         front["docker-proxy"] = {}
@@ -199,10 +219,25 @@ def startPeers(procs, ports, tmp, backend, wanted, access=False, control=False):
             front["docker-proxy"][key] = port = ports.take()
             for proto in sorted(protos[key]):
                 # docker-proxy says it is ready by writing "0\n" to fd 3.
-                p = procs.start(["sh", "-c", 'exec "$0" "$@" 3>&1', dockerProxy, "-proto", proto,
-                                 "-host-ip", "127.0.0.1", "-host-port", str(port),
-                                 "-container-ip", "127.0.0.1", "-container-port", str(target)],
-                                stdout=subprocess.PIPE)
+                p = procs.start(
+                    [
+                        "sh",
+                        "-c",
+                        'exec "$0" "$@" 3>&1',
+                        dockerProxy,
+                        "-proto",
+                        proto,
+                        "-host-ip",
+                        "127.0.0.1",
+                        "-host-port",
+                        str(port),
+                        "-container-ip",
+                        "127.0.0.1",
+                        "-container-port",
+                        str(target),
+                    ],
+                    stdout=subprocess.PIPE,
+                )
                 if p.stdout.read(2) != b"0\n":
                     raise SystemExit("docker-proxy did not start")
     if "socat" in wanted and shutil.which("socat"):
@@ -211,36 +246,58 @@ def startPeers(procs, ports, tmp, backend, wanted, access=False, control=False):
             front["socat"][key] = port = ports.take()
             for proto in protos[key]:
                 if proto == "tcp":
-                    argv = [f"TCP4-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=1024", f"TCP4:127.0.0.1:{target}"]
+                    argv = [
+                        f"TCP4-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=1024",
+                        f"TCP4:127.0.0.1:{target}",
+                    ]
                 else:
-                    argv = [f"UDP4-RECVFROM:{port},bind=127.0.0.1,reuseaddr,fork", f"UDP4:127.0.0.1:{target}"]
+                    argv = [
+                        f"UDP4-RECVFROM:{port},bind=127.0.0.1,reuseaddr,fork",
+                        f"UDP4:127.0.0.1:{target}",
+                    ]
                 procs.start(["socat", *argv])
     if "haproxy" in wanted and shutil.which("haproxy"):
         front["haproxy"] = {k: ports.take() for k in backend if "tcp" in protos[k]}
         conf = os.path.join(tmp, "haproxy.cfg")
         with open(conf, "w") as f:
-            f.write("global\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n"
-                    "  timeout client 300s\n  timeout server 300s\n")
+            f.write(
+                "global\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n"
+                "  timeout client 300s\n  timeout server 300s\n"
+            )
             for key, port in front["haproxy"].items():
-                f.write(f"listen {key}\n  bind 127.0.0.1:{port}\n  server s 127.0.0.1:{backend[key]}\n")
+                f.write(
+                    f"listen {key}\n  bind 127.0.0.1:{port}\n  server s 127.0.0.1:{backend[key]}\n"
+                )
         procs.start(["haproxy", "-f", conf, "-db"])
     if "nginx" in wanted and shutil.which("nginx") and nginxStreamModule():
         front["nginx"] = {k: ports.take() for k in backend}
         conf = os.path.join(tmp, "stream.conf")
         with open(conf, "w") as f:
-            f.write(f"load_module {nginxStreamModule()};\nworker_processes 1; daemon off;\n"
-                    f"pid {tmp}/stream.pid; error_log {tmp}/stream.err;\n"
-                    "events { worker_connections 20000; }\nstream {\n")
+            f.write(
+                f"load_module {nginxStreamModule()};\nworker_processes 1; daemon off;\n"
+                f"pid {tmp}/stream.pid; error_log {tmp}/stream.err;\n"
+                "events { worker_connections 20000; }\nstream {\n"
+            )
             for key, port in front["nginx"].items():
                 for proto in protos[key]:
                     udp = " udp" if proto == "udp" else ""
-                    f.write(f"  server {{ listen 127.0.0.1:{port}{udp}; proxy_pass 127.0.0.1:{backend[key]}; }}\n")
+                    f.write(
+                        f"  server {{ listen 127.0.0.1:{port}{udp}; proxy_pass 127.0.0.1:{backend[key]}; }}\n"
+                    )
             f.write("}\n")
         procs.start(["nginx", "-c", conf])
-    front["portproxy"] = startPortproxyPeer(procs, ports, tmp, backend, protos, "portproxy")
+    front["portproxy"] = startPortproxyPeer(
+        procs, ports, tmp, backend, protos, "portproxy"
+    )
     if access:
         front["portproxy+access"] = startPortproxyPeer(
-            procs, ports, tmp, backend, protos, "portproxy+access", "" if control else accessDefaults()
+            procs,
+            ports,
+            tmp,
+            backend,
+            protos,
+            "portproxy+access",
+            "" if control else accessDefaults(),
         )
     for name, fronts in front.items():
         for key, port in fronts.items():
@@ -251,7 +308,9 @@ def startPeers(procs, ports, tmp, backend, wanted, access=False, control=False):
 
 def run(argv, seconds):
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30).stdout
+        return subprocess.run(
+            argv, capture_output=True, text=True, timeout=seconds + 30
+        ).stdout
     except subprocess.TimeoutExpired:
         return ""
 
@@ -262,7 +321,10 @@ def measure(workload, port, seconds):
     """
     if workload in ("tcp_bulk", "udp_bulk"):
         udp = ["-u", "-b", "0", "-l", "1400"] if workload == "udp_bulk" else []
-        out = run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), *udp], seconds)
+        out = run(
+            ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), *udp],
+            seconds,
+        )
         # The receiver's line is the last rate iperf3 prints.
         rates = re.findall(r"([\d.]+) ([KMG])bits/sec.*receiver", out)
         if not rates:
@@ -271,12 +333,36 @@ def measure(workload, port, seconds):
         return float(value) * {"K": 1e-6, "M": 1e-3, "G": 1.0}[scale]
     if workload.startswith("http_"):
         header = ["-H", "Connection: close"] if workload == "http_close" else []
-        out = run(["wrk", *header, "-t1", "-c32", f"-d{seconds}", f"http://127.0.0.1:{port}/"], seconds)
+        out = run(
+            [
+                "wrk",
+                *header,
+                "-t1",
+                "-c32",
+                f"-d{seconds}",
+                f"http://127.0.0.1:{port}/",
+            ],
+            seconds,
+        )
         found = re.search(r"Requests/sec:\s+([\d.]+)", out)
         return float(found.group(1)) if found else None
     tcp = ["--tcp"] if workload == "tcp_pingpong" else []
-    out = run(["sockperf", "ping-pong", *tcp, "-i", "127.0.0.1", "-p", str(port),
-               "-t", str(seconds), "-m", "64"], seconds)
+    out = run(
+        [
+            "sockperf",
+            "ping-pong",
+            *tcp,
+            "-i",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-t",
+            str(seconds),
+            "-m",
+            "64",
+        ],
+        seconds,
+    )
     found = re.search(r"percentile 50.000 =\s+([\d.]+)", out)
     return float(found.group(1)) if found else None
 
@@ -323,10 +409,25 @@ def startPortproxy(procs, tmp, name, mapText):
 
 
 def startDockerProxy(procs, proto, port, target):
-    p = procs.start(["sh", "-c", 'exec "$0" "$@" 3>&1', dockerProxyPath(), "-proto", proto,
-                     "-host-ip", "127.0.0.1", "-host-port", str(port),
-                     "-container-ip", "127.0.0.1", "-container-port", str(target)],
-                    stdout=subprocess.PIPE)
+    p = procs.start(
+        [
+            "sh",
+            "-c",
+            'exec "$0" "$@" 3>&1',
+            dockerProxyPath(),
+            "-proto",
+            proto,
+            "-host-ip",
+            "127.0.0.1",
+            "-host-port",
+            str(port),
+            "-container-ip",
+            "127.0.0.1",
+            "-container-port",
+            str(target),
+        ],
+        stdout=subprocess.PIPE,
+    )
     if p.stdout.read(2) != b"0\n":
         raise SystemExit("docker-proxy did not start")
     return p
@@ -346,14 +447,22 @@ def idleMemory(ports, tmp, count):
             procs, port = Processes(), ports.take()
             try:
                 if name == "portproxy":
-                    pid = startPortproxy(procs, tmp, "idle", f"mappings:\n  - name: idle\n    listen: 127.0.0.1:{port}\n"
-                                                        f"    target: 127.0.0.1:{target.port}\n").pid
+                    pid = startPortproxy(
+                        procs,
+                        tmp,
+                        "idle",
+                        f"mappings:\n  - name: idle\n    listen: 127.0.0.1:{port}\n"
+                        f"    target: 127.0.0.1:{target.port}\n",
+                    ).pid
                 else:
                     pid = startDockerProxy(procs, "tcp", port, target.port).pid
                 waitTCP(port)
                 time.sleep(0.5)
                 before = rssKiB(pid)
-                conns = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(count)]
+                conns = [
+                    socket.create_connection(("127.0.0.1", port), timeout=5)
+                    for _ in range(count)
+                ]
                 time.sleep(2)
                 result[name] = (rssKiB(pid) - before) / count
                 for conn in conns:
@@ -374,7 +483,9 @@ def manyListeners(ports, tmp, count):
     base = None
     for _ in range(200):
         candidate = 20000 + int.from_bytes(os.urandom(2), "big") % 40000
-        if candidate + count < 64000 and all(_free(p) for p in range(candidate, candidate + count)):
+        if candidate + count < 64000 and all(
+            _free(p) for p in range(candidate, candidate + count)
+        ):
             base = candidate
             break
     if base is None:
@@ -384,9 +495,14 @@ def manyListeners(ports, tmp, count):
     procs = Processes()
     try:
         started = time.monotonic()
-        pid = startPortproxy(procs, tmp, "scale", f"mappings:\n  - name: scale\n    proto: [tcp, udp]\n"
-                                                  f"    listen: 127.0.0.1:{base}-{base + count - 1}\n"
-                                                  f"    target: 127.0.0.1:{target}\n").pid
+        pid = startPortproxy(
+            procs,
+            tmp,
+            "scale",
+            f"mappings:\n  - name: scale\n    proto: [tcp, udp]\n"
+            f"    listen: 127.0.0.1:{base}-{base + count - 1}\n"
+            f"    target: 127.0.0.1:{target}\n",
+        ).pid
         waitTCP(base + count - 1, timeout=120)
         result["portproxy"] = (time.monotonic() - started, rssKiB(pid) / 1024)
     finally:
@@ -396,12 +512,18 @@ def manyListeners(ports, tmp, count):
         procs = Processes()
         try:
             started = time.monotonic()
-            pids = [startDockerProxy(procs, proto, base + i, target).pid
-                    for i in range(sample) for proto in ("tcp", "udp")]
+            pids = [
+                startDockerProxy(procs, proto, base + i, target).pid
+                for i in range(sample)
+                for proto in ("tcp", "udp")
+            ]
             elapsed = time.monotonic() - started
             time.sleep(1)
             perProcess = sum(rssKiB(p) for p in pids) / len(pids)
-            result["docker-proxy"] = (elapsed * count / sample, perProcess * 2 * count / 1024)
+            result["docker-proxy"] = (
+                elapsed * count / sample,
+                perProcess * 2 * count / 1024,
+            )
         finally:
             procs.stopAll()
     return result
@@ -418,22 +540,50 @@ def _free(port):
 
 
 def needs(workload):
-    tool = {"iperf": "iperf3", "http": "wrk", "sockperf_tcp": "sockperf", "sockperf_udp": "sockperf"}
+    tool = {
+        "iperf": "iperf3",
+        "http": "wrk",
+        "sockperf_tcp": "sockperf",
+        "sockperf_udp": "sockperf",
+    }
     return tool[WORKLOADS[workload][2]]
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-w", "--workloads", default=",".join(WORKLOADS), help="comma list of " + ", ".join(WORKLOADS))
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "-w",
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help="comma list of " + ", ".join(WORKLOADS),
+    )
     ap.add_argument("-r", "--rounds", type=int, default=3)
     ap.add_argument("-s", "--seconds", type=int, default=3)
     ap.add_argument("--peers", default="docker-proxy,socat,haproxy,nginx")
-    ap.add_argument("--access", action="store_true",
-                    help="also portproxy with a 1,000-entry deny list and per-client limits")
-    ap.add_argument("--control", action="store_true",
-                    help="with --access: the second portproxy without them (an A/A run: the noise)")
-    ap.add_argument("--idle", type=int, default=2000, help="idle connections for the memory figure; 0 skips it")
-    ap.add_argument("--scale", type=int, default=1000, help="listeners per protocol for the start-up figure; 0 skips it")
+    ap.add_argument(
+        "--access",
+        action="store_true",
+        help="also portproxy with a 1,000-entry deny list and per-client limits",
+    )
+    ap.add_argument(
+        "--control",
+        action="store_true",
+        help="with --access: the second portproxy without them (an A/A run: the noise)",
+    )
+    ap.add_argument(
+        "--idle",
+        type=int,
+        default=2000,
+        help="idle connections for the memory figure; 0 skips it",
+    )
+    ap.add_argument(
+        "--scale",
+        type=int,
+        default=1000,
+        help="listeners per protocol for the start-up figure; 0 skips it",
+    )
     a = ap.parse_args()
     workloads = [w for w in a.workloads.split(",") if w]
     for w in workloads:
@@ -441,12 +591,16 @@ def main():
             raise SystemExit(f"unknown workload {w}")
     missing = sorted({needs(w) for w in workloads if not shutil.which(needs(w))})
     if missing:
-        raise SystemExit(f"missing load tools: {', '.join(missing)} (../shared/bench/install-peers installs them)")
+        raise SystemExit(
+            f"missing load tools: {', '.join(missing)} (../shared/bench/install-peers installs them)"
+        )
     procs, ports = Processes(), Ports()
     tmp = tempfile.mkdtemp(prefix="portproxy-peers-")
     try:
         backend = startBackends(procs, ports, tmp)
-        front = startPeers(procs, ports, tmp, backend, a.peers.split(","), a.access, a.control)
+        front = startPeers(
+            procs, ports, tmp, backend, a.peers.split(","), a.access, a.control
+        )
         names = list(front)
         results = {w: {n: [] for n in names} for w in workloads}
         # CPU seconds of a portproxy per request (or connection), for --access:
@@ -463,50 +617,90 @@ def main():
                     value = measure(w, port, a.seconds) if port else None
                     results[w][name].append(value)
                     if before is not None and value and WORKLOADS[w][2] == "http":
-                        cpu[w][name].append((cpuSeconds(PIDS[name]) - before) / (value * a.seconds))
+                        cpu[w][name].append(
+                            (cpuSeconds(PIDS[name]) - before) / (value * a.seconds)
+                        )
                     print(f"round {r + 1} {w:15s} {name:13s} {value}", file=sys.stderr)
     finally:
         procs.stopAll()
-    print(f"\n{a.rounds} rounds of {a.seconds} s; medians; last column: median of per-round ratios\n")
+    print(
+        f"\n{a.rounds} rounds of {a.seconds} s; medians; last column: median of per-round ratios\n"
+    )
     extra = " portproxy+access / portproxy |" if a.access else ""
-    print("| workload | unit | " + " | ".join(names) + " | portproxy / docker-proxy |" + extra)
+    print(
+        "| workload | unit | "
+        + " | ".join(names)
+        + " | portproxy / docker-proxy |"
+        + extra
+    )
     print("|---" * (len(names) + 3 + a.access) + "|")
     for w in workloads:
         row = [w, WORKLOADS[w][0]]
         for name in names:
             values = [v for v in results[w][name] if v is not None]
             row.append(f"{statistics.median(values):.2f}" if values else "-")
-        pairs = [p / d for p, d in zip(results[w]["portproxy"], results[w].get("docker-proxy", [])) if p and d]
+        pairs = [
+            p / d
+            for p, d in zip(results[w]["portproxy"], results[w].get("docker-proxy", []))
+            if p and d
+        ]
         row.append(f"{statistics.median(pairs):.2f}" if pairs else "-")
         if a.access:
-            pairs = [q / p for q, p in zip(results[w]["portproxy+access"], results[w]["portproxy"]) if p and q]
+            pairs = [
+                q / p
+                for q, p in zip(results[w]["portproxy+access"], results[w]["portproxy"])
+                if p and q
+            ]
             row.append(f"{statistics.median(pairs):.3f}" if pairs else "-")
         print("| " + " | ".join(row) + " |")
     if a.access:
-        print("\nportproxy CPU time per request (user + system, all threads), medians;"
-              " last column: median of per-round ratios\n")
-        print("| workload | portproxy, us | portproxy+access, us | portproxy+access / portproxy |\n|---|---|---|---|")
+        print(
+            "\nportproxy CPU time per request (user + system, all threads), medians;"
+            " last column: median of per-round ratios\n"
+        )
+        print(
+            "| workload | portproxy, us | portproxy+access, us | portproxy+access / portproxy |\n|---|---|---|---|"
+        )
         for w in workloads:
             plain, checked = cpu[w]["portproxy"], cpu[w]["portproxy+access"]
             if plain and checked:
                 ratios = [c / p for c, p in zip(checked, plain) if p]
-                print(f"| {w} | {statistics.median(plain) * 1e6:.1f} | {statistics.median(checked) * 1e6:.1f}"
-                      f" | {statistics.median(ratios):.3f} |")
+                print(
+                    f"| {w} | {statistics.median(plain) * 1e6:.1f} | {statistics.median(checked) * 1e6:.1f}"
+                    f" | {statistics.median(ratios):.3f} |"
+                )
     footprint = []
     if a.idle:
         idle = idleMemory(ports, tmp, a.idle)
-        footprint.append((f"RSS per idle TCP connection ({a.idle} open), KiB",
-                          idle.get("docker-proxy"), idle.get("portproxy")))
+        footprint.append(
+            (
+                f"RSS per idle TCP connection ({a.idle} open), KiB",
+                idle.get("docker-proxy"),
+                idle.get("portproxy"),
+            )
+        )
     if a.scale:
         scale = manyListeners(ports, tmp, a.scale)
         docker = scale.get("docker-proxy", (None, None))
-        footprint.append((f"RSS of {a.scale} TCP + {a.scale} UDP listeners, MiB", docker[1], scale["portproxy"][1]))
-        footprint.append(("start-up of those listeners, s", docker[0], scale["portproxy"][0]))
+        footprint.append(
+            (
+                f"RSS of {a.scale} TCP + {a.scale} UDP listeners, MiB",
+                docker[1],
+                scale["portproxy"][1],
+            )
+        )
+        footprint.append(
+            ("start-up of those listeners, s", docker[0], scale["portproxy"][0])
+        )
     if footprint:
-        print("\n| footprint | docker-proxy | portproxy | portproxy / docker-proxy |\n|---|---|---|---|")
+        print(
+            "\n| footprint | docker-proxy | portproxy | portproxy / docker-proxy |\n|---|---|---|---|"
+        )
         for label, docker, ours in footprint:
             ratio = f"{ours / docker:.3f}" if docker else "-"
-            print(f"| {label} | {'-' if docker is None else f'{docker:.2f}'} | {ours:.2f} | {ratio} |")
+            print(
+                f"| {label} | {'-' if docker is None else f'{docker:.2f}'} | {ours:.2f} | {ratio} |"
+            )
 
 
 if __name__ == "__main__":

@@ -56,8 +56,12 @@ def big(port, base, n):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-n", type=int, default=1000, help="ports per protocol (default 1000)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "-n", type=int, default=1000, help="ports per protocol (default 1000)"
+    )
     ap.add_argument("-r", "--rounds", type=int, default=3)
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="portproxy-reload-")
@@ -67,8 +71,13 @@ def main():
     with open(path, "w") as f:
         f.write(small(port))
     log = open(logPath, "w")
-    proc = subprocess.Popen([*TWISTD, "-n", "--pidfile=", "portproxy", "-c", path],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True)
+    proc = subprocess.Popen(
+        [*TWISTD, "-n", "--pidfile=", "portproxy", "-c", path],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp,
+        start_new_session=True,
+    )
 
     def waitFor(pattern, since):
         deadline = time.monotonic() + 120
@@ -101,9 +110,13 @@ def main():
             dt, line = reload(small(port))
             assert f"removed {2 * a.n}," in line, line
             removes.append(dt)
-            print(f"round {r + 1}: add {2 * a.n} listeners {adds[-1]:.3f}s, remove them {removes[-1]:.3f}s")
-        print(f"median: add {statistics.median(adds):.3f}s, remove {statistics.median(removes):.3f}s "
-              f"({2 * a.n} listeners: {a.n} TCP + {a.n} UDP)")
+            print(
+                f"round {r + 1}: add {2 * a.n} listeners {adds[-1]:.3f}s, remove them {removes[-1]:.3f}s"
+            )
+        print(
+            f"median: add {statistics.median(adds):.3f}s, remove {statistics.median(removes):.3f}s "
+            f"({2 * a.n} listeners: {a.n} TCP + {a.n} UDP)"
+        )
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)

@@ -61,15 +61,25 @@ def cpuSeconds(pid):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("-r", "--rounds", type=int, default=6)
     ap.add_argument("-s", "--seconds", type=int, default=5)
     ap.add_argument(
-        "--control", action="store_true",
+        "--control",
+        action="store_true",
         help="run no scraper in the 'with' runs either: how far apart two identical runs come out",
     )
-    ap.add_argument("--scrapes", type=int, default=300, help="scrapes in a row to time one")
-    ap.add_argument("-w", "--workload", default="http_close", choices=["http_close", "http_keepalive"])
+    ap.add_argument(
+        "--scrapes", type=int, default=300, help="scrapes in a row to time one"
+    )
+    ap.add_argument(
+        "-w",
+        "--workload",
+        default="http_close",
+        choices=["http_close", "http_keepalive"],
+    )
     args = ap.parse_args()
     procs = Processes()
     ports = Ports()
@@ -80,7 +90,9 @@ def main():
             sys.exit("nginx is needed for the HTTP backend")
         front, http = ports.take(), ports.take()
         proxy = startPortproxy(
-            procs, tmp, "observed",
+            procs,
+            tmp,
+            "observed",
             f"http:\n  listen: 127.0.0.1:{http}\nmappings:\n  - name: web\n"
             f"    listen: 127.0.0.1:{front}\n    target: 127.0.0.1:{backend['http']}\n",
         )
@@ -98,7 +110,11 @@ def main():
                 before = cpuSeconds(proxy.pid)
                 figures[kind] = measure(args.workload, front, args.seconds)
                 # microseconds of the proxy's CPU per connection
-                cpu[kind] = (cpuSeconds(proxy.pid) - before) * 1e6 / (figures[kind] * args.seconds)
+                cpu[kind] = (
+                    (cpuSeconds(proxy.pid) - before)
+                    * 1e6
+                    / (figures[kind] * args.seconds)
+                )
                 if scraper is not None:
                     scraper.stopped.set()
                     scraper.join()
@@ -127,7 +143,9 @@ def main():
         # seconds over a run of scrapes in a row.
         before = cpuSeconds(proxy.pid)
         for _ in range(args.scrapes):
-            with urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=10) as response:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{http}/metrics", timeout=10
+            ) as response:
                 response.read()
         perScrape = (cpuSeconds(proxy.pid) - before) / args.scrapes
         print(

@@ -39,7 +39,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from processes import Processes  # noqa: E402
+from processes import Processes
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 HOST = "127.0.0.1"
@@ -211,7 +211,11 @@ def flaky(port, stop, counts):
                 conn.sendall(b"ping")
                 conn.shutdown(socket.SHUT_WR)
                 data = conn.recv(10)
-            counts.add("restarting target ok" if data == b"ping" else "restarting target closed")
+            counts.add(
+                "restarting target ok"
+                if data == b"ping"
+                else "restarting target closed"
+            )
         except OSError:
             counts.add("restarting target reset")
         time.sleep(0.01)
@@ -229,7 +233,9 @@ def refused(port, stop, counts):
             with socket.create_connection((HOST, port), timeout=5) as conn:
                 conn.sendall(b"request before the target failed")
                 data = conn.recv(10)
-            counts.add("refused target: clean end" if data == b"" else "refused target: data")
+            counts.add(
+                "refused target: clean end" if data == b"" else "refused target: data"
+            )
         except ConnectionResetError:
             if outOfDescriptors.is_set():
                 counts.add("refused target: shed, out of fds")
@@ -259,7 +265,7 @@ def udpClient(port, stop, counts):
                         counts.add("udp corrupted")
                         break
                     # A late echo of an earlier datagram: skip it.
-            except socket.timeout:
+            except TimeoutError:
                 counts.add("udp lost")
 
 
@@ -271,14 +277,20 @@ def proxyStats(pid):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    parser.add_argument("--seconds", type=float, default=60.0, help="load duration (default 60)")
+    parser.add_argument(
+        "--seconds", type=float, default=60.0, help="load duration (default 60)"
+    )
     parser.add_argument("--python", action="store_true", help="PORTPROXY_FASTPATH=0")
-    parser.add_argument("--sample", type=float, default=5.0, help="seconds between samples")
+    parser.add_argument(
+        "--sample", type=float, default=5.0, help="seconds between samples"
+    )
     parser.add_argument("--churners", type=int, default=4)
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--udp-clients", type=int, default=8)
     parser.add_argument("--fd-slack", type=int, default=16, help="allowed fd growth")
-    parser.add_argument("--rss-slack", type=int, default=16, help="allowed RSS growth, MiB")
+    parser.add_argument(
+        "--rss-slack", type=int, default=16, help="allowed RSS growth, MiB"
+    )
     args = parser.parse_args()
 
     workdir = tempfile.mkdtemp(prefix="portproxy-soak-")
@@ -304,7 +316,10 @@ def main():
     with open(logPath, "wb") as log:
         proxy = processes.start(
             [*TWISTD, "-n", "--pidfile=", "portproxy", "-c", mapPath],
-            cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+            cwd=workdir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     stop = threading.Event()
     counts = Counts()
@@ -316,9 +331,18 @@ def main():
             time.sleep(0.05)
         pid = proxy.pid
         workers = (
-            [threading.Thread(target=churn, args=(ports["churn"], stop, counts)) for _ in range(args.churners)]
-            + [threading.Thread(target=stream, args=(ports["stream"], i, stop, counts)) for i in range(args.streams)]
-            + [threading.Thread(target=udpClient, args=(ports["udp"], stop, counts)) for _ in range(args.udp_clients)]
+            [
+                threading.Thread(target=churn, args=(ports["churn"], stop, counts))
+                for _ in range(args.churners)
+            ]
+            + [
+                threading.Thread(target=stream, args=(ports["stream"], i, stop, counts))
+                for i in range(args.streams)
+            ]
+            + [
+                threading.Thread(target=udpClient, args=(ports["udp"], stop, counts))
+                for _ in range(args.udp_clients)
+            ]
             + [threading.Thread(target=flaky, args=(ports["flaky"], stop, counts))]
             + [threading.Thread(target=refused, args=(ports["refused"], stop, counts))]
         )
@@ -335,9 +359,13 @@ def main():
         lowered = False
         reloads = restarts = 0
         samples = []
-        print(f"soak of pid {pid} for {args.seconds:g}s ({'python' if args.python else 'fast'} paths)")
-        print(f"{'t s':>6} {'RSS MiB':>8} {'fds':>5} {'churn ok':>9} {'stream MB':>10} "
-              f"{'udp echoed':>10} {'reloads':>7} {'restarts':>8}  phase")
+        print(
+            f"soak of pid {pid} for {args.seconds:g}s ({'python' if args.python else 'fast'} paths)"
+        )
+        print(
+            f"{'t s':>6} {'RSS MiB':>8} {'fds':>5} {'churn ok':>9} {'stream MB':>10} "
+            f"{'udp echoed':>10} {'reloads':>7} {'restarts':>8}  phase"
+        )
         while (now := time.monotonic() - started) < args.seconds:
             phase = "load"
             if exhaustion[0] <= now < exhaustion[1]:
@@ -345,7 +373,9 @@ def main():
                 if not lowered:
                     outOfDescriptors.set()
                     inUse = proxyStats(pid)[1]
-                    resource.prlimit(pid, resource.RLIMIT_NOFILE, (inUse + 2, softLimit[1]))
+                    resource.prlimit(
+                        pid, resource.RLIMIT_NOFILE, (inUse + 2, softLimit[1])
+                    )
                     lowered = True
             elif lowered:
                 resource.prlimit(pid, resource.RLIMIT_NOFILE, softLimit)
@@ -356,15 +386,20 @@ def main():
                 os.kill(pid, signal.SIGHUP)
                 reloads += 1
             if now >= nextRestart:
-                threading.Thread(target=restarting.restart, args=(0.5,), daemon=True).start()
+                threading.Thread(
+                    target=restarting.restart, args=(0.5,), daemon=True
+                ).start()
                 restarts += 1
                 nextRestart = now + 5
             if now >= nextSample:
                 rss, fds = proxyStats(pid)
                 samples.append((now, rss, fds))
-                print(f"{now:6.0f} {rss / 1024:8.1f} {fds:5d} {counts['churn ok']:9d} "
-                      f"{counts['stream bytes'] / 1e6:10.1f} {counts['udp echoed']:10d} "
-                      f"{reloads:7d} {restarts:8d}  {phase}", flush=True)
+                print(
+                    f"{now:6.0f} {rss / 1024:8.1f} {fds:5d} {counts['churn ok']:9d} "
+                    f"{counts['stream bytes'] / 1e6:10.1f} {counts['udp echoed']:10d} "
+                    f"{reloads:7d} {restarts:8d}  {phase}",
+                    flush=True,
+                )
                 nextSample = now + args.sample
             time.sleep(0.1)
         if lowered:
@@ -396,9 +431,14 @@ def main():
         ("churn corrupted = 0", counts["churn corrupted"] == 0),
         ("udp corrupted = 0", counts["udp corrupted"] == 0),
         ("refused target: no reset", counts["refused target: reset"] == 0),
-        (f"fds at the end {fds} <= warm-up peak {fdBase} + {args.fd_slack}", fds <= fdBase + args.fd_slack),
-        (f"RSS at the end {rss / 1024:.1f} MiB <= warm-up peak {rssBase / 1024:.1f} + {args.rss_slack} MiB",
-         rss <= rssBase + args.rss_slack * 1024),
+        (
+            f"fds at the end {fds} <= warm-up peak {fdBase} + {args.fd_slack}",
+            fds <= fdBase + args.fd_slack,
+        ),
+        (
+            f"RSS at the end {rss / 1024:.1f} MiB <= warm-up peak {rssBase / 1024:.1f} + {args.rss_slack} MiB",
+            rss <= rssBase + args.rss_slack * 1024,
+        ),
     ]
     print()
     for name in sorted(counts.values):

@@ -39,8 +39,10 @@ import tempfile
 from peers import TWISTD, Ports, nginxStreamModule, waitTCP
 from processes import Processes
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from certs import Authority  # noqa: E402
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
+)
+from certs import Authority
 
 WORKLOADS = {
     "tls_handshake": ("conn/s", ["-H", "Connection: close", "-c32"], "/"),
@@ -65,7 +67,7 @@ def startBackend(procs, ports, tmp):
             "events { worker_connections 20000; }\n"
             "http { access_log off; keepalive_requests 1000000; sendfile on;\n"
             f"  server {{ listen 127.0.0.1:{port}; root {tmp};\n"
-            "    location = / { return 200 \"hello\\n\"; } } }\n"
+            '    location = / { return 200 "hello\\n"; } } }\n'
         )
     procs.start(["nginx", "-c", conf])
     waitTCP(port)
@@ -77,7 +79,9 @@ def cpuSeconds(pid):
     User and system CPU seconds of process C{pid} and its children so far.
     """
     total = 0.0
-    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    children = subprocess.run(
+        ["pgrep", "-P", str(pid)], capture_output=True, text=True
+    ).stdout.split()
     for one in [pid, *map(int, children)]:
         try:
             with open(f"/proc/{one}/stat") as f:
@@ -118,7 +122,10 @@ def startProxies(procs, ports, tmp, backend, cert, key, profile):
                 f"listen tls\n  bind 127.0.0.1:{front['haproxy']} ssl crt {combined}\n"
                 f"  server s 127.0.0.1:{backend}\n"
             )
-        front["haproxy"] = (front["haproxy"], procs.start(["haproxy", "-f", conf, "-db"]).pid)
+        front["haproxy"] = (
+            front["haproxy"],
+            procs.start(["haproxy", "-f", conf, "-db"]).pid,
+        )
     front["portproxy"] = ports.take()
     mapPath = os.path.join(tmp, "portproxy.yaml")
     with open(mapPath, "w") as f:
@@ -126,11 +133,16 @@ def startProxies(procs, ports, tmp, backend, cert, key, profile):
             f"mappings:\n  - name: tls\n    listen: 127.0.0.1:{front['portproxy']}\n"
             f"    target: 127.0.0.1:{backend}\n    tls: {{cert: {cert}, key: {key}}}\n"
         )
-    extra = [f"--profile={profile}", "--profiler=cprofile", "--savestats"] if profile else []
+    extra = (
+        [f"--profile={profile}", "--profiler=cprofile", "--savestats"]
+        if profile
+        else []
+    )
     log = open(os.path.join(tmp, "portproxy.log"), "w")
     portproxy = procs.start(
         [*TWISTD, "-n", "--pidfile=", *extra, "portproxy", "-c", mapPath],
-        stdout=log, stderr=subprocess.STDOUT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     front["portproxy"] = (front["portproxy"], portproxy.pid)
     for port, _ in front.values():
@@ -159,7 +171,9 @@ def _wrk(workload, port, seconds):
     try:
         out = subprocess.run(
             ["wrk", "-t1", *flags, f"-d{seconds}", f"https://127.0.0.1:{port}{path}"],
-            capture_output=True, text=True, timeout=seconds + 30,
+            capture_output=True,
+            text=True,
+            timeout=seconds + 30,
         ).stdout
     except subprocess.TimeoutExpired:
         return None
@@ -177,7 +191,9 @@ def _wrk(workload, port, seconds):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("-r", "--rounds", type=int, default=3)
     ap.add_argument("-s", "--seconds", type=int, default=5)
     ap.add_argument("-w", "--workloads", default=",".join(WORKLOADS))
@@ -191,7 +207,9 @@ def main():
         cert, key = ca.issue("server", "localhost", ("localhost", "127.0.0.1"))
         ports = Ports()
         backend = startBackend(procs, ports, tmp)
-        front, portproxy = startProxies(procs, ports, tmp, backend, str(cert), str(key), args.profile)
+        front, portproxy = startProxies(
+            procs, ports, tmp, backend, str(cert), str(key), args.profile
+        )
         results = {(w, p): [] for w in workloads for p in front}
         costs = {(w, p): [] for w in workloads for p in front}
         for turn in range(args.rounds):
@@ -201,9 +219,15 @@ def main():
                     results[workload, peer].append(value)
                     if cost is not None:
                         costs[workload, peer].append(cost)
-                    print(f"round {turn + 1} {workload:14} {peer:10} {value} cost {cost}", file=sys.stderr)
-        print(f"\n{'workload':14} {'unit':7} " + " ".join(f"{p:>10}" for p in front)
-              + "  portproxy/faster peer")
+                    print(
+                        f"round {turn + 1} {workload:14} {peer:10} {value} cost {cost}",
+                        file=sys.stderr,
+                    )
+        print(
+            f"\n{'workload':14} {'unit':7} "
+            + " ".join(f"{p:>10}" for p in front)
+            + "  portproxy/faster peer"
+        )
         for workload in workloads:
             unit = WORKLOADS[workload][0]
             medians = {}
@@ -214,26 +238,50 @@ def main():
             for i in range(args.rounds):
                 ours = results[workload, "portproxy"][i]
                 peersBest = max(
-                    (results[workload, p][i] for p in front if p != "portproxy"
-                     and results[workload, p][i] is not None), default=None)
+                    (
+                        results[workload, p][i]
+                        for p in front
+                        if p != "portproxy" and results[workload, p][i] is not None
+                    ),
+                    default=None,
+                )
                 if ours is not None and peersBest:
                     ratios.append(ours / peersBest)
             cells = " ".join(
-                f"{medians[p]:>10.{3 if unit == 'Gbit/s' else 0}f}" if medians[p] is not None else f"{'-':>10}"
+                f"{medians[p]:>10.{3 if unit == 'Gbit/s' else 0}f}"
+                if medians[p] is not None
+                else f"{'-':>10}"
                 for p in front
             )
             ratio = f"{statistics.median(ratios):.2f}x" if ratios else "-"
             print(f"{workload:14} {unit:7} {cells}  {ratio}")
         # On a shared machine the rates follow each process's share of the
         # CPU; the CPU each proxy spends per unit of work does much less.
-        print(f"\n{'proxy CPU per':14} {'unit':7} " + " ".join(f"{p:>10}" for p in front)
-              + "  portproxy/cheaper peer")
+        print(
+            f"\n{'proxy CPU per':14} {'unit':7} "
+            + " ".join(f"{p:>10}" for p in front)
+            + "  portproxy/cheaper peer"
+        )
         for workload in workloads:
-            unit = "s/GB" if workload == "tls_bulk" else "ms/" + WORKLOADS[workload][0].split("/")[0]
-            medians = {p: statistics.median(costs[workload, p]) if costs[workload, p] else None for p in front}
-            cells = " ".join(f"{medians[p]:>10.3f}" if medians[p] is not None else f"{'-':>10}" for p in front)
+            unit = (
+                "s/GB"
+                if workload == "tls_bulk"
+                else "ms/" + WORKLOADS[workload][0].split("/")[0]
+            )
+            medians = {
+                p: statistics.median(costs[workload, p]) if costs[workload, p] else None
+                for p in front
+            }
+            cells = " ".join(
+                f"{medians[p]:>10.3f}" if medians[p] is not None else f"{'-':>10}"
+                for p in front
+            )
             others = [medians[p] for p in front if p != "portproxy" and medians[p]]
-            ratio = f"{medians['portproxy'] / min(others):.2f}x" if others and medians["portproxy"] else "-"
+            ratio = (
+                f"{medians['portproxy'] / min(others):.2f}x"
+                if others and medians["portproxy"]
+                else "-"
+            )
             print(f"{workload:14} {unit:7} {cells}  {ratio}")
     finally:
         if args.profile and portproxy.poll() is None:

@@ -39,7 +39,7 @@ class Authority:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self.certificate = (
             x509.CertificateBuilder()
             .subject_name(_name(name))
@@ -48,13 +48,20 @@ class Authority:
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.BasicConstraints(ca=True, path_length=None), critical=True
+            )
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, key_cert_sign=True, crl_sign=True,
-                    content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False,
-                    encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -79,7 +86,7 @@ class Authority:
         @return: the certificate and key paths.
         """
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         builder = (
             x509.CertificateBuilder()
             .subject_name(_name(commonName))
@@ -90,7 +97,11 @@ class Authority:
             .not_valid_after(now + datetime.timedelta(days=30))
             .add_extension(
                 x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]
+                    [
+                        ExtendedKeyUsageOID.CLIENT_AUTH
+                        if client
+                        else ExtendedKeyUsageOID.SERVER_AUTH
+                    ]
                 ),
                 critical=False,
             )
@@ -102,7 +113,9 @@ class Authority:
                     entries.append(x509.IPAddress(ipaddress.ip_address(name)))
                 except ValueError:
                     entries.append(x509.DNSName(name))
-            builder = builder.add_extension(x509.SubjectAlternativeName(entries), critical=False)
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(entries), critical=False
+            )
         certificate = builder.sign(self.key, hashes.SHA256())
         certPath = self.directory / f"{stem}.pem"
         keyPath = self.directory / f"{stem}.key"
@@ -128,7 +141,9 @@ class TLSEchoServer(TCPEchoServer):
     and records the subject of each client certificate in C{clients}.
     """
 
-    def __init__(self, certPath, keyPath, clientCA=None, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, certPath, keyPath, clientCA=None, host: str = "127.0.0.1"
+    ) -> None:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(str(certPath), str(keyPath))
         if clientCA is not None:
@@ -150,7 +165,9 @@ class TLSEchoServer(TCPEchoServer):
             self.errors.append(str(e))
 
 
-def tlsConnect(port: int, serverName: str, caPath, client=None, host: str = "127.0.0.1") -> ssl.SSLSocket:
+def tlsConnect(
+    port: int, serverName: str, caPath, client=None, host: str = "127.0.0.1"
+) -> ssl.SSLSocket:
     """
     A TLS connection to C{host:port} with Python's C{ssl}, checking the
     server's certificate against C{caPath} for C{serverName}; C{client}

@@ -78,8 +78,13 @@ class FakeFlow:
     """
 
     def __init__(
-        self, service: ListenerService, flowId: int, client: str = "127.0.0.1:5000",
-        started: float = 0.0, bytesIn: int = 0, bytesOut: int = 0,
+        self,
+        service: ListenerService,
+        flowId: int,
+        client: str = "127.0.0.1:5000",
+        started: float = 0.0,
+        bytesIn: int = 0,
+        bytesOut: int = 0,
     ) -> None:
         self.id = flowId
         self.listener = service.listener
@@ -96,8 +101,14 @@ class FakeFlow:
         self.service.flowEnded(self, reason)
 
 
-def listener(port: int, name: str = "web", proto: str = TCP, host: str = "127.0.0.1",
-             target: int = 80, **kw) -> Listener:
+def listener(
+    port: int,
+    name: str = "web",
+    proto: str = TCP,
+    host: str = "127.0.0.1",
+    target: int = 80,
+    **kw,
+) -> Listener:
     """
     A listener of mapping C{name} forwarding to C{127.0.0.2:target}; its
     map line is its port unless given.

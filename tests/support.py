@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
@@ -80,14 +79,16 @@ class ProxyProcess:
     @ivar fastPath: whether the proxy may use its compiled fast paths.
     """
 
-    def __init__(self, workdir: Path, fastPath: bool = True, prefix: tuple = ()) -> None:
+    def __init__(
+        self, workdir: Path, fastPath: bool = True, prefix: tuple = ()
+    ) -> None:
         self.workdir = Path(workdir)
         self.fastPath = fastPath
         #: what twistd runs under (C{ip netns exec NS}), if anything
         self.prefix = tuple(prefix)
         self.mapPath = self.workdir / "map.yaml"
         self.logPath = self.workdir / "proxy.log"
-        self.process: Optional[subprocess.Popen] = None
+        self.process: subprocess.Popen | None = None
 
     @property
     def pid(self) -> int:
@@ -117,7 +118,7 @@ class ProxyProcess:
         )
         return self.process
 
-    def start(self, mapText: str, *extraArgs: str) -> "ProxyProcess":
+    def start(self, mapText: str, *extraArgs: str) -> ProxyProcess:
         """
         Start twistd on C{mapText} and wait until it has started every
         listener.
@@ -153,7 +154,7 @@ class ProxyProcess:
                 )
             time.sleep(0.02)
 
-    def reload(self, mapText: Optional[str] = None, timeout: float = 20.0) -> str:
+    def reload(self, mapText: str | None = None, timeout: float = 20.0) -> str:
         """
         Write C{mapText} (when given), send SIGHUP and return the reload's
         summary line.
@@ -165,7 +166,7 @@ class ProxyProcess:
         match = self.waitFor(r"reload of [^\n]*", timeout=timeout, since=since)
         return match.group(0)
 
-    def stop(self) -> Optional[int]:
+    def stop(self) -> int | None:
         """
         SIGTERM, and the exit status.
         """
@@ -270,7 +271,7 @@ class TCPEchoServer:
             pass
         self.socket.close()
 
-    def __enter__(self) -> "TCPEchoServer":
+    def __enter__(self) -> TCPEchoServer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -314,7 +315,7 @@ class UDPEchoServer:
             pass
         self.socket.close()
 
-    def __enter__(self) -> "UDPEchoServer":
+    def __enter__(self) -> UDPEchoServer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -342,20 +343,27 @@ class Shim:
         hostPort: int,
         containerIP: str,
         containerPort: int,
-        listenSocket: Optional[socket.socket] = None,
+        listenSocket: socket.socket | None = None,
     ) -> None:
         argv = [
             str(SHIM),
-            "-proto", proto,
-            "-host-ip", hostIP,
-            "-host-port", str(hostPort),
-            "-container-ip", containerIP,
-            "-container-port", str(containerPort),
+            "-proto",
+            proto,
+            "-host-ip",
+            hostIP,
+            "-host-port",
+            str(hostPort),
+            "-container-ip",
+            containerIP,
+            "-container-port",
+            str(containerPort),
         ]
         if listenSocket is not None:
             argv.append("-use-listen-fd")
         readEnd, writeEnd = os.pipe()
-        passed = [writeEnd] + ([listenSocket.fileno()] if listenSocket is not None else [])
+        passed = [writeEnd] + (
+            [listenSocket.fileno()] if listenSocket is not None else []
+        )
 
         def descriptors() -> None:
             # Where dockerd puts them: 3 the pipe, 4 the socket.  The
@@ -366,7 +374,11 @@ class Shim:
 
         env = dict(os.environ, PORTPROXY_CONTROL=control)
         self.process = subprocess.Popen(
-            argv, env=env, preexec_fn=descriptors, close_fds=False, stderr=subprocess.DEVNULL
+            argv,
+            env=env,
+            preexec_fn=descriptors,
+            close_fds=False,
+            stderr=subprocess.DEVNULL,
         )
         os.close(writeEnd)
         with os.fdopen(readEnd, "rb") as pipe:
@@ -410,6 +422,8 @@ def portFree(port: int, proto: str = "tcp", host: str = "127.0.0.1") -> bool:
         except OSError:
             return False
     return True
+
+
 #: Where tests keep manhole key files: the manhole trusts a key file only
 #: when no directory above it is writable by others (so not under /tmp).
 TRUSTED_BASE = "/run"

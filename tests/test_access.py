@@ -10,6 +10,8 @@ import ipaddress
 import random
 
 import pytest
+import test_tcp
+import test_udp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.task import Clock
@@ -17,7 +19,6 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
-from twistedproxy import access
 from twistedproxy.access import (
     AddressSet,
     ClientTable,
@@ -30,9 +31,6 @@ from twistedproxy.access import (
 from twistedproxy.admin import Console
 from twistedproxy.config import ConfigError, parseMap
 from twistedproxy.model import AccessPolicy, Rate
-
-import test_tcp
-import test_udp
 
 
 def networks(*cidrs):
@@ -48,9 +46,22 @@ def test_addressSetMatchesIPv4AndIPv6():
     networks, edges included.
     """
     s = AddressSet(networks("10.0.0.0/8", "192.0.2.128/25", "2001:db8::/32"))
-    for host in ("10.0.0.0", "10.255.255.255", "192.0.2.128", "192.0.2.255", "2001:db8::1"):
+    for host in (
+        "10.0.0.0",
+        "10.255.255.255",
+        "192.0.2.128",
+        "192.0.2.255",
+        "2001:db8::1",
+    ):
         assert clientKey(host) in s, host
-    for host in ("9.255.255.255", "11.0.0.0", "192.0.2.127", "2001:db9::", "::1", "127.0.0.1"):
+    for host in (
+        "9.255.255.255",
+        "11.0.0.0",
+        "192.0.2.127",
+        "2001:db9::",
+        "::1",
+        "127.0.0.1",
+    ):
         assert clientKey(host) not in s, host
 
 
@@ -73,7 +84,9 @@ def test_addressSetMergesOverlaps():
     Overlapping and adjacent networks merge, so the set answers the same
     as a plain scan of its networks for random addresses.
     """
-    nets = networks("10.0.0.0/24", "10.0.0.128/25", "10.0.1.0/24", "10.0.3.0/24", "0.0.0.0/32")
+    nets = networks(
+        "10.0.0.0/24", "10.0.0.128/25", "10.0.1.0/24", "10.0.3.0/24", "0.0.0.0/32"
+    )
     s = AddressSet(nets)
     assert len(s._starts) == 3
     rng = random.Random(7)
@@ -88,7 +101,9 @@ def test_lookupIsABisection():
     of them, not with each: the cost does not grow with the list.
     """
     # every other /24, so that none merge
-    big = AddressSet(networks(*(f"10.{i // 125}.{i % 125 * 2}.0/24" for i in range(1000))))
+    big = AddressSet(
+        networks(*(f"10.{i // 125}.{i % 125 * 2}.0/24" for i in range(1000)))
+    )
     assert len(big._starts) == 1000
     compared = []
 
@@ -101,7 +116,11 @@ def test_lookupIsABisection():
             compared.append(other)
             return int(self) <= other
 
-    for host, expected in (("127.0.0.1", False), ("10.2.100.7", True), ("10.2.101.7", False)):
+    for host, expected in (
+        ("127.0.0.1", False),
+        ("10.2.100.7", True),
+        ("10.2.101.7", False),
+    ):
         compared.clear()
         assert (CountingKey(clientKey(host)) in big) == expected
         assert len(compared) <= 12
@@ -156,7 +175,11 @@ def test_clientTableBucketsPerClient():
     table = ClientTable()
     rate = Rate(1.0, 2)
     a, b = clientKey("127.0.0.2"), clientKey("127.0.0.3")
-    assert [table.take(a, rate, clock.seconds()) for _ in range(3)] == [True, True, False]
+    assert [table.take(a, rate, clock.seconds()) for _ in range(3)] == [
+        True,
+        True,
+        False,
+    ]
     assert table.take(b, rate, clock.seconds())
     clock.advance(1.0)
     assert table.take(a, rate, clock.seconds())
@@ -227,8 +250,11 @@ def test_mapKeysBuildThePolicy():
     )
     a, b, c = (m.mapping(n).listeners[0].access for n in "abc")
     assert a == AccessPolicy(
-        allow=("2001:db8::/32",), deny=("10.0.0.0/8",), maxPerClient=4,
-        newPerClient=Rate(5.0, 5), scope="a",
+        allow=("2001:db8::/32",),
+        deny=("10.0.0.0/8",),
+        maxPerClient=4,
+        newPerClient=Rate(5.0, 5),
+        scope="a",
     )
     assert b == AccessPolicy(maxPerClient=4, datagramsPerClient=Rate(0.5, 4), scope="b")
     assert c == AccessPolicy(deny=("10.0.0.0/8",), maxPerClient=4, scope="")
@@ -237,7 +263,10 @@ def test_mapKeysBuildThePolicy():
 @pytest.mark.parametrize(
     "line, message",
     [
-        ("deny: [10.0.0.0/33]", "deny: '10.0.0.0/33': the prefix length must be 0-32 for IPv4"),
+        (
+            "deny: [10.0.0.0/33]",
+            "deny: '10.0.0.0/33': the prefix length must be 0-32 for IPv4",
+        ),
         ("allow: 10.0.0.0/8", "allow: expected a list of CIDRs"),
         ("deny: [example.com]", "deny: 'example.com' is not a CIDR"),
         (
@@ -245,7 +274,10 @@ def test_mapKeysBuildThePolicy():
             "new_connections_per_client: '5/minute' is not a rate (expected N/s",
         ),
         ("datagrams_per_client: 100", "datagrams_per_client: expected N/s"),
-        ("max_connections_per_client: -1", "max_connections_per_client: must not be negative"),
+        (
+            "max_connections_per_client: -1",
+            "max_connections_per_client: must not be negative",
+        ),
         (
             "new_connections_per_client: {rate: 5/s, burst: 0}",
             "new_connections_per_client.burst: must be at least 1",
@@ -400,7 +432,9 @@ def test_udpSessionsPerClient():
     reactor = MemoryReactorClock()
     from dataclasses import replace
 
-    listener = replace(test_udp.makeListener(), access=AccessPolicy(maxPerClient=2, scope="u"))
+    listener = replace(
+        test_udp.makeListener(), access=AccessPolicy(maxPerClient=2, scope="u")
+    )
     service = test_udp.started(listener, reactor)
     for port in (1, 2, 3):
         service.datagramReceived(b"x", ("10.0.0.1", port), None)

@@ -75,7 +75,7 @@ def resetAtOnce(source, port) -> bool:
             return False
         except ConnectionResetError:
             return True
-        except socket.timeout:
+        except TimeoutError:
             return False
 
 
@@ -97,7 +97,7 @@ def echoes(s, port, count=1, payload=b"ping") -> int:
         while True:
             s.recvfrom(100)
             got += 1
-    except socket.timeout:
+    except TimeoutError:
         return got
 
 
@@ -109,12 +109,16 @@ def test_tcpDenyAndAllow(proxy):
     with TCPEchoServer() as echo:
         port = freePort()
         proxy.start(
-            tcpMap(port, echo.port, "    allow: [127.0.0.0/30]\n    deny: [127.0.0.2/32]\n")
+            tcpMap(
+                port, echo.port, "    allow: [127.0.0.0/30]\n    deny: [127.0.0.2/32]\n"
+            )
         )
         assert resetAtOnce("127.0.0.2", port)
         proxy.waitFor(r"tcp guarded rejected 127\.0\.0\.2:\d+: deny list")
         assert resetAtOnce("127.0.0.5", port)
-        proxy.waitFor(r"tcp guarded rejected 127\.0\.0\.5:\d+: allow list does not include it")
+        proxy.waitFor(
+            r"tcp guarded rejected 127\.0\.0\.5:\d+: allow list does not include it"
+        )
         assert served("127.0.0.3", port)
         assert echo.accepted == 1
 
@@ -147,7 +151,9 @@ def test_tcpMaxConnectionsPerClient(proxy):
         for conn in (first, second):
             assert roundTrip(conn, b"in") == b"in"
         assert resetAtOnce("127.0.0.2", port)
-        proxy.waitFor(r"rejected 127\.0\.0\.2:\d+: max_connections_per_client 2 reached")
+        proxy.waitFor(
+            r"rejected 127\.0\.0\.2:\d+: max_connections_per_client 2 reached"
+        )
         assert served("127.0.0.3", port)
         first.close()
         proxy.waitFor(r"tcp guarded 127\.0\.0\.2:\d+ .* client closed")
@@ -163,7 +169,11 @@ def test_tcpNewConnectionsPerClient(proxy):
     with TCPEchoServer() as echo:
         port = freePort()
         proxy.start(
-            tcpMap(port, echo.port, "    new_connections_per_client: {rate: 0.01/s, burst: 2}\n")
+            tcpMap(
+                port,
+                echo.port,
+                "    new_connections_per_client: {rate: 0.01/s, burst: 2}\n",
+            )
         )
         assert served("127.0.0.2", port)
         assert served("127.0.0.2", port)
@@ -189,13 +199,17 @@ def test_udpSessionsAndDatagramsPerClient(proxy):
                 proto="udp",
             )
         )
-        with udpClient("127.0.0.2") as a, udpClient("127.0.0.2") as a2, udpClient(
-            "127.0.0.3"
-        ) as b:
+        with (
+            udpClient("127.0.0.2") as a,
+            udpClient("127.0.0.2") as a2,
+            udpClient("127.0.0.3") as b,
+        ):
             assert echoes(a, port, 10) == 3
             assert echoes(a2, port, 1) == 0
             assert echoes(b, port, 2) == 2
-        proxy.waitFor(r"rejected 127\.0\.0\.2:\d+: max_connections_per_client 1 reached")
+        proxy.waitFor(
+            r"rejected 127\.0\.0\.2:\d+: max_connections_per_client 1 reached"
+        )
 
 
 def test_reloadChangesListsForNewConnectionsOnly(proxy):
@@ -208,7 +222,9 @@ def test_reloadChangesListsForNewConnectionsOnly(proxy):
         proxy.start(tcpMap(port, echo.port))
         with connectFrom("127.0.0.2", port) as open_:
             assert roundTrip(open_, b"before") == b"before"
-            summary = proxy.reload(tcpMap(port, echo.port, "    deny: [127.0.0.2/32]\n"))
+            summary = proxy.reload(
+                tcpMap(port, echo.port, "    deny: [127.0.0.2/32]\n")
+            )
             assert "changed 1" in summary
             assert roundTrip(open_, b"after") == b"after"
             assert resetAtOnce("127.0.0.2", port)
@@ -238,7 +254,9 @@ def test_portScanLogsBoundedLines(proxy):
     def counted():
         text = proxy.output()
         lines = len(re.findall(r"rejected 127\.0\.0\.2", text))
-        return lines, lines + sum(int(n) for n in re.findall(r"and (\d+) more refused", text))
+        return lines, lines + sum(
+            int(n) for n in re.findall(r"and (\d+) more refused", text)
+        )
 
     deadline = time.monotonic() + 5
     while counted()[1] < 300 and time.monotonic() < deadline:
@@ -265,6 +283,8 @@ def test_defaultsLimitCountsAcrossMappings(proxy):
         with connectFrom("127.0.0.2", a) as held:
             assert roundTrip(held, b"held") == b"held"
             assert resetAtOnce("127.0.0.2", b)
-            proxy.waitFor(r"tcp b rejected 127\.0\.0\.2:\d+: max_connections_per_client 1")
+            proxy.waitFor(
+                r"tcp b rejected 127\.0\.0\.2:\d+: max_connections_per_client 1"
+            )
             assert served("127.0.0.2", own)
             assert served("127.0.0.3", b)

@@ -6,6 +6,7 @@ fake root service holding real L{ListenerService} counters.
 import re
 
 import pytest
+from fakes import FakeFlow, FakeListener, FakeUDPListener
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
@@ -18,10 +19,7 @@ from twistedproxy.admin import (
     formatBytes,
     formatTable,
 )
-from twistedproxy.listener import ListenerService
 from twistedproxy.model import Listener, Mapping, ProxyMap, Target
-
-from fakes import FakeFlow, FakeListener, FakeUDPListener
 
 
 class FakeProxy:
@@ -79,7 +77,9 @@ def exampleMap():
     return ProxyMap(
         "map.yaml",
         (
-            Mapping("ssh", (listener("ssh", "tcp", "127.0.0.1", 22222, "172.17.0.2", 22),)),
+            Mapping(
+                "ssh", (listener("ssh", "tcp", "127.0.0.1", 22222, "172.17.0.2", 22),)
+            ),
             Mapping(
                 "web",
                 (
@@ -163,7 +163,9 @@ def test_formatTableAlignsColumns():
     right-aligned one space apart, with no trailing spaces.
     """
     text = formatTable(
-        ("A", "LONGER", "N", "M"), [("xx", "y", "5", "1 B"), ("x", "yyyyyyyy", "123", "")], 2
+        ("A", "LONGER", "N", "M"),
+        [("xx", "y", "5", "1 B"), ("x", "yyyyyyyy", "123", "")],
+        2,
     )
     assert text.splitlines() == [
         "A   LONGER      N   M",
@@ -188,7 +190,16 @@ def test_statusListsEveryListenerWithItsCounters(console, proxy, capsys):
     console.status()
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == [
-        "NAME", "PROTO", "LISTEN", "TARGET", "OPEN", "TOTAL", "REJ", "DRP", "IN", "OUT",
+        "NAME",
+        "PROTO",
+        "LISTEN",
+        "TARGET",
+        "OPEN",
+        "TOTAL",
+        "REJ",
+        "DRP",
+        "IN",
+        "OUT",
     ]
     assert [line.split()[:4] for line in lines[1:]] == [
         ["ssh", "tcp", "127.0.0.1:22222", "172.17.0.2:22"],
@@ -232,13 +243,18 @@ def test_statusNamesDisabledAndDrainingListeners(console, proxy, capsys):
     still drain connections.
     """
     proxy.disable("web")
-    old = FakeListener(listener("old", "tcp", "127.0.0.1", 9000, "10.0.0.1", 90), proxy.reactor)
+    old = FakeListener(
+        listener("old", "tcp", "127.0.0.1", 9000, "10.0.0.1", 90), proxy.reactor
+    )
     FakeFlow(old, 3, "127.0.0.1:40000", 0.0)
     proxy.draining.append(old)
     console.status()
     out = capsys.readouterr().out
     assert "disabled (not accepting): web\n" in out
-    assert "removed, draining: tcp 127.0.0.1:9000 -> 10.0.0.1:90 [old], 1 still open\n" in out
+    assert (
+        "removed, draining: tcp 127.0.0.1:9000 -> 10.0.0.1:90 [old], 1 still open\n"
+        in out
+    )
 
 
 def test_connectionsListsOpenFlows(console, proxy, clock, capsys):
@@ -248,17 +264,61 @@ def test_connectionsListsOpenFlows(console, proxy, clock, capsys):
     """
     clock.advance(1000)
     FakeFlow(service(proxy, "udp", "::1", 5353), 12, "[::1]:40000", 1000 - 192, 1500, 3)
-    FakeFlow(service(proxy, "tcp", "127.0.0.1", 22222), 4, "127.0.0.1:50000", 999.5, 0, 2048)
+    FakeFlow(
+        service(proxy, "tcp", "127.0.0.1", 22222), 4, "127.0.0.1:50000", 999.5, 0, 2048
+    )
     old = FakeListener(listener("old", "tcp", "127.0.0.1", 9000, "10.0.0.1", 90), clock)
     FakeFlow(old, 9, "127.0.0.1:40001", 0)
     proxy.draining.append(old)
     console.connections()
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["ID", "MAPPING", "PROTO", "CLIENT", "TARGET", "AGE", "IN", "OUT"]
+    assert lines[0].split() == [
+        "ID",
+        "MAPPING",
+        "PROTO",
+        "CLIENT",
+        "TARGET",
+        "AGE",
+        "IN",
+        "OUT",
+    ]
     assert [line.split() for line in lines[1:]] == [
-        ["4", "ssh", "tcp", "127.0.0.1:50000", "172.17.0.2:22", "0s", "0", "B", "2.0", "KiB"],
-        ["9", "old", "tcp", "127.0.0.1:40001", "10.0.0.1:90", "16m40s", "0", "B", "0", "B"],
-        ["12", "dns", "udp", "[::1]:40000", "172.17.0.4:53", "3m12s", "1.5", "KiB", "3", "B"],
+        [
+            "4",
+            "ssh",
+            "tcp",
+            "127.0.0.1:50000",
+            "172.17.0.2:22",
+            "0s",
+            "0",
+            "B",
+            "2.0",
+            "KiB",
+        ],
+        [
+            "9",
+            "old",
+            "tcp",
+            "127.0.0.1:40001",
+            "10.0.0.1:90",
+            "16m40s",
+            "0",
+            "B",
+            "0",
+            "B",
+        ],
+        [
+            "12",
+            "dns",
+            "udp",
+            "[::1]:40000",
+            "172.17.0.4:53",
+            "3m12s",
+            "1.5",
+            "KiB",
+            "3",
+            "B",
+        ],
     ]
     assert len({len(line) for line in lines}) == 1
 
@@ -285,7 +345,9 @@ def test_connectionsWithoutFlowsOrOfAnUnknownMapping(console, capsys):
     console.connections()
     assert capsys.readouterr().out == "no open connections or sessions\n"
     console.connections("nope")
-    assert capsys.readouterr().out == "no mapping named 'nope' (mappings: ssh, web, dns)\n"
+    assert (
+        capsys.readouterr().out == "no mapping named 'nope' (mappings: ssh, web, dns)\n"
+    )
 
 
 def test_killClosesTheFlow(console, proxy, capsys):
@@ -296,7 +358,10 @@ def test_killClosesTheFlow(console, proxy, capsys):
     flow = FakeFlow(service(proxy, "tcp", "127.0.0.1", 22222), 4, "127.0.0.1:50000", 0)
     console.kill(4)
     assert flow.closedWith == KILLED
-    assert capsys.readouterr().out == "closed 4: tcp ssh 127.0.0.1:50000 -> 172.17.0.2:22\n"
+    assert (
+        capsys.readouterr().out
+        == "closed 4: tcp ssh 127.0.0.1:50000 -> 172.17.0.2:22\n"
+    )
     assert proxy.findFlow(4) is None
 
 
@@ -317,7 +382,10 @@ def test_disableAndEnable(console, proxy, capsys):
     console.disable("web")
     assert [s.enabled for s in web] == [False, False]
     assert service(proxy, "tcp", "127.0.0.1", 22222).enabled
-    assert capsys.readouterr().out == "web: disabled, not accepting new connections or sessions\n"
+    assert (
+        capsys.readouterr().out
+        == "web: disabled, not accepting new connections or sessions\n"
+    )
     console.enable("web")
     assert [s.enabled for s in web] == [True, True]
     assert capsys.readouterr().out == "web: enabled\n"
@@ -329,9 +397,13 @@ def test_disableOfAnUnknownMapping(console, capsys):
     mappings there are instead of a traceback.
     """
     console.disable("wbe")
-    assert capsys.readouterr().out == "no mapping named 'wbe' (mappings: ssh, web, dns)\n"
+    assert (
+        capsys.readouterr().out == "no mapping named 'wbe' (mappings: ssh, web, dns)\n"
+    )
     console.enable("wbe")
-    assert capsys.readouterr().out == "no mapping named 'wbe' (mappings: ssh, web, dns)\n"
+    assert (
+        capsys.readouterr().out == "no mapping named 'wbe' (mappings: ssh, web, dns)\n"
+    )
 
 
 def test_enableThatCannotListenAgain(console, proxy, capsys):
@@ -341,7 +413,9 @@ def test_enableThatCannotListenAgain(console, proxy, capsys):
     """
 
     def enable(name):
-        raise CannotListenError("127.0.0.1", 8000, OSError(98, "Address already in use"))
+        raise CannotListenError(
+            "127.0.0.1", 8000, OSError(98, "Address already in use")
+        )
 
     proxy.enable = enable
     console.enable("web")

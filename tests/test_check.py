@@ -130,9 +130,13 @@ def test_severalMaps(tmp_path) -> None:
     (tmp_path / "bad.yaml").write_text(dedent(INVALID))
     result = check("check", "good.yaml", "bad.yaml", "good.yaml", cwd=str(tmp_path))
     assert result.returncode == 1
-    assert result.stdout.splitlines() == [
-        "good.yaml: OK, 2 mappings, 14 listeners (12 tcp, 2 udp), manhole on 127.0.0.1:2222"
-    ] * 2
+    assert (
+        result.stdout.splitlines()
+        == [
+            "good.yaml: OK, 2 mappings, 14 listeners (12 tcp, 2 udp), manhole on 127.0.0.1:2222"
+        ]
+        * 2
+    )
     assert len(result.stderr.splitlines()) == 3
 
 
@@ -157,7 +161,10 @@ def test_singular(tmp_path) -> None:
         "mappings:\n  - {listen: '127.0.0.1:80', target: 'db:80', proto: udp}\n"
     )
     result = check("check", "map.yaml", cwd=str(tmp_path))
-    assert result.stdout == "map.yaml: OK, 1 mapping, 1 listener (0 tcp, 1 udp), no manhole\n"
+    assert (
+        result.stdout
+        == "map.yaml: OK, 1 mapping, 1 listener (0 tcp, 1 udp), no manhole\n"
+    )
 
 
 def test_usage(tmp_path) -> None:
@@ -187,7 +194,8 @@ def test_clientIdentityErrors(tmp_path):
     UDP and transparent towards loopback are FILE:LINE: message errors, and
     nothing else in that map is.
     """
-    (tmp_path / "map.yaml").write_text(dedent("""\
+    (tmp_path / "map.yaml").write_text(
+        dedent("""\
         defaults:
           accept_proxy_protocol: [10.0.0.0/33]
         mappings:
@@ -205,18 +213,28 @@ def test_clientIdentityErrors(tmp_path):
             listen: 8002
             target: 127.0.0.1:80
             client_address: transparent
-        """))
+        """)
+    )
     result = check("check", "map.yaml", cwd=str(tmp_path))
     assert result.returncode == 1
     lines = result.stdout.splitlines() + result.stderr.splitlines()
-    assert "map.yaml:2: defaults.accept_proxy_protocol: '10.0.0.0/33' is not a network" \
+    assert (
+        "map.yaml:2: defaults.accept_proxy_protocol: '10.0.0.0/33' is not a network"
         " (such as 10.0.0.0/8 or fd00::/8)" in lines
-    assert "map.yaml:7: client_address: unknown value 'proxy_protocol_v3' (expected" \
+    )
+    assert (
+        "map.yaml:7: client_address: unknown value 'proxy_protocol_v3' (expected"
         " proxy_protocol_v1 | proxy_protocol_v2 | transparent)" in lines
-    assert "map.yaml:12: client_address: proxy_protocol_v1 has no UDP form;" \
+    )
+    assert (
+        "map.yaml:12: client_address: proxy_protocol_v1 has no UDP form;"
         " use proxy_protocol_v2 for UDP" in lines
-    assert "map.yaml:17: client_address: transparent cannot reach a target on loopback" \
-        " (127.0.0.1): its replies to the client's address would never come back" in lines
+    )
+    assert (
+        "map.yaml:17: client_address: transparent cannot reach a target on loopback"
+        " (127.0.0.1): its replies to the client's address would never come back"
+        in lines
+    )
     assert len(lines) == 4, lines
 
 
@@ -233,6 +251,8 @@ def test_transparentNeedsNetAdmin(tmp_path):
     assert transparency.problem(str(status)) is None
     status.write_text("Name:\tx\n")
     assert "cannot read" in transparency.problem(str(status))
+
+
 def test_badAccessValues(tmp_path):
     """
     A CIDR with a prefix past 32 and a rate per minute are reported by
@@ -258,6 +278,8 @@ def test_badAccessValues(tmp_path):
         "map.yaml:7: new_connections_per_client: '5/minute' is not a rate"
         " (expected N/s, as in 20/s, or {rate: N/s, burst: B})",
     ]
+
+
 def test_dockerSetupPrintsTheShimPath(tmp_path) -> None:
     """
     docker-setup prints the daemon.json fragment naming this install's
@@ -286,7 +308,9 @@ def test_dockerSetupWithoutShim(monkeypatch) -> None:
 
     from twistedproxy import __main__, control
 
-    monkeypatch.setattr(control, "shimPath", lambda: "/nonexistent/portproxy-docker-proxy")
+    monkeypatch.setattr(
+        control, "shimPath", lambda: "/nonexistent/portproxy-docker-proxy"
+    )
     out, err = io.StringIO(), io.StringIO()
     assert __main__.dockerSetup(out, err) == 1
     assert out.getvalue() == ""

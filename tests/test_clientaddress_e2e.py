@@ -14,8 +14,8 @@ import subprocess
 import time
 
 import pytest
-
 from support import TCPEchoServer, UDPEchoServer, freePort, readAll
+
 from twistedproxy.proxyprotocol import Addresses, encode
 
 
@@ -24,8 +24,8 @@ def tcpMap(listen, target, extra="", proto="tcp"):
         "mappings:\n"
         "  - name: pp\n"
         f"    proto: {proto}\n"
-        f"    listen: \"{listen}\"\n"
-        f"    target: \"{target}\"\n"
+        f'    listen: "{listen}"\n'
+        f'    target: "{target}"\n'
         f"{extra}"
     )
 
@@ -54,10 +54,18 @@ def test_sendsV1(proxy, listenHost):
     """
     with TCPEchoServer() as echo:
         port = freePort()
-        proxy.start(tcpMap(f"{listenHost}{port}", f"127.0.0.1:{echo.port}",
-                           "    client_address: proxy_protocol_v1\n"))
+        proxy.start(
+            tcpMap(
+                f"{listenHost}{port}",
+                f"127.0.0.1:{echo.port}",
+                "    client_address: proxy_protocol_v1\n",
+            )
+        )
         got, (host, cport) = send(port, b"hello")
-        assert got == f"PROXY TCP4 127.0.0.1 127.0.0.1 {cport} {port}\r\n".encode() + b"hello"
+        assert (
+            got
+            == f"PROXY TCP4 127.0.0.1 127.0.0.1 {cport} {port}\r\n".encode() + b"hello"
+        )
 
 
 def test_sendsV2IPv4(proxy):
@@ -67,8 +75,13 @@ def test_sendsV2IPv4(proxy):
     """
     with TCPEchoServer() as echo:
         port = freePort()
-        proxy.start(tcpMap(f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}",
-                           "    client_address: proxy_protocol_v2\n"))
+        proxy.start(
+            tcpMap(
+                f"127.0.0.1:{port}",
+                f"127.0.0.1:{echo.port}",
+                "    client_address: proxy_protocol_v2\n",
+            )
+        )
         got, own = send(port, b"x" * 100000)
         header = encode(2, Addresses(own, ("127.0.0.1", port)))
         assert header[12:14] == b"\x21\x11"
@@ -82,8 +95,13 @@ def test_sendsV2IPv6(proxy):
     """
     with TCPEchoServer("::1") as echo:
         port = freePort(host="::1")
-        proxy.start(tcpMap(f"[::1]:{port}", f"[::1]:{echo.port}",
-                           "    client_address: proxy_protocol_v2\n"))
+        proxy.start(
+            tcpMap(
+                f"[::1]:{port}",
+                f"[::1]:{echo.port}",
+                "    client_address: proxy_protocol_v2\n",
+            )
+        )
         got, own = send(port, b"six", host="::1")
         header = encode(2, Addresses(own, ("::1", port)))
         assert header[13] == 0x21 and len(header) == 16 + 36
@@ -98,9 +116,14 @@ def test_acceptsHeaderAndPassesItOn(proxy):
     """
     with TCPEchoServer() as echo:
         port = freePort()
-        proxy.start(tcpMap(f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}",
-                           "    client_address: proxy_protocol_v1\n"
-                           "    accept_proxy_protocol: [127.0.0.0/8]\n"))
+        proxy.start(
+            tcpMap(
+                f"127.0.0.1:{port}",
+                f"127.0.0.1:{echo.port}",
+                "    client_address: proxy_protocol_v1\n"
+                "    accept_proxy_protocol: [127.0.0.0/8]\n",
+            )
+        )
         incoming = encode(2, Addresses(("203.0.113.7", 4242), ("198.51.100.1", 80)))
         got, _ = send(port, incoming + b"payload")
         assert got == b"PROXY TCP4 203.0.113.7 198.51.100.1 4242 80\r\npayload"
@@ -114,8 +137,13 @@ def test_acceptsV1HeaderInPieces(proxy):
     """
     with TCPEchoServer() as echo:
         port = freePort()
-        proxy.start(tcpMap(f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}",
-                           "    accept_proxy_protocol: [127.0.0.1/32]\n"))
+        proxy.start(
+            tcpMap(
+                f"127.0.0.1:{port}",
+                f"127.0.0.1:{echo.port}",
+                "    accept_proxy_protocol: [127.0.0.1/32]\n",
+            )
+        )
         with socket.create_connection(("127.0.0.1", port), timeout=10.0) as conn:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.sendall(b"PROXY TCP6 2001:db8::1 ")
@@ -132,8 +160,13 @@ def test_listedSourceWithoutHeaderKeepsItsAddress(proxy):
     """
     with TCPEchoServer() as echo:
         port = freePort()
-        proxy.start(tcpMap(f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}",
-                           "    accept_proxy_protocol: [127.0.0.0/8]\n"))
+        proxy.start(
+            tcpMap(
+                f"127.0.0.1:{port}",
+                f"127.0.0.1:{echo.port}",
+                "    accept_proxy_protocol: [127.0.0.0/8]\n",
+            )
+        )
         got, (host, cport) = send(port, b"GET / HTTP/1.0\r\n\r\n")
         assert got == b"GET / HTTP/1.0\r\n\r\n"
         proxy.waitFor(rf"tcp pp 127\.0\.0\.1:{cport} -> ")
@@ -146,13 +179,20 @@ def test_headerFromUnlistedSourceCloses(proxy):
     """
     with TCPEchoServer() as echo:
         port = freePort()
-        proxy.start(tcpMap(f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}",
-                           "    accept_proxy_protocol: [10.0.0.0/8]\n"))
+        proxy.start(
+            tcpMap(
+                f"127.0.0.1:{port}",
+                f"127.0.0.1:{echo.port}",
+                "    accept_proxy_protocol: [10.0.0.0/8]\n",
+            )
+        )
         incoming = b"PROXY TCP4 203.0.113.7 198.51.100.1 4242 80\r\n"
         got, _ = send(port, incoming + b"payload")
         assert got == b""
-        proxy.waitFor(r"tcp pp closed 127\.0\.0\.1:\d+: PROXY header from a source"
-                      r" not in accept_proxy_protocol")
+        proxy.waitFor(
+            r"tcp pp closed 127\.0\.0\.1:\d+: PROXY header from a source"
+            r" not in accept_proxy_protocol"
+        )
         assert echo.accepted == 0
 
 
@@ -162,11 +202,18 @@ def test_malformedHeaderCloses(proxy):
     """
     with TCPEchoServer() as echo:
         port = freePort()
-        proxy.start(tcpMap(f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}",
-                           "    accept_proxy_protocol: [127.0.0.0/8]\n"))
+        proxy.start(
+            tcpMap(
+                f"127.0.0.1:{port}",
+                f"127.0.0.1:{echo.port}",
+                "    accept_proxy_protocol: [127.0.0.0/8]\n",
+            )
+        )
         got, _ = send(port, b"PROXY TCP4 203.0.113.777 198.51.100.1 4242 80\r\nx")
         assert got == b""
-        proxy.waitFor(r"tcp pp closed 127\.0\.0\.1:\d+: PROXY v1 header with an address")
+        proxy.waitFor(
+            r"tcp pp closed 127\.0\.0\.1:\d+: PROXY v1 header with an address"
+        )
         assert echo.accepted == 0
 
 
@@ -178,7 +225,7 @@ def udpExchange(c, payload, address):
         c.sendto(payload, address)
         try:
             return c.recv(65535)
-        except socket.timeout:
+        except TimeoutError:
             continue
     raise AssertionError("no reply")
 
@@ -190,12 +237,20 @@ def test_udpSendsV2PerDatagram(proxy):
     """
     with UDPEchoServer() as echo:
         port = freePort("udp")
-        proxy.start(tcpMap(f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}",
-                           "    client_address: proxy_protocol_v2\n", proto="udp"))
+        proxy.start(
+            tcpMap(
+                f"127.0.0.1:{port}",
+                f"127.0.0.1:{echo.port}",
+                "    client_address: proxy_protocol_v2\n",
+                proto="udp",
+            )
+        )
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
             c.bind(("127.0.0.1", 0))
             c.settimeout(2.0)
-            header = encode(2, Addresses(c.getsockname(), ("127.0.0.1", port)), datagram=True)
+            header = encode(
+                2, Addresses(c.getsockname(), ("127.0.0.1", port)), datagram=True
+            )
             assert header[13] == 0x12
             for size in (1, 1000, 60000):
                 payload = bytes([size % 251]) * size
@@ -208,7 +263,7 @@ def test_udpSendsV2PerDatagram(proxy):
             try:
                 while len(replies) < len(burst):
                     replies.add(c.recv(65535))
-            except socket.timeout:
+            except TimeoutError:
                 pass
             assert replies and replies <= {header + p for p in burst}
 
@@ -220,12 +275,20 @@ def test_udpSendsV2WildcardIPv6(proxy):
     """
     with UDPEchoServer("::1") as echo:
         port = freePort("udp", "::1")
-        proxy.start(tcpMap(f"{port}", f"[::1]:{echo.port}",
-                           "    client_address: proxy_protocol_v2\n", proto="udp"))
+        proxy.start(
+            tcpMap(
+                f"{port}",
+                f"[::1]:{echo.port}",
+                "    client_address: proxy_protocol_v2\n",
+                proto="udp",
+            )
+        )
         with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as c:
             c.bind(("::1", 0))
             c.settimeout(2.0)
-            header = encode(2, Addresses(c.getsockname()[:2], ("::1", port)), datagram=True)
+            header = encode(
+                2, Addresses(c.getsockname()[:2], ("::1", port)), datagram=True
+            )
             assert header[13] == 0x22
             assert udpExchange(c, b"q", ("::1", port)) == header + b"q"
 
@@ -239,10 +302,16 @@ def test_udpAcceptsHeaderPerDatagram(proxy):
     """
     with UDPEchoServer() as echo:
         port = freePort("udp")
-        proxy.start(tcpMap(f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}",
-                           "    client_address: proxy_protocol_v2\n"
-                           "    accept_proxy_protocol: [127.0.0.0/8]\n"
-                           "    udp_timeout: 1s\n", proto="udp"))
+        proxy.start(
+            tcpMap(
+                f"127.0.0.1:{port}",
+                f"127.0.0.1:{echo.port}",
+                "    client_address: proxy_protocol_v2\n"
+                "    accept_proxy_protocol: [127.0.0.0/8]\n"
+                "    udp_timeout: 1s\n",
+                proto="udp",
+            )
+        )
         lb = Addresses(("203.0.113.9", 5353), ("198.51.100.2", 53))
         incoming = encode(2, lb, datagram=True)
         outgoing = encode(2, lb, datagram=True)
@@ -256,8 +325,11 @@ def test_udpAcceptsHeaderPerDatagram(proxy):
             c.sendto(incoming[:14] + b"\xff\xff" + b"bad", address)
             assert udpExchange(c, incoming + b"three", address) == outgoing + b"three"
         # the malformed datagram's 3 bytes never counted nor came back
-        proxy.waitFor(r"udp pp 203\.0\.113\.9:5353 -> 127\.0\.0\.1:\d+ [\d.]+s"
-                      r" in=15 out=127 ", timeout=15)
+        proxy.waitFor(
+            r"udp pp 203\.0\.113\.9:5353 -> 127\.0\.0\.1:\d+ [\d.]+s"
+            r" in=15 out=127 ",
+            timeout=15,
+        )
 
 
 def test_udpRefusesUnlistedHeader(proxy):
@@ -268,13 +340,23 @@ def test_udpRefusesUnlistedHeader(proxy):
     """
     with UDPEchoServer() as echo:
         port = freePort("udp")
-        proxy.start(tcpMap(f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}",
-                           "    accept_proxy_protocol: [10.0.0.0/8]\n", proto="udp"))
-        header = encode(2, Addresses(("203.0.113.9", 1), ("198.51.100.2", 2)), datagram=True)
+        proxy.start(
+            tcpMap(
+                f"127.0.0.1:{port}",
+                f"127.0.0.1:{echo.port}",
+                "    accept_proxy_protocol: [10.0.0.0/8]\n",
+                proto="udp",
+            )
+        )
+        header = encode(
+            2, Addresses(("203.0.113.9", 1), ("198.51.100.2", 2)), datagram=True
+        )
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
             c.sendto(header + b"x", ("127.0.0.1", port))
-        proxy.waitFor(r"udp pp rejected 127\.0\.0\.1:\d+: PROXY header from a source"
-                      r" not in accept_proxy_protocol")
+        proxy.waitFor(
+            r"udp pp rejected 127\.0\.0\.1:\d+: PROXY header from a source"
+            r" not in accept_proxy_protocol"
+        )
         assert echo.sources == []
 
 
@@ -285,7 +367,9 @@ def nginxProxyProtocol(tmp_path):
     `listen ... proxy_protocol` that answers with the client address and
     port it read from the header.
     """
-    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    nginx = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None
+    )
     if nginx is None:
         pytest.skip("nginx is not installed (.ci/run installs it)")
     port = freePort()
@@ -297,8 +381,8 @@ def nginxProxyProtocol(tmp_path):
         f"http {{ access_log off; client_body_temp_path {tmp_path}; proxy_temp_path {tmp_path};"
         f" fastcgi_temp_path {tmp_path}; uwsgi_temp_path {tmp_path}; scgi_temp_path {tmp_path};\n"
         f"  server {{ listen 127.0.0.1:{port} proxy_protocol;"
-        " location / { return 200 \"$proxy_protocol_addr $proxy_protocol_port"
-        " $proxy_protocol_server_addr $proxy_protocol_server_port\"; } } }\n"
+        ' location / { return 200 "$proxy_protocol_addr $proxy_protocol_port'
+        ' $proxy_protocol_server_addr $proxy_protocol_server_port"; } } }\n'
     )
     process = subprocess.Popen([nginx, "-c", str(conf)], stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
@@ -321,8 +405,13 @@ def test_nginxReadsHeader(proxy, nginxProxyProtocol, version):
     port and the listen address.
     """
     port = freePort()
-    proxy.start(tcpMap(f"127.0.0.1:{port}", f"127.0.0.1:{nginxProxyProtocol}",
-                       f"    client_address: {version}\n"))
+    proxy.start(
+        tcpMap(
+            f"127.0.0.1:{port}",
+            f"127.0.0.1:{nginxProxyProtocol}",
+            f"    client_address: {version}\n",
+        )
+    )
     with socket.create_connection(("127.0.0.1", port), timeout=10.0) as conn:
         cport = conn.getsockname()[1]
         conn.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
@@ -338,12 +427,22 @@ def test_reloadChangesWhatIsSent(proxy):
     """
     with TCPEchoServer() as echo:
         port = freePort()
-        proxy.start(tcpMap(f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}",
-                           "    client_address: proxy_protocol_v1\n"))
+        proxy.start(
+            tcpMap(
+                f"127.0.0.1:{port}",
+                f"127.0.0.1:{echo.port}",
+                "    client_address: proxy_protocol_v1\n",
+            )
+        )
         got, own = send(port, b"a")
         assert got.startswith(b"PROXY TCP4 ")
-        summary = proxy.reload(tcpMap(f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}",
-                                      "    client_address: proxy_protocol_v2\n"))
+        summary = proxy.reload(
+            tcpMap(
+                f"127.0.0.1:{port}",
+                f"127.0.0.1:{echo.port}",
+                "    client_address: proxy_protocol_v2\n",
+            )
+        )
         assert "changed 1" in summary
         got, own = send(port, b"b")
         assert got == encode(2, Addresses(own, ("127.0.0.1", port))) + b"b"

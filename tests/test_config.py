@@ -201,7 +201,9 @@ def test_targetValid(listen: str, target: str, expected: list[tuple]) -> None:
     range pairs up with the listen range port by port, and a single target
     port takes every listen port.
     """
-    proxyMap = parseMap(oneMapping(f"listen: {listen}", f"target: {target}"), "map.yaml")
+    proxyMap = parseMap(
+        oneMapping(f"listen: {listen}", f"target: {target}"), "map.yaml"
+    )
     assert [listener.target for listener in proxyMap.listeners()] == [
         Target(*pair) for pair in expected
     ]
@@ -230,11 +232,23 @@ def test_targetValid(listen: str, target: str, expected: list[tuple]) -> None:
             "0.0.0.0:80",
             "target: 0.0.0.0 is the wildcard address, not one to connect to",
         ),
-        ("80", '"[::]:80"', "target: :: is the wildcard address, not one to connect to"),
-        ("80", '"bad host:80"', "target: 'bad host' is not an IP address or a host name"),
+        (
+            "80",
+            '"[::]:80"',
+            "target: :: is the wildcard address, not one to connect to",
+        ),
+        (
+            "80",
+            '"bad host:80"',
+            "target: 'bad host' is not an IP address or a host name",
+        ),
         ("80", "-db:80", "target: '-db' is not an IP address or a host name"),
         ("80", "db..x:80", "target: 'db..x' is not an IP address or a host name"),
-        ("80", f"{'a' * 64}:80", f"target: '{'a' * 64}' is not an IP address or a host name"),
+        (
+            "80",
+            f"{'a' * 64}:80",
+            f"target: '{'a' * 64}' is not an IP address or a host name",
+        ),
         ("80", "10.0.0.300:80", "target: '10.0.0.300' is not a valid IPv4 address"),
         ("80", "db:0", "target: port 0 is out of range (1-65535)"),
         ("80", "db:99999", "target: port 99999 is out of range (1-65535)"),
@@ -303,9 +317,9 @@ def test_protoDefault() -> None:
     """
     Without C{proto} a mapping is TCP only.
     """
-    assert [key.proto for key in keys(oneMapping("listen: 127.0.0.1:53", "target: db:53"))] == [
-        "tcp"
-    ]
+    assert [
+        key.proto for key in keys(oneMapping("listen: 127.0.0.1:53", "target: db:53"))
+    ] == ["tcp"]
 
 
 @pytest.mark.parametrize(
@@ -372,8 +386,14 @@ def test_name(lines: list[str], expected: str) -> None:
             "name: expected a name of letters, digits, '.', '_' and '-', got a"
             " boolean (put it in quotes to use it as a name)",
         ),
-        ("[a]", "name: expected a name of letters, digits, '.', '_' and '-', got a list"),
-        ("", "name: expected a name of letters, digits, '.', '_' and '-', got no value"),
+        (
+            "[a]",
+            "name: expected a name of letters, digits, '.', '_' and '-', got a list",
+        ),
+        (
+            "",
+            "name: expected a name of letters, digits, '.', '_' and '-', got no value",
+        ),
     ],
 )
 def test_nameInvalid(name: str, message: str) -> None:
@@ -462,18 +482,46 @@ _FORMS = "seconds as a number, or a number with ms, s, m or h: 250ms, 5s, 2m, 1h
         ("connect_timeout", "-1", "connect_timeout: must be more than 0, got -1"),
         ("udp_timeout", "0", "udp_timeout: must be more than 0, got 0"),
         ("idle_timeout", "-0.5", "idle_timeout: must not be negative, got -0.5"),
-        ("connect_timeout", "5 sec", f"connect_timeout: '5 sec' is not a duration ({_FORMS})"),
-        ("connect_timeout", "5d", f"connect_timeout: '5d' is not a duration ({_FORMS})"),
-        ("connect_timeout", "-5s", f"connect_timeout: '-5s' is not a duration ({_FORMS})"),
-        ("connect_timeout", '"5"', f"connect_timeout: '5' is not a duration ({_FORMS})"),
+        (
+            "connect_timeout",
+            "5 sec",
+            f"connect_timeout: '5 sec' is not a duration ({_FORMS})",
+        ),
+        (
+            "connect_timeout",
+            "5d",
+            f"connect_timeout: '5d' is not a duration ({_FORMS})",
+        ),
+        (
+            "connect_timeout",
+            "-5s",
+            f"connect_timeout: '-5s' is not a duration ({_FORMS})",
+        ),
+        (
+            "connect_timeout",
+            '"5"',
+            f"connect_timeout: '5' is not a duration ({_FORMS})",
+        ),
         (
             "connect_timeout",
             "true",
             f"connect_timeout: expected a duration ({_FORMS}), got a boolean",
         ),
-        ("idle_timeout", "[1]", f"idle_timeout: expected a duration ({_FORMS}), got a list"),
-        ("udp_timeout", "", f"udp_timeout: expected a duration ({_FORMS}), got no value"),
-        ("connect_timeout", ".inf", "connect_timeout: expected a finite duration, got .inf"),
+        (
+            "idle_timeout",
+            "[1]",
+            f"idle_timeout: expected a duration ({_FORMS}), got a list",
+        ),
+        (
+            "udp_timeout",
+            "",
+            f"udp_timeout: expected a duration ({_FORMS}), got no value",
+        ),
+        (
+            "connect_timeout",
+            ".inf",
+            "connect_timeout: expected a finite duration, got .inf",
+        ),
         ("idle_timeout", ".nan", "idle_timeout: expected a finite duration, got .nan"),
         ("max_connections", "-1", "max_connections: must not be negative, got -1"),
         (
@@ -519,13 +567,29 @@ _OCTAL = "(no leading zero: YAML 1.1 would read it as octal)"
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("max_connections", "1:30", "'1:30' is not a plain decimal number (YAML 1.1 would read it as base 60)"),
+        (
+            "max_connections",
+            "1:30",
+            "'1:30' is not a plain decimal number (YAML 1.1 would read it as base 60)",
+        ),
         ("max_connections", "017", f"'017' is not a plain decimal number {_OCTAL}"),
         ("max_connections", "00", f"'00' is not a plain decimal number {_OCTAL}"),
-        ("max_connections", "0x10", "'0x10' is not a plain decimal number (no hexadecimal)"),
-        ("max_connections", "0b101", "'0b101' is not a plain decimal number (no binary)"),
+        (
+            "max_connections",
+            "0x10",
+            "'0x10' is not a plain decimal number (no hexadecimal)",
+        ),
+        (
+            "max_connections",
+            "0b101",
+            "'0b101' is not a plain decimal number (no binary)",
+        ),
         ("max_connections", "+5", "'+5' is not a plain decimal number (no '+' sign)"),
-        ("max_connections", "1_000", "'1_000' is not a plain decimal number (no '_' between digits)"),
+        (
+            "max_connections",
+            "1_000",
+            "'1_000' is not a plain decimal number (no '_' between digits)",
+        ),
         ("max_connections", "-017", f"'-017' is not a plain decimal number {_OCTAL}"),
         ("max_connections", "!!int 1.5", "'1.5' is not a plain decimal number"),
         (
@@ -540,13 +604,33 @@ _OCTAL = "(no leading zero: YAML 1.1 would read it as octal)"
         ),
         ("connect_timeout", "017", f"'017' is not a plain decimal number {_OCTAL}"),
         ("connect_timeout", "017s", f"'017' is not a plain decimal number {_OCTAL}"),
-        ("connect_timeout", "1:30", "'1:30' is not a plain decimal number (YAML 1.1 would read it as base 60)"),
-        ("connect_timeout", "1:30.5", "'1:30.5' is not a plain decimal number (YAML 1.1 would read it as base 60)"),
-        ("idle_timeout", "0x10", "'0x10' is not a plain decimal number (no hexadecimal)"),
+        (
+            "connect_timeout",
+            "1:30",
+            "'1:30' is not a plain decimal number (YAML 1.1 would read it as base 60)",
+        ),
+        (
+            "connect_timeout",
+            "1:30.5",
+            "'1:30.5' is not a plain decimal number (YAML 1.1 would read it as base 60)",
+        ),
+        (
+            "idle_timeout",
+            "0x10",
+            "'0x10' is not a plain decimal number (no hexadecimal)",
+        ),
         ("idle_timeout", "+5", "'+5' is not a plain decimal number (no '+' sign)"),
         ("idle_timeout", "+5.5", "'+5.5' is not a plain decimal number (no '+' sign)"),
-        ("udp_timeout", "1_0.5", "'1_0.5' is not a plain decimal number (no '_' between digits)"),
-        ("udp_timeout", "1.5e+3", "'1.5e+3' is not a plain decimal number (no exponent)"),
+        (
+            "udp_timeout",
+            "1_0.5",
+            "'1_0.5' is not a plain decimal number (no '_' between digits)",
+        ),
+        (
+            "udp_timeout",
+            "1.5e+3",
+            "'1.5e+3' is not a plain decimal number (no exponent)",
+        ),
         ("udp_timeout", "9" * 400, f"'{'9' * 256}...' is too long a duration"),
         ("udp_timeout", "9" * 400 + ".5", f"'{'9' * 256}...' is too long a duration"),
         ("udp_timeout", "9" * 400 + "ms", f"'{'9' * 256}...' is too long a duration"),
@@ -567,15 +651,43 @@ def test_numbersAreDecimal(key: str, value: str, message: str) -> None:
     "listen, target, message",
     [
         ("017", "db:80", f"listen: port '017' is not a plain decimal number {_OCTAL}"),
-        ("127.0.0.1:017", "db:80", f"listen: port '017' is not a plain decimal number {_OCTAL}"),
-        ("80-090", "db:80", f"listen: port '090' is not a plain decimal number {_OCTAL}"),
+        (
+            "127.0.0.1:017",
+            "db:80",
+            f"listen: port '017' is not a plain decimal number {_OCTAL}",
+        ),
+        (
+            "80-090",
+            "db:80",
+            f"listen: port '090' is not a plain decimal number {_OCTAL}",
+        ),
         ("80", "db:017", f"target: port '017' is not a plain decimal number {_OCTAL}"),
-        ("80", "db:0x50", "target: '0x50' is not a port or a port range (expected PORT or FIRST-LAST)"),
-        ("+80", "db:80", "listen: '+80' is not a port or a port range (expected PORT or FIRST-LAST)"),
-        ("8_080", "db:80", "listen: '8_080' is not a port or a port range (expected PORT or FIRST-LAST)"),
+        (
+            "80",
+            "db:0x50",
+            "target: '0x50' is not a port or a port range (expected PORT or FIRST-LAST)",
+        ),
+        (
+            "+80",
+            "db:80",
+            "listen: '+80' is not a port or a port range (expected PORT or FIRST-LAST)",
+        ),
+        (
+            "8_080",
+            "db:80",
+            "listen: '8_080' is not a port or a port range (expected PORT or FIRST-LAST)",
+        ),
         ("1" * 5000, "db:80", f"listen: port {'1' * 256}... is out of range (1-65535)"),
-        ("80", "db:" + "1" * 5000, f"target: port {'1' * 256}... is out of range (1-65535)"),
-        ("80-" + "1" * 5000, "db:80", f"listen: port {'1' * 256}... is out of range (1-65535)"),
+        (
+            "80",
+            "db:" + "1" * 5000,
+            f"target: port {'1' * 256}... is out of range (1-65535)",
+        ),
+        (
+            "80-" + "1" * 5000,
+            "db:80",
+            f"listen: port {'1' * 256}... is out of range (1-65535)",
+        ),
     ],
 )
 def test_portsAreDecimal(listen: str, target: str, message: str) -> None:
@@ -597,7 +709,9 @@ def test_defaultsBuiltIn() -> None:
     Without C{defaults}, a mapping gets 10s connect, no idle timeout, 90s
     UDP sessions and no connection limit.
     """
-    (listener,) = parseMap(oneMapping("listen: 127.0.0.1:80", "target: db:80"), "m").listeners()
+    (listener,) = parseMap(
+        oneMapping("listen: 127.0.0.1:80", "target: db:80"), "m"
+    ).listeners()
     assert listener.timeouts == Timeouts(connect=10.0, idle=0.0, udp=90.0)
     assert listener.maxConnections == 0
 
@@ -641,14 +755,14 @@ def test_defaultsInheritedAndOverridden() -> None:
             "defaults:\n  udp_timout: 3",
             "map.yaml:2: defaults: unknown key 'udp_timout' (expected one of:"
             " connect_timeout, idle_timeout, udp_timeout, max_connections,"
-        " client_address, accept_proxy_protocol, allow, deny, max_connections_per_client,"
+            " client_address, accept_proxy_protocol, allow, deny, max_connections_per_client,"
             " new_connections_per_client, datagrams_per_client)",
         ),
         (
             "defaults:\n  name: x",
             "map.yaml:2: defaults: unknown key 'name' (expected one of:"
             " connect_timeout, idle_timeout, udp_timeout, max_connections,"
-        " client_address, accept_proxy_protocol, allow, deny, max_connections_per_client,"
+            " client_address, accept_proxy_protocol, allow, deny, max_connections_per_client,"
             " new_connections_per_client, datagrams_per_client)",
         ),
         (
@@ -677,7 +791,9 @@ def test_defaultsEmpty() -> None:
     """
     An empty C{defaults:} section (every key commented out) is no defaults.
     """
-    text = "defaults:\n#  idle_timeout: 5s\nmappings:\n  - listen: 80\n    target: db:80\n"
+    text = (
+        "defaults:\n#  idle_timeout: 5s\nmappings:\n  - listen: 80\n    target: db:80\n"
+    )
     for listener in parseMap(text, "map.yaml").listeners():
         assert listener.timeouts == Timeouts()
 
@@ -688,8 +804,16 @@ def test_defaultsEmpty() -> None:
 @pytest.mark.parametrize(
     "first, second, message",
     [
-        ("127.0.0.1:80", "127.0.0.1:80", "tcp 127.0.0.1:80 overlaps mapping 'a' (line 2)"),
-        ("0.0.0.0:80", "127.0.0.1:80", "tcp 127.0.0.1:80 overlaps mapping 'a' (line 2)"),
+        (
+            "127.0.0.1:80",
+            "127.0.0.1:80",
+            "tcp 127.0.0.1:80 overlaps mapping 'a' (line 2)",
+        ),
+        (
+            "0.0.0.0:80",
+            "127.0.0.1:80",
+            "tcp 127.0.0.1:80 overlaps mapping 'a' (line 2)",
+        ),
         ("127.0.0.1:80", "0.0.0.0:80", "tcp 0.0.0.0:80 overlaps mapping 'a' (line 2)"),
         ("127.0.0.1:80", "80", "tcp 0.0.0.0:80 overlaps mapping 'a' (line 2)"),
         ('"[::1]:80"', "80", "tcp [::]:80 overlaps mapping 'a' (line 2)"),
@@ -781,7 +905,9 @@ def test_overlapReportedOnceAgainstTheFirst() -> None:
     [
         (
             "mapings: []\n",
-            ["map.yaml:1: unknown key 'mapings' (expected one of: defaults, mappings, manhole, http, log_format, control)"],
+            [
+                "map.yaml:1: unknown key 'mapings' (expected one of: defaults, mappings, manhole, http, log_format, control)"
+            ],
         ),
         (
             "- listen: 80\n",
@@ -797,10 +923,15 @@ def test_overlapReportedOnceAgainstTheFirst() -> None:
                 " manhole, got a string"
             ],
         ),
-        ("mappings: web\n", ["map.yaml:1: mappings: expected a list of mappings, got a string"]),
+        (
+            "mappings: web\n",
+            ["map.yaml:1: mappings: expected a list of mappings, got a string"],
+        ),
         (
             "mappings:\n  - 80\n",
-            ["map.yaml:2: mappings[0]: expected a mapping with listen and target, got an integer"],
+            [
+                "map.yaml:2: mappings[0]: expected a mapping with listen and target, got an integer"
+            ],
         ),
         (
             "mappings:\n  - listen: 80\n",
@@ -982,12 +1113,22 @@ def test_modelValues() -> None:
     assert [(m.name, m.line) for m in proxyMap.mappings] == [("ssh", 4), ("media", 8)]
     timeouts = Timeouts(connect=10.0, idle=0.0, udp=20.0)
     media = [
-        Listener("media", proto, "::1", port, Target("media.internal", port + 1000), timeouts, 3)
+        Listener(
+            "media",
+            proto,
+            "::1",
+            port,
+            Target("media.internal", port + 1000),
+            timeouts,
+            3,
+        )
         for proto in ("udp", "tcp")
         for port in (5000, 5001)
     ]
     assert list(proxyMap.listeners()) == [
-        Listener("ssh", "tcp", "127.0.0.1", 2200, Target("172.17.0.2", 22), timeouts, 0),
+        Listener(
+            "ssh", "tcp", "127.0.0.1", 2200, Target("172.17.0.2", 22), timeouts, 0
+        ),
         *media,
     ]
     assert [listener.line for listener in proxyMap.listeners()] == [4, 8, 8, 8, 8]
@@ -1016,7 +1157,9 @@ def test_manholeListen(lines: list[str], expected: tuple) -> None:
     The manhole listens on loopback (127.0.0.1 when no host is given) unless
     C{allow_remote: true} lets it listen elsewhere.
     """
-    text = "manhole:\n" + "".join(f"  {line}\n" for line in lines) + "  " + _MANHOLE_KEYS
+    text = (
+        "manhole:\n" + "".join(f"  {line}\n" for line in lines) + "  " + _MANHOLE_KEYS
+    )
     manhole = parseMap(text, "/etc/pp/map.yaml").manhole
     assert manhole == Manhole(*expected[:2], "/keys", "/hostkey", expected[2])
     assert manhole.line == 1
@@ -1027,7 +1170,9 @@ def test_manholePaths() -> None:
     Relative manhole paths are resolved against the map file's directory;
     absolute ones are kept.
     """
-    text = "manhole:\n  listen: 2222\n  authorized_keys: keys/admin\n  host_key: /var/h\n"
+    text = (
+        "manhole:\n  listen: 2222\n  authorized_keys: keys/admin\n  host_key: /var/h\n"
+    )
     manhole = parseMap(text, "/etc/pp/map.yaml").manhole
     assert (manhole.authorizedKeys, manhole.hostKey) == ("/etc/pp/keys/admin", "/var/h")
     manhole = parseMap(text, "map.yaml").manhole
@@ -1140,7 +1285,12 @@ def test_manholeMissingEverything() -> None:
 @pytest.mark.parametrize(
     "listen, proto, manhole, expected",
     [
-        ("127.0.0.1:2222", "tcp", "2222", "tcp 127.0.0.1:2222 overlaps mapping 'a' (line 2)"),
+        (
+            "127.0.0.1:2222",
+            "tcp",
+            "2222",
+            "tcp 127.0.0.1:2222 overlaps mapping 'a' (line 2)",
+        ),
         ("2222", "tcp", "2222", "tcp 127.0.0.1:2222 overlaps mapping 'a' (line 2)"),
         (
             "127.0.0.9:2222",
@@ -1148,7 +1298,12 @@ def test_manholeMissingEverything() -> None:
             "0.0.0.0:2222",
             "tcp 0.0.0.0:2222 overlaps mapping 'a' (line 2)",
         ),
-        ("[::]:2222", "tcp", "[::1]:2222", "tcp [::1]:2222 overlaps mapping 'a' (line 2)"),
+        (
+            "[::]:2222",
+            "tcp",
+            "[::1]:2222",
+            "tcp [::1]:2222 overlaps mapping 'a' (line 2)",
+        ),
         ("127.0.0.2:2222", "tcp", "2222", None),
         ("[::]:2222", "tcp", "2222", None),
         ("2222", "udp", "2222", None),
@@ -1183,14 +1338,23 @@ def test_manholeOverlap(listen: str, proto: str, manhole: str, expected) -> None
     [
         (b"", "{path}:1: the map is empty"),
         (b"# nothing yet\n\n", "{path}:1: the map is empty"),
-        (b"- 1\n- 2\n", "{path}:1: expected a mapping with the keys defaults, mappings and manhole, got a list"),
-        (b"42\n", "{path}:1: expected a mapping with the keys defaults, mappings and manhole, got an integer"),
+        (
+            b"- 1\n- 2\n",
+            "{path}:1: expected a mapping with the keys defaults, mappings and manhole, got a list",
+        ),
+        (
+            b"42\n",
+            "{path}:1: expected a mapping with the keys defaults, mappings and manhole, got an integer",
+        ),
         (
             b"mappings:\n  - listen: [80\n",
             "{path}:3: not valid YAML: did not find expected ',' or ']'"
             " (while parsing a flow sequence on line 2)",
         ),
-        (b"a: b: c\n", "{path}:1: not valid YAML: mapping values are not allowed in this context"),
+        (
+            b"a: b: c\n",
+            "{path}:1: not valid YAML: mapping values are not allowed in this context",
+        ),
         (
             b"mappings:\n\t- listen: 80\n",
             "{path}:2: not valid YAML: a tab where YAML expects spaces (indent with spaces only)",
@@ -1200,9 +1364,15 @@ def test_manholeOverlap(listen: str, proto: str, manhole: str, expected) -> None
             "{path}:2: not valid YAML: expected a single document in the stream,"
             " but found another document",
         ),
-        (b"mappings: []\n\x07\n", "{path}:2: not valid YAML: character #x0007 is not allowed"),
+        (
+            b"mappings: []\n\x07\n",
+            "{path}:2: not valid YAML: character #x0007 is not allowed",
+        ),
         (b"mappings: []\n# caf\xe9\n", "{path}:2: not UTF-8 text (byte 0xe9)"),
-        (b"mappings: " + b"[" * 2000 + b"]" * 2000, "{path}:1: not valid YAML: nested too deeply"),
+        (
+            b"mappings: " + b"[" * 2000 + b"]" * 2000,
+            "{path}:1: not valid YAML: nested too deeply",
+        ),
         (
             b"mappings:\n" + b"".join(b" " * i + b"- \n" for i in range(1, 2000)),
             "{path}:1000: not valid YAML: nested too deeply",
@@ -1329,16 +1499,24 @@ def test_controlModeIsOctal(mode: str) -> None:
     control.mode is read as octal however it is written, and a relative
     socket path is relative to the map's directory.
     """
-    control = parseMap(f"control:\n  socket: run/ctl.sock\n  mode: {mode}\n", "/etc/pp/map.yaml").control
+    control = parseMap(
+        f"control:\n  socket: run/ctl.sock\n  mode: {mode}\n", "/etc/pp/map.yaml"
+    ).control
     assert control == Control("/etc/pp/run/ctl.sock", 0o660)
 
 
 @pytest.mark.parametrize(
     "section, message",
     [
-        ("control: /run/x.sock\n", "map.yaml:1: control: expected a mapping of socket, mode, got a string"),
+        (
+            "control: /run/x.sock\n",
+            "map.yaml:1: control: expected a mapping of socket, mode, got a string",
+        ),
         ("control:\n  socket: ''\n", "map.yaml:2: control.socket: the path is empty"),
-        ("control:\n  socket: 5\n", "map.yaml:2: control.socket: expected a file path, got an integer"),
+        (
+            "control:\n  socket: 5\n",
+            "map.yaml:2: control.socket: expected a file path, got an integer",
+        ),
         (
             "control:\n  mode: 0800\n",
             "map.yaml:2: control.mode: '0800' is not a file mode (octal, 0000-0777, such as 0600 or 0660)",
@@ -1347,7 +1525,10 @@ def test_controlModeIsOctal(mode: str) -> None:
             "control:\n  mode: 01777\n",
             "map.yaml:2: control.mode: '01777' is not a file mode (octal, 0000-0777, such as 0600 or 0660)",
         ),
-        ("control:\n  mode: true\n", "map.yaml:2: control.mode: expected a file mode such as 0600, got a boolean"),
+        (
+            "control:\n  mode: true\n",
+            "map.yaml:2: control.mode: expected a file mode such as 0600, got a boolean",
+        ),
         (
             "control:\n  sock: /x\n",
             "map.yaml:2: control: unknown key 'sock' (expected one of: socket, mode)",
@@ -1381,10 +1562,22 @@ def test_manholePreAuthenticationLimits() -> None:
 @pytest.mark.parametrize(
     "line, expected",
     [
-        ("login_grace_time: 0", "map.yaml:5: manhole.login_grace_time: must be more than 0, got 0"),
-        ("login_grace_time: soon", "map.yaml:5: manhole.login_grace_time: 'soon' is not a duration"),
-        ("max_startups: -1", "map.yaml:5: manhole.max_startups: must not be negative, got -1"),
-        ("max_startups: many", "map.yaml:5: manhole.max_startups: expected a whole number"),
+        (
+            "login_grace_time: 0",
+            "map.yaml:5: manhole.login_grace_time: must be more than 0, got 0",
+        ),
+        (
+            "login_grace_time: soon",
+            "map.yaml:5: manhole.login_grace_time: 'soon' is not a duration",
+        ),
+        (
+            "max_startups: -1",
+            "map.yaml:5: manhole.max_startups: must not be negative, got -1",
+        ),
+        (
+            "max_startups: many",
+            "map.yaml:5: manhole.max_startups: expected a whole number",
+        ),
     ],
 )
 def test_manholePreAuthenticationLimitErrors(line: str, expected: str) -> None:
@@ -1432,7 +1625,7 @@ def test_everyMessageOneLine() -> None:
     a protocol, a name, a port, a host) give one printable line each.
     """
     text = (
-        'mappings:\n'
+        "mappings:\n"
         '  - {name: "n\\x1b", proto: "t\\ncp", listen: "1\\r2", target: "h\\0st:80"}\n'
         '  - {"k\\n": 1, "k\\n": 2, listen: 80, target: "db:80"}\n'
     )
@@ -1447,7 +1640,9 @@ def test_errorsCapped() -> None:
     At most 100 errors are listed, sorted by line, then one line saying how
     many more there are and from which line; the error counts them all.
     """
-    text = "mappings:\n" + "".join(f"  - {{listen: {70000 + i}, target: db:80}}\n" for i in range(250))
+    text = "mappings:\n" + "".join(
+        f"  - {{listen: {70000 + i}, target: db:80}}\n" for i in range(250)
+    )
     with pytest.raises(ConfigError) as caught:
         parseMap(text, "map.yaml")
     errors = caught.value.errors
@@ -1463,7 +1658,8 @@ def test_repeatedErrorOnce() -> None:
     A bad value that aliases repeat in many mappings is reported once.
     """
     text = "defaults: {idle_timeout: &t soon}\nmappings:\n" + "".join(
-        f"  - {{listen: {8000 + i}, target: db:80, idle_timeout: *t}}\n" for i in range(500)
+        f"  - {{listen: {8000 + i}, target: db:80, idle_timeout: *t}}\n"
+        for i in range(500)
     )
     assert errorsOf(text) == [
         f"map.yaml:1: {key}: 'soon' is not a duration ({_FORMS})"
@@ -1476,7 +1672,9 @@ def test_aliasOfMappingReportedOnce() -> None:
     A mapping repeated by aliases (- *m) is one error on its line, naming
     the first repeat and counting the rest, and is read only once.
     """
-    text = "mappings:\n  - &m {name: m, listen: 80, target: db:80}\n" + "  - *m\n" * 4000
+    text = (
+        "mappings:\n  - &m {name: m, listen: 80, target: db:80}\n" + "  - *m\n" * 4000
+    )
     text += "  - &n {name: n, listen: 81, target: db:80}\n  - *n\n"
     assert errorsOf(text) == [
         "map.yaml:2: mappings[0]: an alias repeats it as mappings[1] and 3999 more;"
@@ -1491,8 +1689,12 @@ def test_protoListTooLong() -> None:
     A protocol list longer than two is one error, however long, so an alias
     repeating it costs nothing per item.
     """
-    errors = errorsOf(oneMapping("proto: [tcp, udp, tcp, udp, tcp]", "listen: 80", "target: db:80"))
-    assert errors == ["map.yaml:3: proto: a list of 5 items (expected tcp, udp or both)"]
+    errors = errorsOf(
+        oneMapping("proto: [tcp, udp, tcp, udp, tcp]", "listen: 80", "target: db:80")
+    )
+    assert errors == [
+        "map.yaml:3: proto: a list of 5 items (expected tcp, udp or both)"
+    ]
 
 
 @pytest.mark.parametrize("key", ["authorized_keys", "host_key"])
@@ -1512,7 +1714,9 @@ def test_manholePathUnusable(key: str, path: str, shown: str) -> None:
     a crash when the manhole starts.
     """
     paths = {"authorized_keys": "/etc/keys", "host_key": "/etc/host", key: path}
-    text = "manhole:\n  listen: 2222\n" + "".join(f"  {k}: {v}\n" for k, v in paths.items())
+    text = "manhole:\n  listen: 2222\n" + "".join(
+        f"  {k}: {v}\n" for k, v in paths.items()
+    )
     errors = errorsOf(text, "map.yaml")
     line = 3 if key == "authorized_keys" else 4
     assert errors == [
@@ -1529,7 +1733,6 @@ def test_configErrorLinesPrintable() -> None:
     error = ConfigError(["map.yaml:1: a\nb\x1b\ud800c", "map.yaml:2: plain"])
     assert error.errors == ["map.yaml:1: a\\nb\\x1b\\ud800c", "map.yaml:2: plain"]
     assert str(error).encode("utf-8")
-
 
 
 def test_pureLoaderSameLines(monkeypatch) -> None:
@@ -1562,4 +1765,12 @@ def test_pureLoaderSameLines(monkeypatch) -> None:
     first = errorsOf(text)
     monkeypatch.setattr(config, "_Loader", yaml.SafeLoader)
     assert errorsOf(text) == first
-    assert [line.split(":")[1] for line in first] == ["2", "4", "5", "10", "11", "11", "12"]
+    assert [line.split(":")[1] for line in first] == [
+        "2",
+        "4",
+        "5",
+        "10",
+        "11",
+        "11",
+        "12",
+    ]

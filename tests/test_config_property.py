@@ -68,19 +68,88 @@ def assertLoads(text: str) -> None:
 # careless or hostile author writes instead, and aliases.
 
 _NUMBERS = [
-    "0", "1", "80", "65535", "65536", "70000", "017", "0x10", "0b11", "+5", "-1",
-    "1_000", "1:30", "1:30.5", "1.5", ".5", "5.", "1.5e+3", ".inf", "-.inf", ".nan",
-    "9" * 400, "1" * 5000, "9223372036854775808",
+    "0",
+    "1",
+    "80",
+    "65535",
+    "65536",
+    "70000",
+    "017",
+    "0x10",
+    "0b11",
+    "+5",
+    "-1",
+    "1_000",
+    "1:30",
+    "1:30.5",
+    "1.5",
+    ".5",
+    "5.",
+    "1.5e+3",
+    ".inf",
+    "-.inf",
+    ".nan",
+    "9" * 400,
+    "1" * 5000,
+    "9223372036854775808",
 ]
-_DURATIONS = ["5s", "250ms", "2m", "1h", "0s", "017s", "1.5s", ".5s", "5 sec", "5d", "-5s"]
+_DURATIONS = [
+    "5s",
+    "250ms",
+    "2m",
+    "1h",
+    "0s",
+    "017s",
+    "1.5s",
+    ".5s",
+    "5 sec",
+    "5d",
+    "-5s",
+]
 _HOSTS = [
-    "", "127.0.0.1:", "0.0.0.0:", "[::1]:", "[::]:", "10.0.0.1:", "db:", "my_db.local:",
-    "[fe80::1%eth0]:", "256.1.1.1:", "localhost:", "[127.0.0.1]:", "::1:", "[::1",
+    "",
+    "127.0.0.1:",
+    "0.0.0.0:",
+    "[::1]:",
+    "[::]:",
+    "10.0.0.1:",
+    "db:",
+    "my_db.local:",
+    "[fe80::1%eth0]:",
+    "256.1.1.1:",
+    "localhost:",
+    "[127.0.0.1]:",
+    "::1:",
+    "[::1",
 ]
-_CHARS = ["\n", "\t", "\x1b", "\x00", "\x7f", "\u2028", "\x85", "\\", "'", '"', "\ufeff", "é", "😀"]
+_CHARS = [
+    "\n",
+    "\t",
+    "\x1b",
+    "\x00",
+    "\x7f",
+    "\u2028",
+    "\x85",
+    "\\",
+    "'",
+    '"',
+    "\ufeff",
+    "é",
+    "😀",
+]
 _KEYS = [
-    "name", "proto", "listen", "target", "connect_timeout", "idle_timeout",
-    "udp_timeout", "max_connections", "tagret", "<<", "1", "",
+    "name",
+    "proto",
+    "listen",
+    "target",
+    "connect_timeout",
+    "idle_timeout",
+    "udp_timeout",
+    "max_connections",
+    "tagret",
+    "<<",
+    "1",
+    "",
 ]
 
 
@@ -97,7 +166,11 @@ def scalars(draw) -> str:
     One YAML scalar token: a port, range, address, number, duration,
     protocol, name or odd text, plain or quoted.
     """
-    kind = draw(st.sampled_from(["port", "range", "address", "number", "duration", "word", "odd"]))
+    kind = draw(
+        st.sampled_from(
+            ["port", "range", "address", "number", "duration", "word", "odd"]
+        )
+    )
     if kind == "port":
         text = str(draw(st.integers(0, 70000)))
     elif kind == "range":
@@ -111,9 +184,15 @@ def scalars(draw) -> str:
     elif kind == "duration":
         text = draw(st.sampled_from(_DURATIONS))
     elif kind == "word":
-        text = draw(st.sampled_from(["tcp", "udp", "sctp", "true", "no", "null", "~", "web", "a.b-c_d"]))
+        text = draw(
+            st.sampled_from(
+                ["tcp", "udp", "sctp", "true", "no", "null", "~", "web", "a.b-c_d"]
+            )
+        )
     else:
-        text = draw(st.text(st.sampled_from(_CHARS + list("ab:-[]{},#&*!|>%@` ")), max_size=12))
+        text = draw(
+            st.text(st.sampled_from(_CHARS + list("ab:-[]{},#&*!|>%@` ")), max_size=12)
+        )
     if kind != "odd" and draw(st.booleans()):
         return text if not text.startswith("[") else _quoted(text)
     return _quoted(text)
@@ -125,13 +204,22 @@ def values(draw, anchors: list[str]) -> str:
     A value in flow style: a scalar, a list of them, a small mapping, or an
     alias to an anchor defined earlier.
     """
-    kind = draw(st.sampled_from(["scalar", "scalar", "scalar", "list", "mapping", "alias"]))
+    kind = draw(
+        st.sampled_from(["scalar", "scalar", "scalar", "list", "mapping", "alias"])
+    )
     if kind == "alias" and anchors:
         return "*" + draw(st.sampled_from(anchors))
     if kind == "list":
         return "[" + ", ".join(draw(st.lists(scalars(), max_size=4))) + "]"
     if kind == "mapping":
-        return "{" + ", ".join(f"{k}: {v}" for k, v in draw(st.lists(st.tuples(scalars(), scalars()), max_size=2))) + "}"
+        return (
+            "{"
+            + ", ".join(
+                f"{k}: {v}"
+                for k, v in draw(st.lists(st.tuples(scalars(), scalars()), max_size=2))
+            )
+            + "}"
+        )
     return draw(scalars())
 
 
@@ -156,7 +244,7 @@ def maps(draw) -> str:
         for key in draw(st.lists(st.sampled_from(_KEYS), min_size=1, max_size=6)):
             value = draw(values(anchors))
             if draw(st.integers(0, 4)) == 0 and not value.startswith("*"):
-                anchor = f"v{index}{key.isalpha() and key or 'k'}"
+                anchor = f"v{index}{(key.isalpha() and key) or 'k'}"
                 anchors.append(anchor)
                 value = f"&{anchor} {value}"
             key = key if key.isidentifier() else _quoted(key)
@@ -168,7 +256,14 @@ def maps(draw) -> str:
         lines.append(f"  - {anchor}{{{', '.join(pairs)}}}")
     if draw(st.booleans()):
         lines.append("manhole:")
-        for key in draw(st.lists(st.sampled_from(["listen", "authorized_keys", "host_key", "allow_remote", "x"]), max_size=5)):
+        for key in draw(
+            st.lists(
+                st.sampled_from(
+                    ["listen", "authorized_keys", "host_key", "allow_remote", "x"]
+                ),
+                max_size=5,
+            )
+        ):
             lines.append(f"  {key}: {draw(values(anchors))}")
     return "\n".join(lines) + "\n"
 
@@ -185,7 +280,12 @@ def test_structuredMapsLoadOrExplain(text: str) -> None:
 
 
 @PROFILE
-@given(st.text(st.sampled_from(_CHARS + list("mapingslterd:-[]{},#&*!|>%@`'\"0123456789 \n.")), max_size=200))
+@given(
+    st.text(
+        st.sampled_from(_CHARS + list("mapingslterd:-[]{},#&*!|>%@`'\"0123456789 \n.")),
+        max_size=200,
+    )
+)
 def test_rawTextLoadsOrExplains(text: str) -> None:
     """
     Any text at all, control characters and broken YAML included, loads
@@ -204,7 +304,11 @@ def test_mutatedMapsLoadOrExplain(text: str, data) -> None:
     for _ in range(data.draw(st.integers(1, 4))):
         at = data.draw(st.integers(0, len(text)))
         if data.draw(st.booleans()):
-            text = text[:at] + data.draw(st.sampled_from(_CHARS + list(":-[]{}&*'\" "))) + text[at:]
+            text = (
+                text[:at]
+                + data.draw(st.sampled_from(_CHARS + list(":-[]{}&*'\" ")))
+                + text[at:]
+            )
         else:
             text = text[:at] + text[at + 1 :]
     assertLoads(text)
@@ -233,7 +337,14 @@ def _expectedOverlaps(mappings) -> list[str]:
     expanded = []
     for protos, host, first, last in mappings:
         hosts = [host] if host is not None else [ANY_IPV4, ANY_IPV6]
-        expanded.append([(p, h, port) for p in protos for port in range(first, last + 1) for h in hosts])
+        expanded.append(
+            [
+                (p, h, port)
+                for p in protos
+                for port in range(first, last + 1)
+                for h in hosts
+            ]
+        )
     errors = []
     for index, listeners in enumerate(expanded):
         count, firstHit = 0, None
@@ -241,7 +352,10 @@ def _expectedOverlaps(mappings) -> list[str]:
             earlier = [
                 e
                 for e in range(index)
-                if any(p == proto and q == port and _collide(h, host) for p, h, q in expanded[e])
+                if any(
+                    p == proto and q == port and _collide(h, host)
+                    for p, h, q in expanded[e]
+                )
             ]
             if earlier:
                 count += 1
@@ -254,7 +368,9 @@ def _expectedOverlaps(mappings) -> list[str]:
             if count == 2:
                 message += "; 1 more of its listeners overlaps an earlier mapping"
             elif count > 2:
-                message += f"; {count - 1} more of its listeners overlap earlier mappings"
+                message += (
+                    f"; {count - 1} more of its listeners overlap earlier mappings"
+                )
             errors.append(message)
     return errors
 
@@ -283,7 +399,9 @@ def test_overlapsAsIfPortByPort(mappings) -> None:
         listen = f"{first}-{last}"
         if host is not None:
             listen = (f"[{host}]" if ":" in host else host) + ":" + listen
-        lines.append(f"  - {{name: m{index}, proto: [{', '.join(protos)}], listen: \"{listen}\", target: db:80}}")
+        lines.append(
+            f'  - {{name: m{index}, proto: [{", ".join(protos)}], listen: "{listen}", target: db:80}}'
+        )
     expected = _expectedOverlaps(mappings)
     try:
         parseMap("\n".join(lines) + "\n", "map.yaml")

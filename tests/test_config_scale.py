@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from support import proxyEnvironment
 
 #: Generous bounds, in seconds of processor time, for a slow shared CI
@@ -48,7 +47,9 @@ def check(path: Path, memory: int) -> tuple[subprocess.CompletedProcess, float]:
     )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     took = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    print(f"{path.name}: {took:.2f} s of processor time, {time.monotonic() - started:.2f} s on the clock")
+    print(
+        f"{path.name}: {took:.2f} s of processor time, {time.monotonic() - started:.2f} s on the clock"
+    )
     return result, took
 
 
@@ -58,7 +59,9 @@ def writeMap(tmp_path: Path, lines: list[str]) -> Path:
     return path
 
 
-def assertRefused(result: subprocess.CompletedProcess, took: float, more: int) -> list[str]:
+def assertRefused(
+    result: subprocess.CompletedProcess, took: float, more: int
+) -> list[str]:
     lines = result.stderr.splitlines()
     assert result.returncode == 1, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
@@ -76,11 +79,17 @@ def test_sameListenFourThousandTimes(tmp_path) -> None:
     """
     path = writeMap(
         tmp_path,
-        [f"  - {{name: m{i}, listen: 127.0.0.1:8080, target: 127.0.0.1:80}}" for i in range(4000)],
+        [
+            f"  - {{name: m{i}, listen: 127.0.0.1:8080, target: 127.0.0.1:80}}"
+            for i in range(4000)
+        ],
     )
     result, took = check(path, HOSTILE_MEMORY)
     lines = assertRefused(result, took, 3899)
-    assert lines[0] == f"{path}:3: listen: tcp 127.0.0.1:8080 overlaps mapping 'm0' (line 2)"
+    assert (
+        lines[0]
+        == f"{path}:3: listen: tcp 127.0.0.1:8080 overlaps mapping 'm0' (line 2)"
+    )
 
 
 def test_fourThousandAliasesOfOneMapping(tmp_path) -> None:
@@ -89,7 +98,10 @@ def test_fourThousandAliasesOfOneMapping(tmp_path) -> None:
     """
     path = writeMap(
         tmp_path,
-        ["  - &m {name: m, listen: 127.0.0.1:8080, target: 127.0.0.1:80}", *["  - *m"] * 4000],
+        [
+            "  - &m {name: m, listen: 127.0.0.1:8080, target: 127.0.0.1:80}",
+            *["  - *m"] * 4000,
+        ],
     )
     result, took = check(path, HOSTILE_MEMORY)
     assert result.returncode == 1 and took < HOSTILE_SECONDS
@@ -131,7 +143,10 @@ def test_manyErrorsOfEveryKind(tmp_path) -> None:
     huge = "9" * 5000
     path = writeMap(
         tmp_path,
-        [f"  - {bad % (i, huge if i < 20 else 80, huge if i < 20 else '+1')}" for i in range(20000)],
+        [
+            f"  - {bad % (i, huge if i < 20 else 80, huge if i < 20 else '+1')}"
+            for i in range(20000)
+        ],
     )
     result, took = check(path, HOSTILE_MEMORY)
     lines = assertRefused(result, took, 79920)
@@ -148,7 +163,9 @@ def test_hundredThousandMappings(tmp_path) -> None:
     lines = []
     for i in range(100_000):
         host = f"127.{1 + i // 65536}.{(i // 256) % 256}.{i % 256}"
-        lines.append(f"  - {{name: m{i}, listen: '{host}:8080', target: '10.1.{(i // 256) % 256}.{i % 256}:80'}}")
+        lines.append(
+            f"  - {{name: m{i}, listen: '{host}:8080', target: '10.1.{(i // 256) % 256}.{i % 256}:80'}}"
+        )
     path = writeMap(tmp_path, lines)
     result, took = check(path, BIG_MEMORY)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -162,7 +179,9 @@ def test_fullRangeBuilt(tmp_path) -> None:
     A valid C{proto: [tcp, udp]}, C{listen: 1-65535} mapping is built into
     its 262,140 listeners within BIG_SECONDS (about half a second).
     """
-    path = writeMap(tmp_path, ["  - {proto: [tcp, udp], listen: 1-65535, target: db:1-65535}"])
+    path = writeMap(
+        tmp_path, ["  - {proto: [tcp, udp], listen: 1-65535, target: db:1-65535}"]
+    )
     result, took = check(path, BIG_MEMORY)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "262140 listeners (131070 tcp, 131070 udp)" in result.stdout

@@ -11,11 +11,11 @@ import socket
 from contextlib import redirect_stdout
 
 import pytest
+from test_service import FakeListener, listener, makeProxy, proxyMap, reload
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols import amp
 from twisted.test.iosim import connectedServerAndClient
 
-from test_service import FakeListener, listener, makeProxy, proxyMap, reload
 from twistedproxy.admin import Console
 from twistedproxy.control import (
     ControlProtocol,
@@ -59,7 +59,9 @@ class Client:
         assert results, "no answer"
         return results[0]
 
-    def publish(self, proto="tcp", host="127.0.0.1", port=8080, target="198.18.0.2", to=80):
+    def publish(
+        self, proto="tcp", host="127.0.0.1", port=8080, target="198.18.0.2", to=80
+    ):
         return self.call(
             Publish,
             proto=proto,
@@ -92,7 +94,10 @@ def test_publishStartsANamedListener():
     assert client.publish() == {"name": "@tcp-127.0.0.1:8080"}
     service = proxy.listeners[(TCP, "127.0.0.1", 8080)]
     assert service.running and service.bound
-    assert str(service.listener) == "tcp 127.0.0.1:8080 -> 198.18.0.2:80 [@tcp-127.0.0.1:8080]"
+    assert (
+        str(service.listener)
+        == "tcp 127.0.0.1:8080 -> 198.18.0.2:80 [@tcp-127.0.0.1:8080]"
+    )
     assert proxy.published == {(TCP, "127.0.0.1", 8080): client.server}
 
 
@@ -255,9 +260,17 @@ def test_manholeShowsPublishedMappings(monkeypatch):
         console.disable("@udp-127.0.0.1:5353")
     lines = out.getvalue().splitlines()
     assert lines[1].startswith("web ")
-    assert lines[2].split()[:4] == ["@udp-127.0.0.1:5353", "udp", "127.0.0.1:5353", "198.18.0.2:53"]
+    assert lines[2].split()[:4] == [
+        "@udp-127.0.0.1:5353",
+        "udp",
+        "127.0.0.1:5353",
+        "198.18.0.2:53",
+    ]
     assert lines[3] == "@name: published through the control socket (1)"
-    assert lines[4] == "@udp-127.0.0.1:5353: disabled, not accepting new connections or sessions"
+    assert (
+        lines[4]
+        == "@udp-127.0.0.1:5353: disabled, not accepting new connections or sessions"
+    )
     assert not proxy.listeners[(UDP, "127.0.0.1", 5353)].enabled
 
 
@@ -279,13 +292,19 @@ def test_adoptSocketChecksTheAddress():
     good = socket.socket()
     good.bind(("127.0.0.1", 0))
     port = good.getsockname()[1]
-    adopted = adoptSocket(os.dup(good.fileno()), requestedListener("tcp", "127.0.0.1", port, "127.0.0.2", 1))
+    adopted = adoptSocket(
+        os.dup(good.fileno()),
+        requestedListener("tcp", "127.0.0.1", port, "127.0.0.2", 1),
+    )
     assert adopted.getsockname() == ("127.0.0.1", port)
     adopted.close()
     fd = os.dup(good.fileno())
     with pytest.raises(Exception) as raised:
         adoptSocket(fd, requestedListener("udp", "127.0.0.1", port, "127.0.0.2", 1))
-    assert str(raised.value) == f"the passed socket is not a udp socket bound to 127.0.0.1:{port}"
+    assert (
+        str(raised.value)
+        == f"the passed socket is not a udp socket bound to 127.0.0.1:{port}"
+    )
     with pytest.raises(OSError):
         os.fstat(fd)
     good.close()

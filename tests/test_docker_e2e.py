@@ -24,14 +24,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from support import SHIM, ProxyProcess, portFree, waitUntil
 
 DOCKERD = "/usr/sbin/dockerd"
 BUSYBOX = "/bin/busybox"
 #: The docker.io client matches its dockerd; another one on PATH
 #: negotiates the API down to it.
-DOCKER = "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else shutil.which("docker")
+DOCKER = (
+    "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else shutil.which("docker")
+)
 IMAGE = "local/bb"
 
 #: A UDP echo server for the image (busybox has none).
@@ -148,10 +149,19 @@ class Docker:
         source = self.root / "udpecho.c"
         source.write_text(UDP_ECHO)
         subprocess.run(
-            ["gcc", "-O2", "-static", "-o", str(image / "bin" / "udpecho"), str(source)],
+            [
+                "gcc",
+                "-O2",
+                "-static",
+                "-o",
+                str(image / "bin" / "udpecho"),
+                str(source),
+            ],
             check=True,
         )
-        tar = subprocess.run(["tar", "-C", str(image), "-c", "."], capture_output=True, check=True)
+        tar = subprocess.run(
+            ["tar", "-C", str(image), "-c", "."], capture_output=True, check=True
+        )
         self.run("import", "-", IMAGE, input=tar.stdout)
 
     def removeContainers(self) -> None:
@@ -243,15 +253,29 @@ def test_dockerRunPublishesThroughPortproxy(docker, portproxy):
     tcpPort = freeRange(1, 18080)
     udpPort = freeRange(1, tcpPort + 1)
     docker.run(
-        "run", "-d", "--name", "web",
-        "-p", f"127.0.0.1:{tcpPort}:80", "-p", f"127.0.0.1:{udpPort}:53/udp",
-        IMAGE, "sh", "-c", "udpecho 53 & exec httpd -f -p 80 -h /www",
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "-p",
+        f"127.0.0.1:{tcpPort}:80",
+        "-p",
+        f"127.0.0.1:{udpPort}:53/udp",
+        IMAGE,
+        "sh",
+        "-c",
+        "udpecho 53 & exec httpd -f -p 80 -h /www",
     )
     assert fetch(tcpPort) == "hello from the container\n"
     waitUntil(lambda: _udpAnswers(udpPort), what="UDP echo through the proxy")
     ports = docker.run("ps", "--format", "{{.Ports}}").stdout.decode()
-    assert f"127.0.0.1:{tcpPort}->80/tcp" in ports and f"127.0.0.1:{udpPort}->53/udp" in ports
-    portproxy.waitFor(rf"tcp @tcp-127.0.0.1:{tcpPort} 127.0.0.1:\d+ -> 198\.18\.0\.\d+:80 ")
+    assert (
+        f"127.0.0.1:{tcpPort}->80/tcp" in ports
+        and f"127.0.0.1:{udpPort}->53/udp" in ports
+    )
+    portproxy.waitFor(
+        rf"tcp @tcp-127.0.0.1:{tcpPort} 127.0.0.1:\d+ -> 198\.18\.0\.\d+:80 "
+    )
     docker.run("stop", "-t", "1", "web")
     assert portFree(tcpPort) and portFree(udpPort, "udp")
     portproxy.waitFor(rf"\[@udp-127.0.0.1:{udpPort}\] \(unpublished\)")
@@ -273,8 +297,19 @@ def test_dockerPortRange(docker, portproxy):
     first = freeRange(100)
     last = first + 99
     docker.run(
-        "run", "-d", "--name", "range", "-p", f"127.0.0.1:{first}-{last}:{first}-{last}",
-        IMAGE, "httpd", "-f", "-p", str(first + 50), "-h", "/www",
+        "run",
+        "-d",
+        "--name",
+        "range",
+        "-p",
+        f"127.0.0.1:{first}-{last}:{first}-{last}",
+        IMAGE,
+        "httpd",
+        "-f",
+        "-p",
+        str(first + 50),
+        "-h",
+        "/www",
     )
     assert portproxy.output().count("(published)") == 100
     assert fetch(first + 50) == "hello from the container\n"
@@ -293,8 +328,16 @@ def test_dockerPortTaken(docker, portproxy):
     port = busy.getsockname()[1]
     try:
         result = docker.run(
-            "run", "-d", "--name", "taken", "-p", f"127.0.0.1:{port}:80",
-            IMAGE, "sleep", "60", check=False,
+            "run",
+            "-d",
+            "--name",
+            "taken",
+            "-p",
+            f"127.0.0.1:{port}:80",
+            IMAGE,
+            "sleep",
+            "60",
+            check=False,
         )
     finally:
         busy.close()
@@ -312,8 +355,19 @@ def test_portproxyRestartKeepsPublishedPorts(docker, portproxy, tmp_path):
     """
     port = freeRange(1, 18180)
     docker.run(
-        "run", "-d", "--name", "restart", "-p", f"127.0.0.1:{port}:80",
-        IMAGE, "httpd", "-f", "-p", "80", "-h", "/www",
+        "run",
+        "-d",
+        "--name",
+        "restart",
+        "-p",
+        f"127.0.0.1:{port}:80",
+        IMAGE,
+        "httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+        "/www",
     )
     assert fetch(port) == "hello from the container\n"
     os.kill(portproxy.pid, signal.SIGKILL)

@@ -13,7 +13,6 @@ import subprocess
 import tempfile
 
 import pytest
-
 from support import (
     SHIM,
     ProxyProcess,
@@ -66,12 +65,16 @@ def test_shimPublishesTCPAndUDPUntilStopped(proxy, control):
             assert (tcp.report, udp.report) == ("0\n", "0\n")
             assert exchange(port, b"hello") == b"hello"
             assert udpRoundTrip(port) == b"ping"
-            proxy.waitFor(rf"tcp @tcp-127.0.0.1:{port} 127.0.0.1:\d+ -> 127.0.0.1:{tcpEcho.port} ")
+            proxy.waitFor(
+                rf"tcp @tcp-127.0.0.1:{port} 127.0.0.1:\d+ -> 127.0.0.1:{tcpEcho.port} "
+            )
         finally:
             assert tcp.stop() == 0
             assert udp.stop() == 0
         assert portFree(port, "tcp") and portFree(port, "udp")
-        proxy.waitFor(rf"tcp 127.0.0.1:{port} -> 127.0.0.1:{tcpEcho.port} \[@tcp-127.0.0.1:{port}\] \(unpublished\)")
+        proxy.waitFor(
+            rf"tcp 127.0.0.1:{port} -> 127.0.0.1:{tcpEcho.port} \[@tcp-127.0.0.1:{port}\] \(unpublished\)"
+        )
 
 
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
@@ -131,7 +134,10 @@ def test_shimReportsWhyItCannotPublish(proxy, control):
         f"1\ncannot listen on tcp 0.0.0.0:{mapped} for mapping '@tcp-0.0.0.0:{mapped}':"
         f" it overlaps tcp 127.0.0.1:{mapped} of mapping 'web' ({proxy.mapPath}:2)"
     )
-    assert sctp.report == "1\nprotocol 'sctp' is not supported by portproxy (only tcp and udp)"
+    assert (
+        sctp.report
+        == "1\nprotocol 'sctp' is not supported by portproxy (only tcp and udp)"
+    )
     assert [s.process.wait(10) for s in (inUse, overlap, sctp)] == [1, 1, 1]
 
 
@@ -161,9 +167,14 @@ def test_shimCommandLine():
         [str(SHIM), "--proto=tcp", "-nonsense"], capture_output=True, text=True
     )
     assert bad.returncode == 2
-    assert bad.stderr == "portproxy-docker-proxy: flag provided but not defined: -nonsense\n"
+    assert (
+        bad.stderr
+        == "portproxy-docker-proxy: flag provided but not defined: -nonsense\n"
+    )
     missing = subprocess.run([str(SHIM), "-host-port"], capture_output=True, text=True)
-    assert missing.stderr == "portproxy-docker-proxy: flag needs an argument: -host-port\n"
+    assert (
+        missing.stderr == "portproxy-docker-proxy: flag needs an argument: -host-port\n"
+    )
 
 
 def test_killedShimEndsItsLease(proxy, control):
@@ -193,7 +204,9 @@ def test_shimsRepublishAfterDaemonRestart(proxy, control, tmp_path):
         bound.bind(("127.0.0.1", 0))
         bound.listen(128)
         passedPort = bound.getsockname()[1]
-        passed = Shim(control, "tcp", "127.0.0.1", passedPort, "127.0.0.1", echo.port, bound)
+        passed = Shim(
+            control, "tcp", "127.0.0.1", passedPort, "127.0.0.1", echo.port, bound
+        )
         bound.close()
         try:
             assert plain.ok and passed.ok
@@ -204,7 +217,9 @@ def test_shimsRepublishAfterDaemonRestart(proxy, control, tmp_path):
                 again.start(controlMap(control))
                 started = again.output().count("\n")
                 again.waitFor(rf"\[@tcp-127.0.0.1:{port}\] \(published\)", timeout=2.5)
-                again.waitFor(rf"\[@tcp-127.0.0.1:{passedPort}\] \(published\)", timeout=2.5)
+                again.waitFor(
+                    rf"\[@tcp-127.0.0.1:{passedPort}\] \(published\)", timeout=2.5
+                )
                 assert started > 0
                 assert exchange(port, b"back") == b"back"
                 assert exchange(passedPort, b"kept") == b"kept"
@@ -225,7 +240,10 @@ def test_reloadLeavesPublishedMappingsAlone(proxy, control):
     """
     first = freePort()
     proxy.start(
-        controlMap(control, f"  - name: a\n    listen: 127.0.0.1:{first}\n    target: 127.0.0.1:9\n")
+        controlMap(
+            control,
+            f"  - name: a\n    listen: 127.0.0.1:{first}\n    target: 127.0.0.1:9\n",
+        )
     )
     with TCPEchoServer() as echo:
         port = freePort()
@@ -233,7 +251,10 @@ def test_reloadLeavesPublishedMappingsAlone(proxy, control):
         try:
             assert shim.ok
             summary = proxy.reload(
-                controlMap(control, f"  - name: b\n    listen: 0.0.0.0:{port}\n    target: 127.0.0.1:9\n")
+                controlMap(
+                    control,
+                    f"  - name: b\n    listen: 0.0.0.0:{port}\n    target: 127.0.0.1:9\n",
+                )
             )
             assert summary == (
                 f"reload of {proxy.mapPath}: added 0, removed 1, changed 0, unchanged 0,"

@@ -60,9 +60,18 @@ class Flow:
     proxy's two ends given to the engine.
     """
 
-    def __init__(self, engine, flowId, idleTimeout=0.0, clientHost="127.0.0.1",
-                 targetHost="127.0.0.1", early=b"", exclusive=False, targetBuffer=None,
-                 clientBuffer=None):
+    def __init__(
+        self,
+        engine,
+        flowId,
+        idleTimeout=0.0,
+        clientHost="127.0.0.1",
+        targetHost="127.0.0.1",
+        early=b"",
+        exclusive=False,
+        targetBuffer=None,
+        clientBuffer=None,
+    ):
         self.client, proxyClient = connectedPair(clientHost)
         proxyTarget, self.target = connectedPair(targetHost)
         if clientBuffer is not None:
@@ -86,9 +95,13 @@ class Flow:
             # what adopt(exclusive=True) asks of its caller
             proxyClient.setblocking(False)
             proxyTarget.setblocking(False)
-            engine.adopt(proxyClient.detach(), proxyTarget.detach(), flowId, idleTimeout, True)
+            engine.adopt(
+                proxyClient.detach(), proxyTarget.detach(), flowId, idleTimeout, True
+            )
         else:
-            engine.adopt(proxyClient.detach(), proxyTarget.detach(), flowId, idleTimeout)
+            engine.adopt(
+                proxyClient.detach(), proxyTarget.detach(), flowId, idleTimeout
+            )
 
     def close(self):
         self.client.close()
@@ -531,7 +544,9 @@ def test_stopClosesEveryFlow(engines):
     recvExactly(flows[0].target, 2)
     engine.stop()
     reports = sorted(engine.ended())
-    assert reports == [(30, 2, 0, "proxy stopped")] + [(i, 0, 0, "proxy stopped") for i in range(31, 35)]
+    assert reports == [(30, 2, 0, "proxy stopped")] + [
+        (i, 0, 0, "proxy stopped") for i in range(31, 35)
+    ]
     assert engine.flowCount() == 0
     for flow in flows:
         assertReset(flow.client)
@@ -657,7 +672,11 @@ class HandOffFront:
                     client.write(buffered)
                 if asFlow is not None:
                     front.adopted = relay.adoptFlow(
-                        asFlow, client, self.transport, 0, lambda *a: front.ends.append(a)
+                        asFlow,
+                        client,
+                        self.transport,
+                        0,
+                        lambda *a: front.ends.append(a),
                     )
                 else:
                     front.adopted = relay.adopt(
@@ -748,7 +767,9 @@ def test_handOffRefusedWhileBuffered(reactor):
     targetListener.bind(("127.0.0.1", 0))
     targetListener.listen(1)
     relay = fastrelay.FastRelay(reactor)
-    front = HandOffFront(reactor, targetListener.getsockname()[1], relay, buffered=b"hello")
+    front = HandOffFront(
+        reactor, targetListener.getsockname()[1], relay, buffered=b"hello"
+    )
     client = socket.create_connection(("127.0.0.1", front.port.getHost().port))
     client.settimeout(10)
     spin(reactor, lambda: front.adopted is not None)
@@ -821,7 +842,9 @@ def test_engineFlowStandsInForTheRelay(reactor):
     targetListener.bind(("127.0.0.1", 0))
     targetListener.listen(1)
     relay = fastrelay.FastRelay(reactor)
-    front = HandOffFront(reactor, targetListener.getsockname()[1], relay, asFlow=PythonFlow())
+    front = HandOffFront(
+        reactor, targetListener.getsockname()[1], relay, asFlow=PythonFlow()
+    )
     client = socket.create_connection(("127.0.0.1", front.port.getHost().port))
     client.settimeout(10)
     spin(reactor, lambda: front.adopted is not None)

@@ -18,13 +18,13 @@ import sysconfig
 import time
 
 import pytest
+from support import proxyEnvironment
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IHostnameResolver
 from twisted.logger import formatEvent, globalLogPublisher
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from support import proxyEnvironment
 from twistedproxy import fastudp
 from twistedproxy.listener import IFlow
 from twistedproxy.model import Listener, Target, Timeouts
@@ -140,7 +140,9 @@ class Bench:
     An engine with one listener, a target and cleanup.
     """
 
-    def __init__(self, host="127.0.0.1", pktinfo=False, listenHost=None, gso=True) -> None:
+    def __init__(
+        self, host="127.0.0.1", pktinfo=False, listenHost=None, gso=True
+    ) -> None:
         from twistedproxy._fastudp import Engine
 
         self.engine = Engine(gso=gso)
@@ -233,7 +235,7 @@ def test_sessionDatagramRate(bench):
     try:
         while True:
             received.append(b.target.recv(100))
-    except socket.timeout:
+    except TimeoutError:
         pass
     assert sorted(received) == [b"d0", b"d1", b"h1", b"h2", b"o"]
     assert b.engine.listenerCounters(1) == (2, 0, 8)
@@ -321,7 +323,7 @@ def test_heldDatagramsBounded(bench):
     try:
         while True:
             got.append(b.target.recv(100))
-    except socket.timeout:
+    except TimeoutError:
         pass
     assert got == [b"%02d" % i for i in range(PENDING_DATAGRAMS)]
     assert b.engine.counters(flowId) == (2 * (PENDING_DATAGRAMS + 4), 0)
@@ -527,7 +529,7 @@ def test_floodedSessionLeavesOthersTheirTurn(bench):
             other.sendto(b"mine", b.address)
             try:
                 arrived += b.target.recv(100) == b"mine"
-            except socket.timeout:
+            except TimeoutError:
                 pass
             if arrived == 3:
                 break
@@ -603,7 +605,7 @@ def receive(target, count) -> list:
     target.settimeout(0.05)
     try:
         extra = target.recv(70000)
-    except socket.timeout:
+    except TimeoutError:
         extra = None
     finally:
         target.settimeout(5)
@@ -638,7 +640,12 @@ def equalBursts(b, client) -> int:
     exactly; return the bytes sent.
     """
     sent = 0
-    for size, count, sends in ((1400, 46, 1), (1100, 59, 2), (500, 100, 1), (1, 128, 1)):
+    for size, count, sends in (
+        (1400, 46, 1),
+        (1100, 59, 2),
+        (500, 100, 1),
+        (1, 128, 1),
+    ):
         for _ in range(4):
             bursts = [[os.urandom(size) for _ in range(count)] for _ in range(sends)]
             for burst in bursts:
@@ -745,7 +752,9 @@ def test_refusedGsoFallsBackForThatSession(bench):
 # -- a UDPListener on the engine, under a real epoll reactor ----------------
 
 
-def makeListener(target=Target("127.0.0.1", 9), timeout=30.0, maxConnections=0) -> Listener:
+def makeListener(
+    target=Target("127.0.0.1", 9), timeout=30.0, maxConnections=0
+) -> Listener:
     return Listener(
         mapping="echo",
         proto="udp",
@@ -767,7 +776,14 @@ class Resolver:
         self.address = address
         self.waiting: list = []
 
-    def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"):
+    def resolveHostName(
+        self,
+        receiver,
+        hostName,
+        portNumber=0,
+        addressTypes=None,
+        transportSemantics="TCP",
+    ):
         self.waiting.append((receiver, hostName))
         return receiver
 
@@ -804,7 +820,9 @@ def logged():
 
 
 def lines(events) -> str:
-    return "\n".join(formatEvent(e) for e in events if e.get("log_namespace") == "portproxy")
+    return "\n".join(
+        formatEvent(e) for e in events if e.get("log_namespace") == "portproxy"
+    )
 
 
 def spin(reactor, done, timeout=5.0) -> None:
@@ -917,7 +935,9 @@ def test_disabledListenerRejectsNewClients(reactor, service, logged):
     old.sendto(b"still", s.address)
     assert s.target.recv(100) == b"still"
     assert svc.active == 1
-    assert "rejected 127.0.0.1" in lines(logged) and "listener disabled" in lines(logged)
+    assert "rejected 127.0.0.1" in lines(logged) and "listener disabled" in lines(
+        logged
+    )
     svc.enable()
     new.sendto(b"now", s.address)
     spin(reactor, lambda: svc.active == 2)
@@ -982,7 +1002,9 @@ def test_noSocketCountsDroppedThroughEngine(reactor, service, logged):
     time.sleep(0.05)
     spin(reactor, lambda: svc.dropped == 2)
     assert svc.active == 0 and svc.counters.rejected == 0
-    assert "cannot open a socket" in lines(logged) and "out of file descriptors" in lines(logged)
+    assert "cannot open a socket" in lines(
+        logged
+    ) and "out of file descriptors" in lines(logged)
     svc.openSessionSocket = opened
     c.sendto(b"c", s.address)
     spin(reactor, lambda: svc.active == 1)
@@ -1120,7 +1142,7 @@ def test_headersAgreeWithPython(bench, mode):
     try:
         while len(got) < len(expected):
             got.append(b.target.recv(65535))
-    except socket.timeout:
+    except TimeoutError:
         pass
     assert got == expected
     assert b.engine.listenerCounters(1)[1] == len(cases) - len(expected)

@@ -14,7 +14,6 @@ import urllib.error
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
-
 from support import TCPEchoServer, UDPEchoServer, exchange, freePort
 
 
@@ -23,7 +22,9 @@ def get(port: int, path: str) -> tuple[int, str]:
     The status and body of C{GET path} on the proxy's HTTP endpoint.
     """
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{port}{path}", timeout=10
+        ) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
@@ -108,16 +109,26 @@ mappings:
             assert exchange(web, payload) == payload
         sent = sum(len(p) for p in payloads)
         waitForMetric(http, ("portproxy_flows_total", labels("web")), 3)
-        scraped = waitForMetric(http, ("portproxy_flow_duration_seconds_count", labels("web")), 3)
+        scraped = waitForMetric(
+            http, ("portproxy_flow_duration_seconds_count", labels("web")), 3
+        )
         assert scraped[("portproxy_received_bytes_total", labels("web"))] == sent
         assert scraped[("portproxy_sent_bytes_total", labels("web"))] == sent
-        assert scraped[("portproxy_flow_duration_seconds_bucket", labels("web", le="+Inf"))] == 3
+        assert (
+            scraped[
+                ("portproxy_flow_duration_seconds_bucket", labels("web", le="+Inf"))
+            ]
+            == 3
+        )
         assert scraped[("portproxy_open", labels("web"))] == 0
 
         turnedAway(refused)
         waitForMetric(
             http,
-            ("portproxy_connect_failures_total", labels("refused", reason="connection refused")),
+            (
+                "portproxy_connect_failures_total",
+                labels("refused", reason="connection refused"),
+            ),
             1,
         )
 
@@ -126,10 +137,14 @@ mappings:
         assert held.recv(2000) == b"x" * 1234
         # Counted while the connection is open, from the engine's counters
         # on the fast path.
-        scraped = waitForMetric(http, ("portproxy_received_bytes_total", labels("limited")), 1234)
+        scraped = waitForMetric(
+            http, ("portproxy_received_bytes_total", labels("limited")), 1234
+        )
         assert scraped[("portproxy_open", labels("limited"))] == 1
         turnedAway(limited)
-        waitForMetric(http, ("portproxy_rejected_total", labels("limited", reason="limit")), 1)
+        waitForMetric(
+            http, ("portproxy_rejected_total", labels("limited", reason="limit")), 1
+        )
         held.close()
 
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
@@ -137,15 +152,22 @@ mappings:
             for size in (100, 200):
                 client.sendto(b"d" * size, ("127.0.0.1", dns))
                 assert client.recv(1000) == b"d" * size
-        scraped = waitForMetric(http, ("portproxy_sent_bytes_total", labels("dns", "udp")), 300)
+        scraped = waitForMetric(
+            http, ("portproxy_sent_bytes_total", labels("dns", "udp")), 300
+        )
         assert scraped[("portproxy_received_bytes_total", labels("dns", "udp"))] == 300
         assert scraped[("portproxy_open", labels("dns", "udp"))] == 1
         assert scraped[("portproxy_flows_total", labels("dns", "udp"))] == 1
-        assert scraped[("portproxy_udp_dropped_datagrams_total", (("mapping", "dns"),))] == 0
+        assert (
+            scraped[("portproxy_udp_dropped_datagrams_total", (("mapping", "dns"),))]
+            == 0
+        )
         assert scraped[("portproxy_listeners", labels("dns", "udp"))] == 1
         assert scraped[("portproxy_listeners_failed", ())] == 0
         engine = 1 if proxy.fastPath else 0
-        assert scraped[("portproxy_engine_enabled", (("engine", "tcp_relay"),))] == engine
+        assert (
+            scraped[("portproxy_engine_enabled", (("engine", "tcp_relay"),))] == engine
+        )
         assert scraped[("portproxy_engine_enabled", (("engine", "udp"),))] == engine
 
 
@@ -168,12 +190,16 @@ mappings:
         blocker.bind(("127.0.0.1", taken))
         blocker.listen(1)
         summary = proxy.reload(
-            f"http:\n  listen: 127.0.0.1:{http}\n" + mapping
+            f"http:\n  listen: 127.0.0.1:{http}\n"
+            + mapping
             + f"  - name: blocked\n    listen: 127.0.0.1:{taken}\n    target: 127.0.0.1:9\n"
         )
         assert "failed 1" in summary
         status, body = get(http, "/healthz")
-        assert (status, body) == (503, f"not bound: tcp 127.0.0.1:{taken} -> 127.0.0.1:9 [blocked]\n")
+        assert (status, body) == (
+            503,
+            f"not bound: tcp 127.0.0.1:{taken} -> 127.0.0.1:9 [blocked]\n",
+        )
         scraped = metrics(http)
         assert scraped[("portproxy_listeners_failed", ())] == 1
         assert scraped[("portproxy_reloads_total", (("result", "ok"),))] == 1
@@ -216,9 +242,25 @@ def test_statusJSON(proxy) -> None:
                 break
             time.sleep(0.05)
     assert status == 200
-    assert {k: entry[k] for k in ("name", "protos", "listen", "listeners", "total", "bytesIn", "bytesOut")} == {
-        "name": "web", "protos": "tcp+udp", "listen": f"127.0.0.1:{web}", "listeners": 2,
-        "total": 1, "bytesIn": 5, "bytesOut": 5,
+    assert {
+        k: entry[k]
+        for k in (
+            "name",
+            "protos",
+            "listen",
+            "listeners",
+            "total",
+            "bytesIn",
+            "bytesOut",
+        )
+    } == {
+        "name": "web",
+        "protos": "tcp+udp",
+        "listen": f"127.0.0.1:{web}",
+        "listeners": 2,
+        "total": 1,
+        "bytesIn": 5,
+        "bytesOut": 5,
     }
     status, page = get(http, "/")
     assert status == 200 and "<svg" not in page.split("<script>")[0]

@@ -10,7 +10,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from support import TCPEchoServer, exchange, freePort
 from test_http_e2e import turnedAway
 
@@ -28,7 +27,9 @@ def jq(program: str, path) -> list:
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
-@pytest.mark.skipif(JQ is None, reason="jq is not installed (Debian package jq; .ci/run installs it)")
+@pytest.mark.skipif(
+    JQ is None, reason="jq is not installed (Debian package jq; .ci/run installs it)"
+)
 def test_jsonLogReadByJq(proxy) -> None:
     """
     With C{log_format: json} every line of twistd's log file is a JSON
@@ -65,7 +66,9 @@ mappings:
     assert all({"time", "level", "namespace"} <= set(r) for r in everything)
     assert everything[0]["message"].startswith("twistd ")
 
-    listeners = jq('select(.message | endswith("[web]")) | [.mapping, .proto, .listen]', logFile)
+    listeners = jq(
+        'select(.message | endswith("[web]")) | [.mapping, .proto, .listen]', logFile
+    )
     assert listeners == [["web", "tcp", f"127.0.0.1:{web}"]]
 
     access = jq(
@@ -81,9 +84,14 @@ mappings:
     times = jq('select(.event == "access" and .mapping == "web") | .time', logFile)
     assert len(set(times)) < flows
 
-    failed = jq('select(.event == "access" and .mapping == "refused") | [.proto, .client, .target, .reason, .duration]', logFile)
+    failed = jq(
+        'select(.event == "access" and .mapping == "refused") | [.proto, .client, .target, .reason, .duration]',
+        logFile,
+    )
     assert len(failed) == 1 and failed[0][3] == "connect failed: connection refused"
     assert failed[0][1].startswith("127.0.0.1:") and failed[0][4] >= 0
 
-    summary = jq('select(.summary) | [.added, .removed, .changed, .unchanged, .failed]', logFile)
+    summary = jq(
+        "select(.summary) | [.added, .removed, .changed, .unchanged, .failed]", logFile
+    )
     assert summary == [[0, 1, 0, 1, 0]]

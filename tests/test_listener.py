@@ -45,14 +45,21 @@ def test_lineOfAQuietLogIsWrittenAtOnce():
     clock = ShutdownClock()
     access = AccessLog(clock, window=0.02)
     with capturedLogs() as events:
-        access.write("tcp web a -> b 1.000s in=1 out=2 client closed", row(7, "client closed"))
+        access.write(
+            "tcp web a -> b 1.000s in=1 out=2 client closed", row(7, "client closed")
+        )
         clock.advance(0.05)
-        access.write("tcp web c -> b 2.000s in=3 out=4 target closed", row(8, "target closed"))
+        access.write(
+            "tcp web c -> b 2.000s in=3 out=4 target closed", row(8, "target closed")
+        )
     assert [formatEvent(e) for e in events] == [
         "tcp web a -> b 1.000s in=1 out=2 client closed",
         "tcp web c -> b 2.000s in=3 out=4 target closed",
     ]
-    assert [(e["flow"], e["reason"]) for e in events] == [(7, "client closed"), (8, "target closed")]
+    assert [(e["flow"], e["reason"]) for e in events] == [
+        (7, "client closed"),
+        (8, "target closed"),
+    ]
     assert clock.getDelayedCalls() == []
 
 

@@ -9,14 +9,16 @@ import stat
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from support import trustedTmpPath  # noqa: F401 (this module's tmp_path)
+from test_admin import FakeProxy, exampleMap
 from twisted.conch.insults.insults import ServerProtocol
 from twisted.conch.ssh import keys
 from twisted.conch.ssh.common import NS
 from twisted.conch.ssh.service import SSHService
 from twisted.conch.ssh.transport import MSG_EXT_INFO
-from twisted.internet.address import IPv4Address
 from twisted.cred.credentials import ISSHPrivateKey, SSHPrivateKey
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.task import Clock
@@ -24,8 +26,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
-from support import trustedTmpPath  # noqa: F401 (this module's tmp_path)
-from test_admin import FakeProxy, exampleMap
+from twistedproxy.listener import Notices
 from twistedproxy.manhole import (
     AuthorizedKeys,
     HostKeyError,
@@ -39,9 +40,7 @@ from twistedproxy.manhole import (
     loadHostKey,
     manholePortal,
 )
-from twistedproxy.listener import Notices
 from twistedproxy.model import Manhole
-
 
 
 def newKey():
@@ -92,11 +91,17 @@ def test_checkerAcceptsAListedKeyAndRefusesAnother(keyFile):
     authorized.read()
     checker = ManholeKeyChecker(authorized)
     with capturedLogs() as events:
-        assert outcome(checker.requestAvatarId(signedCredentials(listed, b"anyone"))) == b"anyone"
+        assert (
+            outcome(checker.requestAvatarId(signedCredentials(listed, b"anyone")))
+            == b"anyone"
+        )
         refused = outcome(checker.requestAvatarId(signedCredentials(other)))
     assert refused.check(UnauthorizedLogin)
     logged = messages(events)
-    assert f"manhole: user anyone logged in with key {fingerprint(listed)} (operator@example)" in logged
+    assert (
+        f"manhole: user anyone logged in with key {fingerprint(listed)} (operator@example)"
+        in logged
+    )
     assert f"manhole: refused key {fingerprint(other)} for user operator" in logged
 
 
@@ -111,7 +116,9 @@ def test_checkerRefusesABadSignature(keyFile):
     authorized.read()
     forged = signedCredentials(newKey())
     forged.blob = listed.public().blob()
-    assert outcome(ManholeKeyChecker(authorized).requestAvatarId(forged)).check(UnauthorizedLogin)
+    assert outcome(ManholeKeyChecker(authorized).requestAvatarId(forged)).check(
+        UnauthorizedLogin
+    )
 
 
 def test_checkerRefusesSHA1Signatures(keyFile):
@@ -128,12 +135,17 @@ def test_checkerRefusesSHA1Signatures(keyFile):
     def signedWith(algorithm):
         sigData = b"session id and request"
         return SSHPrivateKey(
-            b"operator", algorithm, listed.public().blob(), sigData,
+            b"operator",
+            algorithm,
+            listed.public().blob(),
+            sigData,
             listed.sign(sigData, signatureType=algorithm),
         )
 
     assert outcome(checker.requestAvatarId(signedWith(b"rsa-sha2-256"))) == b"operator"
-    assert outcome(checker.requestAvatarId(signedWith(b"ssh-rsa"))).check(UnauthorizedLogin)
+    assert outcome(checker.requestAvatarId(signedWith(b"ssh-rsa"))).check(
+        UnauthorizedLogin
+    )
 
 
 def test_onlyPublicKeyAuthenticationIsOffered(tmp_path, keyFile):
@@ -269,7 +281,8 @@ def test_missingAuthorizedKeysLetsNoKeyIn(tmp_path):
         authorized.read()
     assert authorized.getAuthorizedKeys(b"root") == []
     assert any(
-        f"cannot read authorized keys {path}: No such file or directory; no key can log in" in m
+        f"cannot read authorized keys {path}: No such file or directory; no key can log in"
+        in m
         for m in messages(events)
     )
 
@@ -288,7 +301,9 @@ def test_authorizedKeysWritableByOthersLetsNoKeyIn(keyFile, mode):
     assert authorized.getAuthorizedKeys(b"root") == []
     assert any(
         f"authorized keys {keyFile}: the file has mode {mode:04o} (writable by group "
-        "or others)" in m and "no key can log in" in m
+        "or others)"
+        in m
+        and "no key can log in" in m
         for m in messages(events)
     )
 
@@ -316,7 +331,12 @@ def test_authorizedKeysOwnedByAnotherUserLetsNoKeyIn(keyFile):
 @pytest.mark.parametrize(
     "mode, owner",
     [(0o777, 0), (0o1777, 0), (0o775, 0), (0o755, NOBODY)],
-    ids=["world-writable", "sticky-world-writable", "group-writable", "owned-by-nobody"],
+    ids=[
+        "world-writable",
+        "sticky-world-writable",
+        "group-writable",
+        "owned-by-nobody",
+    ],
 )
 def test_authorizedKeysInAnUntrustedDirectoryLetsNoKeyIn(tmp_path, mode, owner):
     """
@@ -337,8 +357,12 @@ def test_authorizedKeysInAnUntrustedDirectoryLetsNoKeyIn(tmp_path, mode, owner):
     with capturedLogs() as events:
         authorized.read()
     assert authorized.getAuthorizedKeys(b"root") == []
-    problem = f"has mode {mode:04o}" if owner == 0 else f"is owned by nobody (uid {NOBODY})"
-    assert any(f"directory {outer} {problem}" in m for m in messages(events)), messages(events)
+    problem = (
+        f"has mode {mode:04o}" if owner == 0 else f"is owned by nobody (uid {NOBODY})"
+    )
+    assert any(f"directory {outer} {problem}" in m for m in messages(events)), messages(
+        events
+    )
 
 
 def test_authorizedKeysFixedThenReadAgainLetsKeysIn(tmp_path):
@@ -388,7 +412,8 @@ def test_authorizedKeysLinesThatAreNotPlainKeys(keyFile):
     ed, ecdsa = newKey(), keys.Key(ec.generate_private_key(ec.SECP256R1()))
     keyFile.write_bytes(
         publicLine(ed)
-        + b'from="10.0.0.1" ' + publicLine(newKey())
+        + b'from="10.0.0.1" '
+        + publicLine(newKey())
         + b"ssh-ed25519 AAAAnotbase64!\n"
         + publicLine(ecdsa, "")
     )
@@ -397,7 +422,10 @@ def test_authorizedKeysLinesThatAreNotPlainKeys(keyFile):
         authorized.read()
     assert authorized.getAuthorizedKeys(b"x") == [ed.public(), ecdsa.public()]
     logged = messages(events)
-    assert f"{keyFile}:2: not a key type first (key options are not supported); line skipped" in logged
+    assert (
+        f"{keyFile}:2: not a key type first (key options are not supported); line skipped"
+        in logged
+    )
     assert any(m.startswith(f"{keyFile}:3: not a public key (") for m in logged)
     assert f"manhole: 2 authorized key(s) from {keyFile}" in logged
 
@@ -419,7 +447,9 @@ def test_hostKeyIsCreatedPrivateAndReused(tmp_path):
     again = loadHostKey(str(path))
     assert again == created
     assert fingerprint(again) == fingerprint(created)
-    assert fingerprint(again).startswith("SHA256:") and not fingerprint(again).endswith("=")
+    assert fingerprint(again).startswith("SHA256:") and not fingerprint(again).endswith(
+        "="
+    )
 
 
 def test_hostKeyInAMissingDirectory(tmp_path):
@@ -442,7 +472,9 @@ def test_hostKeyReadableByOthersIsRefused(tmp_path):
     path = tmp_path / "ssh_host_key"
     loadHostKey(str(path))
     path.chmod(0o644)
-    with pytest.raises(HostKeyError, match=r"mode 0644 lets other users read it; run chmod 600"):
+    with pytest.raises(
+        HostKeyError, match=r"mode 0644 lets other users read it; run chmod 600"
+    ):
         loadHostKey(str(path))
 
 
@@ -470,7 +502,9 @@ class RecordingReactor(MemoryReactorClock):
         self.ports = []
 
     def listenTCP(self, port, factory, backlog=50, interface=""):
-        listening = MemoryReactorClock.listenTCP(self, port, factory, backlog, interface)
+        listening = MemoryReactorClock.listenTCP(
+            self, port, factory, backlog, interface
+        )
         listening.stopped = False
         self.ports.append(listening)
 
@@ -482,7 +516,9 @@ class RecordingReactor(MemoryReactorClock):
 
 
 def settingsIn(tmp_path, port=2222, host="127.0.0.1", hostKey="ssh_host_key"):
-    return Manhole(host, port, str(tmp_path / "authorized_keys"), str(tmp_path / hostKey))
+    return Manhole(
+        host, port, str(tmp_path / "authorized_keys"), str(tmp_path / hostKey)
+    )
 
 
 def test_serviceBindsAndStops(tmp_path, keyFile):
@@ -574,7 +610,11 @@ def test_transportOffersCurrentAlgorithmsOnly():
     """
     assert b"curve25519-sha256" in ManholeTransport.supportedKeyExchanges
     assert not [k for k in ManholeTransport.supportedKeyExchanges if b"sha1" in k]
-    assert ManholeTransport.supportedCiphers == [b"aes256-ctr", b"aes192-ctr", b"aes128-ctr"]
+    assert ManholeTransport.supportedCiphers == [
+        b"aes256-ctr",
+        b"aes192-ctr",
+        b"aes128-ctr",
+    ]
     assert ManholeTransport.supportedMACs == [b"hmac-sha2-512", b"hmac-sha2-256"]
 
 
@@ -667,9 +707,14 @@ def test_reloadSummaryArrivesAboveThePrompt(shell):
     terminal.proxy.reloads.append(d)
     assert "reloading..." in typed(terminal, wire, "reload()")
     wire.clear()
-    d.callback("reload of map.yaml: added 0, removed 0, changed 0, unchanged 5, failed 0")
+    d.callback(
+        "reload of map.yaml: added 0, removed 0, changed 0, unchanged 5, failed 0"
+    )
     out = wire.value().decode()
-    assert "reload of map.yaml: added 0, removed 0, changed 0, unchanged 5, failed 0" in out
+    assert (
+        "reload of map.yaml: added 0, removed 0, changed 0, unchanged 5, failed 0"
+        in out
+    )
     assert out.endswith(">>> ")
 
 
@@ -711,5 +756,7 @@ def test_reloadSummaryAfterTheOperatorLeftIsDropped(shell):
     typed(terminal, wire, "reload()")
     terminal.connectionLost(Failure(ConnectionDone()))
     wire.clear()
-    d.callback("reload of map.yaml: added 0, removed 0, changed 0, unchanged 5, failed 0")
+    d.callback(
+        "reload of map.yaml: added 0, removed 0, changed 0, unchanged 5, failed 0"
+    )
     assert wire.value() == b""

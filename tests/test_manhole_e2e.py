@@ -13,17 +13,25 @@ import subprocess
 import time
 
 import pytest
-
 from support import TCPEchoServer, UDPEchoServer, freePort, roundTrip, trustedTmpPath  # noqa: F401 (this module's tmp_path)
 
 #: Terminal control sequences the manhole draws its line editing with.
 _CONTROL = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[A-Za-z]|\r")
 
 
-
 def sshKeygen(path, *keyType):
     subprocess.run(
-        ["ssh-keygen", "-q", *(keyType or ("-t", "ed25519")), "-N", "", "-C", path.name, "-f", str(path)],
+        [
+            "ssh-keygen",
+            "-q",
+            *(keyType or ("-t", "ed25519")),
+            "-N",
+            "",
+            "-C",
+            path.name,
+            "-f",
+            str(path),
+        ],
         check=True,
     )
     return path
@@ -63,12 +71,27 @@ def sshCommand(tmp_path, key, port, *options):
     configuration, and keep host keys in the test's own known_hosts.
     """
     return [
-        "ssh", "-F", "/dev/null", "-p", str(port), "-i", str(key),
-        "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
-        "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
-        "-o", f"UserKnownHostsFile={tmp_path / 'known_hosts'}",
-        "-o", "StrictHostKeyChecking=accept-new",
-        *options, "operator@127.0.0.1",
+        "ssh",
+        "-F",
+        "/dev/null",
+        "-p",
+        str(port),
+        "-i",
+        str(key),
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "IdentityAgent=none",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "ConnectTimeout=5",
+        "-o",
+        f"UserKnownHostsFile={tmp_path / 'known_hosts'}",
+        "-o",
+        "StrictHostKeyChecking=accept-new",
+        *options,
+        "operator@127.0.0.1",
     ]
 
 
@@ -79,7 +102,10 @@ class ManholeSession:
 
     def __init__(self, argv):
         self.process = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         self.raw = b""
         self.marks = 0
@@ -101,11 +127,15 @@ class ManholeSession:
         while not regex.search(self.text, start):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AssertionError(f"{pattern!r} not seen; the session said:\n{self.text}")
+                raise AssertionError(
+                    f"{pattern!r} not seen; the session said:\n{self.text}"
+                )
             if select.select([out], [], [], remaining)[0]:
                 chunk = os.read(out.fileno(), 65536)
                 if not chunk:
-                    raise AssertionError(f"session ended before {pattern!r}:\n{self.text}")
+                    raise AssertionError(
+                        f"session ended before {pattern!r}:\n{self.text}"
+                    )
                 self.raw += chunk
         return self.text[start:]
 
@@ -116,7 +146,9 @@ class ManholeSession:
         """
         self.marks += 1
         mark = 1000 + self.marks
-        self.process.stdin.write(f"{line}\nprint('end', 1000 + {self.marks})\n".encode())
+        self.process.stdin.write(
+            f"{line}\nprint('end', 1000 + {self.marks})\n".encode()
+        )
         self.process.stdin.flush()
         return self.read(rf"end {mark}\n", timeout)
 
@@ -149,8 +181,6 @@ def session(tmp_path, keys):
     yield open
     for s in sessions:
         s.close()
-
-
 
 
 def tableRow(text, first):
@@ -186,14 +216,40 @@ def test_statusListsEveryMappingWithLiveCounters(proxy, tmp_path, keys, session)
             assert roundTrip(conn, b"hello") == b"hello"
             out = shell.run("status()")
         assert tableRow(out, "NAME") == [
-            "NAME", "PROTO", "LISTEN", "TARGET", "OPEN", "TOTAL", "REJ", "DRP", "IN", "OUT",
+            "NAME",
+            "PROTO",
+            "LISTEN",
+            "TARGET",
+            "OPEN",
+            "TOTAL",
+            "REJ",
+            "DRP",
+            "IN",
+            "OUT",
         ]
         assert tableRow(out, "echo") == [
-            "echo", "tcp", f"127.0.0.1:{tcpPort}", f"127.0.0.1:{tcpEcho.port}",
-            "1", "1", "0", "-", "5", "B", "5", "B",
+            "echo",
+            "tcp",
+            f"127.0.0.1:{tcpPort}",
+            f"127.0.0.1:{tcpEcho.port}",
+            "1",
+            "1",
+            "0",
+            "-",
+            "5",
+            "B",
+            "5",
+            "B",
         ]
         assert tableRow(out, "dns")[:8] == [
-            "dns", "udp", f"127.0.0.1:{udpPort}", f"127.0.0.1:{udpEcho.port}", "0", "0", "0", "0",
+            "dns",
+            "udp",
+            f"127.0.0.1:{udpPort}",
+            f"127.0.0.1:{udpEcho.port}",
+            "0",
+            "0",
+            "0",
+            "0",
         ]
 
 
@@ -205,7 +261,11 @@ def test_connectionsShowsAConnectionThatKillCloses(proxy, tmp_path, keys, sessio
     with TCPEchoServer() as echo:
         manholePort, tcpPort = freePort(), freePort()
         proxy.start(
-            proxyMap(tmp_path, manholePort, ("echo", "tcp", f"127.0.0.1:{tcpPort}", f"127.0.0.1:{echo.port}"))
+            proxyMap(
+                tmp_path,
+                manholePort,
+                ("echo", "tcp", f"127.0.0.1:{tcpPort}", f"127.0.0.1:{echo.port}"),
+            )
         )
         shell = session(manholePort)
         with socket.create_connection(("127.0.0.1", tcpPort), timeout=5) as conn:
@@ -214,7 +274,12 @@ def test_connectionsShowsAConnectionThatKillCloses(proxy, tmp_path, keys, sessio
             out = shell.run("connections()")
             row = next(line.split() for line in out.splitlines() if client in line)
             flowId, mapping, proto, shownClient, target = row[:5]
-            assert (mapping, proto, shownClient, target) == ("echo", "tcp", client, f"127.0.0.1:{echo.port}")
+            assert (mapping, proto, shownClient, target) == (
+                "echo",
+                "tcp",
+                client,
+                f"127.0.0.1:{echo.port}",
+            )
             assert row[6:] == ["4", "B", "4", "B"]
 
             out = shell.run(f"kill({flowId})")
@@ -225,7 +290,9 @@ def test_connectionsShowsAConnectionThatKillCloses(proxy, tmp_path, keys, sessio
                 pass
             # The engine reports the end in its own time: the access line
             # says it has, and the flow has left the table by then.
-            assert "killed from the manhole" in proxy.waitFor(r"[^\n]*killed from the manhole").group(0)
+            assert "killed from the manhole" in proxy.waitFor(
+                r"[^\n]*killed from the manhole"
+            ).group(0)
             out = shell.run("connections()")
             assert "no open connections or sessions" in out
 
@@ -238,7 +305,11 @@ def test_disableAndEnable(proxy, tmp_path, keys, session):
     with TCPEchoServer() as echo:
         manholePort, tcpPort = freePort(), freePort()
         proxy.start(
-            proxyMap(tmp_path, manholePort, ("echo", "tcp", f"127.0.0.1:{tcpPort}", f"127.0.0.1:{echo.port}"))
+            proxyMap(
+                tmp_path,
+                manholePort,
+                ("echo", "tcp", f"127.0.0.1:{tcpPort}", f"127.0.0.1:{echo.port}"),
+            )
         )
         shell = session(manholePort)
         assert "echo: disabled" in shell.run("disable('echo')")
@@ -267,7 +338,12 @@ def test_reloadPrintsItsSummary(proxy, tmp_path, keys, session):
         shell = session(manholePort)
         assert "ZeroDivisionError" in shell.run("1/0")
         proxy.writeMap(
-            proxyMap(tmp_path, manholePort, first, ("added", "tcp", f"127.0.0.1:{addedPort}", f"127.0.0.1:{echo.port}"))
+            proxyMap(
+                tmp_path,
+                manholePort,
+                first,
+                ("added", "tcp", f"127.0.0.1:{addedPort}", f"127.0.0.1:{echo.port}"),
+            )
         )
         shell.process.stdin.write(b"reload()\n")
         shell.process.stdin.flush()
@@ -288,16 +364,24 @@ def test_strangersAndPasswordsAreRefused(proxy, tmp_path, keys):
     operator, stranger = keys
     stray = subprocess.run(
         sshCommand(tmp_path, stranger, manholePort, "-T"),
-        stdin=subprocess.DEVNULL, capture_output=True, timeout=10,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=10,
     )
     assert stray.returncode == 255
     assert b"Permission denied (publickey)" in stray.stderr
     password = subprocess.run(
         sshCommand(
-            tmp_path, operator, manholePort, "-T",
-            "-o", "PreferredAuthentications=password,keyboard-interactive",
+            tmp_path,
+            operator,
+            manholePort,
+            "-T",
+            "-o",
+            "PreferredAuthentications=password,keyboard-interactive",
         ),
-        stdin=subprocess.DEVNULL, capture_output=True, timeout=10,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=10,
     )
     assert password.returncode == 255
     assert b"Permission denied (publickey)" in password.stderr
@@ -317,7 +401,9 @@ def test_rsaKeysLogIn(proxy, tmp_path, keys):
     assert "failed 0" in proxy.reload()
     logged = subprocess.run(
         sshCommand(tmp_path, rsaKey, manholePort, "-tt"),
-        input=b"exit()\n", capture_output=True, timeout=10,
+        input=b"exit()\n",
+        capture_output=True,
+        timeout=10,
     )
     assert b"help() lists the helpers" in logged.stdout, logged.stderr
 
@@ -347,8 +433,12 @@ def test_hostKeyIsKeptAcrossRestarts(proxy, tmp_path, keys, session):
     proxy.start(mapText)
     assert fingerprint() == first
     pinned = subprocess.run(
-        sshCommand(tmp_path, keys[0], manholePort, "-tt", "-o", "StrictHostKeyChecking=yes"),
-        input=b"exit()\n", capture_output=True, timeout=10,
+        sshCommand(
+            tmp_path, keys[0], manholePort, "-tt", "-o", "StrictHostKeyChecking=yes"
+        ),
+        input=b"exit()\n",
+        capture_output=True,
+        timeout=10,
     )
     assert b"help() lists the helpers" in pinned.stdout, pinned.stderr
 
@@ -374,8 +464,12 @@ def test_reloadRemovesAndAddsTheManhole(proxy, tmp_path, keys, session):
         authorized.write((tmp_path / "keys" / "stranger.pub").read_bytes())
     assert "failed 0" in proxy.reload(withManhole)
     pinned = subprocess.run(
-        sshCommand(tmp_path, stranger, manholePort, "-tt", "-o", "StrictHostKeyChecking=yes"),
-        input=b"exit()\n", capture_output=True, timeout=10,
+        sshCommand(
+            tmp_path, stranger, manholePort, "-tt", "-o", "StrictHostKeyChecking=yes"
+        ),
+        input=b"exit()\n",
+        capture_output=True,
+        timeout=10,
     )
     assert b"help() lists the helpers" in pinned.stdout, pinned.stderr
 
@@ -390,11 +484,17 @@ def test_udpSessionsShownDisabledAndKilled(proxy, tmp_path, keys, session):
     with UDPEchoServer() as echo:
         manholePort, udpPort = freePort(), freePort("udp")
         proxy.start(
-            proxyMap(tmp_path, manholePort, ("dns", "udp", f"127.0.0.1:{udpPort}", f"127.0.0.1:{echo.port}"))
+            proxyMap(
+                tmp_path,
+                manholePort,
+                ("dns", "udp", f"127.0.0.1:{udpPort}", f"127.0.0.1:{echo.port}"),
+            )
         )
         shell = session(manholePort)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as old, \
-                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as new:
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as old,
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as new,
+        ):
             for c in (old, new):
                 c.bind(("127.0.0.1", 0))
                 c.settimeout(0.5)
@@ -421,7 +521,9 @@ def test_udpSessionsShownDisabledAndKilled(proxy, tmp_path, keys, session):
             resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (0, hard))
             try:
                 new.sendto(b"no room", ("127.0.0.1", udpPort))
-                proxy.waitFor(r"udp dns dropped a datagram from [^\n]*out of file descriptors")
+                proxy.waitFor(
+                    r"udp dns dropped a datagram from [^\n]*out of file descriptors"
+                )
             finally:
                 resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (soft, hard))
             assert tableRow(shell.run("status()"), "dns")[4:8] == ["1", "1", "1", "1"]
@@ -441,16 +543,31 @@ def test_connectionsShowsTheProxyHeadersClient(proxy, tmp_path, keys, session):
 
     with TCPEchoServer() as echo:
         manholePort, tcpPort = freePort(), freePort()
-        text = proxyMap(tmp_path, manholePort, ("lb", "tcp", f"127.0.0.1:{tcpPort}", f"127.0.0.1:{echo.port}"))
-        text = text.replace("manhole:", "    accept_proxy_protocol: [127.0.0.0/8]\nmanhole:")
+        text = proxyMap(
+            tmp_path,
+            manholePort,
+            ("lb", "tcp", f"127.0.0.1:{tcpPort}", f"127.0.0.1:{echo.port}"),
+        )
+        text = text.replace(
+            "manhole:", "    accept_proxy_protocol: [127.0.0.0/8]\nmanhole:"
+        )
         proxy.start(text)
         shell = session(manholePort)
         with socket.create_connection(("127.0.0.1", tcpPort), timeout=5) as conn:
-            conn.sendall(encode(1, Addresses(("203.0.113.50", 40000), ("198.51.100.1", 443))))
+            conn.sendall(
+                encode(1, Addresses(("203.0.113.50", 40000), ("198.51.100.1", 443)))
+            )
             assert roundTrip(conn, b"ping") == b"ping"
             out = shell.run("connections()")
             row = next(line.split() for line in out.splitlines() if " lb " in line)
-            assert row[1:5] == ["lb", "tcp", "203.0.113.50:40000", f"127.0.0.1:{echo.port}"]
+            assert row[1:5] == [
+                "lb",
+                "tcp",
+                "203.0.113.50:40000",
+                f"127.0.0.1:{echo.port}",
+            ]
+
+
 def test_blockUnblockAndBlocked(proxy, tmp_path, keys, session):
     """
     block(cidr) resets new TCP connections and drops UDP datagrams from the
@@ -522,18 +639,22 @@ def test_preAuthenticationLimits(proxy, tmp_path, keys, session):
     """
     manholePort = freePort()
     proxy.start(
-        proxyMap(tmp_path, manholePort)
-        + "  login_grace_time: 2s\n  max_startups: 3\n"
+        proxyMap(tmp_path, manholePort) + "  login_grace_time: 2s\n  max_startups: 3\n"
     )
     shell = session(manholePort)
-    waiting = [socket.create_connection(("127.0.0.1", manholePort), timeout=10) for _ in range(3)]
+    waiting = [
+        socket.create_connection(("127.0.0.1", manholePort), timeout=10)
+        for _ in range(3)
+    ]
     waiting[0].sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
     try:
         started = time.monotonic()
         with socket.create_connection(("127.0.0.1", manholePort), timeout=10) as extra:
             assert extra.recv(100) == b""
         assert time.monotonic() - started < 1
-        proxy.waitFor(r"closed a connection from 127\.0\.0\.1: 3 connections have not authenticated")
+        proxy.waitFor(
+            r"closed a connection from 127\.0\.0\.1: 3 connections have not authenticated"
+        )
         for conn in waiting:
             data = b""
             while chunk := conn.recv(4096):
@@ -560,7 +681,9 @@ def test_loginLogsOnlyPortproxyLines(proxy, tmp_path, keys):
     operator, stranger = keys
     result = subprocess.run(
         sshCommand(tmp_path, operator, manholePort, "-T"),
-        input=b"print(6 * 7)\n", capture_output=True, timeout=20,
+        input=b"print(6 * 7)\n",
+        capture_output=True,
+        timeout=20,
     )
     assert b"42" in result.stdout, result
     proxy.waitFor(r"logged out", since=since)

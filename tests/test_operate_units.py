@@ -27,7 +27,9 @@ from twistedproxy.plan import diff
 from twistedproxy.service import ProxyService
 from twistedproxy.systemd import InheritedSockets, Notifier
 
-MAPPINGS = "mappings:\n  - name: web\n    listen: 127.0.0.1:8080\n    target: 10.0.0.2:80\n"
+MAPPINGS = (
+    "mappings:\n  - name: web\n    listen: 127.0.0.1:8080\n    target: 10.0.0.2:80\n"
+)
 
 
 def errorsOf(text: str) -> list[str]:
@@ -45,7 +47,10 @@ def errorsOf(text: str) -> list[str]:
         ("http: {}\n", Http("127.0.0.1", 9180)),
         ("http:\n  listen: 9999\n", Http("127.0.0.1", 9999)),
         ('http:\n  listen: "[::1]:9999"\n', Http("::1", 9999)),
-        ("http:\n  listen: 0.0.0.0:9180\n  allow_remote: true\n", Http("0.0.0.0", 9180, True)),
+        (
+            "http:\n  listen: 0.0.0.0:9180\n  allow_remote: true\n",
+            Http("0.0.0.0", 9180, True),
+        ),
     ],
 )
 def test_httpSection(section: str, expected: Http) -> None:
@@ -75,7 +80,10 @@ def test_noHttpSection() -> None:
             "map.yaml:6: http.listen: 0.0.0.0 is not a loopback address;"
             " add allow_remote: true to let other hosts connect",
         ),
-        ("http:\n  listen: 9180-9181\n", "map.yaml:6: http.listen: expected one port, got 9180-9181"),
+        (
+            "http:\n  listen: 9180-9181\n",
+            "map.yaml:6: http.listen: expected one port, got 9180-9181",
+        ),
         (
             "http:\n  listen: 127.0.0.1:8080\n",
             "map.yaml:6: http.listen: tcp 127.0.0.1:8080 overlaps mapping 'web' (line 2)",
@@ -84,7 +92,10 @@ def test_noHttpSection() -> None:
             "http:\n  listn: 9180\n",
             "map.yaml:6: http: unknown key 'listn' (expected one of: listen, allow_remote)",
         ),
-        ("http: [9180]\n", "map.yaml:5: http: expected a mapping of listen, allow_remote, got a list"),
+        (
+            "http: [9180]\n",
+            "map.yaml:5: http: expected a mapping of listen, allow_remote, got a list",
+        ),
         (
             "http:\n  allow_remote: yes please\n",
             "map.yaml:6: http.allow_remote: expected true or false, got a string",
@@ -93,8 +104,14 @@ def test_noHttpSection() -> None:
             "manhole:\n  listen: 9180\n  authorized_keys: k\n  host_key: h\nhttp: {}\n",
             "map.yaml:9: http.listen: tcp 127.0.0.1:9180 overlaps the manhole (line 5)",
         ),
-        ("log_format: yaml\n", "map.yaml:5: log_format: expected text or json, got 'yaml'"),
-        ("log_format: [json]\n", "map.yaml:5: log_format: expected text or json, got a list"),
+        (
+            "log_format: yaml\n",
+            "map.yaml:5: log_format: expected text or json, got 'yaml'",
+        ),
+        (
+            "log_format: [json]\n",
+            "map.yaml:5: log_format: expected text or json, got a list",
+        ),
     ],
 )
 def test_httpAndLogFormatInvalid(section: str, expected: str) -> None:
@@ -216,8 +233,11 @@ def test_collectorSumsListenersOfAMapping() -> None:
     text = "mappings:\n  - name: web\n    listen: 8000-8001\n    target: 10.0.0.2:80\n"
     proxyMap = parseMap(text, "map.yaml")
     proxy = ProxyService(
-        "map.yaml", proxyMap, reactor=MemoryReactorClock(),
-        listenerTypes={"tcp": FakeListener}, relayEngine=lambda r: None,
+        "map.yaml",
+        proxyMap,
+        reactor=MemoryReactorClock(),
+        listenerTypes={"tcp": FakeListener},
+        relayEngine=lambda r: None,
     )
     for listener in proxyMap.listeners():
         service, _ = proxy._bindListener(listener)
@@ -239,9 +259,19 @@ def test_collectorSumsListenersOfAMapping() -> None:
     assert metrics[("portproxy_sent_bytes_total", web)] == 4000
     assert metrics[("portproxy_rejected_total", web + (("reason", "limit"),))] == 8
     assert metrics[("portproxy_rejected_total", web + (("reason", "denied"),))] == 0
-    assert metrics[("portproxy_connect_failures_total", web + (("reason", "connection refused"),))] == 4
+    assert (
+        metrics[
+            (
+                "portproxy_connect_failures_total",
+                web + (("reason", "connection refused"),),
+            )
+        ]
+        == 4
+    )
     assert metrics[("portproxy_listeners", web)] == 4
-    bucket = lambda le: metrics[("portproxy_flow_duration_seconds_bucket", (("le", le),) + web)]  # noqa: E731
+    bucket = lambda le: metrics[
+        ("portproxy_flow_duration_seconds_bucket", (("le", le),) + web)
+    ]  # noqa: E731
     assert (bucket("0.1"), bucket("0.25"), bucket("+Inf")) == (0, 4, 4)
     assert metrics[("portproxy_reloads_total", (("result", "ok"),))] == 0
     assert metrics[("portproxy_engine_enabled", (("engine", "tcp_relay"),))] == 0
@@ -259,19 +289,42 @@ def test_accessEventIsOneObjectPerRow() -> None:
     """
     rows = [
         (1, WEB, "127.0.0.1:5000", 0.25, 10, 20, "CN=alice", "client closed"),
-        (2, WEB, "127.0.0.1:5001", 1.5, 30, 40, None, "connect failed: connection refused"),
+        (
+            2,
+            WEB,
+            "127.0.0.1:5001",
+            1.5,
+            30,
+            40,
+            None,
+            "connect failed: connection refused",
+        ),
     ]
     event = {
-        "log_format": "{access}", "access": "a\nb", "flows": 2, "accessRows": rows,
-        "log_level": LogLevel.info, "log_namespace": "portproxy", "log_time": 0.0,
+        "log_format": "{access}",
+        "access": "a\nb",
+        "flows": 2,
+        "accessRows": rows,
+        "log_level": LogLevel.info,
+        "log_namespace": "portproxy",
+        "log_time": 0.0,
     }
     lines = jsonLines(event).splitlines()
     records = [json.loads(line) for line in lines]
     assert records[1] == {
-        "time": "1970-01-01T00:00:00.000+00:00", "level": "info", "namespace": "portproxy",
-        "event": "access", "flow": 2, "mapping": "web", "proto": "tcp",
-        "listen": "127.0.0.1:8080", "client": "127.0.0.1:5001", "target": "10.0.0.2:80",
-        "duration": 1.5, "bytes_in": 30, "bytes_out": 40,
+        "time": "1970-01-01T00:00:00.000+00:00",
+        "level": "info",
+        "namespace": "portproxy",
+        "event": "access",
+        "flow": 2,
+        "mapping": "web",
+        "proto": "tcp",
+        "listen": "127.0.0.1:8080",
+        "client": "127.0.0.1:5001",
+        "target": "10.0.0.2:80",
+        "duration": 1.5,
+        "bytes_in": 30,
+        "bytes_out": 40,
         "reason": "connect failed: connection refused",
     }
     assert [r["flow"] for r in records] == [1, 2]
@@ -285,12 +338,20 @@ def test_otherEventsCarryTheirFields() -> None:
     listener's fields spelled out.
     """
     event = {
-        "log_format": "{listener} (added)", "listener": WEB, "log_level": LogLevel.warn,
-        "log_namespace": "portproxy", "log_time": 1.5, "extra": object,
+        "log_format": "{listener} (added)",
+        "listener": WEB,
+        "log_level": LogLevel.warn,
+        "log_namespace": "portproxy",
+        "log_time": 1.5,
+        "extra": object,
     }
     record = json.loads(jsonLines(event))
     assert record["message"] == "tcp 127.0.0.1:8080 -> 10.0.0.2:80 [web] (added)"
-    assert (record["level"], record["mapping"], record["target"]) == ("warn", "web", "10.0.0.2:80")
+    assert (record["level"], record["mapping"], record["target"]) == (
+        "warn",
+        "web",
+        "10.0.0.2:80",
+    )
     assert record["extra"] == str(object)
 
 
@@ -379,8 +440,24 @@ def test_notifierSequence(tmp_path) -> None:
         ({}, None, None),
         ({"NOTIFY_SOCKET": "@portproxy/n"}, "\0portproxy/n", None),
         ({"NOTIFY_SOCKET": "/run/n", "WATCHDOG_USEC": "3000000"}, "/run/n", 1.5),
-        ({"NOTIFY_SOCKET": "/run/n", "WATCHDOG_USEC": "3000000", "WATCHDOG_PID": "7"}, "/run/n", 1.5),
-        ({"NOTIFY_SOCKET": "/run/n", "WATCHDOG_USEC": "3000000", "WATCHDOG_PID": "8"}, "/run/n", None),
+        (
+            {
+                "NOTIFY_SOCKET": "/run/n",
+                "WATCHDOG_USEC": "3000000",
+                "WATCHDOG_PID": "7",
+            },
+            "/run/n",
+            1.5,
+        ),
+        (
+            {
+                "NOTIFY_SOCKET": "/run/n",
+                "WATCHDOG_USEC": "3000000",
+                "WATCHDOG_PID": "8",
+            },
+            "/run/n",
+            None,
+        ),
     ],
 )
 def test_notifierFromEnvironment(environ, address, interval) -> None:
@@ -418,12 +495,20 @@ def test_inheritedSocketMatching() -> None:
     tcp.bind(("127.0.0.1", 0))
     udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     udp.bind(("::1", 0))
-    inherited = InheritedSockets([InheritedSocket(tcp, "dns"), InheritedSocket(udp, "x")])
+    inherited = InheritedSockets(
+        [InheritedSocket(tcp, "dns"), InheritedSocket(udp, "x")]
+    )
     tcpPort, udpPort = tcp.getsockname()[1], udp.getsockname()[1]
     target = Target("10.0.0.2", 53)
     names = frozenset(["web", "dns"])
-    assert inherited.take(Listener("web", "tcp", "127.0.0.1", tcpPort, target), names) is None
-    assert inherited.take(Listener("dns", "udp", "127.0.0.1", tcpPort, target), names) is None
+    assert (
+        inherited.take(Listener("web", "tcp", "127.0.0.1", tcpPort, target), names)
+        is None
+    )
+    assert (
+        inherited.take(Listener("dns", "udp", "127.0.0.1", tcpPort, target), names)
+        is None
+    )
     taken = inherited.take(Listener("dns", "tcp", "127.0.0.1", tcpPort, target), names)
     assert taken.fileno() != tcp.fileno() and taken.getsockname() == tcp.getsockname()
     assert [str(s) for s in inherited.untaken()] == [f"'x' (udp [::1]:{udpPort})"]

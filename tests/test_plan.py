@@ -2,19 +2,15 @@
 Tests for L{twistedproxy.plan.diff}: how a reload sorts listeners.
 """
 
+from fakes import listener, proxyMap
+
 from twistedproxy.model import (
     TCP,
     UDP,
-    Listener,
     Manhole,
-    Mapping,
-    ProxyMap,
-    Target,
     Timeouts,
 )
 from twistedproxy.plan import diff
-
-from fakes import listener, proxyMap
 
 
 def test_sortsListenersByKey():
@@ -65,5 +61,7 @@ def test_manholeActions():
     moved = Manhole("127.0.0.1", 2223, "keys", "host")
     assert diff(proxyMap(manhole=a), proxyMap(manhole=moved)).manholeAction == "moved"
     changed = Manhole("127.0.0.1", 2222, "other-keys", "host")
-    assert diff(proxyMap(manhole=a), proxyMap(manhole=changed)).manholeAction == "changed"
+    assert (
+        diff(proxyMap(manhole=a), proxyMap(manhole=changed)).manholeAction == "changed"
+    )
     assert diff(proxyMap(manhole=a), proxyMap(manhole=a)).manholeAction == "kept"

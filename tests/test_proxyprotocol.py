@@ -43,9 +43,11 @@ def test_v2Exact():
     IPv4 / IPv6) or 0x12 / 0x22 (UDP), the address block's length, then
     source, destination, source port, destination port in network order.
     """
-    assert SIGNATURE == bytes.fromhex("0D0A0D0A000D0A515549540A")
+    assert bytes.fromhex("0D0A0D0A000D0A515549540A") == SIGNATURE
     assert encode(2, V4) == (
-        SIGNATURE + b"\x21\x11\x00\x0c" + bytes([192, 168, 0, 1, 192, 168, 0, 11])
+        SIGNATURE
+        + b"\x21\x11\x00\x0c"
+        + bytes([192, 168, 0, 1, 192, 168, 0, 11])
         + b"\xdc\x04\x01\xbb"
     )
     dgram = encode(2, V4, datagram=True)
@@ -110,7 +112,9 @@ def test_v2TLVsAreSkipped():
     and skipped.
     """
     header = encode(2, V4)
-    withTlv = header[:14] + (12 + 5).to_bytes(2, "big") + header[16:] + b"\x04\x00\x02ab"
+    withTlv = (
+        header[:14] + (12 + 5).to_bytes(2, "big") + header[16:] + b"\x04\x00\x02ab"
+    )
     assert parse(withTlv + b"data") == (len(withTlv), V4)
 
 
@@ -180,7 +184,9 @@ class ReaderBench:
         self.near, self.far = socket.socketpair()
         self.near.setblocking(False)
         self.results = []
-        self.reader = HeaderReader(self.clock, self.near, trusted, 3.0, self.results.append)
+        self.reader = HeaderReader(
+            self.clock, self.near, trusted, 3.0, self.results.append
+        )
         self.reader.start()
 
     def feed(self, data):

@@ -23,8 +23,6 @@ def proxyMap(*mappings):
     return "mappings:\n" + "".join(mappings)
 
 
-
-
 def udpRoundTrip(sock, payload, port):
     sock.sendto(payload, ("127.0.0.1", port))
     data, _ = sock.recvfrom(65535)
@@ -65,7 +63,12 @@ def test_connectionsAndSessionsSurviveAnAddingReload(proxy):
             assert roundTrip(conn, b"before") == b"before"
             assert udpRoundTrip(udp, b"before", udpPort) == b"before"
             summary = proxy.reload(
-                proxyMap(*base, mapping("new", f"127.0.0.1:{addedPort}", f"127.0.0.1:{tcpEcho.port}"))
+                proxyMap(
+                    *base,
+                    mapping(
+                        "new", f"127.0.0.1:{addedPort}", f"127.0.0.1:{tcpEcho.port}"
+                    ),
+                )
             )
             assert "added 1, removed 0, changed 0, unchanged 2, failed 0" in summary
             assert roundTrip(conn, b"after") == b"after"
@@ -85,7 +88,9 @@ def test_changedTargetOnlyForNewConnections(proxy):
     """
     with TCPEchoServer() as old, TCPEchoServer() as new:
         port = freePort()
-        proxy.start(proxyMap(mapping("web", f"127.0.0.1:{port}", f"127.0.0.1:{old.port}")))
+        proxy.start(
+            proxyMap(mapping("web", f"127.0.0.1:{port}", f"127.0.0.1:{old.port}"))
+        )
         before = socket.create_connection(("127.0.0.1", port), timeout=5)
         try:
             assert roundTrip(before, b"x") == b"x"
@@ -115,7 +120,9 @@ def test_removedListenerRefusesButConnectionsRunOn(proxy):
             proxyMap(
                 keep,
                 mapping("gone", f"127.0.0.1:{gone}", f"127.0.0.1:{echo.port}"),
-                mapping("ugone", f"127.0.0.1:{udpGone}", f"127.0.0.1:{udpEcho.port}", "udp"),
+                mapping(
+                    "ugone", f"127.0.0.1:{udpGone}", f"127.0.0.1:{udpEcho.port}", "udp"
+                ),
             )
         )
         conn = socket.create_connection(("127.0.0.1", gone), timeout=5)
@@ -128,7 +135,9 @@ def test_removedListenerRefusesButConnectionsRunOn(proxy):
             assert "added 0, removed 2, changed 0, unchanged 1, failed 0" in summary
             assert refused(gone, timeout=1.0)
             assert roundTrip(conn, b"still here") == b"still here"
-            proxy.waitFor(r"udp ugone 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:\d+ .*in=1 out=1")
+            proxy.waitFor(
+                r"udp ugone 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:\d+ .*in=1 out=1"
+            )
         finally:
             conn.close()
             udp.close()
@@ -160,7 +169,9 @@ def test_busyPortFailsOnlyItsListener(proxy):
         holder.listen()
         busy = holder.getsockname()[1]
         first, second = freePort(), freePort()
-        proxy.start(proxyMap(mapping("a", f"127.0.0.1:{first}", f"127.0.0.1:{echo.port}")))
+        proxy.start(
+            proxyMap(mapping("a", f"127.0.0.1:{first}", f"127.0.0.1:{echo.port}"))
+        )
         summary = proxy.reload(
             proxyMap(
                 mapping("a", f"127.0.0.1:{first}", f"127.0.0.1:{echo.port}"),
@@ -169,7 +180,10 @@ def test_busyPortFailsOnlyItsListener(proxy):
             )
         )
         assert "added 1, removed 0, changed 0, unchanged 1, failed 1" in summary
-        assert f"tcp 127.0.0.1:{busy} for mapping 'busy': address already in use" in summary
+        assert (
+            f"tcp 127.0.0.1:{busy} for mapping 'busy': address already in use"
+            in summary
+        )
         with socket.create_connection(("127.0.0.1", second), timeout=5) as conn:
             assert roundTrip(conn, b"b") == b"b"
 
@@ -226,7 +240,9 @@ def bigInvalidMap(base, count):
     lines = ["mappings:", *(m.rstrip("\n") for m in base)]
     for i in range(count):
         host = f"127.{1 + i // 65536}.{(i // 256) % 256}.{i % 256}"
-        lines.append(f"  - {{name: big{i}, listen: '{host}:{1024 + i % 60000}', target: '10.0.0.1:80'}}")
+        lines.append(
+            f"  - {{name: big{i}, listen: '{host}:{1024 + i % 60000}', target: '10.0.0.1:80'}}"
+        )
     lines.append("  - {name: bad, listen: 70000, target: '10.0.0.1:80'}")
     return "\n".join(lines) + "\n"
 
@@ -271,8 +287,12 @@ def test_acceptsWhileABigReloadIsChecked(proxy):
         took = time.monotonic() - hup
         done.set()
         thread.join(15)
-        before = [latency for started, latency in latencies if first + 0.5 <= started < hup]
-        during = [latency for started, latency in latencies if hup <= started <= hup + took]
+        before = [
+            latency for started, latency in latencies if first + 0.5 <= started < hup
+        ]
+        during = [
+            latency for started, latency in latencies if hup <= started <= hup + took
+        ]
         print(
             f"reload refused after {took:.2f}s; {len(during)} connections meanwhile,"
             f" longest {max(during, default=0) * 1000:.0f} ms"

@@ -3,33 +3,26 @@ Tests for L{twistedproxy.service.ProxyService}: start-up, reload and
 mapping control, with fake listeners and a memory reactor.
 """
 
-import errno
 import signal
 
 import pytest
+from fakes import FakeFlow, FakeListener, listener, proxyMap
+from support import trustedTmpPath  # noqa: F401 (this module's tmp_path: the manhole trusts it)
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 
 from twistedproxy.config import ConfigError
-from twistedproxy.listener import ListenerService
 from twistedproxy.model import (
     ANY_IPV4,
     ANY_IPV6,
     TCP,
     UDP,
-    Listener,
     Manhole,
-    Mapping,
-    ProxyMap,
-    Target,
 )
 from twistedproxy.service import ProxyService, StartupError
-
-from fakes import FakeFlow, FakeListener, listener, proxyMap
-from support import trustedTmpPath  # noqa: F401 (this module's tmp_path: the manhole trusts it)
 
 
 class FakeManhole(Service):
@@ -169,7 +162,10 @@ def test_reloadAppliesThePlan():
     ones, stops removed ones, starts added ones, and says so in one line.
     """
     proxy, maps = started(proxyMap(listener(1), listener(2), listener(3)))
-    kept, changedService = proxy.listeners[(TCP, "127.0.0.1", 1)], proxy.listeners[(TCP, "127.0.0.1", 2)]
+    kept, changedService = (
+        proxy.listeners[(TCP, "127.0.0.1", 1)],
+        proxy.listeners[(TCP, "127.0.0.1", 2)],
+    )
     removed = proxy.listeners[(TCP, "127.0.0.1", 3)]
     maps.next = proxyMap(listener(1), listener(2, target=81), listener(4))
     summary = reload(proxy)
@@ -238,7 +234,11 @@ def test_reloadsDuringAReloadAreMerged():
     assert maps.loads == 2
     assert len(results) == 5
     assert results[0].startswith("reload of map.yaml: added 1, removed 1")
-    assert results[1:] == ["reload of map.yaml: added 0, removed 0, changed 0, unchanged 1, failed 0"] * 4
+    assert (
+        results[1:]
+        == ["reload of map.yaml: added 0, removed 0, changed 0, unchanged 1, failed 0"]
+        * 4
+    )
 
 
 def test_removedListenerDrains():
@@ -265,7 +265,11 @@ def test_disableEnableByMappingName():
     unknown name is a KeyError.
     """
     proxy, _ = started(
-        proxyMap(listener(1, name="a"), listener(2, name="a", proto=UDP), listener(3, name="b"))
+        proxyMap(
+            listener(1, name="a"),
+            listener(2, name="a", proto=UDP),
+            listener(3, name="b"),
+        )
     )
     proxy.disable("a")
     assert [s.enabled for s in proxy.listeners.values()] == [False, False, True]
@@ -303,7 +307,9 @@ def test_enableTriesEveryListener():
     When one of a mapping's listeners cannot listen again, the others are
     still enabled and the error is raised.
     """
-    proxy, _ = started(proxyMap(listener(1, name="a"), listener(2, name="a"), listener(3, name="a")))
+    proxy, _ = started(
+        proxyMap(listener(1, name="a"), listener(2, name="a"), listener(3, name="a"))
+    )
     proxy.disable("a")
     FakeListener.busy = {2}
     with pytest.raises(CannotListenError):
@@ -321,7 +327,9 @@ def test_reloadLogsEveryListener(logged):
     del logged[:]
     reload(proxy)
     lines = sorted(
-        formatEvent(e) for e in logged if e.get("log_format", "").startswith("{listener}")
+        formatEvent(e)
+        for e in logged
+        if e.get("log_format", "").startswith("{listener}")
     )
     assert lines == [
         "tcp 127.0.0.1:1 -> 127.0.0.2:80 [web] (unchanged)",
@@ -346,7 +354,9 @@ def test_onlyPortproxyLogsItsListeningPorts(logged):
     )
     proxy.privilegedStartService()
     proxy.startService()
-    ports = [service.port.socket.getsockname()[1] for service in proxy.listeners.values()]
+    ports = [
+        service.port.socket.getsockname()[1] for service in proxy.listeners.values()
+    ]
     proxy.stopService()
     lines = [formatEvent(e) for e in logged]
     assert "tcp 127.0.0.1:0 -> 127.0.0.2:80 [web]" in lines
@@ -378,7 +388,9 @@ def test_reloadLoadsOffTheReactorThread():
     assert set(proxy.listeners) == {(TCP, "127.0.0.1", 1)}
     f, args, d = calls[0]
     d.callback(f(*args))
-    assert results == ["reload of map.yaml: added 1, removed 1, changed 0, unchanged 0, failed 0"]
+    assert results == [
+        "reload of map.yaml: added 1, removed 1, changed 0, unchanged 0, failed 0"
+    ]
     assert set(proxy.listeners) == {(TCP, "127.0.0.1", 2)}
 
 
@@ -417,7 +429,9 @@ def test_defaultLoadUsesReactorThreadPool():
         pools[0].stop()  # waits for the load to finish in its thread
         f, args, kw = fakeReactor.fromThread
         f(*args, **kw)
-        assert results == ["reload of map.yaml: added 1, removed 0, changed 0, unchanged 0, failed 0"]
+        assert results == [
+            "reload of map.yaml: added 1, removed 0, changed 0, unchanged 0, failed 0"
+        ]
     finally:
         proxy.stopService()
 
@@ -503,7 +517,9 @@ def test_reloadWithUnusablePathChangesNothing(tmp_path):
     (tmp_path / "keys").chmod(0o600)
     path = tmp_path / "map.yaml"
     manhole = "manhole: {listen: 2222, authorized_keys: keys, host_key: %s}\n"
-    path.write_text("mappings: [{listen: '127.0.0.1:1', target: 'db:80'}]\n" + manhole % "host")
+    path.write_text(
+        "mappings: [{listen: '127.0.0.1:1', target: 'db:80'}]\n" + manhole % "host"
+    )
     initial = loadMap(str(path))
     proxy = ProxyService(
         str(path),
@@ -519,7 +535,8 @@ def test_reloadWithUnusablePathChangesNothing(tmp_path):
     try:
         before = dict(proxy.listeners)
         path.write_text(
-            "mappings: [{listen: '127.0.0.1:2', target: 'db:80'}]\n" + manhole % '"ho\\0st"'
+            "mappings: [{listen: '127.0.0.1:2', target: 'db:80'}]\n"
+            + manhole % '"ho\\0st"'
         )
         results = []
         proxy.reload().addCallback(results.append)
@@ -538,6 +555,8 @@ def test_summaryNamesTenFailures():
     FakeListener.busy = set(range(1, 13))
     maps.next = proxyMap(*[listener(port) for port in range(1, 13)])
     summary = reload(proxy)
-    assert summary.startswith("reload of map.yaml: added 0, removed 0, changed 0, unchanged 0, failed 12 (")
+    assert summary.startswith(
+        "reload of map.yaml: added 0, removed 0, changed 0, unchanged 0, failed 12 ("
+    )
     assert summary.count("cannot listen") == 10
     assert summary.endswith("; and 2 more)")

@@ -11,17 +11,26 @@ import sys
 import time
 
 import pytest
-
-from support import REPO, START_TIMEOUT, TWISTD, TCPEchoServer, exchange, freePort, proxyEnvironment
+from support import (
+    REPO,
+    START_TIMEOUT,
+    TWISTD,
+    TCPEchoServer,
+    exchange,
+    freePort,
+    proxyEnvironment,
+)
 
 
 def run(argv, cwd, env=None, timeout=60):
     return subprocess.run(
-        argv, cwd=cwd, env=env or proxyEnvironment(), capture_output=True,
-        text=True, timeout=timeout,
+        argv,
+        cwd=cwd,
+        env=env or proxyEnvironment(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
-
-
 
 
 def simpleMap(*pairs):
@@ -42,9 +51,19 @@ def test_nonEditableInstallShipsThePlugin(tmp_path):
     """
     site = tmp_path / "site"
     install = run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-         "--target", str(site), str(REPO)],
-        cwd=tmp_path, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            str(site),
+            str(REPO),
+        ],
+        cwd=tmp_path,
+        timeout=300,
     )
     assert install.returncode == 0, install.stderr
     assert (site / "twisted" / "plugins" / "portproxy.py").exists()
@@ -155,8 +174,16 @@ def test_daemonReloadsOnSighupAndStopsOnSigterm(tmp_path):
         path.write_text(simpleMap((first, echo.port)))
         pidfile, logfile = tmp_path / "p.pid", tmp_path / "p.log"
         result = run(
-            [*TWISTD, "--pidfile", str(pidfile), "--logfile",
-             str(logfile), "portproxy", "-c", str(path)],
+            [
+                *TWISTD,
+                "--pidfile",
+                str(pidfile),
+                "--logfile",
+                str(logfile),
+                "portproxy",
+                "-c",
+                str(path),
+            ],
             cwd=tmp_path,
         )
         assert result.returncode == 0, result.stdout + result.stderr
@@ -169,7 +196,10 @@ def test_daemonReloadsOnSighupAndStopsOnSigterm(tmp_path):
             while "reload of" not in logfile.read_text():
                 assert time.monotonic() < deadline, logfile.read_text()
                 time.sleep(0.05)
-            assert "added 1, removed 0, changed 0, unchanged 1, failed 0" in logfile.read_text()
+            assert (
+                "added 1, removed 0, changed 0, unchanged 1, failed 0"
+                in logfile.read_text()
+            )
             assert exchange(second, b"ping") == b"ping"
         finally:
             os.kill(pid, signal.SIGTERM)
@@ -195,9 +225,17 @@ def test_tacFileServesTheMap(tmp_path):
         logfile = tmp_path / "tac.log"
         with open(logfile, "wb") as log:
             process = subprocess.Popen(
-                [*TWISTD, "-n", "--pidfile=", "-y",
-                 str(REPO / "tac" / "portproxy.tac")],
-                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                [
+                    *TWISTD,
+                    "-n",
+                    "--pidfile=",
+                    "-y",
+                    str(REPO / "tac" / "portproxy.tac"),
+                ],
+                cwd=tmp_path,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         try:
             deadline = time.monotonic() + START_TIMEOUT
@@ -218,7 +256,10 @@ def test_stopSignalEndsTheProcessByThatSignal(proxy, signum):
     signal (a shell shows 143 or 130), the status systemd counts as a
     clean stop; the log says it stopped.
     """
-    proxy.start("mappings:\n  - name: a\n    listen: 127.0.0.1:%d\n    target: 127.0.0.1:9\n" % freePort())
+    proxy.start(
+        "mappings:\n  - name: a\n    listen: 127.0.0.1:%d\n    target: 127.0.0.1:9\n"
+        % freePort()
+    )
     proxy.process.send_signal(signum)
     assert proxy.process.wait(10) == -signum
     assert "Main loop terminated" in proxy.output()

@@ -19,13 +19,13 @@ import tempfile
 import time
 
 import pytest
-
 from support import TCPEchoServer, UDPEchoServer, exchange, freePort
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="Chromium is not installed (Debian package chromium; .ci/run installs it)"
+    CHROMIUM is None,
+    reason="Chromium is not installed (Debian package chromium; .ci/run installs it)",
 )
 
 
@@ -46,11 +46,19 @@ class Browser:
 
         self.process = subprocess.Popen(
             [
-                CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync",
-                f"--user-data-dir={self.profile}", "--remote-debugging-pipe",
-                "--window-size=1280,800", url,
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={self.profile}",
+                "--remote-debugging-pipe",
+                "--window-size=1280,800",
+                url,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -65,7 +73,11 @@ class Browser:
         self.session = None
         deadline = time.monotonic() + 30
         while self.session is None:
-            pages = [t for t in self.call("Target.getTargets")["targetInfos"] if t["type"] == "page"]
+            pages = [
+                t
+                for t in self.call("Target.getTargets")["targetInfos"]
+                if t["type"] == "page"
+            ]
             if pages:
                 attached = self.call(
                     "Target.attachToTarget", targetId=pages[0]["targetId"], flatten=True
@@ -93,14 +105,18 @@ class Browser:
                 if reply.get("id") == self._nextId:
                     assert "error" not in reply, reply
                     return reply["result"]
-            ready, _, _ = select.select([self._replies], [], [], max(0, deadline - time.monotonic()))
+            ready, _, _ = select.select(
+                [self._replies], [], [], max(0, deadline - time.monotonic())
+            )
             assert ready, f"no reply to {method}"
             chunk = os.read(self._replies, 1 << 20)
             assert chunk, "Chromium went away"
             self._buffer += chunk
 
     def evaluate(self, expression: str):
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        result = self.call(
+            "Runtime.evaluate", expression=expression, returnByValue=True
+        )
         return result["result"].get("value")
 
     def waitFor(self, expression: str, timeout: float = 30.0):
@@ -118,9 +134,14 @@ class Browser:
     def screenshot(self, path, width: int, height: int, mobile: bool) -> bytes:
         self.call(
             "Emulation.setDeviceMetricsOverride",
-            width=width, height=height, deviceScaleFactor=1, mobile=mobile,
+            width=width,
+            height=height,
+            deviceScaleFactor=1,
+            mobile=mobile,
         )
-        png = base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
+        png = base64.b64decode(
+            self.call("Page.captureScreenshot", format="png")["data"]
+        )
         path.write_bytes(png)
         return png
 
@@ -193,7 +214,9 @@ mappings:
         try:
             browser.waitFor("document.querySelectorAll('#rows tr').length == 2")
             browser.evaluate("window.notReloaded = true")
-            refreshes = int(browser.evaluate("document.getElementById('updated').dataset.refreshes"))
+            refreshes = int(
+                browser.evaluate("document.getElementById('updated').dataset.refreshes")
+            )
 
             # Traffic while the page is open.
             payloads = [b"b" * 5000, b"c" * 250000, b"d" * 7]
@@ -217,7 +240,9 @@ mappings:
                 )
             )
             assert browser.evaluate("window.notReloaded") is True
-            after = int(browser.evaluate("document.getElementById('updated').dataset.refreshes"))
+            after = int(
+                browser.evaluate("document.getElementById('updated').dataset.refreshes")
+            )
             assert after > refreshes
 
             byName = {row["name"]: row for row in rendered}
@@ -228,7 +253,10 @@ mappings:
             assert byName["web"]["bytesIn"] == humanBytes(webBytes)
             assert byName["web"]["bytesOut"] == humanBytes(webBytes)
             assert byName["web"]["bytesOutTitle"] == f"{webBytes} bytes"
-            assert byName["web"]["where"] == f"tcp 127.0.0.1:{web} \u2192 127.0.0.1:{echo.port}"
+            assert (
+                byName["web"]["where"]
+                == f"tcp 127.0.0.1:{web} \u2192 127.0.0.1:{echo.port}"
+            )
             dnsRow = json.loads(
                 browser.waitFor(
                     f"(function () {{ var rows = JSON.parse({ROWS.strip()});"
@@ -236,16 +264,27 @@ mappings:
                     " return d.bytesInTitle == '576 bytes' ? JSON.stringify(d) : null; })()"
                 )
             )
-            assert (dnsRow["total"], dnsRow["open"], dnsRow["bytesOutTitle"]) == ("1", "1", "576 bytes")
+            assert (dnsRow["total"], dnsRow["open"], dnsRow["bytesOutTitle"]) == (
+                "1",
+                "1",
+                "576 bytes",
+            )
 
-            desktop = browser.screenshot(tmp_path / "status-desktop.png", 1280, 800, False)
+            desktop = browser.screenshot(
+                tmp_path / "status-desktop.png", 1280, 800, False
+            )
             phone = browser.screenshot(tmp_path / "status-phone.png", 390, 844, True)
             assert desktop.startswith(b"\x89PNG") and phone.startswith(b"\x89PNG")
             # On a phone the table becomes one card per mapping: no
             # sideways scrolling.
-            assert browser.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+            assert browser.evaluate(
+                "document.documentElement.scrollWidth <= window.innerWidth"
+            )
             if os.environ.get("PORTPROXY_SCREENSHOTS"):
                 for name in ("status-desktop.png", "status-phone.png"):
-                    shutil.copy(tmp_path / name, os.path.join(os.environ["PORTPROXY_SCREENSHOTS"], name))
+                    shutil.copy(
+                        tmp_path / name,
+                        os.path.join(os.environ["PORTPROXY_SCREENSHOTS"], name),
+                    )
         finally:
             browser.close()

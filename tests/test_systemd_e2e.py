@@ -56,7 +56,7 @@ class NotifySocket:
             self.socket.settimeout(max(0.01, deadline - time.monotonic()))
             try:
                 data = self.socket.recv(4096).decode()
-            except socket.timeout:
+            except TimeoutError:
                 raise AssertionError(f"no {key} notice; got {self.notices}")
             notice = dict(line.split("=", 1) for line in data.split("\n"))
             self.notices.append(notice)
@@ -67,7 +67,9 @@ class NotifySocket:
         self.socket.close()
 
 
-def startActivated(proxy, mapText: str, sockets: list[socket.socket], names: str, env: dict):
+def startActivated(
+    proxy, mapText: str, sockets: list[socket.socket], names: str, env: dict
+):
     """
     Start twistd on C{mapText} with C{sockets} as descriptors 3, 4, ... as
     systemd passes them.
@@ -129,7 +131,10 @@ def test_socketActivatedNotifyService(proxy, tmp_path) -> None:
     target: 127.0.0.1:{echo.port}
 """
         startActivated(
-            proxy, "mappings:" + activated + rest, [tcpSocket, udpSocket], "web:portproxy-dns.socket",
+            proxy,
+            "mappings:" + activated + rest,
+            [tcpSocket, udpSocket],
+            "web:portproxy-dns.socket",
             {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "600000"},
         )
         # The proxy has them; the test's copies go, so what keeps the
@@ -142,7 +147,10 @@ def test_socketActivatedNotifyService(proxy, tmp_path) -> None:
 
         def served() -> None:
             with socket.create_connection(("127.0.0.1", tcpPort), timeout=10) as conn:
-                assert roundTrip(conn, b"through systemd's socket") == b"through systemd's socket"
+                assert (
+                    roundTrip(conn, b"through systemd's socket")
+                    == b"through systemd's socket"
+                )
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
                 client.settimeout(10)
                 client.sendto(b"datagram", ("127.0.0.1", udpPort))
@@ -153,8 +161,14 @@ def test_socketActivatedNotifyService(proxy, tmp_path) -> None:
         summary = proxy.reload("mappings:" + rest)
         assert "removed 2" in summary
         reloading = notify.waitFor("RELOADING")
-        assert before <= int(reloading["MONOTONIC_USEC"]) <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        assert notify.waitFor("READY")["STATUS"].startswith("1 listeners, 0 open; reload of ")
+        assert (
+            before
+            <= int(reloading["MONOTONIC_USEC"])
+            <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        )
+        assert notify.waitFor("READY")["STATUS"].startswith(
+            "1 listeners, 0 open; reload of "
+        )
 
         # Removed, yet open: a client's connect is queued by the kernel, a
         # datagram waits in the socket, and both are served once a reload

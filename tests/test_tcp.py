@@ -10,6 +10,7 @@ import errno
 import socket
 
 import pytest
+from support import freePort
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import (
     CannotListenError,
@@ -19,11 +20,11 @@ from twisted.internet.error import (
     ConnectionLost,
 )
 from twisted.internet.error import ConnectionRefusedError as TargetRefused
+from twisted.internet.interfaces import IHostnameResolver
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from zope.interface import implementer
-from twisted.internet.interfaces import IHostnameResolver
 
 from twistedproxy.listener import IFlow
 from twistedproxy.model import Listener, Target, Timeouts
@@ -35,8 +36,6 @@ from twistedproxy.tcp import (
     TCPListener,
     listenBacklog,
 )
-
-from support import freePort
 
 CLIENT = IPv4Address("TCP", "192.0.2.7", 40000)
 
@@ -92,7 +91,10 @@ class RelayTransport(StringTransport):
 
     @property
     def reset(self):
-        return self.aborted and (socket.SOL_SOCKET, socket.SO_LINGER) in self.handle.options
+        return (
+            self.aborted
+            and (socket.SOL_SOCKET, socket.SO_LINGER) in self.handle.options
+        )
 
 
 @pytest.fixture(autouse=True)
@@ -370,7 +372,9 @@ def test_maxConnectionsRejects():
     assert len(h.reactor.tcpClients) == 1
     assert h.service.counters.rejected == 1
     assert h.service.active == 1
-    assert "rejected 192.0.2.8:1234: max_connections 1 reached" in accessLines(events)[0]
+    assert (
+        "rejected 192.0.2.8:1234: max_connections 1 reached" in accessLines(events)[0]
+    )
     relay.connectionLost(Failure(ConnectionAborted()))
     assert h.service.active == 1
 
@@ -484,8 +488,14 @@ class FakeResolver:
         self.addresses = addresses
         self.names = []
 
-    def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None,
-                        transportSemantics="TCP"):
+    def resolveHostName(
+        self,
+        receiver,
+        hostName,
+        portNumber=0,
+        addressTypes=None,
+        transportSemantics="TCP",
+    ):
         self.names.append(hostName)
         receiver.resolutionBegan(None)
         for address in self.addresses:
@@ -522,7 +532,9 @@ def test_hostNameWithoutAddress():
     with capturedLogs() as events:
         relay, client = h.accept()
     assert client.finished and not client.aborted
-    assert accessLines(events)[0].endswith("connect failed: no address for nothing.test")
+    assert accessLines(events)[0].endswith(
+        "connect failed: no address for nothing.test"
+    )
 
 
 def test_reconfigureAffectsOnlyNewConnections():
@@ -643,7 +655,9 @@ def canConnect(host, port) -> bool:
 def boundListener(host="127.0.0.1") -> TCPListener:
     reactor = MemoryReactorClock()
     reactor.running = True
-    service = TCPListener(makeListener(host=host, port=freePort(host=host)), reactor, backlog=8)
+    service = TCPListener(
+        makeListener(host=host, port=freePort(host=host)), reactor, backlog=8
+    )
     service.privilegedStartService()
     service.startService()
     return service
@@ -715,9 +729,8 @@ def test_disableRefusesEnableResumes(host):
         assert service.port not in service.reactor.readers
         assert not canConnect(host, port)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family) as other:
-            with pytest.raises(OSError):
-                other.bind((host, port))
+        with socket.socket(family) as other, pytest.raises(OSError):
+            other.bind((host, port))
         service.enable()
         assert service.enabled
         assert service.port.socket is skt
@@ -833,4 +846,7 @@ def test_proxyHeaderFollowsTheListener():
     v2 = makeListener(identity=ClientIdentity("proxy_protocol_v2"))
     assert proxyHeader(v2, addresses)[12:14] == b"\x21\x11"
     assert proxyHeader(makeListener(), None) == b""
-    assert proxyHeader(makeListener(identity=ClientIdentity("transparent")), addresses) == b""
+    assert (
+        proxyHeader(makeListener(identity=ClientIdentity("transparent")), addresses)
+        == b""
+    )

@@ -17,14 +17,13 @@ import threading
 import time
 
 import pytest
-
 from support import TCPEchoServer, exchange, freePort, readAll, rssKiB
 
 MiB = 1 << 20
 
 
 def mapping(name, listen, target, extra=""):
-    return f"  - name: {name}\n    listen: \"{listen}\"\n    target: \"{target}\"\n{extra}"
+    return f'  - name: {name}\n    listen: "{listen}"\n    target: "{target}"\n{extra}'
 
 
 def proxyMap(*mappings, defaults=""):
@@ -34,10 +33,6 @@ def proxyMap(*mappings, defaults=""):
 
 def connect(port, host="127.0.0.1", timeout=10.0) -> socket.socket:
     return socket.create_connection((host, port), timeout=timeout)
-
-
-
-
 
 
 def closedWithin(conn, seconds) -> bool:
@@ -50,7 +45,7 @@ def closedWithin(conn, seconds) -> bool:
         return conn.recv(1) == b""
     except ConnectionResetError:
         return True
-    except socket.timeout:
+    except TimeoutError:
         return False
 
 
@@ -154,7 +149,9 @@ def test_echoAcrossFamilies(proxy):
         assert exchange(p6, b"over ipv6", host="::1") == b"over ipv6"
         assert exchange(pMixed, b"four to six") == b"four to six"
         assert echo6.accepted == 2
-        line = proxy.waitFor(r"tcp v6 \[::1\]:\d+ -> \[::1\]:\d+ [\d.]+s in=9 out=9 client closed")
+        line = proxy.waitFor(
+            r"tcp v6 \[::1\]:\d+ -> \[::1\]:\d+ [\d.]+s in=9 out=9 client closed"
+        )
         assert line
 
 
@@ -167,7 +164,9 @@ def test_halfCloseRequestThenAnswer(proxy):
     target = AnswerAfterEnd()
     try:
         port = freePort()
-        proxy.start(proxyMap(mapping("half", f"127.0.0.1:{port}", f"127.0.0.1:{target.port}")))
+        proxy.start(
+            proxyMap(mapping("half", f"127.0.0.1:{port}", f"127.0.0.1:{target.port}"))
+        )
         request = os.urandom(300_000)
         assert exchange(port, request) == request[::-1]
         proxy.waitFor(r"tcp half .* in=300000 out=300000 client closed")
@@ -182,7 +181,9 @@ def test_bulkBothWays(proxy):
     """
     with TCPEchoServer() as echo:
         port = freePort()
-        proxy.start(proxyMap(mapping("bulk", f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}")))
+        proxy.start(
+            proxyMap(mapping("bulk", f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}"))
+        )
         payload = os.urandom(32 * MiB)
         with connect(port, timeout=60) as conn:
 
@@ -205,7 +206,9 @@ def test_manyConcurrentConnections(proxy):
     """
     with TCPEchoServer() as echo:
         port = freePort()
-        proxy.start(proxyMap(mapping("many", f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}")))
+        proxy.start(
+            proxyMap(mapping("many", f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}"))
+        )
         conns = [connect(port) for _ in range(200)]
         try:
             for i, conn in enumerate(conns):
@@ -257,7 +260,9 @@ def test_refusedTargetEndsClientWithFin(proxy, targetHost, request_):
     host-name target, whether or not the client sent data first.
     """
     port, deadPort = freePort(), freePort()
-    proxy.start(proxyMap(mapping("down", f"127.0.0.1:{port}", f"{targetHost}:{deadPort}")))
+    proxy.start(
+        proxyMap(mapping("down", f"127.0.0.1:{port}", f"{targetHost}:{deadPort}"))
+    )
     for _ in range(5):
         with connect(port) as conn:
             if request_:
@@ -358,7 +363,9 @@ def test_maxConnections(proxy):
             conn.sendall(b"in")
             assert conn.recv(2) == b"in"
         assert refusedService(port, 2)
-        proxy.waitFor(r"tcp limited rejected 127\.0\.0\.1:\d+: max_connections 2 reached")
+        proxy.waitFor(
+            r"tcp limited rejected 127\.0\.0\.1:\d+: max_connections 2 reached"
+        )
         first.close()
         proxy.waitFor(r"tcp limited .* client closed")
         assert exchange(port, b"room again") == b"room again"
@@ -374,7 +381,9 @@ def test_targetThatNeverReadsBoundsMemory(proxy):
     target = SilentTarget()
     try:
         port = freePort()
-        proxy.start(proxyMap(mapping("stuck", f"127.0.0.1:{port}", f"127.0.0.1:{target.port}")))
+        proxy.start(
+            proxyMap(mapping("stuck", f"127.0.0.1:{port}", f"127.0.0.1:{target.port}"))
+        )
         before = rssKiB(proxy.pid)
         chunk = os.urandom(MiB)
         sent = 0
@@ -403,7 +412,11 @@ def test_portRange(proxy):
     with TCPEchoServer() as echo:
         first = consecutiveFreePorts(3)
         proxy.start(
-            proxyMap(mapping("range", f"127.0.0.1:{first}-{first + 2}", f"127.0.0.1:{echo.port}"))
+            proxyMap(
+                mapping(
+                    "range", f"127.0.0.1:{first}-{first + 2}", f"127.0.0.1:{echo.port}"
+                )
+            )
         )
         for port in range(first, first + 3):
             assert exchange(port, b"port %d" % port) == b"port %d" % port
@@ -418,7 +431,9 @@ def test_runningOutOfFileDescriptors(proxy):
     """
     with TCPEchoServer() as echo:
         port = freePort()
-        proxy.start(proxyMap(mapping("fds", f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}")))
+        proxy.start(
+            proxyMap(mapping("fds", f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}"))
+        )
         inUse = len(os.listdir(f"/proc/{proxy.pid}/fd"))
         limit = inUse + 20
         resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (limit, limit))
@@ -431,7 +446,7 @@ def test_runningOutOfFileDescriptors(proxy):
                     conn.sendall(b"%d" % i)
                     if conn.recv(10) == b"%d" % i:
                         served += 1
-                except (ConnectionResetError, BrokenPipeError, socket.timeout):
+                except (TimeoutError, ConnectionResetError, BrokenPipeError):
                     pass
             assert 0 < served < 30
             proxy.waitFor(r"out of file descriptors|too many open files")
@@ -455,7 +470,9 @@ def test_outOfDescriptorsLogsAtABoundedRate(proxy):
     """
     with TCPEchoServer() as echo:
         port = freePort()
-        proxy.start(proxyMap(mapping("fds", f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}")))
+        proxy.start(
+            proxyMap(mapping("fds", f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}"))
+        )
         inUse = len(os.listdir(f"/proc/{proxy.pid}/fd"))
         resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (inUse + 10, inUse + 10))
         since = len(proxy.output())
@@ -469,7 +486,9 @@ def test_outOfDescriptorsLogsAtABoundedRate(proxy):
             # The next shed client's line counts those left out meanwhile.
             for _ in range(5):
                 conns.append(connect(port))
-            proxy.waitFor(r"closed client \S+ at once \(and \d+ more not logged\)", since=since)
+            proxy.waitFor(
+                r"closed client \S+ at once \(and \d+ more not logged\)", since=since
+            )
             elapsed = time.monotonic() - started
             log = proxy.output()[since:]
         finally:
@@ -487,7 +506,9 @@ def test_stoppingTheProxyLogsOpenConnections(proxy):
     """
     with TCPEchoServer() as echo:
         port = freePort()
-        proxy.start(proxyMap(mapping("open", f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}")))
+        proxy.start(
+            proxyMap(mapping("open", f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}"))
+        )
         with connect(port) as conn:
             conn.sendall(b"hello")
             assert conn.recv(5) == b"hello"
@@ -504,7 +525,9 @@ def test_misbehavingClientsAffectOnlyThemselves(proxy):
     """
     with TCPEchoServer() as echo:
         port = freePort()
-        proxy.start(proxyMap(mapping("shared", f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}")))
+        proxy.start(
+            proxyMap(mapping("shared", f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}"))
+        )
         stuck = connect(port)
         stuck.setblocking(False)
         pushed = 0
@@ -516,7 +539,9 @@ def test_misbehavingClientsAffectOnlyThemselves(proxy):
                 pass
         resetter = connect(port)
         resetter.sendall(b"half a request")
-        resetter.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        resetter.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+        )
         resetter.close()
         try:
             assert exchange(port, b"unaffected") == b"unaffected"

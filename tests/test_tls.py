@@ -38,7 +38,9 @@ class CertificateTransport(RelayTransport):
 
     def __init__(self, path) -> None:
         RelayTransport.__init__(self)
-        self.certificate = crypto.load_certificate(crypto.FILETYPE_PEM, open(path, "rb").read())
+        self.certificate = crypto.load_certificate(
+            crypto.FILETYPE_PEM, open(path, "rb").read()
+        )
 
     def getPeerCertificate(self):
         return self.certificate
@@ -67,7 +69,10 @@ def test_serverNameOfAClientHello() -> None:
     The server name of a real ClientHello is read, and a ClientHello
     without one reads as L{None}.
     """
-    assert tls.clientHelloServerName(clientHello("app.example.com")) == (True, "app.example.com")
+    assert tls.clientHelloServerName(clientHello("app.example.com")) == (
+        True,
+        "app.example.com",
+    )
     assert tls.clientHelloServerName(clientHello(None)) == (True, None)
 
 
@@ -90,8 +95,12 @@ def test_clientHelloAcrossRecords() -> None:
     header = hello[:3]
     first, second = body[:40], body[40:]
     records = (
-        header + len(first).to_bytes(2, "big") + first
-        + header + len(second).to_bytes(2, "big") + second
+        header
+        + len(first).to_bytes(2, "big")
+        + first
+        + header
+        + len(second).to_bytes(2, "big")
+        + second
     )
     assert tls.clientHelloServerName(records) == (True, "split.example")
 
@@ -100,7 +109,10 @@ def test_clientHelloAcrossRecords() -> None:
     "data, problem",
     [
         (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "not a TLS handshake"),
-        (b"\x16\x03\x01\x00\x04\x02\x00\x00\x00", "the first handshake message is not a ClientHello"),
+        (
+            b"\x16\x03\x01\x00\x04\x02\x00\x00\x00",
+            "the first handshake message is not a ClientHello",
+        ),
         (b"\x16\x03\x01\x00\x00", "bad TLS record length"),
         (b"\x16\x03\x01\x00\x06\x01\x00\x00\x02\x03\x03", "malformed ClientHello"),
     ],
@@ -123,7 +135,11 @@ def test_nameTable() -> None:
     under example.com at any depth but not example.com itself.
     """
     table = tls.NameTable(
-        [("*.example.com", "any"), ("www.example.com", "www"), ("*.api.example.com", "api")]
+        [
+            ("*.example.com", "any"),
+            ("www.example.com", "www"),
+            ("*.api.example.com", "api"),
+        ]
     )
     assert table.match("www.example.com") == "www"
     assert table.match("WWW.Example.COM.") == "www"
@@ -142,10 +158,15 @@ def test_sniRouterKeepsOneListenerPerTarget() -> None:
     the same object for every client of that route; unmatched names get
     the mapping's own.
     """
-    base = listener(443, tls=TLSSettings(sniRoutes=(
-        ("a.example", Target("127.0.0.3", 443)),
-        ("*.b.example", Target("127.0.0.3", 443)),
-    )))
+    base = listener(
+        443,
+        tls=TLSSettings(
+            sniRoutes=(
+                ("a.example", Target("127.0.0.3", 443)),
+                ("*.b.example", Target("127.0.0.3", 443)),
+            )
+        ),
+    )
     router = tls.SNIRouter(base)
     routed = router.route("a.example")
     assert routed.target == Target("127.0.0.3", 443)
@@ -226,33 +247,57 @@ def test_changedFilesChangeTheListener(tmp_path, pki) -> None:
 @pytest.mark.parametrize(
     "body, message",
     [
-        ("    tls: {cert: missing.pem, key: server.key}\n",
-         "map.yaml:5: tls: cannot read certificate {d}/missing.pem: no such file or directory (mapping 'm')"),
-        ("    tls: {cert: server.pem, key: other.key}\n",
-         "map.yaml:5: tls: key {d}/other.key does not match certificate {d}/server.pem (mapping 'm')"),
-        ("    tls: {cert: server.key, key: server.key}\n",
-         "map.yaml:5: tls: {d}/server.key holds no PEM certificate (mapping 'm')"),
+        (
+            "    tls: {cert: missing.pem, key: server.key}\n",
+            "map.yaml:5: tls: cannot read certificate {d}/missing.pem: no such file or directory (mapping 'm')",
+        ),
+        (
+            "    tls: {cert: server.pem, key: other.key}\n",
+            "map.yaml:5: tls: key {d}/other.key does not match certificate {d}/server.pem (mapping 'm')",
+        ),
+        (
+            "    tls: {cert: server.key, key: server.key}\n",
+            "map.yaml:5: tls: {d}/server.key holds no PEM certificate (mapping 'm')",
+        ),
         ("    tls: {cert: server.pem}\n", "map.yaml:5: tls: missing key 'key'"),
-        ("    tls: {cert: server.pem, key: server.key, min_version: 1.1}\n",
-         "map.yaml:5: tls.min_version: expected 1.2 or 1.3, got 1.1"),
-        ("    tls: {cert: server.pem, key: server.key, sni: {'bad name': {cert: server.pem, key: server.key}}}\n",
-         "map.yaml:5: tls.sni: 'bad name' is not a host name or *.SUFFIX"),
-        ("    target_tls: {ca: nowhere.pem}\n",
-         "map.yaml:5: target_tls.ca: cannot read CA file {d}/nowhere.pem: no such file or directory (mapping 'm')"),
-        ("    target_tls: {cert: server.pem}\n",
-         "map.yaml:5: target_tls: a client certificate needs both cert and key (missing key)"),
-        ("    target_tls: false\n",
-         "map.yaml:5: target_tls: leave it out to speak plain TCP to the target"),
-        ("    sni_routes: {a.example: 127.0.0.1:80-81}\n",
-         "map.yaml:5: sni_routes.a.example: expected one port, got 80-81"),
-        ("    sni_routes: []\n",
-         "map.yaml:5: sni_routes: expected a mapping of server names (NAME or *.SUFFIX)"
-         " to HOST:PORT targets, got a list"),
-        ("    sni_routes: {a.example: 127.0.0.1:80}\n    target_tls: true\n",
-         "map.yaml:5: sni_routes: passes TLS through unchanged, so it cannot be combined"
-         " with tls or target_tls"),
-        ("    proto: [tcp, udp]\n    target_tls: true\n",
-         "map.yaml:6: target_tls: TLS is for TCP only, and this mapping has proto udp"),
+        (
+            "    tls: {cert: server.pem, key: server.key, min_version: 1.1}\n",
+            "map.yaml:5: tls.min_version: expected 1.2 or 1.3, got 1.1",
+        ),
+        (
+            "    tls: {cert: server.pem, key: server.key, sni: {'bad name': {cert: server.pem, key: server.key}}}\n",
+            "map.yaml:5: tls.sni: 'bad name' is not a host name or *.SUFFIX",
+        ),
+        (
+            "    target_tls: {ca: nowhere.pem}\n",
+            "map.yaml:5: target_tls.ca: cannot read CA file {d}/nowhere.pem: no such file or directory (mapping 'm')",
+        ),
+        (
+            "    target_tls: {cert: server.pem}\n",
+            "map.yaml:5: target_tls: a client certificate needs both cert and key (missing key)",
+        ),
+        (
+            "    target_tls: false\n",
+            "map.yaml:5: target_tls: leave it out to speak plain TCP to the target",
+        ),
+        (
+            "    sni_routes: {a.example: 127.0.0.1:80-81}\n",
+            "map.yaml:5: sni_routes.a.example: expected one port, got 80-81",
+        ),
+        (
+            "    sni_routes: []\n",
+            "map.yaml:5: sni_routes: expected a mapping of server names (NAME or *.SUFFIX)"
+            " to HOST:PORT targets, got a list",
+        ),
+        (
+            "    sni_routes: {a.example: 127.0.0.1:80}\n    target_tls: true\n",
+            "map.yaml:5: sni_routes: passes TLS through unchanged, so it cannot be combined"
+            " with tls or target_tls",
+        ),
+        (
+            "    proto: [tcp, udp]\n    target_tls: true\n",
+            "map.yaml:6: target_tls: TLS is for TCP only, and this mapping has proto udp",
+        ),
     ],
 )
 def test_mapErrors(tmp_path, pki, body, message) -> None:
@@ -276,11 +321,17 @@ def test_mapWarnings(tmp_path, pki) -> None:
     )
     proxyMap = parseMap(text, str(tmp_path / "map.yaml"))
     assert [w.split(": ", 2)[1:] for w in proxyMap.warnings] == [
-        ["warning", f"tls.key: key {tmp_path}/server.key can be read by group or others"
-                    " (mode 640); chmod 600 it (mapping 'm')"],
-        ["warning", "target_tls.verify is false: the target's certificate is not checked, so"
-                    " anyone between the proxy and the target can read and change the traffic"
-                    " (mapping 'm')"],
+        [
+            "warning",
+            f"tls.key: key {tmp_path}/server.key can be read by group or others"
+            " (mode 640); chmod 600 it (mapping 'm')",
+        ],
+        [
+            "warning",
+            "target_tls.verify is false: the target's certificate is not checked, so"
+            " anyone between the proxy and the target can read and change the traffic"
+            " (mapping 'm')",
+        ],
     ]
 
 
@@ -343,9 +394,14 @@ def test_failureText() -> None:
     from service_identity import VerificationError
     from service_identity.hazmat import DNS_ID, DNSMismatch
 
-    failure = Failure(VerificationError(errors=[DNSMismatch(mismatched_id=DNS_ID("db.internal"))]))
+    failure = Failure(
+        VerificationError(errors=[DNSMismatch(mismatched_id=DNS_ID("db.internal"))])
+    )
     assert tls.isTLSFailure(failure)
-    assert tls.failureText(failure) == "the target's certificate is not valid for db.internal"
+    assert (
+        tls.failureText(failure)
+        == "the target's certificate is not valid for db.internal"
+    )
 
 
 # -- the relay kinds, with fake transports and a memory reactor ---------------------
@@ -383,9 +439,15 @@ def test_terminatingRelayHandshakeFailure() -> None:
     relay = TerminatingRelay(h.service, CLIENT)
     relay.makeConnection(RelayTransport())
     with capturedLogs() as events:
-        relay.connectionLost(Failure(SSL.Error([("SSL routines", "", "peer did not return a certificate")])))
+        relay.connectionLost(
+            Failure(
+                SSL.Error([("SSL routines", "", "peer did not return a certificate")])
+            )
+        )
     assert h.reactor.tcpClients == []
-    assert accessLines(events)[-1].endswith("in=0 out=0 tls: peer did not return a certificate")
+    assert accessLines(events)[-1].endswith(
+        "in=0 out=0 tls: peer did not return a certificate"
+    )
 
 
 def test_targetHandshakeFailureIsAFailedConnect() -> None:
@@ -404,7 +466,13 @@ def test_targetHandshakeFailureIsAFailedConnect() -> None:
     side.makeConnection(target)
     assert relay.targetTransport is None and client.producerState == "paused"
     with capturedLogs() as events:
-        side.connectionLost(Failure(VerificationError(errors=[DNSMismatch(mismatched_id=DNS_ID("db.internal"))])))
+        side.connectionLost(
+            Failure(
+                VerificationError(
+                    errors=[DNSMismatch(mismatched_id=DNS_ID("db.internal"))]
+                )
+            )
+        )
         # Closed, not reset: a failed connect ends the client with a FIN.
         assert client.disconnecting and not client.aborted
         relay.connectionLost(Failure(ConnectionAborted()))
@@ -467,7 +535,10 @@ def test_routingRelayPeeksThenDials() -> None:
     theirs.sendall(hello[50:])
     peek.doRead()
     assert h.lastDial()[:2] == ("10.0.0.3", 443)
-    assert relay.listener.target == Target("10.0.0.3", 443) and relay.serverName == "app.example"
+    assert (
+        relay.listener.target == Target("10.0.0.3", 443)
+        and relay.serverName == "app.example"
+    )
     assert client.handle.recv(65536, socket.MSG_PEEK) == hello
     assert h.reactor.readers == set()
 
@@ -492,14 +563,16 @@ def test_reloadTurnsTerminationOnAndOff() -> None:
     A reload that adds or removes tls: on a bound listener changes the
     factory of its port, so clients accepted from then on get TLS or not.
     """
+    from test_tcp import makeListener
     from twisted.internet.testing import MemoryReactorClock
+
     from twistedproxy.model import KeyPair, ServerTLS
     from twistedproxy.tcp import RelayFactory, TCPListener
 
-    from test_tcp import makeListener
-
     plain = makeListener(port=freePort())
-    terminating = replace(plain, tls=TLSSettings(terminate=ServerTLS(KeyPair("c.pem", "k.pem"))))
+    terminating = replace(
+        plain, tls=TLSSettings(terminate=ServerTLS(KeyPair("c.pem", "k.pem")))
+    )
     service = TCPListener(plain, MemoryReactorClock())
     service.bind()
     try:

@@ -108,27 +108,57 @@ def test_terminateWithRealClients(proxy, pki) -> None:
         # s_client ends when the server closes: the target answers an
         # HTTP/1.0 request and closes, and the proxy sends close_notify.
         sClient = subprocess.run(
-            ["openssl", "s_client", "-connect", f"127.0.0.1:{httpPort}",
-             "-servername", "localhost", "-CAfile", str(pki.path),
-             "-verify_return_error", "-quiet"],
-            input=b"GET / HTTP/1.0\r\n\r\n", capture_output=True, timeout=20,
+            [
+                "openssl",
+                "s_client",
+                "-connect",
+                f"127.0.0.1:{httpPort}",
+                "-servername",
+                "localhost",
+                "-CAfile",
+                str(pki.path),
+                "-verify_return_error",
+                "-quiet",
+            ],
+            input=b"GET / HTTP/1.0\r\n\r\n",
+            capture_output=True,
+            timeout=20,
         )
         assert sClient.stdout.endswith(b"\r\n\r\nhello over tls\n"), sClient.stderr
 
         curl = subprocess.run(
-            ["curl", "-sS", "--cacert", str(pki.path), f"https://localhost:{httpPort}/"],
-            capture_output=True, timeout=20,
+            [
+                "curl",
+                "-sS",
+                "--cacert",
+                str(pki.path),
+                f"https://localhost:{httpPort}/",
+            ],
+            capture_output=True,
+            timeout=20,
         )
         assert curl.stdout == b"hello over tls\n", curl.stderr
         # min_version: 1.3 refuses a client that offers at most TLS 1.2.
         old = subprocess.run(
-            ["curl", "-sS", "--cacert", str(pki.path), "--tls-max", "1.2",
-             f"https://localhost:{httpPort}/"],
-            capture_output=True, timeout=20,
+            [
+                "curl",
+                "-sS",
+                "--cacert",
+                str(pki.path),
+                "--tls-max",
+                "1.2",
+                f"https://localhost:{httpPort}/",
+            ],
+            capture_output=True,
+            timeout=20,
         )
         assert old.returncode != 0
-        proxy.waitFor(r"tcp secure 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:\d+ \S+ in=100000 out=100000 client closed")
-        proxy.waitFor(r"tcp web 127\.0\.0\.1:\d+ -> \S+ \S+ in=0 out=0 tls: unsupported protocol")
+        proxy.waitFor(
+            r"tcp secure 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:\d+ \S+ in=100000 out=100000 client closed"
+        )
+        proxy.waitFor(
+            r"tcp web 127\.0\.0\.1:\d+ -> \S+ \S+ in=0 out=0 tls: unsupported protocol"
+        )
     http.shutdown()
 
 
@@ -168,9 +198,13 @@ mappings:
             rf"tcp wrong 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:{wrong.port} \S+ in=0 out=0 "
             r"connect failed: tls: the target's certificate is not valid for 127\.0\.0\.1"
         )
-        with socket.create_connection(("127.0.0.1", unverifiedPort), timeout=10) as conn:
+        with socket.create_connection(
+            ("127.0.0.1", unverifiedPort), timeout=10
+        ) as conn:
             assert roundTrip(conn, b"z" * 1000) == b"z" * 1000
-        proxy.waitFor(r"tcp good 127\.0\.0\.1:\d+ -> localhost:\d+ \S+ in=200000 out=200000 client closed")
+        proxy.waitFor(
+            r"tcp good 127\.0\.0\.1:\d+ -> localhost:\d+ \S+ in=200000 out=200000 client closed"
+        )
 
 
 def test_originateWithClientCertificate(proxy, pki) -> None:
@@ -199,7 +233,9 @@ def test_mutualTLS(proxy, pki) -> None:
     """
     with TCPEchoServer() as echo:
         port = freePort()
-        proxy.start(_terminating(port, echo.port, pki, f"      client_ca: {pki.path}\n"))
+        proxy.start(
+            _terminating(port, echo.port, pki, f"      client_ca: {pki.path}\n")
+        )
         with tlsConnect(port, "localhost", pki.path, client=pki.alice) as conn:
             assert roundTrip(conn, b"hi alice") == b"hi alice"
         proxy.waitFor(r"in=8 out=8 peer='CN=alice,O=portproxy tests' client closed")
@@ -223,8 +259,11 @@ def test_sniRoutes(proxy, pki) -> None:
     """
     app = pki.issue("app", "app.example", ("app.example",))
     api = pki.issue("api", "v1.api.example", ("v1.api.example",))
-    with TLSEchoServer(*app) as appTarget, TLSEchoServer(*api) as apiTarget, \
-            TLSEchoServer(*pki.server) as fallback:
+    with (
+        TLSEchoServer(*app) as appTarget,
+        TLSEchoServer(*api) as apiTarget,
+        TLSEchoServer(*pki.server) as fallback,
+    ):
         port = freePort()
         proxy.start(f"""
 mappings:

@@ -15,10 +15,14 @@ import sys
 import textwrap
 
 import pytest
-
 from support import ProxyProcess
 
-CLIENT, PROXY_IN, PROXY_OUT, BACKEND = "198.18.0.2", "198.18.0.1", "198.18.0.65", "198.18.0.66"
+CLIENT, PROXY_IN, PROXY_OUT, BACKEND = (
+    "198.18.0.2",
+    "198.18.0.1",
+    "198.18.0.65",
+    "198.18.0.66",
+)
 TCP_PORT, UDP_PORT = 7000, 7001
 
 BACKEND_SCRIPT = textwrap.dedent(f"""\
@@ -83,9 +87,33 @@ def namespaces():
             run("ip", "-n", ns, "link", "set", "lo", "up")
         # Created inside the proxy namespace, then one end moved: nothing
         # ever exists in the root namespace.
-        run("ip", "-n", proxy, "link", "add", "vc", "type", "veth", "peer", "name", "vpc")
+        run(
+            "ip",
+            "-n",
+            proxy,
+            "link",
+            "add",
+            "vc",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "vpc",
+        )
         run("ip", "-n", proxy, "link", "set", "vc", "netns", client)
-        run("ip", "-n", proxy, "link", "add", "vb", "type", "veth", "peer", "name", "vpb")
+        run(
+            "ip",
+            "-n",
+            proxy,
+            "link",
+            "add",
+            "vb",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "vpb",
+        )
         run("ip", "-n", proxy, "link", "set", "vb", "netns", backend)
         for ns, dev, address in (
             (client, "vc", f"{CLIENT}/26"),
@@ -100,9 +128,34 @@ def namespaces():
         # docs/client-address.md: the backend's replies to a client's
         # address are delivered to the proxy's own sockets.
         for proto, port in (("tcp", TCP_PORT), ("udp", UDP_PORT)):
-            run("ip", "-n", proxy, "rule", "add", "iif", "vpb", "ipproto", proto,
-                "sport", str(port), "lookup", "100")
-        run("ip", "-n", proxy, "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100")
+            run(
+                "ip",
+                "-n",
+                proxy,
+                "rule",
+                "add",
+                "iif",
+                "vpb",
+                "ipproto",
+                proto,
+                "sport",
+                str(port),
+                "lookup",
+                "100",
+            )
+        run(
+            "ip",
+            "-n",
+            proxy,
+            "route",
+            "add",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            "100",
+        )
         yield client, proxy, backend
     finally:
         for ns in made:
@@ -118,7 +171,8 @@ def test_backendSeesClientAddress(namespaces, tmp_path, fastPath):
     client, proxyNs, backend = namespaces
     server = subprocess.Popen(
         ["ip", "netns", "exec", backend, sys.executable, "-c", BACKEND_SCRIPT],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     proxy = ProxyProcess(tmp_path, fastPath, prefix=("ip", "netns", "exec", proxyNs))
     try:
@@ -131,7 +185,9 @@ def test_backendSeesClientAddress(namespaces, tmp_path, fastPath):
         )
         seen = subprocess.run(
             ["ip", "netns", "exec", client, sys.executable, "-c", CLIENT_SCRIPT],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert seen.stdout.split() == [CLIENT, CLIENT], (seen.stderr, proxy.output())
         proxy.waitFor(rf"tcp t {CLIENT}:\d+ -> {BACKEND}:{TCP_PORT} ")

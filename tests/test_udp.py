@@ -22,9 +22,9 @@ from twistedproxy.udp import (
     DRAIN,
     RESOLVING_QUEUE,
     SESSION_BUFFER,
-    connectedDatagramSocket,
     UDPListener,
     connectDatagrams,
+    connectedDatagramSocket,
     listenDatagrams,
 )
 
@@ -224,7 +224,9 @@ def test_sessionExpiresAfterTimeout(reactor, logged):
     reactor.advance(0.2)
     assert service.active == 0
     assert port.closed
-    assert any("10.0.0.1:1111" in m and "no datagram for 30s" in m for m in messages(logged))
+    assert any(
+        "10.0.0.1:1111" in m and "no datagram for 30s" in m for m in messages(logged)
+    )
     service.datagramReceived(b"again", A, None)
     assert len(service.sessionPorts) == 2
     assert service.counters.total == 2
@@ -272,7 +274,11 @@ def test_maxConnections(reactor):
     service.datagramReceived(b"a", A, None)
     [port] = service.sessionPorts
     assert port.written == [b"a", b"a"]
-    assert (service.active, service.counters.total, service.counters.rejected) == (1, 1, 2)
+    assert (service.active, service.counters.total, service.counters.rejected) == (
+        1,
+        1,
+        2,
+    )
     reactor.advance(6)
     service.datagramReceived(b"b", B, None)
     assert service.sessionPorts[1].written == [b"b"]
@@ -395,7 +401,10 @@ def test_outOfFileDescriptors(reactor, logged):
     service.datagramReceived(b"b", B, None)
     service.datagramReceived(b"a", A, None)
     assert (service.active, service.counters.rejected, service.dropped) == (1, 0, 2)
-    assert any("out of file descriptors" in m and "10.0.0.2:2222" in m for m in messages(logged))
+    assert any(
+        "out of file descriptors" in m and "10.0.0.2:2222" in m
+        for m in messages(logged)
+    )
     service.socketError = None
     service.datagramReceived(b"b", B, None)
     assert service.sessionPorts[1].written == [b"b"]
@@ -426,7 +435,14 @@ class ManualResolver:
     def __init__(self) -> None:
         self.asked: list = []
 
-    def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"):
+    def resolveHostName(
+        self,
+        receiver,
+        hostName,
+        portNumber=0,
+        addressTypes=None,
+        transportSemantics="TCP",
+    ):
         self.asked.append((receiver, hostName, portNumber, transportSemantics))
         receiver.resolutionBegan(None)
 

@@ -10,8 +10,8 @@ import threading
 import time
 
 import pytest
-
 from support import UDPEchoServer, freePort
+
 from twistedproxy import fastudp
 
 ENGINE_LINE = "forwarded by the compiled engine"
@@ -35,8 +35,8 @@ def udpMap(listen: str, target: str, udpTimeout: str = "90s") -> str:
         "mappings:\n"
         "  - name: echo\n"
         "    proto: udp\n"
-        f"    listen: \"{listen}\"\n"
-        f"    target: \"{target}\"\n"
+        f'    listen: "{listen}"\n'
+        f'    target: "{target}"\n'
         f"    udp_timeout: {udpTimeout}\n"
     )
 
@@ -61,7 +61,7 @@ def exchange(skt: socket.socket, data: bytes, address, attempts: int = 3):
                 reply, source = skt.recvfrom(70000)
                 if reply == data:
                     return reply, source[:2]
-        except socket.timeout:
+        except TimeoutError:
             continue
     raise AssertionError(f"no echo of {data[:20]!r} from {address}")
 
@@ -112,7 +112,7 @@ def test_fiftyClients(proxy):
                 while len(got) < 3:
                     try:
                         got.add(c.recv(100))
-                    except socket.timeout:
+                    except TimeoutError:
                         break
                 mine = {b"client %d round %d" % (i, r) for r in range(3)}
                 assert got and got <= mine, (i, got)
@@ -150,7 +150,9 @@ def test_oneSidedFlowKeepsSourcePort(proxy):
     """
     port = freePort("udp")
     with client() as target:
-        proxy.start(udpMap(f"127.0.0.1:{port}", f"127.0.0.1:{target.getsockname()[1]}", "1s"))
+        proxy.start(
+            udpMap(f"127.0.0.1:{port}", f"127.0.0.1:{target.getsockname()[1]}", "1s")
+        )
         sources = []
         with client() as c:
             for i in range(8):
@@ -160,7 +162,10 @@ def test_oneSidedFlowKeepsSourcePort(proxy):
                 sources.append(source)
                 time.sleep(0.25)
             assert len(set(sources)) == 1
-            proxy.waitFor(r"udp echo 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:\d+ .*in=8 out=0 no datagram for 1s", timeout=5)
+            proxy.waitFor(
+                r"udp echo 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:\d+ .*in=8 out=0 no datagram for 1s",
+                timeout=5,
+            )
             c.sendto(b"again", ("127.0.0.1", port))
             data, source = target.recvfrom(100)
         assert data == b"again"
@@ -177,7 +182,10 @@ def test_wildcardAnswersFromAddressUsed(proxy):
         proxy.start(udpMap(f"{port}", f"127.0.0.1:{target.port}"))
         for address in ("127.0.0.2", "127.0.0.1"):
             with client() as c:
-                assert exchange(c, b"hi " + address.encode(), (address, port))[1] == (address, port)
+                assert exchange(c, b"hi " + address.encode(), (address, port))[1] == (
+                    address,
+                    port,
+                )
         with client("::1") as c:
             assert exchange(c, b"hi six", ("::1", port))[1] == ("::1", port)
 
@@ -241,13 +249,19 @@ def test_outOfFileDescriptors(proxy):
             for c in clients[:3]:
                 assert exchange(c, b"first", ("127.0.0.1", port))[0] == b"first"
             clients[3].sendto(b"no room", ("127.0.0.1", port))
-            proxy.waitFor(r"dropped a datagram from 127\.0\.0\.1:\d+: cannot open a socket "
-                          r"to 127\.0\.0\.1:\d+: out of file descriptors")
+            proxy.waitFor(
+                r"dropped a datagram from 127\.0\.0\.1:\d+: cannot open a socket "
+                r"to 127\.0\.0\.1:\d+: out of file descriptors"
+            )
             with pytest.raises(socket.timeout):
                 clients[3].recv(100)
             assert exchange(clients[0], b"still", ("127.0.0.1", port))[0] == b"still"
-            proxy.waitFor(r"no datagram for 1s(.|\n)*no datagram for 1s(.|\n)*no datagram for 1s")
-            assert exchange(clients[3], b"room now", ("127.0.0.1", port))[0] == b"room now"
+            proxy.waitFor(
+                r"no datagram for 1s(.|\n)*no datagram for 1s(.|\n)*no datagram for 1s"
+            )
+            assert (
+                exchange(clients[3], b"room now", ("127.0.0.1", port))[0] == b"room now"
+            )
         finally:
             for c in clients:
                 c.close()
@@ -264,7 +278,9 @@ def test_reloadChangesNewSessionsOnly(proxy):
         proxy.start(udpMap(f"127.0.0.1:{port}", f"127.0.0.1:{old.port}"))
         with client() as a, client() as b:
             exchange(a, b"a1", ("127.0.0.1", port))
-            assert "changed 1" in proxy.reload(udpMap(f"127.0.0.1:{port}", f"127.0.0.1:{new.port}"))
+            assert "changed 1" in proxy.reload(
+                udpMap(f"127.0.0.1:{port}", f"127.0.0.1:{new.port}")
+            )
             exchange(a, b"a2", ("127.0.0.1", port))
             exchange(b, b"b1", ("127.0.0.1", port))
             assert (len(old.sources), len(new.sources)) == (2, 1)
@@ -320,7 +336,9 @@ def test_replyBurstArrivesWhole(proxy):
     port = freePort("udp")
     proxy.start(udpMap(f"127.0.0.1:{port}", f"127.0.0.1:{target.port}"))
     receiver = client(timeout=1.0)
-    receiver.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), 16 << 20)
+    receiver.setsockopt(
+        socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), 16 << 20
+    )
     try:
         errorsBefore = rcvbufErrors()
         receiver.sendto(b"go", ("127.0.0.1", port))
@@ -328,7 +346,7 @@ def test_replyBurstArrivesWhole(proxy):
         try:
             while len(seen) < 2000:
                 seen.add(receiver.recv(2000)[:6])
-        except socket.timeout:
+        except TimeoutError:
             pass
         errors = rcvbufErrors() - errorsBefore
     finally:

@@ -16,7 +16,8 @@ import argparse
 import json
 import os
 import sys
-from typing import Optional, Sequence, TextIO
+from collections.abc import Sequence
+from typing import TextIO
 
 from twistedproxy.config import ConfigError, loadMap
 from twistedproxy.model import PROTOCOLS, ProxyMap
@@ -37,7 +38,9 @@ def summarize(proxyMap: ProxyMap) -> str:
         byProto[listener.proto] += 1
     protos = ", ".join(f"{count} {proto}" for proto, count in byProto.items())
     manhole = (
-        f"manhole on {proxyMap.manhole.listen}" if proxyMap.manhole is not None else "no manhole"
+        f"manhole on {proxyMap.manhole.listen}"
+        if proxyMap.manhole is not None
+        else "no manhole"
     )
     http = f", http on {proxyMap.http.listen}" if proxyMap.http is not None else ""
     control = ""
@@ -73,7 +76,9 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m twistedproxy",
         description="portproxy tools; the proxy itself runs as 'twistd portproxy -c MAP'.",
     )
-    subcommands = commands.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subcommands = commands.add_subparsers(
+        dest="command", required=True, metavar="COMMAND"
+    )
     checkCommand = subcommands.add_parser(
         "check",
         help="validate map files",
@@ -117,7 +122,7 @@ def dockerSetup(out: TextIO, err: TextIO) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """
     Run the command line C{argv} (default: C{sys.argv[1:]}); return the
     exit status.  argparse exits with status 2 on a usage error.

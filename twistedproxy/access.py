@@ -18,9 +18,9 @@ from __future__ import annotations
 import ipaddress
 import socket
 from bisect import bisect_right
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Iterable
 
 from twisted.logger import Logger
 
@@ -60,16 +60,22 @@ def hostOf(client: str) -> str:
     return client[: client.rindex(":")]
 
 
-def networkRange(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[int, int]:
+def networkRange(
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> tuple[int, int]:
     """
     The first and last key (L{clientKey}) of C{network}; an IPv6 network
     inside C{::ffff:0:0/96} is the IPv4 network it maps.
     """
     if network.version == 6 and network.subnet_of(_V4_MAPPED_NET):
         mask = (1 << 32) - 1
-        return int(network.network_address) & mask, int(network.broadcast_address) & mask
+        return int(network.network_address) & mask, int(
+            network.broadcast_address
+        ) & mask
     offset = _V6 if network.version == 6 else 0
-    return int(network.network_address) + offset, int(network.broadcast_address) + offset
+    return int(network.network_address) + offset, int(
+        network.broadcast_address
+    ) + offset
 
 
 def parseNetwork(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -83,7 +89,9 @@ def parseNetwork(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
-        raise ValueError(f"'{text}' is not a CIDR (expected ADDRESS/LENGTH, as in 10.0.0.0/8)")
+        raise ValueError(
+            f"'{text}' is not a CIDR (expected ADDRESS/LENGTH, as in 10.0.0.0/8)"
+        )
     if slash:
         if not length.isdigit() or int(length) > ip.max_prefixlen:
             raise ValueError(
@@ -98,7 +106,7 @@ class AddressSet:
     disjoint intervals and one bisection per question.
     """
 
-    __slots__ = ("_starts", "_ends")
+    __slots__ = ("_ends", "_starts")
 
     def __init__(self, networks: Iterable) -> None:
         ranges = sorted(networkRange(n) for n in networks)
@@ -200,7 +208,7 @@ class TokenBucket:
     One token bucket (a UDP session's datagrams on the Python path).
     """
 
-    __slots__ = ("tokens", "stamp", "perSecond", "burst")
+    __slots__ = ("burst", "perSecond", "stamp", "tokens")
 
     def __init__(self, rate: Rate, now: float) -> None:
         self.perSecond = rate.perSecond
@@ -277,7 +285,13 @@ class RefusalLog:
         self._summary = None
 
     def refused(
-        self, reactor, proto: str, mapping: str, client: str, reason: str, count: int = 1
+        self,
+        reactor,
+        proto: str,
+        mapping: str,
+        client: str,
+        reason: str,
+        count: int = 1,
     ) -> None:
         """
         Count C{count} refusals of C{client} and log one, unless the limit

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 import pydoc
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from twisted.internet.error import CannotListenError
 
@@ -111,7 +111,9 @@ class Console:
         return names
 
     def _mappingNames(self) -> list[str]:
-        published = [self.proxy.listeners[key].listener.mapping for key in self.proxy.published]
+        published = [
+            self.proxy.listeners[key].listener.mapping for key in self.proxy.published
+        ]
         return [mapping.name for mapping in self.proxy.map.mappings] + published
 
     def _unknownMapping(self, name: str) -> None:
@@ -120,7 +122,9 @@ class Console:
 
     def status(self):
         """Print each listener with its counters and traffic."""
-        order = {listener.key: i for i, listener in enumerate(self.proxy.map.listeners())}
+        order = {
+            listener.key: i for i, listener in enumerate(self.proxy.map.listeners())
+        }
         live = sorted(
             self.proxy.listeners.values(),
             key=lambda service: (
@@ -134,10 +138,18 @@ class Console:
             print(
                 formatTable(
                     (
-                        "NAME", "PROTO", "LISTEN", "TARGET",
+                        "NAME",
+                        "PROTO",
+                        "LISTEN",
+                        "TARGET",
                         # DRP as in netstat's RX-DRP: four letters would
                         # push the table past 80 columns.
-                        "OPEN", "TOTAL", "REJ", "DRP", "IN", "OUT",
+                        "OPEN",
+                        "TOTAL",
+                        "REJ",
+                        "DRP",
+                        "IN",
+                        "OUT",
                     ),
                     (
                         (
@@ -158,15 +170,14 @@ class Console:
                 )
             )
         if self.proxy.published:
-            print(f"@name: published through the control socket ({len(self.proxy.published)})")
+            print(
+                f"@name: published through the control socket ({len(self.proxy.published)})"
+            )
         disabled = sorted({s.listener.mapping for s in live if not s.enabled})
         if disabled:
             print("disabled (not accepting): " + ", ".join(disabled))
         for service in self.proxy.draining:
-            print(
-                f"removed, draining: {service.listener}, "
-                f"{service.active} still open"
-            )
+            print(f"removed, draining: {service.listener}, {service.active} still open")
 
     def connections(self, name=None):
         """Print open connections and sessions (of one mapping)."""
@@ -281,7 +292,11 @@ class Console:
             print("nothing blocked from the manhole")
         lists = sorted(
             {
-                (s.listener.mapping, len(s.listener.access.deny), len(s.listener.access.allow))
+                (
+                    s.listener.mapping,
+                    len(s.listener.access.deny),
+                    len(s.listener.access.allow),
+                )
                 for s in self.proxy.listeners.values()
                 if s.listener.access.deny or s.listener.access.allow
             }
@@ -289,13 +304,17 @@ class Console:
         for mapping, deny, allow in lists:
             print(f"map: {mapping}: deny {deny} CIDRs, allow {allow or 'everyone'}")
         counts = dict(access.refusalLog.byReason)
-        limited = sum(s.refused - s.counters.rejected for s in self.proxy.allListeners())
+        limited = sum(
+            s.refused - s.counters.rejected for s in self.proxy.allListeners()
+        )
         if limited:
             counts["datagrams_per_client"] = limited
         if counts:
             print(
                 "refused since start: "
-                + ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items()))
+                + ", ".join(
+                    f"{reason} {count}" for reason, count in sorted(counts.items())
+                )
             )
 
     def reload(self):
@@ -333,7 +352,15 @@ class Console:
 
 #: The helpers, in the order help() lists them.
 HELPERS = (
-    "status", "connections", "kill", "disable", "enable", "block", "unblock", "blocked", "reload"
+    "status",
+    "connections",
+    "kill",
+    "disable",
+    "enable",
+    "block",
+    "unblock",
+    "blocked",
+    "reload",
 )
 
 

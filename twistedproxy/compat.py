@@ -17,10 +17,11 @@ against; raise the bound only after the suite passed on the new release.
 
 from __future__ import annotations
 
-from twisted import version as twistedVersion
 from twisted.internet import abstract, tcp
 from twisted.logger import globalLogPublisher
 from twisted.scripts._twistd_unix import UnixAppLogger
+
+from twisted import version as twistedVersion
 
 
 class TwistedChanged(ImportError):
@@ -41,10 +42,13 @@ def _require(owner: object, name: str, use: str) -> None:
 def _check() -> None:
     _require(tcp, "_reservedFD", "to shed clients when descriptors run out")
     _require(tcp._reservedFD, "reserve", "to shed clients when descriptors run out")
-    _require(tcp.Port, "_logConnectionLostMsg", "to leave out Twisted's per-port log line")
+    _require(
+        tcp.Port, "_logConnectionLostMsg", "to leave out Twisted's per-port log line"
+    )
     _require(tcp.Connection, "_aborting", "to see that a transport is being aborted")
     _require(
-        tcp.Connector, "_makeTransport",
+        tcp.Connector,
+        "_makeTransport",
         "to dial a transparent target from a socket it prepares itself",
     )
     for name in ("_writeDisconnecting", "_writeDisconnected", "dataBuffer"):
@@ -56,8 +60,12 @@ def _check() -> None:
         "_tempDataBuffer",
         "to see that a transport is idle",
     )
-    _require(globalLogPublisher, "_observers", "to find twistd's log file for log_format")
-    _require(UnixAppLogger, "_getLogObserver", "to write twistd's log file as JSON lines")
+    _require(
+        globalLogPublisher, "_observers", "to find twistd's log file for log_format"
+    )
+    _require(
+        UnixAppLogger, "_getLogObserver", "to write twistd's log file as JSON lines"
+    )
     _require(tcp.Port, "_shouldShutdown", "to keep a socket from systemd listening")
 
 

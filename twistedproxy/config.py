@@ -26,10 +26,10 @@ import re
 import threading
 from array import array
 from bisect import bisect_left, bisect_right
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from operator import itemgetter
-from typing import Iterator, Optional
 
 import yaml
 from yaml.constructor import SafeConstructor
@@ -41,19 +41,19 @@ from twistedproxy.model import (
     ANY_IPV4,
     ANY_IPV6,
     CLIENT_ADDRESS_MODES,
+    LOG_FORMATS,
     OPEN,
     PROTOCOLS,
     PROXY_PROTOCOL_V1,
-    Control,
     TCP,
     UDP,
     AccessPolicy,
     ClientIdentity,
+    Control,
+    Http,
     KeyPair,
     Listener,
     ListenerKey,
-    LOG_FORMATS,
-    Http,
     Manhole,
     Mapping,
     ProxyMap,
@@ -85,7 +85,12 @@ MAPPING_KEYS = ("name", "proto", "listen", "target") + SETTING_KEYS + TLS_MAPPIN
 TLS_KEYS = ("cert", "key", "sni", "client_ca", "min_version")
 TARGET_TLS_KEYS = ("ca", "server_name", "verify", "cert", "key", "min_version")
 MANHOLE_KEYS = (
-    "listen", "authorized_keys", "host_key", "allow_remote", "login_grace_time", "max_startups",
+    "listen",
+    "authorized_keys",
+    "host_key",
+    "allow_remote",
+    "login_grace_time",
+    "max_startups",
 )
 HTTP_KEYS = ("listen", "allow_remote")
 
@@ -116,8 +121,10 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 # An IPv4 address as ipaddress would print it: the common case, read
 # without ipaddress's much slower parser.
-_IPV4 = re.compile(r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
-                   r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])")
+_IPV4 = re.compile(
+    r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
+    r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+)
 _IPV4_PORT = re.compile(f"({_IPV4.pattern}):([1-9][0-9]{{0,4}})")
 
 # Numbers are read from the text as written, in decimal: YAML 1.1 would
@@ -128,7 +135,9 @@ _DECIMAL = re.compile(r"(?:0|[1-9][0-9]*)(?:\.[0-9]*)?|\.[0-9]+")
 MAX_WHOLE = 2**63 - 1
 
 _LISTEN_FORM = "[HOST:]PORT or [HOST:]FIRST-LAST"
-_DURATION_FORMS = "seconds as a number, or a number with ms, s, m or h: 250ms, 5s, 2m, 1h"
+_DURATION_FORMS = (
+    "seconds as a number, or a number with ms, s, m or h: 250ms, 5s, 2m, 1h"
+)
 _RATE = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)/s")
 _RATE_FORMS = "N/s, as in 20/s, or {rate: N/s, burst: B}"
 
@@ -159,7 +168,7 @@ class ConfigError(Exception):
     @ivar count: how many problems there are in all.
     """
 
-    def __init__(self, errors: list[str], count: Optional[int] = None) -> None:
+    def __init__(self, errors: list[str], count: int | None = None) -> None:
         super().__init__(errors)
         self.errors = [_printable(error) for error in errors]
         self.count = len(self.errors) if count is None else count
@@ -310,19 +319,23 @@ def parseMap(text: str, path: str) -> ProxyMap:
                     reader.entries.pop()
 
 
-def _compose(text: str, path: str) -> Optional[Node]:
+def _compose(text: str, path: str) -> Node | None:
     """
     The YAML node tree of C{text}; L{None} when it holds no document.
     """
     try:
         return yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as e:
-        raise ConfigError([f"{path}:{_yamlErrorLine(e)}: {_yamlErrorMessage(e, text)}"]) from None
+        raise ConfigError(
+            [f"{path}:{_yamlErrorLine(e)}: {_yamlErrorMessage(e, text)}"]
+        ) from None
     except yaml.reader.ReaderError as e:
         # The reader rejects control characters before any mark exists.
         line = text.count("\n", 0, e.position) + 1
         raise ConfigError(
-            [f"{path}:{line}: not valid YAML: character #x{e.character:04x} is not allowed"]
+            [
+                f"{path}:{line}: not valid YAML: character #x{e.character:04x} is not allowed"
+            ]
         ) from None
     except RecursionError:
         # PyYAML's pure-Python composer recurses once per level of nesting
@@ -330,7 +343,7 @@ def _compose(text: str, path: str) -> Optional[Node]:
         raise ConfigError([f"{path}:1: not valid YAML: nested too deeply"]) from None
 
 
-def _dismantle(root: Optional[Node]) -> None:
+def _dismantle(root: Node | None) -> None:
     """
     Free a node tree a few nodes at a time.  Dropped at once, a big tree
     is freed in one call that holds the GIL for as long as it takes (0.6 s
@@ -361,7 +374,9 @@ def _yamlErrorLine(e: yaml.MarkedYAMLError) -> int:
 def _yamlErrorMessage(e: yaml.MarkedYAMLError, text: str) -> str:
     mark = e.problem_mark
     if mark is not None and text[mark.index : mark.index + 1] == "\t":
-        return "not valid YAML: a tab where YAML expects spaces (indent with spaces only)"
+        return (
+            "not valid YAML: a tab where YAML expects spaces (indent with spaces only)"
+        )
     if e.problem == "exceeded maximum nesting depth":
         return "not valid YAML: nested too deeply"
     if e.problem and e.context and e.problem.startswith("but "):
@@ -464,14 +479,14 @@ class _Entry:
 
     index: int
     line: int
-    name: Optional[str] = None
+    name: str | None = None
     listenLine: int = 0
     listens: tuple[tuple[str, str], ...] = ()
-    ports: Optional[_Ports] = None
-    target: Optional[str] = None
-    targetPorts: Optional[_Ports] = None
+    ports: _Ports | None = None
+    target: str | None = None
+    targetPorts: _Ports | None = None
     settings: _Settings = _Settings()
-    tls: Optional[TLSSettings] = None
+    tls: TLSSettings | None = None
 
     def describe(self) -> str:
         if self.name is not None:
@@ -494,7 +509,7 @@ def _anyOverlap(entries: list[_Entry]) -> bool:
     sweep over the runs of each protocol and family.  Most maps have no
     overlap, and this is all they cost.
     """
-    groups: dict[tuple[str, bool], list[tuple[int, int, Optional[str]]]] = {}
+    groups: dict[tuple[str, bool], list[tuple[int, int, str | None]]] = {}
     for entry in entries:
         ports = entry.ports
         for proto, host in entry.listens:
@@ -672,7 +687,7 @@ def _findOverlaps(
         ports = entry.ports
         protos = [proto for proto, host in entry.listens]
         total = 0
-        first: Optional[tuple[tuple[int, int, int], ListenerKey, int]] = None
+        first: tuple[tuple[int, int, int], ListenerKey, int] | None = None
         for order, (proto, host) in enumerate(entry.listens):
             family = families.get((proto, ":" in host))
             if family is None:
@@ -707,7 +722,7 @@ class _MapReader:
     def error(self, line: int, message: str) -> None:
         self.errors.append((line, message))
 
-    def read(self, root: Optional[Node]) -> ProxyMap:
+    def read(self, root: Node | None) -> ProxyMap:
         if root is None:
             self.error(1, "the map is empty")
             self.raiseErrors()
@@ -765,7 +780,9 @@ class _MapReader:
         # dict: the first of equal errors, in the order found; a stable
         # sort keeps the errors of one line in that order.
         errors = sorted(dict.fromkeys(self.errors), key=itemgetter(0))
-        lines = [f"{self.path}:{line}: {message}" for line, message in errors[:MAX_ERRORS]]
+        lines = [
+            f"{self.path}:{line}: {message}" for line, message in errors[:MAX_ERRORS]
+        ]
         if len(errors) > MAX_ERRORS:
             more = len(errors) - MAX_ERRORS
             lines.append(
@@ -789,7 +806,11 @@ class _MapReader:
                 continue  # aliases may share, or even contain, a node
             seen.add(id(node))
             if isinstance(node, SequenceNode):
-                pending.extend(item for item in reversed(node.value) if type(item) is not ScalarNode)
+                pending.extend(
+                    item
+                    for item in reversed(node.value)
+                    if type(item) is not ScalarNode
+                )
             elif isinstance(node, MappingNode):
                 pairs = node.value
                 try:
@@ -848,7 +869,11 @@ class _MapReader:
                     result.setdefault(name, (keyNode, valueNode))
                     continue
             else:
-                name = keyNode.value if isinstance(keyNode, ScalarNode) else _describe(keyNode)
+                name = (
+                    keyNode.value
+                    if isinstance(keyNode, ScalarNode)
+                    else _describe(keyNode)
+                )
             unknown.append(name)
             self.error(
                 _line(keyNode),
@@ -859,7 +884,7 @@ class _MapReader:
                 self.error(_line(node), f"{prefix}missing key '{key}'")
         return result
 
-    def text(self, node: Node, key: str, expected: str, tags=(_STR,)) -> Optional[str]:
+    def text(self, node: Node, key: str, expected: str, tags=(_STR,)) -> str | None:
         """
         The text of a scalar value as written, or L{None} after reporting
         that the value is not one of the accepted YAML C{tags}.
@@ -886,7 +911,11 @@ class _MapReader:
         )
 
     def readSettings(
-        self, keys: dict[str, tuple[Node, Node]], prefix: str, base: _Settings, scope: str = ""
+        self,
+        keys: dict[str, tuple[Node, Node]],
+        prefix: str,
+        base: _Settings,
+        scope: str = "",
     ) -> _Settings:
         """
         Override C{base} with the settings among C{keys} (from L{keysOf});
@@ -894,13 +923,21 @@ class _MapReader:
         names the mapping, whose per-client limits count its own clients
         once it sets one of them.
         """
-        connect, idle, udp = base.timeouts.connect, base.timeouts.idle, base.timeouts.udp
+        connect, idle, udp = (
+            base.timeouts.connect,
+            base.timeouts.idle,
+            base.timeouts.udp,
+        )
         maxConnections = base.maxConnections
         if "connect_timeout" in keys:
-            value = self.duration(keys["connect_timeout"][1], prefix + "connect_timeout", True)
+            value = self.duration(
+                keys["connect_timeout"][1], prefix + "connect_timeout", True
+            )
             connect = connect if value is None else value
         if "idle_timeout" in keys:
-            value = self.duration(keys["idle_timeout"][1], prefix + "idle_timeout", False)
+            value = self.duration(
+                keys["idle_timeout"][1], prefix + "idle_timeout", False
+            )
             idle = idle if value is None else value
         if "udp_timeout" in keys:
             value = self.duration(keys["udp_timeout"][1], prefix + "udp_timeout", True)
@@ -933,7 +970,9 @@ class _MapReader:
             modes = " | ".join(CLIENT_ADDRESS_MODES)
             text = self.text(node, key, modes)
             if text is not None and text not in CLIENT_ADDRESS_MODES:
-                self.error(_line(node), f"{key}: unknown value '{text}' (expected {modes})")
+                self.error(
+                    _line(node), f"{key}: unknown value '{text}' (expected {modes})"
+                )
             elif text is not None:
                 clientAddress, line = text, _line(node)
         if "accept_proxy_protocol" in keys:
@@ -942,7 +981,9 @@ class _MapReader:
             if isinstance(node, SequenceNode):
                 networks = []
                 for item in node.value:
-                    cidr = self.text(item, key, "a network such as 10.0.0.0/8 or fd00::/8")
+                    cidr = self.text(
+                        item, key, "a network such as 10.0.0.0/8 or fd00::/8"
+                    )
                     if cidr is None:
                         continue
                     try:
@@ -983,7 +1024,11 @@ class _MapReader:
             self.error(line, f"{where} has no UDP form; use proxy_protocol_v2 for UDP")
         if not identity.transparent:
             return
-        if entry.target is not None and _isAddressLiteral(entry.target) and _isLoopback(entry.target):
+        if (
+            entry.target is not None
+            and _isAddressLiteral(entry.target)
+            and _isLoopback(entry.target)
+        ):
             self.error(
                 line,
                 f"{where} cannot reach a target on loopback ({entry.target}):"
@@ -996,7 +1041,11 @@ class _MapReader:
     # who may connect
 
     def readAccess(
-        self, keys: dict[str, tuple[Node, Node]], prefix: str, base: AccessPolicy, scope: str
+        self,
+        keys: dict[str, tuple[Node, Node]],
+        prefix: str,
+        base: AccessPolicy,
+        scope: str,
     ) -> AccessPolicy:
         """
         Override C{base} with the access settings among C{keys}: a list
@@ -1026,14 +1075,16 @@ class _MapReader:
             values["scope"] = scope
         return replace(base, **values) if values else base
 
-    def cidrs(self, node: Node, key: str) -> Optional[tuple[str, ...]]:
+    def cidrs(self, node: Node, key: str) -> tuple[str, ...] | None:
         """
         A list of CIDRs as normalized text (C{10.0.0.0/8}); L{None} after
         reporting every bad entry.
         """
         expected = "a list of CIDRs, as in [10.0.0.0/8, 2001:db8::/32]"
         if not isinstance(node, SequenceNode):
-            self.error(_line(node), f"{key}: expected {expected}, got {_describe(node)}")
+            self.error(
+                _line(node), f"{key}: expected {expected}, got {_describe(node)}"
+            )
             return None
         cidrs: list[str] = []
         good = True
@@ -1064,7 +1115,10 @@ class _MapReader:
                 if burst is None:
                     return None
                 if burst < 1:
-                    self.error(_line(parts["burst"][1]), f"{key}.burst: must be at least 1, got 0")
+                    self.error(
+                        _line(parts["burst"][1]),
+                        f"{key}.burst: must be at least 1, got 0",
+                    )
                     return None
             node = parts["rate"][1]
         if isinstance(node, ScalarNode) and node.tag == _INT and node.value == "0":
@@ -1074,7 +1128,9 @@ class _MapReader:
             return None
         match = _RATE.fullmatch(text.replace(" ", ""))
         if match is None:
-            self.error(_line(node), f"{key}: '{text}' is not a rate (expected {_RATE_FORMS})")
+            self.error(
+                _line(node), f"{key}: '{text}' is not a rate (expected {_RATE_FORMS})"
+            )
             return None
         perSecond = float(match.group(1))
         if perSecond == 0:
@@ -1083,7 +1139,7 @@ class _MapReader:
             burst = max(1, math.ceil(perSecond))
         return Rate(perSecond, burst)
 
-    def duration(self, node: Node, key: str, positive: bool) -> Optional[float]:
+    def duration(self, node: Node, key: str, positive: bool) -> float | None:
         """
         Seconds from a decimal number or a string of one with a unit;
         L{None} after reporting a bad value.
@@ -1096,7 +1152,8 @@ class _MapReader:
             match = _DURATION.fullmatch(text)
             if match is None:
                 self.error(
-                    _line(node), f"{key}: {_quote(text)} is not a duration ({_DURATION_FORMS})"
+                    _line(node),
+                    f"{key}: {_quote(text)} is not a duration ({_DURATION_FORMS})",
                 )
                 return None
             number, unit = match.group(1), match.group(2)
@@ -1116,24 +1173,33 @@ class _MapReader:
             self.error(_line(node), f"{key}: {_quote(text)} is too long a duration")
             return None
         if positive and seconds <= 0:
-            self.error(_line(node), f"{key}: must be more than 0, got {_quote(text, quotes=False)}")
+            self.error(
+                _line(node),
+                f"{key}: must be more than 0, got {_quote(text, quotes=False)}",
+            )
             return None
         if seconds < 0:
-            self.error(_line(node), f"{key}: must not be negative, got {_quote(text, quotes=False)}")
+            self.error(
+                _line(node),
+                f"{key}: must not be negative, got {_quote(text, quotes=False)}",
+            )
             return None
         return seconds
 
-    def count(self, node: Node, key: str) -> Optional[int]:
+    def count(self, node: Node, key: str) -> int | None:
         text = self.text(node, key, "a whole number (0 is unlimited)", (_INT,))
         if text is None:
             return None
         value = self.wholeNumber(text, node, key)
         if value is not None and value < 0:
-            self.error(_line(node), f"{key}: must not be negative, got {_quote(text, quotes=False)}")
+            self.error(
+                _line(node),
+                f"{key}: must not be negative, got {_quote(text, quotes=False)}",
+            )
             return None
         return value
 
-    def wholeNumber(self, text: str, node: Node, key: str) -> Optional[int]:
+    def wholeNumber(self, text: str, node: Node, key: str) -> int | None:
         """
         The value of a whole number written in decimal digits, optionally
         negative, at most L{MAX_WHOLE}; L{None} after reporting anything
@@ -1144,7 +1210,9 @@ class _MapReader:
             self.error(_line(node), f"{key}: {_notDecimal(text, node.tag)}")
             return None
         if len(digits) > len(str(MAX_WHOLE)) or int(digits) > MAX_WHOLE:
-            self.error(_line(node), f"{key}: {_quote(text)} is too large (at most {MAX_WHOLE})")
+            self.error(
+                _line(node), f"{key}: {_quote(text)} is too large (at most {MAX_WHOLE})"
+            )
             return None
         return int(text)
 
@@ -1155,7 +1223,8 @@ class _MapReader:
             return []
         if not isinstance(node, SequenceNode):
             self.error(
-                _line(node), f"mappings: expected a list of mappings, got {_describe(node)}"
+                _line(node),
+                f"mappings: expected a list of mappings, got {_describe(node)}",
             )
             return []
         entries = self.entries
@@ -1183,7 +1252,7 @@ class _MapReader:
 
     def readMapping(
         self, index: int, node: Node, defaults: _Settings, names: dict[str, int]
-    ) -> Optional[_Entry]:
+    ) -> _Entry | None:
         where = f"mappings[{index}]"
         if not isinstance(node, MappingNode):
             self.error(
@@ -1194,7 +1263,7 @@ class _MapReader:
         entry = _Entry(index=index, line=_line(node))
         keys = self.keysOf(node, where, MAPPING_KEYS, ("listen", "target"))
 
-        protos: Optional[list[str]] = [TCP]
+        protos: list[str] | None = [TCP]
         if "proto" in keys:
             protos = self.readProtos(keys["proto"][1])
 
@@ -1202,11 +1271,11 @@ class _MapReader:
         if "listen" in keys:
             listenNode = keys["listen"][1]
             entry.listenLine = _line(listenNode)
-            listenText = self.text(
-                listenNode, "listen", _LISTEN_FORM, (_STR, _INT)
-            )
+            listenText = self.text(listenNode, "listen", _LISTEN_FORM, (_STR, _INT))
             if listenText is not None:
-                parsed = self.listenAddress(listenText, listenNode, "listen", _LISTEN_FORM)
+                parsed = self.listenAddress(
+                    listenText, listenNode, "listen", _LISTEN_FORM
+                )
                 if parsed is not None:
                     host, ports = parsed
 
@@ -1250,12 +1319,14 @@ class _MapReader:
             self.checkIdentity(entry, protos)
         return entry
 
-    def readProtos(self, node: Node) -> Optional[list[str]]:
+    def readProtos(self, node: Node) -> list[str] | None:
         expected = "tcp, udp or a list of them"
         if isinstance(node, SequenceNode):
             items = node.value
             if not items:
-                self.error(_line(node), "proto: the list is empty (expected tcp, udp or both)")
+                self.error(
+                    _line(node), "proto: the list is empty (expected tcp, udp or both)"
+                )
                 return None
             if len(items) > len(PROTOCOLS):
                 # Not item by item: an alias may repeat a long list in
@@ -1274,7 +1345,10 @@ class _MapReader:
             if proto is None:
                 good = False
             elif proto not in PROTOCOLS:
-                self.error(_line(item), f"proto: {_quote(proto)} is not a protocol (expected tcp or udp)")
+                self.error(
+                    _line(item),
+                    f"proto: {_quote(proto)} is not a protocol (expected tcp or udp)",
+                )
                 good = False
             elif proto in protos:
                 self.error(_line(item), f"proto: {_quote(proto)} is listed twice")
@@ -1287,10 +1361,10 @@ class _MapReader:
         self,
         entry: _Entry,
         keys: dict[str, tuple[Node, Node]],
-        protos: Optional[list[str]],
-        listenText: Optional[str],
+        protos: list[str] | None,
+        listenText: str | None,
         names: dict[str, int],
-    ) -> Optional[str]:
+    ) -> str | None:
         """
         The mapping's name, given or by default C{<proto>-<listen>}; it
         must be unique, and C{names} remembers the ones taken.
@@ -1300,7 +1374,11 @@ class _MapReader:
             line = _line(nameNode)
             expected = "a name of letters, digits, '.', '_' and '-'"
             # YAML reads 80 as a number and yes/no/on/off as booleans.
-            if isinstance(nameNode, ScalarNode) and nameNode.tag in (_INT, _FLOAT, _BOOL):
+            if isinstance(nameNode, ScalarNode) and nameNode.tag in (
+                _INT,
+                _FLOAT,
+                _BOOL,
+            ):
                 self.error(
                     line,
                     f"name: expected {expected}, got {_describe(nameNode)}"
@@ -1312,12 +1390,14 @@ class _MapReader:
                 return None
             if _NAME.fullmatch(name) is None:
                 self.error(
-                    line, f"name: {_quote(name)} may only contain letters, digits, '.', '_' and '-'"
+                    line,
+                    f"name: {_quote(name)} may only contain letters, digits, '.', '_' and '-'",
                 )
                 return None
             if name in names:
                 self.error(
-                    line, f"name: '{name}' is already used by the mapping on line {names[name]}"
+                    line,
+                    f"name: '{name}' is already used by the mapping on line {names[name]}",
                 )
             else:
                 names[name] = entry.line
@@ -1337,7 +1417,7 @@ class _MapReader:
 
     # addresses
 
-    def ports(self, text: str, node: Node, key: str) -> Optional[_Ports]:
+    def ports(self, text: str, node: Node, key: str) -> _Ports | None:
         if len(text) < 5 and text.isascii() and text.isdigit() and text[0] != "0":
             port = int(text)  # the common case, a single port below 10000
             return _Ports(port, port, text)
@@ -1372,7 +1452,7 @@ class _MapReader:
 
     def splitHostPort(
         self, text: str, node: Node, key: str, form: str
-    ) -> Optional[tuple[Optional[str], bool, str]]:
+    ) -> tuple[str | None, bool, str] | None:
         """
         Split C{[HOST:]PORTS} into the host (L{None} when there is none),
         whether it was bracketed, and the ports; L{None} after reporting.
@@ -1380,15 +1460,20 @@ class _MapReader:
         if text.startswith("["):
             close = text.find("]")
             if close < 0:
-                self.error(_line(node), f"{key}: '[' without a matching ']' in {_quote(text)}")
+                self.error(
+                    _line(node), f"{key}: '[' without a matching ']' in {_quote(text)}"
+                )
                 return None
             rest = text[close + 1 :]
             if not rest:
-                self.error(_line(node), f"{key}: {_quote(text)} has no port (expected {form})")
+                self.error(
+                    _line(node), f"{key}: {_quote(text)} has no port (expected {form})"
+                )
                 return None
             if not rest.startswith(":"):
                 self.error(
-                    _line(node), f"{key}: expected ':' after ']' in {_quote(text)} (expected {form})"
+                    _line(node),
+                    f"{key}: expected ':' after ']' in {_quote(text)} (expected {form})",
                 )
                 return None
             return text[1:close], True, rest[1:]
@@ -1400,18 +1485,22 @@ class _MapReader:
             return None
         if ":" not in text:
             if _PORTS.fullmatch(text) is None and _looksLikeHost(text):
-                self.error(_line(node), f"{key}: {_quote(text)} has no port (expected {form})")
+                self.error(
+                    _line(node), f"{key}: {_quote(text)} has no port (expected {form})"
+                )
                 return None
             return None, False, text
         host, _, portText = text.rpartition(":")
         if not host:
-            self.error(_line(node), f"{key}: the host before ':' is empty in {_quote(text)}")
+            self.error(
+                _line(node), f"{key}: the host before ':' is empty in {_quote(text)}"
+            )
             return None
         return host, False, portText
 
     def listenAddress(
         self, text: str, node: Node, key: str, form: str
-    ) -> Optional[tuple[Optional[str], _Ports]]:
+    ) -> tuple[str | None, _Ports] | None:
         """
         A C{listen} value as a normalized host (L{None}: every interface)
         and its ports; L{None} after reporting a bad value.
@@ -1429,13 +1518,15 @@ class _MapReader:
             host = _ipLiteral(rawHost, bracketed)
             if host is None:
                 good = False
-                self.error(_line(node), f"{key}: {_notAnAddress(rawHost, bracketed, False)}")
+                self.error(
+                    _line(node), f"{key}: {_notAnAddress(rawHost, bracketed, False)}"
+                )
         ports = self.ports(portText, node, key)
         if not good or ports is None:
             return None
         return host, ports
 
-    def targetAddress(self, text: str, node: Node) -> Optional[tuple[str, _Ports]]:
+    def targetAddress(self, text: str, node: Node) -> tuple[str, _Ports] | None:
         """
         A C{target} value as a host (normalized IP literal or a host name)
         and its ports; L{None} after reporting a bad value.
@@ -1449,7 +1540,9 @@ class _MapReader:
             return None
         rawHost, bracketed, portText = split
         if rawHost is None:
-            self.error(_line(node), f"target: {_quote(text)} has no host (expected {form})")
+            self.error(
+                _line(node), f"target: {_quote(text)} has no host (expected {form})"
+            )
             return None
         host = _ipLiteral(rawHost, bracketed)
         good = True
@@ -1458,7 +1551,9 @@ class _MapReader:
                 host = rawHost
             else:
                 good = False
-                self.error(_line(node), f"target: {_notAnAddress(rawHost, bracketed, True)}")
+                self.error(
+                    _line(node), f"target: {_notAnAddress(rawHost, bracketed, True)}"
+                )
         elif host in (ANY_IPV4, ANY_IPV6):
             good = False
             self.error(
@@ -1470,7 +1565,7 @@ class _MapReader:
             return None
         return host, ports
 
-    def filePath(self, node: Node, key: str) -> Optional[str]:
+    def filePath(self, node: Node, key: str) -> str | None:
         """
         A file path, absolute, a relative one taken from the map's
         directory; L{None} after reporting a bad value.
@@ -1493,8 +1588,11 @@ class _MapReader:
     # TLS (docs/tls.md)
 
     def readTLS(
-        self, keys: dict[str, tuple[Node, Node]], protos: Optional[list[str]], name: Optional[str]
-    ) -> Optional[TLSSettings]:
+        self,
+        keys: dict[str, tuple[Node, Node]],
+        protos: list[str] | None,
+        name: str | None,
+    ) -> TLSSettings | None:
         """
         A mapping's C{tls}, C{target_tls} and C{sni_routes}; certificate
         and key files are read and checked now, so that C{check} and a
@@ -1507,7 +1605,10 @@ class _MapReader:
         where = f" (mapping '{name}')" if name else ""
         if protos is not None and UDP in protos:
             for key in given:
-                self.error(_line(keys[key][0]), f"{key}: TLS is for TCP only, and this mapping has proto udp")
+                self.error(
+                    _line(keys[key][0]),
+                    f"{key}: TLS is for TCP only, and this mapping has proto udp",
+                )
         if "sni_routes" in keys and ("tls" in keys or "target_tls" in keys):
             self.error(
                 _line(keys["sni_routes"][0]),
@@ -1528,10 +1629,11 @@ class _MapReader:
             return None
         return TLSSettings(terminate, originate, routes)
 
-    def readServerTLS(self, node: Node, where: str) -> Optional[ServerTLS]:
+    def readServerTLS(self, node: Node, where: str) -> ServerTLS | None:
         if not isinstance(node, MappingNode):
             self.error(
-                _line(node), f"tls: expected a mapping of {', '.join(TLS_KEYS)}, got {_describe(node)}"
+                _line(node),
+                f"tls: expected a mapping of {', '.join(TLS_KEYS)}, got {_describe(node)}",
             )
             return None
         keys = self.keysOf(node, "tls", TLS_KEYS, ("cert", "key"))
@@ -1557,7 +1659,9 @@ class _MapReader:
                         continue
                     prefix = f"tls.sni.{keyNode.value}"
                     pair = self.readKeyPair(
-                        self.keysOf(valueNode, prefix, ("cert", "key"), ("cert", "key")),
+                        self.keysOf(
+                            valueNode, prefix, ("cert", "key"), ("cert", "key")
+                        ),
                         prefix,
                         where,
                     )
@@ -1565,16 +1669,21 @@ class _MapReader:
                         byName.append((serverName, pair))
         clientCA = clientCAPem = None
         if "client_ca" in keys:
-            clientCA, clientCAPem = self.readAuthorities(keys["client_ca"][1], "tls.client_ca", where)
+            clientCA, clientCAPem = self.readAuthorities(
+                keys["client_ca"][1], "tls.client_ca", where
+            )
         minVersion = self.tlsVersion(keys, "tls")
         if default is None or minVersion is None:
             return None
         return ServerTLS(default, tuple(byName), clientCA, clientCAPem, minVersion)
 
-    def readTargetTLS(self, node: Node, where: str) -> Optional[TargetTLS]:
+    def readTargetTLS(self, node: Node, where: str) -> TargetTLS | None:
         if isinstance(node, ScalarNode) and node.tag == _BOOL:
             if not _scalars.construct_yaml_bool(node):
-                self.error(_line(node), "target_tls: leave it out to speak plain TCP to the target")
+                self.error(
+                    _line(node),
+                    "target_tls: leave it out to speak plain TCP to the target",
+                )
                 return None
             return TargetTLS()
         if not isinstance(node, MappingNode):
@@ -1590,10 +1699,15 @@ class _MapReader:
         if "ca" in keys:
             ca, caPem = self.readAuthorities(keys["ca"][1], "target_tls.ca", where)
         if "server_name" in keys:
-            serverName = self.serverName(keys["server_name"][1], "target_tls.server_name", False)
+            serverName = self.serverName(
+                keys["server_name"][1], "target_tls.server_name", False
+            )
         if "verify" in keys:
             verifyNode = keys["verify"][1]
-            if self.text(verifyNode, "target_tls.verify", "true or false", (_BOOL,)) is not None:
+            if (
+                self.text(verifyNode, "target_tls.verify", "true or false", (_BOOL,))
+                is not None
+            ):
                 verify = _scalars.construct_yaml_bool(verifyNode)
                 if not verify:
                     self.warning(
@@ -1603,7 +1717,10 @@ class _MapReader:
                     )
         if ("cert" in keys) != ("key" in keys):
             missing = "key" if "cert" in keys else "cert"
-            self.error(_line(node), f"target_tls: a client certificate needs both cert and key (missing {missing})")
+            self.error(
+                _line(node),
+                f"target_tls: a client certificate needs both cert and key (missing {missing})",
+            )
         elif "cert" in keys:
             client = self.readKeyPair(keys, "target_tls", where)
         minVersion = self.tlsVersion(keys, "target_tls")
@@ -1614,7 +1731,9 @@ class _MapReader:
     def readSNIRoutes(self, node: Node) -> tuple[tuple[str, Target], ...]:
         expected = "a mapping of server names (NAME or *.SUFFIX) to HOST:PORT targets"
         if not isinstance(node, MappingNode) or not node.value:
-            self.error(_line(node), f"sni_routes: expected {expected}, got {_describe(node)}")
+            self.error(
+                _line(node), f"sni_routes: expected {expected}, got {_describe(node)}"
+            )
             return ()
         routes = []
         for keyNode, valueNode in node.value:
@@ -1628,13 +1747,15 @@ class _MapReader:
                 continue
             host, ports = parsed
             if len(ports) != 1:
-                self.error(_line(valueNode), f"{key}: expected one port, got {ports.text}")
+                self.error(
+                    _line(valueNode), f"{key}: expected one port, got {ports.text}"
+                )
                 continue
             if serverName is not None:
                 routes.append((serverName, Target(host, ports.first)))
         return tuple(routes)
 
-    def serverName(self, node: Node, key: str, wildcard: bool = True) -> Optional[str]:
+    def serverName(self, node: Node, key: str, wildcard: bool = True) -> str | None:
         """
         A TLS server name: a host name, or (when C{wildcard}) C{*.SUFFIX};
         lower case.
@@ -1651,7 +1772,7 @@ class _MapReader:
 
     def readKeyPair(
         self, keys: dict[str, tuple[Node, Node]], prefix: str, where: str
-    ) -> Optional[KeyPair]:
+    ) -> KeyPair | None:
         if "cert" not in keys or "key" not in keys:
             return None
         certPath = self.filePath(keys["cert"][1], f"{prefix}.cert")
@@ -1668,7 +1789,9 @@ class _MapReader:
             self.warning(_line(keys["key"][1]), f"{prefix}.key: {problem}{where}")
         return pair
 
-    def readAuthorities(self, node: Node, key: str, where: str) -> tuple[Optional[str], Optional[bytes]]:
+    def readAuthorities(
+        self, node: Node, key: str, where: str
+    ) -> tuple[str | None, bytes | None]:
         path = self.filePath(node, key)
         if path is None:
             return None, None
@@ -1678,7 +1801,7 @@ class _MapReader:
             self.error(_line(node), f"{key}: {e}{where}")
             return None, None
 
-    def tlsVersion(self, keys: dict[str, tuple[Node, Node]], prefix: str) -> Optional[str]:
+    def tlsVersion(self, keys: dict[str, tuple[Node, Node]], prefix: str) -> str | None:
         if "min_version" not in keys:
             return "1.2"
         node = keys["min_version"][1]
@@ -1686,7 +1809,9 @@ class _MapReader:
         if text is None:
             return None
         if text not in tls.VERSIONS:
-            self.error(_line(node), f"{prefix}.min_version: expected 1.2 or 1.3, got {text}")
+            self.error(
+                _line(node), f"{prefix}.min_version: expected 1.2 or 1.3, got {text}"
+            )
             return None
         return text
 
@@ -1703,12 +1828,14 @@ class _MapReader:
             if count == 2:
                 message += "; 1 more of its listeners overlaps an earlier mapping"
             elif count > 2:
-                message += f"; {count - 1} more of its listeners overlap earlier mappings"
+                message += (
+                    f"; {count - 1} more of its listeners overlap earlier mappings"
+                )
             self.error(entry.listenLine, message)
 
     def readManhole(
         self, keyNode: Node, node: Node, entries: list[_Entry]
-    ) -> Optional[Manhole]:
+    ) -> Manhole | None:
         """
         The manhole section, which may not collide with the TCP listeners
         of C{entries}; L{None} when the section is empty or has errors.
@@ -1722,7 +1849,9 @@ class _MapReader:
             )
             return None
         errorsBefore = len(self.errors)
-        keys = self.keysOf(node, "manhole", MANHOLE_KEYS, ("listen", "authorized_keys", "host_key"))
+        keys = self.keysOf(
+            node, "manhole", MANHOLE_KEYS, ("listen", "authorized_keys", "host_key")
+        )
 
         host, port, allowRemote = self.serviceListen(keys, "manhole", entries)
 
@@ -1739,7 +1868,9 @@ class _MapReader:
                 keys["login_grace_time"][1], "manhole.login_grace_time", True
             )
         if "max_startups" in keys:
-            limits["maxStartups"] = self.count(keys["max_startups"][1], "manhole.max_startups")
+            limits["maxStartups"] = self.count(
+                keys["max_startups"][1], "manhole.max_startups"
+            )
 
         if len(self.errors) != errorsBefore:
             return None
@@ -1754,9 +1885,12 @@ class _MapReader:
         )
 
     def serviceListen(
-        self, keys: dict[str, tuple[Node, Node]], section: str, entries: list[_Entry],
-        default: Optional[tuple[str, int]] = None,
-    ) -> tuple[Optional[str], Optional[int], bool]:
+        self,
+        keys: dict[str, tuple[Node, Node]],
+        section: str,
+        entries: list[_Entry],
+        default: tuple[str, int] | None = None,
+    ) -> tuple[str | None, int | None, bool]:
         """
         The C{listen} and C{allow_remote} of a section that serves one TCP
         port of its own (the manhole, the HTTP endpoint): one port, on
@@ -1768,7 +1902,12 @@ class _MapReader:
         allowRemote = False
         if "allow_remote" in keys:
             remoteNode = keys["allow_remote"][1]
-            if self.text(remoteNode, f"{section}.allow_remote", "true or false", (_BOOL,)) is not None:
+            if (
+                self.text(
+                    remoteNode, f"{section}.allow_remote", "true or false", (_BOOL,)
+                )
+                is not None
+            ):
                 allowRemote = _scalars.construct_yaml_bool(remoteNode)
         if "listen" not in keys:
             host, port = default if default is not None else (None, None)
@@ -1784,7 +1923,9 @@ class _MapReader:
         host, ports = parsed
         host = MANHOLE_HOST if host is None else host
         if "-" in ports.text:
-            self.error(_line(listenNode), f"{where}: expected one port, got {ports.text}")
+            self.error(
+                _line(listenNode), f"{where}: expected one port, got {ports.text}"
+            )
             return None, None, allowRemote
         port = ports.first
         if not allowRemote and not _isLoopback(host):
@@ -1799,7 +1940,10 @@ class _MapReader:
                 for entry in entries
                 if entry.ports is not None
                 and entry.ports.first <= port <= entry.ports.last
-                and any(proto == TCP and _overlaps(other, host) for proto, other in entry.listens)
+                and any(
+                    proto == TCP and _overlaps(other, host)
+                    for proto, other in entry.listens
+                )
             ),
             None,
         )
@@ -1811,8 +1955,8 @@ class _MapReader:
         return host, port, allowRemote
 
     def readHttp(
-        self, keyNode: Node, node: Node, entries: list[_Entry], manhole: Optional[Manhole]
-    ) -> Optional[Http]:
+        self, keyNode: Node, node: Node, entries: list[_Entry], manhole: Manhole | None
+    ) -> Http | None:
         """
         The C{http} section (C{http: {}} listens on L{HTTP_LISTEN}); it may
         not collide with the TCP listeners of C{entries} nor the manhole.
@@ -1850,7 +1994,7 @@ class _MapReader:
             return None
         return Http(host=host, port=port, allowRemote=allowRemote, line=_line(keyNode))
 
-    def readLogFormat(self, node: Node) -> Optional[str]:
+    def readLogFormat(self, node: Node) -> str | None:
         value = self.text(node, "log_format", " or ".join(LOG_FORMATS))
         if value is not None and value not in LOG_FORMATS:
             self.error(
@@ -1860,8 +2004,7 @@ class _MapReader:
             return None
         return value
 
-
-    def readControl(self, keyNode: Node, node: Node) -> Optional[Control]:
+    def readControl(self, keyNode: Node, node: Node) -> Control | None:
         """
         The control socket section; L{None} when it is empty or has errors.
         """
@@ -1894,10 +2037,15 @@ class _MapReader:
         if "mode" in keys:
             modeNode = keys["mode"][1]
             # Written as octal, whether YAML reads 0600 as a number or not.
-            text = self.text(modeNode, "control.mode", "a file mode such as 0600", (_INT, _STR))
+            text = self.text(
+                modeNode, "control.mode", "a file mode such as 0600", (_INT, _STR)
+            )
             if text is not None:
                 digits = text[2:] if text[:2] in ("0o", "0O") else text
-                if re.fullmatch(r"[0-7]{1,4}", digits) is None or int(digits, 8) > 0o777:
+                if (
+                    re.fullmatch(r"[0-7]{1,4}", digits) is None
+                    or int(digits, 8) > 0o777
+                ):
                     self.error(
                         _line(modeNode),
                         f"control.mode: '{text}' is not a file mode (octal, 0000-0777,"
@@ -1929,7 +2077,10 @@ def _buildMapping(entry: _Entry) -> Mapping:
         single = Target(targetHost, targetPorts.first)
         targets = [single] * len(ports)
     else:
-        targets = [Target(targetHost, port) for port in range(targetPorts.first, targetPorts.last + 1)]
+        targets = [
+            Target(targetHost, port)
+            for port in range(targetPorts.first, targetPorts.last + 1)
+        ]
     settings = entry.settings
     identity, access, tls = settings.identity, settings.access, entry.tls
     byProto: dict[str, list[str]] = {}
@@ -1937,7 +2088,17 @@ def _buildMapping(entry: _Entry) -> Mapping:
         byProto.setdefault(proto, []).append(host)
     listeners = tuple(
         Listener(
-            name, proto, host, port, target, timeouts, maxConnections, identity, access, line, tls
+            name,
+            proto,
+            host,
+            port,
+            target,
+            timeouts,
+            maxConnections,
+            identity,
+            access,
+            line,
+            tls,
         )
         for proto, hosts in byProto.items()
         for port, target in zip(range(ports.first, ports.last + 1), targets)
@@ -1946,7 +2107,7 @@ def _buildMapping(entry: _Entry) -> Mapping:
     return Mapping(name=name, listeners=listeners, line=line)
 
 
-def _fastAddress(text: str) -> Optional[tuple[str, _Ports]]:
+def _fastAddress(text: str) -> tuple[str, _Ports] | None:
     """
     The host and port of C{IPV4:PORT} in the form ipaddress prints, the
     common case, read with one regular expression; L{None} for anything
@@ -1977,7 +2138,7 @@ def _usablePath(path: str) -> bool:
     return True
 
 
-def _ipLiteral(host: str, bracketed: bool) -> Optional[str]:
+def _ipLiteral(host: str, bracketed: bool) -> str | None:
     """
     The normalized text of an IP literal (IPv6 when C{bracketed}, IPv4
     otherwise), or L{None} when C{host} is not one.
@@ -2027,7 +2188,9 @@ def _notAnAddress(host: str, bracketed: bool, nameAllowed: bool) -> str:
     if bracketed:
         if "%" in host:
             return f"{_quote(f'[{host}]')}: IPv6 zone indexes ('%') are not supported"
-        return f"{_quote(f'[{host}]')} is not an IPv6 address (brackets are for IPv6 only)"
+        return (
+            f"{_quote(f'[{host}]')} is not an IPv6 address (brackets are for IPv6 only)"
+        )
     if re.fullmatch(r"[0-9.]+", host):
         return f"{_quote(host)} is not a valid IPv4 address"
     if nameAllowed:

@@ -24,7 +24,14 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
 
-from twistedproxy.model import PROTOCOLS, Control, Listener, ListenerKey, Target, formatHostPort
+from twistedproxy.model import (
+    PROTOCOLS,
+    Control,
+    Listener,
+    ListenerKey,
+    Target,
+    formatHostPort,
+)
 from twistedproxy.service import PublishRefused
 
 log = Logger(namespace="portproxy")
@@ -109,10 +116,15 @@ def requestedListener(
     @raise Refused: an argument is not usable.
     """
     if proto not in PROTOCOLS:
-        raise Refused(f"protocol {proto!r} is not supported by portproxy (only tcp and udp)")
+        raise Refused(
+            f"protocol {proto!r} is not supported by portproxy (only tcp and udp)"
+        )
     host = _address(hostIP, "host address")
     port = _port(hostPort, "host port")
-    target = Target(_address(containerIP, "container address"), _port(containerPort, "container port"))
+    target = Target(
+        _address(containerIP, "container address"),
+        _port(containerPort, "container port"),
+    )
     if target.host in ("0.0.0.0", "::"):
         raise Refused(f"container address {containerIP} is the wildcard address")
     return Listener(publishedName(proto, host, port), proto, host, port, target)
@@ -137,10 +149,16 @@ def adoptSocket(fd: int, listener: Listener) -> socket.socket:
         bound = skt.getsockname()
     except OSError:
         bound = None
-    if skt.type != kind or skt.family != family or not bound or (
-        str(ipaddress.ip_address(bound[0])),
-        bound[1],
-    ) != (listener.host, listener.port):
+    if (
+        skt.type != kind
+        or skt.family != family
+        or not bound
+        or (
+            str(ipaddress.ip_address(bound[0])),
+            bound[1],
+        )
+        != (listener.host, listener.port)
+    ):
         skt.close()
         raise Refused(
             f"the passed socket is not a {listener.proto} socket bound to {listener.listen}"
@@ -163,9 +181,13 @@ class ControlProtocol(amp.AMP):
         self.leased: dict[str, ListenerKey] = {}
 
     @Publish.responder
-    def publish(self, proto, host_ip, host_port, container_ip, container_port, listen_fd=None):
+    def publish(
+        self, proto, host_ip, host_port, container_ip, container_port, listen_fd=None
+    ):
         try:
-            listener = requestedListener(proto, host_ip, host_port, container_ip, container_port)
+            listener = requestedListener(
+                proto, host_ip, host_port, container_ip, container_port
+            )
         except Refused:
             if listen_fd is not None:
                 os.close(listen_fd)
@@ -298,4 +320,7 @@ def _removeStale(path: str) -> None:
         return
     finally:
         probe.close()
-    raise OSError(errno.EADDRINUSE, "another process listens on it (is portproxy running already?)")
+    raise OSError(
+        errno.EADDRINUSE,
+        "another process listens on it (is portproxy running already?)",
+    )

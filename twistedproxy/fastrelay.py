@@ -18,7 +18,7 @@ caller keeps its pure-Python relay.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReadDescriptor
@@ -55,8 +55,17 @@ class EngineFlow:
     """
 
     __slots__ = (
-        "id", "listener", "client", "started", "reason",
-        "_relay", "_baseIn", "_baseOut", "_seen", "_final", "_onEnded",
+        "_baseIn",
+        "_baseOut",
+        "_final",
+        "_onEnded",
+        "_relay",
+        "_seen",
+        "client",
+        "id",
+        "listener",
+        "reason",
+        "started",
     )
 
     def __init__(
@@ -254,7 +263,9 @@ class FastRelay:
         try:
             self.engine.adopt(clientFd, targetFd, flowId, idleTimeout, exclusive)
         except (OSError, RuntimeError, MemoryError) as e:
-            log.warn("relay engine refused flow {flowId}: {error}", flowId=flowId, error=e)
+            log.warn(
+                "relay engine refused flow {flowId}: {error}", flowId=flowId, error=e
+            )
             return False
         self._onEnd[flowId] = onEnd
         if not self._watching:
@@ -280,10 +291,18 @@ class FastRelay:
             changed; the caller keeps relaying in Python).
         """
         engineFlow = EngineFlow(
-            self, flow.id, flow.listener, flow.client, flow.started, onEnded,
-            flow.bytesIn, flow.bytesOut,
+            self,
+            flow.id,
+            flow.listener,
+            flow.client,
+            flow.started,
+            onEnded,
+            flow.bytesIn,
+            flow.bytesOut,
         )
-        if self.adopt(clientTransport, targetTransport, flow.id, idleTimeout, engineFlow._ended):
+        if self.adopt(
+            clientTransport, targetTransport, flow.id, idleTimeout, engineFlow._ended
+        ):
             return engineFlow
         return None
 

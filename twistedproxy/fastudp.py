@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import socket
-from typing import Optional
 
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.posixbase import PosixReactorBase
@@ -154,8 +153,15 @@ class UDPEngine:
         return ended
 
     def addSession(
-        self, owner, key: bytes, skt: socket.socket, flowId: int, timeout: float,
-        prefix: bytes = b"", headers: int = 0, rate=None,
+        self,
+        owner,
+        key: bytes,
+        skt: socket.socket,
+        flowId: int,
+        timeout: float,
+        prefix: bytes = b"",
+        headers: int = 0,
+        rate=None,
     ) -> None:
         """
         Give the connected socket C{skt} of a new session to the engine,
@@ -178,7 +184,7 @@ class UDPEngine:
         skt.detach()
         self._flows[flowId] = owner
 
-    def firstPending(self, key: bytes) -> Optional[bytes]:
+    def firstPending(self, key: bytes) -> bytes | None:
         """
         The first datagram the engine holds for a client without a
         session, or L{None}.
@@ -192,7 +198,7 @@ class UDPEngine:
         """
         return self.engine.dropPending(key)
 
-    def closeSession(self, flowId: int) -> Optional[tuple[int, int]]:
+    def closeSession(self, flowId: int) -> tuple[int, int] | None:
         """
         End a session now; its counters, or L{None} when the engine ended
         it already (its expiry is reported by L{doRead}).
@@ -202,13 +208,13 @@ class UDPEngine:
             self._flows.pop(flowId, None)
         return counters
 
-    def counters(self, flowId: int) -> Optional[tuple[int, int]]:
+    def counters(self, flowId: int) -> tuple[int, int] | None:
         """
         Bytes from and to the client of an open session.
         """
         return self.engine.counters(flowId)
 
-    def listenerCounters(self, listenerId: int) -> Optional[tuple[int, int, int]]:
+    def listenerCounters(self, listenerId: int) -> tuple[int, int, int] | None:
         """
         A listener's open sessions in the engine; the datagrams of new
         clients it dropped: those of clients over the bound of held
@@ -235,7 +241,7 @@ class UDPEngine:
 _KEY_LOCAL = 32
 
 
-def localAddress(key: bytes, client: tuple) -> Optional[bytes]:
+def localAddress(key: bytes, client: tuple) -> bytes | None:
     """
     The local address, packed, that the client of an engine's C{key} sent
     to, or L{None} when the listener is bound to one address.
@@ -248,7 +254,7 @@ def localAddress(key: bytes, client: tuple) -> Optional[bytes]:
 _engines: dict[int, UDPEngine] = {}
 
 
-def engineFor(reactor) -> Optional[UDPEngine]:
+def engineFor(reactor) -> UDPEngine | None:
     """
     The engine of C{reactor}, started on first use and stopped when the
     reactor shuts down; L{None} when UDP listeners should forward datagrams

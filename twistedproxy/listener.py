@@ -14,14 +14,15 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
-from twistedproxy.metrics import Durations
 from twistedproxy import access as _access
 from twistedproxy.access import clientKey, hostOf
+from twistedproxy.metrics import Durations
 from twistedproxy.model import Listener, formatHostPort
 
 log = Logger(namespace="portproxy")
@@ -88,11 +89,15 @@ class AccessLog:
         now = self.reactor.seconds()
         if now - self._lastWrite >= self.window:
             self._lastWrite = now
-            log.info("{access}", access=line, flow=row[0], reason=row[-1], accessRows=(row,))
+            log.info(
+                "{access}", access=line, flow=row[0], reason=row[-1], accessRows=(row,)
+            )
             return
         self._pending.append(line)
         self._pendingRows.append(row)
-        self._flushCall = self.reactor.callLater(self._lastWrite + self.window - now, self.flush)
+        self._flushCall = self.reactor.callLater(
+            self._lastWrite + self.window - now, self.flush
+        )
         if not self._atShutdown:
             self._atShutdown = True
             self.reactor.addSystemEventTrigger("after", "shutdown", self.flush)
@@ -108,7 +113,9 @@ class AccessLog:
         rows, self._pendingRows = self._pendingRows, []
         if lines:
             self._lastWrite = self.reactor.seconds()
-            log.info("{access}", access="\n".join(lines), flows=len(lines), accessRows=rows)
+            log.info(
+                "{access}", access="\n".join(lines), flows=len(lines), accessRows=rows
+            )
 
 
 #: What an access row holds, in order: the flow's id, its L{Listener}
@@ -116,7 +123,14 @@ class AccessLog:
 #: seconds, bytes from and to the client, the subject of a TLS client's
 #: certificate (or L{None}), and why it ended.
 ACCESS_ROW = (
-    "flow", "listener", "client", "duration", "bytes_in", "bytes_out", "peer", "reason",
+    "flow",
+    "listener",
+    "client",
+    "duration",
+    "bytes_in",
+    "bytes_out",
+    "peer",
+    "reason",
 )
 
 
@@ -152,7 +166,14 @@ class Counters:
     relay hot path adds to one integer per chunk and no more.
     """
 
-    __slots__ = ("total", "rejected", "bytesIn", "bytesOut", "rejectedBy", "connectFailed")
+    __slots__ = (
+        "bytesIn",
+        "bytesOut",
+        "connectFailed",
+        "rejected",
+        "rejectedBy",
+        "total",
+    )
 
     def __init__(self) -> None:
         self.total = 0
@@ -274,7 +295,9 @@ class ListenerService(Service, Notices):
         self._denied = access.denied
         self._allowed = access.allowed
         self._perClient = access.perClient
-        self._checked = self._denied is not None or self._allowed is not None or self._perClient
+        self._checked = (
+            self._denied is not None or self._allowed is not None or self._perClient
+        )
 
     def disable(self) -> None:
         """
@@ -448,7 +471,7 @@ def connectFailureKind(reason: str) -> str:
     a timeout is C{"timeout"} whatever its length, a name that did not
     resolve is C{"no address"}.
     """
-    why = reason[len(CONNECT_FAILED):]
+    why = reason[len(CONNECT_FAILED) :]
     if why.startswith("timed out"):
         return "timeout"
     if why.startswith("no address for"):
@@ -499,4 +522,3 @@ def clientAddress(address) -> str:
     else:
         host, port = address.host, address.port
     return formatHostPort(host, port)
-

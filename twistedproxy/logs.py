@@ -22,8 +22,7 @@ first two lines.  A custom C{--logger} or C{--syslog} is left alone.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
-from typing import Optional
+from datetime import UTC, datetime
 
 from twisted.logger import FileLogObserver, formatEvent
 
@@ -58,7 +57,7 @@ def useLogFormat(name: str) -> None:
             delattr(observer, _TEXT)
 
 
-def twistdJSONObserver(twistdOptions) -> Optional[FileLogObserver]:
+def twistdJSONObserver(twistdOptions) -> FileLogObserver | None:
     """
     The file observer twistd would make from C{twistdOptions}, writing JSON
     lines; L{None} when twistd was told to log elsewhere (C{--logger},
@@ -74,7 +73,7 @@ def twistdJSONObserver(twistdOptions) -> Optional[FileLogObserver]:
     return observer
 
 
-def jsonLines(event: dict) -> Optional[str]:
+def jsonLines(event: dict) -> str | None:
     """
     An event as JSON lines: one object per flow for an access event (a
     batch of access lines too), one object for any other event.
@@ -143,7 +142,7 @@ def _jsonable(value):
     return str(value)
 
 
-def _isoTime(seconds: Optional[float]) -> Optional[str]:
+def _isoTime(seconds: float | None) -> str | None:
     if seconds is None:
         return None
-    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")

@@ -346,7 +346,9 @@ class ManholeKeyChecker(SSHPublicKeyChecker):
 
     def requestAvatarId(self, credentials):
         if credentials.algName in SHA1_SIGNATURES:
-            d = fail(UnauthorizedLogin(f"{credentials.algName!r} signatures are refused"))
+            d = fail(
+                UnauthorizedLogin(f"{credentials.algName!r} signatures are refused")
+            )
         else:
             d = SSHPublicKeyChecker.requestAvatarId(self, credentials)
 
@@ -507,7 +509,10 @@ class ManholeTransport(SSHServerTransport):
         # not offer an RSA user key at all (ssh-rsa is off by default).
         # Announce every algorithm the checker can verify instead.
         extensions = [
-            (name, b",".join(USER_KEY_ALGORITHMS) if name == b"server-sig-algs" else value)
+            (
+                name,
+                b",".join(USER_KEY_ALGORITHMS) if name == b"server-sig-algs" else value,
+            )
             for name, value in extensions
         ]
         SSHServerTransport.sendExtInfo(self, extensions)
@@ -559,7 +564,6 @@ class ManholeTransport(SSHServerTransport):
         self.factory.unauthenticated.discard(self)
 
 
-
 class ManholeUserAuth(userauth.SSHUserAuthServer):
     """
     Twisted's user authentication service, quiet, remembering the key a
@@ -593,7 +597,8 @@ class ManholeChannel(session.SSHSession):
     def request_shell(self, data: bytes) -> int:
         # Twisted's own logs the request, then does this.
         return self._shellOrCommand(
-            prepare=lambda: True, complete=lambda pp, ignored: self._session.openShell(pp)
+            prepare=lambda: True,
+            complete=lambda pp, ignored: self._session.openShell(pp),
         )
 
 

@@ -12,12 +12,26 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from typing import Iterator
+from collections.abc import Iterator
 
 #: Upper bounds, in seconds, of the connection duration histogram's buckets.
 DURATION_BUCKETS = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    300.0, 1800.0, 3600.0,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    1800.0,
+    3600.0,
 )
 
 
@@ -204,7 +218,9 @@ class ProxyCollector:
             buckets, cumulative = [], 0
             for bound, count in zip(DURATION_BUCKETS + (float("inf"),), counts):
                 cumulative += count
-                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+                buckets.append(
+                    ("+Inf" if bound == float("inf") else repr(bound), cumulative)
+                )
             durations.add_metric(values, buckets, seconds)
         yield from (opened, total, rejected, connectFailed, bytesIn, bytesOut, dropped)
         yield from (listeners, durations)
@@ -244,12 +260,14 @@ class ProxyCollector:
         engines.add_metric(["tcp_relay"], 0 if proxy.fastRelay is None else 1)
         udpServices = [s for s in proxy.allListeners() if s.proto == "udp"]
         engines.add_metric(
-            ["udp"], 1 if udpServices and all(s.engine is not None for s in udpServices) else 0
+            ["udp"],
+            1 if udpServices and all(s.engine is not None for s in udpServices) else 0,
         )
         yield engines
         if proxy.fastRelay is not None:
             engineFlows = GaugeMetricFamily(
-                "portproxy_tcp_relay_flows", "TCP connections the compiled relay engine carries."
+                "portproxy_tcp_relay_flows",
+                "TCP connections the compiled relay engine carries.",
             )
             engineFlows.add_metric([], proxy.fastRelay.flowCount())
             yield engineFlows

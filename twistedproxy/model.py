@@ -10,9 +10,10 @@ a complete new map beside the running one and compare the two.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Iterator, NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from twistedproxy.access import AddressSet
@@ -106,7 +107,7 @@ class ClientIdentity:
         return bool(self.clientAddress or self.acceptProxyProtocol)
 
     @cached_property
-    def _networks(self) -> "AddressSet":
+    def _networks(self) -> AddressSet:
         return _addressSet(self.acceptProxyProtocol)
 
     def trusts(self, host: str) -> bool:
@@ -169,8 +170,8 @@ class ServerTLS:
 
     default: KeyPair
     byName: tuple[tuple[str, KeyPair], ...] = ()
-    clientCA: Optional[str] = None
-    clientCAPem: Optional[bytes] = field(default=None, repr=False)
+    clientCA: str | None = None
+    clientCAPem: bytes | None = field(default=None, repr=False)
     minVersion: str = "1.2"
 
 
@@ -187,11 +188,11 @@ class TargetTLS:
     @ivar client: the proxy's own certificate for targets that ask for one.
     """
 
-    ca: Optional[str] = None
-    caPem: Optional[bytes] = field(default=None, repr=False)
-    serverName: Optional[str] = None
+    ca: str | None = None
+    caPem: bytes | None = field(default=None, repr=False)
+    serverName: str | None = None
     verify: bool = True
-    client: Optional[KeyPair] = None
+    client: KeyPair | None = None
     minVersion: str = "1.2"
 
 
@@ -203,8 +204,8 @@ class TLSSettings:
     order; the listener's own target is the default route).
     """
 
-    terminate: Optional[ServerTLS] = None
-    originate: Optional[TargetTLS] = None
+    terminate: ServerTLS | None = None
+    originate: TargetTLS | None = None
     sniRoutes: tuple[tuple[str, Target], ...] = ()
 
 
@@ -252,12 +253,12 @@ class AccessPolicy:
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
     maxPerClient: int = 0
-    newPerClient: Optional[Rate] = None
-    datagramsPerClient: Optional[Rate] = None
+    newPerClient: Rate | None = None
+    datagramsPerClient: Rate | None = None
     scope: str = ""
 
     @cached_property
-    def allowed(self) -> Optional[AddressSet]:
+    def allowed(self) -> AddressSet | None:
         """
         The C{allow} list as an L{AddressSet}; L{None} lets everyone in.
         """
@@ -266,7 +267,7 @@ class AccessPolicy:
         return _addressSet(self.allow)
 
     @cached_property
-    def denied(self) -> Optional[AddressSet]:
+    def denied(self) -> AddressSet | None:
         if not self.deny:
             return None
         return _addressSet(self.deny)
@@ -315,7 +316,7 @@ class Listener:
     identity: ClientIdentity = ClientIdentity()
     access: AccessPolicy = OPEN
     line: int = field(default=0, compare=False)
-    tls: Optional[TLSSettings] = None
+    tls: TLSSettings | None = None
 
     @property
     def key(self) -> ListenerKey:
@@ -426,14 +427,14 @@ class ProxyMap:
 
     path: str
     mappings: tuple[Mapping, ...] = ()
-    manhole: Optional[Manhole] = None
-    http: Optional[Http] = None
+    manhole: Manhole | None = None
+    http: Http | None = None
     logFormat: str = "text"
     #: C{FILE:LINE: warning: ...} lines about a valid map (a TLS check
     #: turned off, a key file others can read); C{check} prints them and
     #: the proxy logs them.
     warnings: tuple[str, ...] = field(default=(), compare=False)
-    control: Optional[Control] = None
+    control: Control | None = None
 
     def listeners(self) -> Iterator[Listener]:
         for mapping in self.mappings:

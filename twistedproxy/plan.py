@@ -6,7 +6,6 @@ one, by listener key (protocol, address, port).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from twistedproxy.model import Http, Listener, Manhole, ProxyMap
 
@@ -34,10 +33,10 @@ class Plan:
     removed: tuple[Listener, ...]
     changed: tuple[Listener, ...]
     kept: tuple[Listener, ...]
-    manhole: Optional[Manhole] = None
-    manholeAction: Optional[str] = None
-    http: Optional[Http] = None
-    httpAction: Optional[str] = None
+    manhole: Manhole | None = None
+    manholeAction: str | None = None
+    http: Http | None = None
+    httpAction: str | None = None
 
 
 def diff(old: ProxyMap, new: ProxyMap) -> Plan:
@@ -68,7 +67,7 @@ def diff(old: ProxyMap, new: ProxyMap) -> Plan:
     )
 
 
-def _sectionAction(old, new) -> Optional[str]:
+def _sectionAction(old, new) -> str | None:
     """
     What a reload does to a section with a socket of its own (the manhole,
     the HTTP endpoint): see L{Plan.manholeAction}.

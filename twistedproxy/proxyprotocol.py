@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import socket
 import struct
-from typing import Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import NamedTuple, Optional, Union
 
 from twisted.internet.interfaces import IReadDescriptor
 from zope.interface import implementer
@@ -72,7 +73,7 @@ NEED_MORE = None
 #: L{parse}'s answer for bytes that are no header at all: C{(0, None)}.
 NO_HEADER = (0, None)
 
-Parsed = Optional[tuple[int, Optional[Addresses]]]
+Parsed = Optional[tuple[int, Addresses | None]]
 
 
 def encode(version: int, addresses: Addresses, datagram: bool = False) -> bytes:
@@ -186,7 +187,9 @@ def _parseV1(data: bytes) -> Parsed:
         source = _v1Address(af, words[2])
         destination = _v1Address(af, words[3])
     except (OSError, UnicodeDecodeError):
-        raise HeaderError(f"PROXY v1 header with an address that is not {family.decode()}")
+        raise HeaderError(
+            f"PROXY v1 header with an address that is not {family.decode()}"
+        )
     return end + 2, Addresses(
         (source, _v1Port(words[4])), (destination, _v1Port(words[5]))
     )
@@ -211,7 +214,7 @@ def _v1Port(word: bytes) -> int:
 HEADERS_NONE, HEADERS_TAKE, HEADERS_REFUSE = 0, 1, 2
 
 
-def datagramHeader(mode: int, data: bytes) -> tuple[int, Optional[Addresses]]:
+def datagramHeader(mode: int, data: bytes) -> tuple[int, Addresses | None]:
     """
     The PROXY v2 header at the start of a client's datagram, for a
     session's C{mode}: its length (0 when there is none, or the mode takes
@@ -284,7 +287,9 @@ class HeaderReader:
         except BlockingIOError:
             return
         except OSError as e:
-            self._finish(HeaderError(f"client failed before its PROXY header: {e.strerror}"))
+            self._finish(
+                HeaderError(f"client failed before its PROXY header: {e.strerror}")
+            )
             return
         if not peeked:
             self._finish(HeaderError("client closed before its PROXY header"))
@@ -305,12 +310,18 @@ class HeaderReader:
             if read:
                 # What was consumed cannot be put back: the client's
                 # stream would miss its first bytes.
-                self._finish(HeaderError("first bytes began like a PROXY header and were not one"))
+                self._finish(
+                    HeaderError(
+                        "first bytes began like a PROXY header and were not one"
+                    )
+                )
             else:
                 self._finish(None)
             return
         if not self.trusted:
-            self._finish(HeaderError("PROXY header from a source not in accept_proxy_protocol"))
+            self._finish(
+                HeaderError("PROXY header from a source not in accept_proxy_protocol")
+            )
             return
         self._consume(length - len(read), data[:length])
         if self.done is not None:
@@ -320,7 +331,9 @@ class HeaderReader:
         try:
             got = self.socket.recv(count)
         except OSError as e:
-            self._finish(HeaderError(f"client failed before its PROXY header: {e.strerror}"))
+            self._finish(
+                HeaderError(f"client failed before its PROXY header: {e.strerror}")
+            )
             return
         if len(got) != count:
             # Peeked bytes are there to read: only a bug gets here.

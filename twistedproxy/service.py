@@ -11,10 +11,15 @@ from __future__ import annotations
 import signal
 import socket
 import sys
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    inlineCallbacks,
+    maybeDeferred,
+)
 from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
@@ -24,7 +29,15 @@ from twistedproxy.config import _overlaps as overlaps
 from twistedproxy.listener import IFlow, ListenerService, fastPathWanted
 from twistedproxy.logs import useLogFormat
 from twistedproxy.metrics import ReloadCounts
-from twistedproxy.model import ANY_IPV6, TCP, UDP, Listener, ListenerKey, Mapping, ProxyMap
+from twistedproxy.model import (
+    ANY_IPV6,
+    TCP,
+    UDP,
+    Listener,
+    ListenerKey,
+    Mapping,
+    ProxyMap,
+)
 from twistedproxy.plan import diff
 from twistedproxy.systemd import InheritedSockets
 
@@ -111,7 +124,9 @@ def _inReactorThreadPool(reactor) -> Callable[..., Deferred]:
     """
 
     def inThread(f, *args) -> Deferred:
-        return deferToThreadPool(reactor, reactor.getThreadPool(), _yieldingOften, f, *args)
+        return deferToThreadPool(
+            reactor, reactor.getThreadPool(), _yieldingOften, f, *args
+        )
 
     return inThread
 
@@ -141,14 +156,14 @@ class ProxyService(MultiService):
         proxyMap: ProxyMap,
         reactor=None,
         load: Callable[[str], ProxyMap] = loadMap,
-        listenerTypes: Optional[dict] = None,
+        listenerTypes: dict | None = None,
         manholeType=None,
         httpType=None,
         ipv6Available: Callable[[], bool] = _ipv6Available,
         relayEngine=_relayEngine,
-        inherited: Optional[InheritedSockets] = None,
+        inherited: InheritedSockets | None = None,
         controlType=None,
-        inThread: Optional[Callable[..., Deferred]] = None,
+        inThread: Callable[..., Deferred] | None = None,
     ) -> None:
         """
         @param load: reads and checks a map file; a pure function, run by
@@ -298,9 +313,9 @@ class ProxyService(MultiService):
     def _bindListener(
         self,
         listener: Listener,
-        adopted: Optional[socket.socket] = None,
+        adopted: socket.socket | None = None,
         published: bool = False,
-    ) -> tuple[Optional[ListenerService], Optional[str]]:
+    ) -> tuple[ListenerService | None, str | None]:
         """
         A bound listener service, or a message saying why there is none.
         A wildcard IPv6 listener on a host without IPv6 is skipped with a
@@ -352,7 +367,7 @@ class ProxyService(MultiService):
             f"for mapping '{listener.mapping}': {problem}"
         )
 
-    def _overlapping(self, listener: Listener, published: bool) -> Optional[str]:
+    def _overlapping(self, listener: Listener, published: bool) -> str | None:
         """
         What C{listener} would overlap, in words: a published listener
         may overlap nothing of the map or of the other published ones; a
@@ -428,7 +443,7 @@ class ProxyService(MultiService):
             unbound.append(listener)
         return unbound
 
-    def findFlow(self, flowId: int) -> Optional[IFlow]:
+    def findFlow(self, flowId: int) -> IFlow | None:
         for service in self.allListeners():
             flow = service.flows.get(flowId)
             if flow is not None:
@@ -467,7 +482,7 @@ class ProxyService(MultiService):
     # -- mappings published through the control socket -----------------
 
     def publish(
-        self, listener: Listener, lease: object, adopted: Optional[socket.socket] = None
+        self, listener: Listener, lease: object, adopted: socket.socket | None = None
     ) -> None:
         """
         Start a listener that the map does not have, held by C{lease} (a
@@ -484,7 +499,11 @@ class ProxyService(MultiService):
                 adopted.close()
             if problem is None:
                 problem = f"cannot listen on {listener.key}: no IPv6 on this host"
-            log.warn("control: refused {listener}: {problem}", listener=listener, problem=problem)
+            log.warn(
+                "control: refused {listener}: {problem}",
+                listener=listener,
+                problem=problem,
+            )
             raise PublishRefused(problem)
         self.published[listener.key] = lease
         self._publishedPorts.setdefault((listener.proto, listener.port), []).append(
@@ -550,7 +569,6 @@ class ProxyService(MultiService):
             return [problem]
         log.info("control socket on {path}", path=settings.socket)
         return []
-
 
     # -- the manhole and the HTTP endpoint -------------------------------
 
@@ -681,7 +699,9 @@ class ProxyService(MultiService):
 
         # Removed listeners first, so that their ports are free for added
         # ones (127.0.0.1:80 replaced by 0.0.0.0:80, say).
-        stopping = [self._detach(self.listeners[listener.key]) for listener in plan.removed]
+        stopping = [
+            self._detach(self.listeners[listener.key]) for listener in plan.removed
+        ]
         for section in ("manhole", "http"):
             action = getattr(plan, f"{section}Action")
             if action in ("removed", "moved") and getattr(self, section) is not None:
@@ -732,13 +752,18 @@ class ProxyService(MultiService):
                 shown.append(f"and {len(failed) - len(shown)} more")
             summary += " (" + "; ".join(shown) + ")"
         log.info(
-            "{summary}", summary=summary, added=added, removed=len(plan.removed),
-            changed=len(plan.changed), unchanged=len(plan.kept), failed=len(failed),
+            "{summary}",
+            summary=summary,
+            added=added,
+            removed=len(plan.removed),
+            changed=len(plan.changed),
+            unchanged=len(plan.kept),
+            failed=len(failed),
         )
         self.reloadCounts.reloaded(True)
         return summary
 
-    def _applySection(self, section: str, settings, action: str) -> Optional[str]:
+    def _applySection(self, section: str, settings, action: str) -> str | None:
         """
         Start the manhole or the HTTP endpoint (C{action} C{"added"} or
         C{"moved"}), or let the running manhole re-read its files;

@@ -17,7 +17,6 @@ import ipaddress
 import os
 import socket
 import time
-from typing import Optional
 
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -51,19 +50,24 @@ class Notifier:
     """
 
     def __init__(
-        self, address, reactor, watchdogInterval: Optional[float] = None,
+        self,
+        address,
+        reactor,
+        watchdogInterval: float | None = None,
         monotonic=monotonicMicroseconds,
     ) -> None:
         self.address = address
         self.reactor = reactor
         self.watchdogInterval = watchdogInterval
         self._monotonic = monotonic
-        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self._watchdog: Optional[LoopingCall] = None
+        self._socket = socket.socket(
+            socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+        )
+        self._watchdog: LoopingCall | None = None
         self._failed = False
 
     @classmethod
-    def fromEnvironment(cls, reactor, environ=os.environ, pid: Optional[int] = None):
+    def fromEnvironment(cls, reactor, environ=os.environ, pid: int | None = None):
         """
         A notifier for C{$NOTIFY_SOCKET}, or L{None} when it is not set.
         """
@@ -102,7 +106,9 @@ class Notifier:
             self._watchdog.start(self.watchdogInterval, now=True)
 
     def reloading(self, proxy) -> None:
-        self.notify("RELOADING=1", f"MONOTONIC_USEC={self._monotonic()}", "STATUS=reloading")
+        self.notify(
+            "RELOADING=1", f"MONOTONIC_USEC={self._monotonic()}", "STATUS=reloading"
+        )
 
     def reloaded(self, proxy, summary: str) -> None:
         self.notify("READY=1", _status(proxy, summary))
@@ -114,7 +120,7 @@ class Notifier:
         self.notify("STOPPING=1", "STATUS=stopping")
 
 
-def _status(proxy, summary: Optional[str] = None) -> str:
+def _status(proxy, summary: str | None = None) -> str:
     unbound = len(proxy.unboundListeners())
     status = f"STATUS={len(proxy.listeners)} listeners"
     if unbound:
@@ -140,8 +146,8 @@ class InheritedSocket:
         self.socket = skt
         self.name = name
         self.proto = next((p for p, t in _SOCKET_TYPES.items() if t == skt.type), None)
-        self.host: Optional[str] = None
-        self.port: Optional[int] = None
+        self.host: str | None = None
+        self.port: int | None = None
         if skt.family in (socket.AF_INET, socket.AF_INET6) and self.proto is not None:
             address = skt.getsockname()
             self.host = str(ipaddress.ip_address(address[0]))
@@ -167,7 +173,9 @@ class InheritedSockets:
         self.sockets = sockets
 
     @classmethod
-    def fromEnvironment(cls, environ=os.environ, pid: Optional[int] = None) -> InheritedSockets:
+    def fromEnvironment(
+        cls, environ=os.environ, pid: int | None = None
+    ) -> InheritedSockets:
         """
         The sockets of C{$LISTEN_FDS} when C{$LISTEN_PID} is this process;
         the variables are removed from C{environ}, so that nothing this
@@ -190,7 +198,9 @@ class InheritedSockets:
             sockets.append(InheritedSocket(socket.socket(fileno=fd), name))
         return cls(sockets)
 
-    def take(self, listener: Listener, mappings: frozenset = frozenset()) -> Optional[socket.socket]:
+    def take(
+        self, listener: Listener, mappings: frozenset = frozenset()
+    ) -> socket.socket | None:
         """
         A new descriptor of the inherited socket for C{listener}, or
         L{None}.  A socket matches a listener bound to the same protocol,
@@ -200,7 +210,9 @@ class InheritedSockets:
         host = str(ipaddress.ip_address(listener.host))
         for inherited in self.sockets:
             if (inherited.proto, inherited.host, inherited.port) != (
-                listener.proto, host, listener.port
+                listener.proto,
+                host,
+                listener.port,
             ):
                 continue
             if inherited.name in mappings and inherited.name != listener.mapping:

@@ -357,7 +357,11 @@ class ListeningPort(tcp.Port):
         first) Twisted's own accept builds a L{Relay}.
         """
         service = self.factory.service
-        if service.fastRelay is None or not service.targetIsAddress or service.listener.tls:
+        if (
+            service.fastRelay is None
+            or not service.targetIsAddress
+            or service.listener.tls
+        ):
             tcp.Port.doRead(self)
             return
         accepted = 0
@@ -461,7 +465,9 @@ class TCPListener(ListenerService):
         ListenerService.reconfigure(self, listener)
         self.targetIsAddress = _isAddress(listener.target.host)
         port = self._port
-        if port is not None and _terminates(listener) != isinstance(port.factory, tls.TLSMemoryBIOFactory):
+        if port is not None and _terminates(listener) != isinstance(
+            port.factory, tls.TLSMemoryBIOFactory
+        ):
             # TLS termination turned on or off: clients accepted from now
             # on get the other factory.
             port.factory = self._relayFactory()
@@ -474,17 +480,24 @@ class TCPListener(ListenerService):
         """
         listener = self.listener
         if listener.identity:
-            if listener.identity.acceptProxyProtocol or listener.host in (ANY_IPV4, ANY_IPV6):
+            if listener.identity.acceptProxyProtocol or listener.host in (
+                ANY_IPV4,
+                ANY_IPV6,
+            ):
                 self._identifyDescriptor(clientFd, client)
                 return
             # Both ends are known without asking the socket.
             host, _, port = client.rpartition(":")
-            addresses = Addresses((host.strip("[]"), int(port)), (listener.host, listener.port))
+            addresses = Addresses(
+                (host.strip("[]"), int(port)), (listener.host, listener.port)
+            )
             self.dialIdentified(clientFd, client, addresses)
             return
         self.dialIdentified(clientFd, client, None)
 
-    def dialIdentified(self, clientFd: int, client: str, addresses: Addresses | None) -> None:
+    def dialIdentified(
+        self, clientFd: int, client: str, addresses: Addresses | None
+    ) -> None:
         """
         Admit and dial for a client of the relay engine whose real address
         is known: C{client} (C{host:port}), and C{addresses} when the
@@ -934,12 +947,17 @@ class Relay(Protocol):
     def _dialNext(self) -> None:
         host = self._hosts.pop(0)
         target = self.listener.target
-        originate = self.listener.tls.originate if self.listener.tls is not None else None
+        originate = (
+            self.listener.tls.originate if self.listener.tls is not None else None
+        )
         if originate is None:
             factory = _TargetConnector(self, TargetSide)
         else:
             factory = tls.targetFactory(
-                originate, target.host, _TargetConnector(self, TLSTargetSide), self.reactor
+                originate,
+                target.host,
+                _TargetConnector(self, TLSTargetSide),
+                self.reactor,
             )
         if self.listener.identity.transparent:
             connector = TransparentConnector(
@@ -948,7 +966,9 @@ class Relay(Protocol):
             connector.connect()
             self._connector = connector
             return
-        self._connector = self.reactor.connectTCP(host, target.port, factory, timeout=None)
+        self._connector = self.reactor.connectTCP(
+            host, target.port, factory, timeout=None
+        )
 
     def connectFailed(self, reason: Failure) -> None:
         """
@@ -1057,14 +1077,19 @@ class Relay(Protocol):
         and this relay is done.
         """
         relay = self.service.fastRelay
-        if relay is None or tls.isTLSTransport(self.transport) or tls.isTLSTransport(
-            self.targetTransport
+        if (
+            relay is None
+            or tls.isTLSTransport(self.transport)
+            or tls.isTLSTransport(self.targetTransport)
         ):
             # A TLS side's bytes on the socket are not the bytes relayed.
             return False
         engineFlow = relay.adoptFlow(
-            self, self.transport, self.targetTransport,
-            self.listener.timeouts.idle, self.service.flowEnded,
+            self,
+            self.transport,
+            self.targetTransport,
+            self.listener.timeouts.idle,
+            self.service.flowEnded,
         )
         if engineFlow is None:
             return False
@@ -1192,9 +1217,7 @@ class TerminatingRelay(Relay):
 
     def _connectTimedOut(self) -> None:
         if not self._handshaken:
-            self._because(
-                f"tls: no handshake in {self.listener.timeouts.connect:g}s"
-            )
+            self._because(f"tls: no handshake in {self.listener.timeouts.connect:g}s")
         Relay._connectTimedOut(self)
 
     def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
@@ -1226,7 +1249,9 @@ class RoutingRelay(Relay):
     def _dial(self) -> None:
         # From connectionMade, which paused the client: peek at its
         # ClientHello first; _helloRead dials.
-        self._peek = tls.ClientHelloPeek(self.reactor, self.transport.getHandle(), self._helloRead)
+        self._peek = tls.ClientHelloPeek(
+            self.reactor, self.transport.getHandle(), self._helloRead
+        )
         self._peek.start()
 
     def _helloRead(self, serverName: str | None, problem: str | None) -> None:
@@ -1292,7 +1317,9 @@ class TLSTargetSide(TargetSide):
         if tls.isTLSFailure(reason):
             reason = Failure(tls.HandshakeFailed(f"tls: {tls.failureText(reason)}"))
         elif reason.check(ConnectionDone):
-            reason = Failure(tls.HandshakeFailed("tls: the target closed during the handshake"))
+            reason = Failure(
+                tls.HandshakeFailed("tls: the target closed during the handshake")
+            )
         self.relay.connectFailed(reason)
 
 
@@ -1309,15 +1336,23 @@ class Dial(EngineFlow):
     the client is closed and the access line says why.
     """
 
-    __slots__ = ("service", "addresses", "_clientFd", "_target", "_timer")
+    __slots__ = ("_clientFd", "_target", "_timer", "addresses", "service")
 
     def __init__(
-        self, service: TCPListener, clientFd: int, client: str,
+        self,
+        service: TCPListener,
+        clientFd: int,
+        client: str,
         addresses: Addresses | None = None,
     ) -> None:
         EngineFlow.__init__(
-            self, service.fastRelay, nextFlowId(), service.listener, client,
-            service.reactor.seconds(), service.flowEnded,
+            self,
+            service.fastRelay,
+            nextFlowId(),
+            service.listener,
+            client,
+            service.reactor.seconds(),
+            service.flowEnded,
         )
         self.service = service
         #: the client's and its destination's, when identity settings need them
@@ -1332,7 +1367,9 @@ class Dial(EngineFlow):
         self.service.flowStarted(self)
         try:
             if self.listener.identity.transparent:
-                skt = transparentSocket(family, socket.SOCK_STREAM, self.addresses.source)
+                skt = transparentSocket(
+                    family, socket.SOCK_STREAM, self.addresses.source
+                )
             else:
                 skt = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             self._target = skt
@@ -1345,7 +1382,10 @@ class Dial(EngineFlow):
                 # by the target, which the engine then relays).
                 state = skt.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
                 if state == _TCP_CLOSE:
-                    status = skt.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNREFUSED
+                    status = (
+                        skt.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                        or errno.ECONNREFUSED
+                    )
                 elif state != _TCP_SYN_SENT:
                     status = 0
         except OSError as e:
@@ -1355,7 +1395,9 @@ class Dial(EngineFlow):
             self._connected()
         elif status == errno.EINPROGRESS:
             reactor = self.service.reactor
-            self._timer = reactor.callLater(self.listener.timeouts.connect, self._timedOut)
+            self._timer = reactor.callLater(
+                self.listener.timeouts.connect, self._timedOut
+            )
             reactor.addWriter(self)
         else:
             self._fail(os.strerror(status).lower())
@@ -1374,7 +1416,11 @@ class Dial(EngineFlow):
         targetFd = target.detach()
         clientFd, self._clientFd = self._clientFd, -1
         if not self._relay.adoptDescriptors(
-            clientFd, targetFd, self.id, self.listener.timeouts.idle, self._ended,
+            clientFd,
+            targetFd,
+            self.id,
+            self.listener.timeouts.idle,
+            self._ended,
             exclusive=True,
         ):
             os.close(clientFd)
@@ -1453,5 +1499,3 @@ class Dial(EngineFlow):
         timer, self._timer = self._timer, None
         if timer is not None and timer.active():
             timer.cancel()
-
-

@@ -29,9 +29,10 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from functools import lru_cache
-from typing import Callable, Generic, Iterable, Optional, TypeVar
+from typing import Generic, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -72,7 +73,9 @@ def _readFile(path: str, what: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
-        raise TLSFileError(f"cannot read {what} {path}: {(e.strerror or str(e)).lower()}") from None
+        raise TLSFileError(
+            f"cannot read {what} {path}: {(e.strerror or str(e)).lower()}"
+        ) from None
 
 
 def _certificates(pem: bytes, path: str) -> list[x509.Certificate]:
@@ -89,7 +92,9 @@ def _privateKey(pem: bytes, path: str):
     try:
         return serialization.load_pem_private_key(pem, password=None)
     except TypeError:
-        raise TLSFileError(f"key {path} is encrypted; portproxy needs it unencrypted") from None
+        raise TLSFileError(
+            f"key {path} is encrypted; portproxy needs it unencrypted"
+        ) from None
     except (ValueError, serialization.UnsupportedAlgorithm):
         raise TLSFileError(f"{path} holds no PEM private key") from None
 
@@ -128,7 +133,7 @@ def readAuthorities(path: str) -> bytes:
     return pem
 
 
-def keyFileWarning(path: str) -> Optional[str]:
+def keyFileWarning(path: str) -> str | None:
     """
     Why key file C{path} deserves a warning (group or others can read it),
     or L{None}.
@@ -167,7 +172,7 @@ class NameTable(Generic[V]):
     def __bool__(self) -> bool:
         return bool(self._exact or self._suffixes)
 
-    def match(self, name: Optional[str]) -> Optional[V]:
+    def match(self, name: str | None) -> V | None:
         """
         The value for C{name}, or L{None} when no entry matches (or there
         is no name).
@@ -193,7 +198,9 @@ def _privateCertificate(pair: KeyPair) -> dict:
     """
     certificates = _certificates(pair.certPem, pair.cert)
     return dict(
-        privateKey=crypto.PKey.from_cryptography_key(_privateKey(pair.keyPem, pair.key)),
+        privateKey=crypto.PKey.from_cryptography_key(
+            _privateKey(pair.keyPem, pair.key)
+        ),
         certificate=crypto.X509.from_cryptography(certificates[0]),
         extraCertChain=[crypto.X509.from_cryptography(c) for c in certificates[1:]],
     )
@@ -201,8 +208,10 @@ def _privateCertificate(pair: KeyPair) -> dict:
 
 def _trustRoot(pem: bytes):
     return ssl.trustRootFromCertificates(
-        [ssl.Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM))
-         for c in x509.load_pem_x509_certificates(pem)]
+        [
+            ssl.Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM))
+            for c in x509.load_pem_x509_certificates(pem)
+        ]
     )
 
 
@@ -232,7 +241,9 @@ class ServerContexts:
             # certificate.
             extra["trustRoot"] = _trustRoot(settings.clientCAPem)
         options = ssl.CertificateOptions(
-            raiseMinimumTo=VERSIONS[settings.minVersion], **_privateCertificate(pair), **extra
+            raiseMinimumTo=VERSIONS[settings.minVersion],
+            **_privateCertificate(pair),
+            **extra,
         )
         context = options.getContext()
         # The proxy cannot know which application protocols the target
@@ -268,7 +279,9 @@ class ServerConnections:
         self.service = service
 
     def serverConnectionForTLS(self, protocol) -> SSL.Connection:
-        return SSL.Connection(serverContexts(self.service.listener.tls.terminate).default, None)
+        return SSL.Connection(
+            serverContexts(self.service.listener.tls.terminate).default, None
+        )
 
 
 class TLSTransport(TLSMemoryBIOProtocol):
@@ -356,13 +369,19 @@ def targetConnections(settings: TargetTLS, host: str):
         client = ssl.PrivateCertificate.fromCertificateAndKeyPair(
             ssl.Certificate(pair["certificate"]), ssl.KeyPair(pair["privateKey"])
         )
-    trust = _trustRoot(settings.caPem) if settings.caPem is not None else ssl.platformTrust()
+    trust = (
+        _trustRoot(settings.caPem)
+        if settings.caPem is not None
+        else ssl.platformTrust()
+    )
     return ssl.optionsForClientTLS(
         name, trustRoot=trust, clientCertificate=client, extraCertificateOptions=extra
     )
 
 
-def targetFactory(settings: TargetTLS, host: str, wrapped, reactor) -> TLSMemoryBIOFactory:
+def targetFactory(
+    settings: TargetTLS, host: str, wrapped, reactor
+) -> TLSMemoryBIOFactory:
     """
     Wrap the connector of one dial to C{host} so that the target is
     spoken to in TLS.
@@ -391,7 +410,9 @@ def failureText(reason: Failure) -> str:
         return f"the target's certificate is not valid for {' or '.join(names)}"
     if isinstance(error, SSL.Error):
         reasons = []
-        for item in error.args[0] if error.args and isinstance(error.args[0], list) else ():
+        for item in (
+            error.args[0] if error.args and isinstance(error.args[0], list) else ()
+        ):
             if isinstance(item, tuple) and item and item[-1] not in reasons:
                 reasons.append(item[-1])
         return "; ".join(reasons) or str(error) or "tls error"
@@ -435,7 +456,7 @@ def isTLSTransport(transport) -> bool:
     return isinstance(transport, TLSTransport)
 
 
-def peerSubject(transport) -> Optional[str]:
+def peerSubject(transport) -> str | None:
     """
     The subject of the certificate the peer of a TLS transport sent, as
     RFC 4514 text (C{CN=alice,O=Example}), or L{None}.
@@ -473,7 +494,7 @@ class NotClientHello(ValueError):
     """
 
 
-def clientHelloServerName(data: bytes) -> tuple[bool, Optional[str]]:
+def clientHelloServerName(data: bytes) -> tuple[bool, str | None]:
     """
     Read the server name (SNI) of the ClientHello at the start of C{data},
     which may span several TLS records.
@@ -489,7 +510,11 @@ def clientHelloServerName(data: bytes) -> tuple[bool, Optional[str]]:
     while True:
         if len(data) - offset < 5:
             return False, None
-        kind, major, length = data[offset], data[offset + 1], struct.unpack_from("!H", data, offset + 3)[0]
+        kind, major, length = (
+            data[offset],
+            data[offset + 1],
+            struct.unpack_from("!H", data, offset + 3)[0],
+        )
         if kind != _RECORD_HANDSHAKE or major != 3:
             raise NotClientHello("not a TLS handshake")
         if length == 0 or length > 16384 + 2048:
@@ -508,7 +533,7 @@ def clientHelloServerName(data: bytes) -> tuple[bool, Optional[str]]:
                 return True, _serverName(handshake[4 : 4 + size])
 
 
-def _serverName(hello: bytes) -> Optional[str]:
+def _serverName(hello: bytes) -> str | None:
     try:
         at = 2 + 32  # version, random
         at += 1 + hello[at]  # session id
@@ -527,7 +552,10 @@ def _serverName(hello: bytes) -> Optional[str]:
                 listEnd = at + 2 + struct.unpack_from("!H", hello, at)[0]
                 at += 2
                 while at + 3 <= listEnd:
-                    nameType, nameLength = hello[at], struct.unpack_from("!H", hello, at + 1)[0]
+                    nameType, nameLength = (
+                        hello[at],
+                        struct.unpack_from("!H", hello, at + 1)[0],
+                    )
                     at += 3
                     if nameType == _HOST_NAME:
                         return hello[at : at + nameLength].decode("ascii", "replace")
@@ -550,10 +578,15 @@ class ClientHelloPeek:
     it): this object watches the same descriptor.
     """
 
-    def __init__(self, reactor, skt: socket.socket, done: Callable[[Optional[str], Optional[str]], None]) -> None:
+    def __init__(
+        self,
+        reactor,
+        skt: socket.socket,
+        done: Callable[[str | None, str | None], None],
+    ) -> None:
         self.reactor = reactor
         self._socket = skt
-        self._done: Optional[Callable] = done
+        self._done: Callable | None = done
         self._again = None
         self._reading = False
 
@@ -577,7 +610,7 @@ class ClientHelloPeek:
         if again is not None and again.active():
             again.cancel()
 
-    def _finish(self, name: Optional[str], problem: Optional[str]) -> None:
+    def _finish(self, name: str | None, problem: str | None) -> None:
         done, self._done = self._done, None
         self._unwatch()
         if done is not None:
@@ -597,7 +630,10 @@ class ClientHelloPeek:
         except BlockingIOError:
             return
         except OSError as e:
-            self._finish(None, f"reset by client before its ClientHello ({(e.strerror or str(e)).lower()})")
+            self._finish(
+                None,
+                f"reset by client before its ClientHello ({(e.strerror or str(e)).lower()})",
+            )
             return
         if not data:
             self._finish(None, "client closed before its ClientHello")
@@ -634,9 +670,11 @@ class SNIRouter:
         for _, target in listener.tls.sniRoutes:
             if target not in byTarget:
                 byTarget[target] = replace(listener, target=target)
-        self.routes = NameTable((name, byTarget[t]) for name, t in listener.tls.sniRoutes)
+        self.routes = NameTable(
+            (name, byTarget[t]) for name, t in listener.tls.sniRoutes
+        )
 
-    def route(self, name: Optional[str]):
+    def route(self, name: str | None):
         found = self.routes.match(name)
         return self.default if found is None else found
 

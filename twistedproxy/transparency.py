@@ -13,7 +13,6 @@ answer a foreign address at all.
 from __future__ import annotations
 
 import socket
-from typing import Optional
 
 # Linux values; Python 3.11 exports IP_TRANSPARENT but not IPV6_TRANSPARENT.
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
@@ -23,7 +22,7 @@ IPV6_TRANSPARENT = getattr(socket, "IPV6_TRANSPARENT", 75)
 CAP_NET_ADMIN = 12
 
 
-def problem(status: str = "/proc/self/status") -> Optional[str]:
+def problem(status: str = "/proc/self/status") -> str | None:
     """
     Why this process cannot open transparent sockets, or L{None} when it
     can: it needs C{CAP_NET_ADMIN} (root has it).

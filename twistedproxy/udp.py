@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import errno
 import socket
-from typing import Optional
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.error import CannotListenError
@@ -44,7 +43,6 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twistedproxy import fastudp, proxyprotocol
-from twistedproxy import fastudp
 from twistedproxy.access import TokenBucket
 from twistedproxy.listener import (
     IFlow,
@@ -56,8 +54,8 @@ from twistedproxy.listener import (
 from twistedproxy.model import ANY_IPV4, ANY_IPV6, Listener
 from twistedproxy.proxyprotocol import (
     HEADERS_NONE,
-    HEADERS_TAKE,
     HEADERS_REFUSE,
+    HEADERS_TAKE,
     Addresses,
     HeaderError,
     datagramHeader,
@@ -231,7 +229,7 @@ class PacketInfoPort(ListeningPort):
             except Exception:
                 log.failure("UDP datagram from {client}", client=client)
 
-    def replyRoute(self, local: Optional[bytes]):
+    def replyRoute(self, local: bytes | None):
         """
         The ancillary data that makes C{sendmsg} answer from C{local}.
         """
@@ -257,7 +255,9 @@ class SessionPort(DatagramSocket):
     it raises.
     """
 
-    def __init__(self, reactor, skt: socket.socket, receiver, prefix: bytes = b"") -> None:
+    def __init__(
+        self, reactor, skt: socket.socket, receiver, prefix: bytes = b""
+    ) -> None:
         DatagramSocket.__init__(self, reactor, skt, receiver)
         if prefix:
             sendmsg = skt.sendmsg
@@ -286,7 +286,7 @@ class SessionPort(DatagramSocket):
 
 
 def listenDatagrams(
-    reactor, host: str, port: int, receiver, inherited: Optional[socket.socket] = None
+    reactor, host: str, port: int, receiver, inherited: socket.socket | None = None
 ) -> ListeningPort:
     """
     Bind a listening UDP socket on C{host:port}, or use C{inherited}, a
@@ -297,7 +297,9 @@ def listenDatagrams(
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     wildcard = host in (ANY_IPV4, ANY_IPV6)
     try:
-        skt = socket.socket(family, socket.SOCK_DGRAM) if inherited is None else inherited
+        skt = (
+            socket.socket(family, socket.SOCK_DGRAM) if inherited is None else inherited
+        )
     except OSError as e:
         raise CannotListenError(host, port, e)
     try:
@@ -341,7 +343,7 @@ def setBuffers(skt: socket.socket, size: int) -> None:
 
 
 def connectedDatagramSocket(
-    family: int, address: tuple, source: Optional[tuple] = None
+    family: int, address: tuple, source: tuple | None = None
 ) -> socket.socket:
     """
     A non-blocking UDP socket connected to C{address}, with
@@ -366,8 +368,12 @@ def connectedDatagramSocket(
 
 
 def connectDatagrams(
-    reactor, family: int, address: tuple, receiver,
-    source: Optional[tuple] = None, prefix: bytes = b"",
+    reactor,
+    family: int,
+    address: tuple,
+    receiver,
+    source: tuple | None = None,
+    prefix: bytes = b"",
 ) -> SessionPort:
     """
     Open a UDP socket connected to C{address} (from C{source}, see
@@ -400,33 +406,39 @@ class Session:
     """
 
     __slots__ = (
-        "id",
-        "listener",
-        "client",
-        "started",
-        "bytesIn",
-        "bytesOut",
-        "key",
-        "clientAddress",
-        "lastActive",
-        "timeout",
-        "port",
-        "pending",
-        "unheld",
-        "closed",
-        "source",
-        "prefix",
-        "headers",
-        "bucket",
         "_owner",
         "_reply",
         "_route",
         "_seconds",
+        "bucket",
+        "bytesIn",
+        "bytesOut",
+        "client",
+        "clientAddress",
+        "closed",
+        "headers",
+        "id",
+        "key",
+        "lastActive",
+        "listener",
+        "pending",
+        "port",
+        "prefix",
+        "source",
+        "started",
+        "timeout",
+        "unheld",
     )
 
     def __init__(
-        self, owner: UDPListener, key, client, route, local=None,
-        addresses: Optional[Addresses] = None, headers: int = HEADERS_NONE,
+        self,
+        owner: UDPListener,
+        key,
+        client,
+        route,
+        local=None,
+        addresses: Addresses | None = None,
+        headers: int = HEADERS_NONE,
     ) -> None:
         self.id = nextFlowId()
         self.listener = owner.listener
@@ -555,24 +567,28 @@ class EngineSession:
     """
 
     __slots__ = (
-        "id",
-        "listener",
-        "client",
-        "started",
-        "key",
-        "timeout",
-        "resolving",
-        "closed",
-        "source",
-        "prefix",
-        "headers",
-        "_owner",
         "_final",
+        "_owner",
+        "client",
+        "closed",
+        "headers",
+        "id",
+        "key",
+        "listener",
+        "prefix",
+        "resolving",
+        "source",
+        "started",
+        "timeout",
     )
 
     def __init__(
-        self, owner: UDPListener, key: bytes, client,
-        addresses: Optional[Addresses] = None, headers: int = HEADERS_NONE,
+        self,
+        owner: UDPListener,
+        key: bytes,
+        client,
+        addresses: Addresses | None = None,
+        headers: int = HEADERS_NONE,
     ) -> None:
         self.id = nextFlowId()
         self.listener = owner.listener
@@ -688,7 +704,11 @@ class UDPListener(ListenerService):
         L{datagramReceived}.
         """
         return listenDatagrams(
-            self.reactor, self.listener.host, self.listener.port, self, self.inheritedSocket
+            self.reactor,
+            self.listener.host,
+            self.listener.port,
+            self,
+            self.inheritedSocket,
         )
 
     def openSessionPort(self, session: Session, family: int, address: tuple):
@@ -703,7 +723,7 @@ class UDPListener(ListenerService):
         )
 
     def openSessionSocket(
-        self, family: int, address: tuple, source: Optional[tuple] = None
+        self, family: int, address: tuple, source: tuple | None = None
     ) -> socket.socket:
         """
         Open a non-blocking socket connected to the target at C{address}
@@ -715,8 +735,8 @@ class UDPListener(ListenerService):
         return connectedDatagramSocket(family, address, source)
 
     def sessionIdentity(
-        self, client: tuple, local: Optional[bytes], addresses: Optional[Addresses] = None
-    ) -> tuple[Optional[tuple], bytes]:
+        self, client: tuple, local: bytes | None, addresses: Addresses | None = None
+    ) -> tuple[tuple | None, bytes]:
         """
         What a new session of C{client} (which sent to the local address
         C{local}, packed, or to the listener's own address when L{None};
@@ -742,7 +762,9 @@ class UDPListener(ListenerService):
             family = socket.AF_INET6 if len(local) > 4 else socket.AF_INET
             packed = local[:16] if family == socket.AF_INET6 else local
             destination = (socket.inet_ntop(family, packed), self.listener.port)
-        return None, proxyprotocol.encode(2, Addresses(source, destination), datagram=True)
+        return None, proxyprotocol.encode(
+            2, Addresses(source, destination), datagram=True
+        )
 
     # -- lifecycle -----------------------------------------------------
 
@@ -875,7 +897,7 @@ class UDPListener(ListenerService):
             return HEADERS_NONE
         return HEADERS_TAKE if identity.trusts(client[0]) else HEADERS_REFUSE
 
-    def openSession(self, key, client, local, first: bytes = b"") -> Optional[Session]:
+    def openSession(self, key, client, local, first: bytes = b"") -> Session | None:
         """
         Open a session for C{client}, whose C{first} datagram opens it, or
         say why not and return L{None}.
@@ -957,8 +979,14 @@ class UDPListener(ListenerService):
                 return
             try:
                 engine.addSession(
-                    self, key, skt, session.id, session.timeout, session.prefix,
-                    session.headers, session.listener.access.datagramsPerClient,
+                    self,
+                    key,
+                    skt,
+                    session.id,
+                    session.timeout,
+                    session.prefix,
+                    session.headers,
+                    session.listener.access.datagramsPerClient,
                 )
             except ValueError:
                 # the listener stopped meanwhile
@@ -977,7 +1005,9 @@ class UDPListener(ListenerService):
         """
         session = self.flows.get(flowId)
         if isinstance(session, EngineSession):
-            session.ended(bytesIn, bytesOut, f"no datagram for {_seconds(session.timeout)}")
+            session.ended(
+                bytesIn, bytesOut, f"no datagram for {_seconds(session.timeout)}"
+            )
 
     def targetResolved(self, session: Session, address) -> None:
         """
@@ -1006,16 +1036,26 @@ class UDPListener(ListenerService):
             return
         session.connected(port)
 
-    def _engineTargetResolved(self, session: EngineSession, family: int, where: tuple) -> None:
+    def _engineTargetResolved(
+        self, session: EngineSession, family: int, where: tuple
+    ) -> None:
         try:
             skt = self.openSessionSocket(family, where, session.source)
         except OSError as e:
-            session.close(f"cannot open a socket to {session.listener.target}: {e.strerror}")
+            session.close(
+                f"cannot open a socket to {session.listener.target}: {e.strerror}"
+            )
             return
         try:
             self.engine.addSession(
-                self, session.key, skt, session.id, session.timeout, session.prefix,
-                session.headers, session.listener.access.datagramsPerClient,
+                self,
+                session.key,
+                skt,
+                session.id,
+                session.timeout,
+                session.prefix,
+                session.headers,
+                session.listener.access.datagramsPerClient,
             )
         except ValueError:
             skt.close()
@@ -1031,7 +1071,9 @@ class UDPListener(ListenerService):
             del self.sessions[session.key]
         self.flowEnded(session, reason)
 
-    def _sessionFailed(self, session: Session, error: OSError, datagrams: int = 1) -> None:
+    def _sessionFailed(
+        self, session: Session, error: OSError, datagrams: int = 1
+    ) -> None:
         """
         No socket could be opened for C{session}, which never opened: its
         C{datagrams} are dropped, counted, and logged (once a second at

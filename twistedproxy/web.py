@@ -52,7 +52,10 @@ class TrafficHistory:
         byMapping: dict[str, tuple[int, int]] = {}
         for (mapping, proto), totals in mappingTotals(self.proxy).items():
             bytesIn, bytesOut = byMapping.get(mapping, (0, 0))
-            byMapping[mapping] = (bytesIn + totals["bytesIn"], bytesOut + totals["bytesOut"])
+            byMapping[mapping] = (
+                bytesIn + totals["bytesIn"],
+                bytesOut + totals["bytesOut"],
+            )
         self.samples.append((self.reactor.seconds(), byMapping))
 
     def rates(self, mapping: str) -> tuple[list[float], list[float]]:
@@ -87,7 +90,8 @@ def listenSummary(listeners) -> str:
     first, last = min(ports), max(ports)
     portText = str(first) if first == last else f"{first}-{last}"
     return ", ".join(
-        f"[{host}]:{portText}" if ":" in host else f"{host}:{portText}" for host in hosts
+        f"[{host}]:{portText}" if ":" in host else f"{host}:{portText}"
+        for host in hosts
     )
 
 
@@ -117,7 +121,15 @@ def statusDocument(proxy, history: TrafficHistory) -> dict:
         for proto in ("tcp", "udp"):
             part = totals.get((mapping.name, proto))
             if part is not None:
-                for key in ("listeners", "open", "total", "rejected", "bytesIn", "bytesOut", "dropped"):
+                for key in (
+                    "listeners",
+                    "open",
+                    "total",
+                    "rejected",
+                    "bytesIn",
+                    "bytesOut",
+                    "dropped",
+                ):
                     entry[key] += part[key]
         rateIn, rateOut = history.rates(mapping.name)
         entry["rateIn"] = rateIn[-1] if rateIn else 0.0
