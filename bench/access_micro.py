@@ -21,7 +21,7 @@ from twistedproxy import listener
 from twistedproxy.access import hostOf
 from twistedproxy.config import parseMap
 from twistedproxy.model import Listener
-from twistedproxy.tcp import TCPListener
+from twistedproxy.tcp.listener import TCPListener
 
 FLOWS = 50000
 REPEATS = 7

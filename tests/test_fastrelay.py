@@ -25,7 +25,8 @@ import time
 
 import pytest
 
-from twistedproxy import fastrelay
+from twistedproxy.tcp import engine as fastrelay
+from twistedproxy.tcp.relay import HandedOff
 
 needsEngine = pytest.mark.skipif(
     not fastrelay.available(), reason="twistedproxy._fastrelay is not built"
@@ -705,7 +706,7 @@ class HandOffFront:
 def test_handOffSendsNothing(reactor):
     """
     Handing a connected pair to the engine sends neither FIN nor reset to
-    either peer; the protocols hear L{fastrelay.HandedOff}; bytes then flow
+    either peer; the protocols hear L{HandedOff}; bytes then flow
     through the engine and the end is reported in the reactor thread.
     """
     targetListener = socket.socket()
@@ -729,7 +730,7 @@ def test_handOffSendsNothing(reactor):
     target = target[0]
     assert front.adopted is True
     assert sorted(side for side, _ in front.lost) == ["client", "target"]
-    assert all(reason.check(fastrelay.HandedOff) for _, reason in front.lost)
+    assert all(reason.check(HandedOff) for _, reason in front.lost)
     # let anything Twisted might have sent arrive
     for _ in range(10):
         reactor.iterate(0.01)

@@ -25,10 +25,11 @@ from twisted.logger import formatEvent, globalLogPublisher
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from twistedproxy import fastudp
 from twistedproxy.listener import IFlow
 from twistedproxy.model import Listener, Target, Timeouts
-from twistedproxy.udp import EngineSession, UDPListener
+from twistedproxy.udp import engine as fastudp
+from twistedproxy.udp.engine import EngineSession
+from twistedproxy.udp.listener import UDPListener
 
 needsEngine = pytest.mark.skipif(
     not fastudp.available(), reason="twistedproxy._fastudp is not built"

@@ -28,14 +28,8 @@ from zope.interface import implementer
 
 from twistedproxy.listener import IFlow
 from twistedproxy.model import Listener, Target, Timeouts
-from twistedproxy.tcp import (
-    DEFAULT_BACKLOG,
-    FAREWELL_SECONDS,
-    ClosingClient,
-    Relay,
-    TCPListener,
-    listenBacklog,
-)
+from twistedproxy.tcp.listener import DEFAULT_BACKLOG, TCPListener, listenBacklog
+from twistedproxy.tcp.relay import FAREWELL_SECONDS, ClosingClient, Relay
 
 CLIENT = IPv4Address("TCP", "192.0.2.7", 40000)
 
@@ -820,7 +814,7 @@ def test_sendHeaderPartialIsAFailure():
     A PROXY header that is not sent whole in one call, or whose send
     fails, is a failure with a reason; a whole one is not.
     """
-    from twistedproxy.tcp import sendHeader
+    from twistedproxy.tcp.relay import sendHeader
 
     assert sendHeader(_ShortSender(takes=5), b"x" * 5) is None
     assert sendHeader(_ShortSender(takes=3), b"x" * 5) == (
@@ -838,7 +832,7 @@ def test_proxyHeaderFollowsTheListener():
     """
     from twistedproxy.model import ClientIdentity
     from twistedproxy.proxyprotocol import Addresses
-    from twistedproxy.tcp import proxyHeader
+    from twistedproxy.tcp.relay import proxyHeader
 
     addresses = Addresses(("192.0.2.1", 1000), ("192.0.2.2", 80))
     v1 = makeListener(identity=ClientIdentity("proxy_protocol_v1"))

@@ -26,9 +26,13 @@ from twisted.python.failure import Failure
 from twistedproxy import tls
 from twistedproxy.admin import _clientText
 from twistedproxy.config import ConfigError, parseMap
-from twistedproxy.fastrelay import canHandOff
 from twistedproxy.model import Target, TLSSettings
-from twistedproxy.tcp import RoutingRelay, TerminatingRelay, TLSTargetSide
+from twistedproxy.tcp.relay import (
+    RoutingRelay,
+    TerminatingRelay,
+    TLSTargetSide,
+    canHandOff,
+)
 
 
 class CertificateTransport(RelayTransport):
@@ -567,7 +571,7 @@ def test_reloadTurnsTerminationOnAndOff() -> None:
     from twisted.internet.testing import MemoryReactorClock
 
     from twistedproxy.model import KeyPair, ServerTLS
-    from twistedproxy.tcp import RelayFactory, TCPListener
+    from twistedproxy.tcp.listener import RelayFactory, TCPListener
 
     plain = makeListener(port=freePort())
     terminating = replace(

@@ -27,7 +27,7 @@ from support import (
     roundTrip,
 )
 
-from twistedproxy import fastrelay
+from twistedproxy.tcp import engine as fastrelay
 
 
 @pytest.fixture

@@ -15,14 +15,14 @@ from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from zope.interface.verify import verifyObject
 
-from twistedproxy import udp
 from twistedproxy.listener import IFlow
 from twistedproxy.model import Listener, Target, Timeouts
-from twistedproxy.udp import (
+from twistedproxy.udp import relay as udp
+from twistedproxy.udp.listener import UDPListener
+from twistedproxy.udp.relay import (
     DRAIN,
     RESOLVING_QUEUE,
     SESSION_BUFFER,
-    UDPListener,
     connectDatagrams,
     connectedDatagramSocket,
     listenDatagrams,

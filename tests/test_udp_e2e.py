@@ -12,7 +12,7 @@ import time
 import pytest
 from support import UDPEchoServer, freePort
 
-from twistedproxy import fastudp
+from twistedproxy.udp import engine as fastudp
 
 ENGINE_LINE = "forwarded by the compiled engine"
 

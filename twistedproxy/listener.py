@@ -4,7 +4,7 @@ manhole reads, the table of open flows (TCP connections or UDP sessions),
 the access log line written when a flow ends, and the socket options a
 listening socket needs.
 
-L{twistedproxy.tcp.TCPListener} and L{twistedproxy.udp.UDPListener} are the
+L{twistedproxy.tcp.listener.TCPListener} and L{twistedproxy.udp.listener.UDPListener} are the
 two kinds; L{twistedproxy.service.ProxyService} holds one per listener of
 the map, keyed by L{twistedproxy.model.ListenerKey}.
 """

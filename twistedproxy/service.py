@@ -73,7 +73,7 @@ def _relayEngine(reactor):
     The relay engine for established TCP connections, or L{None} when it
     is not built or not wanted.
     """
-    from twistedproxy import fastrelay
+    from twistedproxy.tcp import engine as fastrelay
 
     if not (fastrelay.available() and fastPathWanted()):
         return None
@@ -81,8 +81,8 @@ def _relayEngine(reactor):
 
 
 def _listenerTypes() -> dict:
-    from twistedproxy.tcp import TCPListener
-    from twistedproxy.udp import UDPListener
+    from twistedproxy.tcp.listener import TCPListener
+    from twistedproxy.udp.listener import UDPListener
 
     return {TCP: TCPListener, UDP: UDPListener}
 

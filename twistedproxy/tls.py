@@ -290,7 +290,7 @@ class TLSTransport(TLSMemoryBIOProtocol):
     relay engine, and with a half-close.
     """
 
-    #: L{twistedproxy.fastrelay.canHandOff} refuses TLS transports: their
+    #: L{twistedproxy.tcp.relay.canHandOff} refuses TLS transports: their
     #: bytes on the socket are not the bytes the relay moves.
     TLS = True
 

@@ -15,16 +15,14 @@ connection stays at about two transport write buffers.
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 import struct
+from typing import TYPE_CHECKING
 
-from twisted.application.service import Service
 from twisted.internet import tcp
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.error import (
-    CannotListenError,
     ConnectError,
     ConnectionAborted,
     ConnectionDone,
@@ -34,31 +32,26 @@ from twisted.internet.interfaces import (
     IHandshakeListener,
     IReadDescriptor,
     IResolutionReceiver,
-    IWriteDescriptor,
 )
 from twisted.internet.main import CONNECTION_DONE
-from twisted.internet.protocol import ClientFactory, Factory, Protocol
-from twisted.logger import Logger
+from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twistedproxy import proxyprotocol, tls
 from twistedproxy.access import hostOf
-from twistedproxy.compat import closeWithoutShutdown, reserveDescriptor
-from twistedproxy.fastrelay import EngineFlow, HandedOff, acceptClient, releaseTransport
+from twistedproxy.compat import transportIdle
 from twistedproxy.listener import (
     IFlow,
-    ListenerService,
     clientAddress,
-    listeningSocketOptions,
     nextFlowId,
 )
-from twistedproxy.model import ANY_IPV4, ANY_IPV6, TCP, Listener, formatHostPort
-from twistedproxy.proxyprotocol import Addresses, HeaderError, HeaderReader
-from twistedproxy.transparency import bindTransparent, transparentSocket
+from twistedproxy.model import Listener, formatHostPort
+from twistedproxy.proxyprotocol import Addresses
+from twistedproxy.transparency import bindTransparent
 
-#: Used when C{/proc/sys/net/core/somaxconn} cannot be read.
-DEFAULT_BACKLOG = 4096
+if TYPE_CHECKING:
+    from twistedproxy.tcp.listener import TCPListener
 
 #: The idle check runs this many times per C{idle_timeout}, so a quiet
 #: connection is closed between 1 and 1 + 1/IDLE_CHECKS timeouts after
@@ -69,10 +62,6 @@ IDLE_CHECKS = 4
 #: C{SO_LINGER} on, zero seconds: closing then sends a TCP reset.
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
-#: TCP states (C{tcpi_state}, the first byte of C{TCP_INFO}; Linux).
-_TCP_SYN_SENT = 2
-_TCP_CLOSE = 7
-
 #: A client whose target cannot be reached gets a FIN at once; what it
 #: sends then is read and dropped until it closes too, for at most this
 #: many seconds and bytes, because closing a socket with unread data makes
@@ -80,24 +69,49 @@ _TCP_CLOSE = 7
 FAREWELL_SECONDS = 2.0
 FAREWELL_BYTES = 1 << 20
 
-#: accept() errors that concern one client only: take the next.
-_ACCEPT_AGAIN = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR)
 
-#: Seconds a client of a listener with C{accept_proxy_protocol} has to
-#: send its PROXY header (or, from an unlisted source, its first bytes).
-HEADER_TIMEOUT = 3.0
-
-
-def listenBacklog(path: str = "/proc/sys/net/core/somaxconn") -> int:
+class HandedOff(ConnectionDone):
     """
-    The accept queue length to ask for: the kernel's ceiling, so that a
-    burst of connects is queued rather than dropped.
+    The connection's socket went to the relay engine: for the protocol this
+    transport is gone, but the TCP connection goes on, and the flow's end
+    is reported by L{FastRelay} later.
     """
-    try:
-        with open(path) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return DEFAULT_BACKLOG
+
+    def __str__(self) -> str:
+        return "handed to the relay engine"
+
+
+def canHandOff(transport) -> bool:
+    """
+    Whether C{transport} is a connected plain TCP transport that can leave
+    the reactor without losing a byte: open both ways, nothing buffered to
+    write, not closing, not TLS.
+    """
+    return transportIdle(transport) and not getattr(transport, "TLS", False)
+
+
+def releaseTransport(transport) -> None:
+    """
+    Make a Twisted TCP transport forget its socket without ending the
+    connection, and tell its protocol, with L{HandedOff}, that it is gone.
+
+    The caller must already hold another descriptor of the socket (an
+    C{os.dup} of C{transport.fileno()}): this closes the transport's own
+    descriptor with a plain C{close()}, which sends nothing while another
+    descriptor keeps the socket open.  Neither C{loseConnection} (which calls
+    C{shutdown}, a FIN) nor C{abortConnection} (which sets C{SO_LINGER} to
+    zero on the shared socket, a reset when the last descriptor closes)
+    would do.
+    """
+    # A registered producer would be stopped (and so closed) by
+    # connectionLost; the relay's two transports are each other's.
+    transport.unregisterProducer()
+    transport.stopReading()
+    transport.stopWriting()
+    # Closed here, Twisted's own close in connectionLost finds no socket and
+    # its shutdown() fails with EBADF, which it ignores.
+    transport.socket.close()
+    transport.connectionLost(Failure(HandedOff()))
 
 
 def resetConnection(transport) -> None:
@@ -247,410 +261,6 @@ class ClosingClient:
         return "portproxy"
 
 
-class ListeningPort(tcp.Port):
-    """
-    A Twisted TCP port with portproxy's socket options that can stop
-    accepting while it keeps its address.
-
-    On Linux, C{shutdown(SHUT_RD)} on a listening socket takes it out of
-    the listening state (queued and new connects are refused) while the
-    socket stays bound to its explicit port, and C{listen()} resumes it.
-
-    Twisted's own C{"RelayFactory starting on PORT"} and C{"(TCP Port PORT
-    Closed)"} log lines are not written: portproxy logs one line per
-    listener itself, and a range of 1000 ports would log 2000 more.
-    """
-
-    #: A bound socket to listen on instead of binding one (socket
-    #: activation).
-    inherited: socket.socket | None = None
-
-    def startListening(self) -> None:
-        """
-        Bind and listen as C{tcp.Port.startListening} does, without its log
-        line, which it writes unconditionally (Twisted has no hook for it).
-        """
-        # Keeps a descriptor in reserve for Twisted's accept to shed a
-        # client with when the process runs out of them.
-        reserveDescriptor()
-        skt = None
-        try:
-            if self.inherited is not None:
-                skt = self.inherited
-                closeWithoutShutdown(self)
-                skt.setblocking(False)
-                self.acceptedSocketOptions(skt)
-            else:
-                skt = self.createInternetSocket()
-                # The map refuses IPv6 zone indexes, so a plain (host, port)
-                # binds IPv6 addresses too.
-                skt.bind((self.interface, self.port))
-            skt.listen(self.backlog)
-        except OSError as e:
-            if skt is not None:
-                skt.close()
-            raise CannotListenError(self.interface, self.port, e) from e
-        self._realPortNumber = skt.getsockname()[1]
-        self._logger = Logger(namespace="portproxy", observer=self._acceptLogged)
-        self.factory.doStart()
-        self.connected = True
-        self.socket = skt
-        self.fileno = skt.fileno
-        self.numberAccepts = 100
-        self.startReading()
-
-    def _acceptLogged(self, event: dict) -> None:
-        """
-        Where Twisted's accept loop logs (C{tcp.Port._logger}).  Out of
-        descriptors, it sheds each client with its reserved descriptor and
-        logs three lines per client; a flood of clients would flood the
-        log.  Instead, one rate-limited notice per shed client (or failed
-        accept), at most one line a second per listener, saying how many
-        more there were.
-        """
-        service = self.factory.service
-        listener = service.listener
-        if "address" in event:
-            service.notice(
-                "emfile",
-                "{proto} {mapping} {listen}: out of file descriptors; closed "
-                "client {client} at once",
-                proto=listener.proto,
-                mapping=listener.mapping,
-                listen=listener.listen,
-                client=clientAddress(event["address"]),
-            )
-        elif "acceptError" in event:
-            service.notice(
-                "accept",
-                "{proto} {mapping} {listen}: could not accept a client ({error})",
-                proto=listener.proto,
-                mapping=listener.mapping,
-                listen=listener.listen,
-                error=event["acceptError"],
-            )
-
-    def _logConnectionLostMsg(self) -> None:
-        """
-        Log nothing when the port closes (Twisted's hook for its line).
-        """
-
-    def createInternetSocket(self) -> socket.socket:
-        skt = tcp.Port.createInternetSocket(self)
-        listeningSocketOptions(skt, self.interface)
-        self.acceptedSocketOptions(skt)
-        return skt
-
-    @staticmethod
-    def acceptedSocketOptions(skt: socket.socket) -> None:
-        # Accepted sockets inherit these from the listening socket (Linux),
-        # so a client costs no system call for them.
-        skt.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        skt.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-
-    def doRead(self) -> None:
-        """
-        Accept clients.  While the relay engine is there and the target is
-        an address, a client goes straight to a L{Dial} and then to the
-        engine, with no Twisted transport or protocol built for it;
-        otherwise (and always for TLS or SNI routing, whose client speaks
-        first) Twisted's own accept builds a L{Relay}.
-        """
-        service = self.factory.service
-        if (
-            service.fastRelay is None
-            or not service.targetIsAddress
-            or service.listener.tls
-        ):
-            tcp.Port.doRead(self)
-            return
-        accepted = 0
-        # A bare descriptor, already non-blocking, and the client's address
-        # already written as the access line wants it: the client's socket
-        # goes to the engine without a Python socket object ever being built.
-        listeningFd = self.socket.fileno()
-        while accepted < self.numberAccepts:
-            try:
-                client = acceptClient(listeningFd)
-            except OSError as e:
-                if e.errno in _ACCEPT_AGAIN:
-                    continue
-                # Out of descriptors or memory, or worse: Twisted's accept
-                # knows how to shed the client and log it.
-                tcp.Port.doRead(self)
-                return
-            if client is None:
-                break
-            accepted += 1
-            service.dial(*client)
-        # Scaled as Twisted's own accept loop does.
-        if accepted == self.numberAccepts:
-            self.numberAccepts += 20
-        else:
-            self.numberAccepts = max(1, accepted)
-
-    def pauseAccepting(self) -> None:
-        """
-        Refuse new connections, keeping the socket bound.
-        """
-        # Out of the reactor first: an un-listened socket polls readable
-        # and accept() on it fails.
-        self.stopReading()
-        self.socket.shutdown(socket.SHUT_RD)
-
-    def resumeAccepting(self) -> None:
-        """
-        Listen again after L{pauseAccepting}; L{CannotListenError} when
-        another socket took the address meanwhile.
-        """
-        try:
-            self.socket.listen(self.backlog)
-        except OSError as e:
-            raise CannotListenError(self.interface, self.port, e) from e
-        self.startReading()
-
-    def closeNow(self) -> None:
-        """
-        Close the socket in this reactor turn (C{stopListening} waits for
-        the next one), so that a listener bound right after this one is
-        stopped finds the address free.
-        """
-        self.disconnecting = True
-        self.stopReading()
-        if self.connected:
-            self.connectionLost(Failure(CONNECTION_DONE))
-
-
-class RelayFactory(Factory):
-    """
-    Makes a L{Relay} for each client a L{TCPListener} accepts.
-    """
-
-    noisy = False
-
-    def __init__(self, service: TCPListener) -> None:
-        self.service = service
-
-    def buildProtocol(self, addr) -> Relay:
-        settings = self.service.listener.tls
-        if settings is not None:
-            if settings.terminate is not None:
-                return TerminatingRelay(self.service, addr)
-            if settings.sniRoutes:
-                return RoutingRelay(self.service, addr)
-        return Relay(self.service, addr)
-
-
-class TCPListener(ListenerService):
-    """
-    A TCP listening socket forwarding each client to the listener's target.
-
-    @ivar backlog: the accept queue length asked of the kernel.
-    """
-
-    proto = TCP
-
-    #: The relay engine (L{twistedproxy.fastrelay.FastRelay}) that takes
-    #: established connections, or L{None} to relay them in Python; the
-    #: root service sets it.
-    fastRelay = None
-
-    def __init__(self, listener: Listener, reactor, backlog: int | None = None) -> None:
-        ListenerService.__init__(self, listener, reactor)
-        self.backlog = listenBacklog() if backlog is None else backlog
-        self._port: ListeningPort | None = None
-        self.targetIsAddress = _isAddress(listener.target.host)
-
-    def reconfigure(self, listener: Listener) -> None:
-        ListenerService.reconfigure(self, listener)
-        self.targetIsAddress = _isAddress(listener.target.host)
-        port = self._port
-        if port is not None and _terminates(listener) != isinstance(
-            port.factory, tls.TLSMemoryBIOFactory
-        ):
-            # TLS termination turned on or off: clients accepted from now
-            # on get the other factory.
-            port.factory = self._relayFactory()
-
-    def dial(self, clientFd: int, client: str) -> None:
-        """
-        A client accepted for the relay engine (its bare non-blocking
-        descriptor, and its C{host:port}): connect to the target, an
-        address, and hand both sockets to the engine when it answers.
-        """
-        listener = self.listener
-        if listener.identity:
-            if listener.identity.acceptProxyProtocol or listener.host in (
-                ANY_IPV4,
-                ANY_IPV6,
-            ):
-                self._identifyDescriptor(clientFd, client)
-                return
-            # Both ends are known without asking the socket.
-            host, _, port = client.rpartition(":")
-            addresses = Addresses(
-                (host.strip("[]"), int(port)), (listener.host, listener.port)
-            )
-            self.dialIdentified(clientFd, client, addresses)
-            return
-        self.dialIdentified(clientFd, client, None)
-
-    def dialIdentified(
-        self, clientFd: int, client: str, addresses: Addresses | None
-    ) -> None:
-        """
-        Admit and dial for a client of the relay engine whose real address
-        is known: C{client} (C{host:port}), and C{addresses} when the
-        listener's C{client_address} or C{accept_proxy_protocol} needed
-        them.
-        """
-        refusal = self.admit(hostOf(client))
-        if refusal is not None:
-            resetDescriptor(clientFd)
-            self.rejected(client, refusal)
-            return
-        Dial(self, clientFd, client, addresses).start()
-
-    def _identifyDescriptor(self, clientFd: int, client: str) -> None:
-        """
-        L{identify} a client of the relay engine, then L{dialIdentified} it.
-        """
-        try:
-            skt = socket.socket(fileno=clientFd)
-        except OSError as e:
-            os.close(clientFd)
-            self.refusedHeader(client, f"cannot read the client's socket: {e.strerror}")
-            return
-
-        def identified(addresses: Addresses | None, problem: str | None) -> None:
-            fd = skt.detach()
-            if problem is not None:
-                # A FIN: a client that misbehaved is not owed a reset.
-                os.close(fd)
-                self.refusedHeader(client, problem)
-                return
-            self.dialIdentified(fd, formatHostPort(*addresses.source), addresses)
-
-        self.identify(skt, identified)
-
-    def identify(self, skt: socket.socket, identified) -> HeaderReader | None:
-        """
-        Learn who the client on C{skt} is, for both paths: from its PROXY
-        header when the listener has C{accept_proxy_protocol} (the
-        returned L{HeaderReader} is reading it), else from the socket.
-        C{identified(addresses, problem)} follows: the client's
-        L{Addresses} and L{None}, or L{None} and why the client must be
-        closed.
-        """
-        identity = self.listener.identity
-        try:
-            peer = skt.getpeername()[:2]
-            if self.listener.host in (ANY_IPV4, ANY_IPV6):
-                local = skt.getsockname()[:2]
-            else:
-                local = (self.listener.host, self.listener.port)
-        except OSError as e:
-            identified(None, f"client gone: {(e.strerror or str(e)).lower()}")
-            return None
-        own = Addresses(peer, local)
-        if not identity.acceptProxyProtocol:
-            identified(own, None)
-            return None
-
-        def read(result: proxyprotocol.HeaderResult) -> None:
-            if isinstance(result, HeaderError):
-                identified(None, str(result))
-            else:
-                identified(result or own, None)
-
-        reader = HeaderReader(
-            self.reactor, skt, identity.trusts(peer[0]), HEADER_TIMEOUT, read
-        )
-        reader.start()
-        return reader
-
-    def refusedHeader(self, client: str, reason: str) -> None:
-        """
-        Count a client closed for its PROXY header (or the lack of one);
-        a flood of them is logged once a second.
-        """
-        self.countRejected("header")
-        self.notice(
-            "header",
-            "tcp {mapping} closed {client}: {reason}",
-            mapping=self.listener.mapping,
-            client=client,
-            reason=reason,
-        )
-
-    @property
-    def bound(self) -> bool:
-        return self._port is not None
-
-    @property
-    def port(self) -> ListeningPort | None:
-        """
-        The listening port while bound.
-        """
-        return self._port
-
-    def _relayFactory(self):
-        """
-        The factory of this listener's relays: wrapped in TLS when the
-        listener terminates it.
-        """
-        factory = RelayFactory(self)
-        if _terminates(self.listener):
-            factory = tls.serverFactory(self, factory)
-            # The port finds its listener through its factory.
-            factory.service = self
-        return factory
-
-    def bind(self) -> None:
-        port = ListeningPort(
-            self.listener.port,
-            self._relayFactory(),
-            self.backlog,
-            self.listener.host,
-            self.reactor,
-        )
-        port.inherited = self.inheritedSocket
-        port.startListening()
-        self._port = port
-        if not self.enabled:
-            port.pauseAccepting()
-
-    def stopService(self) -> None:
-        """
-        Close the listening socket now; open connections run on until they
-        end (L{whenDrained} says when).
-        """
-        Service.stopService(self)
-        port, self._port = self._port, None
-        if port is not None:
-            port.closeNow()
-
-    def disable(self) -> None:
-        """
-        Refuse new connections, keeping the socket bound; connections in
-        the accept queue are refused too.
-        """
-        if self.enabled:
-            self.enabled = False
-            if self._port is not None:
-                self._port.pauseAccepting()
-
-    def enable(self) -> None:
-        if not self.enabled:
-            if self._port is not None:
-                self._port.resumeAccepting()
-            self.enabled = True
-
-
-def _isAddress(host: str) -> bool:
-    return isIPAddress(host) or isIPv6Address(host)
-
-
 def proxyHeader(listener: Listener, addresses: Addresses | None) -> bytes:
     """
     The PROXY header a flow of C{listener} sends the target first, or
@@ -710,10 +320,6 @@ class TransparentConnector(tcp.Connector):
 
     def _makeTransport(self) -> tcp.Client:
         return _TransparentClient(self.host, self.port, self.source, self, self.reactor)
-
-
-def _terminates(listener: Listener) -> bool:
-    return listener.tls is not None and listener.tls.terminate is not None
 
 
 @implementer(IResolutionReceiver)
@@ -1321,181 +927,3 @@ class TLSTargetSide(TargetSide):
                 tls.HandshakeFailed("tls: the target closed during the handshake")
             )
         self.relay.connectFailed(reason)
-
-
-@implementer(IWriteDescriptor)
-class Dial(EngineFlow):
-    """
-    A client accepted for the relay engine, from its accept to its access
-    line.  First the proxy connects to the target: the client's bare
-    descriptor, a non-blocking socket to the target and, unless the
-    connect completed at once (as on loopback), the reactor watching it;
-    nothing is read from the client meanwhile.  When the target answers,
-    both descriptors go to the engine and this object goes on as the
-    L{EngineFlow} the manhole and the access log see; when it does not,
-    the client is closed and the access line says why.
-    """
-
-    __slots__ = ("_clientFd", "_target", "_timer", "addresses", "service")
-
-    def __init__(
-        self,
-        service: TCPListener,
-        clientFd: int,
-        client: str,
-        addresses: Addresses | None = None,
-    ) -> None:
-        EngineFlow.__init__(
-            self,
-            service.fastRelay,
-            nextFlowId(),
-            service.listener,
-            client,
-            service.reactor.seconds(),
-            service.flowEnded,
-        )
-        self.service = service
-        #: the client's and its destination's, when identity settings need them
-        self.addresses = addresses
-        self._clientFd = clientFd
-        self._target: socket.socket | None = None
-        self._timer = None
-
-    def start(self) -> None:
-        target = self.listener.target
-        family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
-        self.service.flowStarted(self)
-        try:
-            if self.listener.identity.transparent:
-                skt = transparentSocket(
-                    family, socket.SOCK_STREAM, self.addresses.source
-                )
-            else:
-                skt = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-            self._target = skt
-            status = skt.connect_ex((target.host, target.port))
-            if status == errno.EINPROGRESS:
-                # On loopback the handshake is done inside connect(): then
-                # there is nothing to wait for.  One byte of TCP_INFO is the
-                # connection's state: still sending its SYN, failed
-                # (closed), or connected (established, or already closed
-                # by the target, which the engine then relays).
-                state = skt.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-                if state == _TCP_CLOSE:
-                    status = (
-                        skt.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                        or errno.ECONNREFUSED
-                    )
-                elif state != _TCP_SYN_SENT:
-                    status = 0
-        except OSError as e:
-            self._fail((e.strerror or str(e)).lower())
-            return
-        if status == 0:
-            self._connected()
-        elif status == errno.EINPROGRESS:
-            reactor = self.service.reactor
-            self._timer = reactor.callLater(
-                self.listener.timeouts.connect, self._timedOut
-            )
-            reactor.addWriter(self)
-        else:
-            self._fail(os.strerror(status).lower())
-
-    def _connected(self) -> None:
-        self._cancelTimer()
-        header = proxyHeader(self.listener, self.addresses)
-        if header:
-            problem = sendHeader(self._target, header)
-            if problem is not None:
-                self._fail(problem)
-                return
-        target, self._target = self._target, None
-        target.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        target.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        targetFd = target.detach()
-        clientFd, self._clientFd = self._clientFd, -1
-        if not self._relay.adoptDescriptors(
-            clientFd,
-            targetFd,
-            self.id,
-            self.listener.timeouts.idle,
-            self._ended,
-            exclusive=True,
-        ):
-            os.close(clientFd)
-            os.close(targetFd)
-            self.service.flowEnded(self, "relay engine refused the connection")
-
-    # -- IWriteDescriptor -----------------------------------------------------
-
-    def fileno(self) -> int:
-        return self._target.fileno() if self._target is not None else -1
-
-    def logPrefix(self) -> str:
-        return "portproxy"
-
-    def doWrite(self) -> None:
-        """
-        The connect finished, one way or the other.
-        """
-        self.service.reactor.removeWriter(self)
-        status = self._target.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if status:
-            self._fail(os.strerror(status).lower())
-        else:
-            self._connected()
-
-    def connectionLost(self, reason: Failure) -> None:
-        """
-        The reactor dropped the connect: it failed (epoll reports a
-        refused connect as a hang-up, not as writable) or the proxy is
-        stopping.
-        """
-        if self._target is None:
-            return
-        status = self._target.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if status:
-            self._fail(os.strerror(status).lower())
-        elif not self.service.running:
-            self._end("proxy stopped")
-        else:
-            self._fail(reason.getErrorMessage())
-
-    # -- ending ---------------------------------------------------------------
-
-    def _timedOut(self) -> None:
-        self._timer = None
-        self._fail(f"timed out after {self.listener.timeouts.connect:g}s")
-
-    def _fail(self, why: str) -> None:
-        clientFd, self._clientFd = self._clientFd, -1
-        self._end(f"connect failed: {why}")
-        if clientFd >= 0:
-            ClosingClient(clientFd, self.service.reactor).start()
-
-    def close(self, reason: str) -> None:
-        """
-        End the flow now (from the manhole): the dial, or the engine's
-        relay once the target answered.
-        """
-        if self._clientFd >= 0:
-            self._end(reason)
-        else:
-            EngineFlow.close(self, reason)
-
-    def _end(self, reason: str) -> None:
-        self._cancelTimer()
-        if self._target is not None:
-            self.service.reactor.removeWriter(self)
-            self._target.close()
-            self._target = None
-        if self._clientFd >= 0:
-            os.close(self._clientFd)
-            self._clientFd = -1
-        self.service.flowEnded(self, reason)
-
-    def _cancelTimer(self) -> None:
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()

@@ -17,17 +17,30 @@ caller keeps its pure-Python relay.
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twistedproxy.compat import transportIdle
-from twistedproxy.listener import IFlow
+from twistedproxy.listener import IFlow, nextFlowId
+from twistedproxy.proxyprotocol import Addresses
+from twistedproxy.tcp.relay import (
+    ClosingClient,
+    canHandOff,
+    proxyHeader,
+    releaseTransport,
+    sendHeader,
+)
+from twistedproxy.transparency import transparentSocket
+
+if TYPE_CHECKING:
+    from twistedproxy.tcp.listener import TCPListener
 
 try:
     from twistedproxy._fastrelay import Engine
@@ -129,50 +142,6 @@ def available() -> bool:
     Whether the compiled relay engine was built and imports.
     """
     return Engine is not None
-
-
-class HandedOff(ConnectionDone):
-    """
-    The connection's socket went to the relay engine: for the protocol this
-    transport is gone, but the TCP connection goes on, and the flow's end
-    is reported by L{FastRelay} later.
-    """
-
-    def __str__(self) -> str:
-        return "handed to the relay engine"
-
-
-def canHandOff(transport) -> bool:
-    """
-    Whether C{transport} is a connected plain TCP transport that can leave
-    the reactor without losing a byte: open both ways, nothing buffered to
-    write, not closing, not TLS.
-    """
-    return transportIdle(transport) and not getattr(transport, "TLS", False)
-
-
-def releaseTransport(transport) -> None:
-    """
-    Make a Twisted TCP transport forget its socket without ending the
-    connection, and tell its protocol, with L{HandedOff}, that it is gone.
-
-    The caller must already hold another descriptor of the socket (an
-    C{os.dup} of C{transport.fileno()}): this closes the transport's own
-    descriptor with a plain C{close()}, which sends nothing while another
-    descriptor keeps the socket open.  Neither C{loseConnection} (which calls
-    C{shutdown}, a FIN) nor C{abortConnection} (which sets C{SO_LINGER} to
-    zero on the shared socket, a reset when the last descriptor closes)
-    would do.
-    """
-    # A registered producer would be stopped (and so closed) by
-    # connectionLost; the relay's two transports are each other's.
-    transport.unregisterProducer()
-    transport.stopReading()
-    transport.stopWriting()
-    # Closed here, Twisted's own close in connectionLost finds no socket and
-    # its shutdown() fails with EBADF, which it ignores.
-    transport.socket.close()
-    transport.connectionLost(Failure(HandedOff()))
 
 
 @implementer(IReadDescriptor)
@@ -366,3 +335,186 @@ class FastRelay:
 
     def logPrefix(self) -> str:
         return "fastrelay"
+
+
+#: TCP states (C{tcpi_state}, the first byte of C{TCP_INFO}; Linux).
+_TCP_SYN_SENT = 2
+_TCP_CLOSE = 7
+
+
+@implementer(IWriteDescriptor)
+class Dial(EngineFlow):
+    """
+    A client accepted for the relay engine, from its accept to its access
+    line.  First the proxy connects to the target: the client's bare
+    descriptor, a non-blocking socket to the target and, unless the
+    connect completed at once (as on loopback), the reactor watching it;
+    nothing is read from the client meanwhile.  When the target answers,
+    both descriptors go to the engine and this object goes on as the
+    L{EngineFlow} the manhole and the access log see; when it does not,
+    the client is closed and the access line says why.
+    """
+
+    __slots__ = ("_clientFd", "_target", "_timer", "addresses", "service")
+
+    def __init__(
+        self,
+        service: TCPListener,
+        clientFd: int,
+        client: str,
+        addresses: Addresses | None = None,
+    ) -> None:
+        EngineFlow.__init__(
+            self,
+            service.fastRelay,
+            nextFlowId(),
+            service.listener,
+            client,
+            service.reactor.seconds(),
+            service.flowEnded,
+        )
+        self.service = service
+        #: the client's and its destination's, when identity settings need them
+        self.addresses = addresses
+        self._clientFd = clientFd
+        self._target: socket.socket | None = None
+        self._timer = None
+
+    def start(self) -> None:
+        target = self.listener.target
+        family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
+        self.service.flowStarted(self)
+        try:
+            if self.listener.identity.transparent:
+                skt = transparentSocket(
+                    family, socket.SOCK_STREAM, self.addresses.source
+                )
+            else:
+                skt = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            self._target = skt
+            status = skt.connect_ex((target.host, target.port))
+            if status == errno.EINPROGRESS:
+                # On loopback the handshake is done inside connect(): then
+                # there is nothing to wait for.  One byte of TCP_INFO is the
+                # connection's state: still sending its SYN, failed
+                # (closed), or connected (established, or already closed
+                # by the target, which the engine then relays).
+                state = skt.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+                if state == _TCP_CLOSE:
+                    status = (
+                        skt.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                        or errno.ECONNREFUSED
+                    )
+                elif state != _TCP_SYN_SENT:
+                    status = 0
+        except OSError as e:
+            self._fail((e.strerror or str(e)).lower())
+            return
+        if status == 0:
+            self._connected()
+        elif status == errno.EINPROGRESS:
+            reactor = self.service.reactor
+            self._timer = reactor.callLater(
+                self.listener.timeouts.connect, self._timedOut
+            )
+            reactor.addWriter(self)
+        else:
+            self._fail(os.strerror(status).lower())
+
+    def _connected(self) -> None:
+        self._cancelTimer()
+        header = proxyHeader(self.listener, self.addresses)
+        if header:
+            problem = sendHeader(self._target, header)
+            if problem is not None:
+                self._fail(problem)
+                return
+        target, self._target = self._target, None
+        target.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        target.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        targetFd = target.detach()
+        clientFd, self._clientFd = self._clientFd, -1
+        if not self._relay.adoptDescriptors(
+            clientFd,
+            targetFd,
+            self.id,
+            self.listener.timeouts.idle,
+            self._ended,
+            exclusive=True,
+        ):
+            os.close(clientFd)
+            os.close(targetFd)
+            self.service.flowEnded(self, "relay engine refused the connection")
+
+    # -- IWriteDescriptor -----------------------------------------------------
+
+    def fileno(self) -> int:
+        return self._target.fileno() if self._target is not None else -1
+
+    def logPrefix(self) -> str:
+        return "portproxy"
+
+    def doWrite(self) -> None:
+        """
+        The connect finished, one way or the other.
+        """
+        self.service.reactor.removeWriter(self)
+        status = self._target.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if status:
+            self._fail(os.strerror(status).lower())
+        else:
+            self._connected()
+
+    def connectionLost(self, reason: Failure) -> None:
+        """
+        The reactor dropped the connect: it failed (epoll reports a
+        refused connect as a hang-up, not as writable) or the proxy is
+        stopping.
+        """
+        if self._target is None:
+            return
+        status = self._target.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if status:
+            self._fail(os.strerror(status).lower())
+        elif not self.service.running:
+            self._end("proxy stopped")
+        else:
+            self._fail(reason.getErrorMessage())
+
+    # -- ending ---------------------------------------------------------------
+
+    def _timedOut(self) -> None:
+        self._timer = None
+        self._fail(f"timed out after {self.listener.timeouts.connect:g}s")
+
+    def _fail(self, why: str) -> None:
+        clientFd, self._clientFd = self._clientFd, -1
+        self._end(f"connect failed: {why}")
+        if clientFd >= 0:
+            ClosingClient(clientFd, self.service.reactor).start()
+
+    def close(self, reason: str) -> None:
+        """
+        End the flow now (from the manhole): the dial, or the engine's
+        relay once the target answered.
+        """
+        if self._clientFd >= 0:
+            self._end(reason)
+        else:
+            EngineFlow.close(self, reason)
+
+    def _end(self, reason: str) -> None:
+        self._cancelTimer()
+        if self._target is not None:
+            self.service.reactor.removeWriter(self)
+            self._target.close()
+            self._target = None
+        if self._clientFd >= 0:
+            os.close(self._clientFd)
+            self._clientFd = -1
+        self.service.flowEnded(self, reason)
+
+    def _cancelTimer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()

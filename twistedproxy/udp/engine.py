@@ -22,13 +22,18 @@ from __future__ import annotations
 
 import itertools
 import socket
+from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twistedproxy.listener import fastPathWanted
+from twistedproxy.listener import IFlow, clientAddress, fastPathWanted, nextFlowId
+from twistedproxy.proxyprotocol import HEADERS_NONE, Addresses
+
+if TYPE_CHECKING:
+    from twistedproxy.udp.listener import UDPListener
 
 try:
     from twistedproxy._fastudp import Engine
@@ -279,3 +284,97 @@ def engineFor(reactor) -> UDPEngine | None:
 
         reactor.addSystemEventTrigger("after", "shutdown", stop)
     return engine
+
+
+@implementer(IFlow)
+class EngineSession:
+    """
+    A session whose datagrams the compiled engine forwards: what the
+    manhole and the access log see of it.  Its byte counters are read from
+    the engine.
+
+    @ivar resolving: the target's host name is being resolved, and the
+        engine holds the client's datagrams meanwhile.
+    """
+
+    __slots__ = (
+        "_final",
+        "_owner",
+        "client",
+        "closed",
+        "headers",
+        "id",
+        "key",
+        "listener",
+        "prefix",
+        "resolving",
+        "source",
+        "started",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        owner: UDPListener,
+        key: bytes,
+        client,
+        addresses: Addresses | None = None,
+        headers: int = HEADERS_NONE,
+    ) -> None:
+        self.id = nextFlowId()
+        self.listener = owner.listener
+        self.client = clientAddress(client if addresses is None else addresses.source)
+        self.started = owner.reactor.seconds()
+        self.key = key
+        self.timeout = self.listener.timeouts.udp
+        self.resolving = False
+        self.closed = False
+        self.source, self.prefix = owner.sessionIdentity(
+            client, localAddress(key, client), addresses
+        )
+        self.headers = headers
+        self._owner = owner
+        self._final = (0, 0)
+
+    def _counters(self) -> tuple[int, int]:
+        if not self.closed and not self.resolving:
+            counters = self._owner.engine.counters(self.id)
+            if counters is not None:
+                return counters
+        return self._final
+
+    @property
+    def bytesIn(self) -> int:
+        return self._counters()[0]
+
+    @property
+    def bytesOut(self) -> int:
+        return self._counters()[1]
+
+    def ended(self, bytesIn: int, bytesOut: int, reason: str) -> None:
+        """
+        The engine no longer has the session: keep its last counters and
+        write its access line.
+        """
+        if self.closed:
+            return
+        self._final = (bytesIn, bytesOut)
+        self.closed = True
+        self._owner.sessionEnded(self, reason)
+
+    def close(self, reason: str) -> None:
+        """
+        End the session now: the engine closes its socket.
+        """
+        if self.closed:
+            return
+        engine = self._owner.engine
+        if self.resolving:
+            counters = (engine.dropPending(self.key)[1], 0)
+        else:
+            counters = engine.closeSession(self.id)
+            if counters is None:
+                # The engine ended it a moment ago; its report, waiting on
+                # the engine's eventfd, writes the access line.
+                return
+        self.ended(counters[0], counters[1], reason)
