@@ -3,7 +3,7 @@
 Micro-benchmark of the compiled relay engine against docker-proxy.
 
 A tiny Twisted front end (accept, connect, then hand both sockets to
-L{twistedproxy.tcp.engine.FastRelay}) runs in a subprocess next to
+L{twistedproxy.tcp.engine.TCPEngine}) runs in a subprocess next to
 docker-proxy and, for reference, the same front end relaying in plain
 Twisted (producer/consumer, no engine).  Each workload runs against the
 backend directly and through each proxy in turn, rounds interleaved so
@@ -84,12 +84,12 @@ def runFront(
     from twisted.internet import reactor
     from twisted.internet.protocol import ClientFactory, Factory, Protocol
 
-    from twistedproxy.tcp.engine import Engine, FastRelay
+    from twistedproxy.tcp.engine import Engine, TCPEngine
     from twistedproxy.tcp.relay import HandedOff
 
     relay = None
     if mode.startswith("engine"):
-        relay = FastRelay(reactor, Engine(pipeSize=pipeSize, busyPoll=busyPoll))
+        relay = TCPEngine(reactor, Engine(pipeSize=pipeSize, busyPoll=busyPoll))
     flowIds = iter(range(1, 1 << 62))
 
     class TargetSide(Protocol):

@@ -655,7 +655,7 @@ def spin(reactor, until, timeout=10.0):
 class HandOffFront:
     """
     A tiny Twisted front end: accepts a client, connects to the target, and
-    as soon as the target answers hands both to a L{fastrelay.FastRelay}.
+    as soon as the target answers hands both to a L{fastrelay.TCPEngine}.
     """
 
     def __init__(self, reactor, targetPort, relay, buffered=b"", asFlow=None):
@@ -712,7 +712,7 @@ def test_handOffSendsNothing(reactor):
     targetListener = socket.socket()
     targetListener.bind(("127.0.0.1", 0))
     targetListener.listen(1)
-    relay = fastrelay.FastRelay(reactor)
+    relay = fastrelay.TCPEngine(reactor)
     front = HandOffFront(reactor, targetListener.getsockname()[1], relay)
     client = socket.create_connection(("127.0.0.1", front.port.getHost().port))
     client.setblocking(False)
@@ -767,7 +767,7 @@ def test_handOffRefusedWhileBuffered(reactor):
     targetListener = socket.socket()
     targetListener.bind(("127.0.0.1", 0))
     targetListener.listen(1)
-    relay = fastrelay.FastRelay(reactor)
+    relay = fastrelay.TCPEngine(reactor)
     front = HandOffFront(
         reactor, targetListener.getsockname()[1], relay, buffered=b"hello"
     )
@@ -787,10 +787,10 @@ def test_handOffRefusedWhileBuffered(reactor):
 @needsEngine
 def test_fastRelayCloseAndStop(reactor):
     """
-    FastRelay.close kills one flow and stop() ends the rest, each flow's
+    TCPEngine.close kills one flow and stop() ends the rest, each flow's
     onEnd called once with its reason.
     """
-    relay = fastrelay.FastRelay(reactor)
+    relay = fastrelay.TCPEngine(reactor)
     ends = {}
     flows = []
     for flowId in (1, 2):
@@ -842,7 +842,7 @@ def test_engineFlowStandsInForTheRelay(reactor):
     targetListener = socket.socket()
     targetListener.bind(("127.0.0.1", 0))
     targetListener.listen(1)
-    relay = fastrelay.FastRelay(reactor)
+    relay = fastrelay.TCPEngine(reactor)
     front = HandOffFront(
         reactor, targetListener.getsockname()[1], relay, asFlow=PythonFlow()
     )

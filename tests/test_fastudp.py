@@ -63,27 +63,30 @@ def test_extensionBuiltWhereItCan():
 
 def test_switchTurnsEngineOff(monkeypatch):
     """
-    C{PORTPROXY_FASTPATH=0} keeps every listener on the pure-Python path,
-    even under a real reactor.
+    C{PORTPROXY_FASTPATH=0} makes the root service create no engine, so
+    every listener is on the pure-Python path, even under a real reactor.
     """
     from twisted.internet.epollreactor import EPollReactor
+
+    from twistedproxy.service import compiledEngines
 
     monkeypatch.setenv("PORTPROXY_FASTPATH", "0")
     reactor = EPollReactor()
     try:
-        assert fastudp.engineFor(reactor) is None
+        assert compiledEngines(reactor) == {"tcp": None, "udp": None}
     finally:
         reactor._poller.close()
 
 
-def test_fakeReactorGetsNoEngine():
+def test_listenerWithoutEngineForwardsInPython():
     """
-    A reactor that does not watch real descriptors (a test's fake) gets
-    no engine, so the listener's unit tests drive the pure-Python path.
+    A listener given no engine (as the listener's unit tests make them)
+    forwards its datagrams in Python.
     """
     from twisted.internet.testing import MemoryReactorClock
 
-    assert fastudp.engineFor(MemoryReactorClock()) is None
+    service = UDPListener(makeListener(), MemoryReactorClock())
+    assert not service.forwarder.compiled
 
 
 # -- the engine itself -------------------------------------------------------
@@ -805,9 +808,6 @@ def reactor(monkeypatch):
     monkeypatch.setenv("PORTPROXY_FASTPATH", "1")
     reactor = EPollReactor()
     yield reactor
-    engine = fastudp._engines.pop(id(reactor), None)
-    if engine is not None:
-        engine.stop()
     reactor.removeAll()
     reactor._poller.close()
 
@@ -837,15 +837,26 @@ def spin(reactor, done, timeout=5.0) -> None:
         reactor.doIteration(0.05)
 
 
+@pytest.fixture
+def engine(reactor):
+    """
+    The engine the root service would own, stopped after the test.
+    """
+    engine = fastudp.UDPEngine(reactor) if fastudp.available() else None
+    yield engine
+    if engine is not None:
+        engine.stop()
+
+
 class Service:
     """
-    A started L{UDPListener} on the engine of C{reactor}, with a target.
+    A started L{UDPListener} on C{engine}, with a target.
     """
 
-    def __init__(self, reactor, **kw) -> None:
+    def __init__(self, reactor, engine, **kw) -> None:
         self.target = udpSocket()
         kw.setdefault("target", Target(*self.target.getsockname()))
-        self.service = UDPListener(makeListener(**kw), reactor)
+        self.service = UDPListener(makeListener(**kw), reactor, engine)
         assert self.service.engine is not None
         self.service.privilegedStartService()
         self.service.startService()
@@ -865,11 +876,11 @@ class Service:
 
 
 @pytest.fixture
-def service(reactor):
+def service(reactor, engine):
     made: list[Service] = []
 
     def make(**kw) -> Service:
-        made.append(Service(reactor, **kw))
+        made.append(Service(reactor, engine, **kw))
         return made[-1]
 
     yield make
@@ -895,7 +906,8 @@ def test_listenerSessionThroughEngine(reactor, service, logged):
     [flow] = svc.flows.values()
     assert isinstance(flow, EngineSession)
     assert verifyObject(IFlow, flow)
-    assert svc.engine.listenerCounters(svc._engineId) == (1, 0, 0)
+    forwarder = svc.forwarder
+    assert forwarder.engine.listenerCounters(forwarder.listenerId) == (1, 0, 0)
     spin(reactor, lambda: (flow.bytesIn, flow.bytesOut) == (5, 8))
     assert (svc.bytesIn, svc.bytesOut) == (5, 8)
     flow.close("killed from the manhole")
@@ -1058,14 +1070,14 @@ def test_unresolvableTargetThroughEngine(reactor, service, logged):
 
 
 @needsEngine
-def test_stoppedEngineLeavesListenerToPython(reactor, service, logged):
+def test_stoppedEngineLeavesListenerToPython(reactor, engine, service, logged):
     """
     A listener whose engine cannot take it (here: stopped) forwards its
     datagrams itself, and says so.
     """
-    fastudp.engineFor(reactor).stop()
+    engine.stop()
     s = service()
-    assert s.service.engine is None
+    assert not s.service.forwarder.compiled
     assert "forwarding in Python" in lines(logged)
     c = s.client()
     c.sendto(b"py", s.address)

@@ -237,7 +237,7 @@ def test_collectorSumsListenersOfAMapping() -> None:
         proxyMap,
         reactor=MemoryReactorClock(),
         listenerTypes={"tcp": FakeListener},
-        relayEngine=lambda r: None,
+        engines=lambda r: {},
     )
     for listener in proxyMap.listeners():
         service, _ = proxy._bindListener(listener)

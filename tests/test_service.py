@@ -72,7 +72,7 @@ def makeProxy(initial, ipv6=True):
         listenerTypes={TCP: FakeListener, UDP: FakeListener},
         manholeType=FakeManhole,
         ipv6Available=lambda: ipv6,
-        relayEngine=lambda reactor: None,
+        engines=lambda reactor: {},
         inThread=maybeDeferred,
     )
     return proxy, maps
@@ -350,7 +350,7 @@ def test_onlyPortproxyLogsItsListeningPorts(logged):
         proxyMap(listener(0, name="web"), listener(0, name="dns", proto=UDP)),
         reactor=MemoryReactorClock(),
         ipv6Available=lambda: True,
-        relayEngine=lambda reactor: None,
+        engines=lambda reactor: {},
     )
     proxy.privilegedStartService()
     proxy.startService()
@@ -420,7 +420,7 @@ def test_defaultLoadUsesReactorThreadPool():
         reactor=fakeReactor,
         load=lambda path: proxyMap(listener(5)),
         listenerTypes={TCP: FakeListener, UDP: FakeListener},
-        relayEngine=lambda reactor: None,
+        engines=lambda reactor: {},
     )
     proxy.startService()
     try:
@@ -527,7 +527,7 @@ def test_reloadWithUnusablePathChangesNothing(tmp_path):
         reactor=MemoryReactorClock(),
         listenerTypes={TCP: FakeListener, UDP: FakeListener},
         ipv6Available=lambda: True,
-        relayEngine=lambda reactor: None,
+        engines=lambda reactor: {},
         inThread=maybeDeferred,
     )
     proxy.privilegedStartService()

@@ -257,17 +257,17 @@ class ProxyCollector:
             "1 where a compiled engine carries the traffic, 0 where Python does.",
             labels=["engine"],
         )
-        engines.add_metric(["tcp_relay"], 0 if proxy.fastRelay is None else 1)
+        engines.add_metric(["tcp_relay"], 0 if proxy.tcpEngine is None else 1)
         udpServices = [s for s in proxy.allListeners() if s.proto == "udp"]
         engines.add_metric(
             ["udp"],
-            1 if udpServices and all(s.engine is not None for s in udpServices) else 0,
+            1 if udpServices and all(s.forwarder.compiled for s in udpServices) else 0,
         )
         yield engines
-        if proxy.fastRelay is not None:
+        if proxy.tcpEngine is not None:
             engineFlows = GaugeMetricFamily(
                 "portproxy_tcp_relay_flows",
                 "TCP connections the compiled relay engine carries.",
             )
-            engineFlows.add_metric([], proxy.fastRelay.flowCount())
+            engineFlows.add_metric([], proxy.tcpEngine.flowCount())
             yield engineFlows

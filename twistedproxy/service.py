@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import (
@@ -41,6 +42,10 @@ from twistedproxy.model import (
 from twistedproxy.plan import diff
 from twistedproxy.systemd import InheritedSockets
 
+if TYPE_CHECKING:
+    from twistedproxy.tcp.engine import TCPEngine
+    from twistedproxy.udp.engine import UDPEngine
+
 log = Logger(namespace="portproxy")
 
 #: A reload's summary line names at most this many failures.
@@ -68,16 +73,22 @@ def _ipv6Available() -> bool:
     return True
 
 
-def _relayEngine(reactor):
+def compiledEngines(reactor) -> dict[str, TCPEngine | UDPEngine | None]:
     """
-    The relay engine for established TCP connections, or L{None} when it
-    is not built or not wanted.
+    The compiled engines the listeners of this process share, by
+    protocol: each is L{None} where its extension is not built, and both
+    are when C{PORTPROXY_FASTPATH=0} turns them off.  The one place that
+    decides whether the fast paths run; a listener picks its forwarder
+    from what it is given here.
     """
-    from twistedproxy.tcp import engine as fastrelay
+    from twistedproxy.tcp import engine as tcpEngine
+    from twistedproxy.udp import engine as udpEngine
 
-    if not (fastrelay.available() and fastPathWanted()):
-        return None
-    return fastrelay.FastRelay(reactor)
+    wanted = fastPathWanted()
+    return {
+        TCP: tcpEngine.TCPEngine(reactor) if wanted and tcpEngine.available() else None,
+        UDP: udpEngine.UDPEngine(reactor) if wanted and udpEngine.available() else None,
+    }
 
 
 def _listenerTypes() -> dict:
@@ -144,6 +155,9 @@ class ProxyService(MultiService):
     @ivar http: the HTTP endpoint's service (L{twistedproxy.web}), or
         L{None}.
     @ivar reloadCounts: what the reloads came to, for C{/metrics}.
+    @ivar engines: the compiled engines by protocol (L{compiledEngines}),
+        which this service owns: it gives each to the listeners of its
+        protocol and stops them when it stops.
     @ivar watchers: objects told of the service's life: C{started(proxy)}
         once every listener is bound and started, C{reloading(proxy)} and
         C{reloaded(proxy, summary)} around each reload, C{stopping(proxy)}
@@ -160,7 +174,7 @@ class ProxyService(MultiService):
         manholeType=None,
         httpType=None,
         ipv6Available: Callable[[], bool] = _ipv6Available,
-        relayEngine=_relayEngine,
+        engines: Callable[[object], dict] = compiledEngines,
         inherited: InheritedSockets | None = None,
         controlType=None,
         inThread: Callable[..., Deferred] | None = None,
@@ -184,8 +198,8 @@ class ProxyService(MultiService):
         self._manholeType = manholeType
         self._httpType = httpType
         self._ipv6Available = ipv6Available
-        #: Relays established TCP connections in its own thread, or None.
-        self.fastRelay = relayEngine(reactor)
+        #: The compiled engines, by protocol (L{None}: Python forwards).
+        self.engines = engines(reactor)
         #: Listening sockets systemd passed in (socket activation).
         self.inheritedSockets = InheritedSockets([]) if inherited is None else inherited
         self.listeners: dict[ListenerKey, ListenerService] = {}
@@ -278,11 +292,25 @@ class ProxyService(MultiService):
             "portproxy started: {count} listeners from {path}{engine}",
             count=len(self.listeners),
             path=self.configPath,
-            engine="" if self.fastRelay is None else ", TCP relay engine on",
+            engine="" if self.tcpEngine is None else ", TCP relay engine on",
         )
         if self.http is not None:
             log.info("http on {listen}", listen=self.http.settings.listen)
         self._tell("started")
+
+    @property
+    def tcpEngine(self) -> TCPEngine | None:
+        """
+        The compiled engine of TCP listeners, or L{None}.
+        """
+        return self.engines.get(TCP)
+
+    @property
+    def udpEngine(self) -> UDPEngine | None:
+        """
+        The compiled engine of UDP listeners, or L{None}.
+        """
+        return self.engines.get(UDP)
 
     def stopService(self):
         self._tell("stopping")
@@ -290,10 +318,11 @@ class ProxyService(MultiService):
             signal.signal(signal.SIGHUP, self._previousHandler)
             self._previousHandler = None
         stopped = MultiService.stopService(self)
-        if self.fastRelay is not None:
-            # Every connection the engine relays ends now, each with its
-            # access line.
-            self.fastRelay.stop()
+        # Every connection and session the engines carry ends now, each
+        # with its access line.
+        for engine in self.engines.values():
+            if engine is not None:
+                engine.stop()
         return stopped
 
     def _tell(self, event: str, *args) -> None:
@@ -345,8 +374,7 @@ class ProxyService(MultiService):
         types = self._listenerTypes or _listenerTypes()
         try:
             service = types[listener.proto](listener, self.reactor)
-            if listener.proto == TCP:
-                service.fastRelay = self.fastRelay
+            service.engine = self.engines.get(listener.proto)
             if adopted is None:
                 adopted = self.inheritedSockets.take(
                     listener, frozenset(m.name for m in self.map.mappings)

@@ -143,7 +143,7 @@ def statusDocument(proxy, history: TrafficHistory) -> dict:
         "config": proxy.configPath,
         "listeners": len(proxy.listeners),
         "unbound": [str(l) for l in unbound],
-        "tcpRelayEngine": proxy.fastRelay is not None,
+        "tcpRelayEngine": proxy.tcpEngine is not None,
         "reloads": {"ok": counts.ok, "failed": counts.failed, "last": counts.last},
         "mappings": mappings,
     }

@@ -2,12 +2,12 @@
 The compiled fast path for established TCP relays, seen from Twisted.
 
 Twisted accepts each client and connects to its target; once both sockets
-are connected and nothing is buffered for either, L{FastRelay.adopt} takes
+are connected and nothing is buffered for either, L{TCPEngine.adopt} takes
 them out of the reactor and hands them to the relay engine of
 L{twistedproxy._fastrelay}: one background thread with its own epoll that
 moves the bytes with C{splice(2)} and never takes the GIL.  When the flow
 ends the engine tells the reactor thread through an eventfd, which
-L{FastRelay} watches as an L{IReadDescriptor}, and the flow's C{onEnd}
+L{TCPEngine} watches as an L{IReadDescriptor}, and the flow's C{onEnd}
 callback runs there with the byte counts and the reason.
 
 The extension is optional (Linux, built by C{pip install} where a C
@@ -23,7 +23,11 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IReadDescriptor,
+    IWriteDescriptor,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -40,6 +44,7 @@ from twistedproxy.tcp.relay import (
 from twistedproxy.transparency import transparentSocket
 
 if TYPE_CHECKING:
+    from twistedproxy.model import Listener
     from twistedproxy.tcp.listener import TCPListener
 
 try:
@@ -55,88 +60,6 @@ log = Logger(namespace="portproxy")
 EndCallback = Callable[[int, int, str], None]
 
 
-@implementer(IFlow)
-class EngineFlow:
-    """
-    A flow the engine relays, as the manhole and the access log see it:
-    it stands in for the Python relay that handed its sockets over, which
-    can then be dropped, so an established connection costs the reactor
-    this small object and nothing else.
-
-    @ivar reason: why the flow was closed from this side (L{close}), which
-        the access line prefers to the engine's generic C{"killed"}.
-    """
-
-    __slots__ = (
-        "_baseIn",
-        "_baseOut",
-        "_final",
-        "_onEnded",
-        "_relay",
-        "_seen",
-        "client",
-        "id",
-        "listener",
-        "reason",
-        "started",
-    )
-
-    def __init__(
-        self,
-        relay: FastRelay,
-        flowId: int,
-        listener,
-        client: str,
-        started: float,
-        onEnded: Callable[[EngineFlow, str], None],
-        bytesIn: int = 0,
-        bytesOut: int = 0,
-    ) -> None:
-        self.id = flowId
-        self.listener = listener
-        self.client = client
-        self.started = started
-        self.reason: str | None = None
-        self._relay = relay
-        # bytes the Python relay moved before the hand-off
-        self._baseIn = bytesIn
-        self._baseOut = bytesOut
-        self._seen = (0, 0)
-        self._final: tuple[int, int] | None = None
-        self._onEnded = onEnded
-
-    def _counters(self) -> tuple[int, int]:
-        if self._final is not None:
-            return self._final
-        counters = self._relay.counters(self.id)
-        # None between the engine's end of the flow and its report in the
-        # reactor: the last figures seen, so totals never go backwards.
-        if counters is not None:
-            self._seen = counters
-        return self._seen
-
-    @property
-    def bytesIn(self) -> int:
-        return self._baseIn + self._counters()[0]
-
-    @property
-    def bytesOut(self) -> int:
-        return self._baseOut + self._counters()[1]
-
-    def close(self, reason: str) -> None:
-        """
-        End the flow now (both sockets reset); the access line gives
-        C{reason}.
-        """
-        if self.reason is None:
-            self.reason = reason
-        self._relay.close(self.id)
-
-    def _ended(self, bytesIn: int, bytesOut: int, reason: str) -> None:
-        self._final = (bytesIn, bytesOut)
-        self._onEnded(self, self.reason or reason)
-
-
 def available() -> bool:
     """
     Whether the compiled relay engine was built and imports.
@@ -145,7 +68,7 @@ def available() -> bool:
 
 
 @implementer(IReadDescriptor)
-class FastRelay:
+class TCPEngine:
     """
     The relay engine's end in the reactor: adopts connected pairs of
     transports and calls each flow's C{onEnd} when the engine reports it.
@@ -342,50 +265,143 @@ _TCP_SYN_SENT = 2
 _TCP_CLOSE = 7
 
 
-@implementer(IWriteDescriptor)
-class Dial(EngineFlow):
+@implementer(IFlow, IWriteDescriptor)
+class EngineFlow:
     """
-    A client accepted for the relay engine, from its accept to its access
-    line.  First the proxy connects to the target: the client's bare
-    descriptor, a non-blocking socket to the target and, unless the
-    connect completed at once (as on loopback), the reactor watching it;
-    nothing is read from the client meanwhile.  When the target answers,
-    both descriptors go to the engine and this object goes on as the
-    L{EngineFlow} the manhole and the access log see; when it does not,
-    the client is closed and the access line says why.
+    A flow the engine relays, as the manhole and the access log see it,
+    from the client's accept to its access line.
+
+    It comes to be in one of two ways.  L{dial}: a client the engine's
+    forwarder accepted itself (a bare descriptor); the proxy connects to
+    the target with a non-blocking socket and, unless the connect
+    completed at once (as on loopback), the reactor watching it, reading
+    nothing from the client meanwhile; when the target answers both
+    descriptors go to the engine, and when it does not the client is
+    closed and the access line says why.  L{TCPEngine.adoptFlow}: a
+    Python relay whose target answered handed its two connections over;
+    this object stands in for it, which can then be dropped, so an
+    established connection costs the reactor this small object and
+    nothing else.
+
+    @ivar reason: why the flow was closed from this side (L{close}), which
+        the access line prefers to the engine's generic C{"killed"}.
+    @ivar addresses: the client's and its destination's, when identity
+        settings need them (a dialed flow).
     """
 
-    __slots__ = ("_clientFd", "_target", "_timer", "addresses", "service")
+    __slots__ = (
+        "_baseIn",
+        "_baseOut",
+        "_clientFd",
+        "_engine",
+        "_final",
+        "_onEnded",
+        "_reactor",
+        "_seen",
+        "_service",
+        "_target",
+        "_timer",
+        "addresses",
+        "client",
+        "id",
+        "listener",
+        "reason",
+        "started",
+    )
 
     def __init__(
         self,
+        engine: TCPEngine,
+        flowId: int,
+        listener: Listener,
+        client: str,
+        started: float,
+        onEnded: Callable[[EngineFlow, str], None],
+        bytesIn: int = 0,
+        bytesOut: int = 0,
+    ) -> None:
+        self.id = flowId
+        self.listener = listener
+        self.client = client
+        self.started = started
+        self.reason: str | None = None
+        self.addresses: Addresses | None = None
+        self._engine = engine
+        # bytes the Python relay moved before the hand-off
+        self._baseIn = bytesIn
+        self._baseOut = bytesOut
+        self._seen = (0, 0)
+        self._final: tuple[int, int] | None = None
+        self._onEnded = onEnded
+        # While dialing: the client's descriptor, the socket to the target,
+        # the connect timeout and the listener.
+        self._clientFd = -1
+        self._target: socket.socket | None = None
+        self._timer: IDelayedCall | None = None
+        self._service: TCPListener | None = None
+        self._reactor = engine.reactor
+
+    @classmethod
+    def dial(
+        cls,
         service: TCPListener,
+        engine: TCPEngine,
         clientFd: int,
         client: str,
         addresses: Addresses | None = None,
-    ) -> None:
-        EngineFlow.__init__(
-            self,
-            service.fastRelay,
+    ) -> EngineFlow:
+        """
+        Serve the admitted client on the bare descriptor C{clientFd}
+        (C{client} is its C{host:port}): connect to the target, an
+        address, and hand both sockets to C{engine} when it answers.
+        """
+        flow = cls(
+            engine,
             nextFlowId(),
             service.listener,
             client,
             service.reactor.seconds(),
             service.flowEnded,
         )
-        self.service = service
-        #: the client's and its destination's, when identity settings need them
-        self.addresses = addresses
-        self._clientFd = clientFd
-        self._target: socket.socket | None = None
-        self._timer = None
+        flow._service = service
+        flow._reactor = service.reactor
+        flow.addresses = addresses
+        flow._clientFd = clientFd
+        flow._start(service)
+        return flow
 
-    def start(self) -> None:
+    # -- the engine's figures ---------------------------------------------------
+
+    def _counters(self) -> tuple[int, int]:
+        if self._final is not None:
+            return self._final
+        counters = self._engine.counters(self.id)
+        # None between the engine's end of the flow and its report in the
+        # reactor: the last figures seen, so totals never go backwards.
+        if counters is not None:
+            self._seen = counters
+        return self._seen
+
+    @property
+    def bytesIn(self) -> int:
+        return self._baseIn + self._counters()[0]
+
+    @property
+    def bytesOut(self) -> int:
+        return self._baseOut + self._counters()[1]
+
+    def _ended(self, bytesIn: int, bytesOut: int, reason: str) -> None:
+        self._final = (bytesIn, bytesOut)
+        self._onEnded(self, self.reason or reason)
+
+    # -- dialing ----------------------------------------------------------------
+
+    def _start(self, service: TCPListener) -> None:
         target = self.listener.target
         family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
-        self.service.flowStarted(self)
+        service.flowStarted(self)
         try:
-            if self.listener.identity.transparent:
+            if self.listener.identity.transparent and self.addresses is not None:
                 skt = transparentSocket(
                     family, socket.SOCK_STREAM, self.addresses.source
                 )
@@ -411,30 +427,29 @@ class Dial(EngineFlow):
             self._fail((e.strerror or str(e)).lower())
             return
         if status == 0:
-            self._connected()
+            self._connected(skt)
         elif status == errno.EINPROGRESS:
-            reactor = self.service.reactor
-            self._timer = reactor.callLater(
+            self._timer = self._reactor.callLater(
                 self.listener.timeouts.connect, self._timedOut
             )
-            reactor.addWriter(self)
+            self._reactor.addWriter(self)
         else:
             self._fail(os.strerror(status).lower())
 
-    def _connected(self) -> None:
+    def _connected(self, target: socket.socket) -> None:
         self._cancelTimer()
         header = proxyHeader(self.listener, self.addresses)
         if header:
-            problem = sendHeader(self._target, header)
+            problem = sendHeader(target, header)
             if problem is not None:
                 self._fail(problem)
                 return
-        target, self._target = self._target, None
+        self._target = None
         target.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         target.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         targetFd = target.detach()
         clientFd, self._clientFd = self._clientFd, -1
-        if not self._relay.adoptDescriptors(
+        if not self._engine.adoptDescriptors(
             clientFd,
             targetFd,
             self.id,
@@ -444,9 +459,9 @@ class Dial(EngineFlow):
         ):
             os.close(clientFd)
             os.close(targetFd)
-            self.service.flowEnded(self, "relay engine refused the connection")
+            self._onEnded(self, "relay engine refused the connection")
 
-    # -- IWriteDescriptor -----------------------------------------------------
+    # -- IWriteDescriptor: the connect of a dialed flow ---------------------------
 
     def fileno(self) -> int:
         return self._target.fileno() if self._target is not None else -1
@@ -458,12 +473,15 @@ class Dial(EngineFlow):
         """
         The connect finished, one way or the other.
         """
-        self.service.reactor.removeWriter(self)
-        status = self._target.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self._reactor.removeWriter(self)
+        target = self._target
+        if target is None:
+            return
+        status = target.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if status:
             self._fail(os.strerror(status).lower())
         else:
-            self._connected()
+            self._connected(target)
 
     def connectionLost(self, reason: Failure) -> None:
         """
@@ -476,12 +494,25 @@ class Dial(EngineFlow):
         status = self._target.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if status:
             self._fail(os.strerror(status).lower())
-        elif not self.service.running:
+        elif self._service is not None and not self._service.running:
             self._end("proxy stopped")
         else:
             self._fail(reason.getErrorMessage())
 
-    # -- ending ---------------------------------------------------------------
+    # -- ending -------------------------------------------------------------------
+
+    def close(self, reason: str) -> None:
+        """
+        End the flow now (from the manhole): the dial, or the engine's
+        relay (both sockets reset) once the target answered; the access
+        line gives C{reason}.
+        """
+        if self._clientFd >= 0:
+            self._end(reason)
+            return
+        if self.reason is None:
+            self.reason = reason
+        self._engine.close(self.id)
 
     def _timedOut(self) -> None:
         self._timer = None
@@ -491,28 +522,18 @@ class Dial(EngineFlow):
         clientFd, self._clientFd = self._clientFd, -1
         self._end(f"connect failed: {why}")
         if clientFd >= 0:
-            ClosingClient(clientFd, self.service.reactor).start()
-
-    def close(self, reason: str) -> None:
-        """
-        End the flow now (from the manhole): the dial, or the engine's
-        relay once the target answered.
-        """
-        if self._clientFd >= 0:
-            self._end(reason)
-        else:
-            EngineFlow.close(self, reason)
+            ClosingClient(clientFd, self._reactor).start()
 
     def _end(self, reason: str) -> None:
         self._cancelTimer()
         if self._target is not None:
-            self.service.reactor.removeWriter(self)
+            self._reactor.removeWriter(self)
             self._target.close()
             self._target = None
         if self._clientFd >= 0:
             os.close(self._clientFd)
             self._clientFd = -1
-        self.service.flowEnded(self, reason)
+        self._onEnded(self, reason)
 
     def _cancelTimer(self) -> None:
         timer, self._timer = self._timer, None

@@ -10,8 +10,6 @@ socket); how the client's bytes are carried is its forwarder's business
 
 from __future__ import annotations
 
-import errno
-import os
 import socket
 
 from twisted.application.service import Service
@@ -24,28 +22,25 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twistedproxy import proxyprotocol, tls
-from twistedproxy.access import hostOf
 from twistedproxy.compat import closeWithoutShutdown, reserveDescriptor
 from twistedproxy.listener import (
     ListenerService,
     clientAddress,
     listeningSocketOptions,
 )
-from twistedproxy.model import ANY_IPV4, ANY_IPV6, TCP, Listener, formatHostPort
+from twistedproxy.model import ANY_IPV4, ANY_IPV6, TCP, Listener
 from twistedproxy.proxyprotocol import Addresses, HeaderError, HeaderReader
-from twistedproxy.tcp.engine import Dial, acceptClient
+from twistedproxy.tcp.engine import TCPEngine
+from twistedproxy.tcp.forwarder import ITCPForwarder, PythonForwarder, tcpForwarder
 from twistedproxy.tcp.relay import (
     Relay,
     RoutingRelay,
     TerminatingRelay,
-    resetDescriptor,
 )
 
 #: Used when C{/proc/sys/net/core/somaxconn} cannot be read.
 DEFAULT_BACKLOG = 4096
 
-#: accept() errors that concern one client only: take the next.
-_ACCEPT_AGAIN = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR)
 
 #: Seconds a client of a listener with C{accept_proxy_protocol} has to
 #: send its PROXY header (or, from an unlisted source, its first bytes).
@@ -167,44 +162,9 @@ class ListeningPort(tcp.Port):
 
     def doRead(self) -> None:
         """
-        Accept clients.  While the relay engine is there and the target is
-        an address, a client goes straight to a L{Dial} and then to the
-        engine, with no Twisted transport or protocol built for it;
-        otherwise (and always for TLS or SNI routing, whose client speaks
-        first) Twisted's own accept builds a L{Relay}.
+        Clients are waiting: the listener's forwarder accepts them.
         """
-        service = self.factory.service
-        if (
-            service.fastRelay is None
-            or not service.targetIsAddress
-            or service.listener.tls
-        ):
-            tcp.Port.doRead(self)
-            return
-        accepted = 0
-        # A bare descriptor, already non-blocking, and the client's address
-        # already written as the access line wants it: the client's socket
-        # goes to the engine without a Python socket object ever being built.
-        listeningFd = self.socket.fileno()
-        while accepted < self.numberAccepts:
-            try:
-                client = acceptClient(listeningFd)
-            except OSError as e:
-                if e.errno in _ACCEPT_AGAIN:
-                    continue
-                # Out of descriptors or memory, or worse: Twisted's accept
-                # knows how to shed the client and log it.
-                tcp.Port.doRead(self)
-                return
-            if client is None:
-                break
-            accepted += 1
-            service.dial(*client)
-        # Scaled as Twisted's own accept loop does.
-        if accepted == self.numberAccepts:
-            self.numberAccepts += 20
-        else:
-            self.numberAccepts = max(1, accepted)
+        self.factory.service.forwarder.acceptClients(self)
 
     def pauseAccepting(self) -> None:
         """
@@ -267,16 +227,20 @@ class TCPListener(ListenerService):
 
     proto = TCP
 
-    #: The relay engine (L{twistedproxy.fastrelay.FastRelay}) that takes
-    #: established connections, or L{None} to relay them in Python; the
-    #: root service sets it.
-    fastRelay = None
-
-    def __init__(self, listener: Listener, reactor, backlog: int | None = None) -> None:
+    def __init__(
+        self,
+        listener: Listener,
+        reactor,
+        backlog: int | None = None,
+        engine: TCPEngine | None = None,
+    ) -> None:
         ListenerService.__init__(self, listener, reactor)
         self.backlog = listenBacklog() if backlog is None else backlog
         self._port: ListeningPort | None = None
         self.targetIsAddress = _isAddress(listener.target.host)
+        self.engine = engine
+        #: What carries the clients' bytes: picked by L{bind}.
+        self.forwarder: ITCPForwarder = PythonForwarder()
 
     def reconfigure(self, listener: Listener) -> None:
         ListenerService.reconfigure(self, listener)
@@ -288,67 +252,6 @@ class TCPListener(ListenerService):
             # TLS termination turned on or off: clients accepted from now
             # on get the other factory.
             port.factory = self._relayFactory()
-
-    def dial(self, clientFd: int, client: str) -> None:
-        """
-        A client accepted for the relay engine (its bare non-blocking
-        descriptor, and its C{host:port}): connect to the target, an
-        address, and hand both sockets to the engine when it answers.
-        """
-        listener = self.listener
-        if listener.identity:
-            if listener.identity.acceptProxyProtocol or listener.host in (
-                ANY_IPV4,
-                ANY_IPV6,
-            ):
-                self._identifyDescriptor(clientFd, client)
-                return
-            # Both ends are known without asking the socket.
-            host, _, port = client.rpartition(":")
-            addresses = Addresses(
-                (host.strip("[]"), int(port)), (listener.host, listener.port)
-            )
-            self.dialIdentified(clientFd, client, addresses)
-            return
-        self.dialIdentified(clientFd, client, None)
-
-    def dialIdentified(
-        self, clientFd: int, client: str, addresses: Addresses | None
-    ) -> None:
-        """
-        Admit and dial for a client of the relay engine whose real address
-        is known: C{client} (C{host:port}), and C{addresses} when the
-        listener's C{client_address} or C{accept_proxy_protocol} needed
-        them.
-        """
-        refusal = self.admit(hostOf(client))
-        if refusal is not None:
-            resetDescriptor(clientFd)
-            self.rejected(client, refusal)
-            return
-        Dial(self, clientFd, client, addresses).start()
-
-    def _identifyDescriptor(self, clientFd: int, client: str) -> None:
-        """
-        L{identify} a client of the relay engine, then L{dialIdentified} it.
-        """
-        try:
-            skt = socket.socket(fileno=clientFd)
-        except OSError as e:
-            os.close(clientFd)
-            self.refusedHeader(client, f"cannot read the client's socket: {e.strerror}")
-            return
-
-        def identified(addresses: Addresses | None, problem: str | None) -> None:
-            fd = skt.detach()
-            if problem is not None:
-                # A FIN: a client that misbehaved is not owed a reset.
-                os.close(fd)
-                self.refusedHeader(client, problem)
-                return
-            self.dialIdentified(fd, formatHostPort(*addresses.source), addresses)
-
-        self.identify(skt, identified)
 
     def identify(self, skt: socket.socket, identified) -> HeaderReader | None:
         """
@@ -424,6 +327,7 @@ class TCPListener(ListenerService):
         return factory
 
     def bind(self) -> None:
+        self.forwarder = tcpForwarder(self, self.engine)
         port = ListeningPort(
             self.listener.port,
             self._relayFactory(),

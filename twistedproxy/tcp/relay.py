@@ -74,7 +74,7 @@ class HandedOff(ConnectionDone):
     """
     The connection's socket went to the relay engine: for the protocol this
     transport is gone, but the TCP connection goes on, and the flow's end
-    is reported by L{FastRelay} later.
+    is reported by L{twistedproxy.tcp.engine.TCPEngine} later.
     """
 
     def __str__(self) -> str:
@@ -678,29 +678,15 @@ class Relay(Protocol):
 
     def _handOff(self) -> bool:
         """
-        Give both connections to the relay engine, when there is one and
-        nothing is buffered: an L{EngineFlow} then stands for this flow,
-        and this relay is done.
+        Offer both connections to the listener's forwarder: when it takes
+        them (the compiled engine, when nothing is buffered), the flow it
+        returns stands for this one from now on, and this relay is done.
         """
-        relay = self.service.fastRelay
-        if (
-            relay is None
-            or tls.isTLSTransport(self.transport)
-            or tls.isTLSTransport(self.targetTransport)
-        ):
-            # A TLS side's bytes on the socket are not the bytes relayed.
-            return False
-        engineFlow = relay.adoptFlow(
-            self,
-            self.transport,
-            self.targetTransport,
-            self.listener.timeouts.idle,
-            self.service.flowEnded,
-        )
-        if engineFlow is None:
+        flow = self.service.forwarder.established(self)
+        if flow is None:
             return False
         self._ended = True
-        self.service.flows[self.id] = engineFlow
+        self.service.flows[self.id] = flow
         return True
 
     # -- ending -------------------------------------------------------------

@@ -1,21 +1,23 @@
 """
-The compiled fast path for UDP sessions, seen from Twisted.
+The binding of the compiled UDP engine: where datagrams of open sessions
+are copied without Python.
 
 L{twistedproxy._fastudp} is a small C extension (Linux) whose engine runs
-one background thread with its own epoll and never takes the GIL.  A
-L{twistedproxy.udp.UDPListener} binds its listening socket as always and
-hands the descriptor to the engine, which from then on reads every
-datagram: datagrams of clients with a session go to the target and back
-without Python.  What needs a decision is reported through an eventfd
-that L{UDPEngine} watches as an L{IReadDescriptor}: a client without a
-session (the listener answers with L{UDPEngine.addSession} or
+one background thread with its own epoll and never takes the GIL.  The
+root service owns one L{UDPEngine}, shared by its UDP listeners.  A
+listener's L{twistedproxy.udp.forwarder.EngineForwarder} hands the bound
+listening socket to it, which from then on reads every datagram:
+datagrams of clients with a session go to the target and back without
+Python.  What needs a decision is reported through an eventfd that
+L{UDPEngine} watches as an L{IReadDescriptor}: a client without a
+session (the forwarder answers with L{UDPEngine.addSession} or
 L{UDPEngine.dropPending}), and a session the engine ended after its
-timeout.
+timeout.  Its sessions are L{EngineSession}s.
 
 The extension is optional (built by C{pip install} where a C compiler
-exists): L{engineFor} gives the process's engine when it is here and not
-turned off with C{PORTPROXY_FASTPATH=0}, and L{None} otherwise, in which
-case the listener forwards datagrams itself.
+exists): L{available} says whether it is here; without it, or with
+C{PORTPROXY_FASTPATH=0} (see L{twistedproxy.service.compiledEngines}),
+listeners forward datagrams in Python.
 """
 
 from __future__ import annotations
@@ -25,11 +27,10 @@ import socket
 from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IReadDescriptor
-from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twistedproxy.listener import IFlow, clientAddress, fastPathWanted, nextFlowId
+from twistedproxy.listener import IFlow, clientAddress, nextFlowId
 from twistedproxy.proxyprotocol import HEADERS_NONE, Addresses
 
 if TYPE_CHECKING:
@@ -42,23 +43,12 @@ except ImportError:
 
 log = Logger(namespace="portproxy")
 
-#: The environment variable L{fastPathWanted} reads.
-SWITCH = "PORTPROXY_FASTPATH"
-
 
 def available() -> bool:
     """
     Whether the compiled engine is built and importable here.
     """
     return Engine is not None
-
-
-def wanted() -> bool:
-    """
-    Whether UDP listeners should use the engine: it is built and
-    C{PORTPROXY_FASTPATH} does not say C{0}.
-    """
-    return available() and fastPathWanted()
 
 
 @implementer(IReadDescriptor)
@@ -137,6 +127,10 @@ class UDPEngine:
         if not self._reading:
             self._reading = True
             self.reactor.addReader(self)
+            log.info(
+                "udp datagrams of open sessions are forwarded by the compiled "
+                "engine (PORTPROXY_FASTPATH=0 turns it off)"
+            )
         return listenerId
 
     def removeListener(self, listenerId: int) -> dict[int, tuple[int, int]]:
@@ -256,36 +250,6 @@ def localAddress(key: bytes, client: tuple) -> bytes | None:
     return None if local == bytes(size) else local
 
 
-_engines: dict[int, UDPEngine] = {}
-
-
-def engineFor(reactor) -> UDPEngine | None:
-    """
-    The engine of C{reactor}, started on first use and stopped when the
-    reactor shuts down; L{None} when UDP listeners should forward datagrams
-    themselves: the extension is not built, C{PORTPROXY_FASTPATH=0}, or
-    C{reactor} does not watch real file descriptors (a test's fake).
-    """
-    if not wanted() or not isinstance(reactor, PosixReactorBase):
-        return None
-    engine = _engines.get(id(reactor))
-    if engine is None:
-        engine = _engines[id(reactor)] = UDPEngine(reactor)
-        log.info(
-            "udp datagrams of open sessions are forwarded by the compiled "
-            "engine ({switch}=0 turns it off)",
-            switch=SWITCH,
-        )
-
-        def stop() -> None:
-            if _engines.get(id(reactor)) is engine:
-                del _engines[id(reactor)]
-            engine.stop()
-
-        reactor.addSystemEventTrigger("after", "shutdown", stop)
-    return engine
-
-
 @implementer(IFlow)
 class EngineSession:
     """
@@ -298,6 +262,7 @@ class EngineSession:
     """
 
     __slots__ = (
+        "_engine",
         "_final",
         "_owner",
         "client",
@@ -316,6 +281,7 @@ class EngineSession:
     def __init__(
         self,
         owner: UDPListener,
+        engine: UDPEngine,
         key: bytes,
         client,
         addresses: Addresses | None = None,
@@ -334,11 +300,12 @@ class EngineSession:
         )
         self.headers = headers
         self._owner = owner
+        self._engine = engine
         self._final = (0, 0)
 
     def _counters(self) -> tuple[int, int]:
         if not self.closed and not self.resolving:
-            counters = self._owner.engine.counters(self.id)
+            counters = self._engine.counters(self.id)
             if counters is not None:
                 return counters
         return self._final
@@ -368,7 +335,7 @@ class EngineSession:
         """
         if self.closed:
             return
-        engine = self._owner.engine
+        engine = self._engine
         if self.resolving:
             counters = (engine.dropPending(self.key)[1], 0)
         else:

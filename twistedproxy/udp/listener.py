@@ -1,8 +1,9 @@
 """
-UDP forwarding: one listening socket per UDP listener, and a session per
-client with a socket of its own connected to the target.
+Where a UDP listener starts: its service (L{UDPListener}), which binds the
+listening socket, admits new clients, keeps the session table and ends
+quiet sessions.
 
-A client's first datagram opens its L{Session}.  The session's socket is
+A client's first datagram opens its session.  The session's socket is
 connected to the target, so the target sees one stable source port per
 client, and a reply arriving on that socket belongs to that client without
 any lookup.  Replies leave through the listening socket, from the address
@@ -10,39 +11,29 @@ and port the client sent to: a listener bound to a wildcard address learns
 that address from C{IP_PKTINFO} / C{IPV6_PKTINFO} on every datagram and
 gives it back to C{sendmsg}.
 
-Sockets never block and are read by the injected reactor (an
-L{IReactorFDSet}).  Each readiness event drains at most L{DRAIN} datagrams
-from one socket, so a client that floods the proxy leaves every other
-socket its turn.  Sessions end after C{udp_timeout} without a datagram
-either way; one sweep per listener, scheduled for the earliest moment a
-session could have expired, finds them, so nothing is scheduled per
-datagram.
+Sessions end after C{udp_timeout} without a datagram either way; one
+sweep per listener, scheduled for the earliest moment a session could
+have expired, finds them, so nothing is scheduled per datagram.
 
-Where the compiled engine of L{twistedproxy.fastudp} is built (and not
-turned off with C{PORTPROXY_FASTPATH=0}), a listener hands its bound socket
-to it instead of reading it: the engine forwards the datagrams of open
-sessions and their expiry in its own thread, and asks the listener about
-every new client (L{UDPListener.clientArrived}), which decides exactly as
-above and gives the engine the session's connected socket.  The sessions
-are then L{EngineSession}s.
+How the datagrams are carried is the listener's forwarder's business
+(L{twistedproxy.udp.forwarder}): Python's (L{twistedproxy.udp.relay}),
+or the compiled engine's (L{twistedproxy.udp.engine}), which forwards
+the datagrams of open sessions and their expiry in its own thread and
+asks the listener about every new client.
 """
 
 from __future__ import annotations
 
 import errno
 import socket
+from typing import TYPE_CHECKING
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.interfaces import (
-    IResolutionReceiver,
-)
+from twisted.internet.interfaces import IDelayedCall, IResolutionReceiver
 from zope.interface import implementer
 
 from twistedproxy import proxyprotocol
-from twistedproxy.listener import (
-    ListenerService,
-    clientAddress,
-)
+from twistedproxy.listener import ListenerService, clientAddress
 from twistedproxy.model import Listener
 from twistedproxy.proxyprotocol import (
     HEADERS_NONE,
@@ -52,17 +43,18 @@ from twistedproxy.proxyprotocol import (
     HeaderError,
     datagramHeader,
 )
-from twistedproxy.udp import engine as fastudp
-from twistedproxy.udp.engine import EngineSession
+from twistedproxy.udp.forwarder import IUDPForwarder, PythonForwarder, startForwarder
 from twistedproxy.udp.relay import (
-    HeaderSession,
-    PacketInfoPort,
+    ListeningPort,
     Session,
     connectDatagrams,
     connectedDatagramSocket,
     listenDatagrams,
-    log,
+    quietFor,
 )
+
+if TYPE_CHECKING:
+    from twistedproxy.udp.engine import EngineSession, UDPEngine
 
 #: Two sweeps of a listener are at least the shorter of SWEEP_GAP seconds
 #: and SWEEP_FRACTION of the shortest session timeout apart: the most a
@@ -95,27 +87,35 @@ class _TargetResolution:
 
 class UDPListener(ListenerService):
     """
-    A UDP listening socket and its sessions, one per client.
+    A UDP listening socket and its sessions, one per client: admission of
+    new clients, the session table and its expiry.  Its L{forwarder}
+    carries the datagrams.
 
     @ivar sessions: open sessions by client key: the client's address, and
-        for a wildcard listener also the local address it sent to.
+        for a wildcard listener also the local address it sent to (the
+        engine's own key on the compiled path).
     @ivar port: the listening socket, L{None} until L{bind}.
-    @ivar engine: the L{fastudp.UDPEngine} that forwards the datagrams, or
-        L{None} when this listener forwards them itself.
+    @ivar engine: the compiled engine the root service offers, or L{None}.
+    @ivar forwarder: what carries the datagrams (an L{IUDPForwarder}),
+        picked when the listener starts.
+    @ivar limited: datagrams over C{datagrams_per_client} dropped in
+        Python.
     """
 
     proto = "udp"
 
-    def __init__(self, listener: Listener, reactor) -> None:
+    def __init__(
+        self, listener: Listener, reactor, engine: UDPEngine | None = None
+    ) -> None:
         ListenerService.__init__(self, listener, reactor)
         self.sessions: dict = {}
-        self.port = None
-        self._sweep = None
+        self.port: ListeningPort | None = None
+        self.engine = engine
+        self.forwarder: IUDPForwarder = PythonForwarder(self)
+        self._sweep: IDelayedCall | None = None
         self._dropped = 0
-        #: Datagrams over C{datagrams_per_client} dropped in Python.
         self.limited = 0
-        self.engine = fastudp.engineFor(reactor)
-        self._engineId = None
+        self.targetAddress: tuple[int, tuple] | None = None
         self._readTarget()
 
     # -- sockets: the places that touch the network ----------------------
@@ -199,35 +199,16 @@ class UDPListener(ListenerService):
 
     def startService(self) -> None:
         ListenerService.startService(self)
-        if not self.bound:
+        if self.port is None:
             self.bind()
-        if self.engine is not None and self._engineId is None:
-            try:
-                self._engineId = self.engine.addListener(
-                    self.port.socket, isinstance(self.port, PacketInfoPort), self
-                )
-            except (OSError, RuntimeError) as e:
-                # No thread could be started (or the engine is stopped):
-                # this listener forwards its datagrams itself.
-                log.warn(
-                    "udp {mapping}: the compiled engine cannot take the "
-                    "listener ({error}); forwarding in Python",
-                    mapping=self.listener.mapping,
-                    error=e,
-                )
-                self.engine = None
-        if self.engine is None:
-            self.port.startReading()
+        self.forwarder = startForwarder(self, self.engine)
 
     def stopService(self) -> None:
         """
         Close the listening socket and every session.
         """
         ListenerService.stopService(self)
-        ended = {}
-        if self._engineId is not None:
-            ended = self.engine.removeListener(self._engineId)
-            self._engineId = None
+        ended = self.forwarder.stop()
         if self.port is not None:
             self.port.close()
             self.port = None
@@ -249,17 +230,12 @@ class UDPListener(ListenerService):
         """
         Datagrams of clients whose session was not open yet that were lost
         for want of room or of a socket: those beyond what is held while a
-        session opens (L{RESOLVING_QUEUE}; the engine's own bounds of held
-        clients, datagrams and bytes), and every datagram of a client no
-        socket could be opened for.  Rejected clients are counted in
-        C{counters.rejected} instead.
+        session opens (L{twistedproxy.udp.relay.RESOLVING_QUEUE}; the
+        engine's own bounds of held clients, datagrams and bytes), and
+        every datagram of a client no socket could be opened for.
+        Rejected clients are counted in C{counters.rejected} instead.
         """
-        dropped = self._dropped
-        if self._engineId is not None:
-            counters = self.engine.listenerCounters(self._engineId)
-            if counters is not None:
-                dropped += counters[1]
-        return dropped
+        return self._dropped + self.forwarder.counters()[0]
 
     @property
     def refused(self) -> int:
@@ -267,12 +243,7 @@ class UDPListener(ListenerService):
         Clients refused a session, and datagrams dropped over
         C{datagrams_per_client}, by Python or by the engine.
         """
-        refused = self.counters.rejected + self.limited
-        if self._engineId is not None:
-            counters = self.engine.listenerCounters(self._engineId)
-            if counters is not None:
-                refused += counters[2]
-        return refused
+        return self.counters.rejected + self.limited + self.forwarder.counters()[1]
 
     def disable(self) -> None:
         """
@@ -286,27 +257,21 @@ class UDPListener(ListenerService):
     def _readTarget(self) -> None:
         target = self.listener.target
         if isIPAddress(target.host):
-            self._targetAddress = (socket.AF_INET, (target.host, target.port))
+            self.targetAddress = (socket.AF_INET, (target.host, target.port))
         elif isIPv6Address(target.host):
-            self._targetAddress = (socket.AF_INET6, (target.host, target.port))
+            self.targetAddress = (socket.AF_INET6, (target.host, target.port))
         else:
-            self._targetAddress = None
+            self.targetAddress = None
 
-    # -- datagrams -----------------------------------------------------
+    # -- new clients -----------------------------------------------------
 
     def datagramReceived(self, data: bytes, client, local) -> None:
         """
-        A datagram from C{client}, sent to C{local} (L{None} when the
-        listener is bound to one address): forward it in the client's
-        session, opening one when there is none.
+        A datagram from C{client}, sent to C{local}, as the listening
+        socket gives it to the forwarder reading it (see
+        L{PythonForwarder.datagramReceived}).
         """
-        key = client if local is None else (client, local)
-        session = self.sessions.get(key)
-        if session is None:
-            session = self.openSession(key, client, local, data)
-            if session is None:
-                return
-        session.send(data)
+        self.forwarder.datagramReceived(data, client, local)
 
     def headerMode(self, client: tuple) -> int:
         """
@@ -319,42 +284,44 @@ class UDPListener(ListenerService):
             return HEADERS_NONE
         return HEADERS_TAKE if identity.trusts(client[0]) else HEADERS_REFUSE
 
-    def openSession(self, key, client, local, first: bytes = b"") -> Session | None:
+    def admitSession(
+        self, client: tuple, headers: int, first: bytes, count=None
+    ) -> tuple[bool, Addresses | None]:
         """
-        Open a session for C{client}, whose C{first} datagram opens it, or
-        say why not and return L{None}.
-        """
-        headers = self.headerMode(client)
-        try:
-            _, addresses = datagramHeader(headers, first)
-        except HeaderError as e:
-            self.rejected(clientAddress(client), str(e), "header")
-            return None
-        # The real client is known here: admission.
-        real = client if addresses is None else addresses.source
-        refusal = self.admit(real[0])
-        if refusal is not None:
-            self.rejected(clientAddress(real), refusal)
-            return None
-        kind = HeaderSession if headers else Session
-        session = kind(
-            self, key, client, self.port.replyRoute(local), local, addresses, headers
-        )
-        if self._targetAddress is not None:
-            family, address = self._targetAddress
-            try:
-                session.port = self.openSessionPort(session, family, address)
-            except OSError as e:
-                self._sessionFailed(session, e)
-                return None
-        else:
-            self._resolveTarget(session)
-        self.sessions[key] = session
-        self.flowStarted(session)
-        self._sweepBy(session.lastActive + session.timeout)
-        return session
+        Admission of a new C{client}, both paths: its PROXY header, when
+        C{headers} says it may or may not send one (in C{first}, its first
+        datagram), then L{admit} with the real client.  A refused client
+        is counted and logged; C{count()}, when given, drops what is held
+        for it and says how many datagrams it sent meanwhile, each of
+        which counts.
 
-    def _resolveTarget(self, session) -> None:
+        @return: whether it is admitted, and the addresses its PROXY
+            header gave.
+        """
+        why = kind = addresses = None
+        if headers:
+            try:
+                _, addresses = datagramHeader(headers, first)
+            except HeaderError as e:
+                why, kind = str(e), "header"
+        real = client if addresses is None else addresses.source
+        if why is None:
+            why = self.admit(real[0])
+        if why is not None:
+            self.rejected(
+                clientAddress(real), why, kind, 1 if count is None else count()
+            )
+            return False, None
+        return True, addresses
+
+    def sessionOpened(self, session: Session | EngineSession) -> None:
+        """
+        Put a new C{session} in the table; it counts from now on.
+        """
+        self.sessions[session.key] = session
+        self.flowStarted(session)
+
+    def resolveTarget(self, session) -> None:
         """
         Look the target's host name up for C{session}, without blocking;
         L{targetResolved} follows.
@@ -366,75 +333,10 @@ class UDPListener(ListenerService):
             transportSemantics="UDP",
         )
 
-    def clientArrived(self, key: bytes, client: tuple) -> None:
-        """
-        The engine holds a datagram from C{client}, which has no session
-        under the engine's C{key}: open one as L{openSession} would, or
-        have the engine drop what it holds.
-        """
-        engine = self.engine
-        why = kind = addresses = None
-        headers = self.headerMode(client)
-        if headers:
-            try:
-                _, addresses = datagramHeader(headers, engine.firstPending(key) or b"")
-            except HeaderError as e:
-                why, kind = str(e), "header"
-        real = client if addresses is None else addresses.source
-        # The real client is known here: admission.
-        if why is None:
-            why = self.admit(real[0])
-        if why is not None:
-            datagrams, _ = engine.dropPending(key)
-            # every datagram the client sent meanwhile counts, as each
-            # would without the engine
-            self.rejected(clientAddress(real), why, kind, max(datagrams, 1))
-            return
-        session = EngineSession(self, key, client, addresses, headers)
-        if self._targetAddress is not None:
-            family, address = self._targetAddress
-            try:
-                skt = self.openSessionSocket(family, address, session.source)
-            except OSError as e:
-                datagrams, _ = engine.dropPending(key)
-                self._sessionFailed(session, e, max(datagrams, 1))
-                return
-            try:
-                engine.addSession(
-                    self,
-                    key,
-                    skt,
-                    session.id,
-                    session.timeout,
-                    session.prefix,
-                    session.headers,
-                    session.listener.access.datagramsPerClient,
-                )
-            except ValueError:
-                # the listener stopped meanwhile
-                skt.close()
-                engine.dropPending(key)
-                return
-        else:
-            session.resolving = True
-            self._resolveTarget(session)
-        self.sessions[key] = session
-        self.flowStarted(session)
-
-    def sessionExpired(self, flowId: int, bytesIn: int, bytesOut: int) -> None:
-        """
-        The engine ended a session quiet for its timeout.
-        """
-        session = self.flows.get(flowId)
-        if isinstance(session, EngineSession):
-            session.ended(
-                bytesIn, bytesOut, f"no datagram for {_seconds(session.timeout)}"
-            )
-
-    def targetResolved(self, session: Session, address) -> None:
+    def targetResolved(self, session: Session | EngineSession, address) -> None:
         """
         C{session}'s target host name resolved to C{address} (L{None} when
-        it did not resolve).
+        it did not resolve): its forwarder connects it.
         """
         if session.closed:
             return
@@ -448,42 +350,7 @@ class UDPListener(ListenerService):
         else:
             family = socket.AF_INET
             where = (address.host, target.port)
-        if isinstance(session, EngineSession):
-            self._engineTargetResolved(session, family, where)
-            return
-        try:
-            port = self.openSessionPort(session, family, where)
-        except OSError as e:
-            session.close(f"cannot open a socket to {target}: {e.strerror}")
-            return
-        session.connected(port)
-
-    def _engineTargetResolved(
-        self, session: EngineSession, family: int, where: tuple
-    ) -> None:
-        try:
-            skt = self.openSessionSocket(family, where, session.source)
-        except OSError as e:
-            session.close(
-                f"cannot open a socket to {session.listener.target}: {e.strerror}"
-            )
-            return
-        try:
-            self.engine.addSession(
-                self,
-                session.key,
-                skt,
-                session.id,
-                session.timeout,
-                session.prefix,
-                session.headers,
-                session.listener.access.datagramsPerClient,
-            )
-        except ValueError:
-            skt.close()
-            session.close("listener closed")
-            return
-        session.resolving = False
+        self.forwarder.targetResolved(session, family, where)
 
     def sessionEnded(self, session: Session, reason: str) -> None:
         """
@@ -493,8 +360,8 @@ class UDPListener(ListenerService):
             del self.sessions[session.key]
         self.flowEnded(session, reason)
 
-    def _sessionFailed(
-        self, session: Session, error: OSError, datagrams: int = 1
+    def sessionFailed(
+        self, session: Session | EngineSession, error: OSError, datagrams: int = 1
     ) -> None:
         """
         No socket could be opened for C{session}, which never opened: its
@@ -518,7 +385,7 @@ class UDPListener(ListenerService):
 
     # -- expiry --------------------------------------------------------
 
-    def _sweepBy(self, when: float) -> None:
+    def sweepBy(self, when: float) -> None:
         """
         Make sure a sweep runs at C{when} or earlier.
         """
@@ -550,10 +417,6 @@ class UDPListener(ListenerService):
                     due = expires
                 gap = min(gap, session.timeout * SWEEP_FRACTION)
         for session in quiet:
-            session.close(f"no datagram for {_seconds(session.timeout)}")
+            session.close(quietFor(session.timeout))
         if due is not None:
-            self._sweepBy(max(due, now + gap))
-
-
-def _seconds(duration: float) -> str:
-    return f"{duration:g}s"
+            self.sweepBy(max(due, now + gap))

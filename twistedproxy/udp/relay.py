@@ -130,6 +130,9 @@ class ListeningPort(DatagramSocket):
     given to C{receiver.datagramReceived(data, client, None)}.
     """
 
+    #: Whether every datagram comes with the local address it was sent to.
+    pktinfo = False
+
     def doRead(self) -> None:
         recvfrom = self.socket.recvfrom
         received = self.receiver.datagramReceived
@@ -164,6 +167,8 @@ class PacketInfoPort(ListeningPort):
     given to C{receiver.datagramReceived(data, client, local)} as bytes,
     and a reply goes out from that address.
     """
+
+    pktinfo = True
 
     def __init__(self, reactor, skt: socket.socket, receiver) -> None:
         DatagramSocket.__init__(self, reactor, skt, receiver)
@@ -527,3 +532,10 @@ class HeaderSession(Session):
             self._owner._dropped += 1
             return
         Session.send(self, memoryview(data)[length:] if length else data)
+
+
+def quietFor(timeout: float) -> str:
+    """
+    Why a session quiet for its C{timeout} ended, as its access line says.
+    """
+    return f"no datagram for {timeout:g}s"
