@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -199,7 +200,8 @@ class Notices:
     C{reactor}.
     """
 
-    reactor: object
+    #: The injected reactor (any of Twisted's reactor interfaces).
+    reactor: Any
 
     def __init__(self) -> None:
         self._noticed: dict[str, float] = {}

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from twistedproxy.tcp.listener import TCPListener
 
 try:
-    from twistedproxy._fastrelay import Engine
+    from twistedproxy._fastrelay import Engine  # type: ignore[import-not-found]
     from twistedproxy._fastrelay import accept as acceptClient
 except ImportError:
     Engine = acceptClient = None

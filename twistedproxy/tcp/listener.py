@@ -11,6 +11,7 @@ socket); how the client's bytes are carried is its forwarder's business
 from __future__ import annotations
 
 import socket
+from typing import Any, cast
 
 from twisted.application.service import Service
 from twisted.internet import tcp
@@ -18,7 +19,7 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.main import CONNECTION_DONE
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 
 from twistedproxy import proxyprotocol, tls
@@ -73,6 +74,10 @@ class ListeningPort(tcp.Port):
     listener itself, and a range of 1000 ports would log 2000 more.
     """
 
+    #: The listener's relay factory (wrapped in TLS when it terminates it);
+    #: its C{service} is the listener.
+    factory: Any
+
     #: A bound socket to listen on instead of binding one (socket
     #: activation).
     inherited: socket.socket | None = None
@@ -103,11 +108,13 @@ class ListeningPort(tcp.Port):
                 skt.close()
             raise CannotListenError(self.interface, self.port, e) from e
         self._realPortNumber = skt.getsockname()[1]
-        self._logger = Logger(namespace="portproxy", observer=self._acceptLogged)
+        self._logger = Logger(
+            namespace="portproxy", observer=cast(ILogObserver, self._acceptLogged)
+        )
         self.factory.doStart()
         self.connected = True
         self.socket = skt
-        self.fileno = skt.fileno
+        self.fileno = skt.fileno  # type: ignore[method-assign]
         self.numberAccepts = 100
         self.startReading()
 
@@ -319,7 +326,7 @@ class TCPListener(ListenerService):
         The factory of this listener's relays: wrapped in TLS when the
         listener terminates it.
         """
-        factory = RelayFactory(self)
+        factory: Any = RelayFactory(self)
         if _terminates(self.listener):
             factory = tls.serverFactory(self, factory)
             # The port finds its listener through its factory.

@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from typing import TYPE_CHECKING
+from enum import Enum
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import tcp
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -28,13 +29,13 @@ from twisted.internet.error import (
     ConnectionDone,
 )
 from twisted.internet.interfaces import (
+    IDelayedCall,
     IHalfCloseableProtocol,
     IHandshakeListener,
     IReadDescriptor,
     IResolutionReceiver,
 )
-from twisted.internet.main import CONNECTION_DONE
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -269,6 +270,7 @@ def proxyHeader(listener: Listener, addresses: Addresses | None) -> bytes:
     version = listener.identity.proxyProtocolVersion
     if not version:
         return b""
+    assert addresses is not None, "identity settings identify every client"
     return proxyprotocol.encode(version, addresses)
 
 
@@ -315,7 +317,8 @@ class TransparentConnector(tcp.Connector):
     """
 
     def __init__(self, host, port, factory, source: tuple[str, int], reactor) -> None:
-        tcp.Connector.__init__(self, host, port, factory, None, None, reactor)
+        # No timeout (None, which Twisted takes): the relay has its own.
+        tcp.Connector.__init__(self, host, port, factory, None, None, reactor)  # type: ignore[arg-type]
         self.source = source
 
     def _makeTransport(self) -> tcp.Client:
@@ -361,6 +364,63 @@ class _TargetConnector(ClientFactory):
         self.relay.connectFailed(reason)
 
 
+class Phase(Enum):
+    """
+    Where a L{Relay} stands as a whole.
+    """
+
+    #: Accepted: being identified and admitted.
+    NEW = "new"
+    #: Admitted: the target is being resolved and dialed.
+    DIALING = "dialing"
+    #: The dial is over: it connected, or was given up.
+    DIALED = "dialed"
+    #: The access line is written, or the engine took the flow over.
+    ENDED = "ended"
+
+
+class EndState(Enum):
+    """
+    Where one end (client or target) of a L{Relay} stands.
+    """
+
+    #: Not part of the flow yet: not admitted, or not connected.
+    WAITING = "waiting"
+    #: Connected both ways.
+    OPEN = "open"
+    #: It sent its end of stream (the other end was half-closed); still
+    #: connected.
+    FINISHED = "finished"
+    #: Its connection is closed.
+    CLOSED = "closed"
+
+
+class End:
+    """
+    One end of a L{Relay}, the client's or the target's: its connection
+    and where it stands.  The relay's handlers are written once, for an
+    end and the other one.
+
+    @ivar transport: its Twisted transport, once it is connected.
+    """
+
+    __slots__ = ("finishedReason", "resetReason", "state", "transport")
+
+    def __init__(self, name: str) -> None:
+        self.state = EndState.WAITING
+        self.transport: Any = None
+        #: the access line's reason when this end finished sending first
+        self.finishedReason = f"{name} closed"
+        self.resetReason = f"reset by {name}"
+
+    @property
+    def open(self) -> bool:
+        """
+        Whether its connection is part of the flow and not closed.
+        """
+        return self.state in (EndState.OPEN, EndState.FINISHED)
+
+
 @implementer(IHalfCloseableProtocol)
 class TargetSide(Protocol):
     """
@@ -385,7 +445,7 @@ class TargetSide(Protocol):
     def writeConnectionLost(self) -> None:
         pass
 
-    def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         # A connection that completed after its relay had given up was
         # never the relay's target.
         if self.relay.targetTransport is self.transport:
@@ -412,28 +472,28 @@ class Relay(Protocol):
 
     id: int = 0
     started: float = 0.0
+    transport: Any = None
 
     def __init__(self, service: TCPListener, address) -> None:
         self.service = service
-        self.reactor = service.reactor
+        self.reactor: Any = service.reactor
         self.listener = service.listener
         self.client = clientAddress(address)
         self.bytesIn = 0
         self.bytesOut = 0
         self.reason: str | None = None
         self._finishedFirst: str | None = None
-        self.targetTransport = None
-        self._clientOpen = False
-        self._targetOpen = False
-        self._clientDone = False
-        self._targetDone = False
-        self._dialing = False
-        self._connector = None
+        #: the target's transport, also on its L{End}: the hot path's
+        #: one attribute lookup
+        self.targetTransport: Any = None
+        self.phase = Phase.NEW
+        self.clientEnd = End("client")
+        self.targetEnd = End("target")
+        self._connector: Any = None
         self._hosts: list[str] = []
-        self._timer = None
+        self._timer: IDelayedCall | None = None
         self._seen = 0
         self._quietChecks = 0
-        self._ended = False
         #: the client's and its destination's addresses, when the
         #: listener's identity settings needed them
         self.addresses: Addresses | None = None
@@ -464,6 +524,7 @@ class Relay(Protocol):
             self.transport.loseConnection()
             self.service.refusedHeader(self.client, problem)
             return
+        assert addresses is not None, "identified without a problem"
         self.addresses = addresses
         self.client = formatHostPort(*addresses.source)
         self._admit()
@@ -476,7 +537,8 @@ class Relay(Protocol):
             resetConnection(self.transport)
             service.rejected(self.client, refusal)
             return
-        self._clientOpen = True
+        self.clientEnd.transport = self.transport
+        self.clientEnd.state = EndState.OPEN
         # Read nothing until the target answers: an unreachable target must
         # not make the proxy buffer what the client sends.
         self.transport.pauseProducing()
@@ -489,45 +551,20 @@ class Relay(Protocol):
         self._dial()
 
     def readConnectionLost(self) -> None:
-        if self._clientDone:
-            return
-        self._clientDone = True
-        if self._finishedFirst is None:
-            self._finishedFirst = "client closed"
-        target = self.targetTransport
-        # The client will send no more; unregistered, it is not resumed
-        # when the target's buffer drains (Twisted would read the end of
-        # stream a second time).
-        target.unregisterProducer()
-        target.loseWriteConnection()
-        if self._targetDone:
-            self._closeBoth()
+        self._finished(self.clientEnd, self.targetEnd)
 
     def writeConnectionLost(self) -> None:
         pass
 
-    def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
-        if not self._clientOpen or reason.check(HandedOff):
-            # A rejected client (it never was a flow), or one the relay
-            # engine took over.
-            return
-        if self._proxyStopping():
-            return
-        self._clientOpen = False
-        if not reason.check(ConnectionDone, ConnectionAborted):
-            self._because("reset by client")
-            if self._targetOpen:
-                resetConnection(self.targetTransport)
-        elif self._targetOpen:
-            flushAndClose(self.targetTransport)
-        self._stopDialing()
-        self._maybeEnded()
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # A rejected client never was a flow: its end never opened.
+        self._lost(self.clientEnd, self.targetEnd, reason)
 
     # -- dialing the target -------------------------------------------------
 
     def _dial(self) -> None:
         target = self.listener.target
-        self._dialing = True
+        self.phase = Phase.DIALING
         if isIPAddress(target.host) or isIPv6Address(target.host):
             self.resolved([target.host])
         else:
@@ -541,7 +578,7 @@ class Relay(Protocol):
         The target's name resolved to C{hosts} (IP literals); dial them in
         turn.
         """
-        if not self._dialing:
+        if self.phase is not Phase.DIALING:
             # Given up while the name was being looked up.
             return
         if not hosts:
@@ -556,6 +593,7 @@ class Relay(Protocol):
         originate = (
             self.listener.tls.originate if self.listener.tls is not None else None
         )
+        factory: Any
         if originate is None:
             factory = _TargetConnector(self, TargetSide)
         else:
@@ -566,6 +604,7 @@ class Relay(Protocol):
                 self.reactor,
             )
         if self.listener.identity.transparent:
+            assert self.addresses is not None, "identity settings identify it"
             connector = TransparentConnector(
                 host, target.port, factory, self.addresses.source, self.reactor
             )
@@ -581,7 +620,7 @@ class Relay(Protocol):
         A connect to one target address failed.
         """
         self._connector = None
-        if not self._dialing:
+        if self.phase is not Phase.DIALING:
             # Given up already; whoever gave up ends the flow.
             return
         if self._proxyStopping():
@@ -600,12 +639,13 @@ class Relay(Protocol):
     def _connectGaveUp(self, why: str) -> None:
         self._because(f"connect failed: {why}")
         self._stopDialing()
-        self._clientOpen = False
+        self.clientEnd.state = EndState.CLOSED
         ClosingClient.takeOver(self.transport, self.reactor)
         self._maybeEnded()
 
     def _stopDialing(self) -> None:
-        self._dialing = False
+        if self.phase is Phase.DIALING:
+            self.phase = Phase.DIALED
         self._hosts = []
         connector, self._connector = self._connector, None
         if connector is not None:
@@ -618,13 +658,13 @@ class Relay(Protocol):
         The target answered on C{transport}: start relaying.
         """
         self._connector = None
-        if not self._dialing:
+        if self.phase is not Phase.DIALING:
             transport.abortConnection()
             return
-        self._dialing = False
+        self.phase = Phase.DIALED
         self._cancelTimer()
-        self.targetTransport = transport
-        self._targetOpen = True
+        self.targetTransport = self.targetEnd.transport = transport
+        self.targetEnd.state = EndState.OPEN
         client = self.transport
         header = proxyHeader(self.listener, self.addresses)
         if header:
@@ -650,30 +690,50 @@ class Relay(Protocol):
         """
         The target will send no more (FIN): finish sending to the client.
         """
-        if self._targetDone:
-            return
-        self._targetDone = True
-        if self._finishedFirst is None:
-            self._finishedFirst = "target closed"
-        client = self.transport
-        client.unregisterProducer()
-        client.loseWriteConnection()
-        if self._clientDone:
-            self._closeBoth()
+        self._finished(self.targetEnd, self.clientEnd)
 
     def targetLost(self, reason: Failure) -> None:
         """
         The target connection is closed.
         """
-        if reason.check(HandedOff) or self._proxyStopping():
+        self._lost(self.targetEnd, self.clientEnd, reason)
+
+    # -- either end ---------------------------------------------------------
+
+    def _finished(self, end: End, other: End) -> None:
+        """
+        C{end} will send no more (FIN): finish sending to C{other}.
+        """
+        if end.state is not EndState.OPEN:
             return
-        self._targetOpen = False
+        end.state = EndState.FINISHED
+        if self._finishedFirst is None:
+            self._finishedFirst = end.finishedReason
+        # Unregistered, C{end} is not resumed when C{other}'s buffer drains
+        # (Twisted would read the end of stream a second time).
+        other.transport.unregisterProducer()
+        other.transport.loseWriteConnection()
+        if other.state is EndState.FINISHED:
+            self._closeBoth()
+
+    def _lost(self, end: End, other: End, reason: Failure) -> None:
+        """
+        C{end}'s connection is closed: close C{other} the same way (a
+        reset for a reset, else once its buffer has gone out).
+        """
+        if not end.open or reason.check(HandedOff):
+            # Not part of the flow, or taken over by the relay engine.
+            return
+        if self._proxyStopping():
+            return
+        end.state = EndState.CLOSED
         if not reason.check(ConnectionDone, ConnectionAborted):
-            self._because("reset by target")
-            if self._clientOpen:
-                resetConnection(self.transport)
-        elif self._clientOpen:
-            flushAndClose(self.transport)
+            self._because(end.resetReason)
+            if other.open:
+                resetConnection(other.transport)
+        elif other.open:
+            flushAndClose(other.transport)
+        self._stopDialing()
         self._maybeEnded()
 
     def _handOff(self) -> bool:
@@ -685,7 +745,7 @@ class Relay(Protocol):
         flow = self.service.forwarder.established(self)
         if flow is None:
             return False
-        self._ended = True
+        self.phase = Phase.ENDED
         self.service.flows[self.id] = flow
         return True
 
@@ -728,10 +788,14 @@ class Relay(Protocol):
         if self.reactor.running:
             return False
         self._because("proxy stopped")
-        self._dialing = False
+        # The reactor drops the connect itself.
+        if self.phase is Phase.DIALING:
+            self.phase = Phase.DIALED
         self._hosts = []
         self._connector = None
-        self._clientOpen = self._targetOpen = False
+        for end in (self.clientEnd, self.targetEnd):
+            if end.open:
+                end.state = EndState.CLOSED
         self._maybeEnded()
         return True
 
@@ -740,9 +804,9 @@ class Relay(Protocol):
             self.reason = reason
 
     def _maybeEnded(self) -> None:
-        if self._ended or self._clientOpen or self._targetOpen:
+        if self.phase is Phase.ENDED or self.clientEnd.open or self.targetEnd.open:
             return
-        self._ended = True
+        self.phase = Phase.ENDED
         self._cancelTimer()
         self.service.flowEnded(self, self.reason or self._finishedFirst or "closed")
 
@@ -752,10 +816,9 @@ class Relay(Protocol):
         """
         self._because(reason)
         self._stopDialing()
-        if self._targetOpen:
-            self.targetTransport.abortConnection()
-        if self._clientOpen:
-            self.transport.abortConnection()
+        for end in (self.targetEnd, self.clientEnd):
+            if end.open:
+                end.transport.abortConnection()
 
 
 # -- TLS (twistedproxy.tls has the certificates and the ClientHello) --------------
@@ -812,7 +875,7 @@ class TerminatingRelay(Relay):
             self._because(f"tls: no handshake in {self.listener.timeouts.connect:g}s")
         Relay._connectTimedOut(self)
 
-    def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if tls.isTLSFailure(reason):
             self._because(f"tls: {tls.failureText(reason)}")
         reason = tls.endReason(self.transport, reason)
@@ -898,7 +961,7 @@ class TLSTargetSide(TargetSide):
     def handshakeCompleted(self) -> None:
         self.relay.targetConnected(self.transport)
 
-    def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         relay = self.relay
         if relay.targetTransport is self.transport:
             reason = tls.endReason(self.transport, reason)

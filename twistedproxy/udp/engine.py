@@ -34,10 +34,11 @@ from twistedproxy.listener import IFlow, clientAddress, nextFlowId
 from twistedproxy.proxyprotocol import HEADERS_NONE, Addresses
 
 if TYPE_CHECKING:
+    from twistedproxy.udp.forwarder import EngineForwarder
     from twistedproxy.udp.listener import UDPListener
 
 try:
-    from twistedproxy._fastudp import Engine
+    from twistedproxy._fastudp import Engine  # type: ignore[import-not-found]
 except ImportError:
     Engine = None
 
@@ -62,8 +63,8 @@ class UDPEngine:
     def __init__(self, reactor, engine=None) -> None:
         self.reactor = reactor
         self.engine = Engine() if engine is None else engine
-        self._listeners: dict[int, object] = {}
-        self._flows: dict[int, object] = {}
+        self._listeners: dict[int, EngineForwarder] = {}
+        self._flows: dict[int, EngineForwarder] = {}
         self._ids = itertools.count(1)
         self._reading = False
 
@@ -336,6 +337,7 @@ class EngineSession:
         if self.closed:
             return
         engine = self._engine
+        counters: tuple[int, int] | None
         if self.resolving:
             counters = (engine.dropPending(self.key)[1], 0)
         else:

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
-from twistedproxy.listener import IFlow
 from twistedproxy.udp.engine import EngineSession, UDPEngine
 from twistedproxy.udp.relay import HeaderSession, Session, quietFor
 
@@ -64,7 +63,7 @@ class IUDPForwarder(Interface):
         address) read in Python: forward it in its session.
         """
 
-    def targetResolved(session: IFlow, family: int, address: tuple) -> None:
+    def targetResolved(session, family: int, address: tuple) -> None:
         """
         The target's host name of C{session} resolved to C{address}:
         connect the session and forward what it holds.
@@ -91,6 +90,7 @@ class PythonForwarder:
 
     def start(self) -> None:
         port = self.service.port
+        assert port is not None, "the listener binds before it starts"
         # Straight to this forwarder: nothing in between per datagram.
         port.receiver = self
         port.startReading()
@@ -126,11 +126,13 @@ class PythonForwarder:
         if not admitted:
             return None
         kind = HeaderSession if headers else Session
+        port = service.port
+        assert port is not None, "the listener binds before it starts"
         session = kind(
             service,
             key,
             client,
-            service.port.replyRoute(local),
+            port.replyRoute(local),
             local,
             addresses,
             headers,
@@ -179,6 +181,7 @@ class EngineForwarder:
 
     def start(self) -> None:
         port = self.service.port
+        assert port is not None, "the listener binds before it starts"
         self.listenerId = self.engine.addListener(port.socket, port.pktinfo, self)
 
     def stop(self) -> dict[int, tuple[int, int]]:

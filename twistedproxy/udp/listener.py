@@ -344,6 +344,7 @@ class UDPListener(ListenerService):
         if address is None:
             session.close(f"cannot resolve {target.host}")
             return
+        where: tuple
         if isIPv6Address(address.host):
             family = socket.AF_INET6
             where = (address.host, target.port, address.flowInfo, address.scopeID)
@@ -352,7 +353,7 @@ class UDPListener(ListenerService):
             where = (address.host, target.port)
         self.forwarder.targetResolved(session, family, where)
 
-    def sessionEnded(self, session: Session, reason: str) -> None:
+    def sessionEnded(self, session: Session | EngineSession, reason: str) -> None:
         """
         Forget a closed session and write its access line.
         """

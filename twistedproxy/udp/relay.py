@@ -13,7 +13,7 @@ socket its turn.
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
@@ -92,6 +92,12 @@ class DatagramSocket:
     def fileno(self) -> int:
         return self.socket.fileno()
 
+    def doRead(self) -> None:
+        """
+        Read what is waiting; each kind of socket knows how.
+        """
+        raise NotImplementedError(type(self).__name__)
+
     def logPrefix(self) -> str:
         return type(self).__name__
 
@@ -149,7 +155,7 @@ class ListeningPort(DatagramSocket):
             except Exception:
                 log.failure("UDP datagram from {client}", client=client)
 
-    def replyRoute(self, local) -> None:
+    def replyRoute(self, local) -> list | None:
         """
         What L{write} needs to answer from C{local}: nothing, the socket's
         own address is the one the client sent to.
@@ -429,19 +435,21 @@ class Session:
         self.key = key
         self.clientAddress = client
         self.timeout = self.listener.timeouts.udp
-        self.port = None
-        self.pending: list[bytes] = []
+        self.port: SessionPort | None = None
+        self.pending: list[bytes | memoryview] = []
         self.unheld = 0
         self.closed = False
         self.source, self.prefix = owner.sessionIdentity(client, local, addresses)
         self.headers = headers
         self._owner = owner
-        self._reply = owner.port.write
+        listening = owner.port
+        assert listening is not None, "a session of an unbound listener"
+        self._reply = listening.write
         self._route = route
         rate = self.listener.access.datagramsPerClient
         self.bucket = None if rate is None else TokenBucket(rate, self.started)
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | memoryview) -> None:
         """
         Forward a datagram from the client to the target, unless it is
         over the session's C{datagrams_per_client}.
@@ -524,9 +532,10 @@ class HeaderSession(Session):
 
     __slots__ = ()
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | memoryview) -> None:
         try:
-            length, _ = datagramHeader(self.headers, data)
+            # Only a datagram as read, bytes, comes here.
+            length, _ = datagramHeader(self.headers, cast(bytes, data))
         except HeaderError:
             # lost, as a datagram can be; counted with those
             self._owner._dropped += 1
