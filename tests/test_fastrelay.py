@@ -1,6 +1,6 @@
 """
 Tests for the compiled relay engine (L{twistedproxy._fastrelay}) and its
-Twisted side (L{twistedproxy.fastrelay}), over real loopback sockets.
+Twisted side (L{twistedproxy.tcp.engine}), over real loopback sockets.
 
 Each flow is built from two loopback connections: the test's "client"
 talks to the proxy's client end, the proxy's target end talks to the

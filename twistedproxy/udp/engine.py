@@ -116,7 +116,7 @@ class UDPEngine:
     def addListener(self, skt: socket.socket, pktinfo: bool, owner) -> int:
         """
         Have the engine read the bound socket C{skt} of C{owner} (a
-        L{twistedproxy.udp.UDPListener}); its new clients come to
+        listener's L{twistedproxy.udp.forwarder.EngineForwarder}); its new clients come to
         C{owner.clientArrived(key, client)}, its expired sessions to
         C{owner.sessionExpired(flowId, bytesIn, bytesOut)}.
 
