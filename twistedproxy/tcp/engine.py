@@ -1,11 +1,16 @@
 """
-The compiled fast path for established TCP relays, seen from Twisted.
+The binding of the compiled TCP engine: where established connections'
+bytes are copied without Python, and the one module that calls
+L{twistedproxy._fastrelay}.
 
-Twisted accepts each client and connects to its target; once both sockets
-are connected and nothing is buffered for either, L{TCPEngine.adopt} takes
-them out of the reactor and hands them to the relay engine of
-L{twistedproxy._fastrelay}: one background thread with its own epoll that
-moves the bytes with C{splice(2)} and never takes the GIL.  When the flow
+The root service owns one L{TCPEngine}, which the listeners'
+L{twistedproxy.tcp.forwarder.EngineForwarder}s share.  Once a flow's two
+sockets are connected and nothing is buffered for either, the engine
+takes them (L{TCPEngine.adopt}, L{TCPEngine.adoptDescriptors}): one
+background thread with its own epoll that moves the bytes with
+C{splice(2)} and never takes the GIL.  L{EngineFlow} is such a flow as
+the manhole and the access log see it, from its accept (or its hand-off
+by a Python relay) to its access line.  When the flow
 ends the engine tells the reactor thread through an eventfd, which
 L{TCPEngine} watches as an L{IReadDescriptor}, and the flow's C{onEnd}
 callback runs there with the byte counts and the reason.

@@ -1,12 +1,14 @@
 """
-TCP forwarding: the listening socket of a TCP listener, and the relay that
-copies bytes between each accepted client and its own connection to the
-target.
+Where TCP bytes are copied in Python: the relay between each accepted
+client and its own connection to the target, and how a client the proxy
+cannot serve is ended.
 
-A listener is a L{TCPListener} service holding one L{ListeningPort}.  Each
-accepted client becomes a L{Relay} (the client-side protocol, and the
-L{IFlow} the manhole and the access log see), which dials the target and
-hands the target connection to a L{TargetSide} protocol.  The two
+Each client Twisted accepts for a L{twistedproxy.tcp.listener.TCPListener}
+becomes a L{Relay} (the client-side protocol, and the L{IFlow} the
+manhole and the access log see), which dials the target and hands the
+target connection to a L{TargetSide} protocol.  The relay keeps one
+L{Phase} and an L{End} per side; each side's end of stream and close are
+handled once, for an end and the other one.  The two
 protocols do nothing on the hot path but count and write; flow control is
 Twisted's own: each transport is the other's streaming producer, so a
 side that cannot keep up stops the reading of the other, and memory per
