@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 import ssl
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from certs import Authority
@@ -39,7 +40,7 @@ class CertificateTransport(RelayTransport):
     def __init__(self, path) -> None:
         RelayTransport.__init__(self)
         self.certificate = crypto.load_certificate(
-            crypto.FILETYPE_PEM, open(path, "rb").read()
+            crypto.FILETYPE_PEM, Path(path).read_bytes()
         )
 
     def getPeerCertificate(self):
@@ -424,7 +425,7 @@ def test_terminatingRelayDialsAfterTheHandshake(pki) -> None:
     assert client.producerState == "paused"
     assert relay.peer == "CN=localhost,O=portproxy tests"
     relay.dataReceived(b"bytes")
-    side, target = h.answer()
+    _side, target = h.answer()
     assert target.value() == b"early bytes"
     assert client.producerState == "producing"
     assert relay.bytesIn == len(b"early bytes")

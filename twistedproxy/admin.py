@@ -77,11 +77,16 @@ def formatTable(
     lines = []
     for row in table:
         text = "  ".join(
-            cell.ljust(width) for cell, width in zip(row[:firstNumeric], widths)
+            cell.ljust(width)
+            for cell, width in zip(
+                row[:firstNumeric], widths[:firstNumeric], strict=True
+            )
         )
         numbers = " ".join(
             cell.rjust(width)
-            for cell, width in zip(row[firstNumeric:], widths[firstNumeric:])
+            for cell, width in zip(
+                row[firstNumeric:], widths[firstNumeric:], strict=True
+            )
         )
         lines.append(f"{text}  {numbers}".rstrip())
     return "\n".join(lines)

@@ -50,7 +50,7 @@ class TrafficHistory:
 
     def sample(self) -> None:
         byMapping: dict[str, tuple[int, int]] = {}
-        for (mapping, proto), totals in mappingTotals(self.proxy).items():
+        for (mapping, _proto), totals in mappingTotals(self.proxy).items():
             bytesIn, bytesOut = byMapping.get(mapping, (0, 0))
             byMapping[mapping] = (
                 bytesIn + totals["bytesIn"],
@@ -106,11 +106,15 @@ def statusDocument(proxy, history: TrafficHistory) -> dict:
     for mapping in proxy.map.mappings:
         entry = {
             "name": mapping.name,
-            "protos": "+".join(dict.fromkeys(l.proto for l in mapping.listeners)),
+            "protos": "+".join(
+                dict.fromkeys(listener.proto for listener in mapping.listeners)
+            ),
             "listen": listenSummary(mapping.listeners),
             "target": str(mapping.listeners[0].target) if mapping.listeners else "",
             "listeners": 0,
-            "unbound": sum(1 for l in unbound if l.mapping == mapping.name),
+            "unbound": sum(
+                1 for listener in unbound if listener.mapping == mapping.name
+            ),
             "open": 0,
             "total": 0,
             "rejected": 0,
@@ -142,7 +146,7 @@ def statusDocument(proxy, history: TrafficHistory) -> dict:
         "interval": SAMPLE_INTERVAL,
         "config": proxy.configPath,
         "listeners": len(proxy.listeners),
-        "unbound": [str(l) for l in unbound],
+        "unbound": [str(listener) for listener in unbound],
         "tcpRelayEngine": proxy.fastRelay is not None,
         "reloads": {"ok": counts.ok, "failed": counts.failed, "last": counts.last},
         "mappings": mappings,
