@@ -260,6 +260,10 @@ def test_changedFilesChangeTheListener(tmp_path, pki) -> None:
             "    tls: {cert: server.key, key: server.key}\n",
             "map.yaml:5: tls: {d}/server.key holds no PEM certificate (mapping 'm')",
         ),
+        (
+            "    tls: {cert: server.pem, key: server.pem}\n",
+            "map.yaml:5: tls: {d}/server.pem holds no PEM private key (mapping 'm')",
+        ),
         ("    tls: {cert: server.pem}\n", "map.yaml:5: tls: missing key 'key'"),
         (
             "    tls: {cert: server.pem, key: server.key, min_version: 1.1}\n",

@@ -93,11 +93,11 @@ def encode(version: int, addresses: Addresses, datagram: bool = False) -> bytes:
             f"PROXY {family} {sourceHost} {destinationHost} "
             f"{sourcePort} {destinationPort}\r\n"
         ).encode("ascii")
-    family = socket.AF_INET6 if ipv6 else socket.AF_INET
+    af = socket.AF_INET6 if ipv6 else socket.AF_INET
     addressFamily = _AF_INET6 if ipv6 else _AF_INET
     block = (
-        socket.inet_pton(family, sourceHost)
-        + socket.inet_pton(family, destinationHost)
+        socket.inet_pton(af, sourceHost)
+        + socket.inet_pton(af, destinationHost)
         + struct.pack("!HH", sourcePort, destinationPort)
     )
     kind = addressFamily << 4 | (_DGRAM if datagram else _STREAM)
@@ -253,7 +253,8 @@ class HeaderReader:
     header (or a malformed one) closes it, other bytes, and silence for
     C{timeout} (a protocol whose server speaks first), leave it be.
 
-    @ivar done: called once with the L{HeaderResult}.
+    @ivar done: called once with the L{HeaderResult}; L{None} once it was,
+        or when cancelled.
     """
 
     def __init__(
@@ -267,7 +268,7 @@ class HeaderReader:
         self.reactor = reactor
         self.socket = skt
         self.trusted = trusted
-        self.done = done
+        self.done: Callable[[HeaderResult], None] | None = done
         self._read = b""
         self._timer = reactor.callLater(timeout, self._timedOut, timeout)
 

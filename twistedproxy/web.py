@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.twisted import MetricsResource
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
+from twisted.web.http import Request
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -227,6 +228,18 @@ def endpoint(proxy, history: TrafficHistory) -> Resource:
     return root
 
 
+class QuietSite(Site):
+    """
+    A site that logs nothing: no line when it starts or stops, and no
+    access log (a scraper every second would fill the proxy's log).
+    """
+
+    noisy = False
+
+    def log(self, request: Request) -> None:
+        pass
+
+
 class HttpService(Service):
     """
     The HTTP endpoint of the map's C{http} section, a child of the root
@@ -251,10 +264,7 @@ class HttpService(Service):
         Listen on the section's address; L{CannotListenError} when that
         fails.
         """
-        site = Site(endpoint(self.proxy, self.history))
-        site.noisy = False
-        # No access log: a scraper every second would fill the proxy's log.
-        site.log = lambda request: None
+        site = QuietSite(endpoint(self.proxy, self.history))
         self.port = self.reactor.listenTCP(
             self.settings.port, site, interface=self.settings.host
         )
