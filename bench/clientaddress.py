@@ -27,11 +27,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from peers import TWISTD, Ports, measure, startHTTP, waitTCP
 from processes import Processes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+#: the checkout this script belongs to
+CHECKOUT = os.path.dirname(HERE)
 
 
 def nginx(procs, tmp, plain, proxied):
@@ -40,20 +43,20 @@ def nginx(procs, tmp, plain, proxied):
     waitTCP(proxied)
 
 
-def portproxy(procs, tmp, name, mappings, code=os.path.dirname(HERE)):
+def portproxy(procs, tmp, name, mappings, code=CHECKOUT):
     path = os.path.join(tmp, f"{name}.yaml")
     with open(path, "w") as f:
         f.write("mappings:\n" + "".join(mappings))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([code, env.get("PYTHONPATH", "")])
-    log = open(os.path.join(tmp, f"{name}.log"), "wb")
-    return procs.start(
-        [*TWISTD, "-n", "--pidfile=", "portproxy", "-c", path],
-        env=env,
-        cwd=tmp,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    ).pid
+    with open(os.path.join(tmp, f"{name}.log"), "wb") as log:
+        return procs.start(
+            [*TWISTD, "-n", "--pidfile=", "portproxy", "-c", path],
+            env=env,
+            cwd=tmp,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        ).pid
 
 
 def cpuSeconds(pid):
@@ -130,7 +133,7 @@ def main():
                 for name in os.listdir(tmp):
                     if name.endswith(".log"):
                         print(
-                            open(os.path.join(tmp, name)).read()[-2000:],
+                            Path(tmp, name).read_text()[-2000:],
                             file=sys.stderr,
                         )
                 raise
@@ -162,7 +165,9 @@ def main():
                     values = [v for v in figures[(w, k)] if v is not None]
                     ratios = [
                         v / r
-                        for v, r in zip(figures[(w, k)], figures[(w, reference)])
+                        for v, r in zip(
+                            figures[(w, k)], figures[(w, reference)], strict=True
+                        )
                         if v is not None and r
                     ]
                     median = (

@@ -33,6 +33,7 @@ project's venv.  Prints the table docs/PERFORMANCE.md quotes.
 """
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -52,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from twistedproxy.control import shimPath  # noqa: E402
+from twistedproxy.control import shimPath  # noqa: E402 (the checkout is on sys.path only now)
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 DOCKER = (
@@ -145,12 +146,13 @@ class Dockerd:
         }
         (root / "daemon.json").write_text(json.dumps(config))
         env = dict(os.environ, PORTPROXY_CONTROL=control)
-        self.process = processes.start(
-            ["/usr/sbin/dockerd", "--config-file", str(root / "daemon.json")],
-            env=env,
-            stdout=open(root / "dockerd.log", "ab"),
-            stderr=subprocess.STDOUT,
-        )
+        with open(root / "dockerd.log", "ab") as log:
+            self.process = processes.start(
+                ["/usr/sbin/dockerd", "--config-file", str(root / "daemon.json")],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.processes = processes
         Dockerd.current = self
         deadline = time.monotonic() + 60
@@ -196,7 +198,7 @@ def buildImage(docker, root):
             r"(/\S+\.so[\S]*)",
             subprocess.run(["ldd", binary], capture_output=True, text=True).stdout,
         )
-        for path in [binary] + libs:
+        for path in [binary, *libs]:
             target = image / path.lstrip("/")
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(os.path.realpath(path), target)
@@ -364,15 +366,16 @@ def main():
         ["gcc", "-O2", "-static", "-o", nullProxy, str(root / "null-proxy.c")],
         check=True,
     )
-    ranges = {name: [] for name in list(proxies) + ["null"]}
+    ranges = {name: [] for name in [*proxies, "null"]}
     try:
         mapPath = root / "map.yaml"
         mapPath.write_text(f"mappings: []\ncontrol:\n  socket: {control}\n")
-        daemon = processes.start(
-            TWISTD + ["-n", "--pidfile=", "portproxy", "-c", str(mapPath)],
-            stdout=open(root / "portproxy.log", "wb"),
-            stderr=subprocess.STDOUT,
-        )
+        with open(root / "portproxy.log", "wb") as log:
+            daemon = processes.start(
+                [*TWISTD, "-n", "--pidfile=", "portproxy", "-c", str(mapPath)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         while not os.path.exists(control):
             time.sleep(0.05)
         freePort = freeRange(arguments.first + arguments.range + 10, 10)
@@ -385,11 +388,11 @@ def main():
         # one can own docker0), so that machine drift hits both alike.
         servers = {
             "docker-proxy": lambda pid: children(pid, DOCKER_PROXY),
-            "portproxy": lambda pid: children(pid, shim) + [daemon.pid],
+            "portproxy": lambda pid: [*children(pid, shim), daemon.pid],
             "null": lambda pid: children(pid, nullProxy),
         }
         for r in range(arguments.rounds):
-            for name, path in list(proxies.items()) + [("null", nullProxy)]:
+            for name, path in [*proxies.items(), ("null", nullProxy)]:
                 print(f"round {r + 1}, {name}", file=sys.stderr)
                 docker = Dockerd(root, path, control, processes)
                 if r == 0 and name == "docker-proxy":
@@ -400,7 +403,7 @@ def main():
                         docker,
                         arguments.first,
                         arguments.range,
-                        lambda: servers[name](pid),
+                        functools.partial(servers[name], pid),
                         name != "null",
                     )
                 )
@@ -479,7 +482,7 @@ def main():
         return statistics.median(row[i] for row in rows)
 
     def ratio(i):
-        return statistics.median(b[i] / a[i] for a, b in zip(dp, pp))
+        return statistics.median(b[i] / a[i] for a, b in zip(dp, pp, strict=True))
 
     print(
         f"\n{arguments.range}-port TCP range, {arguments.rounds} rounds, medians; ratio: median"
@@ -509,7 +512,9 @@ def main():
         ratios = [
             s / h
             for s, h in zip(
-                shimPaths[w]["shim (published)"], shimPaths[w]["hand-written map"]
+                shimPaths[w]["shim (published)"],
+                shimPaths[w]["hand-written map"],
+                strict=True,
             )
         ]
         cells = "  ".join(f"{name} {value:.2f}" for name, value in med.items())

@@ -343,7 +343,7 @@ def benchWorkloads(procs, tmp, names, workloads, rounds, seconds, pipeSize, busy
             listen = freePort()
             startProxy(procs, name, listen, target, pipeSize, busyPoll)
             fronts[name][key] = listen
-    order = ["direct"] + names
+    order = ["direct", *names]
     results = {w: {name: [] for name in order} for w in workloads}
     for r in range(rounds):
         for w in workloads:
@@ -481,7 +481,7 @@ def main():
                 f"{a.rounds} rounds of {a.seconds} s, medians\n"
             )
             others = [n for n in names if n != "docker-proxy"]
-            header = ["workload", "unit", "direct"] + names
+            header = ["workload", "unit", "direct", *names]
             header += [f"{n} / docker-proxy" for n in others if "docker-proxy" in names]
             print("| " + " | ".join(header) + " |")
             print("|" + "---|" * len(header))
@@ -501,13 +501,13 @@ def main():
                     for n in others:
                         pairs = [
                             p / d
-                            for p, d in zip(row[n], row["docker-proxy"])
+                            for p, d in zip(row[n], row["docker-proxy"], strict=True)
                             if p and d
                         ]
                         ratios[n] = statistics.median(pairs) if pairs else None
                 cells = [w, unit] + [
                     f"{med[k]:.4g}" if med[k] is not None else "-"
-                    for k in ["direct"] + names
+                    for k in ["direct", *names]
                 ]
                 cells += [f"{ratios[n]:.2f}" if ratios.get(n) else "-" for n in ratios]
                 print("| " + " | ".join(cells) + " |")

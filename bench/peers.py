@@ -179,12 +179,12 @@ def startPortproxyPeer(procs, ports, tmp, backend, protos, name, head=""):
                 f"  - name: {key}\n    proto: {proto}\n    listen: 127.0.0.1:{port}\n"
                 f"    target: 127.0.0.1:{backend[key]}\n"
             )
-    log = open(os.path.join(tmp, f"{name}.log"), "w")
-    process = procs.start(
-        [*TWISTD, "-n", "--pidfile=", "portproxy", "-c", mapPath],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    with open(os.path.join(tmp, f"{name}.log"), "w") as log:
+        process = procs.start(
+            [*TWISTD, "-n", "--pidfile=", "portproxy", "-c", mapPath],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     PIDS[name] = process.pid
     return fronts
 
@@ -299,7 +299,7 @@ def startPeers(procs, ports, tmp, backend, wanted, access=False, control=False):
             "portproxy+access",
             "" if control else accessDefaults(),
         )
-    for name, fronts in front.items():
+    for fronts in front.values():
         for key, port in fronts.items():
             if "tcp" in protos[key]:
                 waitTCP(port)
@@ -641,14 +641,20 @@ def main():
             row.append(f"{statistics.median(values):.2f}" if values else "-")
         pairs = [
             p / d
-            for p, d in zip(results[w]["portproxy"], results[w].get("docker-proxy", []))
+            for p, d in zip(
+                results[w]["portproxy"],
+                results[w].get("docker-proxy", []),  # none without docker-proxy
+                strict=False,
+            )
             if p and d
         ]
         row.append(f"{statistics.median(pairs):.2f}" if pairs else "-")
         if a.access:
             pairs = [
                 q / p
-                for q, p in zip(results[w]["portproxy+access"], results[w]["portproxy"])
+                for q, p in zip(
+                    results[w]["portproxy+access"], results[w]["portproxy"], strict=True
+                )
                 if p and q
             ]
             row.append(f"{statistics.median(pairs):.3f}" if pairs else "-")
@@ -664,7 +670,12 @@ def main():
         for w in workloads:
             plain, checked = cpu[w]["portproxy"], cpu[w]["portproxy+access"]
             if plain and checked:
-                ratios = [c / p for c, p in zip(checked, plain) if p]
+                ratios = [
+                    c / p
+                    # a round without a rate adds no CPU figure
+                    for c, p in zip(checked, plain, strict=False)
+                    if p
+                ]
                 print(
                     f"| {w} | {statistics.median(plain) * 1e6:.1f} | {statistics.median(checked) * 1e6:.1f}"
                     f" | {statistics.median(ratios):.3f} |"

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
@@ -70,23 +71,23 @@ def main():
     base = freeRange(a.n)
     with open(path, "w") as f:
         f.write(small(port))
-    log = open(logPath, "w")
-    proc = subprocess.Popen(
-        [*TWISTD, "-n", "--pidfile=", "portproxy", "-c", path],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=tmp,
-        start_new_session=True,
-    )
+    with open(logPath, "w") as log:
+        proc = subprocess.Popen(
+            [*TWISTD, "-n", "--pidfile=", "portproxy", "-c", path],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp,
+            start_new_session=True,
+        )
 
     def waitFor(pattern, since):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            m = re.compile(pattern).search(open(logPath).read(), since)
+            m = re.compile(pattern).search(Path(logPath).read_text(), since)
             if m:
                 return m.group(0)
             if proc.poll() is not None:
-                raise SystemExit(open(logPath).read())
+                raise SystemExit(Path(logPath).read_text())
             time.sleep(0.002)
         raise SystemExit(f"timed out waiting for {pattern}")
 
@@ -94,7 +95,7 @@ def main():
         with open(path + ".new", "w") as f:
             f.write(text)
         os.replace(path + ".new", path)
-        since = len(open(logPath).read())
+        since = len(Path(logPath).read_text())
         t0 = time.monotonic()
         os.kill(proc.pid, signal.SIGHUP)
         line = waitFor(r"reload of [^\n]*", since)

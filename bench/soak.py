@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from processes import Processes
@@ -325,9 +326,9 @@ def main():
     counts = Counts()
     try:
         deadline = time.monotonic() + 30
-        while "portproxy started" not in open(logPath).read():
+        while "portproxy started" not in Path(logPath).read_text():
             if proxy.poll() is not None or time.monotonic() > deadline:
-                sys.exit("portproxy did not start:\n" + open(logPath).read())
+                sys.exit("portproxy did not start:\n" + Path(logPath).read_text())
             time.sleep(0.05)
         pid = proxy.pid
         workers = (

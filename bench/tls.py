@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 from peers import TWISTD, Ports, nginxStreamModule, waitTCP
 from processes import Processes
@@ -99,7 +100,7 @@ def startProxies(procs, ports, tmp, backend, cert, key, profile):
     front = {}
     combined = os.path.join(tmp, "combined.pem")
     with open(combined, "wb") as f:
-        f.write(open(cert, "rb").read() + open(key, "rb").read())
+        f.write(Path(cert).read_bytes() + Path(key).read_bytes())
     if shutil.which("nginx") and nginxStreamModule():
         front["nginx"] = ports.take()
         conf = os.path.join(tmp, "stream.conf")
@@ -138,12 +139,12 @@ def startProxies(procs, ports, tmp, backend, cert, key, profile):
         if profile
         else []
     )
-    log = open(os.path.join(tmp, "portproxy.log"), "w")
-    portproxy = procs.start(
-        [*TWISTD, "-n", "--pidfile=", *extra, "portproxy", "-c", mapPath],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    with open(os.path.join(tmp, "portproxy.log"), "w") as log:
+        portproxy = procs.start(
+            [*TWISTD, "-n", "--pidfile=", *extra, "portproxy", "-c", mapPath],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     front["portproxy"] = (front["portproxy"], portproxy.pid)
     for port, _ in front.values():
         waitTCP(port)
@@ -167,7 +168,7 @@ def measure(workload, port, pid, seconds):
 
 
 def _wrk(workload, port, seconds):
-    unit, flags, path = WORKLOADS[workload]
+    _unit, flags, path = WORKLOADS[workload]
     try:
         out = subprocess.run(
             ["wrk", "-t1", *flags, f"-d{seconds}", f"https://127.0.0.1:{port}{path}"],

@@ -122,8 +122,8 @@ def proxyMap(*listeners: Listener, manhole=None) -> ProxyMap:
     A map of C{listeners}, grouped into mappings by their mapping name.
     """
     mappings: dict[str, list[Listener]] = {}
-    for l in listeners:
-        mappings.setdefault(l.mapping, []).append(l)
+    for each in listeners:
+        mappings.setdefault(each.mapping, []).append(each)
     return ProxyMap(
         "map.yaml", tuple(Mapping(n, tuple(ls)) for n, ls in mappings.items()), manhole
     )

@@ -106,16 +106,17 @@ class ProxyProcess:
         Start twistd on C{mapText} without waiting for it.
         """
         self.writeMap(mapText)
-        self._log = open(self.logPath, "wb")
         argv = [*self.prefix, *TWISTD, "-n", "--pidfile=", *extraArgs]
         argv += ["portproxy", "-c", str(self.mapPath)]
-        self.process = subprocess.Popen(
-            argv,
-            cwd=self.workdir,
-            env=proxyEnvironment(self.fastPath),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
+        # The child keeps its own descriptor of the log.
+        with open(self.logPath, "wb") as log:
+            self.process = subprocess.Popen(
+                argv,
+                cwd=self.workdir,
+                env=proxyEnvironment(self.fastPath),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         return self.process
 
     def start(self, mapText: str, *extraArgs: str) -> ProxyProcess:
@@ -179,7 +180,6 @@ class ProxyProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self._log.close()
         return self.process.returncode
 
 

@@ -313,12 +313,12 @@ def test_tcpDeniedClientIsReset():
     """
     h = tcpHarness(deny=("192.0.2.0/24",))
     with capturedLogs() as events:
-        relay, client = h.accept(IPv4Address("TCP", "192.0.2.8", 1234))
+        _relay, client = h.accept(IPv4Address("TCP", "192.0.2.8", 1234))
     assert client.reset
     assert h.reactor.tcpClients == []
     assert h.service.counters.rejected == 1
     assert any(e.get("reason") == "deny list" for e in events)
-    relay, client = h.accept(IPv4Address("TCP", "198.51.100.1", 1234))
+    _relay, client = h.accept(IPv4Address("TCP", "198.51.100.1", 1234))
     assert not client.aborted
     assert len(h.reactor.tcpClients) == 1
 
@@ -387,7 +387,7 @@ def test_reconfigureAppliesToNewConnectionsOnly():
     refuses its next one.
     """
     h = tcpHarness()
-    relay, client = h.accept(IPv4Address("TCP", "192.0.2.8", 1))
+    _relay, client = h.accept(IPv4Address("TCP", "192.0.2.8", 1))
     h.service.reconfigure(
         test_tcp.makeListener(access=AccessPolicy(deny=("192.0.2.0/24",)))
     )
@@ -462,7 +462,7 @@ def test_blockUnblockBlocked(capsys):
     and unblock() lets them in again.
     """
     h = tcpHarness()
-    relay, client = h.accept(IPv4Address("TCP", "198.51.100.7", 1))
+    _relay, client = h.accept(IPv4Address("TCP", "198.51.100.7", 1))
     console = Console(FakeProxy([h.service]), print)
     console.block("198.51.100.0/24")
     assert h.accept(IPv4Address("TCP", "198.51.100.8", 1))[1].reset

@@ -61,7 +61,7 @@ def test_sendsV1(proxy, listenHost):
                 "    client_address: proxy_protocol_v1\n",
             )
         )
-        got, (host, cport) = send(port, b"hello")
+        got, (_host, cport) = send(port, b"hello")
         assert (
             got
             == f"PROXY TCP4 127.0.0.1 127.0.0.1 {cport} {port}\r\n".encode() + b"hello"
@@ -167,7 +167,7 @@ def test_listedSourceWithoutHeaderKeepsItsAddress(proxy):
                 "    accept_proxy_protocol: [127.0.0.0/8]\n",
             )
         )
-        got, (host, cport) = send(port, b"GET / HTTP/1.0\r\n\r\n")
+        got, (_host, cport) = send(port, b"GET / HTTP/1.0\r\n\r\n")
         assert got == b"GET / HTTP/1.0\r\n\r\n"
         proxy.waitFor(rf"tcp pp 127\.0\.0\.1:{cport} -> ")
 
@@ -221,7 +221,7 @@ def udpExchange(c, payload, address):
     """
     Send C{payload} until a reply comes (loopback may drop under load).
     """
-    for attempt in range(5):
+    for _attempt in range(5):
         c.sendto(payload, address)
         try:
             return c.recv(65535)

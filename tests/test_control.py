@@ -48,7 +48,10 @@ class Client:
 
     def __init__(self, proxy):
         self.proxy = proxy
-        server = lambda: ControlProtocol(proxy)  # noqa: E731
+
+        def server() -> ControlProtocol:
+            return ControlProtocol(proxy)
+
         self.client, self.server, self.pump = connectedServerAndClient(server, amp.AMP)
         self.server.factory = type("F", (), {"connections": set()})()
 

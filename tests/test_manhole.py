@@ -16,6 +16,7 @@ from twisted.conch.ssh import keys
 from twisted.conch.ssh.common import NS
 from twisted.conch.ssh.service import SSHService
 from twisted.conch.ssh.transport import MSG_EXT_INFO
+from twisted.conch.ssh.userauth import SSHUserAuthServer
 from twisted.cred.credentials import ISSHPrivateKey, SSHPrivateKey
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.address import IPv4Address
@@ -200,9 +201,14 @@ class ConnectionService(SSHService):
     name = b"ssh-connection"
 
 
-class UserAuthenticated(SSHService):
-    name = b"ssh-userauth"
+class UserAuthenticated(SSHUserAuthServer):
+    """
+    Twisted's user authentication service once alice has authenticated
+    (its login timer is gone).
+    """
+
     user = b"alice"
+    _cancelLoginTimeout = None
 
 
 def test_connectionNotAuthenticatedInTimeIsClosed():

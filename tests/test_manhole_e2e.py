@@ -270,7 +270,7 @@ def test_connectionsShowsAConnectionThatKillCloses(proxy, tmp_path, keys, sessio
         shell = session(manholePort)
         with socket.create_connection(("127.0.0.1", tcpPort), timeout=5) as conn:
             assert roundTrip(conn, b"ping") == b"ping"
-            client = "127.0.0.1:%d" % conn.getsockname()[1]
+            client = f"127.0.0.1:{conn.getsockname()[1]}"
             out = shell.run("connections()")
             row = next(line.split() for line in out.splitlines() if client in line)
             flowId, mapping, proto, shownClient, target = row[:5]
@@ -459,7 +459,7 @@ def test_reloadRemovesAndAddsTheManhole(proxy, tmp_path, keys, session):
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", manholePort), timeout=5)
 
-    operator, stranger = keys
+    _operator, stranger = keys
     with open(tmp_path / "authorized_keys", "ab") as authorized:
         authorized.write((tmp_path / "keys" / "stranger.pub").read_bytes())
     assert "failed 0" in proxy.reload(withManhole)
@@ -500,7 +500,7 @@ def test_udpSessionsShownDisabledAndKilled(proxy, tmp_path, keys, session):
                 c.settimeout(0.5)
             old.sendto(b"hello", ("127.0.0.1", udpPort))
             assert old.recv(100) == b"hello"
-            client = "127.0.0.1:%d" % old.getsockname()[1]
+            client = f"127.0.0.1:{old.getsockname()[1]}"
             out = shell.run("connections()")
             row = next(line.split() for line in out.splitlines() if client in line)
             flowId = row[0]
@@ -598,10 +598,9 @@ def test_blockUnblockAndBlocked(proxy, tmp_path, keys, session):
             out = shell.run("block('127.0.0.2/31')")
             assert "blocked 127.0.0.2/31 on every listener" in out
             # The reset may come before connect() returns.
-            with pytest.raises(ConnectionResetError):
-                with client("127.0.0.3") as refused:
-                    refused.sendall(b"x")
-                    refused.recv(1)
+            with pytest.raises(ConnectionResetError), client("127.0.0.3") as refused:
+                refused.sendall(b"x")
+                refused.recv(1)
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
                 udp.bind(("127.0.0.2", 0))
                 udp.settimeout(0.5)
@@ -678,7 +677,7 @@ def test_loginLogsOnlyPortproxyLines(proxy, tmp_path, keys):
     manholePort = freePort()
     proxy.start(proxyMap(tmp_path, manholePort))
     since = len(proxy.output())
-    operator, stranger = keys
+    operator, _stranger = keys
     result = subprocess.run(
         sshCommand(tmp_path, operator, manholePort, "-T"),
         input=b"print(6 * 7)\n",

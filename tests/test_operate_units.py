@@ -257,21 +257,22 @@ def test_collectorSumsListenersOfAMapping() -> None:
     assert metrics[("portproxy_open", web)] == 4
     assert metrics[("portproxy_received_bytes_total", web)] == 400
     assert metrics[("portproxy_sent_bytes_total", web)] == 4000
-    assert metrics[("portproxy_rejected_total", web + (("reason", "limit"),))] == 8
-    assert metrics[("portproxy_rejected_total", web + (("reason", "denied"),))] == 0
+    assert metrics[("portproxy_rejected_total", (*web, ("reason", "limit")))] == 8
+    assert metrics[("portproxy_rejected_total", (*web, ("reason", "denied")))] == 0
     assert (
         metrics[
             (
                 "portproxy_connect_failures_total",
-                web + (("reason", "connection refused"),),
+                (*web, ("reason", "connection refused")),
             )
         ]
         == 4
     )
     assert metrics[("portproxy_listeners", web)] == 4
-    bucket = lambda le: metrics[
-        ("portproxy_flow_duration_seconds_bucket", (("le", le),) + web)
-    ]  # noqa: E731
+
+    def bucket(le: str) -> float:
+        return metrics[("portproxy_flow_duration_seconds_bucket", (("le", le), *web))]
+
     assert (bucket("0.1"), bucket("0.25"), bucket("+Inf")) == (0, 4, 4)
     assert metrics[("portproxy_reloads_total", (("result", "ok"),))] == 0
     assert metrics[("portproxy_engine_enabled", (("engine", "tcp_relay"),))] == 0
@@ -363,7 +364,10 @@ def test_useLogFormatSwitchesFileObservers(monkeypatch) -> None:
     out = io.StringIO()
     textFormat = formatEventAsClassicLogText
     fileObserver = FileLogObserver(out, textFormat)
-    other = lambda event: None  # noqa: E731
+
+    def other(event: dict) -> None:
+        pass
+
     monkeypatch.setattr(logs, "logObservers", lambda: [fileObserver, other])
     useLogFormat("json")
     assert fileObserver.formatEvent is jsonLines

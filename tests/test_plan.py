@@ -26,10 +26,10 @@ def test_sortsListenersByKey():
         listener(5),
     )
     plan = diff(old, new)
-    assert [l.port for l in plan.kept] == [1]
-    assert [(l.port, l.target.port) for l in plan.changed] == [(2, 81)]
-    assert [(l.proto, l.port) for l in plan.added] == [(TCP, 4), (TCP, 5)]
-    assert [(l.proto, l.port) for l in plan.removed] == [(TCP, 3), (UDP, 4)]
+    assert [each.port for each in plan.kept] == [1]
+    assert [(each.port, each.target.port) for each in plan.changed] == [(2, 81)]
+    assert [(each.proto, each.port) for each in plan.added] == [(TCP, 4), (TCP, 5)]
+    assert [(each.proto, each.port) for each in plan.removed] == [(TCP, 3), (UDP, 4)]
 
 
 def test_timeoutsLimitAndNameAreChanges():
@@ -45,8 +45,8 @@ def test_timeoutsLimitAndNameAreChanges():
         listener(4, line=9),
     )
     plan = diff(old, new)
-    assert [l.port for l in plan.changed] == [1, 2, 3]
-    assert [l.port for l in plan.kept] == [4]
+    assert [each.port for each in plan.changed] == [1, 2, 3]
+    assert [each.port for each in plan.kept] == [4]
 
 
 def test_manholeActions():

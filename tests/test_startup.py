@@ -257,8 +257,8 @@ def test_stopSignalEndsTheProcessByThatSignal(proxy, signum):
     clean stop; the log says it stopped.
     """
     proxy.start(
-        "mappings:\n  - name: a\n    listen: 127.0.0.1:%d\n    target: 127.0.0.1:9\n"
-        % freePort()
+        f"mappings:\n  - name: a\n    listen: 127.0.0.1:{freePort()}\n"
+        "    target: 127.0.0.1:9\n"
     )
     proxy.process.send_signal(signum)
     assert proxy.process.wait(10) == -signum

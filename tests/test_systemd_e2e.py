@@ -57,7 +57,7 @@ class NotifySocket:
             try:
                 data = self.socket.recv(4096).decode()
             except TimeoutError:
-                raise AssertionError(f"no {key} notice; got {self.notices}")
+                raise AssertionError(f"no {key} notice; got {self.notices}") from None
             notice = dict(line.split("=", 1) for line in data.split("\n"))
             self.notices.append(notice)
             if key in notice:
@@ -75,7 +75,6 @@ def startActivated(
     systemd passes them.
     """
     proxy.writeMap(mapText)
-    proxy._log = open(proxy.logPath, "wb")
     sources = [s.fileno() for s in sockets]
 
     def passSockets() -> None:
@@ -85,15 +84,16 @@ def startActivated(
 
     environment = proxyEnvironment(proxy.fastPath)
     environment.update(env, LISTEN_FDS=str(len(sockets)), LISTEN_FDNAMES=names)
-    proxy.process = subprocess.Popen(
-        [*ACTIVATED, "-n", "--pidfile=", "portproxy", "-c", str(proxy.mapPath)],
-        cwd=proxy.workdir,
-        env=environment,
-        stdout=proxy._log,
-        stderr=subprocess.STDOUT,
-        preexec_fn=passSockets,
-        pass_fds=tuple(range(3, 3 + len(sockets))),
-    )
+    with open(proxy.logPath, "wb") as log:
+        proxy.process = subprocess.Popen(
+            [*ACTIVATED, "-n", "--pidfile=", "portproxy", "-c", str(proxy.mapPath)],
+            cwd=proxy.workdir,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=passSockets,
+            pass_fds=tuple(range(3, 3 + len(sockets))),
+        )
     proxy.waitFor("portproxy started", timeout=START_TIMEOUT)
 
 

@@ -136,21 +136,21 @@ class Harness:
         return relay, transport
 
     def lastDial(self):
-        host, port, factory, timeout, bindAddress = self.reactor.tcpClients[-1]
+        host, port, factory, timeout, _bindAddress = self.reactor.tcpClients[-1]
         return host, port, factory, timeout
 
     def answer(self):
         """
         Complete the most recent target connect; the target's transport.
         """
-        host, port, factory, timeout = self.lastDial()
+        host, port, factory, _timeout = self.lastDial()
         side = factory.buildProtocol(IPv4Address("TCP", host, port))
         transport = RelayTransport(IPv4Address("TCP", host, port))
         side.makeConnection(transport)
         return side, transport
 
     def refuse(self):
-        host, port, factory, timeout = self.lastDial()
+        _host, _port, factory, _timeout = self.lastDial()
         factory.clientConnectionFailed(
             self.reactor.connectors[-1],
             Failure(TargetRefused(errno.ECONNREFUSED, "Connection refused")),
@@ -187,7 +187,7 @@ def test_connectsOnlyAfterTargetAnswers():
     assert h.lastDial()[:2] == ("10.0.0.2", 80)
     assert h.lastDial()[3] is None
     assert list(h.service.flows) == [relay.id]
-    side, target = h.answer()
+    _side, target = h.answer()
     assert client.producerState == "producing"
     assert client.noDelay and target.noDelay and client.keepAlive and target.keepAlive
 
@@ -198,7 +198,7 @@ def test_flowControlBothWays():
     buffer on one side pauses reading on the other.
     """
     h = Harness()
-    relay, client, side, target = h.connected()
+    _relay, client, _side, target = h.connected()
     assert target.producer is client and target.streaming
     assert client.producer is target and client.streaming
 
@@ -290,7 +290,7 @@ def test_resetByClientResetsTarget():
     cleanly), and the access line says so.
     """
     h = Harness()
-    relay, client, side, target = h.connected()
+    relay, _client, side, target = h.connected()
     with capturedLogs() as events:
         relay.connectionLost(Failure(ConnectionLost()))
         assert target.reset
@@ -303,7 +303,7 @@ def test_resetByTargetResetsClient():
     A target that resets makes the proxy reset the client.
     """
     h = Harness()
-    relay, client, side, target = h.connected()
+    relay, client, side, _target = h.connected()
     with capturedLogs() as events:
         side.connectionLost(Failure(ConnectionLost()))
         assert client.reset
@@ -337,7 +337,7 @@ def test_idleTimeoutCountsBothDirections():
     Traffic from the target alone keeps a connection from going idle.
     """
     h = Harness(timeouts=Timeouts(connect=5, idle=100))
-    relay, client, side, target = h.connected()
+    _relay, client, side, _target = h.connected()
     for _ in range(10):
         tick(h.reactor, 50)
         side.dataReceived(b"tick")
@@ -380,7 +380,7 @@ def test_connectRefused():
     and reason.
     """
     h = Harness()
-    relay, client = h.accept()
+    _relay, client = h.accept()
     with capturedLogs() as events:
         h.refuse()
     assert client.finished and not client.aborted
@@ -396,7 +396,7 @@ def test_connectFailureWithoutDescriptors():
     the flow with the OS's words.
     """
     h = Harness()
-    relay, client = h.accept()
+    _relay, client = h.accept()
     with capturedLogs() as events:
         h.lastDial()[2].clientConnectionFailed(
             h.reactor.connectors[-1],
@@ -412,7 +412,7 @@ def test_connectTimeout():
     stopped and the client closed with a timeout reason.
     """
     h = Harness(timeouts=Timeouts(connect=2.5))
-    relay, client = h.accept()
+    _relay, client = h.accept()
     tick(h.reactor, 2.4, 0.1)
     assert not client.finished
     with capturedLogs() as events:
@@ -463,7 +463,7 @@ def test_lateTargetIsDropped():
     does not touch the ended flow.
     """
     h = Harness()
-    relay, client = h.accept()
+    relay, _client = h.accept()
     h.reactor.advance(5)
     relay.connectionLost(Failure(ConnectionAborted()))
     side, target = h.answer()
@@ -506,7 +506,7 @@ def test_hostNameTriesEachAddress():
     h.reactor.nameResolver = FakeResolver(
         [IPv6Address("TCP", "::1", 80), IPv4Address("TCP", "127.0.0.1", 80)]
     )
-    relay, client = h.accept()
+    _relay, client = h.accept()
     assert h.lastDial()[:2] == ("::1", 80)
     h.refuse()
     assert h.lastDial()[:2] == ("127.0.0.1", 80)
@@ -524,7 +524,7 @@ def test_hostNameWithoutAddress():
     h = Harness(target=Target("nothing.test", 80))
     h.reactor.nameResolver = FakeResolver([])
     with capturedLogs() as events:
-        relay, client = h.accept()
+        _relay, client = h.accept()
     assert client.finished and not client.aborted
     assert accessLines(events)[0].endswith(
         "connect failed: no address for nothing.test"
@@ -580,7 +580,7 @@ def test_proxyStoppingEndsFlowAtFirstLoss():
     flow with "proxy stopped", without waiting for the other side.
     """
     h = Harness()
-    relay, client, side, target = h.connected()
+    relay, client, side, _target = h.connected()
     h.reactor.running = False
     with capturedLogs() as events:
         side.connectionLost(Failure(ConnectionLost()))
@@ -600,7 +600,7 @@ def test_proxyStoppingWhileConnecting():
     h.reactor.nameResolver = FakeResolver(
         [IPv6Address("TCP", "::1", 80), IPv4Address("TCP", "127.0.0.1", 80)]
     )
-    relay, client = h.accept()
+    _relay, _client = h.accept()
     h.reactor.running = False
     h.refuse()
     assert len(h.reactor.tcpClients) == 1
@@ -612,7 +612,7 @@ def test_drainedAfterLastFlow():
     whenDrained fires once the last open flow has ended.
     """
     h = Harness()
-    relay, client, side, target = h.connected()
+    relay, _client, side, _target = h.connected()
     drained = h.service.whenDrained()
     assert not drained.called
     relay.close("killed")

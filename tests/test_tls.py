@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 import ssl
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from certs import Authority
@@ -43,7 +44,7 @@ class CertificateTransport(RelayTransport):
     def __init__(self, path) -> None:
         RelayTransport.__init__(self)
         self.certificate = crypto.load_certificate(
-            crypto.FILETYPE_PEM, open(path, "rb").read()
+            crypto.FILETYPE_PEM, Path(path).read_bytes()
         )
 
     def getPeerCertificate(self):
@@ -263,6 +264,10 @@ def test_changedFilesChangeTheListener(tmp_path, pki) -> None:
             "    tls: {cert: server.key, key: server.key}\n",
             "map.yaml:5: tls: {d}/server.key holds no PEM certificate (mapping 'm')",
         ),
+        (
+            "    tls: {cert: server.pem, key: server.pem}\n",
+            "map.yaml:5: tls: {d}/server.pem holds no PEM private key (mapping 'm')",
+        ),
         ("    tls: {cert: server.pem}\n", "map.yaml:5: tls: missing key 'key'"),
         (
             "    tls: {cert: server.pem, key: server.key, min_version: 1.1}\n",
@@ -428,7 +433,7 @@ def test_terminatingRelayDialsAfterTheHandshake(pki) -> None:
     assert client.producerState == "paused"
     assert relay.peer == "CN=localhost,O=portproxy tests"
     relay.dataReceived(b"bytes")
-    side, target = h.answer()
+    _side, target = h.answer()
     assert target.value() == b"early bytes"
     assert client.producerState == "producing"
     assert relay.bytesIn == len(b"early bytes")

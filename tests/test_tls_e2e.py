@@ -241,12 +241,14 @@ def test_mutualTLS(proxy, pki) -> None:
         proxy.waitFor(r"in=8 out=8 peer='CN=alice,O=portproxy tests' client closed")
         assert echo.accepted == 1
         for client in (None, pki.mallory):
-            with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
-                with tlsConnect(port, "localhost", pki.path, client=client) as conn:
-                    # TLS 1.3: the server's verdict on the client's
-                    # certificate arrives after the client's handshake.
-                    conn.sendall(b"let me in")
-                    conn.recv(100)
+            with (
+                pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)),
+                tlsConnect(port, "localhost", pki.path, client=client) as conn,
+            ):
+                # TLS 1.3: the server's verdict on the client's
+                # certificate arrives after the client's handshake.
+                conn.sendall(b"let me in")
+                conn.recv(100)
         proxy.waitFor(r"(?s)in=0 out=0 tls: .*in=0 out=0 tls: ")
         assert echo.accepted == 1
 
@@ -285,9 +287,11 @@ mappings:
             proxy.waitFor(rf"tcp edge 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:{target.port} ")
         # No server name at all (an IP address is not sent as SNI).
         context = ssl.create_default_context(cafile=str(pki.path))
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-            with context.wrap_socket(raw, server_hostname="127.0.0.1") as conn:
-                assert peerCommonName(conn) == "localhost"
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as conn,
+        ):
+            assert peerCommonName(conn) == "localhost"
         assert fallback.accepted == 2
         with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
             conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
@@ -306,7 +310,7 @@ def test_certificateRotationBySIGHUP(proxy, pki, tmp_path) -> None:
     first = pki.issue("first", "first", ("localhost",))
     second = pki.issue("second", "second", ("localhost",))
     cert, key = live / "cert.pem", live / "key.pem"
-    for source, dest in zip(first, (cert, key)):
+    for source, dest in zip(first, (cert, key), strict=True):
         shutil.copy(source, dest)
     key.chmod(0o600)
     with TCPEchoServer() as echo:
@@ -322,7 +326,7 @@ mappings:
         with tlsConnect(port, "localhost", pki.path) as kept:
             assert peerCommonName(kept) == "first"
             assert roundTrip(kept, b"before") == b"before"
-            for source, dest in zip(second, (cert, key)):
+            for source, dest in zip(second, (cert, key), strict=True):
                 shutil.copy(source, dest)
             assert "changed 1" in proxy.reload()
             with tlsConnect(port, "localhost", pki.path) as fresh:

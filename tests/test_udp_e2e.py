@@ -54,7 +54,7 @@ def exchange(skt: socket.socket, data: bytes, address, attempts: int = 3):
     Send C{data} until it comes back (loopback may drop under load); the
     reply and where it came from.
     """
-    for attempt in range(attempts):
+    for _attempt in range(attempts):
         skt.sendto(data, address)
         try:
             while True:

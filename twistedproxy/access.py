@@ -91,12 +91,11 @@ def parseNetwork(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     except ValueError:
         raise ValueError(
             f"'{text}' is not a CIDR (expected ADDRESS/LENGTH, as in 10.0.0.0/8)"
+        ) from None
+    if slash and (not length.isdigit() or int(length) > ip.max_prefixlen):
+        raise ValueError(
+            f"'{text}': the prefix length must be 0-{ip.max_prefixlen} for IPv{ip.version}"
         )
-    if slash:
-        if not length.isdigit() or int(length) > ip.max_prefixlen:
-            raise ValueError(
-                f"'{text}': the prefix length must be 0-{ip.max_prefixlen} for IPv{ip.version}"
-            )
     return ipaddress.ip_network(text, strict=False)
 
 

@@ -77,11 +77,16 @@ def formatTable(
     lines = []
     for row in table:
         text = "  ".join(
-            cell.ljust(width) for cell, width in zip(row[:firstNumeric], widths)
+            cell.ljust(width)
+            for cell, width in zip(
+                row[:firstNumeric], widths[:firstNumeric], strict=True
+            )
         )
         numbers = " ".join(
             cell.rjust(width)
-            for cell, width in zip(row[firstNumeric:], widths[firstNumeric:])
+            for cell, width in zip(
+                row[firstNumeric:], widths[firstNumeric:], strict=True
+            )
         )
         lines.append(f"{text}  {numbers}".rstrip())
     return "\n".join(lines)
@@ -321,7 +326,7 @@ class Console:
         """Re-read the map file like SIGHUP; print the summary."""
         # A reload that finishes while this line runs is printed here; one
         # that has to wait is written above the prompt when it finishes.
-        write = [print]
+        write: list[Callable[[str], None]] = [print]
         d = self.proxy.reload()
         d.addBoth(lambda result: self._reported(result, write[0]))
         if not d.called:
@@ -340,7 +345,7 @@ class Console:
     def help(self, thing=None):
         """List the helpers, or print the documentation of one thing."""
         if thing is not None:
-            print(pydoc.render_doc(thing, title="%s", renderer=pydoc.plaintext))
+            print(pydoc.plain(pydoc.render_doc(thing, title="%s")))
             return
         print("portproxy manhole: a Python shell inside the running proxy.")
         for name in HELPERS:

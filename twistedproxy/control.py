@@ -20,9 +20,10 @@ import stat
 
 from twisted.application.service import Service
 from twisted.internet.error import CannotListenError
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 from twistedproxy.model import (
     PROTOCOLS,
@@ -81,7 +82,7 @@ class Unpublish(amp.Command):
     """
 
     arguments = [(b"name", amp.Unicode())]
-    response: list = []
+    response = []
     errors = {Refused: b"REFUSED"}
 
 
@@ -212,7 +213,7 @@ class ControlProtocol(amp.AMP):
         # port would log thousands.
         amp.BinaryBoxProtocol.makeConnection(self, transport)
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         amp.BinaryBoxProtocol.connectionLost(self, reason)
         # The lease ends with the connection.
         leased, self.leased = self.leased, {}
@@ -296,6 +297,8 @@ class ControlService(Service):
         Close every connection; what they published is unpublished.
         """
         for protocol in list(self.factory.connections):
+            # Built and connected in one step by the listening port.
+            assert protocol.transport is not None
             protocol.transport.loseConnection()
 
 

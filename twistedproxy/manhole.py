@@ -49,10 +49,13 @@ from twisted.conch.ssh.transport import (
     SSHServerTransport,
 )
 from twisted.cred.error import UnauthorizedLogin
-from twisted.cred.portal import Portal
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import fail
 from twisted.internet.error import CannotListenError
-from twisted.logger import Logger
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger, LogPublisher
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twistedproxy import admin
@@ -65,8 +68,9 @@ log = Logger(namespace="portproxy")
 #: loggers: nothing.  Twisted logs every connection's key exchange,
 #: services, channel and loss ("kex alg=...", "NEW KEYS", "starting
 #: service", "channel open", "connection lost"), some at info level; the
-#: manhole writes its own line per login and logout instead.
-_conchLog = Logger(observer=lambda event: None)
+#: manhole writes its own line per login and logout instead (a publisher
+#: without observers drops every event).
+_conchLog = Logger(observer=LogPublisher())
 
 #: Key exchanges, ciphers and MACs offered (in Twisted's order of
 #: preference).  Twisted also implements SHA-1 and CBC variants; a root
@@ -494,6 +498,7 @@ class ManholeTransport(SSHServerTransport):
     """
 
     _log = _conchLog
+    factory: ManholeFactory
     user: str | None = None
     keyBlob: bytes | None = None
 
@@ -537,13 +542,17 @@ class ManholeTransport(SSHServerTransport):
         # by the user authentication service, which knows the user.
         if service.name == b"ssh-connection":
             self._cancelGrace()
-            self.user = self.service.user.decode("utf-8", "replace")
+            assert isinstance(self.service, userauth.SSHUserAuthServer)
+            user = self.service.user
+            assert user is not None
+            self.user = user.decode("utf-8", "replace")
             self.factory.authenticated(self)
         SSHServerTransport.setService(self, service)
 
     def _graceExpired(self) -> None:
         self._graceTimer = None
         self.factory.graceExpired(self)
+        assert self.transport is not None
         self.transport.loseConnection()
 
     def _cancelGrace(self) -> None:
@@ -551,7 +560,7 @@ class ManholeTransport(SSHServerTransport):
         if timer is not None and timer.active():
             timer.cancel()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._cancelGrace()
         if self.user is not None:
             log.info(
@@ -571,9 +580,11 @@ class ManholeUserAuth(userauth.SSHUserAuthServer):
     """
 
     _log = _conchLog
+    transport: ManholeTransport | None
 
     def auth_publickey(self, packet: bytes):
         # hasSig (one byte), algorithm name, key blob, ...
+        assert self.transport is not None
         self.transport.keyBlob = getNS(packet[1:], 2)[1]
         return userauth.SSHUserAuthServer.auth_publickey(self, packet)
 
@@ -612,6 +623,17 @@ class ManholeUser(TerminalUser):
         self.channelLookup[b"session"] = ManholeChannel
 
 
+def _peerHost(transport: ManholeTransport) -> str:
+    """
+    The client address of a manhole connection.
+    """
+    assert transport.transport is not None
+    peer = transport.transport.getPeer()
+    # The manhole listens on TCP only.
+    assert isinstance(peer, IPv4Address | IPv6Address)
+    return peer.host
+
+
 class ManholeFactory(SSHFactory):
     """
     Builds L{ManholeTransport}s with one host key, and keeps them so the
@@ -634,7 +656,9 @@ class ManholeFactory(SSHFactory):
     # ManholeService logs the one line that matters.
     noisy = False
 
-    def __init__(self, portal: Portal, hostKey: keys.Key, reactor, notices) -> None:
+    def __init__(
+        self, portal: Portal, hostKey: keys.Key, reactor: IReactorTime, notices: Notices
+    ) -> None:
         self.portal = portal
         self.reactor = reactor
         self.notices = notices
@@ -659,7 +683,10 @@ class ManholeFactory(SSHFactory):
         self.privateKeys = {hostKey.sshType(): hostKey}
         self.publicKeys = {hostKey.sshType(): hostKey.public()}
 
-    def buildProtocol(self, addr) -> ManholeTransport | None:
+    # Twisted's SSHFactory types buildProtocol as always building a
+    # transport; IProtocolFactory allows None, which the port answers by
+    # closing the accepted socket, and that is what refusing needs.
+    def buildProtocol(self, addr) -> ManholeTransport | None:  # type: ignore[override]
         if self.maxStartups and len(self.unauthenticated) >= self.maxStartups:
             # None: Twisted closes the accepted socket at once.
             self.refusedStartups += 1
@@ -687,7 +714,7 @@ class ManholeFactory(SSHFactory):
             "grace",
             "manhole: closed a connection from {client}: not authenticated within "
             "login_grace_time {grace:g}s",
-            client=transport.transport.getPeer().host,
+            client=_peerHost(transport),
             grace=self.loginGraceTime,
         )
 
@@ -702,8 +729,9 @@ class ManholeFactory(SSHFactory):
     def _userAuth(self) -> userauth.SSHUserAuthServer:
         server = ManholeUserAuth()
         server.clock = self.reactor
-        # The grace timer from accept ends the connection first.
-        server.loginTimeout = self.loginGraceTime
+        # The grace timer from accept ends the connection first.  (Twisted
+        # infers int from its default; callLater takes any float.)
+        server.loginTimeout = self.loginGraceTime  # type: ignore[assignment]
         return server
 
     def dropSessions(self) -> None:
@@ -719,11 +747,26 @@ def manholePortal(proxy, authorizedKeys: AuthorizedKeys) -> Portal:
     A portal that lets in the keys of C{authorizedKeys}, and nothing else,
     to a shell on C{proxy}.
     """
-    realm = TerminalRealm()
-    realm.userFactory = ManholeUser
-    realm.sessionFactory = ManholeSession
-    realm.chainedProtocolFactory = partial(ServerProtocol, ProxyManhole, proxy)
-    return Portal(realm, [ManholeKeyChecker(authorizedKeys)])
+    return Portal(ManholeRealm(proxy), [ManholeKeyChecker(authorizedKeys)])
+
+
+@implementer(IRealm)
+class ManholeRealm(TerminalRealm):
+    """
+    Twisted's terminal realm (which provides L{IRealm} without declaring
+    it) with the manhole's users, sessions and shell on C{proxy}.
+    """
+
+    userFactory = ManholeUser
+    sessionFactory = ManholeSession
+
+    def __init__(self, proxy) -> None:
+        TerminalRealm.__init__(self)
+        # Twisted infers the type of this factory from its default, the
+        # class ServerProtocol; any callable returning one will do.
+        self.chainedProtocolFactory = partial(  # type: ignore[assignment]
+            ServerProtocol, ProxyManhole, proxy
+        )
 
 
 class ManholeService(Service, Notices):

@@ -173,12 +173,12 @@ class ProxyCollector:
             "portproxy_rejected",
             "Clients turned away (UDP: datagrams dropped that would have opened a"
             " session), by reason.",
-            labels=labels + ["reason"],
+            labels=[*labels, "reason"],
         )
         connectFailed = CounterMetricFamily(
             "portproxy_connect_failures",
             "TCP connections closed because the target did not answer, by reason.",
-            labels=labels + ["reason"],
+            labels=[*labels, "reason"],
         )
         bytesIn = CounterMetricFamily(
             "portproxy_received_bytes", "Bytes received from clients.", labels=labels
@@ -206,9 +206,9 @@ class ProxyCollector:
             for reason in ("limit", "disabled", "denied", "header"):
                 totals["rejectedBy"].setdefault(reason, 0)
             for reason, count in sorted(totals["rejectedBy"].items()):
-                rejected.add_metric(values + [reason], count)
+                rejected.add_metric([*values, reason], count)
             for reason, count in sorted(totals["connectFailed"].items()):
-                connectFailed.add_metric(values + [reason], count)
+                connectFailed.add_metric([*values, reason], count)
             bytesIn.add_metric(values, totals["bytesIn"])
             bytesOut.add_metric(values, totals["bytesOut"])
             if proto == "udp":
@@ -216,7 +216,9 @@ class ProxyCollector:
             listeners.add_metric(values, totals["listeners"])
             counts, seconds = totals["durations"]
             buckets, cumulative = [], 0
-            for bound, count in zip(DURATION_BUCKETS + (float("inf"),), counts):
+            for bound, count in zip(
+                (*DURATION_BUCKETS, float("inf")), counts, strict=True
+            ):
                 cumulative += count
                 buckets.append(
                     ("+Inf" if bound == float("inf") else repr(bound), cumulative)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import socket
 import struct
 from collections.abc import Callable
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, TypeAlias
 
 from twisted.internet.interfaces import IReadDescriptor
 from zope.interface import implementer
@@ -73,7 +73,7 @@ NEED_MORE = None
 #: L{parse}'s answer for bytes that are no header at all: C{(0, None)}.
 NO_HEADER = (0, None)
 
-Parsed = Optional[tuple[int, Addresses | None]]
+Parsed: TypeAlias = tuple[int, Addresses | None] | None
 
 
 def encode(version: int, addresses: Addresses, datagram: bool = False) -> bytes:
@@ -93,11 +93,11 @@ def encode(version: int, addresses: Addresses, datagram: bool = False) -> bytes:
             f"PROXY {family} {sourceHost} {destinationHost} "
             f"{sourcePort} {destinationPort}\r\n"
         ).encode("ascii")
-    family = socket.AF_INET6 if ipv6 else socket.AF_INET
+    af = socket.AF_INET6 if ipv6 else socket.AF_INET
     addressFamily = _AF_INET6 if ipv6 else _AF_INET
     block = (
-        socket.inet_pton(family, sourceHost)
-        + socket.inet_pton(family, destinationHost)
+        socket.inet_pton(af, sourceHost)
+        + socket.inet_pton(af, destinationHost)
         + struct.pack("!HH", sourcePort, destinationPort)
     )
     kind = addressFamily << 4 | (_DGRAM if datagram else _STREAM)
@@ -189,7 +189,7 @@ def _parseV1(data: bytes) -> Parsed:
     except (OSError, UnicodeDecodeError):
         raise HeaderError(
             f"PROXY v1 header with an address that is not {family.decode()}"
-        )
+        ) from None
     return end + 2, Addresses(
         (source, _v1Port(words[4])), (destination, _v1Port(words[5]))
     )
@@ -236,7 +236,7 @@ def datagramHeader(mode: int, data: bytes) -> tuple[int, Addresses | None]:
 #: What a L{HeaderReader} reports: the addresses of the header, L{None}
 #: when the client keeps its own (no header, or one without addresses),
 #: or a L{HeaderError} when it must be closed.
-HeaderResult = Union[Addresses, None, HeaderError]
+HeaderResult: TypeAlias = Addresses | HeaderError | None
 
 
 @implementer(IReadDescriptor)
@@ -253,7 +253,8 @@ class HeaderReader:
     header (or a malformed one) closes it, other bytes, and silence for
     C{timeout} (a protocol whose server speaks first), leave it be.
 
-    @ivar done: called once with the L{HeaderResult}.
+    @ivar done: called once with the L{HeaderResult}; L{None} once it was,
+        or when cancelled.
     """
 
     def __init__(
@@ -267,7 +268,7 @@ class HeaderReader:
         self.reactor = reactor
         self.socket = skt
         self.trusted = trusted
-        self.done = done
+        self.done: Callable[[HeaderResult], None] | None = done
         self._read = b""
         self._timer = reactor.callLater(timeout, self._timedOut, timeout)
 

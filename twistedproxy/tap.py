@@ -49,7 +49,7 @@ def serviceForMap(path: str, reactor=None) -> ProxyService:
     except ConfigError as e:
         for error in e.errors:
             print(error, file=sys.stderr)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     if reactor is None:
         from twisted.internet import reactor
     service = ProxyService(

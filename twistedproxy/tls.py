@@ -35,6 +35,7 @@ from functools import lru_cache
 from typing import Generic, TypeVar
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 from service_identity import VerificationError
@@ -46,6 +47,7 @@ from twisted.internet.interfaces import (
     IOpenSSLServerConnectionCreator,
     IReadDescriptor,
 )
+from twisted.internet.protocol import connectionDone
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -95,7 +97,7 @@ def _privateKey(pem: bytes, path: str):
         raise TLSFileError(
             f"key {path} is encrypted; portproxy needs it unencrypted"
         ) from None
-    except (ValueError, serialization.UnsupportedAlgorithm):
+    except (ValueError, UnsupportedAlgorithm):
         raise TLSFileError(f"{path} holds no PEM private key") from None
 
 
@@ -215,7 +217,9 @@ def _trustRoot(pem: bytes):
     )
 
 
-def _noApplicationProtocol(connection: SSL.Connection, offered) -> object:
+def _noApplicationProtocol(
+    connection: SSL.Connection, offered: list[bytes]
+) -> SSL._NoOverlappingProtocols:  # the type of pyOpenSSL's "choose none"
     return SSL.NO_OVERLAPPING_PROTOCOLS
 
 
@@ -298,7 +302,7 @@ class TLSTransport(TLSMemoryBIOProtocol):
     #: reset), known once it is lost.
     closedCleanly = False
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closedCleanly = reason.check(ConnectionDone) is not None
         TLSMemoryBIOProtocol.connectionLost(self, reason)
 

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.twisted import MetricsResource
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
+from twisted.web.http import Request
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -50,7 +51,7 @@ class TrafficHistory:
 
     def sample(self) -> None:
         byMapping: dict[str, tuple[int, int]] = {}
-        for (mapping, proto), totals in mappingTotals(self.proxy).items():
+        for (mapping, _proto), totals in mappingTotals(self.proxy).items():
             bytesIn, bytesOut = byMapping.get(mapping, (0, 0))
             byMapping[mapping] = (
                 bytesIn + totals["bytesIn"],
@@ -106,11 +107,15 @@ def statusDocument(proxy, history: TrafficHistory) -> dict:
     for mapping in proxy.map.mappings:
         entry = {
             "name": mapping.name,
-            "protos": "+".join(dict.fromkeys(l.proto for l in mapping.listeners)),
+            "protos": "+".join(
+                dict.fromkeys(listener.proto for listener in mapping.listeners)
+            ),
             "listen": listenSummary(mapping.listeners),
             "target": str(mapping.listeners[0].target) if mapping.listeners else "",
             "listeners": 0,
-            "unbound": sum(1 for l in unbound if l.mapping == mapping.name),
+            "unbound": sum(
+                1 for listener in unbound if listener.mapping == mapping.name
+            ),
             "open": 0,
             "total": 0,
             "rejected": 0,
@@ -142,7 +147,7 @@ def statusDocument(proxy, history: TrafficHistory) -> dict:
         "interval": SAMPLE_INTERVAL,
         "config": proxy.configPath,
         "listeners": len(proxy.listeners),
-        "unbound": [str(l) for l in unbound],
+        "unbound": [str(listener) for listener in unbound],
         "tcpRelayEngine": proxy.tcpEngine is not None,
         "reloads": {"ok": counts.ok, "failed": counts.failed, "last": counts.last},
         "mappings": mappings,
@@ -223,6 +228,18 @@ def endpoint(proxy, history: TrafficHistory) -> Resource:
     return root
 
 
+class QuietSite(Site):
+    """
+    A site that logs nothing: no line when it starts or stops, and no
+    access log (a scraper every second would fill the proxy's log).
+    """
+
+    noisy = False
+
+    def log(self, request: Request) -> None:
+        pass
+
+
 class HttpService(Service):
     """
     The HTTP endpoint of the map's C{http} section, a child of the root
@@ -247,10 +264,7 @@ class HttpService(Service):
         Listen on the section's address; L{CannotListenError} when that
         fails.
         """
-        site = Site(endpoint(self.proxy, self.history))
-        site.noisy = False
-        # No access log: a scraper every second would fill the proxy's log.
-        site.log = lambda request: None
+        site = QuietSite(endpoint(self.proxy, self.history))
         self.port = self.reactor.listenTCP(
             self.settings.port, site, interface=self.settings.host
         )
