@@ -43,6 +43,9 @@ from twistedproxy.plan import diff
 from twistedproxy.systemd import InheritedSockets
 
 if TYPE_CHECKING:
+    from types import FrameType
+
+    from twistedproxy.manhole import ManholeService
     from twistedproxy.tcp.engine import TCPEngine
     from twistedproxy.udp.engine import UDPEngine
 
@@ -98,12 +101,12 @@ def _listenerTypes() -> dict:
     return {TCP: TCPListener, UDP: UDPListener}
 
 
-def _bindProblem(error: CannotListenError) -> str:
+def _bindProblem(error: Exception) -> str:
     """
     The operating system's words for a failed bind, without Twisted's
-    wrapping.
+    wrapping (a L{CannotListenError}'s cause, or the error itself).
     """
-    cause = error.socketError
+    cause = error.socketError if isinstance(error, CannotListenError) else error
     if isinstance(cause, OSError) and cause.strerror:
         return cause.strerror.lower()
     return str(cause)
@@ -204,7 +207,7 @@ class ProxyService(MultiService):
         self.inheritedSockets = InheritedSockets([]) if inherited is None else inherited
         self.listeners: dict[ListenerKey, ListenerService] = {}
         self.draining: list[ListenerService] = []
-        self.manhole = None
+        self.manhole: ManholeService | None = None
         self.http = None
         self.reloadCounts = ReloadCounts()
         self.watchers: list = []
@@ -217,11 +220,13 @@ class ProxyService(MultiService):
         self._publishedPorts: dict[tuple[str, int], list[ListenerKey]] = {}
         self._reloading = False
         self._queued: list[Deferred] = []
-        self._previousHandler = None
+        self._previousHandler: (
+            Callable[[int, FrameType | None], object] | int | None
+        ) = None
 
     #: The observer twistd should log through (an C{ILogObserver}), set
     #: before twistd attaches this service to its application.
-    logObserver = None
+    logObserver: ILogObserver | None = None
 
     # -- start and stop ------------------------------------------------
 
@@ -814,6 +819,8 @@ class ProxyService(MultiService):
         if section != "manhole":
             return None
         # Re-read authorized_keys on every reload, changed or not.
+        if self.manhole is None:  # _running() plans a manhole that is not up as added
+            return None
         try:
             self.manhole.reconfigure(settings)
         except Exception as e:
