@@ -80,6 +80,16 @@ def _relayEngine(reactor):
     return fastrelay.FastRelay(reactor)
 
 
+def _tlsEngine(reactor):
+    """
+    The TLS termination engine, or L{None} when it is not built or not
+    wanted.
+    """
+    from twistedproxy import tlsengine
+
+    return tlsengine.tlsEngine(reactor)
+
+
 def _listenerTypes() -> dict:
     from twistedproxy.tcp import TCPListener
     from twistedproxy.udp import UDPListener
@@ -186,6 +196,9 @@ class ProxyService(MultiService):
         self._ipv6Available = ipv6Available
         #: Relays established TCP connections in its own thread, or None.
         self.fastRelay = relayEngine(reactor)
+        #: Terminates the TLS of tls: listeners in its own thread, or None;
+        #: only with the relay engine, whose accept path it shares.
+        self.tlsEngine = None if self.fastRelay is None else _tlsEngine(reactor)
         #: Listening sockets systemd passed in (socket activation).
         self.inheritedSockets = InheritedSockets([]) if inherited is None else inherited
         self.listeners: dict[ListenerKey, ListenerService] = {}
@@ -294,6 +307,8 @@ class ProxyService(MultiService):
             # Every connection the engine relays ends now, each with its
             # access line.
             self.fastRelay.stop()
+        if self.tlsEngine is not None:
+            self.tlsEngine.stop()
         return stopped
 
     def _tell(self, event: str, *args) -> None:
@@ -347,6 +362,7 @@ class ProxyService(MultiService):
             service = types[listener.proto](listener, self.reactor)
             if listener.proto == TCP:
                 service.fastRelay = self.fastRelay
+                service.tlsEngine = self.tlsEngine
             if adopted is None:
                 adopted = self.inheritedSockets.take(
                     listener, frozenset(m.name for m in self.map.mappings)

@@ -19,6 +19,7 @@ import errno
 import os
 import socket
 import struct
+from typing import TYPE_CHECKING
 
 from twisted.application.service import Service
 from twisted.internet import tcp
@@ -56,6 +57,9 @@ from twistedproxy.listener import (
 from twistedproxy.model import ANY_IPV4, ANY_IPV6, TCP, Listener, formatHostPort
 from twistedproxy.proxyprotocol import Addresses, HeaderError, HeaderReader
 from twistedproxy.transparency import bindTransparent, transparentSocket
+
+if TYPE_CHECKING:
+    from twistedproxy.tlsengine import TLSEngine
 
 #: Used when C{/proc/sys/net/core/somaxconn} cannot be read.
 DEFAULT_BACKLOG = 4096
@@ -360,7 +364,7 @@ class ListeningPort(tcp.Port):
         if (
             service.fastRelay is None
             or not service.targetIsAddress
-            or service.listener.tls
+            or (service.listener.tls and not service.tlsEngineApplies())
         ):
             tcp.Port.doRead(self)
             return
@@ -455,6 +459,10 @@ class TCPListener(ListenerService):
     #: root service sets it.
     fastRelay = None
 
+    #: The TLS engine (L{twistedproxy.tlsengine.TLSEngine}) that terminates
+    #: the TLS of C{tls:} listeners, or L{None}; the root service sets it.
+    tlsEngine: TLSEngine | None = None
+
     def __init__(self, listener: Listener, reactor, backlog: int | None = None) -> None:
         ListenerService.__init__(self, listener, reactor)
         self.backlog = listenBacklog() if backlog is None else backlog
@@ -509,7 +517,17 @@ class TCPListener(ListenerService):
             resetDescriptor(clientFd)
             self.rejected(client, refusal)
             return
+        if self.listener.tls is not None and self.tlsEngine is not None:
+            self.tlsEngine.dial(self, clientFd, client, addresses)
+            return
         Dial(self, clientFd, client, addresses).start()
+
+    def tlsEngineApplies(self) -> bool:
+        """
+        Whether this listener's TLS goes to the TLS engine (see
+        L{twistedproxy.tlsengine.applies}).
+        """
+        return self.tlsEngine is not None and self.tlsEngine.applies(self.listener)
 
     def _identifyDescriptor(self, clientFd: int, client: str) -> None:
         """
@@ -1344,10 +1362,11 @@ class Dial(EngineFlow):
         clientFd: int,
         client: str,
         addresses: Addresses | None = None,
+        engine=None,
     ) -> None:
         EngineFlow.__init__(
             self,
-            service.fastRelay,
+            service.fastRelay if engine is None else engine,
             nextFlowId(),
             service.listener,
             client,
@@ -1362,9 +1381,16 @@ class Dial(EngineFlow):
         self._timer = None
 
     def start(self) -> None:
+        self.service.flowStarted(self)
+        self.connect()
+
+    def connect(self) -> None:
+        """
+        Connect to the target; within C{connect_timeout}, counted from the
+        timer already running if there is one.
+        """
         target = self.listener.target
         family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
-        self.service.flowStarted(self)
         try:
             if self.listener.identity.transparent:
                 skt = transparentSocket(
@@ -1395,9 +1421,10 @@ class Dial(EngineFlow):
             self._connected()
         elif status == errno.EINPROGRESS:
             reactor = self.service.reactor
-            self._timer = reactor.callLater(
-                self.listener.timeouts.connect, self._timedOut
-            )
+            if self._timer is None:
+                self._timer = reactor.callLater(
+                    self.listener.timeouts.connect, self._timedOut
+                )
             reactor.addWriter(self)
         else:
             self._fail(os.strerror(status).lower())
@@ -1413,7 +1440,12 @@ class Dial(EngineFlow):
         target, self._target = self._target, None
         target.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         target.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        targetFd = target.detach()
+        self.hand(target.detach())
+
+    def hand(self, targetFd: int) -> None:
+        """
+        Give the connected target, and the client, to the relay engine.
+        """
         clientFd, self._clientFd = self._clientFd, -1
         if not self._relay.adoptDescriptors(
             clientFd,
