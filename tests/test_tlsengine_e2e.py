@@ -101,10 +101,12 @@ def test_serverNameChoosesTheCertificate(proxy, pki) -> None:
             ("localhost", "localhost"),
             ("other.example", "localhost"),
         ]:
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-                with context.wrap_socket(raw, server_hostname=name) as conn:
-                    assert peerCommonName(conn) == expected, name
-                    assert roundTrip(conn, name.encode()) == name.encode()
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+                context.wrap_socket(raw, server_hostname=name) as conn,
+            ):
+                assert peerCommonName(conn) == expected, name
+                assert roundTrip(conn, name.encode()) == name.encode()
 
 
 def test_handshakeNeverFinished(proxy, pki) -> None:
@@ -143,6 +145,30 @@ def test_garbageInsteadOfAHandshake(proxy, pki) -> None:
         assert answer == b"" or answer[:1] == b"\x15", answer
         proxy.waitFor(r"in=0 out=0 tls: (http request|wrong version number)")
         assert echo.accepted == 0
+
+
+def test_idleTimeout(proxy, pki) -> None:
+    """
+    A TLS connection with no bytes either way for idle_timeout is closed,
+    and the access line says so.
+    """
+    with TCPEchoServer() as echo:
+        port = freePort()
+        proxy.start(
+            _map(port, echo.port, pki).replace(
+                "connect_timeout: 1s", "connect_timeout: 1s\n    idle_timeout: 1s"
+            )
+        )
+        with tlsConnect(port, "localhost", pki.path) as conn:
+            assert roundTrip(conn, b"once") == b"once"
+            began = time.monotonic()
+            try:
+                assert conn.recv(100) == b""
+            except (ConnectionResetError, ssl.SSLError):
+                pass
+            waited = time.monotonic() - began
+        assert 0.8 < waited < 5, waited
+        proxy.waitFor(r"in=4 out=4 idle timeout")
 
 
 class _Firehose:
@@ -217,8 +243,8 @@ def _threads(pid: int) -> int:
 def test_engineServesTermination(tmp_path, pki) -> None:
     """
     On the fast path the TLS engine terminates a tls: listener's clients:
-    its thread starts with the first client, and mutual TLS gives the
-    client's subject to the access line from there.
+    its thread starts with the first client, it sends session tickets, and
+    mutual TLS gives the client's subject to the access line from there.
     """
     proxy = ProxyProcess(tmp_path, fastPath=True)
     with TCPEchoServer() as echo:
@@ -229,6 +255,8 @@ def test_engineServesTermination(tmp_path, pki) -> None:
             with tlsConnect(port, "localhost", pki.path, client=pki.alice) as conn:
                 assert roundTrip(conn, b"engine") == b"engine"
                 assert _threads(proxy.pid) == before + 1
+                # TLS 1.3 session tickets, as nginx sends by default.
+                assert conn.session is not None and conn.session.has_ticket
             proxy.waitFor(r"in=6 out=6 peer='CN=alice,O=portproxy tests' client closed")
         finally:
             proxy.stop()

@@ -48,6 +48,7 @@
 
 /* Plaintext bytes buffered per direction and connection: two TLS records. */
 #define BUFFER_SIZE (32 * 1024)
+/* (Taken while they hold bytes, given back when empty: see ready.) */
 
 /* How often the engine looks for idle connections, in milliseconds. */
 #define IDLE_SCAN_MS 250
@@ -169,7 +170,10 @@ buildContext(const char *certPem, Py_ssize_t certLen, const char *keyPem,
                                   SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
                                   SSL_MODE_RELEASE_BUFFERS);
     /* Sessions resume by tickets (TLS 1.3: two per handshake, as nginx);
-     * the context id lets a client with a certificate resume too. */
+     * the context id lets a client with a certificate resume too.  No
+     * server-side cache: stateless tickets need none, and it would hold
+     * every session for its lifetime and scan itself every 255 handshakes. */
+    SSL_CTX_set_session_cache_mode(context, SSL_SESS_CACHE_OFF);
     static const unsigned char sessionContext[] = "portproxy";
     SSL_CTX_set_session_id_context(context, sessionContext, sizeof sessionContext - 1);
     SSL_CTX_set_alpn_select_cb(context, noApplicationProtocol, NULL);
@@ -457,15 +461,34 @@ pushReports(Engine *e)
 
 /* -- the engine thread: epoll --------------------------------------------- */
 
+/* A socket's events when it is not in the epoll set. */
+#define UNWATCHED 0xffffffffu
+
+static void endConn(Engine *e, Conn *conn, const char *reason, int resetClient,
+                    int resetTarget);
+
+/* Watch one side of a connection for `events`; none takes the socket out
+ * of the set, since epoll reports a hang-up whatever is asked, and a
+ * side that is done both ways would keep waking the thread. */
 static void
 watch(Engine *e, Conn *conn, int side, uint32_t events)
 {
     uint32_t *current = side ? &conn->targetEvents : &conn->clientEvents;
-    if (*current == events)
+    if (conn->done || *current == events || (events == 0 && *current == UNWATCHED))
         return;
+    int fd = side ? conn->targetFd : conn->clientFd;
+    if (events == 0) {
+        epoll_ctl(e->epfd, EPOLL_CTL_DEL, fd, NULL);
+        *current = UNWATCHED;
+        return;
+    }
     struct epoll_event ev = {.events = events,
                              .data.ptr = (void *)((uintptr_t)conn | (uintptr_t)side)};
-    epoll_ctl(e->epfd, EPOLL_CTL_MOD, side ? conn->targetFd : conn->clientFd, &ev);
+    if (epoll_ctl(e->epfd, *current == UNWATCHED ? EPOLL_CTL_ADD : EPOLL_CTL_MOD, fd, &ev) <
+        0) {
+        endConn(e, conn, "tls engine could not watch the sockets", 1, 1);
+        return;
+    }
     *current = events;
 }
 
@@ -624,6 +647,26 @@ space(Buffer *b)
     return BUFFER_SIZE - b->start - b->length;
 }
 
+/* A buffer's memory, taken when it is about to be filled: an idle
+ * connection holds none (0 when there is none to take). */
+static int
+ready(Buffer *b)
+{
+    if (b->data == NULL)
+        b->data = malloc(BUFFER_SIZE);
+    return b->data != NULL;
+}
+
+static void
+releaseIfEmpty(Buffer *b)
+{
+    if (b->length == 0) {
+        free(b->data);
+        b->data = NULL;
+        b->start = 0;
+    }
+}
+
 /* Move what can move, both ways, until nothing does; then watch for what
  * would let more move, and end the connection once both ways are done. */
 static void
@@ -635,6 +678,10 @@ pump(Engine *e, Conn *conn)
         int progress = 0;
         /* client -> buffer */
         if (!conn->clientEof && space(up) > 0) {
+            if (!ready(up)) {
+                endConn(e, conn, "out of memory", 1, 1);
+                return;
+            }
             ERR_clear_error();
             errno = 0;
             int n = SSL_read(conn->ssl, up->data + up->start + up->length, (int)space(up));
@@ -683,6 +730,10 @@ pump(Engine *e, Conn *conn)
         }
         /* target -> buffer */
         if (!conn->targetEof && space(down) > 0) {
+            if (!ready(down)) {
+                endConn(e, conn, "out of memory", 1, 1);
+                return;
+            }
             ssize_t n = recv(conn->targetFd, down->data + down->start + down->length,
                              space(down), 0);
             if (n > 0) {
@@ -744,6 +795,8 @@ pump(Engine *e, Conn *conn)
         endConn(e, conn, conn->finishedFirst ? conn->finishedFirst : "closed", 0, 0);
         return;
     }
+    releaseIfEmpty(up);
+    releaseIfEmpty(down);
     uint32_t client = 0, target = 0;
     if ((!conn->clientEof && space(up) > 0 && !conn->readWantsWrite) || conn->writeWantsRead)
         client |= EPOLLIN;
@@ -763,37 +816,23 @@ static void
 startConn(Engine *e, Conn *conn)
 {
     conn->ssl = SSL_new(conn->set->defaultContext);
-    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = conn};
-    if (conn->ssl == NULL || SSL_set_fd(conn->ssl, conn->clientFd) != 1 ||
-        epoll_ctl(e->epfd, EPOLL_CTL_ADD, conn->clientFd, &ev) < 0) {
-        ERR_clear_error();
-        endConn(e, conn, "tls engine could not take the connection", 1, 0);
-        return;
-    }
-    conn->clientEvents = EPOLLIN;
-    SSL_set_accept_state(conn->ssl);
+    conn->clientEvents = conn->targetEvents = UNWATCHED;
     conn->nextLive = e->live;
     if (e->live != NULL)
         e->live->prevLive = conn;
     e->live = conn;
+    if (conn->ssl == NULL || SSL_set_fd(conn->ssl, conn->clientFd) != 1) {
+        ERR_clear_error();
+        endConn(e, conn, "tls engine could not take the connection", 1, 0);
+        return;
+    }
+    SSL_set_accept_state(conn->ssl);
     handshake(e, conn);
 }
 
 static void
 attachTarget(Engine *e, Conn *conn)
 {
-    struct epoll_event ev = {.events = 0, .data.ptr = (void *)((uintptr_t)conn | 1)};
-    conn->toTarget.data = malloc(BUFFER_SIZE);
-    conn->toClient.data = malloc(BUFFER_SIZE);
-    if (conn->toTarget.data == NULL || conn->toClient.data == NULL) {
-        endConn(e, conn, "out of memory", 1, 1);
-        return;
-    }
-    if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, conn->targetFd, &ev) < 0) {
-        endConn(e, conn, "tls engine could not watch the sockets", 1, 1);
-        return;
-    }
-    conn->targetEvents = 0;
     conn->state = RELAYING;
     conn->lastActive = e->now;
     /* What OpenSSL read with the end of the handshake is in its buffer. */
@@ -891,12 +930,6 @@ engineMain(void *arg)
                 handshake(e, conn);
             else if (conn->state == RELAYING)
                 pump(e, conn);
-            else if (events[i].events & (EPOLLERR | EPOLLHUP))
-                /* Gone while its target is dialed (unwatched, only a
-                 * reset or a close both ways is reported). */
-                endConn(e, conn,
-                        events[i].events & EPOLLERR ? "reset by client" : "client closed", 0,
-                        0);
         }
         if (e->now - lastScan >= IDLE_SCAN_MS / 1000.0) {
             lastScan = e->now;

@@ -291,7 +291,12 @@ class ProxyService(MultiService):
             "portproxy started: {count} listeners from {path}{engine}",
             count=len(self.listeners),
             path=self.configPath,
-            engine="" if self.fastRelay is None else ", TCP relay engine on",
+            engine=(
+                ""
+                if self.fastRelay is None
+                else ", TCP relay engine on"
+                + ("" if self.tlsEngine is None else ", TLS engine on")
+            ),
         )
         if self.http is not None:
             log.info("http on {listen}", listen=self.http.settings.listen)
