@@ -4,7 +4,9 @@ Build hook for the optional compiled engines.
 All metadata lives in pyproject.toml; this file only declares the C
 extensions C{twistedproxy._fastrelay} (TCP relays; Linux: splice, epoll,
 eventfd) and C{twistedproxy._fastudp} (UDP sessions; Linux: epoll,
-eventfd, recvmmsg/sendmmsg, IP_PKTINFO), which share C{_engine.h}.  They
+eventfd, recvmmsg/sendmmsg, IP_PKTINFO) and C{twistedproxy._tlsengine}
+(TLS termination; OpenSSL, where its headers are installed), which share
+C{_engine.h}.  They
 are optional: where there is
 no C compiler, or on another platform, C{pip install .} installs portproxy
 without them and the pure-Python relays are used.
@@ -43,6 +45,18 @@ if sys.platform.startswith("linux"):
                 [f"twistedproxy/{name}.c"],
                 depends=["twistedproxy/_engine.h"],
                 extra_compile_args=COMPILE_ARGS,
+                optional=True,
+            )
+        )
+    # The TLS termination engine needs OpenSSL's headers (libssl-dev).
+    if os.path.exists("/usr/include/openssl/ssl.h"):
+        extensions.append(
+            Extension(
+                "twistedproxy._tlsengine",
+                ["twistedproxy/_tlsengine.c"],
+                depends=["twistedproxy/_engine.h"],
+                extra_compile_args=COMPILE_ARGS,
+                libraries=["ssl", "crypto"],
                 optional=True,
             )
         )

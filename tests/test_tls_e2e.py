@@ -27,6 +27,7 @@ from support import (
     roundTrip,
 )
 
+from twistedproxy import tlsengine
 from twistedproxy.tcp import engine as fastrelay
 
 
@@ -389,12 +390,16 @@ def _threads(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
 
-@pytest.mark.skipif(not fastrelay.available(), reason="the relay engine is not built")
-def test_relayEngineTakesPassthroughOnly(tmp_path, pki) -> None:
+@pytest.mark.skipif(
+    not (fastrelay.available() and tlsengine.available()),
+    reason="the relay engine or the TLS engine is not built",
+)
+def test_enginesTakeTerminationAndPassthrough(tmp_path, pki) -> None:
     """
-    On the fast path, a TLS-terminated flow stays in Python (the relay
-    engine, whose thread starts with its first flow, is not started),
-    and an SNI-routed flow goes to the engine after its ClientHello.
+    On the fast path, a TLS-terminated flow goes to the TLS engine (whose
+    thread starts with its first flow) and not to the relay engine, and an
+    SNI-routed flow goes to the relay engine after its ClientHello (its
+    thread starts then).
     """
     proxy = ProxyProcess(tmp_path, fastPath=True)
     with TCPEchoServer() as echo, TLSEchoServer(*pki.server) as tlsTarget:
@@ -412,9 +417,9 @@ def test_relayEngineTakesPassthroughOnly(tmp_path, pki) -> None:
             before = _threads(proxy.pid)
             with tlsConnect(terminating, "localhost", pki.path) as conn:
                 assert roundTrip(conn, b"t" * 50000) == b"t" * 50000
-                assert _threads(proxy.pid) == before
+                assert _threads(proxy.pid) == before + 1
                 with tlsConnect(routing, "localhost", pki.path) as passthrough:
                     assert roundTrip(passthrough, b"p" * 50000) == b"p" * 50000
-                    assert _threads(proxy.pid) == before + 1
+                    assert _threads(proxy.pid) == before + 2
         finally:
             proxy.stop()

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
     from twistedproxy.manhole import ManholeService
     from twistedproxy.tcp.engine import TCPEngine
+    from twistedproxy.tlsengine import TLSEngine
     from twistedproxy.udp.engine import UDPEngine
 
 log = Logger(namespace="portproxy")
@@ -76,7 +77,12 @@ def _ipv6Available() -> bool:
     return True
 
 
-def compiledEngines(reactor) -> dict[str, TCPEngine | UDPEngine | None]:
+#: The key of L{compiledEngines}' TLS termination engine, beside the
+#: protocols' own.
+TLS_ENGINE = "tls"
+
+
+def compiledEngines(reactor) -> dict[str, TCPEngine | UDPEngine | TLSEngine | None]:
     """
     The compiled engines the listeners of this process share, by
     protocol: each is L{None} where its extension is not built, and both
@@ -87,10 +93,15 @@ def compiledEngines(reactor) -> dict[str, TCPEngine | UDPEngine | None]:
     from twistedproxy.tcp import engine as tcpEngine
     from twistedproxy.udp import engine as udpEngine
 
+    from twistedproxy import tlsengine
+
     wanted = fastPathWanted()
+    tcp = tcpEngine.TCPEngine(reactor) if wanted and tcpEngine.available() else None
     return {
-        TCP: tcpEngine.TCPEngine(reactor) if wanted and tcpEngine.available() else None,
+        TCP: tcp,
         UDP: udpEngine.UDPEngine(reactor) if wanted and udpEngine.available() else None,
+        # TLS termination shares the TCP engine's accept path.
+        TLS_ENGINE: None if tcp is None else tlsengine.tlsEngine(reactor),
     }
 
 
@@ -297,7 +308,12 @@ class ProxyService(MultiService):
             "portproxy started: {count} listeners from {path}{engine}",
             count=len(self.listeners),
             path=self.configPath,
-            engine="" if self.tcpEngine is None else ", TCP relay engine on",
+            engine=(
+                ""
+                if self.tcpEngine is None
+                else ", TCP relay engine on"
+                + ("" if self.tlsEngine is None else ", TLS engine on")
+            ),
         )
         if self.http is not None:
             log.info("http on {listen}", listen=self.http.settings.listen)
@@ -309,6 +325,14 @@ class ProxyService(MultiService):
         The compiled engine of TCP listeners, or L{None}.
         """
         return self.engines.get(TCP)
+
+    @property
+    def tlsEngine(self) -> TLSEngine | None:
+        """
+        The compiled engine that terminates the TLS of C{tls:} listeners,
+        or L{None}.
+        """
+        return self.engines.get(TLS_ENGINE)  # type: ignore[return-value]
 
     @property
     def udpEngine(self) -> UDPEngine | None:
@@ -380,6 +404,8 @@ class ProxyService(MultiService):
         try:
             service = types[listener.proto](listener, self.reactor)
             service.engine = self.engines.get(listener.proto)
+            if listener.proto == TCP:
+                service.tlsEngine = self.tlsEngine
             if adopted is None:
                 adopted = self.inheritedSockets.take(
                     listener, frozenset(m.name for m in self.map.mappings)

@@ -174,6 +174,15 @@ class NameTable(Generic[V]):
     def __bool__(self) -> bool:
         return bool(self._exact or self._suffixes)
 
+    def entries(self) -> list[tuple[str, V]]:
+        """
+        The entries in the order L{match} tries them: exact names, then
+        C{*.suffix} ones, longest first (for the TLS engine's own table).
+        """
+        return list(self._exact.items()) + [
+            ("*" + suffix, value) for suffix, value in self._suffixes
+        ]
+
     def match(self, name: str | None) -> V | None:
         """
         The value for C{name}, or L{None} when no entry matches (or there

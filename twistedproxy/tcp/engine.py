@@ -402,9 +402,16 @@ class EngineFlow:
     # -- dialing ----------------------------------------------------------------
 
     def _start(self, service: TCPListener) -> None:
+        service.flowStarted(self)
+        self._connect()
+
+    def _connect(self) -> None:
+        """
+        Connect to the target; within C{connect_timeout}, counted from the
+        timer already running if there is one.
+        """
         target = self.listener.target
         family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
-        service.flowStarted(self)
         try:
             if self.listener.identity.transparent and self.addresses is not None:
                 skt = transparentSocket(
@@ -434,9 +441,10 @@ class EngineFlow:
         if status == 0:
             self._connected(skt)
         elif status == errno.EINPROGRESS:
-            self._timer = self._reactor.callLater(
-                self.listener.timeouts.connect, self._timedOut
-            )
+            if self._timer is None:
+                self._timer = self._reactor.callLater(
+                    self.listener.timeouts.connect, self._timedOut
+                )
             self._reactor.addWriter(self)
         else:
             self._fail(os.strerror(status).lower())
@@ -452,7 +460,12 @@ class EngineFlow:
         self._target = None
         target.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         target.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        targetFd = target.detach()
+        self._hand(target.detach())
+
+    def _hand(self, targetFd: int) -> None:
+        """
+        Give the connected target, and the client, to the engine.
+        """
         clientFd, self._clientFd = self._clientFd, -1
         if not self._engine.adoptDescriptors(
             clientFd,

@@ -100,12 +100,15 @@ class EngineForwarder:
         """
         Accept clients.  While the target is an address, a client goes
         straight to an L{EngineFlow} and then to the engine, with no
-        Twisted transport or protocol built for it; otherwise (and always
-        for TLS or SNI routing, whose client speaks first) Twisted's own
-        accept builds a L{Relay}.
+        Twisted transport or protocol built for it (a client of TLS the
+        TLS engine terminates: to a L{twistedproxy.tlsengine.TLSDial});
+        otherwise (and always for SNI routing and TLS in Python, whose
+        client speaks first) Twisted's own accept builds a L{Relay}.
         """
         service = self.service
-        if not service.targetIsAddress or service.listener.tls:
+        if not service.targetIsAddress or (
+            service.listener.tls and not service.tlsEngineApplies()
+        ):
             tcp.Port.doRead(port)
             return
         accepted = 0
@@ -187,6 +190,9 @@ class EngineForwarder:
         if refusal is not None:
             resetDescriptor(clientFd)
             service.rejected(client, refusal)
+            return
+        if service.listener.tls is not None and service.tlsEngine is not None:
+            service.tlsEngine.dial(service, clientFd, client, addresses)
             return
         EngineFlow.dial(service, self.engine, clientFd, client, addresses)
 

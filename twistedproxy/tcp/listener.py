@@ -11,7 +11,7 @@ socket); how the client's bytes are carried is its forwarder's business
 from __future__ import annotations
 
 import socket
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application.service import Service
 from twisted.internet import tcp
@@ -38,6 +38,9 @@ from twistedproxy.tcp.relay import (
     RoutingRelay,
     TerminatingRelay,
 )
+
+if TYPE_CHECKING:
+    from twistedproxy.tlsengine import TLSEngine
 
 #: Used when C{/proc/sys/net/core/somaxconn} cannot be read.
 DEFAULT_BACKLOG = 4096
@@ -246,6 +249,10 @@ class TCPListener(ListenerService):
         self._port: ListeningPort | None = None
         self.targetIsAddress = _isAddress(listener.target.host)
         self.engine = engine
+        #: The TLS engine (L{twistedproxy.tlsengine.TLSEngine}) that
+        #: terminates the TLS of C{tls:} listeners, or L{None}; the root
+        #: service sets it, with the TCP engine.
+        self.tlsEngine: TLSEngine | None = None
         #: What carries the clients' bytes: picked by L{bind}.
         self.forwarder: ITCPForwarder = PythonForwarder()
 
@@ -332,6 +339,13 @@ class TCPListener(ListenerService):
             # The port finds its listener through its factory.
             factory.service = self
         return factory
+
+    def tlsEngineApplies(self) -> bool:
+        """
+        Whether this listener's TLS goes to the TLS engine (see
+        L{twistedproxy.tlsengine.applies}).
+        """
+        return self.tlsEngine is not None and self.tlsEngine.applies(self.listener)
 
     def bind(self) -> None:
         self.forwarder = tcpForwarder(self, self.engine)

@@ -1,0 +1,262 @@
+"""
+Unit tests of L{twistedproxy.tlsengine}: a L{TLSDial}'s life on a memory
+reactor, with a fake engine standing for L{twistedproxy._tlsengine}, and
+the C contexts built from the map's PEM bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import sysconfig
+
+import pytest
+from certs import Authority
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs, formatEvent
+
+from twistedproxy import tlsengine
+from twistedproxy.model import (
+    KeyPair,
+    Listener,
+    ServerTLS,
+    Target,
+    Timeouts,
+    TLSSettings,
+)
+from twistedproxy.tcp.forwarder import EngineForwarder
+from twistedproxy.tcp.listener import TCPListener
+from twistedproxy.tls import NameTable, readKeyPair
+
+
+class FakeEngine:
+    """
+    Records what L{TLSEngine} asks of the engine; the test queues its
+    reports.
+    """
+
+    def __init__(self) -> None:
+        self.adopted: list[tuple[int, int]] = []
+        self.attached: list[tuple[int, int, float]] = []
+        self.closed: list[tuple[int, bool]] = []
+        self.queued: list[tuple] = []
+
+    def adopt(self, fd: int, flowId: int, context) -> None:
+        self.adopted.append((fd, flowId))
+
+    def attach(self, flowId: int, fd: int, idle: float) -> bool:
+        self.attached.append((flowId, fd, idle))
+        return True
+
+    def close(self, flowId: int, reset: bool) -> bool:
+        self.closed.append((flowId, reset))
+        return True
+
+    def counters(self, flowId: int):
+        return (3, 4)
+
+    def reports(self) -> list[tuple]:
+        queued, self.queued = self.queued, []
+        return queued
+
+    def fileno(self) -> int:
+        return -1
+
+    def stop(self) -> None:
+        pass
+
+
+@pytest.fixture
+def pair(tmp_path) -> KeyPair:
+    ca = Authority(tmp_path / "pki")
+    return readKeyPair(*ca.issue("server", "localhost", ("localhost",)))
+
+
+class Harness:
+    """
+    A TLS listener with a fake engine, and a real loopback target to dial
+    (the dial itself is L{twistedproxy.tcp.engine.EngineFlow}'s).
+    """
+
+    def __init__(self, pair: KeyPair, connect: float = 2.0) -> None:
+        self.target = socket.socket()
+        self.target.bind(("127.0.0.1", 0))
+        self.target.listen(4)
+        self.reactor = MemoryReactorClock()
+        self.reactor.running = True
+        listener = Listener(
+            mapping="secure",
+            proto="tcp",
+            host="127.0.0.1",
+            port=8443,
+            target=Target("127.0.0.1", self.target.getsockname()[1]),
+            timeouts=Timeouts(connect=connect, idle=30),
+            maxConnections=0,
+            tls=TLSSettings(terminate=ServerTLS(default=pair)),
+        )
+        self.service = TCPListener(listener, self.reactor, backlog=16)
+        self.fake = FakeEngine()
+        self.engine = tlsengine.TLSEngine(self.reactor, self.fake)
+        self.service.tlsEngine = self.engine
+        # The TCP engine's forwarder, whose accept path the TLS engine
+        # shares; a TLS client never reaches the TCP engine itself.
+        self.forwarder = EngineForwarder(self.service, None)
+
+    def accept(self) -> int:
+        """
+        A client accepted: its descriptor (one end of a socket pair).
+        """
+        ours, self.peer = socket.socketpair()
+        fd = ours.detach()
+        self.forwarder.dial(fd, "127.0.0.1:40000")
+        return fd
+
+    def report(self, *report) -> None:
+        self.fake.queued.append(report)
+        self.engine.doRead()
+
+    def close(self) -> None:
+        self.target.close()
+        self.peer.close()
+
+
+def _lines(events) -> list[str]:
+    return [formatEvent(e) for e in events if e.get("log_namespace") == "portproxy"]
+
+
+def test_handshakeThenDialThenAttach(pair) -> None:
+    """
+    The client goes to the engine at once; only its handshake report makes
+    the proxy dial, and the connected target goes to the engine with the
+    idle timeout; the end report writes the access line with the subject.
+    """
+    h = Harness(pair)
+    try:
+        fd = h.accept()
+        assert len(h.fake.adopted) == 1 and h.fake.adopted[0][0] == fd
+        flowId = h.fake.adopted[0][1]
+        assert h.fake.attached == []
+        h.report("handshake", flowId, "localhost", "CN=alice")
+        assert [(a[0], a[2]) for a in h.fake.attached] == [(flowId, 30)]
+        os.close(h.fake.attached[0][1])
+        flow = h.engine.flows[flowId]
+        assert (flow.peer, flow.serverName, flow.bytesIn) == (
+            "CN=alice",
+            "localhost",
+            3,
+        )
+        with capturedLogs() as events:
+            h.report("ended", flowId, 10, 20, "client closed")
+        assert _lines(events)[0].endswith("in=10 out=20 peer='CN=alice' client closed")
+        assert h.engine.flowCount() == 0
+        assert h.reactor.getDelayedCalls() == []
+    finally:
+        h.close()
+
+
+def test_noHandshakeByConnectTimeout(pair) -> None:
+    """
+    A client whose handshake is not done by connect_timeout is closed
+    gracefully by the engine, the target is never dialed, and the access
+    line says why.
+    """
+    h = Harness(pair, connect=2.0)
+    try:
+        h.accept()
+        flowId = h.fake.adopted[0][1]
+        h.reactor.advance(2.0)
+        assert h.fake.closed == [(flowId, False)]
+        with capturedLogs() as events:
+            h.report("ended", flowId, 0, 0, "closed")
+        assert _lines(events)[0].endswith("in=0 out=0 tls: no handshake in 2s")
+        assert h.fake.attached == []
+    finally:
+        h.close()
+
+
+def test_failedHandshakeEndsTheFlow(pair) -> None:
+    """
+    A handshake that fails ends the flow with the engine's reason and
+    cancels the connect timer.
+    """
+    h = Harness(pair)
+    try:
+        h.accept()
+        flowId = h.fake.adopted[0][1]
+        with capturedLogs() as events:
+            h.report("ended", flowId, 0, 0, "tls: http request")
+        assert _lines(events)[0].endswith("in=0 out=0 tls: http request")
+        assert h.reactor.getDelayedCalls() == []
+    finally:
+        h.close()
+
+
+def test_killFromTheManhole(pair) -> None:
+    """
+    Closing a flow (the manhole's kill) resets it in the engine and the
+    access line gives the manhole's reason, not the engine's.
+    """
+    h = Harness(pair)
+    try:
+        h.accept()
+        flowId = h.fake.adopted[0][1]
+        h.engine.flows[flowId].close("killed by operator")
+        assert h.fake.closed == [(flowId, True)]
+        with capturedLogs() as events:
+            h.report("ended", flowId, 0, 0, "killed")
+        assert _lines(events)[0].endswith("killed by operator")
+    finally:
+        h.close()
+
+
+def test_nameTableEntriesInMatchOrder() -> None:
+    """
+    The engine gets the names in the order NameTable matches them: exact
+    names (the first of duplicates), then suffixes, longest first.
+    """
+    table = NameTable(
+        [("*.b.example", 1), ("A.example", 2), ("*.example", 3), ("a.example", 4)]
+    )
+    assert table.entries() == [
+        ("a.example", 2),
+        ("*.b.example", 1),
+        ("*.example", 3),
+    ]
+
+
+@pytest.mark.skipif(not tlsengine.available(), reason="the TLS engine is not built")
+def test_contextRefusesAMismatchedKey(tmp_path) -> None:
+    """
+    The C context checks that the key is the certificate's, and is built
+    once per distinct setting.
+    """
+    ca = Authority(tmp_path / "pki")
+    one = readKeyPair(*ca.issue("one", "one", ("one",)))
+    two = readKeyPair(*ca.issue("two", "two", ("two",)))
+    settings = ServerTLS(default=one, byName=(("two", two),))
+    assert tlsengine.serverContext(settings) is tlsengine.serverContext(settings)
+    with pytest.raises(ValueError, match="cannot build the TLS context"):
+        tlsengine.Context([(one.certPem, two.keyPem)], [], None, "1.2")
+
+
+def test_extensionBuiltWhereItCan() -> None:
+    """
+    On Linux with a C compiler and OpenSSL's headers the TLS engine is
+    built, so its tests and the fast path of the TLS end-to-end tests
+    cannot be skipped silently in CI.
+    """
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if (
+        sys.platform.startswith("linux")
+        and shutil.which(compiler)
+        and os.path.exists("/usr/include/openssl/ssl.h")
+    ):
+        assert tlsengine.available(), (
+            "a C compiler and OpenSSL's headers are here but "
+            "twistedproxy._tlsengine is not built: pip install . (or, in a "
+            "source tree, python setup.py build_ext --inplace)"
+        )
+    else:
+        assert not tlsengine.available() or sys.platform.startswith("linux")
