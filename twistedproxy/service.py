@@ -90,10 +90,9 @@ def compiledEngines(reactor) -> dict[str, TCPEngine | UDPEngine | TLSEngine | No
     decides whether the fast paths run; a listener picks its forwarder
     from what it is given here.
     """
+    from twistedproxy import tlsengine
     from twistedproxy.tcp import engine as tcpEngine
     from twistedproxy.udp import engine as udpEngine
-
-    from twistedproxy import tlsengine
 
     wanted = fastPathWanted()
     tcp = tcpEngine.TCPEngine(reactor) if wanted and tcpEngine.available() else None
