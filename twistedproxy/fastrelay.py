@@ -4,7 +4,7 @@ The compiled fast path for established TCP relays, seen from Twisted.
 Twisted accepts each client and connects to its target; once both sockets
 are connected and nothing is buffered for either, L{FastRelay.adopt} takes
 them out of the reactor and hands them to the relay engine of
-L{twistedproxy._fastrelay}: one background thread with its own epoll that
+L{twistedproxy.tcp._engine}: one background thread with its own epoll that
 moves the bytes with C{splice(2)} and never takes the GIL.  When the flow
 ends the engine tells the reactor thread through an eventfd, which
 L{FastRelay} watches as an L{IReadDescriptor}, and the flow's C{onEnd}
@@ -30,10 +30,10 @@ from twistedproxy.compat import transportIdle
 from twistedproxy.listener import IFlow
 
 try:
-    from twistedproxy._fastrelay import Engine
-    from twistedproxy._fastrelay import accept as acceptClient
+    from twistedproxy.tcp._engine import TCPEngine
+    from twistedproxy.tcp._engine import accept as acceptClient
 except ImportError:
-    Engine = acceptClient = None
+    TCPEngine = acceptClient = None
 
 log = Logger(namespace="portproxy")
 
@@ -128,7 +128,7 @@ def available() -> bool:
     """
     Whether the compiled relay engine was built and imports.
     """
-    return Engine is not None
+    return TCPEngine is not None
 
 
 class HandedOff(ConnectionDone):
@@ -183,14 +183,14 @@ class FastRelay:
 
     One engine thread serves every flow; it starts with the first adopt.
 
-    @ivar engine: the L{twistedproxy._fastrelay.Engine}.
+    @ivar engine: the L{twistedproxy.tcp._engine.TCPEngine}.
     """
 
     def __init__(self, reactor, engine=None) -> None:
         if engine is None:
-            if Engine is None:
-                raise RuntimeError("twistedproxy._fastrelay is not built")
-            engine = Engine()
+            if TCPEngine is None:
+                raise RuntimeError("twistedproxy.tcp._engine is not built")
+            engine = TCPEngine()
         self.reactor = reactor
         self.engine = engine
         self._onEnd: dict[int, EndCallback] = {}
@@ -251,7 +251,7 @@ class FastRelay:
         Hand two connected TCP socket descriptors to the engine, which
         closes them when the flow ends.  C{exclusive}: the caller vouches
         that both are non-blocking and that no other descriptor refers to
-        either socket (see C{Engine.adopt}).
+        either socket (see C{TCPEngine.adopt}).
 
         @return: C{True} when the engine took them (C{onEnd} will be
             called once, in the reactor thread); C{False} when it refused
@@ -352,7 +352,7 @@ class FastRelay:
         The engine has ended flows: call their C{onEnd}.
         """
         onEnd = self._onEnd
-        for flowId, bytesIn, bytesOut, reason in self.engine.ended():
+        for flowId, bytesIn, bytesOut, reason in self.engine.reports():
             callback = onEnd.pop(flowId, None)
             if callback is None:
                 continue
