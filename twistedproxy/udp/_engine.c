@@ -1,9 +1,11 @@
 /*
- * twistedproxy._fastudp: the compiled engine for established UDP sessions
+ * twistedproxy.udp._engine: the compiled engine for established UDP sessions
  * (Linux only: epoll, eventfd, recvmmsg, IP_PKTINFO / IPV6_PKTINFO, and
  * UDP GSO where the kernel has it).
  *
- * One Engine owns one background thread that never takes the GIL.  Python
+ * It is built on the skeleton both engines share (../_engine.h:
+ * descriptors, thread start, id table, report queue, vocabulary); its
+ * flows are sessions.  One UDPEngine owns one background thread that never takes the GIL.  Python
  * (twistedproxy.udp) binds each listening socket and hands its descriptor
  * over with addListener(); the thread reads every datagram.  A datagram
  * from a client with a session is sent on the session's socket, which is
@@ -12,13 +14,17 @@
  *
  * A datagram from a client without a session is held (a few per client,
  * a bounded number of clients and bytes) and Python is told through an
- * eventfd; it decides whether the client may have a session and answers
- * with addSession() (a connected socket it opened: the held datagrams are
- * sent on it) or dropPending().  Sessions quiet for their timeout are
- * ended by the thread and reported through the same eventfd.
+ * eventfd (a 'new' report); it decides whether the client may have a
+ * session and answers with adopt() (a connected socket it opened: the held
+ * datagrams are sent on it) or dropPending().  Sessions quiet for their
+ * timeout are ended by the thread and reported through the same eventfd;
+ * each session's report slot is reserved at adopt, and PENDING_CLIENTS
+ * slots for 'new' reports at construction.
  *
  * Locking: one mutex guards every table.  The thread holds it while it
- * handles one epoll batch, Python while it runs one method.  An object
+ * handles one epoll batch, Python while it runs one method, but neither
+ * while it builds Python objects.  (Unlike the TCP engine, the thread
+ * still holds it through the batch's I/O: see docs/udp.md.)  An object
  * removed from epoll may still have an event in the batch being handled;
  * it is marked closed and freed only at the end of the batch, so a stale
  * event never touches freed memory.
@@ -78,7 +84,7 @@ static const uint8_t PP2_SIGNATURE[12] = {
     0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A};
 
 enum { KIND_WAKE = 0, KIND_LISTENER = 1, KIND_SESSION = 2 };
-enum { EVENT_NEW = 1, EVENT_ENDED = 2 };
+enum { REPORT_NEW = 1, REPORT_ENDED = 2 };
 
 /* What tells one client of one listener from another: the listener, the
  * client's address and the local address it sent to (zero when the
@@ -124,7 +130,7 @@ typedef struct Session {
     int fd;
     Peer peer;
     Listener *listener;
-    uint64_t flowId;
+    IdEntry entry;              /* flow id and chain in the id table */
     int64_t last;               /* ms, coarse monotonic clock */
     int64_t timeout;            /* ms */
     uint64_t bytesIn, bytesOut;
@@ -136,7 +142,7 @@ typedef struct Session {
      * rate in tokens per ms, 0 for no limit. */
     double rate, burst, tokens;
     int64_t stamp;
-    struct Session *nextByKey, *nextById, *nextDead;
+    struct Session *nextByKey, *nextDead;
 } Session;
 
 typedef struct Pending {
@@ -148,33 +154,28 @@ typedef struct Pending {
     struct Pending *next;
 } Pending;
 
-typedef struct Event {
-    int type;
+typedef struct Report {
+    int type;                   /* REPORT_* */
     uint64_t flowId, bytesIn, bytesOut;
     Peer peer;
-    struct Event *next;
-} Event;
+} Report;
 
 typedef struct {
-    PyObject_HEAD
-    pthread_mutex_t lock;
-    pthread_t thread;
-    int started, stopping, joined;
-    int epfd, wakeFd, notifyFd;
+    ENGINE_HEAD
     int wakeKind;               /* epoll data for wakeFd points here */
     Listener *listeners;
     Listener *deadListeners;
-    Session **byKey, **byId;
-    size_t mask, sessionCount;
+    Session **byKey;            /* sessions by client key */
+    size_t keyMask;
     Session *deadSessions;
     Pending **pending;          /* PENDING_CLIENTS buckets */
     size_t pendingCount, pendingBytes;
-    Event *events, *lastEvent;
+    size_t newSlots;            /* report slots reserved for 'new' reports */
     int64_t tick, nextSweep, sweepGap;
     char *buffers;              /* DRAIN x MAX_DATAGRAM */
     int gso;                    /* new sessions may use UDP GSO */
     uint64_t gsoSends;          /* sends that carried several datagrams */
-} Engine;
+} UDPEngine;
 
 /* -- helpers ----------------------------------------------------------- */
 
@@ -204,23 +205,7 @@ hashKey(const Key *k)
     return h;
 }
 
-static uint64_t
-hashId(uint64_t id)
-{
-    id *= 0x9e3779b97f4a7c15ULL;
-    return id ^ (id >> 29);
-}
-
-/* Take the lock; wait for it without the GIL when the thread has it. */
-static void
-lockFromPython(Engine *self)
-{
-    if (pthread_mutex_trylock(&self->lock) != 0) {
-        Py_BEGIN_ALLOW_THREADS
-        pthread_mutex_lock(&self->lock);
-        Py_END_ALLOW_THREADS
-    }
-}
+#define lockFromPython(self) engineLock((EngineBase *)(self))
 
 static void
 peerFromMessage(Peer *p, Listener *l, struct msghdr *msg)
@@ -264,25 +249,23 @@ peerFromMessage(Peer *p, Listener *l, struct msghdr *msg)
 }
 
 static Session *
-findSession(Engine *self, const Key *k)
+findSession(UDPEngine *self, const Key *k)
 {
-    Session *s = self->byKey[hashKey(k) & self->mask];
+    Session *s = self->byKey[hashKey(k) & self->keyMask];
     while (s != NULL && memcmp(&s->peer.key, k, sizeof *k) != 0)
         s = s->nextByKey;
     return s;
 }
 
 static Session *
-findFlow(Engine *self, uint64_t flowId)
+findFlow(UDPEngine *self, uint64_t flowId)
 {
-    Session *s = self->byId[hashId(flowId) & self->mask];
-    while (s != NULL && s->flowId != flowId)
-        s = s->nextById;
-    return s;
+    IdEntry *entry = idTableFind(&self->flows, flowId);
+    return entry == NULL ? NULL : ENTRY_OF(entry, Session, entry);
 }
 
 static Pending **
-findPending(Engine *self, const Key *k)
+findPending(UDPEngine *self, const Key *k)
 {
     Pending **pp = &self->pending[hashKey(k) % PENDING_CLIENTS];
     while (*pp != NULL && memcmp(&(*pp)->peer.key, k, sizeof *k) != 0)
@@ -291,7 +274,7 @@ findPending(Engine *self, const Key *k)
 }
 
 static Listener *
-findListener(Engine *self, uint32_t id)
+findListener(UDPEngine *self, uint32_t id)
 {
     for (Listener *l = self->listeners; l != NULL; l = l->next)
         if (l->id == id)
@@ -300,7 +283,7 @@ findListener(Engine *self, uint32_t id)
 }
 
 static void
-freePending(Engine *self, Pending *p)
+freePending(UDPEngine *self, Pending *p)
 {
     for (int i = 0; i < p->count; i++) {
         self->pendingBytes -= p->lens[i];
@@ -310,86 +293,79 @@ freePending(Engine *self, Pending *p)
     free(p);
 }
 
-static int
-queueEvent(Engine *self, int type, Session *s, const Peer *peer)
+/* Report that a session ended (lock held; never fails: adopt reserved
+ * its slot). */
+static void
+postEnded(UDPEngine *self, Session *s)
 {
-    Event *e = calloc(1, sizeof *e);
-    if (e == NULL)
+    Report *r = reportPost(&self->reports);
+    memset(r, 0, sizeof *r);
+    r->type = REPORT_ENDED;
+    r->flowId = s->entry.id;
+    r->bytesIn = s->bytesIn;
+    r->bytesOut = s->bytesOut;
+}
+
+/* Report a new client (lock held); -1 when the slots reserved for new
+ * clients are all taken (reports() gives them back). */
+static int
+postNew(UDPEngine *self, const Peer *peer)
+{
+    if (self->newSlots == 0)
         return -1;
-    e->type = type;
-    if (s != NULL) {
-        e->flowId = s->flowId;
-        e->bytesIn = s->bytesIn;
-        e->bytesOut = s->bytesOut;
-    }
-    if (peer != NULL)
-        e->peer = *peer;
-    if (self->lastEvent != NULL)
-        self->lastEvent->next = e;
-    else
-        self->events = e;
-    self->lastEvent = e;
+    self->newSlots--;
+    Report *r = reportPost(&self->reports);
+    memset(r, 0, sizeof *r);
+    r->type = REPORT_NEW;
+    r->peer = *peer;
     return 0;
 }
 
+/* Make room for one more session in the key table: 0, or -1. */
 static int
-growTables(Engine *self)
+growKeys(UDPEngine *self)
 {
-    size_t size = (self->mask + 1) * 2;
+    if (self->flows.count + 1 <= self->keyMask + 1)
+        return 0;
+    size_t size = (self->keyMask + 1) * 2;
     Session **byKey = calloc(size, sizeof *byKey);
-    Session **byId = calloc(size, sizeof *byId);
-    if (byKey == NULL || byId == NULL) {
-        free(byKey);
-        free(byId);
+    if (byKey == NULL)
         return -1;
-    }
-    for (size_t i = 0; i <= self->mask; i++) {
+    for (size_t i = 0; i <= self->keyMask; i++) {
         for (Session *s = self->byKey[i], *next; s != NULL; s = next) {
             next = s->nextByKey;
             size_t b = hashKey(&s->peer.key) & (size - 1);
             s->nextByKey = byKey[b];
             byKey[b] = s;
         }
-        for (Session *s = self->byId[i], *next; s != NULL; s = next) {
-            next = s->nextById;
-            size_t b = hashId(s->flowId) & (size - 1);
-            s->nextById = byId[b];
-            byId[b] = s;
-        }
     }
     free(self->byKey);
-    free(self->byId);
     self->byKey = byKey;
-    self->byId = byId;
-    self->mask = size - 1;
+    self->keyMask = size - 1;
     return 0;
 }
 
 /* Remove a session from the tables and epoll, close its socket; it is
  * freed at the end of the current batch. */
 static void
-endSession(Engine *self, Session *s)
+endSession(UDPEngine *self, Session *s)
 {
-    Session **pp = &self->byKey[hashKey(&s->peer.key) & self->mask];
+    Session **pp = &self->byKey[hashKey(&s->peer.key) & self->keyMask];
     while (*pp != s)
         pp = &(*pp)->nextByKey;
     *pp = s->nextByKey;
-    pp = &self->byId[hashId(s->flowId) & self->mask];
-    while (*pp != s)
-        pp = &(*pp)->nextById;
-    *pp = s->nextById;
+    idTableRemove(&self->flows, &s->entry);
     epoll_ctl(self->epfd, EPOLL_CTL_DEL, s->fd, NULL);
     close(s->fd);
     s->fd = -1;
     s->closed = 1;
     s->listener->sessions--;
-    self->sessionCount--;
     s->nextDead = self->deadSessions;
     self->deadSessions = s;
 }
 
 static void
-freeDead(Engine *self)
+freeDead(UDPEngine *self)
 {
     while (self->deadSessions != NULL) {
         Session *s = self->deadSessions;
@@ -568,7 +544,7 @@ sendSegments(Session *s, const struct mmsghdr *msgs, int count)
  * of the run, go with sendmmsg: the refusal depends on the socket and its
  * route (SO_NO_CHECK, path MTU, IPsec), so other sessions keep GSO. */
 static void
-sendRun(Engine *self, Session *s, struct mmsghdr *msgs, int count)
+sendRun(UDPEngine *self, Session *s, struct mmsghdr *msgs, int count)
 {
     int plain = 0, i = 0;       /* msgs[plain..i) wait for sendmmsg */
     while (s->gso && i < count) {
@@ -594,7 +570,7 @@ sendRun(Engine *self, Session *s, struct mmsghdr *msgs, int count)
 }
 
 static void
-holdDatagram(Engine *self, Listener *l, const Peer *peer, const char *data, size_t len)
+holdDatagram(UDPEngine *self, Listener *l, const Peer *peer, const char *data, size_t len)
 {
     Pending **pp = findPending(self, &peer->key);
     Pending *p = *pp;
@@ -603,7 +579,7 @@ holdDatagram(Engine *self, Listener *l, const Peer *peer, const char *data, size
             l->dropped++;
             return;
         }
-        if (queueEvent(self, EVENT_NEW, NULL, peer) < 0) {
+        if (postNew(self, peer) < 0) {
             free(p);
             l->dropped++;
             return;
@@ -627,7 +603,7 @@ holdDatagram(Engine *self, Listener *l, const Peer *peer, const char *data, size
 }
 
 static void
-readListener(Engine *self, Listener *l, int64_t now)
+readListener(UDPEngine *self, Listener *l, int64_t now)
 {
     struct mmsghdr msgs[DRAIN];
     struct iovec iovs[DRAIN];
@@ -761,7 +737,7 @@ replyToClient(Session *s, const char *data, size_t len)
 }
 
 static void
-readSession(Engine *self, Session *s, int64_t now)
+readSession(UDPEngine *self, Session *s, int64_t now)
 {
     char *buffer = self->buffers;
     for (int i = 0; i < DRAIN; i++) {
@@ -781,20 +757,19 @@ readSession(Engine *self, Session *s, int64_t now)
 }
 
 static void
-sweep(Engine *self, int64_t now)
+sweep(UDPEngine *self, int64_t now)
 {
     int64_t gap = SWEEP_GAP_MS;
     int ended = 0;
-    for (size_t i = 0; i <= self->mask; i++) {
+    for (size_t i = 0; i <= self->keyMask; i++) {
         Session *s = self->byKey[i];
         while (s != NULL) {
             Session *next = s->nextByKey;
             /* the coarse clock may lag by a tick: never end a session early */
             if (now - s->last >= s->timeout + self->tick) {
-                if (queueEvent(self, EVENT_ENDED, s, NULL) == 0) {
-                    endSession(self, s);
-                    ended = 1;
-                }
+                postEnded(self, s);
+                endSession(self, s);
+                ended = 1;
             } else if (s->timeout / 10 < gap) {
                 gap = s->timeout / 10;
             }
@@ -812,13 +787,13 @@ sweep(Engine *self, int64_t now)
 static void *
 run(void *arg)
 {
-    Engine *self = arg;
+    UDPEngine *self = arg;
     struct epoll_event events[64];
     pthread_mutex_lock(&self->lock);
     for (;;) {
         int wait = -1;
         int64_t now = nowMs();
-        if (self->sessionCount > 0) {
+        if (self->flows.count > 0) {
             wait = (int)(self->nextSweep - now);
             if (wait < 0)
                 wait = 0;
@@ -843,7 +818,7 @@ run(void *arg)
                     readSession(self, s, now);
             }
         }
-        if (self->sessionCount > 0 && now >= self->nextSweep)
+        if (self->flows.count > 0 && now >= self->nextSweep)
             sweep(self, now);
         freeDead(self);
     }
@@ -854,29 +829,12 @@ run(void *arg)
 /* -- Python methods ---------------------------------------------------- */
 
 static int
-checkOpen(Engine *self)
+checkOpen(UDPEngine *self)
 {
     if (self->epfd < 0 || self->stopping) {
         PyErr_SetString(PyExc_RuntimeError, "the UDP engine is stopped");
         return -1;
     }
-    return 0;
-}
-
-static int
-startThread(Engine *self)
-{
-    if (self->started)
-        return 0;
-    int err = pthread_create(&self->thread, NULL, run, self);
-    if (err != 0) {
-        errno = err;
-        PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
-    }
-    self->started = 1;
-    /* the thread uses the engine until stop() joins it */
-    Py_INCREF(self);
     return 0;
 }
 
@@ -889,7 +847,7 @@ PyDoc_STRVAR(addListener_doc,
 "closes it after removeListener().");
 
 static PyObject *
-Engine_addListener(Engine *self, PyObject *args)
+UDPEngine_addListener(UDPEngine *self, PyObject *args)
 {
     int fd, pktinfo;
     unsigned int id;
@@ -924,19 +882,42 @@ Engine_addListener(Engine *self, PyObject *args)
     }
     l->next = self->listeners;
     self->listeners = l;
-    int started = startThread(self);
+    int started = engineStartThread((EngineBase *)self, run);
     pthread_mutex_unlock(&self->lock);
     if (started < 0)
         return NULL;
     Py_RETURN_NONE;
 }
 
+/* A list of (flowId, bytesIn, bytesOut) from rows of three, built after
+ * the lock is released. */
 static PyObject *
-endedTuple(Session *s)
+endedList(const uint64_t *rows, size_t count)
 {
-    return Py_BuildValue("KKK", (unsigned long long)s->flowId,
-                         (unsigned long long)s->bytesIn,
-                         (unsigned long long)s->bytesOut);
+    PyObject *list = PyList_New((Py_ssize_t)count);
+    for (size_t i = 0; list != NULL && i < count; i++) {
+        PyObject *t = Py_BuildValue("KKK", (unsigned long long)rows[3 * i],
+                                    (unsigned long long)rows[3 * i + 1],
+                                    (unsigned long long)rows[3 * i + 2]);
+        if (t == NULL)
+            Py_CLEAR(list);
+        else
+            PyList_SET_ITEM(list, (Py_ssize_t)i, t);
+    }
+    return list;
+}
+
+/* End a session that Python asked to end (lock held), copying its counters
+ * to row[0..3): its end is returned at once, so its report slot is given
+ * back. */
+static void
+endSessionNow(UDPEngine *self, Session *s, uint64_t *row)
+{
+    row[0] = s->entry.id;
+    row[1] = s->bytesIn;
+    row[2] = s->bytesOut;
+    reportRelease(&self->reports);
+    endSession(self, s);
 }
 
 PyDoc_STRVAR(removeListener_doc,
@@ -946,40 +927,37 @@ PyDoc_STRVAR(removeListener_doc,
 "caller closes the listening socket afterwards.");
 
 static PyObject *
-Engine_removeListener(Engine *self, PyObject *arg)
+UDPEngine_removeListener(UDPEngine *self, PyObject *arg)
 {
     unsigned long id = PyLong_AsUnsignedLong(arg);
     if (id == (unsigned long)-1 && PyErr_Occurred())
-        return NULL;
-    PyObject *result = PyList_New(0);
-    if (result == NULL)
         return NULL;
     lockFromPython(self);
     Listener **lp = &self->listeners;
     while (*lp != NULL && (*lp)->id != id)
         lp = &(*lp)->next;
     Listener *l = *lp;
+    uint64_t *rows = NULL;
+    if (l != NULL && (rows = malloc((l->sessions + 1) * 3 * sizeof *rows)) == NULL) {
+        pthread_mutex_unlock(&self->lock);
+        return PyErr_NoMemory();
+    }
     if (l == NULL) {
         pthread_mutex_unlock(&self->lock);
-        return result;
+        return PyList_New(0);
     }
     *lp = l->next;
     epoll_ctl(self->epfd, EPOLL_CTL_DEL, l->fd, NULL);
     l->closed = 1;
     l->nextDead = self->deadListeners;
     self->deadListeners = l;
-    int failed = 0;
-    for (size_t i = 0; i <= self->mask; i++) {
+    size_t count = 0;
+    for (size_t i = 0; i <= self->keyMask; i++) {
         Session *s = self->byKey[i];
         while (s != NULL) {
             Session *next = s->nextByKey;
-            if (s->listener == l) {
-                PyObject *t = endedTuple(s);
-                if (t == NULL || PyList_Append(result, t) < 0)
-                    failed = 1;
-                Py_XDECREF(t);
-                endSession(self, s);
-            }
+            if (s->listener == l)
+                endSessionNow(self, s, rows + 3 * count++);
             s = next;
         }
     }
@@ -998,10 +976,8 @@ Engine_removeListener(Engine *self, PyObject *arg)
     if (!self->started)
         freeDead(self);
     pthread_mutex_unlock(&self->lock);
-    if (failed) {
-        Py_DECREF(result);
-        return NULL;
-    }
+    PyObject *result = endedList(rows, count);
+    free(rows);
     return result;
 }
 
@@ -1020,8 +996,8 @@ parsePeer(PyObject *arg, Peer *peer)
     return 0;
 }
 
-PyDoc_STRVAR(addSession_doc,
-"addSession(key, fd, flowId, timeout, prefix=b'', headers=0, rate=0.0, burst=0)"
+PyDoc_STRVAR(adopt_doc,
+"adopt(key, fd, flowId, timeout, prefix=b'', headers=0, rate=0.0, burst=0)"
 " -> None\n\n"
 "Open a session for the client of key (from a 'new' event): fd is a\n"
 "non-blocking UDP socket connected to the target, which the engine now\n"
@@ -1040,7 +1016,7 @@ PyDoc_STRVAR(addSession_doc,
 "listener's limited.  0 is no limit.  On an error the caller keeps fd.");
 
 static PyObject *
-Engine_addSession(Engine *self, PyObject *args)
+UDPEngine_adopt(UDPEngine *self, PyObject *args)
 {
     PyObject *keyObject;
     int fd;
@@ -1086,7 +1062,7 @@ Engine_addSession(Engine *self, PyObject *args)
     s->kind = KIND_SESSION;
     s->fd = fd;
     s->peer = peer;
-    s->flowId = flowId;
+    s->entry.id = flowId;
     s->gso = self->gso;
     s->headers = headers;
     s->prefixLen = prefixLen;
@@ -1114,7 +1090,8 @@ Engine_addSession(Engine *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, problem);
         return NULL;
     }
-    if (self->sessionCount + 1 > self->mask + 1 && growTables(self) < 0) {
+    if (growKeys(self) < 0 || idTableMakeRoom(&self->flows) < 0 ||
+        reportReserve(&self->reports, 1) < 0) {
         pthread_mutex_unlock(&self->lock);
         free(s);
         return PyErr_NoMemory();
@@ -1122,18 +1099,16 @@ Engine_addSession(Engine *self, PyObject *args)
     struct epoll_event ev = {.events = EPOLLIN, .data.ptr = s};
     if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
         pthread_mutex_unlock(&self->lock);
+        reportRelease(&self->reports);
         free(s);
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     s->listener = l;
     l->sessions++;
-    size_t b = hashKey(&peer.key) & self->mask;
+    size_t b = hashKey(&peer.key) & self->keyMask;
     s->nextByKey = self->byKey[b];
     self->byKey[b] = s;
-    b = hashId(flowId) & self->mask;
-    s->nextById = self->byId[b];
-    self->byId[b] = s;
-    self->sessionCount++;
+    idTableInsert(&self->flows, &s->entry); /* has room: cannot fail */
     Pending **pp = findPending(self, &peer.key);
     Pending *p = *pp;
     if (p != NULL) {
@@ -1163,7 +1138,7 @@ Engine_addSession(Engine *self, PyObject *args)
     if (gap < 1)
         gap = 1;
     int wake = 0;
-    if (self->sessionCount == 1 || s->last + gap < self->nextSweep) {
+    if (self->flows.count == 1 || s->last + gap < self->nextSweep) {
         self->nextSweep = s->last + gap;
         wake = 1;
     }
@@ -1185,7 +1160,7 @@ PyDoc_STRVAR(firstPending_doc,
 "the client's PROXY header from before it opens the session.");
 
 static PyObject *
-Engine_firstPending(Engine *self, PyObject *arg)
+UDPEngine_firstPending(UDPEngine *self, PyObject *arg)
 {
     Peer peer;
     if (parsePeer(arg, &peer) < 0)
@@ -1215,7 +1190,7 @@ Engine_firstPending(Engine *self, PyObject *arg)
 }
 
 static PyObject *
-Engine_dropPending(Engine *self, PyObject *arg)
+UDPEngine_dropPending(UDPEngine *self, PyObject *arg)
 {
     Peer peer;
     if (parsePeer(arg, &peer) < 0)
@@ -1234,17 +1209,17 @@ Engine_dropPending(Engine *self, PyObject *arg)
     return Py_BuildValue("KK", datagrams, bytes);
 }
 
-PyDoc_STRVAR(closeSession_doc,
-"closeSession(flowId) -> (bytesIn, bytesOut) or None\n\n"
+PyDoc_STRVAR(close_doc,
+"close(flowId) -> (bytesIn, bytesOut) or None\n\n"
 "End a session now (its socket is closed) and return its counters; None\n"
 "when the engine has no such session (it ended already, and its 'ended'\n"
 "event is waiting).");
 
 static PyObject *
-Engine_closeSession(Engine *self, PyObject *arg)
+UDPEngine_close(UDPEngine *self, PyObject *arg)
 {
-    unsigned long long flowId = PyLong_AsUnsignedLongLong(arg);
-    if (flowId == (unsigned long long)-1 && PyErr_Occurred())
+    uint64_t flowId;
+    if (parseFlowId(arg, &flowId) < 0)
         return NULL;
     lockFromPython(self);
     Session *s = findFlow(self, flowId);
@@ -1252,12 +1227,12 @@ Engine_closeSession(Engine *self, PyObject *arg)
         pthread_mutex_unlock(&self->lock);
         Py_RETURN_NONE;
     }
-    unsigned long long in = s->bytesIn, out = s->bytesOut;
-    endSession(self, s);
+    uint64_t row[3];
+    endSessionNow(self, s, row);
     if (!self->started)
         freeDead(self);
     pthread_mutex_unlock(&self->lock);
-    return Py_BuildValue("KK", in, out);
+    return Py_BuildValue("KK", (unsigned long long)row[1], (unsigned long long)row[2]);
 }
 
 PyDoc_STRVAR(counters_doc,
@@ -1265,10 +1240,10 @@ PyDoc_STRVAR(counters_doc,
 "Bytes from the client and to the client of a session so far.");
 
 static PyObject *
-Engine_counters(Engine *self, PyObject *arg)
+UDPEngine_counters(UDPEngine *self, PyObject *arg)
 {
-    unsigned long long flowId = PyLong_AsUnsignedLongLong(arg);
-    if (flowId == (unsigned long long)-1 && PyErr_Occurred())
+    uint64_t flowId;
+    if (parseFlowId(arg, &flowId) < 0)
         return NULL;
     lockFromPython(self);
     Session *s = findFlow(self, flowId);
@@ -1287,7 +1262,7 @@ PyDoc_STRVAR(listenerCounters_doc,
 "for all); and datagrams of sessions dropped over their rate.");
 
 static PyObject *
-Engine_listenerCounters(Engine *self, PyObject *arg)
+UDPEngine_listenerCounters(UDPEngine *self, PyObject *arg)
 {
     unsigned long id = PyLong_AsUnsignedLong(arg);
     if (id == (unsigned long)-1 && PyErr_Occurred())
@@ -1319,77 +1294,69 @@ clientTuple(const Peer *p)
     return Py_BuildValue("(si)", host, port);
 }
 
-PyDoc_STRVAR(events_doc,
-"events() -> list\n\n"
+PyDoc_STRVAR(reports_doc,
+"reports() -> list\n\n"
 "What happened since the last call, oldest first, and clear the eventfd\n"
 "of fileno():\n"
 "  ('new', listenerId, key, (host, port)): a client without a session sent\n"
-"      a datagram, which is held; answer with addSession or dropPending.\n"
+"      a datagram, which is held; answer with adopt or dropPending.\n"
 "  ('ended', flowId, bytesIn, bytesOut): a session was quiet for its\n"
 "      timeout and the engine ended it.");
 
 static PyObject *
-Engine_events(Engine *self, PyObject *unused)
+UDPEngine_reports(UDPEngine *self, PyObject *unused)
 {
     if (self->notifyFd >= 0)
         drainFd(self->notifyFd);
+    const char *items;
     lockFromPython(self);
-    Event *e = self->events;
-    self->events = self->lastEvent = NULL;
+    size_t count = reportsQueued(&self->reports, &items);
     pthread_mutex_unlock(&self->lock);
-    PyObject *result = PyList_New(0);
-    int failed = result == NULL;
-    while (e != NULL) {
-        Event *next = e->next;
-        if (!failed) {
-            PyObject *t;
-            if (e->type == EVENT_NEW) {
-                PyObject *client = clientTuple(&e->peer);
-                t = client == NULL ? NULL : Py_BuildValue(
-                    "(sIy#N)", "new", e->peer.key.listenerId,
-                    (const char *)&e->peer, (Py_ssize_t)sizeof e->peer, client);
-            } else {
-                t = Py_BuildValue("(sKKK)", "ended", (unsigned long long)e->flowId,
-                                  (unsigned long long)e->bytesIn,
-                                  (unsigned long long)e->bytesOut);
-            }
-            if (t == NULL || PyList_Append(result, t) < 0)
-                failed = 1;
-            Py_XDECREF(t);
+    /* Built without the lock: the engine thread only appends after them. */
+    PyObject *result = PyList_New((Py_ssize_t)count);
+    size_t taken = 0;
+    for (size_t i = 0; result != NULL && i < count; i++) {
+        const Report *r = (const Report *)items + i;
+        PyObject *t;
+        if (r->type == REPORT_NEW) {
+            taken++;
+            PyObject *client = clientTuple(&r->peer);
+            t = client == NULL ? NULL : Py_BuildValue(
+                "(sIy#N)", "new", r->peer.key.listenerId,
+                (const char *)&r->peer, (Py_ssize_t)sizeof r->peer, client);
+        } else {
+            t = Py_BuildValue("(sKKK)", "ended", (unsigned long long)r->flowId,
+                              (unsigned long long)r->bytesIn,
+                              (unsigned long long)r->bytesOut);
         }
-        free(e);
-        e = next;
+        if (t == NULL)
+            Py_CLEAR(result);
+        else
+            PyList_SET_ITEM(result, (Py_ssize_t)i, t);
     }
-    if (failed) {
-        Py_XDECREF(result);
+    if (result == NULL) {
+        /* Out of memory: the reports stay queued for the next call. */
+        if (self->notifyFd >= 0)
+            signalFd(self->notifyFd);
         return NULL;
     }
-    return result;
-}
-
-static PyObject *
-Engine_fileno(Engine *self, PyObject *unused)
-{
-    return PyLong_FromLong(self->notifyFd);
-}
-
-static PyObject *
-Engine_sessionCount(Engine *self, PyObject *unused)
-{
     lockFromPython(self);
-    size_t n = self->sessionCount;
+    reportsTaken(&self->reports, count);
+    /* The slots of the 'new' reports taken serve the next new clients. */
+    if (taken > 0 && reportReserve(&self->reports, taken) == 0)
+        self->newSlots += taken;
     pthread_mutex_unlock(&self->lock);
-    return PyLong_FromSize_t(n);
+    return result;
 }
 
 PyDoc_STRVAR(gsoSends_doc,
 "gsoSends() -> int\n\n"
 "Sends so far that carried several datagrams of a session at once with\n"
-"UDP GSO; 0 with Engine(gso=False), on a kernel without it, and for\n"
+"UDP GSO; 0 with UDPEngine(gso=False), on a kernel without it, and for\n"
 "sessions whose socket refused it (they send each datagram).");
 
 static PyObject *
-Engine_gsoSends(Engine *self, PyObject *unused)
+UDPEngine_gsoSends(UDPEngine *self, PyObject *unused)
 {
     lockFromPython(self);
     unsigned long long n = self->gsoSends;
@@ -1404,31 +1371,25 @@ PyDoc_STRVAR(stop_doc,
 "engine cannot be used afterwards.  Safe to call more than once.");
 
 static PyObject *
-Engine_stop(Engine *self, PyObject *unused)
+UDPEngine_stop(UDPEngine *self, PyObject *unused)
 {
-    PyObject *result = PyList_New(0);
-    if (result == NULL || self->epfd < 0)
-        return result;
+    if (self->epfd < 0)
+        return PyList_New(0);
     lockFromPython(self);
     self->stopping = 1;
     pthread_mutex_unlock(&self->lock);
-    if (self->started && !self->joined) {
-        signalFd(self->wakeFd);
-        Py_BEGIN_ALLOW_THREADS
-        pthread_join(self->thread, NULL);
-        Py_END_ALLOW_THREADS
-        self->joined = 1;
-    }
+    engineJoin((EngineBase *)self);
     /* the thread is gone: nothing else touches the tables */
-    for (size_t i = 0; i <= self->mask; i++) {
+    uint64_t *rows = malloc((self->flows.count + 1) * 3 * sizeof *rows);
+    size_t count = 0;
+    for (size_t i = 0; i <= self->keyMask; i++) {
         Session *s = self->byKey[i];
         while (s != NULL) {
             Session *next = s->nextByKey;
-            PyObject *t = endedTuple(s);
-            if (t != NULL)
-                PyList_Append(result, t);
-            Py_XDECREF(t);
-            endSession(self, s);
+            if (rows != NULL)
+                endSessionNow(self, s, rows + 3 * count++);
+            else
+                endSession(self, s);
             s = next;
         }
     }
@@ -1445,12 +1406,7 @@ Engine_stop(Engine *self, PyObject *unused)
             freePending(self, p);
         }
     }
-    while (self->events != NULL) {
-        Event *e = self->events;
-        self->events = e->next;
-        free(e);
-    }
-    self->lastEvent = NULL;
+    self->reports.count = 0;
     freeDead(self);
     close(self->epfd);
     close(self->wakeFd);
@@ -1460,10 +1416,10 @@ Engine_stop(Engine *self, PyObject *unused)
         self->started = 0;
         Py_DECREF(self);
     }
-    if (PyErr_Occurred()) {
-        Py_DECREF(result);
-        return NULL;
-    }
+    if (rows == NULL)
+        return PyErr_NoMemory();
+    PyObject *result = endedList(rows, count);
+    free(rows);
     return result;
 }
 
@@ -1480,127 +1436,101 @@ gsoAvailable(void)
 }
 
 static int
-Engine_init(Engine *self, PyObject *args, PyObject *kwds)
+UDPEngine_init(UDPEngine *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"gso", NULL};
     int gso = 1;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "|p", kwlist, &gso))
         return -1;
-    if (self->epfd >= 0) {
-        PyErr_SetString(PyExc_RuntimeError, "Engine already initialised");
+    if (self->epfd >= 0 || self->byKey != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "engine already initialised");
         return -1;
     }
-    self->mask = 255;
-    self->byKey = calloc(self->mask + 1, sizeof(Session *));
-    self->byId = calloc(self->mask + 1, sizeof(Session *));
+    self->keyMask = 255;
+    self->byKey = calloc(self->keyMask + 1, sizeof(Session *));
     self->pending = calloc(PENDING_CLIENTS, sizeof(Pending *));
     self->buffers = malloc((size_t)DRAIN * MAX_DATAGRAM);
-    if (!self->byKey || !self->byId || !self->pending || !self->buffers) {
+    if (!self->byKey || !self->pending || !self->buffers) {
         PyErr_NoMemory();
         return -1;
     }
+    self->wakeKind = KIND_WAKE;
+    if (engineOpen((EngineBase *)self, (epoll_data_t){.ptr = &self->wakeKind}, 256,
+                   sizeof(Report)) < 0)
+        return -1;
+    /* Every client held may have its 'new' report queued. */
+    if (reportReserve(&self->reports, PENDING_CLIENTS) < 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->newSlots = PENDING_CLIENTS;
     /* A kernel without UDP GSO (before 4.18) would ignore the cmsg and
      * send a run as one datagram: use it only where the option exists. */
     self->gso = gso && gsoAvailable();
     struct timespec res;
     clock_getres(CLOCK_MONOTONIC_COARSE, &res);
     self->tick = res.tv_sec * 1000 + (res.tv_nsec + 999999) / 1000000;
-    self->wakeKind = KIND_WAKE;
-    return openEngineDescriptors(&self->epfd, &self->wakeFd, &self->notifyFd,
-                                 (epoll_data_t){.ptr = &self->wakeKind});
-}
-
-static PyObject *
-Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
-{
-    Engine *self = (Engine *)type->tp_alloc(type, 0);
-    if (self == NULL)
-        return NULL;
-    self->epfd = self->wakeFd = self->notifyFd = -1;
-    pthread_mutex_init(&self->lock, NULL);
-    return (PyObject *)self;
+    return 0;
 }
 
 static void
-Engine_dealloc(Engine *self)
+UDPEngine_dealloc(UDPEngine *self)
 {
     /* A started engine holds a reference to itself until stop(), so here
      * the thread was never started or is joined. */
-    if (self->epfd >= 0) {
-        PyObject *r = Engine_stop(self, NULL);
+    if (self->epfd >= 0 && self->byKey != NULL && self->pending != NULL) {
+        PyObject *r = UDPEngine_stop(self, NULL);
         Py_XDECREF(r);
         PyErr_Clear();
     }
     free(self->byKey);
-    free(self->byId);
     free(self->pending);
     free(self->buffers);
-    pthread_mutex_destroy(&self->lock);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    engineFree((EngineBase *)self);
 }
 
-static PyMethodDef Engine_methods[] = {
-    {"addListener", (PyCFunction)Engine_addListener, METH_VARARGS, addListener_doc},
-    {"removeListener", (PyCFunction)Engine_removeListener, METH_O, removeListener_doc},
-    {"addSession", (PyCFunction)Engine_addSession, METH_VARARGS, addSession_doc},
-    {"dropPending", (PyCFunction)Engine_dropPending, METH_O, dropPending_doc},
-    {"firstPending", (PyCFunction)Engine_firstPending, METH_O, firstPending_doc},
-    {"closeSession", (PyCFunction)Engine_closeSession, METH_O, closeSession_doc},
-    {"counters", (PyCFunction)Engine_counters, METH_O, counters_doc},
-    {"listenerCounters", (PyCFunction)Engine_listenerCounters, METH_O, listenerCounters_doc},
-    {"events", (PyCFunction)Engine_events, METH_NOARGS, events_doc},
-    {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS,
-     "fileno() -> int\n\nAn eventfd readable when events() has something."},
-    {"sessionCount", (PyCFunction)Engine_sessionCount, METH_NOARGS,
-     "sessionCount() -> int\n\nOpen sessions of every listener."},
-    {"gsoSends", (PyCFunction)Engine_gsoSends, METH_NOARGS, gsoSends_doc},
-    {"stop", (PyCFunction)Engine_stop, METH_NOARGS, stop_doc},
+static PyMethodDef UDPEngine_methods[] = {
+    {"addListener", (PyCFunction)UDPEngine_addListener, METH_VARARGS, addListener_doc},
+    {"removeListener", (PyCFunction)UDPEngine_removeListener, METH_O, removeListener_doc},
+    {"adopt", (PyCFunction)UDPEngine_adopt, METH_VARARGS, adopt_doc},
+    {"dropPending", (PyCFunction)UDPEngine_dropPending, METH_O, dropPending_doc},
+    {"firstPending", (PyCFunction)UDPEngine_firstPending, METH_O, firstPending_doc},
+    {"close", (PyCFunction)UDPEngine_close, METH_O, close_doc},
+    {"counters", (PyCFunction)UDPEngine_counters, METH_O, counters_doc},
+    {"listenerCounters", (PyCFunction)UDPEngine_listenerCounters, METH_O, listenerCounters_doc},
+    {"reports", (PyCFunction)UDPEngine_reports, METH_NOARGS, reports_doc},
+    {"gsoSends", (PyCFunction)UDPEngine_gsoSends, METH_NOARGS, gsoSends_doc},
+    {"stop", (PyCFunction)UDPEngine_stop, METH_NOARGS, stop_doc},
+    ENGINE_COMMON_METHODS,
     {NULL, NULL, 0, NULL},
 };
 
-PyDoc_STRVAR(Engine_doc,
-"Engine(gso=True)\n\n"
+PyDoc_STRVAR(UDPEngine_doc,
+"UDPEngine(gso=True)\n\n"
 "A thread that forwards the datagrams of established UDP sessions for\n"
 "every listener handed to it; its thread starts with the first listener.\n"
 "gso: send consecutive datagrams of a session that have one size in one\n"
 "system call with UDP GSO, where the kernel has it (Linux >= 4.18).");
 
-static PyTypeObject EngineType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "twistedproxy._fastudp.Engine",
-    .tp_basicsize = sizeof(Engine),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = Engine_doc,
-    .tp_new = Engine_new,
-    .tp_init = (initproc)Engine_init,
-    .tp_dealloc = (destructor)Engine_dealloc,
-    .tp_methods = Engine_methods,
-};
+static PyTypeObject UDPEngineType =
+    ENGINE_TYPE(UDPEngine, "twistedproxy.udp._engine.UDPEngine", UDPEngine_doc);
 
-static struct PyModuleDef fastudpModule = {
+static struct PyModuleDef engineModuleDefinition = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "twistedproxy._fastudp",
+    .m_name = "twistedproxy.udp._engine",
     .m_doc = "The compiled engine for established UDP sessions (Linux).",
     .m_size = -1,
 };
 
 PyMODINIT_FUNC
-PyInit__fastudp(void)
+PyInit__engine(void)
 {
-    if (PyType_Ready(&EngineType) < 0)
-        return NULL;
     uint64_t seed;
     if (getrandom(&seed, sizeof seed, GRND_NONBLOCK) == (ssize_t)sizeof seed)
         hashSeed ^= seed | 1;
-    PyObject *m = PyModule_Create(&fastudpModule);
+    PyObject *m = engineModule(&engineModuleDefinition, &UDPEngineType, "UDPEngine");
     if (m == NULL)
         return NULL;
-    Py_INCREF(&EngineType);
-    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
-        Py_DECREF(&EngineType);
-        Py_DECREF(m);
-        return NULL;
-    }
     PyModule_AddIntConstant(m, "DRAIN", DRAIN);
     PyModule_AddIntConstant(m, "MAX_DATAGRAM", MAX_DATAGRAM);
     PyModule_AddIntConstant(m, "PENDING_CLIENTS", PENDING_CLIENTS);
