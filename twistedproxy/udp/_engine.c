@@ -21,10 +21,17 @@
  * each session's report slot is reserved at adopt, and PENDING_CLIENTS
  * slots for 'new' reports at construction.
  *
- * Locking: one mutex guards every table.  The thread holds it while it
- * handles one epoll batch, Python while it runs one method, but neither
- * while it builds Python objects.  (Unlike the TCP engine, the thread
- * still holds it through the batch's I/O: see docs/udp.md.)  An object
+ * Locking (the rule of ../_engine.h): one mutex guards every table; the
+ * thread takes it to look up, account and hold, never during recvmmsg,
+ * sendmmsg, recv or sendmsg, and Python never holds it while it builds
+ * Python objects.  The thread only sends: the datagrams held for a new
+ * session leave from the thread too (adopt queues them), so that they go
+ * before the client's next ones.  An object removed from epoll may still
+ * have an event in the batch being handled; it is marked closed (checked
+ * under the mutex) and freed by the thread after the batch.  A Python
+ * method that removes a session or a listener waits for the batch in
+ * progress to end before it closes a descriptor or returns, so that the
+ * thread never uses a closed descriptor.  An object
  * removed from epoll may still have an event in the batch being handled;
  * it is marked closed and freed only at the end of the batch, so a stale
  * event never touches freed memory.
@@ -142,7 +149,9 @@ typedef struct Session {
      * rate in tokens per ms, 0 for no limit. */
     double rate, burst, tokens;
     int64_t stamp;
-    struct Session *nextByKey, *nextDead;
+    struct Pending *held;       /* datagrams held before adopt, to send first */
+    int flushQueued;            /* on the engine's flushing list */
+    struct Session *nextByKey, *nextDead, *nextFlush;
 } Session;
 
 typedef struct Pending {
@@ -151,6 +160,7 @@ typedef struct Pending {
     uint64_t datagrams, bytes;  /* every datagram, held or dropped */
     size_t lens[PENDING_DATAGRAMS];
     char *data[PENDING_DATAGRAMS];
+    size_t skips[PENDING_DATAGRAMS]; /* once a session's: header bytes to skip */
     struct Pending *next;
 } Pending;
 
@@ -174,7 +184,12 @@ typedef struct {
     int64_t tick, nextSweep, sweepGap;
     char *buffers;              /* DRAIN x MAX_DATAGRAM */
     int gso;                    /* new sessions may use UDP GSO */
-    uint64_t gsoSends;          /* sends that carried several datagrams */
+    uint64_t gsoSends;          /* sends that carried several datagrams;
+                                 * the thread adds, relaxed atomics */
+    Session *flushing;          /* sessions whose held datagrams wait */
+    int inBatch;                /* the thread handles an epoll batch */
+    int condReady;
+    pthread_cond_t batchDone;   /* inBatch went back to 0 */
 } UDPEngine;
 
 /* -- helpers ----------------------------------------------------------- */
@@ -345,10 +360,36 @@ growKeys(UDPEngine *self)
     return 0;
 }
 
-/* Remove a session from the tables and epoll, close its socket; it is
- * freed at the end of the current batch. */
+/* Free the datagrams a session held, once sent or not to be sent. */
 static void
-endSession(UDPEngine *self, Session *s)
+freeHeld(Pending *p)
+{
+    if (p == NULL)
+        return;
+    for (int i = 0; i < p->count; i++)
+        free(p->data[i]);
+    free(p);
+}
+
+/* Take a session off the flushing list (lock held). */
+static void
+unqueueFlush(UDPEngine *self, Session *s)
+{
+    if (!s->flushQueued)
+        return;
+    Session **pp = &self->flushing;
+    while (*pp != s)
+        pp = &(*pp)->nextFlush;
+    *pp = s->nextFlush;
+    s->flushQueued = 0;
+}
+
+/* Remove a session from the tables and epoll (lock held); it is freed
+ * after the current batch.  Its socket is closed here when closeNow (the
+ * engine thread, or no thread), else returned for the caller to close
+ * once the thread's batch is over (waitForBatch). */
+static int
+endSession(UDPEngine *self, Session *s, int closeNow)
 {
     Session **pp = &self->byKey[hashKey(&s->peer.key) & self->keyMask];
     while (*pp != s)
@@ -356,12 +397,34 @@ endSession(UDPEngine *self, Session *s)
     *pp = s->nextByKey;
     idTableRemove(&self->flows, &s->entry);
     epoll_ctl(self->epfd, EPOLL_CTL_DEL, s->fd, NULL);
-    close(s->fd);
-    s->fd = -1;
+    int fd = s->fd;
+    if (closeNow) {
+        close(fd);
+        fd = s->fd = -1;
+    }
+    /* else the thread may still send on s->fd until its batch ends: the
+     * number stays, the caller closes it after waitForBatch */
     s->closed = 1;
     s->listener->sessions--;
+    unqueueFlush(self, s);
+    freeHeld(s->held);
+    s->held = NULL;
     s->nextDead = self->deadSessions;
     self->deadSessions = s;
+    return fd;
+}
+
+/* Python removed a session or a listener that the thread may be using in
+ * the batch it handles: wait (lock held, released meanwhile, and the GIL
+ * too) for that batch to end. */
+static void
+waitForBatch(UDPEngine *self)
+{
+    while (self->started && !self->joined && self->inBatch) {
+        Py_BEGIN_ALLOW_THREADS
+        pthread_cond_wait(&self->batchDone, &self->lock);
+        Py_END_ALLOW_THREADS
+    }
 }
 
 static void
@@ -561,7 +624,7 @@ sendRun(UDPEngine *self, Session *s, struct mmsghdr *msgs, int count)
             s->gso = 0;
             break;
         }
-        self->gsoSends += (uint64_t)sent;
+        __atomic_fetch_add(&self->gsoSends, (uint64_t)sent, __ATOMIC_RELAXED);
         i += n;
         plain = i;
     }
@@ -569,25 +632,28 @@ sendRun(UDPEngine *self, Session *s, struct mmsghdr *msgs, int count)
         sendRunToTarget(s, msgs + plain, count - plain);
 }
 
-static void
+/* Hold a datagram of a client without a session (lock held); 1 when it
+ * is the client's first, reported as 'new'. */
+static int
 holdDatagram(UDPEngine *self, Listener *l, const Peer *peer, const char *data, size_t len)
 {
+    int posted = 0;
     Pending **pp = findPending(self, &peer->key);
     Pending *p = *pp;
     if (p == NULL) {
         if (self->pendingCount >= PENDING_CLIENTS || (p = calloc(1, sizeof *p)) == NULL) {
             l->dropped++;
-            return;
+            return 0;
         }
         if (postNew(self, peer) < 0) {
             free(p);
             l->dropped++;
-            return;
+            return 0;
         }
         p->peer = *peer;
         *pp = p;
         self->pendingCount++;
-        signalFd(self->notifyFd);
+        posted = 1;
     }
     p->datagrams++;
     p->bytes += len;
@@ -600,6 +666,34 @@ holdDatagram(UDPEngine *self, Listener *l, const Peer *peer, const char *data, s
             self->pendingBytes += len;
         }
     }
+    return posted;
+}
+
+/* One session's datagrams msgs[start..end) of a readListener batch, and
+ * what it held before it was adopted, to send after the lock. */
+typedef struct {
+    Session *s;
+    Pending *held;
+    int start, end;
+} Run;
+
+static void
+queueRun(UDPEngine *self, Run *run, Session *s, int start, int end)
+{
+    run->s = s;
+    run->held = s->held;
+    s->held = NULL;
+    unqueueFlush(self, s);
+    run->start = start;
+    run->end = end;
+}
+
+/* Send what a session held before it was adopted (thread, no lock). */
+static void
+sendHeld(Session *s, Pending *p)
+{
+    for (int i = 0; i < p->count; i++)
+        sendToTarget(s, p->data[i] + p->skips[i], p->lens[i] - p->skips[i]);
 }
 
 static void
@@ -624,14 +718,28 @@ readListener(UDPEngine *self, Listener *l, int64_t now)
         msgs[i].msg_hdr.msg_controllen = l->pktinfo ? sizeof controls[i] : 0;
         msgs[i].msg_hdr.msg_flags = 0;
     }
+    pthread_mutex_lock(&self->lock);
+    int closed = l->closed;
+    pthread_mutex_unlock(&self->lock);
+    if (closed)
+        return;
+    /* Python closes a removed listener's socket only after this batch. */
     int n = recvmmsg(l->fd, msgs, DRAIN, MSG_DONTWAIT, NULL);
     if (n <= 0)
         return;
-    /* Consecutive datagrams of one session (a bulk sender) leave together
-     * (sendRun): msgs[runStart..i) are reused as the outgoing messages. */
+    /* Under the lock, each datagram finds its session and is accounted
+     * for; the sends are made after it.  Consecutive datagrams of one
+     * session (a bulk sender) leave together (sendRun): msgs[start..end)
+     * are reused as the outgoing messages of runs[k]. */
+    Run runs[DRAIN];
+    int runCount = 0;
+    int reported = 0;
     Session *last = NULL;
     int runStart = 0;
     Peer peer;
+    pthread_mutex_lock(&self->lock);
+    if (l->closed)
+        n = 0;  /* removed meanwhile: as if these came after */
     for (int i = 0; i < n; i++) {
         const char *data = iovs[i].iov_base;
         size_t len = msgs[i].msg_len;
@@ -639,18 +747,18 @@ readListener(UDPEngine *self, Listener *l, int64_t now)
         Session *s = last;
         if (s == NULL || memcmp(&s->peer.key, &peer.key, sizeof peer.key) != 0) {
             if (last != NULL)
-                sendRun(self, last, msgs + runStart, i - runStart);
+                queueRun(self, &runs[runCount++], last, runStart, i);
             last = NULL;
             s = findSession(self, &peer.key);
         }
         if (s == NULL) {
-            holdDatagram(self, l, &peer, data, len);
+            reported |= holdDatagram(self, l, &peer, data, len);
             continue;
         }
         s->last = now;
         if (s->rate > 0 && !takeToken(s, now)) {
             if (last != NULL)
-                sendRun(self, last, msgs + runStart, i - runStart);
+                queueRun(self, &runs[runCount++], last, runStart, i);
             last = NULL;
             continue;
         }
@@ -659,7 +767,7 @@ readListener(UDPEngine *self, Listener *l, int64_t now)
             if (skip < 0) {
                 /* dropped: the run so far leaves, the next starts after */
                 if (last != NULL)
-                    sendRun(self, last, msgs + runStart, i - runStart);
+                    queueRun(self, &runs[runCount++], last, runStart, i);
                 last = NULL;
                 l->dropped++;
                 continue;
@@ -688,7 +796,44 @@ readListener(UDPEngine *self, Listener *l, int64_t now)
         msgs[i].msg_hdr.msg_flags = 0;
     }
     if (last != NULL)
-        sendRun(self, last, msgs + runStart, n - runStart);
+        queueRun(self, &runs[runCount++], last, runStart, n);
+    pthread_mutex_unlock(&self->lock);
+    if (reported)
+        signalFd(self->notifyFd);
+    /* A session Python closes meanwhile keeps its socket until the batch
+     * is over: its runs leave as they came before the close. */
+    for (int k = 0; k < runCount; k++) {
+        if (runs[k].held != NULL) {
+            sendHeld(runs[k].s, runs[k].held);
+            freeHeld(runs[k].held);
+        }
+        sendRun(self, runs[k].s, msgs + runs[k].start, runs[k].end - runs[k].start);
+    }
+}
+
+/* Send the held datagrams of sessions adopted since the last wake-up
+ * (thread; the sends without the lock). */
+static void
+flushHeld(UDPEngine *self)
+{
+    for (;;) {
+        pthread_mutex_lock(&self->lock);
+        Session *s = self->flushing;
+        Pending *held = NULL;
+        if (s != NULL) {
+            self->flushing = s->nextFlush;
+            s->flushQueued = 0;
+            held = s->held;
+            s->held = NULL;
+        }
+        pthread_mutex_unlock(&self->lock);
+        if (s == NULL)
+            return;
+        if (held != NULL) {
+            sendHeld(s, held);
+            freeHeld(held);
+        }
+    }
 }
 
 static void
@@ -740,23 +885,40 @@ static void
 readSession(UDPEngine *self, Session *s, int64_t now)
 {
     char *buffer = self->buffers;
+    pthread_mutex_lock(&self->lock);
+    int closed = s->closed;
+    pthread_mutex_unlock(&self->lock);
+    if (closed)
+        return;
+    /* The socket, the peer and the listener's socket stay as they are
+     * until this batch is over, whatever Python does meanwhile. */
+    uint64_t bytes = 0;
+    int replies = 0;
     for (int i = 0; i < DRAIN; i++) {
         ssize_t n = recv(s->fd, buffer, MAX_DATAGRAM, MSG_DONTWAIT);
         if (n < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK)
-                return;
+                break;
             /* An ICMP error for an earlier datagram (nothing listening at
              * the target yet, host unreachable): reading consumed it, and
              * the session goes on. */
             continue;
         }
-        s->last = now;
-        s->bytesOut += (size_t)n;
+        replies = 1;
+        bytes += (size_t)n;
         replyToClient(s, buffer, (size_t)n);
+    }
+    if (replies) {
+        pthread_mutex_lock(&self->lock);
+        s->last = now;
+        s->bytesOut += bytes;
+        pthread_mutex_unlock(&self->lock);
     }
 }
 
-static void
+/* End the sessions quiet for their timeout (lock held); 1 when it ended
+ * some, which the caller signals after the lock. */
+static int
 sweep(UDPEngine *self, int64_t now)
 {
     int64_t gap = SWEEP_GAP_MS;
@@ -768,7 +930,7 @@ sweep(UDPEngine *self, int64_t now)
             /* the coarse clock may lag by a tick: never end a session early */
             if (now - s->last >= s->timeout + self->tick) {
                 postEnded(self, s);
-                endSession(self, s);
+                endSession(self, s, 1);
                 ended = 1;
             } else if (s->timeout / 10 < gap) {
                 gap = s->timeout / 10;
@@ -780,8 +942,7 @@ sweep(UDPEngine *self, int64_t now)
         gap = 1;
     self->sweepGap = gap;
     self->nextSweep = now + gap;
-    if (ended)
-        signalFd(self->notifyFd);
+    return ended;
 }
 
 static void *
@@ -789,8 +950,13 @@ run(void *arg)
 {
     UDPEngine *self = arg;
     struct epoll_event events[64];
-    pthread_mutex_lock(&self->lock);
     for (;;) {
+        /* The end of a batch: free what was removed during it, and let a
+         * Python method waiting for it (waitForBatch) go on. */
+        pthread_mutex_lock(&self->lock);
+        freeDead(self);
+        self->inBatch = 0;
+        pthread_cond_broadcast(&self->batchDone);
         int wait = -1;
         int64_t now = nowMs();
         if (self->flows.count > 0) {
@@ -798,31 +964,32 @@ run(void *arg)
             if (wait < 0)
                 wait = 0;
         }
-        if (self->stopping)
-            break;
+        int stopping = self->stopping;
         pthread_mutex_unlock(&self->lock);
+        if (stopping)
+            break;
         int n = epoll_wait(self->epfd, events, 64, wait);
         pthread_mutex_lock(&self->lock);
+        self->inBatch = 1;
+        pthread_mutex_unlock(&self->lock);
         now = nowMs();
         for (int i = 0; i < n; i++) {
             int *kind = events[i].data.ptr;
             if (*kind == KIND_WAKE) {
                 drainFd(self->wakeFd);
+                flushHeld(self);
             } else if (*kind == KIND_LISTENER) {
-                Listener *l = (Listener *)kind;
-                if (!l->closed)
-                    readListener(self, l, now);
+                readListener(self, (Listener *)kind, now);
             } else {
-                Session *s = (Session *)kind;
-                if (!s->closed)
-                    readSession(self, s, now);
+                readSession(self, (Session *)kind, now);
             }
         }
-        if (self->flows.count > 0 && now >= self->nextSweep)
-            sweep(self, now);
-        freeDead(self);
+        pthread_mutex_lock(&self->lock);
+        int ended = self->flows.count > 0 && now >= self->nextSweep && sweep(self, now);
+        pthread_mutex_unlock(&self->lock);
+        if (ended)
+            signalFd(self->notifyFd);
     }
-    pthread_mutex_unlock(&self->lock);
     return NULL;
 }
 
@@ -910,14 +1077,23 @@ endedList(const uint64_t *rows, size_t count)
 /* End a session that Python asked to end (lock held), copying its counters
  * to row[0..3): its end is returned at once, so its report slot is given
  * back. */
-static void
+static int
 endSessionNow(UDPEngine *self, Session *s, uint64_t *row)
 {
     row[0] = s->entry.id;
     row[1] = s->bytesIn;
     row[2] = s->bytesOut;
     reportRelease(&self->reports);
-    endSession(self, s);
+    return endSession(self, s, !self->started || self->joined);
+}
+
+/* Close the sockets of sessions Python ended, once waitForBatch returned. */
+static void
+closeAll(const int *fds, size_t count)
+{
+    for (size_t i = 0; i < count; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
 }
 
 PyDoc_STRVAR(removeListener_doc,
@@ -938,8 +1114,11 @@ UDPEngine_removeListener(UDPEngine *self, PyObject *arg)
         lp = &(*lp)->next;
     Listener *l = *lp;
     uint64_t *rows = NULL;
-    if (l != NULL && (rows = malloc((l->sessions + 1) * 3 * sizeof *rows)) == NULL) {
+    int *fds = NULL;
+    if (l != NULL && ((rows = malloc((l->sessions + 1) * 3 * sizeof *rows)) == NULL ||
+                      (fds = malloc((l->sessions + 1) * sizeof *fds)) == NULL)) {
         pthread_mutex_unlock(&self->lock);
+        free(rows);
         return PyErr_NoMemory();
     }
     if (l == NULL) {
@@ -956,8 +1135,10 @@ UDPEngine_removeListener(UDPEngine *self, PyObject *arg)
         Session *s = self->byKey[i];
         while (s != NULL) {
             Session *next = s->nextByKey;
-            if (s->listener == l)
-                endSessionNow(self, s, rows + 3 * count++);
+            if (s->listener == l) {
+                fds[count] = endSessionNow(self, s, rows + 3 * count);
+                count++;
+            }
             s = next;
         }
     }
@@ -973,9 +1154,13 @@ UDPEngine_removeListener(UDPEngine *self, PyObject *arg)
             }
         }
     }
+    /* The caller closes the listening socket when this returns. */
+    waitForBatch(self);
     if (!self->started)
         freeDead(self);
     pthread_mutex_unlock(&self->lock);
+    closeAll(fds, count);
+    free(fds);
     PyObject *result = endedList(rows, count);
     free(rows);
     return result;
@@ -1109,6 +1294,7 @@ UDPEngine_adopt(UDPEngine *self, PyObject *args)
     s->nextByKey = self->byKey[b];
     self->byKey[b] = s;
     idTableInsert(&self->flows, &s->entry); /* has room: cannot fail */
+    int wake = 0;
     Pending **pp = findPending(self, &peer.key);
     Pending *p = *pp;
     if (p != NULL) {
@@ -1118,26 +1304,45 @@ UDPEngine_adopt(UDPEngine *self, PyObject *args)
          * a client that Python rejects instead has every datagram counted
          * as rejected, as without the engine. */
         l->dropped += p->datagrams - (uint64_t)p->count;
+        size_t held = 0;
+        for (int i = 0; i < p->count; i++)
+            held += p->lens[i];
+        int kept = 0;
         for (int i = 0; i < p->count; i++) {
             if (s->rate > 0 && !takeToken(s, s->last)) {
                 s->bytesIn -= p->lens[i];
+                free(p->data[i]);
                 continue;
             }
             long skip = headerLength(s->headers, (const uint8_t *)p->data[i], p->lens[i]);
             if (skip < 0) {
                 l->dropped++;
                 s->bytesIn -= p->lens[i];
+                free(p->data[i]);
                 continue;
             }
             s->bytesIn -= (uint64_t)skip;
-            sendToTarget(s, p->data[i] + skip, p->lens[i] - (size_t)skip);
+            /* kept, to be sent by the thread before the client's next */
+            p->data[kept] = p->data[i];
+            p->lens[kept] = p->lens[i];
+            p->skips[kept++] = (size_t)skip;
         }
-        freePending(self, p);
+        p->count = kept;
+        self->pendingCount--;
+        self->pendingBytes -= held;
+        if (kept > 0) {
+            s->held = p;
+            s->nextFlush = self->flushing;
+            self->flushing = s;
+            s->flushQueued = 1;
+            wake = 1;
+        } else {
+            free(p);
+        }
     }
     int64_t gap = s->timeout / 10 < SWEEP_GAP_MS ? s->timeout / 10 : SWEEP_GAP_MS;
     if (gap < 1)
         gap = 1;
-    int wake = 0;
     if (self->flows.count == 1 || s->last + gap < self->nextSweep) {
         self->nextSweep = s->last + gap;
         wake = 1;
@@ -1228,10 +1433,12 @@ UDPEngine_close(UDPEngine *self, PyObject *arg)
         Py_RETURN_NONE;
     }
     uint64_t row[3];
-    endSessionNow(self, s, row);
+    int fd = endSessionNow(self, s, row);
+    waitForBatch(self);
     if (!self->started)
         freeDead(self);
     pthread_mutex_unlock(&self->lock);
+    closeAll(&fd, 1);
     return Py_BuildValue("KK", (unsigned long long)row[1], (unsigned long long)row[2]);
 }
 
@@ -1359,7 +1566,7 @@ static PyObject *
 UDPEngine_gsoSends(UDPEngine *self, PyObject *unused)
 {
     lockFromPython(self);
-    unsigned long long n = self->gsoSends;
+    unsigned long long n = __atomic_load_n(&self->gsoSends, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&self->lock);
     return PyLong_FromUnsignedLongLong(n);
 }
@@ -1389,7 +1596,7 @@ UDPEngine_stop(UDPEngine *self, PyObject *unused)
             if (rows != NULL)
                 endSessionNow(self, s, rows + 3 * count++);
             else
-                endSession(self, s);
+                endSession(self, s, 1);
             s = next;
         }
     }
@@ -1446,6 +1653,11 @@ UDPEngine_init(UDPEngine *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_RuntimeError, "engine already initialised");
         return -1;
     }
+    if (pthread_cond_init(&self->batchDone, NULL) != 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->condReady = 1;
     self->keyMask = 255;
     self->byKey = calloc(self->keyMask + 1, sizeof(Session *));
     self->pending = calloc(PENDING_CLIENTS, sizeof(Pending *));
@@ -1486,6 +1698,8 @@ UDPEngine_dealloc(UDPEngine *self)
     free(self->byKey);
     free(self->pending);
     free(self->buffers);
+    if (self->condReady)
+        pthread_cond_destroy(&self->batchDone);
     engineFree((EngineBase *)self);
 }
 
