@@ -6,7 +6,6 @@ and UDP, from one Twisted process driven by a YAML map.
 __version__ = "0.1.0"
 
 
-
 def _loadEngines() -> None:
     """
     Load the compiled engines built into C{twistedproxy/tcp/} and

@@ -31,10 +31,7 @@
  * under the mutex) and freed by the thread after the batch.  A Python
  * method that removes a session or a listener waits for the batch in
  * progress to end before it closes a descriptor or returns, so that the
- * thread never uses a closed descriptor.  An object
- * removed from epoll may still have an event in the batch being handled;
- * it is marked closed and freed only at the end of the batch, so a stale
- * event never touches freed memory.
+ * thread never uses a closed descriptor.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -108,7 +105,7 @@ typedef struct {
 } Key;
 
 /* A key with what a reply to that client needs; it is what Python gets in
- * a "new" event and gives back to addSession() or dropPending(). */
+ * a 'new' report and gives back to adopt() or dropPending(). */
 typedef struct {
     Key key;
     struct sockaddr_storage client;
@@ -1184,7 +1181,7 @@ parsePeer(PyObject *arg, Peer *peer)
 PyDoc_STRVAR(adopt_doc,
 "adopt(key, fd, flowId, timeout, prefix=b'', headers=0, rate=0.0, burst=0)"
 " -> None\n\n"
-"Open a session for the client of key (from a 'new' event): fd is a\n"
+"Open a session for the client of key (from a 'new' report): fd is a\n"
 "non-blocking UDP socket connected to the target, which the engine now\n"
 "owns and closes when the session ends.  The datagrams held for the\n"
 "client are sent on it at once; bytesIn counts every datagram the client\n"
@@ -1260,19 +1257,25 @@ UDPEngine_adopt(UDPEngine *self, PyObject *args)
     s->rate = rate / 1000.0;
     s->burst = s->tokens = (double)burst;
     s->stamp = s->last;
+    /* Why an adopt is refused, and what the ValueError says. */
+    enum { ADOPTED, NO_LISTENER, HAS_SESSION, ID_IN_USE } outcome = ADOPTED;
+    static const char *const refusals[] = {
+        [NO_LISTENER] = "the listener is not read by the engine",
+        [HAS_SESSION] = "the client has a session already",
+        [ID_IN_USE] = "the flow id is in use",
+    };
     lockFromPython(self);
-    const char *problem = NULL;
     Listener *l = findListener(self, peer.key.listenerId);
     if (l == NULL)
-        problem = "the listener is not read by the engine";
+        outcome = NO_LISTENER;
     else if (findSession(self, &peer.key) != NULL)
-        problem = "the client has a session already";
+        outcome = HAS_SESSION;
     else if (findFlow(self, flowId) != NULL)
-        problem = "the flow id is in use";
-    if (problem != NULL) {
+        outcome = ID_IN_USE;
+    if (outcome != ADOPTED) {
         pthread_mutex_unlock(&self->lock);
         free(s);
-        PyErr_SetString(PyExc_ValueError, problem);
+        PyErr_SetString(PyExc_ValueError, refusals[outcome]);
         return NULL;
     }
     if (growKeys(self) < 0 || idTableMakeRoom(&self->flows) < 0 ||
@@ -1355,12 +1358,12 @@ UDPEngine_adopt(UDPEngine *self, PyObject *args)
 
 PyDoc_STRVAR(dropPending_doc,
 "dropPending(key) -> (datagrams, bytes)\n\n"
-"Drop what is held for the client of key (from a 'new' event) and say how\n"
+"Drop what is held for the client of key (from a 'new' report) and say how\n"
 "much it sent meanwhile, held or not; (0, 0) when nothing is held.");
 
 PyDoc_STRVAR(firstPending_doc,
 "firstPending(key) -> bytes or None\n\n"
-"The first datagram held for the client of key (from a 'new' event), or\n"
+"The first datagram held for the client of key (from a 'new' report), or\n"
 "None when none is held: what a listener with accept_proxy_protocol reads\n"
 "the client's PROXY header from before it opens the session.");
 
@@ -1418,7 +1421,7 @@ PyDoc_STRVAR(close_doc,
 "close(flowId) -> (bytesIn, bytesOut) or None\n\n"
 "End a session now (its socket is closed) and return its counters; None\n"
 "when the engine has no such session (it ended already, and its 'ended'\n"
-"event is waiting).");
+"report is waiting).");
 
 static PyObject *
 UDPEngine_close(UDPEngine *self, PyObject *arg)
