@@ -177,8 +177,9 @@ idTableRemove(IdTable *t, IdEntry *e)
     }
 }
 
-/* Every entry: for (IdEntry *e ...) ID_TABLE_EACH(t, i, e) { ... }; the
- * body may remove e from the table (its next is read first). */
+/* Every entry of table t: ID_TABLE_EACH(t, i, e, next) { ... } declares
+ * the bucket index i and the entries e and next; the body may remove e
+ * from the table (next is read before it runs). */
 #define ID_TABLE_EACH(t, i, e, next)                                   \
     for (size_t i = 0; i <= (t)->mask; i++)                            \
         for (IdEntry *e = (t)->buckets[i], *next = e ? e->next : NULL; \

@@ -159,7 +159,7 @@ typedef struct {
     PooledPipe pool[PIPE_POOL];
     int poolCount;
     char *scratch;        /* bufferSize bytes: a direction's first bytes pass here */
-    int endedSinceWake;
+    int reportedSinceWake;
 } TCPEngine;
 
 static double
@@ -310,7 +310,7 @@ endFlow(TCPEngine *e, Flow *f, const char *reason, int resetMask)
     idTableRemove(&e->flows, &f->entry);
     postReport(e, f->entry.id, f->dir[0].bytes, f->dir[1].bytes, reason);
     pthread_mutex_unlock(&e->lock);
-    e->endedSinceWake = 1;
+    e->reportedSinceWake = 1;
     if (f->prev != NULL)
         f->prev->next = f->next;
     else if (e->live == f)
@@ -790,8 +790,8 @@ engineMain(void *arg)
             e->nextSweep = e->now + SWEEP_MS / 1000.0;
         }
         buryDead(e);
-        if (e->endedSinceWake) {
-            e->endedSinceWake = 0;
+        if (e->reportedSinceWake) {
+            e->reportedSinceWake = 0;
             signalFd(e->notifyFd);
         }
     }
