@@ -213,6 +213,27 @@ def test_newClientHeldUntilSessionOpens(bench):
 
 
 @needsEngine
+def test_heldDatagramsLeaveBeforeNextOnes(bench):
+    """
+    The datagrams held for a new client reach the target before those the
+    client sends right after its session is adopted, whichever of the
+    engine thread's wake-up and the next datagrams comes first.
+    """
+    b = bench()
+    for attempt in range(20):
+        c = b.client()
+        held = [b"held %d %d" % (attempt, i) for i in range(5)]
+        for data in held:
+            c.sendto(data, b.address)
+        [event] = nextEvents(b.engine)
+        b.openSession(event)
+        after = [b"next %d %d" % (attempt, i) for i in range(20)]
+        for data in after:
+            c.sendto(data, b.address)
+        assert [b.target.recv(100) for _ in held + after] == held + after
+
+
+@needsEngine
 def test_sessionDatagramRate(bench):
     """
     A session with a rate forwards its burst (held datagrams included) and
