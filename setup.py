@@ -2,12 +2,11 @@
 Build hook for the optional compiled engines.
 
 All metadata lives in pyproject.toml; this file only declares the C
-extensions C{twistedproxy._fastrelay} (TCP relays; Linux: splice, epoll,
-eventfd) and C{twistedproxy._fastudp} (UDP sessions; Linux: epoll,
+extensions C{twistedproxy.tcp._engine} (TCP relays; Linux: splice, epoll,
+eventfd), C{twistedproxy.udp._engine} (UDP sessions; Linux: epoll,
 eventfd, recvmmsg/sendmmsg, IP_PKTINFO) and C{twistedproxy._tlsengine}
 (TLS termination; OpenSSL, where its headers are installed), which share
-C{_engine.h}.  They
-are optional: where there is
+one skeleton, C{twistedproxy/_engine.h}.  They are optional: where there is
 no C compiler, or on another platform, C{pip install .} installs portproxy
 without them and the pure-Python relays are used.
 
@@ -38,11 +37,12 @@ COMPILE_ARGS = [
 
 extensions = []
 if sys.platform.startswith("linux"):
-    for name in ("_fastrelay", "_fastudp"):
+    for protocol in ("tcp", "udp"):
         extensions.append(
             Extension(
-                f"twistedproxy.{name}",
-                [f"twistedproxy/{name}.c"],
+                f"twistedproxy.{protocol}._engine",
+                [f"twistedproxy/{protocol}/_engine.c"],
+                include_dirs=["twistedproxy"],
                 depends=["twistedproxy/_engine.h"],
                 extra_compile_args=COMPILE_ARGS,
                 optional=True,

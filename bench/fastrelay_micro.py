@@ -84,12 +84,12 @@ def runFront(
     from twisted.internet import reactor
     from twisted.internet.protocol import ClientFactory, Factory, Protocol
 
-    from twistedproxy.tcp.engine import Engine, TCPEngine
+    from twistedproxy.tcp.engine import CompiledTCPEngine, TCPEngine
     from twistedproxy.tcp.relay import HandedOff
 
     relay = None
     if mode.startswith("engine"):
-        relay = TCPEngine(reactor, Engine(pipeSize=pipeSize, busyPoll=busyPoll))
+        relay = TCPEngine(reactor, CompiledTCPEngine(pipeSize=pipeSize, busyPoll=busyPoll))
     flowIds = iter(range(1, 1 << 62))
 
     class TargetSide(Protocol):
@@ -452,10 +452,10 @@ def main():
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
     sys.path.insert(0, ROOT)
-    from twistedproxy import _fastrelay
+    from twistedproxy.tcp import _engine
 
-    pipeSize = a.pipe_size or _fastrelay.DEFAULT_PIPE_SIZE
-    busyPoll = _fastrelay.DEFAULT_BUSY_POLL_US if a.busy_poll < 0 else a.busy_poll
+    pipeSize = a.pipe_size or _engine.DEFAULT_PIPE_SIZE
+    busyPoll = _engine.DEFAULT_BUSY_POLL_US if a.busy_poll < 0 else a.busy_poll
     names = a.proxies.split(",")
     workloads = [w for w in a.workloads.split(",") if w]
     if "http_keepalive" in workloads and not (

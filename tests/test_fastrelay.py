@@ -1,5 +1,5 @@
 """
-Tests for the compiled relay engine (L{twistedproxy._fastrelay}) and its
+Tests for the compiled relay engine (L{twistedproxy.tcp._engine}) and its
 Twisted side (L{twistedproxy.tcp.engine}), over real loopback sockets.
 
 Each flow is built from two loopback connections: the test's "client"
@@ -29,7 +29,7 @@ from twistedproxy.tcp import engine as fastrelay
 from twistedproxy.tcp.relay import HandedOff
 
 needsEngine = pytest.mark.skipif(
-    not fastrelay.available(), reason="twistedproxy._fastrelay is not built"
+    not fastrelay.available(), reason="twistedproxy.tcp._engine is not built"
 )
 
 #: Both relay modes: splice through pipes, and the userspace buffer used
@@ -117,7 +117,7 @@ def engines():
     made = []
 
     def make(**kw):
-        engine = fastrelay.Engine(**kw)
+        engine = fastrelay.TCPEngine(**kw)
         made.append(engine)
         return engine
 
@@ -137,7 +137,7 @@ def waitEnded(engine, count=1, timeout=10.0):
         if left <= 0:
             raise AssertionError(f"only {reports} ended after {timeout}s")
         select.select([engine.fileno()], [], [], left)
-        reports.extend(engine.ended())
+        reports.extend(engine.reports())
     return reports
 
 
@@ -203,7 +203,7 @@ def test_extensionBuiltWhereItCan():
     compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if sys.platform.startswith("linux") and shutil.which(compiler):
         assert fastrelay.available(), (
-            "a C compiler is here but twistedproxy._fastrelay is not built: "
+            "a C compiler is here but twistedproxy.tcp._engine is not built: "
             "pip install . (or, in a source tree, python setup.py build_ext --inplace)"
         )
     else:
@@ -544,7 +544,7 @@ def test_stopClosesEveryFlow(engines):
     flows[0].client.sendall(b"hi")
     recvExactly(flows[0].target, 2)
     engine.stop()
-    reports = sorted(engine.ended())
+    reports = sorted(engine.reports())
     assert reports == [(30, 2, 0, "proxy stopped")] + [
         (i, 0, 0, "proxy stopped") for i in range(31, 35)
     ]
@@ -618,7 +618,7 @@ def test_idleFlowsMemory(engines):
     assert perFlow < 1.0
     assert engine.flowCount() == n + 1
     engine.stop()
-    assert len(engine.ended()) == n + 1
+    assert len(engine.reports()) == n + 1
     for client, target in ends:
         client.close()
         target.close()

@@ -1,5 +1,5 @@
 """
-Tests of the compiled UDP engine (L{twistedproxy._fastudp}) on real
+Tests of the compiled UDP engine (L{twistedproxy.udp._engine}) on real
 loopback sockets, and of a L{UDPListener} that uses it under a real epoll
 reactor (not the global one).
 """
@@ -32,7 +32,7 @@ from twistedproxy.udp.engine import EngineSession
 from twistedproxy.udp.listener import UDPListener
 
 needsEngine = pytest.mark.skipif(
-    not fastudp.available(), reason="twistedproxy._fastudp is not built"
+    not fastudp.available(), reason="twistedproxy.udp._engine is not built"
 )
 
 
@@ -46,17 +46,17 @@ def test_extensionBuiltWhereItCan():
     if not (sys.platform.startswith("linux") and shutil.which(compiler)):
         pytest.skip("no C compiler on Linux here: the pure-Python path is the one used")
     assert fastudp.available(), (
-        "a C compiler is here but twistedproxy._fastudp is not built: "
+        "a C compiler is here but twistedproxy.udp._engine is not built: "
         "pip install . (or, in a source tree, python setup.py build_ext --inplace)"
     )
     imported = subprocess.run(
-        [sys.executable, "-c", "import twistedproxy._fastudp"],
+        [sys.executable, "-c", "import twistedproxy.udp._engine"],
         env=proxyEnvironment(),
         cwd="/",
         capture_output=True,
     )
     assert imported.returncode == 0, (
-        "the end-to-end tests' twistd cannot import twistedproxy._fastudp from "
+        "the end-to-end tests' twistd cannot import twistedproxy.udp._engine from "
         "this checkout: python setup.py build_ext --inplace"
     )
 
@@ -125,7 +125,7 @@ def nextEvents(engine, timeout=5.0) -> list:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         select.select([engine.fileno()], [], [], 0.1)
-        events = engine.events()
+        events = engine.reports()
         if events:
             return events
     raise AssertionError("the engine reported nothing")
@@ -147,9 +147,9 @@ class Bench:
     def __init__(
         self, host="127.0.0.1", pktinfo=False, listenHost=None, gso=True
     ) -> None:
-        from twistedproxy._fastudp import Engine
+        from twistedproxy.udp._engine import UDPEngine
 
-        self.engine = Engine(gso=gso)
+        self.engine = UDPEngine(gso=gso)
         self.listening = listeningSocket(listenHost or host, pktinfo)
         self.target = udpSocket(host)
         self.engine.addListener(self.listening.fileno(), 1, pktinfo)
@@ -167,7 +167,7 @@ class Bench:
         assert (kind, listenerId) == ("new", 1)
         flowId = next(self.flowIds)
         skt = connected(target or self.target.getsockname()[:2])
-        self.engine.addSession(key, skt.detach(), flowId, timeout, b"", 0, *rate)
+        self.engine.adopt(key, skt.detach(), flowId, timeout, b"", 0, *rate)
         return flowId
 
     def close(self) -> None:
@@ -203,7 +203,7 @@ def test_newClientHeldUntilSessionOpens(bench):
     [event] = nextEvents(b.engine)
     assert event[3] == c.getsockname()
     time.sleep(0.05)
-    assert b.engine.events() == []
+    assert b.engine.reports() == []
     flowId = b.openSession(event)
     received = [b.target.recvfrom(100) for _ in range(3)]
     assert [data for data, _ in received] == [b"one", b"two", b"three"]
@@ -214,6 +214,27 @@ def test_newClientHeldUntilSessionOpens(bench):
     assert b.target.recv(100) == b"four"
     assert b.engine.counters(flowId) == (15, 5)
     assert b.engine.listenerCounters(1) == (1, 0, 0)
+
+
+@needsEngine
+def test_heldDatagramsLeaveBeforeNextOnes(bench):
+    """
+    The datagrams held for a new client reach the target before those the
+    client sends right after its session is adopted, whichever of the
+    engine thread's wake-up and the next datagrams comes first.
+    """
+    b = bench()
+    for attempt in range(20):
+        c = b.client()
+        held = [b"held %d %d" % (attempt, i) for i in range(5)]
+        for data in held:
+            c.sendto(data, b.address)
+        [event] = nextEvents(b.engine)
+        b.openSession(event)
+        after = [b"next %d %d" % (attempt, i) for i in range(20)]
+        for data in after:
+            c.sendto(data, b.address)
+        assert [b.target.recv(100) for _ in held + after] == held + after
 
 
 @needsEngine
@@ -247,7 +268,7 @@ def test_sessionDatagramRate(bench):
     c.sendto(b"later", b.address)
     assert b.target.recv(100) == b"later"
     with pytest.raises(ValueError):
-        b.engine.addSession(event[2], 0, 99, 30.0, b"", 0, 5.0, 0)
+        b.engine.adopt(event[2], 0, 99, 30.0, b"", 0, 5.0, 0)
 
 
 @needsEngine
@@ -313,7 +334,7 @@ def test_heldDatagramsBounded(bench):
     all of them count in its bytes, and those not held in the listener's
     dropped datagrams when the session opens.
     """
-    from twistedproxy._fastudp import PENDING_DATAGRAMS
+    from twistedproxy.udp._engine import PENDING_DATAGRAMS
 
     b = bench()
     c = b.client()
@@ -369,7 +390,7 @@ def test_sessionExpiresAfterTimeout(bench):
     assert nextEvents(b.engine) == [("ended", flowId, 4, 0)]
     assert time.monotonic() - started >= 0.3
     assert b.engine.counters(flowId) is None
-    assert b.engine.sessionCount() == 0
+    assert b.engine.flowCount() == 0
 
 
 @needsEngine
@@ -387,7 +408,7 @@ def test_activityDelaysExpiry(bench):
         assert c.recv(100) == b"pong"
         time.sleep(0.15)
     assert b.engine.counters(flowId) == (4, 40)
-    assert b.engine.events() == []
+    assert b.engine.reports() == []
 
 
 @needsEngine
@@ -415,7 +436,7 @@ def test_staleRefusalRetried(bench):
 
 
 @needsEngine
-def test_closeSessionReturnsCountersAndClosesSocket(bench):
+def test_closeReturnsCountersAndClosesSocket(bench):
     """
     Closing a session returns its counters and closes its socket; a second
     close finds nothing.
@@ -426,11 +447,11 @@ def test_closeSessionReturnsCountersAndClosesSocket(bench):
     event = nextEvents(b.engine)[0]
     skt = connected(b.target.getsockname())
     fd = skt.detach()
-    b.engine.addSession(event[2], fd, 42, 30.0)
+    b.engine.adopt(event[2], fd, 42, 30.0)
     assert b.target.recv(100) == b"hello"
-    assert b.engine.closeSession(42) == (5, 0)
+    assert b.engine.close(42) == (5, 0)
     assert not fdOpen(fd)
-    assert b.engine.closeSession(42) is None
+    assert b.engine.close(42) is None
 
 
 @needsEngine
@@ -445,16 +466,16 @@ def test_removeListenerEndsItsSessions(bench):
     flowId = b.openSession(nextEvents(b.engine)[0])
     assert b.target.recv(100) == b"x"
     assert b.engine.removeListener(1) == [(flowId, 1, 0)]
-    assert b.engine.sessionCount() == 0
+    assert b.engine.flowCount() == 0
     c.sendto(b"unread", b.address)
     time.sleep(0.05)
     assert b.listening.recv(100) == b"unread"
 
 
 @needsEngine
-def test_addSessionErrorsLeaveSocketToCaller(bench):
+def test_adoptErrorsLeaveSocketToCaller(bench):
     """
-    addSession for a listener the engine does not read, or for a client
+    adopt for a listener the engine does not read, or for a client
     that has a session, raises ValueError and leaves the socket open.
     """
     b = bench()
@@ -464,14 +485,14 @@ def test_addSessionErrorsLeaveSocketToCaller(bench):
     b.openSession(event)
     skt = connected(b.target.getsockname())
     with pytest.raises(ValueError):
-        b.engine.addSession(event[2], skt.fileno(), 99, 30.0)
+        b.engine.adopt(event[2], skt.fileno(), 99, 30.0)
     b.engine.removeListener(1)
     with pytest.raises(ValueError):
-        b.engine.addSession(event[2], skt.fileno(), 100, 30.0)
+        b.engine.adopt(event[2], skt.fileno(), 100, 30.0)
     assert fdOpen(skt.fileno())
     skt.close()
     with pytest.raises(ValueError):
-        b.engine.addSession(b"not a key", 0, 101, 30.0)
+        b.engine.adopt(b"not a key", 0, 101, 30.0)
 
 
 @needsEngine
@@ -494,7 +515,7 @@ def test_manySessionsEachTheirOwn(bench):
     for i in (0, 299, 599):
         b.target.sendto(b"to %d" % i, sources[i])
         assert clients[i].recv(100) == b"to %d" % i
-    assert b.engine.sessionCount() == 600
+    assert b.engine.flowCount() == 600
 
 
 @needsEngine
@@ -555,7 +576,7 @@ def test_stopEndsEverything(bench):
     event = nextEvents(b.engine)[0]
     skt = connected(b.target.getsockname())
     fd = skt.detach()
-    b.engine.addSession(event[2], fd, 5, 30.0)
+    b.engine.adopt(event[2], fd, 5, 30.0)
     assert b.engine.stop() == [(5, 1, 0)]
     assert not fdOpen(fd)
     assert b.engine.stop() == []
@@ -631,7 +652,7 @@ def openedSession(b, client, sessionSocket=None) -> int:
     if sessionSocket is None:
         sessionSocket = connected(b.target.getsockname()[:2])
     flowId = next(b.flowIds)
-    b.engine.addSession(key, sessionSocket.detach(), flowId, 30.0)
+    b.engine.adopt(key, sessionSocket.detach(), flowId, 30.0)
     assert b.target.recv(100) == b"hello"
     return flowId
 
@@ -979,7 +1000,7 @@ def test_datagramsNotHeldCountAsDroppedThroughEngine(reactor, service):
     The datagrams of a new client that the engine did not hold while the
     listener opened its session count in the listener's dropped datagrams.
     """
-    from twistedproxy._fastudp import PENDING_DATAGRAMS
+    from twistedproxy.udp._engine import PENDING_DATAGRAMS
 
     s = service()
     svc = s.service
@@ -1147,7 +1168,7 @@ def test_headersAgreeWithPython(bench, mode):
     [event] = nextEvents(b.engine)
     flowId = next(b.flowIds)
     skt = connected(b.target.getsockname()[:2])
-    b.engine.addSession(event[2], skt.detach(), flowId, 30.0, b"", mode)
+    b.engine.adopt(event[2], skt.detach(), flowId, 30.0, b"", mode)
     for data in cases[1:]:
         c.sendto(data, b.address)
     b.target.settimeout(2.0)

@@ -85,12 +85,13 @@ def test_sourceDistributionShipsTheEnginesHeaders():
     """
     package = os.path.join(REPO, "twistedproxy")
     included = set()
-    for name in os.listdir(package):
-        if name.endswith(".c"):
-            with open(os.path.join(package, name)) as f:
-                for line in f:
-                    if line.startswith('#include "'):
-                        included.add(line.split('"')[1])
+    for folder, _, names in os.walk(package):
+        for name in names:
+            if name.endswith(".c"):
+                with open(os.path.join(folder, name)) as f:
+                    for line in f:
+                        if line.startswith('#include "'):
+                            included.add(line.split('"')[1])
     assert included, "the extensions include no header of their own"
     with open(os.path.join(REPO, "MANIFEST.in")) as f:
         manifest = f.read().split()

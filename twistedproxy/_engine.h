@@ -1,12 +1,38 @@
 /*
- * What twistedproxy's two compiled engines (_fastrelay.c, _fastudp.c)
- * share: the descriptors by which the reactor thread and an engine's
- * thread wake each other.
+ * The skeleton twistedproxy's two compiled engines share:
+ * tcp/_engine.c (TCPEngine: established TCP connections, splice) and
+ * udp/_engine.c (UDPEngine: established UDP sessions, recvmmsg/sendmmsg).
  *
- * Each engine has an epoll instance its thread waits on, an eventfd in
- * that set by which Python wakes the thread (commands, new work), and an
- * eventfd the reactor watches, by which the thread tells Python it has
- * something to report.
+ * An engine is a Python object with one background thread of its own.
+ * Both speak one vocabulary:
+ *
+ *   - a flow is what the engine forwards (a TCP connection's two sockets,
+ *     a UDP session's connected socket), named by a 64-bit flow id that
+ *     Python chooses; adopt() hands one over, close(id) ends it,
+ *     counters(id) reads its bytes, flowCount() counts the live ones;
+ *   - a report is what the thread tells Python (a flow ended; for UDP
+ *     also a new client); reports() takes them, oldest first;
+ *   - wakeFd: an eventfd by which Python wakes the thread (in the
+ *     thread's epoll set, its events carry the engine's wake data);
+ *     notifyFd: an eventfd by which the thread wakes the reactor, which
+ *     watches fileno() == notifyFd and then calls reports();
+ *   - stop() ends every flow and joins the thread.
+ *
+ * What is here: the descriptors (epoll + wakeFd + notifyFd), the thread
+ * start (every signal blocked, a set stack size), the id table (flow id
+ * -> flow, intrusive), the report queue whose slots are reserved when a
+ * flow is adopted, so that posting a report never needs memory and never
+ * fails, and the CPython boilerplate (the common head of both engine
+ * objects, tp_new, fileno(), flowCount(), the module init).
+ *
+ * The locking rule, for both engines: one mutex per engine guards what
+ * the reactor thread and the engine thread share (the id table, the
+ * report queue, the command queue or the tables Python edits).  Neither
+ * thread holds it during an I/O system call on a flow's sockets (recv,
+ * send, splice, sendmmsg, ...) nor while it builds Python objects: data is
+ * copied out under the mutex and turned into Python objects after it.
+ * Byte counters the engine thread alone writes are read with relaxed
+ * atomic loads where the reader does not hold the mutex the writer does.
  */
 
 #ifndef TWISTEDPROXY_ENGINE_H
@@ -15,10 +41,21 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
+
+/* The engine thread's stack: its deepest frame is a batch of messages on
+ * the stack (UDP: DRAIN of them), well under this. */
+#define ENGINE_STACK_SIZE (256 * 1024)
+
+/* -- wake and notify ------------------------------------------------------ */
 
 /* Add one to an eventfd's counter, which wakes whoever waits on it. */
 static void
@@ -43,28 +80,396 @@ drainFd(int fd)
     } while (r < 0 && errno == EINTR);
 }
 
+/* -- the id table: flow id -> flow ---------------------------------------- */
+
+/* Embedded in each flow; ENTRY_OF gets the flow back from it. */
+typedef struct IdEntry {
+    uint64_t id;
+    struct IdEntry *next;
+} IdEntry;
+
+#define ENTRY_OF(entry, type, member) ((type *)((char *)(entry) - offsetof(type, member)))
+
+typedef struct {
+    IdEntry **buckets;
+    size_t mask;   /* buckets - 1, a power of two minus one */
+    size_t count;
+} IdTable;
+
+static size_t
+idSlot(const IdTable *t, uint64_t id)
+{
+    uint64_t h = id * 0x9E3779B97F4A7C15ULL;
+    return (size_t)(h >> 32) & t->mask;
+}
+
+/* size: a power of two.  0, or -1 without memory (no Python error set). */
+static int
+idTableInit(IdTable *t, size_t size)
+{
+    t->buckets = calloc(size, sizeof(IdEntry *));
+    if (t->buckets == NULL)
+        return -1;
+    t->mask = size - 1;
+    t->count = 0;
+    return 0;
+}
+
+static IdEntry *
+idTableFind(const IdTable *t, uint64_t id)
+{
+    IdEntry *e = t->buckets[idSlot(t, id)];
+    while (e != NULL && e->id != id)
+        e = e->next;
+    return e;
+}
+
+/* Make sure one more entry can be linked without memory: 0, or -1. */
+static int
+idTableMakeRoom(IdTable *t)
+{
+    if (t->count + 1 <= t->mask + 1)
+        return 0;
+    size_t size = (t->mask + 1) * 2;
+    IdEntry **buckets = calloc(size, sizeof(IdEntry *));
+    if (buckets == NULL)
+        return -1;
+    IdEntry **old = t->buckets;
+    size_t oldSize = t->mask + 1;
+    t->buckets = buckets;
+    t->mask = size - 1;
+    for (size_t i = 0; i < oldSize; i++) {
+        IdEntry *e = old[i];
+        while (e != NULL) {
+            IdEntry *next = e->next;
+            size_t s = idSlot(t, e->id);
+            e->next = buckets[s];
+            buckets[s] = e;
+            e = next;
+        }
+    }
+    free(old);
+    return 0;
+}
+
+/* Link an entry whose id is not in the table: 0, or -1 without memory. */
+static int
+idTableInsert(IdTable *t, IdEntry *e)
+{
+    if (idTableMakeRoom(t) < 0)
+        return -1;
+    size_t s = idSlot(t, e->id);
+    e->next = t->buckets[s];
+    t->buckets[s] = e;
+    t->count++;
+    return 0;
+}
+
+static void
+idTableRemove(IdTable *t, IdEntry *e)
+{
+    IdEntry **p = &t->buckets[idSlot(t, e->id)];
+    while (*p != NULL && *p != e)
+        p = &(*p)->next;
+    if (*p == e) {
+        *p = e->next;
+        t->count--;
+    }
+}
+
+/* Every entry of table t: ID_TABLE_EACH(t, i, e, next) { ... } declares
+ * the bucket index i and the entries e and next; the body may remove e
+ * from the table (next is read before it runs). */
+#define ID_TABLE_EACH(t, i, e, next)                                   \
+    for (size_t i = 0; i <= (t)->mask; i++)                            \
+        for (IdEntry *e = (t)->buckets[i], *next = e ? e->next : NULL; \
+             e != NULL; e = next, next = e ? e->next : NULL)
+
+/* -- the report queue ----------------------------------------------------- */
+
 /*
- * Open an engine's epoll instance and its two eventfds (non-blocking,
- * close-on-exec), with *wakeFd in the epoll set under wakeData.  0 on
- * success; -1 with a Python OSError set, the caller's dealloc closing
- * whatever did open (every descriptor it is given starts at -1).
+ * Reports of fixed size, in one array.  Every live flow has a slot
+ * reserved in it (reportReserve, by the reactor thread at adopt, under the
+ * mutex), so the engine thread's reportPost never needs memory.  Only the
+ * reactor thread grows the array, so reportsTaken can read the queued
+ * reports without the mutex while the engine thread appends after them.
+ */
+typedef struct {
+    char *items;
+    size_t itemSize;
+    size_t count;     /* queued */
+    size_t reserved;  /* slots promised to live flows */
+    size_t capacity;  /* >= count + reserved */
+} ReportQueue;
+
+/* Reserve n slots (mutex held, reactor thread): 0, or -1 without memory. */
+static int
+reportReserve(ReportQueue *q, size_t n)
+{
+    size_t need = q->count + q->reserved + n;
+    if (need > q->capacity) {
+        size_t capacity = q->capacity ? q->capacity : 64;
+        while (capacity < need)
+            capacity *= 2;
+        char *grown = realloc(q->items, capacity * q->itemSize);
+        if (grown == NULL)
+            return -1;
+        q->items = grown;
+        q->capacity = capacity;
+    }
+    q->reserved += n;
+    return 0;
+}
+
+/* A flow ended without a report (its end was returned to Python at
+ * once): give its slot back.  Mutex held. */
+static void
+reportRelease(ReportQueue *q)
+{
+    q->reserved--;
+}
+
+/* Take a reserved slot for a report and return it to be filled in.  Mutex
+ * held; never fails. */
+static void *
+reportPost(ReportQueue *q)
+{
+    q->reserved--;
+    return q->items + q->itemSize * q->count++;
+}
+
+/* How many reports are queued, and where (reactor thread, mutex held):
+ * they stay valid and in place after the mutex is released, whatever the
+ * engine thread posts meanwhile, until reportsTaken. */
+static size_t
+reportsQueued(ReportQueue *q, const char **items)
+{
+    *items = q->items;
+    return q->count;
+}
+
+/* The first n reports have been turned into Python objects: drop them
+ * (reactor thread, mutex held). */
+static void
+reportsTaken(ReportQueue *q, size_t n)
+{
+    q->count -= n;
+    if (q->count > 0)
+        memmove(q->items, q->items + q->itemSize * n, q->itemSize * q->count);
+}
+
+/* -- the common head of both engine objects -------------------------------- */
+
+#define ENGINE_HEAD                                                         \
+    PyObject_HEAD                                                           \
+    /* set at construction, read-only afterwards */                         \
+    int epfd;                                                               \
+    int wakeFd;    /* eventfd: Python -> thread (commands, new work) */     \
+    int notifyFd;  /* eventfd: thread -> reactor (reports are queued) */    \
+    /* reactor thread only */                                               \
+    int started;                                                            \
+    int joined;                                                             \
+    pthread_t thread;                                                       \
+    /* shared, under lock */                                                \
+    pthread_mutex_t lock;                                                   \
+    int stopping;                                                           \
+    IdTable flows;                                                          \
+    ReportQueue reports;
+
+typedef struct {
+    ENGINE_HEAD
+} EngineBase;
+
+/* Take the mutex from the reactor thread; when the engine thread has it,
+ * wait for it without the GIL, so that other Python threads run. */
+static void
+engineLock(EngineBase *self)
+{
+    if (pthread_mutex_trylock(&self->lock) != 0) {
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(&self->lock);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+/* tp_new of both engines: every descriptor -1 (tp_init opens them). */
+static PyObject *
+engineNew(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    EngineBase *self = (EngineBase *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->epfd = self->wakeFd = self->notifyFd = -1;
+    pthread_mutex_init(&self->lock, NULL);
+    return (PyObject *)self;
+}
+
+/*
+ * Open an engine's epoll instance, its two eventfds (non-blocking,
+ * close-on-exec) with wakeFd in the epoll set under wakeData, its id
+ * table and its report queue of itemSize reports.  0 on success; -1 with
+ * a Python error set, engineFree releasing whatever was had.
  */
 static int
-openEngineDescriptors(int *epfd, int *wakeFd, int *notifyFd, epoll_data_t wakeData)
+engineOpen(EngineBase *self, epoll_data_t wakeData, size_t tableSize, size_t itemSize)
 {
-    *epfd = epoll_create1(EPOLL_CLOEXEC);
-    *wakeFd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    *notifyFd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (*epfd < 0 || *wakeFd < 0 || *notifyFd < 0) {
+    if (self->epfd >= 0) {
+        PyErr_SetString(PyExc_RuntimeError, "engine already initialised");
+        return -1;
+    }
+    self->reports.itemSize = itemSize;
+    if (idTableInit(&self->flows, tableSize) < 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->epfd = epoll_create1(EPOLL_CLOEXEC);
+    self->wakeFd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    self->notifyFd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (self->epfd < 0 || self->wakeFd < 0 || self->notifyFd < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
     struct epoll_event ev = {.events = EPOLLIN, .data = wakeData};
-    if (epoll_ctl(*epfd, EPOLL_CTL_ADD, *wakeFd, &ev) < 0) {
+    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->wakeFd, &ev) < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
     return 0;
+}
+
+/* Close the descriptors, free the table and queue (the flows are the
+ * engine's to free first), destroy the mutex: the end of tp_dealloc. */
+static void
+engineFree(EngineBase *self)
+{
+    free(self->flows.buckets);
+    self->flows.buckets = NULL;
+    free(self->reports.items);
+    self->reports.items = NULL;
+    if (self->epfd >= 0)
+        close(self->epfd);
+    if (self->wakeFd >= 0)
+        close(self->wakeFd);
+    if (self->notifyFd >= 0)
+        close(self->notifyFd);
+    self->epfd = self->wakeFd = self->notifyFd = -1;
+    pthread_mutex_destroy(&self->lock);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/*
+ * Start the engine thread, once: ENGINE_STACK_SIZE of stack, and every
+ * signal blocked, so that signals (SIGHUP for reload, SIGCHLD, SIGINT) go
+ * to the reactor's thread and a SIGPIPE from a send to a reset socket is
+ * never delivered.  The thread holds a reference to the engine until
+ * engineJoin.  0, or -1 with OSError set.
+ */
+static int
+engineStartThread(EngineBase *self, void *(*main)(void *))
+{
+    if (self->started)
+        return 0;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, ENGINE_STACK_SIZE);
+    sigset_t all, previous;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &previous);
+    int rc = pthread_create(&self->thread, &attr, main, self);
+    pthread_sigmask(SIG_SETMASK, &previous, NULL);
+    pthread_attr_destroy(&attr);
+    if (rc != 0) {
+        errno = rc;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    self->started = 1;
+    Py_INCREF(self);
+    return 0;
+}
+
+/* Wake the thread (which has been told to stop) and wait for it without
+ * the GIL.  The caller drops the thread's reference when it is done with
+ * what the thread left. */
+static void
+engineJoin(EngineBase *self)
+{
+    if (!self->started || self->joined)
+        return;
+    signalFd(self->wakeFd);
+    Py_BEGIN_ALLOW_THREADS
+    pthread_join(self->thread, NULL);
+    Py_END_ALLOW_THREADS
+    self->joined = 1;
+}
+
+/* A flow id argument: 0, or -1 with a Python error set. */
+static int
+parseFlowId(PyObject *arg, uint64_t *id)
+{
+    unsigned long long value = PyLong_AsUnsignedLongLong(arg);
+    if (value == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    *id = value;
+    return 0;
+}
+
+static PyObject *
+engineFileno(PyObject *self, PyObject *unused)
+{
+    return PyLong_FromLong(((EngineBase *)self)->notifyFd);
+}
+
+static PyObject *
+engineFlowCount(PyObject *self, PyObject *unused)
+{
+    EngineBase *e = (EngineBase *)self;
+    engineLock(e);
+    size_t n = e->flows.count;
+    pthread_mutex_unlock(&e->lock);
+    return PyLong_FromSize_t(n);
+}
+
+/* The methods both engines have alike, for their method tables. */
+#define ENGINE_COMMON_METHODS                                              \
+    {"fileno", engineFileno, METH_NOARGS,                                  \
+     "fileno() -> int\n\nAn eventfd (notifyFd) that becomes readable when " \
+     "reports() has something to return."},                               \
+    {"flowCount", engineFlowCount, METH_NOARGS,                            \
+     "flowCount() -> int\n\nLive flows (adopted and not yet ended)."}
+
+/* The type object of an engine whose C struct, tp_init, tp_dealloc and
+ * method table are NAME, NAME_init, NAME_dealloc and NAME_methods. */
+#define ENGINE_TYPE(NAME, qualifiedName, doc)       \
+    {                                               \
+        PyVarObject_HEAD_INIT(NULL, 0)              \
+        .tp_name = qualifiedName,                   \
+        .tp_basicsize = sizeof(NAME),               \
+        .tp_flags = Py_TPFLAGS_DEFAULT,             \
+        .tp_doc = doc,                              \
+        .tp_new = engineNew,                        \
+        .tp_init = (initproc)NAME##_init,           \
+        .tp_dealloc = (destructor)NAME##_dealloc,   \
+        .tp_methods = NAME##_methods,               \
+    }
+
+/* Create an engine's module holding its type under the type's own name.
+ * NULL with a Python error set. */
+static PyObject *
+engineModule(PyModuleDef *definition, PyTypeObject *type, const char *name)
+{
+    if (PyType_Ready(type) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(definition);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(type);
+    if (PyModule_AddObject(m, name, (PyObject *)type) < 0) {
+        Py_DECREF(type);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }
 
 #endif

@@ -208,7 +208,7 @@ def _v1Port(word: bytes) -> int:
 
 
 #: What a UDP session does with PROXY v2 headers at the start of its
-#: client's datagrams (C{_fastudp.c}'s C{HEADERS_*}): nothing, take them
+#: client's datagrams (C{udp/_engine.c}'s C{HEADERS_*}): nothing, take them
 #: off (a source in C{accept_proxy_protocol}), or refuse datagrams that
 #: carry one (any other source).
 HEADERS_NONE, HEADERS_TAKE, HEADERS_REFUSE = 0, 1, 2

@@ -9,5 +9,5 @@ TCP forwarding.
   - L{twistedproxy.tcp.relay}: where bytes are copied in Python (the
     L{Relay} protocol pair, its TLS kinds, the ending of unserved clients).
   - L{twistedproxy.tcp.engine}: the binding of the compiled splice engine
-    (C{twistedproxy._fastrelay}): adopting connections, its flows.
+    (C{twistedproxy.tcp._engine}): adopting connections, its flows.
 """

@@ -1,7 +1,7 @@
 """
 The binding of the compiled TCP engine: where established connections'
 bytes are copied without Python, and the one module that calls
-L{twistedproxy._fastrelay}.
+L{twistedproxy.tcp._engine}.
 
 The root service owns one L{TCPEngine}, which the listeners'
 L{twistedproxy.tcp.forwarder.EngineForwarder}s share.  Once a flow's two
@@ -53,10 +53,10 @@ if TYPE_CHECKING:
     from twistedproxy.tcp.listener import TCPListener
 
 try:
-    from twistedproxy._fastrelay import Engine  # type: ignore[import-not-found]
-    from twistedproxy._fastrelay import accept as acceptClient
+    from twistedproxy.tcp._engine import TCPEngine as CompiledTCPEngine
+    from twistedproxy.tcp._engine import accept as acceptClient
 except ImportError:
-    Engine = acceptClient = None
+    CompiledTCPEngine = acceptClient = None
 
 log = Logger(namespace="portproxy")
 
@@ -69,7 +69,7 @@ def available() -> bool:
     """
     Whether the compiled relay engine was built and imports.
     """
-    return Engine is not None
+    return CompiledTCPEngine is not None
 
 
 @implementer(IReadDescriptor)
@@ -80,14 +80,14 @@ class TCPEngine:
 
     One engine thread serves every flow; it starts with the first adopt.
 
-    @ivar engine: the L{twistedproxy._fastrelay.Engine}.
+    @ivar engine: the L{twistedproxy.tcp._engine.TCPEngine}.
     """
 
     def __init__(self, reactor, engine=None) -> None:
         if engine is None:
-            if Engine is None:
-                raise RuntimeError("twistedproxy._fastrelay is not built")
-            engine = Engine()
+            if CompiledTCPEngine is None:
+                raise RuntimeError("twistedproxy.tcp._engine is not built")
+            engine = CompiledTCPEngine()
         self.reactor = reactor
         self.engine = engine
         self._onEnd: dict[int, EndCallback] = {}
@@ -148,7 +148,7 @@ class TCPEngine:
         Hand two connected TCP socket descriptors to the engine, which
         closes them when the flow ends.  C{exclusive}: the caller vouches
         that both are non-blocking and that no other descriptor refers to
-        either socket (see C{Engine.adopt}).
+        either socket (see C{twistedproxy.tcp._engine.TCPEngine.adopt}).
 
         @return: C{True} when the engine took them (C{onEnd} will be
             called once, in the reactor thread); C{False} when it refused
@@ -249,7 +249,7 @@ class TCPEngine:
         The engine has ended flows: call their C{onEnd}.
         """
         onEnd = self._onEnd
-        for flowId, bytesIn, bytesOut, reason in self.engine.ended():
+        for flowId, bytesIn, bytesOut, reason in self.engine.reports():
             callback = onEnd.pop(flowId, None)
             if callback is None:
                 continue

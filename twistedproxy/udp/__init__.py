@@ -9,5 +9,5 @@ UDP forwarding.
   - L{twistedproxy.udp.relay}: where datagrams are copied in Python (the
     listening and session sockets, L{Session}).
   - L{twistedproxy.udp.engine}: the binding of the compiled datagram engine
-    (C{twistedproxy._fastudp}) and its sessions.
+    (C{twistedproxy.udp._engine}) and its sessions.
 """

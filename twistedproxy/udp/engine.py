@@ -2,7 +2,7 @@
 The binding of the compiled UDP engine: where datagrams of open sessions
 are copied without Python.
 
-L{twistedproxy._fastudp} is a small C extension (Linux) whose engine runs
+L{twistedproxy.udp._engine} is a small C extension (Linux) whose engine runs
 one background thread with its own epoll and never takes the GIL.  The
 root service owns one L{UDPEngine}, shared by its UDP listeners.  A
 listener's L{twistedproxy.udp.forwarder.EngineForwarder} hands the bound
@@ -38,9 +38,9 @@ if TYPE_CHECKING:
     from twistedproxy.udp.listener import UDPListener
 
 try:
-    from twistedproxy._fastudp import Engine  # type: ignore[import-not-found]
+    from twistedproxy.udp._engine import UDPEngine as CompiledUDPEngine
 except ImportError:
-    Engine = None
+    CompiledUDPEngine = None
 
 log = Logger(namespace="portproxy")
 
@@ -49,7 +49,7 @@ def available() -> bool:
     """
     Whether the compiled engine is built and importable here.
     """
-    return Engine is not None
+    return CompiledUDPEngine is not None
 
 
 @implementer(IReadDescriptor)
@@ -57,12 +57,12 @@ class UDPEngine:
     """
     The compiled engine of one reactor, shared by all its UDP listeners.
 
-    @ivar engine: the L{twistedproxy._fastudp.Engine}.
+    @ivar engine: the L{twistedproxy.udp._engine.UDPEngine}.
     """
 
     def __init__(self, reactor, engine=None) -> None:
         self.reactor = reactor
-        self.engine = Engine() if engine is None else engine
+        self.engine = CompiledUDPEngine() if engine is None else engine
         self._listeners: dict[int, EngineForwarder] = {}
         self._flows: dict[int, EngineForwarder] = {}
         self._ids = itertools.count(1)
@@ -80,7 +80,7 @@ class UDPEngine:
         """
         Hand what the engine reported to the listeners it concerns.
         """
-        for event in self.engine.events():
+        for event in self.engine.reports():
             self._handle(event)
 
     def _handle(self, event) -> None:
@@ -178,7 +178,7 @@ class UDPEngine:
             socket is then still the caller's).
         """
         perSecond, burst = (0.0, 0) if rate is None else (rate.perSecond, rate.burst)
-        self.engine.addSession(
+        self.engine.adopt(
             key, skt.fileno(), flowId, timeout, prefix, headers, perSecond, burst
         )
         skt.detach()
@@ -203,7 +203,7 @@ class UDPEngine:
         End a session now; its counters, or L{None} when the engine ended
         it already (its expiry is reported by L{doRead}).
         """
-        counters = self.engine.closeSession(flowId)
+        counters = self.engine.close(flowId)
         if counters is not None:
             self._flows.pop(flowId, None)
         return counters
@@ -235,7 +235,7 @@ class UDPEngine:
 
 
 #: Where the local address a client sent to starts in an engine's client
-#: key (C{Key.local} of C{_fastudp.c}: id, family, port, scope, padding,
+#: key (C{Key.local} of C{udp/_engine.c}: id, family, port, scope, padding,
 #: the client's address, then it); zero when the listener is bound to one
 #: address.
 _KEY_LOCAL = 32

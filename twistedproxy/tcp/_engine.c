@@ -1,9 +1,11 @@
 /*
- * twistedproxy._fastrelay: the compiled relay engine for established TCP
- * connections (Linux only: epoll, splice, eventfd).
+ * twistedproxy.tcp._engine: the compiled relay engine for established TCP
+ * connections (Linux only: epoll, splice, eventfd), on the skeleton both
+ * engines share (../_engine.h: descriptors, thread start, id table,
+ * report queue, locking rule, vocabulary).
  *
  * Twisted accepts the client, connects to the target and then hands both
- * connected sockets to an Engine.  The engine owns one background thread
+ * connected sockets to a TCPEngine (adopt).  The engine owns one background thread
  * with its own epoll instance; that thread never touches a Python object
  * and never takes the GIL.  It relays each flow both ways with splice(2)
  * through a pipe per direction (zero copy), or through a small userspace
@@ -13,10 +15,10 @@
  * Threads and what they share:
  *
  *   - the reactor thread calls the Python methods below; the engine thread
- *     runs engineMain().  They share the flow table (flowId -> Flow), the
- *     command queue and the list of ended flows, all under one mutex that
- *     either thread holds only for a few instructions; the engine thread
- *     never holds it while it moves bytes.
+ *     runs engineMain().  They share the id table (flowId -> Flow), the
+ *     command queue and the report queue, all under one mutex that either
+ *     thread holds only for a few instructions; neither holds it during a
+ *     system call on a socket or while it builds Python objects.
  *   - per-flow byte counters are written by the engine thread alone with
  *     relaxed atomic stores and read by the reactor thread with relaxed
  *     atomic loads (plain aligned 64-bit moves on x86_64 and aarch64), so a
@@ -105,8 +107,7 @@ typedef struct Direction {
 } Direction;
 
 typedef struct Flow {
-    uint64_t id;
-    struct Flow *tableNext;          /* chain in the flow table */
+    IdEntry entry;                   /* id and chain in the id table */
     struct Flow *prev, *next;        /* engine thread's list of live flows */
     double idleTimeout;              /* seconds; 0 = never */
     double lastActive;               /* engine clock of the last byte read */
@@ -134,33 +135,20 @@ typedef struct PooledPipe {
     double pooledAt;  /* engine clock when it was given back */
 } PooledPipe;
 
-typedef struct Ended {
+/* What the reactor learns of a flow that ended. */
+typedef struct Report {
     uint64_t id, bytesIn, bytesOut;
     const char *reason;
-} Ended;
+} Report;
 
 typedef struct {
-    PyObject_HEAD
+    ENGINE_HEAD
     /* set at construction, read-only afterwards */
-    int epfd;
-    int commandFd;  /* eventfd: commands are waiting for the engine */
-    int endedFd;    /* eventfd: ended flows are waiting for Python */
     uint32_t pipeSize;
     uint32_t bufferSize;
     double busyPollSeconds;
-    /* reactor thread only */
-    int started;
-    int joined;
-    pthread_t thread;
     /* shared, under lock */
-    pthread_mutex_t lock;
-    Flow **table;
-    size_t tableMask;
-    size_t flowCount;
     Command *commandHead, *commandTail;
-    Ended *ended;
-    size_t endedCount, endedCapacity;
-    int stopping;
     /* engine thread only */
     Flow *live;
     Flow *graveyard;  /* ended in this batch; freed after it */
@@ -171,8 +159,8 @@ typedef struct {
     PooledPipe pool[PIPE_POOL];
     int poolCount;
     char *scratch;        /* bufferSize bytes: a direction's first bytes pass here */
-    int endedSinceWake;
-} Engine;
+    int reportedSinceWake;
+} TCPEngine;
 
 static double
 monotonicNow(void)
@@ -190,71 +178,13 @@ preciseNow(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-/* -- the flow table (caller holds the lock) ------------------------------- */
-
-static size_t
-slotOf(Engine *e, uint64_t id)
-{
-    uint64_t h = id * 0x9E3779B97F4A7C15ULL;
-    return (size_t)(h >> 32) & e->tableMask;
-}
+/* -- the id table (caller holds the lock) --------------------------------- */
 
 static Flow *
-tableFind(Engine *e, uint64_t id)
+tableFind(TCPEngine *e, uint64_t id)
 {
-    Flow *f = e->table[slotOf(e, id)];
-    while (f != NULL && f->id != id)
-        f = f->tableNext;
-    return f;
-}
-
-static int
-tableGrow(Engine *e)
-{
-    size_t size = (e->tableMask + 1) * 2;
-    Flow **table = calloc(size, sizeof(Flow *));
-    if (table == NULL)
-        return -1;
-    Flow **old = e->table;
-    size_t oldSize = e->tableMask + 1;
-    e->table = table;
-    e->tableMask = size - 1;
-    for (size_t i = 0; i < oldSize; i++) {
-        Flow *f = old[i];
-        while (f != NULL) {
-            Flow *next = f->tableNext;
-            size_t s = slotOf(e, f->id);
-            f->tableNext = table[s];
-            table[s] = f;
-            f = next;
-        }
-    }
-    free(old);
-    return 0;
-}
-
-static int
-tableInsert(Engine *e, Flow *f)
-{
-    if (e->flowCount + 1 > e->tableMask + 1 && tableGrow(e) < 0)
-        return -1;
-    size_t s = slotOf(e, f->id);
-    f->tableNext = e->table[s];
-    e->table[s] = f;
-    e->flowCount++;
-    return 0;
-}
-
-static void
-tableRemove(Engine *e, Flow *f)
-{
-    Flow **p = &e->table[slotOf(e, f->id)];
-    while (*p != NULL && *p != f)
-        p = &(*p)->tableNext;
-    if (*p == f) {
-        *p = f->tableNext;
-        e->flowCount--;
-    }
+    IdEntry *entry = idTableFind(&e->flows, id);
+    return entry == NULL ? NULL : ENTRY_OF(entry, Flow, entry);
 }
 
 /* -- per-direction resources ---------------------------------------------- */
@@ -266,7 +196,7 @@ tableRemove(Engine *e, Flow *f)
  * closed.
  */
 static void
-releaseChannel(Engine *e, Direction *d)
+releaseChannel(TCPEngine *e, Direction *d)
 {
     if (d->pipeRead >= 0) {
         if (d->pending == 0 && e->poolCount < PIPE_POOL) {
@@ -295,7 +225,7 @@ releaseChannel(Engine *e, Direction *d)
  * not even the buffer could be had (the flow then ends).
  */
 static int
-openChannel(Engine *e, Direction *d)
+openChannel(TCPEngine *e, Direction *d)
 {
     if (e->pipeSize > 0 && !d->spliceFails) {
         if (e->poolCount > 0) {
@@ -341,38 +271,15 @@ resetOnClose(int fd)
     setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof(l));
 }
 
-/*
- * Make sure the ended list has room for the report of one more flow.  The
- * list always has a slot for every live flow (flowCount + endedCount <=
- * endedCapacity), so reporting an end in the engine thread never needs
- * memory and cannot fail.  Caller holds the lock.
- */
-static int
-reserveReport(Engine *e)
-{
-    size_t need = e->flowCount + e->endedCount + 1;
-    if (need <= e->endedCapacity)
-        return 0;
-    size_t capacity = e->endedCapacity ? e->endedCapacity : 64;
-    while (capacity < need)
-        capacity *= 2;
-    Ended *grown = realloc(e->ended, capacity * sizeof(Ended));
-    if (grown == NULL)
-        return -1;
-    e->ended = grown;
-    e->endedCapacity = capacity;
-    return 0;
-}
-
 static void
-pushEnded(Engine *e, uint64_t id, uint64_t in, uint64_t out, const char *reason)
+postReport(TCPEngine *e, uint64_t id, uint64_t in, uint64_t out, const char *reason)
 {
     /* caller holds the lock; adopt reserved this flow's slot */
-    Ended *x = &e->ended[e->endedCount++];
-    x->id = id;
-    x->bytesIn = in;
-    x->bytesOut = out;
-    x->reason = reason;
+    Report *r = reportPost(&e->reports);
+    r->id = id;
+    r->bytesIn = in;
+    r->bytesOut = out;
+    r->reason = reason;
 }
 
 /*
@@ -382,7 +289,7 @@ pushEnded(Engine *e, uint64_t id, uint64_t in, uint64_t out, const char *reason)
  * event batch, whose later events may still point at it.
  */
 static void
-endFlow(Engine *e, Flow *f, const char *reason, int resetMask)
+endFlow(TCPEngine *e, Flow *f, const char *reason, int resetMask)
 {
     if (f->dead)
         return;
@@ -400,10 +307,10 @@ endFlow(Engine *e, Flow *f, const char *reason, int resetMask)
         releaseChannel(e, &f->dir[s]);
     }
     pthread_mutex_lock(&e->lock);
-    tableRemove(e, f);
-    pushEnded(e, f->id, f->dir[0].bytes, f->dir[1].bytes, reason);
+    idTableRemove(&e->flows, &f->entry);
+    postReport(e, f->entry.id, f->dir[0].bytes, f->dir[1].bytes, reason);
     pthread_mutex_unlock(&e->lock);
-    e->endedSinceWake = 1;
+    e->reportedSinceWake = 1;
     if (f->prev != NULL)
         f->prev->next = f->next;
     else if (e->live == f)
@@ -425,7 +332,7 @@ resetBy(int side)
 
 /* Account for n bytes read in direction d of flow f. */
 static void
-noteRead(Engine *e, Flow *f, int d, ssize_t n)
+noteRead(TCPEngine *e, Flow *f, int d, ssize_t n)
 {
     Direction *dir = &f->dir[d];
     __atomic_store_n(&dir->bytes, dir->bytes + (uint64_t)n, __ATOMIC_RELAXED);
@@ -459,7 +366,7 @@ noteEof(Flow *f, int src)
  * had nothing, or its end).
  */
 static int
-relayDirect(Engine *e, Flow *f, int d)
+relayDirect(TCPEngine *e, Flow *f, int d)
 {
     Direction *dir = &f->dir[d];
     int src = d == 0 ? CLIENT : TARGET;
@@ -524,7 +431,7 @@ relayDirect(Engine *e, Flow *f, int d)
  * Returns 1 if bytes moved, 0 if nothing could, -1 if the flow ended.
  */
 static int
-pumpDirection(Engine *e, Flow *f, int d)
+pumpDirection(TCPEngine *e, Flow *f, int d)
 {
     Direction *dir = &f->dir[d];
     int src = d == 0 ? CLIENT : TARGET;
@@ -684,7 +591,7 @@ pumpDirection(Engine *e, Flow *f, int d)
 }
 
 static void
-pumpFlow(Engine *e, Flow *f)
+pumpFlow(TCPEngine *e, Flow *f)
 {
     /* Each direction can unblock the other only through the peers, which
      * shows up as a new event: one pass of each suffices. */
@@ -704,7 +611,7 @@ socketFailed(int fd)
 /* -- commands and the sweep (engine thread) ------------------------------- */
 
 static void
-startFlow(Engine *e, Flow *f)
+startFlow(TCPEngine *e, Flow *f)
 {
     struct epoll_event ev;
     for (int s = 0; s < 2; s++) {
@@ -733,9 +640,9 @@ startFlow(Engine *e, Flow *f)
 
 /* Run queued commands; returns 1 when the engine must stop. */
 static int
-runCommands(Engine *e)
+runCommands(TCPEngine *e)
 {
-    drainFd(e->commandFd);
+    drainFd(e->wakeFd);
     pthread_mutex_lock(&e->lock);
     Command *c = e->commandHead;
     e->commandHead = e->commandTail = NULL;
@@ -762,7 +669,7 @@ runCommands(Engine *e)
 }
 
 static void
-sweep(Engine *e)
+sweep(TCPEngine *e)
 {
     /* Pooled pipes unused for a sweep period are closed: the pool serves
      * bursts of short connections, and a quiet proxy keeps no spare
@@ -800,7 +707,7 @@ sweep(Engine *e)
 }
 
 static void
-buryDead(Engine *e)
+buryDead(TCPEngine *e)
 {
     Flow *f = e->graveyard;
     e->graveyard = NULL;
@@ -814,7 +721,7 @@ buryDead(Engine *e)
 static void *
 engineMain(void *arg)
 {
-    Engine *e = (Engine *)arg;
+    TCPEngine *e = (TCPEngine *)arg;
     struct epoll_event events[MAX_EVENTS];
     int stop = 0;
     double spinUntil = 0;
@@ -883,9 +790,9 @@ engineMain(void *arg)
             e->nextSweep = e->now + SWEEP_MS / 1000.0;
         }
         buryDead(e);
-        if (e->endedSinceWake) {
-            e->endedSinceWake = 0;
-            signalFd(e->endedFd);
+        if (e->reportedSinceWake) {
+            e->reportedSinceWake = 0;
+            signalFd(e->notifyFd);
         }
     }
     /* Stopping: every flow still open ends with a reset on both sides, so
@@ -910,14 +817,14 @@ engineMain(void *arg)
         close(p->pipeRead);
         close(p->pipeWrite);
     }
-    signalFd(e->endedFd);
+    signalFd(e->notifyFd);
     return NULL;
 }
 
 /* -- the Python type ------------------------------------------------------ */
 
 static int
-queueCommand(Engine *e, int kind, uint64_t id, Flow *f)
+queueCommand(TCPEngine *e, int kind, uint64_t id, Flow *f)
 {
     /* caller holds the lock */
     Command *c = malloc(sizeof(Command));
@@ -936,13 +843,13 @@ queueCommand(Engine *e, int kind, uint64_t id, Flow *f)
 }
 
 static int
-Engine_init(Engine *self, PyObject *args, PyObject *kwds)
+TCPEngine_init(TCPEngine *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"pipeSize", "bufferSize", "busyPoll", NULL};
     long pipeSize = DEFAULT_PIPE_SIZE;
     long bufferSize = DEFAULT_BUFFER_SIZE;
     long busyPoll = DEFAULT_BUSY_POLL_US;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|lll:Engine", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|lll:TCPEngine", kwlist,
                                      &pipeSize, &bufferSize, &busyPoll))
         return -1;
     if (busyPoll < 0 || busyPoll > 1000000) {
@@ -951,7 +858,7 @@ Engine_init(Engine *self, PyObject *args, PyObject *kwds)
     }
     self->busyPollSeconds = busyPoll / 1e6;
     if (self->epfd >= 0) {
-        PyErr_SetString(PyExc_RuntimeError, "Engine already initialised");
+        PyErr_SetString(PyExc_RuntimeError, "TCPEngine already initialised");
         return -1;
     }
     if (pipeSize < 0 || pipeSize > (1L << 30)) {
@@ -964,52 +871,28 @@ Engine_init(Engine *self, PyObject *args, PyObject *kwds)
     }
     self->pipeSize = (uint32_t)pipeSize;
     self->bufferSize = (uint32_t)bufferSize;
-    self->table = calloc(1024, sizeof(Flow *));
-    if (self->table == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    self->tableMask = 1023;
     self->scratch = malloc(self->bufferSize);
     if (self->scratch == NULL) {
         PyErr_NoMemory();
         return -1;
     }
-    /* Events of the command eventfd carry 0; a flow's, its Flow. */
-    return openEngineDescriptors(&self->epfd, &self->commandFd, &self->endedFd,
-                                 (epoll_data_t){.u64 = 0});
-}
-
-static PyObject *
-Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
-{
-    Engine *self = (Engine *)type->tp_alloc(type, 0);
-    if (self == NULL)
-        return NULL;
-    self->epfd = self->commandFd = self->endedFd = -1;
-    pthread_mutex_init(&self->lock, NULL);
-    return (PyObject *)self;
+    /* Events of the wake eventfd carry 0; a flow's, its Flow. */
+    return engineOpen((EngineBase *)self, (epoll_data_t){.u64 = 0}, 1024, sizeof(Report));
 }
 
 static void
-Engine_dealloc(Engine *self)
+TCPEngine_dealloc(TCPEngine *self)
 {
     /* A started engine holds a reference to itself until stop() joins its
      * thread, so here the thread is either joined or was never started. */
-    Flow **table = self->table;
-    if (table != NULL) {
-        for (size_t i = 0; i <= self->tableMask; i++) {
-            Flow *f = table[i];
-            while (f != NULL) {
-                Flow *next = f->tableNext;
-                /* adopted but never started: the engine owns the fds */
-                close(f->fd[0]);
-                close(f->fd[1]);
-                free(f);
-                f = next;
-            }
+    if (self->flows.buckets != NULL) {
+        ID_TABLE_EACH(&self->flows, i, entry, next) {
+            Flow *f = ENTRY_OF(entry, Flow, entry);
+            /* adopted but never started: the engine owns the fds */
+            close(f->fd[0]);
+            close(f->fd[1]);
+            free(f);
         }
-        free(table);
     }
     Command *c = self->commandHead;
     while (c != NULL) {
@@ -1017,23 +900,15 @@ Engine_dealloc(Engine *self)
         free(c);
         c = next;
     }
-    free(self->ended);
     free(self->scratch);
-    if (self->epfd >= 0)
-        close(self->epfd);
-    if (self->commandFd >= 0)
-        close(self->commandFd);
-    if (self->endedFd >= 0)
-        close(self->endedFd);
-    pthread_mutex_destroy(&self->lock);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    engineFree((EngineBase *)self);
 }
 
 static int
-checkReady(Engine *self)
+checkReady(TCPEngine *self)
 {
     if (self->epfd < 0) {
-        PyErr_SetString(PyExc_RuntimeError, "Engine not initialised");
+        PyErr_SetString(PyExc_RuntimeError, "TCPEngine not initialised");
         return -1;
     }
     return 0;
@@ -1071,7 +946,7 @@ PyDoc_STRVAR(adopt_doc,
 "RuntimeError (engine stopped) or OSError (the thread could not start).");
 
 static PyObject *
-Engine_adopt(Engine *self, PyObject *args)
+TCPEngine_adopt(TCPEngine *self, PyObject *args)
 {
     int clientFd, targetFd;
     unsigned long long id;
@@ -1102,7 +977,7 @@ Engine_adopt(Engine *self, PyObject *args)
     Flow *f = calloc(1, sizeof(Flow));
     if (f == NULL)
         return PyErr_NoMemory();
-    f->id = id;
+    f->entry.id = id;
     f->fd[CLIENT] = clientFd;
     f->fd[TARGET] = targetFd;
     f->idleTimeout = idleTimeout;
@@ -1111,29 +986,11 @@ Engine_adopt(Engine *self, PyObject *args)
     for (int d = 0; d < 2; d++)
         f->dir[d].pipeRead = f->dir[d].pipeWrite = -1;
 
-    if (!self->started) {
-        /* The thread starts with the first flow, so a process that forks
-         * (twistd daemonising) before any connection forks single-threaded. */
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setstacksize(&attr, 256 * 1024);
-        /* The thread starts with every signal blocked: signals (SIGHUP for
-         * reload, SIGCHLD, SIGINT) go to the reactor's thread, and a
-         * SIGPIPE from a splice to a reset socket is never delivered. */
-        sigset_t all, previous;
-        sigfillset(&all);
-        pthread_sigmask(SIG_SETMASK, &all, &previous);
-        int rc = pthread_create(&self->thread, &attr, engineMain, self);
-        pthread_sigmask(SIG_SETMASK, &previous, NULL);
-        pthread_attr_destroy(&attr);
-        if (rc != 0) {
-            free(f);
-            errno = rc;
-            return PyErr_SetFromErrno(PyExc_OSError);
-        }
-        self->started = 1;
-        /* The thread uses this object until stop() joins it. */
-        Py_INCREF(self);
+    /* The thread starts with the first flow, so a process that forks
+     * (twistd daemonising) before any connection forks single-threaded. */
+    if (engineStartThread((EngineBase *)self, engineMain) < 0) {
+        free(f);
+        return NULL;
     }
 
     enum { ADOPTED, STOPPED, DUPLICATE, NO_MEMORY } outcome = ADOPTED;
@@ -1146,10 +1003,14 @@ Engine_adopt(Engine *self, PyObject *args)
         outcome = STOPPED;
     else if (tableFind(self, id) != NULL)
         outcome = DUPLICATE;
-    else if (reserveReport(self) < 0)
+    else if (reportReserve(&self->reports, 1) < 0)
         outcome = NO_MEMORY;
-    else if (tableInsert(self, f) < 0 || queueCommand(self, CMD_ADOPT, id, f) < 0) {
-        tableRemove(self, f);
+    else if (idTableInsert(&self->flows, &f->entry) < 0) {
+        reportRelease(&self->reports);
+        outcome = NO_MEMORY;
+    } else if (queueCommand(self, CMD_ADOPT, id, f) < 0) {
+        idTableRemove(&self->flows, &f->entry);
+        reportRelease(&self->reports);
         outcome = NO_MEMORY;
     }
     pthread_mutex_unlock(&self->lock);
@@ -1164,7 +1025,7 @@ Engine_adopt(Engine *self, PyObject *args)
         return NULL;
     }
     if (wake)
-        signalFd(self->commandFd);
+        signalFd(self->wakeFd);
     Py_RETURN_NONE;
 }
 
@@ -1174,10 +1035,10 @@ PyDoc_STRVAR(close_doc,
 "says 'killed'.  False when no such flow is live.");
 
 static PyObject *
-Engine_close(Engine *self, PyObject *arg)
+TCPEngine_close(TCPEngine *self, PyObject *arg)
 {
-    unsigned long long id = PyLong_AsUnsignedLongLong(arg);
-    if (id == (unsigned long long)-1 && PyErr_Occurred())
+    uint64_t id;
+    if (parseFlowId(arg, &id) < 0)
         return NULL;
     if (checkReady(self) < 0)
         return NULL;
@@ -1191,7 +1052,7 @@ Engine_close(Engine *self, PyObject *arg)
     if (known && !queued)
         return PyErr_NoMemory();
     if (queued)
-        signalFd(self->commandFd);
+        signalFd(self->wakeFd);
     return PyBool_FromLong(known);
 }
 
@@ -1201,10 +1062,10 @@ PyDoc_STRVAR(counters_doc,
 "client) so far; None when no such flow is live.");
 
 static PyObject *
-Engine_counters(Engine *self, PyObject *arg)
+TCPEngine_counters(TCPEngine *self, PyObject *arg)
 {
-    unsigned long long id = PyLong_AsUnsignedLongLong(arg);
-    if (id == (unsigned long long)-1 && PyErr_Occurred())
+    uint64_t id;
+    if (parseFlowId(arg, &id) < 0)
         return NULL;
     if (checkReady(self) < 0)
         return NULL;
@@ -1226,22 +1087,21 @@ PyDoc_STRVAR(snapshot_doc,
 "The counters of every live flow.");
 
 static PyObject *
-Engine_snapshot(Engine *self, PyObject *unused)
+TCPEngine_snapshot(TCPEngine *self, PyObject *unused)
 {
     if (checkReady(self) < 0)
         return NULL;
     /* Copy under the lock, build Python objects after it. */
     pthread_mutex_lock(&self->lock);
-    size_t count = self->flowCount;
+    size_t count = self->flows.count;
     uint64_t *rows = malloc((count ? count : 1) * 3 * sizeof(uint64_t));
     size_t k = 0;
     if (rows != NULL) {
-        for (size_t i = 0; i <= self->tableMask; i++) {
-            for (Flow *f = self->table[i]; f != NULL; f = f->tableNext) {
-                rows[k++] = f->id;
-                rows[k++] = __atomic_load_n(&f->dir[0].bytes, __ATOMIC_RELAXED);
-                rows[k++] = __atomic_load_n(&f->dir[1].bytes, __ATOMIC_RELAXED);
-            }
+        ID_TABLE_EACH(&self->flows, i, entry, next) {
+            Flow *f = ENTRY_OF(entry, Flow, entry);
+            rows[k++] = entry->id;
+            rows[k++] = __atomic_load_n(&f->dir[0].bytes, __ATOMIC_RELAXED);
+            rows[k++] = __atomic_load_n(&f->dir[1].bytes, __ATOMIC_RELAXED);
         }
     }
     pthread_mutex_unlock(&self->lock);
@@ -1264,8 +1124,8 @@ Engine_snapshot(Engine *self, PyObject *unused)
     return list;
 }
 
-PyDoc_STRVAR(ended_doc,
-"ended() -> list of (flowId, bytesIn, bytesOut, reason)\n\n"
+PyDoc_STRVAR(reports_doc,
+"reports() -> list of (flowId, bytesIn, bytesOut, reason)\n\n"
 "Flows that ended since the last call, oldest first, and clears the\n"
 "readiness of fileno().  reason is one of 'client closed', 'target\n"
 "closed' (the side that finished sending first, both directions having\n"
@@ -1273,35 +1133,24 @@ PyDoc_STRVAR(ended_doc,
 "'killed', 'proxy stopped', 'out of memory'.");
 
 static PyObject *
-Engine_ended(Engine *self, PyObject *unused)
+TCPEngine_reports(TCPEngine *self, PyObject *unused)
 {
     if (checkReady(self) < 0)
         return NULL;
-    /* The list is swapped for an empty one of the same capacity, so that
-     * every live flow keeps its reserved slot.  Only this thread grows the
-     * capacity (in adopt), so it cannot change between here and the swap. */
+    /* Clear the eventfd before looking at the queue: a flow that ends
+     * after this read signals it again, so none is left unreported. */
+    drainFd(self->notifyFd);
+    const char *items;
     pthread_mutex_lock(&self->lock);
-    size_t capacity = self->endedCapacity;
-    pthread_mutex_unlock(&self->lock);
-    Ended *fresh = NULL;
-    if (capacity > 0 && (fresh = malloc(capacity * sizeof(Ended))) == NULL)
-        return PyErr_NoMemory(); /* the reports stay queued, signalled */
-    /* Clear the eventfd before taking the list: a flow that ends after
-     * this read signals it again, so none is left unreported. */
-    drainFd(self->endedFd);
-    pthread_mutex_lock(&self->lock);
-    Ended *items = self->ended;
-    size_t count = self->endedCount;
-    self->ended = fresh;
-    self->endedCount = 0;
+    size_t count = reportsQueued(&self->reports, &items);
     pthread_mutex_unlock(&self->lock);
     PyObject *list = PyList_New((Py_ssize_t)count);
     if (list != NULL) {
         for (size_t i = 0; i < count; i++) {
-            PyObject *row = Py_BuildValue("(KKKs)", (unsigned long long)items[i].id,
-                                          (unsigned long long)items[i].bytesIn,
-                                          (unsigned long long)items[i].bytesOut,
-                                          items[i].reason);
+            const Report *r = (const Report *)items + i;
+            PyObject *row = Py_BuildValue("(KKKs)", (unsigned long long)r->id,
+                                          (unsigned long long)r->bytesIn,
+                                          (unsigned long long)r->bytesOut, r->reason);
             if (row == NULL) {
                 Py_CLEAR(list);
                 break;
@@ -1310,43 +1159,25 @@ Engine_ended(Engine *self, PyObject *unused)
         }
     }
     if (list == NULL) {
-        /* Out of memory: put the reports back in front of any that came
-         * meanwhile (both fit: together they are at most one slot per flow
-         * adopted), and signal again so that the next call has them. */
-        pthread_mutex_lock(&self->lock);
-        if (self->endedCount > 0)
-            memcpy(items + count, self->ended, self->endedCount * sizeof(Ended));
-        free(self->ended);
-        self->ended = items;
-        self->endedCount += count;
-        pthread_mutex_unlock(&self->lock);
-        signalFd(self->endedFd);
+        /* Out of memory: the reports stay queued; signal again so that
+         * the next call has them. */
+        signalFd(self->notifyFd);
         return NULL;
     }
-    free(items);
+    pthread_mutex_lock(&self->lock);
+    reportsTaken(&self->reports, count);
+    pthread_mutex_unlock(&self->lock);
     return list;
-}
-
-PyDoc_STRVAR(fileno_doc,
-"fileno() -> int\n\n"
-"An eventfd that becomes readable when ended() has something to return.");
-
-static PyObject *
-Engine_fileno(Engine *self, PyObject *unused)
-{
-    if (checkReady(self) < 0)
-        return NULL;
-    return PyLong_FromLong(self->endedFd);
 }
 
 PyDoc_STRVAR(stop_doc,
 "stop() -> None\n\n"
 "End every flow (reason 'proxy stopped', both sockets reset) and join the\n"
-"engine thread; ended() then returns their reports.  Later adopts raise\n"
+"engine thread; reports() then returns their reports.  Later adopts raise\n"
 "RuntimeError.  Safe to call more than once.");
 
 static PyObject *
-Engine_stop(Engine *self, PyObject *unused)
+TCPEngine_stop(TCPEngine *self, PyObject *unused)
 {
     if (checkReady(self) < 0)
         return NULL;
@@ -1362,40 +1193,25 @@ Engine_stop(Engine *self, PyObject *unused)
         return PyErr_NoMemory();
     }
     if (self->started && !self->joined) {
-        signalFd(self->commandFd);
-        Py_BEGIN_ALLOW_THREADS
-        pthread_join(self->thread, NULL);
-        Py_END_ALLOW_THREADS
-        self->joined = 1;
+        engineJoin((EngineBase *)self);
         Py_DECREF(self);
     }
     Py_RETURN_NONE;
 }
 
-static PyObject *
-Engine_len(Engine *self, PyObject *unused)
-{
-    pthread_mutex_lock(&self->lock);
-    size_t n = self->flowCount;
-    pthread_mutex_unlock(&self->lock);
-    return PyLong_FromSize_t(n);
-}
-
-static PyMethodDef Engine_methods[] = {
-    {"adopt", (PyCFunction)Engine_adopt, METH_VARARGS, adopt_doc},
-    {"close", (PyCFunction)Engine_close, METH_O, close_doc},
-    {"counters", (PyCFunction)Engine_counters, METH_O, counters_doc},
-    {"snapshot", (PyCFunction)Engine_snapshot, METH_NOARGS, snapshot_doc},
-    {"ended", (PyCFunction)Engine_ended, METH_NOARGS, ended_doc},
-    {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, fileno_doc},
-    {"stop", (PyCFunction)Engine_stop, METH_NOARGS, stop_doc},
-    {"flowCount", (PyCFunction)Engine_len, METH_NOARGS,
-     "flowCount() -> int\n\nLive flows (adopted and not yet ended)."},
+static PyMethodDef TCPEngine_methods[] = {
+    {"adopt", (PyCFunction)TCPEngine_adopt, METH_VARARGS, adopt_doc},
+    {"close", (PyCFunction)TCPEngine_close, METH_O, close_doc},
+    {"counters", (PyCFunction)TCPEngine_counters, METH_O, counters_doc},
+    {"snapshot", (PyCFunction)TCPEngine_snapshot, METH_NOARGS, snapshot_doc},
+    {"reports", (PyCFunction)TCPEngine_reports, METH_NOARGS, reports_doc},
+    {"stop", (PyCFunction)TCPEngine_stop, METH_NOARGS, stop_doc},
+    ENGINE_COMMON_METHODS,
     {NULL, NULL, 0, NULL},
 };
 
-PyDoc_STRVAR(Engine_doc,
-"Engine(pipeSize=1048576, bufferSize=65536, busyPoll=30)\n\n"
+PyDoc_STRVAR(TCPEngine_doc,
+"TCPEngine(pipeSize=1048576, bufferSize=65536, busyPoll=30)\n\n"
 "A relay thread for established TCP connections.  pipeSize is asked of\n"
 "F_SETPIPE_SZ for each direction's pipe (0: never splice, relay through\n"
 "a bufferSize userspace buffer instead); bufferSize is also used where a\n"
@@ -1403,17 +1219,8 @@ PyDoc_STRVAR(Engine_doc,
 "after a batch of small traffic before it sleeps (0: sleep at once),\n"
 "which shortens request/response latency for a little CPU.");
 
-static PyTypeObject EngineType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "twistedproxy._fastrelay.Engine",
-    .tp_basicsize = sizeof(Engine),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = Engine_doc,
-    .tp_new = Engine_new,
-    .tp_init = (initproc)Engine_init,
-    .tp_dealloc = (destructor)Engine_dealloc,
-    .tp_methods = Engine_methods,
-};
+static PyTypeObject TCPEngineType =
+    ENGINE_TYPE(TCPEngine, "twistedproxy.tcp._engine.TCPEngine", TCPEngine_doc);
 
 /* -- accepting ------------------------------------------------------------ */
 
@@ -1467,28 +1274,20 @@ static PyMethodDef fastrelayFunctions[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef fastrelayModule = {
+static struct PyModuleDef engineModuleDefinition = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "twistedproxy._fastrelay",
+    .m_name = "twistedproxy.tcp._engine",
     .m_doc = "The compiled relay engine for established TCP connections (Linux).",
     .m_size = -1,
     .m_methods = fastrelayFunctions,
 };
 
 PyMODINIT_FUNC
-PyInit__fastrelay(void)
+PyInit__engine(void)
 {
-    if (PyType_Ready(&EngineType) < 0)
-        return NULL;
-    PyObject *m = PyModule_Create(&fastrelayModule);
+    PyObject *m = engineModule(&engineModuleDefinition, &TCPEngineType, "TCPEngine");
     if (m == NULL)
         return NULL;
-    Py_INCREF(&EngineType);
-    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
-        Py_DECREF(&EngineType);
-        Py_DECREF(m);
-        return NULL;
-    }
     PyModule_AddIntConstant(m, "DEFAULT_PIPE_SIZE", DEFAULT_PIPE_SIZE);
     PyModule_AddIntConstant(m, "DEFAULT_BUFFER_SIZE", DEFAULT_BUFFER_SIZE);
     PyModule_AddIntConstant(m, "DEFAULT_BUSY_POLL_US", DEFAULT_BUSY_POLL_US);

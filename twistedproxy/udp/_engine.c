@@ -1,9 +1,11 @@
 /*
- * twistedproxy._fastudp: the compiled engine for established UDP sessions
+ * twistedproxy.udp._engine: the compiled engine for established UDP sessions
  * (Linux only: epoll, eventfd, recvmmsg, IP_PKTINFO / IPV6_PKTINFO, and
  * UDP GSO where the kernel has it).
  *
- * One Engine owns one background thread that never takes the GIL.  Python
+ * It is built on the skeleton both engines share (../_engine.h:
+ * descriptors, thread start, id table, report queue, vocabulary); its
+ * flows are sessions.  One UDPEngine owns one background thread that never takes the GIL.  Python
  * (twistedproxy.udp) binds each listening socket and hands its descriptor
  * over with addListener(); the thread reads every datagram.  A datagram
  * from a client with a session is sent on the session's socket, which is
@@ -12,16 +14,24 @@
  *
  * A datagram from a client without a session is held (a few per client,
  * a bounded number of clients and bytes) and Python is told through an
- * eventfd; it decides whether the client may have a session and answers
- * with addSession() (a connected socket it opened: the held datagrams are
- * sent on it) or dropPending().  Sessions quiet for their timeout are
- * ended by the thread and reported through the same eventfd.
+ * eventfd (a 'new' report); it decides whether the client may have a
+ * session and answers with adopt() (a connected socket it opened: the held
+ * datagrams are sent on it) or dropPending().  Sessions quiet for their
+ * timeout are ended by the thread and reported through the same eventfd;
+ * each session's report slot is reserved at adopt, and PENDING_CLIENTS
+ * slots for 'new' reports at construction.
  *
- * Locking: one mutex guards every table.  The thread holds it while it
- * handles one epoll batch, Python while it runs one method.  An object
- * removed from epoll may still have an event in the batch being handled;
- * it is marked closed and freed only at the end of the batch, so a stale
- * event never touches freed memory.
+ * Locking (the rule of ../_engine.h): one mutex guards every table; the
+ * thread takes it to look up, account and hold, never during recvmmsg,
+ * sendmmsg, recv or sendmsg, and Python never holds it while it builds
+ * Python objects.  The thread only sends: the datagrams held for a new
+ * session leave from the thread too (adopt queues them), so that they go
+ * before the client's next ones.  An object removed from epoll may still
+ * have an event in the batch being handled; it is marked closed (checked
+ * under the mutex) and freed by the thread after the batch.  A Python
+ * method that removes a session or a listener waits for the batch in
+ * progress to end before it closes a descriptor or returns, so that the
+ * thread never uses a closed descriptor.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -78,7 +88,7 @@ static const uint8_t PP2_SIGNATURE[12] = {
     0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A};
 
 enum { KIND_WAKE = 0, KIND_LISTENER = 1, KIND_SESSION = 2 };
-enum { EVENT_NEW = 1, EVENT_ENDED = 2 };
+enum { REPORT_NEW = 1, REPORT_ENDED = 2 };
 
 /* What tells one client of one listener from another: the listener, the
  * client's address and the local address it sent to (zero when the
@@ -95,7 +105,7 @@ typedef struct {
 } Key;
 
 /* A key with what a reply to that client needs; it is what Python gets in
- * a "new" event and gives back to addSession() or dropPending(). */
+ * a 'new' report and gives back to adopt() or dropPending(). */
 typedef struct {
     Key key;
     struct sockaddr_storage client;
@@ -124,7 +134,7 @@ typedef struct Session {
     int fd;
     Peer peer;
     Listener *listener;
-    uint64_t flowId;
+    IdEntry entry;              /* flow id and chain in the id table */
     int64_t last;               /* ms, coarse monotonic clock */
     int64_t timeout;            /* ms */
     uint64_t bytesIn, bytesOut;
@@ -136,7 +146,9 @@ typedef struct Session {
      * rate in tokens per ms, 0 for no limit. */
     double rate, burst, tokens;
     int64_t stamp;
-    struct Session *nextByKey, *nextById, *nextDead;
+    struct Pending *held;       /* datagrams held before adopt, to send first */
+    int flushQueued;            /* on the engine's flushing list */
+    struct Session *nextByKey, *nextDead, *nextFlush;
 } Session;
 
 typedef struct Pending {
@@ -145,36 +157,37 @@ typedef struct Pending {
     uint64_t datagrams, bytes;  /* every datagram, held or dropped */
     size_t lens[PENDING_DATAGRAMS];
     char *data[PENDING_DATAGRAMS];
+    size_t skips[PENDING_DATAGRAMS]; /* once a session's: header bytes to skip */
     struct Pending *next;
 } Pending;
 
-typedef struct Event {
-    int type;
+typedef struct Report {
+    int type;                   /* REPORT_* */
     uint64_t flowId, bytesIn, bytesOut;
     Peer peer;
-    struct Event *next;
-} Event;
+} Report;
 
 typedef struct {
-    PyObject_HEAD
-    pthread_mutex_t lock;
-    pthread_t thread;
-    int started, stopping, joined;
-    int epfd, wakeFd, notifyFd;
+    ENGINE_HEAD
     int wakeKind;               /* epoll data for wakeFd points here */
     Listener *listeners;
     Listener *deadListeners;
-    Session **byKey, **byId;
-    size_t mask, sessionCount;
+    Session **byKey;            /* sessions by client key */
+    size_t keyMask;
     Session *deadSessions;
     Pending **pending;          /* PENDING_CLIENTS buckets */
     size_t pendingCount, pendingBytes;
-    Event *events, *lastEvent;
+    size_t newSlots;            /* report slots reserved for 'new' reports */
     int64_t tick, nextSweep, sweepGap;
     char *buffers;              /* DRAIN x MAX_DATAGRAM */
     int gso;                    /* new sessions may use UDP GSO */
-    uint64_t gsoSends;          /* sends that carried several datagrams */
-} Engine;
+    uint64_t gsoSends;          /* sends that carried several datagrams;
+                                 * the thread adds, relaxed atomics */
+    Session *flushing;          /* sessions whose held datagrams wait */
+    int inBatch;                /* the thread handles an epoll batch */
+    int condReady;
+    pthread_cond_t batchDone;   /* inBatch went back to 0 */
+} UDPEngine;
 
 /* -- helpers ----------------------------------------------------------- */
 
@@ -204,23 +217,7 @@ hashKey(const Key *k)
     return h;
 }
 
-static uint64_t
-hashId(uint64_t id)
-{
-    id *= 0x9e3779b97f4a7c15ULL;
-    return id ^ (id >> 29);
-}
-
-/* Take the lock; wait for it without the GIL when the thread has it. */
-static void
-lockFromPython(Engine *self)
-{
-    if (pthread_mutex_trylock(&self->lock) != 0) {
-        Py_BEGIN_ALLOW_THREADS
-        pthread_mutex_lock(&self->lock);
-        Py_END_ALLOW_THREADS
-    }
-}
+#define lockFromPython(self) engineLock((EngineBase *)(self))
 
 static void
 peerFromMessage(Peer *p, Listener *l, struct msghdr *msg)
@@ -264,25 +261,23 @@ peerFromMessage(Peer *p, Listener *l, struct msghdr *msg)
 }
 
 static Session *
-findSession(Engine *self, const Key *k)
+findSession(UDPEngine *self, const Key *k)
 {
-    Session *s = self->byKey[hashKey(k) & self->mask];
+    Session *s = self->byKey[hashKey(k) & self->keyMask];
     while (s != NULL && memcmp(&s->peer.key, k, sizeof *k) != 0)
         s = s->nextByKey;
     return s;
 }
 
 static Session *
-findFlow(Engine *self, uint64_t flowId)
+findFlow(UDPEngine *self, uint64_t flowId)
 {
-    Session *s = self->byId[hashId(flowId) & self->mask];
-    while (s != NULL && s->flowId != flowId)
-        s = s->nextById;
-    return s;
+    IdEntry *entry = idTableFind(&self->flows, flowId);
+    return entry == NULL ? NULL : ENTRY_OF(entry, Session, entry);
 }
 
 static Pending **
-findPending(Engine *self, const Key *k)
+findPending(UDPEngine *self, const Key *k)
 {
     Pending **pp = &self->pending[hashKey(k) % PENDING_CLIENTS];
     while (*pp != NULL && memcmp(&(*pp)->peer.key, k, sizeof *k) != 0)
@@ -291,7 +286,7 @@ findPending(Engine *self, const Key *k)
 }
 
 static Listener *
-findListener(Engine *self, uint32_t id)
+findListener(UDPEngine *self, uint32_t id)
 {
     for (Listener *l = self->listeners; l != NULL; l = l->next)
         if (l->id == id)
@@ -300,7 +295,7 @@ findListener(Engine *self, uint32_t id)
 }
 
 static void
-freePending(Engine *self, Pending *p)
+freePending(UDPEngine *self, Pending *p)
 {
     for (int i = 0; i < p->count; i++) {
         self->pendingBytes -= p->lens[i];
@@ -310,86 +305,127 @@ freePending(Engine *self, Pending *p)
     free(p);
 }
 
-static int
-queueEvent(Engine *self, int type, Session *s, const Peer *peer)
+/* Report that a session ended (lock held; never fails: adopt reserved
+ * its slot). */
+static void
+postEnded(UDPEngine *self, Session *s)
 {
-    Event *e = calloc(1, sizeof *e);
-    if (e == NULL)
+    Report *r = reportPost(&self->reports);
+    memset(r, 0, sizeof *r);
+    r->type = REPORT_ENDED;
+    r->flowId = s->entry.id;
+    r->bytesIn = s->bytesIn;
+    r->bytesOut = s->bytesOut;
+}
+
+/* Report a new client (lock held); -1 when the slots reserved for new
+ * clients are all taken (reports() gives them back). */
+static int
+postNew(UDPEngine *self, const Peer *peer)
+{
+    if (self->newSlots == 0)
         return -1;
-    e->type = type;
-    if (s != NULL) {
-        e->flowId = s->flowId;
-        e->bytesIn = s->bytesIn;
-        e->bytesOut = s->bytesOut;
-    }
-    if (peer != NULL)
-        e->peer = *peer;
-    if (self->lastEvent != NULL)
-        self->lastEvent->next = e;
-    else
-        self->events = e;
-    self->lastEvent = e;
+    self->newSlots--;
+    Report *r = reportPost(&self->reports);
+    memset(r, 0, sizeof *r);
+    r->type = REPORT_NEW;
+    r->peer = *peer;
     return 0;
 }
 
+/* Make room for one more session in the key table: 0, or -1. */
 static int
-growTables(Engine *self)
+growKeys(UDPEngine *self)
 {
-    size_t size = (self->mask + 1) * 2;
+    if (self->flows.count + 1 <= self->keyMask + 1)
+        return 0;
+    size_t size = (self->keyMask + 1) * 2;
     Session **byKey = calloc(size, sizeof *byKey);
-    Session **byId = calloc(size, sizeof *byId);
-    if (byKey == NULL || byId == NULL) {
-        free(byKey);
-        free(byId);
+    if (byKey == NULL)
         return -1;
-    }
-    for (size_t i = 0; i <= self->mask; i++) {
+    for (size_t i = 0; i <= self->keyMask; i++) {
         for (Session *s = self->byKey[i], *next; s != NULL; s = next) {
             next = s->nextByKey;
             size_t b = hashKey(&s->peer.key) & (size - 1);
             s->nextByKey = byKey[b];
             byKey[b] = s;
         }
-        for (Session *s = self->byId[i], *next; s != NULL; s = next) {
-            next = s->nextById;
-            size_t b = hashId(s->flowId) & (size - 1);
-            s->nextById = byId[b];
-            byId[b] = s;
-        }
     }
     free(self->byKey);
-    free(self->byId);
     self->byKey = byKey;
-    self->byId = byId;
-    self->mask = size - 1;
+    self->keyMask = size - 1;
     return 0;
 }
 
-/* Remove a session from the tables and epoll, close its socket; it is
- * freed at the end of the current batch. */
+/* Free the datagrams a session held, once sent or not to be sent. */
 static void
-endSession(Engine *self, Session *s)
+freeHeld(Pending *p)
 {
-    Session **pp = &self->byKey[hashKey(&s->peer.key) & self->mask];
+    if (p == NULL)
+        return;
+    for (int i = 0; i < p->count; i++)
+        free(p->data[i]);
+    free(p);
+}
+
+/* Take a session off the flushing list (lock held). */
+static void
+unqueueFlush(UDPEngine *self, Session *s)
+{
+    if (!s->flushQueued)
+        return;
+    Session **pp = &self->flushing;
+    while (*pp != s)
+        pp = &(*pp)->nextFlush;
+    *pp = s->nextFlush;
+    s->flushQueued = 0;
+}
+
+/* Remove a session from the tables and epoll (lock held); it is freed
+ * after the current batch.  Its socket is closed here when closeNow (the
+ * engine thread, or no thread), else returned for the caller to close
+ * once the thread's batch is over (waitForBatch). */
+static int
+endSession(UDPEngine *self, Session *s, int closeNow)
+{
+    Session **pp = &self->byKey[hashKey(&s->peer.key) & self->keyMask];
     while (*pp != s)
         pp = &(*pp)->nextByKey;
     *pp = s->nextByKey;
-    pp = &self->byId[hashId(s->flowId) & self->mask];
-    while (*pp != s)
-        pp = &(*pp)->nextById;
-    *pp = s->nextById;
+    idTableRemove(&self->flows, &s->entry);
     epoll_ctl(self->epfd, EPOLL_CTL_DEL, s->fd, NULL);
-    close(s->fd);
-    s->fd = -1;
+    int fd = s->fd;
+    if (closeNow) {
+        close(fd);
+        fd = s->fd = -1;
+    }
+    /* else the thread may still send on s->fd until its batch ends: the
+     * number stays, the caller closes it after waitForBatch */
     s->closed = 1;
     s->listener->sessions--;
-    self->sessionCount--;
+    unqueueFlush(self, s);
+    freeHeld(s->held);
+    s->held = NULL;
     s->nextDead = self->deadSessions;
     self->deadSessions = s;
+    return fd;
+}
+
+/* Python removed a session or a listener that the thread may be using in
+ * the batch it handles: wait (lock held, released meanwhile, and the GIL
+ * too) for that batch to end. */
+static void
+waitForBatch(UDPEngine *self)
+{
+    while (self->started && !self->joined && self->inBatch) {
+        Py_BEGIN_ALLOW_THREADS
+        pthread_cond_wait(&self->batchDone, &self->lock);
+        Py_END_ALLOW_THREADS
+    }
 }
 
 static void
-freeDead(Engine *self)
+freeDead(UDPEngine *self)
 {
     while (self->deadSessions != NULL) {
         Session *s = self->deadSessions;
@@ -568,7 +604,7 @@ sendSegments(Session *s, const struct mmsghdr *msgs, int count)
  * of the run, go with sendmmsg: the refusal depends on the socket and its
  * route (SO_NO_CHECK, path MTU, IPsec), so other sessions keep GSO. */
 static void
-sendRun(Engine *self, Session *s, struct mmsghdr *msgs, int count)
+sendRun(UDPEngine *self, Session *s, struct mmsghdr *msgs, int count)
 {
     int plain = 0, i = 0;       /* msgs[plain..i) wait for sendmmsg */
     while (s->gso && i < count) {
@@ -585,7 +621,7 @@ sendRun(Engine *self, Session *s, struct mmsghdr *msgs, int count)
             s->gso = 0;
             break;
         }
-        self->gsoSends += (uint64_t)sent;
+        __atomic_fetch_add(&self->gsoSends, (uint64_t)sent, __ATOMIC_RELAXED);
         i += n;
         plain = i;
     }
@@ -593,25 +629,28 @@ sendRun(Engine *self, Session *s, struct mmsghdr *msgs, int count)
         sendRunToTarget(s, msgs + plain, count - plain);
 }
 
-static void
-holdDatagram(Engine *self, Listener *l, const Peer *peer, const char *data, size_t len)
+/* Hold a datagram of a client without a session (lock held); 1 when it
+ * is the client's first, reported as 'new'. */
+static int
+holdDatagram(UDPEngine *self, Listener *l, const Peer *peer, const char *data, size_t len)
 {
+    int posted = 0;
     Pending **pp = findPending(self, &peer->key);
     Pending *p = *pp;
     if (p == NULL) {
         if (self->pendingCount >= PENDING_CLIENTS || (p = calloc(1, sizeof *p)) == NULL) {
             l->dropped++;
-            return;
+            return 0;
         }
-        if (queueEvent(self, EVENT_NEW, NULL, peer) < 0) {
+        if (postNew(self, peer) < 0) {
             free(p);
             l->dropped++;
-            return;
+            return 0;
         }
         p->peer = *peer;
         *pp = p;
         self->pendingCount++;
-        signalFd(self->notifyFd);
+        posted = 1;
     }
     p->datagrams++;
     p->bytes += len;
@@ -624,10 +663,38 @@ holdDatagram(Engine *self, Listener *l, const Peer *peer, const char *data, size
             self->pendingBytes += len;
         }
     }
+    return posted;
+}
+
+/* One session's datagrams msgs[start..end) of a readListener batch, and
+ * what it held before it was adopted, to send after the lock. */
+typedef struct {
+    Session *s;
+    Pending *held;
+    int start, end;
+} Run;
+
+static void
+queueRun(UDPEngine *self, Run *run, Session *s, int start, int end)
+{
+    run->s = s;
+    run->held = s->held;
+    s->held = NULL;
+    unqueueFlush(self, s);
+    run->start = start;
+    run->end = end;
+}
+
+/* Send what a session held before it was adopted (thread, no lock). */
+static void
+sendHeld(Session *s, Pending *p)
+{
+    for (int i = 0; i < p->count; i++)
+        sendToTarget(s, p->data[i] + p->skips[i], p->lens[i] - p->skips[i]);
 }
 
 static void
-readListener(Engine *self, Listener *l, int64_t now)
+readListener(UDPEngine *self, Listener *l, int64_t now)
 {
     struct mmsghdr msgs[DRAIN];
     struct iovec iovs[DRAIN];
@@ -648,14 +715,28 @@ readListener(Engine *self, Listener *l, int64_t now)
         msgs[i].msg_hdr.msg_controllen = l->pktinfo ? sizeof controls[i] : 0;
         msgs[i].msg_hdr.msg_flags = 0;
     }
+    pthread_mutex_lock(&self->lock);
+    int closed = l->closed;
+    pthread_mutex_unlock(&self->lock);
+    if (closed)
+        return;
+    /* Python closes a removed listener's socket only after this batch. */
     int n = recvmmsg(l->fd, msgs, DRAIN, MSG_DONTWAIT, NULL);
     if (n <= 0)
         return;
-    /* Consecutive datagrams of one session (a bulk sender) leave together
-     * (sendRun): msgs[runStart..i) are reused as the outgoing messages. */
+    /* Under the lock, each datagram finds its session and is accounted
+     * for; the sends are made after it.  Consecutive datagrams of one
+     * session (a bulk sender) leave together (sendRun): msgs[start..end)
+     * are reused as the outgoing messages of runs[k]. */
+    Run runs[DRAIN];
+    int runCount = 0;
+    int reported = 0;
     Session *last = NULL;
     int runStart = 0;
     Peer peer;
+    pthread_mutex_lock(&self->lock);
+    if (l->closed)
+        n = 0;  /* removed meanwhile: as if these came after */
     for (int i = 0; i < n; i++) {
         const char *data = iovs[i].iov_base;
         size_t len = msgs[i].msg_len;
@@ -663,18 +744,18 @@ readListener(Engine *self, Listener *l, int64_t now)
         Session *s = last;
         if (s == NULL || memcmp(&s->peer.key, &peer.key, sizeof peer.key) != 0) {
             if (last != NULL)
-                sendRun(self, last, msgs + runStart, i - runStart);
+                queueRun(self, &runs[runCount++], last, runStart, i);
             last = NULL;
             s = findSession(self, &peer.key);
         }
         if (s == NULL) {
-            holdDatagram(self, l, &peer, data, len);
+            reported |= holdDatagram(self, l, &peer, data, len);
             continue;
         }
         s->last = now;
         if (s->rate > 0 && !takeToken(s, now)) {
             if (last != NULL)
-                sendRun(self, last, msgs + runStart, i - runStart);
+                queueRun(self, &runs[runCount++], last, runStart, i);
             last = NULL;
             continue;
         }
@@ -683,7 +764,7 @@ readListener(Engine *self, Listener *l, int64_t now)
             if (skip < 0) {
                 /* dropped: the run so far leaves, the next starts after */
                 if (last != NULL)
-                    sendRun(self, last, msgs + runStart, i - runStart);
+                    queueRun(self, &runs[runCount++], last, runStart, i);
                 last = NULL;
                 l->dropped++;
                 continue;
@@ -712,7 +793,44 @@ readListener(Engine *self, Listener *l, int64_t now)
         msgs[i].msg_hdr.msg_flags = 0;
     }
     if (last != NULL)
-        sendRun(self, last, msgs + runStart, n - runStart);
+        queueRun(self, &runs[runCount++], last, runStart, n);
+    pthread_mutex_unlock(&self->lock);
+    if (reported)
+        signalFd(self->notifyFd);
+    /* A session Python closes meanwhile keeps its socket until the batch
+     * is over: its runs leave as they came before the close. */
+    for (int k = 0; k < runCount; k++) {
+        if (runs[k].held != NULL) {
+            sendHeld(runs[k].s, runs[k].held);
+            freeHeld(runs[k].held);
+        }
+        sendRun(self, runs[k].s, msgs + runs[k].start, runs[k].end - runs[k].start);
+    }
+}
+
+/* Send the held datagrams of sessions adopted since the last wake-up
+ * (thread; the sends without the lock). */
+static void
+flushHeld(UDPEngine *self)
+{
+    for (;;) {
+        pthread_mutex_lock(&self->lock);
+        Session *s = self->flushing;
+        Pending *held = NULL;
+        if (s != NULL) {
+            self->flushing = s->nextFlush;
+            s->flushQueued = 0;
+            held = s->held;
+            s->held = NULL;
+        }
+        pthread_mutex_unlock(&self->lock);
+        if (s == NULL)
+            return;
+        if (held != NULL) {
+            sendHeld(s, held);
+            freeHeld(held);
+        }
+    }
 }
 
 static void
@@ -761,40 +879,56 @@ replyToClient(Session *s, const char *data, size_t len)
 }
 
 static void
-readSession(Engine *self, Session *s, int64_t now)
+readSession(UDPEngine *self, Session *s, int64_t now)
 {
     char *buffer = self->buffers;
+    pthread_mutex_lock(&self->lock);
+    int closed = s->closed;
+    pthread_mutex_unlock(&self->lock);
+    if (closed)
+        return;
+    /* The socket, the peer and the listener's socket stay as they are
+     * until this batch is over, whatever Python does meanwhile. */
+    uint64_t bytes = 0;
+    int replies = 0;
     for (int i = 0; i < DRAIN; i++) {
         ssize_t n = recv(s->fd, buffer, MAX_DATAGRAM, MSG_DONTWAIT);
         if (n < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK)
-                return;
+                break;
             /* An ICMP error for an earlier datagram (nothing listening at
              * the target yet, host unreachable): reading consumed it, and
              * the session goes on. */
             continue;
         }
-        s->last = now;
-        s->bytesOut += (size_t)n;
+        replies = 1;
+        bytes += (size_t)n;
         replyToClient(s, buffer, (size_t)n);
+    }
+    if (replies) {
+        pthread_mutex_lock(&self->lock);
+        s->last = now;
+        s->bytesOut += bytes;
+        pthread_mutex_unlock(&self->lock);
     }
 }
 
-static void
-sweep(Engine *self, int64_t now)
+/* End the sessions quiet for their timeout (lock held); 1 when it ended
+ * some, which the caller signals after the lock. */
+static int
+sweep(UDPEngine *self, int64_t now)
 {
     int64_t gap = SWEEP_GAP_MS;
     int ended = 0;
-    for (size_t i = 0; i <= self->mask; i++) {
+    for (size_t i = 0; i <= self->keyMask; i++) {
         Session *s = self->byKey[i];
         while (s != NULL) {
             Session *next = s->nextByKey;
             /* the coarse clock may lag by a tick: never end a session early */
             if (now - s->last >= s->timeout + self->tick) {
-                if (queueEvent(self, EVENT_ENDED, s, NULL) == 0) {
-                    endSession(self, s);
-                    ended = 1;
-                }
+                postEnded(self, s);
+                endSession(self, s, 1);
+                ended = 1;
             } else if (s->timeout / 10 < gap) {
                 gap = s->timeout / 10;
             }
@@ -805,78 +939,66 @@ sweep(Engine *self, int64_t now)
         gap = 1;
     self->sweepGap = gap;
     self->nextSweep = now + gap;
-    if (ended)
-        signalFd(self->notifyFd);
+    return ended;
 }
 
 static void *
 run(void *arg)
 {
-    Engine *self = arg;
+    UDPEngine *self = arg;
     struct epoll_event events[64];
-    pthread_mutex_lock(&self->lock);
     for (;;) {
+        /* The end of a batch: free what was removed during it, and let a
+         * Python method waiting for it (waitForBatch) go on. */
+        pthread_mutex_lock(&self->lock);
+        freeDead(self);
+        self->inBatch = 0;
+        pthread_cond_broadcast(&self->batchDone);
         int wait = -1;
         int64_t now = nowMs();
-        if (self->sessionCount > 0) {
+        if (self->flows.count > 0) {
             wait = (int)(self->nextSweep - now);
             if (wait < 0)
                 wait = 0;
         }
-        if (self->stopping)
-            break;
+        int stopping = self->stopping;
         pthread_mutex_unlock(&self->lock);
+        if (stopping)
+            break;
         int n = epoll_wait(self->epfd, events, 64, wait);
         pthread_mutex_lock(&self->lock);
+        self->inBatch = 1;
+        pthread_mutex_unlock(&self->lock);
         now = nowMs();
         for (int i = 0; i < n; i++) {
             int *kind = events[i].data.ptr;
             if (*kind == KIND_WAKE) {
                 drainFd(self->wakeFd);
+                flushHeld(self);
             } else if (*kind == KIND_LISTENER) {
-                Listener *l = (Listener *)kind;
-                if (!l->closed)
-                    readListener(self, l, now);
+                readListener(self, (Listener *)kind, now);
             } else {
-                Session *s = (Session *)kind;
-                if (!s->closed)
-                    readSession(self, s, now);
+                readSession(self, (Session *)kind, now);
             }
         }
-        if (self->sessionCount > 0 && now >= self->nextSweep)
-            sweep(self, now);
-        freeDead(self);
+        pthread_mutex_lock(&self->lock);
+        int ended = self->flows.count > 0 && now >= self->nextSweep && sweep(self, now);
+        pthread_mutex_unlock(&self->lock);
+        if (ended)
+            signalFd(self->notifyFd);
     }
-    pthread_mutex_unlock(&self->lock);
     return NULL;
 }
 
 /* -- Python methods ---------------------------------------------------- */
 
 static int
-checkOpen(Engine *self)
+checkOpen(UDPEngine *self)
 {
     if (self->epfd < 0 || self->stopping) {
         PyErr_SetString(PyExc_RuntimeError, "the UDP engine is stopped");
         return -1;
     }
-    return 0;
-}
-
-static int
-startThread(Engine *self)
-{
-    if (self->started)
-        return 0;
-    int err = pthread_create(&self->thread, NULL, run, self);
-    if (err != 0) {
-        errno = err;
-        PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
-    }
-    self->started = 1;
-    /* the thread uses the engine until stop() joins it */
-    Py_INCREF(self);
     return 0;
 }
 
@@ -889,7 +1011,7 @@ PyDoc_STRVAR(addListener_doc,
 "closes it after removeListener().");
 
 static PyObject *
-Engine_addListener(Engine *self, PyObject *args)
+UDPEngine_addListener(UDPEngine *self, PyObject *args)
 {
     int fd, pktinfo;
     unsigned int id;
@@ -924,19 +1046,51 @@ Engine_addListener(Engine *self, PyObject *args)
     }
     l->next = self->listeners;
     self->listeners = l;
-    int started = startThread(self);
+    int started = engineStartThread((EngineBase *)self, run);
     pthread_mutex_unlock(&self->lock);
     if (started < 0)
         return NULL;
     Py_RETURN_NONE;
 }
 
+/* A list of (flowId, bytesIn, bytesOut) from rows of three, built after
+ * the lock is released. */
 static PyObject *
-endedTuple(Session *s)
+endedList(const uint64_t *rows, size_t count)
 {
-    return Py_BuildValue("KKK", (unsigned long long)s->flowId,
-                         (unsigned long long)s->bytesIn,
-                         (unsigned long long)s->bytesOut);
+    PyObject *list = PyList_New((Py_ssize_t)count);
+    for (size_t i = 0; list != NULL && i < count; i++) {
+        PyObject *t = Py_BuildValue("KKK", (unsigned long long)rows[3 * i],
+                                    (unsigned long long)rows[3 * i + 1],
+                                    (unsigned long long)rows[3 * i + 2]);
+        if (t == NULL)
+            Py_CLEAR(list);
+        else
+            PyList_SET_ITEM(list, (Py_ssize_t)i, t);
+    }
+    return list;
+}
+
+/* End a session that Python asked to end (lock held), copying its counters
+ * to row[0..3): its end is returned at once, so its report slot is given
+ * back. */
+static int
+endSessionNow(UDPEngine *self, Session *s, uint64_t *row)
+{
+    row[0] = s->entry.id;
+    row[1] = s->bytesIn;
+    row[2] = s->bytesOut;
+    reportRelease(&self->reports);
+    return endSession(self, s, !self->started || self->joined);
+}
+
+/* Close the sockets of sessions Python ended, once waitForBatch returned. */
+static void
+closeAll(const int *fds, size_t count)
+{
+    for (size_t i = 0; i < count; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
 }
 
 PyDoc_STRVAR(removeListener_doc,
@@ -946,39 +1100,41 @@ PyDoc_STRVAR(removeListener_doc,
 "caller closes the listening socket afterwards.");
 
 static PyObject *
-Engine_removeListener(Engine *self, PyObject *arg)
+UDPEngine_removeListener(UDPEngine *self, PyObject *arg)
 {
     unsigned long id = PyLong_AsUnsignedLong(arg);
     if (id == (unsigned long)-1 && PyErr_Occurred())
-        return NULL;
-    PyObject *result = PyList_New(0);
-    if (result == NULL)
         return NULL;
     lockFromPython(self);
     Listener **lp = &self->listeners;
     while (*lp != NULL && (*lp)->id != id)
         lp = &(*lp)->next;
     Listener *l = *lp;
+    uint64_t *rows = NULL;
+    int *fds = NULL;
+    if (l != NULL && ((rows = malloc((l->sessions + 1) * 3 * sizeof *rows)) == NULL ||
+                      (fds = malloc((l->sessions + 1) * sizeof *fds)) == NULL)) {
+        pthread_mutex_unlock(&self->lock);
+        free(rows);
+        return PyErr_NoMemory();
+    }
     if (l == NULL) {
         pthread_mutex_unlock(&self->lock);
-        return result;
+        return PyList_New(0);
     }
     *lp = l->next;
     epoll_ctl(self->epfd, EPOLL_CTL_DEL, l->fd, NULL);
     l->closed = 1;
     l->nextDead = self->deadListeners;
     self->deadListeners = l;
-    int failed = 0;
-    for (size_t i = 0; i <= self->mask; i++) {
+    size_t count = 0;
+    for (size_t i = 0; i <= self->keyMask; i++) {
         Session *s = self->byKey[i];
         while (s != NULL) {
             Session *next = s->nextByKey;
             if (s->listener == l) {
-                PyObject *t = endedTuple(s);
-                if (t == NULL || PyList_Append(result, t) < 0)
-                    failed = 1;
-                Py_XDECREF(t);
-                endSession(self, s);
+                fds[count] = endSessionNow(self, s, rows + 3 * count);
+                count++;
             }
             s = next;
         }
@@ -995,13 +1151,15 @@ Engine_removeListener(Engine *self, PyObject *arg)
             }
         }
     }
+    /* The caller closes the listening socket when this returns. */
+    waitForBatch(self);
     if (!self->started)
         freeDead(self);
     pthread_mutex_unlock(&self->lock);
-    if (failed) {
-        Py_DECREF(result);
-        return NULL;
-    }
+    closeAll(fds, count);
+    free(fds);
+    PyObject *result = endedList(rows, count);
+    free(rows);
     return result;
 }
 
@@ -1020,10 +1178,10 @@ parsePeer(PyObject *arg, Peer *peer)
     return 0;
 }
 
-PyDoc_STRVAR(addSession_doc,
-"addSession(key, fd, flowId, timeout, prefix=b'', headers=0, rate=0.0, burst=0)"
+PyDoc_STRVAR(adopt_doc,
+"adopt(key, fd, flowId, timeout, prefix=b'', headers=0, rate=0.0, burst=0)"
 " -> None\n\n"
-"Open a session for the client of key (from a 'new' event): fd is a\n"
+"Open a session for the client of key (from a 'new' report): fd is a\n"
 "non-blocking UDP socket connected to the target, which the engine now\n"
 "owns and closes when the session ends.  The datagrams held for the\n"
 "client are sent on it at once; bytesIn counts every datagram the client\n"
@@ -1040,7 +1198,7 @@ PyDoc_STRVAR(addSession_doc,
 "listener's limited.  0 is no limit.  On an error the caller keeps fd.");
 
 static PyObject *
-Engine_addSession(Engine *self, PyObject *args)
+UDPEngine_adopt(UDPEngine *self, PyObject *args)
 {
     PyObject *keyObject;
     int fd;
@@ -1086,7 +1244,7 @@ Engine_addSession(Engine *self, PyObject *args)
     s->kind = KIND_SESSION;
     s->fd = fd;
     s->peer = peer;
-    s->flowId = flowId;
+    s->entry.id = flowId;
     s->gso = self->gso;
     s->headers = headers;
     s->prefixLen = prefixLen;
@@ -1099,22 +1257,29 @@ Engine_addSession(Engine *self, PyObject *args)
     s->rate = rate / 1000.0;
     s->burst = s->tokens = (double)burst;
     s->stamp = s->last;
+    /* Why an adopt is refused, and what the ValueError says. */
+    enum { ADOPTED, NO_LISTENER, HAS_SESSION, ID_IN_USE } outcome = ADOPTED;
+    static const char *const refusals[] = {
+        [NO_LISTENER] = "the listener is not read by the engine",
+        [HAS_SESSION] = "the client has a session already",
+        [ID_IN_USE] = "the flow id is in use",
+    };
     lockFromPython(self);
-    const char *problem = NULL;
     Listener *l = findListener(self, peer.key.listenerId);
     if (l == NULL)
-        problem = "the listener is not read by the engine";
+        outcome = NO_LISTENER;
     else if (findSession(self, &peer.key) != NULL)
-        problem = "the client has a session already";
+        outcome = HAS_SESSION;
     else if (findFlow(self, flowId) != NULL)
-        problem = "the flow id is in use";
-    if (problem != NULL) {
+        outcome = ID_IN_USE;
+    if (outcome != ADOPTED) {
         pthread_mutex_unlock(&self->lock);
         free(s);
-        PyErr_SetString(PyExc_ValueError, problem);
+        PyErr_SetString(PyExc_ValueError, refusals[outcome]);
         return NULL;
     }
-    if (self->sessionCount + 1 > self->mask + 1 && growTables(self) < 0) {
+    if (growKeys(self) < 0 || idTableMakeRoom(&self->flows) < 0 ||
+        reportReserve(&self->reports, 1) < 0) {
         pthread_mutex_unlock(&self->lock);
         free(s);
         return PyErr_NoMemory();
@@ -1122,18 +1287,17 @@ Engine_addSession(Engine *self, PyObject *args)
     struct epoll_event ev = {.events = EPOLLIN, .data.ptr = s};
     if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
         pthread_mutex_unlock(&self->lock);
+        reportRelease(&self->reports);
         free(s);
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     s->listener = l;
     l->sessions++;
-    size_t b = hashKey(&peer.key) & self->mask;
+    size_t b = hashKey(&peer.key) & self->keyMask;
     s->nextByKey = self->byKey[b];
     self->byKey[b] = s;
-    b = hashId(flowId) & self->mask;
-    s->nextById = self->byId[b];
-    self->byId[b] = s;
-    self->sessionCount++;
+    idTableInsert(&self->flows, &s->entry); /* has room: cannot fail */
+    int wake = 0;
     Pending **pp = findPending(self, &peer.key);
     Pending *p = *pp;
     if (p != NULL) {
@@ -1143,27 +1307,46 @@ Engine_addSession(Engine *self, PyObject *args)
          * a client that Python rejects instead has every datagram counted
          * as rejected, as without the engine. */
         l->dropped += p->datagrams - (uint64_t)p->count;
+        size_t held = 0;
+        for (int i = 0; i < p->count; i++)
+            held += p->lens[i];
+        int kept = 0;
         for (int i = 0; i < p->count; i++) {
             if (s->rate > 0 && !takeToken(s, s->last)) {
                 s->bytesIn -= p->lens[i];
+                free(p->data[i]);
                 continue;
             }
             long skip = headerLength(s->headers, (const uint8_t *)p->data[i], p->lens[i]);
             if (skip < 0) {
                 l->dropped++;
                 s->bytesIn -= p->lens[i];
+                free(p->data[i]);
                 continue;
             }
             s->bytesIn -= (uint64_t)skip;
-            sendToTarget(s, p->data[i] + skip, p->lens[i] - (size_t)skip);
+            /* kept, to be sent by the thread before the client's next */
+            p->data[kept] = p->data[i];
+            p->lens[kept] = p->lens[i];
+            p->skips[kept++] = (size_t)skip;
         }
-        freePending(self, p);
+        p->count = kept;
+        self->pendingCount--;
+        self->pendingBytes -= held;
+        if (kept > 0) {
+            s->held = p;
+            s->nextFlush = self->flushing;
+            self->flushing = s;
+            s->flushQueued = 1;
+            wake = 1;
+        } else {
+            free(p);
+        }
     }
     int64_t gap = s->timeout / 10 < SWEEP_GAP_MS ? s->timeout / 10 : SWEEP_GAP_MS;
     if (gap < 1)
         gap = 1;
-    int wake = 0;
-    if (self->sessionCount == 1 || s->last + gap < self->nextSweep) {
+    if (self->flows.count == 1 || s->last + gap < self->nextSweep) {
         self->nextSweep = s->last + gap;
         wake = 1;
     }
@@ -1175,17 +1358,17 @@ Engine_addSession(Engine *self, PyObject *args)
 
 PyDoc_STRVAR(dropPending_doc,
 "dropPending(key) -> (datagrams, bytes)\n\n"
-"Drop what is held for the client of key (from a 'new' event) and say how\n"
+"Drop what is held for the client of key (from a 'new' report) and say how\n"
 "much it sent meanwhile, held or not; (0, 0) when nothing is held.");
 
 PyDoc_STRVAR(firstPending_doc,
 "firstPending(key) -> bytes or None\n\n"
-"The first datagram held for the client of key (from a 'new' event), or\n"
+"The first datagram held for the client of key (from a 'new' report), or\n"
 "None when none is held: what a listener with accept_proxy_protocol reads\n"
 "the client's PROXY header from before it opens the session.");
 
 static PyObject *
-Engine_firstPending(Engine *self, PyObject *arg)
+UDPEngine_firstPending(UDPEngine *self, PyObject *arg)
 {
     Peer peer;
     if (parsePeer(arg, &peer) < 0)
@@ -1215,7 +1398,7 @@ Engine_firstPending(Engine *self, PyObject *arg)
 }
 
 static PyObject *
-Engine_dropPending(Engine *self, PyObject *arg)
+UDPEngine_dropPending(UDPEngine *self, PyObject *arg)
 {
     Peer peer;
     if (parsePeer(arg, &peer) < 0)
@@ -1234,17 +1417,17 @@ Engine_dropPending(Engine *self, PyObject *arg)
     return Py_BuildValue("KK", datagrams, bytes);
 }
 
-PyDoc_STRVAR(closeSession_doc,
-"closeSession(flowId) -> (bytesIn, bytesOut) or None\n\n"
+PyDoc_STRVAR(close_doc,
+"close(flowId) -> (bytesIn, bytesOut) or None\n\n"
 "End a session now (its socket is closed) and return its counters; None\n"
 "when the engine has no such session (it ended already, and its 'ended'\n"
-"event is waiting).");
+"report is waiting).");
 
 static PyObject *
-Engine_closeSession(Engine *self, PyObject *arg)
+UDPEngine_close(UDPEngine *self, PyObject *arg)
 {
-    unsigned long long flowId = PyLong_AsUnsignedLongLong(arg);
-    if (flowId == (unsigned long long)-1 && PyErr_Occurred())
+    uint64_t flowId;
+    if (parseFlowId(arg, &flowId) < 0)
         return NULL;
     lockFromPython(self);
     Session *s = findFlow(self, flowId);
@@ -1252,12 +1435,14 @@ Engine_closeSession(Engine *self, PyObject *arg)
         pthread_mutex_unlock(&self->lock);
         Py_RETURN_NONE;
     }
-    unsigned long long in = s->bytesIn, out = s->bytesOut;
-    endSession(self, s);
+    uint64_t row[3];
+    int fd = endSessionNow(self, s, row);
+    waitForBatch(self);
     if (!self->started)
         freeDead(self);
     pthread_mutex_unlock(&self->lock);
-    return Py_BuildValue("KK", in, out);
+    closeAll(&fd, 1);
+    return Py_BuildValue("KK", (unsigned long long)row[1], (unsigned long long)row[2]);
 }
 
 PyDoc_STRVAR(counters_doc,
@@ -1265,10 +1450,10 @@ PyDoc_STRVAR(counters_doc,
 "Bytes from the client and to the client of a session so far.");
 
 static PyObject *
-Engine_counters(Engine *self, PyObject *arg)
+UDPEngine_counters(UDPEngine *self, PyObject *arg)
 {
-    unsigned long long flowId = PyLong_AsUnsignedLongLong(arg);
-    if (flowId == (unsigned long long)-1 && PyErr_Occurred())
+    uint64_t flowId;
+    if (parseFlowId(arg, &flowId) < 0)
         return NULL;
     lockFromPython(self);
     Session *s = findFlow(self, flowId);
@@ -1287,7 +1472,7 @@ PyDoc_STRVAR(listenerCounters_doc,
 "for all); and datagrams of sessions dropped over their rate.");
 
 static PyObject *
-Engine_listenerCounters(Engine *self, PyObject *arg)
+UDPEngine_listenerCounters(UDPEngine *self, PyObject *arg)
 {
     unsigned long id = PyLong_AsUnsignedLong(arg);
     if (id == (unsigned long)-1 && PyErr_Occurred())
@@ -1319,80 +1504,72 @@ clientTuple(const Peer *p)
     return Py_BuildValue("(si)", host, port);
 }
 
-PyDoc_STRVAR(events_doc,
-"events() -> list\n\n"
+PyDoc_STRVAR(reports_doc,
+"reports() -> list\n\n"
 "What happened since the last call, oldest first, and clear the eventfd\n"
 "of fileno():\n"
 "  ('new', listenerId, key, (host, port)): a client without a session sent\n"
-"      a datagram, which is held; answer with addSession or dropPending.\n"
+"      a datagram, which is held; answer with adopt or dropPending.\n"
 "  ('ended', flowId, bytesIn, bytesOut): a session was quiet for its\n"
 "      timeout and the engine ended it.");
 
 static PyObject *
-Engine_events(Engine *self, PyObject *unused)
+UDPEngine_reports(UDPEngine *self, PyObject *unused)
 {
     if (self->notifyFd >= 0)
         drainFd(self->notifyFd);
+    const char *items;
     lockFromPython(self);
-    Event *e = self->events;
-    self->events = self->lastEvent = NULL;
+    size_t count = reportsQueued(&self->reports, &items);
     pthread_mutex_unlock(&self->lock);
-    PyObject *result = PyList_New(0);
-    int failed = result == NULL;
-    while (e != NULL) {
-        Event *next = e->next;
-        if (!failed) {
-            PyObject *t;
-            if (e->type == EVENT_NEW) {
-                PyObject *client = clientTuple(&e->peer);
-                t = client == NULL ? NULL : Py_BuildValue(
-                    "(sIy#N)", "new", e->peer.key.listenerId,
-                    (const char *)&e->peer, (Py_ssize_t)sizeof e->peer, client);
-            } else {
-                t = Py_BuildValue("(sKKK)", "ended", (unsigned long long)e->flowId,
-                                  (unsigned long long)e->bytesIn,
-                                  (unsigned long long)e->bytesOut);
-            }
-            if (t == NULL || PyList_Append(result, t) < 0)
-                failed = 1;
-            Py_XDECREF(t);
+    /* Built without the lock: the engine thread only appends after them. */
+    PyObject *result = PyList_New((Py_ssize_t)count);
+    size_t taken = 0;
+    for (size_t i = 0; result != NULL && i < count; i++) {
+        const Report *r = (const Report *)items + i;
+        PyObject *t;
+        if (r->type == REPORT_NEW) {
+            taken++;
+            PyObject *client = clientTuple(&r->peer);
+            t = client == NULL ? NULL : Py_BuildValue(
+                "(sIy#N)", "new", r->peer.key.listenerId,
+                (const char *)&r->peer, (Py_ssize_t)sizeof r->peer, client);
+        } else {
+            t = Py_BuildValue("(sKKK)", "ended", (unsigned long long)r->flowId,
+                              (unsigned long long)r->bytesIn,
+                              (unsigned long long)r->bytesOut);
         }
-        free(e);
-        e = next;
+        if (t == NULL)
+            Py_CLEAR(result);
+        else
+            PyList_SET_ITEM(result, (Py_ssize_t)i, t);
     }
-    if (failed) {
-        Py_XDECREF(result);
+    if (result == NULL) {
+        /* Out of memory: the reports stay queued for the next call. */
+        if (self->notifyFd >= 0)
+            signalFd(self->notifyFd);
         return NULL;
     }
-    return result;
-}
-
-static PyObject *
-Engine_fileno(Engine *self, PyObject *unused)
-{
-    return PyLong_FromLong(self->notifyFd);
-}
-
-static PyObject *
-Engine_sessionCount(Engine *self, PyObject *unused)
-{
     lockFromPython(self);
-    size_t n = self->sessionCount;
+    reportsTaken(&self->reports, count);
+    /* The slots of the 'new' reports taken serve the next new clients. */
+    if (taken > 0 && reportReserve(&self->reports, taken) == 0)
+        self->newSlots += taken;
     pthread_mutex_unlock(&self->lock);
-    return PyLong_FromSize_t(n);
+    return result;
 }
 
 PyDoc_STRVAR(gsoSends_doc,
 "gsoSends() -> int\n\n"
 "Sends so far that carried several datagrams of a session at once with\n"
-"UDP GSO; 0 with Engine(gso=False), on a kernel without it, and for\n"
+"UDP GSO; 0 with UDPEngine(gso=False), on a kernel without it, and for\n"
 "sessions whose socket refused it (they send each datagram).");
 
 static PyObject *
-Engine_gsoSends(Engine *self, PyObject *unused)
+UDPEngine_gsoSends(UDPEngine *self, PyObject *unused)
 {
     lockFromPython(self);
-    unsigned long long n = self->gsoSends;
+    unsigned long long n = __atomic_load_n(&self->gsoSends, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&self->lock);
     return PyLong_FromUnsignedLongLong(n);
 }
@@ -1404,31 +1581,25 @@ PyDoc_STRVAR(stop_doc,
 "engine cannot be used afterwards.  Safe to call more than once.");
 
 static PyObject *
-Engine_stop(Engine *self, PyObject *unused)
+UDPEngine_stop(UDPEngine *self, PyObject *unused)
 {
-    PyObject *result = PyList_New(0);
-    if (result == NULL || self->epfd < 0)
-        return result;
+    if (self->epfd < 0)
+        return PyList_New(0);
     lockFromPython(self);
     self->stopping = 1;
     pthread_mutex_unlock(&self->lock);
-    if (self->started && !self->joined) {
-        signalFd(self->wakeFd);
-        Py_BEGIN_ALLOW_THREADS
-        pthread_join(self->thread, NULL);
-        Py_END_ALLOW_THREADS
-        self->joined = 1;
-    }
+    engineJoin((EngineBase *)self);
     /* the thread is gone: nothing else touches the tables */
-    for (size_t i = 0; i <= self->mask; i++) {
+    uint64_t *rows = malloc((self->flows.count + 1) * 3 * sizeof *rows);
+    size_t count = 0;
+    for (size_t i = 0; i <= self->keyMask; i++) {
         Session *s = self->byKey[i];
         while (s != NULL) {
             Session *next = s->nextByKey;
-            PyObject *t = endedTuple(s);
-            if (t != NULL)
-                PyList_Append(result, t);
-            Py_XDECREF(t);
-            endSession(self, s);
+            if (rows != NULL)
+                endSessionNow(self, s, rows + 3 * count++);
+            else
+                endSession(self, s, 1);
             s = next;
         }
     }
@@ -1445,12 +1616,7 @@ Engine_stop(Engine *self, PyObject *unused)
             freePending(self, p);
         }
     }
-    while (self->events != NULL) {
-        Event *e = self->events;
-        self->events = e->next;
-        free(e);
-    }
-    self->lastEvent = NULL;
+    self->reports.count = 0;
     freeDead(self);
     close(self->epfd);
     close(self->wakeFd);
@@ -1460,10 +1626,10 @@ Engine_stop(Engine *self, PyObject *unused)
         self->started = 0;
         Py_DECREF(self);
     }
-    if (PyErr_Occurred()) {
-        Py_DECREF(result);
-        return NULL;
-    }
+    if (rows == NULL)
+        return PyErr_NoMemory();
+    PyObject *result = endedList(rows, count);
+    free(rows);
     return result;
 }
 
@@ -1480,127 +1646,108 @@ gsoAvailable(void)
 }
 
 static int
-Engine_init(Engine *self, PyObject *args, PyObject *kwds)
+UDPEngine_init(UDPEngine *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"gso", NULL};
     int gso = 1;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "|p", kwlist, &gso))
         return -1;
-    if (self->epfd >= 0) {
-        PyErr_SetString(PyExc_RuntimeError, "Engine already initialised");
+    if (self->epfd >= 0 || self->byKey != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "engine already initialised");
         return -1;
     }
-    self->mask = 255;
-    self->byKey = calloc(self->mask + 1, sizeof(Session *));
-    self->byId = calloc(self->mask + 1, sizeof(Session *));
-    self->pending = calloc(PENDING_CLIENTS, sizeof(Pending *));
-    self->buffers = malloc((size_t)DRAIN * MAX_DATAGRAM);
-    if (!self->byKey || !self->byId || !self->pending || !self->buffers) {
+    if (pthread_cond_init(&self->batchDone, NULL) != 0) {
         PyErr_NoMemory();
         return -1;
     }
+    self->condReady = 1;
+    self->keyMask = 255;
+    self->byKey = calloc(self->keyMask + 1, sizeof(Session *));
+    self->pending = calloc(PENDING_CLIENTS, sizeof(Pending *));
+    self->buffers = malloc((size_t)DRAIN * MAX_DATAGRAM);
+    if (!self->byKey || !self->pending || !self->buffers) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->wakeKind = KIND_WAKE;
+    if (engineOpen((EngineBase *)self, (epoll_data_t){.ptr = &self->wakeKind}, 256,
+                   sizeof(Report)) < 0)
+        return -1;
+    /* Every client held may have its 'new' report queued. */
+    if (reportReserve(&self->reports, PENDING_CLIENTS) < 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->newSlots = PENDING_CLIENTS;
     /* A kernel without UDP GSO (before 4.18) would ignore the cmsg and
      * send a run as one datagram: use it only where the option exists. */
     self->gso = gso && gsoAvailable();
     struct timespec res;
     clock_getres(CLOCK_MONOTONIC_COARSE, &res);
     self->tick = res.tv_sec * 1000 + (res.tv_nsec + 999999) / 1000000;
-    self->wakeKind = KIND_WAKE;
-    return openEngineDescriptors(&self->epfd, &self->wakeFd, &self->notifyFd,
-                                 (epoll_data_t){.ptr = &self->wakeKind});
-}
-
-static PyObject *
-Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
-{
-    Engine *self = (Engine *)type->tp_alloc(type, 0);
-    if (self == NULL)
-        return NULL;
-    self->epfd = self->wakeFd = self->notifyFd = -1;
-    pthread_mutex_init(&self->lock, NULL);
-    return (PyObject *)self;
+    return 0;
 }
 
 static void
-Engine_dealloc(Engine *self)
+UDPEngine_dealloc(UDPEngine *self)
 {
     /* A started engine holds a reference to itself until stop(), so here
      * the thread was never started or is joined. */
-    if (self->epfd >= 0) {
-        PyObject *r = Engine_stop(self, NULL);
+    if (self->epfd >= 0 && self->byKey != NULL && self->pending != NULL) {
+        PyObject *r = UDPEngine_stop(self, NULL);
         Py_XDECREF(r);
         PyErr_Clear();
     }
     free(self->byKey);
-    free(self->byId);
     free(self->pending);
     free(self->buffers);
-    pthread_mutex_destroy(&self->lock);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    if (self->condReady)
+        pthread_cond_destroy(&self->batchDone);
+    engineFree((EngineBase *)self);
 }
 
-static PyMethodDef Engine_methods[] = {
-    {"addListener", (PyCFunction)Engine_addListener, METH_VARARGS, addListener_doc},
-    {"removeListener", (PyCFunction)Engine_removeListener, METH_O, removeListener_doc},
-    {"addSession", (PyCFunction)Engine_addSession, METH_VARARGS, addSession_doc},
-    {"dropPending", (PyCFunction)Engine_dropPending, METH_O, dropPending_doc},
-    {"firstPending", (PyCFunction)Engine_firstPending, METH_O, firstPending_doc},
-    {"closeSession", (PyCFunction)Engine_closeSession, METH_O, closeSession_doc},
-    {"counters", (PyCFunction)Engine_counters, METH_O, counters_doc},
-    {"listenerCounters", (PyCFunction)Engine_listenerCounters, METH_O, listenerCounters_doc},
-    {"events", (PyCFunction)Engine_events, METH_NOARGS, events_doc},
-    {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS,
-     "fileno() -> int\n\nAn eventfd readable when events() has something."},
-    {"sessionCount", (PyCFunction)Engine_sessionCount, METH_NOARGS,
-     "sessionCount() -> int\n\nOpen sessions of every listener."},
-    {"gsoSends", (PyCFunction)Engine_gsoSends, METH_NOARGS, gsoSends_doc},
-    {"stop", (PyCFunction)Engine_stop, METH_NOARGS, stop_doc},
+static PyMethodDef UDPEngine_methods[] = {
+    {"addListener", (PyCFunction)UDPEngine_addListener, METH_VARARGS, addListener_doc},
+    {"removeListener", (PyCFunction)UDPEngine_removeListener, METH_O, removeListener_doc},
+    {"adopt", (PyCFunction)UDPEngine_adopt, METH_VARARGS, adopt_doc},
+    {"dropPending", (PyCFunction)UDPEngine_dropPending, METH_O, dropPending_doc},
+    {"firstPending", (PyCFunction)UDPEngine_firstPending, METH_O, firstPending_doc},
+    {"close", (PyCFunction)UDPEngine_close, METH_O, close_doc},
+    {"counters", (PyCFunction)UDPEngine_counters, METH_O, counters_doc},
+    {"listenerCounters", (PyCFunction)UDPEngine_listenerCounters, METH_O, listenerCounters_doc},
+    {"reports", (PyCFunction)UDPEngine_reports, METH_NOARGS, reports_doc},
+    {"gsoSends", (PyCFunction)UDPEngine_gsoSends, METH_NOARGS, gsoSends_doc},
+    {"stop", (PyCFunction)UDPEngine_stop, METH_NOARGS, stop_doc},
+    ENGINE_COMMON_METHODS,
     {NULL, NULL, 0, NULL},
 };
 
-PyDoc_STRVAR(Engine_doc,
-"Engine(gso=True)\n\n"
+PyDoc_STRVAR(UDPEngine_doc,
+"UDPEngine(gso=True)\n\n"
 "A thread that forwards the datagrams of established UDP sessions for\n"
 "every listener handed to it; its thread starts with the first listener.\n"
 "gso: send consecutive datagrams of a session that have one size in one\n"
 "system call with UDP GSO, where the kernel has it (Linux >= 4.18).");
 
-static PyTypeObject EngineType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "twistedproxy._fastudp.Engine",
-    .tp_basicsize = sizeof(Engine),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = Engine_doc,
-    .tp_new = Engine_new,
-    .tp_init = (initproc)Engine_init,
-    .tp_dealloc = (destructor)Engine_dealloc,
-    .tp_methods = Engine_methods,
-};
+static PyTypeObject UDPEngineType =
+    ENGINE_TYPE(UDPEngine, "twistedproxy.udp._engine.UDPEngine", UDPEngine_doc);
 
-static struct PyModuleDef fastudpModule = {
+static struct PyModuleDef engineModuleDefinition = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "twistedproxy._fastudp",
+    .m_name = "twistedproxy.udp._engine",
     .m_doc = "The compiled engine for established UDP sessions (Linux).",
     .m_size = -1,
 };
 
 PyMODINIT_FUNC
-PyInit__fastudp(void)
+PyInit__engine(void)
 {
-    if (PyType_Ready(&EngineType) < 0)
-        return NULL;
     uint64_t seed;
     if (getrandom(&seed, sizeof seed, GRND_NONBLOCK) == (ssize_t)sizeof seed)
         hashSeed ^= seed | 1;
-    PyObject *m = PyModule_Create(&fastudpModule);
+    PyObject *m = engineModule(&engineModuleDefinition, &UDPEngineType, "UDPEngine");
     if (m == NULL)
         return NULL;
-    Py_INCREF(&EngineType);
-    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
-        Py_DECREF(&EngineType);
-        Py_DECREF(m);
-        return NULL;
-    }
     PyModule_AddIntConstant(m, "DRAIN", DRAIN);
     PyModule_AddIntConstant(m, "MAX_DATAGRAM", MAX_DATAGRAM);
     PyModule_AddIntConstant(m, "PENDING_CLIENTS", PENDING_CLIENTS);
