@@ -89,7 +89,9 @@ def runFront(
 
     relay = None
     if mode.startswith("engine"):
-        relay = TCPEngine(reactor, CompiledTCPEngine(pipeSize=pipeSize, busyPoll=busyPoll))
+        relay = TCPEngine(
+            reactor, CompiledTCPEngine(pipeSize=pipeSize, busyPoll=busyPoll)
+        )
     flowIds = iter(range(1, 1 << 62))
 
     class TargetSide(Protocol):

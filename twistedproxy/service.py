@@ -331,7 +331,7 @@ class ProxyService(MultiService):
         The compiled engine that terminates the TLS of C{tls:} listeners,
         or L{None}.
         """
-        return self.engines.get(TLS_ENGINE)  # type: ignore[return-value]
+        return self.engines.get(TLS_ENGINE)
 
     @property
     def udpEngine(self) -> UDPEngine | None:

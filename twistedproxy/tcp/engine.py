@@ -55,8 +55,8 @@ if TYPE_CHECKING:
 try:
     from twistedproxy.tcp._engine import TCPEngine as CompiledTCPEngine
     from twistedproxy.tcp._engine import accept as acceptClient
-except ImportError:
-    CompiledTCPEngine = acceptClient = None
+except ImportError:  # not built here: available() says so
+    CompiledTCPEngine = acceptClient = None  # type: ignore[assignment,misc]
 
 log = Logger(namespace="portproxy")
 

@@ -39,8 +39,8 @@ if TYPE_CHECKING:
 
 try:
     from twistedproxy.udp._engine import UDPEngine as CompiledUDPEngine
-except ImportError:
-    CompiledUDPEngine = None
+except ImportError:  # not built here: available() says so
+    CompiledUDPEngine = None  # type: ignore[assignment,misc]
 
 log = Logger(namespace="portproxy")
 
