@@ -1737,15 +1737,15 @@ def test_configErrorLinesPrintable() -> None:
 
 def test_pureLoaderSameLines(monkeypatch) -> None:
     """
-    libyaml's loader, used where PyYAML has it, and the pure-Python one
-    give the same errors on the same lines (and the libyaml one is in use
-    here, so the rest of these tests test it).
+    libyaml's loader, used where PyYAML has it, and PyYAML's own
+    pure-Python one give the same errors on the same lines (and the libyaml
+    one is in use here, so the rest of these tests test it).
     """
     import yaml
 
     from twistedproxy import config
 
-    assert config._Loader is yaml.CSafeLoader
+    assert issubclass(config._Loader, yaml.CSafeLoader)
     text = dedent(
         """\
         # a comment

@@ -125,7 +125,6 @@ _IPV4 = re.compile(
     r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
     r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 )
-_IPV4_PORT = re.compile(f"({_IPV4.pattern}):([1-9][0-9]{{0,4}})")
 
 # Numbers are read from the text as written, in decimal: YAML 1.1 would
 # also read 017 as octal 15, 1:30 as 90 (base 60), 0x10, +5 and 1_000.
@@ -520,10 +519,11 @@ def _overlaps(a: str, b: str) -> bool:
     return False
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Ports:
     """
-    A port or a range of ports as written in C{listen} or C{target}.
+    A port or a range of ports as written in C{listen} or C{target}; the
+    reader shares one for each single port.
     """
 
     first: int
@@ -796,6 +796,10 @@ class _MapReader:
         self.warnings: list[tuple[int, str]] = []
         #: What was read of each mapping, in map order.
         self.entries: list[_Entry] = []
+        #: IPv4 addresses seen, as ipaddress prints them (L{fastAddress}).
+        self.ipv4Hosts: set[str] = set()
+        #: The L{_Ports} of each single port seen, by its text.
+        self.singlePorts: dict[str, _Ports] = {}
 
     def warning(self, line: int, message: str) -> None:
         self.warnings.append((line, message))
@@ -937,18 +941,19 @@ class _MapReader:
         result: dict[str, tuple[Node, Node]] = {}
         unknown: list[str] = []
         for keyNode, valueNode in node.value:
-            if keyNode.tag == _MERGE:
+            if keyNode.tag == _STR and isinstance(keyNode, ScalarNode):
+                name = keyNode.value
+                if name in allowed:
+                    if name not in result:
+                        result[name] = (keyNode, valueNode)
+                    continue
+            elif keyNode.tag == _MERGE:
                 self.error(
                     _line(keyNode),
                     f"{prefix}YAML merge keys ('<<') are not supported;"
                     " put shared settings in defaults",
                 )
                 continue
-            if isinstance(keyNode, ScalarNode) and keyNode.tag == _STR:
-                name = keyNode.value
-                if name in allowed:
-                    result.setdefault(name, (keyNode, valueNode))
-                    continue
             else:
                 name = (
                     keyNode.value
@@ -1004,6 +1009,8 @@ class _MapReader:
         names the mapping, whose per-client limits count its own clients
         once it sets one of them.
         """
+        if keys.keys().isdisjoint(SETTING_KEYS):
+            return base  # what most mappings have: the defaults
         connect, idle, udp = (
             base.timeouts.connect,
             base.timeouts.idle,
@@ -1090,6 +1097,8 @@ class _MapReader:
         on loopback or in a process that may not use it.
         """
         identity = entry.settings.identity
+        if not identity:
+            return  # neither key given: nothing to check
         line = entry.settings.clientAddressLine or entry.line
         tls = entry.tls
         if identity and tls is not None and (tls.terminate or tls.originate):
@@ -1371,7 +1380,9 @@ class _MapReader:
                 if parsed is not None:
                     target, targetPorts = parsed
             if ports is not None and targetPorts is not None:
-                if len(targetPorts) != 1 and len(targetPorts) != len(ports):
+                if targetPorts.first != targetPorts.last and len(targetPorts) != len(
+                    ports
+                ):
                     if len(ports) == 1:
                         advice = f"listen {ports.text} is one port; give a single port"
                     else:
@@ -1389,11 +1400,12 @@ class _MapReader:
         entry.name = self.readName(entry, keys, protos, listenText, names)
 
         settings = self.readSettings(keys, "", defaults, entry.name or "")
-        entry.tls = self.readTLS(keys, protos, entry.name)
+        if not keys.keys().isdisjoint(TLS_MAPPING_KEYS):
+            entry.tls = self.readTLS(keys, protos, entry.name)
 
         if protos is not None and ports is not None:
-            hosts = [host] if host is not None else [ANY_IPV4, ANY_IPV6]
-            entry.listens = tuple((proto, h) for proto in protos for h in hosts)
+            hosts = (host,) if host is not None else (ANY_IPV4, ANY_IPV6)
+            entry.listens = tuple([(proto, h) for proto in protos for h in hosts])
         entry.ports, entry.target, entry.targetPorts = ports, target, targetPorts
         entry.settings = settings
         if protos is not None:
@@ -1498,10 +1510,40 @@ class _MapReader:
 
     # addresses
 
+    def fastAddress(self, text: str) -> tuple[str, _Ports] | None:
+        """
+        The host and port of C{IPV4:PORT} in the form ipaddress prints,
+        the common case, read without regular expressions once its host
+        has been seen; L{None} for anything else, which the full parser
+        then reads or explains.
+        """
+        host, _, portText = text.partition(":")
+        if host not in self.ipv4Hosts:
+            if _IPV4.fullmatch(host) is None:
+                return None
+            self.ipv4Hosts.add(host)
+        ports = self.singlePorts.get(portText)
+        if ports is None:
+            if not (
+                0 < len(portText) <= 5
+                and portText.isascii()
+                and portText.isdigit()
+                and portText[0] != "0"
+                and int(portText) <= 65535
+            ):
+                return None
+            ports = self.singlePorts[portText] = _Ports(
+                int(portText), int(portText), portText
+            )
+        return host, ports
+
     def ports(self, text: str, node: Node, key: str) -> _Ports | None:
         if len(text) < 5 and text.isascii() and text.isdigit() and text[0] != "0":
-            port = int(text)  # the common case, a single port below 10000
-            return _Ports(port, port, text)
+            ports = self.singlePorts.get(text)
+            if ports is None:
+                # the common case, a single port below 10000
+                ports = self.singlePorts[text] = _Ports(int(text), int(text), text)
+            return ports
         match = _PORTS.fullmatch(text)
         if match is None:
             self.error(
@@ -1586,7 +1628,7 @@ class _MapReader:
         A C{listen} value as a normalized host (L{None}: every interface)
         and its ports; L{None} after reporting a bad value.
         """
-        fast = _fastAddress(text)
+        fast = self.fastAddress(text)
         if fast is not None:
             return fast
         split = self.splitHostPort(text, node, key, form)
@@ -1612,7 +1654,7 @@ class _MapReader:
         A C{target} value as a host (normalized IP literal or a host name)
         and its ports; L{None} after reporting a bad value.
         """
-        fast = _fastAddress(text)
+        fast = self.fastAddress(text)
         if fast is not None and fast[0] != ANY_IPV4:
             return fast
         form = "HOST:PORT or HOST:FIRST-LAST"
@@ -2186,22 +2228,6 @@ def _buildMapping(entry: _Entry) -> Mapping:
         for host in hosts
     )
     return Mapping(name=name, listeners=listeners, line=line)
-
-
-def _fastAddress(text: str) -> tuple[str, _Ports] | None:
-    """
-    The host and port of C{IPV4:PORT} in the form ipaddress prints, the
-    common case, read with one regular expression; L{None} for anything
-    else, which the full parser then reads or explains.
-    """
-    match = _IPV4_PORT.fullmatch(text)
-    if match is None:
-        return None
-    host, portText = match.groups()
-    port = int(portText)
-    if port > 65535:
-        return None
-    return host, _Ports(port, port, portText)
 
 
 def _usablePath(path: str) -> bool:
