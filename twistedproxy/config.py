@@ -30,13 +30,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from operator import itemgetter
+from types import ModuleType
 
 import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from twistedproxy import tls, transparency
-from twistedproxy.access import parseNetwork
+from twistedproxy import transparency
 from twistedproxy.model import (
     ANY_IPV4,
     ANY_IPV6,
@@ -237,6 +237,17 @@ class _Loader(_SafeLoader):  # type: ignore[misc, valid-type]
         return tag
 
 
+def _tlsModule() -> ModuleType:
+    """
+    L{twistedproxy.tls}, imported when a map first uses TLS: it loads
+    Twisted's and pyOpenSSL's TLS modules, which take longer than checking
+    most maps (C{check} of a map without TLS never needs them).
+    """
+    from twistedproxy import tls
+
+    return tls
+
+
 class ConfigError(Exception):
     """
     A map file that cannot be used.
@@ -397,6 +408,10 @@ def parseMap(text: str, path: str) -> ProxyMap:
                 # which an error's traceback would free all at once.
                 while reader.entries:
                     reader.entries.pop()
+            # Freed before the cycle collector runs again, which would
+            # otherwise walk the whole tree once more (a second, for
+            # 100,000 mappings).
+            del root, reader
 
 
 def _compose(text: str, path: str) -> Node | None:
@@ -1176,6 +1191,10 @@ class _MapReader:
                 _line(node), f"{key}: expected {expected}, got {_describe(node)}"
             )
             return None
+        # Here, not at the top: the access module loads Twisted's logger,
+        # which C{check} of a map without lists never needs.
+        from twistedproxy.access import parseNetwork
+
         cidrs: list[str] = []
         good = True
         for item in node.value:
@@ -1902,6 +1921,7 @@ class _MapReader:
         keyPath = self.filePath(keys["key"][1], f"{prefix}.key")
         if certPath is None or keyPath is None:
             return None
+        tls = _tlsModule()
         try:
             pair = tls.readKeyPair(certPath, keyPath)
         except tls.TLSFileError as e:
@@ -1918,6 +1938,7 @@ class _MapReader:
         path = self.filePath(node, key)
         if path is None:
             return None, None
+        tls = _tlsModule()
         try:
             return path, tls.readAuthorities(path)
         except tls.TLSFileError as e:
@@ -1931,7 +1952,7 @@ class _MapReader:
         text = self.text(node, f"{prefix}.min_version", "1.2 or 1.3", (_STR, _FLOAT))
         if text is None:
             return None
-        if text not in tls.VERSIONS:
+        if text not in _tlsModule().VERSIONS:
             self.error(
                 _line(node), f"{prefix}.min_version: expected 1.2 or 1.3, got {text}"
             )
