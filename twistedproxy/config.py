@@ -81,6 +81,8 @@ ACCESS_KEYS = (
 PER_CLIENT_KEYS = ACCESS_KEYS[2:]
 SETTING_KEYS += IDENTITY_KEYS + ACCESS_KEYS
 TLS_MAPPING_KEYS = ("tls", "target_tls", "sni_routes")
+#: The keys of the mappings L{_MapReader.readPlainMapping} reads.
+_PLAIN_KEYS = ("name", "listen", "target")
 MAPPING_KEYS = ("name", "proto", "listen", "target") + SETTING_KEYS + TLS_MAPPING_KEYS
 TLS_KEYS = ("cert", "key", "sni", "client_ca", "min_version")
 TARGET_TLS_KEYS = ("ca", "server_name", "verify", "cert", "key", "min_version")
@@ -1347,7 +1349,11 @@ class _MapReader:
                 repeats.setdefault(read[id(item)], []).append(index)
                 continue
             read[id(item)] = index
-            entry = self.readMapping(index, item, defaults, names)
+            entry = None
+            if type(item) is MappingNode:
+                entry = self.readPlainMapping(index, item, defaults, names)
+            if entry is None:
+                entry = self.readMapping(index, item, defaults, names)
             if entry is not None:
                 entries.append(entry)
         for first, indexes in repeats.items():
@@ -1358,6 +1364,67 @@ class _MapReader:
                 " list each mapping once",
             )
         return entries
+
+    def readPlainMapping(
+        self, index: int, node: MappingNode, defaults: _Settings, names: dict[str, int]
+    ) -> _Entry | None:
+        """
+        Read at once the mapping most maps are made of: C{listen} and
+        C{target}, both C{IPV4:PORT}, and perhaps a C{name} not taken, each
+        once and a plain string.  The entry is the one L{readMapping}
+        makes of it, at a third of the cost; for any other mapping, or any
+        problem, L{None}, and L{readMapping} reads it and reports.
+        """
+        pairs = node.value
+        if not 2 <= len(pairs) <= 3:
+            return None
+        values: dict[str, ScalarNode] = {}
+        for keyNode, valueNode in pairs:
+            key = keyNode.value
+            if (
+                type(keyNode) is not ScalarNode
+                or type(valueNode) is not ScalarNode
+                or keyNode.tag != _STR
+                or valueNode.tag != _STR
+                or key not in _PLAIN_KEYS
+                or key in values
+            ):
+                return None
+            values[key] = valueNode
+        if "listen" not in values or "target" not in values:
+            return None
+        listenNode = values["listen"]
+        listen = self.fastAddress(listenNode.value)
+        target = self.fastAddress(values["target"].value)
+        if listen is None or target is None or target[0] == ANY_IPV4:
+            return None
+        nameNode = values.get("name")
+        if nameNode is None:
+            name = f"{TCP}-{listenNode.value}"
+        else:
+            name = nameNode.value
+            if _NAME.fullmatch(name) is None:
+                return None
+        if name in names:
+            return None
+        line = _line(node)
+        names[name] = line
+        host, ports = listen
+        entry = _Entry(
+            index,
+            line,
+            name,
+            _line(listenNode),
+            ((TCP, host),),
+            ports,
+            target[0],
+            target[1],
+            defaults,
+        )
+        if defaults.identity.clientAddress:
+            # Only the client_address of defaults can be wrong for it.
+            self.checkIdentity(entry, [TCP])
+        return entry
 
     def readMapping(
         self, index: int, node: Node, defaults: _Settings, names: dict[str, int]
@@ -2213,8 +2280,28 @@ def _buildMapping(entry: _Entry) -> Mapping:
     C{proto: [tcp, udp]} and C{listen: 1-65535}, a fraction of a second.
     """
     ports, targetPorts = entry.ports, entry.targetPorts
-    timeouts, maxConnections = entry.settings.timeouts, entry.settings.maxConnections
     name, line, targetHost = entry.name, entry.line, entry.target
+    # Read without errors, so every part is there.
+    assert ports is not None and targetPorts is not None
+    assert name is not None and targetHost is not None
+    settings = entry.settings
+    # What every listener of the mapping has after its port and target.
+    shared = (
+        settings.timeouts,
+        settings.maxConnections,
+        settings.identity,
+        settings.access,
+        line,
+        entry.tls,
+    )
+    if ports.first == ports.last and len(entry.listens) == 1:
+        # One port on one host, as most mappings: one listener (and then
+        # the target is one port too).
+        ((proto, host),) = entry.listens
+        target = Target(targetHost, targetPorts.first)
+        return Mapping(
+            name, (Listener(name, proto, host, ports.first, target, *shared),), line
+        )
     # A single target port takes every listen port; a range pairs up port
     # by port (the reader checked that the lengths agree).
     if len(targetPorts) == 1:
@@ -2225,30 +2312,20 @@ def _buildMapping(entry: _Entry) -> Mapping:
             Target(targetHost, port)
             for port in range(targetPorts.first, targetPorts.last + 1)
         ]
-    settings = entry.settings
-    identity, access, tls = settings.identity, settings.access, entry.tls
     byProto: dict[str, list[str]] = {}
     for proto, host in entry.listens:
         byProto.setdefault(proto, []).append(host)
     listeners = tuple(
-        Listener(
-            name,
-            proto,
-            host,
-            port,
-            target,
-            timeouts,
-            maxConnections,
-            identity,
-            access,
-            line,
-            tls,
-        )
-        for proto, hosts in byProto.items()
-        for port, target in zip(range(ports.first, ports.last + 1), targets)
-        for host in hosts
+        [
+            Listener(name, proto, host, port, target, *shared)
+            for proto, hosts in byProto.items()
+            for port, target in zip(
+                range(ports.first, ports.last + 1), targets, strict=True
+            )
+            for host in hosts
+        ]
     )
-    return Mapping(name=name, listeners=listeners, line=line)
+    return Mapping(name, listeners, line)
 
 
 def _usablePath(path: str) -> bool:
