@@ -31,10 +31,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from operator import itemgetter
 from types import ModuleType
+from typing import Any
 
-import yaml
-from yaml.constructor import SafeConstructor
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+# PyYAML has no type hints of its own (types-PyYAML is not installed).
+import yaml  # type: ignore[import-untyped]
+from yaml.constructor import SafeConstructor  # type: ignore[import-untyped]
+from yaml.nodes import (  # type: ignore[import-untyped]
+    MappingNode,
+    Node,
+    ScalarNode,
+    SequenceNode,
+)
 
 from twistedproxy import transparency
 from twistedproxy.model import (
@@ -67,7 +74,12 @@ from twistedproxy.model import (
 )
 
 TOP_KEYS = ("defaults", "mappings", "manhole", "http", "log_format", "control")
-SETTING_KEYS = ("connect_timeout", "idle_timeout", "udp_timeout", "max_connections")
+SETTING_KEYS: tuple[str, ...] = (
+    "connect_timeout",
+    "idle_timeout",
+    "udp_timeout",
+    "max_connections",
+)
 #: Who the client is and how the target learns it (model.ClientIdentity).
 IDENTITY_KEYS = ("client_address", "accept_proxy_protocol")
 #: Who may connect (twistedproxy.access); settings like the others.
@@ -79,11 +91,11 @@ ACCESS_KEYS = (
     "datagrams_per_client",
 )
 PER_CLIENT_KEYS = ACCESS_KEYS[2:]
-SETTING_KEYS += IDENTITY_KEYS + ACCESS_KEYS
+SETTING_KEYS = (*SETTING_KEYS, *IDENTITY_KEYS, *ACCESS_KEYS)
 TLS_MAPPING_KEYS = ("tls", "target_tls", "sni_routes")
 #: The keys of the mappings L{_MapReader.readPlainMapping} reads.
 _PLAIN_KEYS = ("name", "listen", "target")
-MAPPING_KEYS = ("name", "proto", "listen", "target") + SETTING_KEYS + TLS_MAPPING_KEYS
+MAPPING_KEYS = ("name", "proto", "listen", "target", *SETTING_KEYS, *TLS_MAPPING_KEYS)
 TLS_KEYS = ("cert", "key", "sni", "client_ca", "min_version")
 TARGET_TLS_KEYS = ("ca", "server_name", "verify", "cert", "key", "min_version")
 MANHOLE_KEYS = (
@@ -155,7 +167,10 @@ _scalars = SafeConstructor()
 
 # The libyaml-backed loader composes a big map about five times faster;
 # its marks (lines) are the same as the pure-Python loader's.
-_SafeLoader: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+try:
+    from yaml import CSafeLoader as _SafeLoader
+except ImportError:  # PyYAML built without libyaml
+    from yaml import SafeLoader as _SafeLoader
 
 
 #: YAML 1.1's implicit types of plain scalars whose texts all have at most
@@ -187,7 +202,7 @@ _DOTTED_STR = {
 }
 
 
-class _Loader(_SafeLoader):  # type: ignore[misc, valid-type]
+class _Loader(_SafeLoader):
     """
     The safe loader (libyaml's where present), with the YAML types of
     plain scalars resolved as it resolves them, only faster: PyYAML's
@@ -230,11 +245,9 @@ class _Loader(_SafeLoader):  # type: ignore[misc, valid-type]
             # map, is no number and no date; PyYAML would try three
             # regular expressions to find out.
             return _STR
-        for tag, regexp in resolvers:
-            if regexp.match(value):
-                break
-        else:
-            tag = _STR
+        tag = next(
+            (tag for tag, regexp in resolvers if regexp.match(value) is not None), _STR
+        )
         self._plainTags[value] = tag
         return tag
 
@@ -551,15 +564,20 @@ class _Ports:
         return self.last - self.first + 1
 
 
+#: The defaults of L{_Settings}, shared (the values are frozen).
+_TIMEOUTS = Timeouts()
+_NO_IDENTITY = ClientIdentity()
+
+
 @dataclass(frozen=True)
 class _Settings:
     """
     The settings C{defaults} gives and a mapping may override.
     """
 
-    timeouts: Timeouts = Timeouts()
+    timeouts: Timeouts = _TIMEOUTS
     maxConnections: int = 0
-    identity: ClientIdentity = ClientIdentity()
+    identity: ClientIdentity = _NO_IDENTITY
     #: where client_address was given, for the errors of its value
     clientAddressLine: int = field(default=0, compare=False)
     access: AccessPolicy = OPEN
@@ -611,8 +629,9 @@ def _anyOverlap(entries: list[_Entry]) -> bool:
     for entry in entries:
         ports = entry.ports
         for proto, host in entry.listens:
+            assert ports is not None  # an entry with listeners has ports
             family = ":" in host
-            wildcard = host == ANY_IPV4 or host == ANY_IPV6
+            wildcard = host in (ANY_IPV4, ANY_IPV6)
             groups.setdefault((proto, family), []).append(
                 (ports.first, ports.last, None if wildcard else host)
             )
@@ -622,15 +641,15 @@ def _anyOverlap(entries: list[_Entry]) -> bool:
         # runs, and by each address's runs.
         reachAll = reachWildcard = 0
         reach: dict[str, int] = {}
-        for first, last, host in runs:
-            if host is None:
+        for first, last, address in runs:
+            if address is None:
                 if reachAll >= first:
                     return True
                 reachWildcard = max(reachWildcard, last)
             else:
-                if reachWildcard >= first or reach.get(host, 0) >= first:
+                if reachWildcard >= first or reach.get(address, 0) >= first:
                     return True
-                reach[host] = max(reach.get(host, 0), last)
+                reach[address] = max(reach.get(address, 0), last)
             reachAll = max(reachAll, last)
     return False
 
@@ -705,7 +724,7 @@ class _AddressClaims:
 
     def claim(self, first: int, last: int, owner: int) -> None:
         gapStart = first
-        for start, end in list(self.within(first, last)) + [(last + 1, last + 1)]:
+        for start, end in [*self.within(first, last), (last + 1, last + 1)]:
             if gapStart < start:
                 at = bisect_left(self.pieces, gapStart)
                 self.pieces.insert(at, gapStart)
@@ -740,7 +759,7 @@ class _FamilyClaims:
         C{(0, -1, -1)} when none does.
         """
         wildcard = self.wildcard
-        if host == ANY_IPV4 or host == ANY_IPV6:
+        if host in (ANY_IPV4, ANY_IPV6):
             count = self.every.count(first, last)
             port = self.every.lowest(first, last)
             return count, port, self.every.owners[port] if count else -1
@@ -759,7 +778,7 @@ class _FamilyClaims:
         return count, port, owner
 
     def claim(self, host: str, first: int, last: int, owner: int) -> None:
-        if host == ANY_IPV4 or host == ANY_IPV6:
+        if host in (ANY_IPV4, ANY_IPV6):
             self.wildcard.claim(first, last, owner)
         else:
             claims = self.addresses.get(host)
@@ -783,6 +802,8 @@ def _findOverlaps(
     families: dict[tuple[str, bool], _FamilyClaims] = {}
     for position, entry in enumerate(entries):
         ports = entry.ports
+        if ports is None:
+            continue  # no listeners
         protos = [proto for proto, host in entry.listens]
         total = 0
         first: tuple[tuple[int, int, int], ListenerKey, int] | None = None
@@ -922,7 +943,7 @@ class _MapReader:
                 except TypeError:  # a list or mapping as a key
                     unique = False
                 if unique:
-                    for key, value in pairs:
+                    for _key, value in pairs:
                         if type(value) is not ScalarNode:
                             pending.append(value)
                     continue
@@ -1070,7 +1091,7 @@ class _MapReader:
         line = base.clientAddressLine
         accepted = base.identity.acceptProxyProtocol
         if "client_address" in keys:
-            keyNode, node = keys["client_address"]
+            node = keys["client_address"][1]
             key = prefix + "client_address"
             modes = " | ".join(CLIENT_ADDRESS_MODES)
             text = self.text(node, key, modes)
@@ -1159,7 +1180,7 @@ class _MapReader:
         given replaces the inherited one, and a mapping that sets any
         per-client limit counts its clients in a scope of its own.
         """
-        values = {}
+        values: dict[str, Any] = {}
         for key, name in (("allow", "allow"), ("deny", "deny")):
             if key in keys:
                 cidrs = self.cidrs(keys[key][1], prefix + key)
@@ -1465,23 +1486,25 @@ class _MapReader:
                 parsed = self.targetAddress(targetText, targetNode)
                 if parsed is not None:
                     target, targetPorts = parsed
-            if ports is not None and targetPorts is not None:
-                if targetPorts.first != targetPorts.last and len(targetPorts) != len(
-                    ports
-                ):
-                    if len(ports) == 1:
-                        advice = f"listen {ports.text} is one port; give a single port"
-                    else:
-                        advice = (
-                            f"listen {ports.text} has {len(ports)};"
-                            f" give a range of {len(ports)} ports or a single port"
-                        )
-                    self.error(
-                        _line(targetNode),
-                        f"target: range {targetPorts.text} has {len(targetPorts)} ports"
-                        f" but {advice}",
+            if (
+                ports is not None
+                and targetPorts is not None
+                and targetPorts.first != targetPorts.last
+                and len(targetPorts) != len(ports)
+            ):
+                if len(ports) == 1:
+                    advice = f"listen {ports.text} is one port; give a single port"
+                else:
+                    advice = (
+                        f"listen {ports.text} has {len(ports)};"
+                        f" give a range of {len(ports)} ports or a single port"
                     )
-                    targetPorts = None
+                self.error(
+                    _line(targetNode),
+                    f"target: range {targetPorts.text} has {len(targetPorts)} ports"
+                    f" but {advice}",
+                )
+                targetPorts = None
 
         entry.name = self.readName(entry, keys, protos, listenText, names)
 
@@ -1770,7 +1793,7 @@ class _MapReader:
                 f"target: {rawHost} is the wildcard address, not one to connect to",
             )
         ports = self.ports(portText, node, "target")
-        if not good or ports is None:
+        if not good or host is None or ports is None:
             return None
         return host, ports
 
@@ -2073,7 +2096,7 @@ class _MapReader:
                 if path is not None:
                     paths[key] = path
 
-        limits = {}
+        limits: dict[str, Any] = {}
         if "login_grace_time" in keys:
             limits["loginGraceTime"] = self.duration(
                 keys["login_grace_time"][1], "manhole.login_grace_time", True
@@ -2083,7 +2106,7 @@ class _MapReader:
                 keys["max_startups"][1], "manhole.max_startups"
             )
 
-        if len(self.errors) != errorsBefore:
+        if len(self.errors) != errorsBefore or host is None or port is None:
             return None
         return Manhole(
             host=host,
