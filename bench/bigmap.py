@@ -7,13 +7,17 @@ Time C{python -m twistedproxy check} on a big valid map (issue 17 wants
     python bench/bigmap.py -n 50000 -r 3
     python bench/bigmap.py --profile       # and where one load's time goes
     python bench/bigmap.py --write map.yaml   # only write the map
+    python bench/bigmap.py --before /tmp/old  # and another tree, in turn
 
 The map has one mapping per line, C{- {name: mN, listen: 127.0.0.X:PORT,
 target: 127.0.1.X:PORT}} over 250 loopback addresses (see L{bigMap}).  Each
 round prints the time on the clock, the processor time (user and system)
 and the peak RSS of the check; then the same for a reference loop of pure
 Python, so that figures from a busy machine can be compared with an idle
-one's.  Run it from the project's venv.
+one's.  With C{--before DIR} each round also checks the map with the
+C{twistedproxy} package of another tree (C{git archive REV twistedproxy |
+tar -x -C DIR}), so that two versions are compared in the same minutes.
+Run it from the project's venv.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 
@@ -54,14 +59,26 @@ def bigMap(count: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def timed(command: list[str]) -> tuple[subprocess.CompletedProcess, float, float, int]:
+def timed(
+    command: list[str], tree: str | None = None
+) -> tuple[subprocess.CompletedProcess, float, float, int]:
     """
-    Run C{command}; its result, seconds on the clock, seconds of processor
-    time (user and system) and peak RSS in KiB.
+    Run C{command}, with the package of C{tree} when given; its result,
+    seconds on the clock, seconds of processor time (user and system) and
+    peak RSS in KiB (the largest of any child so far).
     """
+    env = dict(os.environ)
+    if tree is not None:
+        # Without site (-S), so that the editable install's import hook
+        # does not bring this tree's package; the venv's libraries by path.
+        env["PYTHONPATH"] = os.pathsep.join([tree, sysconfig.get_paths()["purelib"]])
+        command = [command[0], "-S", *command[1:]]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
-    result = subprocess.run(command, capture_output=True, text=True)
+    # Not from this directory, which python -m would import from first.
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir()
+    )
     clock = time.monotonic() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
@@ -94,6 +111,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also profile one load")
     ap.add_argument("--top", type=int, default=25, help="profile lines to print")
     ap.add_argument("--write", metavar="PATH", help="only write the map to PATH")
+    ap.add_argument("--before", metavar="DIR", help="also time this tree's package")
     a = ap.parse_args()
     text = bigMap(a.n)
     if a.write:
@@ -106,26 +124,35 @@ def main() -> None:
             f.write(text)
         print(f"{a.n} mappings, {len(text) / 1e6:.1f} MB; load average", end=" ")
         print(" ".join(f"{x:.2f}" for x in os.getloadavg()))
-        clocks, cpus, references = [], [], []
+        trees: dict[str, str | None] = {"this tree": None}
+        if a.before:
+            here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            trees = {f"before ({a.before})": a.before, "this tree": here}
+        clocks: dict[str, list[float]] = {name: [] for name in trees}
+        cpus: dict[str, list[float]] = {name: [] for name in trees}
+        references = []
         for _ in range(a.rounds):
-            result, clock, cpu, rss = timed(
-                [sys.executable, "-m", "twistedproxy", "check", path]
-            )
-            if result.returncode != 0:
-                raise SystemExit(result.stderr[-2000:])
+            for name, tree in trees.items():
+                result, clock, cpu, rss = timed(
+                    [sys.executable, "-m", "twistedproxy", "check", path], tree
+                )
+                if result.returncode != 0:
+                    raise SystemExit(result.stderr[-2000:])
+                clocks[name].append(clock)
+                cpus[name].append(cpu)
+                print(
+                    f"{name}: check {clock:.2f} s on the clock, {cpu:.2f} s"
+                    f" processor time, {rss / 1024:.0f} MiB peak RSS"
+                )
             _, _, reference, _ = timed([sys.executable, "-c", REFERENCE])
-            clocks.append(clock)
-            cpus.append(cpu)
             references.append(reference)
+            print(f"reference loop {reference:.2f} s")
+        for name in trees:
             print(
-                f"check {clock:.2f} s on the clock, {cpu:.2f} s processor time,"
-                f" {rss / 1024:.0f} MiB peak RSS; reference loop {reference:.2f} s"
+                f"median, {name}: check {statistics.median(clocks[name]):.2f} s on"
+                f" the clock, {statistics.median(cpus[name]):.2f} s processor time"
             )
-        print(
-            f"median: check {statistics.median(clocks):.2f} s on the clock,"
-            f" {statistics.median(cpus):.2f} s processor time;"
-            f" reference loop {statistics.median(references):.2f} s"
-        )
+        print(f"median reference loop {statistics.median(references):.2f} s")
         if a.profile:
             profile(path, a.top)
 
