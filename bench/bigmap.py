@@ -27,7 +27,6 @@ import cProfile
 import io
 import os
 import pstats
-import resource
 import statistics
 import subprocess
 import sys
@@ -65,7 +64,7 @@ def timed(
     """
     Run C{command}, with the package of C{tree} when given; its result,
     seconds on the clock, seconds of processor time (user and system) and
-    peak RSS in KiB (the largest of any child so far).
+    peak RSS in KiB.
     """
     env = dict(os.environ)
     if tree is not None:
@@ -73,16 +72,22 @@ def timed(
         # does not bring this tree's package; the venv's libraries by path.
         env["PYTHONPATH"] = os.pathsep.join([tree, sysconfig.get_paths()["purelib"]])
         command = [command[0], "-S", *command[1:]]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     # Not from this directory, which python -m would import from first.
-    result = subprocess.run(
-        command, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir()
-    )
-    clock = time.monotonic() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    return result, clock, cpu, after.ru_maxrss
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(
+            command, stdout=out, stderr=err, env=env, cwd=tempfile.gettempdir()
+        )
+        # wait4 reaps the child and gives its own resource usage.
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        clock = time.monotonic() - started
+        out.seek(0)
+        err.seek(0)
+        result = subprocess.CompletedProcess(
+            command, process.returncode, out.read(), err.read()
+        )
+    return result, clock, usage.ru_utime + usage.ru_stime, usage.ru_maxrss
 
 
 def profile(path: str, top: int) -> None:
