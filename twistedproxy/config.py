@@ -173,9 +173,9 @@ except ImportError:  # PyYAML built without libyaml
     from yaml import SafeLoader as _SafeLoader
 
 
-#: YAML 1.1's implicit types of plain scalars whose texts all have at most
-#: one '.', or a '-' as the fifth character (a date): so a text with two
-#: dots, as an IPv4 address, is none of them.
+#: YAML 1.1's implicit types of plain scalars whose texts have at most one
+#: '.' (a number's point, a time's fraction of a second): so a text with
+#: two, as an IPv4 address, is none of them.
 _DOTTED_NEVER = {_FLOAT, _INT, "tag:yaml.org,2002:timestamp"}
 
 
@@ -243,7 +243,7 @@ class _Loader(_SafeLoader):
         resolvers = _RESOLVERS.get(first)
         if resolvers is None:
             return _STR
-        if first in _DOTTED_STR and value.count(".") > 1 and value[4:5] != "-":
+        if first in _DOTTED_STR and value.count(".") > 1:
             # An IPv4 address (127.0.0.1:8080), the most common text of a
             # map, is no number and no date; PyYAML would try three
             # regular expressions to find out.
