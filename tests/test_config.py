@@ -1737,15 +1737,15 @@ def test_configErrorLinesPrintable() -> None:
 
 def test_pureLoaderSameLines(monkeypatch) -> None:
     """
-    libyaml's loader, used where PyYAML has it, and the pure-Python one
-    give the same errors on the same lines (and the libyaml one is in use
-    here, so the rest of these tests test it).
+    libyaml's loader, used where PyYAML has it, and PyYAML's own
+    pure-Python one give the same errors on the same lines (and the libyaml
+    one is in use here, so the rest of these tests test it).
     """
     import yaml
 
     from twistedproxy import config
 
-    assert config._Loader is yaml.CSafeLoader
+    assert issubclass(config._Loader, yaml.CSafeLoader)
     text = dedent(
         """\
         # a comment
@@ -1774,3 +1774,29 @@ def test_pureLoaderSameLines(monkeypatch) -> None:
         "11",
         "12",
     ]
+
+
+def test_modelInitializersTakeEveryField() -> None:
+    """
+    The hand-written initializers of the values a big map builds most of
+    (Listener, Target, Mapping) take every field of the dataclass, in its
+    order, with its default, and set each, as the generated ones would.
+    """
+    import dataclasses
+    import inspect
+
+    from twistedproxy.model import Listener, Mapping, Target
+
+    for cls in (Listener, Target, Mapping):
+        fields = dataclasses.fields(cls)
+        parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        assert [p.name for p in parameters] == [f.name for f in fields]
+        for parameter, field in zip(parameters, fields, strict=True):
+            default = (
+                inspect.Parameter.empty
+                if field.default is dataclasses.MISSING
+                else field.default
+            )
+            assert parameter.default == default, (cls, field.name)
+        made = cls(*[object() for _ in fields])
+        assert all(hasattr(made, f.name) for f in fields)

@@ -16,6 +16,7 @@ import os
 import re
 import time
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -409,3 +410,201 @@ def test_overlapsAsIfPortByPort(mappings) -> None:
     except ConfigError as e:
         errors = e.errors
     assert errors == expected
+
+
+# The loader's shortcuts: the same answers as the long way.
+
+
+def _nodes(node) -> list[tuple]:
+    """
+    Every node of a tree in order: its kind, tag, scalar text and place.
+    """
+    found = []
+    pending = [node]
+    while pending:
+        node = pending.pop()
+        value = node.value if isinstance(node.value, str) else None
+        found.append(
+            (
+                type(node).__name__,
+                node.tag,
+                value,
+                node.start_mark.index,
+                node.end_mark.index,
+            )
+        )
+        if value is None:
+            for child in reversed(node.value):
+                pending.extend(reversed(child) if isinstance(child, tuple) else [child])
+    return found
+
+
+#: Plain scalars of every implicit YAML 1.1 type and near them.
+_PLAIN_SCALARS = [
+    *_NUMBERS[:-2],
+    *_DURATIONS,
+    "2001-12-14",
+    "2001-12-14t21:59:43.10-05:00",
+    "2001-12-14 21:59:43.10 -5",
+    "2001-12-14 21:59:43.10.5",
+    "2001-12-14.5",
+    "1.2.3",
+    "1.2e+3",
+    "1:20:30.5",
+    "1:20:30.5.6",
+    "127.0.0.1:8080",
+    "127.0.0.1",
+    "10.0.0.0/8",
+    "-1.5",
+    "+.inf",
+    ".NaN",
+    "..5",
+    "yes",
+    "Off",
+    "NULL",
+    "~",
+    "<<",
+    "=",
+    "tcp",
+]
+
+
+@PROFILE
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(_PLAIN_SCALARS),
+            st.text(
+                st.sampled_from(list("0123456789.-+:_eExXoObB tTfFnNyY~<=abc")),
+                max_size=14,
+            ),
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_loaderTypesAsPyYAML(texts: list[str]) -> None:
+    """
+    The map's loader gives every plain scalar (numbers in all YAML 1.1
+    forms, dates, booleans, IPv4 addresses...) the type PyYAML's libyaml
+    safe loader gives it, in the same tree with the same places.
+    """
+    import yaml
+
+    from twistedproxy import config
+
+    text = "a:\n" + "".join(f"  - {t}\n" for t in texts) + f"b: [{', '.join(texts)}]\n"
+    try:
+        expected = _nodes(yaml.compose(text, Loader=yaml.CSafeLoader))
+    except yaml.YAMLError as e:
+        with pytest.raises(yaml.YAMLError) as raised:
+            yaml.compose(text, Loader=config._Loader)
+        assert str(raised.value) == str(e)
+        return
+    assert _nodes(yaml.compose(text, Loader=config._Loader)) == expected
+    # Not only errors: the example was a tree.
+    assert len(expected) > len(texts)
+
+
+_PLAIN_DEFAULTS = [
+    "",
+    "defaults: {max_connections: 5}\n",
+    "defaults: {client_address: transparent}\n",
+    "defaults: {client_address: proxy_protocol_v1}\n",
+]
+#: Valid listen and target values.
+_PLAIN_GOOD = ["127.0.0.1:80", "127.0.0.2:80", "1.2.3.4:65535"]
+#: Values near them, for listen, target or both.
+_PLAIN_NEAR = [
+    "0.0.0.0:80",
+    "127.0.0.1:080",
+    "127.0.0.1:0",
+    "127.0.0.1:65536",
+    "127.0.0.1:123456",
+    "127.0.0.01:80",
+    "256.0.0.1:80",
+    "127.0.0.1:80-81",
+    "'127.0.0.1:80'",
+    "[::1]:80",
+    "80",
+    "127.0.0.1:",
+    "127.0.0.1:٨٠",
+    "db:80",
+]
+_PLAIN_NAMES = [
+    "a",
+    "b",
+    "c",
+    "d",
+    "a",
+    "m.1",
+    "'x y'",
+    "80",
+    "yes",
+    "'80'",
+    "tcp-127.0.0.1:80",
+]
+
+
+@st.composite
+def plainishMaps(draw) -> str:
+    """
+    Maps of mappings that are, or nearly are, the one-line kind the reader
+    reads at once: listen, target and a name in any order, valid or just
+    not, with now and then another key, a key twice, or a default that
+    concerns every mapping.
+    """
+    lines = [draw(st.sampled_from(_PLAIN_DEFAULTS)) + "mappings:"]
+    for _ in range(draw(st.integers(1, 8))):
+        pairs = {
+            "listen": draw(st.sampled_from(_PLAIN_GOOD)),
+            "target": draw(st.sampled_from(_PLAIN_GOOD)),
+            "name": draw(st.sampled_from(_PLAIN_NAMES)),
+        }
+        if draw(st.integers(0, 2)) == 0:
+            key = draw(st.sampled_from(["listen", "target"]))
+            pairs[key] = draw(st.sampled_from(_PLAIN_NEAR))
+        keys = draw(st.permutations(list(pairs)))
+        keys = keys[: draw(st.integers(1, 3))] if draw(st.integers(0, 4)) == 0 else keys
+        if "name" in keys and draw(st.booleans()):
+            keys.remove("name")
+        items = [f"{key}: {pairs[key]}" for key in keys]
+        extra = draw(st.integers(0, 6))
+        if extra == 0:
+            items.append(draw(st.sampled_from(["proto: tcp", "max_connections: 3"])))
+        elif extra == 1:
+            items.append(f"listen: {draw(st.sampled_from(_PLAIN_GOOD))}")
+        lines.append("  - {" + ", ".join(items) + "}")
+    return "\n".join(lines) + "\n"
+
+
+def _outcome(text: str) -> tuple:
+    """
+    All that loading C{text} gives: the map with the line of every mapping
+    and listener (lines do not count in equality), or the errors.
+    """
+    try:
+        proxyMap = parseMap(text, "map.yaml")
+    except ConfigError as e:
+        return ("errors", e.errors)
+    lines = [
+        (m.line, [listener.line for listener in m.listeners]) for m in proxyMap.mappings
+    ]
+    return ("map", proxyMap, lines, proxyMap.warnings)
+
+
+@settings(PROFILE, max_examples=max(PROFILE.max_examples, 300))
+@given(plainishMaps())
+def test_plainMappingsReadAsTheGeneralReaderReadsThem(text: str) -> None:
+    """
+    The one-line mappings read at once give the map, lines and errors that
+    the general reader gives for them.
+    """
+    from unittest import mock
+
+    from twistedproxy.config import _MapReader
+
+    fast = _outcome(text)
+    with mock.patch.object(_MapReader, "readPlainMapping", return_value=None):
+        general = _outcome(text)
+    assert fast == general

@@ -8,6 +8,7 @@ that a regression fails the test instead of swapping the machine.
 
 from __future__ import annotations
 
+import os
 import resource
 import subprocess
 import sys
@@ -23,6 +24,33 @@ HOSTILE_SECONDS = 10.0
 HOSTILE_MEMORY = 1 << 30
 BIG_SECONDS = 10.0
 BIG_MEMORY = 2 << 30
+
+#: Checking a valid 100,000-mapping map, in seconds of processor time on
+#: the 2-core build machine when quiet: issue 17 wants 3 s; this tree takes
+#: about 2.7-3.4 s there (estimated, docs/PERFORMANCE.md), and this bound
+#: keeps it from growing back (the tree before took 6.3-7.3 s).
+HUNDRED_THOUSAND_SECONDS = 4.0
+#: A loop of pure Python, and the processor time it takes on that machine
+#: when quiet (the least of many runs; 0.94-1.25 s while six sessions
+#: shared its 2 cores).
+REFERENCE = "for i in range(3 * 10**7): pass"
+QUIET_REFERENCE = 0.95
+#: How much more a big check's processor time grows on a busy machine than
+#: the reference loop's: the check walks 400 MB that other processes push
+#: out of the shared caches, the loop a few bytes.  Measured: at load
+#: average 7 on the 2 cores the old check took 7.9-9.2 s against 6.3-7.3 s
+#: quiet, while the reference loop took 0.94-1.4 s.
+CONTENTION = 1.3
+
+
+def processorTime(command: list[str]) -> float:
+    """
+    The processor time (user and system) C{command} takes.
+    """
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(command, check=True, timeout=120)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
 def check(path: Path, memory: int) -> tuple[subprocess.CompletedProcess, float]:
@@ -153,24 +181,42 @@ def test_manyErrorsOfEveryKind(tmp_path) -> None:
     assert all(line.isprintable() and len(line) < 1000 for line in lines)
 
 
-@pytest.mark.slow
-def test_hundredThousandMappings(tmp_path) -> None:
+def hundredThousandMappings() -> list[str]:
     """
-    A valid map of 100,000 mappings, each on its own address, is checked
-    within BIG_SECONDS of processor time (5-6 s on the shared build
-    machine, about 3 s estimated on an idle one).
+    The lines of 100,000 valid one-line mappings over 250 loopback
+    addresses, as C{bench/bigmap.py} writes them.
     """
     lines = []
     for i in range(100_000):
-        host = f"127.{1 + i // 65536}.{(i // 256) % 256}.{i % 256}"
+        host, port = 1 + i % 250, 10000 + i // 250
         lines.append(
-            f"  - {{name: m{i}, listen: '{host}:8080', target: '10.1.{(i // 256) % 256}.{i % 256}:80'}}"
+            f"  - {{name: m{i}, listen: 127.0.0.{host}:{port},"
+            f" target: 127.0.1.{host}:{port}}}"
         )
-    path = writeMap(tmp_path, lines)
+    return lines
+
+
+@pytest.mark.slow
+def test_hundredThousandMappings(tmp_path) -> None:
+    """
+    A valid map of 100,000 mappings is checked within
+    HUNDRED_THOUSAND_SECONDS of processor time on the quiet build machine:
+    the bound grows with how much slower than there a reference loop of
+    pure Python runs here, just before and after (the slower of the two),
+    and by CONTENTION when the machine is busy.
+    """
+    path = writeMap(tmp_path, hundredThousandMappings())
+    reference = [sys.executable, "-c", REFERENCE]
+    before = processorTime(reference)
     result, took = check(path, BIG_MEMORY)
+    slower = max(before, processorTime(reference)) / QUIET_REFERENCE
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith(f"{path}: OK, 100000 mappings, 100000 listeners")
-    assert took < BIG_SECONDS
+    bound = HUNDRED_THOUSAND_SECONDS * max(1.0, slower)
+    if slower > 1.1 or os.getloadavg()[0] > os.cpu_count():
+        bound *= CONTENTION
+    print(f"bound {bound:.2f} s (reference {slower:.2f} times the quiet one)")
+    assert took < bound
 
 
 @pytest.mark.slow

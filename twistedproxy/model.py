@@ -49,7 +49,7 @@ class ListenerKey(NamedTuple):
         return f"{self.proto} {formatHostPort(self.host, self.port)}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Target:
     """
     Where a listener forwards to: an IP literal or a host name (resolved
@@ -58,6 +58,10 @@ class Target:
 
     host: str
     port: int
+
+    def __init__(self, host: str, port: int) -> None:
+        # A big map builds one per listener; see Listener.__init__.
+        self.__dict__.update(host=host, port=port)
 
     def __str__(self) -> str:
         return formatHostPort(self.host, self.port)
@@ -290,7 +294,7 @@ def _addressSet(cidrs: tuple[str, ...]):
     return AddressSet(ipaddress.ip_network(c) for c in cidrs)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Listener:
     """
     One listening socket and where it forwards to.
@@ -318,6 +322,37 @@ class Listener:
     line: int = field(default=0, compare=False)
     tls: TLSSettings | None = None
 
+    def __init__(
+        self,
+        mapping: str,
+        proto: str,
+        host: str,
+        port: int,
+        target: Target,
+        timeouts: Timeouts = Timeouts(),
+        maxConnections: int = 0,
+        identity: ClientIdentity = ClientIdentity(),
+        access: AccessPolicy = OPEN,
+        line: int = 0,
+        tls: TLSSettings | None = None,
+    ) -> None:
+        # What the dataclass would write, at once: a frozen dataclass sets
+        # each field with its own object.__setattr__ call, three times as
+        # long, and a big map builds 100,000 listeners or more.
+        self.__dict__.update(
+            mapping=mapping,
+            proto=proto,
+            host=host,
+            port=port,
+            target=target,
+            timeouts=timeouts,
+            maxConnections=maxConnections,
+            identity=identity,
+            access=access,
+            line=line,
+            tls=tls,
+        )
+
     @property
     def key(self) -> ListenerKey:
         return ListenerKey(self.proto, self.host, self.port)
@@ -341,7 +376,7 @@ class Listener:
         return f"{self.proto} {self.mapping} ", f" -> {self.target} "
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Mapping:
     """
     One named entry of the map; a range or C{[tcp, udp]} gives it several
@@ -351,6 +386,12 @@ class Mapping:
     name: str
     listeners: tuple[Listener, ...]
     line: int = field(default=0, compare=False)
+
+    def __init__(
+        self, name: str, listeners: tuple[Listener, ...], line: int = 0
+    ) -> None:
+        # See Listener.__init__.
+        self.__dict__.update(name=name, listeners=listeners, line=line)
 
 
 @dataclass(frozen=True)
