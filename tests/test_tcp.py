@@ -10,6 +10,7 @@ import errno
 import socket
 
 import pytest
+from fakes import CLIENT, FakeResolver, Harness, RelayTransport, messages, tcpListener
 from support import freePort
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import (
@@ -19,15 +20,12 @@ from twisted.internet.error import (
     ConnectionDone,
     ConnectionLost,
 )
-from twisted.internet.error import ConnectionRefusedError as TargetRefused
-from twisted.internet.interfaces import IHostnameResolver
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from twistedproxy.listener import IFlow
-from twistedproxy.model import Listener, Target, Timeouts
+from twistedproxy.model import Target, Timeouts
 from twistedproxy.tcp import (
     DEFAULT_BACKLOG,
     FAREWELL_SECONDS,
@@ -36,65 +34,6 @@ from twistedproxy.tcp import (
     TCPListener,
     listenBacklog,
 )
-
-CLIENT = IPv4Address("TCP", "192.0.2.7", 40000)
-
-
-class FakeSocket:
-    """
-    Records socket options set on it.
-    """
-
-    def __init__(self):
-        self.options = {}
-
-    def setsockopt(self, level, name, value):
-        self.options[(level, name)] = value
-
-
-class RelayTransport(StringTransport):
-    """
-    A L{StringTransport} with the TCP bits the relay uses: half-close,
-    socket options, and an abort that is recorded.
-    """
-
-    writeClosed = False
-    aborted = False
-    #: Given to L{ClosingClient} (a FIN, then its input dropped).
-    finished = False
-    noDelay = False
-    keepAlive = False
-
-    def __init__(self, peer=CLIENT):
-        StringTransport.__init__(self, peerAddress=peer)
-        self.handle = FakeSocket()
-
-    def loseWriteConnection(self):
-        self.writeClosed = True
-
-    def abortConnection(self):
-        self.aborted = True
-        StringTransport.abortConnection(self)
-
-    def unregisterProducer(self):
-        # Twisted's transports allow this without a producer.
-        self.producer = None
-
-    def setTcpNoDelay(self, enabled):
-        self.noDelay = enabled
-
-    def setTcpKeepAlive(self, enabled):
-        self.keepAlive = enabled
-
-    def getHandle(self):
-        return self.handle
-
-    @property
-    def reset(self):
-        return (
-            self.aborted
-            and (socket.SOL_SOCKET, socket.SO_LINGER) in self.handle.options
-        )
 
 
 @pytest.fixture(autouse=True)
@@ -110,76 +49,12 @@ def recordFarewells(monkeypatch):
     monkeypatch.setattr(ClosingClient, "takeOver", staticmethod(takeOver))
 
 
-def makeListener(**kwargs) -> Listener:
-    values = dict(
-        mapping="web",
-        proto="tcp",
-        host="127.0.0.1",
-        port=8080,
-        target=Target("10.0.0.2", 80),
-        timeouts=Timeouts(connect=5, idle=0),
-        maxConnections=0,
-    )
-    values.update(kwargs)
-    return Listener(**values)
-
-
-class Harness:
-    """
-    A L{TCPListener} on a memory reactor, with helpers to accept clients
-    and answer their connects.
-    """
-
-    def __init__(self, **kwargs):
-        self.reactor = MemoryReactorClock()
-        self.reactor.running = True
-        self.service = TCPListener(makeListener(**kwargs), self.reactor, backlog=16)
-
-    def accept(self, peer=CLIENT) -> tuple[Relay, RelayTransport]:
-        relay = Relay(self.service, peer)
-        transport = RelayTransport(peer)
-        relay.makeConnection(transport)
-        return relay, transport
-
-    def lastDial(self):
-        host, port, factory, timeout, bindAddress = self.reactor.tcpClients[-1]
-        return host, port, factory, timeout
-
-    def answer(self):
-        """
-        Complete the most recent target connect; the target's transport.
-        """
-        host, port, factory, timeout = self.lastDial()
-        side = factory.buildProtocol(IPv4Address("TCP", host, port))
-        transport = RelayTransport(IPv4Address("TCP", host, port))
-        side.makeConnection(transport)
-        return side, transport
-
-    def refuse(self):
-        host, port, factory, timeout = self.lastDial()
-        factory.clientConnectionFailed(
-            self.reactor.connectors[-1],
-            Failure(TargetRefused(errno.ECONNREFUSED, "Connection refused")),
-        )
-
-    def connected(self):
-        relay, client = self.accept()
-        side, target = self.answer()
-        return relay, client, side, target
-
-
 def tick(reactor, seconds: float, step: float = 1.0) -> None:
     """
     Advance C{reactor} second by second, as time passes in a real one.
     """
     for _ in range(int(seconds / step)):
         reactor.advance(step)
-
-
-def accessLines(events) -> list[str]:
-    from twisted.logger import formatEvent
-
-    return [formatEvent(e) for e in events if e.get("log_namespace") == "portproxy"]
 
 
 def test_connectsOnlyAfterTargetAnswers():
@@ -193,7 +68,7 @@ def test_connectsOnlyAfterTargetAnswers():
     assert h.lastDial()[:2] == ("10.0.0.2", 80)
     assert h.lastDial()[3] is None
     assert list(h.service.flows) == [relay.id]
-    side, target = h.answer()
+    _side, target = h.answer()
     assert client.producerState == "producing"
     assert client.noDelay and target.noDelay and client.keepAlive and target.keepAlive
 
@@ -204,7 +79,7 @@ def test_flowControlBothWays():
     buffer on one side pauses reading on the other.
     """
     h = Harness()
-    relay, client, side, target = h.connected()
+    _relay, client, _side, target = h.connected()
     assert target.producer is client and target.streaming
     assert client.producer is target and client.streaming
 
@@ -267,7 +142,7 @@ def test_halfCloseFromClient():
         assert h.service.flows
         relay.connectionLost(Failure(ConnectionDone()))
     assert h.service.flows == {}
-    [line] = accessLines(events)
+    [line] = messages(events)
     assert line.startswith("tcp web 192.0.2.7:40000 -> 10.0.0.2:80 ")
     assert line.endswith("in=7 out=8 client closed")
 
@@ -287,7 +162,7 @@ def test_halfCloseFromTarget():
     with capturedLogs() as events:
         relay.connectionLost(Failure(ConnectionDone()))
         side.connectionLost(Failure(ConnectionDone()))
-    assert accessLines(events)[0].endswith("target closed")
+    assert messages(events)[0].endswith("target closed")
 
 
 def test_resetByClientResetsTarget():
@@ -296,12 +171,12 @@ def test_resetByClientResetsTarget():
     cleanly), and the access line says so.
     """
     h = Harness()
-    relay, client, side, target = h.connected()
+    relay, _client, side, target = h.connected()
     with capturedLogs() as events:
         relay.connectionLost(Failure(ConnectionLost()))
         assert target.reset
         side.connectionLost(Failure(ConnectionAborted()))
-    assert accessLines(events)[0].endswith("reset by client")
+    assert messages(events)[0].endswith("reset by client")
 
 
 def test_resetByTargetResetsClient():
@@ -309,12 +184,12 @@ def test_resetByTargetResetsClient():
     A target that resets makes the proxy reset the client.
     """
     h = Harness()
-    relay, client, side, target = h.connected()
+    relay, client, side, _target = h.connected()
     with capturedLogs() as events:
         side.connectionLost(Failure(ConnectionLost()))
         assert client.reset
         relay.connectionLost(Failure(ConnectionAborted()))
-    assert accessLines(events)[0].endswith("reset by target")
+    assert messages(events)[0].endswith("reset by target")
 
 
 def test_idleTimeout():
@@ -334,7 +209,7 @@ def test_idleTimeout():
     with capturedLogs() as events:
         relay.connectionLost(Failure(ConnectionAborted()))
         side.connectionLost(Failure(ConnectionAborted()))
-    assert accessLines(events)[0].endswith("idle timeout")
+    assert messages(events)[0].endswith("idle timeout")
     assert h.reactor.getDelayedCalls() == []
 
 
@@ -343,7 +218,7 @@ def test_idleTimeoutCountsBothDirections():
     Traffic from the target alone keeps a connection from going idle.
     """
     h = Harness(timeouts=Timeouts(connect=5, idle=100))
-    relay, client, side, target = h.connected()
+    _relay, client, side, _target = h.connected()
     for _ in range(10):
         tick(h.reactor, 50)
         side.dataReceived(b"tick")
@@ -372,9 +247,7 @@ def test_maxConnectionsRejects():
     assert len(h.reactor.tcpClients) == 1
     assert h.service.counters.rejected == 1
     assert h.service.active == 1
-    assert (
-        "rejected 192.0.2.8:1234: max_connections 1 reached" in accessLines(events)[0]
-    )
+    assert "rejected 192.0.2.8:1234: max_connections 1 reached" in messages(events)[0]
     relay.connectionLost(Failure(ConnectionAborted()))
     assert h.service.active == 1
 
@@ -386,11 +259,11 @@ def test_connectRefused():
     and reason.
     """
     h = Harness()
-    relay, client = h.accept()
+    _relay, client = h.accept()
     with capturedLogs() as events:
         h.refuse()
     assert client.finished and not client.aborted
-    [line] = accessLines(events)
+    [line] = messages(events)
     assert line.startswith("tcp web 192.0.2.7:40000 -> 10.0.0.2:80 ")
     assert line.endswith("connect failed: connection refused")
     assert h.service.flows == {}
@@ -402,14 +275,14 @@ def test_connectFailureWithoutDescriptors():
     the flow with the OS's words.
     """
     h = Harness()
-    relay, client = h.accept()
+    _relay, client = h.accept()
     with capturedLogs() as events:
         h.lastDial()[2].clientConnectionFailed(
             h.reactor.connectors[-1],
             Failure(ConnectBindError(errno.EMFILE, "Too many open files")),
         )
     assert client.finished
-    assert accessLines(events)[0].endswith("connect failed: too many open files")
+    assert messages(events)[0].endswith("connect failed: too many open files")
 
 
 def test_connectTimeout():
@@ -418,14 +291,14 @@ def test_connectTimeout():
     stopped and the client closed with a timeout reason.
     """
     h = Harness(timeouts=Timeouts(connect=2.5))
-    relay, client = h.accept()
+    _relay, client = h.accept()
     tick(h.reactor, 2.4, 0.1)
     assert not client.finished
     with capturedLogs() as events:
         tick(h.reactor, 0.2, 0.1)
     assert h.reactor.connectors[-1].stoppedConnecting
     assert client.finished and not client.aborted
-    assert accessLines(events)[0].endswith("connect failed: timed out after 2.5s")
+    assert messages(events)[0].endswith("connect failed: timed out after 2.5s")
     assert h.reactor.getDelayedCalls() == []
 
 
@@ -469,38 +342,13 @@ def test_lateTargetIsDropped():
     does not touch the ended flow.
     """
     h = Harness()
-    relay, client = h.accept()
+    relay, _client = h.accept()
     h.reactor.advance(5)
     relay.connectionLost(Failure(ConnectionAborted()))
     side, target = h.answer()
     assert target.aborted
     side.connectionLost(Failure(ConnectionAborted()))
     assert h.service.flows == {}
-
-
-@implementer(IHostnameResolver)
-class FakeResolver:
-    """
-    Resolves every name to C{addresses}, synchronously.
-    """
-
-    def __init__(self, addresses):
-        self.addresses = addresses
-        self.names = []
-
-    def resolveHostName(
-        self,
-        receiver,
-        hostName,
-        portNumber=0,
-        addressTypes=None,
-        transportSemantics="TCP",
-    ):
-        self.names.append(hostName)
-        receiver.resolutionBegan(None)
-        for address in self.addresses:
-            receiver.addressResolved(address)
-        receiver.resolutionComplete()
 
 
 def test_hostNameTriesEachAddress():
@@ -512,7 +360,7 @@ def test_hostNameTriesEachAddress():
     h.reactor.nameResolver = FakeResolver(
         [IPv6Address("TCP", "::1", 80), IPv4Address("TCP", "127.0.0.1", 80)]
     )
-    relay, client = h.accept()
+    _relay, client = h.accept()
     assert h.lastDial()[:2] == ("::1", 80)
     h.refuse()
     assert h.lastDial()[:2] == ("127.0.0.1", 80)
@@ -530,11 +378,9 @@ def test_hostNameWithoutAddress():
     h = Harness(target=Target("nothing.test", 80))
     h.reactor.nameResolver = FakeResolver([])
     with capturedLogs() as events:
-        relay, client = h.accept()
+        _relay, client = h.accept()
     assert client.finished and not client.aborted
-    assert accessLines(events)[0].endswith(
-        "connect failed: no address for nothing.test"
-    )
+    assert messages(events)[0].endswith("connect failed: no address for nothing.test")
 
 
 def test_reconfigureAffectsOnlyNewConnections():
@@ -544,7 +390,7 @@ def test_reconfigureAffectsOnlyNewConnections():
     """
     h = Harness()
     old, *_ = h.connected()
-    h.service.reconfigure(makeListener(target=Target("10.0.0.9", 81)))
+    h.service.reconfigure(tcpListener(target=Target("10.0.0.9", 81)))
     new, _ = h.accept()
     assert h.lastDial()[:2] == ("10.0.0.9", 81)
     assert old.listener.target == Target("10.0.0.2", 80)
@@ -563,7 +409,7 @@ def test_kill():
     with capturedLogs() as events:
         relay.connectionLost(Failure(ConnectionAborted()))
         side.connectionLost(Failure(ConnectionAborted()))
-    assert accessLines(events)[0].endswith("killed")
+    assert messages(events)[0].endswith("killed")
 
 
 def test_killWhileConnecting():
@@ -586,15 +432,15 @@ def test_proxyStoppingEndsFlowAtFirstLoss():
     flow with "proxy stopped", without waiting for the other side.
     """
     h = Harness()
-    relay, client, side, target = h.connected()
+    relay, client, side, _target = h.connected()
     h.reactor.running = False
     with capturedLogs() as events:
         side.connectionLost(Failure(ConnectionLost()))
     assert h.service.flows == {}
-    assert accessLines(events)[0].endswith("proxy stopped")
+    assert messages(events)[0].endswith("proxy stopped")
     assert not client.aborted
     relay.connectionLost(Failure(ConnectionLost()))
-    assert len(accessLines(events)) == 1
+    assert len(messages(events)) == 1
 
 
 def test_proxyStoppingWhileConnecting():
@@ -606,7 +452,7 @@ def test_proxyStoppingWhileConnecting():
     h.reactor.nameResolver = FakeResolver(
         [IPv6Address("TCP", "::1", 80), IPv4Address("TCP", "127.0.0.1", 80)]
     )
-    relay, client = h.accept()
+    _relay, _client = h.accept()
     h.reactor.running = False
     h.refuse()
     assert len(h.reactor.tcpClients) == 1
@@ -618,7 +464,7 @@ def test_drainedAfterLastFlow():
     whenDrained fires once the last open flow has ended.
     """
     h = Harness()
-    relay, client, side, target = h.connected()
+    relay, _client, side, _target = h.connected()
     drained = h.service.whenDrained()
     assert not drained.called
     relay.close("killed")
@@ -656,7 +502,7 @@ def boundListener(host="127.0.0.1") -> TCPListener:
     reactor = MemoryReactorClock()
     reactor.running = True
     service = TCPListener(
-        makeListener(host=host, port=freePort(host=host)), reactor, backlog=8
+        tcpListener(host=host, port=freePort(host=host)), reactor, backlog=8
     )
     service.privilegedStartService()
     service.startService()
@@ -688,7 +534,7 @@ def test_bindFailure():
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         service = TCPListener(
-            makeListener(port=busy.getsockname()[1]), MemoryReactorClock()
+            tcpListener(port=busy.getsockname()[1]), MemoryReactorClock()
         )
         with pytest.raises(CannotListenError):
             service.bind()
@@ -702,8 +548,8 @@ def test_ipv6IsV6OnlySoBothWildcardsBind():
     """
     port = freePort(host="::")
     reactor = MemoryReactorClock()
-    six = TCPListener(makeListener(host="::", port=port), reactor)
-    four = TCPListener(makeListener(host="0.0.0.0", port=port), reactor)
+    six = TCPListener(tcpListener(host="::", port=port), reactor)
+    four = TCPListener(tcpListener(host="0.0.0.0", port=port), reactor)
     six.bind()
     try:
         four.bind()
@@ -774,7 +620,7 @@ def test_disabledBeforeBindStaysDisabled():
     """
     A listener disabled before it binds binds without accepting.
     """
-    service = TCPListener(makeListener(port=freePort()), MemoryReactorClock())
+    service = TCPListener(tcpListener(port=freePort()), MemoryReactorClock())
     service.disable()
     service.bind()
     try:
@@ -841,12 +687,12 @@ def test_proxyHeaderFollowsTheListener():
     from twistedproxy.tcp import proxyHeader
 
     addresses = Addresses(("192.0.2.1", 1000), ("192.0.2.2", 80))
-    v1 = makeListener(identity=ClientIdentity("proxy_protocol_v1"))
+    v1 = tcpListener(identity=ClientIdentity("proxy_protocol_v1"))
     assert proxyHeader(v1, addresses) == b"PROXY TCP4 192.0.2.1 192.0.2.2 1000 80\r\n"
-    v2 = makeListener(identity=ClientIdentity("proxy_protocol_v2"))
+    v2 = tcpListener(identity=ClientIdentity("proxy_protocol_v2"))
     assert proxyHeader(v2, addresses)[12:14] == b"\x21\x11"
-    assert proxyHeader(makeListener(), None) == b""
+    assert proxyHeader(tcpListener(), None) == b""
     assert (
-        proxyHeader(makeListener(identity=ClientIdentity("transparent")), addresses)
+        proxyHeader(tcpListener(identity=ClientIdentity("transparent")), addresses)
         == b""
     )

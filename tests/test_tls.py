@@ -14,10 +14,18 @@ from dataclasses import replace
 
 import pytest
 from certs import Authority
-from fakes import FakeFlow, FakeListener, listener
+from fakes import (
+    CLIENT,
+    FakeFlow,
+    FakeListener,
+    Harness,
+    RelayTransport,
+    listener,
+    messages,
+    tcpListener,
+)
 from OpenSSL import SSL, crypto
 from support import freePort
-from test_tcp import CLIENT, Harness, RelayTransport, accessLines
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
@@ -38,9 +46,8 @@ class CertificateTransport(RelayTransport):
 
     def __init__(self, path) -> None:
         RelayTransport.__init__(self)
-        self.certificate = crypto.load_certificate(
-            crypto.FILETYPE_PEM, open(path, "rb").read()
-        )
+        with open(path, "rb") as pem:
+            self.certificate = crypto.load_certificate(crypto.FILETYPE_PEM, pem.read())
 
     def getPeerCertificate(self):
         return self.certificate
@@ -424,7 +431,7 @@ def test_terminatingRelayDialsAfterTheHandshake(pki) -> None:
     assert client.producerState == "paused"
     assert relay.peer == "CN=localhost,O=portproxy tests"
     relay.dataReceived(b"bytes")
-    side, target = h.answer()
+    _side, target = h.answer()
     assert target.value() == b"early bytes"
     assert client.producerState == "producing"
     assert relay.bytesIn == len(b"early bytes")
@@ -445,7 +452,7 @@ def test_terminatingRelayHandshakeFailure() -> None:
             )
         )
     assert h.reactor.tcpClients == []
-    assert accessLines(events)[-1].endswith(
+    assert messages(events)[-1].endswith(
         "in=0 out=0 tls: peer did not return a certificate"
     )
 
@@ -476,7 +483,7 @@ def test_targetHandshakeFailureIsAFailedConnect() -> None:
         # Closed, not reset: a failed connect ends the client with a FIN.
         assert client.disconnecting and not client.aborted
         relay.connectionLost(Failure(ConnectionAborted()))
-    assert accessLines(events)[-1].endswith(
+    assert messages(events)[-1].endswith(
         "connect failed: tls: the target's certificate is not valid for db.internal"
     )
 
@@ -555,7 +562,7 @@ def test_routingRelayRefusesWhatIsNotTLS() -> None:
         peek.doRead()
         relay.connectionLost(Failure(ConnectionAborted()))
     assert client.aborted and h.reactor.tcpClients == []
-    assert accessLines(events)[-1].endswith("sni_routes: not a TLS handshake")
+    assert messages(events)[-1].endswith("sni_routes: not a TLS handshake")
 
 
 def test_reloadTurnsTerminationOnAndOff() -> None:
@@ -563,13 +570,12 @@ def test_reloadTurnsTerminationOnAndOff() -> None:
     A reload that adds or removes tls: on a bound listener changes the
     factory of its port, so clients accepted from then on get TLS or not.
     """
-    from test_tcp import makeListener
     from twisted.internet.testing import MemoryReactorClock
 
     from twistedproxy.model import KeyPair, ServerTLS
     from twistedproxy.tcp import RelayFactory, TCPListener
 
-    plain = makeListener(port=freePort())
+    plain = tcpListener(port=freePort())
     terminating = replace(
         plain, tls=TLSSettings(terminate=ServerTLS(KeyPair("c.pem", "k.pem")))
     )
