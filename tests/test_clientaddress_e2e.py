@@ -11,10 +11,9 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 
 import pytest
-from support import TCPEchoServer, UDPEchoServer, freePort, readAll
+from support import TCPEchoServer, UDPEchoServer, freePort, readAll, waitUntil
 
 from twistedproxy.proxyprotocol import Addresses, encode
 
@@ -61,7 +60,7 @@ def test_sendsV1(proxy, listenHost):
                 "    client_address: proxy_protocol_v1\n",
             )
         )
-        got, (host, cport) = send(port, b"hello")
+        got, (_host, cport) = send(port, b"hello")
         assert (
             got
             == f"PROXY TCP4 127.0.0.1 127.0.0.1 {cport} {port}\r\n".encode() + b"hello"
@@ -167,7 +166,7 @@ def test_listedSourceWithoutHeaderKeepsItsAddress(proxy):
                 "    accept_proxy_protocol: [127.0.0.0/8]\n",
             )
         )
-        got, (host, cport) = send(port, b"GET / HTTP/1.0\r\n\r\n")
+        got, (_host, cport) = send(port, b"GET / HTTP/1.0\r\n\r\n")
         assert got == b"GET / HTTP/1.0\r\n\r\n"
         proxy.waitFor(rf"tcp pp 127\.0\.0\.1:{cport} -> ")
 
@@ -221,7 +220,7 @@ def udpExchange(c, payload, address):
     """
     Send C{payload} until a reply comes (loopback may drop under load).
     """
-    for attempt in range(5):
+    for _attempt in range(5):
         c.sendto(payload, address)
         try:
             return c.recv(65535)
@@ -385,13 +384,15 @@ def nginxProxyProtocol(tmp_path):
         ' $proxy_protocol_server_addr $proxy_protocol_server_port"; } } }\n'
     )
     process = subprocess.Popen([nginx, "-c", str(conf)], stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+
+    def answers() -> bool:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
         except OSError:
-            time.sleep(0.05)
+            return False
+        return True
+
+    waitUntil(answers, what="nginx answering", interval=0.05)
     yield port
     process.terminate()
     process.wait(10)

@@ -57,7 +57,7 @@ class NotifySocket:
             try:
                 data = self.socket.recv(4096).decode()
             except TimeoutError:
-                raise AssertionError(f"no {key} notice; got {self.notices}")
+                raise AssertionError(f"no {key} notice; got {self.notices}") from None
             notice = dict(line.split("=", 1) for line in data.split("\n"))
             self.notices.append(notice)
             if key in notice:
@@ -75,7 +75,8 @@ def startActivated(
     systemd passes them.
     """
     proxy.writeMap(mapText)
-    proxy._log = open(proxy.logPath, "wb")
+    # open while twistd runs; closed by proxy.stop()
+    proxy._log = open(proxy.logPath, "wb")  # noqa: SIM115
     sources = [s.fileno() for s in sockets]
 
     def passSockets() -> None:
@@ -186,6 +187,8 @@ def test_socketActivatedNotifyService(proxy, tmp_path) -> None:
         served()
 
         watchdogs = sum(1 for n in notify.notices if "WATCHDOG" in n)
+        # lets time pass for the watchdog pings, read from the socket with
+        # the STOPPING notice below
         time.sleep(1.0)
         proxy.process.send_signal(signal.SIGTERM)
         assert notify.waitFor("STOPPING")["STOPPING"] == "1"

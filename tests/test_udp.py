@@ -211,9 +211,11 @@ def test_drainIsBounded(sockets):
     sockets.extend([listening, client])
     for i in range(DRAIN + 10):
         client.sendto(b"%d" % i, listening.socket.getsockname())
-    time.sleep(0.05)
+    # on loopback a datagram is queued at its receiver when sendto returns
+    waitReadable(listening.socket)
     listening.doRead()
     assert len(received.datagrams) == DRAIN
+    waitReadable(listening.socket)
     listening.doRead()
     assert len(received.datagrams) == DRAIN + 10
 
@@ -232,7 +234,9 @@ def test_realStaleRefusalRetried(sockets):
     service.port = udp.ListeningPort(reactor, udpSocket(), Receiver())
     sockets.append(service.port)
     service.datagramReceived(b"1", A, None)
-    time.sleep(0.05)
+    [session] = service.sessions.values()
+    # the ICMP error, pending on the session's socket, makes it readable
+    waitReadable(session.port.socket)
     target = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     target.bind(address)
     target.settimeout(5)
@@ -260,7 +264,8 @@ def test_icmpErrorKeepsSessionReading(sockets):
         session = connectDatagrams(reactor, socket.AF_INET, address, received)
         sockets.append(session)
         session.write(b"nobody there")
-        time.sleep(0.05)
+        # the ICMP error, pending on the socket, makes it readable
+        waitReadable(session.socket)
         reactor.doIteration(0.5)
         assert session in reactor.getReaders()
         target = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
