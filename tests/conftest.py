@@ -116,30 +116,70 @@ def udpSocket(
     return skt
 
 
-class UDPForwarding:
+class Forwarding:
+    """
+    A private epoll reactor (not the global one) that a test iterates
+    while it waits.
+
+    @ivar name: the way of forwarding under test, C{"python"} or
+        C{"engine"}.
+    """
+
+    def __init__(self, name: str) -> None:
+        from twisted.internet.epollreactor import EPollReactor
+
+        self.name = name
+        self.reactor = EPollReactor()
+
+    def spin(self, done, timeout: float = 5.0, what: str = "condition"):
+        """
+        Iterate the reactor until C{done()} returns something true, and
+        return that; fail saying C{what} was awaited after C{timeout}
+        seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while not (result := done()):
+            assert time.monotonic() < deadline, f"{what} not met in {timeout}s"
+            self.reactor.runUntilCurrent()
+            self.reactor.doIteration(0.01)
+        return result
+
+    def spinFor(self, seconds: float) -> None:
+        """
+        Iterate the reactor for C{seconds}: for tests that must let time
+        pass (a timeout, a rate's refill), not wait for a condition.
+        """
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.reactor.runUntilCurrent()
+            self.reactor.doIteration(min(0.01, max(0.0, deadline - time.monotonic())))
+
+    def closeReactor(self) -> None:
+        self.reactor.disconnectAll()
+        self.reactor.removeAll()
+        self.reactor._poller.close()
+
+
+class UDPForwarding(Forwarding):
     """
     UDP listeners forwarding their datagrams in Python (C{"python"}) or
     through the compiled engine (C{"engine"}), under a private epoll
     reactor (not the global one) that the test iterates with L{spin}.
 
-    @ivar name: C{"python"} or C{"engine"}.
     @ivar engine: whether the compiled engine forwards.
     """
 
     def __init__(self, name: str, monkeypatch) -> None:
-        from twisted.internet.epollreactor import EPollReactor
-
         from twistedproxy import fastudp, udp
 
-        self.name = name
         self.engine = name == "engine"
         if self.engine and not fastudp.available():
             pytest.skip("twistedproxy._fastudp is not built")
+        Forwarding.__init__(self, name)
         # whatever the environment running the tests says
         monkeypatch.setenv("PORTPROXY_FASTPATH", "1" if self.engine else "0")
         self._monkeypatch = monkeypatch
         self._opener = udp.connectedDatagramSocket
-        self.reactor = EPollReactor()
         self.services: list[UDPService] = []
 
     def listen(
@@ -215,29 +255,6 @@ class UDPForwarding:
 
         self._monkeypatch.setattr(udp, "connectedDatagramSocket", failing)
 
-    def spin(self, done, timeout: float = 5.0, what: str = "condition"):
-        """
-        Iterate the reactor until C{done()} returns something true, and
-        return that; fail saying C{what} was awaited after C{timeout}
-        seconds.
-        """
-        deadline = time.monotonic() + timeout
-        while not (result := done()):
-            assert time.monotonic() < deadline, f"{what} not met in {timeout}s"
-            self.reactor.runUntilCurrent()
-            self.reactor.doIteration(0.02)
-        return result
-
-    def spinFor(self, seconds: float) -> None:
-        """
-        Iterate the reactor for C{seconds}: for tests that must let time
-        pass (a timeout, a rate's refill), not wait for a condition.
-        """
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            self.reactor.runUntilCurrent()
-            self.reactor.doIteration(min(0.02, max(0.0, deadline - time.monotonic())))
-
     def receive(self, skt: socket.socket, timeout: float = 5.0) -> tuple:
         """
         Iterate the reactor until a datagram is at C{skt}; return it and
@@ -278,8 +295,7 @@ class UDPForwarding:
         engine = fastudp._engines.pop(id(self.reactor), None)
         if engine is not None:
             engine.stop()
-        self.reactor.removeAll()
-        self.reactor._poller.close()
+        self.closeReactor()
 
 
 @pytest.fixture(params=["python", "engine"])
@@ -289,5 +305,191 @@ def udpForwarding(request, monkeypatch):
     engine: a behaviour test taking this fixture runs against both.
     """
     forwarding = UDPForwarding(request.param, monkeypatch)
+    yield forwarding
+    forwarding.close()
+
+
+class TCPService:
+    """
+    A started TCP listener service on loopback forwarding to a listening
+    socket of the test's.
+
+    @ivar service: the listener service.
+    @ivar targets: the socket the target listens on.
+    @ivar address: where clients connect.
+    """
+
+    def __init__(self, forwarding, listener, targets: socket.socket) -> None:
+        from twistedproxy.tcp import TCPListener
+
+        self.targets = targets
+        self.service = TCPListener(listener, forwarding.reactor, backlog=16)
+        self.service.fastRelay = forwarding.relay
+        self.service.privilegedStartService()
+        self.service.startService()
+        self.address = (
+            self.service.port.getHost().host,
+            self.service.port.getHost().port,
+        )
+        self.sockets: list = [targets]
+
+    def close(self) -> None:
+        if self.service.running:
+            self.service.stopService()
+        for skt in self.sockets:
+            skt.close()
+
+
+class TCPForwarding(Forwarding):
+    """
+    TCP listeners that relay their connections in Python (C{"python"}) or,
+    once connected, through the compiled relay engine (C{"engine"}), under
+    a private epoll reactor (not the global one) that the test iterates
+    while it reads its sockets.
+
+    @ivar relay: the L{twistedproxy.fastrelay.FastRelay} the listeners
+        hand their connections to, or L{None}.
+    """
+
+    def __init__(self, name: str) -> None:
+        from twistedproxy import fastrelay
+
+        if name == "engine" and not fastrelay.available():
+            pytest.skip("twistedproxy._fastrelay is not built")
+        Forwarding.__init__(self, name)
+        # as while it runs: relays that lose a side with the reactor
+        # stopped end as "proxy stopped"
+        self.reactor.running = True
+        self.relay = fastrelay.FastRelay(self.reactor) if name == "engine" else None
+        self.services: list[TCPService] = []
+
+    def listen(self, idle: float = 0, **settings) -> TCPService:
+        """
+        Start a TCP listener of mapping C{web} on a free port of 127.0.0.1
+        forwarding to a new listening socket, with the idle timeout
+        C{idle} and the other L{Listener} C{settings}.
+        """
+        from fakes import tcpListener
+
+        from twistedproxy.model import Target, Timeouts
+
+        targets = socket.socket()
+        targets.bind(("127.0.0.1", 0))
+        targets.listen(16)
+        targets.setblocking(False)
+        listener = tcpListener(
+            port=0,
+            target=Target(*targets.getsockname()),
+            timeouts=Timeouts(connect=5, idle=idle),
+            **settings,
+        )
+        service = TCPService(self, listener, targets)
+        self.services.append(service)
+        return service
+
+    def connect(self, service: TCPService) -> tuple:
+        """
+        Connect a client to C{service} and return it, the target's end of
+        its connection and its flow once that is relayed (by the engine,
+        for C{"engine"}).
+        """
+        client = socket.create_connection(service.address, timeout=5)
+        client.setblocking(False)
+        service.sockets.append(client)
+        accepted: list = []
+
+        def relayed():
+            if not accepted:
+                try:
+                    accepted.append(service.targets.accept()[0])
+                except BlockingIOError:
+                    return None
+                accepted[0].setblocking(False)
+                service.sockets.append(accepted[0])
+            flows = [f for f in service.service.flows.values() if self._relayed(f)]
+            return flows and flows[-1]
+
+        flow = self.spin(relayed, what="the connection relayed")
+        return client, accepted[0], flow
+
+    def _relayed(self, flow) -> bool:
+        from twistedproxy.fastrelay import EngineFlow
+
+        if self.relay is not None:
+            return isinstance(flow, EngineFlow)
+        return getattr(flow, "targetTransport", None) is not None
+
+    def _read(self, skt: socket.socket, into: list):
+        try:
+            data = skt.recv(1 << 20)
+        except BlockingIOError:
+            return None
+        into.append(data)
+        return data
+
+    def receive(self, skt: socket.socket, size: int) -> bytes:
+        """
+        Iterate the reactor until C{size} bytes came at C{skt}; return them.
+        """
+        chunks: list[bytes] = []
+
+        def enough() -> bool:
+            while (got := self._read(skt, chunks)) is not None:
+                assert got, f"end of stream after {b''.join(chunks)!r}"
+                if sum(map(len, chunks)) >= size:
+                    return True
+            return False
+
+        self.spin(enough, what=f"{size} bytes")
+        return b"".join(chunks)
+
+    def receiveAll(self, skt: socket.socket) -> bytes:
+        """
+        Iterate the reactor until the end of stream at C{skt}; return what
+        came before it.
+        """
+        chunks: list[bytes] = []
+
+        def ended() -> bool:
+            while (got := self._read(skt, chunks)) is not None:
+                if not got:
+                    return True
+            return False
+
+        self.spin(ended, what="the end of stream")
+        return b"".join(chunks)
+
+    def assertReset(self, skt: socket.socket) -> None:
+        """
+        Iterate the reactor until C{skt} is reset (bytes queued before
+        may come first); fail on an end of stream.
+        """
+
+        def reset() -> bool:
+            try:
+                while self._read(skt, []) is not None:
+                    pass
+            except ConnectionResetError:
+                return True
+            return False
+
+        self.spin(reset, what="a reset")
+
+    def close(self) -> None:
+        for service in self.services:
+            service.close()
+        if self.relay is not None:
+            self.relay.stop()
+        self.reactor.running = False
+        self.closeReactor()
+
+
+@pytest.fixture(params=["python", "engine"])
+def tcpForwarding(request):
+    """
+    TCP listeners that relay in Python, then through the compiled relay
+    engine: a behaviour test taking this fixture runs against both.
+    """
+    forwarding = TCPForwarding(request.param)
     yield forwarding
     forwarding.close()

@@ -397,36 +397,6 @@ def test_backpressure(engines, options):
 
 
 @needsEngine
-def test_resetByClient(engines):
-    """
-    A client reset ends the flow as "reset by client" and resets the
-    target.
-    """
-    engine = engines()
-    flow = Flow(engine, 5)
-    flow.client.sendall(b"x")
-    assert recvExactly(flow.target, 1) == b"x"
-    sendReset(flow.client)
-    assert waitEnded(engine) == [(5, 1, 0, "reset by client")]
-    assertReset(flow.target)
-    flow.target.close()
-
-
-@needsEngine
-def test_resetByTarget(engines):
-    """
-    A target reset ends the flow as "reset by target" and resets the
-    client.
-    """
-    engine = engines()
-    flow = Flow(engine, 6)
-    sendReset(flow.target)
-    assert waitEnded(engine) == [(6, 0, 0, "reset by target")]
-    assertReset(flow.client)
-    flow.client.close()
-
-
-@needsEngine
 def test_resetAfterHalfClose(engines):
     """
     A client that half-closed and then resets ends the flow as "reset by
@@ -476,29 +446,6 @@ def test_writeToClosedTarget(engines):
     finally:
         signal.signal(signal.SIGPIPE, previous)
     flow.client.close()
-
-
-@needsEngine
-def test_idleTimeout(engines):
-    """
-    A flow where neither side sends for its idle timeout ends as "idle
-    timeout" (both peers reset), while a flow without a timeout stays.
-    """
-    engine = engines()
-    quiet = Flow(engine, 10, idleTimeout=0.3)
-    forever = Flow(engine, 11)
-    quiet.client.sendall(b"a")
-    recvExactly(quiet.target, 1)
-    started = time.monotonic()
-    assert waitEnded(engine) == [(10, 1, 0, "idle timeout")]
-    assert 0.3 <= time.monotonic() - started < 3
-    assertReset(quiet.client)
-    assertReset(quiet.target)
-    assert engine.counters(11) == (0, 0)
-    forever.client.sendall(b"still here")
-    assert recvExactly(forever.target, 10) == b"still here"
-    quiet.close()
-    forever.close()
 
 
 @needsEngine
