@@ -5,12 +5,16 @@ portproxy on a map, and echo backends.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from pathlib import Path
@@ -397,15 +401,34 @@ class Shim:
         return self.process.wait(timeout)
 
 
-def waitUntil(condition, timeout: float = 10.0, what: str = "condition") -> None:
+def waitUntil(
+    condition,
+    timeout: float = 10.0,
+    what: str = "condition",
+    interval: float = 0.02,
+):
     """
-    Poll C{condition} until it is true, or fail after C{timeout} seconds.
+    Poll C{condition} every C{interval} seconds until it returns something
+    true, and return that; fail saying C{what} was awaited after
+    C{timeout} seconds.
     """
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not (result := condition()):
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met in {timeout}s")
-        time.sleep(0.02)
+        time.sleep(interval)
+    return result
+
+
+def queueEmpty(skt: socket.socket) -> bool:
+    """
+    Whether every datagram sent to C{skt} was read from it.
+    """
+    waiting = fcntl.ioctl(skt, termios.FIONREAD, b"\0\0\0\0")
+    # FIONREAD gives the next datagram's size: an empty one says 0 too
+    return (
+        struct.unpack("i", waiting)[0] == 0 and not select.select([skt], [], [], 0)[0]
+    )
 
 
 def portFree(port: int, proto: str = "tcp", host: str = "127.0.0.1") -> bool:

@@ -10,8 +10,7 @@ import ipaddress
 import random
 
 import pytest
-import test_tcp
-import test_udp
+from fakes import Harness, startedUDP, tcpListener, udpListener
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.task import Clock
@@ -303,7 +302,7 @@ def test_badAccessValues(line, message):
 
 
 def tcpHarness(**access_):
-    return test_tcp.Harness(access=AccessPolicy(**access_))
+    return Harness(access=AccessPolicy(**access_))
 
 
 def test_tcpDeniedClientIsReset():
@@ -313,7 +312,7 @@ def test_tcpDeniedClientIsReset():
     """
     h = tcpHarness(deny=("192.0.2.0/24",))
     with capturedLogs() as events:
-        _relay, client = h.accept(IPv4Address("TCP", "192.0.2.8", 1234))
+        _, client = h.accept(IPv4Address("TCP", "192.0.2.8", 1234))
     assert client.reset
     assert h.reactor.tcpClients == []
     assert h.service.counters.rejected == 1
@@ -374,8 +373,8 @@ def test_perClientLimitsAcrossListenersOfAScope():
     Two listeners whose policies share a scope count one client together.
     """
     policy = AccessPolicy(maxPerClient=1, scope="shared")
-    h1 = test_tcp.Harness(access=policy)
-    h2 = test_tcp.Harness(access=policy, port=8081)
+    h1 = Harness(access=policy)
+    h2 = Harness(access=policy, port=8081)
     a = IPv4Address("TCP", "127.0.0.2", 1)
     h1.accept(a)
     assert h2.accept(a)[1].reset
@@ -388,9 +387,7 @@ def test_reconfigureAppliesToNewConnectionsOnly():
     """
     h = tcpHarness()
     _relay, client = h.accept(IPv4Address("TCP", "192.0.2.8", 1))
-    h.service.reconfigure(
-        test_tcp.makeListener(access=AccessPolicy(deny=("192.0.2.0/24",)))
-    )
+    h.service.reconfigure(tcpListener(access=AccessPolicy(deny=("192.0.2.0/24",))))
     assert not client.aborted and h.service.active == 1
     assert h.accept(IPv4Address("TCP", "192.0.2.8", 2))[1].reset
 
@@ -402,14 +399,14 @@ def test_udpDeniedAndRateLimited():
     dropped and counted, and those of another client go on.
     """
     reactor = MemoryReactorClock()
-    listener = test_udp.makeListener()
+    listener = udpListener()
     from dataclasses import replace
 
     listener = replace(
         listener,
         access=AccessPolicy(deny=("10.9.0.0/16",), datagramsPerClient=Rate(10.0, 2)),
     )
-    service = test_udp.started(listener, reactor)
+    service = startedUDP(listener, reactor)
     service.datagramReceived(b"x", ("10.9.1.1", 5), None)
     assert (service.active, service.counters.rejected) == (0, 1)
     for i in range(5):
@@ -432,10 +429,8 @@ def test_udpSessionsPerClient():
     reactor = MemoryReactorClock()
     from dataclasses import replace
 
-    listener = replace(
-        test_udp.makeListener(), access=AccessPolicy(maxPerClient=2, scope="u")
-    )
-    service = test_udp.started(listener, reactor)
+    listener = replace(udpListener(), access=AccessPolicy(maxPerClient=2, scope="u"))
+    service = startedUDP(listener, reactor)
     for port in (1, 2, 3):
         service.datagramReceived(b"x", ("10.0.0.1", port), None)
     service.datagramReceived(b"x", ("10.0.0.2", 1), None)

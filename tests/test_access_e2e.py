@@ -13,7 +13,7 @@ import re
 import socket
 import time
 
-from support import TCPEchoServer, UDPEchoServer, freePort, roundTrip
+from support import TCPEchoServer, UDPEchoServer, freePort, roundTrip, waitUntil
 
 
 def freeRange(count) -> int:
@@ -258,9 +258,9 @@ def test_portScanLogsBoundedLines(proxy):
             int(n) for n in re.findall(r"and (\d+) more refused", text)
         )
 
-    deadline = time.monotonic() + 5
-    while counted()[1] < 300 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    waitUntil(
+        lambda: counted()[1] >= 300, timeout=5, what="300 refusals logged or counted"
+    )
     lines, total = counted()
     assert total == 300
     assert lines <= 10 * (int(elapsed) + 2)

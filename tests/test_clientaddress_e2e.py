@@ -11,10 +11,9 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 
 import pytest
-from support import TCPEchoServer, UDPEchoServer, freePort, readAll
+from support import TCPEchoServer, UDPEchoServer, freePort, readAll, waitUntil
 
 from twistedproxy.proxyprotocol import Addresses, encode
 
@@ -385,13 +384,15 @@ def nginxProxyProtocol(tmp_path):
         ' $proxy_protocol_server_addr $proxy_protocol_server_port"; } } }\n'
     )
     process = subprocess.Popen([nginx, "-c", str(conf)], stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+
+    def answers() -> bool:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
         except OSError:
-            time.sleep(0.05)
+            return False
+        return True
+
+    waitUntil(answers, what="nginx answering", interval=0.05)
     yield port
     process.terminate()
     process.wait(10)

@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -114,13 +113,19 @@ class Docker:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + 60
-        while self.run("version", check=False).returncode != 0:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                tail = self.log.read_text(errors="replace")[-2000:]
-                self.stop()
-                pytest.skip(f"dockerd cannot start here:\n{tail}")
-            time.sleep(0.2)
+
+        def settled() -> bool:
+            exited = self.process.poll() is not None
+            return exited or self.run("version", check=False).returncode == 0
+
+        try:
+            waitUntil(settled, 60, what="dockerd answering", interval=0.2)
+        except AssertionError:
+            pass
+        if self.run("version", check=False).returncode != 0:
+            tail = self.log.read_text(errors="replace")[-2000:]
+            self.stop()
+            pytest.skip(f"dockerd cannot start here:\n{tail}")
 
     def run(self, *arguments: str, check: bool = True, input: bytes | None = None):
         result = subprocess.run(

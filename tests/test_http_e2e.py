@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 import urllib.error
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
-from support import TCPEchoServer, UDPEchoServer, exchange, freePort
+from support import TCPEchoServer, UDPEchoServer, exchange, freePort, waitUntil
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -47,13 +46,12 @@ def waitForMetric(port: int, key: tuple, value: float, timeout: float = 10.0) ->
     """
     Scrape until C{key} has C{value} (flows end asynchronously).
     """
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def scrape():
         scraped = metrics(port)
-        if scraped.get(key) == value:
-            return scraped
-        assert time.monotonic() < deadline, f"{key} is {scraped.get(key)}, not {value}"
-        time.sleep(0.05)
+        return scraped if scraped.get(key) == value else None
+
+    return waitUntil(scrape, timeout, what=f"{key} at {value}", interval=0.05)
 
 
 def turnedAway(port: int) -> None:
@@ -234,13 +232,13 @@ def test_statusJSON(proxy) -> None:
             f"    target: 127.0.0.1:{echo.port}\n"
         )
         assert exchange(web, b"hello") == b"hello"
-        deadline = time.monotonic() + 10
-        while True:
+
+        def counted():
             status, body = get(http, "/status.json")
             entry = json.loads(body)["mappings"][0]
-            if entry["total"] == 1 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+            return (status, entry) if entry["total"] == 1 else None
+
+        status, entry = waitUntil(counted, what="the connection counted", interval=0.05)
     assert status == 200
     assert {
         k: entry[k]

@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 
-from support import TCPEchoServer, UDPEchoServer, freePort, roundTrip
+from support import TCPEchoServer, UDPEchoServer, freePort, roundTrip, waitUntil
 
 
 def mapping(name, listen, target, proto="tcp", extra=""):
@@ -33,14 +33,15 @@ def refused(port, timeout=1.0):
     """
     Whether connecting to C{port} is refused within C{timeout}.
     """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def attempt() -> bool:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
         except ConnectionRefusedError:
             return True
-        time.sleep(0.05)
-    return False
+        return False
+
+    return waitUntil(attempt, timeout, what=f"port {port} refusing", interval=0.05)
 
 
 def test_connectionsAndSessionsSurviveAnAddingReload(proxy):
@@ -219,9 +220,9 @@ def test_signalStormLosesNoEcho(proxy):
         since = len(proxy.output())
         for _ in range(20):
             os.kill(proxy.pid, signal.SIGHUP)
-            time.sleep(0.05)
+            time.sleep(0.05)  # paces the SIGHUPs: a storm, not one signal
         proxy.waitFor(r"reload of ", since=since)
-        time.sleep(0.5)
+        time.sleep(0.5)  # paces the load: the clients go on after the reloads
         stop.set()
         for t in threads:
             t.join(20)
@@ -279,7 +280,7 @@ def test_acceptsWhileABigReloadIsChecked(proxy):
         thread = threading.Thread(target=client, daemon=True)
         first = time.monotonic()
         thread.start()
-        time.sleep(1.5)
+        time.sleep(1.5)  # paces the load: latencies before the reload
         since = len(proxy.output())
         hup = time.monotonic()
         os.kill(proxy.pid, signal.SIGHUP)

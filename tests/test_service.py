@@ -12,7 +12,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 
 from twistedproxy.config import ConfigError
 from twistedproxy.model import (
@@ -90,14 +90,6 @@ def reload(proxy):
     proxy.reload().addCallback(results.append)
     assert results, "reload did not finish"
     return results[0]
-
-
-@pytest.fixture
-def logged():
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def test_startBindsEveryListener():

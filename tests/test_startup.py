@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 from support import (
@@ -19,6 +18,7 @@ from support import (
     exchange,
     freePort,
     proxyEnvironment,
+    waitUntil,
 )
 
 
@@ -193,10 +193,11 @@ def test_daemonReloadsOnSighupAndStopsOnSigterm(tmp_path):
             assert exchange(first, b"ping") == b"ping"
             path.write_text(simpleMap((first, echo.port), (second, echo.port)))
             os.kill(pid, signal.SIGHUP)
-            deadline = time.monotonic() + 10
-            while "reload of" not in logfile.read_text():
-                assert time.monotonic() < deadline, logfile.read_text()
-                time.sleep(0.05)
+            waitUntil(
+                lambda: "reload of" in logfile.read_text(),
+                what="the reload logged",
+                interval=0.05,
+            )
             assert (
                 "added 1, removed 0, changed 0, unchanged 1, failed 0"
                 in logfile.read_text()
@@ -204,10 +205,9 @@ def test_daemonReloadsOnSighupAndStopsOnSigterm(tmp_path):
             assert exchange(second, b"ping") == b"ping"
         finally:
             os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while pidfile.exists():
-            assert time.monotonic() < deadline, "daemon did not stop"
-            time.sleep(0.05)
+        waitUntil(
+            lambda: not pidfile.exists(), what="the daemon stopped", interval=0.05
+        )
         log = logfile.read_text()
         assert f"tcp 127.0.0.1:{first} -> 127.0.0.1:{echo.port} [echo0]" in log
         assert "starting on" not in log and " Closed)" not in log, log
@@ -239,11 +239,12 @@ def test_tacFileServesTheMap(tmp_path):
                 stderr=subprocess.STDOUT,
             )
         try:
-            deadline = time.monotonic() + START_TIMEOUT
-            while "portproxy started" not in logfile.read_text():
+
+            def started() -> bool:
                 assert process.poll() is None, logfile.read_text()
-                assert time.monotonic() < deadline, logfile.read_text()
-                time.sleep(0.05)
+                return "portproxy started" in logfile.read_text()
+
+            waitUntil(started, START_TIMEOUT, what="portproxy started", interval=0.05)
             assert exchange(port, b"ping") == b"ping"
         finally:
             process.terminate()

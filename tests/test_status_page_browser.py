@@ -19,7 +19,7 @@ import tempfile
 import time
 
 import pytest
-from support import TCPEchoServer, UDPEchoServer, exchange, freePort
+from support import TCPEchoServer, UDPEchoServer, exchange, freePort, waitUntil
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -72,20 +72,20 @@ class Browser:
         self._nextId = 0
         self.session = None
         deadline = time.monotonic() + 30
-        while self.session is None:
-            pages = [
+        pages = waitUntil(
+            lambda: [
                 t
                 for t in self.call("Target.getTargets")["targetInfos"]
                 if t["type"] == "page"
-            ]
-            if pages:
-                attached = self.call(
-                    "Target.attachToTarget", targetId=pages[0]["targetId"], flatten=True
-                )
-                self.session = attached["sessionId"]
-            else:
-                assert time.monotonic() < deadline, "Chromium opened no page"
-                time.sleep(0.1)
+            ],
+            max(0.0, deadline - time.monotonic()),
+            what="a page opened by Chromium",
+            interval=0.1,
+        )
+        attached = self.call(
+            "Target.attachToTarget", targetId=pages[0]["targetId"], flatten=True
+        )
+        self.session = attached["sessionId"]
 
     def call(self, method: str, timeout: float = 30.0, **params) -> dict:
         """
@@ -123,13 +123,9 @@ class Browser:
         """
         Evaluate C{expression} until it is truthy, and return its value.
         """
-        deadline = time.monotonic() + timeout
-        while True:
-            value = self.evaluate(expression)
-            if value:
-                return value
-            assert time.monotonic() < deadline, f"never true: {expression}"
-            time.sleep(0.1)
+        return waitUntil(
+            lambda: self.evaluate(expression), timeout, what=expression, interval=0.1
+        )
 
     def screenshot(self, path, width: int, height: int, mobile: bool) -> bytes:
         self.call(

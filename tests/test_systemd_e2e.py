@@ -186,6 +186,8 @@ def test_socketActivatedNotifyService(proxy, tmp_path) -> None:
         served()
 
         watchdogs = sum(1 for n in notify.notices if "WATCHDOG" in n)
+        # lets time pass for the watchdog pings, read from the socket with
+        # the STOPPING notice below
         time.sleep(1.0)
         proxy.process.send_signal(signal.SIGTERM)
         assert notify.waitFor("STOPPING")["STOPPING"] == "1"

@@ -17,7 +17,7 @@ import threading
 import time
 
 import pytest
-from support import TCPEchoServer, exchange, freePort, readAll, rssKiB
+from support import TCPEchoServer, exchange, freePort, readAll, rssKiB, waitUntil
 
 MiB = 1 << 20
 
@@ -293,7 +293,10 @@ def test_connectTimeout(proxy):
             filler.setblocking(False)
             filler.connect_ex(("127.0.0.1", target))
             fillers.append(filler)
-        time.sleep(0.2)
+        # the first is in the queue once its handshake is done
+        waitUntil(
+            lambda: select.select([], [fillers[0]], [], 0)[1], what="the queue full"
+        )
         port = freePort()
         proxy.start(
             proxyMap(
@@ -333,7 +336,7 @@ def test_idleTimeout(proxy):
             while time.monotonic() - started < 1.8:
                 chatty.sendall(b".")
                 assert chatty.recv(1) == b"."
-                time.sleep(0.2)
+                time.sleep(0.2)  # paces the chatty client's traffic
             assert closedWithin(quiet, 3)
             assert time.monotonic() - started >= 1.0
             chatty.sendall(b"!")
@@ -453,10 +456,11 @@ def test_runningOutOfFileDescriptors(proxy):
         finally:
             for conn in conns:
                 conn.close()
-        deadline = time.monotonic() + 10
-        while len(os.listdir(f"/proc/{proxy.pid}/fd")) > inUse + 2:
-            assert time.monotonic() < deadline, "proxy kept its descriptors"
-            time.sleep(0.05)
+        waitUntil(
+            lambda: len(os.listdir(f"/proc/{proxy.pid}/fd")) <= inUse + 2,
+            what="the proxy's descriptors given back",
+            interval=0.05,
+        )
         for i in range(5):
             assert exchange(port, b"after %d" % i) == b"after %d" % i
 
@@ -482,6 +486,7 @@ def test_outOfDescriptorsLogsAtABoundedRate(proxy):
             for _ in range(300):
                 conns.append(connect(port))
             proxy.waitFor(r"out of file descriptors; closed client", since=since)
+            # lets the log's one-second window pass: time, not a condition
             time.sleep(1.1)
             # The next shed client's line counts those left out meanwhile.
             for _ in range(5):

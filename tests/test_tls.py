@@ -15,10 +15,18 @@ from pathlib import Path
 
 import pytest
 from certs import Authority
-from fakes import FakeFlow, FakeListener, listener
+from fakes import (
+    CLIENT,
+    FakeFlow,
+    FakeListener,
+    Harness,
+    RelayTransport,
+    listener,
+    messages,
+    tcpListener,
+)
 from OpenSSL import SSL, crypto
 from support import freePort
-from test_tcp import CLIENT, Harness, RelayTransport, accessLines
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
@@ -454,7 +462,7 @@ def test_terminatingRelayHandshakeFailure() -> None:
             )
         )
     assert h.reactor.tcpClients == []
-    assert accessLines(events)[-1].endswith(
+    assert messages(events)[-1].endswith(
         "in=0 out=0 tls: peer did not return a certificate"
     )
 
@@ -485,7 +493,7 @@ def test_targetHandshakeFailureIsAFailedConnect() -> None:
         # Closed, not reset: a failed connect ends the client with a FIN.
         assert client.disconnecting and not client.aborted
         relay.connectionLost(Failure(ConnectionAborted()))
-    assert accessLines(events)[-1].endswith(
+    assert messages(events)[-1].endswith(
         "connect failed: tls: the target's certificate is not valid for db.internal"
     )
 
@@ -564,7 +572,7 @@ def test_routingRelayRefusesWhatIsNotTLS() -> None:
         peek.doRead()
         relay.connectionLost(Failure(ConnectionAborted()))
     assert client.aborted and h.reactor.tcpClients == []
-    assert accessLines(events)[-1].endswith("sni_routes: not a TLS handshake")
+    assert messages(events)[-1].endswith("sni_routes: not a TLS handshake")
 
 
 def test_reloadTurnsTerminationOnAndOff() -> None:
@@ -572,13 +580,12 @@ def test_reloadTurnsTerminationOnAndOff() -> None:
     A reload that adds or removes tls: on a bound listener changes the
     factory of its port, so clients accepted from then on get TLS or not.
     """
-    from test_tcp import makeListener
     from twisted.internet.testing import MemoryReactorClock
 
     from twistedproxy.model import KeyPair, ServerTLS
     from twistedproxy.tcp.listener import RelayFactory, TCPListener
 
-    plain = makeListener(port=freePort())
+    plain = tcpListener(port=freePort())
     terminating = replace(
         plain, tls=TLSSettings(terminate=ServerTLS(KeyPair("c.pem", "k.pem")))
     )

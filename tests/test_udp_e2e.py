@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from support import UDPEchoServer, freePort
+from support import UDPEchoServer, freePort, waitUntil
 
 from twistedproxy.udp import engine as fastudp
 
@@ -160,7 +160,7 @@ def test_oneSidedFlowKeepsSourcePort(proxy):
                 data, source = target.recvfrom(100)
                 assert data == b"%d" % i
                 sources.append(source)
-                time.sleep(0.25)
+                time.sleep(0.25)  # paces the datagrams, each within the timeout
             assert len(set(sources)) == 1
             proxy.waitFor(
                 r"udp echo 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:\d+ .*in=8 out=0 no datagram for 1s",
@@ -212,7 +212,7 @@ def test_floodDoesNotStarveOthers(proxy):
         flooder = threading.Thread(target=flood, daemon=True)
         flooder.start()
         try:
-            time.sleep(0.5)
+            waitUntil(lambda: len(target.sources) > 100, what="the flood under way")
             answered = 0
             with client(timeout=0.5) as c:
                 for i in range(40):
