@@ -19,7 +19,8 @@
  *         last request is unanswered is skipped and counted), and prints
  *         one JSON line: the latency percentiles of the replies (send to
  *         last byte), and its own CPU time, so that the caller can tell
- *         whether the generator itself was the bottleneck.
+ *         whether the generator itself was the bottleneck (its CPU time
+ *         while sending at RATE, not the connects and warm-up).
  *
  * One thread, epoll, non-blocking sockets; loopback only.
  */
@@ -128,6 +129,8 @@ static void drain(uint64_t deadline)
             return;
         int n = epoll_wait(epfd, ev, 512, 10);
         for (int i = 0; i < n; i++) {
+            if (ev[i].data.u32 >= (uint32_t)nconn)
+                continue;
             struct conn *c = &conns[ev[i].data.u32];
             if (c->fd >= 0 && readReply(c))
                 c->busy = 0;
@@ -209,6 +212,8 @@ static void runRate(double rate, double seconds)
     epoll_ctl(epfd, EPOLL_CTL_ADD, tfd, &e);
     caplat = (size_t)(rate * seconds * 1.1) + 1024;
     lat = malloc(caplat * sizeof *lat);
+    struct rusage ru0, ru;
+    getrusage(RUSAGE_SELF, &ru0);
     uint64_t start = now(), end = start + (uint64_t)(seconds * 1e9);
     double owed = 0;
     int rr = 0;
@@ -248,8 +253,9 @@ static void runRate(double rate, double seconds)
         }
     }
     double elapsed = (now() - start) / 1e9;
+    epoll_ctl(epfd, EPOLL_CTL_DEL, tfd, NULL);
+    close(tfd);
     drain(now() + 2000000000ull);
-    struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     qsort(lat, nlat, sizeof *lat, cmp);
 #define PCT(p) (nlat ? lat[(size_t)((nlat - 1) * (p))] / 1e3 : -1.0)
@@ -258,7 +264,8 @@ static void runRate(double rate, double seconds)
            "\"skipped_busy\": %ld, \"errors\": %ld, \"generator_cpu_s\": %.3f}\n",
            nconn, nlat, elapsed, nlat / elapsed, PCT(0.5), PCT(0.9), PCT(0.99), PCT(0.999), PCT(1.0),
            skipped, errors,
-           ru.ru_utime.tv_sec + ru.ru_stime.tv_sec + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6);
+           (ru.ru_utime.tv_sec - ru0.ru_utime.tv_sec) + (ru.ru_stime.tv_sec - ru0.ru_stime.tv_sec) +
+               ((ru.ru_utime.tv_usec - ru0.ru_utime.tv_usec) + (ru.ru_stime.tv_usec - ru0.ru_stime.tv_usec)) / 1e6);
 }
 
 int main(int argc, char **argv)
