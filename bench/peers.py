@@ -4,6 +4,8 @@ portproxy side by side with the other port proxies installed here.
 
     python bench/peers.py                       # every workload, 3 rounds of 3 s
     python bench/peers.py -w tcp_bulk,udp_pingpong -r 5
+    python bench/peers.py --peers docker-proxy,haproxy,nginx,portproxy-python
+    python bench/peers.py -w tcp_bulk,tcp_bulk8 --engine-threads 1,2
     PORTPROXY_FASTPATH=0 python bench/peers.py  # portproxy without its compiled paths
     python bench/peers.py -w http_close,http_keepalive --peers none --access
 
@@ -13,17 +15,35 @@ an HTTP server), then one forwarder per peer for each backend — portproxy
 protocol, as Docker runs it), socat, HAProxy and nginx `stream`, whichever
 are installed — and runs each workload through each of them in turn,
 round after round (every other round in reverse order), so that machine
-drift, and the TIME_WAIT sockets a run leaves behind, hit all alike.  It prints one
-table: medians, and portproxy's ratio to docker-proxy (the median of the
-per-round ratios).  Then the footprint against docker-proxy: resident
-memory per idle TCP connection (--idle N connections held open), and the
-memory and start-up time of N TCP + N UDP listeners (--scale N: one
-portproxy against two docker-proxy processes a port, 100 ports measured
-and the rest scaled).  --access adds a second portproxy, "portproxy+access",
-with a 1,000-entry deny list and every per-client limit on (none of which
-refuses the benchmark's own 127.0.0.1 clients), run in the same rounds, and
-a column of its ratio to the plain portproxy.  Run it from the project's venv, so that `twistd` is
-this checkout's.  `../shared/bench/install-peers` (root) installs the load
+drift, and the TIME_WAIT sockets a run leaves behind, hit all alike.
+
+It prints two tables.  The first: medians, portproxy's ratio to
+docker-proxy, and each portproxy column's ratio to the best peer (the
+best of docker-proxy, socat, HAProxy and nginx in the same round; all
+ratios are medians of per-round ratios).  The second: CPU seconds per unit
+of work (GB received for the bulk workloads, 10,000 requests, connections
+or round trips for the others) of every proxy, counted from
+/proc/<pid>/stat over all its threads and all its processes (nginx's
+workers, socat's forks, each docker-proxy), and each portproxy column's
+ratio to the most frugal peer.  Then the footprint against docker-proxy:
+resident memory per idle TCP connection (--idle N connections held open),
+and the memory and start-up time of N TCP + N UDP listeners (--scale N:
+one portproxy against two docker-proxy processes a port, 100 ports
+measured and the rest scaled).
+
+Columns of portproxy: "portproxy" (compiled paths, where built);
+"portproxy-python" (PORTPROXY_FASTPATH=0), when --peers names it;
+"portproxy-tN" for the second and later counts of --engine-threads, each
+started with PORTPROXY_ENGINE_THREADS=N (and "portproxy" with the first).
+The engines of this tree run one thread and do not read that variable
+yet, so until they do those columns are an A/A control.  tcp_bulk8 (8
+parallel iperf3 streams) is the workload for that comparison; it runs
+only when named with -w.  --access adds a second portproxy,
+"portproxy+access", with a 1,000-entry deny list and every per-client
+limit on (none of which refuses the benchmark's own 127.0.0.1 clients),
+run in the same rounds, and a column of its ratio to the plain portproxy.
+Run it from the project's root in its venv, so that `twistd` is this
+checkout's.  `../shared/bench/install-peers` (root) installs the load
 tools and the peers; docker-proxy is looked for in $PEERS_DIR (default
 ~/.cache/portproxy-peers) and on PATH.
 """

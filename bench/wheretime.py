@@ -4,7 +4,9 @@ Where portproxy's time goes on its two slowest workloads, on loopback.
 
     python bench/wheretime.py                        # http_close and udp_pingpong, 8 s each
     python bench/wheretime.py -w http_close -s 5
+    python bench/wheretime.py -w tcp_pingpong        # also: sockperf TCP ping-pong
     PORTPROXY_FASTPATH=0 python bench/wheretime.py   # the pure-Python path
+    python bench/wheretime.py --proxy nginx          # nginx stream's worker, to compare
 
 For each workload one portproxy (this checkout's, from the venv) runs
 alone in front of its backend (nginx answering "hello\\n" for http_close,
@@ -27,7 +29,9 @@ times, each under one observer, so that no observer disturbs another:
    microseconds are the reactor thread's CPU per connection (from run 1)
    times the phase's share of the samples.
 
-Run it from the project's root, in its venv (py-spy: pip install py-spy;
+With --proxy nginx, nginx stream's worker takes portproxy's place for
+runs 1 to 3 (its main thread is the worker).  Run it from the project's
+root, in its venv (py-spy: pip install py-spy;
 perf: Debian's linux-perf).
 """
 
@@ -42,7 +46,15 @@ import sys
 import tempfile
 import time
 
-from peers import TWISTD, Ports, measureWork, startHTTP, waitTCP
+from peers import (
+    TWISTD,
+    Ports,
+    measureWork,
+    nginxStreamModule,
+    processTree,
+    startHTTP,
+    waitTCP,
+)
 from processes import Processes
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -94,7 +106,7 @@ def threadTimes(pid):
 
 
 def threadName(pid, tid):
-    return "reactor (main)" if tid == pid else f"thread {tid}"
+    return "main thread" if tid == pid else f"thread {tid}"
 
 
 def plain(pid, workload, port, seconds):
@@ -312,24 +324,73 @@ def report(name, pid, workload, port, a, tmp):
                 print(f"    {100 * n / busy:5.1f}%  {fn}")
 
 
+def startProxy(procs, tmp, proxy, workload, proto, front, backend):
+    """
+    C{proxy} from 127.0.0.1:C{front} to C{backend}: the pid whose threads
+    do the relaying (nginx's worker, not its master).
+    """
+    if proxy == "nginx":
+        conf = os.path.join(tmp, f"{workload}-stream.conf")
+        udp = " udp" if proto == "udp" else ""
+        with open(conf, "w") as f:
+            f.write(
+                f"load_module {nginxStreamModule()};\nworker_processes 1; daemon off;\n"
+                f"pid {tmp}/stream.pid; error_log {tmp}/stream.err;\n"
+                "events { worker_connections 20000; }\n"
+                f"stream {{ server {{ listen 127.0.0.1:{front}{udp};"
+                f" proxy_pass 127.0.0.1:{backend}; }} }}\n"
+            )
+        master = procs.start(["nginx", "-c", conf]).pid
+        deadline = time.monotonic() + 10
+        while len(processTree(master)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return processTree(master)[-1]
+    mapPath = os.path.join(tmp, f"{workload}.yaml")
+    with open(mapPath, "w") as f:
+        f.write(
+            f"mappings:\n  - name: {workload}\n    proto: {proto}\n"
+            f"    listen: 127.0.0.1:{front}\n    target: 127.0.0.1:{backend}\n"
+        )
+    with open(os.path.join(tmp, f"{workload}.log"), "w") as log:
+        return procs.start(
+            [*TWISTD, "-n", "--pidfile=", "portproxy", "-c", mapPath],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        ).pid
+
+
 def main():
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("-w", "--workloads", default="http_close,udp_pingpong")
+    ap.add_argument(
+        "-w",
+        "--workloads",
+        default="http_close,udp_pingpong",
+        help="comma list of http_close, udp_pingpong, tcp_pingpong",
+    )
     ap.add_argument("-s", "--seconds", type=int, default=8)
     ap.add_argument("--rate", type=int, default=500, help="py-spy samples a second")
+    ap.add_argument(
+        "--proxy",
+        default="portproxy",
+        choices=["portproxy", "nginx"],
+        help="nginx: the same per-thread and strace counts of nginx stream, to compare",
+    )
     ap.add_argument("--skip-strace", action="store_true")
     ap.add_argument("--skip-perf", action="store_true")
     ap.add_argument("--skip-pyspy", action="store_true")
     a = ap.parse_args()
+    if a.proxy != "portproxy":
+        a.skip_pyspy = True
     procs, ports = Processes(), Ports()
     tmp = tempfile.mkdtemp(prefix="portproxy-wheretime-")
-    path = (
-        "pure Python"
-        if os.environ.get("PORTPROXY_FASTPATH") == "0"
-        else "compiled paths"
-    )
+    if a.proxy == "nginx":
+        name = "nginx stream (its worker)"
+    elif os.environ.get("PORTPROXY_FASTPATH") == "0":
+        name = "portproxy (pure Python)"
+    else:
+        name = "portproxy (compiled paths)"
     try:
         for workload in a.workloads.split(","):
             backend, front = ports.take(), ports.take()
@@ -338,29 +399,21 @@ def main():
                 waitTCP(backend)
                 proto = "tcp"
             else:
+                proto = "tcp" if workload == "tcp_pingpong" else "udp"
+                tcp = ["--tcp"] if proto == "tcp" else []
                 procs.start(
-                    ["sockperf", "server", "-i", "127.0.0.1", "-p", str(backend)]
+                    ["sockperf", "server", *tcp, "-i", "127.0.0.1", "-p", str(backend)]
                 )
-                proto = "udp"
-            mapPath = os.path.join(tmp, f"{workload}.yaml")
-            with open(mapPath, "w") as f:
-                f.write(
-                    f"mappings:\n  - name: {workload}\n    proto: {proto}\n"
-                    f"    listen: 127.0.0.1:{front}\n    target: 127.0.0.1:{backend}\n"
-                )
-            with open(os.path.join(tmp, f"{workload}.log"), "w") as log:
-                pid = procs.start(
-                    [*TWISTD, "-n", "--pidfile=", "portproxy", "-c", mapPath],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                ).pid
+                if proto == "tcp":
+                    waitTCP(backend)
+            pid = startProxy(procs, tmp, a.proxy, workload, proto, front, backend)
             if proto == "tcp":
                 waitTCP(front)
             time.sleep(1.5)
             # a short warm-up, so that the first run is not the one that
             # fills the pools
             measureWork(workload, front, 1)
-            report(f"portproxy ({path})", pid, workload, front, a, tmp)
+            report(name, pid, workload, front, a, tmp)
             procs.stopAll()
     finally:
         procs.stopAll()
