@@ -12,8 +12,8 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "bench"))
 
-import peers  # noqa: E402
-import wheretime  # noqa: E402
+import peers
+import wheretime
 
 IPERF_PARALLEL = """\
 [SUM]   0.00-3.00   sec  1.50 GBytes  4.29 Gbits/sec                  sender
