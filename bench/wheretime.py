@@ -201,10 +201,12 @@ def perfReport(path, pid, tids):
 
 def pyspyPhases(path, pid):
     """
-    ({phase: samples}, {innermost portproxy-or-Twisted function: samples},
-    samples) of the main thread.
+    The main thread's samples in py-spy's raw file C{path}: ({phase:
+    samples}, {innermost Python function: samples}, {libc call the sample
+    is in: samples}, samples).
     """
     phases, functions, total = collections.Counter(), collections.Counter(), 0
+    calls = collections.Counter()
     with open(path) as f:
         for line in f:
             stack, _, count = line.rstrip("\n").rpartition(" ")
@@ -228,7 +230,16 @@ def pyspyPhases(path, pid):
                 if ".py" in frame:
                     functions[re.sub(r":\d+\)", ")", frame)] += n
                     break
-    return phases, functions, total
+            # the innermost named libc function: the system call the
+            # thread is in (on loopback, connect() runs the handshake)
+            for frame in inner:
+                if ".py" in frame:
+                    break
+                found = re.match(r"^(\w+) \(libc\.so", frame)
+                if found:
+                    calls[found.group(1)] += n
+                    break
+    return phases, functions, calls, total
 
 
 def report(name, pid, workload, port, a, tmp):
@@ -301,7 +312,7 @@ def report(name, pid, workload, port, a, tmp):
             a.seconds,
         )
         if os.path.exists(path):
-            phases, functions, total = pyspyPhases(path, pid)
+            phases, functions, calls, total = pyspyPhases(path, pid)
             # py-spy counts a thread blocked in epoll_wait as busy: those
             # samples are left out of the shares.
             waiting = phases.pop("waiting in epoll_wait", 0)
@@ -322,6 +333,10 @@ def report(name, pid, workload, port, a, tmp):
             print("\ntop innermost Python functions of the reactor thread (% of busy):")
             for fn, n in functions.most_common(15):
                 print(f"    {100 * n / busy:5.1f}%  {fn}")
+            print("\nin a libc call (a system call), by call (% of busy, us):")
+            for fn, n in calls.most_common(10):
+                us = "" if reactorCPU is None else f" {reactorCPU * n / busy:5.1f} us"
+                print(f"    {100 * n / busy:5.1f}% {us}  {fn}")
 
 
 def startProxy(procs, tmp, proxy, workload, proto, front, backend):

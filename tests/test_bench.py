@@ -143,7 +143,8 @@ def test_straceTableCounts():
 def test_pyspyPhasesOfTheMainThread(tmp_path):
     """
     Samples go to the phase of their innermost matching frame, other
-    threads' samples are left out, and epoll_wait is counted apart.
+    threads' samples are left out, epoll_wait is counted apart, and the
+    system call a sample is in is counted by name.
     """
     loop = "thread (7): MainThread;EPollReactor.doPoll (twisted/internet/epollreactor.py:244)"
     accept = loop + ";ListeningPort.doRead (twistedproxy/tcp.py:385)"
@@ -159,7 +160,7 @@ def test_pyspyPhasesOfTheMainThread(tmp_path):
         f"{dial};ListenerService.flowStarted (twistedproxy/listener.py:1) 1\n"
         "thread (8): other;run (x.py:1) 9\n"
     )
-    phases, functions, total = wheretime.pyspyPhases(str(raw), 7)
+    phases, functions, calls, total = wheretime.pyspyPhases(str(raw), 7)
     assert total == 11
     assert phases == {
         "waiting in epoll_wait": 5,
@@ -168,3 +169,4 @@ def test_pyspyPhasesOfTheMainThread(tmp_path):
         "flow bookkeeping": 1,
     }
     assert functions["Dial.start (twistedproxy/tcp.py)"] == 3
+    assert calls == {"accept4": 2, "socket": 3}
