@@ -13,8 +13,8 @@
  *   idle  prints "connected", waits for a line on stdin, sends one request
  *         on every connection and reads its reply, prints "exchanged",
  *         waits for a line on stdin, and exits;
- *   rr    sends one request on every connection (warm-up, not timed), then
- *         for SECONDS sends RATE requests a second in total, spread over
+ *   rr    sends one request on every connection (warm-up, not timed),
+ *         prints "timing", then for SECONDS sends RATE requests a second in total, spread over
  *         1 ms ticks and over the connections in turn (a connection whose
  *         last request is unanswered is skipped and counted), and prints
  *         one JSON line: the latency percentiles of the replies (send to
@@ -302,6 +302,7 @@ int main(int argc, char **argv)
         return 0;
     }
     exchangeAll();
+    printf("timing\n");
     runRate(atof(argv[5]), atof(argv[6]));
     return 0;
 }

@@ -14,7 +14,8 @@ each time, so that one's memory does not colour the next):
   sends one request on each (not timed), then sends --rate requests a
   second in total over them for --seconds, and gives the reply latency
   percentiles; the proxy's RSS (every process of it) is sampled every
-  0.2 s and the highest kept;
+  0.2 s and the highest kept, and its CPU time (every process and
+  thread) while the rate runs is divided by the replies;
 - idle: C{connload idle} opens N connections and holds them: the proxy's
   RSS growth per connection once it holds all of them (its open fds are
   polled until they reach 2N), and again after one request and reply on
@@ -46,6 +47,7 @@ from peers import (
     processTree,
     rssKiB,
     startHTTP,
+    treeCPU,
     waitTCP,
 )
 from processes import Processes
@@ -141,7 +143,8 @@ def startProxy(procs, tmp, name, port, target, count):
 def keptAlive(load, pid, port, a):
     """
     The rr run through C{port}: connload's JSON, plus the proxy's highest
-    RSS during it, in MiB.
+    RSS during it, in MiB, and its CPU time per request while the rate
+    ran, in microseconds.
     """
     argv = [load, "rr", str(port), str(a.connections), str(a.sources)]
     run = subprocess.Popen(
@@ -150,15 +153,23 @@ def keptAlive(load, pid, port, a):
         stderr=subprocess.PIPE,
         text=True,
     )
+    started = run.stdout.readline().strip() == "timing"
+    cpu = treeCPU(pid) if started and pid else None
     peak = 0
     while run.poll() is None:
-        peak = max(peak, treeRSS(pid))
+        peak = max(peak, treeRSS(pid)) if pid else 0
         time.sleep(0.2)
+    used = treeCPU(pid) - cpu if cpu is not None else None
     out, err = run.communicate()
-    if run.returncode:
+    if run.returncode or not started:
         return {"error": f"exit {run.returncode}: " + err.strip()[-300:]}
-    result = json.loads(out)
-    result["rss_mib"] = round(peak / 1024, 1)
+    result = json.loads(out.strip().splitlines()[-1])
+    result["rss_mib"] = round(peak / 1024, 1) if pid else None
+    result["cpu_us_per_request"] = (
+        round(used * 1e6 / result["replies"], 1)
+        if used is not None and result["replies"]
+        else None
+    )
     return result
 
 
@@ -259,9 +270,6 @@ def main():
                         time.sleep(0.5)
                     if test == "idle":
                         results[name][test] = idle(load, pid, port, a)
-                    elif pid is None:
-                        results[name][test] = keptAlive(load, os.getpid(), port, a)
-                        results[name][test]["rss_mib"] = None
                     else:
                         results[name][test] = keptAlive(load, pid, port, a)
                 finally:
@@ -277,10 +285,10 @@ def main():
         f" kept-alive: {a.rate:.0f} req/s for {a.seconds:.0f} s\n"
     )
     print(
-        "| proxy | replies/s | p50 us | p99 us | p99.9 us | RSS under load MiB |"
-        " KiB/conn idle | KiB/conn after 1 request | generator CPU % |"
+        "| proxy | replies/s | p50 us | p99 us | p99.9 us | proxy CPU us/request |"
+        " RSS under load MiB | KiB/conn idle | KiB/conn after 1 request | generator CPU % |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         k, i = r.get("kept-alive", {}), r.get("idle", {})
 
@@ -295,7 +303,7 @@ def main():
         )
         print(
             f"| {name} | {cell(k, 'rate')} | {cell(k, 'p50_us')} | {cell(k, 'p99_us')}"
-            f" | {cell(k, 'p999_us')} | {cell(k, 'rss_mib')}"
+            f" | {cell(k, 'p999_us')} | {cell(k, 'cpu_us_per_request')} | {cell(k, 'rss_mib')}"
             f" | {i.get('kib_per_conn_connected', '-')} | {i.get('kib_per_conn_after_exchange', '-')}"
             f" | {load} |"
         )

@@ -245,19 +245,27 @@ def cpuSeconds(pid):
     return sum(int(field) for field in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
+def treeCPU(root):
+    """
+    CPU seconds so far of process C{root} and every process below it,
+    all their threads.
+    """
+    total = 0.0
+    for pid in processTree(root):
+        try:
+            total += cpuSeconds(pid)
+        except OSError:
+            pass
+    return total
+
+
 def peerCPU(name):
     """
     CPU seconds so far of everything peer C{name} runs as (all threads,
     all processes), or None if it is not known.
     """
-    total = None
-    for root in PIDS.get(name, []):
-        for pid in processTree(root):
-            try:
-                total = (total or 0.0) + cpuSeconds(pid)
-            except OSError:
-                pass
-    return total
+    roots = PIDS.get(name)
+    return sum(treeCPU(root) for root in roots) if roots else None
 
 
 def portproxyVariants(engineThreads=(), python=False):
