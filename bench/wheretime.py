@@ -22,12 +22,16 @@ times, each under one observer, so that no observer disturbs another:
    process down; the counts per unit stay what they are);
 3. perf record -g: the share of each thread, and the top symbols of the
    busiest threads (kernel and C);
-4. py-spy record --native: the reactor thread's samples by phase of a new
-   connection (what the innermost portproxy frame is doing: accept, dial,
-   hand-off to the engine, flow bookkeeping, the engine's end report, the
-   access line, Twisted's reactor), and its top functions.  Phase times in
-   microseconds are the reactor thread's CPU per connection (from run 1)
-   times the phase's share of the samples.
+4. py-spy record --native: the reactor (main) thread's samples.  Those in
+   a system call (the innermost libc function under the Python frames)
+   are counted by call, and the reactor's system CPU per unit (from run 1)
+   is split by those shares; the others by phase of a new connection
+   (the innermost portproxy frame that tells: accept, dial with admission
+   and the flow object, hand-off to the engine, the engine's end report,
+   end of flow with the access line, Twisted's reactor), and its user CPU
+   is split by those.  py-spy samples wall-clock time of a running or
+   runnable thread: a call in which the thread is preempted (connect(),
+   which on loopback wakes the target) weighs more than its CPU.
 
 With --proxy nginx, nginx stream's worker takes portproxy's place for
 runs 1 to 3 (its main thread is the worker).  Run it from the project's
@@ -64,20 +68,21 @@ TICK = os.sysconf("SC_CLK_TCK")
 #: (file)").
 PHASES = [
     ("waiting in epoll_wait", r"^epoll_wait \("),
-    ("access line", r"\(twistedproxy/logs\.py"),
+    (
+        "end of flow, access line",
+        r"^(\w+\.)?(flowEnded|observe) \(twistedproxy/|\(twistedproxy/logs\.py|\(twisted/logger/",
+    ),
     (
         "hand-off to the engine",
-        r"^(\w+\.)?(_connected|adopt\w*) \(twistedproxy/(tcp|fastrelay)",
+        r"^(\w+\.)?(_connected|adopt\w*|proxyHeader) \(twistedproxy/(tcp|fastrelay)",
     ),
+    ("accept", r"^(ListeningPort\.doRead|TCPListener\.dial) \(twistedproxy/tcp"),
     (
-        "flow bookkeeping",
-        r"^(\w+\.)?(flowStarted|flowEnded|__init__|_end|_ended|nextFlowId) \(twistedproxy/",
+        "dial (with admission and the flow object)",
+        r"\(twistedproxy/(tcp|listener|access|model)\.py",
     ),
-    ("flow bookkeeping", r"\(twistedproxy/(metrics|access|model|listener)\.py"),
-    ("dial", r"^(\w+\.)?(start|dial\w*|doWrite|proxyHeader) \(twistedproxy/tcp"),
-    ("dial", r"^socket\.\w+ \(socket\.py"),
-    ("engine reports", r"\(twistedproxy/(fastrelay|fastudp|udp)\.py"),
-    ("accept", r"^(\w+\.)?doRead \(twistedproxy/tcp"),
+    ("dial (with admission and the flow object)", r"^socket\.\w+ \(socket\.py"),
+    ("engine end reports", r"\(twistedproxy/(fastrelay|fastudp|udp)\.py"),
     ("other portproxy", r"\(twistedproxy/"),
     ("Twisted reactor", r"\(twisted/"),
 ]
@@ -199,14 +204,28 @@ def perfReport(path, pid, tids):
     return lines
 
 
+def phaseOf(inner):
+    """
+    The phase of a stack, innermost frame first: that of the innermost
+    frame that matches one of L{PHASES}.
+    """
+    for frame in inner:
+        for phase, pattern in PHASES[1:]:
+            if re.search(pattern, frame):
+                return phase
+    return "outside Python frames"
+
+
 def pyspyPhases(path, pid):
     """
     The main thread's samples in py-spy's raw file C{path}: ({phase:
-    samples}, {innermost Python function: samples}, {libc call the sample
-    is in: samples}, samples).
+    samples outside system calls}, {innermost Python function: samples},
+    {libc call a sample is in (a system call): samples}, samples).  A
+    sample belongs to the phase of the innermost frame that matches one of
+    L{PHASES}; samples blocked in epoll_wait count under the first.
     """
-    phases, functions, total = collections.Counter(), collections.Counter(), 0
-    calls = collections.Counter()
+    phases, functions, calls = (collections.Counter() for _ in range(3))
+    total = 0
     with open(path) as f:
         for line in f:
             stack, _, count = line.rstrip("\n").rpartition(" ")
@@ -220,25 +239,24 @@ def pyspyPhases(path, pid):
             if re.search(PHASES[0][1], inner[0]):
                 phases[PHASES[0][0]] += n
                 continue
-            for phase, pattern in PHASES[1:]:
-                if any(re.search(pattern, frame) for frame in inner):
-                    phases[phase] += n
-                    break
-            else:
-                phases["outside Python frames"] += n
             for frame in inner:
                 if ".py" in frame:
                     functions[re.sub(r":\d+\)", ")", frame)] += n
                     break
-            # the innermost named libc function: the system call the
-            # thread is in (on loopback, connect() runs the handshake)
+            # the innermost named libc function below the Python frames:
+            # the system call the thread is in
+            call = None
             for frame in inner:
                 if ".py" in frame:
                     break
                 found = re.match(r"^(\w+) \(libc\.so", frame)
                 if found:
-                    calls[found.group(1)] += n
+                    call = found.group(1)
                     break
+            if call is not None:
+                calls[call] += n
+                continue
+            phases[phaseOf(inner)] += n
     return phases, functions, calls, total
 
 
@@ -261,7 +279,7 @@ def report(name, pid, workload, port, a, tmp):
             f" | {vcs / work:.2f} | {nvcs / work:.2f} |"
         )
         if tid == pid:
-            reactorCPU = (user + system) * 1e6 / work
+            reactorCPU = (user * 1e6 / work, system * 1e6 / work)
     busiest = [tid for tid, d in sorted(rows, key=lambda r: -(r[1][0] + r[1][1]))][:2]
     if shutil.which("strace") and not a.skip_strace:
         work, text = observed(
@@ -317,26 +335,33 @@ def report(name, pid, workload, port, a, tmp):
             # samples are left out of the shares.
             waiting = phases.pop("waiting in epoll_wait", 0)
             busy = max(1, total - waiting)
+            inPython, inCalls = sum(phases.values()), sum(calls.values())
+            user, system = reactorCPU or (None, None)
             print(
-                f"\npy-spy --native, reactor thread: {total} samples, {waiting} of them"
-                f" blocked in epoll_wait (left out); the other {total - waiting} by phase"
+                f"\npy-spy --native, main thread: {total} samples; {waiting} blocked in"
+                f" epoll_wait (left out), {inCalls} in a system call, {inPython} in"
+                " Python or C outside system calls"
             )
-            if reactorCPU is not None:
+            if user is not None:
                 print(
-                    f"(us: the reactor thread's {reactorCPU:.1f} us CPU per {unit}"
-                    " times the share)"
+                    f"(us: the main thread's {user:.1f} us user CPU per {unit} times the"
+                    f" share outside system calls; {system:.1f} us system CPU times the"
+                    " share of each call)"
                 )
-            print("\n| phase | share | us per " + unit + " |\n|---|---|---|")
+            print("\n| phase, outside system calls | share | us per " + unit + " |")
+            print("|---|---|---|")
             for phase, n in phases.most_common():
-                us = "-" if reactorCPU is None else f"{reactorCPU * n / busy:.1f}"
-                print(f"| {phase} | {100 * n / busy:.1f}% | {us} |")
-            print("\ntop innermost Python functions of the reactor thread (% of busy):")
+                us = "-" if user is None else f"{user * n / max(1, inPython):.1f}"
+                print(f"| {phase} | {100 * n / max(1, inPython):.1f}% | {us} |")
+            print("\n| system call | share | us per " + unit + " |\n|---|---|---|")
+            for call, n in calls.most_common(10):
+                us = "-" if system is None else f"{system * n / max(1, inCalls):.1f}"
+                print(f"| {call} | {100 * n / max(1, inCalls):.1f}% | {us} |")
+            print(
+                "\ntop innermost Python functions of the main thread (% of busy samples):"
+            )
             for fn, n in functions.most_common(15):
                 print(f"    {100 * n / busy:5.1f}%  {fn}")
-            print("\nin a libc call (a system call), by call (% of busy, us):")
-            for fn, n in calls.most_common(10):
-                us = "" if reactorCPU is None else f" {reactorCPU * n / busy:5.1f} us"
-                print(f"    {100 * n / busy:5.1f}% {us}  {fn}")
 
 
 def startProxy(procs, tmp, proxy, workload, proto, front, backend):

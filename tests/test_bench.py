@@ -142,9 +142,9 @@ def test_straceTableCounts():
 
 def test_pyspyPhasesOfTheMainThread(tmp_path):
     """
-    Samples go to the phase of their innermost matching frame, other
-    threads' samples are left out, epoll_wait is counted apart, and the
-    system call a sample is in is counted by name.
+    A sample in a system call is counted by the call's name, another by
+    the phase of its innermost matching frame; other threads' samples are
+    left out and epoll_wait is counted apart.
     """
     loop = "thread (7): MainThread;EPollReactor.doPoll (twisted/internet/epollreactor.py:244)"
     accept = loop + ";ListeningPort.doRead (twistedproxy/tcp.py:385)"
@@ -164,9 +164,7 @@ def test_pyspyPhasesOfTheMainThread(tmp_path):
     assert total == 11
     assert phases == {
         "waiting in epoll_wait": 5,
-        "accept": 2,
-        "dial": 3,
-        "flow bookkeeping": 1,
+        "dial (with admission and the flow object)": 1,
     }
     assert functions["Dial.start (twistedproxy/tcp.py)"] == 3
     assert calls == {"accept4": 2, "socket": 3}
