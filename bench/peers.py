@@ -33,6 +33,7 @@ measured and the rest scaled).
 
 Columns of portproxy: "portproxy" (compiled paths, where built);
 "portproxy-python" (PORTPROXY_FASTPATH=0), when --peers names it;
+"portproxy-nospin" (the TCP engine built with busyPoll=0), likewise;
 "portproxy-tN" for the second and later counts of --engine-threads, each
 started with PORTPROXY_ENGINE_THREADS=N (and "portproxy" with the first).
 The engines of this tree run one thread and do not read that variable
@@ -73,6 +74,16 @@ WORKLOADS = {
     "udp_pingpong": ("us p50", False, "sockperf_udp", "udp"),
 }
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+#: twistd with the TCP engine's busy-poll off (Engine(busyPoll=0)): the
+#: "portproxy-nospin" column, to see what the busy-poll costs and buys.
+TWISTD_NOSPIN = [
+    sys.executable,
+    "-c",
+    "import functools, twistedproxy.fastrelay as f;"
+    " f.Engine = functools.partial(f.Engine, busyPoll=0);"
+    " from twisted.scripts.twistd import run; run()",
+]
 
 
 class Ports:
@@ -203,7 +214,14 @@ def startPortproxyPeer(procs, ports, tmp, backend, protos, name, head="", env=No
             )
     with open(os.path.join(tmp, f"{name}.log"), "w") as log:
         process = procs.start(
-            [*TWISTD, "-n", "--pidfile=", "portproxy", "-c", mapPath],
+            [
+                *(TWISTD_NOSPIN if name == "portproxy-nospin" else TWISTD),
+                "-n",
+                "--pidfile=",
+                "portproxy",
+                "-c",
+                mapPath,
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
@@ -291,7 +309,13 @@ def portproxyVariants(engineThreads=(), python=False):
 ENGINE_THREADS = "PORTPROXY_ENGINE_THREADS"
 
 #: Columns that are not peers: the backend itself and portproxy's own.
-OURS = ("direct", "portproxy", "portproxy-python", "portproxy+access")
+OURS = (
+    "direct",
+    "portproxy",
+    "portproxy-python",
+    "portproxy-nospin",
+    "portproxy+access",
+)
 
 
 def isPeer(name):
@@ -395,7 +419,10 @@ def startPeers(
                     )
             f.write("}\n")
         PIDS["nginx"] = [procs.start(["nginx", "-c", conf]).pid]
-    for name, env in portproxyVariants(engineThreads, "portproxy-python" in wanted):
+    variants = portproxyVariants(engineThreads, "portproxy-python" in wanted)
+    if "portproxy-nospin" in wanted:
+        variants.append(("portproxy-nospin", {}))
+    for name, env in variants:
         front[name] = startPortproxyPeer(
             procs, ports, tmp, backend, protos, name, env=env
         )
@@ -828,7 +855,8 @@ def main():
         "--peers",
         default="docker-proxy,socat,haproxy,nginx",
         help="comma list of docker-proxy, socat, haproxy, nginx, and"
-        " portproxy-python (portproxy with PORTPROXY_FASTPATH=0)",
+        " portproxy-python (portproxy with PORTPROXY_FASTPATH=0),"
+        " portproxy-nospin (the TCP engine's busy-poll off)",
     )
     ap.add_argument(
         "--engine-threads",
