@@ -244,13 +244,13 @@ def pyspyPhases(path, pid):
                     functions[re.sub(r":\d+\)", ")", frame)] += n
                     break
             # the innermost named libc function below the Python frames:
-            # the system call the thread is in
+            # the system call the thread is in (or, rarely, a libc helper)
             call = None
             for frame in inner:
                 if ".py" in frame:
                     break
                 found = re.match(r"^(\w+) \(libc\.so", frame)
-                if found:
+                if found and not found.group(1).startswith("0x"):
                     call = found.group(1)
                     break
             if call is not None:
