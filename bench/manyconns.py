@@ -23,6 +23,8 @@ each time, so that one's memory does not colour the next):
 
 The server behind every proxy is nginx answering "hello\\n".  The proxies
 are portproxy (compiled paths), portproxy-python (PORTPROXY_FASTPATH=0),
+portproxy-nospin (compiled, the TCP engine's busy-poll off; only when
+named in --proxies),
 HAProxy (2.6, one process, its default threads) and nginx stream (one
 worker).  RLIMIT_NOFILE is raised to its hard limit here, and the proxies
 inherit it; a proxy holds two descriptors per connection (client side and
@@ -42,6 +44,7 @@ import time
 
 from peers import (
     TWISTD,
+    TWISTD_NOSPIN,
     Ports,
     nginxStreamModule,
     processTree,
@@ -109,9 +112,10 @@ def startProxy(procs, tmp, name, port, target, count):
         env = dict(os.environ)
         if name == "portproxy-python":
             env["PORTPROXY_FASTPATH"] = "0"
+        twistd = TWISTD_NOSPIN if name == "portproxy-nospin" else TWISTD
         with open(os.path.join(tmp, f"{name}.log"), "w") as log:
             return procs.start(
-                [*TWISTD, "-n", "--pidfile=", "portproxy", "-c", path],
+                [*twistd, "-n", "--pidfile=", "portproxy", "-c", path],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
