@@ -47,10 +47,10 @@ from peers import (
     TWISTD_NOSPIN,
     Ports,
     nginxStreamModule,
-    processTree,
     rssKiB,
     startHTTP,
     treeCPU,
+    treeSum,
     waitTCP,
 )
 from processes import Processes
@@ -78,23 +78,14 @@ def treeRSS(pid):
     """
     Resident KiB of C{pid} and every process below it.
     """
-    total = 0
-    for p in processTree(pid):
-        try:
-            total += rssKiB(p)
-        except OSError:
-            pass
-    return total
+    return treeSum(pid, rssKiB)
 
 
 def treeFDs(pid):
-    total = 0
-    for p in processTree(pid):
-        try:
-            total += len(os.listdir(f"/proc/{p}/fd"))
-        except OSError:
-            pass
-    return total
+    """
+    Open descriptors of C{pid} and every process below it.
+    """
+    return treeSum(pid, lambda p: len(os.listdir(f"/proc/{p}/fd")))
 
 
 def startProxy(procs, tmp, name, port, target, count):

@@ -263,18 +263,26 @@ def cpuSeconds(pid):
     return sum(int(field) for field in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
+def treeSum(root, measure):
+    """
+    C{measure(pid)} summed over process C{root} and every process below
+    it; a process that is gone by then counts nothing.
+    """
+    total = 0
+    for pid in processTree(root):
+        try:
+            total += measure(pid)
+        except OSError:
+            pass
+    return total
+
+
 def treeCPU(root):
     """
     CPU seconds so far of process C{root} and every process below it,
     all their threads.
     """
-    total = 0.0
-    for pid in processTree(root):
-        try:
-            total += cpuSeconds(pid)
-        except OSError:
-            pass
-    return total
+    return treeSum(root, cpuSeconds)
 
 
 def peerCPU(name):
