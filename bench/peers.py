@@ -4,6 +4,8 @@ portproxy side by side with the other port proxies installed here.
 
     python bench/peers.py                       # every workload, 3 rounds of 3 s
     python bench/peers.py -w tcp_bulk,udp_pingpong -r 5
+    python bench/peers.py --peers docker-proxy,haproxy,nginx,portproxy-python
+    python bench/peers.py -w tcp_bulk,tcp_bulk8 --engine-threads 1,2
     PORTPROXY_FASTPATH=0 python bench/peers.py  # portproxy without its compiled paths
     python bench/peers.py -w http_close,http_keepalive --peers none --access
 
@@ -13,17 +15,36 @@ an HTTP server), then one forwarder per peer for each backend — portproxy
 protocol, as Docker runs it), socat, HAProxy and nginx `stream`, whichever
 are installed — and runs each workload through each of them in turn,
 round after round (every other round in reverse order), so that machine
-drift, and the TIME_WAIT sockets a run leaves behind, hit all alike.  It prints one
-table: medians, and portproxy's ratio to docker-proxy (the median of the
-per-round ratios).  Then the footprint against docker-proxy: resident
-memory per idle TCP connection (--idle N connections held open), and the
-memory and start-up time of N TCP + N UDP listeners (--scale N: one
-portproxy against two docker-proxy processes a port, 100 ports measured
-and the rest scaled).  --access adds a second portproxy, "portproxy+access",
-with a 1,000-entry deny list and every per-client limit on (none of which
-refuses the benchmark's own 127.0.0.1 clients), run in the same rounds, and
-a column of its ratio to the plain portproxy.  Run it from the project's venv, so that `twistd` is
-this checkout's.  `../shared/bench/install-peers` (root) installs the load
+drift, and the TIME_WAIT sockets a run leaves behind, hit all alike.
+
+It prints two tables.  The first: medians, portproxy's ratio to
+docker-proxy, and each portproxy column's ratio to the best peer (the
+best of docker-proxy, socat, HAProxy and nginx in the same round; all
+ratios are medians of per-round ratios).  The second: CPU seconds per unit
+of work (GB received for the bulk workloads, 10,000 requests, connections
+or round trips for the others) of every proxy, counted from
+/proc/<pid>/stat over all its threads and all its processes (nginx's
+workers, socat's forks, each docker-proxy), and each portproxy column's
+ratio to the most frugal peer.  Then the footprint against docker-proxy:
+resident memory per idle TCP connection (--idle N connections held open),
+and the memory and start-up time of N TCP + N UDP listeners (--scale N:
+one portproxy against two docker-proxy processes a port, 100 ports
+measured and the rest scaled).
+
+Columns of portproxy: "portproxy" (compiled paths, where built);
+"portproxy-python" (PORTPROXY_FASTPATH=0), when --peers names it;
+"portproxy-nospin" (the TCP engine built with busyPoll=0), likewise;
+"portproxy-tN" for the second and later counts of --engine-threads, each
+started with PORTPROXY_ENGINE_THREADS=N (and "portproxy" with the first).
+The engines of this tree run one thread and do not read that variable
+yet, so until they do those columns are an A/A control.  tcp_bulk8 (8
+parallel iperf3 streams) is the workload for that comparison; it runs
+only when named with -w.  --access adds a second portproxy,
+"portproxy+access", with a 1,000-entry deny list and every per-client
+limit on (none of which refuses the benchmark's own 127.0.0.1 clients),
+run in the same rounds, and a column of its ratio to the plain portproxy.
+Run it from the project's root in its venv, so that `twistd` is this
+checkout's.  `../shared/bench/install-peers` (root) installs the load
 tools and the peers; docker-proxy is looked for in $PEERS_DIR (default
 ~/.cache/portproxy-peers) and on PATH.
 """
@@ -45,6 +66,7 @@ from processes import Processes
 # workload: (unit, higher is better, backend, protocol through the proxy)
 WORKLOADS = {
     "tcp_bulk": ("Gbit/s", True, "iperf", "tcp"),
+    "tcp_bulk8": ("Gbit/s", True, "iperf", "tcp"),
     "udp_bulk": ("Gbit/s", True, "iperf", "udp"),
     "http_keepalive": ("req/s", True, "http", "tcp"),
     "http_close": ("conn/s", True, "http", "tcp"),
@@ -52,6 +74,16 @@ WORKLOADS = {
     "udp_pingpong": ("us p50", False, "sockperf_udp", "udp"),
 }
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+#: twistd with the TCP engine's busy-poll off (busyPoll=0): the
+#: "portproxy-nospin" column, to see what the busy-poll costs and buys.
+TWISTD_NOSPIN = [
+    sys.executable,
+    "-c",
+    "import functools, twistedproxy.tcp.engine as f;"
+    " f.CompiledTCPEngine = functools.partial(f.CompiledTCPEngine, busyPoll=0);"
+    " from twisted.scripts.twistd import run; run()",
+]
 
 
 class Ports:
@@ -165,9 +197,10 @@ def accessDefaults(entries=1000):
     )
 
 
-def startPortproxyPeer(procs, ports, tmp, backend, protos, name, head=""):
+def startPortproxyPeer(procs, ports, tmp, backend, protos, name, head="", env=None):
     """
-    One twistd serving every backend: {backend: front port}.
+    One twistd serving every backend: {backend: front port}; C{env}: what
+    to add to its environment.
     """
     fronts = {k: ports.take() for k in backend}
     mapPath = os.path.join(tmp, f"{name}.yaml")
@@ -181,31 +214,138 @@ def startPortproxyPeer(procs, ports, tmp, backend, protos, name, head=""):
             )
     with open(os.path.join(tmp, f"{name}.log"), "w") as log:
         process = procs.start(
-            [*TWISTD, "-n", "--pidfile=", "portproxy", "-c", mapPath],
+            [
+                *(TWISTD_NOSPIN if name == "portproxy-nospin" else TWISTD),
+                "-n",
+                "--pidfile=",
+                "portproxy",
+                "-c",
+                mapPath,
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
-    PIDS[name] = process.pid
+    PIDS.setdefault(name, []).append(process.pid)
     return fronts
 
 
-#: The pid of each portproxy peer, by its name in the table.
+#: The pids each peer was started as, by its name in the table: the CPU
+#: table counts these and every process below them.
 PIDS = {}
+
+
+def processTree(pid):
+    """
+    C{pid} and every living process below it (nginx's workers, socat's
+    forks).
+    """
+    tree, todo = [], [pid]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    todo.extend(int(child) for child in f.read().split())
+        except OSError:
+            pass
+    return tree
 
 
 def cpuSeconds(pid):
     """
-    User plus system CPU time of process C{pid} so far, all threads.
+    User plus system CPU time of process C{pid} so far, all its threads,
+    and of its children that it has waited for.
     """
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(int(field) for field in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
-def startPeers(procs, ports, tmp, backend, wanted, access=False, control=False):
+def treeSum(root, measure):
     """
-    Every installed peer that was asked for, and portproxy: peer name ->
-    {backend: front port}.
+    C{measure(pid)} summed over process C{root} and every process below
+    it; a process that is gone by then counts nothing.
+    """
+    total = 0
+    for pid in processTree(root):
+        try:
+            total += measure(pid)
+        except OSError:
+            pass
+    return total
+
+
+def treeCPU(root):
+    """
+    CPU seconds so far of process C{root} and every process below it,
+    all their threads.
+    """
+    return treeSum(root, cpuSeconds)
+
+
+def peerCPU(name):
+    """
+    CPU seconds so far of everything peer C{name} runs as (all threads,
+    all processes), or None if it is not known.
+    """
+    roots = PIDS.get(name)
+    return sum(treeCPU(root) for root in roots) if roots else None
+
+
+def portproxyVariants(engineThreads=(), python=False):
+    """
+    The portproxy columns of a run and the environment each adds: plain
+    C{portproxy} (with C{PORTPROXY_ENGINE_THREADS} set to the first of
+    C{engineThreads} if any are given), C{portproxy-tN} for each further
+    count, and C{portproxy-python} (C{PORTPROXY_FASTPATH=0}) if asked.
+    """
+    variants = []
+    for i, count in enumerate(engineThreads or [None]):
+        env = {} if count is None else {ENGINE_THREADS: str(count)}
+        variants.append(("portproxy" if i == 0 else f"portproxy-t{count}", env))
+    if python:
+        variants.append(("portproxy-python", {"PORTPROXY_FASTPATH": "0"}))
+    return variants
+
+
+#: The environment variable that will tell the engines how many threads to
+#: run (issue 15: one per core); the engines of this tree run one and do
+#: not read it yet, so that columns set by --engine-threads match until
+#: they do.
+ENGINE_THREADS = "PORTPROXY_ENGINE_THREADS"
+
+#: Columns that are not peers: the backend itself and portproxy's own.
+OURS = (
+    "direct",
+    "portproxy",
+    "portproxy-python",
+    "portproxy-nospin",
+    "portproxy+access",
+)
+
+
+def isPeer(name):
+    """
+    Whether column C{name} is another proxy (not direct, not portproxy).
+    """
+    return name not in OURS and not name.startswith("portproxy-t")
+
+
+def startPeers(
+    procs,
+    ports,
+    tmp,
+    backend,
+    wanted,
+    access=False,
+    control=False,
+    engineThreads=(),
+):
+    """
+    Every installed peer that was asked for, and portproxy (each of
+    L{portproxyVariants}): peer name -> {backend: front port}.
     """
     front = {"direct": dict(backend)}
     protos = {
@@ -240,6 +380,7 @@ def startPeers(procs, ports, tmp, backend, wanted, access=False, control=False):
                 )
                 if p.stdout.read(2) != b"0\n":
                     raise SystemExit("docker-proxy did not start")
+                PIDS.setdefault("docker-proxy", []).append(p.pid)
     if "socat" in wanted and shutil.which("socat"):
         front["socat"] = {}
         for key, target in backend.items():
@@ -255,7 +396,7 @@ def startPeers(procs, ports, tmp, backend, wanted, access=False, control=False):
                         f"UDP4-RECVFROM:{port},bind=127.0.0.1,reuseaddr,fork",
                         f"UDP4:127.0.0.1:{target}",
                     ]
-                procs.start(["socat", *argv])
+                PIDS.setdefault("socat", []).append(procs.start(["socat", *argv]).pid)
     if "haproxy" in wanted and shutil.which("haproxy"):
         front["haproxy"] = {k: ports.take() for k in backend if "tcp" in protos[k]}
         conf = os.path.join(tmp, "haproxy.cfg")
@@ -268,7 +409,7 @@ def startPeers(procs, ports, tmp, backend, wanted, access=False, control=False):
                 f.write(
                     f"listen {key}\n  bind 127.0.0.1:{port}\n  server s 127.0.0.1:{backend[key]}\n"
                 )
-        procs.start(["haproxy", "-f", conf, "-db"])
+        PIDS["haproxy"] = [procs.start(["haproxy", "-f", conf, "-db"]).pid]
     if "nginx" in wanted and shutil.which("nginx") and nginxStreamModule():
         front["nginx"] = {k: ports.take() for k in backend}
         conf = os.path.join(tmp, "stream.conf")
@@ -285,10 +426,14 @@ def startPeers(procs, ports, tmp, backend, wanted, access=False, control=False):
                         f"  server {{ listen 127.0.0.1:{port}{udp}; proxy_pass 127.0.0.1:{backend[key]}; }}\n"
                     )
             f.write("}\n")
-        procs.start(["nginx", "-c", conf])
-    front["portproxy"] = startPortproxyPeer(
-        procs, ports, tmp, backend, protos, "portproxy"
-    )
+        PIDS["nginx"] = [procs.start(["nginx", "-c", conf]).pid]
+    variants = portproxyVariants(engineThreads, "portproxy-python" in wanted)
+    if "portproxy-nospin" in wanted:
+        variants.append(("portproxy-nospin", {}))
+    for name, env in variants:
+        front[name] = startPortproxyPeer(
+            procs, ports, tmp, backend, protos, name, env=env
+        )
     if access:
         front["portproxy+access"] = startPortproxyPeer(
             procs,
@@ -319,18 +464,56 @@ def measure(workload, port, seconds):
     """
     One figure for C{workload} through 127.0.0.1:C{port}, or None.
     """
-    if workload in ("tcp_bulk", "udp_bulk"):
+    return measureWork(workload, port, seconds)[0]
+
+
+#: What one unit of work is, for the CPU table: (name, how many of what
+#: L{measureWork} counts make one unit).
+WORK_UNITS = {
+    "tcp_bulk": ("GB", 1.0),
+    "tcp_bulk8": ("GB", 1.0),
+    "udp_bulk": ("GB", 1.0),
+    "http_keepalive": ("10k requests", 1e4),
+    "http_close": ("10k connections", 1e4),
+    "tcp_pingpong": ("10k round trips", 1e4),
+    "udp_pingpong": ("10k round trips", 1e4),
+}
+
+
+def measureWork(workload, port, seconds):
+    """
+    One figure for C{workload} through 127.0.0.1:C{port} and the work it
+    took (GB received, requests or connections, round trips): a pair, or
+    C{(None, None)}.
+    """
+    if workload in ("tcp_bulk", "tcp_bulk8", "udp_bulk"):
         udp = ["-u", "-b", "0", "-l", "1400"] if workload == "udp_bulk" else []
+        parallel = ["-P", "8"] if workload == "tcp_bulk8" else []
         out = run(
-            ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), *udp],
+            [
+                "iperf3",
+                "-c",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-t",
+                str(seconds),
+                *parallel,
+                *udp,
+            ],
             seconds,
         )
-        # The receiver's line is the last rate iperf3 prints.
-        rates = re.findall(r"([\d.]+) ([KMG])bits/sec.*receiver", out)
-        if not rates:
-            return None
-        value, scale = rates[-1]
-        return float(value) * {"K": 1e-6, "M": 1e-3, "G": 1.0}[scale]
+        # The receiver's line is the last rate iperf3 prints (with -P, the
+        # [SUM] line), and the amount before it what arrived.
+        found = re.findall(
+            r"([\d.]+) ([KMG])Bytes\s+([\d.]+) ([KMG])bits/sec.*receiver", out
+        )
+        if not found:
+            return None, None
+        amount, unit, rate, scale = found[-1]
+        # iperf3 counts bytes in powers of 1024 and bits in powers of 1000.
+        gbytes = float(amount) * 1024 ** "KMG".index(unit) * 1024 / 1e9
+        return float(rate) * {"K": 1e-6, "M": 1e-3, "G": 1.0}[scale], gbytes
     if workload.startswith("http_"):
         header = ["-H", "Connection: close"] if workload == "http_close" else []
         out = run(
@@ -345,7 +528,10 @@ def measure(workload, port, seconds):
             seconds,
         )
         found = re.search(r"Requests/sec:\s+([\d.]+)", out)
-        return float(found.group(1)) if found else None
+        count = re.search(r"(\d+) requests in", out)
+        if not (found and count):
+            return None, None
+        return float(found.group(1)), int(count.group(1))
     tcp = ["--tcp"] if workload == "tcp_pingpong" else []
     out = run(
         [
@@ -364,7 +550,10 @@ def measure(workload, port, seconds):
         seconds,
     )
     found = re.search(r"percentile 50.000 =\s+([\d.]+)", out)
-    return float(found.group(1)) if found else None
+    count = re.search(r"\[Total Run\].*ReceivedMessages=(\d+)", out)
+    if not (found and count):
+        return None, None
+    return float(found.group(1)), int(count.group(1))
 
 
 def rssKiB(pid):
@@ -549,6 +738,115 @@ def needs(workload):
     return tool[WORKLOADS[workload][2]]
 
 
+def medianOrNone(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def bestPeerRatios(results, name, higher):
+    """
+    Per round, C{name}'s figure over the best peer's in that round (the
+    highest rate, or the lowest latency or CPU); the median of those.
+    """
+    ratios = []
+    for r, ours in enumerate(results[name]):
+        peers = [
+            values[r]
+            for peer, values in results.items()
+            if isPeer(peer) and r < len(values) and values[r]
+        ]
+        if ours and peers:
+            ratios.append(ours / (max(peers) if higher else min(peers)))
+    return medianOrNone(ratios)
+
+
+def fmt(value, digits=2):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def printTable(a, workloads, names, results):
+    """
+    The comparison table: medians, and the median per-round ratio of each
+    portproxy column to docker-proxy and to the best peer.
+    """
+    ours = [n for n in names if not isPeer(n) and n != "direct"]
+    print(
+        f"\n{a.rounds} rounds of {a.seconds} s; medians; ratio columns: median of per-round ratios"
+        " (best peer: the best of the other proxies in that round)\n"
+    )
+    extra = " portproxy+access / portproxy |" if a.access else ""
+    heads = ["portproxy / docker-proxy"] + [
+        f"{n} / best peer" for n in ours if n != "portproxy+access"
+    ]
+    print(
+        "| workload | unit | "
+        + " | ".join(names)
+        + " | "
+        + " | ".join(heads)
+        + " |"
+        + extra
+    )
+    print("|---" * (len(names) + 2 + len(heads) + a.access) + "|")
+    for w in workloads:
+        unit, higher = WORKLOADS[w][:2]
+        row = [w, unit] + [fmt(medianOrNone(results[w][n])) for n in names]
+        pairs = [
+            p / d
+            for p, d in zip(
+                results[w]["portproxy"],
+                results[w].get("docker-proxy", []),
+                strict=False,
+            )
+            if p and d
+        ]
+        row.append(fmt(medianOrNone(pairs)))
+        row += [
+            fmt(bestPeerRatios(results[w], n, higher))
+            for n in ours
+            if n != "portproxy+access"
+        ]
+        if a.access:
+            pairs = [
+                q / p
+                for q, p in zip(
+                    results[w]["portproxy+access"],
+                    results[w]["portproxy"],
+                    strict=False,
+                )
+                if p and q
+            ]
+            row.append(fmt(medianOrNone(pairs), 3))
+        print("| " + " | ".join(row) + " |")
+
+
+def printCPUTable(a, workloads, names, cpu):
+    """
+    CPU seconds per unit of work of every proxy (all its processes and
+    threads), and each portproxy column over the most frugal peer.
+    """
+    shown = [n for n in names if n in PIDS]
+    ours = [n for n in shown if not isPeer(n)]
+    print(
+        "\nCPU seconds (user + system, every process and thread of the proxy) per unit"
+        " of work, medians; ratio columns: median of per-round ratios to the most"
+        " frugal peer in that round\n"
+    )
+    print(
+        "| workload | CPU s per | "
+        + " | ".join(shown)
+        + " | "
+        + " | ".join(f"{n} / most frugal" for n in ours)
+        + " |"
+    )
+    print("|---" * (len(shown) + len(ours) + 2) + "|")
+    for w in workloads:
+        unit, per = WORK_UNITS[w]
+        scaled = {n: [None if v is None else v * per for v in cpu[w][n]] for n in shown}
+        row = [w, unit] + [fmt(medianOrNone(scaled[n]), 3) for n in shown]
+        row += [fmt(bestPeerRatios(scaled, n, False)) for n in ours]
+        print("| " + " | ".join(row) + " |")
+
+
 def main():
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -556,12 +854,24 @@ def main():
     ap.add_argument(
         "-w",
         "--workloads",
-        default=",".join(WORKLOADS),
+        default=",".join(w for w in WORKLOADS if w != "tcp_bulk8"),
         help="comma list of " + ", ".join(WORKLOADS),
     )
     ap.add_argument("-r", "--rounds", type=int, default=3)
     ap.add_argument("-s", "--seconds", type=int, default=3)
-    ap.add_argument("--peers", default="docker-proxy,socat,haproxy,nginx")
+    ap.add_argument(
+        "--peers",
+        default="docker-proxy,socat,haproxy,nginx",
+        help="comma list of docker-proxy, socat, haproxy, nginx, and"
+        " portproxy-python (portproxy with PORTPROXY_FASTPATH=0),"
+        " portproxy-nospin (the TCP engine's busy-poll off)",
+    )
+    ap.add_argument(
+        "--engine-threads",
+        default="",
+        help="comma list of engine thread counts: one portproxy column each,"
+        f" started with {ENGINE_THREADS}=N (the engines do not read it yet)",
+    )
     ap.add_argument(
         "--access",
         action="store_true",
@@ -589,6 +899,7 @@ def main():
     for w in workloads:
         if w not in WORKLOADS:
             raise SystemExit(f"unknown workload {w}")
+    engineThreads = [int(n) for n in a.engine_threads.split(",") if n]
     missing = sorted({needs(w) for w in workloads if not shutil.which(needs(w))})
     if missing:
         raise SystemExit(
@@ -599,13 +910,20 @@ def main():
     try:
         backend = startBackends(procs, ports, tmp)
         front = startPeers(
-            procs, ports, tmp, backend, a.peers.split(","), a.access, a.control
+            procs,
+            ports,
+            tmp,
+            backend,
+            a.peers.split(","),
+            a.access,
+            a.control,
+            engineThreads,
         )
         names = list(front)
         results = {w: {n: [] for n in names} for w in workloads}
-        # CPU seconds of a portproxy per request (or connection), for --access:
+        # CPU seconds of each proxy per unit of work counted by measureWork:
         # unlike a rate, hardly moved by what else the machine runs.
-        cpu = {w: {n: [] for n in PIDS} for w in workloads}
+        cpu = {w: {n: [] for n in names} for w in workloads}
         for r in range(a.rounds):
             for w in workloads:
                 # Every other round in reverse: a run leaves thousands of
@@ -613,52 +931,20 @@ def main():
                 # connects, and no peer should always come after another.
                 for name in names if r % 2 == 0 else names[::-1]:
                     port = front[name].get(WORKLOADS[w][2])
-                    before = cpuSeconds(PIDS[name]) if name in PIDS and port else None
-                    value = measure(w, port, a.seconds) if port else None
+                    before = peerCPU(name) if port else None
+                    value, work = (
+                        measureWork(w, port, a.seconds) if port else (None, None)
+                    )
                     results[w][name].append(value)
-                    if before is not None and value and WORKLOADS[w][2] == "http":
-                        cpu[w][name].append(
-                            (cpuSeconds(PIDS[name]) - before) / (value * a.seconds)
-                        )
+                    after = peerCPU(name) if before is not None else None
+                    cpu[w][name].append(
+                        (after - before) / work if after is not None and work else None
+                    )
                     print(f"round {r + 1} {w:15s} {name:13s} {value}", file=sys.stderr)
     finally:
         procs.stopAll()
-    print(
-        f"\n{a.rounds} rounds of {a.seconds} s; medians; last column: median of per-round ratios\n"
-    )
-    extra = " portproxy+access / portproxy |" if a.access else ""
-    print(
-        "| workload | unit | "
-        + " | ".join(names)
-        + " | portproxy / docker-proxy |"
-        + extra
-    )
-    print("|---" * (len(names) + 3 + a.access) + "|")
-    for w in workloads:
-        row = [w, WORKLOADS[w][0]]
-        for name in names:
-            values = [v for v in results[w][name] if v is not None]
-            row.append(f"{statistics.median(values):.2f}" if values else "-")
-        pairs = [
-            p / d
-            for p, d in zip(
-                results[w]["portproxy"],
-                results[w].get("docker-proxy", []),  # none without docker-proxy
-                strict=False,
-            )
-            if p and d
-        ]
-        row.append(f"{statistics.median(pairs):.2f}" if pairs else "-")
-        if a.access:
-            pairs = [
-                q / p
-                for q, p in zip(
-                    results[w]["portproxy+access"], results[w]["portproxy"], strict=True
-                )
-                if p and q
-            ]
-            row.append(f"{statistics.median(pairs):.3f}" if pairs else "-")
-        print("| " + " | ".join(row) + " |")
+    printTable(a, workloads, names, results)
+    printCPUTable(a, workloads, names, cpu)
     if a.access:
         print(
             "\nportproxy CPU time per request (user + system, all threads), medians;"
@@ -668,17 +954,19 @@ def main():
             "| workload | portproxy, us | portproxy+access, us | portproxy+access / portproxy |\n|---|---|---|---|"
         )
         for w in workloads:
-            plain, checked = cpu[w]["portproxy"], cpu[w]["portproxy+access"]
-            if plain and checked:
-                ratios = [
-                    c / p
-                    # a round without a rate adds no CPU figure
-                    for c, p in zip(checked, plain, strict=False)
-                    if p
-                ]
+            pairs = [
+                (p, c)
+                for p, c in zip(
+                    cpu[w]["portproxy"], cpu[w]["portproxy+access"], strict=False
+                )
+                if p and c and WORKLOADS[w][2] == "http"
+            ]
+            if pairs:
+                plain = statistics.median(p for p, _ in pairs)
+                checked = statistics.median(c for _, c in pairs)
+                ratio = statistics.median(c / p for p, c in pairs)
                 print(
-                    f"| {w} | {statistics.median(plain) * 1e6:.1f} | {statistics.median(checked) * 1e6:.1f}"
-                    f" | {statistics.median(ratios):.3f} |"
+                    f"| {w} | {plain * 1e6:.1f} | {checked * 1e6:.1f} | {ratio:.3f} |"
                 )
     footprint = []
     if a.idle:
