@@ -117,7 +117,7 @@ def engines():
     made = []
 
     def make(**kw):
-        engine = fastrelay.TCPEngine(**kw)
+        engine = fastrelay.CompiledTCPEngine(**kw)
         made.append(engine)
         return engine
 
