@@ -73,7 +73,7 @@ def test_switchTurnsEngineOff(monkeypatch):
     monkeypatch.setenv("PORTPROXY_FASTPATH", "0")
     reactor = EPollReactor()
     try:
-        assert compiledEngines(reactor) == {"tcp": None, "udp": None}
+        assert compiledEngines(reactor) == {"tcp": None, "udp": None, "tls": None}
     finally:
         reactor._poller.close()
 
