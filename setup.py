@@ -4,7 +4,7 @@ Build hook for the optional compiled engines.
 All metadata lives in pyproject.toml; this file only declares the C
 extensions C{twistedproxy.tcp._engine} (TCP relays; Linux: splice, epoll,
 eventfd), C{twistedproxy.udp._engine} (UDP sessions; Linux: epoll,
-eventfd, recvmmsg/sendmmsg, IP_PKTINFO) and C{twistedproxy._tlsengine}
+eventfd, recvmmsg/sendmmsg, IP_PKTINFO) and C{twistedproxy.tcp._tlsengine}
 (TLS termination; OpenSSL, where its headers are installed), which share
 one skeleton, C{twistedproxy/_engine.h}.  They are optional: where there is
 no C compiler, or on another platform, C{pip install .} installs portproxy
@@ -52,8 +52,9 @@ if sys.platform.startswith("linux"):
     if os.path.exists("/usr/include/openssl/ssl.h"):
         extensions.append(
             Extension(
-                "twistedproxy._tlsengine",
-                ["twistedproxy/_tlsengine.c"],
+                "twistedproxy.tcp._tlsengine",
+                ["twistedproxy/tcp/_tlsengine.c"],
+                include_dirs=["twistedproxy"],
                 depends=["twistedproxy/_engine.h"],
                 extra_compile_args=COMPILE_ARGS,
                 libraries=["ssl", "crypto"],

@@ -27,8 +27,8 @@ from support import (
     roundTrip,
 )
 
-from twistedproxy import tlsengine
 from twistedproxy.tcp import engine as fastrelay
+from twistedproxy.tcp import tlsengine
 
 
 @pytest.fixture

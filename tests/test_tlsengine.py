@@ -1,6 +1,6 @@
 """
-Unit tests of L{twistedproxy.tlsengine}: a L{TLSDial}'s life on a memory
-reactor, with a fake engine standing for L{twistedproxy._tlsengine}, and
+Unit tests of L{twistedproxy.tcp.tlsengine}: a L{TLSDial}'s life on a memory
+reactor, with a fake engine standing for L{twistedproxy.tcp._tlsengine}, and
 the C contexts built from the map's PEM bytes.
 """
 
@@ -17,7 +17,6 @@ from certs import Authority
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 
-from twistedproxy import tlsengine
 from twistedproxy.model import (
     KeyPair,
     Listener,
@@ -26,6 +25,7 @@ from twistedproxy.model import (
     Timeouts,
     TLSSettings,
 )
+from twistedproxy.tcp import tlsengine
 from twistedproxy.tcp.forwarder import EngineForwarder
 from twistedproxy.tcp.listener import TCPListener
 from twistedproxy.tls import NameTable, readKeyPair
@@ -255,7 +255,7 @@ def test_extensionBuiltWhereItCan() -> None:
     ):
         assert tlsengine.available(), (
             "a C compiler and OpenSSL's headers are here but "
-            "twistedproxy._tlsengine is not built: pip install . (or, in a "
+            "twistedproxy.tcp._tlsengine is not built: pip install . (or, in a "
             "source tree, python setup.py build_ext --inplace)"
         )
     else:

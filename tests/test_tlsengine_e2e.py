@@ -2,7 +2,7 @@
 End-to-end tests of TLS termination's behaviour at its edges: the server
 name choosing the certificate, clients that never finish or never begin a
 handshake, and a client that never reads.  Each runs on the compiled fast
-path, where the TLS engine (twistedproxy._tlsengine) serves C{tls:}
+path, where the TLS engine (twistedproxy.tcp._tlsengine) serves C{tls:}
 listeners, and on the pure-Python path (the C{proxy} fixture); the last
 test checks that the engine does serve them.
 """
@@ -26,7 +26,7 @@ from support import (
     rssKiB,
 )
 
-from twistedproxy import tlsengine
+from twistedproxy.tcp import tlsengine
 
 MiB = 1024 * 1024
 

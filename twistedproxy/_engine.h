@@ -1,17 +1,22 @@
 /*
- * The skeleton twistedproxy's two compiled engines share:
- * tcp/_engine.c (TCPEngine: established TCP connections, splice) and
- * udp/_engine.c (UDPEngine: established UDP sessions, recvmmsg/sendmmsg).
+ * The skeleton twistedproxy's three compiled engines share:
+ * tcp/_engine.c (TCPEngine: established TCP connections, splice),
+ * udp/_engine.c (UDPEngine: established UDP sessions, recvmmsg/sendmmsg)
+ * and tcp/_tlsengine.c (TLSEngine: TLS termination with OpenSSL, the
+ * handshake and then the relay to the target).
  *
  * An engine is a Python object with one background thread of its own.
- * Both speak one vocabulary:
+ * All three speak one vocabulary:
  *
  *   - a flow is what the engine forwards (a TCP connection's two sockets,
- *     a UDP session's connected socket), named by a 64-bit flow id that
- *     Python chooses; adopt() hands one over, close(id) ends it,
- *     counters(id) reads its bytes, flowCount() counts the live ones;
+ *     a UDP session's connected socket, a TLS client and then its target),
+ *     named by a 64-bit flow id that Python chooses; adopt() hands one
+ *     over, close(id) ends it, counters(id) reads its bytes, flowCount()
+ *     counts the live ones (TLS: attach(id, ...) gives a handshaken
+ *     client its target);
  *   - a report is what the thread tells Python (a flow ended; for UDP
- *     also a new client); reports() takes them, oldest first;
+ *     also a new client; for TLS also a handshake done); reports() takes
+ *     them, oldest first;
  *   - wakeFd: an eventfd by which Python wakes the thread (in the
  *     thread's epoll set, its events carry the engine's wake data);
  *     notifyFd: an eventfd by which the thread wakes the reactor, which
@@ -22,15 +27,16 @@
  * start (every signal blocked, a set stack size), the id table (flow id
  * -> flow, intrusive), the report queue whose slots are reserved when a
  * flow is adopted, so that posting a report never needs memory and never
- * fails, and the CPython boilerplate (the common head of both engine
+ * fails, and the CPython boilerplate (the common head of the engine
  * objects, tp_new, fileno(), flowCount(), the module init).
  *
- * The locking rule, for both engines: one mutex per engine guards what
+ * The locking rule, for every engine: one mutex per engine guards what
  * the reactor thread and the engine thread share (the id table, the
  * report queue, the command queue or the tables Python edits).  Neither
  * thread holds it during an I/O system call on a flow's sockets (recv,
- * send, splice, sendmmsg, ...) nor while it builds Python objects: data is
- * copied out under the mutex and turned into Python objects after it.
+ * send, splice, sendmmsg, SSL_do_handshake, SSL_read, ...) nor while it
+ * builds Python objects: data is copied out under the mutex and turned
+ * into Python objects after it.
  * Byte counters the engine thread alone writes are read with relaxed
  * atomic loads where the reader does not hold the mutex the writer does.
  */
@@ -52,7 +58,8 @@
 #include <unistd.h>
 
 /* The engine thread's stack: its deepest frame is a batch of messages on
- * the stack (UDP: DRAIN of them), well under this. */
+ * the stack (UDP: DRAIN of them) or OpenSSL's handshake (TLS), well under
+ * this. */
 #define ENGINE_STACK_SIZE (256 * 1024)
 
 /* -- wake and notify ------------------------------------------------------ */
@@ -258,7 +265,7 @@ reportsTaken(ReportQueue *q, size_t n)
         memmove(q->items, q->items + q->itemSize * n, q->itemSize * q->count);
 }
 
-/* -- the common head of both engine objects -------------------------------- */
+/* -- the common head of the engine objects --------------------------------- */
 
 #define ENGINE_HEAD                                                         \
     PyObject_HEAD                                                           \
@@ -292,7 +299,7 @@ engineLock(EngineBase *self)
     }
 }
 
-/* tp_new of both engines: every descriptor -1 (tp_init opens them). */
+/* tp_new of every engine: every descriptor -1 (tp_init opens them). */
 static PyObject *
 engineNew(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
@@ -430,7 +437,7 @@ engineFlowCount(PyObject *self, PyObject *unused)
     return PyLong_FromSize_t(n);
 }
 
-/* The methods both engines have alike, for their method tables. */
+/* The methods every engine has alike, for their method tables. */
 #define ENGINE_COMMON_METHODS                                              \
     {"fileno", engineFileno, METH_NOARGS,                                  \
      "fileno() -> int\n\nAn eventfd (notifyFd) that becomes readable when " \

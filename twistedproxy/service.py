@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
     from twistedproxy.manhole import ManholeService
     from twistedproxy.tcp.engine import TCPEngine
-    from twistedproxy.tlsengine import TLSEngine
+    from twistedproxy.tcp.tlsengine import TLSEngine
     from twistedproxy.udp.engine import UDPEngine
 
 log = Logger(namespace="portproxy")
@@ -90,8 +90,8 @@ def compiledEngines(reactor) -> dict[str, TCPEngine | UDPEngine | TLSEngine | No
     decides whether the fast paths run; a listener picks its forwarder
     from what it is given here.
     """
-    from twistedproxy import tlsengine
     from twistedproxy.tcp import engine as tcpEngine
+    from twistedproxy.tcp import tlsengine
     from twistedproxy.udp import engine as udpEngine
 
     wanted = fastPathWanted()

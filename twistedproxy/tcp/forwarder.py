@@ -101,7 +101,7 @@ class EngineForwarder:
         Accept clients.  While the target is an address, a client goes
         straight to an L{EngineFlow} and then to the engine, with no
         Twisted transport or protocol built for it (a client of TLS the
-        TLS engine terminates: to a L{twistedproxy.tlsengine.TLSDial});
+        TLS engine terminates: to a L{twistedproxy.tcp.tlsengine.TLSDial});
         otherwise (and always for SNI routing and TLS in Python, whose
         client speaks first) Twisted's own accept builds a L{Relay}.
         """

@@ -40,7 +40,7 @@ from twistedproxy.tcp.relay import (
 )
 
 if TYPE_CHECKING:
-    from twistedproxy.tlsengine import TLSEngine
+    from twistedproxy.tcp.tlsengine import TLSEngine
 
 #: Used when C{/proc/sys/net/core/somaxconn} cannot be read.
 DEFAULT_BACKLOG = 4096
@@ -249,7 +249,7 @@ class TCPListener(ListenerService):
         self._port: ListeningPort | None = None
         self.targetIsAddress = _isAddress(listener.target.host)
         self.engine = engine
-        #: The TLS engine (L{twistedproxy.tlsengine.TLSEngine}) that
+        #: The TLS engine (L{twistedproxy.tcp.tlsengine.TLSEngine}) that
         #: terminates the TLS of C{tls:} listeners, or L{None}; the root
         #: service sets it, with the TCP engine.
         self.tlsEngine: TLSEngine | None = None
@@ -343,7 +343,7 @@ class TCPListener(ListenerService):
     def tlsEngineApplies(self) -> bool:
         """
         Whether this listener's TLS goes to the TLS engine (see
-        L{twistedproxy.tlsengine.applies}).
+        L{twistedproxy.tcp.tlsengine.applies}).
         """
         return self.tlsEngine is not None and self.tlsEngine.applies(self.listener)
 

@@ -3,7 +3,7 @@ The compiled fast path of TLS termination (C{tls:}), seen from Twisted.
 
 A C{tls:} listener whose clients go to the relay engine's accept path
 hands each admitted client's bare descriptor to L{TLSEngine}, the end in
-the reactor of L{twistedproxy._tlsengine}: one thread with its own epoll
+the reactor of L{twistedproxy.tcp._tlsengine}: one thread with its own epoll
 that runs the handshake with the system's OpenSSL on the socket itself,
 then, once Python has dialed the target, relays between the two (TLS
 records on the client's side, plain bytes on the target's).  A L{TLSDial}
@@ -33,12 +33,10 @@ from twistedproxy.tcp.engine import EngineFlow
 from twistedproxy.tls import NameTable
 
 try:
-    from twistedproxy._tlsengine import (  # type: ignore[import-not-found]
-        Context,
-        Engine,
-    )
+    from twistedproxy.tcp._tlsengine import Context  # type: ignore[import-not-found]
+    from twistedproxy.tcp._tlsengine import TLSEngine as CompiledTLSEngine
 except ImportError:
-    Context = Engine = None
+    Context = CompiledTLSEngine = None
 
 if TYPE_CHECKING:
     from twistedproxy.tcp.listener import TCPListener
@@ -50,7 +48,7 @@ def available() -> bool:
     """
     Whether the compiled TLS engine was built and imports.
     """
-    return Engine is not None
+    return CompiledTLSEngine is not None
 
 
 def applies(listener: Listener) -> bool:
@@ -193,9 +191,9 @@ class TLSEngine:
 
     def __init__(self, reactor, engine=None) -> None:
         if engine is None:
-            if Engine is None:
-                raise RuntimeError("twistedproxy._tlsengine is not built")
-            engine = Engine()
+            if CompiledTLSEngine is None:
+                raise RuntimeError("twistedproxy.tcp._tlsengine is not built")
+            engine = CompiledTLSEngine()
         self.reactor = reactor
         self.engine = engine
         self.flows: dict[int, TLSDial] = {}

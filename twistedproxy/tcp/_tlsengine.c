@@ -1,6 +1,8 @@
 /*
- * twistedproxy._tlsengine: the compiled fast path of TLS termination
- * (docs/tls.md, "The fast path").
+ * twistedproxy.tcp._tlsengine: the compiled fast path of TLS termination
+ * (docs/tls.md, "The fast path"), the third engine on the skeleton of
+ * ../_engine.h, whose vocabulary it speaks (flows, reports, wakeFd and
+ * notifyFd, adopt/close/counters/reports/flowCount/fileno/stop).
  *
  * Python accepts each client of a `tls:` listener and admits it as for
  * plain TCP, then hands the client's socket descriptor to this engine
@@ -14,18 +16,17 @@
  * other (half-close).  When the connection ends the engine reports the
  * bytes each way and why.
  *
- * Threads: Python's calls (adopt, attach, close, counters, reports) run
- * in the reactor thread with the GIL; the engine thread never takes the
- * GIL.  They share two queues under one mutex, held only to link or
- * unlink: the commands (a connection with bits of what to do) and the
- * reports.  A connection's two reports live in its own struct, so a
- * report needs no memory at the moment it is made and can never be lost.
- * The engine thread never frees a connection: after its end report, it
- * forgets it, and Python frees it when it takes that report.
- *
- * The pieces an integrator may swap for a shared engine skeleton are in
- * their own functions: startThread (the thread), the id table (idTable*)
- * and the report queue (pushReports, Engine_reports).
+ * Threads, as the skeleton has them: Python's calls run in the reactor
+ * thread with the GIL; the engine thread never takes the GIL.  They share
+ * the id table, the report queue and the command queue (a connection with
+ * bits of what to do, linked through the connection itself, so that a
+ * command needs no memory) under the engine's mutex, which neither holds
+ * during an SSL_* or socket call nor while building Python objects.  Each
+ * flow has two report slots reserved at adopt (its handshake, its end).
+ * The engine thread alone frees a connection: after the event batch in
+ * which it ended (later events of the batch may still point at it), or,
+ * when Python had queued a command for it meanwhile, once it takes the
+ * connection from the command queue.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -39,8 +40,6 @@
 #include <openssl/pem.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
-#include <pthread.h>
-#include <signal.h>
 #include <stdatomic.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -333,7 +332,7 @@ failed:
 }
 
 static PyTypeObject ContextType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "twistedproxy._tlsengine.Context",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "twistedproxy.tcp._tlsengine.Context",
     .tp_basicsize = sizeof(Context),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "The OpenSSL contexts of one tls: setting (see Context_init).",
@@ -349,12 +348,23 @@ enum { HANDSHAKE, DIALING, RELAYING, ENDED };
 enum { CMD_ADOPT = 1, CMD_ATTACH = 2, CMD_CLOSE = 4, CMD_KILL = 8 };
 enum { REPORT_HANDSHAKE, REPORT_END };
 
-typedef struct Conn Conn;
+/* Reports each flow posts: its handshake (when it gets that far), its end. */
+#define REPORTS_PER_FLOW 2
 
+/* What the reactor learns of a flow, copied out of it when it happens. */
 typedef struct Report {
-    struct Report *next;
-    Conn *conn;
+    uint64_t id;
     int kind;
+    union {
+        struct {
+            char *subject; /* malloc'd, the report's; NULL for none */
+            char serverName[256];
+        } handshake;
+        struct {
+            unsigned long long bytesIn, bytesOut;
+            char reason[200];
+        } end;
+    };
 } Report;
 
 typedef struct Buffer {
@@ -362,23 +372,23 @@ typedef struct Buffer {
     size_t start, length;
 } Buffer;
 
+typedef struct Conn Conn;
+
 struct Conn {
-    long long id;
+    IdEntry entry; /* the flow id, in the engine's id table */
     int clientFd, targetFd;
     SSL *ssl;
     ContextSet *set;
     int state;
     double idleTimeout, lastActive;
-    /* The two reports, reserved with the connection. */
-    Report handshakeReport, endReport;
     /* Shared with Python, under the engine's mutex. */
     unsigned commands;
-    int queued, ended, orphan;
+    int queued, orphan;
     int pendingTargetFd; /* given by attach, taken with its command */
     Conn *nextCommand;
     /* The engine thread's own. */
-    Conn *prevLive, *nextLive, *nextDone;
-    int done;
+    Conn *prevLive, *nextLive, *nextDead;
+    int done, handshakeReported;
     uint32_t clientEvents, targetEvents;
     unsigned clientEof : 1, targetEof : 1, targetShut : 1, notifySent : 1;
     unsigned readWantsWrite : 1, writeWantsRead : 1, writeWantsWrite : 1,
@@ -386,36 +396,18 @@ struct Conn {
     Buffer toTarget, toClient;
     const char *finishedFirst;
     _Atomic unsigned long long bytesIn, bytesOut;
-    /* Filled by the engine before the report that carries them. */
-    char serverName[256];
-    char *subject;
-    char reason[200];
 };
 
-static void
-freeConn(Conn *conn)
-{
-    free(conn->subject);
-    free(conn);
-}
-
 typedef struct {
-    PyObject_HEAD
-    int epfd, wakeFd, notifyFd;
-    pthread_t thread;
-    int started;
-    atomic_int stopping;
-    int stopped;
-    pthread_mutex_t lock;
+    ENGINE_HEAD
+    /* shared, under lock */
     Conn *commandHead, *commandTail;
-    Report *reportHead, *reportTail;
-    PyObject *ids; /* the id table: id -> the Conn's address */
-    /* The engine thread's own. */
+    /* the engine thread's own */
     Conn *live;
-    Conn *doneList;
-    Report *pendingHead, *pendingTail;
+    Conn *graveyard; /* ended in this batch; freed after it */
+    int reported;    /* a report was posted in this batch */
     double now;
-} Engine;
+} TLSEngine;
 
 static double
 monotonic(void)
@@ -425,38 +417,12 @@ monotonic(void)
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-/* -- the report queue ------------------------------------------------------- */
-
-/* Queue a report in the engine thread; pushReports hands the batch over. */
-static void
-queueReport(Engine *e, Report *report)
+/* The live connection with id `id`, or NULL (caller holds the lock). */
+static Conn *
+connFind(TLSEngine *e, uint64_t id)
 {
-    report->next = NULL;
-    if (e->pendingTail != NULL)
-        e->pendingTail->next = report;
-    else
-        e->pendingHead = report;
-    e->pendingTail = report;
-}
-
-/* Hand the reports of one batch of events to Python, and wake it. */
-static void
-pushReports(Engine *e)
-{
-    if (e->pendingHead == NULL)
-        return;
-    pthread_mutex_lock(&e->lock);
-    for (Report *r = e->pendingHead; r != NULL; r = r->next)
-        if (r->kind == REPORT_END)
-            r->conn->ended = 1;
-    if (e->reportTail != NULL)
-        e->reportTail->next = e->pendingHead;
-    else
-        e->reportHead = e->pendingHead;
-    e->reportTail = e->pendingTail;
-    pthread_mutex_unlock(&e->lock);
-    e->pendingHead = e->pendingTail = NULL;
-    signalFd(e->notifyFd);
+    IdEntry *entry = idTableFind(&e->flows, id);
+    return entry == NULL ? NULL : ENTRY_OF(entry, Conn, entry);
 }
 
 /* -- the engine thread: epoll --------------------------------------------- */
@@ -464,14 +430,14 @@ pushReports(Engine *e)
 /* A socket's events when it is not in the epoll set. */
 #define UNWATCHED 0xffffffffu
 
-static void endConn(Engine *e, Conn *conn, const char *reason, int resetClient,
+static void endConn(TLSEngine *e, Conn *conn, const char *reason, int resetClient,
                     int resetTarget);
 
 /* Watch one side of a connection for `events`; none takes the socket out
  * of the set, since epoll reports a hang-up whatever is asked, and a
  * side that is done both ways would keep waking the thread. */
 static void
-watch(Engine *e, Conn *conn, int side, uint32_t events)
+watch(TLSEngine *e, Conn *conn, int side, uint32_t events)
 {
     uint32_t *current = side ? &conn->targetEvents : &conn->clientEvents;
     if (conn->done || *current == events || (events == 0 && *current == UNWATCHED))
@@ -500,15 +466,35 @@ closeWithReset(int fd)
     close(fd);
 }
 
-/* End a connection: close both sockets (with a reset where asked), free
- * its TLS state and queue its end report. */
+/* A connection the engine is done with goes to the graveyard, freed after
+ * the current event batch. */
 static void
-endConn(Engine *e, Conn *conn, const char *reason, int resetClient, int resetTarget)
+bury(TLSEngine *e, Conn *conn)
+{
+    conn->nextDead = e->graveyard;
+    e->graveyard = conn;
+}
+
+static void
+freeDead(TLSEngine *e)
+{
+    Conn *conn = e->graveyard;
+    e->graveyard = NULL;
+    while (conn != NULL) {
+        Conn *next = conn->nextDead;
+        free(conn);
+        conn = next;
+    }
+}
+
+/* End a connection: close both sockets (with a reset where asked), free
+ * its TLS state, take it out of the id table and post its end report. */
+static void
+endConn(TLSEngine *e, Conn *conn, const char *reason, int resetClient, int resetTarget)
 {
     if (conn->done)
         return;
     conn->done = 1;
-    snprintf(conn->reason, sizeof conn->reason, "%s", reason);
     if (conn->clientFd >= 0) {
         epoll_ctl(e->epfd, EPOLL_CTL_DEL, conn->clientFd, NULL);
         if (resetClient)
@@ -540,14 +526,30 @@ endConn(Engine *e, Conn *conn, const char *reason, int resetClient, int resetTar
     if (conn->nextLive != NULL)
         conn->nextLive->prevLive = conn->prevLive;
     conn->prevLive = conn->nextLive = NULL;
-    conn->endReport.conn = conn;
-    conn->endReport.kind = REPORT_END;
-    queueReport(e, &conn->endReport);
+    pthread_mutex_lock(&e->lock);
+    idTableRemove(&e->flows, &conn->entry);
+    if (!conn->handshakeReported)
+        reportRelease(&e->reports);
+    Report *report = reportPost(&e->reports);
+    report->id = conn->entry.id;
+    report->kind = REPORT_END;
+    report->end.bytesIn = atomic_load_explicit(&conn->bytesIn, memory_order_relaxed);
+    report->end.bytesOut = atomic_load_explicit(&conn->bytesOut, memory_order_relaxed);
+    snprintf(report->end.reason, sizeof report->end.reason, "%s", reason);
+    /* A command Python queued for it meanwhile: runCommands buries it when
+     * it takes it from the queue. */
+    int queued = conn->queued;
+    if (queued)
+        conn->orphan = 1;
+    pthread_mutex_unlock(&e->lock);
+    e->reported = 1;
+    if (!queued)
+        bury(e, conn);
 }
 
 /* Why the last TLS call failed, in OpenSSL's words ("tls: ..."). */
 static void
-tlsFailure(Conn *conn, int error, char *out, size_t size)
+tlsFailure(int error, char *out, size_t size)
 {
     unsigned long code;
     size_t used = (size_t)snprintf(out, size, "tls: ");
@@ -568,49 +570,56 @@ tlsFailure(Conn *conn, int error, char *out, size_t size)
 
 /* -- the handshake --------------------------------------------------------- */
 
-static void
+/* The subject of the client's certificate, malloc'd; NULL for none. */
+static char *
 peerSubject(Conn *conn)
 {
     X509 *peer = SSL_get0_peer_certificate(conn->ssl);
     if (peer == NULL)
-        return;
+        return NULL;
     BIO *bio = BIO_new(BIO_s_mem());
     if (bio == NULL)
-        return;
+        return NULL;
     /* RFC 4514 text as cryptography's rfc4514_string writes it. */
     X509_NAME_print_ex(bio, X509_get_subject_name(peer), 0,
                        XN_FLAG_RFC2253 & ~ASN1_STRFLGS_ESC_MSB);
     char *text;
     long length = BIO_get_mem_data(bio, &text);
-    conn->subject = malloc((size_t)length + 1);
-    if (conn->subject != NULL) {
-        memcpy(conn->subject, text, (size_t)length);
-        conn->subject[length] = '\0';
+    char *subject = malloc((size_t)length + 1);
+    if (subject != NULL) {
+        memcpy(subject, text, (size_t)length);
+        subject[length] = '\0';
     }
     BIO_free(bio);
+    return subject;
 }
 
 static void
-handshake(Engine *e, Conn *conn)
+handshake(TLSEngine *e, Conn *conn)
 {
     ERR_clear_error();
     errno = 0;
     int r = SSL_do_handshake(conn->ssl);
     if (r == 1) {
         const char *name = SSL_get_servername(conn->ssl, TLSEXT_NAMETYPE_host_name);
-        if (name != NULL)
-            snprintf(conn->serverName, sizeof conn->serverName, "%s", name);
-        peerSubject(conn);
+        char *subject = peerSubject(conn);
         conn->state = DIALING;
         /* Nothing more from the client until the target answers. */
         watch(e, conn, 0, 0);
-        conn->handshakeReport.conn = conn;
-        conn->handshakeReport.kind = REPORT_HANDSHAKE;
-        queueReport(e, &conn->handshakeReport);
+        pthread_mutex_lock(&e->lock);
+        Report *report = reportPost(&e->reports);
+        report->id = conn->entry.id;
+        report->kind = REPORT_HANDSHAKE;
+        report->handshake.subject = subject;
+        snprintf(report->handshake.serverName, sizeof report->handshake.serverName, "%s",
+                 name != NULL ? name : "");
+        pthread_mutex_unlock(&e->lock);
+        conn->handshakeReported = 1;
+        e->reported = 1;
         return;
     }
     int error = SSL_get_error(conn->ssl, r);
-    char reason[sizeof conn->reason];
+    char reason[sizeof ((Report *)NULL)->end.reason];
     switch (error) {
     case SSL_ERROR_WANT_READ:
         watch(e, conn, 0, EPOLLIN);
@@ -628,11 +637,10 @@ handshake(Engine *e, Conn *conn)
         }
         /* fall through */
     default:
-        tlsFailure(conn, error, reason, sizeof reason);
+        tlsFailure(error, reason, sizeof reason);
         endConn(e, conn, reason, 0, 0);
     }
 }
-
 /* -- relaying -------------------------------------------------------------- */
 
 static size_t
@@ -670,7 +678,7 @@ releaseIfEmpty(Buffer *b)
 /* Move what can move, both ways, until nothing does; then watch for what
  * would let more move, and end the connection once both ways are done. */
 static void
-pump(Engine *e, Conn *conn)
+pump(TLSEngine *e, Conn *conn)
 {
     Buffer *up = &conn->toTarget, *down = &conn->toClient;
     int moved = 0;
@@ -702,11 +710,11 @@ pump(Engine *e, Conn *conn)
                         conn->finishedFirst = "client closed";
                     progress = 1;
                 } else if (error != SSL_ERROR_WANT_READ) {
-                    char reason[sizeof conn->reason];
+                    char reason[sizeof ((Report *)NULL)->end.reason];
                     if (error == SSL_ERROR_SYSCALL && ERR_peek_error() == 0)
                         snprintf(reason, sizeof reason, "reset by client");
                     else
-                        tlsFailure(conn, error, reason, sizeof reason);
+                        tlsFailure(error, reason, sizeof reason);
                     endConn(e, conn, reason, 1, 1);
                     return;
                 }
@@ -813,7 +821,7 @@ pump(Engine *e, Conn *conn)
 /* -- commands -------------------------------------------------------------- */
 
 static void
-startConn(Engine *e, Conn *conn)
+startConn(TLSEngine *e, Conn *conn)
 {
     conn->ssl = SSL_new(conn->set->defaultContext);
     conn->clientEvents = conn->targetEvents = UNWATCHED;
@@ -831,7 +839,7 @@ startConn(Engine *e, Conn *conn)
 }
 
 static void
-attachTarget(Engine *e, Conn *conn)
+attachTarget(TLSEngine *e, Conn *conn)
 {
     conn->state = RELAYING;
     conn->lastActive = e->now;
@@ -841,7 +849,7 @@ attachTarget(Engine *e, Conn *conn)
 
 /* A graceful close (a failed dial): close_notify, then the FIN. */
 static void
-closeGracefully(Engine *e, Conn *conn)
+closeGracefully(TLSEngine *e, Conn *conn)
 {
     if (conn->state != HANDSHAKE) {
         ERR_clear_error();
@@ -853,15 +861,18 @@ closeGracefully(Engine *e, Conn *conn)
     endConn(e, conn, "closed", 0, 1);
 }
 
-static void
-runCommands(Engine *e)
+/* Run the queued commands, one connection at a time; 1 when the engine
+ * is to stop. */
+static int
+runCommands(TLSEngine *e)
 {
     for (;;) {
         pthread_mutex_lock(&e->lock);
         Conn *conn = e->commandHead;
         if (conn == NULL) {
+            int stopping = e->stopping;
             pthread_mutex_unlock(&e->lock);
-            return;
+            return stopping;
         }
         e->commandHead = conn->nextCommand;
         if (e->commandHead == NULL)
@@ -869,14 +880,13 @@ runCommands(Engine *e)
         unsigned commands = conn->commands;
         conn->commands = 0;
         conn->queued = 0;
-        int gone = conn->ended, orphan = conn->orphan;
+        int orphan = conn->orphan;
         int targetFd = conn->pendingTargetFd;
         conn->pendingTargetFd = -1;
         pthread_mutex_unlock(&e->lock);
         if (orphan) {
-            freeConn(conn);
-            gone = 1;
-        } else if (!gone && !conn->done) {
+            bury(e, conn);
+        } else if (!conn->done) {
             if (commands & CMD_ADOPT)
                 startConn(e, conn);
             if (commands & CMD_KILL)
@@ -896,7 +906,7 @@ runCommands(Engine *e)
 }
 
 static void
-scanIdle(Engine *e)
+scanIdle(TLSEngine *e)
 {
     Conn *next;
     for (Conn *conn = e->live; conn != NULL; conn = next) {
@@ -907,20 +917,33 @@ scanIdle(Engine *e)
     }
 }
 
+/* The end of a batch: free what ended in it, wake the reactor when
+ * reports were posted. */
+static void
+endBatch(TLSEngine *e)
+{
+    freeDead(e);
+    if (e->reported) {
+        e->reported = 0;
+        signalFd(e->notifyFd);
+    }
+}
+
 static void *
 engineMain(void *arg)
 {
-    Engine *e = arg;
+    TLSEngine *e = arg;
     struct epoll_event events[EVENTS_PER_WAIT];
     double lastScan = monotonic();
-    while (!atomic_load(&e->stopping)) {
+    int stop = 0;
+    while (!stop) {
         int n = epoll_wait(e->epfd, events, EVENTS_PER_WAIT, IDLE_SCAN_MS);
         e->now = monotonic();
         for (int i = 0; i < n; i++) {
             uintptr_t data = (uintptr_t)events[i].data.ptr;
             if (data == 0) {
                 drainFd(e->wakeFd);
-                runCommands(e);
+                stop |= runCommands(e);
                 continue;
             }
             Conn *conn = (Conn *)(data & ~(uintptr_t)1);
@@ -935,73 +958,26 @@ engineMain(void *arg)
             lastScan = e->now;
             scanIdle(e);
         }
-        pushReports(e);
+        endBatch(e);
     }
+    /* Stopping: adopts queued before the stop start (and end below), then
+     * every connection ends, gracefully; commands queued for them
+     * meanwhile are taken, so that none stays in the queue. */
     runCommands(e);
     while (e->live != NULL)
         endConn(e, e->live, "proxy stopped", 0, 0);
-    pushReports(e);
+    runCommands(e);
+    endBatch(e);
+    signalFd(e->notifyFd);
     return NULL;
 }
 
-/* Start the engine thread, with every signal blocked (they are the
- * reactor's) and a small stack. */
-static int
-startThread(Engine *e)
-{
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setstacksize(&attr, 256 * 1024);
-    sigset_t all, previous;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &previous);
-    int rc = pthread_create(&e->thread, &attr, engineMain, e);
-    pthread_sigmask(SIG_SETMASK, &previous, NULL);
-    pthread_attr_destroy(&attr);
-    if (rc != 0) {
-        errno = rc;
-        PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
-    }
-    e->started = 1;
-    return 0;
-}
+/* -- the Python type --------------------------------------------------------- */
 
-/* -- the id table (reactor thread, with the GIL) ------------------------------ */
-
-static Conn *
-idTableFind(Engine *e, PyObject *id)
-{
-    PyObject *address = PyDict_GetItemWithError(e->ids, id);
-    if (address == NULL)
-        return NULL;
-    return PyLong_AsVoidPtr(address);
-}
-
-static int
-idTableAdd(Engine *e, long long id, Conn *conn)
-{
-    PyObject *key = PyLong_FromLongLong(id), *value = PyLong_FromVoidPtr(conn);
-    int r = (key == NULL || value == NULL) ? -1 : PyDict_SetItem(e->ids, key, value);
-    Py_XDECREF(key);
-    Py_XDECREF(value);
-    return r;
-}
-
+/* Queue commands for a live connection (reactor thread, lock held). */
 static void
-idTableRemove(Engine *e, long long id)
+command(TLSEngine *e, Conn *conn, unsigned commands)
 {
-    PyObject *key = PyLong_FromLongLong(id);
-    if (key == NULL || PyDict_DelItem(e->ids, key) < 0)
-        PyErr_Clear();
-    Py_XDECREF(key);
-}
-
-/* Queue commands for a connection (reactor thread). */
-static void
-command(Engine *e, Conn *conn, unsigned commands)
-{
-    pthread_mutex_lock(&e->lock);
     conn->commands |= commands;
     if (!conn->queued) {
         conn->queued = 1;
@@ -1012,106 +988,65 @@ command(Engine *e, Conn *conn, unsigned commands)
             e->commandHead = conn;
         e->commandTail = conn;
     }
-    pthread_mutex_unlock(&e->lock);
-    signalFd(e->wakeFd);
 }
 
-/* -- the Python type --------------------------------------------------------- */
-
-static PyObject *
-Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+static int
+TLSEngine_init(TLSEngine *self, PyObject *args, PyObject *kwds)
 {
-    Engine *self = (Engine *)type->tp_alloc(type, 0);
-    if (self == NULL)
-        return NULL;
-    self->epfd = self->wakeFd = self->notifyFd = -1;
-    pthread_mutex_init(&self->lock, NULL);
-    self->ids = PyDict_New();
-    if (self->ids == NULL ||
-        openEngineDescriptors(&self->epfd, &self->wakeFd, &self->notifyFd,
-                              (epoll_data_t){.ptr = NULL}) < 0) {
-        Py_DECREF(self);
-        return NULL;
-    }
-    return (PyObject *)self;
+    static char *kwlist[] = {NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, ":TLSEngine", kwlist))
+        return -1;
+    /* Events of the wake eventfd carry NULL; a connection's, its Conn
+     * with the side (0 client, 1 target) in the low bit. */
+    return engineOpen((EngineBase *)self, (epoll_data_t){.ptr = NULL}, 1024, sizeof(Report));
 }
 
 static void
-freeReports(Engine *self)
+TLSEngine_dealloc(TLSEngine *self)
 {
-    Report *r = self->reportHead;
-    self->reportHead = self->reportTail = NULL;
-    while (r != NULL) {
-        Report *next = r->next;
-        if (r->kind == REPORT_END)
-            freeConn(r->conn);
-        r = next;
+    /* A started engine holds a reference to itself until stop() joins its
+     * thread, which ends every connection: here there are none, only the
+     * reports Python did not take. */
+    const char *items;
+    size_t count = reportsQueued(&self->reports, &items);
+    for (size_t i = 0; i < count; i++) {
+        const Report *r = (const Report *)items + i;
+        if (r->kind == REPORT_HANDSHAKE)
+            free(r->handshake.subject);
     }
+    engineFree((EngineBase *)self);
 }
 
-static void
-stopEngine(Engine *self)
+static int
+checkReady(TLSEngine *self)
 {
-    if (self->stopped)
-        return;
-    self->stopped = 1;
-    if (self->started) {
-        atomic_store(&self->stopping, 1);
-        signalFd(self->wakeFd);
-        Py_BEGIN_ALLOW_THREADS
-        pthread_join(self->thread, NULL);
-        Py_END_ALLOW_THREADS
+    if (self->epfd < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "TLSEngine not initialised");
+        return -1;
     }
-}
-
-static void
-Engine_dealloc(Engine *self)
-{
-    stopEngine(self);
-    /* Every connection has ended (the thread ended them); those whose end
-     * Python did not take are freed here. */
-    freeReports(self);
-    Py_CLEAR(self->ids);
-    if (self->epfd >= 0)
-        close(self->epfd);
-    if (self->wakeFd >= 0)
-        close(self->wakeFd);
-    if (self->notifyFd >= 0)
-        close(self->notifyFd);
-    pthread_mutex_destroy(&self->lock);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    return 0;
 }
 
 PyDoc_STRVAR(adopt_doc,
              "adopt(fd, flowId, context)\n\n"
              "Take a client's connected socket and run the TLS handshake on it with\n"
              "context (a Context).  The engine owns fd from now on; reports() says\n"
-             "when the handshake is done, and when the connection ended.");
+             "when the handshake is done, and when the connection ended.  Raises\n"
+             "ValueError (duplicate id, context not initialised), RuntimeError\n"
+             "(engine stopped) or OSError; fd is then still the caller's.");
 
 static PyObject *
-Engine_adopt(Engine *self, PyObject *args)
+TLSEngine_adopt(TLSEngine *self, PyObject *args)
 {
     int fd;
-    long long id;
+    unsigned long long id;
     Context *context;
-    if (!PyArg_ParseTuple(args, "iLO!", &fd, &id, &ContextType, &context))
+    if (!PyArg_ParseTuple(args, "iKO!:adopt", &fd, &id, &ContextType, &context))
         return NULL;
-    if (self->stopped) {
-        PyErr_SetString(PyExc_RuntimeError, "engine stopped");
+    if (checkReady(self) < 0)
         return NULL;
-    }
     if (context->set == NULL) {
         PyErr_SetString(PyExc_ValueError, "context not initialised");
-        return NULL;
-    }
-    PyObject *key = PyLong_FromLongLong(id);
-    if (key == NULL)
-        return NULL;
-    int known = PyDict_Contains(self->ids, key);
-    Py_DECREF(key);
-    if (known != 0) {
-        if (known > 0)
-            PyErr_SetString(PyExc_ValueError, "flow id already adopted");
         return NULL;
     }
     int flags = fcntl(fd, F_GETFL);
@@ -1120,23 +1055,52 @@ Engine_adopt(Engine *self, PyObject *args)
     Conn *conn = calloc(1, sizeof *conn);
     if (conn == NULL)
         return PyErr_NoMemory();
-    conn->id = id;
+    conn->entry.id = id;
     conn->clientFd = fd;
     conn->targetFd = -1;
     conn->pendingTargetFd = -1;
     conn->state = HANDSHAKE;
-    if (idTableAdd(self, id, conn) < 0) {
-        free(conn);
-        return NULL;
-    }
-    if (!self->started && startThread(self) < 0) {
-        idTableRemove(self, id);
-        free(conn);
-        return NULL;
-    }
-    atomic_fetch_add(&context->set->refs, 1);
     conn->set = context->set;
-    command(self, conn, CMD_ADOPT);
+    /* Only this thread sets stopping: a stopped engine starts no thread. */
+    if (self->stopping) {
+        free(conn);
+        PyErr_SetString(PyExc_RuntimeError, "engine stopped");
+        return NULL;
+    }
+    /* The thread starts with the first flow, so a process that forks
+     * (twistd daemonising) before any connection forks single-threaded. */
+    if (engineStartThread((EngineBase *)self, engineMain) < 0) {
+        free(conn);
+        return NULL;
+    }
+    enum { ADOPTED, STOPPED, DUPLICATE, NO_MEMORY } outcome = ADOPTED;
+    engineLock((EngineBase *)self);
+    if (self->stopping)
+        outcome = STOPPED;
+    else if (connFind(self, id) != NULL)
+        outcome = DUPLICATE;
+    else if (reportReserve(&self->reports, REPORTS_PER_FLOW) < 0)
+        outcome = NO_MEMORY;
+    else if (idTableInsert(&self->flows, &conn->entry) < 0) {
+        for (int i = 0; i < REPORTS_PER_FLOW; i++)
+            reportRelease(&self->reports);
+        outcome = NO_MEMORY;
+    } else {
+        atomic_fetch_add(&context->set->refs, 1);
+        command(self, conn, CMD_ADOPT);
+    }
+    pthread_mutex_unlock(&self->lock);
+    if (outcome != ADOPTED) {
+        free(conn);
+        if (outcome == STOPPED)
+            PyErr_SetString(PyExc_RuntimeError, "engine stopped");
+        else if (outcome == NO_MEMORY)
+            PyErr_NoMemory();
+        else
+            PyErr_SetString(PyExc_ValueError, "flow id already adopted");
+        return NULL;
+    }
+    signalFd(self->wakeFd);
     Py_RETURN_NONE;
 }
 
@@ -1147,32 +1111,30 @@ PyDoc_STRVAR(attach_doc,
              "(targetFd still the caller's) when the flow is not there any more.");
 
 static PyObject *
-Engine_attach(Engine *self, PyObject *args)
+TLSEngine_attach(TLSEngine *self, PyObject *args)
 {
-    PyObject *id;
+    PyObject *idArg;
+    uint64_t id;
     int fd;
     double idle;
-    if (!PyArg_ParseTuple(args, "Oid", &id, &fd, &idle))
+    if (!PyArg_ParseTuple(args, "Oid:attach", &idArg, &fd, &idle) ||
+        parseFlowId(idArg, &id) < 0 || checkReady(self) < 0)
         return NULL;
-    Conn *conn = idTableFind(self, id);
-    if (conn == NULL) {
-        if (PyErr_Occurred())
-            return NULL;
-        Py_RETURN_FALSE;
-    }
-    pthread_mutex_lock(&self->lock);
-    int taken = !conn->ended && conn->pendingTargetFd < 0;
+    int flags = fcntl(fd, F_GETFL);
+    if (flags >= 0 && !(flags & O_NONBLOCK))
+        fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+    engineLock((EngineBase *)self);
+    Conn *conn = self->stopping ? NULL : connFind(self, id);
+    int taken = conn != NULL && conn->pendingTargetFd < 0;
     if (taken) {
         conn->pendingTargetFd = fd;
         conn->idleTimeout = idle;
+        command(self, conn, CMD_ATTACH);
     }
     pthread_mutex_unlock(&self->lock);
     if (!taken)
         Py_RETURN_FALSE;
-    int flags = fcntl(fd, F_GETFL);
-    if (flags >= 0)
-        fcntl(fd, F_SETFL, flags | O_NONBLOCK);
-    command(self, conn, CMD_ATTACH);
+    signalFd(self->wakeFd);
     Py_RETURN_TRUE;
 }
 
@@ -1183,146 +1145,153 @@ PyDoc_STRVAR(close_doc,
              "engine has no such flow.");
 
 static PyObject *
-Engine_close(Engine *self, PyObject *args)
+TLSEngine_close(TLSEngine *self, PyObject *args)
 {
-    PyObject *id;
+    PyObject *idArg;
+    uint64_t id;
     int reset = 1;
-    if (!PyArg_ParseTuple(args, "O|p", &id, &reset))
+    if (!PyArg_ParseTuple(args, "O|p:close", &idArg, &reset) ||
+        parseFlowId(idArg, &id) < 0 || checkReady(self) < 0)
         return NULL;
-    Conn *conn = idTableFind(self, id);
-    if (conn == NULL) {
-        if (PyErr_Occurred())
-            return NULL;
+    engineLock((EngineBase *)self);
+    Conn *conn = self->stopping ? NULL : connFind(self, id);
+    if (conn != NULL)
+        command(self, conn, reset ? CMD_KILL : CMD_CLOSE);
+    pthread_mutex_unlock(&self->lock);
+    if (conn == NULL)
         Py_RETURN_FALSE;
-    }
-    command(self, conn, reset ? CMD_KILL : CMD_CLOSE);
+    signalFd(self->wakeFd);
     Py_RETURN_TRUE;
 }
 
-PyDoc_STRVAR(counters_doc, "counters(flowId) -> (bytesIn, bytesOut) or None");
+PyDoc_STRVAR(counters_doc,
+             "counters(flowId) -> (bytesIn, bytesOut) or None\n\n"
+             "Plaintext bytes from the client and to it so far; None when no such\n"
+             "flow is live.");
 
 static PyObject *
-Engine_counters(Engine *self, PyObject *id)
+TLSEngine_counters(TLSEngine *self, PyObject *arg)
 {
-    Conn *conn = idTableFind(self, id);
-    if (conn == NULL) {
-        if (PyErr_Occurred())
-            return NULL;
-        Py_RETURN_NONE;
+    uint64_t id;
+    if (parseFlowId(arg, &id) < 0 || checkReady(self) < 0)
+        return NULL;
+    unsigned long long in = 0, out = 0;
+    engineLock((EngineBase *)self);
+    Conn *conn = connFind(self, id);
+    if (conn != NULL) {
+        in = atomic_load_explicit(&conn->bytesIn, memory_order_relaxed);
+        out = atomic_load_explicit(&conn->bytesOut, memory_order_relaxed);
     }
-    return Py_BuildValue("KK", atomic_load_explicit(&conn->bytesIn, memory_order_relaxed),
-                         atomic_load_explicit(&conn->bytesOut, memory_order_relaxed));
+    pthread_mutex_unlock(&self->lock);
+    if (conn == NULL)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(KK)", in, out);
 }
 
 PyDoc_STRVAR(reports_doc,
              "reports() -> list\n\n"
-             "What happened since the last call, in order: (\"handshake\", flowId,\n"
-             "serverName or None, clientSubject or None) and (\"ended\", flowId,\n"
-             "bytesIn, bytesOut, reason).");
+             "What happened since the last call, oldest first, and clears the\n"
+             "readiness of fileno(): (\"handshake\", flowId, serverName or None,\n"
+             "clientSubject or None) and (\"ended\", flowId, bytesIn, bytesOut,\n"
+             "reason).");
 
 static PyObject *
-Engine_reports(Engine *self, PyObject *unused)
+TLSEngine_reports(TLSEngine *self, PyObject *unused)
 {
+    if (checkReady(self) < 0)
+        return NULL;
+    /* Clear the eventfd before looking at the queue: a report posted after
+     * this read signals it again, so none is left unread. */
     drainFd(self->notifyFd);
-    pthread_mutex_lock(&self->lock);
-    Report *r = self->reportHead;
-    self->reportHead = self->reportTail = NULL;
-    /* A connection still in the command queue is freed by the engine when
-     * it takes it from there. */
-    for (Report *q = r; q != NULL; q = q->next)
-        if (q->kind == REPORT_END && q->conn->queued)
-            q->conn->orphan = 1;
+    const char *items;
+    engineLock((EngineBase *)self);
+    size_t count = reportsQueued(&self->reports, &items);
     pthread_mutex_unlock(&self->lock);
-    PyObject *list = PyList_New(0);
-    while (r != NULL) {
-        Report *next = r->next;
-        Conn *conn = r->conn;
-        PyObject *item = NULL;
-        if (list != NULL) {
-            if (r->kind == REPORT_HANDSHAKE)
-                item = Py_BuildValue("sLzz", "handshake", conn->id,
-                                     conn->serverName[0] ? conn->serverName : NULL,
-                                     conn->subject);
-            else
-                item = Py_BuildValue("sLKKs", "ended", conn->id,
-                                     atomic_load(&conn->bytesIn),
-                                     atomic_load(&conn->bytesOut), conn->reason);
-            if (item == NULL || PyList_Append(list, item) < 0)
-                Py_CLEAR(list);
-            Py_XDECREF(item);
-        }
-        if (r->kind == REPORT_END) {
-            idTableRemove(self, conn->id);
-            /* An orphan is still in the command queue: the engine frees it. */
-            if (!conn->orphan)
-                freeConn(conn);
-        }
-        r = next;
+    PyObject *list = PyList_New((Py_ssize_t)count);
+    for (size_t i = 0; list != NULL && i < count; i++) {
+        const Report *r = (const Report *)items + i;
+        PyObject *item;
+        if (r->kind == REPORT_HANDSHAKE)
+            item = Py_BuildValue(
+                "(sKzz)", "handshake", (unsigned long long)r->id,
+                r->handshake.serverName[0] ? r->handshake.serverName : NULL,
+                r->handshake.subject);
+        else
+            item = Py_BuildValue("(sKKKs)", "ended", (unsigned long long)r->id,
+                                 r->end.bytesIn, r->end.bytesOut, r->end.reason);
+        if (item == NULL)
+            Py_CLEAR(list);
+        else
+            PyList_SET_ITEM(list, (Py_ssize_t)i, item);
     }
+    if (list == NULL) {
+        /* Out of memory: the reports stay queued; signal again so that
+         * the next call has them. */
+        signalFd(self->notifyFd);
+        return NULL;
+    }
+    for (size_t i = 0; i < count; i++) {
+        const Report *r = (const Report *)items + i;
+        if (r->kind == REPORT_HANDSHAKE)
+            free(r->handshake.subject);
+    }
+    engineLock((EngineBase *)self);
+    reportsTaken(&self->reports, count);
+    pthread_mutex_unlock(&self->lock);
     return list;
-}
-
-PyDoc_STRVAR(flowCount_doc, "flowCount() -> the connections whose end was not reported");
-
-static PyObject *
-Engine_flowCount(Engine *self, PyObject *unused)
-{
-    return PyLong_FromSsize_t(PyDict_Size(self->ids));
-}
-
-PyDoc_STRVAR(fileno_doc, "fileno() -> the eventfd that is readable when reports() has some");
-
-static PyObject *
-Engine_fileno(Engine *self, PyObject *unused)
-{
-    return PyLong_FromLong(self->notifyFd);
 }
 
 PyDoc_STRVAR(stop_doc,
              "stop()\n\n"
              "End every connection (reason \"proxy stopped\") and join the thread;\n"
-             "their reports follow.  Later adopts raise RuntimeError.");
+             "their reports follow.  Later adopts raise RuntimeError.  Safe to call\n"
+             "more than once.");
 
 static PyObject *
-Engine_stop(Engine *self, PyObject *unused)
+TLSEngine_stop(TLSEngine *self, PyObject *unused)
 {
-    stopEngine(self);
+    if (checkReady(self) < 0)
+        return NULL;
+    engineLock((EngineBase *)self);
+    self->stopping = 1;
+    pthread_mutex_unlock(&self->lock);
+    if (self->started && !self->joined) {
+        engineJoin((EngineBase *)self);
+        Py_DECREF(self);
+    }
     Py_RETURN_NONE;
 }
 
-static PyMethodDef Engine_methods[] = {
-    {"adopt", (PyCFunction)Engine_adopt, METH_VARARGS, adopt_doc},
-    {"attach", (PyCFunction)Engine_attach, METH_VARARGS, attach_doc},
-    {"close", (PyCFunction)Engine_close, METH_VARARGS, close_doc},
-    {"counters", (PyCFunction)Engine_counters, METH_O, counters_doc},
-    {"reports", (PyCFunction)Engine_reports, METH_NOARGS, reports_doc},
-    {"flowCount", (PyCFunction)Engine_flowCount, METH_NOARGS, flowCount_doc},
-    {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, fileno_doc},
-    {"stop", (PyCFunction)Engine_stop, METH_NOARGS, stop_doc},
-    {NULL},
+static PyMethodDef TLSEngine_methods[] = {
+    {"adopt", (PyCFunction)TLSEngine_adopt, METH_VARARGS, adopt_doc},
+    {"attach", (PyCFunction)TLSEngine_attach, METH_VARARGS, attach_doc},
+    {"close", (PyCFunction)TLSEngine_close, METH_VARARGS, close_doc},
+    {"counters", (PyCFunction)TLSEngine_counters, METH_O, counters_doc},
+    {"reports", (PyCFunction)TLSEngine_reports, METH_NOARGS, reports_doc},
+    {"stop", (PyCFunction)TLSEngine_stop, METH_NOARGS, stop_doc},
+    ENGINE_COMMON_METHODS,
+    {NULL, NULL, 0, NULL},
 };
 
-static PyMemberDef Engine_members[] = {
-    {"wakeFd", T_INT, offsetof(Engine, wakeFd), READONLY, "the eventfd that wakes the thread"},
-    {"notifyFd", T_INT, offsetof(Engine, notifyFd), READONLY,
+static PyMemberDef TLSEngine_members[] = {
+    {"wakeFd", T_INT, offsetof(TLSEngine, wakeFd), READONLY,
+     "the eventfd that wakes the thread"},
+    {"notifyFd", T_INT, offsetof(TLSEngine, notifyFd), READONLY,
      "the eventfd by which the thread wakes the reactor"},
-    {NULL},
+    {NULL, 0, 0, 0, NULL},
 };
 
-static PyTypeObject EngineType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "twistedproxy._tlsengine.Engine",
-    .tp_basicsize = sizeof(Engine),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "The TLS termination engine: one thread, handshakes and relays.",
-    .tp_new = Engine_new,
-    .tp_dealloc = (destructor)Engine_dealloc,
-    .tp_methods = Engine_methods,
-    .tp_members = Engine_members,
-};
+PyDoc_STRVAR(TLSEngine_doc,
+             "TLSEngine()\n\n"
+             "The TLS termination engine: one thread that runs the handshakes of the\n"
+             "clients adopted, then relays between each and its attached target.");
 
-static struct PyModuleDef moduleDef = {
+static PyTypeObject TLSEngineType =
+    ENGINE_TYPE(TLSEngine, "twistedproxy.tcp._tlsengine.TLSEngine", TLSEngine_doc);
+
+static struct PyModuleDef moduleDefinition = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "twistedproxy._tlsengine",
+    .m_name = "twistedproxy.tcp._tlsengine",
     .m_doc = "The compiled TLS termination engine (see docs/tls.md).",
     .m_size = -1,
 };
@@ -1330,15 +1299,15 @@ static struct PyModuleDef moduleDef = {
 PyMODINIT_FUNC
 PyInit__tlsengine(void)
 {
-    if (PyType_Ready(&ContextType) < 0 || PyType_Ready(&EngineType) < 0)
+    TLSEngineType.tp_members = TLSEngine_members;
+    if (PyType_Ready(&ContextType) < 0)
         return NULL;
-    PyObject *module = PyModule_Create(&moduleDef);
+    PyObject *module = engineModule(&moduleDefinition, &TLSEngineType, "TLSEngine");
     if (module == NULL)
         return NULL;
     Py_INCREF(&ContextType);
-    Py_INCREF(&EngineType);
-    if (PyModule_AddObject(module, "Context", (PyObject *)&ContextType) < 0 ||
-        PyModule_AddObject(module, "Engine", (PyObject *)&EngineType) < 0) {
+    if (PyModule_AddObject(module, "Context", (PyObject *)&ContextType) < 0) {
+        Py_DECREF(&ContextType);
         Py_DECREF(module);
         return NULL;
     }
