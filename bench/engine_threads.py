@@ -10,8 +10,8 @@ idle while the others are measured), and a direct run as the machine's
 ceiling; the runs are interleaved round by round, so that load from
 elsewhere on the machine falls on every column alike.  Each run is
 `iperf3 -c 127.0.0.1 -p PORT -P STREAMS -t SECONDS -J`: its receiver's
-Gbit/s, and the proxy's CPU (user + system, all threads) over the run in
-cores.  Prints the median of each column and each count's ratio to one
+Gbit/s, the proxy's CPU (user + system, all threads) over the run in
+cores, and the CPU of its busiest relay thread (tcprelayN).  Prints the median of each column and each count's ratio to one
 thread.
 """
 
@@ -25,6 +25,25 @@ import tempfile
 
 from peers import TWISTD, Ports, cpuSeconds, waitTCP
 from processes import Processes
+
+
+def relayThreadSeconds(pid):
+    """
+    CPU seconds so far of each of process C{pid}'s relay threads (named
+    C{tcprelayN} by the engine), by thread id.
+    """
+    seconds = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                if not f.read().startswith("tcprelay"):
+                    continue
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        seconds[tid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return seconds
 
 
 def iperf(port, streams, seconds):
@@ -76,13 +95,20 @@ def main():
             fronts[n] = (port, process.pid)
         rates = {name: [] for name in ["direct", *counts]}
         cores = {n: [] for n in counts}
+        busiest = {n: [] for n in counts}
         for r in range(a.rounds):
             rates["direct"].append(iperf(backend, a.streams, a.seconds))
             for n in counts:
                 port, pid = fronts[n]
                 before = cpuSeconds(pid)
+                threadsBefore = relayThreadSeconds(pid)
                 rates[n].append(iperf(port, a.streams, a.seconds))
                 cores[n].append((cpuSeconds(pid) - before) / a.seconds)
+                used = [
+                    (t - threadsBefore.get(tid, 0.0)) / a.seconds
+                    for tid, t in relayThreadSeconds(pid).items()
+                ]
+                busiest[n].append(max(used, default=0.0))
             print(
                 f"round {r + 1}: "
                 + ", ".join(
@@ -100,13 +126,14 @@ def main():
 
     one = median(rates[counts[0]])
     print(f"iperf3 -P {a.streams}, {a.seconds} s, {a.rounds} rounds, medians:")
-    print("| path | Gbit/s | proxy CPU (cores) | Gbit/s vs first |")
-    print("| --- | --- | --- | --- |")
-    print(f"| direct | {median(rates['direct']):.2f} | - | - |")
+    print("| path | Gbit/s | proxy CPU (cores) | busiest relay thread | vs first |")
+    print("| --- | --- | --- | --- | --- |")
+    print(f"| direct | {median(rates['direct']):.2f} | - | - | - |")
     for n in counts:
         rate = median(rates[n])
         print(
-            f"| {n} thread(s) | {rate:.2f} | {median(cores[n]):.2f} | {rate / one:.2f} |"
+            f"| {n} thread(s) | {rate:.2f} | {median(cores[n]):.2f}"
+            f" | {median(busiest[n]):.2f} | {rate / one:.2f} |"
         )
 
 

@@ -761,6 +761,10 @@ engineMain(void *arg)
     Worker *w = (Worker *)arg;
     struct epoll_event events[MAX_EVENTS];
     int stop = 0;
+    /* "tcprelay0", "tcprelay1", ...: what top -H and /proc/PID/task show. */
+    char name[16];
+    snprintf(name, sizeof name, "tcprelay%d", (int)(w - w->engine->workers));
+    pthread_setname_np(pthread_self(), name);
     double spinUntil = 0;
     w->now = monotonicNow();
     w->nextSweep = w->now + SWEEP_MS / 1000.0;
