@@ -151,7 +151,7 @@ typedef struct TCPEngine TCPEngine;
 
 /*
  * One relay thread and what it alone owns: its epoll instance and wake
- * eventfd, the flows hashed to it (see workerOf), their pipes, its pipe
+ * eventfd, the flows workerOf gives it, their pipes, its pipe
  * pool and scratch buffer.  Worker 0 uses the engine's own epfd and
  * wakeFd (ENGINE_HEAD); the others open theirs.
  */
@@ -189,14 +189,15 @@ struct TCPEngine {
     Worker *workers;
 };
 
-/* The worker that owns flow id for its whole life: a multiplicative hash
- * of the id (Python's ids are consecutive, shared by every listener)
- * modulo the number of threads. */
+/* The worker that owns flow id for its whole life: the id modulo the
+ * number of threads.  Python's ids are consecutive over the process, so
+ * connections opened one after another go round the threads, and N
+ * streams opened together land one per thread, where a hash would leave
+ * about a third of N threads idle (N balls in N bins). */
 static Worker *
 workerOf(TCPEngine *e, uint64_t id)
 {
-    uint64_t h = id * 0x9E3779B97F4A7C15ULL;
-    return &e->workers[(h >> 32) % (uint64_t)e->workerCount];
+    return &e->workers[id % (uint64_t)e->workerCount];
 }
 
 static double
@@ -1348,7 +1349,7 @@ TCPEngine_stop(TCPEngine *self, PyObject *unused)
 PyDoc_STRVAR(threadFlows_doc,
 "threadFlows() -> list of int\n\n"
 "Live flows per relay thread, one entry per thread: a flow belongs to\n"
-"the thread its flowId hashes to, for its whole life.");
+"thread flowId mod N, for its whole life.");
 
 static PyObject *
 TCPEngine_threadFlows(TCPEngine *self, PyObject *unused)
@@ -1388,7 +1389,7 @@ PyDoc_STRVAR(TCPEngine_doc,
 "TCPEngine(pipeSize=1048576, bufferSize=65536, busyPoll=30, threads=0)\n\n"
 "Relay threads for established TCP connections: threads of them (0: one\n"
 "per CPU this process may use, at most 16), each with its own epoll and\n"
-"the flows whose flowId hashes to it.  pipeSize is asked of\n"
+"the flows whose flowId mod N is its index.  pipeSize is asked of\n"
 "F_SETPIPE_SZ for each direction's pipe (0: never splice, relay through\n"
 "a bufferSize userspace buffer instead); bufferSize is also used where a\n"
 "pipe cannot be had.  busyPoll: microseconds the thread keeps polling\n"

@@ -8,8 +8,8 @@ L{twistedproxy.tcp.forwarder.EngineForwarder}s share.  Once a flow's two
 sockets are connected and nothing is buffered for either, the engine
 takes them (L{TCPEngine.adopt}, L{TCPEngine.adoptDescriptors}): relay
 threads, one per CPU by default (L{engineThreads}), each with its own
-epoll and the flows whose id hashes to it, that move the bytes with
-C{splice(2)} and never take the GIL.  L{EngineFlow} is such a flow as
+epoll and its share of the flows (thread C{flowId mod N}), that move the
+bytes with C{splice(2)} and never take the GIL.  L{EngineFlow} is such a flow as
 the manhole and the access log see it, from its accept (or its hand-off
 by a Python relay) to its access line.  When the flow
 ends the engine tells the reactor thread through an eventfd, which
@@ -110,7 +110,7 @@ class TCPEngine:
     transports and calls each flow's C{onEnd} when the engine reports it.
 
     The engine's relay threads (L{engineThreads} of them) start with the
-    first adopt; each flow stays on the one its id hashes to.
+    first adopt; each flow stays on thread flowId mod N.
 
     @ivar engine: the L{twistedproxy.tcp._engine.TCPEngine}.
     """
