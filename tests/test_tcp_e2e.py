@@ -200,6 +200,23 @@ def test_bulkBothWays(proxy):
         proxy.waitFor(rf"tcp bulk .* in={32 * MiB} out={32 * MiB} client closed")
 
 
+def echoEach(conns):
+    """
+    Send a line of its own on each of C{conns} to an echo target, all at
+    once, then check that each gets its own line back.
+    """
+    for i, conn in enumerate(conns):
+        conn.sendall(b"connection %d\n" % i)
+    for i, conn in enumerate(conns):
+        expected = b"connection %d\n" % i
+        data = b""
+        while len(data) < len(expected):
+            chunk = conn.recv(100)
+            assert chunk
+            data += chunk
+        assert data == expected
+
+
 def test_manyConcurrentConnections(proxy):
     """
     200 connections open at once each get their own bytes back.
@@ -211,16 +228,7 @@ def test_manyConcurrentConnections(proxy):
         )
         conns = [connect(port) for _ in range(200)]
         try:
-            for i, conn in enumerate(conns):
-                conn.sendall(b"connection %d\n" % i)
-            for i, conn in enumerate(conns):
-                expected = b"connection %d\n" % i
-                data = b""
-                while len(data) < len(expected):
-                    chunk = conn.recv(100)
-                    assert chunk
-                    data += chunk
-                assert data == expected
+            echoEach(conns)
         finally:
             for conn in conns:
                 conn.close()
@@ -583,16 +591,7 @@ def test_engineThreadsFromTheEnvironment(proxy, monkeypatch):
         )
         conns = [connect(port) for _ in range(30)]
         try:
-            for i, conn in enumerate(conns):
-                conn.sendall(b"stream %d\n" % i)
-            for i, conn in enumerate(conns):
-                expected = b"stream %d\n" % i
-                data = b""
-                while len(data) < len(expected):
-                    chunk = conn.recv(100)
-                    assert chunk
-                    data += chunk
-                assert data == expected
+            echoEach(conns)
             wanted = ["tcprelay0", "tcprelay1", "tcprelay2"]
             if not (proxy.fastPath and engine.available()):
                 wanted = []
