@@ -113,11 +113,13 @@ class Flow:
 @pytest.fixture
 def engines():
     """
-    A factory of engines, each stopped after the test.
+    A factory of engines, each stopped after the test; as many relay
+    threads as C{PORTPROXY_ENGINE_THREADS} says, unless a test says.
     """
     made = []
 
     def make(**kw):
+        kw.setdefault("threads", fastrelay.engineThreads())
         engine = fastrelay.CompiledTCPEngine(**kw)
         made.append(engine)
         return engine
@@ -963,3 +965,120 @@ def test_everyEndReportedAcrossManyEnds(engines):
     ids = sorted(report[0] for report in reported)
     assert ids == list(range(1, nextId))
     assert engine.flowCount() == 0
+
+
+# -- several relay threads ----------------------------------------------------
+
+
+def threadCount():
+    """
+    The threads this process runs now.
+    """
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_engineThreadsFromEnvironment():
+    """
+    PORTPROXY_ENGINE_THREADS gives the number of relay threads; unset,
+    empty or not a number from 1 to 256 means the engine's default (0).
+    """
+    assert fastrelay.engineThreads({}) == 0
+    assert fastrelay.engineThreads({"PORTPROXY_ENGINE_THREADS": ""}) == 0
+    assert fastrelay.engineThreads({"PORTPROXY_ENGINE_THREADS": " 3 "}) == 3
+    assert fastrelay.engineThreads({"PORTPROXY_ENGINE_THREADS": "256"}) == 256
+    for bad in ("0", "-2", "two", "257", "1.5"):
+        assert fastrelay.engineThreads({"PORTPROXY_ENGINE_THREADS": bad}) == 0
+
+
+@needsEngine
+def test_defaultThreadsFollowTheCPUs(engines):
+    """
+    By default the engine has one relay thread per CPU this process may
+    use (at most 16); threads= outside 0 to 256 is refused.
+    """
+    engine = engines(threads=0)
+    assert len(engine.threadFlows()) == min(len(os.sched_getaffinity(0)), 16)
+    assert len(engines(threads=5).threadFlows()) == 5
+    for bad in (-1, 257):
+        with pytest.raises(ValueError):
+            fastrelay.CompiledTCPEngine(threads=bad)
+
+
+@needsEngine
+def test_flowsSpreadAcrossThreads(engines):
+    """
+    64 flows over 4 relay threads: each thread owns 16, all of them
+    relay both ways at once, each ends with exactly one report with its
+    own byte counts, and stop() joins all 4 threads.
+    """
+    before = threadCount()
+    engine = engines(threads=4)
+    assert engine.threadFlows() == [0, 0, 0, 0]
+    flows = [Flow(engine, 1000 + i) for i in range(64)]
+    # the threads start with the first flow
+    assert threadCount() == before + 4
+    # consecutive ids go round the threads (flowId mod 4)
+    assert engine.threadFlows() == [16, 16, 16, 16]
+    assert engine.flowCount() == 64
+    for i, flow in enumerate(flows):
+        flow.client.sendall(b"q" * (i + 1))
+        flow.target.sendall(b"a" * (2 * i + 1))
+    for i, flow in enumerate(flows):
+        assert recvExactly(flow.target, i + 1) == b"q" * (i + 1)
+        assert recvExactly(flow.client, 2 * i + 1) == b"a" * (2 * i + 1)
+    for i, flow in enumerate(flows):
+        assert engine.counters(flow.id) == (i + 1, 2 * i + 1)
+    assert sorted(row[0] for row in engine.snapshot()) == [f.id for f in flows]
+    for flow in flows:
+        flow.client.shutdown(socket.SHUT_WR)
+        flow.target.shutdown(socket.SHUT_WR)
+    reports = waitEnded(engine, 64)
+    assert sorted(r[:3] for r in reports) == [
+        (1000 + i, i + 1, 2 * i + 1) for i in range(64)
+    ]
+    # whichever FIN the owning thread saw first
+    assert {r[3] for r in reports} <= {"client closed", "target closed"}
+    assert engine.threadFlows() == [0, 0, 0, 0]
+    assert engine.flowCount() == 0
+    engine.stop()
+    assert threadCount() == before
+    assert engine.reports() == []
+    for flow in flows:
+        flow.close()
+
+
+@needsEngine
+def test_closeAndStopAcrossThreads(engines):
+    """
+    With 4 relay threads, close(id) reaches the thread that owns the flow
+    (a "killed" report each), and stop() ends the flows of every thread
+    ("proxy stopped", peers reset) and joins them all, each flow reported
+    once.
+    """
+    before = threadCount()
+    engine = engines(threads=4)
+    flows = [Flow(engine, 2000 + i) for i in range(64)]
+    for flow in flows:
+        flow.client.sendall(b"x")
+        recvExactly(flow.target, 1)
+    killed = flows[::4]
+    for flow in killed:
+        assert engine.close(flow.id) is True
+    reports = waitEnded(engine, len(killed))
+    assert sorted(reports) == [(f.id, 1, 0, "killed") for f in killed]
+    for flow in killed:
+        assertReset(flow.client)
+    assert engine.flowCount() == 64 - len(killed)
+    assert sum(engine.threadFlows()) == 64 - len(killed)
+    engine.stop()
+    assert threadCount() == before
+    rest = [f for f in flows if f not in killed]
+    assert sorted(engine.reports()) == [(f.id, 1, 0, "proxy stopped") for f in rest]
+    assert engine.threadFlows() == [0, 0, 0, 0]
+    for flow in rest:
+        assertReset(flow.client)
+        assertReset(flow.target)
+    for flow in flows:
+        flow.close()
+    with pytest.raises(RuntimeError):
+        Flow(engine, 9999)

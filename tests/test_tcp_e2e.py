@@ -200,6 +200,23 @@ def test_bulkBothWays(proxy):
         proxy.waitFor(rf"tcp bulk .* in={32 * MiB} out={32 * MiB} client closed")
 
 
+def echoEach(conns):
+    """
+    Send a line of its own on each of C{conns} to an echo target, all at
+    once, then check that each gets its own line back.
+    """
+    for i, conn in enumerate(conns):
+        conn.sendall(b"connection %d\n" % i)
+    for i, conn in enumerate(conns):
+        expected = b"connection %d\n" % i
+        data = b""
+        while len(data) < len(expected):
+            chunk = conn.recv(100)
+            assert chunk
+            data += chunk
+        assert data == expected
+
+
 def test_manyConcurrentConnections(proxy):
     """
     200 connections open at once each get their own bytes back.
@@ -211,16 +228,7 @@ def test_manyConcurrentConnections(proxy):
         )
         conns = [connect(port) for _ in range(200)]
         try:
-            for i, conn in enumerate(conns):
-                conn.sendall(b"connection %d\n" % i)
-            for i, conn in enumerate(conns):
-                expected = b"connection %d\n" % i
-                data = b""
-                while len(data) < len(expected):
-                    chunk = conn.recv(100)
-                    assert chunk
-                    data += chunk
-                assert data == expected
+            echoEach(conns)
         finally:
             for conn in conns:
                 conn.close()
@@ -553,3 +561,49 @@ def test_misbehavingClientsAffectOnlyThemselves(proxy):
             proxy.waitFor(r"tcp shared .* reset by client")
         finally:
             stuck.close()
+
+
+def relayThreadNames(pid):
+    """
+    The names of process C{pid}'s TCP engine relay threads (C{tcprelayN}).
+    """
+    names = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        if name.startswith("tcprelay"):
+            names.append(name)
+    return sorted(names)
+
+
+def test_engineThreadsFromTheEnvironment(proxy, monkeypatch):
+    """
+    PORTPROXY_ENGINE_THREADS=3 in twistd's environment gives the TCP
+    engine 3 relay threads, and 30 connections spread over them each get
+    their own bytes back (the Python path, which has no engine, relays the
+    same).
+    """
+    from twistedproxy.tcp import engine
+
+    monkeypatch.setenv("PORTPROXY_ENGINE_THREADS", "3")
+    with TCPEchoServer() as echo:
+        port = freePort()
+        proxy.start(
+            proxyMap(mapping("threads", f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}"))
+        )
+        conns = [connect(port) for _ in range(30)]
+        try:
+            echoEach(conns)
+            wanted = ["tcprelay0", "tcprelay1", "tcprelay2"]
+            if not (proxy.fastPath and engine.available()):
+                wanted = []
+            deadline = time.monotonic() + 10
+            while relayThreadNames(proxy.pid) != wanted:
+                assert time.monotonic() < deadline, relayThreadNames(proxy.pid)
+                time.sleep(0.05)
+        finally:
+            for conn in conns:
+                conn.close()

@@ -5,7 +5,9 @@
  * and tcp/_tlsengine.c (TLSEngine: TLS termination with OpenSSL, the
  * handshake and then the relay to the target).
  *
- * An engine is a Python object with one background thread of its own.
+ * An engine is a Python object with a background thread of its own (the
+ * TCP engine: several, each with its own epoll and wakeFd, sharing the
+ * engine's mutex, id table, report queue and notifyFd; engineSpawn).
  * All three speak one vocabulary:
  *
  *   - a flow is what the engine forwards (a TCP connection's two sockets,
@@ -365,6 +367,32 @@ engineFree(EngineBase *self)
 }
 
 /*
+ * Start one engine thread running main(arg): ENGINE_STACK_SIZE of stack
+ * and every signal blocked (see engineStartThread, which starts an
+ * engine's only thread with it; an engine with several threads, such as
+ * the TCP engine, starts each of them with it).  0, or -1 with OSError set.
+ */
+static int
+engineSpawn(pthread_t *thread, void *(*main)(void *), void *arg)
+{
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, ENGINE_STACK_SIZE);
+    sigset_t all, previous;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &previous);
+    int rc = pthread_create(thread, &attr, main, arg);
+    pthread_sigmask(SIG_SETMASK, &previous, NULL);
+    pthread_attr_destroy(&attr);
+    if (rc != 0) {
+        errno = rc;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return 0;
+}
+
+/*
  * Start the engine thread, once: ENGINE_STACK_SIZE of stack, and every
  * signal blocked, so that signals (SIGHUP for reload, SIGCHLD, SIGINT) go
  * to the reactor's thread and a SIGPIPE from a send to a reset socket is
@@ -376,20 +404,8 @@ engineStartThread(EngineBase *self, void *(*main)(void *))
 {
     if (self->started)
         return 0;
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setstacksize(&attr, ENGINE_STACK_SIZE);
-    sigset_t all, previous;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &previous);
-    int rc = pthread_create(&self->thread, &attr, main, self);
-    pthread_sigmask(SIG_SETMASK, &previous, NULL);
-    pthread_attr_destroy(&attr);
-    if (rc != 0) {
-        errno = rc;
-        PyErr_SetFromErrno(PyExc_OSError);
+    if (engineSpawn(&self->thread, main, self) < 0)
         return -1;
-    }
     self->started = 1;
     Py_INCREF(self);
     return 0;

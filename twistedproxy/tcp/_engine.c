@@ -61,6 +61,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -87,10 +88,15 @@
 #define MAX_EVENTS 256
 /* Empty pipes kept for reuse by the next flows (two descriptors each). */
 #define PIPE_POOL 32
+/* Relay threads: at most this many by default (one per CPU the process may
+ * use, see defaultThreads and docs/fastrelay.md), never more than
+ * MAX_THREADS. */
+#define DEFAULT_MAX_THREADS 16
+#define MAX_THREADS 256
 
 enum { CLIENT = 0, TARGET = 1 };
 enum { MODE_NONE = 0, MODE_PIPE = 1, MODE_BUFFER = 2 };
-enum { CMD_ADOPT = 1, CMD_CLOSE = 2, CMD_STOP = 3 };
+enum { CMD_ADOPT = 1, CMD_CLOSE = 2 };
 
 typedef struct Direction {
     uint64_t bytes;      /* relaxed-atomic counter, engine writes, readers load */
@@ -141,15 +147,26 @@ typedef struct Report {
     const char *reason;
 } Report;
 
-typedef struct {
-    ENGINE_HEAD
+typedef struct TCPEngine TCPEngine;
+
+/*
+ * One relay thread and what it alone owns: its epoll instance and wake
+ * eventfd, the flows workerOf gives it, their pipes, its pipe
+ * pool and scratch buffer.  Worker 0 uses the engine's own epfd and
+ * wakeFd (ENGINE_HEAD); the others open theirs.
+ */
+typedef struct Worker {
     /* set at construction, read-only afterwards */
-    uint32_t pipeSize;
-    uint32_t bufferSize;
-    double busyPollSeconds;
-    /* shared, under lock */
+    TCPEngine *engine;
+    int epfd;
+    int wakeFd;
+    /* reactor thread only (worker 0: the engine's started and thread) */
+    int started;
+    pthread_t thread;
+    /* shared, under the engine's lock */
     Command *commandHead, *commandTail;
-    /* engine thread only */
+    size_t flowCount;     /* live flows it owns (adopted, not yet ended) */
+    /* this worker's thread only */
     Flow *live;
     Flow *graveyard;  /* ended in this batch; freed after it */
     double now;
@@ -160,7 +177,28 @@ typedef struct {
     int poolCount;
     char *scratch;        /* bufferSize bytes: a direction's first bytes pass here */
     int reportedSinceWake;
-} TCPEngine;
+} Worker;
+
+struct TCPEngine {
+    ENGINE_HEAD
+    /* set at construction, read-only afterwards */
+    uint32_t pipeSize;
+    uint32_t bufferSize;
+    double busyPollSeconds;
+    int workerCount;
+    Worker *workers;
+};
+
+/* The worker that owns flow id for its whole life: the id modulo the
+ * number of threads.  Python's ids are consecutive over the process, so
+ * connections opened one after another go round the threads, and N
+ * streams opened together land one per thread, where a hash would leave
+ * about a third of N threads idle (N balls in N bins). */
+static Worker *
+workerOf(TCPEngine *e, uint64_t id)
+{
+    return &e->workers[id % (uint64_t)e->workerCount];
+}
 
 static double
 monotonicNow(void)
@@ -196,15 +234,15 @@ tableFind(TCPEngine *e, uint64_t id)
  * closed.
  */
 static void
-releaseChannel(TCPEngine *e, Direction *d)
+releaseChannel(Worker *w, Direction *d)
 {
     if (d->pipeRead >= 0) {
-        if (d->pending == 0 && e->poolCount < PIPE_POOL) {
-            PooledPipe *p = &e->pool[e->poolCount++];
+        if (d->pending == 0 && w->poolCount < PIPE_POOL) {
+            PooledPipe *p = &w->pool[w->poolCount++];
             p->pipeRead = d->pipeRead;
             p->pipeWrite = d->pipeWrite;
             p->capacity = d->capacity;
-            p->pooledAt = e->now;
+            p->pooledAt = w->now;
         } else {
             close(d->pipeRead);
             close(d->pipeWrite);
@@ -225,11 +263,11 @@ releaseChannel(TCPEngine *e, Direction *d)
  * not even the buffer could be had (the flow then ends).
  */
 static int
-openChannel(TCPEngine *e, Direction *d)
+openChannel(Worker *w, Direction *d)
 {
-    if (e->pipeSize > 0 && !d->spliceFails) {
-        if (e->poolCount > 0) {
-            PooledPipe *p = &e->pool[--e->poolCount];
+    if (w->engine->pipeSize > 0 && !d->spliceFails) {
+        if (w->poolCount > 0) {
+            PooledPipe *p = &w->pool[--w->poolCount];
             d->pipeRead = p->pipeRead;
             d->pipeWrite = p->pipeWrite;
             d->capacity = p->capacity;
@@ -241,7 +279,7 @@ openChannel(TCPEngine *e, Direction *d)
         if (pipe2(p, O_NONBLOCK | O_CLOEXEC) == 0) {
             /* Refused (EPERM: an unprivileged user over
              * /proc/sys/fs/pipe-user-pages-soft), the pipe keeps its size. */
-            int size = fcntl(p[1], F_SETPIPE_SZ, (int)e->pipeSize);
+            int size = fcntl(p[1], F_SETPIPE_SZ, (int)w->engine->pipeSize);
             if (size < 0)
                 size = fcntl(p[1], F_GETPIPE_SZ);
             if (size <= 0)
@@ -254,7 +292,7 @@ openChannel(TCPEngine *e, Direction *d)
             return 0;
         }
     }
-    d->buf = malloc(e->bufferSize);
+    d->buf = malloc(w->engine->bufferSize);
     if (d->buf == NULL)
         return -1;
     d->start = d->end = 0;
@@ -272,10 +310,10 @@ resetOnClose(int fd)
 }
 
 static void
-postReport(TCPEngine *e, uint64_t id, uint64_t in, uint64_t out, const char *reason)
+postReport(Worker *w, uint64_t id, uint64_t in, uint64_t out, const char *reason)
 {
     /* caller holds the lock; adopt reserved this flow's slot */
-    Report *r = reportPost(&e->reports);
+    Report *r = reportPost(&w->engine->reports);
     r->id = id;
     r->bytesIn = in;
     r->bytesOut = out;
@@ -289,7 +327,7 @@ postReport(TCPEngine *e, uint64_t id, uint64_t in, uint64_t out, const char *rea
  * event batch, whose later events may still point at it.
  */
 static void
-endFlow(TCPEngine *e, Flow *f, const char *reason, int resetMask)
+endFlow(Worker *w, Flow *f, const char *reason, int resetMask)
 {
     if (f->dead)
         return;
@@ -299,27 +337,28 @@ endFlow(TCPEngine *e, Flow *f, const char *reason, int resetMask)
          * last descriptor of it; otherwise the set would go on reporting
          * events of a freed Flow. */
         if (f->registered && !f->exclusive)
-            epoll_ctl(e->epfd, EPOLL_CTL_DEL, f->fd[s], NULL);
+            epoll_ctl(w->epfd, EPOLL_CTL_DEL, f->fd[s], NULL);
         if (resetMask & (1 << s))
             resetOnClose(f->fd[s]);
         close(f->fd[s]);
         f->fd[s] = -1;
-        releaseChannel(e, &f->dir[s]);
+        releaseChannel(w, &f->dir[s]);
     }
-    pthread_mutex_lock(&e->lock);
-    idTableRemove(&e->flows, &f->entry);
-    postReport(e, f->entry.id, f->dir[0].bytes, f->dir[1].bytes, reason);
-    pthread_mutex_unlock(&e->lock);
-    e->reportedSinceWake = 1;
+    pthread_mutex_lock(&w->engine->lock);
+    idTableRemove(&w->engine->flows, &f->entry);
+    w->flowCount--;
+    postReport(w, f->entry.id, f->dir[0].bytes, f->dir[1].bytes, reason);
+    pthread_mutex_unlock(&w->engine->lock);
+    w->reportedSinceWake = 1;
     if (f->prev != NULL)
         f->prev->next = f->next;
-    else if (e->live == f)
-        e->live = f->next;
+    else if (w->live == f)
+        w->live = f->next;
     if (f->next != NULL)
         f->next->prev = f->prev;
     f->prev = NULL;
-    f->next = e->graveyard;
-    e->graveyard = f;
+    f->next = w->graveyard;
+    w->graveyard = f;
 }
 
 static const char *
@@ -332,16 +371,16 @@ resetBy(int side)
 
 /* Account for n bytes read in direction d of flow f. */
 static void
-noteRead(TCPEngine *e, Flow *f, int d, ssize_t n)
+noteRead(Worker *w, Flow *f, int d, ssize_t n)
 {
     Direction *dir = &f->dir[d];
     __atomic_store_n(&dir->bytes, dir->bytes + (uint64_t)n, __ATOMIC_RELAXED);
-    f->lastActive = e->now;
+    f->lastActive = w->now;
     if (f->lastRead != d) {
         /* An answer to what went the other way: this flow is
          * request/response traffic. */
         if (f->lastRead != 2)
-            e->batchTurns = 1;
+            w->batchTurns = 1;
         f->lastRead = (uint8_t)d;
     }
 }
@@ -366,12 +405,12 @@ noteEof(Flow *f, int src)
  * had nothing, or its end).
  */
 static int
-relayDirect(TCPEngine *e, Flow *f, int d)
+relayDirect(Worker *w, Flow *f, int d)
 {
     Direction *dir = &f->dir[d];
     int src = d == 0 ? CLIENT : TARGET;
     int dst = 1 - src;
-    ssize_t n = recv(f->fd[src], e->scratch, e->bufferSize, MSG_DONTWAIT);
+    ssize_t n = recv(f->fd[src], w->scratch, w->engine->bufferSize, MSG_DONTWAIT);
     if (n == 0) {
         noteEof(f, src);
         return 0;
@@ -383,23 +422,23 @@ relayDirect(TCPEngine *e, Flow *f, int d)
         }
         if (errno == EINTR)
             return 0;
-        endFlow(e, f, resetBy(src), 1 << dst);
+        endFlow(w, f, resetBy(src), 1 << dst);
         return -1;
     }
-    noteRead(e, f, d, n);
-    ssize_t sent = send(f->fd[dst], e->scratch, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT);
+    noteRead(w, f, d, n);
+    ssize_t sent = send(f->fd[dst], w->scratch, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT);
     if (sent < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK) {
             f->writable[dst] = 0;
         } else if (errno != EINTR) {
-            endFlow(e, f, resetBy(dst), 1 << src);
+            endFlow(w, f, resetBy(dst), 1 << src);
             return -1;
         }
         sent = 0;
     }
-    e->batchBytes += (uint64_t)sent;
+    w->batchBytes += (uint64_t)sent;
     size_t rest = (size_t)(n - sent);
-    if (rest == 0 && (size_t)n < e->bufferSize) {
+    if (rest == 0 && (size_t)n < w->engine->bufferSize) {
         /* A short read emptied the socket: with edge-triggered epoll, the
          * next bytes come with a new event.  A FIN or an error reported
          * by the event that woke the thread gives no new one, so then the
@@ -409,18 +448,18 @@ relayDirect(TCPEngine *e, Flow *f, int d)
         return 1;
     }
     if (rest > 0) {
-        dir->buf = malloc(e->bufferSize);
+        dir->buf = malloc(w->engine->bufferSize);
         if (dir->buf == NULL) {
-            endFlow(e, f, "out of memory", 3);
+            endFlow(w, f, "out of memory", 3);
             return -1;
         }
-        memcpy(dir->buf, e->scratch + sent, rest);
+        memcpy(dir->buf, w->scratch + sent, rest);
         dir->start = 0;
         dir->end = (uint32_t)rest;
         dir->mode = MODE_BUFFER;
         dir->stash = 1;
-    } else if (openChannel(e, dir) < 0) {
-        endFlow(e, f, "out of memory", 3);
+    } else if (openChannel(w, dir) < 0) {
+        endFlow(w, f, "out of memory", 3);
         return -1;
     }
     return 1;
@@ -431,7 +470,7 @@ relayDirect(TCPEngine *e, Flow *f, int d)
  * Returns 1 if bytes moved, 0 if nothing could, -1 if the flow ended.
  */
 static int
-pumpDirection(TCPEngine *e, Flow *f, int d)
+pumpDirection(Worker *w, Flow *f, int d)
 {
     Direction *dir = &f->dir[d];
     int src = d == 0 ? CLIENT : TARGET;
@@ -448,13 +487,13 @@ pumpDirection(TCPEngine *e, Flow *f, int d)
                                dir->pending, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
             if (n > 0) {
                 dir->pending -= (uint32_t)n;
-                e->batchBytes += (uint64_t)n;
+                w->batchBytes += (uint64_t)n;
                 progress = 1;
                 full = 0;
             } else if (n < 0 && errno == EAGAIN) {
                 f->writable[dst] = 0;
             } else if (n < 0 && errno != EINTR) {
-                endFlow(e, f, resetBy(dst), 1 << src);
+                endFlow(w, f, resetBy(dst), 1 << src);
                 return -1;
             }
         } else if (dir->mode == MODE_BUFFER && dir->end > dir->start && f->writable[dst]) {
@@ -462,18 +501,18 @@ pumpDirection(TCPEngine *e, Flow *f, int d)
                              MSG_NOSIGNAL | MSG_DONTWAIT);
             if (n > 0) {
                 dir->start += (uint32_t)n;
-                e->batchBytes += (uint64_t)n;
+                w->batchBytes += (uint64_t)n;
                 if (dir->start == dir->end) {
                     dir->start = dir->end = 0;
                     /* A stash has gone: back to direct sends. */
                     if (dir->stash)
-                        releaseChannel(e, dir);
+                        releaseChannel(w, dir);
                 }
                 progress = 1;
             } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
                 f->writable[dst] = 0;
             } else if (n < 0 && errno != EINTR) {
-                endFlow(e, f, resetBy(dst), 1 << src);
+                endFlow(w, f, resetBy(dst), 1 << src);
                 return -1;
             }
         }
@@ -481,7 +520,7 @@ pumpDirection(TCPEngine *e, Flow *f, int d)
         /* fill: source -> channel, only while there is room */
         if (!dir->eof && f->readable[src] && !full) {
             if (dir->mode == MODE_NONE && f->writable[dst]) {
-                int r = relayDirect(e, f, d);
+                int r = relayDirect(w, f, d);
                 if (r < 0)
                     return -1;
                 if (r == 0)
@@ -505,11 +544,11 @@ pumpDirection(TCPEngine *e, Flow *f, int d)
                     }
                     if (errno == EINTR)
                         continue;
-                    endFlow(e, f, resetBy(src), 1 << dst);
+                    endFlow(w, f, resetBy(src), 1 << dst);
                     return -1;
                 }
-                if (openChannel(e, dir) < 0) {
-                    endFlow(e, f, "out of memory", 3);
+                if (openChannel(w, dir) < 0) {
+                    endFlow(w, f, "out of memory", 3);
                     return -1;
                 }
             }
@@ -525,23 +564,23 @@ pumpDirection(TCPEngine *e, Flow *f, int d)
                 else if (n < 0 && errno == EINVAL && dir->pending == 0) {
                     /* This socket cannot be spliced: a buffer from now on. */
                     dir->spliceFails = 1;
-                    releaseChannel(e, dir);
-                    if (openChannel(e, dir) < 0) {
-                        endFlow(e, f, "out of memory", 3);
+                    releaseChannel(w, dir);
+                    if (openChannel(w, dir) < 0) {
+                        endFlow(w, f, "out of memory", 3);
                         return -1;
                     }
                     continue;
                 }
-            } else if (dir->mode == MODE_BUFFER && !dir->stash && dir->end < e->bufferSize) {
+            } else if (dir->mode == MODE_BUFFER && !dir->stash && dir->end < w->engine->bufferSize) {
                 room = 1;
-                n = recv(f->fd[src], dir->buf + dir->end, e->bufferSize - dir->end,
+                n = recv(f->fd[src], dir->buf + dir->end, w->engine->bufferSize - dir->end,
                          MSG_DONTWAIT);
                 if (n > 0)
                     dir->end += (uint32_t)n;
             }
             if (room) {
                 if (n > 0) {
-                    noteRead(e, f, d, n);
+                    noteRead(w, f, d, n);
                     progress = 1;
                 } else if (n == 0) {
                     noteEof(f, src);
@@ -558,7 +597,7 @@ pumpDirection(TCPEngine *e, Flow *f, int d)
                     else
                         f->readable[src] = 0;
                 } else if (errno != EINTR) {
-                    endFlow(e, f, resetBy(src), 1 << dst);
+                    endFlow(w, f, resetBy(src), 1 << dst);
                     return -1;
                 }
             }
@@ -575,11 +614,11 @@ pumpDirection(TCPEngine *e, Flow *f, int d)
                   : dir->mode == MODE_BUFFER ? dir->end == dir->start : 1;
         if (empty) {
             dir->shut = 1;
-            releaseChannel(e, dir);
+            releaseChannel(w, dir);
             if (f->dir[1 - d].shut) {
                 /* Both ways done: close() sends the last FIN, as the
                  * destination has nothing unread left. */
-                endFlow(e, f, f->finishedFirst, 0);
+                endFlow(w, f, f->finishedFirst, 0);
                 return -1;
             }
             /* ENOTCONN after a reset shows up as an error on the next
@@ -591,13 +630,13 @@ pumpDirection(TCPEngine *e, Flow *f, int d)
 }
 
 static void
-pumpFlow(TCPEngine *e, Flow *f)
+pumpFlow(Worker *w, Flow *f)
 {
     /* Each direction can unblock the other only through the peers, which
      * shows up as a new event: one pass of each suffices. */
-    if (pumpDirection(e, f, 0) < 0)
+    if (pumpDirection(w, f, 0) < 0)
         return;
-    pumpDirection(e, f, 1);
+    pumpDirection(w, f, 1);
 }
 
 static int
@@ -611,56 +650,55 @@ socketFailed(int fd)
 /* -- commands and the sweep (engine thread) ------------------------------- */
 
 static void
-startFlow(TCPEngine *e, Flow *f)
+startFlow(Worker *w, Flow *f)
 {
     struct epoll_event ev;
     for (int s = 0; s < 2; s++) {
         ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
         ev.data.u64 = (uint64_t)(uintptr_t)f | (uint64_t)s;
-        if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, f->fd[s], &ev) < 0) {
+        if (epoll_ctl(w->epfd, EPOLL_CTL_ADD, f->fd[s], &ev) < 0) {
             if (s == 1)
-                epoll_ctl(e->epfd, EPOLL_CTL_DEL, f->fd[0], NULL);
+                epoll_ctl(w->epfd, EPOLL_CTL_DEL, f->fd[0], NULL);
             f->registered = 0;
-            endFlow(e, f, "engine could not watch the sockets", 3);
+            endFlow(w, f, "engine could not watch the sockets", 3);
             return;
         }
     }
     f->registered = 1;
-    f->lastActive = e->now;
-    f->next = e->live;
-    if (e->live != NULL)
-        e->live->prev = f;
-    e->live = f;
+    f->lastActive = w->now;
+    f->next = w->live;
+    if (w->live != NULL)
+        w->live->prev = f;
+    w->live = f;
     /* Edge-triggered: bytes that arrived before the registration gave no
      * edge, so start as if both sockets were ready. */
     f->readable[0] = f->readable[1] = 1;
     f->writable[0] = f->writable[1] = 1;
-    pumpFlow(e, f);
+    pumpFlow(w, f);
 }
 
-/* Run queued commands; returns 1 when the engine must stop. */
+/* Run this worker's queued commands; returns 1 when the engine must stop
+ * (stop() sets the engine's stopping flag, then wakes every worker). */
 static int
-runCommands(TCPEngine *e)
+runCommands(Worker *w)
 {
-    drainFd(e->wakeFd);
-    pthread_mutex_lock(&e->lock);
-    Command *c = e->commandHead;
-    e->commandHead = e->commandTail = NULL;
-    pthread_mutex_unlock(&e->lock);
-    int stop = 0;
+    drainFd(w->wakeFd);
+    pthread_mutex_lock(&w->engine->lock);
+    Command *c = w->commandHead;
+    w->commandHead = w->commandTail = NULL;
+    int stop = w->engine->stopping;
+    pthread_mutex_unlock(&w->engine->lock);
     while (c != NULL) {
         Command *next = c->next;
         if (c->kind == CMD_ADOPT) {
-            startFlow(e, c->flow);
+            startFlow(w, c->flow);
         } else if (c->kind == CMD_CLOSE) {
-            pthread_mutex_lock(&e->lock);
-            Flow *f = tableFind(e, c->id);
-            pthread_mutex_unlock(&e->lock);
+            pthread_mutex_lock(&w->engine->lock);
+            Flow *f = tableFind(w->engine, c->id);
+            pthread_mutex_unlock(&w->engine->lock);
             /* Only this thread removes flows, so f stays valid. */
             if (f != NULL)
-                endFlow(e, f, "killed", 3);
-        } else if (c->kind == CMD_STOP) {
-            stop = 1;
+                endFlow(w, f, "killed", 3);
         }
         free(c);
         c = next;
@@ -669,29 +707,29 @@ runCommands(TCPEngine *e)
 }
 
 static void
-sweep(TCPEngine *e)
+sweep(Worker *w)
 {
     /* Pooled pipes unused for a sweep period are closed: the pool serves
      * bursts of short connections, and a quiet proxy keeps no spare
      * descriptors.  The oldest are at the bottom of the stack. */
     int kept = 0;
-    for (int i = 0; i < e->poolCount; i++) {
-        PooledPipe *p = &e->pool[i];
-        if ((e->now - p->pooledAt) * 1000.0 >= SWEEP_MS) {
+    for (int i = 0; i < w->poolCount; i++) {
+        PooledPipe *p = &w->pool[i];
+        if ((w->now - p->pooledAt) * 1000.0 >= SWEEP_MS) {
             close(p->pipeRead);
             close(p->pipeWrite);
         } else {
-            e->pool[kept++] = *p;
+            w->pool[kept++] = *p;
         }
     }
-    e->poolCount = kept;
+    w->poolCount = kept;
 
-    Flow *f = e->live;
+    Flow *f = w->live;
     while (f != NULL) {
         Flow *next = f->next;
-        double quiet = e->now - f->lastActive;
+        double quiet = w->now - f->lastActive;
         if (f->idleTimeout > 0 && quiet >= f->idleTimeout) {
-            endFlow(e, f, "idle timeout", 3);
+            endFlow(w, f, "idle timeout", 3);
         } else if (quiet * 1000.0 >= SWEEP_MS) {
             /* Quiet for a whole sweep period: give back empty pipes and
              * buffers; the next byte opens a fresh one. */
@@ -699,7 +737,7 @@ sweep(TCPEngine *e)
                 Direction *dir = &f->dir[d];
                 if ((dir->mode == MODE_PIPE && dir->pending == 0) ||
                     (dir->mode == MODE_BUFFER && dir->end == dir->start))
-                    releaseChannel(e, dir);
+                    releaseChannel(w, dir);
             }
         }
         f = next;
@@ -707,10 +745,10 @@ sweep(TCPEngine *e)
 }
 
 static void
-buryDead(TCPEngine *e)
+buryDead(Worker *w)
 {
-    Flow *f = e->graveyard;
-    e->graveyard = NULL;
+    Flow *f = w->graveyard;
+    w->graveyard = NULL;
     while (f != NULL) {
         Flow *next = f->next;
         free(f);
@@ -721,14 +759,18 @@ buryDead(TCPEngine *e)
 static void *
 engineMain(void *arg)
 {
-    TCPEngine *e = (TCPEngine *)arg;
+    Worker *w = (Worker *)arg;
     struct epoll_event events[MAX_EVENTS];
     int stop = 0;
+    /* "tcprelay0", "tcprelay1", ...: what top -H and /proc/PID/task show. */
+    char name[16];
+    snprintf(name, sizeof name, "tcprelay%d", (int)(w - w->engine->workers));
+    pthread_setname_np(pthread_self(), name);
     double spinUntil = 0;
-    e->now = monotonicNow();
-    e->nextSweep = e->now + SWEEP_MS / 1000.0;
+    w->now = monotonicNow();
+    w->nextSweep = w->now + SWEEP_MS / 1000.0;
     while (!stop) {
-        int timeout = (int)((e->nextSweep - e->now) * 1000.0) + 1;
+        int timeout = (int)((w->nextSweep - w->now) * 1000.0) + 1;
         if (timeout < 0)
             timeout = 0;
         int n;
@@ -736,23 +778,23 @@ engineMain(void *arg)
             /* Right after traffic, poll for a short while before sleeping:
              * the answer to what was just relayed often comes within
              * microseconds, and a sleeping thread takes longer to wake. */
-            n = epoll_wait(e->epfd, events, MAX_EVENTS, 0);
+            n = epoll_wait(w->epfd, events, MAX_EVENTS, 0);
             if (n == 0 && preciseNow() < spinUntil)
                 continue;
             if (n == 0) {
                 spinUntil = 0;
-                n = epoll_wait(e->epfd, events, MAX_EVENTS, timeout);
+                n = epoll_wait(w->epfd, events, MAX_EVENTS, timeout);
             }
         } else {
-            n = epoll_wait(e->epfd, events, MAX_EVENTS, timeout);
+            n = epoll_wait(w->epfd, events, MAX_EVENTS, timeout);
         }
-        e->now = monotonicNow();
-        e->batchBytes = 0;
-        e->batchTurns = 0;
+        w->now = monotonicNow();
+        w->batchBytes = 0;
+        w->batchTurns = 0;
         for (int i = 0; i < n; i++) {
             uint64_t data = events[i].data.u64;
             if (data == 0) {
-                stop = runCommands(e);
+                stop = runCommands(w);
                 continue;
             }
             Flow *f = (Flow *)(uintptr_t)(data & ~(uint64_t)1);
@@ -764,7 +806,7 @@ engineMain(void *arg)
                 socketFailed(f->fd[side])) {
                 /* A reset on a side that has finished sending: no read
                  * would ever see it, and nothing can be written to it. */
-                endFlow(e, f, resetBy(side), 1 << (1 - side));
+                endFlow(w, f, resetBy(side), 1 << (1 - side));
                 continue;
             }
             if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
@@ -773,7 +815,7 @@ engineMain(void *arg)
                 f->hup[side] = 1;
             if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR))
                 f->writable[side] = 1;
-            pumpFlow(e, f);
+            pumpFlow(w, f);
         }
         /* Busy-poll only after a small batch in which a flow turned
          * direction (request/response traffic, whose next turn is likely
@@ -781,50 +823,50 @@ engineMain(void *arg)
          * sleeps between its batches and leaves the CPU to the peers that
          * produce and consume it, even when a starved sender makes its
          * batches small. */
-        if (n > 0 && e->busyPollSeconds > 0 && e->batchTurns && e->batchBytes < SPIN_MAX_BATCH)
-            spinUntil = preciseNow() + e->busyPollSeconds;
+        if (n > 0 && w->engine->busyPollSeconds > 0 && w->batchTurns && w->batchBytes < SPIN_MAX_BATCH)
+            spinUntil = preciseNow() + w->engine->busyPollSeconds;
         else if (n > 0)
             spinUntil = 0;
-        if (e->now >= e->nextSweep) {
-            sweep(e);
-            e->nextSweep = e->now + SWEEP_MS / 1000.0;
+        if (w->now >= w->nextSweep) {
+            sweep(w);
+            w->nextSweep = w->now + SWEEP_MS / 1000.0;
         }
-        buryDead(e);
-        if (e->reportedSinceWake) {
-            e->reportedSinceWake = 0;
-            signalFd(e->notifyFd);
+        buryDead(w);
+        if (w->reportedSinceWake) {
+            w->reportedSinceWake = 0;
+            signalFd(w->engine->notifyFd);
         }
     }
     /* Stopping: every flow still open ends with a reset on both sides, so
      * no peer takes the cut for a complete stream. */
-    while (e->live != NULL)
-        endFlow(e, e->live, "proxy stopped", 3);
-    /* Adopts queued after the stop command never started. */
-    pthread_mutex_lock(&e->lock);
-    Command *c = e->commandHead;
-    e->commandHead = e->commandTail = NULL;
-    pthread_mutex_unlock(&e->lock);
+    while (w->live != NULL)
+        endFlow(w, w->live, "proxy stopped", 3);
+    /* Adopts queued in the batch that saw the stop never started. */
+    pthread_mutex_lock(&w->engine->lock);
+    Command *c = w->commandHead;
+    w->commandHead = w->commandTail = NULL;
+    pthread_mutex_unlock(&w->engine->lock);
     while (c != NULL) {
         Command *next = c->next;
         if (c->kind == CMD_ADOPT)
-            endFlow(e, c->flow, "proxy stopped", 3);
+            endFlow(w, c->flow, "proxy stopped", 3);
         free(c);
         c = next;
     }
-    buryDead(e);
-    while (e->poolCount > 0) {
-        PooledPipe *p = &e->pool[--e->poolCount];
+    buryDead(w);
+    while (w->poolCount > 0) {
+        PooledPipe *p = &w->pool[--w->poolCount];
         close(p->pipeRead);
         close(p->pipeWrite);
     }
-    signalFd(e->notifyFd);
+    signalFd(w->engine->notifyFd);
     return NULL;
 }
 
 /* -- the Python type ------------------------------------------------------ */
 
 static int
-queueCommand(TCPEngine *e, int kind, uint64_t id, Flow *f)
+queueCommand(Worker *w, int kind, uint64_t id, Flow *f)
 {
     /* caller holds the lock */
     Command *c = malloc(sizeof(Command));
@@ -834,31 +876,65 @@ queueCommand(TCPEngine *e, int kind, uint64_t id, Flow *f)
     c->kind = kind;
     c->id = id;
     c->flow = f;
-    if (e->commandTail != NULL)
-        e->commandTail->next = c;
+    if (w->commandTail != NULL)
+        w->commandTail->next = c;
     else
-        e->commandHead = c;
-    e->commandTail = c;
+        w->commandHead = c;
+    w->commandTail = c;
+    return 0;
+}
+
+/* The default number of relay threads: the CPUs this process may run on
+ * (sched_getaffinity), at most DEFAULT_MAX_THREADS. */
+static int
+defaultThreads(void)
+{
+    cpu_set_t cpus;
+    int n = 1;
+    if (sched_getaffinity(0, sizeof cpus, &cpus) == 0)
+        n = CPU_COUNT(&cpus);
+    if (n < 1)
+        n = 1;
+    return n > DEFAULT_MAX_THREADS ? DEFAULT_MAX_THREADS : n;
+}
+
+/* Open worker w's epoll instance and wake eventfd (worker 0 has the
+ * engine's): 0, or -1 with OSError set. */
+static int
+openWorker(TCPEngine *self, Worker *w)
+{
+    w->epfd = epoll_create1(EPOLL_CLOEXEC);
+    w->wakeFd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (w->epfd < 0 || w->wakeFd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    /* Events of the wake eventfd carry 0; a flow's, its Flow. */
+    struct epoll_event ev = {.events = EPOLLIN, .data = {.u64 = 0}};
+    if (epoll_ctl(w->epfd, EPOLL_CTL_ADD, w->wakeFd, &ev) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
     return 0;
 }
 
 static int
 TCPEngine_init(TCPEngine *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"pipeSize", "bufferSize", "busyPoll", NULL};
+    static char *kwlist[] = {"pipeSize", "bufferSize", "busyPoll", "threads", NULL};
     long pipeSize = DEFAULT_PIPE_SIZE;
     long bufferSize = DEFAULT_BUFFER_SIZE;
     long busyPoll = DEFAULT_BUSY_POLL_US;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|lll:TCPEngine", kwlist,
-                                     &pipeSize, &bufferSize, &busyPoll))
+    long threads = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|llll:TCPEngine", kwlist,
+                                     &pipeSize, &bufferSize, &busyPoll, &threads))
         return -1;
-    if (busyPoll < 0 || busyPoll > 1000000) {
-        PyErr_SetString(PyExc_ValueError, "busyPoll must be between 0 and 1000000 microseconds");
-        return -1;
-    }
-    self->busyPollSeconds = busyPoll / 1e6;
     if (self->epfd >= 0) {
         PyErr_SetString(PyExc_RuntimeError, "TCPEngine already initialised");
+        return -1;
+    }
+    if (busyPoll < 0 || busyPoll > 1000000) {
+        PyErr_SetString(PyExc_ValueError, "busyPoll must be between 0 and 1000000 microseconds");
         return -1;
     }
     if (pipeSize < 0 || pipeSize > (1L << 30)) {
@@ -869,22 +945,47 @@ TCPEngine_init(TCPEngine *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "bufferSize must be between 4 KiB and 1 GiB");
         return -1;
     }
+    if (threads < 0 || threads > MAX_THREADS) {
+        PyErr_Format(PyExc_ValueError, "threads must be between 1 and %d (0: the default)",
+                     MAX_THREADS);
+        return -1;
+    }
+    self->busyPollSeconds = busyPoll / 1e6;
     self->pipeSize = (uint32_t)pipeSize;
     self->bufferSize = (uint32_t)bufferSize;
-    self->scratch = malloc(self->bufferSize);
-    if (self->scratch == NULL) {
+    if (engineOpen((EngineBase *)self, (epoll_data_t){.u64 = 0}, 1024, sizeof(Report)) < 0)
+        return -1;
+    int count = threads > 0 ? (int)threads : defaultThreads();
+    self->workers = calloc((size_t)count, sizeof(Worker));
+    if (self->workers == NULL) {
         PyErr_NoMemory();
         return -1;
     }
-    /* Events of the wake eventfd carry 0; a flow's, its Flow. */
-    return engineOpen((EngineBase *)self, (epoll_data_t){.u64 = 0}, 1024, sizeof(Report));
+    for (int i = 0; i < count; i++) {
+        Worker *w = &self->workers[i];
+        w->engine = self;
+        w->epfd = w->wakeFd = -1;
+        self->workerCount = i + 1;  /* what dealloc closes */
+        if (i == 0) {
+            w->epfd = self->epfd;
+            w->wakeFd = self->wakeFd;
+        } else if (openWorker(self, w) < 0) {
+            return -1;
+        }
+        w->scratch = malloc(self->bufferSize);
+        if (w->scratch == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    return 0;
 }
 
 static void
 TCPEngine_dealloc(TCPEngine *self)
 {
     /* A started engine holds a reference to itself until stop() joins its
-     * thread, so here the thread is either joined or was never started. */
+     * threads, so here they are either joined or were never started. */
     if (self->flows.buckets != NULL) {
         ID_TABLE_EACH(&self->flows, i, entry, next) {
             Flow *f = ENTRY_OF(entry, Flow, entry);
@@ -894,13 +995,21 @@ TCPEngine_dealloc(TCPEngine *self)
             free(f);
         }
     }
-    Command *c = self->commandHead;
-    while (c != NULL) {
-        Command *next = c->next;
-        free(c);
-        c = next;
+    for (int i = 0; i < self->workerCount; i++) {
+        Worker *w = &self->workers[i];
+        Command *c = w->commandHead;
+        while (c != NULL) {
+            Command *next = c->next;
+            free(c);
+            c = next;
+        }
+        free(w->scratch);
+        if (i > 0 && w->epfd >= 0)
+            close(w->epfd);
+        if (i > 0 && w->wakeFd >= 0)
+            close(w->wakeFd);
     }
-    free(self->scratch);
+    free(self->workers);
     engineFree((EngineBase *)self);
 }
 
@@ -931,6 +1040,38 @@ makeNonBlocking(int fd)
     if (flags & O_NONBLOCK)
         return 0;
     return fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+}
+
+/* Worker 0's thread is the engine's own (engineStartThread gives it the
+ * engine). */
+static void *
+firstWorkerMain(void *engine)
+{
+    return engineMain(&((TCPEngine *)engine)->workers[0]);
+}
+
+/*
+ * Start every relay thread not yet running: worker 0 as the skeleton's
+ * engine thread (engineStartThread: the engine holds a reference to
+ * itself until stop() joins it), the others through engineSpawn (signals
+ * blocked and ENGINE_STACK_SIZE alike).  0, or -1 with OSError set (the
+ * threads that did start keep running; the next adopt tries the rest).
+ */
+static int
+startWorkers(TCPEngine *self)
+{
+    if (engineStartThread((EngineBase *)self, firstWorkerMain) < 0)
+        return -1;
+    self->workers[0].started = 1;
+    for (int i = 1; i < self->workerCount; i++) {
+        Worker *w = &self->workers[i];
+        if (w->started)
+            continue;
+        if (engineSpawn(&w->thread, engineMain, w) < 0)
+            return -1;
+        w->started = 1;
+    }
+    return 0;
 }
 
 PyDoc_STRVAR(adopt_doc,
@@ -986,19 +1127,20 @@ TCPEngine_adopt(TCPEngine *self, PyObject *args)
     for (int d = 0; d < 2; d++)
         f->dir[d].pipeRead = f->dir[d].pipeWrite = -1;
 
-    /* The thread starts with the first flow, so a process that forks
+    /* The threads start with the first flow, so a process that forks
      * (twistd daemonising) before any connection forks single-threaded. */
-    if (engineStartThread((EngineBase *)self, engineMain) < 0) {
+    if (startWorkers(self) < 0) {
         free(f);
         return NULL;
     }
+    Worker *w = workerOf(self, id);
 
     enum { ADOPTED, STOPPED, DUPLICATE, NO_MEMORY } outcome = ADOPTED;
     int wake = 0;
     pthread_mutex_lock(&self->lock);
     /* The engine takes the whole queue after it read the eventfd: an
      * adopt queued behind another one needs no wake-up of its own. */
-    wake = self->commandHead == NULL;
+    wake = w->commandHead == NULL;
     if (self->stopping)
         outcome = STOPPED;
     else if (tableFind(self, id) != NULL)
@@ -1008,10 +1150,12 @@ TCPEngine_adopt(TCPEngine *self, PyObject *args)
     else if (idTableInsert(&self->flows, &f->entry) < 0) {
         reportRelease(&self->reports);
         outcome = NO_MEMORY;
-    } else if (queueCommand(self, CMD_ADOPT, id, f) < 0) {
+    } else if (queueCommand(w, CMD_ADOPT, id, f) < 0) {
         idTableRemove(&self->flows, &f->entry);
         reportRelease(&self->reports);
         outcome = NO_MEMORY;
+    } else {
+        w->flowCount++;
     }
     pthread_mutex_unlock(&self->lock);
     if (outcome != ADOPTED) {
@@ -1025,7 +1169,7 @@ TCPEngine_adopt(TCPEngine *self, PyObject *args)
         return NULL;
     }
     if (wake)
-        signalFd(self->wakeFd);
+        signalFd(w->wakeFd);
     Py_RETURN_NONE;
 }
 
@@ -1043,16 +1187,17 @@ TCPEngine_close(TCPEngine *self, PyObject *arg)
     if (checkReady(self) < 0)
         return NULL;
     int known = 0, queued = 0;
+    Worker *w = workerOf(self, id);
     pthread_mutex_lock(&self->lock);
     if (!self->stopping && tableFind(self, id) != NULL) {
         known = 1;
-        queued = queueCommand(self, CMD_CLOSE, id, NULL) == 0;
+        queued = queueCommand(w, CMD_CLOSE, id, NULL) == 0;
     }
     pthread_mutex_unlock(&self->lock);
     if (known && !queued)
         return PyErr_NoMemory();
     if (queued)
-        signalFd(self->wakeFd);
+        signalFd(w->wakeFd);
     return PyBool_FromLong(known);
 }
 
@@ -1172,8 +1317,8 @@ TCPEngine_reports(TCPEngine *self, PyObject *unused)
 
 PyDoc_STRVAR(stop_doc,
 "stop() -> None\n\n"
-"End every flow (reason 'proxy stopped', both sockets reset) and join the\n"
-"engine thread; reports() then returns their reports.  Later adopts raise\n"
+"End every flow (reason 'proxy stopped', both sockets reset) and join every\n"
+"relay thread; reports() then returns their reports.  Later adopts raise\n"
 "RuntimeError.  Safe to call more than once.");
 
 static PyObject *
@@ -1182,21 +1327,50 @@ TCPEngine_stop(TCPEngine *self, PyObject *unused)
     if (checkReady(self) < 0)
         return NULL;
     pthread_mutex_lock(&self->lock);
-    int already = self->stopping;
     self->stopping = 1;
-    int queued = already || queueCommand(self, CMD_STOP, 0, NULL) == 0;
     pthread_mutex_unlock(&self->lock);
-    if (!queued) {
-        pthread_mutex_lock(&self->lock);
-        self->stopping = 0;
-        pthread_mutex_unlock(&self->lock);
-        return PyErr_NoMemory();
-    }
     if (self->started && !self->joined) {
+        /* Every worker sees the flag when its wake eventfd fires; worker
+         * 0, the engine's own thread, is woken and joined by engineJoin. */
+        for (int i = 1; i < self->workerCount; i++)
+            if (self->workers[i].started)
+                signalFd(self->workers[i].wakeFd);
+        Py_BEGIN_ALLOW_THREADS
+        for (int i = 1; i < self->workerCount; i++)
+            if (self->workers[i].started)
+                pthread_join(self->workers[i].thread, NULL);
+        Py_END_ALLOW_THREADS
         engineJoin((EngineBase *)self);
         Py_DECREF(self);
     }
     Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(threadFlows_doc,
+"threadFlows() -> list of int\n\n"
+"Live flows per relay thread, one entry per thread: a flow belongs to\n"
+"thread flowId mod N, for its whole life.");
+
+static PyObject *
+TCPEngine_threadFlows(TCPEngine *self, PyObject *unused)
+{
+    if (checkReady(self) < 0)
+        return NULL;
+    size_t counts[MAX_THREADS];
+    int n = self->workerCount;
+    pthread_mutex_lock(&self->lock);
+    for (int i = 0; i < n; i++)
+        counts[i] = self->workers[i].flowCount;
+    pthread_mutex_unlock(&self->lock);
+    PyObject *list = PyList_New(n);
+    for (int i = 0; list != NULL && i < n; i++) {
+        PyObject *count = PyLong_FromSize_t(counts[i]);
+        if (count == NULL)
+            Py_CLEAR(list);
+        else
+            PyList_SET_ITEM(list, i, count);
+    }
+    return list;
 }
 
 static PyMethodDef TCPEngine_methods[] = {
@@ -1206,13 +1380,16 @@ static PyMethodDef TCPEngine_methods[] = {
     {"snapshot", (PyCFunction)TCPEngine_snapshot, METH_NOARGS, snapshot_doc},
     {"reports", (PyCFunction)TCPEngine_reports, METH_NOARGS, reports_doc},
     {"stop", (PyCFunction)TCPEngine_stop, METH_NOARGS, stop_doc},
+    {"threadFlows", (PyCFunction)TCPEngine_threadFlows, METH_NOARGS, threadFlows_doc},
     ENGINE_COMMON_METHODS,
     {NULL, NULL, 0, NULL},
 };
 
 PyDoc_STRVAR(TCPEngine_doc,
-"TCPEngine(pipeSize=1048576, bufferSize=65536, busyPoll=30)\n\n"
-"A relay thread for established TCP connections.  pipeSize is asked of\n"
+"TCPEngine(pipeSize=1048576, bufferSize=65536, busyPoll=30, threads=0)\n\n"
+"Relay threads for established TCP connections: threads of them (0: one\n"
+"per CPU this process may use, at most 16), each with its own epoll and\n"
+"the flows whose flowId mod N is its index.  pipeSize is asked of\n"
 "F_SETPIPE_SZ for each direction's pipe (0: never splice, relay through\n"
 "a bufferSize userspace buffer instead); bufferSize is also used where a\n"
 "pipe cannot be had.  busyPoll: microseconds the thread keeps polling\n"

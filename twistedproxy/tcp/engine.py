@@ -6,9 +6,10 @@ L{twistedproxy.tcp._engine}.
 The root service owns one L{TCPEngine}, which the listeners'
 L{twistedproxy.tcp.forwarder.EngineForwarder}s share.  Once a flow's two
 sockets are connected and nothing is buffered for either, the engine
-takes them (L{TCPEngine.adopt}, L{TCPEngine.adoptDescriptors}): one
-background thread with its own epoll that moves the bytes with
-C{splice(2)} and never takes the GIL.  L{EngineFlow} is such a flow as
+takes them (L{TCPEngine.adopt}, L{TCPEngine.adoptDescriptors}): relay
+threads, one per CPU by default (L{engineThreads}), each with its own
+epoll and its share of the flows (thread C{flowId mod N}), that move the
+bytes with C{splice(2)} and never take the GIL.  L{EngineFlow} is such a flow as
 the manhole and the access log see it, from its accept (or its hand-off
 by a Python relay) to its access line.  When the flow
 ends the engine tells the reactor thread through an eventfd, which
@@ -25,7 +26,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import (
@@ -65,6 +66,36 @@ log = Logger(namespace="portproxy")
 EndCallback = Callable[[int, int, str], None]
 
 
+#: The environment variable that sets the number of relay threads.
+ENGINE_THREADS = "PORTPROXY_ENGINE_THREADS"
+
+#: The most relay threads the variable may ask for (as the C engine).
+MAX_ENGINE_THREADS = 256
+
+
+def engineThreads(environ: Mapping[str, str] = os.environ) -> int:
+    """
+    The number of relay threads C{PORTPROXY_ENGINE_THREADS} asks for.
+
+    @return: 1 to L{MAX_ENGINE_THREADS}, or 0 when it is unset, empty or
+        not such a number (logged): the engine's default, one thread per
+        CPU this process may use, at most 16.
+    """
+    text = environ.get(ENGINE_THREADS, "").strip()
+    if not text:
+        return 0
+    if text.isdigit() and 1 <= int(text) <= MAX_ENGINE_THREADS:
+        return int(text)
+    log.error(
+        "{variable}={value!r}: expected a whole number of relay threads from 1"
+        " to {most}; using one per CPU",
+        variable=ENGINE_THREADS,
+        value=text,
+        most=MAX_ENGINE_THREADS,
+    )
+    return 0
+
+
 def available() -> bool:
     """
     Whether the compiled relay engine was built and imports.
@@ -78,7 +109,8 @@ class TCPEngine:
     The relay engine's end in the reactor: adopts connected pairs of
     transports and calls each flow's C{onEnd} when the engine reports it.
 
-    One engine thread serves every flow; it starts with the first adopt.
+    The engine's relay threads (L{engineThreads} of them) start with the
+    first adopt; each flow stays on thread flowId mod N.
 
     @ivar engine: the L{twistedproxy.tcp._engine.TCPEngine}.
     """
@@ -87,7 +119,7 @@ class TCPEngine:
         if engine is None:
             if CompiledTCPEngine is None:
                 raise RuntimeError("twistedproxy.tcp._engine is not built")
-            engine = CompiledTCPEngine()
+            engine = CompiledTCPEngine(threads=engineThreads())
         self.reactor = reactor
         self.engine = engine
         self._onEnd: dict[int, EndCallback] = {}
