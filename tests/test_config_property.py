@@ -608,3 +608,181 @@ def test_plainMappingsReadAsTheGeneralReaderReadsThem(text: str) -> None:
     with mock.patch.object(_MapReader, "readPlainMapping", return_value=None):
         general = _outcome(text)
     assert fast == general
+
+
+#: Names for the one-line mappings L{config._prescan} takes out: valid,
+#: taken twice, or plain scalars YAML reads as no string.
+_PRESCAN_NAMES = [
+    *[f"m{i}" for i in range(12)],
+    "a",
+    "b",
+    "a",
+    "m.1",
+    "x_y-z",
+    "80",
+    "yes",
+    "1e5",
+    "2001-01-01",
+    "0x1f",
+]
+#: Their listen and target values: valid, or near it.
+_PRESCAN_ADDRESSES = [
+    "127.0.0.1:80",
+    "127.0.0.2:80",
+    "127.0.0.1:81",
+    "0.0.0.0:80",
+    "127.0.0.1:080",
+    "127.0.0.1:0",
+    "127.0.0.1:65536",
+    "256.0.0.1:80",
+    "1.2.3:80",
+    "1.5:30",
+]
+#: Lines around them that change what such a line is: text of a block or
+#: quoted scalar, an item of another list, a flow list, a second
+#: document, a continuation, comments, anchors and aliases.
+_PRESCAN_CONTEXT = [
+    "mappings:",
+    "mappings:",
+    "mappings: []",
+    "defaults: {client_address: transparent}",
+    "defaults: {max_connections: 5}",
+    "defaults:",
+    "  max_connections: 5",
+    "x: |",
+    "note: >-",
+    '  "quoted',
+    '  more"',
+    "  'single",
+    "  - -",
+    "  -",
+    "    -",
+    "    continuation",
+    "      key: value",
+    "  : value",
+    "  ? key",
+    "mappings: [",
+    "]",
+    "---",
+    "...",
+    "# comment",
+    "",
+    "manhole:",
+    "  listen: 127.0.0.1:2222",
+    "  - &a {listen: 127.0.0.1:90, target: 127.0.0.1:91}",
+    "  - *a",
+    "  - {name: c, listen: 127.0.0.1:80, target: 127.0.0.1:82}  # c",
+    "  - {name: d, listen: 127.0.0.3:80, target: 127.0.0.1:82}",
+    "  - name: e",
+    "    listen: 127.0.0.4:80",
+    "    target: 127.0.0.1:80",
+    "  - listen: 127.0.0.9:1\n    target: 127.0.0.9:2\n    name: |",
+    '  - {listen: 127.0.0.9:3, target: 127.0.0.9:4, name: "x',
+    "\tx",
+    # A one-line mapping that is the text of a plain, block or quoted
+    # scalar, where its ': ' breaks the plain one.
+    "x: abc\n  - {name: q, listen: 127.0.0.5:80, target: 127.0.0.1:80}",
+    "  - abc\n    - {name: q, listen: 127.0.0.5:80, target: 127.0.0.1:80}",
+    "  - listen: 127.0.0.9:1\n    target: 127.0.0.9:2\n    name: |\n"
+    "      - {name: q, listen: 127.0.0.5:80, target: 127.0.0.1:80}",
+    '  - {listen: 127.0.0.9:3, target: 127.0.0.9:4, name: "x\n'
+    '  - {name: q, listen: 127.0.0.5:80, target: 127.0.0.1:80}"}',
+]
+
+
+@st.composite
+def prescanMaps(draw) -> str:
+    """
+    Maps of lines, most of them one-line mappings L{config._prescan} takes
+    out (valid or not, at several indentations), the others lines that
+    put them in other places of the YAML tree or break it.
+    """
+    lines = ["mappings:"] if draw(st.integers(0, 5)) else []
+    # One line in `rate` (or none) is not a one-line mapping.
+    rate = draw(st.sampled_from([0, 3, 8, 8, 20]))
+    mapIndent = draw(st.sampled_from(["  ", "  ", "", "    "]))
+    for _ in range(draw(st.integers(1, 12))):
+        if rate == 0 or draw(st.integers(0, rate)):
+            listen = draw(st.sampled_from(_PRESCAN_ADDRESSES[:3]))
+            target = draw(st.sampled_from(_PRESCAN_ADDRESSES[:3]))
+            if draw(st.integers(0, 9)) == 0:
+                listen = draw(st.sampled_from(_PRESCAN_ADDRESSES))
+            if draw(st.integers(0, 9)) == 0:
+                target = draw(st.sampled_from(_PRESCAN_ADDRESSES))
+            name = ""
+            if draw(st.integers(0, 4)):
+                name = f"name: {draw(st.sampled_from(_PRESCAN_NAMES))}, "
+            indent = mapIndent
+            if draw(st.integers(0, 2 * rate + 9)) == 0:
+                indent = draw(st.sampled_from(["  ", "", "    ", " ", "      "]))
+            lines.append(f"{indent}- {{{name}listen: {listen}, target: {target}}}")
+        else:
+            lines.append(draw(st.sampled_from(_PRESCAN_CONTEXT)))
+    return "\n".join(lines) + draw(st.sampled_from(["\n", "", "\n\n"]))
+
+
+@settings(PROFILE, max_examples=max(PROFILE.max_examples, 500))
+@given(prescanMaps())
+def test_prescannedMapsReadAsTheirOwnText(text: str) -> None:
+    """
+    Taking the one-line mappings out of the text before YAML composes it
+    gives the map, lines, warnings and errors that composing the text
+    itself gives, wherever those lines are.
+    """
+    from unittest import mock
+
+    from twistedproxy import config
+
+    prescanned = _outcome(text)
+    with mock.patch.object(config, "_prescan", return_value=None):
+        composed = _outcome(text)
+    assert prescanned == composed
+
+
+def test_prescanTakesOutTheOneLineMappings() -> None:
+    """
+    A map of one-line mappings (the 100,000-mapping map's kind, with a
+    default and a mapping of another kind) is composed once, with each
+    one-line mapping replaced by C{{}} on its line, and gives the same map
+    as the text composed whole.
+    """
+    from unittest import mock
+
+    from twistedproxy import config
+
+    text = (
+        "defaults: {max_connections: 5}\n"
+        "mappings:\n"
+        "  - {name: m0, listen: 127.0.0.1:10000, target: 127.0.1.1:10000}\n"
+        "  - {listen: 127.0.0.2:10000, target: 127.0.1.2:10000}\n"
+        "  - name: m2\n"
+        "    listen: 127.0.0.3:10000\n"
+        "    target: 127.0.1.3:10000\n"
+        "  - {name: m3, listen: 127.0.0.4:10000, target: 127.0.1.4:10000}\n"
+    )
+    composed = []
+    compose = config._compose
+
+    def recordingCompose(text: str, path: str):
+        composed.append(text)
+        return compose(text, path)
+
+    with mock.patch.object(config, "_compose", recordingCompose):
+        fast = _outcome(text)
+    assert composed == [
+        text.replace(
+            "{name: m0, listen: 127.0.0.1:10000, target: 127.0.1.1:10000}", "{}"
+        )
+        .replace("{listen: 127.0.0.2:10000, target: 127.0.1.2:10000}", "{}")
+        .replace("{name: m3, listen: 127.0.0.4:10000, target: 127.0.1.4:10000}", "{}")
+    ]
+    with mock.patch.object(config, "_prescan", return_value=None):
+        assert _outcome(text) == fast
+    assert fast[0] == "map"
+    assert [m.name for m in fast[1].mappings] == [
+        "m0",
+        "tcp-127.0.0.2:10000",
+        "m2",
+        "m3",
+    ]
+    assert fast[2] == [(3, [3]), (4, [4]), (5, [5]), (8, [8])]

@@ -236,23 +236,105 @@ class _Loader(_SafeLoader):
     def resolve(self, kind: type, value: str, implicit: tuple[bool, bool]) -> str:
         if kind is not ScalarNode or not implicit[0]:
             return super().resolve(kind, value, implicit)
-        tag = self._plainTags.get(value)
-        if tag is not None:
-            return tag
-        first = value[:1]
-        resolvers = _RESOLVERS.get(first)
-        if resolvers is None:
-            return _STR
-        if first in _DOTTED_STR and value.count(".") > 1:
-            # An IPv4 address (127.0.0.1:8080), the most common text of a
-            # map, is no number and no date; PyYAML would try three
-            # regular expressions to find out.
-            return _STR
-        tag = next(
-            (tag for tag, regexp in resolvers if regexp.match(value) is not None), _STR
-        )
-        self._plainTags[value] = tag
+        return _plainTag(value, self._plainTags)
+
+
+def _plainTag(value: str, known: dict[str, str]) -> str:
+    """
+    The YAML type PyYAML's safe loader gives the plain scalar C{value}
+    (see L{_Loader}); C{known} remembers the types that needed a regular
+    expression.
+    """
+    tag = known.get(value)
+    if tag is not None:
         return tag
+    first = value[:1]
+    resolvers = _RESOLVERS.get(first)
+    if resolvers is None:
+        return _STR
+    if first in _DOTTED_STR and value.count(".") > 1:
+        # An IPv4 address (127.0.0.1:8080), the most common text of a
+        # map, is no number and no date; PyYAML would try three
+        # regular expressions to find out.
+        return _STR
+    tag = next(
+        (tag for tag, regexp in resolvers if regexp.match(value) is not None), _STR
+    )
+    known[value] = tag
+    return tag
+
+
+#: A line that is exactly a one-line flow mapping of plain scalars of the
+#: common shape: C{- {name: N, listen: A, target: A}} (the name may be
+#: left out), nothing else on the line; see L{_prescan}.
+_ONE_LINE = re.compile(
+    r"^ *- (?P<body>\{(?:name: (?P<name>[A-Za-z0-9_][A-Za-z0-9._-]*), )?"
+    r"listen: (?P<listen>[0-9]{1,3}(?:\.[0-9]{1,3}){3}:[0-9]{1,5}),"
+    r" target: (?P<target>[0-9]{1,3}(?:\.[0-9]{1,3}){3}:[0-9]{1,5})\})$",
+    re.MULTILINE,
+)
+#: Whether a text of digits with three dots, as the listen and target of
+#: L{_ONE_LINE}, is always a string to YAML (it is to PyYAML 5 and 6).
+_DOTTED_DIGITS_STR = set("0123456789") <= _DOTTED_STR
+#: What YAML counts as a line break besides a newline: a text with one of
+#: them is not pre-read (its lines would not be counted the same).
+_OTHER_BREAKS = ("\r", "\x85", "\u2028", "\u2029")
+#: What stands for a pre-read mapping in the text YAML composes.
+_PLACEHOLDER = "{}"
+
+#: The name, listen and target texts of a pre-read mapping.
+_Prepared = tuple[str | None, str, str]
+
+
+def _prescan(text: str) -> tuple[str, dict[int, _Prepared]] | None:
+    """
+    Take the common one-line mappings out of C{text} before YAML composes
+    it: composing their six scalars each is most of the time of a big map.
+    Each line of L{_ONE_LINE} whose three values are plain strings to YAML
+    has its flow mapping replaced by an empty one, C{{}}, which parses the
+    same way in every place the mapping could be (both are one flow
+    mapping that ends the line), and keeps every line where it was.  The
+    result is the new text and the texts of each mapping taken out, by
+    line; L{None} when there is none.
+
+    The caller checks that every replaced line became an item of the
+    C{mappings} list (not, say, text of a block scalar) and otherwise
+    composes C{text} itself (see L{parseMap}).
+    """
+    if (
+        not _DOTTED_DIGITS_STR
+        or "listen: " not in text
+        or any(b in text for b in _OTHER_BREAKS)
+    ):
+        return None
+    pieces: list[str] = []
+    prepared: dict[int, _Prepared] = {}
+    known: dict[str, str] = {}
+    line = 1
+    counted = 0
+    kept = 0
+    for match in _ONE_LINE.finditer(text):
+        name, listen, target = match.group("name", "listen", "target")
+        if name is not None and _plainTag(name, known) != _STR:
+            continue
+        start = match.start()
+        line += text.count("\n", counted, start)
+        counted = start
+        prepared[line] = (name, listen, target)
+        pieces.append(text[kept : match.start("body")])
+        pieces.append(_PLACEHOLDER)
+        kept = match.end()
+    if not prepared:
+        return None
+    pieces.append(text[kept:])
+    return "".join(pieces), prepared
+
+
+class _Abandon(Exception):
+    """
+    A pre-read mapping (L{_prescan}) is not one L{_MapReader.readPlainMapping}
+    reads at once: the map is read again from its own text.
+    """
 
 
 def _tlsModule() -> ModuleType:
@@ -415,29 +497,94 @@ def parseMap(text: str, path: str) -> ProxyMap:
     """
     inThread = threading.current_thread() is not threading.main_thread()
     with _withoutCycleCollector():
-        reader = _MapReader(path)
-        try:
-            root = _compose(text, path)
+        prescanned = _prescan(text)
+        if prescanned is not None:
             try:
-                outline = reader.read(root)
-            finally:
-                if inThread:
-                    # Another thread (the reactor's) may be waiting for
-                    # the GIL.
-                    _dismantle(root)
-                # Freed before the model is built, which then reuses its
-                # memory (100 MiB less at the peak for 100,000 mappings),
-                # and before the cycle collector runs again, which would
-                # walk the whole tree once more.
-                del root
-            return replace(outline, mappings=reader.buildMappings())
+                return _parseComposed(text, path, inThread, *prescanned)
+            except _Abandon:
+                # Not the text's own tree (it did not parse, a pre-read
+                # line was not a mapping of the list) or a pre-read
+                # mapping the reader does not read at once: the map is
+                # read again from its own text, which gives its errors.
+                pass
+        return _parseComposed(text, path, inThread, text, {})
+
+
+def _parseComposed(
+    text: str,
+    path: str,
+    inThread: bool,
+    composed: str,
+    prepared: dict[int, _Prepared],
+) -> ProxyMap:
+    """
+    L{parseMap} of C{text} from the tree of C{composed}: C{text} itself,
+    or that of L{_prescan} with C{prepared}, its mappings taken out.
+
+    @raise _Abandon: with C{prepared}, the tree is not C{text}'s with them
+        taken out, or one of them is not read at once.  Otherwise the
+        reader sees the same tree but for them, and reads them as it would
+        have read them: its errors are the text's own.
+    """
+    reader = _MapReader(path, prepared)
+    try:
+        try:
+            root = _compose(composed, path)
+        except ConfigError:
+            if prepared:
+                raise _Abandon() from None
+            raise
+        try:
+            if prepared and not _allPlaced(root, prepared):
+                raise _Abandon()
+            outline = reader.read(root)
         finally:
             if inThread:
-                # The same for what the reader learned of each mapping,
-                # which an error's traceback would free all at once.
-                while reader.entries:
-                    reader.entries.pop()
-            del reader
+                # Another thread (the reactor's) may be waiting for
+                # the GIL.
+                _dismantle(root)
+            # Freed before the model is built, which then reuses its
+            # memory (100 MiB less at the peak for 100,000 mappings),
+            # and before the cycle collector runs again, which would
+            # walk the whole tree once more.
+            del root
+        return replace(outline, mappings=reader.buildMappings())
+    finally:
+        if inThread:
+            # The same for what the reader learned of each mapping,
+            # which an error's traceback would free all at once.
+            while reader.entries:
+                reader.entries.pop()
+        del reader
+
+
+def _allPlaced(root: Node | None, prepared: dict[int, _Prepared]) -> bool:
+    """
+    Whether each line of C{prepared} holds an empty flow mapping that is an
+    item of the list the reader reads as the map's mappings (the first
+    C{mappings} key): then the text it was taken out of has there the
+    one-line mapping and is otherwise the same tree.
+    """
+    if not isinstance(root, MappingNode):
+        return False
+    for keyNode, valueNode in root.value:
+        if (
+            isinstance(keyNode, ScalarNode)
+            and keyNode.tag == _STR
+            and keyNode.value == "mappings"
+        ):
+            if not isinstance(valueNode, SequenceNode):
+                return False
+            placed = 0
+            for item in valueNode.value:
+                if (
+                    type(item) is MappingNode
+                    and not item.value
+                    and item.start_mark.line + 1 in prepared
+                ):
+                    placed += 1
+            return placed == len(prepared)
+    return False
 
 
 def _compose(text: str, path: str) -> Node | None:
@@ -839,8 +986,10 @@ class _MapReader:
     One pass over a composed map, collecting every error with its line.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, prepared: dict[int, _Prepared] | None = None) -> None:
         self.path = path
+        #: The mappings L{_prescan} took out of the text, by line.
+        self.prepared: dict[int, _Prepared] = prepared or {}
         self.errors: list[tuple[int, str]] = []
         self.warnings: list[tuple[int, str]] = []
         #: What was read of each mapping, in map order.
@@ -952,10 +1101,13 @@ class _MapReader:
                 continue  # aliases may share, or even contain, a node
             seen.add(id(node))
             if isinstance(node, SequenceNode):
+                # Scalars and empty mappings ({}, as _prescan leaves) have
+                # no keys.
                 pending.extend(
                     item
                     for item in reversed(node.value)
                     if type(item) is not ScalarNode
+                    and (type(item) is not MappingNode or item.value)
                 )
             elif isinstance(node, MappingNode):
                 pairs = node.value
@@ -1396,6 +1548,10 @@ class _MapReader:
             entry = None
             if type(item) is MappingNode:
                 entry = self.readPlainMapping(index, item, defaults, names)
+                if entry is None and not item.value and _line(item) in self.prepared:
+                    # Taken out of the text by _prescan, and so no longer
+                    # here for readMapping to explain.
+                    raise _Abandon()
             if entry is None:
                 entry = self.readMapping(index, item, defaults, names)
             if entry is not None:
@@ -1420,6 +1576,12 @@ class _MapReader:
         problem, L{None}, and L{readMapping} reads it and reports.
         """
         pairs = node.value
+        if not pairs and self.prepared:
+            line = _line(node)
+            prepared = self.prepared.get(line)
+            if prepared is None:
+                return None
+            return self.readPlainTexts(index, line, line, *prepared, defaults, names)
         if not 2 <= len(pairs) <= 3:
             return None
         values: dict[str, ScalarNode] = {}
@@ -1437,28 +1599,51 @@ class _MapReader:
             values[key] = valueNode
         if "listen" not in values or "target" not in values:
             return None
+        nameNode = values.get("name")
         listenNode = values["listen"]
-        listen = self.fastAddress(listenNode.value)
-        target = self.fastAddress(values["target"].value)
+        return self.readPlainTexts(
+            index,
+            _line(node),
+            _line(listenNode),
+            None if nameNode is None else nameNode.value,
+            listenNode.value,
+            values["target"].value,
+            defaults,
+            names,
+        )
+
+    def readPlainTexts(
+        self,
+        index: int,
+        line: int,
+        listenLine: int,
+        name: str | None,
+        listenText: str,
+        targetText: str,
+        defaults: _Settings,
+        names: dict[str, int],
+    ) -> _Entry | None:
+        """
+        L{readPlainMapping} of the mapping on C{line} from the texts of its
+        values, all plain strings to YAML.
+        """
+        listen = self.fastAddress(listenText)
+        target = self.fastAddress(targetText)
         if listen is None or target is None or target[0] == ANY_IPV4:
             return None
-        nameNode = values.get("name")
-        if nameNode is None:
-            name = f"{TCP}-{listenNode.value}"
-        else:
-            name = nameNode.value
-            if _NAME.fullmatch(name) is None:
-                return None
+        if name is None:
+            name = f"{TCP}-{listenText}"
+        elif _NAME.fullmatch(name) is None:
+            return None
         if name in names:
             return None
-        line = _line(node)
         names[name] = line
         host, ports = listen
         entry = _Entry(
             index,
             line,
             name,
-            _line(listenNode),
+            listenLine,
             ((TCP, host),),
             ports,
             target[0],
