@@ -10,7 +10,7 @@ listening socket to it, which from then on reads every datagram:
 datagrams of clients with a session go to the target and back without
 Python.  What needs a decision is reported through an eventfd that
 L{UDPEngine} watches as an L{IReadDescriptor}: a client without a
-session (the forwarder answers with L{UDPEngine.addSession} or
+session (the forwarder answers with L{UDPEngine.adopt} or
 L{UDPEngine.dropPending}), and a session the engine ended after its
 timeout.  Its sessions are L{EngineSession}s.
 
@@ -152,7 +152,7 @@ class UDPEngine:
             ended[flowId] = (bytesIn, bytesOut)
         return ended
 
-    def addSession(
+    def adopt(
         self,
         owner,
         key: bytes,
@@ -198,7 +198,7 @@ class UDPEngine:
         """
         return self.engine.dropPending(key)
 
-    def closeSession(self, flowId: int) -> tuple[int, int] | None:
+    def close(self, flowId: int) -> tuple[int, int] | None:
         """
         End a session now; its counters, or L{None} when the engine ended
         it already (its expiry is reported by L{doRead}).
@@ -341,7 +341,7 @@ class EngineSession:
         if self.resolving:
             counters = (engine.dropPending(self.key)[1], 0)
         else:
-            counters = engine.closeSession(self.id)
+            counters = engine.close(self.id)
             if counters is None:
                 # The engine ended it a moment ago; its report, waiting on
                 # the engine's eventfd, writes the access line.

@@ -271,7 +271,7 @@ class EngineForwarder:
         engine no longer reads the listener (the socket is closed).
         """
         try:
-            self.engine.addSession(
+            self.engine.adopt(
                 self,
                 session.key,
                 skt,
