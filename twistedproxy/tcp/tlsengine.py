@@ -33,10 +33,10 @@ from twistedproxy.tcp.engine import EngineFlow
 from twistedproxy.tls import NameTable
 
 try:
-    from twistedproxy.tcp._tlsengine import Context  # type: ignore[import-not-found]
+    from twistedproxy.tcp._tlsengine import Context
     from twistedproxy.tcp._tlsengine import TLSEngine as CompiledTLSEngine
-except ImportError:
-    Context = CompiledTLSEngine = None
+except ImportError:  # not built here: available() says so
+    Context = CompiledTLSEngine = None  # type: ignore[assignment,misc]
 
 if TYPE_CHECKING:
     from twistedproxy.tcp.listener import TCPListener
