@@ -104,7 +104,60 @@ def available() -> bool:
 
 
 @implementer(IReadDescriptor)
-class TCPEngine:
+class EngineBinding:
+    """
+    What the reactor sees of a compiled engine that runs flows: the
+    engine's notify eventfd, watched from the first flow on, whose
+    C{doRead} (the subclass's) takes the engine's reports; and its stop.
+
+    @ivar engine: the compiled engine.
+    """
+
+    #: The reactor's log prefix for this engine.
+    prefix = "engine"
+
+    def __init__(self, reactor, engine) -> None:
+        self.reactor = reactor
+        self.engine = engine
+        self._watching = False
+        self._stopped = False
+
+    def _watch(self) -> None:
+        """
+        Watch the engine's reports (from its first flow on).
+        """
+        if not self._watching:
+            self._watching = True
+            self.reactor.addReader(self)
+
+    def stop(self) -> None:
+        """
+        End every flow (reason C{"proxy stopped"}), join the engine's
+        threads and take their last reports; later adopts are refused.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        self.engine.stop()
+        self.doRead()
+        if self._watching:
+            self._watching = False
+            self.reactor.removeReader(self)
+
+    def doRead(self) -> None:
+        raise NotImplementedError
+
+    def fileno(self) -> int:
+        return self.engine.fileno()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._watching = False
+
+    def logPrefix(self) -> str:
+        return self.prefix
+
+
+class TCPEngine(EngineBinding):
     """
     The relay engine's end in the reactor: adopts connected pairs of
     transports and calls each flow's C{onEnd} when the engine reports it.
@@ -115,16 +168,15 @@ class TCPEngine:
     @ivar engine: the L{twistedproxy.tcp._engine.TCPEngine}.
     """
 
+    prefix = "fastrelay"
+
     def __init__(self, reactor, engine=None) -> None:
         if engine is None:
             if CompiledTCPEngine is None:
                 raise RuntimeError("twistedproxy.tcp._engine is not built")
             engine = CompiledTCPEngine(threads=engineThreads())
-        self.reactor = reactor
-        self.engine = engine
+        EngineBinding.__init__(self, reactor, engine)
         self._onEnd: dict[int, EndCallback] = {}
-        self._watching = False
-        self._stopped = False
 
     # -- adopting -------------------------------------------------------------
 
@@ -197,9 +249,7 @@ class TCPEngine:
             )
             return False
         self._onEnd[flowId] = onEnd
-        if not self._watching:
-            self._watching = True
-            self.reactor.addReader(self)
+        self._watch()
         return True
 
     def adoptFlow(
@@ -257,24 +307,7 @@ class TCPEngine:
         """
         return len(self._onEnd)
 
-    def stop(self) -> None:
-        """
-        End every flow (reason C{"proxy stopped"}), join the engine thread and
-        call the flows' C{onEnd}; later adopts return C{False}.
-        """
-        if self._stopped:
-            return
-        self._stopped = True
-        self.engine.stop()
-        self.doRead()
-        if self._watching:
-            self._watching = False
-            self.reactor.removeReader(self)
-
     # -- IReadDescriptor ----------------------------------------------------------
-
-    def fileno(self) -> int:
-        return self.engine.fileno()
 
     def doRead(self) -> None:
         """
@@ -289,12 +322,6 @@ class TCPEngine:
                 callback(bytesIn, bytesOut, reason)
             except Exception:
                 log.failure("while reporting the end of flow {flowId}", flowId=flowId)
-
-    def connectionLost(self, reason: Failure) -> None:
-        self._watching = False
-
-    def logPrefix(self) -> str:
-        return "fastrelay"
 
 
 #: TCP states (C{tcpi_state}, the first byte of C{TCP_INFO}; Linux).

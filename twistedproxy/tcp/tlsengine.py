@@ -21,15 +21,12 @@ import os
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from twistedproxy.listener import fastPathWanted
 from twistedproxy.model import Listener, ServerTLS
 from twistedproxy.proxyprotocol import Addresses
-from twistedproxy.tcp.engine import EngineFlow
+from twistedproxy.tcp.engine import EngineBinding, EngineFlow
 from twistedproxy.tls import NameTable
 
 try:
@@ -179,8 +176,7 @@ class TLSDial(EngineFlow):
         EngineFlow._ended(self, bytesIn, bytesOut, reason)
 
 
-@implementer(IReadDescriptor)
-class TLSEngine:
+class TLSEngine(EngineBinding):
     """
     The TLS engine's end in the reactor: adopts clients for their
     handshake, gives them their target, and passes the engine's reports
@@ -189,16 +185,15 @@ class TLSEngine:
     @ivar flows: the engine's flows by id, until their end is reported.
     """
 
+    prefix = "tlsengine"
+
     def __init__(self, reactor, engine=None) -> None:
         if engine is None:
             if CompiledTLSEngine is None:
                 raise RuntimeError("twistedproxy.tcp._tlsengine is not built")
             engine = CompiledTLSEngine()
-        self.reactor = reactor
-        self.engine = engine
+        EngineBinding.__init__(self, reactor, engine)
         self.flows: dict[int, TLSDial] = {}
-        self._watching = False
-        self._stopped = False
 
     applies = staticmethod(applies)
 
@@ -231,9 +226,7 @@ class TLSEngine:
             )
             return False
         self.flows[flow.id] = flow
-        if not self._watching:
-            self._watching = True
-            self.reactor.addReader(self)
+        self._watch()
         return True
 
     def attach(self, flowId: int, targetFd: int, idleTimeout: float) -> bool:
@@ -263,24 +256,7 @@ class TLSEngine:
         """
         return len(self.flows)
 
-    def stop(self) -> None:
-        """
-        End every flow (C{"proxy stopped"}) and report them; later adopts
-        are refused.
-        """
-        if self._stopped:
-            return
-        self._stopped = True
-        self.engine.stop()
-        self.doRead()
-        if self._watching:
-            self._watching = False
-            self.reactor.removeReader(self)
-
     # -- IReadDescriptor ----------------------------------------------------------
-
-    def fileno(self) -> int:
-        return self.engine.fileno()
 
     def doRead(self) -> None:
         """
@@ -303,12 +279,6 @@ class TLSEngine:
             method(*args)
         except Exception:
             log.failure("while handling flow {flowId} of the tls engine", flowId=flowId)
-
-    def connectionLost(self, reason: Failure) -> None:
-        self._watching = False
-
-    def logPrefix(self) -> str:
-        return "tlsengine"
 
 
 def tlsEngine(reactor) -> TLSEngine | None:
