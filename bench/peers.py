@@ -310,10 +310,8 @@ def portproxyVariants(engineThreads=(), python=False):
     return variants
 
 
-#: The environment variable that will tell the engines how many threads to
-#: run (issue 15: one per core); the engines of this tree run one and do
-#: not read it yet, so that columns set by --engine-threads match until
-#: they do.
+#: The environment variable that sets the TCP engine's relay threads
+#: (default: one per CPU); --engine-threads starts one portproxy per count.
 ENGINE_THREADS = "PORTPROXY_ENGINE_THREADS"
 
 #: Columns that are not peers: the backend itself and portproxy's own.
@@ -870,7 +868,7 @@ def main():
         "--engine-threads",
         default="",
         help="comma list of engine thread counts: one portproxy column each,"
-        f" started with {ENGINE_THREADS}=N (the engines do not read it yet)",
+        f" started with {ENGINE_THREADS}=N (the TCP engine's relay threads)",
     )
     ap.add_argument(
         "--access",
