@@ -45,6 +45,21 @@ def freshAccessState(monkeypatch):
 
 
 @pytest.fixture
+def recordFarewells(monkeypatch):
+    """
+    Relays end the clients they cannot serve or turn away over a limit
+    through L{ClosingClient}, which needs a real socket: with fake
+    transports it only marks the transport C{finished}.
+    """
+    from twistedproxy.tcp.relay import ClosingClient
+
+    def takeOver(transport, reactor):
+        transport.finished = True
+
+    monkeypatch.setattr(ClosingClient, "takeOver", staticmethod(takeOver))
+
+
+@pytest.fixture
 def logged():
     """
     The events logged during the test, in order.

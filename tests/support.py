@@ -221,6 +221,32 @@ def roundTrip(conn: socket.socket, payload: bytes) -> bytes:
     return data
 
 
+def turnedAway(
+    port: int, source: str = "127.0.0.1", seconds: float = 2.0, host: str = "127.0.0.1"
+) -> str:
+    """
+    How the proxy ends a new connection to C{host}:C{port} from C{source}
+    that sends a byte at once, then reads: C{"end of stream"} (a clean
+    close, C{recv} returns C{b""}), C{"reset"} (C{ConnectionResetError},
+    also one that beat C{connect()}'s return), C{"served"} (bytes came
+    back) or C{"open"} (nothing within C{seconds}).
+    """
+    conn = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    with conn:
+        conn.settimeout(seconds)
+        try:
+            conn.bind((source, 0))
+            conn.connect((host, port))
+            conn.sendall(b"x")
+            data = conn.recv(1)
+        except (ConnectionResetError, BrokenPipeError):
+            # EPIPE: the send came after a reset had already ended it.
+            return "reset"
+        except TimeoutError:
+            return "open"
+    return "served" if data else "end of stream"
+
+
 def rssKiB(pid: int) -> int:
     """
     Resident memory of process C{pid}, in KiB.

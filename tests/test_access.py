@@ -31,6 +31,8 @@ from twistedproxy.admin import Console
 from twistedproxy.config import ConfigError, parseMap
 from twistedproxy.model import AccessPolicy, Rate
 
+pytestmark = pytest.mark.usefixtures("recordFarewells")
+
 
 def networks(*cidrs):
     return [ipaddress.ip_network(c) for c in cidrs]
@@ -336,15 +338,16 @@ def test_tcpAllowListAndMappedClients():
 
 def test_tcpMaxConnectionsPerClient():
     """
-    A client at max_connections_per_client is refused while another client
-    is not; when one of its connections ends it may connect again.
+    A client at max_connections_per_client is closed cleanly (a FIN, not
+    a reset) while another client is served; when one of its connections
+    ends it may connect again.
     """
     h = tcpHarness(maxPerClient=2, scope="t1")
     a = IPv4Address("TCP", "127.0.0.2", 1)
     first, _ = h.accept(a)
     h.accept(a)
     _, third = h.accept(a)
-    assert third.reset
+    assert third.finished and not third.aborted
     _, other = h.accept(IPv4Address("TCP", "127.0.0.3", 1))
     assert not other.aborted
     first.close("test")
@@ -356,12 +359,12 @@ def test_tcpMaxConnectionsPerClient():
 
 def test_tcpNewConnectionsPerClient():
     """
-    A client over new_connections_per_client is refused until its bucket
-    refills; another client is untouched.
+    A client over new_connections_per_client is closed cleanly until its
+    bucket refills; another client is untouched.
     """
     h = tcpHarness(newPerClient=Rate(1.0, 2), scope="t2")
     a = IPv4Address("TCP", "127.0.0.2", 1)
-    results = [h.accept(a)[1].aborted for _ in range(3)]
+    results = [h.accept(a)[1].finished for _ in range(3)]
     assert results == [False, False, True]
     assert not h.accept(IPv4Address("TCP", "127.0.0.3", 1))[1].aborted
     h.reactor.advance(1.0)
@@ -377,7 +380,7 @@ def test_perClientLimitsAcrossListenersOfAScope():
     h2 = Harness(access=policy, port=8081)
     a = IPv4Address("TCP", "127.0.0.2", 1)
     h1.accept(a)
-    assert h2.accept(a)[1].reset
+    assert h2.accept(a)[1].finished
 
 
 def test_reconfigureAppliesToNewConnectionsOnly():

@@ -1,7 +1,7 @@
 """
 End-to-end tests of who may connect, through a real twistd on both paths:
-allow and deny lists (TCP reset, UDP dropped), the per-client limits with
-clients on several loopback addresses, reload, and the bounded log of
+allow and deny lists (TCP reset, UDP dropped), the per-client limits (TCP
+closed cleanly, UDP dropped) with clients on several loopback addresses, reload, and the bounded log of
 refusals.  Loopback is 127.0.0.0/8 on Linux, so a client bound to
 127.0.0.2 is another client address than one bound to 127.0.0.3.
 """
@@ -13,7 +13,14 @@ import re
 import socket
 import time
 
-from support import TCPEchoServer, UDPEchoServer, freePort, roundTrip, waitUntil
+from support import (
+    TCPEchoServer,
+    UDPEchoServer,
+    freePort,
+    roundTrip,
+    turnedAway,
+    waitUntil,
+)
 
 
 def freeRange(count) -> int:
@@ -63,20 +70,7 @@ def resetAtOnce(source, port) -> bool:
     Whether a connection from C{source} is reset by the proxy, within a
     second, without being served (an end of stream is not a reset).
     """
-    try:
-        conn = connectFrom(source, port)
-    except ConnectionResetError:
-        return True
-    with conn:
-        conn.settimeout(1)
-        try:
-            conn.sendall(b"x")
-            conn.recv(1)
-            return False
-        except ConnectionResetError:
-            return True
-        except TimeoutError:
-            return False
+    return turnedAway(port, source, seconds=1) == "reset"
 
 
 def udpClient(source) -> socket.socket:
@@ -141,8 +135,9 @@ def test_udpDenyDropsAndCounts(proxy):
 
 def test_tcpMaxConnectionsPerClient(proxy):
     """
-    A client with max_connections_per_client open is reset; another client
-    is served meanwhile, and the first gets in again once one closes.
+    A client with max_connections_per_client open is closed cleanly (end of
+    stream, not a reset); another client is served meanwhile, and the first
+    gets in again once one closes.
     """
     with TCPEchoServer() as echo:
         port = freePort()
@@ -150,7 +145,7 @@ def test_tcpMaxConnectionsPerClient(proxy):
         first, second = connectFrom("127.0.0.2", port), connectFrom("127.0.0.2", port)
         for conn in (first, second):
             assert roundTrip(conn, b"in") == b"in"
-        assert resetAtOnce("127.0.0.2", port)
+        assert turnedAway(port, "127.0.0.2") == "end of stream"
         proxy.waitFor(
             r"rejected 127\.0\.0\.2:\d+: max_connections_per_client 2 reached"
         )
@@ -164,7 +159,8 @@ def test_tcpMaxConnectionsPerClient(proxy):
 def test_tcpNewConnectionsPerClient(proxy):
     """
     A client over new_connections_per_client (burst 2, then 1 each 100 s)
-    is reset; another client is untouched.
+    is closed cleanly (end of stream, not a reset); another client is
+    untouched.
     """
     with TCPEchoServer() as echo:
         port = freePort()
@@ -177,7 +173,7 @@ def test_tcpNewConnectionsPerClient(proxy):
         )
         assert served("127.0.0.2", port)
         assert served("127.0.0.2", port)
-        assert resetAtOnce("127.0.0.2", port)
+        assert turnedAway(port, "127.0.0.2") == "end of stream"
         proxy.waitFor(r"rejected 127\.0\.0\.2:\d+: new_connections_per_client 0\.01/s")
         assert served("127.0.0.3", port)
 
@@ -282,7 +278,7 @@ def test_defaultsLimitCountsAcrossMappings(proxy):
         )
         with connectFrom("127.0.0.2", a) as held:
             assert roundTrip(held, b"held") == b"held"
-            assert resetAtOnce("127.0.0.2", b)
+            assert turnedAway(b, "127.0.0.2") == "end of stream"
             proxy.waitFor(
                 r"tcp b rejected 127\.0\.0\.2:\d+: max_connections_per_client 1"
             )

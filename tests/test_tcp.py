@@ -28,18 +28,7 @@ from twistedproxy.model import Target, Timeouts
 from twistedproxy.tcp.listener import DEFAULT_BACKLOG, TCPListener, listenBacklog
 from twistedproxy.tcp.relay import FAREWELL_SECONDS, ClosingClient, Relay
 
-
-@pytest.fixture(autouse=True)
-def recordFarewells(monkeypatch):
-    """
-    Relays end clients they cannot serve through L{ClosingClient}, which
-    needs a real socket: here it only marks the fake transport.
-    """
-
-    def takeOver(transport, reactor):
-        transport.finished = True
-
-    monkeypatch.setattr(ClosingClient, "takeOver", staticmethod(takeOver))
+pytestmark = pytest.mark.usefixtures("recordFarewells")
 
 
 def tick(reactor, seconds: float, step: float = 1.0) -> None:
@@ -142,14 +131,15 @@ def test_noIdleTimer():
 
 def test_maxConnectionsRejects():
     """
-    A client over max_connections is closed at once, never dials, and is
-    counted and logged as rejected.
+    A client over max_connections is closed at once through
+    L{ClosingClient} (a FIN, not a reset), never dials, and is counted and
+    logged as rejected.
     """
     h = Harness(maxConnections=1)
     h.connected()
     with capturedLogs() as events:
         relay, client = h.accept(IPv4Address("TCP", "192.0.2.8", 1234))
-    assert client.aborted
+    assert client.finished and not client.aborted
     assert len(h.reactor.tcpClients) == 1
     assert h.service.counters.rejected == 1
     assert h.service.active == 1

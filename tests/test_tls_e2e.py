@@ -25,6 +25,7 @@ from support import (
     proxyEnvironment,
     readAll,
     roundTrip,
+    turnedAway,
 )
 
 from twistedproxy.tcp import engine as fastrelay
@@ -161,6 +162,23 @@ def test_terminateWithRealClients(proxy, pki) -> None:
             r"tcp web 127\.0\.0\.1:\d+ -> \S+ \S+ in=0 out=0 tls: unsupported protocol"
         )
     http.shutdown()
+
+
+def test_overLimitClosedCleanly(proxy, pki) -> None:
+    """
+    A client of a TLS-terminating listener over max_connections is closed
+    before any handshake with a clean end of stream (not a reset), as a
+    plain TCP client is, and counted as rejected.
+    """
+    with TCPEchoServer() as echo:
+        port = freePort()
+        proxy.start(_terminating(port, echo.port, pki, "    max_connections: 1\n"))
+        with tlsConnect(port, "localhost", pki.path) as held:
+            assert roundTrip(held, b"in") == b"in"
+            assert turnedAway(port) == "end of stream"
+        proxy.waitFor(
+            r"tcp secure rejected 127\.0\.0\.1:\d+: max_connections 1 reached"
+        )
 
 
 def test_originate(proxy, pki) -> None:

@@ -494,6 +494,21 @@ def refusalKind(reason: str) -> str:
     return "limit"
 
 
+def refusalResets(reason: str) -> bool:
+    """
+    Whether a TCP client refused for C{reason} (from
+    L{ListenerService.admit}) is reset rather than closed cleanly.
+
+    SPEC.md's words: a client refused by an access rule (allow and deny
+    lists, the manhole's blocks, a disabled listener) is reset, so a port
+    scan learns nothing more than from a closed port; a client over a
+    limit (C{max_connections}, the per-client limits) is I{closed}, a clean
+    end of stream, as nginx C{stream}'s C{limit_conn} closes it, so that a
+    client may tell "busy, try again" from "not for you".
+    """
+    return refusalKind(reason) != "limit"
+
+
 def fastPathWanted() -> bool:
     """
     Whether listeners may use the compiled fast paths where they are built:

@@ -34,7 +34,7 @@ from twistedproxy.listener import IFlow
 from twistedproxy.model import ANY_IPV4, ANY_IPV6, formatHostPort
 from twistedproxy.proxyprotocol import Addresses
 from twistedproxy.tcp.engine import EngineFlow, TCPEngine, acceptClient
-from twistedproxy.tcp.relay import resetDescriptor
+from twistedproxy.tcp.relay import refuseDescriptor
 
 if TYPE_CHECKING:
     from twistedproxy.tcp.listener import ListeningPort, TCPListener
@@ -188,7 +188,7 @@ class EngineForwarder:
         service = self.service
         refusal = service.admit(hostOf(client))
         if refusal is not None:
-            resetDescriptor(clientFd)
+            refuseDescriptor(clientFd, refusal, service.reactor)
             service.rejected(client, refusal)
             return
         if service.listener.tls is not None and service.tlsEngine is not None:

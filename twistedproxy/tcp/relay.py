@@ -48,6 +48,7 @@ from twistedproxy.listener import (
     IFlow,
     clientAddress,
     nextFlowId,
+    refusalResets,
 )
 from twistedproxy.model import Listener, formatHostPort
 from twistedproxy.proxyprotocol import Addresses
@@ -149,6 +150,35 @@ def resetDescriptor(fd: int) -> None:
     skt.close()
 
 
+def refuseDescriptor(fd: int, reason: str, reactor) -> None:
+    """
+    End a client refused for C{reason} (from
+    L{twistedproxy.listener.ListenerService.admit}) that is still a bare
+    socket descriptor C{fd}: a reset, or a clean close through
+    L{ClosingClient}, as L{refusalResets} says.
+    """
+    if refusalResets(reason):
+        resetDescriptor(fd)
+    else:
+        ClosingClient(fd, reactor).start()
+
+
+def refuseTransport(transport, reason: str, reactor) -> None:
+    """
+    End a client refused for C{reason} whose Twisted C{transport} exists
+    already, as L{refuseDescriptor} ends a bare descriptor.
+    """
+    if refusalResets(reason):
+        resetConnection(transport)
+        return
+    # Before its handshake a TLS transport would abort (a reset) rather
+    # than close: the client is ended below its TLS layer, as a bare
+    # descriptor of the engine is.
+    if tls.isTLSTransport(transport):
+        transport = transport.transport
+    ClosingClient.takeOver(transport, reactor)
+
+
 def flushAndClose(transport) -> None:
     """
     Close C{transport} once what is buffered for it has gone out.
@@ -177,7 +207,8 @@ def connectFailureText(reason: Failure) -> str:
 class ClosingClient:
     """
     A client the proxy could not serve (its target refused, timed out or
-    has no address), ended the same way on every path: a FIN at once
+    has no address) or turned away over a limit, ended the same way on
+    every path: a FIN at once
     (C{shutdown(SHUT_WR)}, so the client reads a clean end of stream, as
     from docker-proxy), then whatever the client sent or still sends read
     and dropped until it closes its end, L{FAREWELL_SECONDS} pass or
@@ -536,7 +567,7 @@ class Relay(Protocol):
         # Admission, with the real client.
         refusal = service.admit(hostOf(self.client))
         if refusal is not None:
-            resetConnection(self.transport)
+            refuseTransport(self.transport, refusal, self.reactor)
             service.rejected(self.client, refusal)
             return
         self.clientEnd.transport = self.transport
