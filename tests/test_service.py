@@ -3,6 +3,7 @@ Tests for L{twistedproxy.service.ProxyService}: start-up, reload and
 mapping control, with fake listeners and a memory reactor.
 """
 
+import os
 import signal
 
 import pytest
@@ -113,12 +114,49 @@ def test_startFailureNamesTheMapping():
     proxy, _ = makeProxy(proxyMap(listener(1), listener(2, name="db")))
     with pytest.raises(StartupError) as raised:
         proxy.privilegedStartService()
-    assert str(raised.value) == (
+    assert raised.value.problems == [
         "map.yaml:2: cannot listen on tcp 127.0.0.1:2 for mapping 'db': "
         "address already in use"
-    )
+    ]
+    assert str(raised.value) == "1 start-up problem, listed above and in the log"
     assert proxy.listeners == {}
     assert list(proxy) == []
+
+
+def test_startFailureWrittenToTheTerminal():
+    """
+    With a terminal kept (twistd's daemon mode), every start-up problem is
+    written to it, one C{FILE:LINE: message} a line, and it is closed.
+    """
+    FakeListener.busy = {1, 2}
+    proxy, _ = makeProxy(proxyMap(listener(1), listener(2, name="db")))
+    readEnd, proxy.terminal = os.pipe()
+    with pytest.raises(StartupError):
+        proxy.privilegedStartService()
+    with os.fdopen(readEnd, "rb") as terminal:
+        assert terminal.read().decode().splitlines() == [
+            "map.yaml:1: cannot listen on tcp 127.0.0.1:1 for mapping 'web': "
+            "address already in use",
+            "map.yaml:2: cannot listen on tcp 127.0.0.1:2 for mapping 'db': "
+            "address already in use",
+        ]
+    assert proxy.terminal is None
+
+
+def test_startLetsTheTerminalGo():
+    """
+    A start-up that binds everything writes nothing to the kept terminal
+    and closes it, so a daemon does not hold its starter's terminal.
+    """
+    proxy, _ = makeProxy(proxyMap(listener(1)))
+    readEnd, proxy.terminal = os.pipe()
+    proxy.privilegedStartService()
+    try:
+        with os.fdopen(readEnd, "rb") as terminal:
+            assert terminal.read() == b""
+        assert proxy.terminal is None
+    finally:
+        proxy.stopService()
 
 
 def test_noIPv6SkipsWildcardWithWarning(logged):

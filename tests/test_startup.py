@@ -163,6 +163,41 @@ def test_portInUseFailsStartNamingTheMapping(proxy):
         socket.create_connection(("127.0.0.1", free), timeout=1).close()
 
 
+@pytest.mark.parametrize(
+    "mode", [("--pidfile", "p.pid"), ("-n", "--pidfile=")], ids=["daemon", "foreground"]
+)
+def test_portInUseReachesTheTerminal(tmp_path, mode):
+    """
+    Run as a daemon (or in the foreground with --logfile), a listener that
+    cannot bind makes twistd exit non-zero and prints the FILE:LINE:
+    message naming the mapping on the terminal, first, not only in the
+    log file; no pid file is left and nothing stays bound.
+    """
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        free = freePort()
+        path = tmp_path / "map.yaml"
+        path.write_text(simpleMap((free, 9), (busy, 9)))
+        logfile = tmp_path / "p.log"
+        result = run(
+            [*TWISTD, *mode, "--logfile", str(logfile), "portproxy", "-c", str(path)],
+            cwd=tmp_path,
+        )
+    line = (
+        f"{path}:5: cannot listen on tcp 127.0.0.1:{busy} for mapping 'echo1': "
+        "address already in use"
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.splitlines()[0] == line, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert line in logfile.read_text()
+    assert not (tmp_path / "p.pid").exists()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", free), timeout=1).close()
+
+
 def test_daemonReloadsOnSighupAndStopsOnSigterm(tmp_path):
     """
     Run as a daemon with a pid file: SIGHUP reloads the map (a new mapping

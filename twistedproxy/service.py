@@ -8,6 +8,7 @@ alone.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sys
@@ -58,8 +59,23 @@ _SUMMARY_FAILURES = 10
 
 class StartupError(Exception):
     """
-    A listener of the map could not be started; the message names it.
+    Listeners of the map (or its manhole, HTTP or control sections) could
+    not be started.
+
+    @ivar problems: what failed, one C{FILE:LINE: message} each, naming
+        the mapping; logged, and written to L{ProxyService.terminal}.
     """
+
+    def __init__(self, problems: list[str]) -> None:
+        Exception.__init__(self, problems)
+        self.problems = problems
+
+    def __str__(self) -> str:
+        # What twistd's daemon parent prints after "An error has occurred"
+        # is cut at 100 bytes, too short for a problem: the problems
+        # themselves reach the terminal through ProxyService.terminal.
+        count = len(self.problems)
+        return f"{count} start-up problem{'' if count == 1 else 's'}, listed above and in the log"
 
 
 class PublishRefused(Exception):
@@ -171,6 +187,11 @@ class ProxyService(MultiService):
     @ivar engines: the compiled engines by protocol (L{compiledEngines}),
         which this service owns: it gives each to the listeners of its
         protocol and stops them when it stops.
+    @ivar terminal: a descriptor of the terminal (standard error) twistd
+        was started from, kept through daemonizing when the log does not
+        go there, to which start-up problems are written as well, as
+        nginx prints a failed bind; closed once the listeners are bound.
+        L{None} when there is none.
     @ivar watchers: objects told of the service's life: C{started(proxy)}
         once every listener is bound and started, C{reloading(proxy)} and
         C{reloaded(proxy, summary)} around each reload, C{stopping(proxy)}
@@ -221,6 +242,7 @@ class ProxyService(MultiService):
         self.http = None
         self.reloadCounts = ReloadCounts()
         self.watchers: list = []
+        self.terminal: int | None = None
         #: Listeners published through the control socket, by key: the
         #: lease (the control connection) that holds each.
         self.published: dict[ListenerKey, object] = {}
@@ -286,13 +308,33 @@ class ProxyService(MultiService):
             self.control = None
             for problem in problems:
                 log.error("{problem}", problem=problem)
-            raise StartupError("\n".join(problems))
+            self._tellTerminal(problems)
+            raise StartupError(problems)
+        self._tellTerminal([])
         for inherited in self.inheritedSockets.untaken():
             log.warn(
                 "socket {socket} from systemd matches no listener of the map; kept open, unused",
                 socket=str(inherited),
             )
         MultiService.privilegedStartService(self)
+
+    def _tellTerminal(self, problems: list[str]) -> None:
+        """
+        Write C{problems}, one a line, to L{terminal}, if any, and close
+        it: start-up is over either way.
+        """
+        terminal, self.terminal = self.terminal, None
+        if terminal is None:
+            return
+        try:
+            text = "".join(f"{problem}\n" for problem in problems).encode()
+            while text:
+                text = text[os.write(terminal, text) :]
+        except OSError:
+            # The terminal is gone: the log has the problems.
+            pass
+        finally:
+            os.close(terminal)
 
     def startService(self) -> None:
         MultiService.startService(self)

@@ -4,6 +4,7 @@ The twistd plugin's options and service: C{twistd portproxy -c map.yaml}.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from twisted.python import usage
@@ -36,7 +37,9 @@ def serviceForMap(path: str, reactor=None) -> ProxyService:
     The root service for the map at C{path}.  An invalid map prints every
     error, one C{FILE:LINE: message} a line, and exits with status 1 before
     anything listens.  A listener that cannot bind later stops twistd
-    with its one logged line and no traceback (L{quietStartupErrors}).
+    with its one logged line and no traceback (L{quietStartupErrors}),
+    also written to the terminal when the log goes elsewhere (see
+    L{makeService}).
 
     Under systemd, the service takes the listening sockets passed in
     (C{$LISTEN_FDS}, read here, before twistd forks into a daemon) and
@@ -70,8 +73,9 @@ def quietStartupErrors(hook=None):
     and twistd lets that exception out of C{run()}: Python would print a
     traceback of twistd's start-up (some 24 lines) after the one line that
     matters, which L{ProxyService} has logged already.  The process still
-    exits with status 1; in daemon mode twistd's parent process prints the
-    start of the message, as it does for any start-up error.
+    exits with status 1; in daemon mode twistd's parent process exits with
+    status 1 too, after the problems were written to the terminal
+    (L{ProxyService.terminal}) and before its own short line.
     """
     if hook is None:
         hook = sys.excepthook
@@ -88,8 +92,27 @@ class _QuietHook:
             self.hook(kind, value, tb)
 
 
+def keptTerminal(twistdOptions) -> int | None:
+    """
+    A descriptor of standard error for L{ProxyService.terminal}, when
+    twistd's options (C{twistdOptions}, as twistd parsed them) say the log
+    will not go there: in daemon mode (which points standard error at
+    C{/dev/null}), or with C{--logfile FILE}.  L{None} when the log goes
+    to the terminal already, or there is no standard error.
+    """
+    logfile = twistdOptions.get("logfile")
+    if twistdOptions.get("nodaemon") and logfile in (None, "-"):
+        return None
+    try:
+        return os.dup(2)
+    except OSError:
+        return None
+
+
 def makeService(options: Options) -> ProxyService:
     service = serviceForMap(options["config"])
+    if options.parent is not None:
+        service.terminal = keptTerminal(options.parent)
     if service.map.logFormat == "json" and options.parent is not None:
         service.logObserver = twistdJSONObserver(options.parent)
     return service
