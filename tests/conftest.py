@@ -262,13 +262,29 @@ class UDPForwarding(Forwarding):
         Make opening a session's socket fail with C{error} from now on
         (L{None}: succeed again).
         """
-        from twistedproxy.udp import listener, relay
-
         opener = self._opener
         if error is not None:
 
             def opener(*args, **kwargs):
                 raise error
+
+        self._openSessionSocketsWith(opener)
+
+    def wrapSessionSockets(self, wrap) -> None:
+        """
+        Pass every session socket opened from now on, connected to its
+        target, through C{wrap} (which returns it) before the forwarder
+        gets it.
+        """
+        opener = self._opener
+
+        def wrapped(*args, **kwargs):
+            return wrap(opener(*args, **kwargs))
+
+        self._openSessionSocketsWith(wrapped)
+
+    def _openSessionSocketsWith(self, opener) -> None:
+        from twistedproxy.udp import listener, relay
 
         # both modules that open session sockets look the name up at call time
         for module in (listener, relay):

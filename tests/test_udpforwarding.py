@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import time
 
 import pytest
@@ -375,6 +376,41 @@ def test_staleRefusalRetried(udpForwarding):
     c.sendto(b"2", s.address)
     data, source = f.receive(target)
     assert data == b"2"
+    target.sendto(b"welcome", source)
+    assert f.receive(c)[0] == b"welcome"
+    assert s.service.active == 1
+
+
+def test_staleRefusalPendingAtTheFirstSend(udpForwarding):
+    """
+    A session socket that holds the ICMP port-unreachable error of a
+    datagram sent before its target listened (left there by the test)
+    still carries the client's first datagram, and the reply comes back:
+    the send that meets the stale error is retried, or the error is read
+    off the socket first, and the session stays open.
+    """
+    f = udpForwarding
+    gone = udpSocket()
+    address = gone.getsockname()
+    gone.close()
+    targets = []
+
+    def leaveStaleError(skt):
+        skt.send(b"nobody there")
+        # the error pending on the socket makes it readable
+        assert select.select([skt], [], [], 5)[0], "no ICMP error came back"
+        targets.append(udpSocket(address=address))
+        return skt
+
+    f.wrapSessionSockets(leaveStaleError)
+    s = f.listen(target=Target(*address))
+    c = s.client()
+    c.sendto(b"first", s.address)
+    f.spin(lambda: targets, what="the session socket")
+    [target] = targets
+    s.sockets.append(target)
+    data, source = f.receive(target)
+    assert data == b"first"
     target.sendto(b"welcome", source)
     assert f.receive(c)[0] == b"welcome"
     assert s.service.active == 1
