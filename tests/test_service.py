@@ -24,6 +24,7 @@ from twistedproxy.model import (
     Manhole,
 )
 from twistedproxy.service import ProxyService, StartupError
+from twistedproxy.tcp.listener import listenBacklog
 
 
 class FakeManhole(Service):
@@ -91,6 +92,25 @@ def reload(proxy):
     proxy.reload().addCallback(results.append)
     assert results, "reload did not finish"
     return results[0]
+
+
+def test_reloadReadsSomaxconnAgain(tmp_path):
+    """
+    A reload forgets the somaxconn value read before, so the listeners it
+    adds get the kernel's ceiling of now.
+    """
+    path = tmp_path / "somaxconn"
+    path.write_text("8192\n")
+    assert listenBacklog(str(path)) == 8192
+    path.write_text("1024\n")
+    proxy, maps = started(proxyMap(listener(1)))
+    maps.next = proxyMap(listener(1), listener(2))
+    try:
+        assert listenBacklog(str(path)) == 8192
+        assert "added 1" in reload(proxy)
+        assert listenBacklog(str(path)) == 1024
+    finally:
+        proxy.stopService()
 
 
 def test_startBindsEveryListener():

@@ -365,6 +365,20 @@ def test_backlogFromSomaxconn(tmp_path):
     assert listenBacklog(str(tmp_path / "missing")) == DEFAULT_BACKLOG
 
 
+def test_backlogReadOnce(tmp_path):
+    """
+    somaxconn is read once, not once per listener: a changed value is seen
+    only after C{cache_clear()} (which a reload does).
+    """
+    path = tmp_path / "somaxconn"
+    path.write_text("8192\n")
+    assert listenBacklog(str(path)) == 8192
+    path.write_text("1024\n")
+    assert listenBacklog(str(path)) == 8192
+    listenBacklog.cache_clear()
+    assert listenBacklog(str(path)) == 1024
+
+
 # -- the listening socket, real but driven by a memory reactor ----------------
 
 

@@ -819,6 +819,10 @@ class ProxyService(MultiService):
             log.info("{listener} (changed)", listener=listener)
         for listener in plan.kept:
             log.info("{listener} (unchanged)", listener=listener)
+        from twistedproxy.tcp.listener import listenBacklog
+
+        # Read again for the listeners added now: the sysctl may have changed.
+        listenBacklog.cache_clear()
         added = 0
         for listener in plan.added:
             service, problem = self._bindListener(listener)

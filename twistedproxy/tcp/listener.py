@@ -10,6 +10,7 @@ socket); how the client's bytes are carried is its forwarder's business
 
 from __future__ import annotations
 
+import functools
 import socket
 from typing import TYPE_CHECKING, Any, cast
 
@@ -51,10 +52,17 @@ DEFAULT_BACKLOG = 4096
 HEADER_TIMEOUT = 3.0
 
 
+@functools.cache
 def listenBacklog(path: str = "/proc/sys/net/core/somaxconn") -> int:
     """
     The accept queue length to ask for: the kernel's ceiling, so that a
     burst of connects is queued rather than dropped.
+
+    Read once and kept, not once per listener (100,000 reads for a
+    100,000-port map, one per port published); the root service forgets
+    it (C{listenBacklog.cache_clear()}) at each reload, so that the
+    listeners a reload adds after C{sysctl net.core.somaxconn} was raised
+    get the new ceiling (C{listen()} clamps to the value of its time).
     """
     try:
         with open(path) as f:
