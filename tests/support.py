@@ -5,8 +5,10 @@ portproxy on a map, and echo backends.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import random
 import re
 import select
 import signal
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from twisted.internet.error import CannotListenError
 
 import twistedproxy
 
@@ -36,29 +39,71 @@ START_TIMEOUT = 30.0
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
+#: Ports L{freePort} handed out in this process, not handed out again.
+_givenPorts: set[int] = set()
+
+
+def _portsBelowEphemeral() -> range:
+    """
+    The ports L{freePort} picks from: those below the kernel's ephemeral
+    range, which C{bind(port 0)} and every outgoing connection take their
+    ports from, so that no backend bound to port 0 and no connection of
+    this or another process on the machine takes a picked port before the
+    proxy binds it.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    return range(10000, max(ephemeral, 11000))
+
+
 def freePort(proto: str = "tcp", host: str = "127.0.0.1") -> int:
     """
     A port that is free on C{host} for C{proto} (C{"tcp"}, C{"udp"} or
-    C{"both"}).
+    C{"both"}), below the ephemeral range (L{_portsBelowEphemeral}) and not
+    handed out before by this process.  Something else may still bind it
+    before the proxy does: a test that binds a port itself uses
+    L{onFreePort}, which tries again.
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    kinds = {
-        "tcp": [socket.SOCK_STREAM],
-        "udp": [socket.SOCK_DGRAM],
-        "both": [socket.SOCK_STREAM, socket.SOCK_DGRAM],
-    }[proto]
-    for _ in range(100):
-        with socket.socket(family, kinds[0]) as probe:
-            probe.bind((host, 0))
-            port = probe.getsockname()[1]
+    return freeRange(1, proto, host)
+
+
+def freeRange(count: int, proto: str = "tcp", host: str = "127.0.0.1") -> int:
+    """
+    The first of C{count} consecutive ports free on C{host} for C{proto},
+    picked as L{freePort} picks one.
+    """
+    protos = ["tcp", "udp"] if proto == "both" else [proto]
+    ports = _portsBelowEphemeral()
+    rng = random.Random()
+    for _ in range(200):
+        first = rng.randrange(ports.start, ports.stop - count)
+        run = range(first, first + count)
+        if _givenPorts.isdisjoint(run) and all(
+            portFree(port, p, host) for port in run for p in protos
+        ):
+            _givenPorts.update(run)
+            return first
+    raise RuntimeError(f"no {count} free {proto} ports in a row on {host}")
+
+
+def onFreePort(bind, proto: str = "tcp", host: str = "127.0.0.1", attempts: int = 5):
+    """
+    Call C{bind(port)} with a L{freePort} and return what it returns; when
+    the port was taken meanwhile (C{EADDRINUSE}, also as Twisted's
+    L{CannotListenError}), try again with another, up to C{attempts}
+    times.
+    """
+    for _ in range(attempts - 1):
         try:
-            for kind in kinds:
-                with socket.socket(family, kind) as s:
-                    s.bind((host, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError(f"no free {proto} port on {host}")
+            return bind(freePort(proto, host))
+        except (OSError, CannotListenError) as e:
+            cause = e.socketError if isinstance(e, CannotListenError) else e
+            if getattr(cause, "errno", None) != errno.EADDRINUSE:
+                raise
+    return bind(freePort(proto, host))
 
 
 def proxyEnvironment(fastPath: bool = True) -> dict:
@@ -462,7 +507,8 @@ def portFree(port: int, proto: str = "tcp", host: str = "127.0.0.1") -> bool:
     Whether C{port} can be bound on C{host} for C{proto} now.
     """
     kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-    with socket.socket(socket.AF_INET, kind) as probe:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, kind) as probe:
         if proto == "tcp":
             # As servers bind: connections in TIME_WAIT do not count.
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -8,7 +8,6 @@ refusals.  Loopback is 127.0.0.0/8 on Linux, so a client bound to
 
 from __future__ import annotations
 
-import random
 import re
 import socket
 import time
@@ -17,28 +16,11 @@ from support import (
     TCPEchoServer,
     UDPEchoServer,
     freePort,
+    freeRange,
     roundTrip,
     turnedAway,
     waitUntil,
 )
-
-
-def freeRange(count) -> int:
-    """
-    The first of C{count} consecutive ports free on 127.0.0.1, below the
-    ephemeral range (32768 and up) that outgoing connections take from.
-    """
-    rng = random.Random()
-    for _ in range(100):
-        first = rng.randrange(10000, 32768 - count)
-        try:
-            for p in range(first, first + count):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return first
-    raise RuntimeError(f"no {count} free ports in a row")
 
 
 def tcpMap(port, target, extra="", proto="tcp"):

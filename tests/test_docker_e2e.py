@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from support import SHIM, ProxyProcess, portFree, waitUntil
+from support import SHIM, ProxyProcess, freePort, freeRange, portFree, waitUntil
 
 DOCKERD = "/usr/sbin/dockerd"
 BUSYBOX = "/bin/busybox"
@@ -226,18 +226,6 @@ def portproxy(proxy, docker):
     docker.removeContainers()
 
 
-def freeRange(count: int, first: int = 20000) -> int:
-    """
-    The first port of C{count} consecutive ports free on 127.0.0.1, from
-    C{first} on.
-    """
-    while first + count < 32768:
-        if all(portFree(p) for p in range(first, first + count)):
-            return first
-        first += count
-    raise RuntimeError(f"no {count} free ports")
-
-
 def fetch(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
         return response.read().decode()
@@ -255,8 +243,7 @@ def test_dockerRunPublishesThroughPortproxy(docker, portproxy):
     docker run -p publishes a TCP and a UDP port through the shim and
     portproxy, docker ps shows them, and docker stop frees them.
     """
-    tcpPort = freeRange(1, 18080)
-    udpPort = freeRange(1, tcpPort + 1)
+    tcpPort, udpPort = freePort(), freePort("udp")
     docker.run(
         "run",
         "-d",
@@ -358,7 +345,7 @@ def test_portproxyRestartKeepsPublishedPorts(docker, portproxy, tmp_path):
     Killing portproxy and starting it again: the shims publish their
     ports again within two seconds and the container answers again.
     """
-    port = freeRange(1, 18180)
+    port = freePort()
     docker.run(
         "run",
         "-d",

@@ -11,7 +11,7 @@ import socket
 
 import pytest
 from fakes import CLIENT, FakeResolver, Harness, RelayTransport, messages, tcpListener
-from support import freePort
+from support import onFreePort
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import (
     CannotListenError,
@@ -394,14 +394,30 @@ def canConnect(host, port) -> bool:
 
 
 def boundListener(host="127.0.0.1") -> TCPListener:
+    """
+    A started listener on a free port of C{host}, named as a map names it:
+    not port 0, because a socket bound to port 0 loses its port when a
+    disabled listener leaves the listening state (the kernel's
+    C{SOCK_BINDPORT_LOCK} is set by an explicit port only).
+    """
     reactor = MemoryReactorClock()
     reactor.running = True
-    service = TCPListener(
-        tcpListener(host=host, port=freePort(host=host)), reactor, backlog=8
-    )
-    service.privilegedStartService()
+
+    def bind(port: int) -> TCPListener:
+        service = TCPListener(tcpListener(host=host, port=port), reactor, backlog=8)
+        service.privilegedStartService()
+        return service
+
+    service = onFreePort(bind, host=host)
     service.startService()
     return service
+
+
+def boundPort(service: TCPListener) -> int:
+    """
+    The port C{service} listens on.
+    """
+    return service.port.socket.getsockname()[1]
 
 
 def test_bindListens():
@@ -416,7 +432,7 @@ def test_bindListens():
         assert skt.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
         assert service.port.backlog == 8
         assert service.port in service.reactor.readers
-        assert canConnect("127.0.0.1", service.listener.port)
+        assert canConnect("127.0.0.1", boundPort(service))
     finally:
         service.stopService()
 
@@ -441,12 +457,11 @@ def test_ipv6IsV6OnlySoBothWildcardsBind():
     An IPv6 listener is IPv6-only, so C{::} and C{0.0.0.0} bind the same
     port side by side.
     """
-    port = freePort(host="::")
     reactor = MemoryReactorClock()
-    six = TCPListener(tcpListener(host="::", port=port), reactor)
-    four = TCPListener(tcpListener(host="0.0.0.0", port=port), reactor)
+    six = TCPListener(tcpListener(host="::", port=0), reactor)
     six.bind()
     try:
+        four = TCPListener(tcpListener(host="0.0.0.0", port=boundPort(six)), reactor)
         four.bind()
         four.stopService()
         assert six.port.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
@@ -462,7 +477,7 @@ def test_disableRefusesEnableResumes(host):
     socket.
     """
     service = boundListener(host)
-    port = service.listener.port
+    port = boundPort(service)
     try:
         skt = service.port.socket
         service.disable()
@@ -488,7 +503,7 @@ def test_disableRefusesQueuedConnects():
     """
     service = boundListener()
     try:
-        waiting = socket.create_connection(("127.0.0.1", service.listener.port))
+        waiting = socket.create_connection(("127.0.0.1", boundPort(service)))
         service.disable()
         with waiting:
             waiting.settimeout(2)
@@ -505,21 +520,28 @@ def test_stopWhileDisabledFreesThePort():
     bound again.
     """
     service = boundListener()
+    port = boundPort(service)
     service.disable()
     service.stopService()
     with socket.socket() as again:
-        again.bind(("127.0.0.1", service.listener.port))
+        again.bind(("127.0.0.1", port))
 
 
 def test_disabledBeforeBindStaysDisabled():
     """
     A listener disabled before it binds binds without accepting.
     """
-    service = TCPListener(tcpListener(port=freePort()), MemoryReactorClock())
-    service.disable()
-    service.bind()
+    reactor = MemoryReactorClock()
+
+    def bind(port: int) -> TCPListener:
+        service = TCPListener(tcpListener(port=port), reactor)
+        service.disable()
+        service.bind()
+        return service
+
+    service = onFreePort(bind)
     try:
-        assert not canConnect("127.0.0.1", service.listener.port)
+        assert not canConnect("127.0.0.1", boundPort(service))
     finally:
         service.stopService()
 
@@ -532,7 +554,7 @@ def test_stopClosesSocketAtOnceFlowsRunOn():
     service = boundListener()
     relay = Relay(service, CLIENT)
     relay.makeConnection(RelayTransport())
-    port = service.listener.port
+    port = boundPort(service)
     service.stopService()
     assert not service.bound
     with socket.socket() as again:

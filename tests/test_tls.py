@@ -26,7 +26,6 @@ from fakes import (
     tcpListener,
 )
 from OpenSSL import SSL, crypto
-from support import freePort
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
@@ -585,7 +584,7 @@ def test_reloadTurnsTerminationOnAndOff() -> None:
     from twistedproxy.model import KeyPair, ServerTLS
     from twistedproxy.tcp.listener import RelayFactory, TCPListener
 
-    plain = tcpListener(port=freePort())
+    plain = tcpListener(port=0)
     terminating = replace(
         plain, tls=TLSSettings(terminate=ServerTLS(KeyPair("c.pem", "k.pem")))
     )
