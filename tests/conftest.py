@@ -3,7 +3,7 @@ import socket
 import time
 
 import pytest
-from support import ProxyProcess, queueEmpty
+from support import ProxyProcess, queueEmpty, udpSocket
 
 
 @pytest.fixture(params=["fastpath", "python"])
@@ -114,21 +114,6 @@ class UDPService:
             self.service.stopService()
         for skt in self.sockets:
             skt.close()
-
-
-def udpSocket(
-    host: str = "127.0.0.1", timeout: float = 5.0, address: tuple | None = None
-) -> socket.socket:
-    """
-    A UDP socket bound to C{address}, or to a free port of C{host}; reads
-    time out after C{timeout} seconds.
-    """
-    address = address or (host, 0)
-    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-    skt = socket.socket(family, socket.SOCK_DGRAM)
-    skt.bind(address)
-    skt.settimeout(timeout)
-    return skt
 
 
 class Forwarding:

@@ -106,6 +106,21 @@ def onFreePort(bind, proto: str = "tcp", host: str = "127.0.0.1", attempts: int 
     return bind(freePort(proto, host))
 
 
+def udpSocket(
+    host: str = "127.0.0.1", timeout: float = 5.0, address: tuple | None = None
+) -> socket.socket:
+    """
+    A UDP socket bound to C{address}, or to a free port of C{host}; reads
+    time out after C{timeout} seconds.
+    """
+    address = address or (host, 0)
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    skt = socket.socket(family, socket.SOCK_DGRAM)
+    skt.bind(address)
+    skt.settimeout(timeout)
+    return skt
+
+
 def proxyEnvironment(fastPath: bool = True) -> dict:
     """
     The environment for a twistd subprocess: the code the tests imported

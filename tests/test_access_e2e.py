@@ -19,6 +19,7 @@ from support import (
     freeRange,
     roundTrip,
     turnedAway,
+    udpSocket,
     waitUntil,
 )
 
@@ -53,13 +54,6 @@ def resetAtOnce(source, port) -> bool:
     second, without being served (an end of stream is not a reset).
     """
     return turnedAway(port, source, seconds=1) == "reset"
-
-
-def udpClient(source) -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind((source, 0))
-    s.settimeout(0.5)
-    return s
 
 
 def echoes(s, port, count=1, payload=b"ping") -> int:
@@ -107,7 +101,10 @@ def test_udpDenyDropsAndCounts(proxy):
     with UDPEchoServer() as echo:
         port = freePort("udp")
         proxy.start(tcpMap(port, echo.port, "    deny: [127.0.0.2/32]\n", proto="udp"))
-        with udpClient("127.0.0.2") as denied, udpClient("127.0.0.3") as other:
+        with (
+            udpSocket("127.0.0.2", 0.5) as denied,
+            udpSocket("127.0.0.3", 0.5) as other,
+        ):
             assert echoes(denied, port, 3) == 0
             assert echoes(other, port, 2) == 2
         proxy.waitFor(r"udp guarded rejected 127\.0\.0\.2:\d+: deny list")
@@ -178,9 +175,9 @@ def test_udpSessionsAndDatagramsPerClient(proxy):
             )
         )
         with (
-            udpClient("127.0.0.2") as a,
-            udpClient("127.0.0.2") as a2,
-            udpClient("127.0.0.3") as b,
+            udpSocket("127.0.0.2", 0.5) as a,
+            udpSocket("127.0.0.2", 0.5) as a2,
+            udpSocket("127.0.0.3", 0.5) as b,
         ):
             assert echoes(a, port, 10) == 3
             assert echoes(a2, port, 1) == 0

@@ -13,7 +13,14 @@ import socket
 import subprocess
 
 import pytest
-from support import TCPEchoServer, UDPEchoServer, freePort, readAll, waitUntil
+from support import (
+    TCPEchoServer,
+    UDPEchoServer,
+    freePort,
+    readAll,
+    udpSocket,
+    waitUntil,
+)
 
 from twistedproxy.proxyprotocol import Addresses, encode
 
@@ -27,6 +34,21 @@ def tcpMap(listen, target, extra="", proto="tcp"):
         f'    target: "{target}"\n'
         f"{extra}"
     )
+
+
+def startEchoed(
+    proxy, echo, extra="", proto="tcp", host="127.0.0.1", wildcard=False
+) -> int:
+    """
+    Start C{proxy} with the mapping C{pp} (and its C{extra} keys) from a
+    free port of C{host}, or of every address with C{wildcard}, to
+    C{echo} on C{host}; return the port.
+    """
+    port = freePort(proto, host)
+    address = f"[{host}]" if ":" in host else host
+    listen = f"{port}" if wildcard else f"{address}:{port}"
+    proxy.start(tcpMap(listen, f"{address}:{echo.port}", extra, proto))
+    return port
 
 
 def send(port, payload, host="127.0.0.1"):
@@ -44,21 +66,19 @@ def send(port, payload, host="127.0.0.1"):
             return b"", own
 
 
-@pytest.mark.parametrize("listenHost", ["127.0.0.1:", ""], ids=["address", "wildcard"])
-def test_sendsV1(proxy, listenHost):
+@pytest.mark.parametrize("wildcard", [False, True], ids=["address", "wildcard"])
+def test_sendsV1(proxy, wildcard):
     """
     With proxy_protocol_v1 the target first receives the PROXY v1 line
     naming the client's address and port and the address it connected to
     (on a wildcard listener too).
     """
     with TCPEchoServer() as echo:
-        port = freePort()
-        proxy.start(
-            tcpMap(
-                f"{listenHost}{port}",
-                f"127.0.0.1:{echo.port}",
-                "    client_address: proxy_protocol_v1\n",
-            )
+        port = startEchoed(
+            proxy,
+            echo,
+            "    client_address: proxy_protocol_v1\n",
+            wildcard=wildcard,
         )
         got, (_host, cport) = send(port, b"hello")
         assert (
@@ -73,14 +93,7 @@ def test_sendsV2IPv4(proxy):
     (PROXY command, TCP over IPv4) with the client's address.
     """
     with TCPEchoServer() as echo:
-        port = freePort()
-        proxy.start(
-            tcpMap(
-                f"127.0.0.1:{port}",
-                f"127.0.0.1:{echo.port}",
-                "    client_address: proxy_protocol_v2\n",
-            )
-        )
+        port = startEchoed(proxy, echo, "    client_address: proxy_protocol_v2\n")
         got, own = send(port, b"x" * 100000)
         header = encode(2, Addresses(own, ("127.0.0.1", port)))
         assert header[12:14] == b"\x21\x11"
@@ -93,13 +106,8 @@ def test_sendsV2IPv6(proxy):
     addresses.
     """
     with TCPEchoServer("::1") as echo:
-        port = freePort(host="::1")
-        proxy.start(
-            tcpMap(
-                f"[::1]:{port}",
-                f"[::1]:{echo.port}",
-                "    client_address: proxy_protocol_v2\n",
-            )
+        port = startEchoed(
+            proxy, echo, "    client_address: proxy_protocol_v2\n", host="::1"
         )
         got, own = send(port, b"six", host="::1")
         header = encode(2, Addresses(own, ("::1", port)))
@@ -114,14 +122,11 @@ def test_acceptsHeaderAndPassesItOn(proxy):
     and so does the access line.
     """
     with TCPEchoServer() as echo:
-        port = freePort()
-        proxy.start(
-            tcpMap(
-                f"127.0.0.1:{port}",
-                f"127.0.0.1:{echo.port}",
-                "    client_address: proxy_protocol_v1\n"
-                "    accept_proxy_protocol: [127.0.0.0/8]\n",
-            )
+        port = startEchoed(
+            proxy,
+            echo,
+            "    client_address: proxy_protocol_v1\n"
+            "    accept_proxy_protocol: [127.0.0.0/8]\n",
         )
         incoming = encode(2, Addresses(("203.0.113.7", 4242), ("198.51.100.1", 80)))
         got, _ = send(port, incoming + b"payload")
@@ -135,14 +140,7 @@ def test_acceptsV1HeaderInPieces(proxy):
     bytes after it reach the target untouched.
     """
     with TCPEchoServer() as echo:
-        port = freePort()
-        proxy.start(
-            tcpMap(
-                f"127.0.0.1:{port}",
-                f"127.0.0.1:{echo.port}",
-                "    accept_proxy_protocol: [127.0.0.1/32]\n",
-            )
-        )
+        port = startEchoed(proxy, echo, "    accept_proxy_protocol: [127.0.0.1/32]\n")
         with socket.create_connection(("127.0.0.1", port), timeout=10.0) as conn:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.sendall(b"PROXY TCP6 2001:db8::1 ")
@@ -158,14 +156,7 @@ def test_listedSourceWithoutHeaderKeepsItsAddress(proxy):
     A listed source that sends no header is relayed as itself.
     """
     with TCPEchoServer() as echo:
-        port = freePort()
-        proxy.start(
-            tcpMap(
-                f"127.0.0.1:{port}",
-                f"127.0.0.1:{echo.port}",
-                "    accept_proxy_protocol: [127.0.0.0/8]\n",
-            )
-        )
+        port = startEchoed(proxy, echo, "    accept_proxy_protocol: [127.0.0.0/8]\n")
         got, (_host, cport) = send(port, b"GET / HTTP/1.0\r\n\r\n")
         assert got == b"GET / HTTP/1.0\r\n\r\n"
         proxy.waitFor(rf"tcp pp 127\.0\.0\.1:{cport} -> ")
@@ -177,14 +168,7 @@ def test_headerFromUnlistedSourceCloses(proxy):
     connection, which never reaches the target, and is counted.
     """
     with TCPEchoServer() as echo:
-        port = freePort()
-        proxy.start(
-            tcpMap(
-                f"127.0.0.1:{port}",
-                f"127.0.0.1:{echo.port}",
-                "    accept_proxy_protocol: [10.0.0.0/8]\n",
-            )
-        )
+        port = startEchoed(proxy, echo, "    accept_proxy_protocol: [10.0.0.0/8]\n")
         incoming = b"PROXY TCP4 203.0.113.7 198.51.100.1 4242 80\r\n"
         got, _ = send(port, incoming + b"payload")
         assert got == b""
@@ -200,14 +184,7 @@ def test_malformedHeaderCloses(proxy):
     A malformed header from a listed source closes the connection.
     """
     with TCPEchoServer() as echo:
-        port = freePort()
-        proxy.start(
-            tcpMap(
-                f"127.0.0.1:{port}",
-                f"127.0.0.1:{echo.port}",
-                "    accept_proxy_protocol: [127.0.0.0/8]\n",
-            )
-        )
+        port = startEchoed(proxy, echo, "    accept_proxy_protocol: [127.0.0.0/8]\n")
         got, _ = send(port, b"PROXY TCP4 203.0.113.777 198.51.100.1 4242 80\r\nx")
         assert got == b""
         proxy.waitFor(
@@ -235,18 +212,13 @@ def test_udpSendsV2PerDatagram(proxy):
     datagram to the target; the echoed reply comes back unchanged.
     """
     with UDPEchoServer() as echo:
-        port = freePort("udp")
-        proxy.start(
-            tcpMap(
-                f"127.0.0.1:{port}",
-                f"127.0.0.1:{echo.port}",
-                "    client_address: proxy_protocol_v2\n",
-                proto="udp",
-            )
+        port = startEchoed(
+            proxy,
+            echo,
+            "    client_address: proxy_protocol_v2\n",
+            proto="udp",
         )
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
-            c.bind(("127.0.0.1", 0))
-            c.settimeout(2.0)
+        with udpSocket(timeout=2.0) as c:
             header = encode(
                 2, Addresses(c.getsockname(), ("127.0.0.1", port)), datagram=True
             )
@@ -273,18 +245,15 @@ def test_udpSendsV2WildcardIPv6(proxy):
     the client sent to, for IPv6 too (0x22).
     """
     with UDPEchoServer("::1") as echo:
-        port = freePort("udp", "::1")
-        proxy.start(
-            tcpMap(
-                f"{port}",
-                f"[::1]:{echo.port}",
-                "    client_address: proxy_protocol_v2\n",
-                proto="udp",
-            )
+        port = startEchoed(
+            proxy,
+            echo,
+            "    client_address: proxy_protocol_v2\n",
+            proto="udp",
+            host="::1",
+            wildcard=True,
         )
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as c:
-            c.bind(("::1", 0))
-            c.settimeout(2.0)
+        with udpSocket("::1", 2.0) as c:
             header = encode(
                 2, Addresses(c.getsockname()[:2], ("::1", port)), datagram=True
             )
@@ -300,24 +269,19 @@ def test_udpAcceptsHeaderPerDatagram(proxy):
     is dropped.
     """
     with UDPEchoServer() as echo:
-        port = freePort("udp")
-        proxy.start(
-            tcpMap(
-                f"127.0.0.1:{port}",
-                f"127.0.0.1:{echo.port}",
-                "    client_address: proxy_protocol_v2\n"
-                "    accept_proxy_protocol: [127.0.0.0/8]\n"
-                "    udp_timeout: 1s\n",
-                proto="udp",
-            )
+        port = startEchoed(
+            proxy,
+            echo,
+            "    client_address: proxy_protocol_v2\n"
+            "    accept_proxy_protocol: [127.0.0.0/8]\n"
+            "    udp_timeout: 1s\n",
+            proto="udp",
         )
         lb = Addresses(("203.0.113.9", 5353), ("198.51.100.2", 53))
         incoming = encode(2, lb, datagram=True)
         outgoing = encode(2, lb, datagram=True)
         address = ("127.0.0.1", port)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
-            c.bind(("127.0.0.1", 0))
-            c.settimeout(2.0)
+        with udpSocket(timeout=2.0) as c:
             assert udpExchange(c, incoming + b"one", address) == outgoing + b"one"
             assert udpExchange(c, incoming + b"two", address) == outgoing + b"two"
             assert udpExchange(c, b"bare", address) == outgoing + b"bare"
@@ -338,14 +302,11 @@ def test_udpRefusesUnlistedHeader(proxy):
     target.
     """
     with UDPEchoServer() as echo:
-        port = freePort("udp")
-        proxy.start(
-            tcpMap(
-                f"127.0.0.1:{port}",
-                f"127.0.0.1:{echo.port}",
-                "    accept_proxy_protocol: [10.0.0.0/8]\n",
-                proto="udp",
-            )
+        port = startEchoed(
+            proxy,
+            echo,
+            "    accept_proxy_protocol: [10.0.0.0/8]\n",
+            proto="udp",
         )
         header = encode(
             2, Addresses(("203.0.113.9", 1), ("198.51.100.2", 2)), datagram=True
@@ -427,14 +388,7 @@ def test_reloadChangesWhatIsSent(proxy):
     the same listening socket.
     """
     with TCPEchoServer() as echo:
-        port = freePort()
-        proxy.start(
-            tcpMap(
-                f"127.0.0.1:{port}",
-                f"127.0.0.1:{echo.port}",
-                "    client_address: proxy_protocol_v1\n",
-            )
-        )
+        port = startEchoed(proxy, echo, "    client_address: proxy_protocol_v1\n")
         got, own = send(port, b"a")
         assert got.startswith(b"PROXY TCP4 ")
         summary = proxy.reload(

@@ -18,7 +18,7 @@ import time
 
 import pytest
 from fakes import messages
-from support import proxyEnvironment, queueEmpty, waitUntil
+from support import proxyEnvironment, queueEmpty, udpSocket, waitUntil
 
 from twistedproxy.udp import engine as fastudp
 
@@ -84,14 +84,6 @@ def test_listenerWithoutEngineForwardsInPython():
 
 
 # -- the engine itself -------------------------------------------------------
-
-
-def udpSocket(host="127.0.0.1", timeout=5.0) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    skt = socket.socket(family, socket.SOCK_DGRAM)
-    skt.bind((host, 0))
-    skt.settimeout(timeout)
-    return skt
 
 
 def listeningSocket(host="127.0.0.1", pktinfo=False) -> socket.socket:

@@ -10,6 +10,7 @@ import time
 
 import pytest
 from fakes import messages, startedUDP, udpListener
+from support import udpSocket
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 
@@ -148,13 +149,6 @@ class Receiver:
 
     def replyReceived(self, data) -> None:
         self.replies.append(data)
-
-
-def udpSocket(host="127.0.0.1", family=socket.AF_INET) -> socket.socket:
-    skt = socket.socket(family, socket.SOCK_DGRAM)
-    skt.bind((host, 0))
-    skt.settimeout(5)
-    return skt
 
 
 def waitReadable(skt, timeout=5.0) -> None:

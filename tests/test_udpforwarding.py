@@ -14,8 +14,8 @@ import select
 import time
 
 import pytest
-from conftest import udpSocket
 from fakes import FakeResolver, messages
+from support import udpSocket
 from twisted.internet.address import IPv4Address, IPv6Address
 from zope.interface.verify import verifyObject
 
