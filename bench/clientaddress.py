@@ -29,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from peers import TWISTD, Ports, measure, startHTTP, waitTCP
+from _common import TWISTD, Ports, waitTCP
+from peers import measure, startHTTP
 from processes import Processes
 
 HERE = os.path.dirname(os.path.abspath(__file__))

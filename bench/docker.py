@@ -39,7 +39,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import TWISTD, freeRange, waitTCP
 from processes import Processes
 
 HERE = Path(__file__).resolve().parent
@@ -55,7 +55,6 @@ sys.path.insert(0, str(REPO))
 
 from twistedproxy.control import shimPath  # noqa: E402 (the checkout is on sys.path only now)
 
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 DOCKER = (
     "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else shutil.which("docker")
 )
@@ -211,17 +210,6 @@ def buildImage(docker, root):
     docker.run("import", "-", IMAGE, input=tar.stdout)
 
 
-def waitTCP(port, timeout=15):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit(f"nothing answers on 127.0.0.1:{port}")
-
-
 def measure(workload, host, port, seconds):
     if workload == "tcp_bulk":
         out = subprocess.run(
@@ -278,35 +266,13 @@ def proxyStartMs(path, port, target, control, count):
     return statistics.median(times)
 
 
-def freeRange(first, count):
-    """
-    C{first}, or the next multiple of C{count} above it, whose C{count}
-    ports are all free on 127.0.0.1 now (other benchmarks may hold some).
-    """
-    while first + count < 60000:
-        try:
-            held = []
-            for port in range(first, first + count):
-                probe = socket.socket()
-                held.append(probe)
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            first += count
-        finally:
-            for probe in held:
-                probe.close()
-    sys.exit(f"no {count} free ports in a row")
-
-
 def rangeRound(docker, first, count, servers, listening=True):
     """
     One `docker run` with a range of C{count} ports from C{first} (or the
     next free block): its seconds, and the RSS and PSS (KiB) and number of
     the processes serving the range.
     """
-    first = freeRange(first, count)
+    first = freeRange(count, first)
     spec = f"127.0.0.1:{first}-{first + count - 1}:{first}-{first + count - 1}"
     started = time.perf_counter()
     docker.run("run", "-d", "--name", "range", "-p", spec, IMAGE, "sleep", "1000")
@@ -378,7 +344,7 @@ def main():
             )
         while not os.path.exists(control):
             time.sleep(0.05)
-        freePort = freeRange(arguments.first + arguments.range + 10, 10)
+        freePort = freeRange(10, arguments.first + arguments.range + 10)
         startMs = {
             name: proxyStartMs(path, freePort, "198.18.0.99", control, 100)
             for name, path in proxies.items()

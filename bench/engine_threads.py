@@ -23,7 +23,8 @@ import subprocess
 import sys
 import tempfile
 
-from peers import TWISTD, Ports, cpuSeconds, waitTCP
+from _common import TWISTD, Ports, waitTCP
+from peers import cpuSeconds
 from processes import Processes
 
 

@@ -48,11 +48,14 @@ import tempfile
 import threading
 import time
 
+from _common import Ports, startDockerProxy, waitTCP
+from peers import measureWork, pingPong, rssKiB
 from processes import Processes
 
+#: the ports this run listens on
+ports = Ports()
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEERS_DIR = os.environ.get("PEERS_DIR", os.path.expanduser("~/.cache/portproxy-peers"))
-DOCKER_PROXY = os.path.join(PEERS_DIR, "docker-proxy")
 
 WORKLOADS = {
     # name: (unit, higher is better)
@@ -158,60 +161,6 @@ def runFront(
 # -- the harness -----------------------------------------------------------------
 
 
-def freePort() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def waitTcp(port: int, timeout: float = 15.0) -> bool:
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
-def rssKiB(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def startDockerProxy(procs, listen, target):
-    """
-    docker-proxy signals readiness by writing "0\\n" to fd 3.
-    """
-    argv = [
-        "sh",
-        "-c",
-        'exec "$0" "$@" 3>&1',
-        DOCKER_PROXY,
-        "-proto",
-        "tcp",
-        "-host-ip",
-        "127.0.0.1",
-        "-host-port",
-        str(listen),
-        "-container-ip",
-        "127.0.0.1",
-        "-container-port",
-        str(target),
-    ]
-    p = procs.start(argv, stdout=subprocess.PIPE)
-    status = p.stdout.read(2)
-    if status != b"0\n":
-        sys.exit(f"docker-proxy failed to start: {status!r}")
-    return p
-
-
 def startFront(procs, listen, target, mode, pipeSize, busyPoll):
     p = procs.start(
         [
@@ -234,81 +183,39 @@ def startFront(procs, listen, target, mode, pipeSize, busyPoll):
 
 def startProxy(procs, name, listen, target, pipeSize, busyPoll):
     if name == "docker-proxy":
-        return startDockerProxy(procs, listen, target)
+        return startDockerProxy(procs, "tcp", listen, target)
     if name.startswith("engine@"):
         busyPoll = int(name.split("@")[1])
     return startFront(procs, listen, target, name, pipeSize, busyPoll)
 
 
-def run(argv, timeout):
-    try:
-        return subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout
-        ).stdout
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout or ""
-        return out.decode() if isinstance(out, bytes) else out
-
-
 def measure(workload, port, seconds):
     """
-    One measurement against 127.0.0.1:port; None when it failed.
+    One measurement against 127.0.0.1:C{port}: the figure of
+    L{peers.measureWork} (Gbit/s, requests a second), or for
+    C{tcp_pingpong} the median and 99th percentile round trip in us;
+    L{None} when it failed.
     """
-    try:
-        if workload == "tcp_bulk":
-            out = run(
-                [
-                    "iperf3",
-                    "-c",
-                    "127.0.0.1",
-                    "-p",
-                    str(port),
-                    "-t",
-                    str(seconds),
-                    "-J",
-                ],
-                seconds + 20,
-            )
-            return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
-        if workload == "http_keepalive":
-            out = run(
-                ["wrk", "-t1", "-c32", f"-d{seconds}", f"http://127.0.0.1:{port}/"],
-                seconds + 20,
-            )
-            return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-        if workload == "tcp_pingpong":
-            out = run(
-                [
-                    "sockperf",
-                    "ping-pong",
-                    "--tcp",
-                    "-i",
-                    "127.0.0.1",
-                    "-p",
-                    str(port),
-                    "-t",
-                    str(seconds),
-                    "-m",
-                    "64",
-                ],
-                seconds + 20,
-            )
-            return tuple(
-                float(re.search(rf"percentile {pct} =\s+([\d.]+)", out).group(1))
-                for pct in ("50.000", "99.000")
-            )
-    except (AttributeError, KeyError, ValueError, json.JSONDecodeError, TypeError):
+    if workload != "tcp_pingpong":
+        return measureWork(workload, port, seconds)[0]
+    out = pingPong(workload, port, seconds)
+    found = [
+        re.search(rf"percentile {pct} =\s+([\d.]+)", out)
+        for pct in ("50.000", "99.000")
+    ]
+    if not all(found):
         return None
+    return tuple(float(m.group(1)) for m in found)
 
 
 def startBackends(procs, tmp, workloads):
     port = {}
     backends = {BACKEND_OF[w] for w in workloads}
     if "iperf" in backends:
-        port["iperf"] = freePort()
+        port["iperf"] = ports.take()
         procs.start(["iperf3", "-s", "-p", str(port["iperf"])])
     if "sockperf" in backends:
-        port["sockperf"] = freePort()
+        port["sockperf"] = ports.take()
         procs.start(
             [
                 "sockperf",
@@ -321,7 +228,7 @@ def startBackends(procs, tmp, workloads):
             ]
         )
     if "http" in backends:
-        port["http"] = freePort()
+        port["http"] = ports.take()
         conf = os.path.join(tmp, "nginx.conf")
         with open(conf, "w") as f:
             f.write(f"""worker_processes 1; daemon off; pid {tmp}/nginx.pid;
@@ -330,9 +237,8 @@ http {{ access_log off; keepalive_requests 1000000;
   server {{ listen 127.0.0.1:{port["http"]}; location / {{ return 200 "hello\\n"; }} }} }}
 """)
         procs.start(["nginx", "-c", conf])
-    for key, p in port.items():
-        if not waitTcp(p):
-            sys.exit(f"backend {key} did not start")
+    for p in port.values():
+        waitTCP(p)
     return port
 
 
@@ -342,7 +248,7 @@ def benchWorkloads(procs, tmp, names, workloads, rounds, seconds, pipeSize, busy
     for name in names:
         fronts[name] = {}
         for key, target in backends.items():
-            listen = freePort()
+            listen = ports.take()
             startProxy(procs, name, listen, target, pipeSize, busyPoll)
             fronts[name][key] = listen
     order = ["direct", *names]
@@ -390,7 +296,7 @@ def idleTest(procs, names, n, pipeSize, busyPoll):
     thread.start()
     out = {}
     for name in names:
-        front = freePort()
+        front = ports.take()
         p = startProxy(procs, name, front, hold.getsockname()[1], pipeSize, busyPoll)
         time.sleep(0.5)
         before = rssKiB(p.pid)

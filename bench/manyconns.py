@@ -42,17 +42,8 @@ import sys
 import tempfile
 import time
 
-from peers import (
-    TWISTD,
-    TWISTD_NOSPIN,
-    Ports,
-    nginxStreamModule,
-    rssKiB,
-    startHTTP,
-    treeCPU,
-    treeSum,
-    waitTCP,
-)
+from _common import TWISTD, Ports, waitTCP
+from peers import TWISTD_NOSPIN, nginxStreamModule, rssKiB, startHTTP, treeCPU, treeSum
 from processes import Processes
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -61,6 +61,7 @@ import tempfile
 import threading
 import time
 
+from _common import TWISTD, Ports, dockerProxyPath, startDockerProxy, waitTCP
 from processes import Processes
 
 # workload: (unit, higher is better, backend, protocol through the proxy)
@@ -73,8 +74,6 @@ WORKLOADS = {
     "tcp_pingpong": ("us p50", False, "sockperf_tcp", "tcp"),
     "udp_pingpong": ("us p50", False, "sockperf_udp", "udp"),
 }
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-
 #: twistd with the TCP engine's busy-poll off (busyPoll=0): the
 #: "portproxy-nospin" column, to see what the busy-poll costs and buys.
 TWISTD_NOSPIN = [
@@ -86,44 +85,16 @@ TWISTD_NOSPIN = [
 ]
 
 
-class Ports:
+def nginxStreamHead(tmp):
     """
-    Hands out distinct loopback ports, each free for TCP and UDP when
-    handed out (a fresh bind to port 0 can return the same port twice).
+    The start of an nginx configuration with the stream module for a run
+    whose files are in C{tmp}, up to the opening of its C{stream} block.
     """
-
-    def __init__(self):
-        self.next = 20000 + int.from_bytes(os.urandom(2), "big") % 30000
-
-    def take(self):
-        while True:
-            port, self.next = self.next, self.next + 1
-            if self.next > 64000:
-                self.next = 20000
-            try:
-                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-                    with socket.socket(socket.AF_INET, kind) as s:
-                        s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-
-
-def waitTCP(port, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
-
-
-def dockerProxyPath():
-    peers = os.environ.get("PEERS_DIR", os.path.expanduser("~/.cache/portproxy-peers"))
-    candidate = os.path.join(peers, "docker-proxy")
-    return candidate if os.access(candidate, os.X_OK) else shutil.which("docker-proxy")
+    return (
+        f"load_module {nginxStreamModule()};\nworker_processes 1; daemon off;\n"
+        f"pid {tmp}/stream.pid; error_log {tmp}/stream.err;\n"
+        "events { worker_connections 20000; }\nstream {\n"
+    )
 
 
 def nginxStreamModule():
@@ -350,34 +321,12 @@ def startPeers(
         key: {WORKLOADS[w][3] for w in WORKLOADS if WORKLOADS[w][2] == key}
         for key in backend
     }
-    dockerProxy = dockerProxyPath()
-    if "docker-proxy" in wanted and dockerProxy:
+    if "docker-proxy" in wanted and dockerProxyPath():
         front["docker-proxy"] = {}
         for key, target in backend.items():
             front["docker-proxy"][key] = port = ports.take()
             for proto in sorted(protos[key]):
-                # docker-proxy says it is ready by writing "0\n" to fd 3.
-                p = procs.start(
-                    [
-                        "sh",
-                        "-c",
-                        'exec "$0" "$@" 3>&1',
-                        dockerProxy,
-                        "-proto",
-                        proto,
-                        "-host-ip",
-                        "127.0.0.1",
-                        "-host-port",
-                        str(port),
-                        "-container-ip",
-                        "127.0.0.1",
-                        "-container-port",
-                        str(target),
-                    ],
-                    stdout=subprocess.PIPE,
-                )
-                if p.stdout.read(2) != b"0\n":
-                    raise SystemExit("docker-proxy did not start")
+                p = startDockerProxy(procs, proto, port, target)
                 PIDS.setdefault("docker-proxy", []).append(p.pid)
     if "socat" in wanted and shutil.which("socat"):
         front["socat"] = {}
@@ -412,11 +361,7 @@ def startPeers(
         front["nginx"] = {k: ports.take() for k in backend}
         conf = os.path.join(tmp, "stream.conf")
         with open(conf, "w") as f:
-            f.write(
-                f"load_module {nginxStreamModule()};\nworker_processes 1; daemon off;\n"
-                f"pid {tmp}/stream.pid; error_log {tmp}/stream.err;\n"
-                "events { worker_connections 20000; }\nstream {\n"
-            )
+            f.write(nginxStreamHead(tmp))
             for key, port in front["nginx"].items():
                 for proto in protos[key]:
                     udp = " udp" if proto == "udp" else ""
@@ -478,6 +423,31 @@ WORK_UNITS = {
 }
 
 
+def pingPong(workload, port, seconds):
+    """
+    What C{sockperf ping-pong} of 64-byte messages through
+    127.0.0.1:C{port} for C{seconds} printed: over TCP for
+    C{tcp_pingpong}, else UDP.
+    """
+    tcp = ["--tcp"] if workload == "tcp_pingpong" else []
+    return run(
+        [
+            "sockperf",
+            "ping-pong",
+            *tcp,
+            "-i",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-t",
+            str(seconds),
+            "-m",
+            "64",
+        ],
+        seconds,
+    )
+
+
 def measureWork(workload, port, seconds):
     """
     One figure for C{workload} through 127.0.0.1:C{port} and the work it
@@ -530,23 +500,7 @@ def measureWork(workload, port, seconds):
         if not (found and count):
             return None, None
         return float(found.group(1)), int(count.group(1))
-    tcp = ["--tcp"] if workload == "tcp_pingpong" else []
-    out = run(
-        [
-            "sockperf",
-            "ping-pong",
-            *tcp,
-            "-i",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-t",
-            str(seconds),
-            "-m",
-            "64",
-        ],
-        seconds,
-    )
+    out = pingPong(workload, port, seconds)
     found = re.search(r"percentile 50.000 =\s+([\d.]+)", out)
     count = re.search(r"\[Total Run\].*ReceivedMessages=(\d+)", out)
     if not (found and count):
@@ -593,31 +547,6 @@ def startPortproxy(procs, tmp, name, mapText):
     with open(mapPath, "w") as f:
         f.write(mapText)
     return procs.start([*TWISTD, "-n", "--pidfile=", "portproxy", "-c", mapPath])
-
-
-def startDockerProxy(procs, proto, port, target):
-    p = procs.start(
-        [
-            "sh",
-            "-c",
-            'exec "$0" "$@" 3>&1',
-            dockerProxyPath(),
-            "-proto",
-            proto,
-            "-host-ip",
-            "127.0.0.1",
-            "-host-port",
-            str(port),
-            "-container-ip",
-            "127.0.0.1",
-            "-container-port",
-            str(target),
-        ],
-        stdout=subprocess.PIPE,
-    )
-    if p.stdout.read(2) != b"0\n":
-        raise SystemExit("docker-proxy did not start")
-    return p
 
 
 def idleMemory(ports, tmp, count):

@@ -15,34 +15,13 @@ import argparse
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-
-
-def freeRange(n):
-    """
-    A base port such that base..base+n-1 are free for TCP and UDP.
-    """
-    for _ in range(200):
-        base = 20000 + int.from_bytes(os.urandom(2), "big") % 30000
-        if base + n >= 65000:
-            continue
-        try:
-            for port in range(base, base + n):
-                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-                    with socket.socket(socket.AF_INET, kind) as s:
-                        s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise SystemExit("no free port range")
+from _common import TWISTD, freeRange
 
 
 def small(port):

@@ -26,7 +26,8 @@ import tempfile
 import threading
 import urllib.request
 
-from peers import Ports, measure, startBackends, startPortproxy, waitTCP
+from _common import Ports, waitTCP
+from peers import measure, startBackends, startPortproxy
 from processes import Processes
 
 

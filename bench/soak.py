@@ -40,16 +40,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import TWISTD, Ports
 from processes import Processes
 
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 HOST = "127.0.0.1"
-
-
-def freePort(kind=socket.SOCK_STREAM):
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 class Counts:
@@ -297,9 +291,11 @@ def main():
     workdir = tempfile.mkdtemp(prefix="portproxy-soak-")
     processes = Processes()
     echo, restarting, udpEcho = EchoServer(), EchoServer(), UDPEcho()
-    ports = {name: freePort() for name in ("churn", "stream", "flaky", "refused")}
-    ports["udp"] = freePort(socket.SOCK_DGRAM)
-    deadPort = freePort()
+    free = Ports()
+    ports = {
+        name: free.take() for name in ("churn", "stream", "flaky", "refused", "udp")
+    }
+    deadPort = free.take()
     mapPath = os.path.join(workdir, "map.yaml")
     with open(mapPath, "w") as f:
         f.write(

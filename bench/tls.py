@@ -37,7 +37,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from peers import TWISTD, Ports, nginxStreamModule, waitTCP
+from _common import TWISTD, Ports, waitTCP
+from peers import nginxStreamHead, nginxStreamModule
 from processes import Processes
 
 sys.path.insert(
@@ -106,10 +107,8 @@ def startProxies(procs, ports, tmp, backend, cert, key, profile):
         conf = os.path.join(tmp, "stream.conf")
         with open(conf, "w") as f:
             f.write(
-                f"load_module {nginxStreamModule()};\nworker_processes 1; daemon off;\n"
-                f"pid {tmp}/stream.pid; error_log {tmp}/stream.err;\n"
-                "events { worker_connections 20000; }\nstream {\n"
-                f"  server {{ listen 127.0.0.1:{front['nginx']} ssl; ssl_certificate {cert};"
+                nginxStreamHead(tmp)
+                + f"  server {{ listen 127.0.0.1:{front['nginx']} ssl; ssl_certificate {cert};"
                 f" ssl_certificate_key {key}; proxy_pass 127.0.0.1:{backend}; }}\n}}\n"
             )
         front["nginx"] = (front["nginx"], procs.start(["nginx", "-c", conf]).pid)

@@ -50,15 +50,8 @@ import sys
 import tempfile
 import time
 
-from peers import (
-    TWISTD,
-    Ports,
-    measureWork,
-    nginxStreamModule,
-    processTree,
-    startHTTP,
-    waitTCP,
-)
+from _common import TWISTD, Ports, waitTCP
+from peers import measureWork, nginxStreamModule, processTree, startHTTP
 from processes import Processes
 
 TICK = os.sysconf("SC_CLK_TCK")
