@@ -153,6 +153,8 @@ class ProxyProcess:
         self.mapPath = self.workdir / "map.yaml"
         self.logPath = self.workdir / "proxy.log"
         self.process: subprocess.Popen | None = None
+        #: more environment for twistd, over L{proxyEnvironment}'s
+        self.environment: dict[str, str] = {}
 
     @property
     def pid(self) -> int:
@@ -177,7 +179,7 @@ class ProxyProcess:
             self.process = subprocess.Popen(
                 argv,
                 cwd=self.workdir,
-                env=proxyEnvironment(self.fastPath),
+                env=proxyEnvironment(self.fastPath) | self.environment,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )

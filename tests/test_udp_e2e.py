@@ -5,9 +5,12 @@ sockets for the clients and the targets.
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from support import UDPEchoServer, freePort, waitUntil
@@ -28,6 +31,22 @@ def forwarding(proxy):
     if proxy.process is not None:
         expected = proxy.fastPath and fastudp.available()
         assert (ENGINE_LINE in proxy.output()) == expected
+
+
+@pytest.fixture(scope="module")
+def staleIcmp(tmp_path_factory) -> str:
+    """
+    tests/staleicmp.c built: an LD_PRELOAD library that fails the first
+    send on each UDP socket connected to port C{$STALE_ICMP_PORT} with
+    ECONNREFUSED, as a stale ICMP port-unreachable error does.
+    """
+    library = tmp_path_factory.mktemp("staleicmp") / "staleicmp.so"
+    source = Path(__file__).with_name("staleicmp.c")
+    subprocess.run(
+        ["gcc", "-shared", "-fPIC", "-O2", "-o", str(library), str(source), "-ldl"],
+        check=True,
+    )
+    return str(library)
 
 
 def udpMap(listen: str, target: str, udpTimeout: str = "90s") -> str:
@@ -140,6 +159,26 @@ def test_targetStartsListeningLater(proxy):
             c.sendto(b"three", ("127.0.0.1", port))
             assert c.recv(100) == b"three"
     assert "Traceback" not in proxy.output()
+
+
+def test_staleRefusalRetried(proxy, staleIcmp):
+    """
+    A send to the target that fails with ECONNREFUSED, the error a stale
+    ICMP port-unreachable leaves for the next send (injected here: the
+    first send of each session socket fails), is made once more: the
+    client's first datagram reaches the target once and its reply comes
+    back, on the compiled engine and in Python.
+    """
+    with UDPEchoServer() as echo:
+        port = freePort("udp")
+        preloaded = os.environ.get("LD_PRELOAD")
+        proxy.environment["LD_PRELOAD"] = ":".join(filter(None, [preloaded, staleIcmp]))
+        proxy.environment["STALE_ICMP_PORT"] = str(echo.port)
+        proxy.start(udpMap(f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}"))
+        with client() as c:
+            c.sendto(b"first", ("127.0.0.1", port))
+            assert c.recv(100) == b"first"
+        assert len(echo.sources) == 1
 
 
 def test_oneSidedFlowKeepsSourcePort(proxy):
