@@ -606,6 +606,8 @@ class EngineFlow:
             self._fail(result)
         else:
             self._target = socket.socket(fileno=result)
+            # Non-blocking already; this tells the socket object so.
+            self._target.setblocking(False)
             self._awaitConnect()
 
     def _connected(self, target: socket.socket) -> None:
