@@ -471,60 +471,56 @@ class ListenerService(Service, Notices):
         Forget C{flow}, add its bytes to the totals and write its access
         line.  Calling it twice for one flow is harmless.
         """
-        self.flowsEnded(((flow, reason),))
+        self.flowsEnded(((flow, reason, flow.bytesIn, flow.bytesOut),))
 
-    def flowsEnded(self, ended: Iterable[tuple[IFlow, str]]) -> None:
+    def flowsEnded(self, ended: Iterable[tuple[IFlow, str, int, int]]) -> None:
         """
-        L{flowEnded} for each C{(flow, reason)} of C{ended}, the flows that
-        the engine reported ended together: their access lines go to the
-        log in one step (L{AccessLog.writeMany}).
+        L{flowEnded} for each C{(flow, reason, bytesIn, bytesOut)} of
+        C{ended} (the flows the engine reported ended together, with their
+        final byte counts): their access lines go to the log in one step
+        (L{AccessLog.writeMany}).
         """
         flows = self.flows
+        counted = self._counted
         counters = self.counters
-        observe = self.durations.observe
         now = self.reactor.seconds()
         lines: list[str] = []
         rows: list[tuple] = []
-        for flow, reason in ended:
+        durations: list[float] = []
+        lastListener = head = arrow = None
+        for flow, reason, bytesIn, bytesOut in ended:
             if flows.pop(flow.id, None) is None:
                 continue
-            if self._counted:
-                counted = self._counted.pop(flow.id, None)
-                if counted is not None:
-                    counted[0].closed(counted[1])
-            bytesIn = flow.bytesIn
-            bytesOut = flow.bytesOut
+            if counted:
+                clients = counted.pop(flow.id, None)
+                if clients is not None:
+                    clients[0].closed(clients[1])
             counters.bytesIn += bytesIn
             counters.bytesOut += bytesOut
             duration = now - flow.started
-            observe(duration)
+            durations.append(duration)
             if reason.startswith(CONNECT_FAILED):
                 kind = connectFailureKind(reason)
                 counters.connectFailed[kind] = counters.connectFailed.get(kind, 0) + 1
             listener = flow.listener
-            head, arrow = listener.accessLineParts
+            if listener is not lastListener:
+                lastListener = listener
+                head, arrow = listener.accessLineParts
             # A TLS client's certificate subject, when it sent one.
             peer = getattr(flow, "peer", None)
+            client = flow.client
             # Formatted here, once: twisted.logger's own formatting of nine
             # fields would cost more than the rest of a short connection.
             lines.append(
-                f"{head}{flow.client}{arrow}{duration:.3f}s in={bytesIn} out={bytesOut} "
+                f"{head}{client}{arrow}{duration:.3f}s in={bytesIn} out={bytesOut} "
                 f"{f'peer={peer!r} ' if peer else ''}{reason}"
             )
             rows.append(
-                (
-                    flow.id,
-                    listener,
-                    flow.client,
-                    duration,
-                    bytesIn,
-                    bytesOut,
-                    peer,
-                    reason,
-                )
+                (flow.id, listener, client, duration, bytesIn, bytesOut, peer, reason)
             )
         if not lines:
             return
+        self.durations.observeMany(durations)
         accessLog.writeMany(lines, rows)
         if not flows:
             waiting, self._drained = self._drained, []

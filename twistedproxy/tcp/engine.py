@@ -360,7 +360,7 @@ class TCPEngine(EngineBinding):
         onEnd = self._onEnd
         # The dialed flows that ended, by listener: each listener writes
         # the access lines of its flows at once.
-        ended: dict[TCPListener, list[tuple[EngineFlow, str]]] = {}
+        ended: dict[TCPListener, list[tuple[EngineFlow, str, int, int]]] = {}
         for flowId, bytesIn, bytesOut, reason in self.engine.reports():
             callback = onEnd.pop(flowId, None)
             if callback is None:
@@ -372,7 +372,14 @@ class TCPEngine(EngineBinding):
                 batch = ended.get(service)
                 if batch is None:
                     batch = ended[service] = []
-                batch.append((callback, callback.reason or reason))
+                batch.append(
+                    (
+                        callback,
+                        callback.reason or reason,
+                        callback._baseIn + bytesIn,
+                        callback._baseOut + bytesOut,
+                    )
+                )
                 continue
             try:
                 callback(bytesIn, bytesOut, reason)
