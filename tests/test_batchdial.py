@@ -337,3 +337,49 @@ def test_writeManyWritesAsWriteDoes(window) -> None:
         return [(e.get("access"), e.get("accessRows")) for e in seen if "access" in e]
 
     assert events(True) == events(False)
+
+
+class FakePort:
+    """
+    What L{EngineForwarder.acceptClients} uses of a listening port.
+    """
+
+    def __init__(self) -> None:
+        self.socket = socket.socket()
+        self.numberAccepts = 100
+        self.shedClients: list[str] = []
+
+    def shed(self, client: str) -> None:
+        self.shedClients.append(client)
+
+
+def test_outOfDescriptorsShedsHalfTheBatch(batch, monkeypatch) -> None:
+    """
+    A batch that ended because the descriptors ran out is halved: the
+    last half of its clients are closed and logged as shed, so that the
+    first half have descriptors for their targets; then Twisted's accept
+    sheds what is still queued.
+    """
+    import errno
+
+    from twisted.internet import tcp
+
+    from twistedproxy.tcp import forwarder
+
+    b = batch()
+    clients = b.clients(*(f"127.0.0.1:{40000 + i}" for i in range(4)))
+    monkeypatch.setattr(
+        forwarder, "acceptClients", lambda fd, most: (clients, errno.EMFILE)
+    )
+    twistedAccepts: list = []
+    monkeypatch.setattr(tcp.Port, "doRead", twistedAccepts.append)
+    port = FakePort()
+    try:
+        b.forwarder.acceptClients(port)  # type: ignore[arg-type]
+    finally:
+        port.socket.close()
+    ((fds, *_),) = b.fake.calls
+    assert fds == [fd for fd, _ in clients[:2]]
+    assert port.shedClients == ["127.0.0.1:40002", "127.0.0.1:40003"]
+    assert twistedAccepts == [port]
+    assert b.peers[3].recv(1) == b""

@@ -20,6 +20,7 @@ The listener never asks which one it has.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from typing import TYPE_CHECKING
@@ -34,6 +35,10 @@ from twistedproxy.model import ANY_IPV4, ANY_IPV6, formatHostPort
 from twistedproxy.proxyprotocol import Addresses
 from twistedproxy.tcp.engine import EngineFlow, TCPEngine, acceptClients
 from twistedproxy.tcp.relay import proxyHeader, resetDescriptor
+
+#: accept() errors that say the process or the system is out of file
+#: descriptors.
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
 
 if TYPE_CHECKING:
     from twistedproxy.model import Listener
@@ -116,6 +121,15 @@ class EngineForwarder:
         # clients' sockets go to the engine without a Python socket
         # object ever being built.
         clients, error = acceptClients(port.socket.fileno(), port.numberAccepts)
+        if error in _OUT_OF_DESCRIPTORS and clients:
+            # The batch took the last descriptors, and each client needs
+            # one more for its target: half of them are closed at once so
+            # that the other half can be served.
+            kept = len(clients) // 2
+            for clientFd, client in clients[kept:]:
+                os.close(clientFd)
+                port.shed(client)
+            clients = clients[:kept]
         if clients:
             if self.batches():
                 self.dialBatch(clients)
