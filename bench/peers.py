@@ -225,6 +225,10 @@ def startPortproxyPeer(procs, ports, tmp, backend, protos, name, head="", env=No
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
+            # "python -c" puts its working directory first on sys.path: a
+            # baseline checkout must be the working directory too, or the
+            # checkout the harness runs in would shadow it.
+            cwd=(env or {}).get("PYTHONPATH"),
         )
     PIDS.setdefault(name, []).append(process.pid)
     return fronts
