@@ -170,16 +170,21 @@ def test_endsOfABatchWriteTheUsualLines(batch, logged) -> None:
     assert b.service.counters.bytesIn == 13
 
 
-def test_maxConnectionsAdmitsTheFirst(batch) -> None:
+def test_maxConnectionsAdmitsTheFirst(batch, logged) -> None:
     """
     With C{max_connections}, the first clients of a batch that fit are
-    dialed and the others are reset and counted as refused by a limit.
+    dialed and the others are reset, counted as refused by a limit and
+    logged with the rule.
     """
     b = batch(maxConnections=2)
     b.forwarder.dialBatch(b.clients(*(f"127.0.0.1:{4000 + i}" for i in range(3))))
     ((fds, _ids, *_),) = b.fake.calls
     assert len(fds) == 2
     assert b.service.counters.rejectedBy == {"limit": 1}
+    assert any(
+        "rejected 127.0.0.1:4002: max_connections 2 reached" in line
+        for line in messages(logged)
+    ), messages(logged)
     with pytest.raises(ConnectionResetError):
         b.peers[2].recv(1)
 

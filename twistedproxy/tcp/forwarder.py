@@ -239,7 +239,12 @@ class EngineForwarder:
             service.flowsStarted(flows)
             for clientFd, client in clients[admitted:]:
                 resetDescriptor(clientFd)
-                service.rejected(client, service.admit(hostOf(client)) or "full")
+                # The listener is full now: admit() says so in its words.
+                refusal = service.admit(hostOf(client))
+                service.rejected(
+                    client,
+                    refusal or f"max_connections {listener.maxConnections} reached",
+                )
         if not flows:
             return
         headers = None
