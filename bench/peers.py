@@ -196,6 +196,10 @@ def startPortproxyPeer(procs, ports, tmp, backend, protos, name, head="", env=No
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
+            # "python -c" puts its working directory first on sys.path: a
+            # baseline checkout must be the working directory too, or the
+            # checkout the harness runs in would shadow it.
+            cwd=(env or {}).get("PYTHONPATH"),
         )
     PIDS.setdefault(name, []).append(process.pid)
     return fronts
@@ -292,6 +296,7 @@ OURS = (
     "portproxy-python",
     "portproxy-nospin",
     "portproxy+access",
+    "portproxy-base",
 )
 
 
@@ -311,10 +316,13 @@ def startPeers(
     access=False,
     control=False,
     engineThreads=(),
+    baseline="",
 ):
     """
     Every installed peer that was asked for, and portproxy (each of
-    L{portproxyVariants}): peer name -> {backend: front port}.
+    L{portproxyVariants}; C{portproxy-base}, the tree C{baseline}
+    imported through PYTHONPATH, when given): peer name -> {backend: front
+    port}.
     """
     front = {"direct": dict(backend)}
     protos = {
@@ -373,6 +381,10 @@ def startPeers(
     variants = portproxyVariants(engineThreads, "portproxy-python" in wanted)
     if "portproxy-nospin" in wanted:
         variants.append(("portproxy-nospin", {}))
+    if baseline:
+        # An A/B run: another checkout (with its extensions built in
+        # place) against this one, in the same rounds.
+        variants.append(("portproxy-base", {"PYTHONPATH": os.path.abspath(baseline)}))
     for name, env in variants:
         front[name] = startPortproxyPeer(
             procs, ports, tmp, backend, protos, name, env=env
@@ -800,6 +812,12 @@ def main():
         f" started with {ENGINE_THREADS}=N (the TCP engine's relay threads)",
     )
     ap.add_argument(
+        "--baseline",
+        default="",
+        help="another checkout of portproxy (its extensions built in place):"
+        " a portproxy-base column importing it through PYTHONPATH, for A/B runs",
+    )
+    ap.add_argument(
         "--access",
         action="store_true",
         help="also portproxy with a 1,000-entry deny list and per-client limits",
@@ -845,6 +863,7 @@ def main():
             a.access,
             a.control,
             engineThreads,
+            a.baseline,
         )
         names = list(front)
         results = {w: {n: [] for n in names} for w in workloads}

@@ -63,7 +63,12 @@ PHASES = [
     ("waiting in epoll_wait", r"^epoll_wait \("),
     (
         "end of flow, access line",
-        r"^(\w+\.)?(flowEnded|observe) \(twistedproxy/|\(twistedproxy/logs\.py|\(twisted/logger/",
+        r"^(\w+\.)?(flowEnded|flowsEnded|writeMany|observe) \(twistedproxy/"
+        r"|\(twistedproxy/logs\.py|\(twisted/logger/",
+    ),
+    (
+        "dial: the engine's batch call (dialFlows and its C, outside system calls)",
+        r"^(TCPEngine\.dialFlows|TCPEngine_dial|connectTarget|adoptFlow|failureText) \(",
     ),
     (
         "hand-off to the engine",
@@ -71,7 +76,8 @@ PHASES = [
     ),
     (
         "accept",
-        r"^(ListeningPort\.doRead|EngineForwarder\.(acceptClients|dial)) \(twistedproxy/tcp/",
+        r"^(ListeningPort\.doRead|EngineForwarder\.(acceptClients|dial)"
+        r"|fastrelay_acceptBatch|acceptOne) \(twistedproxy/tcp/",
     ),
     (
         "engine end reports",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+from collections.abc import Iterable
 from typing import Any
 
 from twisted.application.service import Service
@@ -102,6 +103,19 @@ class AccessLog:
         if not self._atShutdown:
             self._atShutdown = True
             self.reactor.addSystemEventTrigger("after", "shutdown", self.flush)
+
+    def writeMany(self, lines: list[str], rows: list[tuple]) -> None:
+        """
+        L{write} each of C{lines} (with its row of C{rows}), in order: the
+        lines of a batch of flows that ended together.  What L{write}
+        would hold joins the held lines in one step.
+        """
+        for k, line in enumerate(lines):
+            if self._pending:
+                self._pending.extend(lines[k:])
+                self._pendingRows.extend(rows[k:])
+                return
+            self.write(line, rows[k])
 
     def flush(self) -> None:
         """
@@ -390,6 +404,22 @@ class ListenerService(Service, Notices):
                 return f"new_connections_per_client {rate} exceeded"
         return None
 
+    def admitCount(self, count: int) -> int | None:
+        """
+        How many of C{count} new flows may open now, when no rule of
+        L{admit} reads the client's address (no allow or deny list, no
+        per-client limit, no manhole block) and the listener is enabled:
+        the first that many are admitted, the others are refused by
+        C{max_connections} (ask L{admit} for the reason).  L{None} when
+        a rule does read it: then ask L{admit} for each client.
+        """
+        if not self.enabled or self._checked or _access.blocklist.addresses is not None:
+            return None
+        limit = self.listener.maxConnections
+        if limit <= 0:
+            return count
+        return max(0, min(count, limit - len(self.flows)))
+
     def rejected(
         self, client: str, reason: str, kind: str | None = None, count: int = 1
     ) -> None:
@@ -416,6 +446,18 @@ class ListenerService(Service, Notices):
         if self._perClient:
             self._countClient(flow)
 
+    def flowsStarted(self, flows: list) -> None:
+        """
+        L{flowStarted} for each of C{flows} (L{IFlow}s), at once.
+        """
+        table = self.flows
+        for flow in flows:
+            table[flow.id] = flow
+        self.counters.total += len(flows)
+        if self._perClient:
+            for flow in flows:
+                self._countClient(flow)
+
     def _countClient(self, flow: IFlow) -> None:
         try:
             key = clientKey(hostOf(flow.client))
@@ -429,34 +471,58 @@ class ListenerService(Service, Notices):
         Forget C{flow}, add its bytes to the totals and write its access
         line.  Calling it twice for one flow is harmless.
         """
-        if self.flows.pop(flow.id, None) is None:
-            return
-        if self._counted:
-            counted = self._counted.pop(flow.id, None)
-            if counted is not None:
-                counted[0].closed(counted[1])
-        bytesIn = flow.bytesIn
-        bytesOut = flow.bytesOut
+        self.flowsEnded(((flow, reason, flow.bytesIn, flow.bytesOut),))
+
+    def flowsEnded(self, ended: Iterable[tuple[IFlow, str, int, int]]) -> None:
+        """
+        L{flowEnded} for each C{(flow, reason, bytesIn, bytesOut)} of
+        C{ended} (the flows the engine reported ended together, with their
+        final byte counts): their access lines go to the log in one step
+        (L{AccessLog.writeMany}).
+        """
+        flows = self.flows
+        counted = self._counted
         counters = self.counters
-        counters.bytesIn += bytesIn
-        counters.bytesOut += bytesOut
-        duration = self.reactor.seconds() - flow.started
-        self.durations.observe(duration)
-        if reason.startswith(CONNECT_FAILED):
-            kind = connectFailureKind(reason)
-            counters.connectFailed[kind] = counters.connectFailed.get(kind, 0) + 1
-        listener = flow.listener
-        head, arrow = listener.accessLineParts
-        # A TLS client's certificate subject, when it sent one.
-        peer = getattr(flow, "peer", None)
-        # Formatted here, once: twisted.logger's own formatting of nine
-        # fields would cost more than the rest of a short connection.
-        accessLog.write(
-            f"{head}{flow.client}{arrow}{duration:.3f}s in={bytesIn} out={bytesOut} "
-            f"{f'peer={peer!r} ' if peer else ''}{reason}",
-            (flow.id, listener, flow.client, duration, bytesIn, bytesOut, peer, reason),
-        )
-        if not self.flows:
+        now = self.reactor.seconds()
+        lines: list[str] = []
+        rows: list[tuple] = []
+        durations: list[float] = []
+        lastListener = head = arrow = None
+        for flow, reason, bytesIn, bytesOut in ended:
+            if flows.pop(flow.id, None) is None:
+                continue
+            if counted:
+                clients = counted.pop(flow.id, None)
+                if clients is not None:
+                    clients[0].closed(clients[1])
+            counters.bytesIn += bytesIn
+            counters.bytesOut += bytesOut
+            duration = now - flow.started
+            durations.append(duration)
+            if reason.startswith(CONNECT_FAILED):
+                kind = connectFailureKind(reason)
+                counters.connectFailed[kind] = counters.connectFailed.get(kind, 0) + 1
+            listener = flow.listener
+            if listener is not lastListener:
+                lastListener = listener
+                head, arrow = listener.accessLineParts
+            # A TLS client's certificate subject, when it sent one.
+            peer = getattr(flow, "peer", None)
+            client = flow.client
+            # Formatted here, once: twisted.logger's own formatting of nine
+            # fields would cost more than the rest of a short connection.
+            lines.append(
+                f"{head}{client}{arrow}{duration:.3f}s in={bytesIn} out={bytesOut} "
+                f"{f'peer={peer!r} ' if peer else ''}{reason}"
+            )
+            rows.append(
+                (flow.id, listener, client, duration, bytesIn, bytesOut, peer, reason)
+            )
+        if not lines:
+            return
+        self.durations.observeMany(durations)
+        accessLog.writeMany(lines, rows)
+        if not flows:
             waiting, self._drained = self._drained, []
             for d in waiting:
                 d.callback(None)

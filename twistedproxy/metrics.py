@@ -51,6 +51,15 @@ class Durations:
         self.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
         self.sum += seconds
 
+    def observeMany(self, durations: list[float]) -> None:
+        """
+        L{observe} each of C{durations}.
+        """
+        counts = self.counts
+        for seconds in durations:
+            counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.sum += sum(durations)
+
 
 def mappingTotals(proxy) -> dict[tuple[str, str], dict]:
     """

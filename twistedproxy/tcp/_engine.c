@@ -71,6 +71,7 @@
 #include <sys/socket.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -1086,6 +1087,63 @@ PyDoc_STRVAR(adopt_doc,
 "system call to take them.  Raises ValueError (bad fd, duplicate id),\n"
 "RuntimeError (engine stopped) or OSError (the thread could not start).");
 
+/* What adoptFlow made of an adopt. */
+typedef enum { ADOPTED, STOPPED, DUPLICATE, NO_MEMORY } AdoptOutcome;
+
+/*
+ * Give the flow id (sockets clientFd and targetFd, already checked) to
+ * its worker: the Flow, its table entry, its report slot and the
+ * command that starts it.  On ADOPTED the engine owns both descriptors,
+ * and *wake is set when the worker must be woken (signalFd of its wakeFd:
+ * once after a batch of adopts will do); on any other outcome nothing
+ * changed and the caller still owns them.  Reactor thread, GIL held.
+ */
+static AdoptOutcome
+adoptFlow(TCPEngine *self, int clientFd, int targetFd, uint64_t id, double idleTimeout,
+          int exclusive, int *wake)
+{
+    Flow *f = calloc(1, sizeof(Flow));
+    if (f == NULL)
+        return NO_MEMORY;
+    f->entry.id = id;
+    f->fd[CLIENT] = clientFd;
+    f->fd[TARGET] = targetFd;
+    f->idleTimeout = idleTimeout;
+    f->exclusive = (uint8_t)exclusive;
+    f->lastRead = 2;
+    for (int d = 0; d < 2; d++)
+        f->dir[d].pipeRead = f->dir[d].pipeWrite = -1;
+    Worker *w = workerOf(self, id);
+
+    AdoptOutcome outcome = ADOPTED;
+    pthread_mutex_lock(&self->lock);
+    /* The engine takes the whole queue after it read the eventfd: an
+     * adopt queued behind another one needs no wake-up of its own. */
+    int first = w->commandHead == NULL;
+    if (self->stopping)
+        outcome = STOPPED;
+    else if (tableFind(self, id) != NULL)
+        outcome = DUPLICATE;
+    else if (reportReserve(&self->reports, 1) < 0)
+        outcome = NO_MEMORY;
+    else if (idTableInsert(&self->flows, &f->entry) < 0) {
+        reportRelease(&self->reports);
+        outcome = NO_MEMORY;
+    } else if (queueCommand(w, CMD_ADOPT, id, f) < 0) {
+        idTableRemove(&self->flows, &f->entry);
+        reportRelease(&self->reports);
+        outcome = NO_MEMORY;
+    } else {
+        w->flowCount++;
+    }
+    pthread_mutex_unlock(&self->lock);
+    if (outcome != ADOPTED)
+        free(f);
+    else if (first)
+        *wake = 1;
+    return outcome;
+}
+
 static PyObject *
 TCPEngine_adopt(TCPEngine *self, PyObject *args)
 {
@@ -1114,63 +1172,248 @@ TCPEngine_adopt(TCPEngine *self, PyObject *args)
         if (makeNonBlocking(clientFd) < 0 || makeNonBlocking(targetFd) < 0)
             return PyErr_SetFromErrno(PyExc_OSError);
     }
-
-    Flow *f = calloc(1, sizeof(Flow));
-    if (f == NULL)
-        return PyErr_NoMemory();
-    f->entry.id = id;
-    f->fd[CLIENT] = clientFd;
-    f->fd[TARGET] = targetFd;
-    f->idleTimeout = idleTimeout;
-    f->exclusive = (uint8_t)exclusive;
-    f->lastRead = 2;
-    for (int d = 0; d < 2; d++)
-        f->dir[d].pipeRead = f->dir[d].pipeWrite = -1;
-
     /* The threads start with the first flow, so a process that forks
      * (twistd daemonising) before any connection forks single-threaded. */
-    if (startWorkers(self) < 0) {
-        free(f);
+    if (startWorkers(self) < 0)
+        return NULL;
+    int wake = 0;
+    AdoptOutcome outcome = adoptFlow(self, clientFd, targetFd, id, idleTimeout, exclusive,
+                                     &wake);
+    if (outcome == STOPPED) {
+        PyErr_SetString(PyExc_RuntimeError, "engine stopped");
         return NULL;
     }
-    Worker *w = workerOf(self, id);
-
-    enum { ADOPTED, STOPPED, DUPLICATE, NO_MEMORY } outcome = ADOPTED;
-    int wake = 0;
-    pthread_mutex_lock(&self->lock);
-    /* The engine takes the whole queue after it read the eventfd: an
-     * adopt queued behind another one needs no wake-up of its own. */
-    wake = w->commandHead == NULL;
-    if (self->stopping)
-        outcome = STOPPED;
-    else if (tableFind(self, id) != NULL)
-        outcome = DUPLICATE;
-    else if (reportReserve(&self->reports, 1) < 0)
-        outcome = NO_MEMORY;
-    else if (idTableInsert(&self->flows, &f->entry) < 0) {
-        reportRelease(&self->reports);
-        outcome = NO_MEMORY;
-    } else if (queueCommand(w, CMD_ADOPT, id, f) < 0) {
-        idTableRemove(&self->flows, &f->entry);
-        reportRelease(&self->reports);
-        outcome = NO_MEMORY;
-    } else {
-        w->flowCount++;
-    }
-    pthread_mutex_unlock(&self->lock);
-    if (outcome != ADOPTED) {
-        free(f);
-        if (outcome == STOPPED)
-            PyErr_SetString(PyExc_RuntimeError, "engine stopped");
-        else if (outcome == NO_MEMORY)
-            PyErr_NoMemory();
-        else
-            PyErr_Format(PyExc_ValueError, "duplicate flowId %llu", id);
+    if (outcome == NO_MEMORY)
+        return PyErr_NoMemory();
+    if (outcome == DUPLICATE) {
+        PyErr_Format(PyExc_ValueError, "duplicate flowId %llu", id);
         return NULL;
     }
     if (wake)
-        signalFd(w->wakeFd);
+        signalFd(workerOf(self, id)->wakeFd);
     Py_RETURN_NONE;
+}
+
+/* -- dialing a batch of accepted clients ----------------------------------- */
+
+/* TCP states (tcpi_state, the first byte of TCP_INFO). */
+#define TCP_STATE_SYN_SENT 2
+#define TCP_STATE_CLOSE 7
+
+/* The target of dial(): an IP literal and a port as a socket address. */
+static int
+targetAddress(const char *host, int port, struct sockaddr_storage *address,
+              socklen_t *length)
+{
+    memset(address, 0, sizeof *address);
+    if (port < 0 || port > 65535)
+        return -1;
+    struct sockaddr_in *a4 = (struct sockaddr_in *)address;
+    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)address;
+    if (inet_pton(AF_INET, host, &a4->sin_addr) == 1) {
+        a4->sin_family = AF_INET;
+        a4->sin_port = htons((uint16_t)port);
+        *length = sizeof *a4;
+        return 0;
+    }
+    if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
+        a6->sin6_family = AF_INET6;
+        a6->sin6_port = htons((uint16_t)port);
+        *length = sizeof *a6;
+        return 0;
+    }
+    return -1;
+}
+
+/* An OS error as the access line words it: strerror in lower case, as
+ * Python's os.strerror(code).lower(), after prefix. */
+static PyObject *
+failureText(const char *prefix, int code)
+{
+    char text[160];
+    int n = snprintf(text, sizeof text, "%s%s", prefix, strerror(code));
+    if (n < 0)
+        n = 0;
+    for (size_t i = strlen(prefix); text[i] != '\0'; i++)
+        if (text[i] >= 'A' && text[i] <= 'Z')
+            text[i] = (char)(text[i] - 'A' + 'a');
+    return PyUnicode_FromString(text);
+}
+
+/*
+ * Connect a new non-blocking socket to address: its descriptor, with
+ * *status 0 (connected: on loopback the handshake is done inside
+ * connect()) or EINPROGRESS (the SYN is out, no answer yet); or -1 with
+ * *status the errno of the failure.
+ */
+static int
+connectTarget(const struct sockaddr_storage *address, socklen_t length, int *status)
+{
+    int fd = socket(address->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        *status = errno;
+        return -1;
+    }
+    int rc;
+    do {
+        rc = connect(fd, (const struct sockaddr *)address, length);
+    } while (rc < 0 && errno == EINTR);
+    *status = rc == 0 ? 0 : errno;
+    if (*status == EINPROGRESS) {
+        /* One byte of TCP_INFO is the connection's state: still sending
+         * its SYN, failed (closed), or connected (established, or
+         * already closed by the target, which the engine then relays). */
+        unsigned char state = TCP_STATE_SYN_SENT;
+        socklen_t size = 1;
+        if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &state, &size) == 0) {
+            if (state == TCP_STATE_CLOSE) {
+                int error = 0;
+                socklen_t len = sizeof error;
+                getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &len);
+                *status = error ? error : ECONNREFUSED;
+            } else if (state != TCP_STATE_SYN_SENT) {
+                *status = 0;
+            }
+        }
+    }
+    if (*status != 0 && *status != EINPROGRESS) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+PyDoc_STRVAR(dial_doc,
+"dial(clientFds, flowIds, host, port, idleTimeout, headers=None) -> list\n\n"
+"Connect to the target host (an IP literal) and port once for each client\n"
+"of a batch (clientFds: accepted, non-blocking descriptors no other\n"
+"descriptor refers to, as accept() gives; flowIds: the flow id of each),\n"
+"and adopt (exclusive) each pair whose connect completed at once, after\n"
+"sending it headers[i] (the PROXY header) when headers is given.  One\n"
+"result per client: 0, the engine has the flow (both descriptors; its\n"
+"report comes as adopt's); an int > 0, the target socket's descriptor,\n"
+"now the caller's, whose non-blocking connect is under way; a str, why\n"
+"the connect failed (as the access line words it after 'connect failed:\n"
+"'), the target socket closed; None, the engine refused the flow\n"
+"(stopped, out of memory, a bad descriptor or id), the target socket\n"
+"closed.  The caller keeps\n"
+"the client descriptor of every result but 0.  Relay threads start with\n"
+"the first call, as with adopt().");
+
+static PyObject *
+TCPEngine_dial(TCPEngine *self, PyObject *args)
+{
+    PyObject *clientFds, *flowIds, *headers = Py_None;
+    const char *host;
+    int port;
+    double idleTimeout;
+    if (!PyArg_ParseTuple(args, "O!O!sid|O:dial", &PyList_Type, &clientFds, &PyList_Type,
+                          &flowIds, &host, &port, &idleTimeout, &headers))
+        return NULL;
+    if (checkReady(self) < 0)
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(clientFds);
+    if (PyList_GET_SIZE(flowIds) != count ||
+        (headers != Py_None && (!PyList_Check(headers) || PyList_GET_SIZE(headers) != count))) {
+        PyErr_SetString(PyExc_ValueError, "dial needs one flow id (and header) per client");
+        return NULL;
+    }
+    if (!(idleTimeout >= 0)) {
+        PyErr_SetString(PyExc_ValueError, "idleTimeout must be >= 0");
+        return NULL;
+    }
+    struct sockaddr_storage address;
+    socklen_t length;
+    if (targetAddress(host, port, &address, &length) < 0) {
+        PyErr_Format(PyExc_ValueError, "dial needs an IP address and a port, not %s:%d", host,
+                     port);
+        return NULL;
+    }
+    /* Every argument is read before a socket is opened: an error raised
+     * after one would leave it nowhere. */
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *fd = PyList_GET_ITEM(clientFds, i);
+        PyObject *id = PyList_GET_ITEM(flowIds, i);
+        if (!PyLong_Check(fd) || !PyLong_Check(id) ||
+            (headers != Py_None && !PyBytes_Check(PyList_GET_ITEM(headers, i)))) {
+            PyErr_SetString(PyExc_TypeError,
+                            "dial needs int descriptors, int flow ids and bytes headers");
+            return NULL;
+        }
+    }
+    if (startWorkers(self) < 0)
+        return NULL;
+    PyObject *results = PyList_New(count);
+    if (results == NULL)
+        return NULL;
+    uint8_t wake[MAX_THREADS] = {0};
+    for (Py_ssize_t i = 0; i < count; i++) {
+        int clientFd = (int)PyLong_AsLong(PyList_GET_ITEM(clientFds, i));
+        uint64_t id = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(flowIds, i));
+        PyObject *result = NULL;
+        if (PyErr_Occurred()) {
+            /* Out of range: this client is not dialed. */
+            PyErr_Clear();
+            Py_INCREF(Py_None);
+            PyList_SET_ITEM(results, i, Py_None);
+            continue;
+        }
+        int status;
+        int targetFd = connectTarget(&address, length, &status);
+        if (targetFd < 0) {
+            result = failureText("", status);
+        } else if (status == EINPROGRESS) {
+            result = PyLong_FromLong(targetFd);
+            if (result == NULL) {
+                close(targetFd);
+                result = failureText("", ENOMEM);
+            }
+        } else {
+            int one = 1;
+            setsockopt(targetFd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+            setsockopt(targetFd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+            if (headers != Py_None) {
+                PyObject *header = PyList_GET_ITEM(headers, i);
+                Py_ssize_t size = PyBytes_GET_SIZE(header);
+                ssize_t sent = size == 0 ? 0
+                    : send(targetFd, PyBytes_AS_STRING(header), (size_t)size,
+                           MSG_NOSIGNAL | MSG_DONTWAIT);
+                if (sent < 0)
+                    result = failureText("cannot send the PROXY header: ", errno);
+                else if (sent != size)
+                    result = PyUnicode_FromFormat(
+                        "cannot send the PROXY header: %zd of %zd bytes sent", sent, size);
+            }
+            if (result == NULL && !PyErr_Occurred()) {
+                int wakeWorker = 0;
+                AdoptOutcome outcome = adoptFlow(self, clientFd, targetFd, id, idleTimeout,
+                                                 1, &wakeWorker);
+                if (outcome == ADOPTED) {
+                    if (wakeWorker)
+                        wake[id % (uint64_t)self->workerCount] = 1;
+                    result = PyLong_FromLong(0);
+                } else {
+                    close(targetFd);
+                    Py_INCREF(Py_None);
+                    result = Py_None;
+                }
+            } else {
+                close(targetFd);
+            }
+        }
+        if (result == NULL) {
+            /* Out of memory for the result: the target socket was closed
+             * (or never opened) and None says so. */
+            PyErr_Clear();
+            Py_INCREF(Py_None);
+            result = Py_None;
+        }
+        PyList_SET_ITEM(results, i, result);
+    }
+    for (int k = 0; k < self->workerCount; k++)
+        if (wake[k])
+            signalFd(self->workers[k].wakeFd);
+    return results;
 }
 
 PyDoc_STRVAR(close_doc,
@@ -1375,6 +1618,7 @@ TCPEngine_threadFlows(TCPEngine *self, PyObject *unused)
 
 static PyMethodDef TCPEngine_methods[] = {
     {"adopt", (PyCFunction)TCPEngine_adopt, METH_VARARGS, adopt_doc},
+    {"dial", (PyCFunction)TCPEngine_dial, METH_VARARGS, dial_doc},
     {"close", (PyCFunction)TCPEngine_close, METH_O, close_doc},
     {"counters", (PyCFunction)TCPEngine_counters, METH_O, counters_doc},
     {"snapshot", (PyCFunction)TCPEngine_snapshot, METH_NOARGS, snapshot_doc},
@@ -1408,24 +1652,36 @@ PyDoc_STRVAR(accept_doc,
 "its address as the access log writes it ('[::1]:5000' for IPv6).  None\n"
 "when no client is waiting; OSError for any other failure.");
 
-static PyObject *
-fastrelay_accept(PyObject *module, PyObject *arg)
+/* A listening descriptor argument: 0, or -1 with a Python error set. */
+static int
+parseListeningFd(PyObject *arg, int *fd)
 {
-    long fd = PyLong_AsLong(arg);
-    if (fd == -1 && PyErr_Occurred())
-        return NULL;
-    if (fd < 0 || fd > INT_MAX) {
+    long value = PyLong_AsLong(arg);
+    if (value == -1 && PyErr_Occurred())
+        return -1;
+    if (value < 0 || value > INT_MAX) {
         PyErr_SetString(PyExc_ValueError, "accept needs a file descriptor");
-        return NULL;
+        return -1;
     }
+    *fd = (int)value;
+    return 0;
+}
+
+/* One accept4() of a client, non-blocking and close-on-exec, and its
+ * address as the access log writes it: (fd, 'host:port'); None when no
+ * client is waiting; NULL with errno set (and no Python error) when
+ * accept4 failed, or with a Python error set (the client closed). */
+static PyObject *
+acceptOne(int listeningFd)
+{
     struct sockaddr_storage address;
     socklen_t length = sizeof(address);
-    int client = accept4((int)fd, (struct sockaddr *)&address, &length,
+    int client = accept4(listeningFd, (struct sockaddr *)&address, &length,
                          SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (client < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK)
             Py_RETURN_NONE;
-        return PyErr_SetFromErrno(PyExc_OSError);
+        return NULL;
     }
     char host[INET6_ADDRSTRLEN] = "?";
     char text[INET6_ADDRSTRLEN + 16];
@@ -1446,8 +1702,73 @@ fastrelay_accept(PyObject *module, PyObject *arg)
     return result;
 }
 
+static PyObject *
+fastrelay_accept(PyObject *module, PyObject *arg)
+{
+    int fd;
+    if (parseListeningFd(arg, &fd) < 0)
+        return NULL;
+    PyObject *client = acceptOne(fd);
+    if (client == NULL && !PyErr_Occurred())
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return client;
+}
+
+PyDoc_STRVAR(acceptBatch_doc,
+"acceptBatch(listeningFd, most) -> (clients, errno)\n\n"
+"accept() up to most clients waiting on a non-blocking listening socket in\n"
+"one call: clients is a list of (fd, 'host:port') as accept() gives them.\n"
+"errno is 0 when the queue was emptied or most were taken; else the\n"
+"accept4() error that stopped the batch (EMFILE, ENOBUFS, ...), for the\n"
+"caller to deal with after the clients it has.  Errors that concern one\n"
+"client only (ECONNABORTED, EPROTO, EPERM, EINTR) skip it.");
+
+static PyObject *
+fastrelay_acceptBatch(PyObject *module, PyObject *args)
+{
+    PyObject *fdArg;
+    Py_ssize_t most;
+    if (!PyArg_ParseTuple(args, "On:acceptBatch", &fdArg, &most))
+        return NULL;
+    int fd;
+    if (parseListeningFd(fdArg, &fd) < 0)
+        return NULL;
+    PyObject *clients = PyList_New(0);
+    if (clients == NULL)
+        return NULL;
+    int error = 0;
+    while (PyList_GET_SIZE(clients) < most) {
+        PyObject *client = acceptOne(fd);
+        if (client == NULL) {
+            if (PyErr_Occurred())
+                goto failed;
+            if (errno == ECONNABORTED || errno == EPROTO || errno == EPERM || errno == EINTR)
+                continue;
+            error = errno;
+            break;
+        }
+        if (client == Py_None) {
+            Py_DECREF(client);
+            break;
+        }
+        int appended = PyList_Append(clients, client);
+        Py_DECREF(client);
+        if (appended < 0)
+            goto failed;
+    }
+    return Py_BuildValue("(Ni)", clients, error);
+
+failed:
+    /* Out of memory: the clients accepted so far are closed. */
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(clients); i++)
+        close((int)PyLong_AsLong(PyTuple_GET_ITEM(PyList_GET_ITEM(clients, i), 0)));
+    Py_DECREF(clients);
+    return NULL;
+}
+
 static PyMethodDef fastrelayFunctions[] = {
     {"accept", (PyCFunction)fastrelay_accept, METH_O, accept_doc},
+    {"acceptBatch", (PyCFunction)fastrelay_acceptBatch, METH_VARARGS, acceptBatch_doc},
     {NULL, NULL, 0, NULL},
 };
 

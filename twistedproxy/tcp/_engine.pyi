@@ -6,6 +6,9 @@ DEFAULT_BUSY_POLL_US: int
 DEFAULT_PIPE_SIZE: int
 
 def accept(listeningFd: int, /) -> tuple[int, str] | None: ...
+def acceptBatch(
+    listeningFd: int, most: int, /
+) -> tuple[list[tuple[int, str]], int]: ...
 
 class TCPEngine:
     def __init__(
@@ -23,6 +26,16 @@ class TCPEngine:
         idleTimeout: float,
         exclusive: bool = False,
     ) -> None: ...
+    def dial(
+        self,
+        clientFds: list[int],
+        flowIds: list[int],
+        host: str,
+        port: int,
+        idleTimeout: float,
+        headers: list[bytes] | None = None,
+        /,
+    ) -> list[int | str | None]: ...
     def close(self, flowId: int, /) -> bool: ...
     def counters(self, flowId: int, /) -> tuple[int, int] | None: ...
     def snapshot(self) -> list[tuple[int, int, int]]: ...

@@ -56,8 +56,9 @@ if TYPE_CHECKING:
 try:
     from twistedproxy.tcp._engine import TCPEngine as CompiledTCPEngine
     from twistedproxy.tcp._engine import accept as acceptClient
+    from twistedproxy.tcp._engine import acceptBatch as acceptClients
 except ImportError:  # not built here: available() says so
-    CompiledTCPEngine = acceptClient = None  # type: ignore[assignment,misc]
+    CompiledTCPEngine = acceptClient = acceptClients = None  # type: ignore[assignment,misc]
 
 log = Logger(namespace="portproxy")
 
@@ -176,7 +177,10 @@ class TCPEngine(EngineBinding):
                 raise RuntimeError("twistedproxy.tcp._engine is not built")
             engine = CompiledTCPEngine(threads=engineThreads())
         EngineBinding.__init__(self, reactor, engine)
-        self._onEnd: dict[int, EndCallback] = {}
+        # What to tell when a flow ends: its callback, or the dialed
+        # EngineFlow itself, whose listener takes its end with the others
+        # of the same report (ListenerService.flowsEnded).
+        self._onEnd: dict[int, EndCallback | EngineFlow] = {}
 
     # -- adopting -------------------------------------------------------------
 
@@ -225,7 +229,7 @@ class TCPEngine(EngineBinding):
         targetFd: int,
         flowId: int,
         idleTimeout: float,
-        onEnd: EndCallback,
+        onEnd: EndCallback | EngineFlow,
         exclusive: bool = False,
     ) -> bool:
         """
@@ -233,6 +237,10 @@ class TCPEngine(EngineBinding):
         closes them when the flow ends.  C{exclusive}: the caller vouches
         that both are non-blocking and that no other descriptor refers to
         either socket (see C{twistedproxy.tcp._engine.TCPEngine.adopt}).
+
+        @param onEnd: C{onEnd(bytesIn, bytesOut, reason)}, or a dialed
+            L{EngineFlow} (whose listener is told, with the other flows
+            the same report ends).
 
         @return: C{True} when the engine took them (C{onEnd} will be
             called once, in the reactor thread); C{False} when it refused
@@ -285,6 +293,42 @@ class TCPEngine(EngineBinding):
             return engineFlow
         return None
 
+    def dialFlows(
+        self, flows: list[EngineFlow], clientFds: list[int], headers: list[bytes] | None
+    ) -> None:
+        """
+        Dial the target for a batch of admitted and started flows
+        (L{EngineFlow.accepted}) of one listener whose target is an
+        address, in one call of the engine: each flow whose connect
+        completes at once (as on loopback) goes to the engine with its
+        client (C{clientFds}, one per flow), after its PROXY header
+        (C{headers}, one per flow, when the listener sends one); the
+        others go on as L{EngineFlow.dial} would from their connect: the
+        reactor waits for the connect under way, or the flow ends with
+        its failure.
+        """
+        if self._stopped:
+            results: list[int | str | None] = [None] * len(flows)
+        else:
+            listener = flows[0].listener
+            target = listener.target
+            results = self.engine.dial(
+                clientFds,
+                [flow.id for flow in flows],
+                target.host,
+                target.port,
+                listener.timeouts.idle,
+                headers,
+            )
+        onEnd = self._onEnd
+        for flow, result in zip(flows, results, strict=True):
+            if result == 0:
+                flow._clientFd = -1
+                onEnd[flow.id] = flow
+            else:
+                flow._dialed(result)
+        self._watch()
+
     # -- asking the engine ------------------------------------------------------
 
     def counters(self, flowId: int) -> tuple[int, int] | None:
@@ -314,14 +358,40 @@ class TCPEngine(EngineBinding):
         The engine has ended flows: call their C{onEnd}.
         """
         onEnd = self._onEnd
+        # The dialed flows that ended, by listener: each listener writes
+        # the access lines of its flows at once.
+        ended: dict[TCPListener, list[tuple[EngineFlow, str, int, int]]] = {}
         for flowId, bytesIn, bytesOut, reason in self.engine.reports():
             callback = onEnd.pop(flowId, None)
             if callback is None:
+                continue
+            if isinstance(callback, EngineFlow):
+                callback._final = (bytesIn, bytesOut)
+                service = callback._service
+                assert service is not None
+                batch = ended.get(service)
+                if batch is None:
+                    batch = ended[service] = []
+                batch.append(
+                    (
+                        callback,
+                        callback.reason or reason,
+                        callback._baseIn + bytesIn,
+                        callback._baseOut + bytesOut,
+                    )
+                )
                 continue
             try:
                 callback(bytesIn, bytesOut, reason)
             except Exception:
                 log.failure("while reporting the end of flow {flowId}", flowId=flowId)
+        for service, flows in ended.items():
+            try:
+                service.flowsEnded(flows)
+            except Exception:
+                log.failure(
+                    "while reporting the end of {count} flows", count=len(flows)
+                )
 
 
 #: TCP states (C{tcpi_state}, the first byte of C{TCP_INFO}; Linux).
@@ -419,19 +489,34 @@ class EngineFlow:
         (C{client} is its C{host:port}): connect to the target, an
         address, and hand both sockets to C{engine} when it answers.
         """
+        flow = cls.accepted(
+            service, engine, clientFd, client, service.reactor.seconds()
+        )
+        flow.addresses = addresses
+        flow._start(service)
+        return flow
+
+    @classmethod
+    def accepted(
+        cls,
+        service: TCPListener,
+        engine: TCPEngine,
+        clientFd: int,
+        client: str,
+        started: float,
+    ) -> EngineFlow:
+        """
+        A new flow of the admitted client on the bare descriptor
+        C{clientFd} (C{client} is its C{host:port}), accepted at
+        C{started}, not yet started nor dialed (L{dial} does both;
+        L{TCPEngine.dialFlows} dials a batch).
+        """
         flow = cls(
-            engine,
-            nextFlowId(),
-            service.listener,
-            client,
-            service.reactor.seconds(),
-            service.flowEnded,
+            engine, nextFlowId(), service.listener, client, started, service.flowEnded
         )
         flow._service = service
         flow._reactor = service.reactor
-        flow.addresses = addresses
         flow._clientFd = clientFd
-        flow._start(service)
         return flow
 
     # -- the engine's figures ---------------------------------------------------
@@ -500,13 +585,37 @@ class EngineFlow:
         if status == 0:
             self._connected(skt)
         elif status == errno.EINPROGRESS:
-            if self._timer is None:
-                self._timer = self._reactor.callLater(
-                    self.listener.timeouts.connect, self._timedOut
-                )
-            self._reactor.addWriter(self)
+            self._awaitConnect()
         else:
             self._fail(os.strerror(status).lower())
+
+    def _awaitConnect(self) -> None:
+        """
+        The connect of C{_target} is under way: wait for it to complete,
+        within C{connect_timeout}.
+        """
+        if self._timer is None:
+            self._timer = self._reactor.callLater(
+                self.listener.timeouts.connect, self._timedOut
+            )
+        self._reactor.addWriter(self)
+
+    def _dialed(self, result: int | str | None) -> None:
+        """
+        What the engine's C{dial} did for this flow, other than adopt it:
+        the descriptor of the target socket whose connect is under way
+        (an C{int}), why the connect failed (a C{str}), or L{None}: the
+        engine refused the flow.
+        """
+        if result is None:
+            self._refused()
+        elif isinstance(result, str):
+            self._fail(result)
+        else:
+            self._target = socket.socket(fileno=result)
+            # Non-blocking already; this tells the socket object so.
+            self._target.setblocking(False)
+            self._awaitConnect()
 
     def _connected(self, target: socket.socket) -> None:
         self._cancelTimer()
@@ -525,18 +634,27 @@ class EngineFlow:
         """
         Give the connected target, and the client, to the engine.
         """
-        clientFd, self._clientFd = self._clientFd, -1
         if not self._engine.adoptDescriptors(
-            clientFd,
+            self._clientFd,
             targetFd,
             self.id,
             self.listener.timeouts.idle,
-            self._ended,
+            self if self._service is not None else self._ended,
             exclusive=True,
         ):
-            os.close(clientFd)
             os.close(targetFd)
-            self._onEnded(self, "relay engine refused the connection")
+            self._refused()
+            return
+        self._clientFd = -1
+
+    def _refused(self) -> None:
+        """
+        The engine did not take the flow: close the client and end it.
+        """
+        clientFd, self._clientFd = self._clientFd, -1
+        if clientFd >= 0:
+            os.close(clientFd)
+        self._onEnded(self, "relay engine refused the connection")
 
     # -- IWriteDescriptor: the connect of a dialed flow ---------------------------
 

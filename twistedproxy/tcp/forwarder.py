@@ -33,15 +33,17 @@ from twistedproxy.access import hostOf
 from twistedproxy.listener import IFlow
 from twistedproxy.model import ANY_IPV4, ANY_IPV6, formatHostPort
 from twistedproxy.proxyprotocol import Addresses
-from twistedproxy.tcp.engine import EngineFlow, TCPEngine, acceptClient
-from twistedproxy.tcp.relay import refuseDescriptor
+from twistedproxy.tcp.engine import EngineFlow, TCPEngine, acceptClients
+from twistedproxy.tcp.relay import proxyHeader, refuseDescriptor
+
+#: accept() errors that say the process or the system is out of file
+#: descriptors.
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
 
 if TYPE_CHECKING:
+    from twistedproxy.model import Listener
     from twistedproxy.tcp.listener import ListeningPort, TCPListener
     from twistedproxy.tcp.relay import Relay
-
-#: accept() errors that concern one client only: take the next.
-_ACCEPT_AGAIN = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR)
 
 
 class ITCPForwarder(Interface):
@@ -98,12 +100,15 @@ class EngineForwarder:
 
     def acceptClients(self, port: ListeningPort) -> None:
         """
-        Accept clients.  While the target is an address, a client goes
-        straight to an L{EngineFlow} and then to the engine, with no
-        Twisted transport or protocol built for it (a client of TLS the
-        TLS engine terminates: to a L{twistedproxy.tcp.tlsengine.TLSDial});
-        otherwise (and always for SNI routing and TLS in Python, whose
-        client speaks first) Twisted's own accept builds a L{Relay}.
+        Accept clients.  While the target is an address, the waiting
+        clients are accepted in one call of the engine and go to
+        L{EngineFlow}s and then to the engine with no Twisted transport or
+        protocol built for them: all of them at once (L{dialBatch}) when
+        L{batches} says so, else each alone (L{dial}; a client of TLS the
+        TLS engine terminates: to a
+        L{twistedproxy.tcp.tlsengine.TLSDial}).  Otherwise (and always
+        for SNI routing and TLS in Python, whose client speaks first)
+        Twisted's own accept builds a L{Relay}.
         """
         service = self.service
         if not service.targetIsAddress or (
@@ -111,30 +116,58 @@ class EngineForwarder:
         ):
             tcp.Port.doRead(port)
             return
-        accepted = 0
-        # A bare descriptor, already non-blocking, and the client's address
-        # already written as the access line wants it: the client's socket
-        # goes to the engine without a Python socket object ever being built.
-        listeningFd = port.socket.fileno()
-        while accepted < port.numberAccepts:
-            try:
-                client = acceptClient(listeningFd)
-            except OSError as e:
-                if e.errno in _ACCEPT_AGAIN:
-                    continue
-                # Out of descriptors or memory, or worse: Twisted's accept
-                # knows how to shed the client and log it.
-                tcp.Port.doRead(port)
-                return
-            if client is None:
-                break
-            accepted += 1
-            self.dial(*client)
+        # Bare descriptors, already non-blocking, and the clients'
+        # addresses already written as the access line wants them: the
+        # clients' sockets go to the engine without a Python socket
+        # object ever being built.
+        clients, error = acceptClients(port.socket.fileno(), port.numberAccepts)
+        if error in _OUT_OF_DESCRIPTORS and clients:
+            # The batch took the last descriptors, and each client needs
+            # one more for its target: half of them are closed at once so
+            # that the other half can be served.
+            kept = len(clients) // 2
+            for clientFd, client in clients[kept:]:
+                os.close(clientFd)
+                port.shed(client)
+            clients = clients[:kept]
+        if clients:
+            if self.batches():
+                self.dialBatch(clients)
+            else:
+                for clientFd, client in clients:
+                    self.dial(clientFd, client)
+        if error:
+            # Out of descriptors or memory, or worse: Twisted's accept
+            # knows how to shed the client and log it.
+            tcp.Port.doRead(port)
+            return
         # Scaled as Twisted's own accept loop does.
+        accepted = len(clients)
         if accepted == port.numberAccepts:
             port.numberAccepts += 20
         else:
             port.numberAccepts = max(1, accepted)
+
+    def batches(self) -> bool:
+        """
+        Whether this listener's clients are admitted and dialed a batch at
+        a time (L{dialBatch}): unless its TLS is terminated (by the TLS
+        engine), it reads a PROXY header from its clients, its targets see
+        the client's own address (C{client_address: transparent}) or it
+        sends a PROXY header but listens on every address (which one the
+        client reached takes a system call per client).
+        """
+        listener = self.service.listener
+        if listener.tls is not None:
+            return False
+        identity = listener.identity
+        if not identity:
+            return True
+        return (
+            not identity.acceptProxyProtocol
+            and not identity.transparent
+            and listener.host not in (ANY_IPV4, ANY_IPV6)
+        )
 
     def established(self, relay: Relay) -> IFlow | None:
         if tls.isTLSTransport(relay.transport) or tls.isTLSTransport(
@@ -167,14 +200,59 @@ class EngineForwarder:
             ):
                 self._identifyDescriptor(clientFd, client)
                 return
-            # Both ends are known without asking the socket.
-            host, _, port = client.rpartition(":")
-            addresses = Addresses(
-                (host.strip("[]"), int(port)), (listener.host, listener.port)
-            )
-            self.dialIdentified(clientFd, client, addresses)
+            self.dialIdentified(clientFd, client, knownAddresses(listener, client))
             return
         self.dialIdentified(clientFd, client, None)
+
+    def dialBatch(self, clients: list[tuple[int, str]]) -> None:
+        """
+        Admit the accepted C{clients} (each its bare non-blocking
+        descriptor and its C{host:port}), as L{dial} would one by one,
+        and dial the target, an address, for all the admitted ones in one
+        call of the engine (L{TCPEngine.dialFlows}).  See L{batches}.
+        """
+        service = self.service
+        engine = self.engine
+        listener = service.listener
+        started = service.reactor.seconds()
+        accepted = EngineFlow.accepted
+        flows: list[EngineFlow] = []
+        clientFds: list[int] = []
+        admitted = service.admitCount(len(clients))
+        if admitted is None:
+            # A rule reads the client's address: each is admitted, and
+            # counted, before the next is asked about.
+            for clientFd, client in clients:
+                refusal = service.admit(hostOf(client))
+                if refusal is not None:
+                    refuseDescriptor(clientFd, refusal, service.reactor)
+                    service.rejected(client, refusal)
+                    continue
+                flow = accepted(service, engine, clientFd, client, started)
+                service.flowStarted(flow)
+                flows.append(flow)
+                clientFds.append(clientFd)
+        else:
+            for clientFd, client in clients[:admitted]:
+                flows.append(accepted(service, engine, clientFd, client, started))
+                clientFds.append(clientFd)
+            service.flowsStarted(flows)
+            for clientFd, client in clients[admitted:]:
+                # The listener is full now: admit() says so in its words.
+                refusal = service.admit(hostOf(client)) or (
+                    f"max_connections {listener.maxConnections} reached"
+                )
+                refuseDescriptor(clientFd, refusal, service.reactor)
+                service.rejected(client, refusal)
+        if not flows:
+            return
+        headers = None
+        if listener.identity.proxyProtocolVersion:
+            headers = []
+            for flow in flows:
+                flow.addresses = knownAddresses(listener, flow.client)
+                headers.append(proxyHeader(listener, flow.addresses))
+        engine.dialFlows(flows, clientFds, headers)
 
     def dialIdentified(
         self, clientFd: int, client: str, addresses: Addresses | None
@@ -221,6 +299,16 @@ class EngineForwarder:
             self.dialIdentified(fd, formatHostPort(*addresses.source), addresses)
 
         service.identify(skt, identified)
+
+
+def knownAddresses(listener: Listener, client: str) -> Addresses:
+    """
+    The addresses of C{client} (C{host:port}) of a C{listener} that
+    listens on one address: both ends are known without asking the
+    socket.
+    """
+    host, _, port = client.rpartition(":")
+    return Addresses((host.strip("[]"), int(port)), (listener.host, listener.port))
 
 
 def tcpForwarder(service: TCPListener, engine: TCPEngine | None) -> ITCPForwarder:

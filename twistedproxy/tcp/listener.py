@@ -141,15 +141,7 @@ class ListeningPort(tcp.Port):
         service = self.factory.service
         listener = service.listener
         if "address" in event:
-            service.notice(
-                "emfile",
-                "{proto} {mapping} {listen}: out of file descriptors; closed "
-                "client {client} at once",
-                proto=listener.proto,
-                mapping=listener.mapping,
-                listen=listener.listen,
-                client=clientAddress(event["address"]),
-            )
+            self.shed(clientAddress(event["address"]))
         elif "acceptError" in event:
             service.notice(
                 "accept",
@@ -159,6 +151,22 @@ class ListeningPort(tcp.Port):
                 listen=listener.listen,
                 error=event["acceptError"],
             )
+
+    def shed(self, client: str) -> None:
+        """
+        Log, at a bounded rate, that C{client} (C{host:port}) was closed at
+        once for want of file descriptors.
+        """
+        listener = self.factory.service.listener
+        self.factory.service.notice(
+            "emfile",
+            "{proto} {mapping} {listen}: out of file descriptors; closed "
+            "client {client} at once",
+            proto=listener.proto,
+            mapping=listener.mapping,
+            listen=listener.listen,
+            client=client,
+        )
 
     def _logConnectionLostMsg(self) -> None:
         """

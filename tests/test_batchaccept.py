@@ -1,0 +1,315 @@
+"""
+Tests for the batch path of the compiled TCP engine over real loopback
+sockets: C{acceptBatch} (every waiting client in one call) and
+C{TCPEngine.dial} (connect, PROXY header and adopt for a batch of
+clients, failures reported back).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import time
+
+import pytest
+
+from twistedproxy.tcp import engine as fastrelay
+
+pytestmark = pytest.mark.skipif(
+    not fastrelay.available(), reason="twistedproxy.tcp._engine is not built"
+)
+
+
+@pytest.fixture
+def engine():
+    """
+    A compiled engine with two relay threads, stopped after the test.
+    """
+    made = fastrelay.CompiledTCPEngine(threads=2)
+    yield made
+    made.stop()
+
+
+@pytest.fixture
+def listening():
+    """
+    A non-blocking listening socket on loopback (the proxy's).
+    """
+    skt = socket.socket()
+    skt.bind(("127.0.0.1", 0))
+    skt.listen(64)
+    skt.setblocking(False)
+    yield skt
+    skt.close()
+
+
+@pytest.fixture
+def target():
+    """
+    A listening socket on loopback (the target).
+    """
+    skt = socket.socket()
+    skt.bind(("127.0.0.1", 0))
+    skt.listen(64)
+    skt.settimeout(10)
+    yield skt
+    skt.close()
+
+
+def connectClients(listening: socket.socket, count: int) -> list[socket.socket]:
+    """
+    C{count} clients connected to C{listening}, waiting in its queue.
+    """
+    clients = []
+    for _ in range(count):
+        client = socket.create_connection(listening.getsockname())
+        client.settimeout(10)
+        clients.append(client)
+    return clients
+
+
+def waitReports(engine, count: int, timeout: float = 10.0) -> list[tuple]:
+    """
+    The engine's end reports, until C{count} came.
+    """
+    reports: list[tuple] = []
+    deadline = time.monotonic() + timeout
+    while len(reports) < count:
+        left = deadline - time.monotonic()
+        assert left > 0, f"only {reports} after {timeout}s"
+        select.select([engine.fileno()], [], [], left)
+        reports.extend(engine.reports())
+    return reports
+
+
+def freeLoopbackPort() -> int:
+    """
+    A loopback port nothing listens on (bound, then closed).
+    """
+    skt = socket.socket()
+    skt.bind(("127.0.0.1", 0))
+    port = skt.getsockname()[1]
+    skt.close()
+    return port
+
+
+def test_acceptBatchTakesEveryWaitingClient(listening) -> None:
+    """
+    One call accepts every waiting client, each as a non-blocking
+    descriptor with its address as the access line writes it, and says
+    the queue ended cleanly (errno 0); an empty queue gives none.
+    """
+    clients = connectClients(listening, 5)
+    try:
+        accepted, error = fastrelay.acceptClients(listening.fileno(), 100)
+        assert error == 0
+        assert sorted(address for _, address in accepted) == sorted(
+            f"127.0.0.1:{c.getsockname()[1]}" for c in clients
+        )
+        for fd, _ in accepted:
+            assert os.get_blocking(fd) is False
+            os.close(fd)
+        assert fastrelay.acceptClients(listening.fileno(), 100) == ([], 0)
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_acceptBatchTakesAtMostTheLimit(listening) -> None:
+    """
+    C{most} bounds a batch; the clients left wait for the next call.
+    """
+    clients = connectClients(listening, 4)
+    try:
+        first, error = fastrelay.acceptClients(listening.fileno(), 3)
+        assert (len(first), error) == (3, 0)
+        rest, error = fastrelay.acceptClients(listening.fileno(), 3)
+        assert (len(rest), error) == (1, 0)
+        for fd, _ in first + rest:
+            os.close(fd)
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_acceptBatchReportsTheErrorThatStoppedIt() -> None:
+    """
+    A descriptor that is not a listening socket stops the batch with its
+    errno, for the caller to handle after the clients it got.
+    """
+    r, w = os.pipe()
+    try:
+        assert fastrelay.acceptClients(r, 10) == ([], errno.ENOTSOCK)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_dialAdoptsEveryClientOfABatch(engine, listening, target) -> None:
+    """
+    One C{dial} connects a target socket for each client of a batch and
+    hands each pair to the engine (result 0), which relays both ways
+    and reports each flow's end under its id.
+    """
+    clients = connectClients(listening, 3)
+    accepted, _ = fastrelay.acceptClients(listening.fileno(), 10)
+    ids = [101, 102, 103]
+    results = engine.dial(
+        [fd for fd, _ in accepted], ids, "127.0.0.1", target.getsockname()[1], 0.0
+    )
+    assert results == [0, 0, 0]
+    byPort = {c.getsockname()[1]: c for c in clients}
+    for _, address in accepted:
+        client = byPort[int(address.rpartition(":")[2])]
+        served, _ = target.accept()
+        client.sendall(b"ping")
+        assert served.recv(4) == b"ping"
+        served.sendall(b"pong!")
+        assert client.recv(5) == b"pong!"
+        served.close()
+        client.close()
+    reports = waitReports(engine, 3)
+    assert sorted((r[0], r[1], r[2]) for r in reports) == [
+        (101, 4, 5),
+        (102, 4, 5),
+        (103, 4, 5),
+    ]
+
+
+def test_dialSendsTheHeaderFirst(engine, listening, target) -> None:
+    """
+    With C{headers}, each target receives its own header before any byte
+    of its client.
+    """
+    clients = connectClients(listening, 2)
+    accepted, _ = fastrelay.acceptClients(listening.fileno(), 10)
+    headers = [b"HEADER-ONE\r\n", b"HEADER-TWO\r\n"]
+    results = engine.dial(
+        [fd for fd, _ in accepted],
+        [201, 202],
+        "127.0.0.1",
+        target.getsockname()[1],
+        0.0,
+        headers,
+    )
+    assert results == [0, 0]
+    received = []
+    for _ in clients:
+        served, _ = target.accept()
+        served.settimeout(10)
+        received.append(served.recv(12))
+        served.close()
+    assert sorted(received) == sorted(headers)
+    for c in clients:
+        c.close()
+    waitReports(engine, 2)
+
+
+def test_dialReportsARefusedConnect(engine, listening) -> None:
+    """
+    A target that refuses gives the access line's words for it; the
+    client's descriptor is still the caller's, and the engine has no
+    flow.
+    """
+    (client,) = connectClients(listening, 1)
+    accepted, _ = fastrelay.acceptClients(listening.fileno(), 10)
+    ((fd, _),) = accepted
+    results = engine.dial([fd], [301], "127.0.0.1", freeLoopbackPort(), 0.0)
+    assert results == [os.strerror(errno.ECONNREFUSED).lower()]
+    os.fstat(fd)  # still open, still ours
+    os.close(fd)
+    client.close()
+    assert engine.flowCount() == 0
+
+
+def test_dialRefusedByAStoppedEngine(engine, listening, target) -> None:
+    """
+    A stopped engine takes no flow: the result is None and the client's
+    descriptor is still the caller's.
+    """
+    engine.stop()
+    (client,) = connectClients(listening, 1)
+    accepted, _ = fastrelay.acceptClients(listening.fileno(), 10)
+    ((fd, _),) = accepted
+    assert engine.dial([fd], [401], "127.0.0.1", target.getsockname()[1], 0.0) == [None]
+    os.fstat(fd)
+    os.close(fd)
+    client.close()
+
+
+def test_dialChecksItsArguments(engine) -> None:
+    """
+    A target that is not an IP address, mismatched lists or a header that
+    is not bytes raise before any socket is opened.
+    """
+    with pytest.raises(ValueError, match="IP address"):
+        engine.dial([5], [1], "localhost", 80, 0.0)
+    with pytest.raises(ValueError, match="one flow id"):
+        engine.dial([5, 6], [1], "127.0.0.1", 80, 0.0)
+    with pytest.raises(TypeError):
+        engine.dial([5], [1], "127.0.0.1", 80, 0.0, ["text"])
+    with pytest.raises(ValueError, match="idleTimeout"):
+        engine.dial([5], [1], "127.0.0.1", 80, -1.0)
+
+
+def test_dialToIPv6(engine) -> None:
+    """
+    An IPv6 target is dialed as well as an IPv4 one.
+    """
+    server = socket.socket(socket.AF_INET6)
+    server.bind(("::1", 0))
+    server.listen(4)
+    server.settimeout(10)
+    proxyEnd, client = socket.socketpair()
+    proxyEnd.setblocking(False)
+    try:
+        results = engine.dial(
+            [proxyEnd.detach()], [501], "::1", server.getsockname()[1], 0.0
+        )
+        assert results == [0]
+        served, _ = server.accept()
+        client.sendall(b"six")
+        served.settimeout(10)
+        assert served.recv(3) == b"six"
+        served.close()
+        client.close()
+        waitReports(engine, 1)
+    finally:
+        server.close()
+
+
+def test_dialHandsBackAConnectUnderWay(engine, listening) -> None:
+    """
+    A target whose accept queue is full drops the SYN: the connect is
+    under way, and C{dial} hands its socket's descriptor back (an int)
+    for the caller to wait on; the client's is still the caller's.
+    """
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    waiting = []
+    try:
+        # Fill the accept queue (one connection with backlog 0), then some.
+        for _ in range(3):
+            skt = socket.socket()
+            skt.setblocking(False)
+            skt.connect_ex(full.getsockname())
+            waiting.append(skt)
+        (client,) = connectClients(listening, 1)
+        accepted, _ = fastrelay.acceptClients(listening.fileno(), 10)
+        ((fd, _),) = accepted
+        (result,) = engine.dial([fd], [601], "127.0.0.1", full.getsockname()[1], 0.0)
+        assert isinstance(result, int) and result > 0
+        assert os.get_blocking(result) is False
+        skt = socket.socket(fileno=result)
+        assert skt.type == socket.SOCK_STREAM
+        skt.close()
+        os.close(fd)
+        client.close()
+        assert engine.flowCount() == 0
+    finally:
+        for skt in waiting:
+            skt.close()
+        full.close()
