@@ -7,10 +7,13 @@ the C contexts built from the map's PEM bytes.
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import socket
+import ssl
 import sys
 import sysconfig
+import time
 
 import pytest
 from certs import Authority
@@ -260,3 +263,101 @@ def test_extensionBuiltWhereItCan() -> None:
         )
     else:
         assert not tlsengine.available() or sys.platform.startswith("linux")
+
+
+def _threadCount() -> int:
+    """
+    The threads this process runs now.
+    """
+    return len(os.listdir("/proc/self/task"))
+
+
+def _waitReports(engine, kind: str, count: int) -> list[tuple]:
+    """
+    The next C{count} reports of C{kind} from the compiled C{engine}
+    (within 10 s); none of another kind may come meanwhile.
+    """
+    got: list[tuple] = []
+    deadline = time.monotonic() + 10
+    while len(got) < count:
+        assert time.monotonic() < deadline, got
+        select.select([engine.fileno()], [], [], 0.2)
+        for report in engine.reports():
+            assert report[0] == kind, report
+            got.append(report)
+    return got
+
+
+def _recvExactly(conn: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        assert chunk, data
+        data += chunk
+    return data
+
+
+@pytest.mark.skipif(not tlsengine.available(), reason="the TLS engine is not built")
+def test_engineThreadsSpreadFlows(tmp_path) -> None:
+    """
+    A TLS engine with 3 threads starts them with its first client, gives
+    6 clients with consecutive ids two to each thread (flowId mod 3), runs
+    every handshake and relays each client's own bytes both ways, and
+    stop() ends them all ("proxy stopped") and joins every thread.
+    """
+    ca = Authority(tmp_path / "pki")
+    pair = readKeyPair(*ca.issue("server", "localhost", ("localhost",)))
+    context = tlsengine.Context([(pair.certPem, pair.keyPem)], [], None, "1.2")
+    engine = tlsengine.CompiledTLSEngine(threads=3)
+    assert engine.threadFlows() == [0, 0, 0]
+    before = _threadCount()
+    server = socket.create_server(("127.0.0.1", 0))
+    clients, targets = [], []
+    try:
+        for i in range(6):
+            clients.append(socket.create_connection(server.getsockname(), timeout=10))
+            accepted, _ = server.accept()
+            engine.adopt(accepted.detach(), 30 + i, context)
+        assert engine.threadFlows() == [2, 2, 2]
+        assert _threadCount() == before + 3
+        verify = ssl.create_default_context(cafile=str(ca.path))
+        clients = [verify.wrap_socket(c, server_hostname="localhost") for c in clients]
+        handshakes = _waitReports(engine, "handshake", 6)
+        assert sorted(r[1] for r in handshakes) == list(range(30, 36))
+        for i in range(6):
+            ours, theirs = socket.socketpair()
+            targets.append(theirs)
+            assert engine.attach(30 + i, ours.detach(), 0.0)
+        for i, (client, target) in enumerate(zip(clients, targets)):
+            client.sendall(b"q" * (i + 1))
+            target.sendall(b"a" * (2 * i + 1))
+        for i, (client, target) in enumerate(zip(clients, targets)):
+            assert _recvExactly(target, i + 1) == b"q" * (i + 1)
+            assert _recvExactly(client, 2 * i + 1) == b"a" * (2 * i + 1)
+            assert engine.counters(30 + i) == (i + 1, 2 * i + 1)
+        engine.stop()
+        ended = _waitReports(engine, "ended", 6)
+        assert sorted(r[1:] for r in ended) == [
+            (30 + i, i + 1, 2 * i + 1, "proxy stopped") for i in range(6)
+        ]
+        assert engine.threadFlows() == [0, 0, 0]
+        assert _threadCount() == before
+    finally:
+        engine.stop()
+        server.close()
+        for conn in clients + targets:
+            conn.close()
+
+
+@pytest.mark.skipif(not tlsengine.available(), reason="the TLS engine is not built")
+def test_engineThreadsByDefault() -> None:
+    """
+    By default the TLS engine has one thread per CPU this process may use
+    (at most 16), as the TCP engine; threads= outside 0 to 256 is refused.
+    """
+    engine = tlsengine.CompiledTLSEngine()
+    assert len(engine.threadFlows()) == min(len(os.sched_getaffinity(0)), 16)
+    assert len(tlsengine.CompiledTLSEngine(threads=256).threadFlows()) == 256
+    for bad in (-1, 257):
+        with pytest.raises(ValueError):
+            tlsengine.CompiledTLSEngine(threads=bad)

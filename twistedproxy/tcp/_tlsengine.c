@@ -165,9 +165,14 @@ buildContext(const char *certPem, Py_ssize_t certLen, const char *keyPem,
     SSL_CTX_set_options(context, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION |
                                      SSL_OP_CIPHER_SERVER_PREFERENCE |
                                      SSL_OP_IGNORE_UNEXPECTED_EOF);
+    /* As nginx: the chain sent is the certificate file's (no chain built
+     * from the certificate store at every handshake, which with client_ca
+     * would be the client CAs), and OpenSSL reads what the socket has in
+     * one recv rather than a record header and then its body. */
     SSL_CTX_set_mode(context, SSL_MODE_ENABLE_PARTIAL_WRITE |
                                   SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
-                                  SSL_MODE_RELEASE_BUFFERS);
+                                  SSL_MODE_RELEASE_BUFFERS | SSL_MODE_NO_AUTO_CHAIN);
+    SSL_CTX_set_read_ahead(context, 1);
     /* Sessions resume by tickets (TLS 1.3: two per handshake, as nginx);
      * the context id lets a client with a certificate resume too.  No
      * server-side cache: stateless tickets need none, and it would hold
@@ -398,16 +403,41 @@ struct Conn {
     _Atomic unsigned long long bytesIn, bytesOut;
 };
 
-typedef struct {
-    ENGINE_HEAD
-    /* shared, under lock */
+typedef struct TLSEngine TLSEngine;
+
+/*
+ * One engine thread and what it alone owns: its epoll instance and wake
+ * eventfd (worker 0: the engine's), its connections (those workerOf
+ * gives it) and their command queue.
+ */
+typedef struct Worker {
+    EngineWorker base; /* epfd, wakeFd, started, thread */
+    TLSEngine *engine;
+    /* shared, under the engine's lock */
     Conn *commandHead, *commandTail;
-    /* the engine thread's own */
+    size_t flowCount; /* live connections it owns */
+    /* this worker's thread only */
     Conn *live;
     Conn *graveyard; /* ended in this batch; freed after it */
     int reported;    /* a report was posted in this batch */
     double now;
-} TLSEngine;
+} Worker;
+
+struct TLSEngine {
+    ENGINE_HEAD
+    /* set at construction, read-only afterwards */
+    int workerCount;
+    Worker *workers;
+};
+
+/* The worker that owns flow id for its whole life: the id modulo the
+ * number of threads, as in the TCP engine (consecutive ids go round the
+ * threads). */
+static Worker *
+workerOf(TLSEngine *e, uint64_t id)
+{
+    return &e->workers[id % (uint64_t)e->workerCount];
+}
 
 static double
 monotonic(void)
@@ -430,29 +460,29 @@ connFind(TLSEngine *e, uint64_t id)
 /* A socket's events when it is not in the epoll set. */
 #define UNWATCHED 0xffffffffu
 
-static void endConn(TLSEngine *e, Conn *conn, const char *reason, int resetClient,
+static void endConn(Worker *w, Conn *conn, const char *reason, int resetClient,
                     int resetTarget);
 
 /* Watch one side of a connection for `events`; none takes the socket out
  * of the set, since epoll reports a hang-up whatever is asked, and a
  * side that is done both ways would keep waking the thread. */
 static void
-watch(TLSEngine *e, Conn *conn, int side, uint32_t events)
+watch(Worker *w, Conn *conn, int side, uint32_t events)
 {
     uint32_t *current = side ? &conn->targetEvents : &conn->clientEvents;
     if (conn->done || *current == events || (events == 0 && *current == UNWATCHED))
         return;
     int fd = side ? conn->targetFd : conn->clientFd;
     if (events == 0) {
-        epoll_ctl(e->epfd, EPOLL_CTL_DEL, fd, NULL);
+        epoll_ctl(w->base.epfd, EPOLL_CTL_DEL, fd, NULL);
         *current = UNWATCHED;
         return;
     }
     struct epoll_event ev = {.events = events,
                              .data.ptr = (void *)((uintptr_t)conn | (uintptr_t)side)};
-    if (epoll_ctl(e->epfd, *current == UNWATCHED ? EPOLL_CTL_ADD : EPOLL_CTL_MOD, fd, &ev) <
+    if (epoll_ctl(w->base.epfd, *current == UNWATCHED ? EPOLL_CTL_ADD : EPOLL_CTL_MOD, fd, &ev) <
         0) {
-        endConn(e, conn, "tls engine could not watch the sockets", 1, 1);
+        endConn(w, conn, "tls engine could not watch the sockets", 1, 1);
         return;
     }
     *current = events;
@@ -469,17 +499,17 @@ closeWithReset(int fd)
 /* A connection the engine is done with goes to the graveyard, freed after
  * the current event batch. */
 static void
-bury(TLSEngine *e, Conn *conn)
+bury(Worker *w, Conn *conn)
 {
-    conn->nextDead = e->graveyard;
-    e->graveyard = conn;
+    conn->nextDead = w->graveyard;
+    w->graveyard = conn;
 }
 
 static void
-freeDead(TLSEngine *e)
+freeDead(Worker *w)
 {
-    Conn *conn = e->graveyard;
-    e->graveyard = NULL;
+    Conn *conn = w->graveyard;
+    w->graveyard = NULL;
     while (conn != NULL) {
         Conn *next = conn->nextDead;
         free(conn);
@@ -490,13 +520,13 @@ freeDead(TLSEngine *e)
 /* End a connection: close both sockets (with a reset where asked), free
  * its TLS state, take it out of the id table and post its end report. */
 static void
-endConn(TLSEngine *e, Conn *conn, const char *reason, int resetClient, int resetTarget)
+endConn(Worker *w, Conn *conn, const char *reason, int resetClient, int resetTarget)
 {
     if (conn->done)
         return;
     conn->done = 1;
     if (conn->clientFd >= 0) {
-        epoll_ctl(e->epfd, EPOLL_CTL_DEL, conn->clientFd, NULL);
+        epoll_ctl(w->base.epfd, EPOLL_CTL_DEL, conn->clientFd, NULL);
         if (resetClient)
             closeWithReset(conn->clientFd);
         else
@@ -504,7 +534,7 @@ endConn(TLSEngine *e, Conn *conn, const char *reason, int resetClient, int reset
         conn->clientFd = -1;
     }
     if (conn->targetFd >= 0) {
-        epoll_ctl(e->epfd, EPOLL_CTL_DEL, conn->targetFd, NULL);
+        epoll_ctl(w->base.epfd, EPOLL_CTL_DEL, conn->targetFd, NULL);
         if (resetTarget)
             closeWithReset(conn->targetFd);
         else
@@ -521,16 +551,17 @@ endConn(TLSEngine *e, Conn *conn, const char *reason, int resetClient, int reset
     conn->state = ENDED;
     if (conn->prevLive != NULL)
         conn->prevLive->nextLive = conn->nextLive;
-    else if (e->live == conn)
-        e->live = conn->nextLive;
+    else if (w->live == conn)
+        w->live = conn->nextLive;
     if (conn->nextLive != NULL)
         conn->nextLive->prevLive = conn->prevLive;
     conn->prevLive = conn->nextLive = NULL;
-    pthread_mutex_lock(&e->lock);
-    idTableRemove(&e->flows, &conn->entry);
+    pthread_mutex_lock(&w->engine->lock);
+    idTableRemove(&w->engine->flows, &conn->entry);
+    w->flowCount--;
     if (!conn->handshakeReported)
-        reportRelease(&e->reports);
-    Report *report = reportPost(&e->reports);
+        reportRelease(&w->engine->reports);
+    Report *report = reportPost(&w->engine->reports);
     report->id = conn->entry.id;
     report->kind = REPORT_END;
     report->end.bytesIn = atomic_load_explicit(&conn->bytesIn, memory_order_relaxed);
@@ -541,10 +572,10 @@ endConn(TLSEngine *e, Conn *conn, const char *reason, int resetClient, int reset
     int queued = conn->queued;
     if (queued)
         conn->orphan = 1;
-    pthread_mutex_unlock(&e->lock);
-    e->reported = 1;
+    pthread_mutex_unlock(&w->engine->lock);
+    w->reported = 1;
     if (!queued)
-        bury(e, conn);
+        bury(w, conn);
 }
 
 /* Why the last TLS call failed, in OpenSSL's words ("tls: ..."). */
@@ -595,7 +626,7 @@ peerSubject(Conn *conn)
 }
 
 static void
-handshake(TLSEngine *e, Conn *conn)
+handshake(Worker *w, Conn *conn)
 {
     ERR_clear_error();
     errno = 0;
@@ -605,40 +636,40 @@ handshake(TLSEngine *e, Conn *conn)
         char *subject = peerSubject(conn);
         conn->state = DIALING;
         /* Nothing more from the client until the target answers. */
-        watch(e, conn, 0, 0);
-        pthread_mutex_lock(&e->lock);
-        Report *report = reportPost(&e->reports);
+        watch(w, conn, 0, 0);
+        pthread_mutex_lock(&w->engine->lock);
+        Report *report = reportPost(&w->engine->reports);
         report->id = conn->entry.id;
         report->kind = REPORT_HANDSHAKE;
         report->handshake.subject = subject;
         snprintf(report->handshake.serverName, sizeof report->handshake.serverName, "%s",
                  name != NULL ? name : "");
-        pthread_mutex_unlock(&e->lock);
+        pthread_mutex_unlock(&w->engine->lock);
         conn->handshakeReported = 1;
-        e->reported = 1;
+        w->reported = 1;
         return;
     }
     int error = SSL_get_error(conn->ssl, r);
     char reason[sizeof ((Report *)NULL)->end.reason];
     switch (error) {
     case SSL_ERROR_WANT_READ:
-        watch(e, conn, 0, EPOLLIN);
+        watch(w, conn, 0, EPOLLIN);
         return;
     case SSL_ERROR_WANT_WRITE:
-        watch(e, conn, 0, EPOLLOUT);
+        watch(w, conn, 0, EPOLLOUT);
         return;
     case SSL_ERROR_ZERO_RETURN:
-        endConn(e, conn, "client closed", 0, 0);
+        endConn(w, conn, "client closed", 0, 0);
         return;
     case SSL_ERROR_SYSCALL:
         if (ERR_peek_error() == 0) {
-            endConn(e, conn, errno == 0 ? "client closed" : "reset by client", 0, 0);
+            endConn(w, conn, errno == 0 ? "client closed" : "reset by client", 0, 0);
             return;
         }
         /* fall through */
     default:
         tlsFailure(error, reason, sizeof reason);
-        endConn(e, conn, reason, 0, 0);
+        endConn(w, conn, reason, 0, 0);
     }
 }
 /* -- relaying -------------------------------------------------------------- */
@@ -678,7 +709,7 @@ releaseIfEmpty(Buffer *b)
 /* Move what can move, both ways, until nothing does; then watch for what
  * would let more move, and end the connection once both ways are done. */
 static void
-pump(TLSEngine *e, Conn *conn)
+pump(Worker *w, Conn *conn)
 {
     Buffer *up = &conn->toTarget, *down = &conn->toClient;
     int moved = 0;
@@ -687,7 +718,7 @@ pump(TLSEngine *e, Conn *conn)
         /* client -> buffer */
         if (!conn->clientEof && space(up) > 0) {
             if (!ready(up)) {
-                endConn(e, conn, "out of memory", 1, 1);
+                endConn(w, conn, "out of memory", 1, 1);
                 return;
             }
             ERR_clear_error();
@@ -715,7 +746,7 @@ pump(TLSEngine *e, Conn *conn)
                         snprintf(reason, sizeof reason, "reset by client");
                     else
                         tlsFailure(error, reason, sizeof reason);
-                    endConn(e, conn, reason, 1, 1);
+                    endConn(w, conn, reason, 1, 1);
                     return;
                 }
             }
@@ -728,7 +759,7 @@ pump(TLSEngine *e, Conn *conn)
                 up->length -= (size_t)n;
                 progress = 1;
             } else if (n < 0 && errno != EAGAIN && errno != EINTR) {
-                endConn(e, conn, "reset by target", 1, 1);
+                endConn(w, conn, "reset by target", 1, 1);
                 return;
             }
         }
@@ -739,7 +770,7 @@ pump(TLSEngine *e, Conn *conn)
         /* target -> buffer */
         if (!conn->targetEof && space(down) > 0) {
             if (!ready(down)) {
-                endConn(e, conn, "out of memory", 1, 1);
+                endConn(w, conn, "out of memory", 1, 1);
                 return;
             }
             ssize_t n = recv(conn->targetFd, down->data + down->start + down->length,
@@ -753,7 +784,7 @@ pump(TLSEngine *e, Conn *conn)
                     conn->finishedFirst = "target closed";
                 progress = 1;
             } else if (errno != EAGAIN && errno != EINTR) {
-                endConn(e, conn, "reset by target", 1, 1);
+                endConn(w, conn, "reset by target", 1, 1);
                 return;
             }
         }
@@ -775,7 +806,7 @@ pump(TLSEngine *e, Conn *conn)
                 else if (error == SSL_ERROR_WANT_READ)
                     conn->writeWantsRead = 1;
                 else {
-                    endConn(e, conn, "reset by client", 1, 1);
+                    endConn(w, conn, "reset by client", 1, 1);
                     return;
                 }
             }
@@ -798,9 +829,9 @@ pump(TLSEngine *e, Conn *conn)
         moved = 1;
     }
     if (moved)
-        conn->lastActive = e->now;
+        conn->lastActive = w->now;
     if (conn->clientEof && conn->targetShut && conn->notifySent) {
-        endConn(e, conn, conn->finishedFirst ? conn->finishedFirst : "closed", 0, 0);
+        endConn(w, conn, conn->finishedFirst ? conn->finishedFirst : "closed", 0, 0);
         return;
     }
     releaseIfEmpty(up);
@@ -814,42 +845,42 @@ pump(TLSEngine *e, Conn *conn)
         target |= EPOLLIN;
     if (up->length > 0)
         target |= EPOLLOUT;
-    watch(e, conn, 0, client);
-    watch(e, conn, 1, target);
+    watch(w, conn, 0, client);
+    watch(w, conn, 1, target);
 }
 
 /* -- commands -------------------------------------------------------------- */
 
 static void
-startConn(TLSEngine *e, Conn *conn)
+startConn(Worker *w, Conn *conn)
 {
     conn->ssl = SSL_new(conn->set->defaultContext);
     conn->clientEvents = conn->targetEvents = UNWATCHED;
-    conn->nextLive = e->live;
-    if (e->live != NULL)
-        e->live->prevLive = conn;
-    e->live = conn;
+    conn->nextLive = w->live;
+    if (w->live != NULL)
+        w->live->prevLive = conn;
+    w->live = conn;
     if (conn->ssl == NULL || SSL_set_fd(conn->ssl, conn->clientFd) != 1) {
         ERR_clear_error();
-        endConn(e, conn, "tls engine could not take the connection", 1, 0);
+        endConn(w, conn, "tls engine could not take the connection", 1, 0);
         return;
     }
     SSL_set_accept_state(conn->ssl);
-    handshake(e, conn);
+    handshake(w, conn);
 }
 
 static void
-attachTarget(TLSEngine *e, Conn *conn)
+attachTarget(Worker *w, Conn *conn)
 {
     conn->state = RELAYING;
-    conn->lastActive = e->now;
+    conn->lastActive = w->now;
     /* What OpenSSL read with the end of the handshake is in its buffer. */
-    pump(e, conn);
+    pump(w, conn);
 }
 
 /* A graceful close (a failed dial): close_notify, then the FIN. */
 static void
-closeGracefully(TLSEngine *e, Conn *conn)
+closeGracefully(Worker *w, Conn *conn)
 {
     if (conn->state != HANDSHAKE) {
         ERR_clear_error();
@@ -858,45 +889,45 @@ closeGracefully(TLSEngine *e, Conn *conn)
     }
     if (conn->clientFd >= 0)
         shutdown(conn->clientFd, SHUT_WR);
-    endConn(e, conn, "closed", 0, 1);
+    endConn(w, conn, "closed", 0, 1);
 }
 
 /* Run the queued commands, one connection at a time; 1 when the engine
  * is to stop. */
 static int
-runCommands(TLSEngine *e)
+runCommands(Worker *w)
 {
     for (;;) {
-        pthread_mutex_lock(&e->lock);
-        Conn *conn = e->commandHead;
+        pthread_mutex_lock(&w->engine->lock);
+        Conn *conn = w->commandHead;
         if (conn == NULL) {
-            int stopping = e->stopping;
-            pthread_mutex_unlock(&e->lock);
+            int stopping = w->engine->stopping;
+            pthread_mutex_unlock(&w->engine->lock);
             return stopping;
         }
-        e->commandHead = conn->nextCommand;
-        if (e->commandHead == NULL)
-            e->commandTail = NULL;
+        w->commandHead = conn->nextCommand;
+        if (w->commandHead == NULL)
+            w->commandTail = NULL;
         unsigned commands = conn->commands;
         conn->commands = 0;
         conn->queued = 0;
         int orphan = conn->orphan;
         int targetFd = conn->pendingTargetFd;
         conn->pendingTargetFd = -1;
-        pthread_mutex_unlock(&e->lock);
+        pthread_mutex_unlock(&w->engine->lock);
         if (orphan) {
-            bury(e, conn);
+            bury(w, conn);
         } else if (!conn->done) {
             if (commands & CMD_ADOPT)
-                startConn(e, conn);
+                startConn(w, conn);
             if (commands & CMD_KILL)
-                endConn(e, conn, "killed", 1, 1);
+                endConn(w, conn, "killed", 1, 1);
             else if (commands & CMD_CLOSE)
-                closeGracefully(e, conn);
+                closeGracefully(w, conn);
             else if (targetFd >= 0 && conn->state == DIALING && !conn->done) {
                 conn->targetFd = targetFd;
                 targetFd = -1;
-                attachTarget(e, conn);
+                attachTarget(w, conn);
             }
         }
         /* A target given to a connection that ended meanwhile. */
@@ -906,99 +937,141 @@ runCommands(TLSEngine *e)
 }
 
 static void
-scanIdle(TLSEngine *e)
+scanIdle(Worker *w)
 {
     Conn *next;
-    for (Conn *conn = e->live; conn != NULL; conn = next) {
+    for (Conn *conn = w->live; conn != NULL; conn = next) {
         next = conn->nextLive;
         if (conn->state == RELAYING && conn->idleTimeout > 0 &&
-            e->now - conn->lastActive >= conn->idleTimeout)
-            endConn(e, conn, "idle timeout", 1, 1);
+            w->now - conn->lastActive >= conn->idleTimeout)
+            endConn(w, conn, "idle timeout", 1, 1);
     }
 }
 
 /* The end of a batch: free what ended in it, wake the reactor when
  * reports were posted. */
 static void
-endBatch(TLSEngine *e)
+endBatch(Worker *w)
 {
-    freeDead(e);
-    if (e->reported) {
-        e->reported = 0;
-        signalFd(e->notifyFd);
+    freeDead(w);
+    if (w->reported) {
+        w->reported = 0;
+        signalFd(w->engine->notifyFd);
     }
 }
 
 static void *
 engineMain(void *arg)
 {
-    TLSEngine *e = arg;
+    Worker *w = arg;
+    /* "tlsengine0", "tlsengine1", ... in ps and top. */
+    char name[16];
+    snprintf(name, sizeof name, "tlsengine%d", (int)(w - w->engine->workers));
+    pthread_setname_np(pthread_self(), name);
     struct epoll_event events[EVENTS_PER_WAIT];
     double lastScan = monotonic();
     int stop = 0;
     while (!stop) {
-        int n = epoll_wait(e->epfd, events, EVENTS_PER_WAIT, IDLE_SCAN_MS);
-        e->now = monotonic();
+        int n = epoll_wait(w->base.epfd, events, EVENTS_PER_WAIT, IDLE_SCAN_MS);
+        w->now = monotonic();
         for (int i = 0; i < n; i++) {
             uintptr_t data = (uintptr_t)events[i].data.ptr;
             if (data == 0) {
-                drainFd(e->wakeFd);
-                stop |= runCommands(e);
+                drainFd(w->base.wakeFd);
+                stop |= runCommands(w);
                 continue;
             }
             Conn *conn = (Conn *)(data & ~(uintptr_t)1);
             if (conn->done)
                 continue;
             if (conn->state == HANDSHAKE)
-                handshake(e, conn);
+                handshake(w, conn);
             else if (conn->state == RELAYING)
-                pump(e, conn);
+                pump(w, conn);
         }
-        if (e->now - lastScan >= IDLE_SCAN_MS / 1000.0) {
-            lastScan = e->now;
-            scanIdle(e);
+        if (w->now - lastScan >= IDLE_SCAN_MS / 1000.0) {
+            lastScan = w->now;
+            scanIdle(w);
         }
-        endBatch(e);
+        endBatch(w);
     }
     /* Stopping: adopts queued before the stop start (and end below), then
      * every connection ends, gracefully; commands queued for them
      * meanwhile are taken, so that none stays in the queue. */
-    runCommands(e);
-    while (e->live != NULL)
-        endConn(e, e->live, "proxy stopped", 0, 0);
-    runCommands(e);
-    endBatch(e);
-    signalFd(e->notifyFd);
+    runCommands(w);
+    while (w->live != NULL)
+        endConn(w, w->live, "proxy stopped", 0, 0);
+    runCommands(w);
+    endBatch(w);
+    signalFd(w->engine->notifyFd);
     return NULL;
+}
+
+/* Worker 0's thread is the engine's own (engineStartThread gives it the
+ * engine). */
+static void *
+firstWorkerMain(void *engine)
+{
+    return engineMain(&((TLSEngine *)engine)->workers[0]);
 }
 
 /* -- the Python type --------------------------------------------------------- */
 
-/* Queue commands for a live connection (reactor thread, lock held). */
-static void
+/* Queue commands for a live connection on its worker's queue (reactor
+ * thread, lock held); the caller then wakes that worker. */
+static Worker *
 command(TLSEngine *e, Conn *conn, unsigned commands)
 {
+    Worker *w = workerOf(e, conn->entry.id);
     conn->commands |= commands;
     if (!conn->queued) {
         conn->queued = 1;
         conn->nextCommand = NULL;
-        if (e->commandTail != NULL)
-            e->commandTail->nextCommand = conn;
+        if (w->commandTail != NULL)
+            w->commandTail->nextCommand = conn;
         else
-            e->commandHead = conn;
-        e->commandTail = conn;
+            w->commandHead = conn;
+        w->commandTail = conn;
     }
+    return w;
 }
 
 static int
 TLSEngine_init(TLSEngine *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, ":TLSEngine", kwlist))
+    static char *kwlist[] = {"threads", NULL};
+    int threads = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|i:TLSEngine", kwlist, &threads))
         return -1;
-    /* Events of the wake eventfd carry NULL; a connection's, its Conn
+    if (threads < 0 || threads > ENGINE_MAX_THREADS) {
+        PyErr_Format(PyExc_ValueError, "threads must be between 1 and %d (0: the default)",
+                     ENGINE_MAX_THREADS);
+        return -1;
+    }
+    /* Events of the wake eventfds carry NULL; a connection's, its Conn
      * with the side (0 client, 1 target) in the low bit. */
-    return engineOpen((EngineBase *)self, (epoll_data_t){.ptr = NULL}, 1024, sizeof(Report));
+    epoll_data_t wakeData = {.ptr = NULL};
+    if (engineOpen((EngineBase *)self, wakeData, 1024, sizeof(Report)) < 0)
+        return -1;
+    int count = threads > 0 ? threads : engineDefaultThreads();
+    self->workers = calloc((size_t)count, sizeof(Worker));
+    if (self->workers == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (int i = 0; i < count; i++) {
+        Worker *w = &self->workers[i];
+        w->engine = self;
+        w->base.epfd = w->base.wakeFd = -1;
+        self->workerCount = i + 1; /* what dealloc closes */
+        if (i == 0) {
+            w->base.epfd = self->epfd;
+            w->base.wakeFd = self->wakeFd;
+        } else if (engineOpenWorker(&w->base, wakeData) < 0) {
+            return -1;
+        }
+    }
+    return 0;
 }
 
 static void
@@ -1014,13 +1087,16 @@ TLSEngine_dealloc(TLSEngine *self)
         if (r->kind == REPORT_HANDSHAKE)
             free(r->handshake.subject);
     }
+    for (int i = 1; i < self->workerCount; i++)
+        engineCloseWorker(&self->workers[i].base);
+    free(self->workers);
     engineFree((EngineBase *)self);
 }
 
 static int
 checkReady(TLSEngine *self)
 {
-    if (self->epfd < 0) {
+    if (self->epfd < 0 || self->workers == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "TLSEngine not initialised");
         return -1;
     }
@@ -1067,9 +1143,10 @@ TLSEngine_adopt(TLSEngine *self, PyObject *args)
         PyErr_SetString(PyExc_RuntimeError, "engine stopped");
         return NULL;
     }
-    /* The thread starts with the first flow, so a process that forks
+    /* The threads start with the first flow, so a process that forks
      * (twistd daemonising) before any connection forks single-threaded. */
-    if (engineStartThread((EngineBase *)self, engineMain) < 0) {
+    if (engineStartWorkers((EngineBase *)self, self->workers, sizeof(Worker),
+                           self->workerCount, firstWorkerMain, engineMain) < 0) {
         free(conn);
         return NULL;
     }
@@ -1087,7 +1164,7 @@ TLSEngine_adopt(TLSEngine *self, PyObject *args)
         outcome = NO_MEMORY;
     } else {
         atomic_fetch_add(&context->set->refs, 1);
-        command(self, conn, CMD_ADOPT);
+        command(self, conn, CMD_ADOPT)->flowCount++;
     }
     pthread_mutex_unlock(&self->lock);
     if (outcome != ADOPTED) {
@@ -1100,7 +1177,7 @@ TLSEngine_adopt(TLSEngine *self, PyObject *args)
             PyErr_SetString(PyExc_ValueError, "flow id already adopted");
         return NULL;
     }
-    signalFd(self->wakeFd);
+    signalFd(workerOf(self, id)->base.wakeFd);
     Py_RETURN_NONE;
 }
 
@@ -1126,15 +1203,16 @@ TLSEngine_attach(TLSEngine *self, PyObject *args)
     engineLock((EngineBase *)self);
     Conn *conn = self->stopping ? NULL : connFind(self, id);
     int taken = conn != NULL && conn->pendingTargetFd < 0;
+    Worker *w = NULL;
     if (taken) {
         conn->pendingTargetFd = fd;
         conn->idleTimeout = idle;
-        command(self, conn, CMD_ATTACH);
+        w = command(self, conn, CMD_ATTACH);
     }
     pthread_mutex_unlock(&self->lock);
     if (!taken)
         Py_RETURN_FALSE;
-    signalFd(self->wakeFd);
+    signalFd(w->base.wakeFd);
     Py_RETURN_TRUE;
 }
 
@@ -1155,12 +1233,13 @@ TLSEngine_close(TLSEngine *self, PyObject *args)
         return NULL;
     engineLock((EngineBase *)self);
     Conn *conn = self->stopping ? NULL : connFind(self, id);
+    Worker *w = NULL;
     if (conn != NULL)
-        command(self, conn, reset ? CMD_KILL : CMD_CLOSE);
+        w = command(self, conn, reset ? CMD_KILL : CMD_CLOSE);
     pthread_mutex_unlock(&self->lock);
     if (conn == NULL)
         Py_RETURN_FALSE;
-    signalFd(self->wakeFd);
+    signalFd(w->base.wakeFd);
     Py_RETURN_TRUE;
 }
 
@@ -1256,10 +1335,40 @@ TLSEngine_stop(TLSEngine *self, PyObject *unused)
     self->stopping = 1;
     pthread_mutex_unlock(&self->lock);
     if (self->started && !self->joined) {
-        engineJoin((EngineBase *)self);
+        engineJoinWorkers((EngineBase *)self, self->workers, sizeof(Worker),
+                          self->workerCount);
         Py_DECREF(self);
     }
     Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(threadFlows_doc,
+             "threadFlows() -> list of int\n\n"
+             "Live connections per engine thread, one entry per thread: a flow\n"
+             "belongs to thread flowId mod N, for its whole life.");
+
+static PyObject *
+TLSEngine_threadFlows(TLSEngine *self, PyObject *unused)
+{
+    if (checkReady(self) < 0)
+        return NULL;
+    PyObject *list = PyList_New(self->workerCount);
+    if (list == NULL)
+        return NULL;
+    size_t counts[ENGINE_MAX_THREADS];
+    engineLock((EngineBase *)self);
+    for (int i = 0; i < self->workerCount; i++)
+        counts[i] = self->workers[i].flowCount;
+    pthread_mutex_unlock(&self->lock);
+    for (int i = 0; i < self->workerCount; i++) {
+        PyObject *count = PyLong_FromSize_t(counts[i]);
+        if (count == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, count);
+    }
+    return list;
 }
 
 static PyMethodDef TLSEngine_methods[] = {
@@ -1269,6 +1378,7 @@ static PyMethodDef TLSEngine_methods[] = {
     {"counters", (PyCFunction)TLSEngine_counters, METH_O, counters_doc},
     {"reports", (PyCFunction)TLSEngine_reports, METH_NOARGS, reports_doc},
     {"stop", (PyCFunction)TLSEngine_stop, METH_NOARGS, stop_doc},
+    {"threadFlows", (PyCFunction)TLSEngine_threadFlows, METH_NOARGS, threadFlows_doc},
     ENGINE_COMMON_METHODS,
     {NULL, NULL, 0, NULL},
 };

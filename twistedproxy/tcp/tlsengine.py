@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twistedproxy.listener import fastPathWanted
 from twistedproxy.model import Listener, ServerTLS
 from twistedproxy.proxyprotocol import Addresses
-from twistedproxy.tcp.engine import EngineBinding, EngineFlow
+from twistedproxy.tcp.engine import EngineBinding, EngineFlow, engineThreads
 from twistedproxy.tls import NameTable
 
 try:
@@ -191,7 +191,7 @@ class TLSEngine(EngineBinding):
         if engine is None:
             if CompiledTLSEngine is None:
                 raise RuntimeError("twistedproxy.tcp._tlsengine is not built")
-            engine = CompiledTLSEngine()
+            engine = CompiledTLSEngine(threads=engineThreads())
         EngineBinding.__init__(self, reactor, engine)
         self.flows: dict[int, TLSDial] = {}
 
