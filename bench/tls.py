@@ -183,7 +183,10 @@ def negotiated(port):
                 timeout=10,
             ).stdout.decode(errors="replace")
             lines.append(
-                next((x for x in out.splitlines() if x.startswith(("New,", "Reused,"))), "?")
+                next(
+                    (x for x in out.splitlines() if x.startswith(("New,", "Reused,"))),
+                    "?",
+                )
             )
     return " / ".join(lines)
 

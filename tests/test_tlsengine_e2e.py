@@ -130,6 +130,23 @@ def test_handshakeNeverFinished(proxy, pki) -> None:
         assert echo.accepted == 0
 
 
+def test_refusedTargetClosesTheClient(proxy, pki) -> None:
+    """
+    A handshaken client whose target refuses the connection (dialed by
+    the engine itself on the fast path) gets a close_notify and a FIN and
+    nothing else, and the access line says why, as on the Python path.
+    """
+    port, nothing = freePort(), freePort()
+    proxy.start(_map(port, nothing, pki))
+    with tlsConnect(port, "localhost", pki.path) as conn:
+        conn.sendall(b"lost")
+        assert conn.recv(100) == b""
+    proxy.waitFor(
+        r"tcp secure 127\.0\.0\.1:\d+ -> \S+ \S+ in=\d+ out=0"
+        r" connect failed: connection refused"
+    )
+
+
 def test_garbageInsteadOfAHandshake(proxy, pki) -> None:
     """
     A client that speaks plain HTTP to a TLS port is closed with a TLS

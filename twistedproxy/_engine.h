@@ -6,16 +6,17 @@
  * handshake and then the relay to the target).
  *
  * An engine is a Python object with a background thread of its own (the
- * TCP engine: several, each with its own epoll and wakeFd, sharing the
- * engine's mutex, id table, report queue and notifyFd; engineSpawn).
+ * TCP and TLS engines: several, each with its own epoll and wakeFd,
+ * sharing the engine's mutex, id table, report queue and notifyFd; see
+ * "engines with several threads" below).
  * All three speak one vocabulary:
  *
  *   - a flow is what the engine forwards (a TCP connection's two sockets,
  *     a UDP session's connected socket, a TLS client and then its target),
  *     named by a 64-bit flow id that Python chooses; adopt() hands one
  *     over, close(id) ends it, counters(id) reads its bytes, flowCount()
- *     counts the live ones (TLS: attach(id, ...) gives a handshaken
- *     client its target);
+ *     counts the live ones (TLS: the client, with the address of the
+ *     target the engine dials once the handshake is done);
  *   - a report is what the thread tells Python (a flow ended; for UDP
  *     also a new client; for TLS also a handshake done); reports() takes
  *     them, oldest first;

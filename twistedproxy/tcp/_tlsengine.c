@@ -6,24 +6,26 @@
  *
  * Python accepts each client of a `tls:` listener and admits it as for
  * plain TCP, then hands the client's socket descriptor to this engine
- * (adopt), which runs the TLS handshake on it with OpenSSL (SSL_set_fd, no
- * memory BIOs) in its own thread, non-blocking, under epoll.  When the
+ * (adopt) with the target's address, and the engine runs the TLS
+ * handshake on it with OpenSSL (SSL_set_fd, no memory BIOs) in one of its
+ * threads (the flow's: flowId mod N), non-blocking, under epoll.  When the
  * handshake is done the engine reports it, with the client's server name
- * (SNI) and certificate subject; Python dials the target as for plain TCP
- * and gives the target's descriptor back (attach), and the engine relays:
+ * (SNI) and certificate subject, and dials the target itself (a
+ * non-blocking connect, within the connect timeout counted from the
+ * adopt); when the target answers the engine relays:
  * SSL_read -> send(target), recv(target) -> SSL_write, through one bounded
  * buffer per direction, with TLS close_notify and TCP FIN mapped onto each
  * other (half-close).  When the connection ends the engine reports the
  * bytes each way and why.
  *
  * Threads, as the skeleton has them: Python's calls run in the reactor
- * thread with the GIL; the engine thread never takes the GIL.  They share
+ * thread with the GIL; the engine threads never take the GIL.  They share
  * the id table, the report queue and the command queue (a connection with
  * bits of what to do, linked through the connection itself, so that a
  * command needs no memory) under the engine's mutex, which neither holds
  * during an SSL_* or socket call nor while building Python objects.  Each
  * flow has two report slots reserved at adopt (its handshake, its end).
- * The engine thread alone frees a connection: after the event batch in
+ * The flow's engine thread alone frees a connection: after the event batch in
  * which it ended (later events of the batch may still point at it), or,
  * when Python had queued a command for it meanwhile, once it takes the
  * connection from the command queue.
@@ -35,7 +37,10 @@
 
 #include "_engine.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <openssl/err.h>
 #include <openssl/pem.h>
 #include <openssl/ssl.h>
@@ -350,7 +355,7 @@ static PyTypeObject ContextType = {
 /* Connections                                                               */
 
 enum { HANDSHAKE, DIALING, RELAYING, ENDED };
-enum { CMD_ADOPT = 1, CMD_ATTACH = 2, CMD_CLOSE = 4, CMD_KILL = 8 };
+enum { CMD_ADOPT = 1, CMD_CLOSE = 2, CMD_KILL = 4 };
 enum { REPORT_HANDSHAKE, REPORT_END };
 
 /* Reports each flow posts: its handshake (when it gets that far), its end. */
@@ -386,10 +391,14 @@ struct Conn {
     ContextSet *set;
     int state;
     double idleTimeout, lastActive;
+    /* The target the engine dials once the handshake is done, and by
+     * when (adopt's connectTimeout after the adopt). */
+    struct sockaddr_storage target;
+    socklen_t targetLength;
+    double connectTimeout, dialDeadline;
     /* Shared with Python, under the engine's mutex. */
     unsigned commands;
     int queued, orphan;
-    int pendingTargetFd; /* given by attach, taken with its command */
     Conn *nextCommand;
     /* The engine thread's own. */
     Conn *prevLive, *nextLive, *nextDead;
@@ -625,6 +634,8 @@ peerSubject(Conn *conn)
     return subject;
 }
 
+static void dialTarget(Worker *w, Conn *conn);
+
 static void
 handshake(Worker *w, Conn *conn)
 {
@@ -647,6 +658,7 @@ handshake(Worker *w, Conn *conn)
         pthread_mutex_unlock(&w->engine->lock);
         conn->handshakeReported = 1;
         w->reported = 1;
+        dialTarget(w, conn);
         return;
     }
     int error = SSL_get_error(conn->ssl, r);
@@ -869,18 +881,11 @@ startConn(Worker *w, Conn *conn)
     handshake(w, conn);
 }
 
-static void
-attachTarget(Worker *w, Conn *conn)
-{
-    conn->state = RELAYING;
-    conn->lastActive = w->now;
-    /* What OpenSSL read with the end of the handshake is in its buffer. */
-    pump(w, conn);
-}
 
-/* A graceful close (a failed dial): close_notify, then the FIN. */
+/* A graceful close (a failed dial): close_notify, then the FIN; the
+ * target, if any, is reset. */
 static void
-closeGracefully(Worker *w, Conn *conn)
+closeGracefully(Worker *w, Conn *conn, const char *reason)
 {
     if (conn->state != HANDSHAKE) {
         ERR_clear_error();
@@ -889,7 +894,73 @@ closeGracefully(Worker *w, Conn *conn)
     }
     if (conn->clientFd >= 0)
         shutdown(conn->clientFd, SHUT_WR);
-    endConn(w, conn, "closed", 0, 1);
+    endConn(w, conn, reason, 0, 1);
+}
+
+/* The engine's own dial failed (errno-style `error`, or 0 for the
+ * deadline): the client gets a close_notify and a FIN, and the reason
+ * reads as the Python dial's, "connect failed: connection refused". */
+static void
+dialFailed(Worker *w, Conn *conn, int error)
+{
+    char reason[sizeof ((Report *)NULL)->end.reason];
+    if (error == 0)
+        snprintf(reason, sizeof reason, "connect failed: timed out after %gs",
+                 conn->connectTimeout);
+    else {
+        int n = snprintf(reason, sizeof reason, "connect failed: %s", strerror(error));
+        for (int i = (int)strlen("connect failed: "); i < n && i < (int)sizeof reason; i++)
+            if (reason[i] >= 'A' && reason[i] <= 'Z')
+                reason[i] = (char)(reason[i] + 32);
+    }
+    closeGracefully(w, conn, reason);
+}
+
+/* The target answered: relay (what OpenSSL read with the end of the
+ * handshake is in its buffer already). */
+static void
+targetConnected(Worker *w, Conn *conn)
+{
+    int one = 1;
+    setsockopt(conn->targetFd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    setsockopt(conn->targetFd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+    conn->state = RELAYING;
+    conn->lastActive = w->now;
+    pump(w, conn);
+}
+
+/* Dial the target, the handshake being done: non-blocking, the
+ * connect's end is the target's first writable event (dialed). */
+static void
+dialTarget(Worker *w, Conn *conn)
+{
+    int fd = socket(conn->target.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        dialFailed(w, conn, errno);
+        return;
+    }
+    conn->targetFd = fd;
+    if (connect(fd, (struct sockaddr *)&conn->target, conn->targetLength) == 0) {
+        targetConnected(w, conn);
+    } else if (errno == EINPROGRESS) {
+        watch(w, conn, 1, EPOLLOUT);
+    } else {
+        dialFailed(w, conn, errno);
+    }
+}
+
+/* The target's connect ended, one way or the other. */
+static void
+dialed(Worker *w, Conn *conn)
+{
+    int error = 0;
+    socklen_t length = sizeof error;
+    if (getsockopt(conn->targetFd, SOL_SOCKET, SO_ERROR, &error, &length) < 0)
+        error = errno;
+    if (error != 0)
+        dialFailed(w, conn, error);
+    else
+        targetConnected(w, conn);
 }
 
 /* Run the queued commands, one connection at a time; 1 when the engine
@@ -912,8 +983,6 @@ runCommands(Worker *w)
         conn->commands = 0;
         conn->queued = 0;
         int orphan = conn->orphan;
-        int targetFd = conn->pendingTargetFd;
-        conn->pendingTargetFd = -1;
         pthread_mutex_unlock(&w->engine->lock);
         if (orphan) {
             bury(w, conn);
@@ -923,16 +992,8 @@ runCommands(Worker *w)
             if (commands & CMD_KILL)
                 endConn(w, conn, "killed", 1, 1);
             else if (commands & CMD_CLOSE)
-                closeGracefully(w, conn);
-            else if (targetFd >= 0 && conn->state == DIALING && !conn->done) {
-                conn->targetFd = targetFd;
-                targetFd = -1;
-                attachTarget(w, conn);
-            }
+                closeGracefully(w, conn, "closed");
         }
-        /* A target given to a connection that ended meanwhile. */
-        if (targetFd >= 0)
-            closeWithReset(targetFd);
     }
 }
 
@@ -945,6 +1006,8 @@ scanIdle(Worker *w)
         if (conn->state == RELAYING && conn->idleTimeout > 0 &&
             w->now - conn->lastActive >= conn->idleTimeout)
             endConn(w, conn, "idle timeout", 1, 1);
+        else if (conn->state == DIALING && conn->targetFd >= 0 && w->now >= conn->dialDeadline)
+            dialFailed(w, conn, 0);
     }
 }
 
@@ -988,6 +1051,8 @@ engineMain(void *arg)
                 handshake(w, conn);
             else if (conn->state == RELAYING)
                 pump(w, conn);
+            else if (conn->state == DIALING && (data & 1))
+                dialed(w, conn);
         }
         if (w->now - lastScan >= IDLE_SCAN_MS / 1000.0) {
             lastScan = w->now;
@@ -1104,20 +1169,64 @@ checkReady(TLSEngine *self)
 }
 
 PyDoc_STRVAR(adopt_doc,
-             "adopt(fd, flowId, context)\n\n"
+             "adopt(fd, flowId, context, target, connectTimeout, idleTimeout)\n\n"
              "Take a client's connected socket and run the TLS handshake on it with\n"
-             "context (a Context).  The engine owns fd from now on; reports() says\n"
-             "when the handshake is done, and when the connection ended.  Raises\n"
-             "ValueError (duplicate id, context not initialised), RuntimeError\n"
-             "(engine stopped) or OSError; fd is then still the caller's.");
+             "context (a Context), then dial target, a (host, port) whose host is\n"
+             "an IP address, and relay between the two until both directions end\n"
+             "or neither moved a byte for idleTimeout seconds (0: never).  A dial\n"
+             "that fails, or is not done connectTimeout seconds after the adopt,\n"
+             "ends the flow (\"connect failed: ...\") with a close_notify and a FIN\n"
+             "to the client.  The engine owns fd from now on; reports() says when\n"
+             "the handshake is done, and when the connection ended.  Raises\n"
+             "ValueError (duplicate id, context not initialised, target not an\n"
+             "address), RuntimeError (engine stopped) or OSError; fd is then still\n"
+             "the caller's.");
+
+/* adopt's target: (host, port) with host an IPv4 or IPv6 address.  0, or
+ * -1 with ValueError set. */
+static int
+parseTarget(PyObject *target, struct sockaddr_storage *out, socklen_t *length)
+{
+    const char *host;
+    int port;
+    if (!PyArg_ParseTuple(target, "si:target", &host, &port))
+        return -1;
+    memset(out, 0, sizeof *out);
+    struct sockaddr_in *v4 = (struct sockaddr_in *)out;
+    struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)out;
+    if (port > 0 && port < 65536 && inet_pton(AF_INET, host, &v4->sin_addr) == 1) {
+        v4->sin_family = AF_INET;
+        v4->sin_port = htons((uint16_t)port);
+        *length = sizeof *v4;
+        return 0;
+    }
+    if (port > 0 && port < 65536 && inet_pton(AF_INET6, host, &v6->sin6_addr) == 1) {
+        v6->sin6_family = AF_INET6;
+        v6->sin6_port = htons((uint16_t)port);
+        *length = sizeof *v6;
+        return 0;
+    }
+    PyErr_Format(PyExc_ValueError, "target %s:%d is not an IP address and port", host, port);
+    return -1;
+}
 
 static PyObject *
-TLSEngine_adopt(TLSEngine *self, PyObject *args)
+TLSEngine_adopt(TLSEngine *self, PyObject *args, PyObject *kwds)
 {
+    static char *kwlist[] = {"fd", "flowId", "context", "target", "connectTimeout",
+                             "idleTimeout", NULL};
     int fd;
     unsigned long long id;
     Context *context;
-    if (!PyArg_ParseTuple(args, "iKO!:adopt", &fd, &id, &ContextType, &context))
+    PyObject *target;
+    double connectTimeout, idleTimeout;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iKO!O!dd:adopt", kwlist, &fd, &id,
+                                     &ContextType, &context, &PyTuple_Type, &target,
+                                     &connectTimeout, &idleTimeout))
+        return NULL;
+    struct sockaddr_storage address;
+    socklen_t addressLength;
+    if (parseTarget(target, &address, &addressLength) < 0)
         return NULL;
     if (checkReady(self) < 0)
         return NULL;
@@ -1134,9 +1243,13 @@ TLSEngine_adopt(TLSEngine *self, PyObject *args)
     conn->entry.id = id;
     conn->clientFd = fd;
     conn->targetFd = -1;
-    conn->pendingTargetFd = -1;
     conn->state = HANDSHAKE;
     conn->set = context->set;
+    conn->target = address;
+    conn->targetLength = addressLength;
+    conn->connectTimeout = connectTimeout;
+    conn->dialDeadline = monotonic() + connectTimeout;
+    conn->idleTimeout = idleTimeout;
     /* Only this thread sets stopping: a stopped engine starts no thread. */
     if (self->stopping) {
         free(conn);
@@ -1179,41 +1292,6 @@ TLSEngine_adopt(TLSEngine *self, PyObject *args)
     }
     signalFd(workerOf(self, id)->base.wakeFd);
     Py_RETURN_NONE;
-}
-
-PyDoc_STRVAR(attach_doc,
-             "attach(flowId, targetFd, idleTimeout) -> bool\n\n"
-             "Give a connection whose handshake is done its target's connected\n"
-             "socket, and relay; the engine owns targetFd from now on.  False\n"
-             "(targetFd still the caller's) when the flow is not there any more.");
-
-static PyObject *
-TLSEngine_attach(TLSEngine *self, PyObject *args)
-{
-    PyObject *idArg;
-    uint64_t id;
-    int fd;
-    double idle;
-    if (!PyArg_ParseTuple(args, "Oid:attach", &idArg, &fd, &idle) ||
-        parseFlowId(idArg, &id) < 0 || checkReady(self) < 0)
-        return NULL;
-    int flags = fcntl(fd, F_GETFL);
-    if (flags >= 0 && !(flags & O_NONBLOCK))
-        fcntl(fd, F_SETFL, flags | O_NONBLOCK);
-    engineLock((EngineBase *)self);
-    Conn *conn = self->stopping ? NULL : connFind(self, id);
-    int taken = conn != NULL && conn->pendingTargetFd < 0;
-    Worker *w = NULL;
-    if (taken) {
-        conn->pendingTargetFd = fd;
-        conn->idleTimeout = idle;
-        w = command(self, conn, CMD_ATTACH);
-    }
-    pthread_mutex_unlock(&self->lock);
-    if (!taken)
-        Py_RETURN_FALSE;
-    signalFd(w->base.wakeFd);
-    Py_RETURN_TRUE;
 }
 
 PyDoc_STRVAR(close_doc,
@@ -1372,8 +1450,8 @@ TLSEngine_threadFlows(TLSEngine *self, PyObject *unused)
 }
 
 static PyMethodDef TLSEngine_methods[] = {
-    {"adopt", (PyCFunction)TLSEngine_adopt, METH_VARARGS, adopt_doc},
-    {"attach", (PyCFunction)TLSEngine_attach, METH_VARARGS, attach_doc},
+    {"adopt", (PyCFunction)(void (*)(void))TLSEngine_adopt, METH_VARARGS | METH_KEYWORDS,
+     adopt_doc},
     {"close", (PyCFunction)TLSEngine_close, METH_VARARGS, close_doc},
     {"counters", (PyCFunction)TLSEngine_counters, METH_O, counters_doc},
     {"reports", (PyCFunction)TLSEngine_reports, METH_NOARGS, reports_doc},
@@ -1392,9 +1470,10 @@ static PyMemberDef TLSEngine_members[] = {
 };
 
 PyDoc_STRVAR(TLSEngine_doc,
-             "TLSEngine()\n\n"
-             "The TLS termination engine: one thread that runs the handshakes of the\n"
-             "clients adopted, then relays between each and its attached target.");
+             "TLSEngine(threads=0)\n\n"
+             "The TLS termination engine: threads (0: one per CPU, at most 16) that\n"
+             "run the handshakes of the clients adopted, dial their targets and\n"
+             "relay between the two; a flow stays on thread flowId mod threads.");
 
 static PyTypeObject TLSEngineType =
     ENGINE_TYPE(TLSEngine, "twistedproxy.tcp._tlsengine.TLSEngine", TLSEngine_doc);
