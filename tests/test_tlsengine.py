@@ -334,10 +334,10 @@ def test_engineThreadsSpreadFlows(tmp_path) -> None:
             first = _recvExactly(conn, 2)
             dialed[int(first[:1])] = conn
         targets = [dialed[i] for i in range(6)]
-        for i, (client, target_) in enumerate(zip(clients, targets)):
+        for i, (client, target_) in enumerate(zip(clients, targets, strict=True)):
             client.sendall(b"q" * (i + 1))
             target_.sendall(b"a" * (2 * i + 1))
-        for i, (client, target_) in enumerate(zip(clients, targets)):
+        for i, (client, target_) in enumerate(zip(clients, targets, strict=True)):
             assert _recvExactly(target_, i + 1) == b"q" * (i + 1)
             assert _recvExactly(client, 2 * i + 1) == b"a" * (2 * i + 1)
             assert engine.counters(30 + i) == (i + 3, 2 * i + 1)
