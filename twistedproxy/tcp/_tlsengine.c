@@ -400,7 +400,7 @@ struct Conn {
     unsigned commands;
     int queued, orphan;
     Conn *nextCommand;
-    /* The engine thread's own. */
+    /* Its engine thread's own. */
     Conn *prevLive, *nextLive, *nextDead;
     int done, handshakeReported;
     uint32_t clientEvents, targetEvents;
