@@ -646,8 +646,6 @@ handshake(Worker *w, Conn *conn)
         const char *name = SSL_get_servername(conn->ssl, TLSEXT_NAMETYPE_host_name);
         char *subject = peerSubject(conn);
         conn->state = DIALING;
-        /* Nothing more from the client until the target answers. */
-        watch(w, conn, 0, 0);
         pthread_mutex_lock(&w->engine->lock);
         Report *report = reportPost(&w->engine->reports);
         report->id = conn->entry.id;
@@ -943,6 +941,10 @@ dialTarget(Worker *w, Conn *conn)
     if (connect(fd, (struct sockaddr *)&conn->target, conn->targetLength) == 0) {
         targetConnected(w, conn);
     } else if (errno == EINPROGRESS) {
+        /* Nothing more from the client until the target answers (a
+         * connect done at once, as on loopback, relays straight away
+         * with the client still watched: no epoll_ctl pair for it). */
+        watch(w, conn, 0, 0);
         watch(w, conn, 1, EPOLLOUT);
     } else {
         dialFailed(w, conn, errno);
