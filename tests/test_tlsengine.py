@@ -157,27 +157,28 @@ def test_engineDialsAfterTheHandshake(pair) -> None:
 
 def test_noHandshakeByConnectTimeout(pair) -> None:
     """
-    A client whose handshake is not done by connect_timeout is closed
-    gracefully by the engine (which dials only after a handshake), and
-    the access line says why.
+    The reactor runs no timer for a TLS client: the engine keeps
+    connect_timeout (it has it from the adopt), and its end report of a
+    handshake not done in time gives the access line.
     """
     h = Harness(pair, connect=2.0)
     try:
         h.accept()
         flowId = h.fake.adopted[0][1]
-        h.reactor.advance(2.0)
-        assert h.fake.closed == [(flowId, False)]
+        assert h.fake.adopted[0][3] == 2.0
+        assert h.reactor.getDelayedCalls() == []
         with capturedLogs() as events:
-            h.report("ended", flowId, 0, 0, "closed")
+            h.report("ended", flowId, 0, 0, "tls: no handshake in 2s")
         assert _lines(events)[0].endswith("in=0 out=0 tls: no handshake in 2s")
+        assert h.fake.closed == []
     finally:
         h.close()
 
 
 def test_failedHandshakeEndsTheFlow(pair) -> None:
     """
-    A handshake that fails ends the flow with the engine's reason and
-    cancels the connect timer.
+    A handshake that fails ends the flow with the engine's reason, and
+    leaves no timer behind.
     """
     h = Harness(pair)
     try:
@@ -417,3 +418,32 @@ def test_engineDialTimesOut(tmp_path) -> None:
         full.close()
         for conn in queued:
             conn.close()
+
+
+@pytest.mark.skipif(not tlsengine.available(), reason="the TLS engine is not built")
+def test_engineHandshakeDeadline(tmp_path) -> None:
+    """
+    A client that never sends its ClientHello is closed by the engine at
+    connectTimeout after the adopt (checked every 250 ms), with a FIN and
+    nothing else, and one end report: "tls: no handshake in 0.5s".
+    """
+    ca = Authority(tmp_path / "pki")
+    pair = readKeyPair(*ca.issue("server", "localhost", ("localhost",)))
+    context = tlsengine.Context([(pair.certPem, pair.keyPem)], [], None, "1.2")
+    engine = tlsengine.CompiledTLSEngine(threads=1)
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname(), timeout=10)
+    try:
+        accepted, _ = server.accept()
+        began = time.monotonic()
+        engine.adopt(accepted.detach(), 9, context, ("127.0.0.1", 9), 0.5, 0.0)
+        assert client.recv(10) == b""
+        waited = time.monotonic() - began
+        assert 0.4 < waited < 3, waited
+        assert _waitReports(engine, "ended", 1) == [
+            ("ended", 9, 0, 0, "tls: no handshake in 0.5s")
+        ]
+    finally:
+        engine.stop()
+        server.close()
+        client.close()

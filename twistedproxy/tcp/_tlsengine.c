@@ -392,10 +392,11 @@ struct Conn {
     int state;
     double idleTimeout, lastActive;
     /* The target the engine dials once the handshake is done, and by
-     * when (adopt's connectTimeout after the adopt). */
+     * when the handshake and the dial are to be done (adopt's
+     * connectTimeout after the adopt; none for 0). */
     struct sockaddr_storage target;
     socklen_t targetLength;
-    double connectTimeout, dialDeadline;
+    double connectTimeout, deadline;
     /* Shared with Python, under the engine's mutex. */
     unsigned commands;
     int queued, orphan;
@@ -895,14 +896,19 @@ closeGracefully(Worker *w, Conn *conn, const char *reason)
     endConn(w, conn, reason, 0, 1);
 }
 
-/* The engine's own dial failed (errno-style `error`, or 0 for the
- * deadline): the client gets a close_notify and a FIN, and the reason
- * reads as the Python dial's, "connect failed: connection refused". */
+/* The engine's own dial failed (errno-style `error`), or the deadline
+ * passed (0) before the handshake was done or the target answered: the
+ * client gets a close_notify (after a handshake) and a FIN, and the
+ * reason reads as the Python path's, "connect failed: connection
+ * refused", "connect failed: timed out after 2s", "tls: no handshake in
+ * 2s". */
 static void
 dialFailed(Worker *w, Conn *conn, int error)
 {
     char reason[sizeof ((Report *)NULL)->end.reason];
-    if (error == 0)
+    if (error == 0 && conn->state == HANDSHAKE)
+        snprintf(reason, sizeof reason, "tls: no handshake in %gs", conn->connectTimeout);
+    else if (error == 0)
         snprintf(reason, sizeof reason, "connect failed: timed out after %gs",
                  conn->connectTimeout);
     else {
@@ -1008,7 +1014,8 @@ scanIdle(Worker *w)
         if (conn->state == RELAYING && conn->idleTimeout > 0 &&
             w->now - conn->lastActive >= conn->idleTimeout)
             endConn(w, conn, "idle timeout", 1, 1);
-        else if (conn->state == DIALING && conn->targetFd >= 0 && w->now >= conn->dialDeadline)
+        else if (conn->connectTimeout > 0 && w->now >= conn->deadline &&
+                 (conn->state == HANDSHAKE || conn->state == DIALING))
             dialFailed(w, conn, 0);
     }
 }
@@ -1175,10 +1182,12 @@ PyDoc_STRVAR(adopt_doc,
              "Take a client's connected socket and run the TLS handshake on it with\n"
              "context (a Context), then dial target, a (host, port) whose host is\n"
              "an IP address, and relay between the two until both directions end\n"
-             "or neither moved a byte for idleTimeout seconds (0: never).  A dial\n"
-             "that fails, or is not done connectTimeout seconds after the adopt,\n"
-             "ends the flow (\"connect failed: ...\") with a close_notify and a FIN\n"
-             "to the client.  The engine owns fd from now on; reports() says when\n"
+             "or neither moved a byte for idleTimeout seconds (0: never).  A\n"
+             "handshake not done connectTimeout seconds after the adopt (0: no\n"
+             "limit) ends the flow (\"tls: no handshake in Ns\") with a FIN to the\n"
+             "client; a dial that fails or is not done by then too (\"connect\n"
+             "failed: ...\"), with a close_notify and a FIN.  The engine checks\n"
+             "every 250 ms.  The engine owns fd from now on; reports() says when\n"
              "the handshake is done, and when the connection ended.  Raises\n"
              "ValueError (duplicate id, context not initialised, target not an\n"
              "address), RuntimeError (engine stopped) or OSError; fd is then still\n"
@@ -1250,7 +1259,7 @@ TLSEngine_adopt(TLSEngine *self, PyObject *args, PyObject *kwds)
     conn->target = address;
     conn->targetLength = addressLength;
     conn->connectTimeout = connectTimeout;
-    conn->dialDeadline = monotonic() + connectTimeout;
+    conn->deadline = monotonic() + connectTimeout;
     conn->idleTimeout = idleTimeout;
     /* Only this thread sets stopping: a stopped engine starts no thread. */
     if (self->stopping) {

@@ -89,8 +89,9 @@ class TLSDial(EngineFlow):
     """
     A client of a C{tls:} listener on the TLS engine, from its accept to
     its access line: the engine runs its handshake, then dials the target
-    itself (within C{connect_timeout} of the accept, as on the Python
-    path), then relays.  The reactor sees the handshake's report and the
+    itself, both within C{connect_timeout} of the accept as on the Python
+    path (the engine keeps that time: the reactor runs no timer for the
+    flow), then relays.  The reactor sees the handshake's report and the
     end's.
 
     @ivar peer: the subject of the client's certificate (C{client_ca}),
@@ -109,10 +110,6 @@ class TLSDial(EngineFlow):
 
     def _start(self, service: TCPListener) -> None:
         service.flowStarted(self)
-        # Until the handshake; the engine keeps the dial within the rest.
-        self._timer = self._reactor.callLater(
-            self.listener.timeouts.connect, self._timedOut
-        )
         clientFd, self._clientFd = self._clientFd, -1
         settings = self.listener.tls
         assert settings is not None and settings.terminate is not None
@@ -124,18 +121,12 @@ class TLSDial(EngineFlow):
         """
         The engine finished the client's handshake (and dials the target).
         """
-        self._cancelTimer()
         self.serverName = serverName
         self.peer = subject
-
-    def _timedOut(self) -> None:
-        self._timer = None
-        self._giveUp(f"tls: no handshake in {self.listener.timeouts.connect:g}s")
 
     def _giveUp(self, reason: str, reset: bool = False) -> None:
         if self.reason is None:
             self.reason = reason
-        self._cancelTimer()
         self._engine.close(self.id, reset)
 
     def _end(self, reason: str) -> None:
@@ -150,10 +141,6 @@ class TLSDial(EngineFlow):
         End the flow now (from the manhole): both sockets reset.
         """
         self._giveUp(reason, reset=True)
-
-    def _ended(self, bytesIn: int, bytesOut: int, reason: str) -> None:
-        self._cancelTimer()
-        EngineFlow._ended(self, bytesIn, bytesOut, reason)
 
 
 class TLSEngine(EngineBinding):
