@@ -85,13 +85,15 @@ TWISTD_NOSPIN = [
 ]
 
 
-def nginxStreamHead(tmp):
+def nginxStreamHead(tmp, workers=1):
     """
-    The start of an nginx configuration with the stream module for a run
-    whose files are in C{tmp}, up to the opening of its C{stream} block.
+    The start of an nginx configuration with the stream module and
+    C{workers} worker processes for a run whose files are in C{tmp}, up to
+    the opening of its C{stream} block.
     """
     return (
-        f"load_module {nginxStreamModule()};\nworker_processes 1; daemon off;\n"
+        f"load_module {nginxStreamModule()};\n"
+        f"worker_processes {workers}; daemon off;\n"
         f"pid {tmp}/stream.pid; error_log {tmp}/stream.err;\n"
         "events { worker_connections 20000; }\nstream {\n"
     )

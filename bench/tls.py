@@ -17,8 +17,17 @@ Workloads:
   - tls_bulk: wrk -c4 fetching a 1 MiB body over kept-alive TLS
     connections (Gbit/s of response body).
 
-nginx runs one worker and HAProxy one thread, as portproxy relays in one
-Python thread.  Workloads run through each proxy in turn, round after round,
+nginx runs one worker and HAProxy one thread by default, and portproxy its
+default (one Python thread, and TLS engine threads one per CPU);
+--threads N gives nginx N workers, HAProxy N threads and portproxy N
+engine threads (PORTPROXY_ENGINE_THREADS=N), for a run at equal counts.
+All three offer TLS 1.2 and 1.3 (nginx 1.22's default is TLS 1.2 only, so
+its map says `ssl_protocols TLSv1.2 TLSv1.3`), and the run prints the
+protocol each negotiates.  wrk resumes its TLS sessions (it keeps each
+connection's session across reconnects), so tls_handshake measures
+resumed TLS 1.3 handshakes (PSK with an X25519 exchange, no certificate
+signature); `openssl s_time -new` is what measures full handshakes.
+Workloads run through each proxy in turn, round after round,
 so that machine drift hits all alike; the table gives medians and
 portproxy's ratio to the faster peer (median of the per-round ratios).
 --profile FILE runs portproxy under cProfile (twistd --profile) and saves
@@ -94,9 +103,11 @@ def cpuSeconds(pid):
     return total
 
 
-def startProxies(procs, ports, tmp, backend, cert, key, profile):
+def startProxies(procs, ports, tmp, backend, cert, key, profile, threads=None):
     """
-    The three proxies: name -> (front port, pid).
+    The three proxies: name -> (front port, pid).  C{threads}: nginx's
+    workers, HAProxy's threads and portproxy's TLS engine threads (None:
+    one, one, and portproxy's default).
     """
     front = {}
     combined = os.path.join(tmp, "combined.pem")
@@ -107,9 +118,10 @@ def startProxies(procs, ports, tmp, backend, cert, key, profile):
         conf = os.path.join(tmp, "stream.conf")
         with open(conf, "w") as f:
             f.write(
-                nginxStreamHead(tmp)
+                nginxStreamHead(tmp, threads or 1)
                 + f"  server {{ listen 127.0.0.1:{front['nginx']} ssl; ssl_certificate {cert};"
-                f" ssl_certificate_key {key}; proxy_pass 127.0.0.1:{backend}; }}\n}}\n"
+                f" ssl_certificate_key {key}; ssl_protocols TLSv1.2 TLSv1.3;"
+                f" proxy_pass 127.0.0.1:{backend}; }}\n}}\n"
             )
         front["nginx"] = (front["nginx"], procs.start(["nginx", "-c", conf]).pid)
     if shutil.which("haproxy"):
@@ -117,7 +129,7 @@ def startProxies(procs, ports, tmp, backend, cert, key, profile):
         conf = os.path.join(tmp, "haproxy.cfg")
         with open(conf, "w") as f:
             f.write(
-                "global\n  maxconn 8000\n  nbthread 1\n"
+                f"global\n  maxconn 8000\n  nbthread {threads or 1}\n"
                 "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n"
                 f"listen tls\n  bind 127.0.0.1:{front['haproxy']} ssl crt {combined}\n"
                 f"  server s 127.0.0.1:{backend}\n"
@@ -143,11 +155,28 @@ def startProxies(procs, ports, tmp, backend, cert, key, profile):
             [*TWISTD, "-n", "--pidfile=", *extra, "portproxy", "-c", mapPath],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, "PORTPROXY_ENGINE_THREADS": str(threads)}
+            if threads
+            else None,
         )
     front["portproxy"] = (front["portproxy"], portproxy.pid)
     for port, _ in front.values():
         waitTCP(port)
     return front, portproxy
+
+
+def negotiated(port):
+    """
+    What a proxy negotiates with OpenSSL's client: "New, TLSv1.3, Cipher
+    is ...".
+    """
+    out = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}"],
+        input=b"GET / HTTP/1.0\r\n\r\n",
+        capture_output=True,
+        timeout=10,
+    ).stdout.decode(errors="replace")
+    return next((x for x in out.splitlines() if x.startswith("New,")), "?")
 
 
 def measure(workload, port, pid, seconds):
@@ -198,6 +227,11 @@ def main():
     ap.add_argument("-s", "--seconds", type=int, default=5)
     ap.add_argument("-w", "--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--profile", help="run portproxy under cProfile, stats saved here")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        help="nginx workers, HAProxy threads and portproxy TLS engine threads",
+    )
     args = ap.parse_args()
     workloads = args.workloads.split(",")
     procs = Processes()
@@ -208,8 +242,10 @@ def main():
         ports = Ports()
         backend = startBackend(procs, ports, tmp)
         front, portproxy = startProxies(
-            procs, ports, tmp, backend, str(cert), str(key), args.profile
+            procs, ports, tmp, backend, str(cert), str(key), args.profile, args.threads
         )
+        for peer, (port, _) in front.items():
+            print(f"{peer}: {negotiated(port)}", file=sys.stderr)
         results = {(w, p): [] for w in workloads for p in front}
         costs = {(w, p): [] for w in workloads for p in front}
         for turn in range(args.rounds):

@@ -415,12 +415,13 @@ def _threads(pid: int) -> int:
 def test_enginesTakeTerminationAndPassthrough(tmp_path, pki) -> None:
     """
     On the fast path, a TLS-terminated flow goes to the TLS engine (whose
-    thread starts with its first flow) and not to the relay engine, and an
+    threads, as many as the relay engine's, start with its first flow) and
+    not to the relay engine, and an
     SNI-routed flow goes to the relay engine after its ClientHello (its
     relay threads, one per CPU unless PORTPROXY_ENGINE_THREADS says, start
     then).
     """
-    # the engine's default: one per CPU, at most 16 (tcp/_engine.c)
+    # the engines' default: one per CPU, at most 16 (_engine.h)
     relayThreads = fastrelay.engineThreads() or min(len(os.sched_getaffinity(0)), 16)
     proxy = ProxyProcess(tmp_path, fastPath=True)
     with TCPEchoServer() as echo, TLSEchoServer(*pki.server) as tlsTarget:
@@ -438,9 +439,9 @@ def test_enginesTakeTerminationAndPassthrough(tmp_path, pki) -> None:
             before = _threads(proxy.pid)
             with tlsConnect(terminating, "localhost", pki.path) as conn:
                 assert roundTrip(conn, b"t" * 50000) == b"t" * 50000
-                assert _threads(proxy.pid) == before + 1
+                assert _threads(proxy.pid) == before + relayThreads
                 with tlsConnect(routing, "localhost", pki.path) as passthrough:
                     assert roundTrip(passthrough, b"p" * 50000) == b"p" * 50000
-                    assert _threads(proxy.pid) == before + 1 + relayThreads
+                    assert _threads(proxy.pid) == before + 2 * relayThreads
         finally:
             proxy.stop()

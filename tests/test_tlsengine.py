@@ -7,10 +7,13 @@ the C contexts built from the map's PEM bytes.
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import socket
+import ssl
 import sys
 import sysconfig
+import time
 
 import pytest
 from certs import Authority
@@ -38,17 +41,12 @@ class FakeEngine:
     """
 
     def __init__(self) -> None:
-        self.adopted: list[tuple[int, int]] = []
-        self.attached: list[tuple[int, int, float]] = []
+        self.adopted: list[tuple] = []
         self.closed: list[tuple[int, bool]] = []
         self.queued: list[tuple] = []
 
-    def adopt(self, fd: int, flowId: int, context) -> None:
-        self.adopted.append((fd, flowId))
-
-    def attach(self, flowId: int, fd: int, idle: float) -> bool:
-        self.attached.append((flowId, fd, idle))
-        return True
+    def adopt(self, fd, flowId, context, target, connectTimeout, idleTimeout) -> None:
+        self.adopted.append((fd, flowId, target, connectTimeout, idleTimeout))
 
     def close(self, flowId: int, reset: bool) -> bool:
         self.closed.append((flowId, reset))
@@ -126,60 +124,61 @@ def _lines(events) -> list[str]:
     return [formatEvent(e) for e in events if e.get("log_namespace") == "portproxy"]
 
 
-def test_handshakeThenDialThenAttach(pair) -> None:
+def test_engineDialsAfterTheHandshake(pair) -> None:
     """
-    The client goes to the engine at once; only its handshake report makes
-    the proxy dial, and the connected target goes to the engine with the
-    idle timeout; the end report writes the access line with the subject.
+    The client goes to the engine at once with its target, connect and
+    idle timeouts, for the engine to dial itself after the handshake; the
+    handshake report gives the subject and stops the connect timer, and
+    the end report writes the access line with the engine's reason.
     """
     h = Harness(pair)
     try:
         fd = h.accept()
-        assert len(h.fake.adopted) == 1 and h.fake.adopted[0][0] == fd
-        flowId = h.fake.adopted[0][1]
-        assert h.fake.attached == []
-        h.report("handshake", flowId, "localhost", "CN=alice")
-        assert [(a[0], a[2]) for a in h.fake.attached] == [(flowId, 30)]
-        os.close(h.fake.attached[0][1])
-        flow = h.engine.flows[flowId]
-        assert (flow.peer, flow.serverName, flow.bytesIn) == (
-            "CN=alice",
-            "localhost",
-            3,
+        [(adoptedFd, flowId, target, connect, idle)] = h.fake.adopted
+        assert (adoptedFd, target, connect, idle) == (
+            fd,
+            ("127.0.0.1", h.target.getsockname()[1]),
+            2.0,
+            30,
         )
-        with capturedLogs() as events:
-            h.report("ended", flowId, 10, 20, "client closed")
-        assert _lines(events)[0].endswith("in=10 out=20 peer='CN=alice' client closed")
-        assert h.engine.flowCount() == 0
+        h.report("handshake", flowId, "localhost", "CN=alice")
         assert h.reactor.getDelayedCalls() == []
+        flow = h.engine.flows[flowId]
+        assert (flow.peer, flow.serverName) == ("CN=alice", "localhost")
+        with capturedLogs() as events:
+            h.report("ended", flowId, 0, 0, "connect failed: connection refused")
+        assert _lines(events)[0].endswith(
+            "in=0 out=0 peer='CN=alice' connect failed: connection refused"
+        )
+        assert h.engine.flowCount() == 0
     finally:
         h.close()
 
 
 def test_noHandshakeByConnectTimeout(pair) -> None:
     """
-    A client whose handshake is not done by connect_timeout is closed
-    gracefully by the engine, the target is never dialed, and the access
-    line says why.
+    The reactor runs no timer for a TLS client: the engine keeps
+    connect_timeout (it has it from the adopt), and its end report of a
+    handshake not done in time gives the access line.
     """
     h = Harness(pair, connect=2.0)
     try:
         h.accept()
         flowId = h.fake.adopted[0][1]
-        h.reactor.advance(2.0)
-        assert h.fake.closed == [(flowId, False)]
+        assert h.fake.adopted[0][3] == 2.0
+        assert h.reactor.getDelayedCalls() == []
         with capturedLogs() as events:
-            h.report("ended", flowId, 0, 0, "closed")
+            h.report("ended", flowId, 0, 0, "tls: no handshake in 2s")
         assert _lines(events)[0].endswith("in=0 out=0 tls: no handshake in 2s")
-        assert h.fake.attached == []
+        assert h.fake.closed == []
     finally:
         h.close()
 
 
 def test_failedHandshakeEndsTheFlow(pair) -> None:
     """
-    A handshake that fails ends the flow with the engine's reason and
-    cancels the connect timer.
+    A handshake that fails ends the flow with the engine's reason, and
+    leaves no timer behind.
     """
     h = Harness(pair)
     try:
@@ -260,3 +259,191 @@ def test_extensionBuiltWhereItCan() -> None:
         )
     else:
         assert not tlsengine.available() or sys.platform.startswith("linux")
+
+
+def _threadCount() -> int:
+    """
+    The threads this process runs now.
+    """
+    return len(os.listdir("/proc/self/task"))
+
+
+def _waitReports(engine, kind: str, count: int) -> list[tuple]:
+    """
+    The next C{count} reports of C{kind} from the compiled C{engine}
+    (within 10 s); none of another kind may come meanwhile.
+    """
+    got: list[tuple] = []
+    deadline = time.monotonic() + 10
+    while len(got) < count:
+        assert time.monotonic() < deadline, got
+        select.select([engine.fileno()], [], [], 0.2)
+        for report in engine.reports():
+            assert report[0] == kind, report
+            got.append(report)
+    return got
+
+
+def _recvExactly(conn: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        assert chunk, data
+        data += chunk
+    return data
+
+
+@pytest.mark.skipif(not tlsengine.available(), reason="the TLS engine is not built")
+def test_engineThreadsSpreadFlows(tmp_path) -> None:
+    """
+    A TLS engine with 3 threads starts them with its first client, gives
+    6 clients with consecutive ids two to each thread (flowId mod 3), runs
+    every handshake, dials each client's target and relays its own bytes
+    both ways, and
+    stop() ends them all ("proxy stopped") and joins every thread.
+    """
+    ca = Authority(tmp_path / "pki")
+    pair = readKeyPair(*ca.issue("server", "localhost", ("localhost",)))
+    context = tlsengine.Context([(pair.certPem, pair.keyPem)], [], None, "1.2")
+    engine = tlsengine.CompiledTLSEngine(threads=3)
+    assert engine.threadFlows() == [0, 0, 0]
+    before = _threadCount()
+    server = socket.create_server(("127.0.0.1", 0))
+    target = socket.create_server(("127.0.0.1", 0))
+    clients, targets = [], []
+    try:
+        for i in range(6):
+            clients.append(socket.create_connection(server.getsockname(), timeout=10))
+            accepted, _ = server.accept()
+            engine.adopt(
+                accepted.detach(), 30 + i, context, target.getsockname(), 5.0, 0.0
+            )
+        assert engine.threadFlows() == [2, 2, 2]
+        assert _threadCount() == before + 3
+        verify = ssl.create_default_context(cafile=str(ca.path))
+        clients = [verify.wrap_socket(c, server_hostname="localhost") for c in clients]
+        handshakes = _waitReports(engine, "handshake", 6)
+        assert sorted(r[1] for r in handshakes) == list(range(30, 36))
+        # The engine dials each client's target once its handshake is done:
+        # which target is which client's is learnt from its first bytes.
+        for i, client in enumerate(clients):
+            client.sendall(b"%d;" % i)
+        dialed = {}
+        for _ in range(6):
+            conn, _ = target.accept()
+            conn.settimeout(10)
+            first = _recvExactly(conn, 2)
+            dialed[int(first[:1])] = conn
+        targets = [dialed[i] for i in range(6)]
+        for i, (client, target_) in enumerate(zip(clients, targets, strict=True)):
+            client.sendall(b"q" * (i + 1))
+            target_.sendall(b"a" * (2 * i + 1))
+        for i, (client, target_) in enumerate(zip(clients, targets, strict=True)):
+            assert _recvExactly(target_, i + 1) == b"q" * (i + 1)
+            assert _recvExactly(client, 2 * i + 1) == b"a" * (2 * i + 1)
+            assert engine.counters(30 + i) == (i + 3, 2 * i + 1)
+        engine.stop()
+        ended = _waitReports(engine, "ended", 6)
+        assert sorted(r[1:] for r in ended) == [
+            (30 + i, i + 3, 2 * i + 1, "proxy stopped") for i in range(6)
+        ]
+        assert engine.threadFlows() == [0, 0, 0]
+        assert _threadCount() == before
+    finally:
+        engine.stop()
+        server.close()
+        target.close()
+        for conn in clients + targets:
+            conn.close()
+
+
+@pytest.mark.skipif(not tlsengine.available(), reason="the TLS engine is not built")
+def test_engineThreadsByDefault() -> None:
+    """
+    By default the TLS engine has one thread per CPU this process may use
+    (at most 16), as the TCP engine; threads= outside 0 to 256 is refused.
+    """
+    engine = tlsengine.CompiledTLSEngine()
+    assert len(engine.threadFlows()) == min(len(os.sched_getaffinity(0)), 16)
+    assert len(tlsengine.CompiledTLSEngine(threads=256).threadFlows()) == 256
+    for bad in (-1, 257):
+        with pytest.raises(ValueError):
+            tlsengine.CompiledTLSEngine(threads=bad)
+
+
+@pytest.mark.skipif(not tlsengine.available(), reason="the TLS engine is not built")
+def test_engineDialTimesOut(tmp_path) -> None:
+    """
+    A target that never answers the engine's dial (its accept queue full,
+    so its SYNs go unanswered) ends the flow at connectTimeout after the
+    adopt: the client gets a close_notify and a FIN, and the end report
+    says "connect failed: timed out after 0.5s", as the Python dial does.
+    """
+    ca = Authority(tmp_path / "pki")
+    pair = readKeyPair(*ca.issue("server", "localhost", ("localhost",)))
+    context = tlsengine.Context([(pair.certPem, pair.keyPem)], [], None, "1.2")
+    engine = tlsengine.CompiledTLSEngine(threads=1)
+    server = socket.create_server(("127.0.0.1", 0))
+    full = socket.create_server(("127.0.0.1", 0), backlog=0)
+    queued = []
+    try:
+        # Fill the target's accept queue; its next SYNs are dropped.
+        for _ in range(2):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(full.getsockname())
+            queued.append(filler)
+        client = socket.create_connection(server.getsockname(), timeout=10)
+        queued.append(client)
+        accepted, _ = server.accept()
+        began = time.monotonic()
+        engine.adopt(accepted.detach(), 7, context, full.getsockname(), 0.5, 0.0)
+        verify = ssl.create_default_context(cafile=str(ca.path))
+        tlsClient = verify.wrap_socket(client, server_hostname="localhost")
+        queued.append(tlsClient)
+        assert tlsClient.recv(10) == b""
+        waited = time.monotonic() - began
+        reports = []
+        deadline = time.monotonic() + 10
+        while len(reports) < 2:
+            assert time.monotonic() < deadline, reports
+            select.select([engine.fileno()], [], [], 0.2)
+            reports.extend(engine.reports())
+        assert reports[0][:2] == ("handshake", 7)
+        assert reports[1] == ("ended", 7, 0, 0, "connect failed: timed out after 0.5s")
+        assert 0.4 < waited < 3, waited
+    finally:
+        engine.stop()
+        server.close()
+        full.close()
+        for conn in queued:
+            conn.close()
+
+
+@pytest.mark.skipif(not tlsengine.available(), reason="the TLS engine is not built")
+def test_engineHandshakeDeadline(tmp_path) -> None:
+    """
+    A client that never sends its ClientHello is closed by the engine at
+    connectTimeout after the adopt (checked every 250 ms), with a FIN and
+    nothing else, and one end report: "tls: no handshake in 0.5s".
+    """
+    ca = Authority(tmp_path / "pki")
+    pair = readKeyPair(*ca.issue("server", "localhost", ("localhost",)))
+    context = tlsengine.Context([(pair.certPem, pair.keyPem)], [], None, "1.2")
+    engine = tlsengine.CompiledTLSEngine(threads=1)
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname(), timeout=10)
+    try:
+        accepted, _ = server.accept()
+        began = time.monotonic()
+        engine.adopt(accepted.detach(), 9, context, ("127.0.0.1", 9), 0.5, 0.0)
+        assert client.recv(10) == b""
+        waited = time.monotonic() - began
+        assert 0.4 < waited < 3, waited
+        assert _waitReports(engine, "ended", 1) == [
+            ("ended", 9, 0, 0, "tls: no handshake in 0.5s")
+        ]
+    finally:
+        engine.stop()
+        server.close()
+        client.close()

@@ -26,6 +26,7 @@ from support import (
     rssKiB,
 )
 
+from twistedproxy.tcp import engine as fastrelay
 from twistedproxy.tcp import tlsengine
 
 MiB = 1024 * 1024
@@ -127,6 +128,23 @@ def test_handshakeNeverFinished(proxy, pki) -> None:
             r"tcp secure 127\.0\.0\.1:\d+ -> \S+ \S+ in=0 out=0 tls: no handshake in 1s"
         )
         assert echo.accepted == 0
+
+
+def test_refusedTargetClosesTheClient(proxy, pki) -> None:
+    """
+    A handshaken client whose target refuses the connection (dialed by
+    the engine itself on the fast path) gets a close_notify and a FIN and
+    nothing else, and the access line says why, as on the Python path.
+    """
+    port, nothing = freePort(), freePort()
+    proxy.start(_map(port, nothing, pki))
+    with tlsConnect(port, "localhost", pki.path) as conn:
+        conn.sendall(b"lost")
+        assert conn.recv(100) == b""
+    proxy.waitFor(
+        r"tcp secure 127\.0\.0\.1:\d+ -> \S+ \S+ in=\d+ out=0"
+        r" connect failed: connection refused"
+    )
 
 
 def test_garbageInsteadOfAHandshake(proxy, pki) -> None:
@@ -239,11 +257,35 @@ def _threads(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
 
+def engineThreadCount() -> int:
+    """
+    How many threads the TLS engine runs: one per CPU (at most 16) unless
+    PORTPROXY_ENGINE_THREADS says.
+    """
+    return fastrelay.engineThreads() or min(len(os.sched_getaffinity(0)), 16)
+
+
+def tlsEngineThreadNames(pid: int) -> list[str]:
+    """
+    The names of process C{pid}'s TLS engine threads (C{tlsengineN}).
+    """
+    names = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        if name.startswith("tlsengine"):
+            names.append(name)
+    return sorted(names)
+
+
 @pytest.mark.skipif(not tlsengine.available(), reason="the TLS engine is not built")
 def test_engineServesTermination(tmp_path, pki) -> None:
     """
     On the fast path the TLS engine terminates a tls: listener's clients:
-    its thread starts with the first client, it sends session tickets, and
+    its threads start with the first client, it sends session tickets, and
     mutual TLS gives the client's subject to the access line from there.
     """
     proxy = ProxyProcess(tmp_path, fastPath=True)
@@ -254,9 +296,46 @@ def test_engineServesTermination(tmp_path, pki) -> None:
             before = _threads(proxy.pid)
             with tlsConnect(port, "localhost", pki.path, client=pki.alice) as conn:
                 assert roundTrip(conn, b"engine") == b"engine"
-                assert _threads(proxy.pid) == before + 1
+                assert _threads(proxy.pid) == before + engineThreadCount()
                 # TLS 1.3 session tickets, as nginx sends by default.
                 assert conn.session is not None and conn.session.has_ticket
             proxy.waitFor(r"in=6 out=6 peer='CN=alice,O=portproxy tests' client closed")
+        finally:
+            proxy.stop()
+
+
+@pytest.mark.skipif(not tlsengine.available(), reason="the TLS engine is not built")
+def test_engineThreadsFromTheEnvironment(tmp_path, pki, monkeypatch) -> None:
+    """
+    PORTPROXY_ENGINE_THREADS=3 in twistd's environment gives the TLS
+    engine 3 threads (tlsengine0 to 2), and 12 clients spread over them
+    each get their own bytes back.
+    """
+    monkeypatch.setenv("PORTPROXY_ENGINE_THREADS", "3")
+    proxy = ProxyProcess(tmp_path, fastPath=True)
+    with TCPEchoServer() as echo:
+        port = freePort()
+        try:
+            proxy.start(_map(port, echo.port, pki))
+            conns = [tlsConnect(port, "localhost", pki.path) for _ in range(12)]
+            try:
+                for i, conn in enumerate(conns):
+                    conn.sendall(b"%d," % i * (i + 1))
+                for i, conn in enumerate(conns):
+                    want = b"%d," % i * (i + 1)
+                    got = b""
+                    while len(got) < len(want):
+                        chunk = conn.recv(len(want) - len(got))
+                        assert chunk, got
+                        got += chunk
+                    assert got == want
+                assert tlsEngineThreadNames(proxy.pid) == [
+                    "tlsengine0",
+                    "tlsengine1",
+                    "tlsengine2",
+                ]
+            finally:
+                for conn in conns:
+                    conn.close()
         finally:
             proxy.stop()

@@ -6,16 +6,17 @@
  * handshake and then the relay to the target).
  *
  * An engine is a Python object with a background thread of its own (the
- * TCP engine: several, each with its own epoll and wakeFd, sharing the
- * engine's mutex, id table, report queue and notifyFd; engineSpawn).
+ * TCP and TLS engines: several, each with its own epoll and wakeFd,
+ * sharing the engine's mutex, id table, report queue and notifyFd; see
+ * "engines with several threads" below).
  * All three speak one vocabulary:
  *
  *   - a flow is what the engine forwards (a TCP connection's two sockets,
  *     a UDP session's connected socket, a TLS client and then its target),
  *     named by a 64-bit flow id that Python chooses; adopt() hands one
  *     over, close(id) ends it, counters(id) reads its bytes, flowCount()
- *     counts the live ones (TLS: attach(id, ...) gives a handshaken
- *     client its target);
+ *     counts the live ones (TLS: the client, with the address of the
+ *     target the engine dials once the handshake is done);
  *   - a report is what the thread tells Python (a flow ended; for UDP
  *     also a new client; for TLS also a handshake done); reports() takes
  *     them, oldest first;
@@ -50,6 +51,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -493,6 +495,124 @@ engineModule(PyModuleDef *definition, PyTypeObject *type, const char *name)
         return NULL;
     }
     return m;
+}
+
+
+/* -- engines with several threads ------------------------------------------ */
+
+/*
+ * An engine may run several threads (the TCP and TLS engines), each with
+ * its own epoll instance and wake eventfd and its share of the flows,
+ * sharing the engine's mutex, id table, report queue and notifyFd.  By
+ * default one per CPU this process may run on, at most
+ * ENGINE_DEFAULT_MAX_THREADS; never more than ENGINE_MAX_THREADS
+ * (Python's PORTPROXY_ENGINE_THREADS asks for a number).  These are
+ * inline so that an engine with one thread (UDP) need not use them.
+ */
+#define ENGINE_DEFAULT_MAX_THREADS 16
+#define ENGINE_MAX_THREADS 256
+
+/* The default number of an engine's threads: the CPUs this process may
+ * run on (sched_getaffinity), at most ENGINE_DEFAULT_MAX_THREADS. */
+static inline int
+engineDefaultThreads(void)
+{
+    cpu_set_t cpus;
+    int n = 1;
+    if (sched_getaffinity(0, sizeof cpus, &cpus) == 0)
+        n = CPU_COUNT(&cpus);
+    if (n < 1)
+        n = 1;
+    return n > ENGINE_DEFAULT_MAX_THREADS ? ENGINE_DEFAULT_MAX_THREADS : n;
+}
+
+/* What the struct of each thread of such an engine starts with (its
+ * first member).  Worker 0 uses the engine's own epfd and wakeFd and is
+ * the engine's thread (ENGINE_HEAD); the others open theirs. */
+typedef struct EngineWorker {
+    /* set at construction, read-only afterwards */
+    int epfd;
+    int wakeFd;
+    /* reactor thread only */
+    int started;
+    pthread_t thread;
+} EngineWorker;
+
+#define ENGINE_WORKER(workers, stride, i) \
+    ((EngineWorker *)((char *)(workers) + (stride) * (size_t)(i)))
+
+/* Open a further worker's epoll instance and wake eventfd (non-blocking,
+ * close-on-exec), the eventfd in the epoll set under wakeData.  0, or -1
+ * with OSError set (engineCloseWorker closes what was opened). */
+static inline int
+engineOpenWorker(EngineWorker *w, epoll_data_t wakeData)
+{
+    w->epfd = epoll_create1(EPOLL_CLOEXEC);
+    w->wakeFd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (w->epfd < 0 || w->wakeFd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    struct epoll_event ev = {.events = EPOLLIN, .data = wakeData};
+    if (epoll_ctl(w->epfd, EPOLL_CTL_ADD, w->wakeFd, &ev) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return 0;
+}
+
+/* Close what engineOpenWorker opened (a worker other than 0). */
+static inline void
+engineCloseWorker(EngineWorker *w)
+{
+    if (w->epfd >= 0)
+        close(w->epfd);
+    if (w->wakeFd >= 0)
+        close(w->wakeFd);
+    w->epfd = w->wakeFd = -1;
+}
+
+/*
+ * Start every thread of workers[0..count) not yet running (stride: the
+ * size of the engine's worker struct): worker 0 as the skeleton's engine
+ * thread running firstMain(engine) (engineStartThread: the engine holds a
+ * reference to itself until it is joined), the others main(worker),
+ * through engineSpawn alike.  0, or -1 with OSError set (the threads that
+ * did start keep running; the next call tries the rest).
+ */
+static inline int
+engineStartWorkers(EngineBase *e, void *workers, size_t stride, int count,
+                   void *(*firstMain)(void *), void *(*main)(void *))
+{
+    if (engineStartThread(e, firstMain) < 0)
+        return -1;
+    ENGINE_WORKER(workers, stride, 0)->started = 1;
+    for (int i = 1; i < count; i++) {
+        EngineWorker *w = ENGINE_WORKER(workers, stride, i);
+        if (w->started)
+            continue;
+        if (engineSpawn(&w->thread, main, w) < 0)
+            return -1;
+        w->started = 1;
+    }
+    return 0;
+}
+
+/* Wake every started worker (stopping is set: each ends its flows) and
+ * join them without the GIL, worker 0 last through engineJoin.  The
+ * caller drops the engine's reference to itself when it is done. */
+static inline void
+engineJoinWorkers(EngineBase *e, void *workers, size_t stride, int count)
+{
+    for (int i = 1; i < count; i++)
+        if (ENGINE_WORKER(workers, stride, i)->started)
+            signalFd(ENGINE_WORKER(workers, stride, i)->wakeFd);
+    Py_BEGIN_ALLOW_THREADS
+    for (int i = 1; i < count; i++)
+        if (ENGINE_WORKER(workers, stride, i)->started)
+            pthread_join(ENGINE_WORKER(workers, stride, i)->thread, NULL);
+    Py_END_ALLOW_THREADS
+    engineJoin(e);
 }
 
 #endif

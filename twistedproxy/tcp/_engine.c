@@ -90,10 +90,10 @@
 /* Empty pipes kept for reuse by the next flows (two descriptors each). */
 #define PIPE_POOL 32
 /* Relay threads: at most this many by default (one per CPU the process may
- * use, see defaultThreads and docs/fastrelay.md), never more than
+ * use, see engineDefaultThreads and docs/fastrelay.md), never more than
  * MAX_THREADS. */
-#define DEFAULT_MAX_THREADS 16
-#define MAX_THREADS 256
+#define DEFAULT_MAX_THREADS ENGINE_DEFAULT_MAX_THREADS
+#define MAX_THREADS ENGINE_MAX_THREADS
 
 enum { CLIENT = 0, TARGET = 1 };
 enum { MODE_NONE = 0, MODE_PIPE = 1, MODE_BUFFER = 2 };
@@ -885,20 +885,6 @@ queueCommand(Worker *w, int kind, uint64_t id, Flow *f)
     return 0;
 }
 
-/* The default number of relay threads: the CPUs this process may run on
- * (sched_getaffinity), at most DEFAULT_MAX_THREADS. */
-static int
-defaultThreads(void)
-{
-    cpu_set_t cpus;
-    int n = 1;
-    if (sched_getaffinity(0, sizeof cpus, &cpus) == 0)
-        n = CPU_COUNT(&cpus);
-    if (n < 1)
-        n = 1;
-    return n > DEFAULT_MAX_THREADS ? DEFAULT_MAX_THREADS : n;
-}
-
 /* Open worker w's epoll instance and wake eventfd (worker 0 has the
  * engine's): 0, or -1 with OSError set. */
 static int
@@ -956,7 +942,7 @@ TCPEngine_init(TCPEngine *self, PyObject *args, PyObject *kwds)
     self->bufferSize = (uint32_t)bufferSize;
     if (engineOpen((EngineBase *)self, (epoll_data_t){.u64 = 0}, 1024, sizeof(Report)) < 0)
         return -1;
-    int count = threads > 0 ? (int)threads : defaultThreads();
+    int count = threads > 0 ? (int)threads : engineDefaultThreads();
     self->workers = calloc((size_t)count, sizeof(Worker));
     if (self->workers == NULL) {
         PyErr_NoMemory();

@@ -6,24 +6,26 @@
  *
  * Python accepts each client of a `tls:` listener and admits it as for
  * plain TCP, then hands the client's socket descriptor to this engine
- * (adopt), which runs the TLS handshake on it with OpenSSL (SSL_set_fd, no
- * memory BIOs) in its own thread, non-blocking, under epoll.  When the
+ * (adopt) with the target's address, and the engine runs the TLS
+ * handshake on it with OpenSSL (SSL_set_fd, no memory BIOs) in one of its
+ * threads (the flow's: flowId mod N), non-blocking, under epoll.  When the
  * handshake is done the engine reports it, with the client's server name
- * (SNI) and certificate subject; Python dials the target as for plain TCP
- * and gives the target's descriptor back (attach), and the engine relays:
+ * (SNI) and certificate subject, and dials the target itself (a
+ * non-blocking connect, within the connect timeout counted from the
+ * adopt); when the target answers the engine relays:
  * SSL_read -> send(target), recv(target) -> SSL_write, through one bounded
  * buffer per direction, with TLS close_notify and TCP FIN mapped onto each
  * other (half-close).  When the connection ends the engine reports the
  * bytes each way and why.
  *
  * Threads, as the skeleton has them: Python's calls run in the reactor
- * thread with the GIL; the engine thread never takes the GIL.  They share
+ * thread with the GIL; the engine threads never take the GIL.  They share
  * the id table, the report queue and the command queue (a connection with
  * bits of what to do, linked through the connection itself, so that a
  * command needs no memory) under the engine's mutex, which neither holds
  * during an SSL_* or socket call nor while building Python objects.  Each
  * flow has two report slots reserved at adopt (its handshake, its end).
- * The engine thread alone frees a connection: after the event batch in
+ * The flow's engine thread alone frees a connection: after the event batch in
  * which it ended (later events of the batch may still point at it), or,
  * when Python had queued a command for it meanwhile, once it takes the
  * connection from the command queue.
@@ -35,7 +37,10 @@
 
 #include "_engine.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <openssl/err.h>
 #include <openssl/pem.h>
 #include <openssl/ssl.h>
@@ -165,9 +170,14 @@ buildContext(const char *certPem, Py_ssize_t certLen, const char *keyPem,
     SSL_CTX_set_options(context, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION |
                                      SSL_OP_CIPHER_SERVER_PREFERENCE |
                                      SSL_OP_IGNORE_UNEXPECTED_EOF);
+    /* As nginx: the chain sent is the certificate file's (no chain built
+     * from the certificate store at every handshake, which with client_ca
+     * would be the client CAs), and OpenSSL reads what the socket has in
+     * one recv rather than a record header and then its body. */
     SSL_CTX_set_mode(context, SSL_MODE_ENABLE_PARTIAL_WRITE |
                                   SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
-                                  SSL_MODE_RELEASE_BUFFERS);
+                                  SSL_MODE_RELEASE_BUFFERS | SSL_MODE_NO_AUTO_CHAIN);
+    SSL_CTX_set_read_ahead(context, 1);
     /* Sessions resume by tickets (TLS 1.3: two per handshake, as nginx);
      * the context id lets a client with a certificate resume too.  No
      * server-side cache: stateless tickets need none, and it would hold
@@ -345,7 +355,7 @@ static PyTypeObject ContextType = {
 /* Connections                                                               */
 
 enum { HANDSHAKE, DIALING, RELAYING, ENDED };
-enum { CMD_ADOPT = 1, CMD_ATTACH = 2, CMD_CLOSE = 4, CMD_KILL = 8 };
+enum { CMD_ADOPT = 1, CMD_CLOSE = 2, CMD_KILL = 4 };
 enum { REPORT_HANDSHAKE, REPORT_END };
 
 /* Reports each flow posts: its handshake (when it gets that far), its end. */
@@ -381,12 +391,17 @@ struct Conn {
     ContextSet *set;
     int state;
     double idleTimeout, lastActive;
+    /* The target the engine dials once the handshake is done, and by
+     * when the handshake and the dial are to be done (adopt's
+     * connectTimeout after the adopt; none for 0). */
+    struct sockaddr_storage target;
+    socklen_t targetLength;
+    double connectTimeout, deadline;
     /* Shared with Python, under the engine's mutex. */
     unsigned commands;
     int queued, orphan;
-    int pendingTargetFd; /* given by attach, taken with its command */
     Conn *nextCommand;
-    /* The engine thread's own. */
+    /* Its engine thread's own. */
     Conn *prevLive, *nextLive, *nextDead;
     int done, handshakeReported;
     uint32_t clientEvents, targetEvents;
@@ -398,16 +413,41 @@ struct Conn {
     _Atomic unsigned long long bytesIn, bytesOut;
 };
 
-typedef struct {
-    ENGINE_HEAD
-    /* shared, under lock */
+typedef struct TLSEngine TLSEngine;
+
+/*
+ * One engine thread and what it alone owns: its epoll instance and wake
+ * eventfd (worker 0: the engine's), its connections (those workerOf
+ * gives it) and their command queue.
+ */
+typedef struct Worker {
+    EngineWorker base; /* epfd, wakeFd, started, thread */
+    TLSEngine *engine;
+    /* shared, under the engine's lock */
     Conn *commandHead, *commandTail;
-    /* the engine thread's own */
+    size_t flowCount; /* live connections it owns */
+    /* this worker's thread only */
     Conn *live;
     Conn *graveyard; /* ended in this batch; freed after it */
     int reported;    /* a report was posted in this batch */
     double now;
-} TLSEngine;
+} Worker;
+
+struct TLSEngine {
+    ENGINE_HEAD
+    /* set at construction, read-only afterwards */
+    int workerCount;
+    Worker *workers;
+};
+
+/* The worker that owns flow id for its whole life: the id modulo the
+ * number of threads, as in the TCP engine (consecutive ids go round the
+ * threads). */
+static Worker *
+workerOf(TLSEngine *e, uint64_t id)
+{
+    return &e->workers[id % (uint64_t)e->workerCount];
+}
 
 static double
 monotonic(void)
@@ -430,29 +470,29 @@ connFind(TLSEngine *e, uint64_t id)
 /* A socket's events when it is not in the epoll set. */
 #define UNWATCHED 0xffffffffu
 
-static void endConn(TLSEngine *e, Conn *conn, const char *reason, int resetClient,
+static void endConn(Worker *w, Conn *conn, const char *reason, int resetClient,
                     int resetTarget);
 
 /* Watch one side of a connection for `events`; none takes the socket out
  * of the set, since epoll reports a hang-up whatever is asked, and a
  * side that is done both ways would keep waking the thread. */
 static void
-watch(TLSEngine *e, Conn *conn, int side, uint32_t events)
+watch(Worker *w, Conn *conn, int side, uint32_t events)
 {
     uint32_t *current = side ? &conn->targetEvents : &conn->clientEvents;
     if (conn->done || *current == events || (events == 0 && *current == UNWATCHED))
         return;
     int fd = side ? conn->targetFd : conn->clientFd;
     if (events == 0) {
-        epoll_ctl(e->epfd, EPOLL_CTL_DEL, fd, NULL);
+        epoll_ctl(w->base.epfd, EPOLL_CTL_DEL, fd, NULL);
         *current = UNWATCHED;
         return;
     }
     struct epoll_event ev = {.events = events,
                              .data.ptr = (void *)((uintptr_t)conn | (uintptr_t)side)};
-    if (epoll_ctl(e->epfd, *current == UNWATCHED ? EPOLL_CTL_ADD : EPOLL_CTL_MOD, fd, &ev) <
+    if (epoll_ctl(w->base.epfd, *current == UNWATCHED ? EPOLL_CTL_ADD : EPOLL_CTL_MOD, fd, &ev) <
         0) {
-        endConn(e, conn, "tls engine could not watch the sockets", 1, 1);
+        endConn(w, conn, "tls engine could not watch the sockets", 1, 1);
         return;
     }
     *current = events;
@@ -469,17 +509,17 @@ closeWithReset(int fd)
 /* A connection the engine is done with goes to the graveyard, freed after
  * the current event batch. */
 static void
-bury(TLSEngine *e, Conn *conn)
+bury(Worker *w, Conn *conn)
 {
-    conn->nextDead = e->graveyard;
-    e->graveyard = conn;
+    conn->nextDead = w->graveyard;
+    w->graveyard = conn;
 }
 
 static void
-freeDead(TLSEngine *e)
+freeDead(Worker *w)
 {
-    Conn *conn = e->graveyard;
-    e->graveyard = NULL;
+    Conn *conn = w->graveyard;
+    w->graveyard = NULL;
     while (conn != NULL) {
         Conn *next = conn->nextDead;
         free(conn);
@@ -490,13 +530,13 @@ freeDead(TLSEngine *e)
 /* End a connection: close both sockets (with a reset where asked), free
  * its TLS state, take it out of the id table and post its end report. */
 static void
-endConn(TLSEngine *e, Conn *conn, const char *reason, int resetClient, int resetTarget)
+endConn(Worker *w, Conn *conn, const char *reason, int resetClient, int resetTarget)
 {
     if (conn->done)
         return;
     conn->done = 1;
     if (conn->clientFd >= 0) {
-        epoll_ctl(e->epfd, EPOLL_CTL_DEL, conn->clientFd, NULL);
+        epoll_ctl(w->base.epfd, EPOLL_CTL_DEL, conn->clientFd, NULL);
         if (resetClient)
             closeWithReset(conn->clientFd);
         else
@@ -504,7 +544,7 @@ endConn(TLSEngine *e, Conn *conn, const char *reason, int resetClient, int reset
         conn->clientFd = -1;
     }
     if (conn->targetFd >= 0) {
-        epoll_ctl(e->epfd, EPOLL_CTL_DEL, conn->targetFd, NULL);
+        epoll_ctl(w->base.epfd, EPOLL_CTL_DEL, conn->targetFd, NULL);
         if (resetTarget)
             closeWithReset(conn->targetFd);
         else
@@ -521,16 +561,17 @@ endConn(TLSEngine *e, Conn *conn, const char *reason, int resetClient, int reset
     conn->state = ENDED;
     if (conn->prevLive != NULL)
         conn->prevLive->nextLive = conn->nextLive;
-    else if (e->live == conn)
-        e->live = conn->nextLive;
+    else if (w->live == conn)
+        w->live = conn->nextLive;
     if (conn->nextLive != NULL)
         conn->nextLive->prevLive = conn->prevLive;
     conn->prevLive = conn->nextLive = NULL;
-    pthread_mutex_lock(&e->lock);
-    idTableRemove(&e->flows, &conn->entry);
+    pthread_mutex_lock(&w->engine->lock);
+    idTableRemove(&w->engine->flows, &conn->entry);
+    w->flowCount--;
     if (!conn->handshakeReported)
-        reportRelease(&e->reports);
-    Report *report = reportPost(&e->reports);
+        reportRelease(&w->engine->reports);
+    Report *report = reportPost(&w->engine->reports);
     report->id = conn->entry.id;
     report->kind = REPORT_END;
     report->end.bytesIn = atomic_load_explicit(&conn->bytesIn, memory_order_relaxed);
@@ -541,10 +582,10 @@ endConn(TLSEngine *e, Conn *conn, const char *reason, int resetClient, int reset
     int queued = conn->queued;
     if (queued)
         conn->orphan = 1;
-    pthread_mutex_unlock(&e->lock);
-    e->reported = 1;
+    pthread_mutex_unlock(&w->engine->lock);
+    w->reported = 1;
     if (!queued)
-        bury(e, conn);
+        bury(w, conn);
 }
 
 /* Why the last TLS call failed, in OpenSSL's words ("tls: ..."). */
@@ -594,8 +635,10 @@ peerSubject(Conn *conn)
     return subject;
 }
 
+static void dialTarget(Worker *w, Conn *conn);
+
 static void
-handshake(TLSEngine *e, Conn *conn)
+handshake(Worker *w, Conn *conn)
 {
     ERR_clear_error();
     errno = 0;
@@ -604,41 +647,40 @@ handshake(TLSEngine *e, Conn *conn)
         const char *name = SSL_get_servername(conn->ssl, TLSEXT_NAMETYPE_host_name);
         char *subject = peerSubject(conn);
         conn->state = DIALING;
-        /* Nothing more from the client until the target answers. */
-        watch(e, conn, 0, 0);
-        pthread_mutex_lock(&e->lock);
-        Report *report = reportPost(&e->reports);
+        pthread_mutex_lock(&w->engine->lock);
+        Report *report = reportPost(&w->engine->reports);
         report->id = conn->entry.id;
         report->kind = REPORT_HANDSHAKE;
         report->handshake.subject = subject;
         snprintf(report->handshake.serverName, sizeof report->handshake.serverName, "%s",
                  name != NULL ? name : "");
-        pthread_mutex_unlock(&e->lock);
+        pthread_mutex_unlock(&w->engine->lock);
         conn->handshakeReported = 1;
-        e->reported = 1;
+        w->reported = 1;
+        dialTarget(w, conn);
         return;
     }
     int error = SSL_get_error(conn->ssl, r);
     char reason[sizeof ((Report *)NULL)->end.reason];
     switch (error) {
     case SSL_ERROR_WANT_READ:
-        watch(e, conn, 0, EPOLLIN);
+        watch(w, conn, 0, EPOLLIN);
         return;
     case SSL_ERROR_WANT_WRITE:
-        watch(e, conn, 0, EPOLLOUT);
+        watch(w, conn, 0, EPOLLOUT);
         return;
     case SSL_ERROR_ZERO_RETURN:
-        endConn(e, conn, "client closed", 0, 0);
+        endConn(w, conn, "client closed", 0, 0);
         return;
     case SSL_ERROR_SYSCALL:
         if (ERR_peek_error() == 0) {
-            endConn(e, conn, errno == 0 ? "client closed" : "reset by client", 0, 0);
+            endConn(w, conn, errno == 0 ? "client closed" : "reset by client", 0, 0);
             return;
         }
         /* fall through */
     default:
         tlsFailure(error, reason, sizeof reason);
-        endConn(e, conn, reason, 0, 0);
+        endConn(w, conn, reason, 0, 0);
     }
 }
 /* -- relaying -------------------------------------------------------------- */
@@ -678,7 +720,7 @@ releaseIfEmpty(Buffer *b)
 /* Move what can move, both ways, until nothing does; then watch for what
  * would let more move, and end the connection once both ways are done. */
 static void
-pump(TLSEngine *e, Conn *conn)
+pump(Worker *w, Conn *conn)
 {
     Buffer *up = &conn->toTarget, *down = &conn->toClient;
     int moved = 0;
@@ -687,7 +729,7 @@ pump(TLSEngine *e, Conn *conn)
         /* client -> buffer */
         if (!conn->clientEof && space(up) > 0) {
             if (!ready(up)) {
-                endConn(e, conn, "out of memory", 1, 1);
+                endConn(w, conn, "out of memory", 1, 1);
                 return;
             }
             ERR_clear_error();
@@ -715,7 +757,7 @@ pump(TLSEngine *e, Conn *conn)
                         snprintf(reason, sizeof reason, "reset by client");
                     else
                         tlsFailure(error, reason, sizeof reason);
-                    endConn(e, conn, reason, 1, 1);
+                    endConn(w, conn, reason, 1, 1);
                     return;
                 }
             }
@@ -728,7 +770,7 @@ pump(TLSEngine *e, Conn *conn)
                 up->length -= (size_t)n;
                 progress = 1;
             } else if (n < 0 && errno != EAGAIN && errno != EINTR) {
-                endConn(e, conn, "reset by target", 1, 1);
+                endConn(w, conn, "reset by target", 1, 1);
                 return;
             }
         }
@@ -739,7 +781,7 @@ pump(TLSEngine *e, Conn *conn)
         /* target -> buffer */
         if (!conn->targetEof && space(down) > 0) {
             if (!ready(down)) {
-                endConn(e, conn, "out of memory", 1, 1);
+                endConn(w, conn, "out of memory", 1, 1);
                 return;
             }
             ssize_t n = recv(conn->targetFd, down->data + down->start + down->length,
@@ -753,7 +795,7 @@ pump(TLSEngine *e, Conn *conn)
                     conn->finishedFirst = "target closed";
                 progress = 1;
             } else if (errno != EAGAIN && errno != EINTR) {
-                endConn(e, conn, "reset by target", 1, 1);
+                endConn(w, conn, "reset by target", 1, 1);
                 return;
             }
         }
@@ -775,7 +817,7 @@ pump(TLSEngine *e, Conn *conn)
                 else if (error == SSL_ERROR_WANT_READ)
                     conn->writeWantsRead = 1;
                 else {
-                    endConn(e, conn, "reset by client", 1, 1);
+                    endConn(w, conn, "reset by client", 1, 1);
                     return;
                 }
             }
@@ -798,9 +840,9 @@ pump(TLSEngine *e, Conn *conn)
         moved = 1;
     }
     if (moved)
-        conn->lastActive = e->now;
+        conn->lastActive = w->now;
     if (conn->clientEof && conn->targetShut && conn->notifySent) {
-        endConn(e, conn, conn->finishedFirst ? conn->finishedFirst : "closed", 0, 0);
+        endConn(w, conn, conn->finishedFirst ? conn->finishedFirst : "closed", 0, 0);
         return;
     }
     releaseIfEmpty(up);
@@ -814,42 +856,35 @@ pump(TLSEngine *e, Conn *conn)
         target |= EPOLLIN;
     if (up->length > 0)
         target |= EPOLLOUT;
-    watch(e, conn, 0, client);
-    watch(e, conn, 1, target);
+    watch(w, conn, 0, client);
+    watch(w, conn, 1, target);
 }
 
 /* -- commands -------------------------------------------------------------- */
 
 static void
-startConn(TLSEngine *e, Conn *conn)
+startConn(Worker *w, Conn *conn)
 {
     conn->ssl = SSL_new(conn->set->defaultContext);
     conn->clientEvents = conn->targetEvents = UNWATCHED;
-    conn->nextLive = e->live;
-    if (e->live != NULL)
-        e->live->prevLive = conn;
-    e->live = conn;
+    conn->nextLive = w->live;
+    if (w->live != NULL)
+        w->live->prevLive = conn;
+    w->live = conn;
     if (conn->ssl == NULL || SSL_set_fd(conn->ssl, conn->clientFd) != 1) {
         ERR_clear_error();
-        endConn(e, conn, "tls engine could not take the connection", 1, 0);
+        endConn(w, conn, "tls engine could not take the connection", 1, 0);
         return;
     }
     SSL_set_accept_state(conn->ssl);
-    handshake(e, conn);
+    handshake(w, conn);
 }
 
-static void
-attachTarget(TLSEngine *e, Conn *conn)
-{
-    conn->state = RELAYING;
-    conn->lastActive = e->now;
-    /* What OpenSSL read with the end of the handshake is in its buffer. */
-    pump(e, conn);
-}
 
-/* A graceful close (a failed dial): close_notify, then the FIN. */
+/* A graceful close (a failed dial): close_notify, then the FIN; the
+ * target, if any, is reset. */
 static void
-closeGracefully(TLSEngine *e, Conn *conn)
+closeGracefully(Worker *w, Conn *conn, const char *reason)
 {
     if (conn->state != HANDSHAKE) {
         ERR_clear_error();
@@ -858,147 +893,259 @@ closeGracefully(TLSEngine *e, Conn *conn)
     }
     if (conn->clientFd >= 0)
         shutdown(conn->clientFd, SHUT_WR);
-    endConn(e, conn, "closed", 0, 1);
+    endConn(w, conn, reason, 0, 1);
+}
+
+/* The engine's own dial failed (errno-style `error`), or the deadline
+ * passed (0) before the handshake was done or the target answered: the
+ * client gets a close_notify (after a handshake) and a FIN, and the
+ * reason reads as the Python path's, "connect failed: connection
+ * refused", "connect failed: timed out after 2s", "tls: no handshake in
+ * 2s". */
+static void
+dialFailed(Worker *w, Conn *conn, int error)
+{
+    char reason[sizeof ((Report *)NULL)->end.reason];
+    if (error == 0 && conn->state == HANDSHAKE)
+        snprintf(reason, sizeof reason, "tls: no handshake in %gs", conn->connectTimeout);
+    else if (error == 0)
+        snprintf(reason, sizeof reason, "connect failed: timed out after %gs",
+                 conn->connectTimeout);
+    else {
+        int n = snprintf(reason, sizeof reason, "connect failed: %s", strerror(error));
+        for (int i = (int)strlen("connect failed: "); i < n && i < (int)sizeof reason; i++)
+            if (reason[i] >= 'A' && reason[i] <= 'Z')
+                reason[i] = (char)(reason[i] + 32);
+    }
+    closeGracefully(w, conn, reason);
+}
+
+/* The target answered: relay (what OpenSSL read with the end of the
+ * handshake is in its buffer already). */
+static void
+targetConnected(Worker *w, Conn *conn)
+{
+    int one = 1;
+    setsockopt(conn->targetFd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    setsockopt(conn->targetFd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+    conn->state = RELAYING;
+    conn->lastActive = w->now;
+    pump(w, conn);
+}
+
+/* Dial the target, the handshake being done: non-blocking, the
+ * connect's end is the target's first writable event (dialed). */
+static void
+dialTarget(Worker *w, Conn *conn)
+{
+    int fd = socket(conn->target.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        dialFailed(w, conn, errno);
+        return;
+    }
+    conn->targetFd = fd;
+    if (connect(fd, (struct sockaddr *)&conn->target, conn->targetLength) == 0) {
+        targetConnected(w, conn);
+    } else if (errno == EINPROGRESS) {
+        /* Nothing more from the client until the target answers (a
+         * connect done at once, as on loopback, relays straight away
+         * with the client still watched: no epoll_ctl pair for it). */
+        watch(w, conn, 0, 0);
+        watch(w, conn, 1, EPOLLOUT);
+    } else {
+        dialFailed(w, conn, errno);
+    }
+}
+
+/* The target's connect ended, one way or the other. */
+static void
+dialed(Worker *w, Conn *conn)
+{
+    int error = 0;
+    socklen_t length = sizeof error;
+    if (getsockopt(conn->targetFd, SOL_SOCKET, SO_ERROR, &error, &length) < 0)
+        error = errno;
+    if (error != 0)
+        dialFailed(w, conn, error);
+    else
+        targetConnected(w, conn);
 }
 
 /* Run the queued commands, one connection at a time; 1 when the engine
  * is to stop. */
 static int
-runCommands(TLSEngine *e)
+runCommands(Worker *w)
 {
     for (;;) {
-        pthread_mutex_lock(&e->lock);
-        Conn *conn = e->commandHead;
+        pthread_mutex_lock(&w->engine->lock);
+        Conn *conn = w->commandHead;
         if (conn == NULL) {
-            int stopping = e->stopping;
-            pthread_mutex_unlock(&e->lock);
+            int stopping = w->engine->stopping;
+            pthread_mutex_unlock(&w->engine->lock);
             return stopping;
         }
-        e->commandHead = conn->nextCommand;
-        if (e->commandHead == NULL)
-            e->commandTail = NULL;
+        w->commandHead = conn->nextCommand;
+        if (w->commandHead == NULL)
+            w->commandTail = NULL;
         unsigned commands = conn->commands;
         conn->commands = 0;
         conn->queued = 0;
         int orphan = conn->orphan;
-        int targetFd = conn->pendingTargetFd;
-        conn->pendingTargetFd = -1;
-        pthread_mutex_unlock(&e->lock);
+        pthread_mutex_unlock(&w->engine->lock);
         if (orphan) {
-            bury(e, conn);
+            bury(w, conn);
         } else if (!conn->done) {
             if (commands & CMD_ADOPT)
-                startConn(e, conn);
+                startConn(w, conn);
             if (commands & CMD_KILL)
-                endConn(e, conn, "killed", 1, 1);
+                endConn(w, conn, "killed", 1, 1);
             else if (commands & CMD_CLOSE)
-                closeGracefully(e, conn);
-            else if (targetFd >= 0 && conn->state == DIALING && !conn->done) {
-                conn->targetFd = targetFd;
-                targetFd = -1;
-                attachTarget(e, conn);
-            }
+                closeGracefully(w, conn, "closed");
         }
-        /* A target given to a connection that ended meanwhile. */
-        if (targetFd >= 0)
-            closeWithReset(targetFd);
     }
 }
 
 static void
-scanIdle(TLSEngine *e)
+scanIdle(Worker *w)
 {
     Conn *next;
-    for (Conn *conn = e->live; conn != NULL; conn = next) {
+    for (Conn *conn = w->live; conn != NULL; conn = next) {
         next = conn->nextLive;
         if (conn->state == RELAYING && conn->idleTimeout > 0 &&
-            e->now - conn->lastActive >= conn->idleTimeout)
-            endConn(e, conn, "idle timeout", 1, 1);
+            w->now - conn->lastActive >= conn->idleTimeout)
+            endConn(w, conn, "idle timeout", 1, 1);
+        else if (conn->connectTimeout > 0 && w->now >= conn->deadline &&
+                 (conn->state == HANDSHAKE || conn->state == DIALING))
+            dialFailed(w, conn, 0);
     }
 }
 
 /* The end of a batch: free what ended in it, wake the reactor when
  * reports were posted. */
 static void
-endBatch(TLSEngine *e)
+endBatch(Worker *w)
 {
-    freeDead(e);
-    if (e->reported) {
-        e->reported = 0;
-        signalFd(e->notifyFd);
+    freeDead(w);
+    if (w->reported) {
+        w->reported = 0;
+        signalFd(w->engine->notifyFd);
     }
 }
 
 static void *
 engineMain(void *arg)
 {
-    TLSEngine *e = arg;
+    Worker *w = arg;
+    /* "tlsengine0", "tlsengine1", ... in ps and top. */
+    char name[16];
+    snprintf(name, sizeof name, "tlsengine%d", (int)(w - w->engine->workers));
+    pthread_setname_np(pthread_self(), name);
     struct epoll_event events[EVENTS_PER_WAIT];
     double lastScan = monotonic();
     int stop = 0;
     while (!stop) {
-        int n = epoll_wait(e->epfd, events, EVENTS_PER_WAIT, IDLE_SCAN_MS);
-        e->now = monotonic();
+        int n = epoll_wait(w->base.epfd, events, EVENTS_PER_WAIT, IDLE_SCAN_MS);
+        w->now = monotonic();
         for (int i = 0; i < n; i++) {
             uintptr_t data = (uintptr_t)events[i].data.ptr;
             if (data == 0) {
-                drainFd(e->wakeFd);
-                stop |= runCommands(e);
+                drainFd(w->base.wakeFd);
+                stop |= runCommands(w);
                 continue;
             }
             Conn *conn = (Conn *)(data & ~(uintptr_t)1);
             if (conn->done)
                 continue;
             if (conn->state == HANDSHAKE)
-                handshake(e, conn);
+                handshake(w, conn);
             else if (conn->state == RELAYING)
-                pump(e, conn);
+                pump(w, conn);
+            else if (conn->state == DIALING && (data & 1))
+                dialed(w, conn);
         }
-        if (e->now - lastScan >= IDLE_SCAN_MS / 1000.0) {
-            lastScan = e->now;
-            scanIdle(e);
+        if (w->now - lastScan >= IDLE_SCAN_MS / 1000.0) {
+            lastScan = w->now;
+            scanIdle(w);
         }
-        endBatch(e);
+        endBatch(w);
     }
     /* Stopping: adopts queued before the stop start (and end below), then
      * every connection ends, gracefully; commands queued for them
      * meanwhile are taken, so that none stays in the queue. */
-    runCommands(e);
-    while (e->live != NULL)
-        endConn(e, e->live, "proxy stopped", 0, 0);
-    runCommands(e);
-    endBatch(e);
-    signalFd(e->notifyFd);
+    runCommands(w);
+    while (w->live != NULL)
+        endConn(w, w->live, "proxy stopped", 0, 0);
+    runCommands(w);
+    endBatch(w);
+    signalFd(w->engine->notifyFd);
     return NULL;
+}
+
+/* Worker 0's thread is the engine's own (engineStartThread gives it the
+ * engine). */
+static void *
+firstWorkerMain(void *engine)
+{
+    return engineMain(&((TLSEngine *)engine)->workers[0]);
 }
 
 /* -- the Python type --------------------------------------------------------- */
 
-/* Queue commands for a live connection (reactor thread, lock held). */
-static void
+/* Queue commands for a live connection on its worker's queue (reactor
+ * thread, lock held); the caller then wakes that worker. */
+static Worker *
 command(TLSEngine *e, Conn *conn, unsigned commands)
 {
+    Worker *w = workerOf(e, conn->entry.id);
     conn->commands |= commands;
     if (!conn->queued) {
         conn->queued = 1;
         conn->nextCommand = NULL;
-        if (e->commandTail != NULL)
-            e->commandTail->nextCommand = conn;
+        if (w->commandTail != NULL)
+            w->commandTail->nextCommand = conn;
         else
-            e->commandHead = conn;
-        e->commandTail = conn;
+            w->commandHead = conn;
+        w->commandTail = conn;
     }
+    return w;
 }
 
 static int
 TLSEngine_init(TLSEngine *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, ":TLSEngine", kwlist))
+    static char *kwlist[] = {"threads", NULL};
+    int threads = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|i:TLSEngine", kwlist, &threads))
         return -1;
-    /* Events of the wake eventfd carry NULL; a connection's, its Conn
+    if (threads < 0 || threads > ENGINE_MAX_THREADS) {
+        PyErr_Format(PyExc_ValueError, "threads must be between 1 and %d (0: the default)",
+                     ENGINE_MAX_THREADS);
+        return -1;
+    }
+    /* Events of the wake eventfds carry NULL; a connection's, its Conn
      * with the side (0 client, 1 target) in the low bit. */
-    return engineOpen((EngineBase *)self, (epoll_data_t){.ptr = NULL}, 1024, sizeof(Report));
+    epoll_data_t wakeData = {.ptr = NULL};
+    if (engineOpen((EngineBase *)self, wakeData, 1024, sizeof(Report)) < 0)
+        return -1;
+    int count = threads > 0 ? threads : engineDefaultThreads();
+    self->workers = calloc((size_t)count, sizeof(Worker));
+    if (self->workers == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (int i = 0; i < count; i++) {
+        Worker *w = &self->workers[i];
+        w->engine = self;
+        w->base.epfd = w->base.wakeFd = -1;
+        self->workerCount = i + 1; /* what dealloc closes */
+        if (i == 0) {
+            w->base.epfd = self->epfd;
+            w->base.wakeFd = self->wakeFd;
+        } else if (engineOpenWorker(&w->base, wakeData) < 0) {
+            return -1;
+        }
+    }
+    return 0;
 }
 
 static void
@@ -1014,13 +1161,16 @@ TLSEngine_dealloc(TLSEngine *self)
         if (r->kind == REPORT_HANDSHAKE)
             free(r->handshake.subject);
     }
+    for (int i = 1; i < self->workerCount; i++)
+        engineCloseWorker(&self->workers[i].base);
+    free(self->workers);
     engineFree((EngineBase *)self);
 }
 
 static int
 checkReady(TLSEngine *self)
 {
-    if (self->epfd < 0) {
+    if (self->epfd < 0 || self->workers == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "TLSEngine not initialised");
         return -1;
     }
@@ -1028,20 +1178,66 @@ checkReady(TLSEngine *self)
 }
 
 PyDoc_STRVAR(adopt_doc,
-             "adopt(fd, flowId, context)\n\n"
+             "adopt(fd, flowId, context, target, connectTimeout, idleTimeout)\n\n"
              "Take a client's connected socket and run the TLS handshake on it with\n"
-             "context (a Context).  The engine owns fd from now on; reports() says\n"
-             "when the handshake is done, and when the connection ended.  Raises\n"
-             "ValueError (duplicate id, context not initialised), RuntimeError\n"
-             "(engine stopped) or OSError; fd is then still the caller's.");
+             "context (a Context), then dial target, a (host, port) whose host is\n"
+             "an IP address, and relay between the two until both directions end\n"
+             "or neither moved a byte for idleTimeout seconds (0: never).  A\n"
+             "handshake not done connectTimeout seconds after the adopt (0: no\n"
+             "limit) ends the flow (\"tls: no handshake in Ns\") with a FIN to the\n"
+             "client; a dial that fails or is not done by then too (\"connect\n"
+             "failed: ...\"), with a close_notify and a FIN.  The engine checks\n"
+             "every 250 ms.  The engine owns fd from now on; reports() says when\n"
+             "the handshake is done, and when the connection ended.  Raises\n"
+             "ValueError (duplicate id, context not initialised, target not an\n"
+             "address), RuntimeError (engine stopped) or OSError; fd is then still\n"
+             "the caller's.");
+
+/* adopt's target: (host, port) with host an IPv4 or IPv6 address.  0, or
+ * -1 with ValueError set. */
+static int
+parseTarget(PyObject *target, struct sockaddr_storage *out, socklen_t *length)
+{
+    const char *host;
+    int port;
+    if (!PyArg_ParseTuple(target, "si:target", &host, &port))
+        return -1;
+    memset(out, 0, sizeof *out);
+    struct sockaddr_in *v4 = (struct sockaddr_in *)out;
+    struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)out;
+    if (port > 0 && port < 65536 && inet_pton(AF_INET, host, &v4->sin_addr) == 1) {
+        v4->sin_family = AF_INET;
+        v4->sin_port = htons((uint16_t)port);
+        *length = sizeof *v4;
+        return 0;
+    }
+    if (port > 0 && port < 65536 && inet_pton(AF_INET6, host, &v6->sin6_addr) == 1) {
+        v6->sin6_family = AF_INET6;
+        v6->sin6_port = htons((uint16_t)port);
+        *length = sizeof *v6;
+        return 0;
+    }
+    PyErr_Format(PyExc_ValueError, "target %s:%d is not an IP address and port", host, port);
+    return -1;
+}
 
 static PyObject *
-TLSEngine_adopt(TLSEngine *self, PyObject *args)
+TLSEngine_adopt(TLSEngine *self, PyObject *args, PyObject *kwds)
 {
+    static char *kwlist[] = {"fd", "flowId", "context", "target", "connectTimeout",
+                             "idleTimeout", NULL};
     int fd;
     unsigned long long id;
     Context *context;
-    if (!PyArg_ParseTuple(args, "iKO!:adopt", &fd, &id, &ContextType, &context))
+    PyObject *target;
+    double connectTimeout, idleTimeout;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iKO!O!dd:adopt", kwlist, &fd, &id,
+                                     &ContextType, &context, &PyTuple_Type, &target,
+                                     &connectTimeout, &idleTimeout))
+        return NULL;
+    struct sockaddr_storage address;
+    socklen_t addressLength;
+    if (parseTarget(target, &address, &addressLength) < 0)
         return NULL;
     if (checkReady(self) < 0)
         return NULL;
@@ -1058,18 +1254,23 @@ TLSEngine_adopt(TLSEngine *self, PyObject *args)
     conn->entry.id = id;
     conn->clientFd = fd;
     conn->targetFd = -1;
-    conn->pendingTargetFd = -1;
     conn->state = HANDSHAKE;
     conn->set = context->set;
+    conn->target = address;
+    conn->targetLength = addressLength;
+    conn->connectTimeout = connectTimeout;
+    conn->deadline = monotonic() + connectTimeout;
+    conn->idleTimeout = idleTimeout;
     /* Only this thread sets stopping: a stopped engine starts no thread. */
     if (self->stopping) {
         free(conn);
         PyErr_SetString(PyExc_RuntimeError, "engine stopped");
         return NULL;
     }
-    /* The thread starts with the first flow, so a process that forks
+    /* The threads start with the first flow, so a process that forks
      * (twistd daemonising) before any connection forks single-threaded. */
-    if (engineStartThread((EngineBase *)self, engineMain) < 0) {
+    if (engineStartWorkers((EngineBase *)self, self->workers, sizeof(Worker),
+                           self->workerCount, firstWorkerMain, engineMain) < 0) {
         free(conn);
         return NULL;
     }
@@ -1087,7 +1288,7 @@ TLSEngine_adopt(TLSEngine *self, PyObject *args)
         outcome = NO_MEMORY;
     } else {
         atomic_fetch_add(&context->set->refs, 1);
-        command(self, conn, CMD_ADOPT);
+        command(self, conn, CMD_ADOPT)->flowCount++;
     }
     pthread_mutex_unlock(&self->lock);
     if (outcome != ADOPTED) {
@@ -1100,42 +1301,8 @@ TLSEngine_adopt(TLSEngine *self, PyObject *args)
             PyErr_SetString(PyExc_ValueError, "flow id already adopted");
         return NULL;
     }
-    signalFd(self->wakeFd);
+    signalFd(workerOf(self, id)->base.wakeFd);
     Py_RETURN_NONE;
-}
-
-PyDoc_STRVAR(attach_doc,
-             "attach(flowId, targetFd, idleTimeout) -> bool\n\n"
-             "Give a connection whose handshake is done its target's connected\n"
-             "socket, and relay; the engine owns targetFd from now on.  False\n"
-             "(targetFd still the caller's) when the flow is not there any more.");
-
-static PyObject *
-TLSEngine_attach(TLSEngine *self, PyObject *args)
-{
-    PyObject *idArg;
-    uint64_t id;
-    int fd;
-    double idle;
-    if (!PyArg_ParseTuple(args, "Oid:attach", &idArg, &fd, &idle) ||
-        parseFlowId(idArg, &id) < 0 || checkReady(self) < 0)
-        return NULL;
-    int flags = fcntl(fd, F_GETFL);
-    if (flags >= 0 && !(flags & O_NONBLOCK))
-        fcntl(fd, F_SETFL, flags | O_NONBLOCK);
-    engineLock((EngineBase *)self);
-    Conn *conn = self->stopping ? NULL : connFind(self, id);
-    int taken = conn != NULL && conn->pendingTargetFd < 0;
-    if (taken) {
-        conn->pendingTargetFd = fd;
-        conn->idleTimeout = idle;
-        command(self, conn, CMD_ATTACH);
-    }
-    pthread_mutex_unlock(&self->lock);
-    if (!taken)
-        Py_RETURN_FALSE;
-    signalFd(self->wakeFd);
-    Py_RETURN_TRUE;
 }
 
 PyDoc_STRVAR(close_doc,
@@ -1155,12 +1322,13 @@ TLSEngine_close(TLSEngine *self, PyObject *args)
         return NULL;
     engineLock((EngineBase *)self);
     Conn *conn = self->stopping ? NULL : connFind(self, id);
+    Worker *w = NULL;
     if (conn != NULL)
-        command(self, conn, reset ? CMD_KILL : CMD_CLOSE);
+        w = command(self, conn, reset ? CMD_KILL : CMD_CLOSE);
     pthread_mutex_unlock(&self->lock);
     if (conn == NULL)
         Py_RETURN_FALSE;
-    signalFd(self->wakeFd);
+    signalFd(w->base.wakeFd);
     Py_RETURN_TRUE;
 }
 
@@ -1256,19 +1424,50 @@ TLSEngine_stop(TLSEngine *self, PyObject *unused)
     self->stopping = 1;
     pthread_mutex_unlock(&self->lock);
     if (self->started && !self->joined) {
-        engineJoin((EngineBase *)self);
+        engineJoinWorkers((EngineBase *)self, self->workers, sizeof(Worker),
+                          self->workerCount);
         Py_DECREF(self);
     }
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(threadFlows_doc,
+             "threadFlows() -> list of int\n\n"
+             "Live connections per engine thread, one entry per thread: a flow\n"
+             "belongs to thread flowId mod N, for its whole life.");
+
+static PyObject *
+TLSEngine_threadFlows(TLSEngine *self, PyObject *unused)
+{
+    if (checkReady(self) < 0)
+        return NULL;
+    PyObject *list = PyList_New(self->workerCount);
+    if (list == NULL)
+        return NULL;
+    size_t counts[ENGINE_MAX_THREADS];
+    engineLock((EngineBase *)self);
+    for (int i = 0; i < self->workerCount; i++)
+        counts[i] = self->workers[i].flowCount;
+    pthread_mutex_unlock(&self->lock);
+    for (int i = 0; i < self->workerCount; i++) {
+        PyObject *count = PyLong_FromSize_t(counts[i]);
+        if (count == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, count);
+    }
+    return list;
+}
+
 static PyMethodDef TLSEngine_methods[] = {
-    {"adopt", (PyCFunction)TLSEngine_adopt, METH_VARARGS, adopt_doc},
-    {"attach", (PyCFunction)TLSEngine_attach, METH_VARARGS, attach_doc},
+    {"adopt", (PyCFunction)(void (*)(void))TLSEngine_adopt, METH_VARARGS | METH_KEYWORDS,
+     adopt_doc},
     {"close", (PyCFunction)TLSEngine_close, METH_VARARGS, close_doc},
     {"counters", (PyCFunction)TLSEngine_counters, METH_O, counters_doc},
     {"reports", (PyCFunction)TLSEngine_reports, METH_NOARGS, reports_doc},
     {"stop", (PyCFunction)TLSEngine_stop, METH_NOARGS, stop_doc},
+    {"threadFlows", (PyCFunction)TLSEngine_threadFlows, METH_NOARGS, threadFlows_doc},
     ENGINE_COMMON_METHODS,
     {NULL, NULL, 0, NULL},
 };
@@ -1282,9 +1481,10 @@ static PyMemberDef TLSEngine_members[] = {
 };
 
 PyDoc_STRVAR(TLSEngine_doc,
-             "TLSEngine()\n\n"
-             "The TLS termination engine: one thread that runs the handshakes of the\n"
-             "clients adopted, then relays between each and its attached target.");
+             "TLSEngine(threads=0)\n\n"
+             "The TLS termination engine: threads (0: one per CPU, at most 16) that\n"
+             "run the handshakes of the clients adopted, dial their targets and\n"
+             "relay between the two; a flow stays on thread flowId mod threads.");
 
 static PyTypeObject TLSEngineType =
     ENGINE_TYPE(TLSEngine, "twistedproxy.tcp._tlsengine.TLSEngine", TLSEngine_doc);

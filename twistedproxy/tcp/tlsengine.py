@@ -3,12 +3,13 @@ The compiled fast path of TLS termination (C{tls:}), seen from Twisted.
 
 A C{tls:} listener whose clients go to the relay engine's accept path
 hands each admitted client's bare descriptor to L{TLSEngine}, the end in
-the reactor of L{twistedproxy.tcp._tlsengine}: one thread with its own epoll
-that runs the handshake with the system's OpenSSL on the socket itself,
-then, once Python has dialed the target, relays between the two (TLS
-records on the client's side, plain bytes on the target's).  A L{TLSDial}
-stands for each such flow, from its accept to its access line, as
-L{twistedproxy.tcp.engine.EngineFlow} does for plain TCP.
+the reactor of L{twistedproxy.tcp._tlsengine}: threads with their own epoll
+(one per CPU by default, as the TCP engine's, each with its share of the
+flows) that run the handshake with the system's OpenSSL on the socket
+itself, then dial the target themselves and relay between the two (TLS
+records on the client's side, plain bytes on the target's).  A L{TLSDial} stands for each such flow, from its
+accept to its access line, as L{twistedproxy.tcp.engine.EngineFlow} does
+for plain TCP.
 
 Where the engine does not apply (it is not built, C{PORTPROXY_FASTPATH=0},
 a listener with C{target_tls:} or C{sni_routes:}, a target given by name),
@@ -26,7 +27,7 @@ from twisted.logger import Logger
 from twistedproxy.listener import fastPathWanted
 from twistedproxy.model import Listener, ServerTLS
 from twistedproxy.proxyprotocol import Addresses
-from twistedproxy.tcp.engine import EngineBinding, EngineFlow
+from twistedproxy.tcp.engine import EngineBinding, EngineFlow, engineThreads
 from twistedproxy.tls import NameTable
 
 try:
@@ -87,30 +88,28 @@ def serverContext(settings: ServerTLS):
 class TLSDial(EngineFlow):
     """
     A client of a C{tls:} listener on the TLS engine, from its accept to
-    its access line: the engine runs its handshake, then the target is
-    dialed (within C{connect_timeout} of the accept, as on the Python
-    path), then the engine relays.
+    its access line: the engine runs its handshake, then dials the target
+    itself, both within C{connect_timeout} of the accept as on the Python
+    path (the engine keeps that time: the reactor runs no timer for the
+    flow), then relays.  The reactor sees the handshake's report and the
+    end's.
 
     @ivar peer: the subject of the client's certificate (C{client_ca}),
         for the access line and the manhole.
     @ivar serverName: the server name the client asked for, if any.
     """
 
-    __slots__ = ("_handshaken", "peer", "serverName")
+    __slots__ = ("peer", "serverName")
 
     _engine: TLSEngine  # type: ignore[assignment]
 
     def __init__(self, engine: TLSEngine, *args: Any, **kwargs: Any) -> None:
         EngineFlow.__init__(self, engine, *args, **kwargs)  # type: ignore[arg-type]
-        self._handshaken = False
         self.peer: str | None = None
         self.serverName: str | None = None
 
     def _start(self, service: TCPListener) -> None:
         service.flowStarted(self)
-        self._timer = self._reactor.callLater(
-            self.listener.timeouts.connect, self._timedOut
-        )
         clientFd, self._clientFd = self._clientFd, -1
         settings = self.listener.tls
         assert settings is not None and settings.terminate is not None
@@ -120,35 +119,14 @@ class TLSDial(EngineFlow):
 
     def handshaken(self, serverName: str | None, subject: str | None) -> None:
         """
-        The engine finished the client's handshake: dial the target.
+        The engine finished the client's handshake (and dials the target).
         """
-        self._handshaken = True
         self.serverName = serverName
         self.peer = subject
-        if self.reason is None:
-            self._connect()
-
-    def _hand(self, targetFd: int) -> None:
-        if not self._engine.attach(self.id, targetFd, self.listener.timeouts.idle):
-            # The client went meanwhile; its end report follows.
-            os.close(targetFd)
-
-    def _timedOut(self) -> None:
-        self._timer = None
-        if not self._handshaken:
-            self._giveUp(f"tls: no handshake in {self.listener.timeouts.connect:g}s")
-        else:
-            EngineFlow._timedOut(self)
-
-    def _fail(self, why: str) -> None:
-        # As the Python path ends a TLS client it cannot serve: a
-        # close_notify, then the FIN.
-        self._giveUp(f"connect failed: {why}")
 
     def _giveUp(self, reason: str, reset: bool = False) -> None:
         if self.reason is None:
             self.reason = reason
-        self._stopDialing()
         self._engine.close(self.id, reset)
 
     def _end(self, reason: str) -> None:
@@ -164,22 +142,11 @@ class TLSDial(EngineFlow):
         """
         self._giveUp(reason, reset=True)
 
-    def _stopDialing(self) -> None:
-        self._cancelTimer()
-        if self._target is not None:
-            self._reactor.removeWriter(self)
-            self._target.close()
-            self._target = None
-
-    def _ended(self, bytesIn: int, bytesOut: int, reason: str) -> None:
-        self._stopDialing()
-        EngineFlow._ended(self, bytesIn, bytesOut, reason)
-
 
 class TLSEngine(EngineBinding):
     """
     The TLS engine's end in the reactor: adopts clients for their
-    handshake, gives them their target, and passes the engine's reports
+    handshake and the dial of their target, and passes the engine's reports
     to their L{TLSDial}.
 
     @ivar flows: the engine's flows by id, until their end is reported.
@@ -191,7 +158,7 @@ class TLSEngine(EngineBinding):
         if engine is None:
             if CompiledTLSEngine is None:
                 raise RuntimeError("twistedproxy.tcp._tlsengine is not built")
-            engine = CompiledTLSEngine()
+            engine = CompiledTLSEngine(threads=engineThreads())
         EngineBinding.__init__(self, reactor, engine)
         self.flows: dict[int, TLSDial] = {}
 
@@ -213,13 +180,21 @@ class TLSEngine(EngineBinding):
     def adopt(self, clientFd: int, flow: TLSDial, settings: ServerTLS) -> bool:
         """
         Hand C{clientFd} to the engine for its handshake with C{settings}'
-        certificates; C{False} (the descriptor still the caller's) when it
-        refused.
+        certificates, then the dial of C{flow}'s target (an address) and the
+        relay; C{False} (the descriptor still the caller's) when it refused.
         """
         if self._stopped:
             return False
+        listener = flow.listener
         try:
-            self.engine.adopt(clientFd, flow.id, serverContext(settings))
+            self.engine.adopt(
+                clientFd,
+                flow.id,
+                serverContext(settings),
+                (listener.target.host, listener.target.port),
+                listener.timeouts.connect,
+                listener.timeouts.idle,
+            )
         except (OSError, RuntimeError, MemoryError, ValueError) as e:
             log.warn(
                 "tls engine refused flow {flowId}: {error}", flowId=flow.id, error=e
@@ -228,13 +203,6 @@ class TLSEngine(EngineBinding):
         self.flows[flow.id] = flow
         self._watch()
         return True
-
-    def attach(self, flowId: int, targetFd: int, idleTimeout: float) -> bool:
-        """
-        Give a handshaken client its connected target; C{False} (the
-        descriptor still the caller's) when the flow has ended.
-        """
-        return self.engine.attach(flowId, targetFd, idleTimeout)
 
     def close(self, flowId: int, reset: bool = True) -> bool:
         """
