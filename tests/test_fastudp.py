@@ -139,11 +139,11 @@ class Bench:
     """
 
     def __init__(
-        self, host="127.0.0.1", pktinfo=False, listenHost=None, gso=True
+        self, host="127.0.0.1", pktinfo=False, listenHost=None, gso=True, **options
     ) -> None:
         from twistedproxy.udp._engine import UDPEngine
 
-        self.engine = UDPEngine(gso=gso)
+        self.engine = UDPEngine(gso=gso, **options)
         self.listening = listeningSocket(listenHost or host, pktinfo)
         self.target = udpSocket(host)
         self.engine.addListener(self.listening.fileno(), 1, pktinfo)
@@ -736,3 +736,56 @@ def test_headersAgreeWithPython(bench, mode):
         pass
     assert got == expected
     assert b.engine.listenerCounters(1)[1] == len(cases) - len(expected)
+
+
+@needsEngine
+def test_burstOfRepliesCrossesInOrder(bench):
+    """
+    More replies than one read takes (DRAIN) sent at once by the target
+    all reach the client, in order and whole, from the listening address,
+    and the session's counter has every byte of them.
+    """
+    from twistedproxy.udp._engine import DRAIN
+
+    b = bench()
+    c = b.client()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    flowId = openedSession(b, c)
+    c.sendto(b"go", b.address)
+    _, session = b.target.recvfrom(100)
+    replies = [b"reply %d " % i + b"x" * (i % 50) for i in range(3 * DRAIN + 5)]
+    for data in replies:
+        b.target.sendto(data, session)
+    assert [c.recvfrom(200) for _ in replies] == [(d, b.address) for d in replies]
+    waitUntil(
+        lambda: b.engine.counters(flowId) == (7, sum(map(len, replies))),
+        what="the replies counted",
+    )
+
+
+@needsEngine
+def test_icmpErrorLeavesSessionRelaying(bench):
+    """
+    A session whose target did not listen yet (its socket gets the ICMP
+    error of the first datagram) goes on: once the target listens, its
+    reply reaches the client and the client's next datagram reaches it.
+    """
+    b = bench()
+    address = b.target.getsockname()[:2]
+    b.target.close()
+    c = b.client()
+    c.sendto(b"nobody there", b.address)
+    [event] = nextEvents(b.engine)
+    sessionSocket = connected(address)
+    sessionAddress = sessionSocket.getsockname()
+    b.engine.adopt(event[2], sessionSocket.detach(), 1, 30.0)
+    # the held datagram is refused: an ICMP error on the session's socket
+    waitUntil(lambda: b.engine.counters(1) == (12, 0), what="the datagram sent")
+    target = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    target.bind(address)
+    target.settimeout(5)
+    b.opened.append(target)
+    target.sendto(b"late reply", sessionAddress)
+    assert c.recvfrom(100) == (b"late reply", b.address)
+    c.sendto(b"again", b.address)
+    assert target.recv(100) == b"again"
