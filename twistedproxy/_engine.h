@@ -513,7 +513,10 @@ engineModule(PyModuleDef *definition, PyTypeObject *type, const char *name)
  *     clock in the poll loop POLL_PREEMPTED_NS or more apart: something
  *     else wanted the CPU, or the hypervisor took it) ends polling for
  *     POLL_BACKOFF_NS: the peers that produce the next event need that
- *     CPU more than the thread needs to be awake when it comes.
+ *     CPU more than the thread needs to be awake when it comes;
+ *   - the threads of one engine (the TCP relay threads) share a gate, so
+ *     that at most one of them polls at a time: polling never takes
+ *     more than one core from the peers.
  *
  * The caller says which batches may be followed by a poll (the TCP and
  * UDP engines: one in which a flow turned direction and that moved
@@ -536,6 +539,7 @@ typedef struct {
     int64_t window;    /* ns the next poll lasts; 0: sleep at once */
     int64_t ceiling;   /* ns the window may grow to; 0: never poll */
     int64_t quietUntil; /* no poll before this time (ns), after a preemption */
+    int *gate;         /* shared by an engine's threads: 1 while one polls */
     /* statistics, written by the thread alone, read with relaxed loads */
     uint64_t polls;    /* polls begun */
     uint64_t caught;   /* polls that caught an event */
@@ -593,7 +597,8 @@ pollCount(uint64_t *counter)
  * epoll_wait for an engine thread, with the adaptive poll: after a batch
  * the caller calls it with eligible set when that batch may be followed
  * by a poll.  Then it polls for p->window ns first (unless a preemption
- * ended polling for a while), and measures the wait to adapt the window;
+ * ended polling for a while, or another thread of the engine polls), and
+ * measures the wait to adapt the window;
  * otherwise it is a plain epoll_wait.  Returns what epoll_wait returns.
  */
 static inline int
@@ -604,7 +609,8 @@ pollWait(AdaptivePoll *p, int epfd, struct epoll_event *events, int max, int tim
         return epoll_wait(epfd, events, max, timeoutMs);
     int64_t start = pollClockNs();
     int n;
-    if (p->window > 0 && start >= p->quietUntil) {
+    if (p->window > 0 && start >= p->quietUntil &&
+        __atomic_exchange_n(p->gate, 1, __ATOMIC_ACQUIRE) == 0) {
         pollCount(&p->polls);
         int64_t until = start + p->window;
         int64_t before = start, now;
@@ -615,6 +621,7 @@ pollWait(AdaptivePoll *p, int epfd, struct epoll_event *events, int max, int tim
             preempted |= now - before >= POLL_PREEMPTED_NS;
             before = now;
         } while (n == 0 && now < until);
+        __atomic_store_n(p->gate, 0, __ATOMIC_RELEASE);
         if (preempted) {
             pollCount(&p->preempted);
             p->quietUntil = now + POLL_BACKOFF_NS;

@@ -187,6 +187,7 @@ struct TCPEngine {
     uint32_t bufferSize;
     int workerCount;
     Worker *workers;
+    int pollGate;    /* the workers' AdaptivePoll gate: one polls at a time */
 };
 
 /* The worker that owns flow id for its whole life: the id modulo the
@@ -940,6 +941,7 @@ TCPEngine_init(TCPEngine *self, PyObject *args, PyObject *kwds)
         w->engine = self;
         w->epfd = w->wakeFd = -1;
         w->poll.ceiling = (int64_t)busyPoll * 1000;
+        w->poll.gate = &self->pollGate;
         self->workerCount = i + 1;  /* what dealloc closes */
         if (i == 0) {
             w->epfd = self->epfd;

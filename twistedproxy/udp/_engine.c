@@ -188,6 +188,7 @@ typedef struct {
     int condReady;
     pthread_cond_t batchDone;   /* inBatch went back to 0 */
     AdaptivePoll poll;          /* the thread's, see ../_engine.h */
+    int pollGate;               /* its gate (one thread: always open) */
 } UDPEngine;
 
 /* -- helpers ----------------------------------------------------------- */
@@ -1740,6 +1741,7 @@ UDPEngine_init(UDPEngine *self, PyObject *args, PyObject *kwds)
      * send a run as one datagram: use it only where the option exists. */
     self->gso = gso && gsoAvailable();
     self->poll.ceiling = (int64_t)busyPoll * 1000;
+    self->poll.gate = &self->pollGate;
     struct timespec res;
     clock_getres(CLOCK_MONOTONIC_COARSE, &res);
     self->tick = res.tv_sec * 1000 + (res.tv_nsec + 999999) / 1000000;
