@@ -1361,6 +1361,8 @@ PyDoc_STRVAR(pollCounters_doc,
 static PyObject *
 TCPEngine_pollCounters(TCPEngine *self, PyObject *unused)
 {
+    if (self->workers == NULL)  /* never initialised */
+        return pollCounters(NULL, 0, sizeof(Worker));
     return pollCounters(&self->workers[0].poll, (size_t)self->workerCount, sizeof(Worker));
 }
 
