@@ -18,7 +18,9 @@
  *         1 ms ticks and over the connections in turn (a connection whose
  *         last request is unanswered is skipped and counted), and prints
  *         one JSON line: the latency percentiles of the replies (send to
- *         last byte), and its own CPU time, so that the caller can tell
+ *         last byte), how many of the 100 ms windows of the run hold a
+ *         reply slower than the p99 (few: the slow replies come in
+ *         bursts, a stall; most: they are spread), and its own CPU time, so that the caller can tell
  *         whether the generator itself was the bottleneck (its CPU time
  *         while sending at RATE, not the connects and warm-up).
  *
@@ -56,6 +58,7 @@ struct conn {
 static struct conn *conns;
 static int nconn, epfd;
 static uint64_t *lat;
+static uint32_t *latAt;  /* the 100 ms window (from the start) each reply came in */
 static size_t nlat, caplat;
 static long errors, skipped;
 
@@ -212,6 +215,7 @@ static void runRate(double rate, double seconds)
     epoll_ctl(epfd, EPOLL_CTL_ADD, tfd, &e);
     caplat = (size_t)(rate * seconds * 1.1) + 1024;
     lat = malloc(caplat * sizeof *lat);
+    latAt = malloc(caplat * sizeof *latAt);
     struct rusage ru0, ru;
     getrusage(RUSAGE_SELF, &ru0);
     uint64_t start = now(), end = start + (uint64_t)(seconds * 1e9);
@@ -246,8 +250,11 @@ static void runRate(double rate, double seconds)
             int timed = c->busy == 2;
             uint64_t sentAt = c->sent;
             if (readReply(c)) {
-                if (timed && nlat < caplat)
-                    lat[nlat++] = now() - sentAt;
+                if (timed && nlat < caplat) {
+                    uint64_t t = now();
+                    latAt[nlat] = (uint32_t)((t - start) / 100000000u);
+                    lat[nlat++] = t - sentAt;
+                }
                 c->busy = 0;
             }
         }
@@ -257,15 +264,33 @@ static void runRate(double rate, double seconds)
     close(tfd);
     drain(now() + 2000000000ull);
     getrusage(RUSAGE_SELF, &ru);
-    qsort(lat, nlat, sizeof *lat, cmp);
+    /* Whether the slow replies come in bursts: the 100 ms windows that
+     * hold a reply slower than the p99, of all the windows. */
+    uint64_t *sorted = malloc((nlat + 1) * sizeof *sorted);
+    memcpy(sorted, lat, nlat * sizeof *lat);
+    qsort(sorted, nlat, sizeof *sorted, cmp);
+    uint64_t p99 = nlat ? sorted[(size_t)((nlat - 1) * 0.99)] : 0;
+    size_t windows = (size_t)(seconds * 10) + 30;
+    char *slow = calloc(windows, 1);
+    size_t slowWindows = 0;
+    for (size_t i = 0; i < nlat; i++)
+        if (lat[i] > p99 && latAt[i] < windows && !slow[latAt[i]]) {
+            slow[latAt[i]] = 1;
+            slowWindows++;
+        }
+    memcpy(lat, sorted, nlat * sizeof *lat);
+    free(sorted);
+    free(slow);
 #define PCT(p) (nlat ? lat[(size_t)((nlat - 1) * (p))] / 1e3 : -1.0)
     printf("{\"connections\": %d, \"replies\": %zu, \"seconds\": %.2f, \"rate\": %.1f, "
            "\"p50_us\": %.1f, \"p90_us\": %.1f, \"p99_us\": %.1f, \"p999_us\": %.1f, \"max_us\": %.1f, "
-           "\"skipped_busy\": %ld, \"errors\": %ld, \"generator_cpu_s\": %.3f}\n",
+           "\"skipped_busy\": %ld, \"errors\": %ld, \"generator_cpu_s\": %.3f, "
+           "\"slow_windows\": %zu, \"windows\": %zu}\n",
            nconn, nlat, elapsed, nlat / elapsed, PCT(0.5), PCT(0.9), PCT(0.99), PCT(0.999), PCT(1.0),
            skipped, errors,
            (ru.ru_utime.tv_sec - ru0.ru_utime.tv_sec) + (ru.ru_stime.tv_sec - ru0.ru_stime.tv_sec) +
-               ((ru.ru_utime.tv_usec - ru0.ru_utime.tv_usec) + (ru.ru_stime.tv_usec - ru0.ru_stime.tv_usec)) / 1e6);
+               ((ru.ru_utime.tv_usec - ru0.ru_utime.tv_usec) + (ru.ru_stime.tv_usec - ru0.ru_stime.tv_usec)) / 1e6,
+           slowWindows, (size_t)(elapsed * 10 + 0.5));
 }
 
 int main(int argc, char **argv)

@@ -13,7 +13,8 @@ each time, so that one's memory does not colour the next):
   opens N connections from the source addresses 127.0.0.2, 127.0.0.3, ...,
   sends one request on each (not timed), then sends --rate requests a
   second in total over them for --seconds, and gives the reply latency
-  percentiles; the proxy's RSS (every process of it) is sampled every
+  percentiles and how many 100 ms windows of the run hold a reply slower
+  than the p99 (a few: a stall; many: a spread tail); the proxy's RSS (every process of it) is sampled every
   0.2 s and the highest kept, and its CPU time (every process and
   thread) while the rate runs is divided by the replies;
 - idle: C{connload idle} opens N connections and holds them: the proxy's
@@ -23,7 +24,7 @@ each time, so that one's memory does not colour the next):
 
 The server behind every proxy is nginx answering "hello\\n".  The proxies
 are portproxy (compiled paths), portproxy-python (PORTPROXY_FASTPATH=0),
-portproxy-nospin (compiled, the TCP engine's busy-poll off; only when
+portproxy-nospin (compiled, the engines' busy-poll off; only when
 named in --proxies),
 HAProxy (2.6, one process, its default threads) and nginx stream (one
 worker).  RLIMIT_NOFILE is raised to its hard limit here, and the proxies
@@ -273,8 +274,9 @@ def main():
     print(
         "| proxy | replies/s | p50 us | p99 us | p99.9 us | proxy CPU us/request |"
         " RSS under load MiB | KiB/conn idle | KiB/conn after 1 request | generator CPU % |"
+        " 100 ms windows with a reply slower than p99 |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         k, i = r.get("kept-alive", {}), r.get("idle", {})
 
@@ -287,11 +289,12 @@ def main():
             if "generator_cpu_s" in k
             else "-"
         )
+        slow = f"{k['slow_windows']} of {k['windows']}" if "slow_windows" in k else "-"
         print(
             f"| {name} | {cell(k, 'rate')} | {cell(k, 'p50_us')} | {cell(k, 'p99_us')}"
             f" | {cell(k, 'p999_us')} | {cell(k, 'cpu_us_per_request')} | {cell(k, 'rss_mib')}"
             f" | {i.get('kib_per_conn_connected', '-')} | {i.get('kib_per_conn_after_exchange', '-')}"
-            f" | {load} |"
+            f" | {load} | {slow} |"
         )
     errors = {n: r for n, r in results.items() if any("error" in v for v in r.values())}
     if errors:

@@ -33,7 +33,7 @@ measured and the rest scaled).
 
 Columns of portproxy: "portproxy" (compiled paths, where built);
 "portproxy-python" (PORTPROXY_FASTPATH=0), when --peers names it;
-"portproxy-nospin" (the TCP engine built with busyPoll=0), likewise;
+"portproxy-nospin" (the TCP and UDP engines built with busyPoll=0), likewise;
 "portproxy-tN" for the second and later counts of --engine-threads, each
 started with PORTPROXY_ENGINE_THREADS=N (and "portproxy" with the first).
 The engines of this tree run one thread and do not read that variable
@@ -74,13 +74,15 @@ WORKLOADS = {
     "tcp_pingpong": ("us p50", False, "sockperf_tcp", "tcp"),
     "udp_pingpong": ("us p50", False, "sockperf_udp", "udp"),
 }
-#: twistd with the TCP engine's busy-poll off (busyPoll=0): the
-#: "portproxy-nospin" column, to see what the busy-poll costs and buys.
+#: twistd with the TCP and UDP engines' adaptive busy-poll off
+#: (busyPoll=0): the "portproxy-nospin" column, to see what the busy-poll
+#: costs and buys.
 TWISTD_NOSPIN = [
     sys.executable,
     "-c",
-    "import functools, twistedproxy.tcp.engine as f;"
+    "import functools, twistedproxy.tcp.engine as f, twistedproxy.udp.engine as u;"
     " f.CompiledTCPEngine = functools.partial(f.CompiledTCPEngine, busyPoll=0);"
+    " u.CompiledUDPEngine = functools.partial(u.CompiledUDPEngine, busyPoll=0);"
     " from twisted.scripts.twistd import run; run()",
 ]
 
@@ -805,7 +807,7 @@ def main():
         default="docker-proxy,socat,haproxy,nginx",
         help="comma list of docker-proxy, socat, haproxy, nginx, and"
         " portproxy-python (portproxy with PORTPROXY_FASTPATH=0),"
-        " portproxy-nospin (the TCP engine's busy-poll off)",
+        " portproxy-nospin (the engines' busy-poll off)",
     )
     ap.add_argument(
         "--engine-threads",

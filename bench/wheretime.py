@@ -5,6 +5,7 @@ Where portproxy's time goes on its two slowest workloads, on loopback.
     python bench/wheretime.py                        # http_close and udp_pingpong, 8 s each
     python bench/wheretime.py -w http_close -s 5
     python bench/wheretime.py -w tcp_pingpong        # also: sockperf TCP ping-pong
+    python bench/wheretime.py -w http_keepalive      # also: wrk -t1 -c32, kept alive
     PORTPROXY_FASTPATH=0 python bench/wheretime.py   # the pure-Python path
     python bench/wheretime.py --proxy nginx          # nginx stream's worker, to compare
 
@@ -266,7 +267,9 @@ def pyspyPhases(path, pid):
 
 
 def report(name, pid, workload, port, a, tmp):
-    unit = "connection" if workload == "http_close" else "round trip"
+    unit = {"http_close": "connection", "http_keepalive": "request"}.get(
+        workload, "round trip"
+    )
     print(f"\n## {name}: {workload}, {a.seconds} s per run\n")
     work, rows = plain(pid, workload, port, a.seconds)
     if not work:
@@ -412,7 +415,7 @@ def main():
         "-w",
         "--workloads",
         default="http_close,udp_pingpong",
-        help="comma list of http_close, udp_pingpong, tcp_pingpong",
+        help="comma list of http_close, http_keepalive, udp_pingpong, tcp_pingpong",
     )
     ap.add_argument("-s", "--seconds", type=int, default=8)
     ap.add_argument("--rate", type=int, default=500, help="py-spy samples a second")
@@ -439,7 +442,7 @@ def main():
     try:
         for workload in a.workloads.split(","):
             backend, front = ports.take(), ports.take()
-            if workload == "http_close":
+            if workload.startswith("http_"):
                 startHTTP(procs, tmp, [f"127.0.0.1:{backend}"])
                 waitTCP(backend)
                 proto = "tcp"

@@ -131,11 +131,11 @@ class Bench:
     """
 
     def __init__(
-        self, host="127.0.0.1", pktinfo=False, listenHost=None, gso=True
+        self, host="127.0.0.1", pktinfo=False, listenHost=None, gso=True, **options
     ) -> None:
         from twistedproxy.udp._engine import UDPEngine
 
-        self.engine = UDPEngine(gso=gso)
+        self.engine = UDPEngine(gso=gso, **options)
         self.listening = listeningSocket(listenHost or host, pktinfo)
         self.target = udpSocket(host)
         self.engine.addListener(self.listening.fileno(), 1, pktinfo)
@@ -728,3 +728,67 @@ def test_headersAgreeWithPython(bench, mode):
         pass
     assert got == expected
     assert b.engine.listenerCounters(1)[1] == len(cases) - len(expected)
+
+
+@needsEngine
+def test_burstOfRepliesCrossesInOrder(bench):
+    """
+    More replies than one read takes (DRAIN) sent at once by the target
+    all reach the client, in order and whole, from the listening address,
+    and the session's counter has every byte of them.
+    """
+    from twistedproxy.udp._engine import DRAIN
+
+    b = bench()
+    c = b.client()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    flowId = openedSession(b, c)
+    c.sendto(b"go", b.address)
+    _, session = b.target.recvfrom(100)
+    replies = [b"reply %d " % i + b"x" * (i % 50) for i in range(3 * DRAIN + 5)]
+    for data in replies:
+        b.target.sendto(data, session)
+    assert [c.recvfrom(200) for _ in replies] == [(d, b.address) for d in replies]
+    waitUntil(
+        lambda: b.engine.counters(flowId) == (7, sum(map(len, replies))),
+        what="the replies counted",
+    )
+
+
+@needsEngine
+def test_icmpErrorLeavesSessionRelaying(bench):
+    """
+    A session whose target stopped listening (its socket gets the ICMP
+    error of the datagram sent there) goes on: once a target listens at
+    that address again, its reply reaches the client and the client's next
+    datagram reaches it.
+    """
+    b = bench()
+    # a second listener, whose removal waits for the engine thread's batch
+    # in progress to end
+    other = listeningSocket()
+    b.opened.append(other)
+    b.engine.addListener(other.fileno(), 2, False)
+    c = b.client()
+    flowId = openedSession(b, c)
+    c.sendto(b"first", b.address)
+    _, sessionAddress = b.target.recvfrom(100)
+    address = b.target.getsockname()[:2]
+    b.target.close()
+    c.sendto(b"lost", b.address)
+    waitUntil(lambda: b.engine.counters(flowId)[0] == 14, what="the datagram read")
+    # the batch that read it has sent it (nothing listens: an ICMP error
+    # on the session's socket) once it is over
+    b.engine.removeListener(2)
+    target = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    target.bind(address)
+    target.settimeout(5)
+    b.opened.append(target)
+    target.sendto(b"late reply", sessionAddress)
+    assert c.recvfrom(100) == (b"late reply", b.address)
+    c.sendto(b"again", b.address)
+    received = target.recv(100)
+    if received == b"lost":
+        # the kernel had not yet delivered it when the target came back
+        received = target.recv(100)
+    assert received == b"again"

@@ -47,9 +47,11 @@
  * the sweep closes those unused for a sweep period.
  *
  * After a small batch in which a flow turned direction (an answer to a
- * request), the thread polls epoll for busyPoll microseconds before it
- * sleeps: the next turn usually comes sooner than a sleeping thread
- * wakes.  One-way streams never turn, so bulk traffic never spins.
+ * request), the thread polls epoll before it sleeps, for a window that
+ * adapts to how soon the next events came (the adaptive busy-poll of
+ * ../_engine.h) and never exceeds busyPoll microseconds: the next turn
+ * usually comes sooner than a sleeping thread wakes.  One-way streams
+ * never turn, so bulk traffic never polls.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -79,11 +81,9 @@
 #define DEFAULT_PIPE_SIZE (1024 * 1024)
 /* Default userspace buffer size of a direction that has no pipe. */
 #define DEFAULT_BUFFER_SIZE (64 * 1024)
-/* Default busy-poll after small traffic, microseconds (0: sleep at once);
- * see bench/fastrelay_micro.py and docs/fastrelay.md. */
-#define DEFAULT_BUSY_POLL_US 30
-/* No busy-poll after a batch that moved this much: that is bulk traffic. */
-#define SPIN_MAX_BATCH (64 * 1024)
+/* Default ceiling of the adaptive busy-poll after small traffic,
+ * microseconds (0: sleep at once); see ../_engine.h and docs/fastrelay.md. */
+#define DEFAULT_BUSY_POLL_US POLL_DEFAULT_CEILING_US
 /* The idle and pipe-release sweep runs this often (milliseconds). */
 #define SWEEP_MS 500
 #define MAX_EVENTS 256
@@ -178,6 +178,7 @@ typedef struct Worker {
     int poolCount;
     char *scratch;        /* bufferSize bytes: a direction's first bytes pass here */
     int reportedSinceWake;
+    AdaptivePoll poll;    /* its window adapts to this thread's traffic */
 } Worker;
 
 struct TCPEngine {
@@ -185,9 +186,9 @@ struct TCPEngine {
     /* set at construction, read-only afterwards */
     uint32_t pipeSize;
     uint32_t bufferSize;
-    double busyPollSeconds;
     int workerCount;
     Worker *workers;
+    int pollGate;    /* the workers' AdaptivePoll gate: one polls at a time */
 };
 
 /* The worker that owns flow id for its whole life: the id modulo the
@@ -206,14 +207,6 @@ monotonicNow(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-static double
-preciseNow(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
@@ -767,28 +760,14 @@ engineMain(void *arg)
     char name[16];
     snprintf(name, sizeof name, "tcprelay%d", (int)(w - w->engine->workers));
     pthread_setname_np(pthread_self(), name);
-    double spinUntil = 0;
+    int eligible = 0;
     w->now = monotonicNow();
     w->nextSweep = w->now + SWEEP_MS / 1000.0;
     while (!stop) {
         int timeout = (int)((w->nextSweep - w->now) * 1000.0) + 1;
         if (timeout < 0)
             timeout = 0;
-        int n;
-        if (spinUntil > 0) {
-            /* Right after traffic, poll for a short while before sleeping:
-             * the answer to what was just relayed often comes within
-             * microseconds, and a sleeping thread takes longer to wake. */
-            n = epoll_wait(w->epfd, events, MAX_EVENTS, 0);
-            if (n == 0 && preciseNow() < spinUntil)
-                continue;
-            if (n == 0) {
-                spinUntil = 0;
-                n = epoll_wait(w->epfd, events, MAX_EVENTS, timeout);
-            }
-        } else {
-            n = epoll_wait(w->epfd, events, MAX_EVENTS, timeout);
-        }
+        int n = pollWait(&w->poll, w->epfd, events, MAX_EVENTS, timeout, eligible);
         w->now = monotonicNow();
         w->batchBytes = 0;
         w->batchTurns = 0;
@@ -818,16 +797,13 @@ engineMain(void *arg)
                 f->writable[side] = 1;
             pumpFlow(w, f);
         }
-        /* Busy-poll only after a small batch in which a flow turned
-         * direction (request/response traffic, whose next turn is likely
-         * microseconds away).  A one-way stream never turns: the thread
-         * sleeps between its batches and leaves the CPU to the peers that
-         * produce and consume it, even when a starved sender makes its
-         * batches small. */
-        if (n > 0 && w->engine->busyPollSeconds > 0 && w->batchTurns && w->batchBytes < SPIN_MAX_BATCH)
-            spinUntil = preciseNow() + w->engine->busyPollSeconds;
-        else if (n > 0)
-            spinUntil = 0;
+        /* Poll (the adaptive busy-poll of ../_engine.h) only after a
+         * small batch in which a flow turned direction (request/response
+         * traffic, whose next turn is likely microseconds away).  A
+         * one-way stream never turns: the thread sleeps between its
+         * batches and leaves the CPU to the peers that produce and
+         * consume it, even when a starved sender makes its batches small. */
+        eligible = n > 0 && w->batchTurns && w->batchBytes < POLL_MAX_BATCH;
         if (w->now >= w->nextSweep) {
             sweep(w);
             w->nextSweep = w->now + SWEEP_MS / 1000.0;
@@ -937,7 +913,6 @@ TCPEngine_init(TCPEngine *self, PyObject *args, PyObject *kwds)
                      MAX_THREADS);
         return -1;
     }
-    self->busyPollSeconds = busyPoll / 1e6;
     self->pipeSize = (uint32_t)pipeSize;
     self->bufferSize = (uint32_t)bufferSize;
     if (engineOpen((EngineBase *)self, (epoll_data_t){.u64 = 0}, 1024, sizeof(Report)) < 0)
@@ -952,6 +927,8 @@ TCPEngine_init(TCPEngine *self, PyObject *args, PyObject *kwds)
         Worker *w = &self->workers[i];
         w->engine = self;
         w->epfd = w->wakeFd = -1;
+        w->poll.ceiling = (int64_t)busyPoll * 1000;
+        w->poll.gate = &self->pollGate;
         self->workerCount = i + 1;  /* what dealloc closes */
         if (i == 0) {
             w->epfd = self->epfd;
@@ -1602,6 +1579,22 @@ TCPEngine_threadFlows(TCPEngine *self, PyObject *unused)
     return list;
 }
 
+PyDoc_STRVAR(pollCounters_doc,
+"pollCounters() -> (polls, caught, preempted)\n\n"
+"The adaptive busy-poll of every relay thread together: the polls begun\n"
+"after a batch of request/response traffic, and those of them that caught\n"
+"an event before their window ran out,\n"
+"and those during which the thread was preempted (each ends polling for\n"
+"a while).");
+
+static PyObject *
+TCPEngine_pollCounters(TCPEngine *self, PyObject *unused)
+{
+    if (self->workers == NULL)  /* never initialised */
+        return pollCounters(NULL, 0, sizeof(Worker));
+    return pollCounters(&self->workers[0].poll, (size_t)self->workerCount, sizeof(Worker));
+}
+
 static PyMethodDef TCPEngine_methods[] = {
     {"adopt", (PyCFunction)TCPEngine_adopt, METH_VARARGS, adopt_doc},
     {"dial", (PyCFunction)TCPEngine_dial, METH_VARARGS, dial_doc},
@@ -1611,20 +1604,22 @@ static PyMethodDef TCPEngine_methods[] = {
     {"reports", (PyCFunction)TCPEngine_reports, METH_NOARGS, reports_doc},
     {"stop", (PyCFunction)TCPEngine_stop, METH_NOARGS, stop_doc},
     {"threadFlows", (PyCFunction)TCPEngine_threadFlows, METH_NOARGS, threadFlows_doc},
+    {"pollCounters", (PyCFunction)TCPEngine_pollCounters, METH_NOARGS, pollCounters_doc},
     ENGINE_COMMON_METHODS,
     {NULL, NULL, 0, NULL},
 };
 
 PyDoc_STRVAR(TCPEngine_doc,
-"TCPEngine(pipeSize=1048576, bufferSize=65536, busyPoll=30, threads=0)\n\n"
+"TCPEngine(pipeSize=1048576, bufferSize=65536, busyPoll=50, threads=0)\n\n"
 "Relay threads for established TCP connections: threads of them (0: one\n"
 "per CPU this process may use, at most 16), each with its own epoll and\n"
 "the flows whose flowId mod N is its index.  pipeSize is asked of\n"
 "F_SETPIPE_SZ for each direction's pipe (0: never splice, relay through\n"
 "a bufferSize userspace buffer instead); bufferSize is also used where a\n"
-"pipe cannot be had.  busyPoll: microseconds the thread keeps polling\n"
-"after a batch of small traffic before it sleeps (0: sleep at once),\n"
-"which shortens request/response latency for a little CPU.");
+"pipe cannot be had.  busyPoll: the ceiling, in microseconds, of the\n"
+"adaptive busy-poll: after a small batch of request/response traffic a\n"
+"thread polls for a window that grows while polls catch the next events\n"
+"and shrinks to nothing while they do not (0: never poll, sleep at once).");
 
 static PyTypeObject TCPEngineType =
     ENGINE_TYPE(TCPEngine, "twistedproxy.tcp._engine.TCPEngine", TCPEngine_doc);
@@ -1755,6 +1750,7 @@ failed:
 static PyMethodDef fastrelayFunctions[] = {
     {"accept", (PyCFunction)fastrelay_accept, METH_O, accept_doc},
     {"acceptBatch", (PyCFunction)fastrelay_acceptBatch, METH_VARARGS, acceptBatch_doc},
+    POLL_NEXT_WINDOW_METHOD,
     {NULL, NULL, 0, NULL},
 };
 

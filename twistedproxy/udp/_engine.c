@@ -187,6 +187,8 @@ typedef struct {
     int inBatch;                /* the thread handles an epoll batch */
     int condReady;
     pthread_cond_t batchDone;   /* inBatch went back to 0 */
+    AdaptivePoll poll;          /* the thread's, see ../_engine.h */
+    int pollGate;               /* its gate (one thread: always open) */
 } UDPEngine;
 
 /* -- helpers ----------------------------------------------------------- */
@@ -693,7 +695,9 @@ sendHeld(Session *s, Pending *p)
         sendToTarget(s, p->data[i] + p->skips[i], p->lens[i] - p->skips[i]);
 }
 
-static void
+/* Read a listener's waiting datagrams (one recvmmsg) and send them on:
+ * the bytes read. */
+static uint64_t
 readListener(UDPEngine *self, Listener *l, int64_t now)
 {
     struct mmsghdr msgs[DRAIN];
@@ -719,11 +723,14 @@ readListener(UDPEngine *self, Listener *l, int64_t now)
     int closed = l->closed;
     pthread_mutex_unlock(&self->lock);
     if (closed)
-        return;
+        return 0;
     /* Python closes a removed listener's socket only after this batch. */
     int n = recvmmsg(l->fd, msgs, DRAIN, MSG_DONTWAIT, NULL);
     if (n <= 0)
-        return;
+        return 0;
+    uint64_t read = 0;
+    for (int i = 0; i < n; i++)
+        read += msgs[i].msg_len;
     /* Under the lock, each datagram finds its session and is accounted
      * for; the sends are made after it.  Consecutive datagrams of one
      * session (a bulk sender) leave together (sendRun): msgs[start..end)
@@ -806,6 +813,7 @@ readListener(UDPEngine *self, Listener *l, int64_t now)
         }
         sendRun(self, runs[k].s, msgs + runs[k].start, runs[k].end - runs[k].start);
     }
+    return read;
 }
 
 /* Send the held datagrams of sessions adopted since the last wake-up
@@ -833,25 +841,25 @@ flushHeld(UDPEngine *self)
     }
 }
 
+/* Send count replies, msgs[i] with iovs[i], to the session's client
+ * from the listening socket, in one sendmmsg: each message gets the
+ * client's address and, where the client sent to an address of its
+ * choosing, that address as the source. */
 static void
-replyToClient(Session *s, const char *data, size_t len)
+repliesToClient(Session *s, struct mmsghdr *msgs, struct iovec *iovs, int count)
 {
     Listener *l = s->listener;
-    struct iovec iov = {(void *)data, len};
-    struct msghdr msg;
     char control[CMSG_SPACE(sizeof(struct in6_pktinfo))];
-    memset(&msg, 0, sizeof msg);
-    msg.msg_name = &s->peer.client;
-    msg.msg_namelen = s->peer.clientLen;
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
+    size_t controlLen = 0;
     if (s->peer.haveLocal) {
         /* answer from the address the client sent to */
+        struct msghdr msg;
+        memset(&msg, 0, sizeof msg);
         memset(control, 0, sizeof control);
         msg.msg_control = control;
         struct cmsghdr *c;
         if (s->peer.key.family == AF_INET6) {
-            msg.msg_controllen = CMSG_SPACE(sizeof(struct in6_pktinfo));
+            msg.msg_controllen = controlLen = CMSG_SPACE(sizeof(struct in6_pktinfo));
             c = CMSG_FIRSTHDR(&msg);
             c->cmsg_level = IPPROTO_IPV6;
             c->cmsg_type = IPV6_PKTINFO;
@@ -862,7 +870,7 @@ replyToClient(Session *s, const char *data, size_t len)
             info.ipi6_ifindex = s->peer.ifindex;
             memcpy(CMSG_DATA(c), &info, sizeof info);
         } else {
-            msg.msg_controllen = CMSG_SPACE(sizeof(struct in_pktinfo));
+            msg.msg_controllen = controlLen = CMSG_SPACE(sizeof(struct in_pktinfo));
             c = CMSG_FIRSTHDR(&msg);
             c->cmsg_level = IPPROTO_IP;
             c->cmsg_type = IP_PKTINFO;
@@ -874,43 +882,71 @@ replyToClient(Session *s, const char *data, size_t len)
             memcpy(CMSG_DATA(c), &info, sizeof info);
         }
     }
-    /* A full send buffer loses the reply, as any network may. */
-    (void)sendmsg(l->fd, &msg, MSG_DONTWAIT);
+    for (int i = 0; i < count; i++) {
+        struct msghdr *m = &msgs[i].msg_hdr;
+        memset(m, 0, sizeof *m);
+        m->msg_name = &s->peer.client;
+        m->msg_namelen = s->peer.clientLen;
+        m->msg_iov = &iovs[i];
+        m->msg_iovlen = 1;
+        m->msg_control = controlLen ? control : NULL;
+        m->msg_controllen = controlLen;
+    }
+    /* A full send buffer loses the replies from there on, as any network
+     * may: what sendmmsg did not send is dropped. */
+    (void)sendmmsg(l->fd, msgs, (unsigned)count, MSG_DONTWAIT);
 }
 
-static void
+/*
+ * Read the replies waiting on a session's socket and send them to its
+ * client: one recvmmsg of up to DRAIN datagrams, so that a lone reply
+ * costs one call, not a second that finds nothing (the socket is
+ * level-triggered: what is left over wakes the thread again).  The bytes
+ * read.
+ */
+static uint64_t
 readSession(UDPEngine *self, Session *s, int64_t now)
 {
-    char *buffer = self->buffers;
     pthread_mutex_lock(&self->lock);
     int closed = s->closed;
     pthread_mutex_unlock(&self->lock);
     if (closed)
-        return;
+        return 0;
     /* The socket, the peer and the listener's socket stay as they are
      * until this batch is over, whatever Python does meanwhile. */
-    uint64_t bytes = 0;
-    int replies = 0;
-    for (int i = 0; i < DRAIN; i++) {
-        ssize_t n = recv(s->fd, buffer, MAX_DATAGRAM, MSG_DONTWAIT);
-        if (n < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
-                break;
-            /* An ICMP error for an earlier datagram (nothing listening at
-             * the target yet, host unreachable): reading consumed it, and
-             * the session goes on. */
-            continue;
+    struct mmsghdr msgs[DRAIN];
+    struct iovec iovs[DRAIN];
+    int n = -1;
+    /* An ICMP error for an earlier datagram (nothing listening at the
+     * target yet, host unreachable) fails the call and is consumed by
+     * it; the session goes on, and what follows the error is read.  The
+     * number of tries is bounded, so that a flood of errors cannot hold
+     * the thread. */
+    for (int tries = 0; tries < DRAIN && n < 0; tries++) {
+        for (int i = 0; i < DRAIN; i++) {
+            iovs[i].iov_base = self->buffers + (size_t)i * MAX_DATAGRAM;
+            iovs[i].iov_len = MAX_DATAGRAM;
+            memset(&msgs[i].msg_hdr, 0, sizeof msgs[i].msg_hdr);
+            msgs[i].msg_hdr.msg_iov = &iovs[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
         }
-        replies = 1;
-        bytes += (size_t)n;
-        replyToClient(s, buffer, (size_t)n);
+        n = recvmmsg(s->fd, msgs, DRAIN, MSG_DONTWAIT, NULL);
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return 0;
     }
-    if (replies) {
-        pthread_mutex_lock(&self->lock);
-        s->last = now;
-        s->bytesOut += bytes;
-        pthread_mutex_unlock(&self->lock);
+    if (n <= 0)
+        return 0;
+    uint64_t bytes = 0;
+    for (int i = 0; i < n; i++) {
+        iovs[i].iov_len = msgs[i].msg_len;
+        bytes += msgs[i].msg_len;
     }
+    repliesToClient(s, msgs, iovs, n);
+    pthread_mutex_lock(&self->lock);
+    s->last = now;
+    s->bytesOut += bytes;
+    pthread_mutex_unlock(&self->lock);
+    return bytes;
 }
 
 /* End the sessions quiet for their timeout (lock held); 1 when it ended
@@ -947,6 +983,7 @@ run(void *arg)
 {
     UDPEngine *self = arg;
     struct epoll_event events[64];
+    int eligible = 0, lastKinds = 0;
     for (;;) {
         /* The end of a batch: free what was removed during it, and let a
          * Python method waiting for it (waitForBatch) go on. */
@@ -965,22 +1002,38 @@ run(void *arg)
         pthread_mutex_unlock(&self->lock);
         if (stopping)
             break;
-        int n = epoll_wait(self->epfd, events, 64, wait);
+        int n = pollWait(&self->poll, self->epfd, events, 64, wait, eligible);
         pthread_mutex_lock(&self->lock);
         self->inBatch = 1;
         pthread_mutex_unlock(&self->lock);
         now = nowMs();
+        /* What the batch read: requests from clients (1), replies from
+         * targets (2), and how many bytes. */
+        int kinds = 0;
+        uint64_t bytes = 0;
         for (int i = 0; i < n; i++) {
             int *kind = events[i].data.ptr;
+            uint64_t read;
             if (*kind == KIND_WAKE) {
                 drainFd(self->wakeFd);
                 flushHeld(self);
             } else if (*kind == KIND_LISTENER) {
-                readListener(self, (Listener *)kind, now);
+                read = readListener(self, (Listener *)kind, now);
+                kinds |= read ? 1 : 0;
+                bytes += read;
             } else {
-                readSession(self, (Session *)kind, now);
+                read = readSession(self, (Session *)kind, now);
+                kinds |= read ? 2 : 0;
+                bytes += read;
             }
         }
+        /* Poll (the adaptive busy-poll of ../_engine.h) only after a
+         * small batch that read the other way from the batch before
+         * (request/response traffic: the answer is likely microseconds
+         * away); a one-way stream never turns and never polls. */
+        eligible = kinds != 0 && kinds != lastKinds && bytes < POLL_MAX_BATCH;
+        if (kinds != 0)
+            lastKinds = kinds;
         pthread_mutex_lock(&self->lock);
         int ended = self->flows.count > 0 && now >= self->nextSweep && sweep(self, now);
         pthread_mutex_unlock(&self->lock);
@@ -1648,10 +1701,15 @@ gsoAvailable(void)
 static int
 UDPEngine_init(UDPEngine *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"gso", NULL};
+    static char *kwlist[] = {"gso", "busyPoll", NULL};
     int gso = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|p", kwlist, &gso))
+    long busyPoll = POLL_DEFAULT_CEILING_US;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|pl", kwlist, &gso, &busyPoll))
         return -1;
+    if (busyPoll < 0 || busyPoll > 1000000) {
+        PyErr_SetString(PyExc_ValueError, "busyPoll must be between 0 and 1000000 microseconds");
+        return -1;
+    }
     if (self->epfd >= 0 || self->byKey != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "engine already initialised");
         return -1;
@@ -1682,6 +1740,8 @@ UDPEngine_init(UDPEngine *self, PyObject *args, PyObject *kwds)
     /* A kernel without UDP GSO (before 4.18) would ignore the cmsg and
      * send a run as one datagram: use it only where the option exists. */
     self->gso = gso && gsoAvailable();
+    self->poll.ceiling = (int64_t)busyPoll * 1000;
+    self->poll.gate = &self->pollGate;
     struct timespec res;
     clock_getres(CLOCK_MONOTONIC_COARSE, &res);
     self->tick = res.tv_sec * 1000 + (res.tv_nsec + 999999) / 1000000;
@@ -1706,6 +1766,20 @@ UDPEngine_dealloc(UDPEngine *self)
     engineFree((EngineBase *)self);
 }
 
+PyDoc_STRVAR(pollCounters_doc,
+"pollCounters() -> (polls, caught, preempted)\n\n"
+"The thread's adaptive busy-poll: the polls begun after a batch of\n"
+"request/response traffic, and those of them that caught an event before\n"
+"their window ran out,\n"
+"and those during which the thread was preempted (each ends polling for\n"
+"a while).");
+
+static PyObject *
+UDPEngine_pollCounters(UDPEngine *self, PyObject *unused)
+{
+    return pollCounters(&self->poll, 1, sizeof self->poll);
+}
+
 static PyMethodDef UDPEngine_methods[] = {
     {"addListener", (PyCFunction)UDPEngine_addListener, METH_VARARGS, addListener_doc},
     {"removeListener", (PyCFunction)UDPEngine_removeListener, METH_O, removeListener_doc},
@@ -1717,17 +1791,20 @@ static PyMethodDef UDPEngine_methods[] = {
     {"listenerCounters", (PyCFunction)UDPEngine_listenerCounters, METH_O, listenerCounters_doc},
     {"reports", (PyCFunction)UDPEngine_reports, METH_NOARGS, reports_doc},
     {"gsoSends", (PyCFunction)UDPEngine_gsoSends, METH_NOARGS, gsoSends_doc},
+    {"pollCounters", (PyCFunction)UDPEngine_pollCounters, METH_NOARGS, pollCounters_doc},
     {"stop", (PyCFunction)UDPEngine_stop, METH_NOARGS, stop_doc},
     ENGINE_COMMON_METHODS,
     {NULL, NULL, 0, NULL},
 };
 
 PyDoc_STRVAR(UDPEngine_doc,
-"UDPEngine(gso=True)\n\n"
+"UDPEngine(gso=True, busyPoll=50)\n\n"
 "A thread that forwards the datagrams of established UDP sessions for\n"
 "every listener handed to it; its thread starts with the first listener.\n"
 "gso: send consecutive datagrams of a session that have one size in one\n"
-"system call with UDP GSO, where the kernel has it (Linux >= 4.18).");
+"system call with UDP GSO, where the kernel has it (Linux >= 4.18).\n"
+"busyPoll: the ceiling, in microseconds, of the adaptive busy-poll after\n"
+"a small batch of request/response traffic (0: never poll).");
 
 static PyTypeObject UDPEngineType =
     ENGINE_TYPE(UDPEngine, "twistedproxy.udp._engine.UDPEngine", UDPEngine_doc);
@@ -1753,5 +1830,6 @@ PyInit__engine(void)
     PyModule_AddIntConstant(m, "PENDING_CLIENTS", PENDING_CLIENTS);
     PyModule_AddIntConstant(m, "PENDING_DATAGRAMS", PENDING_DATAGRAMS);
     PyModule_AddIntConstant(m, "PENDING_BYTES", PENDING_BYTES);
+    PyModule_AddIntConstant(m, "DEFAULT_BUSY_POLL_US", POLL_DEFAULT_CEILING_US);
     return m;
 }

@@ -1,0 +1,267 @@
+"""
+Tests of the adaptive busy-poll the compiled engines share
+(C{twistedproxy/_engine.h}): its window rule (C{pollNextWindow}, through
+the TCP engine module's test hook) and, over real loopback sockets, when
+the TCP relay threads and the UDP engine thread poll and when they never
+do.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+from test_fastrelay import Flow, recvAll, recvExactly
+from test_fastudp import Bench, connected, nextEvents
+
+from twistedproxy.tcp import engine as fastrelay
+from twistedproxy.udp import engine as fastudp
+
+needsEngines = pytest.mark.skipif(
+    not (fastrelay.available() and fastudp.available()),
+    reason="the compiled engines are not built",
+)
+
+US = 1000
+START = 4 * US  # POLL_START_NS
+CEILING = 50 * US
+
+
+def nextWindow(window: int, waited: int, ceiling: int = CEILING) -> int:
+    from twistedproxy.tcp._engine import pollNextWindow
+
+    return pollNextWindow(window, ceiling, waited)
+
+
+@needsEngines
+def test_caughtEventKeepsWindow():
+    """
+    A wait no longer than the window (the poll caught the event) keeps the
+    window as it is.
+    """
+    assert nextWindow(16 * US, 3 * US) == 16 * US
+    assert nextWindow(16 * US, 16 * US) == 16 * US
+
+
+@needsEngines
+def test_shortMissGrowsWindowUpToCeiling():
+    """
+    A wait longer than the window but within the ceiling doubles the
+    window, from POLL_START_NS when it was 0, and never past the ceiling.
+    """
+    assert nextWindow(0, 10 * US) == START
+    assert nextWindow(START, 10 * US) == 2 * START
+    assert nextWindow(32 * US, 40 * US) == CEILING
+    assert nextWindow(CEILING, CEILING + 1, ceiling=CEILING + 1) == CEILING + 1
+
+
+@needsEngines
+def test_longWaitShrinksWindowToNothing():
+    """
+    A wait longer than the ceiling halves the window, and a window halved
+    below POLL_START_NS stops polling; a window already 0 stays 0.
+    """
+    assert nextWindow(CEILING, CEILING + 1) == CEILING // 2
+    assert nextWindow(2 * START, 10**9) == START
+    assert nextWindow(START, 10**9) == 0
+    assert nextWindow(0, 10**9) == 0
+
+
+@needsEngines
+def test_windowConvergesToTheWaits():
+    """
+    Fed a steady wait, the window grows until it covers it and then stays;
+    when the waits become longer than the ceiling it falls back to 0.
+    """
+    window = 0
+    for _ in range(10):
+        window = nextWindow(window, 13 * US)
+    assert window == 16 * US
+    for _ in range(10):
+        window = nextWindow(window, 10**9)
+    assert window == 0
+
+
+@needsEngines
+def test_noCeilingNeverPolls():
+    """
+    A ceiling of 0 (busyPoll=0) gives a window of 0 whatever the wait, and
+    a window above a lowered ceiling is brought down to it.
+    """
+    assert nextWindow(16 * US, 1 * US, ceiling=0) == 0
+    assert nextWindow(0, 1 * US, ceiling=0) == 0
+    assert nextWindow(CEILING, 1 * US, ceiling=8 * US) == 8 * US
+
+
+def tcpRoundTrips(engine, flow, until, timeout=10.0) -> int:
+    """
+    Ping-pong 16 bytes through flow until C{until()} or for C{timeout}
+    seconds; the round trips made.
+    """
+    deadline = time.monotonic() + timeout
+    count = 0
+    while not until() and time.monotonic() < deadline:
+        flow.client.sendall(b"ping" * 4)
+        assert recvExactly(flow.target, 16) == b"ping" * 4
+        flow.target.sendall(b"pong" * 4)
+        assert recvExactly(flow.client, 16) == b"pong" * 4
+        count += 1
+    return count
+
+
+@needsEngines
+def test_tcpRequestResponsePolls():
+    """
+    Request/response traffic through a relay thread whose ceiling covers
+    the test's own turnaround makes the thread poll, and some polls catch
+    the next request or answer.
+    """
+    engine = fastrelay.CompiledTCPEngine(threads=1, busyPoll=1000000)
+    try:
+        flow = Flow(engine, 1)
+        tcpRoundTrips(engine, flow, lambda: engine.pollCounters()[1] > 0)
+        polls, caught, preempted = engine.pollCounters()
+        assert 0 < caught <= polls
+        assert preempted <= polls
+        flow.close()
+    finally:
+        engine.stop()
+
+
+@needsEngines
+def test_tcpWithoutCeilingNeverPolls():
+    """
+    With busyPoll=0 the relay threads sleep at once after every batch,
+    however much request/response traffic passes.
+    """
+    engine = fastrelay.CompiledTCPEngine(busyPoll=0)
+    try:
+        flow = Flow(engine, 1)
+        assert tcpRoundTrips(engine, flow, lambda: False, timeout=0.5) > 10
+        assert engine.pollCounters() == (0, 0, 0)
+        flow.close()
+    finally:
+        engine.stop()
+
+
+@needsEngines
+def test_tcpOneWayStreamNeverPolls():
+    """
+    A one-way stream never turns direction, so its relay thread never
+    polls, whatever the ceiling: it leaves the CPU to the peers.
+    """
+    engine = fastrelay.CompiledTCPEngine(threads=1, busyPoll=1000000)
+    try:
+        flow = Flow(engine, 1)
+        data = os.urandom(1024 * 1024) * 8
+
+        def send() -> None:
+            for i in range(0, len(data), 1000):
+                flow.client.sendall(data[i : i + 1000])
+            flow.client.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        assert recvAll(flow.target) == data
+        sender.join()
+        assert engine.pollCounters() == (0, 0, 0)
+        flow.close()
+    finally:
+        engine.stop()
+
+
+def udpSession(busyPoll: int):
+    """
+    A UDP engine with the given ceiling and one adopted session: (bench,
+    client socket).
+    """
+    b = Bench(busyPoll=busyPoll)
+    client = b.client()
+    client.sendto(b"hello", b.address)
+    [event] = nextEvents(b.engine)
+    b.engine.adopt(event[2], connected(b.target.getsockname()[:2]).detach(), 1, 30.0)
+    return b, client
+
+
+def udpRoundTrips(b, client, until, timeout=10.0) -> int:
+    """
+    Ping-pong datagrams through the session until C{until()} or for
+    C{timeout} seconds; the round trips made.
+    """
+    assert b.target.recvfrom(100)[0] == b"hello"
+    deadline = time.monotonic() + timeout
+    count = 0
+    while not until() and time.monotonic() < deadline:
+        client.sendto(b"ping", b.address)
+        data, session = b.target.recvfrom(100)
+        assert data == b"ping"
+        b.target.sendto(b"pong", session)
+        assert client.recvfrom(100) == (b"pong", b.address)
+        count += 1
+    return count
+
+
+@needsEngines
+def test_udpRequestResponsePolls():
+    """
+    Requests and replies through the UDP engine thread, with a ceiling that
+    covers the test's turnaround, make it poll, and some polls catch the
+    next datagram.
+    """
+    b, client = udpSession(1000000)
+    try:
+        udpRoundTrips(b, client, lambda: b.engine.pollCounters()[1] > 0)
+        polls, caught, preempted = b.engine.pollCounters()
+        assert 0 < caught <= polls
+        assert preempted <= polls
+    finally:
+        b.close()
+
+
+@needsEngines
+def test_udpWithoutCeilingNeverPolls():
+    """
+    With busyPoll=0 the UDP engine thread sleeps at once after every
+    batch, however many requests and replies pass.
+    """
+    b, client = udpSession(0)
+    try:
+        assert udpRoundTrips(b, client, lambda: False, timeout=0.5) > 10
+        assert b.engine.pollCounters() == (0, 0, 0)
+    finally:
+        b.close()
+
+
+@needsEngines
+def test_udpOneWayTrafficNeverPolls():
+    """
+    Datagrams that only go from the client to the target never turn, so
+    the UDP engine thread never polls, whatever the ceiling.
+    """
+    b, client = udpSession(1000000)
+    try:
+        assert b.target.recvfrom(100)[0] == b"hello"
+        for i in range(300):
+            client.sendto(b"%d" % i, b.address)
+            assert b.target.recvfrom(100)[0] == b"%d" % i
+        assert b.engine.pollCounters() == (0, 0, 0)
+    finally:
+        b.close()
+
+
+@needsEngines
+def test_badCeilingRefused():
+    """
+    A negative ceiling, or one over a second, is refused by both engines
+    with ValueError.
+    """
+    from twistedproxy.udp._engine import UDPEngine
+
+    for bad in (-1, 1000001):
+        with pytest.raises(ValueError, match="busyPoll"):
+            fastrelay.CompiledTCPEngine(busyPoll=bad)
+        with pytest.raises(ValueError, match="busyPoll"):
+            UDPEngine(busyPoll=bad)
