@@ -7,9 +7,9 @@ the reactor of L{twistedproxy.tcp._tlsengine}: threads with their own epoll
 (one per CPU by default, as the TCP engine's, each with its share of the
 flows) that run the handshake with the system's OpenSSL on the socket
 itself, then dial the target themselves and relay between the two (TLS
-records on the client's side, plain bytes on the target's).  A L{TLSDial} stands for each such flow, from its
-accept to its access line, as L{twistedproxy.tcp.engine.EngineFlow} does
-for plain TCP.
+records on the client's side, plain bytes on the target's).  A L{TLSDial}
+stands for each such flow, from its accept to its access line, as
+L{twistedproxy.tcp.engine.EngineFlow} does for plain TCP.
 
 Where the engine does not apply (it is not built, C{PORTPROXY_FASTPATH=0},
 a listener with C{target_tls:} or C{sni_routes:}, a target given by name),
