@@ -127,6 +127,12 @@ typedef struct Flow {
     uint8_t lastRead;                /* direction of the last bytes read, 2: none yet */
     const char *finishedFirst;       /* "client closed" / "target closed" */
     Direction dir[2];                /* 0: client->target, 1: target->client */
+    /* What its access line needs (dial's access, clients and started),
+     * owned references taken and dropped under the GIL only: the relay
+     * thread moves the pointers into the flow's Report, untouched. */
+    PyObject *access;                /* (tag, listener, head, arrow), or NULL */
+    PyObject *client;                /* the client's host:port */
+    double started;                  /* the caller's clock */
 } Flow;
 
 typedef struct Command {
@@ -146,6 +152,8 @@ typedef struct PooledPipe {
 typedef struct Report {
     uint64_t id, bytesIn, bytesOut;
     const char *reason;
+    PyObject *access, *client;       /* the flow's, owned; NULL: none */
+    double started;
 } Report;
 
 typedef struct TCPEngine TCPEngine;
@@ -311,14 +319,30 @@ resetOnClose(int fd)
 }
 
 static void
-postReport(Worker *w, uint64_t id, uint64_t in, uint64_t out, const char *reason)
+postReport(Worker *w, Flow *f, const char *reason)
 {
-    /* caller holds the lock; adopt reserved this flow's slot */
+    /* caller holds the lock; adopt reserved this flow's slot.  The flow's
+     * references go to the report as they are (no reference counting
+     * outside the GIL). */
     Report *r = reportPost(&w->engine->reports);
-    r->id = id;
-    r->bytesIn = in;
-    r->bytesOut = out;
+    r->id = f->entry.id;
+    r->bytesIn = f->dir[0].bytes;
+    r->bytesOut = f->dir[1].bytes;
     r->reason = reason;
+    r->access = f->access;
+    r->client = f->client;
+    r->started = f->started;
+    f->access = f->client = NULL;
+}
+
+/* Drop the references of count reports that Python has seen (GIL held). */
+static void
+dropAccess(const Report *reports, size_t count)
+{
+    for (size_t i = 0; i < count; i++) {
+        Py_XDECREF(reports[i].access);
+        Py_XDECREF(reports[i].client);
+    }
 }
 
 /*
@@ -348,7 +372,7 @@ endFlow(Worker *w, Flow *f, const char *reason, int resetMask)
     pthread_mutex_lock(&w->engine->lock);
     idTableRemove(&w->engine->flows, &f->entry);
     w->flowCount--;
-    postReport(w, f->entry.id, f->dir[0].bytes, f->dir[1].bytes, reason);
+    postReport(w, f, reason);
     pthread_mutex_unlock(&w->engine->lock);
     w->reportedSinceWake = 1;
     if (f->prev != NULL)
@@ -993,6 +1017,8 @@ TCPEngine_dealloc(TCPEngine *self)
             /* adopted but never started: the engine owns the fds */
             close(f->fd[0]);
             close(f->fd[1]);
+            Py_XDECREF(f->access);
+            Py_XDECREF(f->client);
             free(f);
         }
     }
@@ -1011,6 +1037,8 @@ TCPEngine_dealloc(TCPEngine *self)
             close(w->wakeFd);
     }
     free(self->workers);
+    if (self->reports.items != NULL)
+        dropAccess((const Report *)self->reports.items, self->reports.count);
     engineFree((EngineBase *)self);
 }
 
@@ -1100,7 +1128,7 @@ typedef enum { ADOPTED, STOPPED, DUPLICATE, NO_MEMORY } AdoptOutcome;
  */
 static AdoptOutcome
 adoptFlow(TCPEngine *self, int clientFd, int targetFd, uint64_t id, double idleTimeout,
-          int exclusive, int *wake)
+          int exclusive, PyObject *access, PyObject *client, double started, int *wake)
 {
     Flow *f = calloc(1, sizeof(Flow));
     if (f == NULL)
@@ -1111,6 +1139,13 @@ adoptFlow(TCPEngine *self, int clientFd, int targetFd, uint64_t id, double idleT
     f->idleTimeout = idleTimeout;
     f->exclusive = (uint8_t)exclusive;
     f->lastRead = 2;
+    if (access != NULL) {
+        /* Set before the relay thread can see the flow; the references are
+         * taken below, still under the GIL, once it is adopted. */
+        f->access = access;
+        f->client = client;
+        f->started = started;
+    }
     for (int d = 0; d < 2; d++)
         f->dir[d].pipeRead = f->dir[d].pipeWrite = -1;
     Worker *w = workerOf(self, id);
@@ -1137,9 +1172,13 @@ adoptFlow(TCPEngine *self, int clientFd, int targetFd, uint64_t id, double idleT
         w->flowCount++;
     }
     pthread_mutex_unlock(&self->lock);
-    if (outcome != ADOPTED)
+    if (outcome != ADOPTED) {
         free(f);
-    else if (first)
+        return outcome;
+    }
+    Py_XINCREF(access);
+    Py_XINCREF(client);
+    if (first)
         *wake = 1;
     return outcome;
 }
@@ -1178,7 +1217,7 @@ TCPEngine_adopt(TCPEngine *self, PyObject *args)
         return NULL;
     int wake = 0;
     AdoptOutcome outcome = adoptFlow(self, clientFd, targetFd, id, idleTimeout, exclusive,
-                                     &wake);
+                                     NULL, NULL, 0.0, &wake);
     if (outcome == STOPPED) {
         PyErr_SetString(PyExc_RuntimeError, "engine stopped");
         return NULL;
@@ -1297,18 +1336,23 @@ PyDoc_STRVAR(dial_doc,
 "'), the target socket closed; None, the engine refused the flow\n"
 "(stopped, out of memory, a bad descriptor or id), the target socket\n"
 "closed.  The caller keeps\n"
-"the client descriptor of every result but 0.  Relay threads start with\n"
+"the client descriptor of every result but 0.  access, when given, is\n"
+"(tag, listener, head, arrow), head and arrow str, with clients (one\n"
+"str, host:port, per client) and started (the caller's clock): each\n"
+"adopted flow keeps them, and finished() writes its access line with\n"
+"them.  Relay threads start with\n"
 "the first call, as with adopt().");
 
 static PyObject *
 TCPEngine_dial(TCPEngine *self, PyObject *args)
 {
-    PyObject *clientFds, *flowIds, *headers = Py_None;
+    PyObject *clientFds, *flowIds, *headers = Py_None, *access = Py_None, *clients = Py_None;
     const char *host;
     int port;
-    double idleTimeout;
-    if (!PyArg_ParseTuple(args, "O!O!sid|O:dial", &PyList_Type, &clientFds, &PyList_Type,
-                          &flowIds, &host, &port, &idleTimeout, &headers))
+    double idleTimeout, started = 0.0;
+    if (!PyArg_ParseTuple(args, "O!O!sid|OOOd:dial", &PyList_Type, &clientFds, &PyList_Type,
+                          &flowIds, &host, &port, &idleTimeout, &headers, &access, &clients,
+                          &started))
         return NULL;
     if (checkReady(self) < 0)
         return NULL;
@@ -1321,6 +1365,22 @@ TCPEngine_dial(TCPEngine *self, PyObject *args)
     if (!(idleTimeout >= 0)) {
         PyErr_SetString(PyExc_ValueError, "idleTimeout must be >= 0");
         return NULL;
+    }
+    if (access == Py_None) {
+        access = NULL;
+    } else if (!PyTuple_Check(access) || PyTuple_GET_SIZE(access) != 4 ||
+               !PyUnicode_Check(PyTuple_GET_ITEM(access, 2)) ||
+               !PyUnicode_Check(PyTuple_GET_ITEM(access, 3)) || !PyList_Check(clients) ||
+               PyList_GET_SIZE(clients) != count) {
+        PyErr_SetString(PyExc_ValueError,
+                        "dial's access is (tag, listener, head, arrow) with one client each");
+        return NULL;
+    } else {
+        for (Py_ssize_t i = 0; i < count; i++)
+            if (!PyUnicode_Check(PyList_GET_ITEM(clients, i))) {
+                PyErr_SetString(PyExc_TypeError, "dial's clients are str");
+                return NULL;
+            }
     }
     struct sockaddr_storage address;
     socklen_t length;
@@ -1386,8 +1446,9 @@ TCPEngine_dial(TCPEngine *self, PyObject *args)
             }
             if (result == NULL && !PyErr_Occurred()) {
                 int wakeWorker = 0;
-                AdoptOutcome outcome = adoptFlow(self, clientFd, targetFd, id, idleTimeout,
-                                                 1, &wakeWorker);
+                AdoptOutcome outcome = adoptFlow(
+                    self, clientFd, targetFd, id, idleTimeout, 1, access,
+                    access != NULL ? PyList_GET_ITEM(clients, i) : NULL, started, &wakeWorker);
                 if (outcome == ADOPTED) {
                     if (wakeWorker)
                         wake[id % (uint64_t)self->workerCount] = 1;
@@ -1520,8 +1581,111 @@ PyDoc_STRVAR(reports_doc,
 "ended cleanly), 'reset by client', 'reset by target', 'idle timeout',\n"
 "'killed', 'proxy stopped', 'out of memory'.");
 
+static PyObject *takeReports(TCPEngine *self, int grouped, double now);
+
 static PyObject *
 TCPEngine_reports(TCPEngine *self, PyObject *unused)
+{
+    return takeReports(self, 0, 0.0);
+}
+
+PyDoc_STRVAR(finished_doc,
+"finished(now) -> (reports, groups)\n\n"
+"What reports() returns, but for the flows dialed with access (see\n"
+"dial()): reports, as reports() gives them, of the others; groups, one\n"
+"(tag, flowIds, lines, rows, durations, bytesIn, bytesOut) per run of\n"
+"flows of one access, oldest first: their ids; their access lines joined\n"
+"by newlines, each head + client + arrow + '%.3fs in=%d out=%d reason'\n"
+"(duration: now - started); one (flowId, listener, client, duration,\n"
+"bytesIn, bytesOut, None, reason) row each; their durations; and their\n"
+"bytes summed.");
+
+/* A group of finished(): the flows of one access, as lists being filled. */
+typedef struct Group {
+    PyObject *access, *ids, *lines, *rows, *durations;
+    unsigned long long bytesIn, bytesOut;
+} Group;
+
+static void
+groupClear(Group *g)
+{
+    Py_CLEAR(g->ids);
+    Py_CLEAR(g->lines);
+    Py_CLEAR(g->rows);
+    Py_CLEAR(g->durations);
+    g->access = NULL;
+    g->bytesIn = g->bytesOut = 0;
+}
+
+/* Close g into groups (when it has flows); 0, or -1 with an error set. */
+static int
+groupFlush(Group *g, PyObject *groups)
+{
+    if (g->access == NULL)
+        return 0;
+    PyObject *separator = PyUnicode_FromString("\n");
+    PyObject *text = separator ? PyUnicode_Join(separator, g->lines) : NULL;
+    Py_XDECREF(separator);
+    PyObject *item = text ? Py_BuildValue("(OOOOOKK)", PyTuple_GET_ITEM(g->access, 0),
+                                          g->ids, text, g->rows, g->durations, g->bytesIn,
+                                          g->bytesOut)
+                          : NULL;
+    Py_XDECREF(text);
+    int failed = item == NULL || PyList_Append(groups, item) < 0;
+    Py_XDECREF(item);
+    groupClear(g);
+    return failed ? -1 : 0;
+}
+
+/* Add the report r of a flow with access to g; 0, or -1 with an error set. */
+static int
+groupAdd(Group *g, PyObject *groups, const Report *r, double now)
+{
+    if (r->access != g->access) {
+        if (groupFlush(g, groups) < 0)
+            return -1;
+        g->ids = PyList_New(0);
+        g->lines = PyList_New(0);
+        g->rows = PyList_New(0);
+        g->durations = PyList_New(0);
+        if (!g->ids || !g->lines || !g->rows || !g->durations)
+            return -1;
+        g->access = r->access;
+    }
+    double duration = now - r->started;
+    char seconds[64];
+    snprintf(seconds, sizeof seconds, "%.3f", duration);
+    PyObject *id = PyLong_FromUnsignedLongLong((unsigned long long)r->id);
+    PyObject *reason = PyUnicode_FromString(r->reason);
+    PyObject *line = PyUnicode_FromFormat(
+        "%U%U%U%ss in=%llu out=%llu %s", PyTuple_GET_ITEM(r->access, 2), r->client,
+        PyTuple_GET_ITEM(r->access, 3), seconds, (unsigned long long)r->bytesIn,
+        (unsigned long long)r->bytesOut, r->reason);
+    PyObject *elapsed = PyFloat_FromDouble(duration);
+    PyObject *row = NULL;
+    if (id && reason && elapsed)
+        row = Py_BuildValue("(OOOOKKOO)", id, PyTuple_GET_ITEM(r->access, 1), r->client,
+                            elapsed, (unsigned long long)r->bytesIn,
+                            (unsigned long long)r->bytesOut, Py_None, reason);
+    int failed = !line || !row || PyList_Append(g->ids, id) < 0 ||
+                 PyList_Append(g->lines, line) < 0 || PyList_Append(g->rows, row) < 0 ||
+                 PyList_Append(g->durations, elapsed) < 0;
+    Py_XDECREF(id);
+    Py_XDECREF(reason);
+    Py_XDECREF(line);
+    Py_XDECREF(elapsed);
+    Py_XDECREF(row);
+    if (failed)
+        return -1;
+    g->bytesIn += r->bytesIn;
+    g->bytesOut += r->bytesOut;
+    return 0;
+}
+
+/* reports() (grouped 0: every report a tuple, in one list) or
+ * finished(now) (grouped 1). */
+static PyObject *
+takeReports(TCPEngine *self, int grouped, double now)
 {
     if (checkReady(self) < 0)
         return NULL;
@@ -1532,30 +1696,55 @@ TCPEngine_reports(TCPEngine *self, PyObject *unused)
     pthread_mutex_lock(&self->lock);
     size_t count = reportsQueued(&self->reports, &items);
     pthread_mutex_unlock(&self->lock);
-    PyObject *list = PyList_New((Py_ssize_t)count);
-    if (list != NULL) {
-        for (size_t i = 0; i < count; i++) {
-            const Report *r = (const Report *)items + i;
-            PyObject *row = Py_BuildValue("(KKKs)", (unsigned long long)r->id,
-                                          (unsigned long long)r->bytesIn,
-                                          (unsigned long long)r->bytesOut, r->reason);
-            if (row == NULL) {
-                Py_CLEAR(list);
-                break;
-            }
-            PyList_SET_ITEM(list, (Py_ssize_t)i, row);
+    PyObject *plain = PyList_New(0);
+    PyObject *groups = PyList_New(0);
+    Group g = {0};
+    int failed = plain == NULL || groups == NULL;
+    for (size_t i = 0; !failed && i < count; i++) {
+        const Report *r = (const Report *)items + i;
+        if (grouped && r->access != NULL) {
+            failed = groupAdd(&g, groups, r, now) < 0;
+            continue;
         }
+        PyObject *row = Py_BuildValue("(KKKs)", (unsigned long long)r->id,
+                                      (unsigned long long)r->bytesIn,
+                                      (unsigned long long)r->bytesOut, r->reason);
+        failed = row == NULL || PyList_Append(plain, row) < 0;
+        Py_XDECREF(row);
     }
-    if (list == NULL) {
+    if (!failed)
+        failed = groupFlush(&g, groups) < 0;
+    groupClear(&g);
+    PyObject *result = NULL;
+    if (!failed) {
+        result = plain;
+        if (grouped)
+            result = PyTuple_Pack(2, plain, groups);
+        else
+            Py_INCREF(result);
+    }
+    Py_XDECREF(plain);
+    Py_XDECREF(groups);
+    if (result == NULL) {
         /* Out of memory: the reports stay queued; signal again so that
          * the next call has them. */
         signalFd(self->notifyFd);
         return NULL;
     }
+    dropAccess((const Report *)items, count);
     pthread_mutex_lock(&self->lock);
     reportsTaken(&self->reports, count);
     pthread_mutex_unlock(&self->lock);
-    return list;
+    return result;
+}
+
+static PyObject *
+TCPEngine_finished(TCPEngine *self, PyObject *arg)
+{
+    double now = PyFloat_AsDouble(arg);
+    if (now == -1.0 && PyErr_Occurred())
+        return NULL;
+    return takeReports(self, 1, now);
 }
 
 PyDoc_STRVAR(stop_doc,
@@ -1623,6 +1812,7 @@ static PyMethodDef TCPEngine_methods[] = {
     {"counters", (PyCFunction)TCPEngine_counters, METH_O, counters_doc},
     {"snapshot", (PyCFunction)TCPEngine_snapshot, METH_NOARGS, snapshot_doc},
     {"reports", (PyCFunction)TCPEngine_reports, METH_NOARGS, reports_doc},
+    {"finished", (PyCFunction)TCPEngine_finished, METH_O, finished_doc},
     {"stop", (PyCFunction)TCPEngine_stop, METH_NOARGS, stop_doc},
     {"threadFlows", (PyCFunction)TCPEngine_threadFlows, METH_NOARGS, threadFlows_doc},
     ENGINE_COMMON_METHODS,
