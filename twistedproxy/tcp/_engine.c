@@ -1600,9 +1600,12 @@ PyDoc_STRVAR(finished_doc,
 "bytesIn, bytesOut, None, reason) row each; their durations; and their\n"
 "bytes summed.");
 
-/* A group of finished(): the flows of one access, as lists being filled. */
+/* A group of finished(): the flows of one access, being gathered; their
+ * access lines are written into text, one Python str made at the end. */
 typedef struct Group {
-    PyObject *access, *ids, *lines, *rows, *durations;
+    PyObject *access, *ids, *rows, *durations;
+    char *text;
+    size_t length, capacity;
     unsigned long long bytesIn, bytesOut;
 } Group;
 
@@ -1610,9 +1613,11 @@ static void
 groupClear(Group *g)
 {
     Py_CLEAR(g->ids);
-    Py_CLEAR(g->lines);
     Py_CLEAR(g->rows);
     Py_CLEAR(g->durations);
+    free(g->text);
+    g->text = NULL;
+    g->length = g->capacity = 0;
     g->access = NULL;
     g->bytesIn = g->bytesOut = 0;
 }
@@ -1623,9 +1628,7 @@ groupFlush(Group *g, PyObject *groups)
 {
     if (g->access == NULL)
         return 0;
-    PyObject *separator = PyUnicode_FromString("\n");
-    PyObject *text = separator ? PyUnicode_Join(separator, g->lines) : NULL;
-    Py_XDECREF(separator);
+    PyObject *text = PyUnicode_DecodeUTF8(g->text, (Py_ssize_t)g->length, "replace");
     PyObject *item = text ? Py_BuildValue("(OOOOOKK)", PyTuple_GET_ITEM(g->access, 0),
                                           g->ids, text, g->rows, g->durations, g->bytesIn,
                                           g->bytesOut)
@@ -1637,44 +1640,128 @@ groupFlush(Group *g, PyObject *groups)
     return failed ? -1 : 0;
 }
 
+/* Room for more bytes at the end of g's text; -1 (an error set) without. */
+static int
+groupRoom(Group *g, size_t more)
+{
+    if (g->length + more <= g->capacity)
+        return 0;
+    size_t capacity = g->capacity ? g->capacity : 1024;
+    while (capacity < g->length + more)
+        capacity *= 2;
+    char *grown = realloc(g->text, capacity);
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    g->text = grown;
+    g->capacity = capacity;
+    return 0;
+}
+
+/* Append the UTF-8 of the str s to g's text; -1 (an error set) on failure. */
+static int
+groupWrite(Group *g, PyObject *s)
+{
+    Py_ssize_t size;
+    const char *utf8 = PyUnicode_AsUTF8AndSize(s, &size);
+    if (utf8 == NULL || groupRoom(g, (size_t)size) < 0)
+        return -1;
+    memcpy(g->text + g->length, utf8, (size_t)size);
+    g->length += (size_t)size;
+    return 0;
+}
+
+/* The reason of a report as a str: the engine's reasons are a handful of
+ * static strings, each made into a str once per call of takeReports. */
+typedef struct Reasons {
+    const char *text[8];
+    PyObject *str[8];
+    int count;
+} Reasons;
+
+static PyObject *
+reasonOf(Reasons *cache, const char *reason)
+{
+    for (int i = 0; i < cache->count; i++)
+        if (cache->text[i] == reason)
+            return Py_NewRef(cache->str[i]);
+    PyObject *str = PyUnicode_FromString(reason);
+    if (str != NULL && cache->count < 8) {
+        cache->text[cache->count] = reason;
+        cache->str[cache->count++] = Py_NewRef(str);
+    }
+    return str;
+}
+
+static void
+reasonsClear(Reasons *cache)
+{
+    for (int i = 0; i < cache->count; i++)
+        Py_DECREF(cache->str[i]);
+    cache->count = 0;
+}
+
 /* Add the report r of a flow with access to g; 0, or -1 with an error set. */
 static int
-groupAdd(Group *g, PyObject *groups, const Report *r, double now)
+groupAdd(Group *g, PyObject *groups, const Report *r, double now, Reasons *reasons)
 {
     if (r->access != g->access) {
         if (groupFlush(g, groups) < 0)
             return -1;
         g->ids = PyList_New(0);
-        g->lines = PyList_New(0);
         g->rows = PyList_New(0);
         g->durations = PyList_New(0);
-        if (!g->ids || !g->lines || !g->rows || !g->durations)
+        if (!g->ids || !g->rows || !g->durations)
             return -1;
         g->access = r->access;
+    } else if (groupRoom(g, 1) < 0) {
+        return -1;
+    } else {
+        g->text[g->length++] = '\n';
     }
     double duration = now - r->started;
-    char seconds[64];
-    snprintf(seconds, sizeof seconds, "%.3f", duration);
+    if (groupWrite(g, PyTuple_GET_ITEM(r->access, 2)) < 0 || groupWrite(g, r->client) < 0 ||
+        groupWrite(g, PyTuple_GET_ITEM(r->access, 3)) < 0)
+        return -1;
+    char tail[160];
+    int size = snprintf(tail, sizeof tail, "%.3fs in=%llu out=%llu ", duration,
+                        (unsigned long long)r->bytesIn, (unsigned long long)r->bytesOut);
+    size_t reasonLength = strlen(r->reason);
+    if (size < 0 || (size_t)size >= sizeof tail ||
+        groupRoom(g, (size_t)size + reasonLength) < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_OverflowError, "an access line's figures overflow");
+        return -1;
+    }
+    memcpy(g->text + g->length, tail, (size_t)size);
+    memcpy(g->text + g->length + size, r->reason, reasonLength);
+    g->length += (size_t)size + reasonLength;
+    PyObject *row = PyTuple_New(8);
     PyObject *id = PyLong_FromUnsignedLongLong((unsigned long long)r->id);
-    PyObject *reason = PyUnicode_FromString(r->reason);
-    PyObject *line = PyUnicode_FromFormat(
-        "%U%U%U%ss in=%llu out=%llu %s", PyTuple_GET_ITEM(r->access, 2), r->client,
-        PyTuple_GET_ITEM(r->access, 3), seconds, (unsigned long long)r->bytesIn,
-        (unsigned long long)r->bytesOut, r->reason);
     PyObject *elapsed = PyFloat_FromDouble(duration);
-    PyObject *row = NULL;
-    if (id && reason && elapsed)
-        row = Py_BuildValue("(OOOOKKOO)", id, PyTuple_GET_ITEM(r->access, 1), r->client,
-                            elapsed, (unsigned long long)r->bytesIn,
-                            (unsigned long long)r->bytesOut, Py_None, reason);
-    int failed = !line || !row || PyList_Append(g->ids, id) < 0 ||
-                 PyList_Append(g->lines, line) < 0 || PyList_Append(g->rows, row) < 0 ||
-                 PyList_Append(g->durations, elapsed) < 0;
-    Py_XDECREF(id);
-    Py_XDECREF(reason);
-    Py_XDECREF(line);
-    Py_XDECREF(elapsed);
+    PyObject *in = PyLong_FromUnsignedLongLong((unsigned long long)r->bytesIn);
+    PyObject *out = PyLong_FromUnsignedLongLong((unsigned long long)r->bytesOut);
+    PyObject *reason = reasonOf(reasons, r->reason);
+    int failed = !row || !id || !elapsed || !in || !out || !reason ||
+                 PyList_Append(g->ids, id) < 0 || PyList_Append(g->durations, elapsed) < 0;
+    if (!failed) {
+        PyTuple_SET_ITEM(row, 0, Py_NewRef(id));
+        PyTuple_SET_ITEM(row, 1, Py_NewRef(PyTuple_GET_ITEM(r->access, 1)));
+        PyTuple_SET_ITEM(row, 2, Py_NewRef(r->client));
+        PyTuple_SET_ITEM(row, 3, Py_NewRef(elapsed));
+        PyTuple_SET_ITEM(row, 4, Py_NewRef(in));
+        PyTuple_SET_ITEM(row, 5, Py_NewRef(out));
+        PyTuple_SET_ITEM(row, 6, Py_NewRef(Py_None));
+        PyTuple_SET_ITEM(row, 7, Py_NewRef(reason));
+        failed = PyList_Append(g->rows, row) < 0;
+    }
     Py_XDECREF(row);
+    Py_XDECREF(id);
+    Py_XDECREF(elapsed);
+    Py_XDECREF(in);
+    Py_XDECREF(out);
+    Py_XDECREF(reason);
     if (failed)
         return -1;
     g->bytesIn += r->bytesIn;
@@ -1699,11 +1786,12 @@ takeReports(TCPEngine *self, int grouped, double now)
     PyObject *plain = PyList_New(0);
     PyObject *groups = PyList_New(0);
     Group g = {0};
+    Reasons reasons = {0};
     int failed = plain == NULL || groups == NULL;
     for (size_t i = 0; !failed && i < count; i++) {
         const Report *r = (const Report *)items + i;
         if (grouped && r->access != NULL) {
-            failed = groupAdd(&g, groups, r, now) < 0;
+            failed = groupAdd(&g, groups, r, now, &reasons) < 0;
             continue;
         }
         PyObject *row = Py_BuildValue("(KKKs)", (unsigned long long)r->id,
@@ -1715,6 +1803,7 @@ takeReports(TCPEngine *self, int grouped, double now)
     if (!failed)
         failed = groupFlush(&g, groups) < 0;
     groupClear(&g);
+    reasonsClear(&reasons);
     PyObject *result = NULL;
     if (!failed) {
         result = plain;
