@@ -451,3 +451,16 @@ def test_blockJoinsTheHeldLines(logged) -> None:
         [("row a",), ("row b",)],
         [("row c",), ("row d",), ("row e",)],
     ]
+
+
+def test_endedFlowKeepsItsFinalBytes(batch) -> None:
+    """
+    A flow of a batch the engine reports ended keeps its final byte
+    counts for whoever still holds it (the manhole), though the engine no
+    longer knows it.
+    """
+    b = batch()
+    b.forwarder.dialBatch(b.clients("127.0.0.1:40001"))
+    (flow,) = b.service.flows.values()
+    b.report((flow.id, 7, 9, "client closed"))
+    assert (flow.bytesIn, flow.bytesOut) == (7, 9)

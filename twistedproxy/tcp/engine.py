@@ -389,8 +389,11 @@ class TCPEngine(EngineBinding):
         onEnd = self._onEnd
         reports, groups = self.engine.finished(self.reactor.seconds())
         for service, ids, lines, rows, durations, bytesIn, bytesOut in groups:
-            for flowId in ids:
-                onEnd.pop(flowId, None)
+            for row in rows:
+                flow = onEnd.pop(row[0], None)
+                if flow is not None:
+                    # The final figures, for whoever still holds the flow.
+                    flow._final = row[4:6]  # type: ignore[union-attr]
             if self._reasons:
                 lines, rows = self._giveReasons(ids, lines, rows)
             try:
