@@ -64,7 +64,9 @@ PHASES = [
     ("waiting in epoll_wait", r"^epoll_wait \("),
     (
         "end of flow, access line",
-        r"^(\w+\.)?(flowEnded|flowsEnded|writeMany|observe) \(twistedproxy/"
+        r"^(\w+\.)?(flowEnded|flowsEnded|flowsEndedTogether|writeMany|writeBlock"
+        r"|observe\w*|flush) \(twistedproxy/"
+        r"|^(takeReports|TCPEngine_finished|group\w+|reasonOf) \("
         r"|\(twistedproxy/logs\.py|\(twisted/logger/",
     ),
     (

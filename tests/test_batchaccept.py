@@ -84,6 +84,26 @@ def waitReports(engine, count: int, timeout: float = 10.0) -> list[tuple]:
     return reports
 
 
+def relayOnce(
+    clients: list[socket.socket], addresses: list[str], target: socket.socket
+) -> None:
+    """
+    For each of C{addresses} (as the engine accepted them), in order: the
+    target accepts its flow, 4 bytes go from the client and 5 back, and
+    both ends close.
+    """
+    byPort = {c.getsockname()[1]: c for c in clients}
+    for address in addresses:
+        client = byPort[int(address.rpartition(":")[2])]
+        served, _ = target.accept()
+        client.sendall(b"ping")
+        assert served.recv(4) == b"ping"
+        served.sendall(b"pong!")
+        assert client.recv(5) == b"pong!"
+        served.close()
+        client.close()
+
+
 def freeLoopbackPort() -> int:
     """
     A loopback port nothing listens on (bound, then closed).
@@ -160,22 +180,104 @@ def test_dialAdoptsEveryClientOfABatch(engine, listening, target) -> None:
         [fd for fd, _ in accepted], ids, "127.0.0.1", target.getsockname()[1], 0.0
     )
     assert results == [0, 0, 0]
-    byPort = {c.getsockname()[1]: c for c in clients}
-    for _, address in accepted:
-        client = byPort[int(address.rpartition(":")[2])]
-        served, _ = target.accept()
-        client.sendall(b"ping")
-        assert served.recv(4) == b"ping"
-        served.sendall(b"pong!")
-        assert client.recv(5) == b"pong!"
-        served.close()
-        client.close()
+    relayOnce(clients, [address for _, address in accepted], target)
     reports = waitReports(engine, 3)
     assert sorted((r[0], r[1], r[2]) for r in reports) == [
         (101, 4, 5),
         (102, 4, 5),
         (103, 4, 5),
     ]
+
+
+def waitFinished(engine, count: int, now: float, timeout: float = 10.0) -> tuple:
+    """
+    What C{finished(now)} returned, until the reports or group flows of
+    C{count} flows came: the plain reports and the groups, each in one
+    list.
+    """
+    plain: list[tuple] = []
+    groups: list[tuple] = []
+    deadline = time.monotonic() + timeout
+    while len(plain) + sum(len(g[1]) for g in groups) < count:
+        left = deadline - time.monotonic()
+        assert left > 0, f"only {plain} and {groups} after {timeout}s"
+        select.select([engine.fileno()], [], [], left)
+        more, moreGroups = engine.finished(now)
+        plain.extend(more)
+        groups.extend(moreGroups)
+    return plain, groups
+
+
+def test_finishedWritesTheAccessLines(engine, listening, target) -> None:
+    """
+    Flows dialed with an access tag come back from C{finished} grouped by
+    it, with the access line Python would write for each (head, client,
+    arrow, duration to three places, bytes, reason), its row, its
+    duration and the bytes summed; a flow adopted without one comes back
+    as C{reports} gives it.
+    """
+    clients = connectClients(listening, 3)
+    accepted, _ = fastrelay.acceptClients(listening.fileno(), 10)
+    listener = object()
+    tag = ("service", listener, "tcp web ", " -> 127.0.0.1:80 ")
+    addresses = [address for _, address in accepted]
+    results = engine.dial(
+        [fd for fd, _ in accepted[:2]],
+        [701, 702],
+        "127.0.0.1",
+        target.getsockname()[1],
+        0.0,
+        None,
+        tag,
+        addresses[:2],
+        1000.0,
+    )
+    assert results == [0, 0]
+    assert engine.dial(
+        [accepted[2][0]], [703], "127.0.0.1", target.getsockname()[1], 0.0
+    ) == [0]
+    relayOnce(clients, addresses, target)
+    plain, groups = waitFinished(engine, 3, 1001.2345)
+    assert [(r[0], r[1], r[2]) for r in plain] == [(703, 4, 5)]
+    ids = [i for g in groups for i in g[1]]
+    lines = "\n".join(g[2] for g in groups).split("\n")
+    rows = [row for g in groups for row in g[3]]
+    assert sorted(ids) == [701, 702]
+    assert {g[0] for g in groups} == {"service"}
+    assert sum(g[5] for g in groups) == 8 and sum(g[6] for g in groups) == 10
+    for flowId, line, row in zip(ids, lines, rows, strict=True):
+        client = addresses[flowId - 701]
+        reason = row[-1]
+        assert reason in ("client closed", "target closed")
+        duration = 1001.2345 - 1000.0
+        assert row == (flowId, listener, client, duration, 4, 5, None, reason)
+        assert line == (
+            f"tcp web {client} -> 127.0.0.1:80 {duration:.3f}s in=4 out=5 {reason}"
+        )
+    assert [d for g in groups for d in g[4]] == [1001.2345 - 1000.0] * 2
+
+
+def test_dialRefusesABadAccessTag(engine, listening, target) -> None:
+    """
+    An access tag that is not (tag, listener, head, arrow) with one client
+    each is refused before any socket is opened.
+    """
+    clients = connectClients(listening, 1)
+    accepted, _ = fastrelay.acceptClients(listening.fileno(), 10)
+    fd = accepted[0][0]
+    port = target.getsockname()[1]
+    try:
+        with pytest.raises(ValueError):
+            engine.dial([fd], [801], "127.0.0.1", port, 0.0, None, ("t",), ["c"], 0.0)
+        with pytest.raises(ValueError):
+            engine.dial([fd], [801], "127.0.0.1", port, 0.0, None, (1, 2, "h", "a"), [])
+        with pytest.raises(TypeError):
+            engine.dial(
+                [fd], [801], "127.0.0.1", port, 0.0, None, (1, 2, "h", "a"), [5], 0.0
+            )
+    finally:
+        os.close(fd)
+        clients[0].close()
 
 
 def test_dialSendsTheHeaderFirst(engine, listening, target) -> None:

@@ -35,7 +35,9 @@ class FakeCompiledEngine:
     """
     What L{TCPEngine} uses of the compiled engine: C{dial} answers each
     client with the next of C{results} (0 when none is left), and records
-    its calls; C{reports} returns what the test queued.
+    its calls and the access of each flow it adopts; C{reports} returns
+    what the test queued, and C{finished} too, the flows with an access
+    written up as the compiled engine does.
     """
 
     def __init__(self) -> None:
@@ -43,16 +45,59 @@ class FakeCompiledEngine:
         self.results: list = []
         self.queued: list[tuple] = []
         self.closed: list[int] = []
+        self.access: dict[int, tuple] = {}
 
-    def dial(self, clientFds, flowIds, host, port, idleTimeout, headers=None):
+    def dial(
+        self,
+        clientFds,
+        flowIds,
+        host,
+        port,
+        idleTimeout,
+        headers=None,
+        access=None,
+        clients=None,
+        started=0.0,
+    ):
         self.calls.append(
             (list(clientFds), list(flowIds), host, port, idleTimeout, headers)
         )
-        return [self.results.pop(0) if self.results else 0 for _ in clientFds]
+        results = [self.results.pop(0) if self.results else 0 for _ in clientFds]
+        for k, result in enumerate(results):
+            if result == 0 and access is not None:
+                self.access[flowIds[k]] = (access, clients[k], started)
+        return results
 
     def reports(self):
         queued, self.queued = self.queued, []
         return queued
+
+    def finished(self, now):
+        plain: list[tuple] = []
+        groups: list[list] = []
+        for flowId, bytesIn, bytesOut, reason in self.reports():
+            if flowId not in self.access:
+                plain.append((flowId, bytesIn, bytesOut, reason))
+                continue
+            access, client, started = self.access.pop(flowId)
+            if not groups or groups[-1][0] is not access:
+                groups.append([access, [], [], [], [], 0, 0])
+            group = groups[-1]
+            duration = now - started
+            group[1].append(flowId)
+            group[2].append(
+                f"{access[2]}{client}{access[3]}{duration:.3f}s"
+                f" in={bytesIn} out={bytesOut} {reason}"
+            )
+            group[3].append(
+                (flowId, access[1], client, duration, bytesIn, bytesOut, None, reason)
+            )
+            group[4].append(duration)
+            group[5] += bytesIn
+            group[6] += bytesOut
+        return plain, [
+            (g[0][0], g[1], "\n".join(g[2]), g[3], g[4], g[5], g[6]) for g in groups
+        ]
 
     def counters(self, flowId):
         return None
@@ -160,7 +205,7 @@ def test_endsOfABatchWriteTheUsualLines(batch, logged) -> None:
     assert b.service.flows == {}
     assert (b.service.counters.bytesIn, b.service.counters.bytesOut) == (13, 24)
     assert sum(b.service.durations.counts) == 2
-    assert messages(logged) == [
+    assert "\n".join(messages(logged)).split("\n") == [
         "tcp web 127.0.0.1:40001 -> 127.0.0.1:9000 0.250s in=10 out=20 client closed",
         "tcp web 127.0.0.1:40002 -> 127.0.0.1:9000 0.250s in=3 out=4"
         " killed from the manhole",
@@ -387,3 +432,35 @@ def test_outOfDescriptorsShedsHalfTheBatch(batch, monkeypatch) -> None:
     assert port.shedClients == ["127.0.0.1:40002", "127.0.0.1:40003"]
     assert twistedAccepts == [port]
     assert b.peers[3].recv(1) == b""
+
+
+def test_blockJoinsTheHeldLines(logged) -> None:
+    """
+    A block of lines written while lines are held joins them in order,
+    with its rows, as one event when the window ends; a block on a quiet
+    log is written at once as one event with all its rows.
+    """
+    reactor = MemoryReactorClock()
+    log = AccessLog(reactor, window=0.02)
+    log.writeBlock("a\nb", [("row a",), ("row b",)])
+    log.write("c", ("row c",))
+    log.writeBlock("d\ne", [("row d",), ("row e",)])
+    reactor.advance(0.02)
+    assert messages(logged) == ["a\nb", "c\nd\ne"]
+    assert [e["accessRows"] for e in logged] == [
+        [("row a",), ("row b",)],
+        [("row c",), ("row d",), ("row e",)],
+    ]
+
+
+def test_endedFlowKeepsItsFinalBytes(batch) -> None:
+    """
+    A flow of a batch the engine reports ended keeps its final byte
+    counts for whoever still holds it (the manhole), though the engine no
+    longer knows it.
+    """
+    b = batch()
+    b.forwarder.dialBatch(b.clients("127.0.0.1:40001"))
+    (flow,) = b.service.flows.values()
+    b.report((flow.id, 7, 9, "client closed"))
+    assert (flow.bytesIn, flow.bytesOut) == (7, 9)

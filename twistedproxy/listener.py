@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from twisted.application.service import Service
@@ -84,25 +84,7 @@ class AccessLog:
         Write the access line C{line} of the flow described by C{row} (an
         L{ACCESS_ROW} tuple).
         """
-        if self._pending:
-            self._pending.append(line)
-            self._pendingRows.append(row)
-            return
-        now = self.reactor.seconds()
-        if now - self._lastWrite >= self.window:
-            self._lastWrite = now
-            log.info(
-                "{access}", access=line, flow=row[0], reason=row[-1], accessRows=(row,)
-            )
-            return
-        self._pending.append(line)
-        self._pendingRows.append(row)
-        self._flushCall = self.reactor.callLater(
-            self._lastWrite + self.window - now, self.flush
-        )
-        if not self._atShutdown:
-            self._atShutdown = True
-            self.reactor.addSystemEventTrigger("after", "shutdown", self.flush)
+        self.writeBlock(line, (row,))
 
     def writeMany(self, lines: list[str], rows: list[tuple]) -> None:
         """
@@ -116,6 +98,41 @@ class AccessLog:
                 self._pendingRows.extend(rows[k:])
                 return
             self.write(line, rows[k])
+
+    def writeBlock(self, lines: str, rows: Sequence[tuple]) -> None:
+        """
+        Write C{lines}, the access lines of one or more flows joined by
+        newlines (one per row of C{rows}, which are L{ACCESS_ROW} tuples),
+        at once on a quiet log, as one event; else hold them with the
+        others.
+        """
+        if self._pending:
+            self._pending.append(lines)
+            self._pendingRows.extend(rows)
+            return
+        now = self.reactor.seconds()
+        if now - self._lastWrite >= self.window:
+            self._lastWrite = now
+            if len(rows) == 1:
+                row = rows[0]
+                log.info(
+                    "{access}",
+                    access=lines,
+                    flow=row[0],
+                    reason=row[-1],
+                    accessRows=rows,
+                )
+            else:
+                log.info("{access}", access=lines, flows=len(rows), accessRows=rows)
+            return
+        self._pending.append(lines)
+        self._pendingRows.extend(rows)
+        self._flushCall = self.reactor.callLater(
+            self._lastWrite + self.window - now, self.flush
+        )
+        if not self._atShutdown:
+            self._atShutdown = True
+            self.reactor.addSystemEventTrigger("after", "shutdown", self.flush)
 
     def flush(self) -> None:
         """
@@ -523,9 +540,48 @@ class ListenerService(Service, Notices):
         self.durations.observeMany(durations)
         accessLog.writeMany(lines, rows)
         if not flows:
-            waiting, self._drained = self._drained, []
-            for d in waiting:
-                d.callback(None)
+            self._emptied()
+
+    def flowsEndedTogether(
+        self,
+        ids: list[int],
+        lines: str,
+        rows: list[tuple],
+        durations: list[float],
+        bytesIn: int,
+        bytesOut: int,
+    ) -> None:
+        """
+        L{flowsEnded} for flows whose end the TCP engine has already
+        written up (L{twistedproxy.tcp.engine.TCPEngine.dialFlows}): the
+        ids of the flows, their access C{lines} joined by newlines, their
+        L{ACCESS_ROW}s, their durations, and their bytes summed.  None of
+        them failed to connect and none has a C{peer}.
+        """
+        flows = self.flows
+        for flowId in ids:
+            flows.pop(flowId, None)
+        counted = self._counted
+        if counted:
+            for flowId in ids:
+                clients = counted.pop(flowId, None)
+                if clients is not None:
+                    clients[0].closed(clients[1])
+        counters = self.counters
+        counters.bytesIn += bytesIn
+        counters.bytesOut += bytesOut
+        self.durations.observeMany(durations)
+        accessLog.writeBlock(lines, rows)
+        if not flows:
+            self._emptied()
+
+    def _emptied(self) -> None:
+        """
+        The last flow ended: fire what waits for the listener to drain.
+        """
+        waiting, self._drained = self._drained, []
+        for d in waiting:
+            d.callback(None)
 
 
 #: How the access line's reason of a flow whose target never answered starts.

@@ -127,6 +127,12 @@ typedef struct Flow {
     uint8_t lastRead;                /* direction of the last bytes read, 2: none yet */
     const char *finishedFirst;       /* "client closed" / "target closed" */
     Direction dir[2];                /* 0: client->target, 1: target->client */
+    /* What its access line needs (dial's access, clients and started),
+     * owned references taken and dropped under the GIL only: the relay
+     * thread moves the pointers into the flow's Report, untouched. */
+    PyObject *access;                /* (tag, listener, head, arrow), or NULL */
+    PyObject *client;                /* the client's host:port */
+    double started;                  /* the caller's clock */
 } Flow;
 
 typedef struct Command {
@@ -146,6 +152,8 @@ typedef struct PooledPipe {
 typedef struct Report {
     uint64_t id, bytesIn, bytesOut;
     const char *reason;
+    PyObject *access, *client;       /* the flow's, owned; NULL: none */
+    double started;
 } Report;
 
 typedef struct TCPEngine TCPEngine;
@@ -304,14 +312,30 @@ resetOnClose(int fd)
 }
 
 static void
-postReport(Worker *w, uint64_t id, uint64_t in, uint64_t out, const char *reason)
+postReport(Worker *w, Flow *f, const char *reason)
 {
-    /* caller holds the lock; adopt reserved this flow's slot */
+    /* caller holds the lock; adopt reserved this flow's slot.  The flow's
+     * references go to the report as they are (no reference counting
+     * outside the GIL). */
     Report *r = reportPost(&w->engine->reports);
-    r->id = id;
-    r->bytesIn = in;
-    r->bytesOut = out;
+    r->id = f->entry.id;
+    r->bytesIn = f->dir[0].bytes;
+    r->bytesOut = f->dir[1].bytes;
     r->reason = reason;
+    r->access = f->access;
+    r->client = f->client;
+    r->started = f->started;
+    f->access = f->client = NULL;
+}
+
+/* Drop the references of count reports that Python has seen (GIL held). */
+static void
+dropAccess(const Report *reports, size_t count)
+{
+    for (size_t i = 0; i < count; i++) {
+        Py_XDECREF(reports[i].access);
+        Py_XDECREF(reports[i].client);
+    }
 }
 
 /*
@@ -341,7 +365,7 @@ endFlow(Worker *w, Flow *f, const char *reason, int resetMask)
     pthread_mutex_lock(&w->engine->lock);
     idTableRemove(&w->engine->flows, &f->entry);
     w->flowCount--;
-    postReport(w, f->entry.id, f->dir[0].bytes, f->dir[1].bytes, reason);
+    postReport(w, f, reason);
     pthread_mutex_unlock(&w->engine->lock);
     w->reportedSinceWake = 1;
     if (f->prev != NULL)
@@ -956,6 +980,8 @@ TCPEngine_dealloc(TCPEngine *self)
             /* adopted but never started: the engine owns the fds */
             close(f->fd[0]);
             close(f->fd[1]);
+            Py_XDECREF(f->access);
+            Py_XDECREF(f->client);
             free(f);
         }
     }
@@ -974,6 +1000,8 @@ TCPEngine_dealloc(TCPEngine *self)
             close(w->wakeFd);
     }
     free(self->workers);
+    if (self->reports.items != NULL)
+        dropAccess((const Report *)self->reports.items, self->reports.count);
     engineFree((EngineBase *)self);
 }
 
@@ -1063,7 +1091,7 @@ typedef enum { ADOPTED, STOPPED, DUPLICATE, NO_MEMORY } AdoptOutcome;
  */
 static AdoptOutcome
 adoptFlow(TCPEngine *self, int clientFd, int targetFd, uint64_t id, double idleTimeout,
-          int exclusive, int *wake)
+          int exclusive, PyObject *access, PyObject *client, double started, int *wake)
 {
     Flow *f = calloc(1, sizeof(Flow));
     if (f == NULL)
@@ -1074,6 +1102,13 @@ adoptFlow(TCPEngine *self, int clientFd, int targetFd, uint64_t id, double idleT
     f->idleTimeout = idleTimeout;
     f->exclusive = (uint8_t)exclusive;
     f->lastRead = 2;
+    if (access != NULL) {
+        /* Set before the relay thread can see the flow; the references are
+         * taken below, still under the GIL, once it is adopted. */
+        f->access = access;
+        f->client = client;
+        f->started = started;
+    }
     for (int d = 0; d < 2; d++)
         f->dir[d].pipeRead = f->dir[d].pipeWrite = -1;
     Worker *w = workerOf(self, id);
@@ -1100,9 +1135,13 @@ adoptFlow(TCPEngine *self, int clientFd, int targetFd, uint64_t id, double idleT
         w->flowCount++;
     }
     pthread_mutex_unlock(&self->lock);
-    if (outcome != ADOPTED)
+    if (outcome != ADOPTED) {
         free(f);
-    else if (first)
+        return outcome;
+    }
+    Py_XINCREF(access);
+    Py_XINCREF(client);
+    if (first)
         *wake = 1;
     return outcome;
 }
@@ -1141,7 +1180,7 @@ TCPEngine_adopt(TCPEngine *self, PyObject *args)
         return NULL;
     int wake = 0;
     AdoptOutcome outcome = adoptFlow(self, clientFd, targetFd, id, idleTimeout, exclusive,
-                                     &wake);
+                                     NULL, NULL, 0.0, &wake);
     if (outcome == STOPPED) {
         PyErr_SetString(PyExc_RuntimeError, "engine stopped");
         return NULL;
@@ -1260,18 +1299,23 @@ PyDoc_STRVAR(dial_doc,
 "'), the target socket closed; None, the engine refused the flow\n"
 "(stopped, out of memory, a bad descriptor or id), the target socket\n"
 "closed.  The caller keeps\n"
-"the client descriptor of every result but 0.  Relay threads start with\n"
+"the client descriptor of every result but 0.  access, when given, is\n"
+"(tag, listener, head, arrow), head and arrow str, with clients (one\n"
+"str, host:port, per client) and started (the caller's clock): each\n"
+"adopted flow keeps them, and finished() writes its access line with\n"
+"them.  Relay threads start with\n"
 "the first call, as with adopt().");
 
 static PyObject *
 TCPEngine_dial(TCPEngine *self, PyObject *args)
 {
-    PyObject *clientFds, *flowIds, *headers = Py_None;
+    PyObject *clientFds, *flowIds, *headers = Py_None, *access = Py_None, *clients = Py_None;
     const char *host;
     int port;
-    double idleTimeout;
-    if (!PyArg_ParseTuple(args, "O!O!sid|O:dial", &PyList_Type, &clientFds, &PyList_Type,
-                          &flowIds, &host, &port, &idleTimeout, &headers))
+    double idleTimeout, started = 0.0;
+    if (!PyArg_ParseTuple(args, "O!O!sid|OOOd:dial", &PyList_Type, &clientFds, &PyList_Type,
+                          &flowIds, &host, &port, &idleTimeout, &headers, &access, &clients,
+                          &started))
         return NULL;
     if (checkReady(self) < 0)
         return NULL;
@@ -1284,6 +1328,22 @@ TCPEngine_dial(TCPEngine *self, PyObject *args)
     if (!(idleTimeout >= 0)) {
         PyErr_SetString(PyExc_ValueError, "idleTimeout must be >= 0");
         return NULL;
+    }
+    if (access == Py_None) {
+        access = NULL;
+    } else if (!PyTuple_Check(access) || PyTuple_GET_SIZE(access) != 4 ||
+               !PyUnicode_Check(PyTuple_GET_ITEM(access, 2)) ||
+               !PyUnicode_Check(PyTuple_GET_ITEM(access, 3)) || !PyList_Check(clients) ||
+               PyList_GET_SIZE(clients) != count) {
+        PyErr_SetString(PyExc_ValueError,
+                        "dial's access is (tag, listener, head, arrow) with one client each");
+        return NULL;
+    } else {
+        for (Py_ssize_t i = 0; i < count; i++)
+            if (!PyUnicode_Check(PyList_GET_ITEM(clients, i))) {
+                PyErr_SetString(PyExc_TypeError, "dial's clients are str");
+                return NULL;
+            }
     }
     struct sockaddr_storage address;
     socklen_t length;
@@ -1349,8 +1409,9 @@ TCPEngine_dial(TCPEngine *self, PyObject *args)
             }
             if (result == NULL && !PyErr_Occurred()) {
                 int wakeWorker = 0;
-                AdoptOutcome outcome = adoptFlow(self, clientFd, targetFd, id, idleTimeout,
-                                                 1, &wakeWorker);
+                AdoptOutcome outcome = adoptFlow(
+                    self, clientFd, targetFd, id, idleTimeout, 1, access,
+                    access != NULL ? PyList_GET_ITEM(clients, i) : NULL, started, &wakeWorker);
                 if (outcome == ADOPTED) {
                     if (wakeWorker)
                         wake[id % (uint64_t)self->workerCount] = 1;
@@ -1483,8 +1544,198 @@ PyDoc_STRVAR(reports_doc,
 "ended cleanly), 'reset by client', 'reset by target', 'idle timeout',\n"
 "'killed', 'proxy stopped', 'out of memory'.");
 
+static PyObject *takeReports(TCPEngine *self, int grouped, double now);
+
 static PyObject *
 TCPEngine_reports(TCPEngine *self, PyObject *unused)
+{
+    return takeReports(self, 0, 0.0);
+}
+
+PyDoc_STRVAR(finished_doc,
+"finished(now) -> (reports, groups)\n\n"
+"What reports() returns, but for the flows dialed with access (see\n"
+"dial()): reports, as reports() gives them, of the others; groups, one\n"
+"(tag, flowIds, lines, rows, durations, bytesIn, bytesOut) per run of\n"
+"flows of one access, oldest first: their ids; their access lines joined\n"
+"by newlines, each head + client + arrow + '%.3fs in=%d out=%d reason'\n"
+"(duration: now - started); one (flowId, listener, client, duration,\n"
+"bytesIn, bytesOut, None, reason) row each; their durations; and their\n"
+"bytes summed.");
+
+/* A group of finished(): the flows of one access, being gathered; their
+ * access lines are written into text, one Python str made at the end. */
+typedef struct Group {
+    PyObject *access, *ids, *rows, *durations;
+    char *text;
+    size_t length, capacity;
+    unsigned long long bytesIn, bytesOut;
+} Group;
+
+static void
+groupClear(Group *g)
+{
+    Py_CLEAR(g->ids);
+    Py_CLEAR(g->rows);
+    Py_CLEAR(g->durations);
+    free(g->text);
+    g->text = NULL;
+    g->length = g->capacity = 0;
+    g->access = NULL;
+    g->bytesIn = g->bytesOut = 0;
+}
+
+/* Close g into groups (when it has flows); 0, or -1 with an error set. */
+static int
+groupFlush(Group *g, PyObject *groups)
+{
+    if (g->access == NULL)
+        return 0;
+    PyObject *text = PyUnicode_DecodeUTF8(g->text, (Py_ssize_t)g->length, "replace");
+    PyObject *item = text ? Py_BuildValue("(OOOOOKK)", PyTuple_GET_ITEM(g->access, 0),
+                                          g->ids, text, g->rows, g->durations, g->bytesIn,
+                                          g->bytesOut)
+                          : NULL;
+    Py_XDECREF(text);
+    int failed = item == NULL || PyList_Append(groups, item) < 0;
+    Py_XDECREF(item);
+    groupClear(g);
+    return failed ? -1 : 0;
+}
+
+/* Room for more bytes at the end of g's text; -1 (an error set) without. */
+static int
+groupRoom(Group *g, size_t more)
+{
+    if (g->length + more <= g->capacity)
+        return 0;
+    size_t capacity = g->capacity ? g->capacity : 1024;
+    while (capacity < g->length + more)
+        capacity *= 2;
+    char *grown = realloc(g->text, capacity);
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    g->text = grown;
+    g->capacity = capacity;
+    return 0;
+}
+
+/* Append the UTF-8 of the str s to g's text; -1 (an error set) on failure. */
+static int
+groupWrite(Group *g, PyObject *s)
+{
+    Py_ssize_t size;
+    const char *utf8 = PyUnicode_AsUTF8AndSize(s, &size);
+    if (utf8 == NULL || groupRoom(g, (size_t)size) < 0)
+        return -1;
+    memcpy(g->text + g->length, utf8, (size_t)size);
+    g->length += (size_t)size;
+    return 0;
+}
+
+/* The reason of a report as a str: the engine's reasons are a handful of
+ * static strings, each made into a str once per call of takeReports. */
+typedef struct Reasons {
+    const char *text[8];
+    PyObject *str[8];
+    int count;
+} Reasons;
+
+static PyObject *
+reasonOf(Reasons *cache, const char *reason)
+{
+    for (int i = 0; i < cache->count; i++)
+        if (cache->text[i] == reason)
+            return Py_NewRef(cache->str[i]);
+    PyObject *str = PyUnicode_FromString(reason);
+    if (str != NULL && cache->count < 8) {
+        cache->text[cache->count] = reason;
+        cache->str[cache->count++] = Py_NewRef(str);
+    }
+    return str;
+}
+
+static void
+reasonsClear(Reasons *cache)
+{
+    for (int i = 0; i < cache->count; i++)
+        Py_DECREF(cache->str[i]);
+    cache->count = 0;
+}
+
+/* Add the report r of a flow with access to g; 0, or -1 with an error set. */
+static int
+groupAdd(Group *g, PyObject *groups, const Report *r, double now, Reasons *reasons)
+{
+    if (r->access != g->access) {
+        if (groupFlush(g, groups) < 0)
+            return -1;
+        g->ids = PyList_New(0);
+        g->rows = PyList_New(0);
+        g->durations = PyList_New(0);
+        if (!g->ids || !g->rows || !g->durations)
+            return -1;
+        g->access = r->access;
+    } else if (groupRoom(g, 1) < 0) {
+        return -1;
+    } else {
+        g->text[g->length++] = '\n';
+    }
+    double duration = now - r->started;
+    if (groupWrite(g, PyTuple_GET_ITEM(r->access, 2)) < 0 || groupWrite(g, r->client) < 0 ||
+        groupWrite(g, PyTuple_GET_ITEM(r->access, 3)) < 0)
+        return -1;
+    char tail[160];
+    int size = snprintf(tail, sizeof tail, "%.3fs in=%llu out=%llu ", duration,
+                        (unsigned long long)r->bytesIn, (unsigned long long)r->bytesOut);
+    size_t reasonLength = strlen(r->reason);
+    if (size < 0 || (size_t)size >= sizeof tail ||
+        groupRoom(g, (size_t)size + reasonLength) < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_OverflowError, "an access line's figures overflow");
+        return -1;
+    }
+    memcpy(g->text + g->length, tail, (size_t)size);
+    memcpy(g->text + g->length + size, r->reason, reasonLength);
+    g->length += (size_t)size + reasonLength;
+    PyObject *row = PyTuple_New(8);
+    PyObject *id = PyLong_FromUnsignedLongLong((unsigned long long)r->id);
+    PyObject *elapsed = PyFloat_FromDouble(duration);
+    PyObject *in = PyLong_FromUnsignedLongLong((unsigned long long)r->bytesIn);
+    PyObject *out = PyLong_FromUnsignedLongLong((unsigned long long)r->bytesOut);
+    PyObject *reason = reasonOf(reasons, r->reason);
+    int failed = !row || !id || !elapsed || !in || !out || !reason ||
+                 PyList_Append(g->ids, id) < 0 || PyList_Append(g->durations, elapsed) < 0;
+    if (!failed) {
+        PyTuple_SET_ITEM(row, 0, Py_NewRef(id));
+        PyTuple_SET_ITEM(row, 1, Py_NewRef(PyTuple_GET_ITEM(r->access, 1)));
+        PyTuple_SET_ITEM(row, 2, Py_NewRef(r->client));
+        PyTuple_SET_ITEM(row, 3, Py_NewRef(elapsed));
+        PyTuple_SET_ITEM(row, 4, Py_NewRef(in));
+        PyTuple_SET_ITEM(row, 5, Py_NewRef(out));
+        PyTuple_SET_ITEM(row, 6, Py_NewRef(Py_None));
+        PyTuple_SET_ITEM(row, 7, Py_NewRef(reason));
+        failed = PyList_Append(g->rows, row) < 0;
+    }
+    Py_XDECREF(row);
+    Py_XDECREF(id);
+    Py_XDECREF(elapsed);
+    Py_XDECREF(in);
+    Py_XDECREF(out);
+    Py_XDECREF(reason);
+    if (failed)
+        return -1;
+    g->bytesIn += r->bytesIn;
+    g->bytesOut += r->bytesOut;
+    return 0;
+}
+
+/* reports() (grouped 0: every report a tuple, in one list) or
+ * finished(now) (grouped 1). */
+static PyObject *
+takeReports(TCPEngine *self, int grouped, double now)
 {
     if (checkReady(self) < 0)
         return NULL;
@@ -1495,30 +1746,57 @@ TCPEngine_reports(TCPEngine *self, PyObject *unused)
     pthread_mutex_lock(&self->lock);
     size_t count = reportsQueued(&self->reports, &items);
     pthread_mutex_unlock(&self->lock);
-    PyObject *list = PyList_New((Py_ssize_t)count);
-    if (list != NULL) {
-        for (size_t i = 0; i < count; i++) {
-            const Report *r = (const Report *)items + i;
-            PyObject *row = Py_BuildValue("(KKKs)", (unsigned long long)r->id,
-                                          (unsigned long long)r->bytesIn,
-                                          (unsigned long long)r->bytesOut, r->reason);
-            if (row == NULL) {
-                Py_CLEAR(list);
-                break;
-            }
-            PyList_SET_ITEM(list, (Py_ssize_t)i, row);
+    PyObject *plain = PyList_New(0);
+    PyObject *groups = PyList_New(0);
+    Group g = {0};
+    Reasons reasons = {0};
+    int failed = plain == NULL || groups == NULL;
+    for (size_t i = 0; !failed && i < count; i++) {
+        const Report *r = (const Report *)items + i;
+        if (grouped && r->access != NULL) {
+            failed = groupAdd(&g, groups, r, now, &reasons) < 0;
+            continue;
         }
+        PyObject *row = Py_BuildValue("(KKKs)", (unsigned long long)r->id,
+                                      (unsigned long long)r->bytesIn,
+                                      (unsigned long long)r->bytesOut, r->reason);
+        failed = row == NULL || PyList_Append(plain, row) < 0;
+        Py_XDECREF(row);
     }
-    if (list == NULL) {
+    if (!failed)
+        failed = groupFlush(&g, groups) < 0;
+    groupClear(&g);
+    reasonsClear(&reasons);
+    PyObject *result = NULL;
+    if (!failed) {
+        result = plain;
+        if (grouped)
+            result = PyTuple_Pack(2, plain, groups);
+        else
+            Py_INCREF(result);
+    }
+    Py_XDECREF(plain);
+    Py_XDECREF(groups);
+    if (result == NULL) {
         /* Out of memory: the reports stay queued; signal again so that
          * the next call has them. */
         signalFd(self->notifyFd);
         return NULL;
     }
+    dropAccess((const Report *)items, count);
     pthread_mutex_lock(&self->lock);
     reportsTaken(&self->reports, count);
     pthread_mutex_unlock(&self->lock);
-    return list;
+    return result;
+}
+
+static PyObject *
+TCPEngine_finished(TCPEngine *self, PyObject *arg)
+{
+    double now = PyFloat_AsDouble(arg);
+    if (now == -1.0 && PyErr_Occurred())
+        return NULL;
+    return takeReports(self, 1, now);
 }
 
 PyDoc_STRVAR(stop_doc,
@@ -1602,6 +1880,7 @@ static PyMethodDef TCPEngine_methods[] = {
     {"counters", (PyCFunction)TCPEngine_counters, METH_O, counters_doc},
     {"snapshot", (PyCFunction)TCPEngine_snapshot, METH_NOARGS, snapshot_doc},
     {"reports", (PyCFunction)TCPEngine_reports, METH_NOARGS, reports_doc},
+    {"finished", (PyCFunction)TCPEngine_finished, METH_O, finished_doc},
     {"stop", (PyCFunction)TCPEngine_stop, METH_NOARGS, stop_doc},
     {"threadFlows", (PyCFunction)TCPEngine_threadFlows, METH_NOARGS, threadFlows_doc},
     {"pollCounters", (PyCFunction)TCPEngine_pollCounters, METH_NOARGS, pollCounters_doc},

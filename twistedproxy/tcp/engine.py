@@ -66,6 +66,12 @@ log = Logger(namespace="portproxy")
 #: and why the flow ended.
 EndCallback = Callable[[int, int, str], None]
 
+#: What the engine keeps of a listener to write its flows' access lines
+#: (L{TCPEngine.dialFlows}): the listener's service, which gets the flows
+#: when they end, its L{Listener}, and the access line's text before and
+#: after the client (L{Listener.accessLineParts}).
+AccessTag = tuple["TCPListener", "Listener", str, str]
+
 
 #: The environment variable that sets the number of relay threads.
 ENGINE_THREADS = "PORTPROXY_ENGINE_THREADS"
@@ -181,6 +187,9 @@ class TCPEngine(EngineBinding):
         # EngineFlow itself, whose listener takes its end with the others
         # of the same report (ListenerService.flowsEnded).
         self._onEnd: dict[int, EndCallback | EngineFlow] = {}
+        # The manhole's reasons for the dialed flows it closed, which their
+        # access lines give instead of the engine's "killed".
+        self._reasons: dict[int, str] = {}
 
     # -- adopting -------------------------------------------------------------
 
@@ -294,7 +303,11 @@ class TCPEngine(EngineBinding):
         return None
 
     def dialFlows(
-        self, flows: list[EngineFlow], clientFds: list[int], headers: list[bytes] | None
+        self,
+        flows: list[EngineFlow],
+        clientFds: list[int],
+        headers: list[bytes] | None,
+        access: AccessTag | None = None,
     ) -> None:
         """
         Dial the target for a batch of admitted and started flows
@@ -306,6 +319,12 @@ class TCPEngine(EngineBinding):
         others go on as L{EngineFlow.dial} would from their connect: the
         reactor waits for the connect under way, or the flow ends with
         its failure.
+
+        @param access: the flows' listener's L{AccessTag}: the engine keeps
+            it, with each flow's client and start time, and writes the
+            access line of each flow when it ends (L{doRead}), which then
+            goes to the listener with the others of its report
+            (L{twistedproxy.listener.ListenerService.flowsEndedTogether}).
         """
         if self._stopped:
             results: list[int | str | None] = [None] * len(flows)
@@ -319,6 +338,9 @@ class TCPEngine(EngineBinding):
                 target.port,
                 listener.timeouts.idle,
                 headers,
+                access,
+                None if access is None else [flow.client for flow in flows],
+                flows[0].started,
             )
         onEnd = self._onEnd
         for flow, result in zip(flows, results, strict=True):
@@ -338,12 +360,17 @@ class TCPEngine(EngineBinding):
         """
         return self.engine.counters(flowId)
 
-    def close(self, flowId: int) -> bool:
+    def close(self, flowId: int, reason: str | None = None) -> bool:
         """
         End a flow now, resetting both sockets; its C{onEnd} follows with
-        reason C{"killed"}.  C{False} when the engine has no such flow.
+        reason C{"killed"}, and the access line the engine writes for a
+        flow dialed with an L{AccessTag} gives C{reason} when given.
+        C{False} when the engine has no such flow.
         """
-        return self.engine.close(flowId)
+        closed = self.engine.close(flowId)
+        if closed and reason is not None:
+            self._reasons[flowId] = reason
+        return closed
 
     def flowCount(self) -> int:
         """
@@ -355,13 +382,61 @@ class TCPEngine(EngineBinding):
 
     def doRead(self) -> None:
         """
-        The engine has ended flows: call their C{onEnd}.
+        The engine has ended flows: call their C{onEnd}; those dialed with
+        an L{AccessTag} go to their listener a batch at a time, with the
+        access lines the engine wrote.
+        """
+        onEnd = self._onEnd
+        reports, groups = self.engine.finished(self.reactor.seconds())
+        for service, ids, lines, rows, durations, bytesIn, bytesOut in groups:
+            for row in rows:
+                flow = onEnd.pop(row[0], None)
+                if flow is not None:
+                    # The final figures, for whoever still holds the flow.
+                    flow._final = row[4:6]  # type: ignore[union-attr]
+            if self._reasons:
+                lines, rows = self._giveReasons(ids, lines, rows)
+            try:
+                service.flowsEndedTogether(
+                    ids, lines, rows, durations, bytesIn, bytesOut
+                )
+            except Exception:
+                log.failure("while reporting the end of {count} flows", count=len(ids))
+        if reports:
+            self._reported(reports)
+
+    def _giveReasons(
+        self, ids: list[int], lines: str, rows: list[tuple]
+    ) -> tuple[str, list[tuple]]:
+        """
+        The access C{lines} and C{rows} of the flows C{ids}, with the
+        reason given to L{close} of each that has one instead of the
+        engine's.
+        """
+        reasons = self._reasons
+        texts = lines.split("\n")
+        for k, flowId in enumerate(ids):
+            reason = reasons.pop(flowId, None)
+            if reason is not None:
+                row = rows[k]
+                texts[k] = texts[k][: -len(row[-1])] + reason
+                rows[k] = (*row[:-1], reason)
+        return "\n".join(texts), rows
+
+    def _reported(self, reports: list[tuple[int, int, int, str]]) -> None:
+        """
+        Call the C{onEnd} of each of C{reports} (C{(flowId, bytesIn,
+        bytesOut, reason)}) of a flow without an L{AccessTag}.
         """
         onEnd = self._onEnd
         # The dialed flows that ended, by listener: each listener writes
         # the access lines of its flows at once.
         ended: dict[TCPListener, list[tuple[EngineFlow, str, int, int]]] = {}
-        for flowId, bytesIn, bytesOut, reason in self.engine.reports():
+        reasons = self._reasons
+        for flowId, bytesIn, bytesOut, reason in reports:
+            if reasons:
+                # The flow's own reason, if any, is its EngineFlow's.
+                reasons.pop(flowId, None)
             callback = onEnd.pop(flowId, None)
             if callback is None:
                 continue
@@ -707,7 +782,7 @@ class EngineFlow:
             return
         if self.reason is None:
             self.reason = reason
-        self._engine.close(self.id)
+        self._engine.close(self.id, self.reason)
 
     def _timedOut(self) -> None:
         self._timer = None

@@ -33,7 +33,7 @@ from twistedproxy.access import hostOf
 from twistedproxy.listener import IFlow
 from twistedproxy.model import ANY_IPV4, ANY_IPV6, formatHostPort
 from twistedproxy.proxyprotocol import Addresses
-from twistedproxy.tcp.engine import EngineFlow, TCPEngine, acceptClients
+from twistedproxy.tcp.engine import AccessTag, EngineFlow, TCPEngine, acceptClients
 from twistedproxy.tcp.relay import proxyHeader, refuseDescriptor
 
 #: accept() errors that say the process or the system is out of file
@@ -97,6 +97,20 @@ class EngineForwarder:
     def __init__(self, service: TCPListener, engine: TCPEngine) -> None:
         self.service = service
         self.engine = engine
+        self._access: AccessTag | None = None
+
+    def accessTag(self) -> AccessTag:
+        """
+        The L{AccessTag} of the listener's current L{Listener}, one object
+        for as long as it stays the same (the engine groups the flows that
+        end together by it).
+        """
+        listener = self.service.listener
+        tag = self._access
+        if tag is None or tag[1] is not listener:
+            head, arrow = listener.accessLineParts
+            tag = self._access = (self.service, listener, head, arrow)
+        return tag
 
     def acceptClients(self, port: ListeningPort) -> None:
         """
@@ -252,7 +266,7 @@ class EngineForwarder:
             for flow in flows:
                 flow.addresses = knownAddresses(listener, flow.client)
                 headers.append(proxyHeader(listener, flow.addresses))
-        engine.dialFlows(flows, clientFds, headers)
+        engine.dialFlows(flows, clientFds, headers, self.accessTag())
 
     def dialIdentified(
         self, clientFd: int, client: str, addresses: Addresses | None

@@ -93,6 +93,17 @@ class ListeningPort(tcp.Port):
     #: activation).
     inherited: socket.socket | None = None
 
+    _logPrefix: str | None = None
+
+    def logPrefix(self) -> str:
+        """
+        Twisted's prefix for the port's log lines (its factory's class),
+        made once: the reactor asks for it at every readable event.
+        """
+        if self._logPrefix is None:
+            self._logPrefix = tcp.Port.logPrefix(self)
+        return self._logPrefix
+
     def startListening(self) -> None:
         """
         Bind and listen as C{tcp.Port.startListening} does, without its log
