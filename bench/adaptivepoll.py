@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """
-What the TCP engine's adaptive busy-poll does under sockperf ping-pong.
+What the TCP engine's busy-poll does under sockperf ping-pong.
 
     python bench/adaptivepoll.py                 # ceilings 0 and 50 us, 3 times each, 2 s
     python bench/adaptivepoll.py -c 0,20,50,100 -r 2 -s 3
@@ -12,7 +12,7 @@ busyPoll, in us) in turn, round after round, it prints sockperf's p50,
 the round trips, this process's CPU time per round trip (the relay
 thread's, as nothing else runs), and the engine's pollCounters(): polls
 begun, those that caught an event, and those during which the thread was
-preempted (each ends polling for 200 ms).
+preempted (each ends polling for 50 ms).
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ WORKLOADS = {
     "tcp_pingpong": ("us p50", False, "sockperf_tcp", "tcp"),
     "udp_pingpong": ("us p50", False, "sockperf_udp", "udp"),
 }
-#: twistd with the TCP and UDP engines' adaptive busy-poll off
+#: twistd with the TCP and UDP engines' busy-poll off
 #: (busyPoll=0): the "portproxy-nospin" column, to see what the busy-poll
 #: costs and buys.
 TWISTD_NOSPIN = [

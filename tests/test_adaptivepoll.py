@@ -1,9 +1,7 @@
 """
-Tests of the adaptive busy-poll the compiled engines share
-(C{twistedproxy/_engine.h}): its window rule (C{pollNextWindow}, through
-the TCP engine module's test hook) and, over real loopback sockets, when
-the TCP relay threads and the UDP engine thread poll and when they never
-do.
+Tests of the busy-poll the compiled engines share
+(C{twistedproxy/_engine.h}): over real loopback sockets, when the TCP
+relay threads and the UDP engine thread poll and when they never do.
 """
 
 from __future__ import annotations
@@ -24,76 +22,6 @@ needsEngines = pytest.mark.skipif(
     not (fastrelay.available() and fastudp.available()),
     reason="the compiled engines are not built",
 )
-
-US = 1000
-START = 4 * US  # POLL_START_NS
-CEILING = 50 * US
-
-
-def nextWindow(window: int, waited: int, ceiling: int = CEILING) -> int:
-    from twistedproxy.tcp._engine import pollNextWindow
-
-    return pollNextWindow(window, ceiling, waited)
-
-
-@needsEngines
-def test_caughtEventKeepsWindow():
-    """
-    A wait no longer than the window (the poll caught the event) keeps the
-    window as it is.
-    """
-    assert nextWindow(16 * US, 3 * US) == 16 * US
-    assert nextWindow(16 * US, 16 * US) == 16 * US
-
-
-@needsEngines
-def test_shortMissGrowsWindowUpToCeiling():
-    """
-    A wait longer than the window but within the ceiling doubles the
-    window, from POLL_START_NS when it was 0, and never past the ceiling.
-    """
-    assert nextWindow(0, 10 * US) == START
-    assert nextWindow(START, 10 * US) == 2 * START
-    assert nextWindow(32 * US, 40 * US) == CEILING
-    assert nextWindow(CEILING, CEILING + 1, ceiling=CEILING + 1) == CEILING + 1
-
-
-@needsEngines
-def test_longWaitShrinksWindowToNothing():
-    """
-    A wait longer than the ceiling halves the window, and a window halved
-    below POLL_START_NS stops polling; a window already 0 stays 0.
-    """
-    assert nextWindow(CEILING, CEILING + 1) == CEILING // 2
-    assert nextWindow(2 * START, 10**9) == START
-    assert nextWindow(START, 10**9) == 0
-    assert nextWindow(0, 10**9) == 0
-
-
-@needsEngines
-def test_windowConvergesToTheWaits():
-    """
-    Fed a steady wait, the window grows until it covers it and then stays;
-    when the waits become longer than the ceiling it falls back to 0.
-    """
-    window = 0
-    for _ in range(10):
-        window = nextWindow(window, 13 * US)
-    assert window == 16 * US
-    for _ in range(10):
-        window = nextWindow(window, 10**9)
-    assert window == 0
-
-
-@needsEngines
-def test_noCeilingNeverPolls():
-    """
-    A ceiling of 0 (busyPoll=0) gives a window of 0 whatever the wait, and
-    a window above a lowered ceiling is brought down to it.
-    """
-    assert nextWindow(16 * US, 1 * US, ceiling=0) == 0
-    assert nextWindow(0, 1 * US, ceiling=0) == 0
-    assert nextWindow(CEILING, 1 * US, ceiling=8 * US) == 8 * US
 
 
 def tcpRoundTrips(engine, flow, until, timeout=10.0) -> int:

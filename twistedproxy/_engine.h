@@ -616,48 +616,51 @@ engineJoinWorkers(EngineBase *e, void *workers, size_t stride, int count)
     engineJoin(e);
 }
 
-/* -- the adaptive busy-poll ------------------------------------------------ */
+/* -- the busy-poll ---------------------------------------------------------- */
 
 /*
  * After a batch of request/response traffic an engine thread may poll its
- * epoll instance (epoll_wait with a zero timeout) for a short window
- * before it sleeps: the answer to what it just relayed often comes sooner
- * than a sleeping thread is woken.  Polling pays only while it catches
- * events and the CPU it burns is idle otherwise, so:
+ * epoll instance (epoll_wait with a zero timeout) for up to a ceiling
+ * (the engines' busyPoll, microseconds) before it sleeps: the answer to
+ * what it just relayed often comes sooner than a sleeping thread is woken,
+ * and on a virtual machine a vCPU woken from idle costs more CPU than the
+ * poll.  Polling pays only while the CPU it burns is idle otherwise, so:
  *
- *   - the window adapts, as Linux's haltpoll cpuidle governor and KVM's
- *     halt_poll_ns do, to how long the thread waited for its next event
- *     after such a batch (pollNextWindow), under a ceiling that bounds
- *     the CPU a poll can burn for nothing;
  *   - a poll during which the thread was preempted (two reads of the
- *     clock in the poll loop POLL_PREEMPTED_NS or more apart: something
- *     else wanted the CPU, or the hypervisor took it) ends polling for
- *     POLL_BACKOFF_NS: the peers that produce the next event need that
- *     CPU more than the thread needs to be awake when it comes;
+ *     clock in the poll loop POLL_PREEMPTED_NS or more apart: the
+ *     scheduler gave the CPU to something else for about a time slice)
+ *     ends polling for POLL_BACKOFF_NS: the peers that produce the next
+ *     event need that CPU more than the thread needs to be awake when it
+ *     comes;
  *   - the threads of one engine (the TCP relay threads) share a gate, so
  *     that at most one of them polls at a time: polling never takes
  *     more than one core from the peers.
  *
+ * The poll lasts the whole ceiling rather than a window fitted to the
+ * waits it sees: the poll itself shortens the wait (a round trip through
+ * a polling thread takes half the time, docs/PERFORMANCE.md "The
+ * busy-poll on a quiet machine"), so a window fitted to the waits of a
+ * sleeping thread shrinks to nothing and never finds out.  A shorter
+ * threshold for a preemption (20 us) fired on the hypervisor's own
+ * jitter and kept polling off on an idle machine.
+ *
  * The caller says which batches may be followed by a poll (the TCP and
  * UDP engines: one in which a flow turned direction and that moved
- * little); after the others the thread sleeps at once and the window
- * stays as it is, so a bulk stream never polls.
+ * little); after the others the thread sleeps at once, so a bulk stream
+ * never polls.
  */
 
-/* A window that grows from 0 starts here; one halved below it is 0. */
-#define POLL_START_NS 4000
 /* The default ceiling, microseconds (the engines' busyPoll argument). */
 #define POLL_DEFAULT_CEILING_US 50
 /* No poll after a batch that moved this many bytes: that is bulk. */
 #define POLL_MAX_BATCH (64 * 1024)
 /* A gap this long between two turns of the poll loop is a preemption. */
-#define POLL_PREEMPTED_NS 20000
+#define POLL_PREEMPTED_NS 500000
 /* No poll for this long after a preempted one. */
-#define POLL_BACKOFF_NS 200000000
+#define POLL_BACKOFF_NS 50000000
 
 typedef struct {
-    int64_t window;    /* ns the next poll lasts; 0: sleep at once */
-    int64_t ceiling;   /* ns the window may grow to; 0: never poll */
+    int64_t ceiling;   /* ns a poll lasts at most; 0: never poll */
     int64_t quietUntil; /* no poll before this time (ns), after a preemption */
     int *gate;         /* shared by an engine's threads: 1 while one polls */
     /* statistics, written by the thread alone, read with relaxed loads */
@@ -675,38 +678,6 @@ pollClockNs(void)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-/*
- * The window of the next poll, from this one's (window), the ceiling and
- * how long the thread waited for its next event (waited, ns: from the end
- * of a batch to the events of the next; a timeout is longer than any
- * ceiling):
- *
- *   - waited <= window: the poll caught the event: keep the window;
- *   - window < waited <= ceiling: a longer poll would have caught it:
- *     double the window (from 0: POLL_START_NS), at most the ceiling;
- *   - waited > ceiling: no poll the ceiling allows would have: halve the
- *     window, and below POLL_START_NS stop polling (0).
- *
- * A pure function, so that tests can drive it (pollNextWindow in the TCP
- * engine's module).
- */
-static inline int64_t
-pollNextWindow(int64_t window, int64_t ceiling, int64_t waited)
-{
-    if (ceiling <= 0)
-        return 0;
-    if (window > ceiling)
-        window = ceiling;
-    if (waited <= window)
-        return window;
-    if (waited <= ceiling) {
-        int64_t grown = window < POLL_START_NS ? POLL_START_NS : window * 2;
-        return grown > ceiling ? ceiling : grown;
-    }
-    window /= 2;
-    return window < POLL_START_NS ? 0 : window;
-}
-
 static inline void
 pollCount(uint64_t *counter)
 {
@@ -714,11 +685,10 @@ pollCount(uint64_t *counter)
 }
 
 /*
- * epoll_wait for an engine thread, with the adaptive poll: after a batch
- * the caller calls it with eligible set when that batch may be followed
- * by a poll.  Then it polls for p->window ns first (unless a preemption
- * ended polling for a while, or another thread of the engine polls), and
- * measures the wait to adapt the window;
+ * epoll_wait for an engine thread, with the busy-poll: after a batch the
+ * caller calls it with eligible set when that batch may be followed by a
+ * poll.  Then it polls for up to p->ceiling ns first (unless a preemption
+ * ended polling for a while, or another thread of the engine polls);
  * otherwise it is a plain epoll_wait.  Returns what epoll_wait returns.
  */
 static inline int
@@ -728,13 +698,11 @@ pollWait(AdaptivePoll *p, int epfd, struct epoll_event *events, int max, int tim
     if (!eligible || p->ceiling <= 0)
         return epoll_wait(epfd, events, max, timeoutMs);
     int64_t start = pollClockNs();
-    int n;
-    if (p->window > 0 && start >= p->quietUntil &&
-        __atomic_exchange_n(p->gate, 1, __ATOMIC_ACQUIRE) == 0) {
+    if (start >= p->quietUntil && __atomic_exchange_n(p->gate, 1, __ATOMIC_ACQUIRE) == 0) {
         pollCount(&p->polls);
-        int64_t until = start + p->window;
+        int64_t until = start + p->ceiling;
         int64_t before = start, now;
-        int preempted = 0;
+        int preempted = 0, n;
         do {
             n = epoll_wait(epfd, events, max, 0);
             now = pollClockNs();
@@ -746,17 +714,13 @@ pollWait(AdaptivePoll *p, int epfd, struct epoll_event *events, int max, int tim
             pollCount(&p->preempted);
             p->quietUntil = now + POLL_BACKOFF_NS;
         }
-        if (n > 0) {
-            pollCount(&p->caught);
-            p->window = pollNextWindow(p->window, p->ceiling, now - start);
+        if (n != 0) {
+            if (n > 0)
+                pollCount(&p->caught);
             return n;
         }
-        if (n < 0)
-            return n;
     }
-    n = epoll_wait(epfd, events, max, timeoutMs);
-    p->window = pollNextWindow(p->window, p->ceiling, n > 0 ? pollClockNs() - start : INT64_MAX);
-    return n;
+    return epoll_wait(epfd, events, max, timeoutMs);
 }
 
 /* (polls, caught, preempted) of some AdaptivePolls together, for an
@@ -774,21 +738,5 @@ pollCounters(const AdaptivePoll *polls, size_t count, size_t stride)
     return Py_BuildValue("(KKK)", (unsigned long long)begun, (unsigned long long)caught,
                          (unsigned long long)preempted);
 }
-
-/* pollNextWindow(window, ceiling, waited) for tests, as a module function
- * (the same nanoseconds; see POLL_NEXT_WINDOW_METHOD). */
-static inline PyObject *
-pollNextWindowMethod(PyObject *module, PyObject *args)
-{
-    long long window, ceiling, waited;
-    if (!PyArg_ParseTuple(args, "LLL:pollNextWindow", &window, &ceiling, &waited))
-        return NULL;
-    return PyLong_FromLongLong(pollNextWindow(window, ceiling, waited));
-}
-
-#define POLL_NEXT_WINDOW_METHOD                                            \
-    {"pollNextWindow", pollNextWindowMethod, METH_VARARGS,                 \
-     "pollNextWindow(window, ceiling, waited) -> int\n\nThe adaptive "     \
-     "busy-poll's next window in ns (_engine.h), for tests."}
 
 #endif

@@ -47,11 +47,11 @@
  * the sweep closes those unused for a sweep period.
  *
  * After a small batch in which a flow turned direction (an answer to a
- * request), the thread polls epoll before it sleeps, for a window that
- * adapts to how soon the next events came (the adaptive busy-poll of
- * ../_engine.h) and never exceeds busyPoll microseconds: the next turn
- * usually comes sooner than a sleeping thread wakes.  One-way streams
- * never turn, so bulk traffic never polls.
+ * request), the thread polls epoll for up to busyPoll microseconds
+ * before it sleeps (the busy-poll of ../_engine.h, off for a while after
+ * the thread was preempted during one): the next turn usually comes
+ * sooner than a sleeping thread wakes.  One-way streams never turn, so
+ * bulk traffic never polls.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -81,7 +81,7 @@
 #define DEFAULT_PIPE_SIZE (1024 * 1024)
 /* Default userspace buffer size of a direction that has no pipe. */
 #define DEFAULT_BUFFER_SIZE (64 * 1024)
-/* Default ceiling of the adaptive busy-poll after small traffic,
+/* Default ceiling of the busy-poll after small traffic,
  * microseconds (0: sleep at once); see ../_engine.h and docs/fastrelay.md. */
 #define DEFAULT_BUSY_POLL_US POLL_DEFAULT_CEILING_US
 /* The idle and pipe-release sweep runs this often (milliseconds). */
@@ -186,7 +186,7 @@ typedef struct Worker {
     int poolCount;
     char *scratch;        /* bufferSize bytes: a direction's first bytes pass here */
     int reportedSinceWake;
-    AdaptivePoll poll;    /* its window adapts to this thread's traffic */
+    AdaptivePoll poll;    /* its busy-poll after request/response batches */
 } Worker;
 
 struct TCPEngine {
@@ -821,7 +821,7 @@ engineMain(void *arg)
                 f->writable[side] = 1;
             pumpFlow(w, f);
         }
-        /* Poll (the adaptive busy-poll of ../_engine.h) only after a
+        /* Poll (the busy-poll of ../_engine.h) only after a
          * small batch in which a flow turned direction (request/response
          * traffic, whose next turn is likely microseconds away).  A
          * one-way stream never turns: the thread sleeps between its
@@ -1859,10 +1859,9 @@ TCPEngine_threadFlows(TCPEngine *self, PyObject *unused)
 
 PyDoc_STRVAR(pollCounters_doc,
 "pollCounters() -> (polls, caught, preempted)\n\n"
-"The adaptive busy-poll of every relay thread together: the polls begun\n"
-"after a batch of request/response traffic, and those of them that caught\n"
-"an event before their window ran out,\n"
-"and those during which the thread was preempted (each ends polling for\n"
+"The busy-poll of every relay thread together: the polls begun after a\n"
+"batch of request/response traffic, those of them that caught an event\n"
+"before the ceiling ran out, and those during which the thread was preempted (each ends polling for\n"
 "a while).");
 
 static PyObject *
@@ -1895,10 +1894,9 @@ PyDoc_STRVAR(TCPEngine_doc,
 "the flows whose flowId mod N is its index.  pipeSize is asked of\n"
 "F_SETPIPE_SZ for each direction's pipe (0: never splice, relay through\n"
 "a bufferSize userspace buffer instead); bufferSize is also used where a\n"
-"pipe cannot be had.  busyPoll: the ceiling, in microseconds, of the\n"
-"adaptive busy-poll: after a small batch of request/response traffic a\n"
-"thread polls for a window that grows while polls catch the next events\n"
-"and shrinks to nothing while they do not (0: never poll, sleep at once).");
+"pipe cannot be had.  busyPoll: how long, in microseconds, a thread\n"
+"polls after a small batch of request/response traffic before it sleeps\n"
+"(0: never poll, sleep at once).");
 
 static PyTypeObject TCPEngineType =
     ENGINE_TYPE(TCPEngine, "twistedproxy.tcp._engine.TCPEngine", TCPEngine_doc);
@@ -2029,7 +2027,6 @@ failed:
 static PyMethodDef fastrelayFunctions[] = {
     {"accept", (PyCFunction)fastrelay_accept, METH_O, accept_doc},
     {"acceptBatch", (PyCFunction)fastrelay_acceptBatch, METH_VARARGS, acceptBatch_doc},
-    POLL_NEXT_WINDOW_METHOD,
     {NULL, NULL, 0, NULL},
 };
 

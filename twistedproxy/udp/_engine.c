@@ -1027,11 +1027,11 @@ run(void *arg)
                 bytes += read;
             }
         }
-        /* Poll (the adaptive busy-poll of ../_engine.h) only after a
-         * small batch that read the other way from the batch before
+        /* Poll (the busy-poll of ../_engine.h) only after a
+         * small batch that read the other way from the batch before it
          * (request/response traffic: the answer is likely microseconds
          * away); a one-way stream never turns and never polls. */
-        eligible = kinds != 0 && kinds != lastKinds && bytes < POLL_MAX_BATCH;
+        eligible = kinds != 0 && lastKinds != 0 && kinds != lastKinds && bytes < POLL_MAX_BATCH;
         if (kinds != 0)
             lastKinds = kinds;
         pthread_mutex_lock(&self->lock);
@@ -1768,10 +1768,9 @@ UDPEngine_dealloc(UDPEngine *self)
 
 PyDoc_STRVAR(pollCounters_doc,
 "pollCounters() -> (polls, caught, preempted)\n\n"
-"The thread's adaptive busy-poll: the polls begun after a batch of\n"
-"request/response traffic, and those of them that caught an event before\n"
-"their window ran out,\n"
-"and those during which the thread was preempted (each ends polling for\n"
+"The thread's busy-poll: the polls begun after a batch of\n"
+"request/response traffic, those of them that caught an event before the\n"
+"ceiling ran out, and those during which the thread was preempted (each ends polling for\n"
 "a while).");
 
 static PyObject *
@@ -1803,7 +1802,7 @@ PyDoc_STRVAR(UDPEngine_doc,
 "every listener handed to it; its thread starts with the first listener.\n"
 "gso: send consecutive datagrams of a session that have one size in one\n"
 "system call with UDP GSO, where the kernel has it (Linux >= 4.18).\n"
-"busyPoll: the ceiling, in microseconds, of the adaptive busy-poll after\n"
+"busyPoll: how long, in microseconds, the thread polls before it sleeps after\n"
 "a small batch of request/response traffic (0: never poll).");
 
 static PyTypeObject UDPEngineType =
