@@ -527,6 +527,16 @@ engineDefaultThreads(void)
     return n > ENGINE_DEFAULT_MAX_THREADS ? ENGINE_DEFAULT_MAX_THREADS : n;
 }
 
+/* The coarse monotonic clock in seconds (a few ms of resolution, no
+ * system call): what the engines' timeouts and sweeps are measured by. */
+static inline double
+engineCoarseNow(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
 /* What the struct of each thread of such an engine starts with (its
  * first member).  Worker 0 uses the engine's own epfd and wakeFd and is
  * the engine's thread (ENGINE_HEAD); the others open theirs. */

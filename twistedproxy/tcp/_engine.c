@@ -165,13 +165,9 @@ typedef struct TCPEngine TCPEngine;
  * wakeFd (ENGINE_HEAD); the others open theirs.
  */
 typedef struct Worker {
+    EngineWorker base;    /* epfd, wakeFd, started, thread (_engine.h) */
     /* set at construction, read-only afterwards */
     TCPEngine *engine;
-    int epfd;
-    int wakeFd;
-    /* reactor thread only (worker 0: the engine's started and thread) */
-    int started;
-    pthread_t thread;
     /* shared, under the engine's lock */
     Command *commandHead, *commandTail;
     size_t flowCount;     /* live flows it owns (adopted, not yet ended) */
@@ -210,13 +206,6 @@ workerOf(TCPEngine *e, uint64_t id)
     return &e->workers[id % (uint64_t)e->workerCount];
 }
 
-static double
-monotonicNow(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
 
 /* -- the id table (caller holds the lock) --------------------------------- */
 
@@ -355,7 +344,7 @@ endFlow(Worker *w, Flow *f, const char *reason, int resetMask)
          * last descriptor of it; otherwise the set would go on reporting
          * events of a freed Flow. */
         if (f->registered && !f->exclusive)
-            epoll_ctl(w->epfd, EPOLL_CTL_DEL, f->fd[s], NULL);
+            epoll_ctl(w->base.epfd, EPOLL_CTL_DEL, f->fd[s], NULL);
         if (resetMask & (1 << s))
             resetOnClose(f->fd[s]);
         close(f->fd[s]);
@@ -674,9 +663,9 @@ startFlow(Worker *w, Flow *f)
     for (int s = 0; s < 2; s++) {
         ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
         ev.data.u64 = (uint64_t)(uintptr_t)f | (uint64_t)s;
-        if (epoll_ctl(w->epfd, EPOLL_CTL_ADD, f->fd[s], &ev) < 0) {
+        if (epoll_ctl(w->base.epfd, EPOLL_CTL_ADD, f->fd[s], &ev) < 0) {
             if (s == 1)
-                epoll_ctl(w->epfd, EPOLL_CTL_DEL, f->fd[0], NULL);
+                epoll_ctl(w->base.epfd, EPOLL_CTL_DEL, f->fd[0], NULL);
             f->registered = 0;
             endFlow(w, f, "engine could not watch the sockets", 3);
             return;
@@ -700,7 +689,7 @@ startFlow(Worker *w, Flow *f)
 static int
 runCommands(Worker *w)
 {
-    drainFd(w->wakeFd);
+    drainFd(w->base.wakeFd);
     pthread_mutex_lock(&w->engine->lock);
     Command *c = w->commandHead;
     w->commandHead = w->commandTail = NULL;
@@ -785,14 +774,14 @@ engineMain(void *arg)
     snprintf(name, sizeof name, "tcprelay%d", (int)(w - w->engine->workers));
     pthread_setname_np(pthread_self(), name);
     int eligible = 0;
-    w->now = monotonicNow();
+    w->now = engineCoarseNow();
     w->nextSweep = w->now + SWEEP_MS / 1000.0;
     while (!stop) {
         int timeout = (int)((w->nextSweep - w->now) * 1000.0) + 1;
         if (timeout < 0)
             timeout = 0;
-        int n = pollWait(&w->poll, w->epfd, events, MAX_EVENTS, timeout, eligible);
-        w->now = monotonicNow();
+        int n = pollWait(&w->poll, w->base.epfd, events, MAX_EVENTS, timeout, eligible);
+        w->now = engineCoarseNow();
         w->batchBytes = 0;
         w->batchTurns = 0;
         for (int i = 0; i < n; i++) {
@@ -885,26 +874,6 @@ queueCommand(Worker *w, int kind, uint64_t id, Flow *f)
     return 0;
 }
 
-/* Open worker w's epoll instance and wake eventfd (worker 0 has the
- * engine's): 0, or -1 with OSError set. */
-static int
-openWorker(TCPEngine *self, Worker *w)
-{
-    w->epfd = epoll_create1(EPOLL_CLOEXEC);
-    w->wakeFd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (w->epfd < 0 || w->wakeFd < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
-    }
-    /* Events of the wake eventfd carry 0; a flow's, its Flow. */
-    struct epoll_event ev = {.events = EPOLLIN, .data = {.u64 = 0}};
-    if (epoll_ctl(w->epfd, EPOLL_CTL_ADD, w->wakeFd, &ev) < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
-    }
-    return 0;
-}
-
 static int
 TCPEngine_init(TCPEngine *self, PyObject *args, PyObject *kwds)
 {
@@ -950,14 +919,15 @@ TCPEngine_init(TCPEngine *self, PyObject *args, PyObject *kwds)
     for (int i = 0; i < count; i++) {
         Worker *w = &self->workers[i];
         w->engine = self;
-        w->epfd = w->wakeFd = -1;
+        w->base.epfd = w->base.wakeFd = -1;
         w->poll.ceiling = (int64_t)busyPoll * 1000;
         w->poll.gate = &self->pollGate;
         self->workerCount = i + 1;  /* what dealloc closes */
+        /* Events of the wake eventfd carry 0; a flow's, its Flow. */
         if (i == 0) {
-            w->epfd = self->epfd;
-            w->wakeFd = self->wakeFd;
-        } else if (openWorker(self, w) < 0) {
+            w->base.epfd = self->epfd;
+            w->base.wakeFd = self->wakeFd;
+        } else if (engineOpenWorker(&w->base, (epoll_data_t){.u64 = 0}) < 0) {
             return -1;
         }
         w->scratch = malloc(self->bufferSize);
@@ -994,10 +964,8 @@ TCPEngine_dealloc(TCPEngine *self)
             c = next;
         }
         free(w->scratch);
-        if (i > 0 && w->epfd >= 0)
-            close(w->epfd);
-        if (i > 0 && w->wakeFd >= 0)
-            close(w->wakeFd);
+        if (i > 0)
+            engineCloseWorker(&w->base);
     }
     free(self->workers);
     if (self->reports.items != NULL)
@@ -1052,18 +1020,8 @@ firstWorkerMain(void *engine)
 static int
 startWorkers(TCPEngine *self)
 {
-    if (engineStartThread((EngineBase *)self, firstWorkerMain) < 0)
-        return -1;
-    self->workers[0].started = 1;
-    for (int i = 1; i < self->workerCount; i++) {
-        Worker *w = &self->workers[i];
-        if (w->started)
-            continue;
-        if (engineSpawn(&w->thread, engineMain, w) < 0)
-            return -1;
-        w->started = 1;
-    }
-    return 0;
+    return engineStartWorkers((EngineBase *)self, self->workers, sizeof(Worker),
+                              self->workerCount, firstWorkerMain, engineMain);
 }
 
 PyDoc_STRVAR(adopt_doc,
@@ -1192,7 +1150,7 @@ TCPEngine_adopt(TCPEngine *self, PyObject *args)
         return NULL;
     }
     if (wake)
-        signalFd(workerOf(self, id)->wakeFd);
+        signalFd(workerOf(self, id)->base.wakeFd);
     Py_RETURN_NONE;
 }
 
@@ -1436,7 +1394,7 @@ TCPEngine_dial(TCPEngine *self, PyObject *args)
     }
     for (int k = 0; k < self->workerCount; k++)
         if (wake[k])
-            signalFd(self->workers[k].wakeFd);
+            signalFd(self->workers[k].base.wakeFd);
     return results;
 }
 
@@ -1464,7 +1422,7 @@ TCPEngine_close(TCPEngine *self, PyObject *arg)
     if (known && !queued)
         return PyErr_NoMemory();
     if (queued)
-        signalFd(w->wakeFd);
+        signalFd(w->base.wakeFd);
     return PyBool_FromLong(known);
 }
 
@@ -1814,17 +1772,9 @@ TCPEngine_stop(TCPEngine *self, PyObject *unused)
     self->stopping = 1;
     pthread_mutex_unlock(&self->lock);
     if (self->started && !self->joined) {
-        /* Every worker sees the flag when its wake eventfd fires; worker
-         * 0, the engine's own thread, is woken and joined by engineJoin. */
-        for (int i = 1; i < self->workerCount; i++)
-            if (self->workers[i].started)
-                signalFd(self->workers[i].wakeFd);
-        Py_BEGIN_ALLOW_THREADS
-        for (int i = 1; i < self->workerCount; i++)
-            if (self->workers[i].started)
-                pthread_join(self->workers[i].thread, NULL);
-        Py_END_ALLOW_THREADS
-        engineJoin((EngineBase *)self);
+        /* Every worker sees the flag when its wake eventfd fires. */
+        engineJoinWorkers((EngineBase *)self, self->workers, sizeof(Worker),
+                          self->workerCount);
         Py_DECREF(self);
     }
     Py_RETURN_NONE;

@@ -449,13 +449,6 @@ workerOf(TLSEngine *e, uint64_t id)
     return &e->workers[id % (uint64_t)e->workerCount];
 }
 
-static double
-monotonic(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
-}
 
 /* The live connection with id `id`, or NULL (caller holds the lock). */
 static Conn *
@@ -1041,11 +1034,11 @@ engineMain(void *arg)
     snprintf(name, sizeof name, "tlsengine%d", (int)(w - w->engine->workers));
     pthread_setname_np(pthread_self(), name);
     struct epoll_event events[EVENTS_PER_WAIT];
-    double lastScan = monotonic();
+    double lastScan = engineCoarseNow();
     int stop = 0;
     while (!stop) {
         int n = epoll_wait(w->base.epfd, events, EVENTS_PER_WAIT, IDLE_SCAN_MS);
-        w->now = monotonic();
+        w->now = engineCoarseNow();
         for (int i = 0; i < n; i++) {
             uintptr_t data = (uintptr_t)events[i].data.ptr;
             if (data == 0) {
@@ -1259,7 +1252,7 @@ TLSEngine_adopt(TLSEngine *self, PyObject *args, PyObject *kwds)
     conn->target = address;
     conn->targetLength = addressLength;
     conn->connectTimeout = connectTimeout;
-    conn->deadline = monotonic() + connectTimeout;
+    conn->deadline = engineCoarseNow() + connectTimeout;
     conn->idleTimeout = idleTimeout;
     /* Only this thread sets stopping: a stopped engine starts no thread. */
     if (self->stopping) {
