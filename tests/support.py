@@ -563,3 +563,20 @@ def trustedTmpPath():
     path = trustedDirectory()
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+def threadNames(pid: int, prefix: str) -> list[str]:
+    """
+    The sorted names of process C{pid}'s threads that start with C{prefix}
+    (an engine's: C{tcprelay}, C{tlsengine}).
+    """
+    names = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        if name.startswith(prefix):
+            names.append(name)
+    return sorted(names)

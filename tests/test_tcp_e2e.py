@@ -23,6 +23,7 @@ from support import (
     freePort,
     readAll,
     rssKiB,
+    threadNames,
     turnedAway,
     waitUntil,
 )
@@ -572,22 +573,6 @@ def test_misbehavingClientsAffectOnlyThemselves(proxy):
             stuck.close()
 
 
-def relayThreadNames(pid):
-    """
-    The names of process C{pid}'s TCP engine relay threads (C{tcprelayN}).
-    """
-    names = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                name = f.read().strip()
-        except OSError:
-            continue
-        if name.startswith("tcprelay"):
-            names.append(name)
-    return sorted(names)
-
-
 def test_engineThreadsFromTheEnvironment(proxy, monkeypatch):
     """
     PORTPROXY_ENGINE_THREADS=3 in twistd's environment gives the TCP
@@ -610,8 +595,8 @@ def test_engineThreadsFromTheEnvironment(proxy, monkeypatch):
             if not (proxy.fastPath and engine.available()):
                 wanted = []
             deadline = time.monotonic() + 10
-            while relayThreadNames(proxy.pid) != wanted:
-                assert time.monotonic() < deadline, relayThreadNames(proxy.pid)
+            while threadNames(proxy.pid, "tcprelay") != wanted:
+                assert time.monotonic() < deadline, threadNames(proxy.pid, "tcprelay")
                 time.sleep(0.05)
         finally:
             for conn in conns:

@@ -24,6 +24,7 @@ from support import (
     readAll,
     roundTrip,
     rssKiB,
+    threadNames,
 )
 
 from twistedproxy.tcp import engine as fastrelay
@@ -265,22 +266,6 @@ def engineThreadCount() -> int:
     return fastrelay.engineThreads() or min(len(os.sched_getaffinity(0)), 16)
 
 
-def tlsEngineThreadNames(pid: int) -> list[str]:
-    """
-    The names of process C{pid}'s TLS engine threads (C{tlsengineN}).
-    """
-    names = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                name = f.read().strip()
-        except OSError:
-            continue
-        if name.startswith("tlsengine"):
-            names.append(name)
-    return sorted(names)
-
-
 @pytest.mark.skipif(not tlsengine.available(), reason="the TLS engine is not built")
 def test_engineServesTermination(tmp_path, pki) -> None:
     """
@@ -329,7 +314,7 @@ def test_engineThreadsFromTheEnvironment(tmp_path, pki, monkeypatch) -> None:
                         assert chunk, got
                         got += chunk
                     assert got == want
-                assert tlsEngineThreadNames(proxy.pid) == [
+                assert threadNames(proxy.pid, "tlsengine") == [
                     "tlsengine0",
                     "tlsengine1",
                     "tlsengine2",
