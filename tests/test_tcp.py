@@ -25,6 +25,7 @@ from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
 from twistedproxy.model import Target, Timeouts
+from twistedproxy.tcp import relay as relayModule
 from twistedproxy.tcp.listener import DEFAULT_BACKLOG, TCPListener, listenBacklog
 from twistedproxy.tcp.relay import FAREWELL_SECONDS, ClosingClient, Relay
 
@@ -230,6 +231,35 @@ def test_closingClientGivesUpAfterItsTime():
         closing.start()
         reactor.advance(FAREWELL_SECONDS)
         assert reactor.getReaders() == [] and closing.fileno() == -1
+
+
+def test_closingClientsPastTheirBoundCloseAtOnce(monkeypatch):
+    """
+    Past L{FAREWELL_CLIENTS} waiting at once, a client still gets its FIN
+    but its socket is closed at once, holding no descriptor or timer; one
+    that ends frees its place for the next.
+    """
+    monkeypatch.setattr(relayModule, "FAREWELL_CLIENTS", 2)
+    monkeypatch.setattr(ClosingClient, "waiting", 0)
+    reactor = MemoryReactorClock()
+    pairs = [socket.socketpair() for _ in range(4)]
+    try:
+        closings = [ClosingClient(p.detach(), reactor) for p, _ in pairs[:3]]
+        for closing in closings:
+            closing.start()
+        assert [c.fileno() >= 0 for c in closings] == [True, True, False]
+        assert len(reactor.getDelayedCalls()) == 2 and ClosingClient.waiting == 2
+        assert pairs[2][1].recv(100) == b""
+        pairs[0][1].close()
+        closings[0].doRead()
+        late = ClosingClient(pairs[3][0].detach(), reactor)
+        late.start()
+        assert late.fileno() >= 0 and ClosingClient.waiting == 2
+    finally:
+        for _, clientSide in pairs:
+            clientSide.close()
+        reactor.advance(FAREWELL_SECONDS)
+    assert ClosingClient.waiting == 0 and reactor.getReaders() == []
 
 
 def test_lateTargetIsDropped():

@@ -483,6 +483,47 @@ def test_runningOutOfFileDescriptors(proxy):
             assert exchange(port, b"after %d" % i) == b"after %d" % i
 
 
+def test_floodOverALimitLeavesDescriptorsForOthers(proxy):
+    """
+    A flood of clients over one listener's max_connections that never
+    close their end each get a clean end of stream, but cannot hold a
+    descriptor each while they linger: another listener of the same
+    proxy, near its descriptor limit, still serves its clients.
+    """
+    with TCPEchoServer() as echo:
+        full, other = freePort(), freePort()
+        proxy.start(
+            proxyMap(
+                mapping(
+                    "full",
+                    f"127.0.0.1:{full}",
+                    f"127.0.0.1:{echo.port}",
+                    "    max_connections: 1\n",
+                ),
+                mapping("other", f"127.0.0.1:{other}", f"127.0.0.1:{echo.port}"),
+            )
+        )
+        inUse = len(os.listdir(f"/proc/{proxy.pid}/fd"))
+        limit = inUse + 200
+        resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (limit, limit))
+        holder = connect(full)
+        flood = []
+        try:
+            holder.sendall(b"hold")
+            assert holder.recv(4) == b"hold"
+            for _ in range(400):
+                conn = connect(full)
+                flood.append(conn)
+                conn.settimeout(5)
+                assert conn.recv(1) == b""
+            for i in range(5):
+                assert exchange(other, b"still %d" % i) == b"still %d" % i
+            assert len(os.listdir(f"/proc/{proxy.pid}/fd")) < limit - 20
+        finally:
+            for conn in [holder, *flood]:
+                conn.close()
+
+
 def test_outOfDescriptorsLogsAtABoundedRate(proxy):
     """
     With the proxy out of file descriptors, a flood of clients that it

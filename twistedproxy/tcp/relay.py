@@ -18,6 +18,7 @@ connection stays at about two transport write buffers.
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import struct
 from enum import Enum
@@ -72,6 +73,25 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 #: Linux send a reset instead of (or right after) the FIN.
 FAREWELL_SECONDS = 2.0
 FAREWELL_BYTES = 1 << 20
+#: At most this many such clients wait at once, and at most a quarter of
+#: the process's descriptor limit: past it (a flood of clients over a
+#: limit, a dead target under load) a client gets its FIN and its socket
+#: is closed at once, so that the flood cannot hold a descriptor per client
+#: for L{FAREWELL_SECONDS} and starve the other listeners; one that had
+#: sent more than was read then gets a reset.
+FAREWELL_CLIENTS = 1024
+
+
+def farewellRoom() -> int:
+    """
+    How many clients L{ClosingClient} lets wait at once now: the process's
+    descriptor limit is read each time, as it may be changed while it runs
+    (C{prlimit}).
+    """
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return FAREWELL_CLIENTS
+    return min(FAREWELL_CLIENTS, soft // 4)
 
 
 class HandedOff(ConnectionDone):
@@ -212,8 +232,14 @@ class ClosingClient:
     (C{shutdown(SHUT_WR)}, so the client reads a clean end of stream, as
     from docker-proxy), then whatever the client sent or still sends read
     and dropped until it closes its end, L{FAREWELL_SECONDS} pass or
-    L{FAREWELL_BYTES} were dropped, and the socket closed.
+    L{FAREWELL_BYTES} were dropped, and the socket closed.  At most
+    L{farewellRoom} wait at once; past that the socket is closed right
+    after its FIN.
+
+    @cvar waiting: how many are waiting now, for all listeners.
     """
+
+    waiting = 0
 
     def __init__(self, fd: int, reactor) -> None:
         self._socket = socket.socket(fileno=fd)
@@ -245,11 +271,12 @@ class ClosingClient:
         try:
             self._socket.shutdown(socket.SHUT_WR)
         except OSError:
-            self._close()
+            self._socket.close()
             return
-        if self._dropInput():
-            self._close()
+        if self._dropInput() or ClosingClient.waiting >= farewellRoom():
+            self._socket.close()
             return
+        ClosingClient.waiting += 1
         self.reactor.addReader(self)
         self._timer = self.reactor.callLater(FAREWELL_SECONDS, self._close)
 
@@ -278,6 +305,7 @@ class ClosingClient:
         if self._socket.fileno() >= 0:
             self.reactor.removeReader(self)
             self._socket.close()
+            ClosingClient.waiting -= 1
 
     # -- IReadDescriptor ------------------------------------------------------
 
