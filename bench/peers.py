@@ -17,7 +17,7 @@ are installed — and runs each workload through each of them in turn,
 round after round (every other round in reverse order), so that machine
 drift, and the TIME_WAIT sockets a run leaves behind, hit all alike.
 
-It prints two tables.  The first: medians, portproxy's ratio to
+It prints two tables (three with --machine).  The first: medians, portproxy's ratio to
 docker-proxy, and each portproxy column's ratio to the best peer (the
 best of docker-proxy, socat, HAProxy and nginx in the same round; all
 ratios are medians of per-round ratios).  The second: CPU seconds per unit
@@ -25,7 +25,11 @@ of work (GB received for the bulk workloads, 10,000 requests, connections
 or round trips for the others) of every proxy, counted from
 /proc/<pid>/stat over all its threads and all its processes (nginx's
 workers, socat's forks, each docker-proxy), and each portproxy column's
-ratio to the most frugal peer.  Then the footprint against docker-proxy:
+ratio to the most frugal peer.  With --machine, the third: per unit
+of work, the whole machine's busy CPU (/proc/stat: load tool, backend,
+proxy, kernel threads), each proxy's CPU and its system part, and the
+bound that puts on portproxy's rate (see printMachineTable).  Then the
+footprint against docker-proxy:
 resident memory per idle TCP connection (--idle N connections held open),
 and the memory and start-up time of N TCP + N UDP listeners (--scale N:
 one portproxy against two docker-proxy processes a port, 100 ports
@@ -232,14 +236,34 @@ def processTree(pid):
     return tree
 
 
-def cpuSeconds(pid):
+def cpuSeconds(pid, fields=(11, 12, 13, 14)):
     """
     User plus system CPU time of process C{pid} so far, all its threads,
-    and of its children that it has waited for.
+    and of its children that it has waited for; C{fields}: which of
+    /proc/<pid>/stat's times after the name (11, 13: user; 12, 14:
+    system).
     """
     with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return sum(int(field) for field in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+        times = f.read().rpartition(")")[2].split()
+    return sum(int(times[i]) for i in fields) / os.sysconf("SC_CLK_TCK")
+
+
+def systemSeconds(pid):
+    """
+    System CPU time of process C{pid} so far (see L{cpuSeconds}).
+    """
+    return cpuSeconds(pid, (12, 14))
+
+
+def machineBusySeconds():
+    """
+    CPU seconds the whole machine has spent busy so far, on every core and
+    in every process, kernel threads and interrupts included (all of
+    /proc/stat's times but idle and iowait).
+    """
+    with open("/proc/stat") as f:
+        times = [int(t) for t in f.readline().split()[1:9]]
+    return (sum(times) - times[3] - times[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def treeSum(root, measure):
@@ -264,13 +288,14 @@ def treeCPU(root):
     return treeSum(root, cpuSeconds)
 
 
-def peerCPU(name):
+def peerCPU(name, measure=cpuSeconds):
     """
     CPU seconds so far of everything peer C{name} runs as (all threads,
-    all processes), or None if it is not known.
+    all processes), or None if it is not known; C{measure}: per process,
+    L{cpuSeconds} or L{systemSeconds}.
     """
     roots = PIDS.get(name)
-    return sum(treeCPU(root) for root in roots) if roots else None
+    return sum(treeSum(root, measure) for root in roots) if roots else None
 
 
 def portproxyVariants(engineThreads=(), python=False):
@@ -790,6 +815,58 @@ def printCPUTable(a, workloads, names, cpu):
         print("| " + " | ".join(row) + " |")
 
 
+def printMachineTable(workloads, names, cpu, system, machine):
+    """
+    What bounds a rate on a machine whose cores the load tool, the backend
+    and the proxy share: per unit of work, the whole machine's busy CPU
+    (every process and kernel thread) and each proxy's own CPU and its
+    system part (its kernel work: the system calls and the TCP stack under
+    them).  Where the cores are all busy the rate is about the inverse of
+    the machine's CPU per unit, so the last column bounds portproxy's rate
+    over the best peer's: the best peer's machine CPU per unit over
+    portproxy's less portproxy's user time, the rate it would reach if its
+    own code cost nothing.
+    """
+    shown = [n for n in names if n in PIDS or n == "direct"]
+    print(
+        "\nPer unit of work (ms per GB; µs per request, connection or round trip),"
+        " medians: the whole machine's busy CPU (every process: load tool,"
+        " backend, proxy, kernel threads) / the proxy's CPU / its system part."
+        " Last column: portproxy's rate over the best peer's if its user time"
+        " were zero (the best peer's machine CPU over portproxy's less its user"
+        " CPU; median of per-round figures)\n"
+    )
+    print(
+        "| workload | " + " | ".join(shown) + " | portproxy, no user time / best peer |"
+    )
+    print("|---" * (len(shown) + 2) + "|")
+    for w in workloads:
+        # seconds per GB or per item (what measureWork counts) -> ms per
+        # GB or µs per item
+        scale = 1e3 if WORK_UNITS[w][0] == "GB" else 1e6
+
+        def cell(n, w=w, scale=scale):
+            parts = [medianOrNone(table[w][n]) for table in (machine, cpu, system)]
+            return " / ".join(fmt(None if v is None else v * scale, 1) for v in parts)
+
+        bounds = []
+        ours = machine[w].get("portproxy", [])
+        for r, total in enumerate(ours):
+            proxy, kernel = cpu[w]["portproxy"][r], system[w]["portproxy"][r]
+            peers = [
+                values[r]
+                for peer, values in machine[w].items()
+                if isPeer(peer) and peer in PIDS and values[r]
+            ]
+            if total and proxy is not None and kernel is not None and peers:
+                bounds.append(min(peers) / (total - (proxy - kernel)))
+        print(
+            "| "
+            + " | ".join([w] + [cell(n) for n in shown] + [fmt(medianOrNone(bounds))])
+            + " |"
+        )
+
+
 def main():
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -820,6 +897,12 @@ def main():
         default="",
         help="another checkout of portproxy (its extensions built in place):"
         " a portproxy-base column importing it through PYTHONPATH, for A/B runs",
+    )
+    ap.add_argument(
+        "--machine",
+        action="store_true",
+        help="also the whole machine's CPU per unit of work, the proxies'"
+        " system part, and what portproxy would reach with no user time",
     )
     ap.add_argument(
         "--access",
@@ -874,6 +957,10 @@ def main():
         # CPU seconds of each proxy per unit of work counted by measureWork:
         # unlike a rate, hardly moved by what else the machine runs.
         cpu = {w: {n: [] for n in names} for w in workloads}
+        # The whole machine's busy CPU seconds per unit (load tool, backend,
+        # proxy, kernel threads), and the proxy's system part: --machine.
+        machine = {w: {n: [] for n in names} for w in workloads}
+        system = {w: {n: [] for n in names} for w in workloads}
         for r in range(a.rounds):
             for w in workloads:
                 # Every other round in reverse: a run leaves thousands of
@@ -882,19 +969,31 @@ def main():
                 for name in names if r % 2 == 0 else names[::-1]:
                     port = front[name].get(WORKLOADS[w][2])
                     before = peerCPU(name) if port else None
+                    beforeSystem = peerCPU(name, systemSeconds) if port else None
+                    beforeMachine = machineBusySeconds()
                     value, work = (
                         measureWork(w, port, a.seconds) if port else (None, None)
                     )
                     results[w][name].append(value)
+                    busy = machineBusySeconds() - beforeMachine
                     after = peerCPU(name) if before is not None else None
+                    afterSystem = peerCPU(name, systemSeconds) if port else None
                     cpu[w][name].append(
                         (after - before) / work if after is not None and work else None
+                    )
+                    machine[w][name].append(busy / work if work else None)
+                    system[w][name].append(
+                        (afterSystem - beforeSystem) / work
+                        if afterSystem is not None and work
+                        else None
                     )
                     print(f"round {r + 1} {w:15s} {name:13s} {value}", file=sys.stderr)
     finally:
         procs.stopAll()
     printTable(a, workloads, names, results)
     printCPUTable(a, workloads, names, cpu)
+    if a.machine:
+        printMachineTable(workloads, names, cpu, system, machine)
     if a.access:
         print(
             "\nportproxy CPU time per request (user + system, all threads), medians;"

@@ -101,6 +101,49 @@ def test_engineThreadColumns():
     assert not peers.isPeer("portproxy-t2") and peers.isPeer("haproxy")
 
 
+def test_machineTableBoundsTheRateByUserTime(monkeypatch, capsys):
+    """
+    The --machine table gives per connection the machine's, the proxy's and
+    its system CPU in microseconds, and bounds portproxy's rate over the
+    best peer's by the best peer's machine CPU over portproxy's less its
+    user time.
+    """
+    for name in ("haproxy", "nginx", "portproxy"):
+        monkeypatch.setitem(peers.PIDS, name, [1])
+    names = ["direct", "haproxy", "nginx", "portproxy"]
+    w = "http_close"
+    machine = {
+        w: {
+            "direct": [120e-6],
+            "haproxy": [250e-6],
+            "nginx": [260e-6],
+            "portproxy": [280e-6],
+        }
+    }
+    cpu = {
+        w: {
+            "direct": [None],
+            "haproxy": [120e-6],
+            "nginx": [125e-6],
+            "portproxy": [145e-6],
+        }
+    }
+    system = {
+        w: {
+            "direct": [None],
+            "haproxy": [100e-6],
+            "nginx": [110e-6],
+            "portproxy": [120e-6],
+        }
+    }
+    peers.printMachineTable([w], names, cpu, system, machine)
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == w and cells[1] == "120.0 / - / -"
+    assert cells[4] == "280.0 / 145.0 / 120.0"
+    assert cells[-1] == f"{250 / (280 - 25):.2f}"
+
+
 def test_peerCPUCountsChildProcesses(monkeypatch):
     """
     A peer's CPU time includes the processes below the one it was started
