@@ -23,6 +23,9 @@
  *            it down; without it the shutdown follows the EOF at once.
  *   verdict  attach as BPF_SK_SKB_VERDICT instead of
  *            BPF_SK_SKB_STREAM_VERDICT.
+ *   stats    have the kernel time the verdict program (BPF_ENABLE_STATS,
+ *            on while this process runs) and print its runs and average
+ *            run time on SIGTERM.
  *
  * No libbpf and no clang: the program is a dozen raw BPF instructions
  * loaded with the bpf() system call.  Needs root (CAP_BPF, CAP_NET_ADMIN).
@@ -88,7 +91,7 @@ struct conn {
     struct conn *nextPending, *nextClosed;
 };
 
-static int sockhash, counts = -1, epfd, drainMode, debug;
+static int sockhash, counts = -1, epfd, drainMode, debug, prog;
 static unsigned long fallbacks;
 static volatile sig_atomic_t stopping;
 
@@ -212,6 +215,38 @@ static int loadVerdict(void)
         exit(1);
     }
     return fd;
+}
+
+static int statsFD = -1;
+
+static void enableStats(void)
+{
+    union bpf_attr attr;
+    memset(&attr, 0, sizeof(attr));
+    attr.enable_stats.type = BPF_STATS_RUN_TIME;
+    statsFD = (int)sysBPF(BPF_ENABLE_STATS, &attr);
+    if (statsFD < 0)
+        fprintf(stderr, "sockmap: BPF_ENABLE_STATS: %s\n", strerror(errno));
+}
+
+static void printStats(void)
+{
+    if (statsFD < 0)
+        return;
+    struct bpf_prog_info info;
+    union bpf_attr attr;
+    memset(&info, 0, sizeof(info));
+    memset(&attr, 0, sizeof(attr));
+    attr.info.bpf_fd = (uint32_t)prog;
+    attr.info.info_len = sizeof(info);
+    attr.info.info = (uint64_t)(uintptr_t)&info;
+    if (sysBPF(BPF_OBJ_GET_INFO_BY_FD, &attr) < 0) {
+        fprintf(stderr, "sockmap: BPF_OBJ_GET_INFO_BY_FD: %s\n", strerror(errno));
+        return;
+    }
+    fprintf(stderr, "sockmap: verdict program: %llu runs, %llu ns, %.1f ns a run\n",
+            (unsigned long long)info.run_cnt, (unsigned long long)info.run_time_ns,
+            info.run_cnt ? (double)info.run_time_ns / (double)info.run_cnt : 0.0);
 }
 
 static void keyOf(int fd, struct flowKey *key)
@@ -415,6 +450,11 @@ static void fallBack(struct conn *c)
         fprintf(stderr, "%p: user space\n", (void *)c);
     struct copy *copies = calloc(2, sizeof(*copies));
     c->shut[0] = 0;
+    /* SIGTERM for the main thread only: it interrupts its epoll_wait. */
+    sigset_t term, old;
+    sigemptyset(&term);
+    sigaddset(&term, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &term, &old);
     for (int side = 0; side < 2; side++) {
         pthread_t thread;
         copies[side].conn = c;
@@ -422,6 +462,7 @@ static void fallBack(struct conn *c)
         pthread_create(&thread, NULL, copyThread, &copies[side]);
         pthread_detach(thread);
     }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
 }
 
 static void connected(struct conn *c)
@@ -462,8 +503,9 @@ static void connected(struct conn *c)
         return;
     }
     /* Only the end of each direction concerns the relay: EPOLLRDHUP (the
-     * FIN's state change) and not EPOLLIN, whose wake-up the kernel sends
-     * for every redirected skb. */
+     * FIN's state change) and not EPOLLIN: with it, the relay was woken
+     * inside epoll_wait about once per request, with nothing to read
+     * (docs/PERFORMANCE.md). */
     watch(EPOLL_CTL_MOD, c->fd[1], EPOLLRDHUP, &c->ends[1]);
     watch(EPOLL_CTL_ADD, c->fd[0], EPOLLRDHUP, &c->ends[0]);
     /* An EOF or an error met here: the level-triggered EPOLLRDHUP or
@@ -511,13 +553,15 @@ int main(int argc, char **argv)
             drainMode = 1;
         else if (!strcmp(argv[i], "verdict"))
             attachType = BPF_SK_SKB_VERDICT;
+        else if (!strcmp(argv[i], "stats"))
+            enableStats();
     }
     signal(SIGPIPE, SIG_IGN);
     struct sigaction term = {.sa_handler = onTerm};
     sigaction(SIGTERM, &term, NULL);
     setvbuf(stdout, NULL, _IOFBF, 1 << 16);
     sockhash = mapCreate(BPF_MAP_TYPE_SOCKHASH, sizeof(struct flowKey), 4, 65536);
-    int prog = loadVerdict();
+    prog = loadVerdict();
     union bpf_attr attr;
     memset(&attr, 0, sizeof(attr));
     attr.target_fd = (uint32_t)sockhash;
@@ -551,6 +595,7 @@ int main(int argc, char **argv)
         if (stopping) {
             fflush(stdout);
             fprintf(stderr, "sockmap: %lu connections relayed in user space\n", fallbacks);
+            printStats();
             return 0;
         }
         for (int i = 0; i < n; i++) {
