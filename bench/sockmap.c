@@ -10,7 +10,7 @@
  * (eBPF sockmap), tried", and bench/sockmap.py, which drives it.
  *
  *     gcc -O2 -Wall -Wextra -o sockmap bench/sockmap.c
- *     ./sockmap LISTEN_PORT TARGET_PORT [count] [drain] [verdict]
+ *     ./sockmap LISTEN_PORT TARGET_PORT [count] [drain] [verdict] [stats]
  *
  * Both ports on 127.0.0.1.  Options:
  *   count    the verdict program also adds each skb's length to a per-flow
@@ -26,6 +26,9 @@
  *   stats    have the kernel time the verdict program (BPF_ENABLE_STATS,
  *            on while this process runs) and print its runs and average
  *            run time on SIGTERM.
+ *
+ * SOCKMAP_DEBUG in the environment: a line on stderr for each event and
+ * each shutdown.
  *
  * No libbpf and no clang: the program is a dozen raw BPF instructions
  * loaded with the bpf() system call.  Needs root (CAP_BPF, CAP_NET_ADMIN).
@@ -542,7 +545,7 @@ static void acceptAll(int listener)
 int main(int argc, char **argv)
 {
     if (argc < 3) {
-        fprintf(stderr, "usage: %s LISTEN_PORT TARGET_PORT [count] [drain] [verdict]\n", argv[0]);
+        fprintf(stderr, "usage: %s LISTEN_PORT TARGET_PORT [count] [drain] [verdict] [stats]\n", argv[0]);
         return 2;
     }
     int attachType = BPF_SK_SKB_STREAM_VERDICT;
