@@ -60,6 +60,41 @@ def test_tcpRequestResponsePolls():
 
 
 @needsEngines
+def test_tcpPollsOnlyForFewFlows():
+    """
+    Request/response traffic on more flows than POLL_MAX_FLOWS at once
+    keeps a relay thread from polling (the poll would take the CPU from
+    the peers of so many flows); once only one flow is left it polls
+    again.
+    """
+    engine = fastrelay.CompiledTCPEngine(threads=1, busyPoll=1000000)
+    flows = [Flow(engine, i) for i in range(1, 9)]
+    try:
+
+        def roundRobin(seconds: float) -> None:
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                for flow in flows:
+                    flow.client.sendall(b"ping")
+                    assert recvExactly(flow.target, 4) == b"ping"
+                    flow.target.sendall(b"pong")
+                    assert recvExactly(flow.client, 4) == b"pong"
+
+        # Two windows of 10 ms for the count of flows to cover all eight.
+        roundRobin(0.1)
+        before = engine.pollCounters()
+        roundRobin(0.3)
+        assert engine.pollCounters() == before
+        polls = before[0]
+        tcpRoundTrips(engine, flows[0], lambda: engine.pollCounters()[0] > polls)
+        assert engine.pollCounters()[0] > polls
+    finally:
+        for flow in flows:
+            flow.close()
+        engine.stop()
+
+
+@needsEngines
 def test_tcpWithoutCeilingNeverPolls():
     """
     With busyPoll=0 the relay threads sleep at once after every batch,
@@ -123,13 +158,21 @@ def udpRoundTrips(b, client, until, timeout=10.0) -> int:
     deadline = time.monotonic() + timeout
     count = 0
     while not until() and time.monotonic() < deadline:
-        client.sendto(b"ping", b.address)
-        data, session = b.target.recvfrom(100)
-        assert data == b"ping"
-        b.target.sendto(b"pong", session)
-        assert client.recvfrom(100) == (b"pong", b.address)
+        udpRoundTrip(b, client)
         count += 1
     return count
+
+
+def udpRoundTrip(b, client) -> None:
+    """
+    One datagram from C{client} to the target through its session, and
+    one back.
+    """
+    client.sendto(b"ping", b.address)
+    data, session = b.target.recvfrom(100)
+    assert data == b"ping"
+    b.target.sendto(b"pong", session)
+    assert client.recvfrom(100) == (b"pong", b.address)
 
 
 @needsEngines
@@ -145,6 +188,44 @@ def test_udpRequestResponsePolls():
         polls, caught, preempted = b.engine.pollCounters()
         assert 0 < caught <= polls
         assert preempted <= polls
+    finally:
+        b.close()
+
+
+@needsEngines
+def test_udpPollsOnlyForFewSessions():
+    """
+    Requests and replies on more sessions than POLL_MAX_FLOWS at once keep
+    the UDP engine thread from polling; once only one session is left it
+    polls again.
+    """
+    b = Bench(busyPoll=1000000)
+    try:
+        clients = []
+        for _ in range(8):
+            client = b.client()
+            client.sendto(b"hello", b.address)
+            [event] = nextEvents(b.engine)
+            target = connected(b.target.getsockname()[:2]).detach()
+            b.engine.adopt(event[2], target, len(clients) + 1, 30.0)
+            assert b.target.recvfrom(100)[0] == b"hello"
+            clients.append(client)
+
+        def roundRobin(seconds: float) -> None:
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                for client in clients:
+                    udpRoundTrip(b, client)
+
+        # Two windows of 10 ms for the count of sessions to cover all eight.
+        roundRobin(0.1)
+        before = b.engine.pollCounters()
+        roundRobin(0.3)
+        assert b.engine.pollCounters() == before
+        deadline = time.monotonic() + 10
+        while b.engine.pollCounters()[0] == before[0] and time.monotonic() < deadline:
+            udpRoundTrip(b, clients[0])
+        assert b.engine.pollCounters()[0] > before[0]
     finally:
         b.close()
 

@@ -654,10 +654,19 @@ engineJoinWorkers(EngineBase *e, void *workers, size_t stride, int count)
  * threshold for a preemption (20 us) fired on the hypervisor's own
  * jitter and kept polling off on an idle machine.
  *
+ *   - a thread polls only while few flows (POLL_MAX_FLOWS) were active
+ *     in its current and its last window of POLL_FLOW_WINDOW_MS: the
+ *     poll pays for the next turn of a few request/response flows; with
+ *     many at once the thread seldom waits long, and the CPU a poll
+ *     burns is taken from the peers that produce the traffic (32
+ *     kept-alive HTTP connections from wrk: a quarter more CPU per
+ *     request with the poll, and fewer requests a second, on two cores;
+ *     docs/PERFORMANCE.md "Polling only for a few flows").
+ *
  * The caller says which batches may be followed by a poll (the TCP and
  * UDP engines: one in which a flow turned direction and that moved
- * little); after the others the thread sleeps at once, so a bulk stream
- * never polls.
+ * little, while pollFewFlows); after the others the thread sleeps at
+ * once, so a bulk stream never polls.
  */
 
 /* The default ceiling, microseconds (the engines' busyPoll argument). */
@@ -668,11 +677,18 @@ engineJoinWorkers(EngineBase *e, void *workers, size_t stride, int count)
 #define POLL_PREEMPTED_NS 500000
 /* No poll for this long after a preempted one. */
 #define POLL_BACKOFF_NS 50000000
+/* No poll while more flows than this were active in a window... */
+#define POLL_MAX_FLOWS 4
+/* ...of this many milliseconds (the current one or the last). */
+#define POLL_FLOW_WINDOW_MS 10
 
 typedef struct {
     int64_t ceiling;   /* ns a poll lasts at most; 0: never poll */
     int64_t quietUntil; /* no poll before this time (ns), after a preemption */
     int *gate;         /* shared by an engine's threads: 1 while one polls */
+    int64_t windowEnd; /* ms: the end of the current window of flows */
+    uint32_t window;   /* the current window's number, from 1 */
+    uint32_t flows, lastFlows; /* flows active in it, and in the last one */
     /* statistics, written by the thread alone, read with relaxed loads */
     uint64_t polls;    /* polls begun */
     uint64_t caught;   /* polls that caught an event */
@@ -692,6 +708,48 @@ static inline void
 pollCount(uint64_t *counter)
 {
     __atomic_store_n(counter, *counter + 1, __ATOMIC_RELAXED);
+}
+
+/* Set up p to poll for up to ceilingUs microseconds (0: never), one
+ * thread of the engine at a time through gate. */
+static inline void
+pollInit(AdaptivePoll *p, long ceilingUs, int *gate)
+{
+    p->ceiling = (int64_t)ceilingUs * 1000;
+    p->gate = gate;
+    p->window = 1;
+}
+
+/* At the start of a batch, at nowMs on the engine's clock: begin a new
+ * window of flows once the current one is over. */
+static inline void
+pollBatch(AdaptivePoll *p, int64_t nowMs)
+{
+    if (nowMs >= p->windowEnd) {
+        /* A window that passed without a batch had no flows. */
+        p->lastFlows = nowMs < p->windowEnd + POLL_FLOW_WINDOW_MS ? p->flows : 0;
+        p->flows = 0;
+        p->window++;
+        p->windowEnd = nowMs + POLL_FLOW_WINDOW_MS;
+    }
+}
+
+/* A flow moved bytes in this batch; *stamp is the flow's own, zeroed when
+ * it is created, so that it is counted once per window. */
+static inline void
+pollSawFlow(AdaptivePoll *p, uint32_t *stamp)
+{
+    if (*stamp != p->window) {
+        *stamp = p->window;
+        p->flows++;
+    }
+}
+
+/* Whether few enough flows were active lately for a poll to pay. */
+static inline int
+pollFewFlows(const AdaptivePoll *p)
+{
+    return p->flows <= POLL_MAX_FLOWS && p->lastFlows <= POLL_MAX_FLOWS;
 }
 
 /*

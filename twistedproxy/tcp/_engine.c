@@ -125,6 +125,7 @@ typedef struct Flow {
     uint8_t registered;              /* in the engine's epoll set */
     uint8_t exclusive;               /* no other descriptor shares the sockets */
     uint8_t lastRead;                /* direction of the last bytes read, 2: none yet */
+    uint32_t pollStamp;              /* the busy-poll's window it was last counted in */
     const char *finishedFirst;       /* "client closed" / "target closed" */
     Direction dir[2];                /* 0: client->target, 1: target->client */
     /* What its access line needs (dial's access, clients and started),
@@ -383,6 +384,7 @@ noteRead(Worker *w, Flow *f, int d, ssize_t n)
     Direction *dir = &f->dir[d];
     __atomic_store_n(&dir->bytes, dir->bytes + (uint64_t)n, __ATOMIC_RELAXED);
     f->lastActive = w->now;
+    pollSawFlow(&w->poll, &f->pollStamp);
     if (f->lastRead != d) {
         /* An answer to what went the other way: this flow is
          * request/response traffic. */
@@ -782,6 +784,7 @@ engineMain(void *arg)
             timeout = 0;
         int n = pollWait(&w->poll, w->base.epfd, events, MAX_EVENTS, timeout, eligible);
         w->now = engineCoarseNow();
+        pollBatch(&w->poll, (int64_t)(w->now * 1000.0));
         w->batchBytes = 0;
         w->batchTurns = 0;
         for (int i = 0; i < n; i++) {
@@ -816,7 +819,8 @@ engineMain(void *arg)
          * one-way stream never turns: the thread sleeps between its
          * batches and leaves the CPU to the peers that produce and
          * consume it, even when a starved sender makes its batches small. */
-        eligible = n > 0 && w->batchTurns && w->batchBytes < POLL_MAX_BATCH;
+        eligible = n > 0 && w->batchTurns && w->batchBytes < POLL_MAX_BATCH &&
+                   pollFewFlows(&w->poll);
         if (w->now >= w->nextSweep) {
             sweep(w);
             w->nextSweep = w->now + SWEEP_MS / 1000.0;
@@ -920,8 +924,7 @@ TCPEngine_init(TCPEngine *self, PyObject *args, PyObject *kwds)
         Worker *w = &self->workers[i];
         w->engine = self;
         w->base.epfd = w->base.wakeFd = -1;
-        w->poll.ceiling = (int64_t)busyPoll * 1000;
-        w->poll.gate = &self->pollGate;
+        pollInit(&w->poll, busyPoll, &self->pollGate);
         self->workerCount = i + 1;  /* what dealloc closes */
         /* Events of the wake eventfd carry 0; a flow's, its Flow. */
         if (i == 0) {

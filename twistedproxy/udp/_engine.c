@@ -149,6 +149,7 @@ typedef struct Session {
     struct Pending *held;       /* datagrams held before adopt, to send first */
     int flushQueued;            /* on the engine's flushing list */
     struct Session *nextByKey, *nextDead, *nextFlush;
+    uint32_t pollStamp;         /* the busy-poll's window it was last counted in */
 } Session;
 
 typedef struct Pending {
@@ -942,6 +943,7 @@ readSession(UDPEngine *self, Session *s, int64_t now)
         bytes += msgs[i].msg_len;
     }
     repliesToClient(s, msgs, iovs, n);
+    pollSawFlow(&self->poll, &s->pollStamp);
     pthread_mutex_lock(&self->lock);
     s->last = now;
     s->bytesOut += bytes;
@@ -1007,6 +1009,7 @@ run(void *arg)
         self->inBatch = 1;
         pthread_mutex_unlock(&self->lock);
         now = nowMs();
+        pollBatch(&self->poll, now);
         /* What the batch read: requests from clients (1), replies from
          * targets (2), and how many bytes. */
         int kinds = 0;
@@ -1031,7 +1034,8 @@ run(void *arg)
          * small batch that read the other way from the batch before it
          * (request/response traffic: the answer is likely microseconds
          * away); a one-way stream never turns and never polls. */
-        eligible = kinds != 0 && lastKinds != 0 && kinds != lastKinds && bytes < POLL_MAX_BATCH;
+        eligible = kinds != 0 && lastKinds != 0 && kinds != lastKinds && bytes < POLL_MAX_BATCH &&
+                   pollFewFlows(&self->poll);
         if (kinds != 0)
             lastKinds = kinds;
         pthread_mutex_lock(&self->lock);
@@ -1740,8 +1744,7 @@ UDPEngine_init(UDPEngine *self, PyObject *args, PyObject *kwds)
     /* A kernel without UDP GSO (before 4.18) would ignore the cmsg and
      * send a run as one datagram: use it only where the option exists. */
     self->gso = gso && gsoAvailable();
-    self->poll.ceiling = (int64_t)busyPoll * 1000;
-    self->poll.gate = &self->pollGate;
+    pollInit(&self->poll, busyPoll, &self->pollGate);
     struct timespec res;
     clock_getres(CLOCK_MONOTONIC_COARSE, &res);
     self->tick = res.tv_sec * 1000 + (res.tv_nsec + 999999) / 1000000;
