@@ -644,16 +644,7 @@ engineJoinWorkers(EngineBase *e, void *workers, size_t stride, int count)
  *     comes;
  *   - the threads of one engine (the TCP relay threads) share a gate, so
  *     that at most one of them polls at a time: polling never takes
- *     more than one core from the peers.
- *
- * The poll lasts the whole ceiling rather than a window fitted to the
- * waits it sees: the poll itself shortens the wait (a round trip through
- * a polling thread takes half the time, docs/PERFORMANCE.md "The
- * busy-poll on a quiet machine"), so a window fitted to the waits of a
- * sleeping thread shrinks to nothing and never finds out.  A shorter
- * threshold for a preemption (20 us) fired on the hypervisor's own
- * jitter and kept polling off on an idle machine.
- *
+ *     more than one core from the peers;
  *   - a thread polls only while few flows (POLL_MAX_FLOWS) were active
  *     in its current and its last window of POLL_FLOW_WINDOW_MS: the
  *     poll pays for the next turn of a few request/response flows; with
@@ -662,6 +653,14 @@ engineJoinWorkers(EngineBase *e, void *workers, size_t stride, int count)
  *     kept-alive HTTP connections from wrk: a quarter more CPU per
  *     request with the poll, and fewer requests a second, on two cores;
  *     docs/PERFORMANCE.md "Polling only for a few flows").
+ *
+ * The poll lasts the whole ceiling rather than a window fitted to the
+ * waits it sees: the poll itself shortens the wait (a round trip through
+ * a polling thread takes half the time, docs/PERFORMANCE.md "The
+ * busy-poll on a quiet machine"), so a window fitted to the waits of a
+ * sleeping thread shrinks to nothing and never finds out.  A shorter
+ * threshold for a preemption (20 us) fired on the hypervisor's own
+ * jitter and kept polling off on an idle machine.
  *
  * The caller says which batches may be followed by a poll (the TCP and
  * UDP engines: one in which a flow turned direction and that moved
