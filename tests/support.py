@@ -5,6 +5,7 @@ portproxy on a map, and echo backends.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -506,6 +507,35 @@ def waitUntil(
             raise AssertionError(f"{what} not met in {timeout}s")
         time.sleep(interval)
     return result
+
+
+@contextlib.contextmanager
+def unansweringTarget():
+    """
+    A loopback (host, port) whose connects never complete, while the
+    context lasts: Linux queues one connection on a C{listen(0)} socket
+    and drops later SYNs while the queue is full, so once three fillers
+    are under way (the first queued) a connect hangs until its timeout.
+    """
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    fillers = []
+    try:
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(full.getsockname())
+            fillers.append(filler)
+        # the first is in the queue once its handshake is done
+        waitUntil(
+            lambda: select.select([], [fillers[0]], [], 0)[1], what="the queue full"
+        )
+        yield full.getsockname()
+    finally:
+        for filler in fillers:
+            filler.close()
+        full.close()
 
 
 def queueEmpty(skt: socket.socket) -> bool:

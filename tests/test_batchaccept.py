@@ -14,6 +14,7 @@ import socket
 import time
 
 import pytest
+from support import unansweringTarget
 
 from twistedproxy.tcp import engine as fastrelay
 
@@ -388,21 +389,11 @@ def test_dialHandsBackAConnectUnderWay(engine, listening) -> None:
     under way, and C{dial} hands its socket's descriptor back (an int)
     for the caller to wait on; the client's is still the caller's.
     """
-    full = socket.socket()
-    full.bind(("127.0.0.1", 0))
-    full.listen(0)
-    waiting = []
-    try:
-        # Fill the accept queue (one connection with backlog 0), then some.
-        for _ in range(3):
-            skt = socket.socket()
-            skt.setblocking(False)
-            skt.connect_ex(full.getsockname())
-            waiting.append(skt)
+    with unansweringTarget() as (host, port):
         (client,) = connectClients(listening, 1)
         accepted, _ = fastrelay.acceptClients(listening.fileno(), 10)
         ((fd, _),) = accepted
-        (result,) = engine.dial([fd], [601], "127.0.0.1", full.getsockname()[1], 0.0)
+        (result,) = engine.dial([fd], [601], host, port, 0.0)
         assert isinstance(result, int) and result > 0
         assert os.get_blocking(result) is False
         skt = socket.socket(fileno=result)
@@ -411,7 +402,3 @@ def test_dialHandsBackAConnectUnderWay(engine, listening) -> None:
         os.close(fd)
         client.close()
         assert engine.flowCount() == 0
-    finally:
-        for skt in waiting:
-            skt.close()
-        full.close()

@@ -25,6 +25,7 @@ from support import (
     rssKiB,
     threadNames,
     turnedAway,
+    unansweringTarget,
     waitUntil,
 )
 
@@ -297,23 +298,7 @@ def test_connectTimeout(proxy):
     A target whose accept queue is full never completes the handshake; the
     client is closed after connect_timeout and the reason logged.
     """
-    full = socket.socket()
-    full.bind(("127.0.0.1", 0))
-    full.listen(0)
-    target = full.getsockname()[1]
-    fillers = []
-    try:
-        # Linux queues one connection on a listen(0) socket; later SYNs are
-        # dropped while the queue is full, so further connects hang.
-        for _ in range(3):
-            filler = socket.socket()
-            filler.setblocking(False)
-            filler.connect_ex(("127.0.0.1", target))
-            fillers.append(filler)
-        # the first is in the queue once its handshake is done
-        waitUntil(
-            lambda: select.select([], [fillers[0]], [], 0)[1], what="the queue full"
-        )
+    with unansweringTarget() as (_, target):
         port = freePort()
         proxy.start(
             proxyMap(
@@ -327,10 +312,6 @@ def test_connectTimeout(proxy):
             elapsed = time.monotonic() - started
         assert 0.8 < elapsed < 5
         proxy.waitFor(r"tcp slow .* connect failed: timed out after 1s")
-    finally:
-        for filler in fillers:
-            filler.close()
-        full.close()
 
 
 def test_idleTimeout(proxy):

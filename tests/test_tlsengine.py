@@ -17,6 +17,7 @@ import time
 
 import pytest
 from certs import Authority
+from support import unansweringTarget
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 
@@ -384,40 +385,39 @@ def test_engineDialTimesOut(tmp_path) -> None:
     context = tlsengine.Context([(pair.certPem, pair.keyPem)], [], None, "1.2")
     engine = tlsengine.CompiledTLSEngine(threads=1)
     server = socket.create_server(("127.0.0.1", 0))
-    full = socket.create_server(("127.0.0.1", 0), backlog=0)
     queued = []
-    try:
-        # Fill the target's accept queue; its next SYNs are dropped.
-        for _ in range(2):
-            filler = socket.socket()
-            filler.setblocking(False)
-            filler.connect_ex(full.getsockname())
-            queued.append(filler)
-        client = socket.create_connection(server.getsockname(), timeout=10)
-        queued.append(client)
-        accepted, _ = server.accept()
-        began = time.monotonic()
-        engine.adopt(accepted.detach(), 7, context, full.getsockname(), 0.5, 0.0)
-        verify = ssl.create_default_context(cafile=str(ca.path))
-        tlsClient = verify.wrap_socket(client, server_hostname="localhost")
-        queued.append(tlsClient)
-        assert tlsClient.recv(10) == b""
-        waited = time.monotonic() - began
-        reports = []
-        deadline = time.monotonic() + 10
-        while len(reports) < 2:
-            assert time.monotonic() < deadline, reports
-            select.select([engine.fileno()], [], [], 0.2)
-            reports.extend(engine.reports())
-        assert reports[0][:2] == ("handshake", 7)
-        assert reports[1] == ("ended", 7, 0, 0, "connect failed: timed out after 0.5s")
-        assert 0.4 < waited < 3, waited
-    finally:
-        engine.stop()
-        server.close()
-        full.close()
-        for conn in queued:
-            conn.close()
+    with unansweringTarget() as target:
+        try:
+            client = socket.create_connection(server.getsockname(), timeout=10)
+            queued.append(client)
+            accepted, _ = server.accept()
+            began = time.monotonic()
+            engine.adopt(accepted.detach(), 7, context, target, 0.5, 0.0)
+            verify = ssl.create_default_context(cafile=str(ca.path))
+            tlsClient = verify.wrap_socket(client, server_hostname="localhost")
+            queued.append(tlsClient)
+            assert tlsClient.recv(10) == b""
+            waited = time.monotonic() - began
+            reports = []
+            deadline = time.monotonic() + 10
+            while len(reports) < 2:
+                assert time.monotonic() < deadline, reports
+                select.select([engine.fileno()], [], [], 0.2)
+                reports.extend(engine.reports())
+            assert reports[0][:2] == ("handshake", 7)
+            assert reports[1] == (
+                "ended",
+                7,
+                0,
+                0,
+                "connect failed: timed out after 0.5s",
+            )
+            assert 0.4 < waited < 3, waited
+        finally:
+            engine.stop()
+            server.close()
+            for conn in queued:
+                conn.close()
 
 
 @pytest.mark.skipif(not tlsengine.available(), reason="the TLS engine is not built")

@@ -583,6 +583,60 @@ engineCloseWorker(EngineWorker *w)
     w->epfd = w->wakeFd = -1;
 }
 
+/* How many threads an engine asked for `threads` runs (0: the default,
+ * engineDefaultThreads), or -1 with ValueError set. */
+static inline int
+engineThreadCount(long threads)
+{
+    if (threads < 0 || threads > ENGINE_MAX_THREADS) {
+        PyErr_Format(PyExc_ValueError, "threads must be between 1 and %d (0: the default)",
+                     ENGINE_MAX_THREADS);
+        return -1;
+    }
+    return threads > 0 ? (int)threads : engineDefaultThreads();
+}
+
+/*
+ * Allocate an engine's count workers into *workers, zeroed, stride bytes
+ * each (each starting with its EngineWorker): worker 0 on the engine's
+ * own epfd and wakeFd, the others with their own (engineOpenWorker, the
+ * wake eventfd's events carrying wakeData).  *opened counts the workers
+ * set up so far, which engineCloseWorkers takes.  0, or -1 with an
+ * exception set.
+ */
+static inline int
+engineOpenWorkers(EngineBase *e, void **workers, size_t stride, int count, int *opened,
+                  epoll_data_t wakeData)
+{
+    *workers = calloc((size_t)count, stride);
+    if (*workers == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (int i = 0; i < count; i++) {
+        EngineWorker *w = ENGINE_WORKER(*workers, stride, i);
+        w->epfd = w->wakeFd = -1;
+        *opened = i + 1;
+        if (i == 0) {
+            w->epfd = e->epfd;
+            w->wakeFd = e->wakeFd;
+        } else if (engineOpenWorker(w, wakeData) < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Close what engineOpenWorkers opened (opened workers of workers) and
+ * free them. */
+static inline void
+engineCloseWorkers(void *workers, size_t stride, int opened)
+{
+    for (int i = 1; i < opened; i++)
+        engineCloseWorker(ENGINE_WORKER(workers, stride, i));
+    free(workers);
+}
+
 /*
  * Start every thread of workers[0..count) not yet running (stride: the
  * size of the engine's worker struct): worker 0 as the skeleton's engine

@@ -905,34 +905,22 @@ TCPEngine_init(TCPEngine *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "bufferSize must be between 4 KiB and 1 GiB");
         return -1;
     }
-    if (threads < 0 || threads > MAX_THREADS) {
-        PyErr_Format(PyExc_ValueError, "threads must be between 1 and %d (0: the default)",
-                     MAX_THREADS);
+    int count = engineThreadCount(threads);
+    if (count < 0)
         return -1;
-    }
     self->pipeSize = (uint32_t)pipeSize;
     self->bufferSize = (uint32_t)bufferSize;
-    if (engineOpen((EngineBase *)self, (epoll_data_t){.u64 = 0}, 1024, sizeof(Report)) < 0)
+    /* Events of the wake eventfds carry 0; a flow's, its Flow. */
+    epoll_data_t wakeData = {.u64 = 0};
+    if (engineOpen((EngineBase *)self, wakeData, 1024, sizeof(Report)) < 0)
         return -1;
-    int count = threads > 0 ? (int)threads : engineDefaultThreads();
-    self->workers = calloc((size_t)count, sizeof(Worker));
-    if (self->workers == NULL) {
-        PyErr_NoMemory();
+    if (engineOpenWorkers((EngineBase *)self, (void **)&self->workers, sizeof(Worker), count,
+                          &self->workerCount, wakeData) < 0)
         return -1;
-    }
     for (int i = 0; i < count; i++) {
         Worker *w = &self->workers[i];
         w->engine = self;
-        w->base.epfd = w->base.wakeFd = -1;
         pollInit(&w->poll, busyPoll, &self->pollGate);
-        self->workerCount = i + 1;  /* what dealloc closes */
-        /* Events of the wake eventfd carry 0; a flow's, its Flow. */
-        if (i == 0) {
-            w->base.epfd = self->epfd;
-            w->base.wakeFd = self->wakeFd;
-        } else if (engineOpenWorker(&w->base, (epoll_data_t){.u64 = 0}) < 0) {
-            return -1;
-        }
         w->scratch = malloc(self->bufferSize);
         if (w->scratch == NULL) {
             PyErr_NoMemory();
@@ -967,10 +955,8 @@ TCPEngine_dealloc(TCPEngine *self)
             c = next;
         }
         free(w->scratch);
-        if (i > 0)
-            engineCloseWorker(&w->base);
     }
-    free(self->workers);
+    engineCloseWorkers(self->workers, sizeof(Worker), self->workerCount);
     if (self->reports.items != NULL)
         dropAccess((const Report *)self->reports.items, self->reports.count);
     engineFree((EngineBase *)self);

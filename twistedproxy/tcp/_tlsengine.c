@@ -1110,34 +1110,19 @@ TLSEngine_init(TLSEngine *self, PyObject *args, PyObject *kwds)
     int threads = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "|i:TLSEngine", kwlist, &threads))
         return -1;
-    if (threads < 0 || threads > ENGINE_MAX_THREADS) {
-        PyErr_Format(PyExc_ValueError, "threads must be between 1 and %d (0: the default)",
-                     ENGINE_MAX_THREADS);
+    int count = engineThreadCount(threads);
+    if (count < 0)
         return -1;
-    }
     /* Events of the wake eventfds carry NULL; a connection's, its Conn
      * with the side (0 client, 1 target) in the low bit. */
     epoll_data_t wakeData = {.ptr = NULL};
     if (engineOpen((EngineBase *)self, wakeData, 1024, sizeof(Report)) < 0)
         return -1;
-    int count = threads > 0 ? threads : engineDefaultThreads();
-    self->workers = calloc((size_t)count, sizeof(Worker));
-    if (self->workers == NULL) {
-        PyErr_NoMemory();
+    if (engineOpenWorkers((EngineBase *)self, (void **)&self->workers, sizeof(Worker), count,
+                          &self->workerCount, wakeData) < 0)
         return -1;
-    }
-    for (int i = 0; i < count; i++) {
-        Worker *w = &self->workers[i];
-        w->engine = self;
-        w->base.epfd = w->base.wakeFd = -1;
-        self->workerCount = i + 1; /* what dealloc closes */
-        if (i == 0) {
-            w->base.epfd = self->epfd;
-            w->base.wakeFd = self->wakeFd;
-        } else if (engineOpenWorker(&w->base, wakeData) < 0) {
-            return -1;
-        }
-    }
+    for (int i = 0; i < count; i++)
+        self->workers[i].engine = self;
     return 0;
 }
 
@@ -1154,9 +1139,7 @@ TLSEngine_dealloc(TLSEngine *self)
         if (r->kind == REPORT_HANDSHAKE)
             free(r->handshake.subject);
     }
-    for (int i = 1; i < self->workerCount; i++)
-        engineCloseWorker(&self->workers[i].base);
-    free(self->workers);
+    engineCloseWorkers(self->workers, sizeof(Worker), self->workerCount);
     engineFree((EngineBase *)self);
 }
 
