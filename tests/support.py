@@ -595,6 +595,24 @@ def trustedTmpPath():
     shutil.rmtree(path, ignore_errors=True)
 
 
+def threadCount() -> int:
+    """
+    The threads this process runs now.
+    """
+    return len(os.listdir("/proc/self/task"))
+
+
+def threadsBackTo(count: int) -> bool:
+    """
+    Wait until this process runs C{count} threads again (a joined thread
+    can still be listed in C{/proc} for a moment after C{pthread_join}
+    returns); C{True}, or fail.
+    """
+    return waitUntil(
+        lambda: threadCount() == count, timeout=5, what=f"{count} threads left"
+    )
+
+
 def threadNames(pid: int, prefix: str) -> list[str]:
     """
     The sorted names of process C{pid}'s threads that start with C{prefix}

@@ -24,7 +24,7 @@ import threading
 import time
 
 import pytest
-from support import waitUntil
+from support import threadCount, threadsBackTo, waitUntil
 
 from twistedproxy.tcp import engine as fastrelay
 from twistedproxy.tcp.relay import HandedOff
@@ -970,13 +970,6 @@ def test_everyEndReportedAcrossManyEnds(engines):
 # -- several relay threads ----------------------------------------------------
 
 
-def threadCount():
-    """
-    The threads this process runs now.
-    """
-    return len(os.listdir("/proc/self/task"))
-
-
 def test_engineThreadsFromEnvironment():
     """
     PORTPROXY_ENGINE_THREADS gives the number of relay threads; unset,
@@ -1041,7 +1034,7 @@ def test_flowsSpreadAcrossThreads(engines):
     assert engine.threadFlows() == [0, 0, 0, 0]
     assert engine.flowCount() == 0
     engine.stop()
-    assert threadCount() == before
+    assert threadsBackTo(before)
     assert engine.reports() == []
     for flow in flows:
         flow.close()
@@ -1071,7 +1064,7 @@ def test_closeAndStopAcrossThreads(engines):
     assert engine.flowCount() == 64 - len(killed)
     assert sum(engine.threadFlows()) == 64 - len(killed)
     engine.stop()
-    assert threadCount() == before
+    assert threadsBackTo(before)
     rest = [f for f in flows if f not in killed]
     assert sorted(engine.reports()) == [(f.id, 1, 0, "proxy stopped") for f in rest]
     assert engine.threadFlows() == [0, 0, 0, 0]

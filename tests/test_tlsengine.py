@@ -17,7 +17,7 @@ import time
 
 import pytest
 from certs import Authority
-from support import unansweringTarget
+from support import threadCount, threadsBackTo, unansweringTarget
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 
@@ -262,13 +262,6 @@ def test_extensionBuiltWhereItCan() -> None:
         assert not tlsengine.available() or sys.platform.startswith("linux")
 
 
-def _threadCount() -> int:
-    """
-    The threads this process runs now.
-    """
-    return len(os.listdir("/proc/self/task"))
-
-
 def _waitReports(engine, kind: str, count: int) -> list[tuple]:
     """
     The next C{count} reports of C{kind} from the compiled C{engine}
@@ -308,7 +301,7 @@ def test_engineThreadsSpreadFlows(tmp_path) -> None:
     context = tlsengine.Context([(pair.certPem, pair.keyPem)], [], None, "1.2")
     engine = tlsengine.CompiledTLSEngine(threads=3)
     assert engine.threadFlows() == [0, 0, 0]
-    before = _threadCount()
+    before = threadCount()
     server = socket.create_server(("127.0.0.1", 0))
     target = socket.create_server(("127.0.0.1", 0))
     clients, targets = [], []
@@ -320,7 +313,7 @@ def test_engineThreadsSpreadFlows(tmp_path) -> None:
                 accepted.detach(), 30 + i, context, target.getsockname(), 5.0, 0.0
             )
         assert engine.threadFlows() == [2, 2, 2]
-        assert _threadCount() == before + 3
+        assert threadCount() == before + 3
         verify = ssl.create_default_context(cafile=str(ca.path))
         clients = [verify.wrap_socket(c, server_hostname="localhost") for c in clients]
         handshakes = _waitReports(engine, "handshake", 6)
@@ -349,7 +342,7 @@ def test_engineThreadsSpreadFlows(tmp_path) -> None:
             (30 + i, i + 3, 2 * i + 1, "proxy stopped") for i in range(6)
         ]
         assert engine.threadFlows() == [0, 0, 0]
-        assert _threadCount() == before
+        assert threadsBackTo(before)
     finally:
         engine.stop()
         server.close()
